@@ -1,0 +1,20 @@
+//! Sinew's model: the resources users write, their validation, and the compiled
+//! configuration a proxy runs from.
+//!
+//! Everything here is pure: no I/O, no async runtime. The proxy and the control plane
+//! both read documents through [`load::parse_documents`], validate them into a
+//! [`resource::Resources`] set, and compile that into a [`compile::ProxyConfig`] for one
+//! proxy. Route matching ([`route`]) lives here too, so precedence rules are tested
+//! without a network.
+
+pub mod compile;
+pub mod duration;
+pub mod error;
+pub mod load;
+pub mod resource;
+pub mod route;
+
+pub use compile::{ProxyConfig, compile_proxy};
+pub use error::{ConfigError, ConfigErrors};
+pub use load::{Document, parse_documents};
+pub use resource::Resources;

@@ -1,0 +1,772 @@
+//! Reading documents: YAML streams split into documents, each parsed into its typed
+//! kind with the file, line and field path of any problem, then validated as a set.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Deserialize;
+
+use crate::duration;
+use crate::error::{ConfigError, ConfigErrors};
+use crate::resource::*;
+
+/// A parsed document and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// The typed resource.
+    pub resource: Resource,
+    /// Source label (usually a file path).
+    pub file: String,
+    /// 1-based line where the document starts.
+    pub line: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+/// Splits a YAML stream into `(first line, text)` documents at `---` lines.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 2;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs
+}
+
+/// Turns a serde_norway error into (line within the document, reason without location).
+fn yaml_problem(e: &serde_norway::Error) -> (Option<usize>, String) {
+    let line = e.location().map(|l| l.line());
+    let mut msg = e.to_string();
+    if let Some(idx) = msg.find(" at line ") {
+        msg.truncate(idx);
+    }
+    (line, msg)
+}
+
+fn parse_typed<S: serde::de::DeserializeOwned>(
+    file: &str,
+    start: usize,
+    text: &str,
+) -> Result<Object<S>, ConfigError> {
+    let de = serde_norway::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let (line, reason) = yaml_problem(e.inner());
+        // serde_norway sometimes prefixes its own path; keep the message readable.
+        let reason = match reason.split_once(": ") {
+            Some((pre, rest)) if path.starts_with(pre) => rest.to_owned(),
+            _ => reason,
+        };
+        let mut err = ConfigError::new(reason).at(file, line.map(|l| start + l - 1));
+        if path != "." {
+            err = err.field(path);
+        }
+        err
+    })
+}
+
+/// Parses a YAML stream of documents. Empty documents are skipped. All problems are
+/// reported, each with file, line and field path.
+pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigErrors> {
+    let mut out = Vec::new();
+    let mut errors = ConfigErrors::default();
+    for (start, doc) in split_documents(text) {
+        let value: serde_norway::Value = match serde_norway::from_str(&doc) {
+            Ok(v) => v,
+            Err(e) => {
+                let (line, reason) = yaml_problem(&e);
+                errors.push(
+                    ConfigError::new(format!("invalid YAML: {reason}"))
+                        .at(file, Some(start + line.unwrap_or(1) - 1)),
+                );
+                continue;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let header: Header = match serde_norway::from_value(value) {
+            Ok(h) => h,
+            Err(_) => {
+                errors.push(
+                    ConfigError::new("a document must be a mapping with apiVersion and kind")
+                        .at(file, Some(start)),
+                );
+                continue;
+            }
+        };
+        let Some(kind) = header.kind else {
+            errors.push(
+                ConfigError::new("missing field `kind`")
+                    .field("kind")
+                    .at(file, Some(start)),
+            );
+            continue;
+        };
+        let api = header.api_version.unwrap_or_default();
+        let api_ok = match kind.as_str() {
+            "HTTPRoute" => {
+                api == format!("{GATEWAY_GROUP}/v1") || api == format!("{GATEWAY_GROUP}/v1beta1")
+            }
+            _ => api == SINEW_API_VERSION,
+        };
+        let known = ["Proxy", "Service", "Workload", "HTTPRoute"];
+        if !known.contains(&kind.as_str()) {
+            errors.push(
+                ConfigError::new(format!(
+                    "unknown kind {kind:?}; expected one of {}",
+                    known.join(", ")
+                ))
+                .field("kind")
+                .at(file, Some(start)),
+            );
+            continue;
+        }
+        if !api_ok {
+            let want = if kind == "HTTPRoute" {
+                format!("{GATEWAY_GROUP}/v1")
+            } else {
+                SINEW_API_VERSION.to_owned()
+            };
+            errors.push(
+                ConfigError::new(format!(
+                    "apiVersion {api:?} is not served for kind {kind}; use {want:?}"
+                ))
+                .field("apiVersion")
+                .at(file, Some(start)),
+            );
+            continue;
+        }
+        let parsed = match kind.as_str() {
+            "Proxy" => parse_typed(file, start, &doc).map(Resource::Proxy),
+            "Service" => parse_typed(file, start, &doc).map(Resource::Service),
+            "Workload" => parse_typed(file, start, &doc).map(Resource::Workload),
+            _ => parse_typed(file, start, &doc).map(Resource::HttpRoute),
+        };
+        match parsed {
+            Ok(resource) => out.push(Document {
+                resource,
+                file: file.to_owned(),
+                line: start,
+            }),
+            Err(e) => errors.push(e),
+        }
+    }
+    errors.into_result(out)
+}
+
+/// Where a document came from, for messages about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Source label.
+    pub file: String,
+    /// First line of the document.
+    pub line: usize,
+}
+
+/// `(namespace, name)`.
+pub type Key = (String, String);
+
+/// A validated, self-consistent set of resources.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    /// `Proxy` documents.
+    pub proxies: BTreeMap<Key, Object<ProxySpec>>,
+    /// `Service` documents.
+    pub services: BTreeMap<Key, Object<ServiceSpec>>,
+    /// `Workload` documents.
+    pub workloads: BTreeMap<Key, Object<WorkloadSpec>>,
+    /// `HTTPRoute` documents.
+    pub routes: BTreeMap<Key, Object<HttpRouteSpec>>,
+    /// Where each `(kind, namespace, name)` came from.
+    pub origins: BTreeMap<(String, String, String), Origin>,
+}
+
+fn key(m: &Metadata) -> Key {
+    (m.ns().to_owned(), m.name.clone())
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes()
+            .first()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.as_bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+struct Checker<'a> {
+    errors: &'a mut ConfigErrors,
+    origin: Origin,
+    label: String,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(
+            ConfigError::new(reason)
+                .field(field)
+                .resource(self.label.clone())
+                .at(self.origin.file.clone(), Some(self.origin.line)),
+        );
+    }
+}
+
+impl Resources {
+    /// Validates documents as one set: names, duplicates, every field, and every
+    /// reference between them. Nothing is returned unless everything is valid.
+    pub fn from_documents(docs: Vec<Document>) -> Result<Resources, ConfigErrors> {
+        let mut errors = ConfigErrors::default();
+        let mut res = Resources::default();
+        for doc in docs {
+            let label = doc.resource.label();
+            let m = doc.resource.metadata().clone();
+            let origin = Origin {
+                file: doc.file.clone(),
+                line: doc.line,
+            };
+            let mut c = Checker {
+                errors: &mut errors,
+                origin: origin.clone(),
+                label,
+            };
+            if !valid_name(&m.name) {
+                c.fail(
+                    "metadata.name",
+                    format!(
+                        "{:?} is not a valid name (lowercase letters, digits, '-', '.')",
+                        m.name
+                    ),
+                );
+                continue;
+            }
+            if !valid_name(m.ns()) {
+                c.fail(
+                    "metadata.namespace",
+                    format!("{:?} is not a valid namespace", m.ns()),
+                );
+                continue;
+            }
+            let okey = (
+                doc.resource.kind().to_owned(),
+                m.ns().to_owned(),
+                m.name.clone(),
+            );
+            if let Some(prev) = res.origins.get(&okey) {
+                let msg = format!(
+                    "duplicate {} {}/{}: already defined at {}:{}",
+                    okey.0, okey.1, okey.2, prev.file, prev.line
+                );
+                c.fail("metadata.name", msg);
+                continue;
+            }
+            res.origins.insert(okey, origin);
+            match doc.resource {
+                Resource::Proxy(o) => {
+                    res.proxies.insert(key(&o.metadata), o);
+                }
+                Resource::Service(o) => {
+                    res.services.insert(key(&o.metadata), o);
+                }
+                Resource::Workload(o) => {
+                    res.workloads.insert(key(&o.metadata), o);
+                }
+                Resource::HttpRoute(o) => {
+                    res.routes.insert(key(&o.metadata), o);
+                }
+            }
+        }
+        res.validate(&mut errors);
+        errors.into_result(res)
+    }
+
+    fn checker<'a>(&self, errors: &'a mut ConfigErrors, kind: &str, k: &Key) -> Checker<'a> {
+        let origin = self
+            .origins
+            .get(&(kind.to_owned(), k.0.clone(), k.1.clone()))
+            .cloned()
+            .unwrap_or(Origin {
+                file: String::new(),
+                line: 0,
+            });
+        Checker {
+            errors,
+            origin,
+            label: format!("{kind} {}/{}", k.0, k.1),
+        }
+    }
+
+    /// Looks up a service by a logical name (`catalog`, `catalog.shop`) relative to `ns`.
+    pub fn find_service(&self, ns: &str, name: &str) -> Option<&Object<ServiceSpec>> {
+        let (n, namespace) = match name.split_once('.') {
+            Some((n, rest)) => (n, rest.split('.').next().unwrap_or(ns)),
+            None => (name, ns),
+        };
+        self.services.get(&(namespace.to_owned(), n.to_owned()))
+    }
+
+    fn validate(&self, errors: &mut ConfigErrors) {
+        for (k, svc) in &self.services {
+            let mut c = self.checker(errors, "Service", k);
+            if svc.spec.ports.is_empty() {
+                c.fail("spec.ports", "a service needs at least one port");
+            }
+            let mut names = HashSet::new();
+            let mut numbers = HashSet::new();
+            for (i, p) in svc.spec.ports.iter().enumerate() {
+                if !valid_name(&p.name) {
+                    c.fail(
+                        format!("spec.ports[{i}].name"),
+                        format!("{:?} is not a valid port name", p.name),
+                    );
+                }
+                if !names.insert(&p.name) {
+                    c.fail(
+                        format!("spec.ports[{i}].name"),
+                        format!("duplicate port name {:?}", p.name),
+                    );
+                }
+                if p.port == 0 {
+                    c.fail(format!("spec.ports[{i}].port"), "port must be 1-65535");
+                } else if !numbers.insert(p.port) {
+                    c.fail(
+                        format!("spec.ports[{i}].port"),
+                        format!("duplicate port {}", p.port),
+                    );
+                }
+                if p.target_port == Some(0) {
+                    c.fail(
+                        format!("spec.ports[{i}].targetPort"),
+                        "port must be 1-65535",
+                    );
+                }
+            }
+        }
+        for (k, w) in &self.workloads {
+            let mut c = self.checker(errors, "Workload", k);
+            if w.spec.address.parse::<IpAddr>().is_err() {
+                c.fail(
+                    "spec.address",
+                    format!("{:?} is not an IP address", w.spec.address),
+                );
+            }
+            if let Some(s) = &w.spec.service
+                && !self.services.contains_key(&(k.0.clone(), s.clone()))
+            {
+                c.fail(
+                    "spec.service",
+                    format!("service {:?} does not exist in namespace {:?}", s, k.0),
+                );
+            }
+            for (name, port) in &w.spec.ports {
+                if *port == 0 {
+                    c.fail(format!("spec.ports.{name}"), "port must be 1-65535");
+                }
+            }
+            if w.spec.sidecar.as_ref().is_some_and(|s| s.port == 0) {
+                c.fail("spec.sidecar.port", "port must be 1-65535");
+            }
+        }
+        for (k, p) in &self.proxies {
+            self.validate_proxy(errors, k, p);
+        }
+        for (k, r) in &self.routes {
+            self.validate_route(errors, k, r);
+        }
+    }
+
+    fn validate_proxy(&self, errors: &mut ConfigErrors, k: &Key, p: &Object<ProxySpec>) {
+        let mut c = self.checker(errors, "Proxy", k);
+        let mut binds: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        let mut bind = |c: &mut Checker<'_>, field: String, s: &str| match s.parse::<SocketAddr>() {
+            Ok(a) => {
+                if let Some(prev) = binds.insert(a, field.clone()) {
+                    c.fail(field, format!("address {a} is already used by {prev}"));
+                }
+            }
+            Err(_) => c.fail(field, format!("{s:?} is not an address:port")),
+        };
+        if let Some(inb) = &p.spec.inbound {
+            bind(&mut c, "spec.inbound.bind".into(), &inb.bind);
+            if let Some(a) = &inb.app_address
+                && a.parse::<IpAddr>().is_err()
+            {
+                c.fail(
+                    "spec.inbound.appAddress",
+                    format!("{a:?} is not an IP address"),
+                );
+            }
+            if inb.ports.is_empty() {
+                c.fail(
+                    "spec.inbound.ports",
+                    "list the application ports mesh traffic may reach",
+                );
+            }
+            if inb.ports.contains(&0) {
+                c.fail("spec.inbound.ports", "port must be 1-65535");
+            }
+        }
+        if let Some(hp) = &p.spec.outbound.http_proxy {
+            bind(&mut c, "spec.outbound.httpProxy.bind".into(), &hp.bind);
+        }
+        for (i, u) in p.spec.outbound.upstreams.iter().enumerate() {
+            let f = format!("spec.outbound.upstreams[{i}]");
+            bind(&mut c, format!("{f}.bind"), &u.bind);
+            let Some(svc) = self.find_service(k.0.as_str(), &u.service) else {
+                c.fail(
+                    format!("{f}.service"),
+                    format!("service {:?} does not exist", u.service),
+                );
+                continue;
+            };
+            if let Err(reason) = resolve_port(svc, u.port.as_ref()) {
+                c.fail(format!("{f}.port"), reason);
+            }
+        }
+    }
+
+    fn validate_route(&self, errors: &mut ConfigErrors, k: &Key, r: &Object<HttpRouteSpec>) {
+        let mut c = self.checker(errors, "HTTPRoute", k);
+        if r.spec.parent_refs.is_empty() {
+            c.fail(
+                "spec.parentRefs",
+                "a route needs at least one parent Service",
+            );
+        }
+        for (i, p) in r.spec.parent_refs.iter().enumerate() {
+            let f = format!("spec.parentRefs[{i}]");
+            if !core_group(p.group.as_deref()) || p.kind.as_deref().is_some_and(|k| k != "Service")
+            {
+                c.fail(
+                    f.clone(),
+                    "only Service parents (group \"\", kind Service) are supported in the mesh",
+                );
+                continue;
+            }
+            let ns = p.namespace.as_deref().unwrap_or(&k.0);
+            match self.services.get(&(ns.to_owned(), p.name.clone())) {
+                None => c.fail(
+                    format!("{f}.name"),
+                    format!("service {ns}/{} does not exist", p.name),
+                ),
+                Some(svc) => {
+                    if let Some(port) = p.port {
+                        match svc.spec.ports.iter().find(|sp| sp.port == port) {
+                            None => c.fail(
+                                format!("{f}.port"),
+                                format!("service {ns}/{} has no port {port}", p.name),
+                            ),
+                            Some(sp) if !sp.protocol.is_http() => c.fail(
+                                format!("{f}.port"),
+                                format!(
+                                    "port {port} of {ns}/{} is TCP; HTTPRoute needs an HTTP port",
+                                    p.name
+                                ),
+                            ),
+                            Some(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+        for (ri, rule) in r.spec.rules.iter().enumerate() {
+            let f = format!("spec.rules[{ri}]");
+            for (mi, m) in rule.matches.iter().enumerate() {
+                let mf = format!("{f}.matches[{mi}]");
+                if let Some(path) = &m.path {
+                    match path.kind {
+                        PathMatchType::Exact | PathMatchType::PathPrefix => {
+                            if !path.value.starts_with('/') {
+                                c.fail(
+                                    format!("{mf}.path.value"),
+                                    format!("{:?} must start with '/'", path.value),
+                                );
+                            }
+                        }
+                        PathMatchType::RegularExpression => {
+                            if let Err(e) = regex::Regex::new(&path.value) {
+                                c.fail(
+                                    format!("{mf}.path.value"),
+                                    format!("invalid regular expression: {e}"),
+                                );
+                            }
+                        }
+                    }
+                }
+                for (hi, h) in m.headers.iter().enumerate() {
+                    if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                        c.fail(
+                            format!("{mf}.headers[{hi}].name"),
+                            format!("{:?} is not a valid header name", h.name),
+                        );
+                    }
+                    if h.kind == StringMatchType::RegularExpression
+                        && let Err(e) = regex::Regex::new(&h.value)
+                    {
+                        c.fail(
+                            format!("{mf}.headers[{hi}].value"),
+                            format!("invalid regular expression: {e}"),
+                        );
+                    }
+                }
+                for (qi, q) in m.query_params.iter().enumerate() {
+                    if q.name.is_empty() {
+                        c.fail(
+                            format!("{mf}.queryParams[{qi}].name"),
+                            "name must not be empty",
+                        );
+                    }
+                    if q.kind == StringMatchType::RegularExpression
+                        && let Err(e) = regex::Regex::new(&q.value)
+                    {
+                        c.fail(
+                            format!("{mf}.queryParams[{qi}].value"),
+                            format!("invalid regular expression: {e}"),
+                        );
+                    }
+                }
+                if let Some(method) = &m.method
+                    && (http::Method::from_bytes(method.as_bytes()).is_err()
+                        || method.bytes().any(|b| b.is_ascii_lowercase()))
+                {
+                    c.fail(
+                        format!("{mf}.method"),
+                        format!("{method:?} is not an HTTP method (use upper case, e.g. GET)"),
+                    );
+                }
+            }
+            let all_prefix = !rule.matches.is_empty()
+                && rule.matches.iter().all(|m| {
+                    m.path
+                        .as_ref()
+                        .is_none_or(|p| p.kind == PathMatchType::PathPrefix)
+                });
+            for (fi, filter) in rule.filters.iter().enumerate() {
+                check_filter(&mut c, &format!("{f}.filters[{fi}]"), filter, all_prefix);
+            }
+            if !rule.backend_refs.is_empty() && rule.backend_refs.iter().all(|b| b.weight == 0) {
+                c.fail(
+                    format!("{f}.backendRefs"),
+                    "all backend weights are zero: no request could be served",
+                );
+            }
+            for (bi, b) in rule.backend_refs.iter().enumerate() {
+                let bf = format!("{f}.backendRefs[{bi}]");
+                if !core_group(b.group.as_deref())
+                    || b.kind.as_deref().is_some_and(|k| k != "Service")
+                {
+                    c.fail(bf.clone(), "only Service backends are supported");
+                    continue;
+                }
+                if b.weight > 1_000_000 {
+                    c.fail(format!("{bf}.weight"), "weight must be at most 1000000");
+                }
+                let ns = b.namespace.as_deref().unwrap_or(&k.0);
+                match self.services.get(&(ns.to_owned(), b.name.clone())) {
+                    None => c.fail(
+                        format!("{bf}.name"),
+                        format!("service {ns}/{} does not exist", b.name),
+                    ),
+                    Some(svc) => {
+                        if let Some(port) = b.port
+                            && !svc.spec.ports.iter().any(|sp| sp.port == port)
+                        {
+                            c.fail(
+                                format!("{bf}.port"),
+                                format!("service {ns}/{} has no port {port}", b.name),
+                            );
+                        }
+                    }
+                }
+                for (fi, filter) in b.filters.iter().enumerate() {
+                    check_filter(&mut c, &format!("{bf}.filters[{fi}]"), filter, all_prefix);
+                }
+            }
+            if let Some(t) = &rule.timeouts {
+                let req = t.request.as_deref().map(|s| (s, duration::parse(s)));
+                let be = t
+                    .backend_request
+                    .as_deref()
+                    .map(|s| (s, duration::parse(s)));
+                if let Some((_, Err(e))) = &req {
+                    c.fail(format!("{f}.timeouts.request"), e.clone());
+                }
+                if let Some((_, Err(e))) = &be {
+                    c.fail(format!("{f}.timeouts.backendRequest"), e.clone());
+                }
+                if let (Some((_, Ok(r))), Some((_, Ok(b)))) = (&req, &be)
+                    && !r.is_zero()
+                    && (b.is_zero() || b > r)
+                {
+                    c.fail(
+                        format!("{f}.timeouts.backendRequest"),
+                        "must not exceed timeouts.request",
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn core_group(g: Option<&str>) -> bool {
+    matches!(g, None | Some("") | Some("core"))
+}
+
+fn check_filter(c: &mut Checker<'_>, f: &str, filter: &HttpRouteFilter, all_prefix: bool) {
+    let present = [
+        (
+            FilterType::RequestHeaderModifier,
+            filter.request_header_modifier.is_some(),
+            "requestHeaderModifier",
+        ),
+        (
+            FilterType::ResponseHeaderModifier,
+            filter.response_header_modifier.is_some(),
+            "responseHeaderModifier",
+        ),
+        (
+            FilterType::UrlRewrite,
+            filter.url_rewrite.is_some(),
+            "urlRewrite",
+        ),
+    ];
+    for (kind, is_set, field) in present {
+        if kind == filter.kind && !is_set {
+            c.fail(
+                format!("{f}.{field}"),
+                format!("type {:?} needs {field}", filter.kind),
+            );
+        }
+        if kind != filter.kind && is_set {
+            c.fail(
+                format!("{f}.{field}"),
+                format!("{field} is not allowed with type {:?}", filter.kind),
+            );
+        }
+    }
+    for (field, m) in [
+        ("requestHeaderModifier", &filter.request_header_modifier),
+        ("responseHeaderModifier", &filter.response_header_modifier),
+    ] {
+        let Some(m) = m else { continue };
+        for (list, pairs) in [("set", &m.set), ("add", &m.add)] {
+            for (i, p) in pairs.iter().enumerate() {
+                if http::HeaderName::from_bytes(p.name.as_bytes()).is_err() {
+                    c.fail(
+                        format!("{f}.{field}.{list}[{i}].name"),
+                        format!("{:?} is not a valid header name", p.name),
+                    );
+                }
+                if http::HeaderValue::from_str(&p.value).is_err() {
+                    c.fail(
+                        format!("{f}.{field}.{list}[{i}].value"),
+                        "not a valid header value",
+                    );
+                }
+            }
+        }
+        for (i, n) in m.remove.iter().enumerate() {
+            if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                c.fail(
+                    format!("{f}.{field}.remove[{i}]"),
+                    format!("{n:?} is not a valid header name"),
+                );
+            }
+        }
+    }
+    if let Some(rw) = &filter.url_rewrite {
+        if let Some(h) = &rw.hostname
+            && (h.is_empty() || http::uri::Authority::try_from(h.as_str()).is_err())
+        {
+            c.fail(
+                format!("{f}.urlRewrite.hostname"),
+                format!("{h:?} is not a valid hostname"),
+            );
+        }
+        if let Some(p) = &rw.path {
+            let (value, other, field) = match p.kind {
+                PathModifierType::ReplaceFullPath => (
+                    &p.replace_full_path,
+                    &p.replace_prefix_match,
+                    "replaceFullPath",
+                ),
+                PathModifierType::ReplacePrefixMatch => (
+                    &p.replace_prefix_match,
+                    &p.replace_full_path,
+                    "replacePrefixMatch",
+                ),
+            };
+            match value {
+                None => c.fail(
+                    format!("{f}.urlRewrite.path.{field}"),
+                    format!("type {:?} needs {field}", p.kind),
+                ),
+                Some(v) if !v.starts_with('/') => c.fail(
+                    format!("{f}.urlRewrite.path.{field}"),
+                    format!("{v:?} must start with '/'"),
+                ),
+                Some(_) => {}
+            }
+            if other.is_some() {
+                c.fail(
+                    format!("{f}.urlRewrite.path"),
+                    format!("only {field} is allowed with type {:?}", p.kind),
+                );
+            }
+            if p.kind == PathModifierType::ReplacePrefixMatch && !all_prefix {
+                c.fail(
+                    format!("{f}.urlRewrite.path"),
+                    "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+                );
+            }
+        }
+    }
+}
+
+/// Finds a service port by name or number; with none given, the service's only port.
+pub fn resolve_port<'a>(
+    svc: &'a Object<ServiceSpec>,
+    port: Option<&PortRef>,
+) -> Result<&'a ServicePort, String> {
+    let m = &svc.metadata;
+    match port {
+        Some(PortRef::Number(n)) => svc
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == *n)
+            .ok_or_else(|| format!("service {}/{} has no port {n}", m.ns(), m.name)),
+        Some(PortRef::Name(n)) => svc
+            .spec
+            .ports
+            .iter()
+            .find(|p| &p.name == n)
+            .ok_or_else(|| format!("service {}/{} has no port named {n:?}", m.ns(), m.name)),
+        None => match svc.spec.ports.as_slice() {
+            [only] => Ok(only),
+            _ => Err(format!(
+                "service {}/{} has several ports; name one",
+                m.ns(),
+                m.name
+            )),
+        },
+    }
+}

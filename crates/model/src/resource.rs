@@ -1,0 +1,524 @@
+//! The documents users write: Kubernetes-shaped (`apiVersion`, `kind`, `metadata`,
+//! `spec`), with unknown fields refused so a typo is an error, not a silent default.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// API group and version of Sinew's own kinds.
+pub const SINEW_API_VERSION: &str = "sinew.dev/v1alpha1";
+/// API group of Gateway API kinds; `v1` and `v1beta1` are accepted.
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+/// The namespace used when a document names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Object metadata, a subset of Kubernetes `ObjectMeta`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    /// Name, unique per kind and namespace.
+    pub name: String,
+    /// Namespace; [`DEFAULT_NAMESPACE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels, e.g. `version: v2`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339 creation time; orders otherwise equal routes (oldest first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+}
+
+impl Metadata {
+    /// The namespace, defaulted.
+    pub fn ns(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+    }
+}
+
+/// Wire protocol of a service port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    /// HTTP/1.1 or HTTP/2, detected per connection (the default).
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// HTTP/2 only (h2c prior knowledge toward endpoints without a sidecar).
+    #[serde(rename = "HTTP2")]
+    Http2,
+    /// gRPC: HTTP/2 with trailers.
+    #[serde(rename = "GRPC")]
+    Grpc,
+    /// Opaque TCP: bytes are forwarded, never parsed.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+impl Protocol {
+    /// True for the HTTP family.
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+/// Load-balancing algorithm for a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LoadBalancer {
+    /// Power of two choices over peak-EWMA latency (the default).
+    #[default]
+    #[serde(rename = "PeakEWMA")]
+    PeakEwma,
+    /// Plain round robin.
+    RoundRobin,
+}
+
+/// `kind: Service`: a logical service with named ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// The service's ports.
+    pub ports: Vec<ServicePort>,
+    /// Optional label selector: workloads in the namespace whose labels match are
+    /// endpoints too (besides those naming the service in `spec.service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Balancing algorithm; default `PeakEWMA`.
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Port name, e.g. `http`; workloads map it to their own port number.
+    pub name: String,
+    /// The service port number (what clients address, e.g. 80).
+    pub port: u16,
+    /// Workload port when the workload does not name this port; default `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// Protocol; default `HTTP`.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// `kind: Workload`: one instance of a service (a process, pod or VM).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadSpec {
+    /// The service this instance serves, in the workload's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// IP address of the instance.
+    pub address: String,
+    /// Port numbers by service port name, e.g. `http: 8080`.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    /// Present when the instance runs a Sinew sidecar: mesh traffic goes to its inbound
+    /// port over HTTP/2 instead of straight to the application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarRef>,
+}
+
+/// Where a workload's sidecar accepts mesh traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarRef {
+    /// The sidecar's inbound port on the workload's address.
+    pub port: u16,
+}
+
+/// `kind: Proxy`: how one `sinew-proxy` listens (standalone mode).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// Inbound listener: mesh traffic to the local application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundSpec>,
+    /// Outbound listeners: how the local application reaches the mesh.
+    #[serde(default)]
+    pub outbound: OutboundSpec,
+    /// DNS suffix accepted in logical names (`catalog.shop.svc.<clusterDomain>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
+}
+
+/// The inbound listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundSpec {
+    /// Listen address, e.g. `0.0.0.0:4143`.
+    pub bind: String,
+    /// Where the application listens; default `127.0.0.1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_address: Option<String>,
+    /// Application ports mesh traffic may reach; nothing else on the host is reachable.
+    pub ports: Vec<u16>,
+}
+
+/// The outbound listeners.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundSpec {
+    /// Per-upstream local bindings, e.g. `127.0.0.1:9001 → catalog:http`.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamSpec>,
+    /// An HTTP forward-proxy port that routes by Host (for `HTTP_PROXY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_proxy: Option<HttpProxySpec>,
+}
+
+/// One local binding to a service port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UpstreamSpec {
+    /// Local listen address, e.g. `127.0.0.1:9001`.
+    pub bind: String,
+    /// Logical service name: `catalog` or `catalog.shop`.
+    pub service: String,
+    /// Service port, by name (`http`) or number (`80`); default the service's only port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortRef>,
+    /// Override the service port's protocol for this binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+/// A service port named or numbered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    /// By number.
+    Number(u16),
+    /// By name.
+    Name(String),
+}
+
+/// The forward-proxy listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpProxySpec {
+    /// Local listen address, e.g. `127.0.0.1:4140`.
+    pub bind: String,
+}
+
+/// `kind: HTTPRoute` (Gateway API), attached to a Service as in GAMMA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    /// The services this route applies to.
+    pub parent_refs: Vec<ParentRef>,
+    /// Accepted for compatibility; GAMMA routes match by parent, not by hostname.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    /// Rules; a rule with no match matches every request (`PathPrefix /`).
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// A parent reference: the Service a route attaches to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentRef {
+    /// API group; `""` or `core` for a Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind; must be `Service` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Service name.
+    pub name: String,
+    /// Service namespace; default the route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Restrict to one service port; default all of the service's HTTP ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Accepted for compatibility; unused for Service parents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+/// One rule of an HTTPRoute.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    /// Optional rule name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one match selects the rule.
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    /// Filters applied when the rule is selected.
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
+    /// Weighted backends; none means the parent service itself.
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+    /// Timeouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<HttpRouteTimeouts>,
+}
+
+/// A request match; all present conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    /// Path condition; default `PathPrefix /`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<HttpPathMatch>,
+    /// Header conditions.
+    #[serde(default)]
+    pub headers: Vec<HttpHeaderMatch>,
+    /// Query parameter conditions.
+    #[serde(default)]
+    pub query_params: Vec<HttpHeaderMatch>,
+    /// HTTP method, e.g. `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// Path match type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatchType {
+    /// The whole path, exactly.
+    Exact,
+    /// Element-wise prefix: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`.
+    #[default]
+    PathPrefix,
+    /// A regular expression matched against the whole path.
+    RegularExpression,
+}
+
+/// Path condition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpPathMatch {
+    /// Match type; default `PathPrefix`.
+    #[serde(rename = "type", default)]
+    pub kind: PathMatchType,
+    /// The path, prefix or pattern; default `/`.
+    #[serde(default = "slash")]
+    pub value: String,
+}
+
+fn slash() -> String {
+    "/".to_owned()
+}
+
+/// Header or query-parameter value match type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StringMatchType {
+    /// Exact value.
+    #[default]
+    Exact,
+    /// Regular expression over the whole value.
+    RegularExpression,
+}
+
+/// Header (or query-parameter) condition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpHeaderMatch {
+    /// Match type; default `Exact`.
+    #[serde(rename = "type", default)]
+    pub kind: StringMatchType,
+    /// Header (case-insensitive) or parameter (case-sensitive) name.
+    pub name: String,
+    /// Value or pattern.
+    pub value: String,
+}
+
+/// Filter type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterType {
+    /// Edit request headers.
+    RequestHeaderModifier,
+    /// Edit response headers.
+    ResponseHeaderModifier,
+    /// Rewrite host and/or path.
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite,
+}
+
+/// A Gateway API filter: `type` plus the matching configuration field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteFilter {
+    /// Which filter.
+    #[serde(rename = "type")]
+    pub kind: FilterType,
+    /// For `RequestHeaderModifier`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_header_modifier: Option<HeaderModifier>,
+    /// For `ResponseHeaderModifier`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header_modifier: Option<HeaderModifier>,
+    /// For `URLRewrite`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_rewrite: Option<UrlRewrite>,
+}
+
+/// Header edits: `set` replaces, `add` appends, `remove` deletes (applied in that order).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderModifier {
+    /// Headers to set, replacing existing values.
+    #[serde(default)]
+    pub set: Vec<HeaderValuePair>,
+    /// Headers to append.
+    #[serde(default)]
+    pub add: Vec<HeaderValuePair>,
+    /// Header names to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A header name and value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValuePair {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+}
+
+/// URL rewrite.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UrlRewrite {
+    /// New Host / `:authority`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// New path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+/// Path rewrite type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathModifierType {
+    /// Replace the whole path.
+    ReplaceFullPath,
+    /// Replace the matched `PathPrefix`.
+    ReplacePrefixMatch,
+}
+
+/// Path rewrite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathModifier {
+    /// Rewrite type.
+    #[serde(rename = "type")]
+    pub kind: PathModifierType,
+    /// For `ReplaceFullPath`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_full_path: Option<String>,
+    /// For `ReplacePrefixMatch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_prefix_match: Option<String>,
+}
+
+/// A weighted backend (a Service port).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpBackendRef {
+    /// API group; `""` or `core`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind; `Service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Service name.
+    pub name: String,
+    /// Service namespace; default the route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Service port; default the port the request arrived for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Relative weight; default 1. Zero receives no traffic.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Filters applied only for this backend.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteFilter>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Route timeouts (Gateway API durations).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteTimeouts {
+    /// Time allowed until the response headers reach the client; `0s` disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Time allowed for one backend attempt; `0s` disables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<String>,
+}
+
+/// A typed document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    /// `kind: Proxy`.
+    Proxy(Object<ProxySpec>),
+    /// `kind: Service`.
+    Service(Object<ServiceSpec>),
+    /// `kind: Workload`.
+    Workload(Object<WorkloadSpec>),
+    /// `kind: HTTPRoute`.
+    HttpRoute(Object<HttpRouteSpec>),
+}
+
+impl Resource {
+    /// The kind as written in documents.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::Proxy(_) => "Proxy",
+            Resource::Service(_) => "Service",
+            Resource::Workload(_) => "Workload",
+            Resource::HttpRoute(_) => "HTTPRoute",
+        }
+    }
+
+    /// The object's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Resource::Proxy(o) => &o.metadata,
+            Resource::Service(o) => &o.metadata,
+            Resource::Workload(o) => &o.metadata,
+            Resource::HttpRoute(o) => &o.metadata,
+        }
+    }
+
+    /// `Kind namespace/name`, for messages.
+    pub fn label(&self) -> String {
+        let m = self.metadata();
+        format!("{} {}/{}", self.kind(), m.ns(), m.name)
+    }
+}
+
+/// A document's envelope around a typed spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Object<S> {
+    /// `sinew.dev/v1alpha1`, or `gateway.networking.k8s.io/v1` for routes.
+    pub api_version: String,
+    /// The kind.
+    pub kind: String,
+    /// Metadata.
+    pub metadata: Metadata,
+    /// The spec.
+    pub spec: S,
+}
+
+pub use crate::load::Resources;

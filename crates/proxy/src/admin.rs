@@ -1,0 +1,126 @@
+//! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`, `/config`.
+//! It runs on its own single-threaded runtime, off the data-plane workers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::state::Shared;
+
+/// Serves the admin API until the listener fails.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, source: String) {
+    let source: Arc<str> = source.into();
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let source = source.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = route(&shared, &source, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn route(shared: &Shared, source: &str, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if shared.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                let why = match (shared.snapshot.load().is_some(), shared.last_error()) {
+                    (_, Some(e)) => format!("not ready: {e}\n"),
+                    (false, None) => "not ready: no configuration applied yet\n".to_owned(),
+                    (true, None) => "not ready: draining\n".to_owned(),
+                };
+                text(StatusCode::SERVICE_UNAVAILABLE, why)
+            }
+        }
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, shared.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/config" => {
+            let snap = shared.snapshot.load_full();
+            let bound: Vec<serde_json::Value> = shared
+                .bound
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(configured, actual)| {
+                    serde_json::json!({"configured": configured.to_string(), "bound": actual.to_string()})
+                })
+                .collect();
+            let body = match &snap {
+                Some(s) => serde_json::json!({
+                    "version": s.version,
+                    "generation": s.generation,
+                    "appliedAt": s.applied_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    "source": source,
+                    "lastError": shared.last_error(),
+                    "listeners": bound,
+                    "config": &s.config,
+                }),
+                None => serde_json::json!({
+                    "version": null,
+                    "source": source,
+                    "lastError": shared.last_error(),
+                }),
+            };
+            let status = if snap.is_some() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut r = text(status, serde_json::to_vec_pretty(&body).unwrap_or_default());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live, /ready, /metrics, /config\n",
+        ),
+    }
+}

@@ -1,0 +1,242 @@
+//! Endpoint selection: power of two choices over peak-EWMA latency (the default), or
+//! round robin.
+//!
+//! Peak EWMA (Finagle, Linkerd): each endpoint keeps an exponentially weighted moving
+//! average of response latency that jumps up at once on a slow response and decays
+//! slowly back; its cost is that average times (outstanding requests + 1). Two
+//! endpoints are drawn at random and the cheaper one wins, which avoids slow or busy
+//! endpoints without the herding of "always pick the best".
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sinew_model::compile::EndpointConfig;
+use sinew_model::resource::LoadBalancer;
+
+use crate::pool::ConnPool;
+
+/// Latency assumed for an endpoint with no history.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// Decay time constant of the average.
+const DECAY: Duration = Duration::from_secs(10);
+/// Latency charged for a failed request, so a fast failure never looks attractive.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// One endpoint and what is known of it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The endpoint as configured.
+    pub config: EndpointConfig,
+    /// Connections to where requests go: the sidecar when there is one, else the app.
+    pub pool: Arc<ConnPool>,
+    pending: AtomicU32,
+    ewma: Mutex<Ewma>,
+}
+
+#[derive(Debug)]
+struct Ewma {
+    nanos: f64,
+    at: Instant,
+}
+
+impl Endpoint {
+    /// A fresh endpoint.
+    pub fn new(config: EndpointConfig, pool: Arc<ConnPool>) -> Endpoint {
+        Endpoint {
+            config,
+            pool,
+            pending: AtomicU32::new(0),
+            ewma: Mutex::new(Ewma {
+                nanos: DEFAULT_RTT.as_nanos() as f64,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    /// Where the request is dialled: the sidecar, or the application itself.
+    pub fn dial_addr(&self) -> SocketAddr {
+        self.config.sidecar.unwrap_or(self.config.address)
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        let e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+        let decayed = e.nanos * (-elapsed / DECAY.as_secs_f64()).exp();
+        let pending = self.pending.load(Ordering::Relaxed);
+        decayed.max(1.0) * f64::from(pending + 1)
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let now = Instant::now();
+        let rtt = rtt.as_nanos() as f64;
+        let mut e = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        if rtt > e.nanos {
+            e.nanos = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+            let w = (-elapsed / DECAY.as_secs_f64()).exp();
+            e.nanos = e.nanos * w + rtt * (1.0 - w);
+        }
+        e.at = now;
+    }
+
+    /// Marks a request outstanding until the returned guard completes or drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    /// Requests outstanding now.
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// An outstanding request on an endpoint.
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlight {
+    /// Records the response latency (time to response headers).
+    pub fn success(mut self) {
+        self.endpoint.observe(self.started.elapsed());
+        self.done = true;
+    }
+
+    /// Records a failure: charged at least [`FAILURE_PENALTY`].
+    pub fn failure(mut self) {
+        self.endpoint
+            .observe(self.started.elapsed().max(FAILURE_PENALTY));
+        self.done = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The endpoints of one service port and how to choose among them.
+#[derive(Debug)]
+pub struct Balancer {
+    endpoints: Vec<Arc<Endpoint>>,
+    algorithm: LoadBalancer,
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    /// A balancer over `endpoints`.
+    pub fn new(endpoints: Vec<Arc<Endpoint>>, algorithm: LoadBalancer) -> Balancer {
+        Balancer {
+            endpoints,
+            algorithm,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The endpoints.
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    /// Picks an endpoint; `None` when there are none.
+    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        match n {
+            0 => None,
+            1 => self.endpoints.first(),
+            _ => match self.algorithm {
+                LoadBalancer::RoundRobin => {
+                    let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                    self.endpoints.get(i)
+                }
+                LoadBalancer::PeakEwma => {
+                    let a = fastrand::usize(..n);
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                    let now = Instant::now();
+                    Some(if ea.cost(now) <= eb.cost(now) { ea } else { eb })
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn ep(port: u16) -> Arc<Endpoint> {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        Arc::new(Endpoint::new(
+            EndpointConfig {
+                workload: format!("test/{port}"),
+                address: addr,
+                sidecar: None,
+            },
+            Arc::new(ConnPool::new(addr, Duration::from_secs(1))),
+        ))
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let b = Balancer::new(vec![ep(1), ep(2), ep(3)], LoadBalancer::RoundRobin);
+        let ports: Vec<u16> = (0..6)
+            .filter_map(|_| b.pick().map(|e| e.config.address.port()))
+            .collect();
+        assert_eq!(ports, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn peak_ewma_avoids_a_slow_endpoint() {
+        let slow = ep(1);
+        let fast = ep(2);
+        slow.observe(Duration::from_millis(500));
+        fast.observe(Duration::from_millis(1));
+        let b = Balancer::new(vec![slow, fast], LoadBalancer::PeakEwma);
+        for _ in 0..100 {
+            assert_eq!(b.pick().map(|e| e.config.address.port()), Some(2));
+        }
+    }
+
+    #[test]
+    fn peak_ewma_avoids_a_busy_endpoint() {
+        let busy = ep(1);
+        let idle = ep(2);
+        let _guards: Vec<InFlight> = (0..10).map(|_| busy.start()).collect();
+        let b = Balancer::new(vec![busy.clone(), idle], LoadBalancer::PeakEwma);
+        let mut idle_picks = 0;
+        for _ in 0..100 {
+            if b.pick().map(|e| e.config.address.port()) == Some(2) {
+                idle_picks += 1;
+            }
+        }
+        assert_eq!(idle_picks, 100);
+        assert_eq!(busy.pending(), 10);
+    }
+
+    #[test]
+    fn in_flight_guard_releases_on_drop_and_failure_is_penalised() {
+        let e = ep(1);
+        let g = e.start();
+        assert_eq!(e.pending(), 1);
+        g.failure();
+        assert_eq!(e.pending(), 0);
+        assert!(e.cost(Instant::now()) >= FAILURE_PENALTY.as_nanos() as f64 * 0.99);
+    }
+}

@@ -1,0 +1,133 @@
+//! Proxy-made errors: each knows its status, its `sinew-error` reason and its side.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::RespBody;
+
+/// The header naming why the proxy answered itself.
+pub const SINEW_ERROR: &str = "sinew-error";
+
+/// Why the proxy could not forward a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request was malformed (downstream's fault).
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    /// No service is known by the requested name.
+    #[error("no service named {0:?}")]
+    UnknownService(String),
+    /// The service port has routes, and none matched.
+    #[error("no route matched")]
+    NoRoute,
+    /// The chosen backend has no endpoints.
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+    /// The inbound refused a port the workload does not expose to the mesh.
+    #[error("port {0} is not open to the mesh")]
+    PortNotAllowed(u16),
+    /// Could not open a connection to the endpoint.
+    #[error("could not connect to {addr}: {source}")]
+    Connect {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Connecting took longer than the connect timeout.
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    /// The upstream failed after the connection was open (reset, protocol error).
+    #[error("upstream {addr} failed: {source}")]
+    Upstream {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// The HTTP error.
+        source: hyper::Error,
+    },
+    /// The route's timeout passed before the response headers arrived.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The proxy is shutting down.
+    #[error("proxy is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    /// The status a client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownService(_) | ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProxyError::NoEndpoints(_) | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Connect { .. }
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The short, stable reason carried in `sinew-error` (and in metrics).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::Malformed(_) => "malformed-request",
+            ProxyError::UnknownService(_) => "unknown-service",
+            ProxyError::NoRoute => "no-route",
+            ProxyError::NoEndpoints(_) => "no-endpoints",
+            ProxyError::PortNotAllowed(_) => "port-not-allowed",
+            ProxyError::Connect { .. } => "connect-failed",
+            ProxyError::ConnectTimeout(_) => "connect-timeout",
+            ProxyError::Upstream { .. } => "upstream-failed",
+            ProxyError::Timeout(_) => "request-timeout",
+            ProxyError::ShuttingDown => "shutting-down",
+        }
+    }
+
+    /// The gRPC status code for gRPC callers.
+    fn grpc_status(&self) -> &'static str {
+        match self {
+            ProxyError::Timeout(_) => "4",        // DEADLINE_EXCEEDED
+            ProxyError::Malformed(_) => "13",     // INTERNAL
+            ProxyError::PortNotAllowed(_) => "7", // PERMISSION_DENIED
+            ProxyError::NoRoute | ProxyError::UnknownService(_) => "12", // UNIMPLEMENTED
+            _ => "14",                            // UNAVAILABLE
+        }
+    }
+
+    /// Builds the response: the status, `sinew-error: <reason>`, and a one-line body.
+    /// A gRPC caller gets a trailers-only gRPC error instead, so its client library
+    /// reports a gRPC status rather than a protocol error.
+    pub fn to_response(&self, grpc: bool) -> Response<RespBody> {
+        let line = format!("{}: {self}\n", self.reason());
+        let mut resp = if grpc {
+            let mut r = Response::new(RespBody::empty());
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
+            if let Ok(v) = HeaderValue::from_str(line.trim_end()) {
+                h.insert("grpc-message", v);
+            }
+            r
+        } else {
+            let mut r = Response::new(RespBody::full(Bytes::from(line)));
+            *r.status_mut() = self.status();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        };
+        resp.headers_mut()
+            .insert(SINEW_ERROR, HeaderValue::from_static(self.reason()));
+        resp
+    }
+}

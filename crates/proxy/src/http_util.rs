@@ -1,0 +1,126 @@
+//! Header and URI handling shared by the inbound and outbound sides.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Version};
+
+use crate::error::ProxyError;
+
+/// Mesh header: the application port the peer sidecar forwards to.
+pub const DST_PORT: HeaderName = HeaderName::from_static("sinew-dst-port");
+/// Mesh header: the protocol the client originally spoke (`HTTP/1.1`), so the peer
+/// sidecar speaks it to the application after the HTTP/2 hop.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sinew-orig-proto");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// True for a request asking for a protocol upgrade (e.g. WebSocket) over HTTP/1.1.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// True for gRPC requests, which get gRPC-shaped errors.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`. `te` is kept only
+/// as `trailers` (gRPC needs it). With `keep_upgrade`, `Connection: upgrade` and
+/// `Upgrade` survive, for forwarding an upgrade handshake.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if has_token(te, "trailers") {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The request's authority: the URI's (absolute form, HTTP/2) or the Host header.
+pub fn authority<B>(req: &Request<B>) -> Option<Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
+    Authority::try_from(host).ok()
+}
+
+/// Rewrites the request head for the upstream version: HTTP/2 carries the authority
+/// in an absolute URI and no Host header; HTTP/1.1 carries origin-form and Host.
+pub fn set_target(
+    parts: &mut http::request::Parts,
+    authority: &Authority,
+    path: Option<PathAndQuery>,
+    upstream_h2: bool,
+) -> Result<(), ProxyError> {
+    let pq = match path {
+        Some(p) => p,
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    };
+    if upstream_h2 {
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::Malformed("invalid request target"))?;
+        parts.headers.remove(header::HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = Uri::from(pq);
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ProxyError::Malformed("invalid authority"))?;
+        parts.headers.insert(header::HOST, host);
+        parts.version = Version::HTTP_11;
+    }
+    Ok(())
+}

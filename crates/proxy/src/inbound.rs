@@ -1,0 +1,130 @@
+//! Inbound: mesh traffic to the local application.
+//!
+//! Peer sidecars send HTTP/2: ordinary requests carry `sinew-dst-port` (which
+//! application port) and, when the client spoke HTTP/1.1, `sinew-orig-proto`, so the
+//! application gets the protocol its client used. `CONNECT <addr>:<port>` opens a byte
+//! tunnel (opaque TCP, WebSocket). Only the configured application ports are reachable.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use sinew_model::compile::InboundConfig;
+
+use crate::body::{ReqBody, RespBody};
+use crate::error::ProxyError;
+use crate::http_util::{self, DST_PORT, ORIG_PROTO};
+use crate::listeners::ConnCtx;
+use crate::metrics::Direction;
+use crate::pool::Version as UpVersion;
+use crate::stream::spawn_splice;
+
+/// Handles one request arriving from the mesh.
+pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+    let grpc = http_util::is_grpc(req.headers());
+    let resp = match forward(&ctx, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, peer = %ctx.peer, "inbound request failed");
+            ctx.shared.metrics.error(Direction::Inbound, e.reason());
+            e.to_response(grpc)
+        }
+    };
+    ctx.shared
+        .metrics
+        .request(Direction::Inbound, resp.status());
+    resp
+}
+
+fn allowed(inb: &InboundConfig, port: u16) -> Result<u16, ProxyError> {
+    if inb.ports.contains(&port) {
+        Ok(port)
+    } else {
+        Err(ProxyError::PortNotAllowed(port))
+    }
+}
+
+async fn forward(
+    ctx: &Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, ProxyError> {
+    let snap = ctx
+        .shared
+        .snapshot
+        .load_full()
+        .ok_or(ProxyError::ShuttingDown)?;
+    let inb = snap
+        .config
+        .inbound
+        .as_ref()
+        .ok_or(ProxyError::ShuttingDown)?;
+
+    if req.method() == Method::CONNECT {
+        let port = req
+            .uri()
+            .authority()
+            .and_then(|a| a.port_u16())
+            .ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
+        let pool = snap
+            .app_pool(allowed(inb, port)?)
+            .ok_or(ProxyError::PortNotAllowed(port))?;
+        let app = pool.connect().await?;
+        let downstream = hyper::upgrade::on(&mut req);
+        let shared = ctx.shared.clone();
+        tokio::spawn(async move {
+            match downstream.await {
+                Ok(d) => spawn_splice(&shared, TokioIo::new(d), app),
+                Err(e) => tracing::debug!(error = %e, "inbound tunnel did not complete"),
+            }
+        });
+        return Ok(Response::new(RespBody::empty()));
+    }
+
+    let port = match req.headers().get(DST_PORT) {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or(ProxyError::Malformed("invalid sinew-dst-port"))?,
+        None => match inb.ports.as_slice() {
+            [only] => *only,
+            _ => {
+                return Err(ProxyError::Malformed(
+                    "sinew-dst-port is required: several application ports",
+                ));
+            }
+        },
+    };
+    let port = allowed(inb, port)?;
+    let pool = snap
+        .app_pool(port)
+        .ok_or(ProxyError::PortNotAllowed(port))?;
+    let orig_h1 = req
+        .headers()
+        .get(ORIG_PROTO)
+        .is_some_and(|v| v == HeaderValue::from_static("HTTP/1.1"));
+    let upstream_h2 = req.version() == Version::HTTP_2 && !orig_h1;
+    let authority = http_util::authority(&req).ok_or(ProxyError::Malformed("no authority"))?;
+
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(DST_PORT);
+    parts.headers.remove(ORIG_PROTO);
+    http_util::strip_hop_by_hop(&mut parts.headers, false);
+    http_util::set_target(&mut parts, &authority, None, upstream_h2)?;
+    let version = if upstream_h2 {
+        UpVersion::Http2
+    } else {
+        UpVersion::Http1
+    };
+    let resp = pool
+        .send(Request::from_parts(parts, ReqBody::Incoming(body)), version)
+        .await?;
+    let (mut parts, body) = resp.into_parts();
+    http_util::strip_hop_by_hop(&mut parts.headers, false);
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // Upgrades travel through CONNECT tunnels, never as a plain request.
+        return Err(ProxyError::Malformed("upgrade outside a tunnel"));
+    }
+    Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+}

@@ -1,0 +1,245 @@
+//! `sinew-proxy`: Sinew's data-plane proxy.
+//!
+//! One process beside each service instance. Listeners (see [`listeners`]):
+//! - **inbound** accepts mesh traffic (HTTP/2 from peer sidecars, CONNECT tunnels for
+//!   opaque TCP and upgrades) and forwards it to the local application;
+//! - **outbound** per-upstream bindings (`127.0.0.1:9001 → catalog:http`) and an HTTP
+//!   forward-proxy port that routes by Host, for `HTTP_PROXY`;
+//! - **admin** (`/live`, `/ready`, `/metrics`, `/config`) on its own thread.
+//!
+//! Configuration is one immutable [`state::Snapshot`], swapped atomically on reload;
+//! each request reads one snapshot from start to end. Standalone, the proxy runs from
+//! a file of Kubernetes-shaped documents and reloads it when it changes.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod error;
+pub mod http_util;
+pub mod inbound;
+pub mod listeners;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod reload;
+pub mod state;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::reload::ConfigWatcher;
+use crate::state::{DrainState, Settings, Shared};
+
+/// How to run a proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// The configuration file (YAML documents).
+    pub config: PathBuf,
+    /// Which `Proxy` document to use (`name` or `namespace/name`); needed only when
+    /// the file holds several.
+    pub name: Option<String>,
+    /// Admin listener; default `127.0.0.1:4191`.
+    pub admin: SocketAddr,
+    /// How often the file is checked for changes; default 1 s.
+    pub reload_interval: Duration,
+    /// How long in-flight work may take to finish on shutdown; default 30 s.
+    pub drain_timeout: Duration,
+    /// Time allowed to connect to an endpoint; default 5 s.
+    pub connect_timeout: Duration,
+    /// Time a client has to send request headers; default 30 s.
+    pub header_read_timeout: Duration,
+}
+
+impl ProxyOptions {
+    /// Defaults for `config`.
+    pub fn new(config: impl Into<PathBuf>) -> ProxyOptions {
+        ProxyOptions {
+            config: config.into(),
+            name: None,
+            admin: SocketAddr::from(([127, 0, 0, 1], 4191)),
+            reload_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Not called from within a Tokio runtime.
+    #[error("the proxy must be started inside a Tokio runtime")]
+    NoRuntime,
+    /// The admin address could not be bound.
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Admin {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The admin thread could not be started.
+    #[error("cannot start the admin thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// True when every connection finished before the deadline.
+    pub clean: bool,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    admin_addr: SocketAddr,
+    drain_tx: watch::Sender<DrainState>,
+    done_rx: mpsc::Receiver<()>,
+    reload_tx: mpsc::Sender<()>,
+    stop_admin: Option<oneshot::Sender<()>>,
+    drain_timeout: Duration,
+}
+
+impl Proxy {
+    /// Starts the proxy on the current Tokio runtime (which becomes the data plane).
+    /// The configuration is loaded before this returns: when it is valid, every
+    /// listener is bound and accepting. When it is not, the proxy still starts, not
+    /// ready, reports the problems, and applies the file once it is fixed.
+    pub fn start(opts: ProxyOptions) -> Result<Proxy, StartError> {
+        let rt = Handle::try_current().map_err(|_| StartError::NoRuntime)?;
+        let (drain_tx, drain_rx) = watch::channel(DrainState::Running);
+        let (track_tx, done_rx) = mpsc::channel(1);
+        let settings = Settings {
+            connect_timeout: opts.connect_timeout,
+            header_read_timeout: opts.header_read_timeout,
+        };
+        let shared = Arc::new(Shared::new(settings, drain_rx, track_tx));
+        let admin = std::net::TcpListener::bind(opts.admin)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| StartError::Admin {
+                addr: opts.admin,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Admin {
+            addr: opts.admin,
+            source,
+        })?;
+        let mut watcher =
+            ConfigWatcher::new(opts.config.clone(), opts.name.clone(), shared.clone(), rt);
+        if let Err(e) = watcher.load(true) {
+            tracing::error!("starting without configuration; fix the file and it is applied:\n{e}");
+        }
+        let (reload_tx, reload_rx) = mpsc::channel(1);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let admin_shared = shared.clone();
+        let source = opts.config.display().to_string();
+        let interval = opts.reload_interval;
+        std::thread::Builder::new()
+            .name("sinew-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin runtime failed to start");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(admin) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin listener failed");
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        _ = admin::serve(listener, admin_shared, source) => {}
+                        _ = watcher.run(reload_rx, interval) => {}
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .map_err(StartError::Thread)?;
+        tracing::info!(admin = %admin_addr, "sinew-proxy started");
+        Ok(Proxy {
+            shared,
+            admin_addr,
+            drain_tx,
+            done_rx,
+            reload_tx,
+            stop_admin: Some(stop_tx),
+            drain_timeout: opts.drain_timeout,
+        })
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Shared state (snapshot, metrics), for embedding and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The address actually bound for a configured listener address.
+    pub fn bound_addr(&self, configured: SocketAddr) -> Option<SocketAddr> {
+        self.shared
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&configured)
+            .copied()
+    }
+
+    /// Asks for the configuration file to be re-read now (SIGHUP).
+    pub fn reload(&self) {
+        let _ = self.reload_tx.try_send(());
+    }
+
+    /// Stops accepting, lets in-flight requests and connections finish for up to
+    /// the drain timeout, then closes whatever is left.
+    pub async fn shutdown(mut self) -> DrainOutcome {
+        tracing::info!(deadline = ?self.drain_timeout, "draining");
+        let _ = self.drain_tx.send(DrainState::Draining);
+        self.shared
+            .tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let clean = tokio::time::timeout(self.drain_timeout, self.done_rx.recv())
+            .await
+            .is_ok();
+        if !clean {
+            tracing::warn!("drain deadline passed; closing remaining connections");
+            let _ = self.drain_tx.send(DrainState::Closing);
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.done_rx.recv()).await;
+        }
+        if let Some(stop) = self.stop_admin.take() {
+            let _ = stop.send(());
+        }
+        tracing::info!(clean, "stopped");
+        DrainOutcome { clean }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.drain_tx.send(DrainState::Closing);
+        if let Some(stop) = self.stop_admin.take() {
+            let _ = stop.send(());
+        }
+    }
+}

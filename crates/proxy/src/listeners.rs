@@ -1,0 +1,205 @@
+//! Listeners: bound from the configuration, reconciled on every reload (new bindings
+//! start, removed ones stop accepting; open connections are left alone), and stopped
+//! when draining. Each accepted connection runs in its own task.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use sinew_model::ProxyConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use crate::state::{DrainState, Shared};
+use crate::stream::reached;
+use crate::{inbound, outbound};
+
+/// What a listener does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Mesh traffic to the local application.
+    Inbound,
+    /// A local binding to one service port.
+    Upstream,
+    /// The HTTP forward-proxy port.
+    HttpProxy,
+}
+
+impl Role {
+    fn label(self) -> &'static str {
+        match self {
+            Role::Inbound => "inbound",
+            Role::Upstream => "outbound",
+            Role::HttpProxy => "http-proxy",
+        }
+    }
+}
+
+/// Per-connection context, shared by the connection's requests.
+#[derive(Debug)]
+pub struct ConnCtx {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// The listener's role.
+    pub role: Role,
+    /// The listener's configured address (its identity in the configuration).
+    pub bind: SocketAddr,
+    /// The client's address.
+    pub peer: SocketAddr,
+}
+
+/// The desired listeners of a configuration: address → role (and for upstream
+/// bindings, whether the binding is opaque TCP).
+pub fn desired(cfg: &ProxyConfig) -> HashMap<SocketAddr, (Role, bool)> {
+    let mut out = HashMap::new();
+    if let Some(inb) = &cfg.inbound {
+        out.insert(inb.bind, (Role::Inbound, false));
+    }
+    if let Some(hp) = cfg.http_proxy {
+        out.insert(hp, (Role::HttpProxy, false));
+    }
+    for u in &cfg.upstreams {
+        out.insert(u.bind, (Role::Upstream, !u.protocol.is_http()));
+    }
+    out
+}
+
+/// The running listeners. Owned by the configuration task (one writer).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    active: HashMap<SocketAddr, ((Role, bool), oneshot::Sender<()>)>,
+}
+
+impl Listeners {
+    /// Starts and stops listeners to match `cfg`. Returns the bindings that failed.
+    pub fn reconcile(
+        &mut self,
+        cfg: &ProxyConfig,
+        shared: &Arc<Shared>,
+        rt: &Handle,
+    ) -> Vec<String> {
+        let want = desired(cfg);
+        self.active
+            .retain(|addr, (role, _)| want.get(addr) == Some(role));
+        shared
+            .bound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|addr, _| want.contains_key(addr));
+        let mut failures = Vec::new();
+        for (addr, role) in want {
+            if self.active.contains_key(&addr) {
+                continue;
+            }
+            let std = match std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            }) {
+                Ok(l) => l,
+                Err(e) => {
+                    failures.push(format!("{} listener {addr}: {e}", role.0.label()));
+                    continue;
+                }
+            };
+            if let Ok(local) = std.local_addr() {
+                shared
+                    .bound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(addr, local);
+            }
+            let (stop_tx, stop_rx) = oneshot::channel();
+            rt.spawn(accept_loop(std, addr, role, shared.clone(), stop_rx));
+            self.active.insert(addr, (role, stop_tx));
+        }
+        shared
+            .listeners_ok
+            .store(failures.is_empty(), Ordering::Relaxed);
+        failures
+    }
+}
+
+async fn accept_loop(
+    std: std::net::TcpListener,
+    bind: SocketAddr,
+    (role, opaque): (Role, bool),
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let listener = match TcpListener::from_std(std) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%bind, error = %e, "listener could not start");
+            return;
+        }
+    };
+    tracing::info!(%bind, role = role.label(), "listening");
+    let mut drain = shared.drain.clone();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = reached(&mut drain, DrainState::Draining) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Some(guard) = shared.track() else { break };
+                    let _ = stream.set_nodelay(true);
+                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer });
+                    tokio::spawn(async move {
+                        let _open = ctx.shared.metrics.connection(role.label());
+                        if opaque {
+                            outbound::tcp(ctx, stream).await;
+                        } else {
+                            serve_http(ctx, stream).await;
+                        }
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%bind, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    tracing::info!(%bind, "stopped listening");
+}
+
+async fn serve_http(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let shared = ctx.shared.clone();
+    let role = ctx.role;
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move {
+            Ok::<_, Infallible>(match role {
+                Role::Inbound => inbound::handle(ctx, req).await,
+                Role::Upstream | Role::HttpProxy => outbound::handle(ctx, req).await,
+            })
+        }
+    });
+    let conn = shared
+        .server
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut drain = shared.drain.clone();
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = reached(&mut drain, DrainState::Draining) => {
+            // Finish in-flight requests, refuse new ones, close when idle.
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = reached(&mut drain, DrainState::Closing) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Connections to one address: pooled HTTP/1.1 connections, one shared HTTP/2
+//! connection (multiplexed), dedicated connections for upgrades, and HTTP/2 CONNECT
+//! tunnels to a peer sidecar.
+//!
+//! Pools outlive configuration snapshots: a reload that keeps an endpoint keeps its
+//! connections, so a swap drops no connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::ReqBody;
+use crate::error::ProxyError;
+
+/// How long an idle HTTP/1.1 connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per address.
+const MAX_IDLE: usize = 64;
+
+/// Which HTTP version to speak to the address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// HTTP/1.1, pooled.
+    Http1,
+    /// HTTP/2 prior knowledge, multiplexed over one connection.
+    Http2,
+}
+
+/// Connections to one address.
+pub struct ConnPool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<(Instant, http1::SendRequest<ReqBody>)>>,
+    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl ConnPool {
+    /// An empty pool for `addr`.
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> ConnPool {
+        ConnPool {
+            addr,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        }
+    }
+
+    /// The address this pool connects to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Opens a TCP connection with the connect timeout.
+    pub async fn connect(&self) -> Result<TcpStream, ProxyError> {
+        let addr = self.addr;
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => Err(ProxyError::ConnectTimeout(addr)),
+            Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+
+    /// Sends a request with the given version and returns the response head with a
+    /// streaming body.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ReqBody>,
+        version: Version,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match version {
+            Version::Http1 => self.send_h1(req).await,
+            Version::Http2 => self.send_h2(req).await,
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<ReqBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, tx)) = idle.pop() {
+            if at.elapsed() < IDLE_TIMEOUT && tx.is_ready() {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, tx: http1::SendRequest<ReqBody>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((Instant::now(), tx));
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
+        let io = TokioIo::new(self.connect().await?);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        // A pooled connection may have been closed by the server since it was parked;
+        // when hyper hands the request back unsent, try once more on a new connection.
+        let mut reused = true;
+        let mut tx = match self.take_idle() {
+            Some(tx) => tx,
+            None => {
+                reused = false;
+                self.connect_h1().await?
+            }
+        };
+        loop {
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let pool = self.clone();
+                    // Park the connection once the response body is done with it.
+                    tokio::spawn(async move {
+                        if tx.ready().await.is_ok() {
+                            pool.put_idle(tx);
+                        }
+                    });
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => {
+                        req = back;
+                        reused = false;
+                        tx = self.connect_h1().await?;
+                    }
+                    _ => {
+                        return Err(ProxyError::Upstream {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    async fn h2_sender(&self) -> Result<(http2::SendRequest<ReqBody>, bool), ProxyError> {
+        if let Some(tx) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && !tx.is_closed()
+        {
+            return Ok((tx.clone(), true));
+        }
+        let io = TokioIo::new(self.connect().await?);
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                addr: self.addr,
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        let mut slot = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        // Another request may have connected meanwhile; keep one connection.
+        match slot.as_ref() {
+            Some(existing) if !existing.is_closed() => Ok((existing.clone(), false)),
+            _ => {
+                *slot = Some(tx.clone());
+                Ok((tx, false))
+            }
+        }
+    }
+
+    async fn send_h2(&self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
+        let (mut tx, mut reused) = self.h2_sender().await?;
+        loop {
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused => {
+                        req = back;
+                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        let (t, _) = self.h2_sender().await?;
+                        tx = t;
+                        reused = false;
+                    }
+                    _ => {
+                        return Err(ProxyError::Upstream {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Opens an HTTP/2 CONNECT tunnel through the peer sidecar at this address to
+    /// `target` (the application address behind it).
+    pub async fn tunnel(&self, target: SocketAddr) -> Result<Upgraded, ProxyError> {
+        let req = Request::connect(target.to_string())
+            .body(ReqBody::Empty)
+            .map_err(|_| ProxyError::Malformed("tunnel target"))?;
+        let resp = self.send_h2(req).await?;
+        if !resp.status().is_success() {
+            return Err(tunnel_refused(self.addr, &resp));
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                addr: self.addr,
+                source,
+            })
+    }
+}
+
+fn tunnel_refused(addr: SocketAddr, resp: &Response<Incoming>) -> ProxyError {
+    let reason = resp
+        .headers()
+        .get(crate::error::SINEW_ERROR)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match reason {
+        "port-not-allowed" => ProxyError::PortNotAllowed(0),
+        _ => ProxyError::Connect {
+            addr,
+            source: std::io::Error::other(format!(
+                "peer sidecar refused the tunnel: {} {reason}",
+                resp.status()
+            )),
+        },
+    }
+}

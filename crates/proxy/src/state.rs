@@ -1,0 +1,236 @@
+//! The applied configuration snapshot and the state shared by every connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use sinew_model::ProxyConfig;
+use tokio::sync::{mpsc, watch};
+
+use crate::balance::{Balancer, Endpoint};
+use crate::metrics::Metrics;
+use crate::pool::ConnPool;
+
+/// Where the proxy is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainState {
+    /// Serving.
+    Running,
+    /// Not accepting; finishing in-flight work.
+    Draining,
+    /// Past the drain deadline: close everything now.
+    Closing,
+}
+
+/// One applied configuration, immutable. A request loads it once and uses it from
+/// start to end; a reload swaps in a new one without touching requests in flight.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Content hash of the source, as hex.
+    pub version: String,
+    /// Counts applied configurations from 1.
+    pub generation: u64,
+    /// When it was applied.
+    pub applied_at: SystemTime,
+    /// The compiled configuration.
+    pub config: ProxyConfig,
+    balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>>,
+    app_pools: Vec<(u16, Arc<ConnPool>)>,
+}
+
+impl Snapshot {
+    /// The balancer of a service port (`name.namespace`, port number).
+    pub fn balancer(&self, service: &str, port: u16) -> Option<&Arc<Balancer>> {
+        self.balancers
+            .get(service)?
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, b)| b)
+    }
+
+    /// The connection pool for a local application port (inbound).
+    pub fn app_pool(&self, port: u16) -> Option<&Arc<ConnPool>> {
+        self.app_pools
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, pool)| pool)
+    }
+}
+
+/// Builds snapshots, reusing endpoint state and connection pools across reloads so
+/// a swap keeps latency history and open connections.
+#[derive(Debug, Default)]
+pub struct SnapshotBuilder {
+    endpoints: HashMap<(String, u16, sinew_model::compile::EndpointConfig), Arc<Endpoint>>,
+    pools: HashMap<SocketAddr, Arc<ConnPool>>,
+    generation: u64,
+}
+
+impl SnapshotBuilder {
+    /// Builds the snapshot for `config`.
+    pub fn build(
+        &mut self,
+        config: ProxyConfig,
+        version: String,
+        connect_timeout: Duration,
+    ) -> Snapshot {
+        self.generation += 1;
+        let mut endpoints = HashMap::new();
+        let mut pools = HashMap::new();
+        let pool_for = |addr: SocketAddr, pools: &mut HashMap<SocketAddr, Arc<ConnPool>>| {
+            pools
+                .entry(addr)
+                .or_insert_with(|| {
+                    self.pools
+                        .get(&addr)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(ConnPool::new(addr, connect_timeout)))
+                })
+                .clone()
+        };
+        let mut balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>> = HashMap::new();
+        for (key, svc) in &config.services {
+            for port in &svc.ports {
+                let eps = port
+                    .endpoints
+                    .iter()
+                    .map(|ec| {
+                        let k = (key.clone(), port.port, ec.clone());
+                        let ep = self.endpoints.get(&k).cloned().unwrap_or_else(|| {
+                            let dial = ec.sidecar.unwrap_or(ec.address);
+                            Arc::new(Endpoint::new(ec.clone(), pool_for(dial, &mut pools)))
+                        });
+                        pools
+                            .entry(ep.dial_addr())
+                            .or_insert_with(|| ep.pool.clone());
+                        endpoints.insert(k, ep.clone());
+                        ep
+                    })
+                    .collect();
+                balancers
+                    .entry(key.clone())
+                    .or_default()
+                    .push((port.port, Arc::new(Balancer::new(eps, svc.load_balancer))));
+            }
+        }
+        let app_pools = config
+            .inbound
+            .iter()
+            .flat_map(|inb| {
+                inb.ports
+                    .iter()
+                    .map(|p| (*p, SocketAddr::new(inb.app_address, *p)))
+                    .collect::<Vec<_>>()
+            })
+            .map(|(port, addr)| (port, pool_for(addr, &mut pools)))
+            .collect();
+        self.endpoints = endpoints;
+        self.pools = pools;
+        Snapshot {
+            version,
+            generation: self.generation,
+            applied_at: SystemTime::now(),
+            config,
+            balancers,
+            app_pools,
+        }
+    }
+}
+
+/// Settings that do not come from the configuration file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time allowed to open a connection to an endpoint.
+    pub connect_timeout: Duration,
+    /// Time a client has to send request headers.
+    pub header_read_timeout: Duration,
+}
+
+/// State shared by every listener and connection.
+pub struct Shared {
+    /// The applied configuration; `None` until the first load succeeds.
+    pub snapshot: ArcSwapOption<Snapshot>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Drain signal: connections watch it.
+    pub drain: watch::Receiver<DrainState>,
+    /// Settings.
+    pub settings: Settings,
+    /// Held by every connection; shutdown waits until all clones are gone.
+    pub tracker: Mutex<Option<mpsc::Sender<()>>>,
+    /// The last configuration error, for `/config` and logs.
+    pub last_error: Mutex<Option<String>>,
+    /// False while a configured listener could not be bound.
+    pub listeners_ok: AtomicBool,
+    /// Configured listener address → the address actually bound.
+    pub bound: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// The HTTP server (HTTP/1.1 and h2c, detected per connection).
+    pub server: auto::Builder<TokioExecutor>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// New shared state.
+    pub fn new(
+        settings: Settings,
+        drain: watch::Receiver<DrainState>,
+        tracker: mpsc::Sender<()>,
+    ) -> Shared {
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .keep_alive(true);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        Shared {
+            snapshot: ArcSwapOption::empty(),
+            metrics: Metrics::new(),
+            drain,
+            settings,
+            tracker: Mutex::new(Some(tracker)),
+            last_error: Mutex::new(None),
+            listeners_ok: AtomicBool::new(true),
+            bound: Mutex::new(HashMap::new()),
+            server,
+        }
+    }
+
+    /// Ready: a configuration is applied, every listener is bound, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.snapshot.load().is_some()
+            && self.listeners_ok.load(Ordering::Relaxed)
+            && *self.drain.borrow() == DrainState::Running
+    }
+
+    /// The last configuration or listener error, if the latest attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A connection guard for the drain, or `None` when draining.
+    pub fn track(&self) -> Option<mpsc::Sender<()>> {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

@@ -1,0 +1,1142 @@
+//! The proxy end to end: real backends (HTTP/1.1, HTTP/2, gRPC, WebSocket, TCP) on
+//! loopback, real proxies in-process (and one as a process, for SIGTERM).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use sinew_testkit::client::{self, body_channel, empty};
+use sinew_testkit::grpc::{self, EchoRequest, StreamRequest};
+use sinew_testkit::http::{Event, FNV_OFFSET, HttpBackend, fnv1a64};
+use sinew_testkit::tcp::TcpEchoServer;
+use sinew_testkit::wait;
+use sinew_testkit::ws::WsEchoServer;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// One client sidecar (`client`) with a binding to `svc`, and the service's workloads.
+fn client_proxy(bind: SocketAddr, svc: &str) -> String {
+    proxy_doc(
+        "client",
+        &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: {svc}}}]"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reports_live_ready_config_and_metrics() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    assert_eq!(admin(&proxy, "/live").await.status, 200);
+    assert_eq!(admin(&proxy, "/ready").await.status, 200);
+    let r = client::get(bind, "catalog", "/hello").await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-backend"), Some("app"));
+
+    let cfg = admin(&proxy, "/config").await;
+    assert_eq!(cfg.status, 200);
+    let json = cfg.json()?;
+    assert_eq!(json["generation"], 1);
+    assert_eq!(json["version"].as_str().map(str::len), Some(16));
+    assert_eq!(json["config"]["upstreams"][0]["service"], "catalog.shop");
+    assert_eq!(
+        json["config"]["services"]["catalog.shop"]["ports"][0]["endpoints"][0]["address"],
+        app.addr().to_string()
+    );
+
+    let m = admin(&proxy, "/metrics").await;
+    assert!(
+        m.header("content-type")
+            .unwrap_or("")
+            .contains("openmetrics")
+    );
+    assert_eq!(
+        metric(
+            &proxy,
+            "sinew_http_requests_total{direction=\"outbound\",class=\"2xx\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&proxy, "sinew_tcp_connections_total{listener=\"outbound\"}").await,
+        Some(1.0)
+    );
+    assert_eq!(metric(&proxy, "sinew_config_generation").await, Some(1.0));
+    assert!(m.text().trim_end().ends_with("# EOF"));
+    assert_eq!(admin(&proxy, "/nope").await.status, 404);
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_unready_on_a_bad_file_and_applies_the_fix() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let good = format!(
+        "{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    );
+    let bad = good.replace("protocol: HTTP", "protocol: HTTP\n    colour: blue");
+    let bad = bad.replace(
+        "ports: [{name: main, port: 80, protocol: HTTP\n    colour: blue}]",
+        "ports:\n    - name: main\n      port: 80\n      colour: blue",
+    );
+    let file = ConfigFile::new(&bad);
+    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    let ready = admin(&proxy, "/ready").await;
+    assert_eq!(ready.status, 503);
+    let cfg = admin(&proxy, "/config").await;
+    assert_eq!(cfg.status, 503);
+    let err = cfg.json()?["lastError"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let line = bad.lines().position(|l| l.contains("colour")).unwrap() + 1;
+    assert!(
+        err.contains(&format!(".yaml:{line}")),
+        "error names the line: {err}"
+    );
+    assert!(
+        err.contains("spec.ports[0].colour"),
+        "error names the field: {err}"
+    );
+    assert!(err.contains("unknown field"), "error says why: {err}");
+    assert!(
+        TcpStream::connect(bind).await.is_err(),
+        "no listener without a config"
+    );
+
+    file.replace(&good);
+    let admin_addr = proxy.admin_addr();
+    wait::until("ready after the fix", TIMEOUT, || async move {
+        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await?;
+    assert_eq!(client::get(bind, "catalog", "/").await?.status, 200);
+
+    // A later bad edit is refused whole; the running config stays.
+    file.replace(&bad);
+    wait::until("refusal counted", TIMEOUT, || async {
+        metric(&proxy, "sinew_config_reloads_total{result=\"rejected\"}").await == Some(2.0)
+    })
+    .await?;
+    assert_eq!(generation(&proxy).await, 1);
+    assert_eq!(client::get(bind, "catalog", "/").await?.status, 200);
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_path_header_query_and_method() -> TestResult {
+    let names = [
+        "exact", "prefix", "regex", "header", "query", "method", "fallback",
+    ];
+    let mut backends = HashMap::new();
+    let mut yaml = String::new();
+    let bind = free_addr();
+    yaml.push_str(&client_proxy(bind, "catalog"));
+    yaml.push_str(&service("catalog", "HTTP"));
+    for n in names {
+        let b = HttpBackend::start(n).await?;
+        yaml.push_str(&service(&format!("be-{n}"), "HTTP"));
+        yaml.push_str(&workload(
+            &format!("be-{n}-1"),
+            &format!("be-{n}"),
+            b.addr(),
+            None,
+        ));
+        backends.insert(n, b);
+    }
+    yaml.push_str(&route(
+        "catalog",
+        "catalog",
+        r#"    - matches: [{path: {type: Exact, value: /items/special}}]
+      backendRefs: [{name: be-exact}]
+    - matches: [{path: {type: PathPrefix, value: /items}}]
+      backendRefs: [{name: be-prefix}]
+    - matches: [{path: {type: RegularExpression, value: "/v[0-9]+/.*"}}]
+      backendRefs: [{name: be-regex}]
+    - matches: [{path: {value: /h}, headers: [{name: x-tier, value: gold}]}]
+      backendRefs: [{name: be-header}]
+    - matches: [{path: {value: /h}, queryParams: [{name: beta, type: RegularExpression, value: "on|yes"}]}]
+      backendRefs: [{name: be-query}]
+    - matches: [{path: {value: /h}, method: DELETE}]
+      backendRefs: [{name: be-method}]
+    - matches: [{path: {value: /h}}]
+      backendRefs: [{name: be-fallback}]"#,
+    ));
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut conn = client::h1(bind).await?;
+    let mut ask = async |method: Method, path: &str, hdr: Option<(&str, &str)>| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "catalog");
+        if let Some((k, v)) = hdr {
+            b = b.header(k, v);
+        }
+        let resp = client::collect(conn.send(b.body(empty()).unwrap()).await.unwrap())
+            .await
+            .unwrap();
+        (
+            resp.status,
+            resp.header("x-backend").unwrap_or("-").to_owned(),
+        )
+    };
+    let ok = |s: &str| (StatusCode::OK, s.to_owned());
+    assert_eq!(ask(Method::GET, "/items/special", None).await, ok("exact"));
+    assert_eq!(
+        ask(Method::GET, "/items/special/x", None).await,
+        ok("prefix")
+    );
+    assert_eq!(ask(Method::GET, "/items", None).await, ok("prefix"));
+    assert_eq!(ask(Method::GET, "/v2/anything", None).await, ok("regex"));
+    assert_eq!(
+        ask(Method::GET, "/h", Some(("x-tier", "gold"))).await,
+        ok("header")
+    );
+    assert_eq!(ask(Method::GET, "/h?beta=yes", None).await, ok("query"));
+    assert_eq!(
+        ask(Method::DELETE, "/h?beta=yes", Some(("x-tier", "gold"))).await,
+        ok("method")
+    );
+    assert_eq!(
+        ask(Method::GET, "/h?beta=no", Some(("x-tier", "silver"))).await,
+        ok("fallback")
+    );
+    // Element-wise prefix: /itemsx is not under /items, and nothing else matches.
+    let (status, _) = ask(Method::GET, "/itemsx", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_proxy_routes_by_host_authority_and_absolute_form() -> TestResult {
+    let catalog = HttpBackend::start("catalog").await?;
+    let orders = HttpBackend::start("orders").await?;
+    let hp = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}",
+        proxy_doc(
+            "client",
+            &format!("  outbound:\n    httpProxy: {{bind: \"{hp}\"}}")
+        ),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", catalog.addr(), None),
+        service("orders", "HTTP"),
+        workload("orders-1", "orders", orders.addr(), None),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    for host in [
+        "catalog",
+        "catalog.shop",
+        "catalog.shop.svc.cluster.local",
+        "catalog:80",
+    ] {
+        let r = client::get(hp, host, "/x").await?;
+        assert_eq!(r.header("x-backend"), Some("catalog"), "{host}");
+        assert_eq!(
+            r.header("x-seen-authority"),
+            Some(host),
+            "Host is preserved"
+        );
+    }
+    // Absolute-form, as HTTP_PROXY clients send it.
+    let mut c = client::h1(hp).await?;
+    let req = Request::get("http://orders.shop/list?x=1")
+        .header("host", "orders.shop")
+        .body(empty())?;
+    let r = client::collect(c.send(req).await?).await?;
+    assert_eq!(r.header("x-backend"), Some("orders"));
+    assert_eq!(
+        r.header("x-seen-path"),
+        Some("/list?x=1"),
+        "origin-form upstream"
+    );
+    // HTTP/2 prior knowledge: routed by :authority, spoken as HTTP/2 upstream.
+    let h2 = client::h2(hp).await?;
+    let r = h2.get("orders", "/h2").await?;
+    assert_eq!(r.header("x-backend"), Some("orders"));
+    assert_eq!(r.header("x-seen-version"), Some("HTTP/2.0"));
+    // Unknown host.
+    let r = client::get(hp, "nowhere", "/").await?;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("sinew-error"), Some("unknown-service"));
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_holds_within_statistical_bounds() -> TestResult {
+    let v1 = HttpBackend::start("v1").await?;
+    let v2 = HttpBackend::start("v2").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        service("catalog-v1", "HTTP"),
+        service("catalog-v2", "HTTP"),
+        workload("v1", "catalog-v1", v1.addr(), None),
+        workload("v2", "catalog-v2", v2.addr(), None),
+        route(
+            "canary",
+            "catalog",
+            "    - backendRefs: [{name: catalog-v1, weight: 80}, {name: catalog-v2, weight: 20}]"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let n = 2000u32;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(client::h1(bind).await?);
+    }
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        tasks.push(tokio::spawn(async move {
+            let mut v2 = 0u32;
+            for _ in 0..n / 4 {
+                let r = c.get("catalog", "/").await.unwrap();
+                assert_eq!(r.status, 200);
+                if r.header("x-backend") == Some("v2") {
+                    v2 += 1;
+                }
+            }
+            v2
+        }));
+    }
+    let mut v2_count = 0;
+    for t in tasks {
+        v2_count += t.await?;
+    }
+    // Binomial(2000, 0.2): mean 400, sd ~17.9; accept ±5 sd.
+    let expected = f64::from(n) * 0.2;
+    let sd = (f64::from(n) * 0.2 * 0.8).sqrt();
+    assert!(
+        (f64::from(v2_count) - expected).abs() <= 5.0 * sd,
+        "v2 got {v2_count} of {n}, expected {expected} ± {}",
+        5.0 * sd
+    );
+    assert_eq!(u64::from(n), v1.requests() + v2.requests());
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_modifiers_and_url_rewrites() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None),
+        route(
+            "edits",
+            "catalog",
+            r#"    - matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-env, value: prod}]
+            add: [{name: x-added, value: "yes"}]
+            remove: [x-secret]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier:
+            set: [{name: x-served-via, value: sinew}]
+            remove: [x-seen-method]
+        - type: URLRewrite
+          urlRewrite:
+            hostname: internal.catalog
+            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
+    - matches: [{path: {type: Exact, value: /old}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /new/place}}"#
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let req = Request::get("/api/items?page=2")
+        .header("host", "catalog")
+        .header("x-env", "dev")
+        .header("x-secret", "s3cr3t")
+        .body(empty())?;
+    let r = client::collect(c.send(req).await?).await?;
+    assert_eq!(r.status, 200);
+    let seen = r.json()?;
+    assert_eq!(seen["path"], "/v2/items");
+    assert_eq!(r.header("x-seen-path"), Some("/v2/items?page=2"));
+    assert_eq!(r.header("x-seen-authority"), Some("internal.catalog"));
+    assert_eq!(seen["headers"]["x-env"], "prod");
+    assert_eq!(seen["headers"]["x-added"], "yes");
+    assert!(
+        seen["headers"].get("x-secret").is_none(),
+        "removed header reached the app"
+    );
+    assert_eq!(r.header("x-served-via"), Some("sinew"));
+    assert_eq!(r.header("x-seen-method"), None);
+    let r = c.get("catalog", "/old?q=1").await?;
+    assert_eq!(r.header("x-seen-path"), Some("/new/place?q=1"));
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// Two sidecars: `client` (outbound binding) and `server` (inbound, in front of app).
+struct MeshPair {
+    file: ConfigFile,
+    client: sinew_proxy::Proxy,
+    server: sinew_proxy::Proxy,
+    bind: SocketAddr,
+}
+
+async fn mesh_pair(app: SocketAddr, protocol: &str) -> MeshPair {
+    let bind = free_addr();
+    let inbound = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        proxy_doc(
+            "server",
+            &format!(
+                "  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
+                app.port()
+            )
+        ),
+        service("catalog", protocol),
+        workload("catalog-1", "catalog", app, Some(inbound.port())),
+    );
+    let file = ConfigFile::new(&yaml);
+    let server = start(&file, "server").await;
+    let client = start(&file, "client").await;
+    MeshPair {
+        file,
+        client,
+        server,
+        bind,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_hop_is_multiplexed_http2_and_preserves_the_client_protocol() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let mesh = mesh_pair(app.addr(), "HTTP").await;
+    let r = client::get(mesh.bind, "catalog", "/one").await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-seen-version"),
+        Some("HTTP/1.1"),
+        "app gets the client's HTTP/1.1"
+    );
+    assert_eq!(r.header("x-seen-authority"), Some("catalog"));
+    let seen = r.json()?;
+    assert!(
+        seen["headers"].get("sinew-dst-port").is_none(),
+        "mesh headers are internal"
+    );
+    assert!(seen["headers"].get("sinew-orig-proto").is_none());
+    let h2 = client::h2(mesh.bind).await?;
+    let r = h2.get("catalog", "/two").await?;
+    assert_eq!(
+        r.header("x-seen-version"),
+        Some("HTTP/2.0"),
+        "and HTTP/2 when the client spoke it"
+    );
+
+    // Fifty concurrent requests cross the hop on one multiplexed HTTP/2 connection.
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        tasks.push(tokio::spawn(async move {
+            client::get(mesh.bind, "catalog", &format!("/c/{i}"))
+                .await
+                .map(|r| r.status)
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await?.map_err(|e| e.to_string())?, 200);
+    }
+    assert_eq!(
+        metric(
+            &mesh.server,
+            "sinew_tcp_connections_total{listener=\"inbound\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &mesh.server,
+            "sinew_http_requests_total{direction=\"inbound\",class=\"2xx\"}"
+        )
+        .await,
+        Some(52.0)
+    );
+    // A client cannot steer the peer sidecar to another port.
+    let mut c = client::h1(mesh.bind).await?;
+    let req = Request::get("/")
+        .header("host", "catalog")
+        .header("sinew-dst-port", "1")
+        .body(empty())?;
+    assert_eq!(client::collect(c.send(req).await?).await?.status, 200);
+    // Nor can anyone reach a port the workload does not expose.
+    let inbound = mesh
+        .server
+        .shared()
+        .snapshot
+        .load_full()
+        .unwrap()
+        .config
+        .inbound
+        .clone()
+        .unwrap()
+        .bind;
+    let direct = client::h2(inbound).await?;
+    let req = Request::get("http://catalog/".to_string())
+        .header("sinew-dst-port", "1")
+        .body(empty())?;
+    let r = client::collect(direct.send(req).await?).await?;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("sinew-error"), Some("port-not-allowed"));
+    drop(mesh.file);
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_both_ways_without_buffering() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let mesh = mesh_pair(app.addr(), "HTTP").await;
+    // Upload: the app sees each chunk before the client sends the next one.
+    let (tx, body) = body_channel(1);
+    let mut c = client::h1(mesh.bind).await?;
+    let req = Request::post("/gated-upload")
+        .header("host", "catalog")
+        .body(body)?;
+    let resp = tokio::spawn(async move { c.send(req).await.map(|r| r.status()) });
+    let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+    let mut sent = 0u64;
+    for _ in 0..4 {
+        tx.send(Ok(http_body::Frame::data(chunk.clone())))
+            .await
+            .unwrap();
+        sent += chunk.len() as u64;
+        loop {
+            match app.next_event().await {
+                Some(Event::UploadProgress { total_bytes }) if total_bytes >= sent => break,
+                Some(_) => continue,
+                None => panic!("backend closed its events"),
+            }
+        }
+    }
+    drop(tx);
+    assert_eq!(resp.await?.map_err(|e| e.to_string())?, 200);
+
+    // Download: the client reads each chunk before the app writes the next one.
+    let mut c = client::h1(mesh.bind).await?;
+    let req = Request::get("/gated-download/4")
+        .header("host", "catalog")
+        .body(empty())?;
+    let mut body = c.send(req).await?.into_body();
+    let mut got = 0usize;
+    for i in 0..4 {
+        let want = (i + 1) * 16 * 1024;
+        while got < want {
+            let frame = body.frame().await.unwrap()?;
+            if let Some(d) = frame.data_ref() {
+                got += d.len();
+            }
+        }
+        assert_eq!(
+            got, want,
+            "chunk {i} arrived whole before the next was released"
+        );
+        app.release_chunk();
+    }
+
+    // A large body arrives intact (32 MiB, streamed in frames).
+    let (tx, body) = body_channel(4);
+    let mut c = client::h1(mesh.bind).await?;
+    let req = Request::post("/upload")
+        .header("host", "catalog")
+        .body(body)?;
+    let resp = tokio::spawn(async move { client::collect(c.send(req).await?).await });
+    let mut sum = FNV_OFFSET;
+    for i in 0..512u32 {
+        let data = Bytes::from(vec![(i % 251) as u8; 64 * 1024]);
+        sum = fnv1a64(sum, &data);
+        tx.send(Ok(http_body::Frame::data(data))).await.unwrap();
+    }
+    drop(tx);
+    let r = resp.await?.map_err(|e| e.to_string())?;
+    let j = r.json()?;
+    assert_eq!(j["bytes"], 512 * 64 * 1024);
+    assert_eq!(j["checksum"], sum);
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_round_trips_directly_and_through_the_mesh() -> TestResult {
+    let ws = WsEchoServer::start().await?;
+    // Through two sidecars (CONNECT tunnel on the hop).
+    let mesh = mesh_pair(ws.addr(), "HTTP").await;
+    // And straight from one sidecar to the app.
+    let direct_bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(direct_bind, "ws"),
+        service("ws", "HTTP"),
+        workload("ws-1", "ws", ws.addr(), None)
+    ));
+    let direct = start(&file, "client").await;
+    for bind in [mesh.bind, direct_bind] {
+        let tcp = TcpStream::connect(bind).await?;
+        let (mut socket, resp) = tokio_tungstenite::client_async("ws://catalog/chat", tcp).await?;
+        assert_eq!(resp.status(), 101);
+        for i in 0..3 {
+            socket.send(Message::text(format!("hello {i}"))).await?;
+            let echoed = socket.next().await.unwrap()?;
+            assert_eq!(echoed, Message::text(format!("hello {i}")));
+        }
+        socket.send(Message::binary(vec![1u8, 2, 3])).await?;
+        assert_eq!(
+            socket.next().await.unwrap()?,
+            Message::binary(vec![1u8, 2, 3])
+        );
+        socket.close(None).await?;
+    }
+    direct.shutdown().await;
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_round_trips_including_server_first_protocols() -> TestResult {
+    let echo = TcpEchoServer::start().await?;
+    let banner = TcpEchoServer::start_server_first("220 smtp.example ready\r\n").await?;
+    for (server, greeting) in [(&echo, None), (&banner, Some("220 smtp.example ready\r\n"))] {
+        let mesh = mesh_pair(server.addr(), "TCP").await;
+        let direct_bind = free_addr();
+        let file = ConfigFile::new(&format!(
+            "{}{}{}",
+            client_proxy(direct_bind, "db"),
+            service("db", "TCP"),
+            workload("db-1", "db", server.addr(), None)
+        ));
+        let direct = start(&file, "client").await;
+        for bind in [mesh.bind, direct_bind] {
+            let mut s = TcpStream::connect(bind).await?;
+            if let Some(g) = greeting {
+                // The server speaks first: nothing waits for the client.
+                let mut buf = vec![0u8; g.len()];
+                s.read_exact(&mut buf).await?;
+                assert_eq!(buf, g.as_bytes());
+            }
+            let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 256) as u8).collect();
+            let (mut r, mut w) = s.into_split();
+            let to_send = payload.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(&to_send).await?;
+                w.shutdown().await
+            });
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await?;
+            writer.await??;
+            assert_eq!(back.len(), payload.len());
+            assert!(back == payload, "bytes survive the trip");
+        }
+        direct.shutdown().await;
+        mesh.client.shutdown().await;
+        mesh.server.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streaming_keep_trailers_through_the_mesh() -> TestResult {
+    let server = grpc::EchoServer::start("echo-1").await?;
+    let mesh = mesh_pair(server.addr(), "GRPC").await;
+    let mut client = grpc::connect(mesh.bind).await?;
+
+    let reply = client
+        .unary(EchoRequest {
+            message: "hi".into(),
+        })
+        .await?;
+    assert_eq!(
+        reply.metadata().get(grpc::SERVER_HEADER_KEY).unwrap(),
+        "echo-1"
+    );
+    assert_eq!(reply.get_ref().message, "hi");
+
+    let mut stream = client
+        .server_stream(StreamRequest { count: 5 })
+        .await?
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = stream.message().await? {
+        got.push(m.message);
+    }
+    assert_eq!(
+        got,
+        (0..5).map(|i| format!("message-{i}")).collect::<Vec<_>>()
+    );
+    let trailers = stream.trailers().await?.expect("trailers");
+    assert_eq!(
+        trailers.get(grpc::TRAILER_KEY).unwrap(),
+        grpc::SERVER_STREAM_TRAILER
+    );
+
+    let outbound = futures_util::stream::iter((0..3).map(|i| EchoRequest {
+        message: format!("b{i}"),
+    }));
+    let mut bidi = client.bidi_stream(outbound).await?.into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = bidi.message().await? {
+        got.push(m.message);
+    }
+    assert_eq!(got, vec!["b0", "b1", "b2"]);
+    let trailers = bidi.trailers().await?.expect("trailers");
+    assert_eq!(
+        trailers.get(grpc::TRAILER_KEY).unwrap(),
+        grpc::BIDI_STREAM_TRAILER
+    );
+
+    let status = client
+        .fail(EchoRequest {
+            message: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status.message(), grpc::FAIL_MESSAGE);
+    assert_eq!(
+        status.metadata().get(grpc::TRAILER_KEY).unwrap(),
+        grpc::FAIL_TRAILER
+    );
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_made_errors_carry_status_and_reason() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let closed = free_addr(); // nothing listens here
+    let hp = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}{}{}{}",
+        proxy_doc(
+            "client",
+            &format!("  outbound:\n    httpProxy: {{bind: \"{hp}\"}}")
+        ),
+        service("dead", "HTTP"),
+        workload("dead-1", "dead", closed, None),
+        service("empty", "HTTP"),
+        service("routed", "HTTP"),
+        workload("routed-1", "routed", app.addr(), None),
+        route(
+            "only-api",
+            "routed",
+            "    - matches: [{path: {value: /api}}]"
+        ),
+        service("grpc-empty", "GRPC"),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let cases = [
+        ("dead", "/", 502, "connect-failed"),
+        ("empty", "/", 503, "no-endpoints"),
+        ("routed", "/other", 404, "no-route"),
+        ("nowhere", "/", 404, "unknown-service"),
+    ];
+    for (host, path, status, reason) in cases {
+        let r = client::get(hp, host, path).await?;
+        assert_eq!(r.status, status, "{host}{path}");
+        assert_eq!(r.header("sinew-error"), Some(reason), "{host}{path}");
+        let body = r.text();
+        assert!(
+            body.starts_with(reason) && body.ends_with('\n') && body.lines().count() == 1,
+            "one-line body: {body:?}"
+        );
+    }
+    // 400: nothing to route by.
+    let mut c = client::h1(hp).await?;
+    let r = client::collect(c.send(Request::get("/").body(empty())?).await?).await?;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("sinew-error"), Some("malformed-request"));
+    // gRPC callers get a gRPC status, not an HTTP error page.
+    let h2 = client::h2(hp).await?;
+    let req = Request::post("http://grpc-empty/pkg.Svc/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(empty())?;
+    let r = client::collect(h2.send(req).await?).await?;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("grpc-status"), Some("14"));
+    assert_eq!(r.header("sinew-error"), Some("no-endpoints"));
+    assert_eq!(
+        metric(
+            &proxy,
+            "sinew_proxy_errors_total{direction=\"outbound\",reason=\"connect-failed\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn route_timeout_answers_504_in_virtual_time() -> TestResult {
+    let app = HttpBackend::start("slow").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None),
+        route("t", "catalog", "    - timeouts: {request: 5s}"),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    assert!(proxy.shared().is_ready());
+    let start = tokio::time::Instant::now();
+    let r = client::get(bind, "catalog", "/never").await?;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("sinew-error"), Some("request-timeout"));
+    assert!(
+        start.elapsed() >= Duration::from_secs(5),
+        "fired after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        app.requests(),
+        1,
+        "the request reached the app before the timeout"
+    );
+    // Under the limit, a slow answer passes.
+    let r = client::get(bind, "catalog", "/delay/4000").await?;
+    assert_eq!(r.status, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_400_and_disturbs_no_other_connection() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    ));
+    let proxy = start(&file, "client").await;
+    let mut good = client::h1(bind).await?;
+    assert_eq!(good.get("catalog", "/a").await?.status, 200);
+    for garbage in [
+        &b"\x00\x01\x02 not http at all\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: catalog\r\nContent-Length: banana\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: catalog\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabc",
+        b"POST / HTTP/1.0\r\nHost: catalog\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(bind).await?;
+        s.write_all(garbage).await?;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let head = String::from_utf8_lossy(&out);
+        assert!(head.starts_with("HTTP/1.1 400"), "got {head:?}");
+    }
+    // Transfer-Encoding with Content-Length (a smuggling shape): Transfer-Encoding
+    // wins and the connection is closed after the answer, so nothing can ride on it.
+    let mut s = TcpStream::connect(bind).await?;
+    s.write_all(b"POST / HTTP/1.1\r\nHost: catalog\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: catalog\r\n\r\n").await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(
+        text.matches("HTTP/1.1 ").count(),
+        1,
+        "one answer, then closed: {text}"
+    );
+    assert!(!text.contains("/smuggled"));
+    // An oversized header block is refused too.
+    let mut s = TcpStream::connect(bind).await?;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: catalog\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 431")
+            || out.is_empty()
+            || String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400")
+    );
+    // The earlier connection is unaffected.
+    assert_eq!(good.get("catalog", "/b").await?.status, 200);
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_pooled_per_endpoint_and_round_robin_alternates() -> TestResult {
+    let a = HttpBackend::start("a").await?;
+    let b = HttpBackend::start("b").await?;
+    let bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service_lb("catalog", "RoundRobin"),
+        workload("a", "catalog", a.addr(), None),
+        workload("b", "catalog", b.addr(), None),
+    ));
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        let r = c.get("catalog", "/").await?;
+        seen.push(r.header("x-backend").unwrap_or("-").to_owned());
+    }
+    for pair in seen.chunks(2) {
+        assert_ne!(pair[0], pair[1], "round robin alternates: {seen:?}");
+    }
+    assert_eq!((a.requests(), b.requests()), (20, 20));
+    assert_eq!(
+        (a.connections(), b.connections()),
+        (1, 1),
+        "one pooled connection per endpoint"
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_steady_load_loses_no_request() -> TestResult {
+    let v1 = HttpBackend::start("v1").await?;
+    let v2 = HttpBackend::start("v2").await?;
+    let bind = free_addr();
+    let config = |target: &str| {
+        format!(
+            "{}{}{}{}{}{}{}",
+            client_proxy(bind, "catalog"),
+            service("catalog", "HTTP"),
+            service("catalog-v1", "HTTP"),
+            service("catalog-v2", "HTTP"),
+            workload("v1", "catalog-v1", v1.addr(), None),
+            workload("v2", "catalog-v2", v2.addr(), None),
+            route(
+                "split",
+                "catalog",
+                &format!("    - backendRefs: [{{name: {target}}}]")
+            ),
+        )
+    };
+    let file = ConfigFile::new(&config("catalog-v1"));
+    let proxy = start(&file, "client").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        let mut c = client::h1(bind).await?;
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get("catalog", "/").await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for (i, target) in [
+        "catalog-v2",
+        "catalog-v1",
+        "catalog-v2",
+        "catalog-v1",
+        "catalog-v2",
+    ]
+    .iter()
+    .enumerate()
+    {
+        file.replace(&config(target));
+        let want = i as u64 + 2;
+        wait::until("reload applied", TIMEOUT, || async {
+            generation(&proxy).await == want
+        })
+        .await?;
+    }
+    let before = v2.requests();
+    wait::until("traffic reaches v2", TIMEOUT, || async {
+        v2.requests() > before
+    })
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, 0);
+    for t in load {
+        let (o, f) = t.await?;
+        ok += o;
+        failed += f;
+    }
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across reloads",
+        ok + failed
+    );
+    assert!(ok > 50, "load ran: {ok} requests");
+    // Endpoints kept across swaps keep their pooled connections.
+    assert!(
+        v1.connections() <= 4 && v2.connections() <= 4,
+        "v1 {} v2 {}",
+        v1.connections(),
+        v2.connections()
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_closes_what_will_not_finish() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    ));
+    let mut opts = options(&file.path, "client");
+    opts.drain_timeout = Duration::from_millis(300);
+    let proxy = start_with(opts).await;
+    let stuck = tokio::spawn(async move { client::get(bind, "catalog", "/never").await });
+    wait::until("request in flight", TIMEOUT, || async {
+        app.requests() == 1
+    })
+    .await?;
+    let outcome = proxy.shutdown().await;
+    assert!(!outcome.clean);
+    assert!(
+        stuck.await?.is_err(),
+        "the stuck request was cut at the deadline"
+    );
+    assert!(
+        TcpStream::connect(bind).await.is_err(),
+        "no longer accepting"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let admin_addr = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    ));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .arg("--config")
+        .arg(&file.path)
+        .arg("--admin")
+        .arg(admin_addr.to_string())
+        .arg("--drain-timeout")
+        .arg("20")
+        .kill_on_drop(true)
+        .spawn()?;
+    wait::until("proxy process ready", TIMEOUT, || async move {
+        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await?;
+    // Requests in flight when SIGTERM arrives: each takes 1.5 s at the app.
+    let mut inflight = Vec::new();
+    for _ in 0..3 {
+        inflight.push(tokio::spawn(async move {
+            client::get(bind, "catalog", "/delay/1500").await
+        }));
+    }
+    wait::until("requests at the app", TIMEOUT, || async {
+        app.requests() == 3
+    })
+    .await?;
+    let pid = child.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await?;
+    assert!(killed.success());
+    for t in inflight {
+        let r = t.await?.map_err(|e| e.to_string())?;
+        assert_eq!(
+            r.status, 200,
+            "in-flight request completed during the drain"
+        );
+    }
+    let status = tokio::time::timeout(TIMEOUT, child.wait()).await??;
+    assert!(status.success(), "exit status {status}");
+    assert!(TcpStream::connect(bind).await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_flag_validates_a_file() -> TestResult {
+    let bind = free_addr();
+    let good = ConfigFile::new(&format!(
+        "{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP")
+    ));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .args(["--check", "--config"])
+        .arg(&good.path)
+        .output()
+        .await?;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: proxy shop/client"));
+    let bad = ConfigFile::new(&format!(
+        "{}{}",
+        client_proxy(bind, "ghost"),
+        service("catalog", "HTTP")
+    ));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .args(["--check", "--config"])
+        .arg(&bad.path)
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Proxy shop/client: spec.outbound.upstreams[0].service: service \"ghost\" does not exist"), "{err}");
+    Ok(())
+}
