@@ -98,7 +98,8 @@ async fn forward(
     let (svc, port) = target(ctx, &snap, &req)?;
 
     if req.method() == Method::CONNECT {
-        return connect_tunnel(ctx, &snap, svc, port, req).await;
+        // Rare branches are boxed so the common request future stays small.
+        return Box::pin(connect_tunnel(ctx, &snap, svc, port, req)).await;
     }
 
     let view = RequestView {
@@ -137,7 +138,7 @@ async fn forward(
     }
 
     if http_util::is_upgrade(&req) {
-        return forward_upgrade(ctx, req, &endpoint, &authority, new_path).await;
+        return Box::pin(forward_upgrade(ctx, req, &endpoint, &authority, new_path)).await;
     }
 
     let downstream_h2 = req.version() == Version::HTTP_2;

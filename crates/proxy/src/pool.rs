@@ -136,7 +136,7 @@ impl ConnPool {
             Some(tx) => tx,
             None => {
                 reused = false;
-                self.connect_h1().await?
+                Box::pin(self.connect_h1()).await?
             }
         };
         loop {
@@ -155,7 +155,7 @@ impl ConnPool {
                     Some(back) if reused => {
                         req = back;
                         reused = false;
-                        tx = self.connect_h1().await?;
+                        tx = Box::pin(self.connect_h1()).await?;
                     }
                     _ => {
                         return Err(ProxyError::Upstream {
