@@ -1014,12 +1014,14 @@ async fn reload_under_steady_load_loses_no_request() -> TestResult {
         ok + failed
     );
     assert!(ok > 50, "load ran: {ok} requests");
-    // Endpoints kept across swaps keep their pooled connections.
+    // Endpoints kept across swaps keep their pooled connections: six generations with
+    // pools rebuilt each time would need about 4 new connections per generation.
+    // (A connection returns to the pool asynchronously once its response is read, so
+    // a busy machine may open one or two more; that is not a reset.)
+    let conns = v1.connections() + v2.connections();
     assert!(
-        v1.connections() <= 4 && v2.connections() <= 4,
-        "v1 {} v2 {}",
-        v1.connections(),
-        v2.connections()
+        conns <= 12,
+        "{conns} upstream connections for {ok} requests over 6 generations"
     );
     proxy.shutdown().await;
     Ok(())
@@ -1138,5 +1140,85 @@ async fn check_flag_validates_a_file() -> TestResult {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Proxy shop/client: spec.outbound.upstreams[0].service: service \"ghost\" does not exist"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_bindings_keeps_open_connections_and_in_flight_requests() -> TestResult
+{
+    let app = HttpBackend::start("app").await?;
+    let ws = WsEchoServer::start().await?;
+    let (http_bind, ws_bind) = (free_addr(), free_addr());
+    let both = format!(
+        "{}{}{}{}{}",
+        proxy_doc(
+            "client",
+            &format!(
+                "  outbound:\n    upstreams: [{{bind: \"{http_bind}\", service: catalog}}, {{bind: \"{ws_bind}\", service: ws}}]"
+            )
+        ),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None),
+        service("ws", "HTTP"),
+        workload("ws-1", "ws", ws.addr(), None),
+    );
+    let file = ConfigFile::new(&both);
+    let proxy = start(&file, "client").await;
+
+    // A streaming response in flight, and an open WebSocket.
+    let mut c = client::h1(http_bind).await?;
+    let req = Request::get("/gated-download/3")
+        .header("host", "catalog")
+        .body(empty())?;
+    let mut body = c.send(req).await?.into_body();
+    let mut got = 0;
+    while got < 16 * 1024 {
+        got += body
+            .frame()
+            .await
+            .unwrap()?
+            .data_ref()
+            .map_or(0, |d| d.len());
+    }
+    assert_eq!(
+        got,
+        16 * 1024,
+        "first chunk, and nothing more until released"
+    );
+    let (mut socket, _) =
+        tokio_tungstenite::client_async("ws://ws/", TcpStream::connect(ws_bind).await?).await?;
+    socket.send(Message::text("before")).await?;
+    assert_eq!(socket.next().await.unwrap()?, Message::text("before"));
+
+    // The new configuration has no bindings at all.
+    file.replace(&format!(
+        "{}{}",
+        proxy_doc("client", "  outbound: {}"),
+        service("catalog", "HTTP")
+    ));
+    wait::until("reload applied", TIMEOUT, || async {
+        generation(&proxy).await == 2
+    })
+    .await?;
+    wait::until("bindings closed", TIMEOUT, || async {
+        TcpStream::connect(http_bind).await.is_err() && TcpStream::connect(ws_bind).await.is_err()
+    })
+    .await?;
+
+    // What was open keeps working to its end.
+    for _ in 0..2 {
+        app.release_chunk();
+        let want = got + 16 * 1024;
+        while got < want {
+            let frame = body.frame().await.unwrap()?;
+            got += frame.data_ref().map_or(0, |d| d.len());
+        }
+    }
+    assert_eq!(got, 3 * 16 * 1024);
+    socket.send(Message::text("after")).await?;
+    assert_eq!(socket.next().await.unwrap()?, Message::text("after"));
+    socket.close(None).await?;
+    drop((body, c, socket));
+    assert!(proxy.shutdown().await.clean, "nothing left open to cut");
     Ok(())
 }
