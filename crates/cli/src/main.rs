@@ -1,108 +1,225 @@
-//! `sinew`: the operator CLI (and, from the control-plane work on, the control plane).
+//! `sinew`: the control plane (`sinew control`) and the operator CLI.
 //!
-//! Today it validates configuration documents with the same model the proxy and the
-//! control plane use, so a file checked here is a file the mesh accepts.
+//! Client commands talk to the control plane's Admin API (`--server`, default
+//! `http://127.0.0.1:15010`). Every failure is one sentence on stderr and a non-zero
+//! exit.
 
-use std::io::Read;
+mod client;
+
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use sinew_model::{ConfigErrors, Resources, parse_documents};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Sinew service mesh.
 #[derive(Debug, Parser)]
 #[command(name = "sinew", version, about)]
 struct Cli {
+    /// The control plane's address.
+    #[arg(
+        long,
+        global = true,
+        env = "SINEW_SERVER",
+        default_value = "http://127.0.0.1:15010"
+    )]
+    server: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate documents (Service, Workload, HTTPRoute, Proxy) without applying them.
+    /// Run the control plane.
+    Control {
+        /// gRPC listener for proxies and the CLI.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        listen: std::net::SocketAddr,
+        /// Where applied resources are stored (created with owner-only permissions).
+        #[arg(long, default_value = "sinew-data")]
+        data_dir: PathBuf,
+        /// A directory of YAML documents to watch and apply.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Seconds a disconnected proxy's workload stays registered.
+        #[arg(long, default_value_t = 30)]
+        grace_period: u64,
+        /// Milliseconds changes are gathered before proxies are told.
+        #[arg(long, default_value_t = 20)]
+        debounce_ms: u64,
+    },
+    /// Validate documents and store them (all or nothing).
+    Apply {
+        /// Files or directories of .yaml/.yml files; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate against what is stored, but store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show resources.
+    Get {
+        /// Kind: service, workload, httproute, proxy, meshconfig, or all.
+        kind: String,
+        /// A name (optional).
+        name: Option<String>,
+        /// Namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "yaml", "json"])]
+        output: String,
+    },
+    /// Delete resources, by kind and name or by the documents in files.
+    Delete {
+        /// Kind (with NAME).
+        kind: Option<String>,
+        /// Name.
+        name: Option<String>,
+        /// Namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Delete what these files define.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+    },
+    /// Every proxy: workload, connected or not, applied version against the latest,
+    /// last refusal.
+    ProxyStatus {
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Check the installation: one pass/fail line per check; non-zero if any fails.
+    Check {
+        /// Seconds to wait for proxies to catch up before calling them out of sync.
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+    },
+    /// Validate documents locally, without a control plane.
     Validate {
         /// Files or directories of .yaml/.yml files; `-` reads standard input.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run the demo mesh on loopback: a control plane, four services (one in two
+    /// versions) each behind its own sinew-proxy, a 90/10 canary and steady load.
+    Demo(sinew_demo::DemoArgs),
+    /// The demo's sample workload: serves HTTP and gRPC and calls its downstreams.
+    DemoApp(sinew_demo::app::AppArgs),
+    /// Print the version (and the control plane's, if reachable).
+    Version,
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
-fn yaml_files(path: &PathBuf, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for p in entries {
-            if p.is_dir() || matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-            {
-                yaml_files(&p, out)?;
-            }
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => Err(anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
         }
-    } else {
-        out.push(path.clone());
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let server = cli.server;
+    match cli.command {
+        Command::Control {
+            listen,
+            data_dir,
+            config_dir,
+            grace_period,
+            debounce_ms,
+        } => {
+            let mut opts = sinew_control::ControlOptions::new(data_dir);
+            opts.listen = listen;
+            opts.config_dir = config_dir;
+            opts.grace_period = Duration::from_secs(grace_period);
+            opts.debounce = Duration::from_millis(debounce_ms);
+            let cp = sinew_control::ControlPlane::start(opts).await?;
+            wait_for_signal().await?;
+            tracing::info!("stopping");
+            cp.shutdown().await;
+            Ok(0)
+        }
+        Command::Apply { files, dry_run } => client::apply(&server, &files, dry_run).await,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            let ns = if all_namespaces {
+                String::new()
+            } else {
+                namespace
+            };
+            client::get(&server, &kind, name.as_deref(), &ns, &output).await
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            files,
+        } => {
+            client::delete(
+                &server,
+                kind.as_deref(),
+                name.as_deref(),
+                &namespace,
+                &files,
+            )
+            .await
+        }
+        Command::ProxyStatus { output } => client::proxy_status(&server, &output).await,
+        Command::Check { wait } => client::check(&server, Duration::from_secs(wait)).await,
+        Command::Validate { files } => client::validate(&files),
+        Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
+        Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
+        Command::Version => {
+            println!("sinew {}", env!("CARGO_PKG_VERSION"));
+            if let Ok(v) = client::server_version(&server).await {
+                println!("control plane {v} at {server}");
+            }
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sinew", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
     Ok(())
-}
-
-fn validate(paths: &[PathBuf]) -> Result<usize, ConfigErrors> {
-    let mut files = Vec::new();
-    let mut errors = ConfigErrors::default();
-    for p in paths {
-        if let Err(e) = yaml_files(p, &mut files) {
-            errors.push(sinew_model::ConfigError::new(format!(
-                "{}: {e}",
-                p.display()
-            )));
-        }
-    }
-    let mut docs = Vec::new();
-    for f in &files {
-        let (label, text) = if f.as_os_str() == "-" {
-            let mut s = String::new();
-            match std::io::stdin().read_to_string(&mut s) {
-                Ok(_) => ("<stdin>".to_owned(), s),
-                Err(e) => {
-                    errors.push(sinew_model::ConfigError::new(format!("<stdin>: {e}")));
-                    continue;
-                }
-            }
-        } else {
-            let label = f.display().to_string();
-            match std::fs::read_to_string(f) {
-                Ok(s) => (label, s),
-                Err(e) => {
-                    errors.push(sinew_model::ConfigError::new(format!(
-                        "{label}: cannot read: {e}"
-                    )));
-                    continue;
-                }
-            }
-        };
-        match parse_documents(&label, &text) {
-            Ok(d) => docs.extend(d),
-            Err(e) => errors.0.extend(e.0),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let n = docs.len();
-    Resources::from_documents(docs).map(|_| n)
-}
-
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Validate { files } => match validate(&files) {
-            Ok(n) => {
-                println!("{n} documents valid");
-                Ok(())
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        },
-    }
 }

@@ -1,7 +1,16 @@
 //! The `sinew` binary as a user runs it.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod mesh;
+
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use mesh::*;
+use sinew_testkit::http::HttpBackend;
+use sinew_testkit::{client, wait};
 
 fn sinew(args: &[&str], dir: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sinew"))
@@ -44,4 +53,497 @@ fn validate_accepts_a_good_directory_and_names_what_is_wrong() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Steady load through a binding: counts successes and failures until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU32>,
+    failed: Arc<AtomicU32>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    async fn start(bind: std::net::SocketAddr, clients: usize) -> Load {
+        listening(bind).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU32::new(0));
+        let failed = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let mut c = client::h1(bind).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match c.get("catalog", "/").await {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(r) => {
+                            eprintln!("failed request: {} {:?}", r.status, r.header("sinew-error"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => {
+                            eprintln!("failed request: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    fn ok(&self) -> u32 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Waits for `n` more successful requests.
+    async fn progress(&self, n: u32) {
+        let target = self.ok() + n;
+        wait::until("load makes progress", TIMEOUT, || async move {
+            self.ok() >= target
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn finish(self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_moves_traffic_with_no_failed_request_in_flight() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    let bind = free_addr();
+    let base = format!(
+        "{}{}{}{}{}{}",
+        service("shop", "catalog"),
+        service("shop", "catalog-v1"),
+        service("shop", "catalog-v2"),
+        static_workload("shop", "v1", "catalog-v1", v1.addr()),
+        static_workload("shop", "v2", "catalog-v2", v2.addr()),
+        proxy_doc("shop", "web", &[(bind, "catalog")]),
+    );
+    let f = scratch.write(
+        "mesh.yaml",
+        &format!("{base}{}", route_to("shop", "catalog", "catalog-v1")),
+    );
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).0.contains("HTTPRoute shop/catalog created"));
+    let web = proxy(&cp.url, "shop/web", None, Duration::from_millis(50)).await;
+    let load = Load::start(bind, 4).await;
+    load.progress(50).await;
+    assert_eq!(v2.requests(), 0);
+
+    let f = scratch.write(
+        "mesh.yaml",
+        &format!("{base}{}", route_to("shop", "catalog", "catalog-v2")),
+    );
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(
+        text(&out).0.contains("HTTPRoute shop/catalog configured"),
+        "{:?}",
+        text(&out)
+    );
+    // Traffic follows within a bound (generous: this is not a timing test).
+    wait::until("traffic reaches v2", Duration::from_secs(10), || async {
+        v2.requests() > 0
+    })
+    .await
+    .unwrap();
+    let settled = v1.requests();
+    load.progress(50).await;
+    assert_eq!(
+        v1.requests(),
+        settled,
+        "v1 gets nothing once the route moved"
+    );
+    let (ok, failed) = load.finish().await;
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    let out = cp.sinew(&["check"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    web.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_push_leaves_traffic_alone_and_check_reports_it() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let app = HttpBackend::start("app").await.unwrap();
+    let (bind, busy) = (free_addr(), app.addr());
+    let base = format!(
+        "{}{}",
+        service("shop", "catalog"),
+        static_workload("shop", "c1", "catalog", app.addr())
+    );
+    let f = scratch.write(
+        "a.yaml",
+        &format!("{base}{}", proxy_doc("shop", "web", &[(bind, "catalog")])),
+    );
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let web = proxy(&cp.url, "shop/web", None, Duration::from_millis(50)).await;
+    let load = Load::start(bind, 2).await;
+    load.progress(20).await;
+
+    // A second binding on a port that is taken: valid to the control plane, refused by the proxy.
+    let f = scratch.write(
+        "a.yaml",
+        &format!(
+            "{base}{}",
+            proxy_doc("shop", "web", &[(bind, "catalog"), (busy, "catalog")])
+        ),
+    );
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    wait::until("NACK recorded", TIMEOUT, || async {
+        text(&cp.sinew(&["proxy-status"]).await)
+            .0
+            .contains("NACKED")
+    })
+    .await
+    .unwrap();
+    let (status, _) = text(&cp.sinew(&["proxy-status"]).await);
+    assert!(
+        status.contains(&format!("cannot listen on {busy}")),
+        "{status}"
+    );
+    let check = cp.sinew(&["check", "--wait", "0"]).await;
+    assert!(!check.status.success());
+    let (out, _) = text(&check);
+    assert!(
+        out.contains("FAIL proxies in sync: 1 of 1 behind: shop/web (refused: cannot listen on"),
+        "{out}"
+    );
+    assert!(out.contains("PASS store healthy"), "{out}");
+    load.progress(20).await;
+
+    // The fix is applied and the proxy catches up.
+    let f = scratch.write(
+        "a.yaml",
+        &format!("{base}{}", proxy_doc("shop", "web", &[(bind, "catalog")])),
+    );
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let check = cp.sinew(&["check", "--wait", "10"]).await;
+    assert!(check.status.success(), "{:?}", text(&check));
+    let (ok, failed) = load.finish().await;
+    assert_eq!(failed, 0, "{failed} of {} failed", ok + failed);
+    web.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_down_fails_no_request_and_a_restart_resyncs_without_dropping_endpoints() {
+    let scratch = Scratch::new();
+    let data = scratch.0.join("data");
+    let cp_addr = free_addr();
+    let cp = Control::start(&data, cp_addr, &[]).await;
+    let app = HttpBackend::start("app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let f = scratch.write(
+        "m.yaml",
+        &format!(
+            "{}{}",
+            service("shop", "catalog"),
+            proxy_doc("shop", "web", &[(bind, "catalog")])
+        ),
+    );
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    // The catalog sidecar reconnects slowly, so after the restart the web proxy is
+    // resynced while catalog's registration is known only from the store.
+    let catalog = proxy(
+        &cp.url,
+        "shop/catalog-1",
+        Some(registration("catalog", app.addr(), inbound, "v1")),
+        Duration::from_secs(3),
+    )
+    .await;
+    let web = proxy(&cp.url, "shop/web", None, Duration::from_millis(50)).await;
+    wait::until("in sync", TIMEOUT, || async { cp.all_in_sync(2).await })
+        .await
+        .unwrap();
+    let load = Load::start(bind, 4).await;
+    load.progress(50).await;
+
+    cp.kill().await;
+    load.progress(200).await; // serving on what they have
+
+    let cp = Control::start(&data, cp_addr, &[]).await;
+    wait::until("web resynced", TIMEOUT, || async {
+        let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+        serde_json::from_str::<serde_json::Value>(&s).is_ok_and(|v| {
+            v.as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|p| p["proxy"] == "shop/web" && p["inSync"] == true)
+            })
+        })
+    })
+    .await
+    .unwrap();
+    load.progress(100).await;
+    wait::until("both in sync", TIMEOUT, || async {
+        cp.all_in_sync(2).await
+    })
+    .await
+    .unwrap();
+    load.progress(50).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across the outage and restart",
+        ok + failed
+    );
+    web.shutdown().await;
+    catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_resources_survive_kill_9() {
+    let scratch = Scratch::new();
+    let data = scratch.0.join("data");
+    let addr = free_addr();
+    let cp = Control::start(&data, addr, &[]).await;
+    let mut yaml = String::new();
+    for i in 0..30 {
+        yaml.push_str(&service(&format!("ns{}", i % 3), &format!("svc-{i}")));
+    }
+    yaml.push_str(&route_to("ns0", "svc-0", "svc-3"));
+    let f = scratch.write("many.yaml", &yaml);
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let out = cp.sinew(&["delete", "service", "svc-1", "-n", "ns1"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let before = text(&cp.sinew(&["get", "all", "-A", "-o", "json"]).await).0;
+    cp.kill().await;
+    let cp = Control::start(&data, addr, &[]).await;
+    let after = text(&cp.sinew(&["get", "all", "-A", "-o", "json"]).await).0;
+    let items: serde_json::Value = serde_json::from_str(&after).unwrap();
+    assert_eq!(
+        items.as_array().map(Vec::len),
+        Some(30),
+        "29 services and a route"
+    );
+    assert_eq!(before, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_whole_with_file_line_field_and_reason() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let good = scratch.write("good.yaml", &service("shop", "catalog"));
+    assert!(
+        cp.sinew(&["apply", "-f", good.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let route = |body: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n{body}"
+        )
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("bad-yaml.yaml", "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: [\n".into(), "bad-yaml.yaml:4: invalid YAML: did not find expected node content"),
+        ("unknown-kind.yaml", "apiVersion: sinew.dev/v1alpha1\nkind: Gadget\nmetadata: {name: g}\n".into(), "unknown-kind.yaml:1: kind: unknown kind \"Gadget\""),
+        ("unknown-field.yaml", "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: s, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}]\n  colour: blue\n".into(), "unknown-field.yaml:6: spec.colour: unknown field `colour`"),
+        ("missing-service.yaml", route("    - backendRefs: [{name: ghost}]\n"), "missing-service.yaml:1: HTTPRoute shop/r: spec.rules[0].backendRefs[0].name: service shop/ghost does not exist"),
+        ("zero-weights.yaml", route("    - backendRefs: [{name: catalog, weight: 0}]\n"), "spec.rules[0].backendRefs: all backend weights are zero"),
+        ("bad-regex.yaml", route("    - matches: [{path: {type: RegularExpression, value: \"/(a\"}}]\n"), "spec.rules[0].matches[0].path.value: invalid regular expression: unclosed group"),
+        ("duplicate.yaml", format!("{}{}", service("shop", "dup"), service("shop", "dup")), "duplicate.yaml:8: Service shop/dup: metadata.name: duplicate Service shop/dup: already defined at"),
+    ];
+    for (file, body, expected) in cases {
+        let f = scratch.write(file, &body);
+        // Alongside a good document: the apply is all or nothing.
+        let extra = scratch.write("extra.yaml", &service("shop", "innocent"));
+        let out = cp
+            .sinew(&[
+                "apply",
+                "-f",
+                f.to_str().unwrap(),
+                "-f",
+                extra.to_str().unwrap(),
+            ])
+            .await;
+        let (_, err) = text(&out);
+        assert!(!out.status.success(), "{file} was accepted");
+        assert!(
+            err.contains(expected),
+            "{file}: expected {expected:?} in:\n{err}"
+        );
+        assert_eq!(
+            err.lines().next(),
+            Some("error: refused; nothing was changed:"),
+            "{err}"
+        );
+    }
+    let (all, _) = text(&cp.sinew(&["get", "all", "-A"]).await);
+    assert!(
+        !all.contains("innocent"),
+        "nothing of a refused apply is kept:\n{all}"
+    );
+    // Deleting what others need is refused too.
+    let f = scratch.write("route.yaml", &route_to("shop", "catalog", "catalog"));
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let out = cp.sinew(&["delete", "svc", "catalog", "-n", "shop"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out)
+            .1
+            .contains("spec.parentRefs[0].name: service shop/catalog does not exist"),
+        "{:?}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_proxy_is_unregistered_after_the_grace_period() {
+    let scratch = Scratch::new();
+    let cp = Control::start(
+        &scratch.0.join("data"),
+        free_addr(),
+        &["--grace-period", "1"],
+    )
+    .await;
+    let f = scratch.write("s.yaml", &service("shop", "catalog"));
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let app = HttpBackend::start("app").await.unwrap();
+    let p = proxy(
+        &cp.url,
+        "shop/catalog-1",
+        Some(registration("catalog", app.addr(), free_addr(), "v2")),
+        Duration::from_millis(50),
+    )
+    .await;
+    let (wl, _) = text(
+        &cp.sinew(&["get", "workload", "catalog-1", "-n", "shop", "-o", "yaml"])
+            .await,
+    );
+    assert!(
+        wl.contains("version: v2") && wl.contains("service: catalog"),
+        "{wl}"
+    );
+    let (status, _) = text(&cp.sinew(&["proxy-status"]).await);
+    assert!(
+        status.contains("shop/catalog-1") && status.contains("yes"),
+        "{status}"
+    );
+    p.shutdown().await;
+    wait::until("unregistered", TIMEOUT, || async {
+        !text(&cp.sinew(&["get", "workload", "-A"]).await)
+            .0
+            .contains("catalog-1")
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_directory_is_watched_and_owns_its_documents() {
+    let scratch = Scratch::new();
+    let dir = scratch.0.join("conf");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), service("shop", "from-dir-a")).unwrap();
+    let cp = Control::start(
+        &scratch.0.join("data"),
+        free_addr(),
+        &["--config-dir", dir.to_str().unwrap()],
+    )
+    .await;
+    wait::until("dir applied", TIMEOUT, || async {
+        text(&cp.sinew(&["get", "svc", "-A"]).await)
+            .0
+            .contains("from-dir-a")
+    })
+    .await
+    .unwrap();
+    std::fs::write(dir.join("b.yml"), service("shop", "from-dir-b")).unwrap();
+    std::fs::remove_file(dir.join("a.yaml")).unwrap();
+    wait::until("dir change applied", TIMEOUT, || async {
+        let (s, _) = text(&cp.sinew(&["get", "svc", "-A"]).await);
+        s.contains("from-dir-b") && !s.contains("from-dir-a")
+    })
+    .await
+    .unwrap();
+    let (s, _) = text(&cp.sinew(&["get", "svc", "from-dir-b", "-n", "shop"]).await);
+    assert!(s.contains(" dir "), "source column says dir: {s}");
+    // A broken directory is refused whole and reported by check.
+    std::fs::write(dir.join("c.yaml"), "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: c, namespace: shop}\nspec: {ports: [{name: http, port: 0}]}\n").unwrap();
+    wait::until("check reports the directory", TIMEOUT, || async {
+        text(&cp.sinew(&["check", "--wait", "0"]).await)
+            .0
+            .contains("FAIL config directory applied")
+    })
+    .await
+    .unwrap();
+    assert!(
+        text(&cp.sinew(&["get", "svc", "-A"]).await)
+            .0
+            .contains("from-dir-b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_basics_version_completions_and_unreachable_server() {
+    let out = sinew_at("http://127.0.0.1:9", &["version"]).await;
+    assert!(text(&out).0.starts_with("sinew "));
+    let out = sinew_at("http://127.0.0.1:9", &["completions", "bash"]).await;
+    assert!(out.status.success() && text(&out).0.contains("proxy-status"));
+    let out = sinew_at("http://127.0.0.1:9", &["get", "svc"]).await;
+    assert!(!out.status.success());
+    let (_, err) = text(&out);
+    assert_eq!(
+        err.trim(),
+        "error: cannot reach the control plane at http://127.0.0.1:9 (is `sinew control` running? set --server or SINEW_SERVER)"
+    );
+    let out = sinew_at("http://127.0.0.1:9", &["check"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out).0.starts_with("FAIL control plane reachable"));
 }

@@ -359,10 +359,12 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
     };
     let ns = p.metadata.ns().to_owned();
     let mut errors = ConfigErrors::default();
+    let mesh = res.mesh.as_ref().map(|m| &m.spec);
     let cluster_domain = p
         .spec
         .cluster_domain
         .clone()
+        .or_else(|| mesh.and_then(|m| m.cluster_domain.clone()))
         .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_owned());
 
     let mut services = BTreeMap::new();
@@ -484,7 +486,11 @@ fn compile_service(
     ServiceConfig {
         name: name.to_owned(),
         namespace: ns.to_owned(),
-        load_balancer: svc.spec.load_balancer,
+        load_balancer: svc
+            .spec
+            .load_balancer
+            .or_else(|| res.mesh.as_ref().and_then(|m| m.spec.default_load_balancer))
+            .unwrap_or_default(),
         ports,
     }
 }

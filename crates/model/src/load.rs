@@ -17,7 +17,7 @@ pub struct Document {
     pub resource: Resource,
     /// Source label (usually a file path).
     pub file: String,
-    /// 1-based line where the document starts.
+    /// 1-based line where the document starts; 0 when unknown (e.g. from a store).
     pub line: usize,
 }
 
@@ -124,7 +124,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigEr
             }
             _ => api == SINEW_API_VERSION,
         };
-        let known = ["Proxy", "Service", "Workload", "HTTPRoute"];
+        let known = KINDS;
         if !known.contains(&kind.as_str()) {
             errors.push(
                 ConfigError::new(format!(
@@ -155,6 +155,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigEr
             "Proxy" => parse_typed(file, start, &doc).map(Resource::Proxy),
             "Service" => parse_typed(file, start, &doc).map(Resource::Service),
             "Workload" => parse_typed(file, start, &doc).map(Resource::Workload),
+            "MeshConfig" => parse_typed(file, start, &doc).map(Resource::MeshConfig),
             _ => parse_typed(file, start, &doc).map(Resource::HttpRoute),
         };
         match parsed {
@@ -192,6 +193,8 @@ pub struct Resources {
     pub workloads: BTreeMap<Key, Object<WorkloadSpec>>,
     /// `HTTPRoute` documents.
     pub routes: BTreeMap<Key, Object<HttpRouteSpec>>,
+    /// The `MeshConfig` document, if any.
+    pub mesh: Option<Object<MeshConfigSpec>>,
     /// Where each `(kind, namespace, name)` came from.
     pub origins: BTreeMap<(String, String, String), Origin>,
 }
@@ -225,12 +228,26 @@ impl Checker<'_> {
             ConfigError::new(reason)
                 .field(field)
                 .resource(self.label.clone())
-                .at(self.origin.file.clone(), Some(self.origin.line)),
+                .at(
+                    self.origin.file.clone(),
+                    (self.origin.line > 0).then_some(self.origin.line),
+                ),
         );
     }
 }
 
 impl Resources {
+    /// Every document, in a stable order.
+    pub fn documents(&self) -> Vec<Resource> {
+        let mut out: Vec<Resource> = Vec::new();
+        out.extend(self.mesh.iter().cloned().map(Resource::MeshConfig));
+        out.extend(self.proxies.values().cloned().map(Resource::Proxy));
+        out.extend(self.services.values().cloned().map(Resource::Service));
+        out.extend(self.workloads.values().cloned().map(Resource::Workload));
+        out.extend(self.routes.values().cloned().map(Resource::HttpRoute));
+        out
+    }
+
     /// Validates documents as one set: names, duplicates, every field, and every
     /// reference between them. Nothing is returned unless everything is valid.
     pub fn from_documents(docs: Vec<Document>) -> Result<Resources, ConfigErrors> {
@@ -291,6 +308,27 @@ impl Resources {
                 }
                 Resource::HttpRoute(o) => {
                     res.routes.insert(key(&o.metadata), o);
+                }
+                Resource::MeshConfig(o) => {
+                    if let Some(prev) = &res.mesh {
+                        let msg = format!(
+                            "only one MeshConfig is allowed; {}/{} is already defined",
+                            prev.metadata.ns(),
+                            prev.metadata.name
+                        );
+                        let k = o.metadata.clone();
+                        Checker {
+                            errors: &mut errors,
+                            origin: Origin {
+                                file: doc.file.clone(),
+                                line: doc.line,
+                            },
+                            label: format!("MeshConfig {}/{}", k.ns(), k.name),
+                        }
+                        .fail("metadata.name", msg);
+                        continue;
+                    }
+                    res.mesh = Some(o);
                 }
             }
         }
@@ -503,10 +541,7 @@ impl Resources {
                         }
                         PathMatchType::RegularExpression => {
                             if let Err(e) = regex::Regex::new(&path.value) {
-                                c.fail(
-                                    format!("{mf}.path.value"),
-                                    format!("invalid regular expression: {e}"),
-                                );
+                                c.fail(format!("{mf}.path.value"), regex_problem(&e));
                             }
                         }
                     }
@@ -521,10 +556,7 @@ impl Resources {
                     if h.kind == StringMatchType::RegularExpression
                         && let Err(e) = regex::Regex::new(&h.value)
                     {
-                        c.fail(
-                            format!("{mf}.headers[{hi}].value"),
-                            format!("invalid regular expression: {e}"),
-                        );
+                        c.fail(format!("{mf}.headers[{hi}].value"), regex_problem(&e));
                     }
                 }
                 for (qi, q) in m.query_params.iter().enumerate() {
@@ -537,10 +569,7 @@ impl Resources {
                     if q.kind == StringMatchType::RegularExpression
                         && let Err(e) = regex::Regex::new(&q.value)
                     {
-                        c.fail(
-                            format!("{mf}.queryParams[{qi}].value"),
-                            format!("invalid regular expression: {e}"),
-                        );
+                        c.fail(format!("{mf}.queryParams[{qi}].value"), regex_problem(&e));
                     }
                 }
                 if let Some(method) = &m.method
@@ -624,6 +653,14 @@ impl Resources {
             }
         }
     }
+}
+
+/// One line for a regex error (the regex crate's messages span several lines).
+fn regex_problem(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text.lines().last().unwrap_or("").trim();
+    let last = last.strip_prefix("error: ").unwrap_or(last);
+    format!("invalid regular expression: {last}")
 }
 
 fn core_group(g: Option<&str>) -> bool {

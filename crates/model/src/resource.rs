@@ -85,9 +85,9 @@ pub struct ServiceSpec {
     /// endpoints too (besides those naming the service in `spec.service`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
-    /// Balancing algorithm; default `PeakEWMA`.
-    #[serde(default)]
-    pub load_balancer: LoadBalancer,
+    /// Balancing algorithm; default the mesh's default, else `PeakEWMA`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
 }
 
 /// One port of a service.
@@ -130,6 +130,19 @@ pub struct WorkloadSpec {
 pub struct SidecarRef {
     /// The sidecar's inbound port on the workload's address.
     pub port: u16,
+}
+
+/// `kind: MeshConfig`: mesh-wide settings (at most one per mesh).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshConfigSpec {
+    /// DNS suffix accepted in logical names; default `cluster.local`. A `Proxy`'s own
+    /// `clusterDomain` takes precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
+    /// Default balancing algorithm for services that do not choose one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_load_balancer: Option<LoadBalancer>,
 }
 
 /// `kind: Proxy`: how one `sinew-proxy` listens (standalone mode).
@@ -477,6 +490,28 @@ pub enum Resource {
     Workload(Object<WorkloadSpec>),
     /// `kind: HTTPRoute`.
     HttpRoute(Object<HttpRouteSpec>),
+    /// `kind: MeshConfig`.
+    MeshConfig(Object<MeshConfigSpec>),
+}
+
+/// The kinds, as written in documents.
+pub const KINDS: [&str; 5] = ["Proxy", "Service", "Workload", "HTTPRoute", "MeshConfig"];
+
+/// Identifies a document: kind, namespace, name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    /// Kind, e.g. `Service`.
+    pub kind: String,
+    /// Namespace (defaulted).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
 }
 
 impl Resource {
@@ -487,6 +522,62 @@ impl Resource {
             Resource::Service(_) => "Service",
             Resource::Workload(_) => "Workload",
             Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::MeshConfig(_) => "MeshConfig",
+        }
+    }
+
+    /// The document's key.
+    pub fn key(&self) -> ResourceKey {
+        let m = self.metadata();
+        ResourceKey {
+            kind: self.kind().to_owned(),
+            namespace: m.ns().to_owned(),
+            name: m.name.clone(),
+        }
+    }
+
+    /// The document as JSON, in the same shape as its YAML; namespace made explicit.
+    pub fn to_json(&self) -> String {
+        let mut r = self.clone();
+        r.metadata_mut().namespace = Some(self.metadata().ns().to_owned());
+        let out = match &r {
+            Resource::Proxy(o) => serde_json::to_string(o),
+            Resource::Service(o) => serde_json::to_string(o),
+            Resource::Workload(o) => serde_json::to_string(o),
+            Resource::HttpRoute(o) => serde_json::to_string(o),
+            Resource::MeshConfig(o) => serde_json::to_string(o),
+        };
+        // Serialising plain data to JSON cannot fail; an empty object is never used.
+        out.unwrap_or_default()
+    }
+
+    /// Parses a document of a known kind from its JSON form.
+    pub fn from_json(kind: &str, json: &str) -> Result<Resource, crate::ConfigError> {
+        fn parse<S: serde::de::DeserializeOwned>(
+            json: &str,
+        ) -> Result<Object<S>, crate::ConfigError> {
+            let mut de = serde_json::Deserializer::from_str(json);
+            serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                crate::ConfigError::new(e.inner().to_string()).field(e.path().to_string())
+            })
+        }
+        match kind {
+            "Proxy" => parse(json).map(Resource::Proxy),
+            "Service" => parse(json).map(Resource::Service),
+            "Workload" => parse(json).map(Resource::Workload),
+            "HTTPRoute" => parse(json).map(Resource::HttpRoute),
+            "MeshConfig" => parse(json).map(Resource::MeshConfig),
+            other => Err(crate::ConfigError::new(format!("unknown kind {other:?}")).field("kind")),
+        }
+    }
+
+    fn metadata_mut(&mut self) -> &mut Metadata {
+        match self {
+            Resource::Proxy(o) => &mut o.metadata,
+            Resource::Service(o) => &mut o.metadata,
+            Resource::Workload(o) => &mut o.metadata,
+            Resource::HttpRoute(o) => &mut o.metadata,
+            Resource::MeshConfig(o) => &mut o.metadata,
         }
     }
 
@@ -497,6 +588,7 @@ impl Resource {
             Resource::Service(o) => &o.metadata,
             Resource::Workload(o) => &o.metadata,
             Resource::HttpRoute(o) => &o.metadata,
+            Resource::MeshConfig(o) => &o.metadata,
         }
     }
 

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod control;
 pub mod error;
 pub mod http_util;
 pub mod inbound;
@@ -33,14 +34,27 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::reload::ConfigWatcher;
+use crate::reload::{Applier, ConfigWatcher};
+
+/// The configuration source's task, built on the admin thread's runtime.
+type SourceTask =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>;
 use crate::state::{DrainState, Settings, Shared};
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file of YAML documents, reloaded when it changes (standalone mode).
+    File(PathBuf),
+    /// The control plane.
+    ControlPlane(Box<control::ControlSettings>),
+}
 
 /// How to run a proxy.
 #[derive(Debug, Clone)]
 pub struct ProxyOptions {
-    /// The configuration file (YAML documents).
-    pub config: PathBuf,
+    /// Where the configuration comes from.
+    pub source: ConfigSource,
     /// Which `Proxy` document to use (`name` or `namespace/name`); needed only when
     /// the file holds several.
     pub name: Option<String>,
@@ -57,10 +71,19 @@ pub struct ProxyOptions {
 }
 
 impl ProxyOptions {
-    /// Defaults for `config`.
+    /// Defaults for standalone mode from the file `config`.
     pub fn new(config: impl Into<PathBuf>) -> ProxyOptions {
+        Self::with_source(ConfigSource::File(config.into()))
+    }
+
+    /// Defaults for a proxy driven by the control plane.
+    pub fn control_plane(settings: control::ControlSettings) -> ProxyOptions {
+        Self::with_source(ConfigSource::ControlPlane(Box::new(settings)))
+    }
+
+    fn with_source(source: ConfigSource) -> ProxyOptions {
         ProxyOptions {
-            config: config.into(),
+            source,
             name: None,
             admin: SocketAddr::from(([127, 0, 0, 1], 4191)),
             reload_interval: Duration::from_secs(1),
@@ -133,16 +156,32 @@ impl Proxy {
             addr: opts.admin,
             source,
         })?;
-        let mut watcher =
-            ConfigWatcher::new(opts.config.clone(), opts.name.clone(), shared.clone(), rt);
-        if let Err(e) = watcher.load(true) {
-            tracing::error!("starting without configuration; fix the file and it is applied:\n{e}");
-        }
+        let applier = Applier::new(shared.clone(), rt);
         let (reload_tx, reload_rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (source_label, task): (String, SourceTask) = match &opts.source {
+            ConfigSource::File(path) => {
+                let mut watcher = ConfigWatcher::new(path.clone(), opts.name.clone(), applier);
+                if let Err(e) = watcher.load(true) {
+                    tracing::error!(
+                        "starting without configuration; fix the file and it is applied:\n{e}"
+                    );
+                }
+                let interval = opts.reload_interval;
+                (
+                    path.display().to_string(),
+                    Box::new(move || Box::pin(watcher.run(reload_rx, interval))),
+                )
+            }
+            ConfigSource::ControlPlane(settings) => {
+                let settings = (**settings).clone();
+                (
+                    format!("control plane {}", settings.url),
+                    Box::new(move || Box::pin(control::run(settings, applier))),
+                )
+            }
+        };
         let admin_shared = shared.clone();
-        let source = opts.config.display().to_string();
-        let interval = opts.reload_interval;
         std::thread::Builder::new()
             .name("sinew-admin".into())
             .spawn(move || {
@@ -165,8 +204,8 @@ impl Proxy {
                         }
                     };
                     tokio::select! {
-                        _ = admin::serve(listener, admin_shared, source) => {}
-                        _ = watcher.run(reload_rx, interval) => {}
+                        _ = admin::serve(listener, admin_shared, source_label) => {}
+                        _ = task() => {}
                         _ = stop_rx => {}
                     }
                 });

@@ -75,48 +75,76 @@ pub struct Listeners {
     active: HashMap<SocketAddr, ((Role, bool), oneshot::Sender<()>)>,
 }
 
+/// Listeners bound for a configuration that is not applied yet.
+#[derive(Debug)]
+pub struct Prepared {
+    want: HashMap<SocketAddr, (Role, bool)>,
+    bound: Vec<(SocketAddr, (Role, bool), std::net::TcpListener)>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 impl Listeners {
-    /// Starts and stops listeners to match `cfg`. Returns the bindings that failed.
-    pub fn reconcile(
-        &mut self,
-        cfg: &ProxyConfig,
-        shared: &Arc<Shared>,
-        rt: &Handle,
-    ) -> Vec<String> {
+    /// Binds every new listener `cfg` needs, before anything is applied; a
+    /// configuration whose listeners cannot all be bound is refused whole.
+    pub fn prepare(&self, cfg: &ProxyConfig) -> Result<Prepared, Vec<String>> {
         let want = desired(cfg);
+        let mut bound = Vec::new();
+        let mut failures = Vec::new();
+        for (addr, role) in &want {
+            match self.active.get(addr) {
+                Some((r, _)) if r == role => continue,
+                // Same address, new role: the old listener must close first (commit).
+                Some(_) => continue,
+                None => match bind(*addr) {
+                    Ok(l) => bound.push((*addr, *role, l)),
+                    Err(e) => {
+                        failures.push(format!("cannot listen on {addr} ({}): {e}", role.0.label()))
+                    }
+                },
+            }
+        }
+        if failures.is_empty() {
+            Ok(Prepared { want, bound })
+        } else {
+            Err(failures)
+        }
+    }
+
+    /// Starts the prepared listeners and stops those no longer wanted (their open
+    /// connections finish on their own). Returns listeners that failed to rebind
+    /// after a role change.
+    pub fn commit(&mut self, prepared: Prepared, shared: &Arc<Shared>, rt: &Handle) -> Vec<String> {
+        let Prepared { want, mut bound } = prepared;
         self.active
             .retain(|addr, (role, _)| want.get(addr) == Some(role));
-        shared
-            .bound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|addr, _| want.contains_key(addr));
         let mut failures = Vec::new();
-        for (addr, role) in want {
-            if self.active.contains_key(&addr) {
+        for (addr, role) in &want {
+            if self.active.contains_key(addr) || bound.iter().any(|(a, _, _)| a == addr) {
                 continue;
             }
-            let std = match std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(l)
-            }) {
-                Ok(l) => l,
+            match bind(*addr) {
+                Ok(l) => bound.push((*addr, *role, l)),
                 Err(e) => {
-                    failures.push(format!("{} listener {addr}: {e}", role.0.label()));
-                    continue;
+                    failures.push(format!("cannot listen on {addr} ({}): {e}", role.0.label()))
                 }
-            };
+            }
+        }
+        let mut map = shared.bound.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|addr, _| want.contains_key(addr));
+        for (addr, role, std) in bound {
             if let Ok(local) = std.local_addr() {
-                shared
-                    .bound
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(addr, local);
+                map.insert(addr, local);
             }
             let (stop_tx, stop_rx) = oneshot::channel();
             rt.spawn(accept_loop(std, addr, role, shared.clone(), stop_rx));
             self.active.insert(addr, (role, stop_tx));
         }
+        drop(map);
         shared
             .listeners_ok
             .store(failures.is_empty(), Ordering::Relaxed);

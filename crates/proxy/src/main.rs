@@ -7,19 +7,58 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use sinew_api::v1::Registration;
+use sinew_proxy::control::ControlSettings;
 use sinew_proxy::{Proxy, ProxyOptions};
+
+/// Parses `key=value`.
+fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String>
+where
+    T::Err: std::fmt::Display,
+{
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected key=value"))?;
+    let v = v.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((k.to_owned(), v))
+}
 
 /// Sinew's data-plane proxy.
 #[derive(Debug, Parser)]
 #[command(name = "sinew-proxy", version, about)]
 struct Args {
-    /// Configuration file of Kubernetes-shaped documents (Proxy, Service, Workload,
-    /// HTTPRoute); reloaded when it changes.
-    #[arg(long, short = 'c', env = "SINEW_PROXY_CONFIG")]
-    config: PathBuf,
-    /// Which Proxy document to use (`name` or `namespace/name`), when the file has several.
+    /// Standalone mode: a file of Kubernetes-shaped documents (Proxy, Service,
+    /// Workload, HTTPRoute), reloaded when it changes.
+    #[arg(
+        long,
+        short = 'c',
+        env = "SINEW_PROXY_CONFIG",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    config: Option<PathBuf>,
+    /// Control-plane mode: the control plane's address, e.g. http://127.0.0.1:15010.
+    #[arg(long, env = "SINEW_CONTROL_PLANE", requires = "name")]
+    control_plane: Option<String>,
+    /// This proxy's name (`namespace/name`); with a file, which Proxy document to use
+    /// when it holds several.
     #[arg(long, env = "SINEW_PROXY_NAME")]
     name: Option<String>,
+    /// Control-plane mode: register this proxy's workload as an instance of SERVICE.
+    #[arg(long, requires = "control_plane")]
+    service: Option<String>,
+    /// The workload's address.
+    #[arg(long, default_value = "127.0.0.1", requires = "service")]
+    address: String,
+    /// A workload port, `name=number` (repeatable), e.g. `http=8080`.
+    #[arg(long = "port", value_parser = parse_pair::<u16>, requires = "service")]
+    ports: Vec<(String, u16)>,
+    /// A workload label, `key=value` (repeatable), e.g. `version=v2`.
+    #[arg(long = "label", value_parser = parse_pair::<String>, requires = "service")]
+    labels: Vec<(String, String)>,
+    /// The sidecar's inbound listener; mesh traffic to the workload arrives here.
+    #[arg(long, requires = "service")]
+    inbound: Option<SocketAddr>,
     /// Admin listener (/live, /ready, /metrics, /config).
     #[arg(long, default_value = "127.0.0.1:4191", env = "SINEW_PROXY_ADMIN")]
     admin: SocketAddr,
@@ -51,9 +90,12 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     if args.check {
-        let label = args.config.display().to_string();
-        let text = std::fs::read_to_string(&args.config)
-            .with_context(|| format!("{label}: cannot read"))?;
+        let Some(config) = &args.config else {
+            anyhow::bail!("--check needs --config FILE");
+        };
+        let label = config.display().to_string();
+        let text =
+            std::fs::read_to_string(config).with_context(|| format!("{label}: cannot read"))?;
         match sinew_model::compile::compile_text(&label, &text, args.name.as_deref()) {
             Ok(cfg) => {
                 println!(
@@ -79,7 +121,31 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = rt.build().context("cannot start the runtime")?;
     rt.block_on(async move {
-        let mut opts = ProxyOptions::new(args.config);
+        let mut opts = match (args.config, args.control_plane) {
+            (Some(path), _) => ProxyOptions::new(path),
+            (None, Some(url)) => {
+                let name = args.name.clone().unwrap_or_default();
+                let proxy = if name.contains('/') {
+                    name
+                } else {
+                    format!("default/{name}")
+                };
+                let mut settings = ControlSettings::new(url, proxy);
+                settings.registration = args.service.map(|service| Registration {
+                    service,
+                    address: args.address.clone(),
+                    ports: args
+                        .ports
+                        .iter()
+                        .map(|(k, v)| (k.clone(), u32::from(*v)))
+                        .collect(),
+                    labels: args.labels.iter().cloned().collect(),
+                    sidecar_port: args.inbound.map_or(0, |a| u32::from(a.port())),
+                });
+                ProxyOptions::control_plane(settings)
+            }
+            (None, None) => anyhow::bail!("give --config FILE or --control-plane URL"),
+        };
         opts.name = args.name;
         opts.admin = args.admin;
         opts.drain_timeout = Duration::from_secs(args.drain_timeout);

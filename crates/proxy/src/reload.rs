@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sinew_model::ProxyConfig;
 use sinew_model::compile::compile_text;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -23,33 +24,91 @@ fn fnv64(data: &[u8]) -> u64 {
     })
 }
 
-/// Watches one configuration file. The single writer of snapshots and listeners.
+/// Applies compiled configurations: binds what is new, swaps the snapshot, then
+/// starts and stops listeners. The single writer of snapshots and listeners, shared
+/// by both configuration sources (a file, or the control plane).
 #[derive(Debug)]
-pub struct ConfigWatcher {
-    path: PathBuf,
-    name: Option<String>,
+pub struct Applier {
     shared: Arc<Shared>,
     rt: Handle,
     builder: SnapshotBuilder,
     listeners: Listeners,
+}
+
+impl Applier {
+    /// An applier for the data plane on `rt`.
+    pub fn new(shared: Arc<Shared>, rt: Handle) -> Applier {
+        Applier {
+            shared,
+            rt,
+            builder: SnapshotBuilder::default(),
+            listeners: Listeners::default(),
+        }
+    }
+
+    /// Shared state.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Applies `config` as `version`, or refuses it whole (listeners that cannot be
+    /// bound) and keeps what runs.
+    pub fn apply(&mut self, config: ProxyConfig, version: String) -> Result<u64, String> {
+        let prepared = self.listeners.prepare(&config).map_err(|f| f.join("; "))?;
+        let snap = Arc::new(self.builder.build(
+            config,
+            version.clone(),
+            self.shared.settings.connect_timeout,
+        ));
+        let generation = snap.generation;
+        // Swap first, then start new listeners: a new listener must find its binding
+        // in the snapshot it reads.
+        self.shared.snapshot.store(Some(snap.clone()));
+        let failures = self.listeners.commit(prepared, &self.shared, &self.rt);
+        for f in &failures {
+            tracing::error!("{f}");
+        }
+        self.set_error((!failures.is_empty()).then(|| failures.join("; ")));
+        self.shared.metrics.reload(true, generation);
+        tracing::info!(%version, generation, "configuration applied");
+        Ok(generation)
+    }
+
+    /// Records a refusal: logged, counted, shown by `/ready` and `/config`.
+    pub fn refuse(&self, msg: &str) {
+        for line in msg.lines() {
+            tracing::error!("configuration refused: {line}");
+        }
+        self.shared.metrics.reload(false, 0);
+        self.set_error(Some(msg.to_owned()));
+    }
+
+    /// Sets or clears the last error.
+    pub fn set_error(&self, e: Option<String>) {
+        *self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = e;
+    }
+}
+
+/// Watches one configuration file.
+#[derive(Debug)]
+pub struct ConfigWatcher {
+    path: PathBuf,
+    name: Option<String>,
+    applier: Applier,
     last_hash: Option<u64>,
 }
 
 impl ConfigWatcher {
     /// A watcher for `path`, selecting the `Proxy` document `name` if given.
-    pub fn new(
-        path: PathBuf,
-        name: Option<String>,
-        shared: Arc<Shared>,
-        rt: Handle,
-    ) -> ConfigWatcher {
+    pub fn new(path: PathBuf, name: Option<String>, applier: Applier) -> ConfigWatcher {
         ConfigWatcher {
             path,
             name,
-            shared,
-            rt,
-            builder: SnapshotBuilder::default(),
-            listeners: Listeners::default(),
+            applier,
             last_hash: None,
         }
     }
@@ -62,85 +121,34 @@ impl ConfigWatcher {
             Ok(t) => t,
             Err(e) => {
                 let msg = format!("{label}: cannot read: {e}");
-                return Err(self.refuse(msg, None));
+                self.applier.refuse(&msg);
+                return Err(msg);
             }
         };
         let hash = fnv64(text.as_bytes());
         if !force && self.last_hash == Some(hash) {
-            if !self
-                .shared
-                .listeners_ok
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                self.rebind();
-            }
             return Ok(false);
         }
         match compile_text(&label, &text, self.name.as_deref()) {
-            Err(errors) => Err(self.refuse(errors.to_string(), Some(hash))),
-            Ok(config) => {
+            Err(errors) => {
+                // Remember refused content so it is reported once, not every tick.
                 self.last_hash = Some(hash);
-                let snap = self.builder.build(
-                    config,
-                    format!("{hash:016x}"),
-                    self.shared.settings.connect_timeout,
-                );
-                let generation = snap.generation;
-                let version = snap.version.clone();
-                let snap = Arc::new(snap);
-                // Swap first, then start new listeners: a new listener must find its
-                // binding in the snapshot it reads.
-                self.shared.snapshot.store(Some(snap.clone()));
-                let failures = self
-                    .listeners
-                    .reconcile(&snap.config, &self.shared, &self.rt);
-                self.set_error(if failures.is_empty() {
-                    None
-                } else {
-                    Some(failures.join("; "))
-                });
-                for f in &failures {
-                    tracing::error!("cannot listen: {f}");
-                }
-                self.shared.metrics.reload(true, generation);
-                tracing::info!(%version, generation, file = %label, "configuration applied");
-                Ok(true)
+                let msg = errors.to_string();
+                self.applier.refuse(&msg);
+                Err(msg)
             }
+            Ok(config) => match self.applier.apply(config, format!("{hash:016x}")) {
+                Ok(_) => {
+                    self.last_hash = Some(hash);
+                    Ok(true)
+                }
+                Err(msg) => {
+                    // Not remembered: a busy port may free up, so try again next tick.
+                    self.applier.refuse(&msg);
+                    Err(msg)
+                }
+            },
         }
-    }
-
-    fn rebind(&mut self) {
-        if let Some(snap) = self.shared.snapshot.load_full() {
-            let failures = self
-                .listeners
-                .reconcile(&snap.config, &self.shared, &self.rt);
-            self.set_error(if failures.is_empty() {
-                None
-            } else {
-                Some(failures.join("; "))
-            });
-        }
-    }
-
-    fn refuse(&mut self, msg: String, hash: Option<u64>) -> String {
-        // Remember the refused content so it is reported once, not every tick.
-        if hash.is_some() {
-            self.last_hash = hash;
-        }
-        for line in msg.lines() {
-            tracing::error!("configuration refused: {line}");
-        }
-        self.shared.metrics.reload(false, 0);
-        self.set_error(Some(msg.clone()));
-        msg
-    }
-
-    fn set_error(&self, e: Option<String>) {
-        *self
-            .shared
-            .last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = e;
     }
 
     /// Polls every `interval` and on every message on `reload`, until `reload` closes.

@@ -39,11 +39,7 @@ impl Drop for ConfigFile {
     }
 }
 
-/// A loopback address with a port that was free a moment ago.
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+pub use sinew_testkit::free_addr;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,210 @@
+//! The operator API (`sinew apply/get/delete/proxy-status/check`).
+
+use std::sync::Arc;
+
+use sinew_api::v1::admin_server::Admin;
+use sinew_api::v1::{self as api};
+use sinew_model::resource::ResourceKey;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{Request, Response, Status};
+
+use crate::index::{Command, MeshState};
+use crate::store::Store;
+
+/// The `Admin` gRPC service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    index: mpsc::Sender<Command>,
+    state: watch::Receiver<Arc<MeshState>>,
+    store: Store,
+}
+
+impl AdminService {
+    /// A service over the index and store.
+    pub fn new(
+        index: mpsc::Sender<Command>,
+        state: watch::Receiver<Arc<MeshState>>,
+        store: Store,
+    ) -> Self {
+        AdminService {
+            index,
+            state,
+            store,
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.index
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("control plane is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::internal("the index did not answer"))
+    }
+}
+
+fn key_msg(k: &ResourceKey) -> api::ResourceKey {
+    api::ResourceKey {
+        kind: k.kind.clone(),
+        namespace: k.namespace.clone(),
+        name: k.name.clone(),
+    }
+}
+
+/// Accepts the usual spellings of a kind (`svc`, `services`, `httproute`...).
+pub fn canonical_kind(k: &str) -> Option<&'static str> {
+    Some(match k.to_ascii_lowercase().as_str() {
+        "" => "",
+        "service" | "services" | "svc" => "Service",
+        "workload" | "workloads" | "wl" => "Workload",
+        "httproute" | "httproutes" | "route" | "routes" => "HTTPRoute",
+        "proxy" | "proxies" => "Proxy",
+        "meshconfig" | "meshconfigs" => "MeshConfig",
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn apply(
+        &self,
+        req: Request<api::ApplyRequest>,
+    ) -> Result<Response<api::ApplyResponse>, Status> {
+        let req = req.into_inner();
+        let sources = req.sources.into_iter().map(|s| (s.label, s.text)).collect();
+        let out = self
+            .ask(|reply| Command::Apply {
+                sources,
+                dry_run: req.dry_run,
+                reply,
+            })
+            .await?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(api::ApplyResponse {
+            revision: out.revision,
+            results: out
+                .results
+                .iter()
+                .map(|(k, a)| api::ApplyResult {
+                    key: Some(key_msg(k)),
+                    action: (*a).to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<api::GetRequest>,
+    ) -> Result<Response<api::GetResponse>, Status> {
+        let req = req.into_inner();
+        let kind = canonical_kind(&req.kind)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}", req.kind)))?;
+        let state = self.ask(|reply| Command::Current { reply }).await?;
+        let resources = state
+            .docs
+            .iter()
+            .filter(|(k, _)| {
+                (kind.is_empty() || k.kind == kind)
+                    && (req.namespace.is_empty() || k.namespace == req.namespace)
+                    && (req.name.is_empty() || k.name == req.name)
+            })
+            .map(|(k, e)| api::StoredResource {
+                resource: Some(api::Resource {
+                    key: Some(key_msg(k)),
+                    json: e.json.clone(),
+                }),
+                source: e.source.clone(),
+                revision: e.revision,
+            })
+            .collect();
+        Ok(Response::new(api::GetResponse { resources }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<api::DeleteRequest>,
+    ) -> Result<Response<api::DeleteResponse>, Status> {
+        let mut keys = Vec::new();
+        for k in req.into_inner().keys {
+            let kind = canonical_kind(&k.kind)
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}", k.kind)))?;
+            keys.push(ResourceKey {
+                kind: kind.to_owned(),
+                namespace: if k.namespace.is_empty() {
+                    "default".into()
+                } else {
+                    k.namespace
+                },
+                name: k.name,
+            });
+        }
+        let (revision, deleted) = self
+            .ask(|reply| Command::Delete { keys, reply })
+            .await?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(api::DeleteResponse {
+            revision,
+            deleted: deleted.iter().map(key_msg).collect(),
+        }))
+    }
+
+    async fn proxy_status(
+        &self,
+        _: Request<api::ProxyStatusRequest>,
+    ) -> Result<Response<api::ProxyStatusResponse>, Status> {
+        let records = self.ask(|reply| Command::Status { reply }).await?;
+        let revision = self.state.borrow().revision;
+        let proxies = records
+            .into_iter()
+            .map(|(name, r)| {
+                let (namespace, name) = name
+                    .split_once('/')
+                    .map_or(("default".to_owned(), name.clone()), |(a, b)| {
+                        (a.to_owned(), b.to_owned())
+                    });
+                api::ProxyStatus {
+                    namespace,
+                    name,
+                    workload: r.workload,
+                    connected: r.stream.is_some(),
+                    applied_version: r.applied,
+                    latest_version: r.latest,
+                    last_nack: r.last_nack,
+                    ack_latency_ms: r.ack_latency.map_or(0, |d| d.as_millis() as u64),
+                    peer: r.peer,
+                }
+            })
+            .collect();
+        Ok(Response::new(api::ProxyStatusResponse {
+            revision,
+            proxies,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _: Request<api::HealthRequest>,
+    ) -> Result<Response<api::HealthResponse>, Status> {
+        let store = self.store.clone();
+        let check = tokio::task::spawn_blocking(move || store.check())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let dir_error = self.ask(|reply| Command::DirError { reply }).await?;
+        let records = self.ask(|reply| Command::Status { reply }).await?;
+        let (store_ok, store_error) = match check {
+            Ok(_) => (true, String::new()),
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(api::HealthResponse {
+            revision: self.state.borrow().revision,
+            store_ok,
+            store_error,
+            proxies: records.values().filter(|r| r.stream.is_some()).count() as u32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config_dir_error: dir_error.unwrap_or_default(),
+        }))
+    }
+}

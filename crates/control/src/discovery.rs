@@ -1,0 +1,290 @@
+//! The discovery stream: one per proxy.
+//!
+//! After the proxy's `Hello`, the stream task registers its workload, then watches
+//! the mesh state: whenever the proxy's view changes it sends a push (the full view
+//! first, deltas after), and relays ACKs and NACKs to the index. Each stream computes
+//! its own view, so proxies are served in parallel.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::Stream;
+use sinew_api::v1::discovery_server::Discovery;
+use sinew_api::v1::{
+    self as api, ControlMessage, ProxyMessage, Push, control_message, proxy_message,
+};
+use sinew_model::resource::{
+    Metadata, Object, ResourceKey, SINEW_API_VERSION, SidecarRef, WorkloadSpec,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::index::{Command, MeshState};
+use crate::view::{self, View};
+
+/// The `Discovery` gRPC service.
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    index: mpsc::Sender<Command>,
+    state: watch::Receiver<Arc<MeshState>>,
+    streams: Arc<AtomicU64>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl DiscoveryService {
+    /// A service over the index. Streams end when `stopping` turns true, so the
+    /// server's graceful shutdown can finish.
+    pub fn new(
+        index: mpsc::Sender<Command>,
+        state: watch::Receiver<Arc<MeshState>>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        DiscoveryService {
+            index,
+            state,
+            streams: Arc::new(AtomicU64::new(0)),
+            stopping,
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+/// Turns a registration into the Workload it stands for (named after the proxy).
+fn workload(ns: &str, name: &str, r: &api::Registration) -> Result<Object<WorkloadSpec>, Status> {
+    if r.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "registration.address {:?} is not an IP address",
+            r.address
+        )));
+    }
+    let mut ports = BTreeMap::new();
+    for (k, v) in &r.ports {
+        let port = u16::try_from(*v).ok().filter(|p| *p != 0).ok_or_else(|| {
+            Status::invalid_argument(format!("registration.ports.{k}: {v} is not a port"))
+        })?;
+        ports.insert(k.clone(), port);
+    }
+    let sidecar = match r.sidecar_port {
+        0 => None,
+        p => Some(SidecarRef {
+            port: u16::try_from(p)
+                .map_err(|_| Status::invalid_argument("registration.sidecar_port is not a port"))?,
+        }),
+    };
+    Ok(Object {
+        api_version: SINEW_API_VERSION.to_owned(),
+        kind: "Workload".to_owned(),
+        metadata: Metadata {
+            name: name.to_owned(),
+            namespace: Some(ns.to_owned()),
+            labels: r.labels.clone().into_iter().collect(),
+            ..Metadata::default()
+        },
+        spec: WorkloadSpec {
+            service: (!r.service.is_empty()).then(|| r.service.clone()),
+            address: r.address.clone(),
+            ports,
+            sidecar,
+        },
+    })
+}
+
+fn key_msg(k: &ResourceKey) -> api::ResourceKey {
+    api::ResourceKey {
+        kind: k.kind.clone(),
+        namespace: k.namespace.clone(),
+        name: k.name.clone(),
+    }
+}
+
+/// The push that takes a proxy from `sent` to `view`.
+fn push(sent: Option<&View>, view: &View, nonce: u64) -> Push {
+    let full = sent.is_none();
+    let mut resources = Vec::new();
+    let mut removed = Vec::new();
+    for (k, (json, hash)) in &view.resources {
+        let changed = sent.is_none_or(|s| s.resources.get(k).is_none_or(|(_, h)| h != hash));
+        if changed {
+            resources.push(api::Resource {
+                key: Some(key_msg(k)),
+                json: json.to_string(),
+            });
+        }
+    }
+    if let Some(s) = sent {
+        for k in s.resources.keys() {
+            if !view.resources.contains_key(k) {
+                removed.push(key_msg(k));
+            }
+        }
+    }
+    Push {
+        version: view.version.clone(),
+        nonce: nonce.to_string(),
+        full,
+        resources,
+        removed,
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+type PushStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = PushStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<PushStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(ProxyMessage {
+                kind: Some(proxy_message::Kind::Hello(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
+        };
+        let ns = if hello.namespace.is_empty() {
+            "default"
+        } else {
+            hello.namespace.as_str()
+        };
+        if !valid_name(ns) || !valid_name(&hello.name) {
+            return Err(Status::invalid_argument(format!(
+                "invalid proxy name {ns:?}/{:?}",
+                hello.name
+            )));
+        }
+        let proxy = format!("{ns}/{}", hello.name);
+        let workload = hello
+            .registration
+            .as_ref()
+            .map(|r| workload(ns, &hello.name, r).map(Box::new))
+            .transpose()?;
+        let stream = self.streams.fetch_add(1, Ordering::Relaxed);
+        let index = self.index.clone();
+        index
+            .send(Command::Connect {
+                proxy: proxy.clone(),
+                stream,
+                peer,
+                workload,
+            })
+            .await
+            .map_err(|_| Status::unavailable("control plane is shutting down"))?;
+        tracing::info!(%proxy, stream, "proxy connected");
+        let (tx, rx) = mpsc::channel(4);
+        let mut state = self.state.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            let mut sent: Option<View> = None;
+            let mut nonce = 0u64;
+            loop {
+                let current = state.borrow_and_update().clone();
+                let view = view::compute(&current, &proxy);
+                if sent.as_ref().is_none_or(|s| s.version != view.version) {
+                    nonce += 1;
+                    let msg = ControlMessage {
+                        kind: Some(control_message::Kind::Push(push(
+                            sent.as_ref(),
+                            &view,
+                            nonce,
+                        ))),
+                    };
+                    let _ = index
+                        .send(Command::Computed {
+                            proxy: proxy.clone(),
+                            version: view.version.clone(),
+                        })
+                        .await;
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                    sent = Some(view);
+                }
+                tokio::select! {
+                    _ = stopped(&mut stopping) => break,
+                    changed = state.changed() => if changed.is_err() { break },
+                    msg = inbound.message() => match msg {
+                        Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Ack(ack)) })) => {
+                            let error = (!ack.error.is_empty()).then_some(ack.error);
+                            if let Some(e) = &error {
+                                tracing::warn!(%proxy, version = %ack.version, reason = %e, "proxy refused a push");
+                            }
+                            let _ = index.send(Command::Acked { proxy: proxy.clone(), version: ack.version, error }).await;
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => break,
+                    },
+                }
+            }
+            tracing::info!(%proxy, stream, "proxy disconnected");
+            let _ = index.send(Command::Disconnect { proxy, stream }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(items: &[(&str, u64)]) -> View {
+        View {
+            resources: items
+                .iter()
+                .map(|(n, h)| {
+                    (
+                        ResourceKey {
+                            kind: "Service".into(),
+                            namespace: "shop".into(),
+                            name: (*n).into(),
+                        },
+                        (Arc::<str>::from(format!("{{\"h\":{h}}}")), *h),
+                    )
+                })
+                .collect(),
+            version: format!("v{}", items.iter().map(|(_, h)| h).sum::<u64>()),
+        }
+    }
+
+    #[test]
+    fn first_push_is_full_then_only_changes() {
+        let a = view(&[("a", 1), ("b", 2), ("c", 3)]);
+        let p = push(None, &a, 1);
+        assert!(p.full);
+        assert_eq!(p.resources.len(), 3);
+        let b = view(&[("a", 1), ("b", 20), ("d", 4)]);
+        let p = push(Some(&a), &b, 2);
+        assert!(!p.full);
+        let names: Vec<&str> = p
+            .resources
+            .iter()
+            .filter_map(|r| r.key.as_ref())
+            .map(|k| k.name.as_str())
+            .collect();
+        assert_eq!(names, vec!["b", "d"], "only what changed");
+        let removed: Vec<&str> = p.removed.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(removed, vec!["c"]);
+        assert_eq!(p.version, b.version);
+        assert_eq!(p.nonce, "2");
+    }
+}

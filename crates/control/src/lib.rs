@@ -1,0 +1,170 @@
+//! `sinew control`: Sinew's control plane.
+//!
+//! Sources (the operator API and a watched config directory) feed a single-writer
+//! [`index`] that validates every change as a whole, persists it in an embedded
+//! durable [`store`], and publishes an immutable mesh state. One gRPC
+//! [`discovery`] stream per proxy turns that state into the proxy's own [`view`]:
+//! versioned, full on connect, incremental after, debounced under churn. Proxies
+//! register their workloads over their stream; the [`admin`] API serves the CLI.
+
+pub mod admin;
+pub mod dir;
+pub mod discovery;
+pub mod index;
+pub mod store;
+pub mod view;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sinew_api::v1::admin_server::AdminServer;
+use sinew_api::v1::discovery_server::DiscoveryServer;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::index::IndexSettings;
+use crate::store::Store;
+
+/// How to run the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// gRPC listener for proxies and the CLI; default `127.0.0.1:15010`.
+    pub listen: SocketAddr,
+    /// Where the durable store lives.
+    pub data_dir: PathBuf,
+    /// A directory of documents to watch, if any.
+    pub config_dir: Option<PathBuf>,
+    /// How long a disconnected proxy's workload stays registered; default 30 s.
+    pub grace_period: Duration,
+    /// How long changes are gathered before proxies are told; default 20 ms.
+    pub debounce: Duration,
+    /// How often the config directory is checked; default 1 s.
+    pub dir_interval: Duration,
+}
+
+impl ControlOptions {
+    /// Defaults, with the store in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> ControlOptions {
+        ControlOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            data_dir: data_dir.into(),
+            config_dir: None,
+            grace_period: Duration::from_secs(30),
+            debounce: Duration::from_millis(20),
+            dir_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    /// Opens the store, loads what it holds, and starts serving.
+    pub async fn start(opts: ControlOptions) -> Result<ControlPlane, StartError> {
+        let store = Store::open(&opts.data_dir)?;
+        let (index, state) = index::spawn(
+            store.clone(),
+            IndexSettings {
+                grace_period: opts.grace_period,
+                debounce: opts.debounce,
+            },
+        )?;
+        let mut tasks = Vec::new();
+        if let Some(dir) = opts.config_dir.clone() {
+            tasks.push(tokio::spawn(dir::watch(
+                dir,
+                index.clone(),
+                opts.dir_interval,
+            )));
+        }
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: opts.listen,
+            source,
+        })?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let discovery = discovery::DiscoveryService::new(index.clone(), state.clone(), stopping);
+        let admin = admin::AdminService::new(index, state, store);
+        let server = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_service(DiscoveryServer::new(discovery))
+                .add_service(AdminServer::new(admin))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stopped.await;
+                    let _ = stopping_tx.send(true);
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "control plane server failed");
+            }
+        });
+        tracing::info!(%addr, data_dir = %opts.data_dir.display(), "control plane serving");
+        Ok(ControlPlane {
+            addr,
+            stop: Some(stop),
+            server,
+            tasks,
+        })
+    }
+
+    /// The gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and closes every stream.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,689 @@
+//! `sinew demo`: start the mesh, wait until it is ready, load it, report, clean up.
+//!
+//! Progress goes to standard error; standard output carries the `--json` line (first),
+//! the description of what runs where, the live tables, the summary and the verdict.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use http::{StatusCode, Uri};
+use sinew_api::demo::HelloRequest;
+use sinew_api::demo::demo_client::DemoClient;
+use sinew_api::v1::admin_client::AdminClient;
+use sinew_api::v1::{ApplyRequest, HealthRequest, ProxyStatusRequest, Source};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::DemoArgs;
+use crate::client::{HttpClient, get, new_client};
+use crate::load::{Failures, LoadGen};
+use crate::process::{Children, TempDir};
+use crate::report::{Row, table};
+use crate::signal::Signals;
+use crate::stats::{Counters, Stats};
+use crate::topology::{LOADGEN, NAMESPACE, Plan};
+
+/// How often a readiness condition is checked again.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest single readiness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the live table is printed.
+const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+/// The entry point's success rate a healthy run needs (percent).
+const MIN_SUCCESS_PCT: f64 = 99.0;
+
+type Admin = AdminClient<Channel>;
+
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if !(1..=10_000).contains(&args.rate) {
+        bail!("--rate must be between 1 and 10000 requests per second");
+    }
+    let (sinew, proxy) = binaries(&args)?;
+    let mut signals = Signals::install()?;
+    let tmp = TempDir::create(args.keep_temp)?;
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let mut children = Children::new(tmp.path().join("logs"))?;
+    let plan = Plan::allocate().context("cannot pick free loopback ports")?;
+    let client = new_client();
+
+    let result = async {
+        let started = tokio::select! {
+            started = start_mesh(&args, &plan, &sinew, &proxy, &data_dir, &mut children, &client) => started?,
+            signal = signals.recv() => {
+                eprintln!("demo: {signal} before the mesh was up; stopping");
+                return Ok(());
+            }
+        };
+        print_info(&args, &plan, &data_dir, children.log_dir(), started.grpc_hello)?;
+        run_load(&args, &plan, &client, &mut children, &mut signals).await
+    }
+    .await;
+
+    if result.is_err() {
+        let tails = children.log_tails(15);
+        if !tails.is_empty() {
+            eprintln!("demo: the end of each process's log:\n{tails}");
+        }
+    }
+    eprintln!("demo: stopping every process it started");
+    children.shutdown().await;
+    eprintln!("{}", tmp.finish());
+    result
+}
+
+/// The `sinew` executable (this process) and `sinew-proxy`.
+fn binaries(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let sinew = std::env::current_exe().context("cannot find the sinew executable")?;
+    let proxy = match &args.proxy_bin {
+        Some(path) => {
+            if !path.is_file() {
+                bail!(
+                    "sinew-proxy not found at {} (from --proxy-bin or SINEW_PROXY_BIN)",
+                    path.display()
+                );
+            }
+            path.clone()
+        }
+        None => {
+            let path = sinew.with_file_name(format!("sinew-proxy{}", std::env::consts::EXE_SUFFIX));
+            if !path.is_file() {
+                bail!(
+                    "sinew-proxy not found next to sinew (looked for {}); build it with `cargo build --bins`",
+                    path.display()
+                );
+            }
+            path
+        }
+    };
+    Ok((sinew, proxy))
+}
+
+/// What startup learned.
+struct Started {
+    /// The gRPC `Hello` through the entry point: the reply, or why it failed.
+    grpc_hello: Result<String, String>,
+}
+
+/// Starts every process and waits until the mesh serves the entry point.
+async fn start_mesh(
+    args: &DemoArgs,
+    plan: &Plan,
+    sinew: &Path,
+    proxy: &Path,
+    data_dir: &Path,
+    children: &mut Children,
+    client: &HttpClient,
+) -> anyhow::Result<Started> {
+    let deadline = Instant::now() + args.startup_timeout;
+    let cp_url = plan.control_plane_url();
+
+    eprintln!("demo: starting the control plane on {cp_url}");
+    children.spawn(
+        "control",
+        sinew,
+        &[
+            "control".to_owned(),
+            "--listen".to_owned(),
+            plan.control_plane.to_string(),
+            "--data-dir".to_owned(),
+            data_dir.display().to_string(),
+        ],
+    )?;
+    let channel = Endpoint::from_shared(cp_url.clone())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(PROBE_TIMEOUT)
+        .connect_lazy();
+    let admin = AdminClient::new(channel);
+    wait_until(
+        "the control plane's health (store_ok)",
+        deadline,
+        children,
+        true,
+        || health(admin.clone()),
+    )
+    .await?;
+
+    eprintln!("demo: applying Services, Proxies and the catalog HTTPRoute (90/10)");
+    let applied = admin
+        .clone()
+        .apply(ApplyRequest {
+            sources: vec![Source {
+                label: "demo.yaml".into(),
+                text: plan.documents(),
+            }],
+            dry_run: false,
+        })
+        .await
+        .map_err(|s| {
+            anyhow!(
+                "the control plane refused the demo documents ({:?}): {}",
+                s.code(),
+                s.message()
+            )
+        })?
+        .into_inner();
+    eprintln!(
+        "demo: applied {} documents (revision {})",
+        applied.results.len(),
+        applied.revision
+    );
+
+    for instance in &plan.instances {
+        children.spawn(
+            &format!("{}.app", instance.name),
+            sinew,
+            &plan.app_args(instance),
+        )?;
+        children.spawn(
+            &format!("{}.proxy", instance.name),
+            proxy,
+            &plan.proxy_args(instance),
+        )?;
+    }
+    children.spawn(
+        &format!("{LOADGEN}.proxy"),
+        proxy,
+        &plan.loadgen_proxy_args(),
+    )?;
+    eprintln!(
+        "demo: started {} demo apps and {} sidecars",
+        plan.instances.len(),
+        plan.instances.len() + 1
+    );
+
+    wait_until("the demo apps", deadline, children, true, || {
+        apps_healthy(client, plan)
+    })
+    .await?;
+    eprintln!("demo: every demo app answers /healthz");
+
+    wait_until(
+        "every sidecar to connect and apply its config",
+        deadline,
+        children,
+        true,
+        || proxies_in_sync(admin.clone(), plan),
+    )
+    .await?;
+    eprintln!("demo: every sidecar is connected and in sync");
+
+    let entry = entry_uri(plan)?;
+    wait_until(
+        "a 200 from the entry point",
+        deadline,
+        children,
+        true,
+        || async {
+            let f = get(client, &entry, PROBE_TIMEOUT).await?;
+            if f.status == StatusCode::OK {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{entry} answered {}: {}",
+                    f.status,
+                    String::from_utf8_lossy(&f.body).trim()
+                ))
+            }
+        },
+    )
+    .await?;
+    eprintln!("demo: the entry point {entry} answers 200");
+
+    let hello_deadline = Instant::now() + Duration::from_secs(5);
+    let grpc_url = format!("http://{}", plan.entry_grpc);
+    let grpc_hello = wait_until(
+        "a gRPC Hello through the entry point",
+        hello_deadline,
+        children,
+        false,
+        || grpc_hello(grpc_url.clone()),
+    )
+    .await
+    .map_err(|e| e.to_string());
+    Ok(Started { grpc_hello })
+}
+
+/// Polls `probe` until it succeeds, `deadline` passes, or a child exits. With
+/// `progress`, prints each new reason for still waiting.
+async fn wait_until<T, F, Fut>(
+    what: &str,
+    deadline: Instant,
+    children: &mut Children,
+    progress: bool,
+    mut probe: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    loop {
+        children
+            .check_running()
+            .with_context(|| format!("while waiting for {what}"))?;
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(POLL_INTERVAL, PROBE_TIMEOUT);
+        let why = match tokio::time::timeout(budget, probe()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(why)) => why,
+            Err(_) => format!("no answer within {} ms", budget.as_millis()),
+        };
+        if Instant::now() >= deadline {
+            bail!("gave up waiting for {what}: {why}");
+        }
+        if progress && why != last {
+            eprintln!("demo: waiting for {what}: {why}");
+        }
+        last = why;
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+async fn health(mut admin: Admin) -> Result<(), String> {
+    let health = admin
+        .health(HealthRequest {})
+        .await
+        .map_err(|s| status_text(&s))?
+        .into_inner();
+    if health.store_ok {
+        Ok(())
+    } else {
+        Err(format!("store not ok: {}", health.store_error))
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        text.push_str(&format!(" ({source})"));
+    }
+    text
+}
+
+async fn apps_healthy(client: &HttpClient, plan: &Plan) -> Result<(), String> {
+    let checks = plan.instances.iter().map(|i| async move {
+        let uri = format!("http://{}/healthz", i.app_http)
+            .parse::<Uri>()
+            .map_err(|e| e.to_string())?;
+        match get(client, &uri, PROBE_TIMEOUT).await {
+            Ok(f) if f.status == StatusCode::OK => Ok(()),
+            Ok(f) => Err(format!("{} ({})", i.name, f.status)),
+            Err(e) => Err(format!("{} ({e})", i.name)),
+        }
+    });
+    let waiting: Vec<String> = futures_util::future::join_all(checks)
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    if waiting.is_empty() {
+        Ok(())
+    } else {
+        Err(waiting.join(", "))
+    }
+}
+
+async fn proxies_in_sync(mut admin: Admin, plan: &Plan) -> Result<(), String> {
+    let status = admin
+        .proxy_status(ProxyStatusRequest {})
+        .await
+        .map_err(|s| status_text(&s))?
+        .into_inner();
+    let expected = plan
+        .instances
+        .iter()
+        .map(|i| (i.name, true))
+        .chain([(LOADGEN, false)]);
+    let mut total = 0;
+    let mut waiting = Vec::new();
+    for (name, registers) in expected {
+        total += 1;
+        let found = status
+            .proxies
+            .iter()
+            .find(|p| p.namespace == NAMESPACE && p.name == name);
+        let why = match found {
+            None => Some("not seen yet".to_owned()),
+            Some(p) if !p.connected => Some("not connected".to_owned()),
+            Some(p) if p.applied_version.is_empty() || p.applied_version != p.latest_version => {
+                Some(if p.last_nack.is_empty() {
+                    "applying its config".to_owned()
+                } else {
+                    format!("refused its config: {}", p.last_nack)
+                })
+            }
+            Some(p) if registers && p.workload.is_empty() => {
+                Some("workload not registered".to_owned())
+            }
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            waiting.push(format!("{name} ({why})"));
+        }
+    }
+    if waiting.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}/{total} in sync; waiting for {}",
+            total - waiting.len(),
+            waiting.join(", ")
+        ))
+    }
+}
+
+async fn grpc_hello(url: String) -> Result<String, String> {
+    let channel = Endpoint::from_shared(url.clone())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(PROBE_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let reply = DemoClient::new(channel)
+        .hello(HelloRequest {
+            caller: "sinew demo".into(),
+        })
+        .await
+        .map_err(|s| status_text(&s))?
+        .into_inner();
+    Ok(format!(
+        "{} {} ({}), {} downstream replies",
+        reply.service,
+        reply.version,
+        reply.instance,
+        reply.downstream.len()
+    ))
+}
+
+fn entry_uri(plan: &Plan) -> anyhow::Result<Uri> {
+    // The load only ever goes to loopback.
+    debug_assert!(plan.entry.ip().is_loopback());
+    Ok(format!("{}/", plan.entry_url()).parse::<Uri>()?)
+}
+
+/// Prints the `--json` line (first) and the human description of the mesh.
+fn print_info(
+    args: &DemoArgs,
+    plan: &Plan,
+    data_dir: &Path,
+    logs: &Path,
+    grpc_hello: Result<String, String>,
+) -> anyhow::Result<()> {
+    let info = plan.info(&data_dir.display().to_string());
+    if args.json {
+        println!("{}", serde_json::to_string(&info)?);
+    }
+    let mut out = String::new();
+    out.push_str("Sinew demo mesh is up (namespace demo):\n");
+    out.push_str(&format!(
+        "  control plane  {}   data dir {}\n",
+        info.control_plane, info.data_dir
+    ));
+    out.push_str(&format!(
+        "  entry point    {}   (loadgen sidecar -> frontend:http; gRPC: {})\n",
+        info.entry, info.entry_grpc
+    ));
+    out.push_str(&format!("  logs           {}\n", logs.display()));
+    out.push_str(&format!(
+        "  {:<13} {:<11} {:<8} {:<23} {:<23} {:<23} {}\n",
+        "INSTANCE", "SERVICE", "VERSION", "APP HTTP", "APP GRPC", "PROXY ADMIN", "INBOUND"
+    ));
+    let dash = || "-".to_owned();
+    for p in &info.proxies {
+        out.push_str(&format!(
+            "  {:<13} {:<11} {:<8} {:<23} {:<23} {:<23} {}\n",
+            p.name,
+            p.service.clone().unwrap_or_else(dash),
+            p.version.clone().unwrap_or_else(dash),
+            p.app_http.clone().unwrap_or_else(dash),
+            p.app_grpc.clone().unwrap_or_else(dash),
+            p.admin,
+            p.inbound.clone().unwrap_or_else(dash),
+        ));
+    }
+    out.push_str(
+        "  calls: frontend -> catalog (HTTPRoute: 90% catalog-v1, 10% catalog-v2), frontend -> reviews -> ratings\n",
+    );
+    match grpc_hello {
+        Ok(reply) => out.push_str(&format!("  gRPC Hello via the entry point: {reply}\n")),
+        Err(e) => out.push_str(&format!(
+            "  gRPC Hello via the entry point failed (HTTP load goes on): {e}\n"
+        )),
+    }
+    out.push_str(&format!(
+        "  load: {} req/s to the entry point {}\n",
+        args.rate,
+        match args.duration {
+            Some(d) => format!("for {}s", d.as_secs_f64()),
+            None => "until Ctrl-C".to_owned(),
+        }
+    ));
+    print!("{out}");
+    Ok(())
+}
+
+/// Reads one app's `/stats`.
+async fn fetch_stats(client: &HttpClient, addr: SocketAddr) -> Result<Counters, String> {
+    let uri = format!("http://{addr}/stats")
+        .parse::<Uri>()
+        .map_err(|e| e.to_string())?;
+    let f = get(client, &uri, PROBE_TIMEOUT).await?;
+    if f.status != StatusCode::OK {
+        return Err(format!("{uri}: {}", f.status));
+    }
+    let stats: Stats =
+        serde_json::from_slice(&f.body).map_err(|e| format!("{uri}: invalid stats: {e}"))?;
+    Ok(stats.counters)
+}
+
+/// Every app's `/stats`, in plan order.
+async fn fetch_all(client: &HttpClient, plan: &Plan) -> Vec<Result<Counters, String>> {
+    futures_util::future::join_all(
+        plan.instances
+            .iter()
+            .map(|i| fetch_stats(client, i.app_http)),
+    )
+    .await
+}
+
+/// One service's numbers as last read.
+struct Seen {
+    counters: Counters,
+    at: Instant,
+}
+
+/// Sends load until the duration ends or a signal comes, printing a table every 2 s;
+/// then prints the summary and the verdict.
+async fn run_load(
+    args: &DemoArgs,
+    plan: &Plan,
+    client: &HttpClient,
+    children: &mut Children,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    let mut baseline = Vec::new();
+    for (instance, result) in plan.instances.iter().zip(fetch_all(client, plan).await) {
+        let counters =
+            result.map_err(|e| anyhow!("cannot read the stats of {}: {e}", instance.name))?;
+        baseline.push(counters);
+    }
+    let load = LoadGen::start(entry_uri(plan)?, args.rate);
+    let started = Instant::now();
+    let end = args.duration.map(|d| started + d);
+    let mut previous: Vec<Seen> = baseline
+        .iter()
+        .map(|c| Seen {
+            counters: c.clone(),
+            at: started,
+        })
+        .collect();
+    let mut previous_entry = Seen {
+        counters: Counters::default(),
+        at: started,
+    };
+    let mut ticker = tokio::time::interval_at(started + REPORT_INTERVAL, REPORT_INTERVAL);
+    let mut died = None;
+    let stopped_by = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let now_stats = fetch_all(client, plan).await;
+                let now = Instant::now();
+                let entry_now = load.snapshot();
+                let mut rows = vec![Row {
+                    name: "entry",
+                    version: "-",
+                    summary: Some(entry_now.since(&previous_entry.counters).summarize(now - previous_entry.at)),
+                }];
+                previous_entry = Seen { counters: entry_now, at: now };
+                for ((instance, result), seen) in plan.instances.iter().zip(now_stats).zip(previous.iter_mut()) {
+                    let summary = match result {
+                        Ok(counters) => {
+                            let summary = counters.since(&seen.counters).summarize(now - seen.at);
+                            *seen = Seen { counters, at: now };
+                            Some(summary)
+                        }
+                        Err(_) => None,
+                    };
+                    rows.push(Row { name: instance.service, version: instance.version, summary });
+                }
+                println!("-- {:.0}s\n{}", (now - started).as_secs_f64(), table(&rows));
+                if let Err(e) = children.check_running() {
+                    died = Some(e);
+                    break "a process exited";
+                }
+            }
+            _ = sleep_until_opt(end) => break "the duration ended",
+            signal = signals.recv() => {
+                eprintln!("demo: {signal}; stopping the load");
+                break signal;
+            }
+        }
+    };
+    let load_time = started.elapsed();
+    let (entry, failures) = load.stop().await;
+
+    // Final numbers: read now, or (if an app is gone) as last seen.
+    let finals = fetch_all(client, plan).await;
+    let mut rows = Vec::new();
+    let mut problems = Vec::new();
+    if let Some(e) = died {
+        problems.push(format!("{e:#}"));
+    }
+    let entry_summary = entry.summarize(load_time);
+    rows.push(Row {
+        name: "entry",
+        version: "-",
+        summary: Some(entry_summary),
+    });
+    for (((instance, result), seen), base) in plan
+        .instances
+        .iter()
+        .zip(finals)
+        .zip(&previous)
+        .zip(&baseline)
+    {
+        let counters = result.unwrap_or_else(|_| seen.counters.clone());
+        let total = counters.since(base);
+        if total.requests == 0 {
+            problems.push(format!("{} saw no traffic", instance.service));
+        }
+        rows.push(Row {
+            name: instance.service,
+            version: instance.version,
+            summary: Some(total.summarize(load_time)),
+        });
+    }
+    match entry_summary.success_pct {
+        None => problems.push("no request went through the entry point".to_owned()),
+        Some(pct) if pct < MIN_SUCCESS_PCT => problems.push(format!(
+            "the entry point's success rate was {pct:.2}% (below {MIN_SUCCESS_PCT}%): {}",
+            describe_failures(&failures)
+        )),
+        Some(_) => {}
+    }
+    println!(
+        "== summary: {:.1}s of load at {} req/s ({stopped_by})\n{}",
+        load_time.as_secs_f64(),
+        args.rate,
+        table(&rows)
+    );
+    if entry.errors > 0 {
+        println!("entry point failures: {}", describe_failures(&failures));
+    }
+    if problems.is_empty() {
+        println!("demo: ok");
+        Ok(())
+    } else {
+        let why = problems.join("; ");
+        println!("demo: failed: {why}");
+        Err(anyhow!("the demo run was not healthy: {why}"))
+    }
+}
+
+fn describe_failures(failures: &Failures) -> String {
+    let mut kinds: Vec<(&String, &u64)> = failures.iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(a.1));
+    kinds
+        .iter()
+        .take(5)
+        .map(|(what, n)| format!("{n} × {what}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn sleep_until_opt(end: Option<Instant>) {
+    match end {
+        Some(end) => tokio::time::sleep_until(end).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn demo_args(proxy_bin: Option<PathBuf>) -> DemoArgs {
+        DemoArgs {
+            duration: None,
+            json: false,
+            rate: 50,
+            startup_timeout: Duration::from_secs(60),
+            proxy_bin,
+            keep_temp: false,
+        }
+    }
+
+    #[test]
+    fn a_missing_proxy_is_one_clear_sentence() {
+        // The test executable has no sinew-proxy next to it.
+        let err = binaries(&demo_args(None)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("sinew-proxy not found next to sinew")
+                && err.ends_with("build it with `cargo build --bins`"),
+            "{err}"
+        );
+        let err = binaries(&demo_args(Some("/nonexistent/sinew-proxy".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sinew-proxy not found at /nonexistent/sinew-proxy"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_rate_is_refused_before_anything_starts() {
+        let mut args = demo_args(None);
+        args.rate = 0;
+        let err = run(args).await.unwrap_err().to_string();
+        assert!(err.contains("--rate"), "{err}");
+    }
+}

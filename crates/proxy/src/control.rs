@@ -1,0 +1,214 @@
+//! The control-plane client: one gRPC stream to `sinew control`.
+//!
+//! The proxy says who it is (and registers its workload), then applies each push
+//! through the same path as a configuration file: documents are validated and
+//! compiled by the model, listeners are bound before the swap, and the result is
+//! ACKed, or NACKed with the reason while the last good configuration keeps serving.
+//! When the control plane is away the proxy keeps serving and reconnects with jittered
+//! exponential backoff; the first push on a new stream is the full set.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sinew_api::v1::discovery_client::DiscoveryClient;
+use sinew_api::v1::{
+    Ack, ControlMessage, Hello, ProxyMessage, Push, Registration, control_message, proxy_message,
+};
+use sinew_model::load::Document;
+use sinew_model::resource::{Resource, ResourceKey};
+use sinew_model::{Resources, compile_proxy};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::reload::Applier;
+
+/// Who the proxy is to the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// The control plane, e.g. `http://127.0.0.1:15010`.
+    pub url: String,
+    /// `namespace/name` of this proxy.
+    pub proxy: String,
+    /// The workload this proxy serves, if any.
+    pub registration: Option<Registration>,
+    /// First reconnect delay; doubles up to `max_backoff` (full jitter).
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+impl ControlSettings {
+    /// Settings with default backoff (100 ms doubling to 5 s).
+    pub fn new(url: impl Into<String>, proxy: impl Into<String>) -> ControlSettings {
+        ControlSettings {
+            url: url.into(),
+            proxy: proxy.into(),
+            registration: None,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Client {
+    settings: ControlSettings,
+    applier: Applier,
+    /// What the applied configuration was made of, by key (JSON).
+    resources: BTreeMap<ResourceKey, String>,
+    applied: String,
+}
+
+/// Runs until the process stops: connect, serve pushes, reconnect.
+pub async fn run(settings: ControlSettings, applier: Applier) {
+    let mut client = Client {
+        settings,
+        applier,
+        resources: BTreeMap::new(),
+        applied: String::new(),
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        match client.session().await {
+            Ok(true) => attempt = 0,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(url = %client.settings.url, error = %e, "control plane stream ended")
+            }
+        }
+        let cap = client
+            .settings
+            .min_backoff
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(client.settings.max_backoff);
+        // Full jitter: spreads a fleet's reconnects after a control-plane restart.
+        let delay = cap.mul_f64(fastrand::f64());
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(delay.max(Duration::from_millis(10))).await;
+    }
+}
+
+impl Client {
+    /// One stream. Returns whether a push was received (to reset the backoff).
+    async fn session(&mut self) -> Result<bool, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.settings.url.clone())
+            .map_err(|e| format!("invalid control-plane URL {:?}: {e}", self.settings.url))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let mut client = DiscoveryClient::new(channel);
+        let (tx, rx) = mpsc::channel(8);
+        let (namespace, name) = self.settings.proxy.split_once('/').map_or(
+            ("default".to_owned(), self.settings.proxy.clone()),
+            |(a, b)| (a.to_owned(), b.to_owned()),
+        );
+        let hello = ProxyMessage {
+            kind: Some(proxy_message::Kind::Hello(Hello {
+                namespace,
+                name,
+                registration: self.settings.registration.clone(),
+                applied_version: self.applied.clone(),
+                proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| "stream closed".to_owned())?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        tracing::info!(url = %self.settings.url, "connected to the control plane");
+        let mut got_push = false;
+        loop {
+            let msg = inbound
+                .message()
+                .await
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+            let Some(ControlMessage {
+                kind: Some(control_message::Kind::Push(push)),
+            }) = msg
+            else {
+                if msg.is_none() {
+                    return Ok(got_push);
+                }
+                continue;
+            };
+            got_push = true;
+            let (version, nonce) = (push.version.clone(), push.nonce.clone());
+            let error = match self.apply(push) {
+                Ok(()) => String::new(),
+                Err(e) => {
+                    self.applier.refuse(&e);
+                    e
+                }
+            };
+            let ack = ProxyMessage {
+                kind: Some(proxy_message::Kind::Ack(Ack {
+                    version,
+                    nonce,
+                    error,
+                })),
+            };
+            tx.send(ack).await.map_err(|_| "stream closed".to_owned())?;
+        }
+    }
+
+    fn apply(&mut self, push: Push) -> Result<(), String> {
+        let mut next = if push.full {
+            BTreeMap::new()
+        } else {
+            self.resources.clone()
+        };
+        for r in push.resources {
+            let Some(k) = r.key else {
+                return Err("push carries a resource without a key".into());
+            };
+            next.insert(
+                ResourceKey {
+                    kind: k.kind,
+                    namespace: k.namespace,
+                    name: k.name,
+                },
+                r.json,
+            );
+        }
+        for k in push.removed {
+            next.remove(&ResourceKey {
+                kind: k.kind,
+                namespace: k.namespace,
+                name: k.name,
+            });
+        }
+        if push.version == self.applied && next == self.resources {
+            return Ok(()); // Already running exactly this (e.g. after a reconnect).
+        }
+        let mut docs = Vec::with_capacity(next.len());
+        let mut problems = Vec::new();
+        for (k, json) in &next {
+            match Resource::from_json(&k.kind, json) {
+                Ok(resource) => docs.push(Document {
+                    resource,
+                    file: "control-plane".into(),
+                    line: 0,
+                }),
+                Err(e) => problems.push(format!("{k}: {e}")),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let res = Resources::from_documents(docs).map_err(|e| e.to_string())?;
+        let config = compile_proxy(&res, Some(&self.settings.proxy)).map_err(|e| e.to_string())?;
+        self.applier.apply(config, push.version.clone())?;
+        self.applier.set_error(None);
+        self.resources = next;
+        self.applied = push.version;
+        Ok(())
+    }
+}
