@@ -9,7 +9,7 @@ use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::{
     ApplyRequest, DeleteRequest, GetRequest, HealthRequest, ProxyStatusRequest, ResourceKey, Source,
 };
-use sinew_model::{ConfigErrors, Resources, parse_documents};
+use sinew_model::{Resources, parse_documents, parse_sources};
 use tonic::transport::Channel;
 
 async fn connect(server: &str) -> anyhow::Result<AdminClient<Channel>> {
@@ -100,17 +100,9 @@ fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
 pub async fn apply(server: &str, paths: &[PathBuf], dry_run: bool) -> anyhow::Result<i32> {
     let sources = read_sources(paths)?;
     // Parse locally first: a syntax error is reported without a round trip.
-    let mut errors = ConfigErrors::default();
-    let mut count = 0;
-    for (label, text) in &sources {
-        match parse_documents(label, text) {
-            Ok(d) => count += d.len(),
-            Err(e) => errors.0.extend(e.0),
-        }
-    }
-    if !errors.is_empty() {
-        bail!("refused; nothing was changed:\n{errors}");
-    }
+    let count = parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
+        .map_err(|errors| anyhow::anyhow!("refused; nothing was changed:\n{errors}"))?
+        .len();
     if count > 20 {
         eprintln!("applying {count} documents from {} files…", sources.len());
     }
@@ -554,18 +546,13 @@ pub async fn server_version(server: &str) -> anyhow::Result<String> {
 /// `sinew validate`: local validation, no control plane.
 pub fn validate(paths: &[PathBuf]) -> anyhow::Result<i32> {
     let sources = read_sources(paths)?;
-    let mut errors = ConfigErrors::default();
-    let mut docs = Vec::new();
-    for (label, text) in &sources {
-        match parse_documents(label, text) {
-            Ok(d) => docs.extend(d),
-            Err(e) => errors.0.extend(e.0),
+    let docs = match parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str()))) {
+        Ok(docs) => docs,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(1);
         }
-    }
-    if !errors.is_empty() {
-        eprintln!("{errors}");
-        return Ok(1);
-    }
+    };
     let n = docs.len();
     match Resources::from_documents(docs) {
         Ok(_) => {

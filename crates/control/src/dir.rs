@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sinew_model::{ConfigErrors, parse_documents};
+use sinew_model::parse_sources;
 use tokio::sync::mpsc;
 
 use crate::index::{Command, FNV_OFFSET, fnv64};
@@ -65,20 +65,15 @@ pub async fn watch(dir: PathBuf, index: mpsc::Sender<Command>, interval: Duratio
             continue;
         }
         last = Some(hash);
-        let mut docs = Vec::new();
-        let mut errors = ConfigErrors::default();
-        for (label, text) in &sources {
-            match parse_documents(label, text) {
-                Ok(d) => docs.extend(d),
-                Err(e) => errors.0.extend(e.0),
+        let docs = match parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str()))) {
+            Ok(docs) => docs,
+            Err(errors) => {
+                for line in errors.to_string().lines() {
+                    tracing::error!("config directory refused: {line}");
+                }
+                continue;
             }
-        }
-        if !errors.is_empty() {
-            for line in errors.to_string().lines() {
-                tracing::error!("config directory refused: {line}");
-            }
-            continue;
-        }
+        };
         if index.send(Command::SyncDir { docs }).await.is_err() {
             break;
         }

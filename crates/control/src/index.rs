@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sinew_model::load::Document;
 use sinew_model::resource::{Object, Resource, ResourceKey, WorkloadSpec};
-use sinew_model::{ConfigError, ConfigErrors, Resources, parse_documents};
+use sinew_model::{ConfigError, ConfigErrors, Resources, parse_sources};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::{Store, StoredDoc, StoredRegistration};
@@ -484,18 +484,10 @@ impl Index {
                 dry_run,
                 reply,
             } => {
-                let mut docs = Vec::new();
-                let mut errors = ConfigErrors::default();
-                for (label, text) in &sources {
-                    match parse_documents(label, text) {
-                        Ok(d) => docs.extend(d),
-                        Err(e) => errors.0.extend(e.0),
-                    }
-                }
-                let out = if errors.is_empty() {
-                    self.apply_docs(docs, "api", false, dry_run).await
-                } else {
-                    Err(errors)
+                let out = match parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
+                {
+                    Ok(docs) => self.apply_docs(docs, "api", false, dry_run).await,
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(out);
             }

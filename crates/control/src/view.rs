@@ -178,7 +178,9 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
     }
     let mut h = FNV_OFFSET;
     for (k, (_, hash)) in &resources {
-        h = fnv64(h, k.to_string().as_bytes());
+        for part in [&k.kind, &k.namespace, &k.name] {
+            h = fnv64(fnv64(h, part.as_bytes()), &[0]);
+        }
         h = fnv64(h, &hash.to_le_bytes());
     }
     View {

@@ -16,5 +16,5 @@ pub mod route;
 
 pub use compile::{ProxyConfig, compile_proxy};
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{Document, parse_documents};
+pub use load::{Document, parse_documents, parse_sources};
 pub use resource::Resources;

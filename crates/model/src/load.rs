@@ -170,6 +170,21 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigEr
     errors.into_result(out)
 }
 
+/// Parses several `(label, text)` sources; every problem of every source is reported.
+pub fn parse_sources<'a>(
+    sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<Vec<Document>, ConfigErrors> {
+    let mut docs = Vec::new();
+    let mut errors = ConfigErrors::default();
+    for (label, text) in sources {
+        match parse_documents(label, text) {
+            Ok(d) => docs.extend(d),
+            Err(e) => errors.0.extend(e.0),
+        }
+    }
+    errors.into_result(docs)
+}
+
 /// Where a document came from, for messages about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {

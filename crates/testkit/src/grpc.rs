@@ -2,7 +2,7 @@
 //!
 //! The service is `sinew.test.v1.Echo` from `proto/echo.proto`; the Rust code
 //! generated from it is committed in `src/gen/` (regenerate with
-//! `proto/regen.sh`), so building needs no `protoc`.
+//! `scripts/regen-protos`), so building needs no `protoc`.
 //!
 //! | RPC | Behaviour |
 //! |-----|-----------|
