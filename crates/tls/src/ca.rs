@@ -1,0 +1,329 @@
+//! The certificate authority that issues workload certificates.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use time::OffsetDateTime;
+
+use crate::{SpiffeId, TlsError};
+
+/// A signing CA: its key, its certificate and chain, and the roots to trust.
+pub struct Ca {
+    key: KeyPair,
+    /// The signing certificate.
+    cert: CertificateDer<'static>,
+    /// Certificates between the signing certificate and a root (excluding roots).
+    intermediates: Vec<CertificateDer<'static>>,
+    /// Trust anchors.
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("Ca")
+            .field("intermediates", &self.intermediates.len())
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A certificate issued for a CSR.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The leaf followed by the intermediates, PEM.
+    pub chain_pem: String,
+    /// When it expires.
+    pub not_after: SystemTime,
+}
+
+fn offset(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+fn is_self_signed(der: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.subject() == c.issuer())
+        .unwrap_or(false)
+}
+
+fn pem_of(der: &CertificateDer<'_>) -> String {
+    let b64 = base64_encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or(""));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// Parses every certificate in a PEM text.
+pub fn certs_from_pem(
+    what: &'static str,
+    pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let certs = certs.map_err(|e| TlsError::invalid(what, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::invalid(what, "no certificate in the PEM"));
+    }
+    Ok(certs)
+}
+
+impl Ca {
+    /// A new self-signed ECDSA P-256 root, valid for `validity`.
+    pub fn generate(trust_domain: &str, validity: Duration) -> Result<Ca, TlsError> {
+        let key = KeyPair::generate().map_err(|e| TlsError::invalid("CA key", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Sinew");
+        // A distinct name per root, so two roots (e.g. during a rotation) are told apart.
+        let born = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        dn.push(
+            DnType::CommonName,
+            format!("Sinew root CA {trust_domain} {born}"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = offset(now - Duration::from_secs(60));
+        params.not_after = offset(now + validity);
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| TlsError::invalid("CA certificate", e))?;
+        let der = cert.der().clone();
+        Ok(Ca {
+            key,
+            cert: der.clone(),
+            intermediates: Vec::new(),
+            roots: vec![der],
+        })
+    }
+
+    /// A CA from an operator's PEM files: `cert_pem` holds the signing certificate
+    /// (a root, or an intermediate followed by its chain up to and including the
+    /// root); `key_pem` its private key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, TlsError> {
+        let certs = certs_from_pem("CA certificate", cert_pem)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::invalid("CA key", e))?;
+        let cert = certs[0].clone();
+        // The key must belong to the signing certificate.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| TlsError::invalid("CA certificate", e))?;
+        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err(TlsError::invalid(
+                "CA key",
+                "the key does not belong to the first certificate in the CA file",
+            ));
+        }
+        if !parsed.is_ca() {
+            return Err(TlsError::invalid(
+                "CA certificate",
+                "the first certificate is not a CA (basicConstraints CA:TRUE)",
+            ));
+        }
+        let mut roots: Vec<_> = certs
+            .iter()
+            .filter(|c| is_self_signed(c))
+            .cloned()
+            .collect();
+        let intermediates: Vec<_> = certs
+            .iter()
+            .skip(1)
+            .filter(|c| !is_self_signed(c))
+            .cloned()
+            .collect();
+        if roots.is_empty() {
+            return Err(TlsError::invalid(
+                "CA certificate",
+                "no root: an intermediate must be followed by its chain up to the root",
+            ));
+        }
+        roots.dedup();
+        Ok(Ca {
+            key,
+            cert,
+            intermediates,
+            roots,
+        })
+    }
+
+    /// Loads `ca.pem` and `ca-key.pem` from `dir`, or generates a root there on first
+    /// start. The directory is owner-only (0700) and the key file 0600.
+    pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Ca, TlsError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let io = |path: &Path, source| TlsError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io(dir, e))?;
+        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        if cert_path.exists() || key_path.exists() {
+            let cert = std::fs::read_to_string(&cert_path).map_err(|e| io(&cert_path, e))?;
+            let key = std::fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
+            let mode = std::fs::metadata(&key_path)
+                .map_err(|e| io(&key_path, e))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(TlsError::invalid(
+                    "CA key",
+                    format!(
+                        "{} is readable by others (mode {:o}); chmod 600 it",
+                        key_path.display(),
+                        mode & 0o777
+                    ),
+                ));
+            }
+            return Ca::from_pem(&cert, &key);
+        }
+        let ca = Ca::generate(trust_domain, Duration::from_secs(10 * 365 * 24 * 3600))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .map_err(|e| io(&key_path, e))?;
+        std::io::Write::write_all(&mut f, ca.key.serialize_pem().as_bytes())
+            .map_err(|e| io(&key_path, e))?;
+        f.sync_all().map_err(|e| io(&key_path, e))?;
+        std::fs::write(&cert_path, ca.cert_pem()).map_err(|e| io(&cert_path, e))?;
+        tracing::info!(path = %cert_path.display(), "generated a new root CA");
+        Ok(ca)
+    }
+
+    /// The signing certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        pem_of(&self.cert)
+    }
+
+    /// The trust anchors, PEM.
+    pub fn roots_pem(&self) -> String {
+        self.roots.iter().map(|r| pem_of(r)).collect()
+    }
+
+    /// The trust anchors.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// Signs a CSR (DER) for `id`, valid for `ttl`. The CSR's signature is checked
+    /// (the requester holds the key); everything else in it is ignored: the identity,
+    /// usages and lifetime are the CA's decision.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Issued, TlsError> {
+        let csr_der = CertificateSigningRequestDer::from(csr_der.to_vec());
+        let csr = CertificateSigningRequestParams::from_der(&csr_der)
+            .map_err(|e| TlsError::invalid("CSR", e))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            id.to_string()
+                .try_into()
+                .map_err(|e| TlsError::invalid("SPIFFE id", e))?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = SystemTime::now();
+        let not_after = now + ttl;
+        // A minute of slack for clocks that run a little behind.
+        params.not_before = offset(now - Duration::from_secs(60));
+        params.not_after = offset(not_after);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)
+            .map_err(|e| TlsError::invalid("CA certificate", e))?;
+        let cert = params
+            .signed_by(&csr.public_key, &issuer)
+            .map_err(|e| TlsError::invalid("signing", e))?;
+        let mut chain_pem = cert.pem();
+        for i in &self.intermediates {
+            chain_pem.push_str(&pem_of(i));
+        }
+        if !self.roots.contains(&self.cert) {
+            chain_pem.push_str(&pem_of(&self.cert));
+        }
+        Ok(Issued {
+            chain_pem,
+            not_after,
+        })
+    }
+}
+
+fn random_serial() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    // Serial numbers need uniqueness, not secrecy: time and a counter suffice, and the
+    // top bit is cleared so the DER integer stays positive.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    b[..8].copy_from_slice(&t.to_be_bytes());
+    b[8..].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    b[0] &= 0x7f;
+    b
+}
+
+/// A new ECDSA P-256 key and a CSR for it: `(key PEM, CSR DER)`. The key never
+/// leaves the process that calls this.
+pub fn new_key_and_csr() -> Result<(String, Vec<u8>), TlsError> {
+    let key = KeyPair::generate().map_err(|e| TlsError::invalid("key", e))?;
+    let params = CertificateParams::default();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| TlsError::invalid("CSR", e))?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
