@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::{
-    ApplyRequest, DeleteRequest, GetRequest, HealthRequest, ProxyStatusRequest, ResourceKey, Source,
+    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, GetRequest, HealthRequest,
+    ProxyStatusRequest, ResourceKey, Source,
 };
 use sinew_model::{Resources, parse_documents, parse_sources};
 use tonic::transport::Channel;
@@ -564,4 +565,30 @@ pub fn validate(paths: &[PathBuf]) -> anyhow::Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// `sinew token create`: prints the token alone on stdout (for scripts), what it is
+/// for on stderr.
+pub async fn create_token(
+    server: &str,
+    namespace: &str,
+    account: &str,
+    ttl_days: u64,
+) -> anyhow::Result<i32> {
+    let mut client = connect(server).await?;
+    let t = client
+        .create_join_token(CreateJoinTokenRequest {
+            namespace: namespace.to_owned(),
+            service_account: account.to_owned(),
+            ttl_seconds: ttl_days.max(1) * 86_400,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    println!("{}", t.token);
+    eprintln!(
+        "join token for {} (valid {ttl_days} days); pass it to sinew-proxy --join-token",
+        t.spiffe_id
+    );
+    Ok(0)
 }

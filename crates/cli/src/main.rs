@@ -28,6 +28,22 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token for spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+    Create {
+        /// Namespace of the identity (and of the proxies that may use the token).
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Service account of the identity.
+        #[arg(long)]
+        service_account: String,
+        /// Days the token is valid.
+        #[arg(long, default_value_t = 30)]
+        ttl_days: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane.
     Control {
@@ -46,6 +62,25 @@ enum Command {
         /// Milliseconds changes are gathered before proxies are told.
         #[arg(long, default_value_t = 20)]
         debounce_ms: u64,
+        /// SPIFFE trust domain of the mesh.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// An operator-provided CA certificate (an intermediate followed by its chain to
+        /// the root); default: a root generated under <data-dir>/ca on first start.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The CA's private key (PEM); keep it owner-only.
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// How long a workload certificate is valid (e.g. 24h, 1h30m); proxies renew
+        /// at about 70% of it.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
+    },
+    /// Join tokens: the credential a proxy presents to get its certificate.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Validate documents and store them (all or nothing).
     Apply {
@@ -118,6 +153,13 @@ enum Command {
     },
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match sinew_model::duration::parse(s)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -152,8 +194,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             config_dir,
             grace_period,
             debounce_ms,
+            trust_domain,
+            ca_cert,
+            ca_key,
+            cert_ttl,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
+            opts.trust_domain = trust_domain;
+            opts.ca_files = ca_cert.zip(ca_key);
+            opts.cert_ttl = cert_ttl;
             opts.listen = listen;
             opts.config_dir = config_dir;
             opts.grace_period = Duration::from_secs(grace_period);
@@ -164,6 +213,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             cp.shutdown().await;
             Ok(0)
         }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    namespace,
+                    service_account,
+                    ttl_days,
+                },
+        } => client::create_token(&server, &namespace, &service_account, ttl_days).await,
         Command::Apply { files, dry_run } => client::apply(&server, &files, dry_run).await,
         Command::Get {
             kind,

@@ -66,6 +66,15 @@ struct Load {
 impl Load {
     async fn start(bind: std::net::SocketAddr, clients: usize) -> Load {
         listening(bind).await;
+        // The path is up when a request gets through end to end (a proxy is ready on
+        // its first push, which may predate a registration by the debounce window).
+        wait::until("path serves", TIMEOUT, || async move {
+            client::get(bind, "catalog", "/")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await
+        .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU32::new(0));
         let failed = Arc::new(AtomicU32::new(0));
@@ -546,4 +555,369 @@ async fn cli_basics_version_completions_and_unreachable_server() {
     let out = sinew_at("http://127.0.0.1:9", &["check"]).await;
     assert!(!out.status.success());
     assert!(text(&out).0.starts_with("FAIL control plane reachable"));
+}
+
+/// A mesh with identities: web → catalog, both with certificates.
+struct IdentityMesh {
+    _scratch: Scratch,
+    cp: Control,
+    app: HttpBackend,
+    web: sinew_proxy::Proxy,
+    catalog: sinew_proxy::Proxy,
+    bind: std::net::SocketAddr,
+    inbound: std::net::SocketAddr,
+    data: std::path::PathBuf,
+}
+
+async fn identity_mesh(extra: &[&str]) -> IdentityMesh {
+    let scratch = Scratch::new();
+    let data = scratch.0.join("data");
+    let cp = Control::start(&data, free_addr(), extra).await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let f = scratch.write(
+        "m.yaml",
+        &format!(
+            "{}{}",
+            service("shop", "catalog"),
+            proxy_doc("shop", "web", &[(bind, "catalog")])
+        ),
+    );
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let (t_web, t_cat) = (
+        token(&cp, "shop", "web").await,
+        token(&cp, "shop", "catalog").await,
+    );
+    let catalog = proxy_with_token(
+        &cp.url,
+        "shop/catalog-1",
+        Some(registration("catalog", app.addr(), inbound, "v1")),
+        Duration::from_millis(50),
+        Some(t_cat),
+    )
+    .await;
+    let web = proxy_with_token(
+        &cp.url,
+        "shop/web",
+        None,
+        Duration::from_millis(50),
+        Some(t_web),
+    )
+    .await;
+    listening(bind).await;
+    listening(inbound).await;
+    wait::until("mesh path serves", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+    IdentityMesh {
+        _scratch: scratch,
+        cp,
+        app,
+        web,
+        catalog,
+        bind,
+        inbound,
+        data,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_carries_the_verified_caller_identity_and_it_cannot_be_spoofed() {
+    let m = identity_mesh(&[]).await;
+    assert_eq!(
+        m.web
+            .shared()
+            .certs
+            .identity()
+            .map(|i| i.to_string())
+            .as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    let mut c = client::h1(m.bind).await.unwrap();
+    let req = http::Request::get("/who")
+        .header("host", "catalog")
+        .header(
+            "sinew-peer-identity",
+            "spiffe://cluster.local/ns/kube-system/sa/admin",
+        )
+        .body(sinew_testkit::client::empty())
+        .unwrap();
+    let r = client::collect(c.send(req).await.unwrap()).await.unwrap();
+    assert_eq!(r.status, 200);
+    let seen = r.json().unwrap();
+    assert_eq!(
+        seen["headers"]["sinew-peer-identity"], "spiffe://cluster.local/ns/shop/sa/web",
+        "the proxy's word, not the client's"
+    );
+    // Both requests (the readiness probe and this one) crossed the inbound, over TLS:
+    // only TLS yields an identity.
+    let metrics = sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("sinew_http_requests_total{direction=\"inbound\",class=\"2xx\"} 2"),
+        "{metrics}"
+    );
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl_agrees() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = identity_mesh(&[]).await;
+    let served = m.app.requests(); // the readiness probe
+    // Plaintext HTTP to the inbound: closed without an answer.
+    let mut s = tokio::net::TcpStream::connect(m.inbound).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: catalog\r\nsinew-dst-port: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    assert!(
+        out.is_empty(),
+        "plaintext got an answer: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(m.app.requests(), served, "nothing refused reached the app");
+
+    // openssl, a client no one here wrote, with a certificate from the mesh CA.
+    let dir = m._scratch.0.join("openssl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = sinew_tls::Ca::load_or_generate(&m.data.join("ca"), "cluster.local").unwrap();
+    let issue = |ca: &sinew_tls::Ca, name: &str| {
+        let (key, csr) = sinew_tls::new_key_and_csr().unwrap();
+        let id = sinew_tls::SpiffeId::workload("cluster.local", "shop", name);
+        let chain = ca
+            .sign_csr(&csr, &id, Duration::from_secs(3600))
+            .unwrap()
+            .chain_pem;
+        let (k, c) = (
+            dir.join(format!("{name}.key")),
+            dir.join(format!("{name}.pem")),
+        );
+        std::fs::write(&k, key).unwrap();
+        std::fs::write(&c, chain).unwrap();
+        (k, c)
+    };
+    let roots = dir.join("roots.pem");
+    std::fs::write(&roots, ca.roots_pem()).unwrap();
+    let (k, c) = issue(&ca, "openssl");
+    let (ok, out) = s_client(
+        m.inbound,
+        &[
+            "-cert",
+            c.to_str().unwrap(),
+            "-key",
+            k.to_str().unwrap(),
+            "-CAfile",
+            roots.to_str().unwrap(),
+            "-verify_return_error",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("New, TLSv1.3") && out.contains("ALPN protocol: sinew-h2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Verify return code: 0 (ok)"),
+        "openssl verified the sidecar's certificate: {out}"
+    );
+    // No client certificate: refused.
+    let (_, out) = s_client(m.inbound, &["-ign_eof", "-CAfile", roots.to_str().unwrap()]).await;
+    assert!(
+        out.contains("alert") || out.contains("error"),
+        "no client certificate must be refused: {out}"
+    );
+    // A certificate from another CA: refused.
+    let other = sinew_tls::Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+    let (k2, c2) = issue(&other, "rogue");
+    let (_, out) = s_client(
+        m.inbound,
+        &[
+            "-ign_eof",
+            "-cert",
+            c2.to_str().unwrap(),
+            "-key",
+            k2.to_str().unwrap(),
+            "-CAfile",
+            roots.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        out.contains("alert") || out.contains("error"),
+        "a foreign certificate must be refused: {out}"
+    );
+    assert_eq!(m.app.requests(), served, "nothing refused reached the app");
+    let metrics = sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("reason=\"plaintext-refused\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"tls-failed\""), "{metrics}");
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_refuses_a_peer_with_the_wrong_spiffe_id() {
+    let m = identity_mesh(&[]).await;
+    // A workload that claims service account "billing" but holds a certificate for
+    // "intruder": its sidecar is not who the mesh expects at that address.
+    let app = HttpBackend::start("billing-app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let f = m._scratch.write(
+        "b.yaml",
+        &format!(
+            "{}{}",
+            service("shop", "billing"),
+            proxy_doc("shop", "web", &[(m.bind, "catalog"), (bind, "billing")])
+        ),
+    );
+    assert!(
+        m.cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let mut reg = registration("billing", app.addr(), inbound, "v1");
+    reg.service_account = "billing".into();
+    let intruder = proxy_with_token(
+        &m.cp.url,
+        "shop/billing-1",
+        Some(reg),
+        Duration::from_millis(50),
+        Some(token(&m.cp, "shop", "intruder").await),
+    )
+    .await;
+    listening(inbound).await;
+    listening(bind).await;
+    wait::until("billing endpoint known", TIMEOUT, || async {
+        client::get(bind, "billing", "/")
+            .await
+            .is_ok_and(|r| r.status != 503)
+    })
+    .await
+    .unwrap();
+    let r = client::get(bind, "billing", "/").await.unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("sinew-error"), Some("tls-failed"));
+    assert!(
+        r.text().contains("billing") && r.text().contains("intruder"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(app.requests(), 0, "nothing reached the impostor's app");
+    // The real catalog is still reached.
+    assert_eq!(
+        client::get(m.bind, "catalog", "/").await.unwrap().status,
+        200
+    );
+    intruder.shutdown().await;
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    let m = identity_mesh(&["--cert-ttl", "4s"]).await;
+    let expiry = |p: &sinew_proxy::Proxy| p.shared().certs.not_after();
+    let (web0, cat0) = (expiry(&m.web), expiry(&m.catalog));
+    let load = Load::start(m.bind, 4).await;
+    // Two rotations of each proxy's certificate (renewal at ~70% of 4 s).
+    wait::until("rotated twice", TIMEOUT, || async {
+        let (w, c) = (expiry(&m.web), expiry(&m.catalog));
+        w > web0.map(|t| t + Duration::from_secs(2)) && c > cat0.map(|t| t + Duration::from_secs(2))
+    })
+    .await
+    .unwrap();
+    load.progress(100).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} failed across certificate rotations",
+        ok + failed
+    );
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_key_is_owner_only_and_never_logged() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new();
+    let data = scratch.0.join("data");
+    let log = std::fs::File::create(scratch.0.join("cp.log")).unwrap();
+    let addr = free_addr();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args([
+            "control",
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "trace")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("http://{addr}");
+    wait::until("up", TIMEOUT, || async {
+        sinew_at(&url, &["check", "--wait", "0"])
+            .await
+            .status
+            .success()
+    })
+    .await
+    .unwrap();
+    let t = text(
+        &sinew_at(
+            &url,
+            &["token", "create", "-n", "shop", "--service-account", "web"],
+        )
+        .await,
+    )
+    .0;
+    let key_path = data.join("ca").join("ca-key.pem");
+    assert_eq!(
+        std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(data.join("ca"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    child.kill().await.unwrap();
+    let key = std::fs::read_to_string(&key_path).unwrap();
+    let logged = std::fs::read_to_string(scratch.0.join("cp.log")).unwrap();
+    assert!(!logged.is_empty());
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!logged.contains(line), "a CA key line appears in the log");
+    }
+    assert!(
+        !logged.contains(t.trim()),
+        "a join token appears in the log"
+    );
 }

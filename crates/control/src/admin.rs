@@ -17,6 +17,7 @@ pub struct AdminService {
     index: mpsc::Sender<Command>,
     state: watch::Receiver<Arc<MeshState>>,
     store: Store,
+    identity: Arc<crate::identity::Identity>,
 }
 
 impl AdminService {
@@ -25,11 +26,13 @@ impl AdminService {
         index: mpsc::Sender<Command>,
         state: watch::Receiver<Arc<MeshState>>,
         store: Store,
+        identity: Arc<crate::identity::Identity>,
     ) -> Self {
         AdminService {
             index,
             state,
             store,
+            identity,
         }
     }
 
@@ -205,6 +208,36 @@ impl Admin for AdminService {
             proxies: records.values().filter(|r| r.stream.is_some()).count() as u32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             config_dir_error: dir_error.unwrap_or_default(),
+            trust_domain: self.identity.trust_domain().to_owned(),
+            certificates_issued: self.identity.issued(),
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<api::CreateJoinTokenRequest>,
+    ) -> Result<Response<api::JoinToken>, Status> {
+        let req = req.into_inner();
+        let ttl = match req.ttl_seconds {
+            0 => crate::identity::DEFAULT_TOKEN_TTL,
+            s => std::time::Duration::from_secs(s),
+        };
+        let ns = if req.namespace.is_empty() {
+            "default".to_owned()
+        } else {
+            req.namespace
+        };
+        let identity = self.identity.clone();
+        let (token, id, expires_unix) = tokio::task::spawn_blocking(move || {
+            identity.create_token(&ns, &req.service_account, ttl)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::invalid_argument)?;
+        Ok(Response::new(api::JoinToken {
+            token,
+            spiffe_id: id.to_string(),
+            expires_unix,
         }))
     }
 }

@@ -32,6 +32,7 @@ pub struct DiscoveryService {
     state: watch::Receiver<Arc<MeshState>>,
     streams: Arc<AtomicU64>,
     stopping: watch::Receiver<bool>,
+    identity: Arc<crate::identity::Identity>,
 }
 
 impl DiscoveryService {
@@ -41,12 +42,14 @@ impl DiscoveryService {
         index: mpsc::Sender<Command>,
         state: watch::Receiver<Arc<MeshState>>,
         stopping: watch::Receiver<bool>,
+        identity: Arc<crate::identity::Identity>,
     ) -> Self {
         DiscoveryService {
             index,
             state,
             streams: Arc::new(AtomicU64::new(0)),
             stopping,
+            identity,
         }
     }
 }
@@ -94,6 +97,7 @@ fn workload(ns: &str, name: &str, r: &api::Registration) -> Result<Object<Worklo
             address: r.address.clone(),
             ports,
             sidecar,
+            service_account: (!r.service_account.is_empty()).then(|| r.service_account.clone()),
         },
     })
 }
@@ -194,6 +198,8 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let mut state = self.state.clone();
         let mut stopping = self.stopping.clone();
+        let identity = self.identity.clone();
+        let proxy_ns = ns.to_owned();
         tokio::spawn(async move {
             let mut sent: Option<View> = None;
             let mut nonce = 0u64;
@@ -230,6 +236,29 @@ impl Discovery for DiscoveryService {
                                 tracing::warn!(%proxy, version = %ack.version, reason = %e, "proxy refused a push");
                             }
                             let _ = index.send(Command::Acked { proxy: proxy.clone(), version: ack.version, error }).await;
+                        }
+                        Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Csr(req)) })) => {
+                            let msg = match identity.issue(&proxy_ns, &req.join_token, &req.csr_der) {
+                                Ok((chain_pem, id, not_after)) => {
+                                    tracing::info!(%proxy, %id, "certificate issued");
+                                    api::Certificate {
+                                        chain_pem,
+                                        roots_pem: identity.roots_pem(),
+                                        not_after_unix: not_after
+                                            .duration_since(std::time::UNIX_EPOCH)
+                                            .map_or(0, |d| d.as_secs() as i64),
+                                        error: String::new(),
+                                    }
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%proxy, %error, "certificate request refused");
+                                    api::Certificate { error, ..Default::default() }
+                                }
+                            };
+                            let msg = ControlMessage { kind: Some(control_message::Kind::Certificate(msg)) };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                break;
+                            }
                         }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,

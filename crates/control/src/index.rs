@@ -71,6 +71,8 @@ pub struct MeshState {
     pub docs: BTreeMap<ResourceKey, Arc<DocEntry>>,
     /// Registrations by proxy (`namespace/name`).
     pub registrations: BTreeMap<String, Registration>,
+    /// The control plane's SPIFFE trust domain.
+    pub trust_domain: String,
 }
 
 /// What an apply did, per document.
@@ -185,6 +187,8 @@ pub struct IndexSettings {
     pub grace_period: Duration,
     /// How long to gather changes before publishing.
     pub debounce: Duration,
+    /// The SPIFFE trust domain certificates are issued in.
+    pub trust_domain: String,
 }
 
 struct Index {
@@ -354,6 +358,7 @@ impl Index {
             revision: self.revision,
             docs,
             registrations,
+            trust_domain: self.settings.trust_domain.clone(),
         }
     }
 
@@ -460,7 +465,22 @@ impl Index {
                 candidate.insert(key, Arc::new(entry));
             }
         }
-        self.validate(&candidate, &fresh)?;
+        let res = self.validate(&candidate, &fresh)?;
+        if let Some(m) = &res.mesh
+            && let Some(td) = &m.spec.trust_domain
+            && *td != self.settings.trust_domain
+        {
+            let key = Resource::MeshConfig(m.clone()).key();
+            let (file, line) = fresh.get(&key).cloned().unwrap_or_default();
+            return Err(ConfigError::new(format!(
+                "the control plane issues certificates in trust domain {:?}; start it with --trust-domain {td} or remove this field",
+                self.settings.trust_domain
+            ))
+            .field("spec.trustDomain")
+            .resource(format!("MeshConfig {}/{}", key.namespace, key.name))
+            .at(file, (line > 0).then_some(line))
+            .into());
+        }
         if dry_run || (upserts.is_empty() && deletes.is_empty()) {
             return Ok(ApplyOutcome {
                 revision: self.revision,

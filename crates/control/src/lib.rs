@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod dir;
 pub mod discovery;
+pub mod identity;
 pub mod index;
 pub mod store;
 pub mod view;
@@ -42,6 +43,14 @@ pub struct ControlOptions {
     pub debounce: Duration,
     /// How often the config directory is checked; default 1 s.
     pub dir_interval: Duration,
+    /// The SPIFFE trust domain; default `cluster.local`.
+    pub trust_domain: String,
+    /// An operator-provided CA: the signing certificate (followed by its chain to the
+    /// root, for an intermediate) and its key, PEM files. Default: a root generated
+    /// on first start under `<data-dir>/ca`.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Lifetime of workload certificates; default 24 h.
+    pub cert_ttl: Duration,
 }
 
 impl ControlOptions {
@@ -54,6 +63,9 @@ impl ControlOptions {
             grace_period: Duration::from_secs(30),
             debounce: Duration::from_millis(20),
             dir_interval: Duration::from_secs(1),
+            trust_domain: "cluster.local".to_owned(),
+            ca_files: None,
+            cert_ttl: identity::DEFAULT_CERT_TTL,
         }
     }
 }
@@ -64,6 +76,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The CA could not be loaded or created.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] sinew_tls::TlsError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -87,11 +102,30 @@ impl ControlPlane {
     /// Opens the store, loads what it holds, and starts serving.
     pub async fn start(opts: ControlOptions) -> Result<ControlPlane, StartError> {
         let store = Store::open(&opts.data_dir)?;
+        let ca = match &opts.ca_files {
+            Some((cert, key)) => {
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p).map_err(|source| sinew_tls::TlsError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    })
+                };
+                sinew_tls::Ca::from_pem(&read(cert)?, &read(key)?)?
+            }
+            None => sinew_tls::Ca::load_or_generate(&opts.data_dir.join("ca"), &opts.trust_domain)?,
+        };
+        let identity = std::sync::Arc::new(identity::Identity::new(
+            ca,
+            opts.trust_domain.clone(),
+            opts.cert_ttl,
+            store.clone(),
+        ));
         let (index, state) = index::spawn(
             store.clone(),
             IndexSettings {
                 grace_period: opts.grace_period,
                 debounce: opts.debounce,
+                trust_domain: opts.trust_domain.clone(),
             },
         )?;
         let mut tasks = Vec::new();
@@ -114,8 +148,13 @@ impl ControlPlane {
         })?;
         let (stop, stopped) = oneshot::channel::<()>();
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-        let discovery = discovery::DiscoveryService::new(index.clone(), state.clone(), stopping);
-        let admin = admin::AdminService::new(index, state, store);
+        let discovery = discovery::DiscoveryService::new(
+            index.clone(),
+            state.clone(),
+            stopping,
+            identity.clone(),
+        );
+        let admin = admin::AdminService::new(index, state, store, identity);
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)

@@ -16,6 +16,7 @@ use sinew_model::resource::ResourceKey;
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,17 @@ pub struct StoredDoc {
     pub source: String,
     /// The store revision of its last change.
     pub revision: u64,
+}
+
+/// A join token's binding (stored under the token's SHA-256, never the token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredToken {
+    /// Namespace of the identity.
+    pub namespace: String,
+    /// Service account of the identity.
+    pub service_account: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_unix: i64,
 }
 
 /// A workload registered by a proxy.
@@ -92,6 +104,7 @@ impl Store {
             txn.open_table(DOCUMENTS)?;
             txn.open_table(REGISTRATIONS)?;
             txn.open_table(META)?;
+            txn.open_table(TOKENS)?;
             Ok(())
         })?;
         Ok(store)
@@ -196,6 +209,27 @@ impl Store {
             txn.open_table(REGISTRATIONS)?.remove(proxy)?;
             Ok(())
         })
+    }
+
+    /// Stores a token binding under its hash.
+    pub fn put_token(&self, hash: &str, t: &StoredToken) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(t).map_err(|e| self.fail(e))?;
+        self.write(|txn| {
+            txn.open_table(TOKENS)?.insert(hash, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The binding of a token hash, if any.
+    pub fn token(&self, hash: &str) -> Result<Option<StoredToken>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let t = txn.open_table(TOKENS).map_err(|e| self.fail(e))?;
+        let Some(v) = t.get(hash).map_err(|e| self.fail(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| self.fail(format!("token binding is corrupt: {e}")))
     }
 
     /// A cheap health check: a read transaction succeeds.

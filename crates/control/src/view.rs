@@ -97,6 +97,20 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
         return View::default();
     };
     let everything = p.spec.outbound.http_proxy.is_some();
+    // The proxy's own workload and service: its identity and inbound policies use them.
+    let own_workload = p.spec.workload.as_ref().map(|w| ResourceKey {
+        kind: "Workload".into(),
+        namespace: ns.to_owned(),
+        name: w.clone(),
+    });
+    let own_service = own_workload
+        .as_ref()
+        .and_then(|k| state.docs.get(k))
+        .and_then(|e| match &e.resource {
+            Resource::Workload(w) => w.spec.service.clone(),
+            _ => None,
+        })
+        .map(|s| svc_key(ns, &s));
 
     // Services reachable from the bindings, closed over routes (a route brings its
     // parents and backends, so the proxy can validate it).
@@ -110,6 +124,7 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
             svc_key(&sns, &sname)
         })
         .collect();
+    services.extend(own_service.clone());
     let routes: Vec<(&ResourceKey, &Arc<DocEntry>)> = state
         .docs
         .iter()
@@ -154,12 +169,36 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
         .collect();
 
     let mut resources = BTreeMap::new();
+    // The mesh's trust domain is the CA's: every proxy computes peer identities in it.
+    let mesh = state
+        .docs
+        .values()
+        .find_map(|e| match &e.resource {
+            Resource::MeshConfig(m) => Some(m.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| Object {
+            api_version: SINEW_API_VERSION.to_owned(),
+            kind: "MeshConfig".to_owned(),
+            metadata: Metadata {
+                name: "mesh".to_owned(),
+                namespace: Some(DEFAULT_NAMESPACE.to_owned()),
+                ..Metadata::default()
+            },
+            spec: Default::default(),
+        });
+    let mut mesh = mesh;
+    mesh.spec.trust_domain = Some(state.trust_domain.clone());
+    let mesh = Resource::MeshConfig(mesh);
+    let json = mesh.to_json();
+    let hash = fnv64(FNV_OFFSET, json.as_bytes());
+    resources.insert(mesh.key(), (Arc::<str>::from(json), hash));
     let json = proxy_doc.to_json();
     let hash = fnv64(FNV_OFFSET, json.as_bytes());
     resources.insert(proxy_doc.key(), (Arc::<str>::from(json), hash));
     for (k, e) in &state.docs {
         let include = match &e.resource {
-            Resource::MeshConfig(_) => true,
+            Resource::MeshConfig(_) => false, // added above, with the trust domain
             Resource::Service(_) => everything || services.contains(k),
             Resource::HttpRoute(_) => chosen_routes.contains(k),
             Resource::Workload(w) => {
@@ -171,7 +210,21 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
                         .is_some_and(|s| services.contains(&svc_key(w.metadata.ns(), s)))
             }
             Resource::Proxy(_) => false,
-        };
+            Resource::AuthorizationPolicy(p) => {
+                p.metadata.ns() == ns
+                    && p.spec
+                        .target_ref
+                        .as_ref()
+                        .is_none_or(|t| services.contains(&svc_key(ns, &t.name)))
+            }
+            Resource::RequestAuthentication(p) => {
+                p.metadata.ns() == ns
+                    && p.spec
+                        .target_ref
+                        .as_ref()
+                        .is_none_or(|t| services.contains(&svc_key(ns, &t.name)))
+            }
+        } || own_workload.as_ref() == Some(k);
         if include {
             resources.insert(k.clone(), (Arc::<str>::from(e.json.as_str()), e.hash));
         }
@@ -196,7 +249,10 @@ mod tests {
     use sinew_model::parse_documents;
 
     fn state(yaml: &str) -> MeshState {
-        let mut s = MeshState::default();
+        let mut s = MeshState {
+            trust_domain: "cluster.local".into(),
+            ..MeshState::default()
+        };
         for d in parse_documents("t.yaml", yaml).unwrap_or_else(|e| panic!("{e}")) {
             let json = d.resource.to_json();
             s.docs.insert(
@@ -267,6 +323,7 @@ spec:
             kinds(&v),
             vec![
                 "HTTPRoute canary",
+                "MeshConfig mesh",
                 "Proxy web",
                 "Service catalog",
                 "Service catalog-v2",

@@ -12,6 +12,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Serialize, Serializer};
 
+use crate::authz::{AuthzPolicy, AuthzRule, DEFAULT_TRUST_DOMAIN, DefaultSource, InboundAuthz};
 use crate::duration;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::load::resolve_port;
@@ -41,8 +42,29 @@ pub struct ProxyConfig {
     pub cluster_domain: String,
     /// Every service, by key `name.namespace`.
     pub services: BTreeMap<String, Arc<ServiceConfig>>,
+    /// The mesh's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// The proxy's own identity: from its workload (`Proxy.spec.workload`, else the
+    /// Workload named like the proxy). `None` when it serves no known workload.
+    pub identity: Option<LocalIdentity>,
     #[serde(skip)]
     names: HashMap<String, String>,
+}
+
+/// Who a proxy is: the workload it serves and that workload's SPIFFE id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalIdentity {
+    /// The workload's name (in `namespace`).
+    pub workload: String,
+    /// The workload's service (`spec.service`), if any.
+    pub service: Option<String>,
+    /// The namespace.
+    pub namespace: String,
+    /// The service account.
+    pub service_account: String,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub spiffe: String,
 }
 
 /// The inbound listener.
@@ -55,6 +77,117 @@ pub struct InboundConfig {
     pub app_address: IpAddr,
     /// Application ports mesh traffic may reach.
     pub ports: Vec<u16>,
+    /// Whether plaintext is accepted besides mTLS: the override of the proxy's own
+    /// service, else the mesh's mode, else `STRICT`.
+    pub mtls: MtlsMode,
+    /// Authorization: the default and the policies that apply here.
+    pub authz: InboundAuthz,
+    /// JWT rules that apply here (targeted `RequestAuthentication`s first, then the
+    /// namespace-wide ones). Empty: tokens are not looked at.
+    pub jwt: Vec<JwtRuleConfig>,
+}
+
+/// How tokens of one issuer are verified at an inbound.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRuleConfig {
+    /// `namespace/name` of the `RequestAuthentication`.
+    pub policy: String,
+    /// The exact `iss` claim.
+    pub issuer: String,
+    /// Accepted audiences; empty: `aud` is not checked.
+    pub audiences: Vec<String>,
+    /// Where the public keys come from.
+    pub jwks: JwksSource,
+    /// Where tokens are found (never empty).
+    pub from_headers: Vec<TokenLocation>,
+    /// Claims copied into request headers.
+    pub forward_claims: Vec<ForwardClaim>,
+    /// Keep the token's header for the application.
+    pub forward_original_token: bool,
+    /// Tolerance for `exp` and `nbf`.
+    #[serde(serialize_with = "ser_secs")]
+    pub clock_skew: Duration,
+    /// Claims the token must carry.
+    pub required_claims: Vec<RequiredClaim>,
+}
+
+/// A source of public keys.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum JwksSource {
+    /// A local file, re-read when it changes.
+    File {
+        /// Its path.
+        path: String,
+    },
+    /// An HTTP(S) URL, fetched in the background.
+    #[serde(rename_all = "camelCase")]
+    Uri {
+        /// The URL (shown without user info or query).
+        #[serde(serialize_with = "ser_redacted_uri")]
+        uri: String,
+        /// PEM CA certificates to trust for HTTPS instead of the system's.
+        ca_file: Option<String>,
+        /// How often the keys are fetched again.
+        #[serde(serialize_with = "ser_secs")]
+        refresh: Duration,
+    },
+    /// Keys given inline (public keys only; checked by validation).
+    Inline {
+        /// The JWKS JSON.
+        jwks: serde_json::Value,
+    },
+}
+
+/// A header that may carry a token, and the text before the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenLocation {
+    /// Header name.
+    #[serde(serialize_with = "ser_name")]
+    pub header: HeaderName,
+    /// Prefix before the token (compared case-insensitively), e.g. `Bearer `.
+    pub prefix: String,
+}
+
+/// A verified claim copied into a request header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardClaim {
+    /// The claim (a dotted path reaches nested claims).
+    pub claim: String,
+    /// The header.
+    #[serde(serialize_with = "ser_name")]
+    pub header: HeaderName,
+}
+
+fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+fn ser_name<S: Serializer>(n: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(n.as_str())
+}
+
+/// Shows a URL without what may be a credential: user info and query.
+fn ser_redacted_uri<S: Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_uri(u))
+}
+
+fn redact_uri(u: &str) -> String {
+    let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if scheme.is_empty() {
+        format!("{authority}{path}")
+    } else {
+        format!("{scheme}://{authority}{path}")
+    }
 }
 
 /// A local binding to one service port.
@@ -131,6 +264,9 @@ pub struct EndpointConfig {
     pub address: SocketAddr,
     /// The workload's sidecar inbound address, when it has one.
     pub sidecar: Option<SocketAddr>,
+    /// The SPIFFE id the endpoint's sidecar must present (from the workload's service
+    /// account).
+    pub identity: Option<String>,
 }
 
 /// A compiled route rule.
@@ -367,10 +503,14 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         .or_else(|| mesh.and_then(|m| m.cluster_domain.clone()))
         .unwrap_or_else(|| DEFAULT_CLUSTER_DOMAIN.to_owned());
 
+    let trust_domain = mesh
+        .and_then(|m| m.trust_domain.clone())
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+
     let mut services = BTreeMap::new();
     let mut names = HashMap::new();
     for ((sns, sname), svc) in &res.services {
-        let cfg = compile_service(res, (sns, sname), svc, &mut errors);
+        let cfg = compile_service(res, (sns, sname), svc, &trust_domain, &mut errors);
         let key = cfg.key();
         for alias in [
             key.clone(),
@@ -385,6 +525,16 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         services.insert(key, Arc::new(cfg));
     }
 
+    let workload = p.spec.workload.as_ref().unwrap_or(&p.metadata.name).clone();
+    let workload = res.workloads.get(&(ns.clone(), workload));
+    let identity = workload.map(|w| LocalIdentity {
+        workload: w.metadata.name.clone(),
+        service: w.spec.service.clone(),
+        namespace: ns.clone(),
+        service_account: w.spec.service_account().to_owned(),
+        spiffe: crate::authz::spiffe_id(&trust_domain, &ns, w.spec.service_account()),
+    });
+    let own_services = workload.map(|w| own_services(res, w)).unwrap_or_default();
     let inbound = p.spec.inbound.as_ref().and_then(|i| {
         Some(InboundConfig {
             bind: i.bind.parse().ok()?,
@@ -393,6 +543,9 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
                 None => IpAddr::V4(Ipv4Addr::LOCALHOST),
             },
             ports: i.ports.clone(),
+            mtls: inbound_mtls(res, &ns, &own_services),
+            authz: compile_authz(res, &ns, &own_services, &trust_domain),
+            jwt: compile_jwt(res, &ns, &own_services),
         })
     });
     let mut upstreams = Vec::new();
@@ -424,14 +577,223 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         http_proxy,
         cluster_domain,
         services,
+        trust_domain,
+        identity,
         names,
     })
+}
+
+/// The Services of the proxy's namespace its workload belongs to: the one it names,
+/// then those whose selector matches its labels.
+fn own_services(res: &Resources, w: &Object<WorkloadSpec>) -> Vec<String> {
+    let ns = w.metadata.ns();
+    let mut out: Vec<String> = w.spec.service.iter().cloned().collect();
+    for ((sns, sname), svc) in &res.services {
+        if sns == ns
+            && !out.contains(sname)
+            && svc
+                .spec
+                .selector
+                .as_ref()
+                .is_some_and(|sel| sel.iter().all(|(k, v)| w.metadata.labels.get(k) == Some(v)))
+        {
+            out.push(sname.clone());
+        }
+    }
+    out
+}
+
+/// The inbound's mTLS mode: the own services' overrides (STRICT if any says so),
+/// else the mesh's mode, else STRICT.
+fn inbound_mtls(res: &Resources, ns: &str, own: &[String]) -> MtlsMode {
+    let overrides: Vec<MtlsMode> = own
+        .iter()
+        .filter_map(|s| res.services.get(&(ns.to_owned(), s.clone())))
+        .filter_map(|s| s.spec.mtls.map(|m| m.mode))
+        .collect();
+    if !overrides.is_empty() {
+        return if overrides.contains(&MtlsMode::Strict) {
+            MtlsMode::Strict
+        } else {
+            MtlsMode::Permissive
+        };
+    }
+    res.mesh
+        .as_ref()
+        .and_then(|m| m.spec.mtls)
+        .map(|m| m.mode)
+        .unwrap_or_default()
+}
+
+/// True when a policy with this target applies to a proxy of `own` services.
+fn applies(target: Option<&PolicyTargetRef>, own: &[String]) -> bool {
+    target.is_none_or(|t| own.contains(&t.name))
+}
+
+fn compile_authz(res: &Resources, ns: &str, own: &[String], trust_domain: &str) -> InboundAuthz {
+    let mut out = InboundAuthz {
+        trust_domain: trust_domain.to_owned(),
+        default_action: res
+            .mesh
+            .as_ref()
+            .and_then(|m| m.spec.default_authorization)
+            .unwrap_or_default(),
+        default_source: DefaultSource::Mesh,
+        deny: Vec::new(),
+        allow: Vec::new(),
+    };
+    for ((pns, pname), p) in &res.authorization_policies {
+        if pns != ns || !applies(p.spec.target_ref.as_ref(), own) {
+            continue;
+        }
+        if p.spec.target_ref.is_none()
+            && let Some(d) = p.spec.default_action
+        {
+            out.default_action = d;
+            out.default_source = DefaultSource::Namespace;
+        }
+        if p.spec.rules.is_empty() {
+            continue;
+        }
+        let compiled = AuthzPolicy {
+            name: Arc::from(format!("{pns}/{pname}")),
+            target: p.spec.target_ref.as_ref().map(|t| t.name.clone()),
+            rules: p.spec.rules.iter().map(compile_authz_rule).collect(),
+        };
+        match p.spec.action {
+            AuthorizationAction::Allow => out.allow.push(compiled),
+            AuthorizationAction::Deny => out.deny.push(compiled),
+        }
+    }
+    out
+}
+
+fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
+    let from = r.from.clone().unwrap_or_default();
+    let to = r.to.clone().unwrap_or_default();
+    let norm = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .map(|p| crate::authz::normalize_path(p).into_owned())
+            .collect()
+    };
+    AuthzRule {
+        principals: from.principals,
+        principal_prefixes: from.principal_prefixes,
+        namespaces: from.namespaces,
+        request_principals: from.request_principals,
+        ports: to.ports,
+        paths: norm(&to.paths),
+        path_prefixes: norm(&to.path_prefixes),
+        methods: to
+            .methods
+            .iter()
+            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+            .collect(),
+        headers: to
+            .headers
+            .iter()
+            .filter_map(|h| {
+                Some((
+                    HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                    HeaderValue::from_str(&h.value).ok()?,
+                ))
+            })
+            .collect(),
+        when: r.when.clone(),
+    }
+}
+
+/// Default time between two fetches of a JWKS URL.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// Default tolerance for `exp` and `nbf`.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+fn compile_jwt(res: &Resources, ns: &str, own: &[String]) -> Vec<JwtRuleConfig> {
+    let mut targeted = Vec::new();
+    let mut wide = Vec::new();
+    for ((rns, rname), ra) in &res.request_authentications {
+        if rns != ns || !applies(ra.spec.target_ref.as_ref(), own) {
+            continue;
+        }
+        let list = if ra.spec.target_ref.is_some() {
+            &mut targeted
+        } else {
+            &mut wide
+        };
+        for rule in &ra.spec.jwt_rules {
+            let Some(jwks) = compile_jwks(&rule.jwks) else {
+                continue; // refused by validation already
+            };
+            let from_headers = if rule.from_headers.is_empty() {
+                vec![TokenLocation {
+                    header: http::header::AUTHORIZATION,
+                    prefix: "Bearer ".into(),
+                }]
+            } else {
+                rule.from_headers
+                    .iter()
+                    .filter_map(|h| {
+                        Some(TokenLocation {
+                            header: HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                            prefix: h.prefix.clone(),
+                        })
+                    })
+                    .collect()
+            };
+            list.push(JwtRuleConfig {
+                policy: format!("{rns}/{rname}"),
+                issuer: rule.issuer.clone(),
+                audiences: rule.audiences.clone(),
+                jwks,
+                from_headers,
+                forward_claims: rule
+                    .forward_claims
+                    .iter()
+                    .filter_map(|f| {
+                        Some(ForwardClaim {
+                            claim: f.claim.clone(),
+                            header: HeaderName::from_bytes(f.header.as_bytes()).ok()?,
+                        })
+                    })
+                    .collect(),
+                forward_original_token: rule.forward_original_token,
+                clock_skew: rule
+                    .clock_skew
+                    .as_deref()
+                    .and_then(|s| duration::parse(s).ok())
+                    .unwrap_or(DEFAULT_CLOCK_SKEW),
+                required_claims: rule.required_claims.clone(),
+            });
+        }
+    }
+    targeted.extend(wide);
+    targeted
+}
+
+fn compile_jwks(j: &JwksSpec) -> Option<JwksSource> {
+    if let Some(path) = &j.file {
+        return Some(JwksSource::File { path: path.clone() });
+    }
+    if let Some(uri) = &j.uri {
+        return Some(JwksSource::Uri {
+            uri: uri.clone(),
+            ca_file: j.ca_file.clone(),
+            refresh: j
+                .refresh
+                .as_deref()
+                .and_then(|s| duration::parse(s).ok())
+                .unwrap_or(DEFAULT_JWKS_REFRESH),
+        });
+    }
+    let jwks = crate::authz::public_jwks(j.inline.as_deref()?).ok()?;
+    Some(JwksSource::Inline { jwks })
 }
 
 fn compile_service(
     res: &Resources,
     (ns, name): (&str, &str),
     svc: &Object<ServiceSpec>,
+    trust_domain: &str,
     errors: &mut ConfigErrors,
 ) -> ServiceConfig {
     let members: Vec<&Object<WorkloadSpec>> = res
@@ -466,6 +828,11 @@ fn compile_service(
                         workload: format!("{}/{}", w.metadata.ns(), w.metadata.name),
                         address: SocketAddr::new(ip, port),
                         sidecar: w.spec.sidecar.as_ref().map(|s| SocketAddr::new(ip, s.port)),
+                        identity: Some(crate::authz::spiffe_id(
+                            trust_domain,
+                            w.metadata.ns(),
+                            w.spec.service_account(),
+                        )),
                     })
                 })
                 .collect();
@@ -744,4 +1111,335 @@ pub fn compile_text(
     let docs = crate::load::parse_documents(file, text)?;
     let res = Resources::from_documents(docs)?;
     compile_proxy(&res, proxy)
+}
+
+#[cfg(test)]
+mod security_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::authz::{HttpAttributes, RequestAttributes, evaluate};
+
+    const MESH: &str = r#"
+apiVersion: sinew.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec:
+  trustDomain: example.org
+  mtls: {mode: PERMISSIVE}
+  defaultAuthorization: DENY
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {name: catalog-1, namespace: shop}
+spec:
+  inbound: {bind: "127.0.0.1:4143", ports: [8080]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {name: catalog, namespace: shop}
+spec:
+  ports: [{name: http, port: 80}]
+  mtls: {mode: STRICT}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Workload
+metadata: {name: catalog-1, namespace: shop}
+spec: {service: catalog, address: 127.0.0.1, ports: {http: 8080}, sidecar: {port: 4143}}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Workload
+metadata: {name: reviews-1, namespace: shop}
+spec: {service: reviews, serviceAccount: reviewer, address: 127.0.0.2, ports: {http: 8080}}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: ns-default, namespace: shop}
+spec:
+  defaultAction: ALLOW
+---
+apiVersion: sinew.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: catalog-readers, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  rules:
+    - from: {principals: ["spiffe://example.org/ns/shop/sa/reviewer"]}
+      to: {methods: [GET], pathPrefixes: [/api/]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  action: DENY
+  rules:
+    - to: {pathPrefixes: [/admin]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: reviews-only, namespace: shop}
+spec:
+  targetRef: {name: reviews}
+  rules: [{}]
+---
+apiVersion: sinew.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {name: users, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  jwtRules:
+    - issuer: https://issuer.example
+      audiences: [catalog]
+      jwks: {uri: "https://user:pw@issuer.example/jwks?token=secret", refresh: 1m}
+      forwardClaims: [{claim: sub, header: x-jwt-sub}]
+      clockSkew: 5s
+      requiredClaims: [{name: scope, values: [read]}]
+---
+apiVersion: sinew.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {name: everyone, namespace: shop}
+spec:
+  jwtRules:
+    - issuer: https://other.example
+      jwks: {inline: '{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA","kid":"a"}]}'}
+      fromHeaders: [{name: x-token}]
+"#;
+
+    fn compile(yaml: &str) -> ProxyConfig {
+        compile_text("mesh.yaml", yaml, Some("shop/catalog-1")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn errors(yaml: &str) -> String {
+        let docs =
+            crate::load::parse_documents("mesh.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+        match Resources::from_documents(docs) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn compiles_identity_mtls_authz_and_jwt() {
+        let cfg = compile(MESH);
+        assert_eq!(cfg.trust_domain, "example.org");
+        let id = cfg.identity.as_ref().unwrap();
+        assert_eq!(id.workload, "catalog-1");
+        assert_eq!(id.service.as_deref(), Some("catalog"));
+        assert_eq!(id.service_account, "catalog");
+        assert_eq!(id.spiffe, "spiffe://example.org/ns/shop/sa/catalog");
+        let reviews = cfg.service("reviews.shop").unwrap();
+        assert_eq!(
+            reviews.ports[0].endpoints[0].identity.as_deref(),
+            Some("spiffe://example.org/ns/shop/sa/reviewer")
+        );
+        let inb = cfg.inbound.as_ref().unwrap();
+        // The service's STRICT override beats the mesh's PERMISSIVE.
+        assert_eq!(inb.mtls, MtlsMode::Strict);
+        // Namespace default, the targeted ALLOW and the targetless DENY; not reviews'.
+        assert_eq!(inb.authz.default_action, AuthorizationAction::Allow);
+        assert_eq!(inb.authz.default_source, DefaultSource::Namespace);
+        assert_eq!(inb.authz.allow.len(), 1);
+        assert_eq!(&*inb.authz.allow[0].name, "shop/catalog-readers");
+        assert_eq!(inb.authz.deny.len(), 1);
+        assert_eq!(&*inb.authz.deny[0].name, "shop/no-admin");
+        // JWT: the targeted rule first, defaults filled in.
+        assert_eq!(inb.jwt.len(), 2);
+        assert_eq!(inb.jwt[0].policy, "shop/users");
+        assert_eq!(inb.jwt[0].clock_skew, Duration::from_secs(5));
+        assert_eq!(
+            inb.jwt[0].from_headers[0].header,
+            http::header::AUTHORIZATION
+        );
+        assert_eq!(inb.jwt[0].from_headers[0].prefix, "Bearer ");
+        assert_eq!(inb.jwt[1].policy, "shop/everyone");
+        assert_eq!(inb.jwt[1].clock_skew, DEFAULT_CLOCK_SKEW);
+        assert_eq!(inb.jwt[1].from_headers[0].prefix, "");
+        // /config never shows the URL's credentials.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(!json.contains("secret") && !json.contains("pw@"), "{json}");
+        assert!(json.contains("https://issuer.example/jwks"), "{json}");
+
+        let headers = http::HeaderMap::new();
+        let judge = |src: Option<&str>, method: Method, path: &str| {
+            evaluate(
+                &inb.authz,
+                &RequestAttributes {
+                    source: src,
+                    port: 8080,
+                    l7: Some(HttpAttributes {
+                        method: &method,
+                        path,
+                        headers: &headers,
+                        request_principal: None,
+                        claims: None,
+                    }),
+                },
+            )
+        };
+        let reviewer = Some("spiffe://example.org/ns/shop/sa/reviewer");
+        assert!(judge(reviewer, Method::GET, "/api/x").allowed);
+        assert!(!judge(reviewer, Method::POST, "/api/x").allowed);
+        assert!(!judge(reviewer, Method::GET, "/admin/x").allowed);
+        assert!(!judge(None, Method::GET, "/api/x").allowed);
+    }
+
+    #[test]
+    fn defaults_without_security_documents() {
+        let yaml = r#"
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {name: web, namespace: shop}
+spec:
+  inbound: {bind: "127.0.0.1:4143", ports: [8080]}
+  workload: web-1
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop}
+spec: {address: 127.0.0.1}
+"#;
+        let cfg = compile_text("m.yaml", yaml, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.trust_domain, DEFAULT_TRUST_DOMAIN);
+        let id = cfg.identity.unwrap();
+        assert_eq!(id.workload, "web-1");
+        assert_eq!(id.service, None);
+        assert_eq!(id.spiffe, "spiffe://cluster.local/ns/shop/sa/default");
+        let inb = cfg.inbound.unwrap();
+        assert_eq!(inb.mtls, MtlsMode::Strict);
+        assert_eq!(inb.authz.default_action, AuthorizationAction::Allow);
+        assert_eq!(inb.authz.default_source, DefaultSource::Mesh);
+        assert!(inb.jwt.is_empty());
+        // No workload of the proxy's name: no identity.
+        let yaml = yaml.replace("  workload: web-1\n", "");
+        let cfg = compile_text("m.yaml", &yaml, None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.identity.is_none());
+    }
+
+    #[test]
+    fn documents_round_trip_through_json() {
+        let docs = crate::load::parse_documents("m.yaml", MESH).unwrap();
+        let res = Resources::from_documents(docs).unwrap();
+        assert_eq!(res.authorization_policies.len(), 4);
+        assert_eq!(res.request_authentications.len(), 2);
+        for r in res.documents() {
+            let back = Resource::from_json(r.kind(), &r.to_json()).unwrap();
+            assert_eq!(back.key(), r.key());
+            assert_eq!(back.to_json(), r.to_json());
+        }
+    }
+
+    #[test]
+    fn refuses_invalid_security_documents() {
+        let base = r#"
+apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {name: catalog, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+---
+"#;
+        let cases: &[(&str, &str)] = &[
+            (
+                "kind: MeshConfig\nmetadata: {name: m}\nspec: {trustDomain: Bad.Domain}",
+                "spec.trustDomain",
+            ),
+            (
+                "kind: Workload\nmetadata: {name: w, namespace: shop}\nspec: {address: 1.2.3.4, serviceAccount: Bad_SA}",
+                "spec.serviceAccount",
+            ),
+            (
+                "kind: Proxy\nmetadata: {name: p, namespace: shop}\nspec: {workload: nope}",
+                "spec.workload: workload \"nope\" does not exist",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {targetRef: {kind: Service, name: nope}, rules: [{}]}",
+                "spec.targetRef.name: service shop/nope does not exist",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {targetRef: {kind: Pod, name: catalog}, rules: [{}]}",
+                "spec.targetRef: only a Service",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{from: {principals: [\"shop/web\"]}}]}",
+                "spec.rules[0].from.principals[0]",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{from: {principalPrefixes: [\"cluster.local/ns\"]}}]}",
+                "spec.rules[0].from.principalPrefixes[0]",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{to: {methods: [get]}}]}",
+                "spec.rules[0].to.methods[0]",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{to: {paths: [api]}}]}",
+                "spec.rules[0].to.paths[0]",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{to: {ports: [0]}}]}",
+                "spec.rules[0].to.ports[0]",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{when: [{claim: scope, values: []}]}]}",
+                "spec.rules[0].when[0].values",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{to: {verbs: [GET]}}]}",
+                "unknown field `verbs`",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {targetRef: {name: catalog}, defaultAction: DENY}",
+                "defaultAction is only allowed on a policy without targetRef",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {defaultAction: DENY}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: shop}\nspec: {defaultAction: ALLOW}",
+                "already has its default set by AuthorizationPolicy shop/a",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {action: DENY}",
+                "a policy needs rules",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /a, uri: \"https://x/\"}}]}",
+                "spec.jwtRules[0].jwks: set exactly one",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"ftp://x/\"}}]}",
+                "spec.jwtRules[0].jwks.uri",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"http://x/\", caFile: /ca.pem}}]}",
+                "caFile needs an https:// uri",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {inline: '{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}]}'}}]}",
+                "spec.jwtRules[0].jwks.inline",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /j}, clockSkew: 1 minute}]}",
+                "spec.jwtRules[0].clockSkew",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /j}, forwardClaims: [{claim: sub, header: sinew-peer}]}]}",
+                "spec.jwtRules[0].forwardClaims[0].header",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /j}}, {issuer: i, jwks: {file: /k}}]}",
+                "issuer \"i\" is listed twice",
+            ),
+        ];
+        for (doc, want) in cases {
+            let yaml = format!("{base}apiVersion: sinew.dev/v1alpha1\n{doc}\n");
+            let got = match crate::load::parse_documents("m.yaml", &yaml) {
+                Err(e) => e.to_string(),
+                Ok(_) => errors(&yaml),
+            };
+            assert!(got.contains(want), "{doc}\nwant {want:?}\ngot {got}");
+        }
+    }
 }

@@ -5,8 +5,9 @@
 //! both read documents through [`load::parse_documents`], validate them into a
 //! [`resource::Resources`] set, and compile that into a [`compile::ProxyConfig`] for one
 //! proxy. Route matching ([`route`]) lives here too, so precedence rules are tested
-//! without a network.
+//! without a network, and so does the authorization engine ([`authz`]).
 
+pub mod authz;
 pub mod compile;
 pub mod duration;
 pub mod error;

@@ -88,6 +88,9 @@ pub struct ServiceSpec {
     /// Balancing algorithm; default the mesh's default, else `PeakEWMA`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
+    /// mTLS mode of this service's inbound traffic; default the mesh's mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
 }
 
 /// One port of a service.
@@ -122,7 +125,26 @@ pub struct WorkloadSpec {
     /// port over HTTP/2 instead of straight to the application.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarRef>,
+    /// The instance's service account: its identity is
+    /// `spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>`. Default the
+    /// workload's `service`, else `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
+
+impl WorkloadSpec {
+    /// The service account, defaulted: `serviceAccount`, else `service`, else
+    /// `default`.
+    pub fn service_account(&self) -> &str {
+        self.service_account
+            .as_deref()
+            .or(self.service.as_deref())
+            .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
+    }
+}
+
+/// The service account of a workload that names neither one nor a service.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// Where a workload's sidecar accepts mesh traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +165,50 @@ pub struct MeshConfigSpec {
     /// Default balancing algorithm for services that do not choose one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_load_balancer: Option<LoadBalancer>,
+    /// The SPIFFE trust domain of the mesh's identities; default `cluster.local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// The mesh-wide mTLS mode between sidecars; default `STRICT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSpec>,
+    /// What happens to a request no authorization policy decides; default `ALLOW`.
+    /// A namespace's targetless `AuthorizationPolicy` with `defaultAction` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_authorization: Option<AuthorizationAction>,
+}
+
+/// mTLS settings (mesh-wide, or per service for its inbound traffic).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MtlsSpec {
+    /// The mode; default `STRICT`.
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// Whether a sidecar's inbound accepts plaintext besides mTLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MtlsMode {
+    /// Only mutually authenticated TLS (the default): plaintext is refused.
+    #[default]
+    #[serde(rename = "STRICT")]
+    Strict,
+    /// mTLS and plaintext both accepted, for migration. Plaintext callers have no
+    /// identity, so identity-based rules never match them.
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+}
+
+/// What an authorization policy (or a default) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AuthorizationAction {
+    /// Allow (the default).
+    #[default]
+    #[serde(rename = "ALLOW")]
+    Allow,
+    /// Deny.
+    #[serde(rename = "DENY")]
+    Deny,
 }
 
 /// `kind: Proxy`: how one `sinew-proxy` listens (standalone mode).
@@ -158,6 +224,11 @@ pub struct ProxySpec {
     /// DNS suffix accepted in logical names (`catalog.shop.svc.<clusterDomain>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_domain: Option<String>,
+    /// The `Workload` (same namespace) this proxy serves: it gives the proxy its
+    /// identity and decides which policies apply at its inbound. Default the
+    /// Workload named like the proxy, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 /// The inbound listener.
@@ -479,6 +550,203 @@ pub struct HttpRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
+/// A policy's target: a Service in the policy's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    /// API group; `""` or `core` for a Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Kind; `Service` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The Service's name (in the policy's namespace).
+    pub name: String,
+}
+
+/// `kind: AuthorizationPolicy`: who may call what, at the inbound of the workloads of
+/// a Service (or of a whole namespace). Semantics: see [`crate::authz`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// The Service whose workloads the policy protects; absent: every workload of the
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
+    /// What a matching rule does; default `ALLOW`.
+    #[serde(default)]
+    pub action: AuthorizationAction,
+    /// Only on a targetless policy (at most one per namespace): what happens to a
+    /// request of this namespace that no policy decides. Overrides the mesh default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<AuthorizationAction>,
+    /// Rules; any rule matching makes the policy match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+/// One rule: it matches when every part present matches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    /// Who is calling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<RuleSource>,
+    /// What is called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<RuleOperation>,
+    /// Conditions on the verified JWT's claims, all of which must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<ClaimCondition>,
+}
+
+/// The caller, in a rule. Each list present must match; an empty list is absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleSource {
+    /// Exact SPIFFE ids of the peer (`principals` and `principalPrefixes` together
+    /// form one condition: either may match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    /// Prefixes of the peer's SPIFFE id, e.g. `spiffe://cluster.local/ns/shop/`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principal_prefixes: Vec<String>,
+    /// Namespaces of the peer (from its SPIFFE id in the mesh's trust domain).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// `issuer/subject` of the verified JWT; `*` means any verified token, and a
+    /// trailing `*` matches a prefix (e.g. `https://issuer.example/*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+}
+
+/// The operation, in a rule. Each list present must match; an empty list is absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleOperation {
+    /// Application ports (as the inbound sees them: the workload's ports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Exact paths (`paths` and `pathPrefixes` together form one condition).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Path prefixes, compared as strings: `/api/` matches `/api/x`, not `/api`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_prefixes: Vec<String>,
+    /// HTTP methods, upper case.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Request headers, each of which must be present with this exact value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderValuePair>,
+}
+
+/// A condition on a JWT claim: present and equal to one of `values`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimCondition {
+    /// The claim's name; a dotted path (`realm.roles`) reaches nested claims.
+    pub claim: String,
+    /// Accepted values.
+    pub values: Vec<String>,
+}
+
+/// `kind: RequestAuthentication`: JWTs accepted at the inbound of the workloads of a
+/// Service (or of a whole namespace). A request without a token passes (authorization
+/// may refuse it); a request with a token must carry a valid one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// The Service whose workloads accept these tokens; absent: the whole namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
+    /// One rule per issuer.
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// How tokens of one issuer are verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRule {
+    /// The exact `iss` claim.
+    pub issuer: String,
+    /// Accepted `aud` values; when listed, the token must carry one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Where the issuer's public keys come from.
+    pub jwks: JwksSpec,
+    /// Where tokens are found; default `authorization` with prefix `Bearer `.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Verified claims copied into request headers for the application.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward_claims: Vec<ClaimToHeader>,
+    /// Keep the token's header for the application; default false (removed once
+    /// verified).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_token: bool,
+    /// Tolerance for `exp` and `nbf` (Gateway API duration); default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew: Option<String>,
+    /// Claims the token must carry (with one of the values, when listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_claims: Vec<RequiredClaim>,
+}
+
+/// A JWKS source: exactly one of `file`, `uri`, `inline`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwksSpec {
+    /// A local file holding the JWKS JSON; re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// An `https://` (or `http://`) URL serving the JWKS JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// With `uri` over HTTPS: a PEM file of CA certificates to trust instead of the
+    /// system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// With `uri`: how often the keys are fetched again; default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<String>,
+    /// The JWKS JSON itself (public keys only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+}
+
+/// A header that may carry a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtHeader {
+    /// Header name.
+    pub name: String,
+    /// Text before the token (compared case-insensitively), e.g. `Bearer `.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+}
+
+/// Copies a verified claim into a request header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    /// The claim (a dotted path reaches nested claims).
+    pub claim: String,
+    /// The header set for the application (any copy sent by the client is removed).
+    pub header: String,
+}
+
+/// A claim a token must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequiredClaim {
+    /// The claim (a dotted path reaches nested claims).
+    pub name: String,
+    /// Accepted values; empty: any value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
 /// A typed document.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
@@ -492,10 +760,22 @@ pub enum Resource {
     HttpRoute(Object<HttpRouteSpec>),
     /// `kind: MeshConfig`.
     MeshConfig(Object<MeshConfigSpec>),
+    /// `kind: AuthorizationPolicy`.
+    AuthorizationPolicy(Object<AuthorizationPolicySpec>),
+    /// `kind: RequestAuthentication`.
+    RequestAuthentication(Object<RequestAuthenticationSpec>),
 }
 
 /// The kinds, as written in documents.
-pub const KINDS: [&str; 5] = ["Proxy", "Service", "Workload", "HTTPRoute", "MeshConfig"];
+pub const KINDS: [&str; 7] = [
+    "Proxy",
+    "Service",
+    "Workload",
+    "HTTPRoute",
+    "MeshConfig",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
+];
 
 /// Identifies a document: kind, namespace, name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -523,6 +803,8 @@ impl Resource {
             Resource::Workload(_) => "Workload",
             Resource::HttpRoute(_) => "HTTPRoute",
             Resource::MeshConfig(_) => "MeshConfig",
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::RequestAuthentication(_) => "RequestAuthentication",
         }
     }
 
@@ -546,6 +828,8 @@ impl Resource {
             Resource::Workload(o) => serde_json::to_string(o),
             Resource::HttpRoute(o) => serde_json::to_string(o),
             Resource::MeshConfig(o) => serde_json::to_string(o),
+            Resource::AuthorizationPolicy(o) => serde_json::to_string(o),
+            Resource::RequestAuthentication(o) => serde_json::to_string(o),
         };
         // Serialising plain data to JSON cannot fail; an empty object is never used.
         out.unwrap_or_default()
@@ -567,6 +851,8 @@ impl Resource {
             "Workload" => parse(json).map(Resource::Workload),
             "HTTPRoute" => parse(json).map(Resource::HttpRoute),
             "MeshConfig" => parse(json).map(Resource::MeshConfig),
+            "AuthorizationPolicy" => parse(json).map(Resource::AuthorizationPolicy),
+            "RequestAuthentication" => parse(json).map(Resource::RequestAuthentication),
             other => Err(crate::ConfigError::new(format!("unknown kind {other:?}")).field("kind")),
         }
     }
@@ -578,6 +864,8 @@ impl Resource {
             Resource::Workload(o) => &mut o.metadata,
             Resource::HttpRoute(o) => &mut o.metadata,
             Resource::MeshConfig(o) => &mut o.metadata,
+            Resource::AuthorizationPolicy(o) => &mut o.metadata,
+            Resource::RequestAuthentication(o) => &mut o.metadata,
         }
     }
 
@@ -589,6 +877,8 @@ impl Resource {
             Resource::Workload(o) => &o.metadata,
             Resource::HttpRoute(o) => &o.metadata,
             Resource::MeshConfig(o) => &o.metadata,
+            Resource::AuthorizationPolicy(o) => &o.metadata,
+            Resource::RequestAuthentication(o) => &o.metadata,
         }
     }
 

@@ -188,6 +188,7 @@ mod tests {
                 workload: format!("test/{port}"),
                 address: addr,
                 sidecar: None,
+                identity: None,
             },
             Arc::new(ConnPool::new(addr, Duration::from_secs(1))),
         ))

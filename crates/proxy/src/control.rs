@@ -11,8 +11,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sinew_api::v1::discovery_client::DiscoveryClient;
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use sinew_api::v1::{
-    Ack, ControlMessage, Hello, ProxyMessage, Push, Registration, control_message, proxy_message,
+    Ack, CertificateRequest, ControlMessage, Hello, ProxyMessage, Push, Registration,
+    control_message, proxy_message,
 };
 use sinew_model::load::Document;
 use sinew_model::resource::{Resource, ResourceKey};
@@ -35,6 +38,9 @@ pub struct ControlSettings {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// The join token that proves this proxy's identity; with it the proxy gets a
+    /// certificate and speaks mTLS to its peers.
+    pub join_token: Option<String>,
 }
 
 impl ControlSettings {
@@ -46,6 +52,7 @@ impl ControlSettings {
             registration: None,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            join_token: None,
         }
     }
 }
@@ -56,6 +63,20 @@ struct Client {
     /// What the applied configuration was made of, by key (JSON).
     resources: BTreeMap<ResourceKey, String>,
     applied: String,
+    /// The key of the CSR in flight (it never leaves the process).
+    pending_key: Option<String>,
+    /// When to ask for the next certificate.
+    renew_at: Option<tokio::time::Instant>,
+}
+
+/// When to renew a certificate valid until `not_after`: at about 70% of the time
+/// left, jittered by ±5% so a fleet does not renew at once.
+fn renewal_time(not_after: SystemTime) -> tokio::time::Instant {
+    let left = not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    let frac = 0.70 + (fastrand::f64() - 0.5) * 0.10;
+    tokio::time::Instant::now() + left.mul_f64(frac)
 }
 
 /// Runs until the process stops: connect, serve pushes, reconnect.
@@ -65,6 +86,8 @@ pub async fn run(settings: ControlSettings, applier: Applier) {
         applier,
         resources: BTreeMap::new(),
         applied: String::new(),
+        pending_key: None,
+        renew_at: None,
     };
     let mut attempt: u32 = 0;
     loop {
@@ -125,19 +148,43 @@ impl Client {
             .into_inner();
         tracing::info!(url = %self.settings.url, "connected to the control plane");
         let mut got_push = false;
+        // A certificate is due when there is none, or when its renewal time passed
+        // while disconnected.
+        if self.settings.join_token.is_some()
+            && self
+                .renew_at
+                .is_none_or(|t| t <= tokio::time::Instant::now())
+        {
+            self.request_certificate(&tx).await?;
+        }
         loop {
-            let msg = inbound
-                .message()
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-            let Some(ControlMessage {
-                kind: Some(control_message::Kind::Push(push)),
-            }) = msg
-            else {
+            let renew = self.renew_at;
+            let msg = tokio::select! {
+                msg = inbound.message() => msg.map_err(|s| format!("{}: {}", s.code(), s.message()))?,
+                _ = sleep_until(renew) => {
+                    self.request_certificate(&tx).await?;
+                    continue;
+                }
+            };
+            let Some(ControlMessage { kind: Some(kind) }) = msg else {
                 if msg.is_none() {
                     return Ok(got_push);
                 }
                 continue;
+            };
+            let push = match kind {
+                control_message::Kind::Push(push) => push,
+                control_message::Kind::Certificate(cert) => {
+                    self.install_certificate(cert);
+                    continue;
+                }
+                control_message::Kind::TrustBundle(b) => {
+                    match self.applier.shared().certs.set_trust_bundle(&b.roots_pem) {
+                        Ok(n) => tracing::info!(roots = n, "trust bundle updated"),
+                        Err(e) => tracing::error!(error = %e, "trust bundle refused"),
+                    }
+                    continue;
+                }
             };
             got_push = true;
             let (version, nonce) = (push.version.clone(), push.nonce.clone());
@@ -156,6 +203,57 @@ impl Client {
                 })),
             };
             tx.send(ack).await.map_err(|_| "stream closed".to_owned())?;
+        }
+    }
+
+    /// Sends a CSR for a fresh key; the key stays here until the certificate comes.
+    async fn request_certificate(&mut self, tx: &mpsc::Sender<ProxyMessage>) -> Result<(), String> {
+        let Some(token) = self.settings.join_token.clone() else {
+            return Ok(());
+        };
+        let (key, csr_der) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
+        self.pending_key = Some(key);
+        // If no answer comes, ask again after a while.
+        self.renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+        let msg = ProxyMessage {
+            kind: Some(proxy_message::Kind::Csr(CertificateRequest {
+                csr_der,
+                join_token: token,
+            })),
+        };
+        tx.send(msg).await.map_err(|_| "stream closed".to_owned())
+    }
+
+    fn install_certificate(&mut self, cert: sinew_api::v1::Certificate) {
+        let certs = &self.applier.shared().certs;
+        if !cert.error.is_empty() {
+            let msg = format!("certificate refused by the control plane: {}", cert.error);
+            tracing::error!("{msg}");
+            self.applier.set_error(Some(msg));
+            self.renew_at = Some(
+                tokio::time::Instant::now() + self.settings.max_backoff.max(Duration::from_secs(1)),
+            );
+            return;
+        }
+        let Some(key) = self.pending_key.take() else {
+            tracing::warn!("a certificate arrived for no pending request; ignored");
+            return;
+        };
+        let installed = certs
+            .set_trust_bundle(&cert.roots_pem)
+            .and_then(|_| certs.install(&key, &cert.chain_pem));
+        match installed {
+            Ok(id) => {
+                let not_after = UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(cert.not_after_unix).unwrap_or(0));
+                self.renew_at = Some(renewal_time(not_after));
+                self.applier.shared().metrics.certificate(not_after);
+                tracing::info!(%id, "certificate installed");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "certificate refused by the proxy");
+                self.renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+            }
         }
     }
 
@@ -210,5 +308,12 @@ impl Client {
         self.resources = next;
         self.applied = push.version;
         Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

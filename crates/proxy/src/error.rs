@@ -40,6 +40,14 @@ pub enum ProxyError {
     /// Connecting took longer than the connect timeout.
     #[error("connecting to {0} timed out")]
     ConnectTimeout(SocketAddr),
+    /// The mTLS handshake with the peer sidecar failed (untrusted, wrong identity...).
+    #[error("TLS with {addr} failed: {detail}")]
+    Tls {
+        /// Peer address.
+        addr: SocketAddr,
+        /// Why.
+        detail: String,
+    },
     /// The upstream failed after the connection was open (reset, protocol error).
     #[error("upstream {addr} failed: {source}")]
     Upstream {
@@ -68,6 +76,7 @@ impl ProxyError {
             }
             ProxyError::Connect { .. }
             | ProxyError::ConnectTimeout(_)
+            | ProxyError::Tls { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -83,6 +92,7 @@ impl ProxyError {
             ProxyError::PortNotAllowed(_) => "port-not-allowed",
             ProxyError::Connect { .. } => "connect-failed",
             ProxyError::ConnectTimeout(_) => "connect-timeout",
+            ProxyError::Tls { .. } => "tls-failed",
             ProxyError::Upstream { .. } => "upstream-failed",
             ProxyError::Timeout(_) => "request-timeout",
             ProxyError::ShuttingDown => "shutting-down",

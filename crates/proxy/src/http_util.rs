@@ -12,6 +12,10 @@ pub const DST_PORT: HeaderName = HeaderName::from_static("sinew-dst-port");
 /// sidecar speaks it to the application after the HTTP/2 hop.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sinew-orig-proto");
 
+/// To the application: the caller's SPIFFE id, verified by mTLS. Set (or removed) by
+/// the inbound on every request, never taken from the client.
+pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("sinew-peer-identity");
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,

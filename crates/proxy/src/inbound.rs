@@ -14,7 +14,7 @@ use sinew_model::compile::InboundConfig;
 
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
-use crate::http_util::{self, DST_PORT, ORIG_PROTO};
+use crate::http_util::{self, DST_PORT, ORIG_PROTO, PEER_IDENTITY};
 use crate::listeners::ConnCtx;
 use crate::metrics::Direction;
 use crate::pool::Version as UpVersion;
@@ -110,6 +110,19 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(DST_PORT);
     parts.headers.remove(ORIG_PROTO);
+    // The caller's verified identity, set by the proxy alone: a client cannot forge it.
+    match ctx
+        .peer_identity
+        .as_deref()
+        .map(http::HeaderValue::from_str)
+    {
+        Some(Ok(v)) => {
+            parts.headers.insert(PEER_IDENTITY, v);
+        }
+        _ => {
+            parts.headers.remove(PEER_IDENTITY);
+        }
+    }
     http_util::strip_hop_by_hop(&mut parts.headers, false);
     http_util::set_target(&mut parts, &authority, None, upstream_h2)?;
     let version = if upstream_h2 {

@@ -18,9 +18,11 @@ pub mod control;
 pub mod error;
 pub mod http_util;
 pub mod inbound;
+pub mod jwt;
 pub mod listeners;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod pool;
 pub mod reload;
 pub mod state;
@@ -175,6 +177,10 @@ impl Proxy {
             }
             ConfigSource::ControlPlane(settings) => {
                 let settings = (**settings).clone();
+                shared.identity_required.store(
+                    settings.join_token.is_some(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 (
                     format!("control plane {}", settings.url),
                     Box::new(move || Box::pin(control::run(settings, applier))),

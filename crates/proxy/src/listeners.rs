@@ -51,6 +51,8 @@ pub struct ConnCtx {
     pub bind: SocketAddr,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The client's SPIFFE id, verified by mTLS (inbound only).
+    pub peer_identity: Option<Arc<str>>,
 }
 
 /// The desired listeners of a configuration: address → role (and for upstream
@@ -176,7 +178,7 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let Some(guard) = shared.track() else { break };
                     let _ = stream.set_nodelay(true);
-                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer });
+                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None });
                     tokio::spawn(async move {
                         connection(ctx, stream, opaque).await;
                         drop(guard);
@@ -203,7 +205,10 @@ type HandlerFuture = std::pin::Pin<
 /// One accepted connection, from accept to close.
 async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
     let _open = ctx.shared.metrics.connection(ctx.role.label());
-    if opaque {
+    if ctx.role == Role::Inbound {
+        // Boxed: TLS state is not paid for by outbound connections.
+        Box::pin(inbound_connection(ctx, stream)).await;
+    } else if opaque {
         // Boxed: HTTP connections should not pay for the TCP path's state.
         Box::pin(outbound::tcp(ctx, stream)).await;
     } else {
@@ -211,7 +216,73 @@ async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
     }
 }
 
-async fn serve_http(ctx: Arc<ConnCtx>, stream: TcpStream) {
+/// Mesh TLS (first byte 0x16, the TLS handshake record) or plaintext. With an
+/// identity, plaintext is refused in strict mode; TLS must negotiate the mesh ALPN.
+async fn inbound_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let shared = ctx.shared.clone();
+    let mut first = [0u8; 1];
+    let peeked =
+        tokio::time::timeout(shared.settings.header_read_timeout, stream.peek(&mut first)).await;
+    if !matches!(peeked, Ok(Ok(1))) {
+        return;
+    }
+    if first[0] == 0x16 {
+        let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_server.clone());
+        let tls = match tokio::time::timeout(
+            shared.settings.header_read_timeout,
+            acceptor.accept(stream),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                shared
+                    .metrics
+                    .error(crate::metrics::Direction::Inbound, "tls-failed");
+                tracing::debug!(peer = %ctx.peer, error = %e, "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        if tls.get_ref().1.alpn_protocol() != Some(sinew_tls::MESH_ALPN) {
+            shared
+                .metrics
+                .error(crate::metrics::Direction::Inbound, "not-mesh-tls");
+            return;
+        }
+        let peer_identity = sinew_tls::peer_identity(tls.get_ref().1.peer_certificates())
+            .map(|id| Arc::<str>::from(id.to_string()));
+        let ctx = Arc::new(ConnCtx {
+            shared: ctx.shared.clone(),
+            role: ctx.role,
+            bind: ctx.bind,
+            peer: ctx.peer,
+            peer_identity,
+        });
+        serve_http(ctx, tls).await;
+        return;
+    }
+    let strict = shared.mtls_enforced()
+        && shared
+            .snapshot
+            .load()
+            .as_ref()
+            .and_then(|s| s.config.inbound.as_ref().map(|i| i.mtls))
+            .is_none_or(|m| m == sinew_model::resource::MtlsMode::Strict);
+    if strict {
+        shared
+            .metrics
+            .error(crate::metrics::Direction::Inbound, "plaintext-refused");
+        tracing::debug!(peer = %ctx.peer, "plaintext refused: mTLS is strict");
+        return;
+    }
+    serve_http(ctx, stream).await;
+}
+
+async fn serve_http<IO>(ctx: Arc<ConnCtx>, stream: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let shared = ctx.shared.clone();
     let role = ctx.role;
     // hyper keeps a slot the size of this future for the connection's whole life;
@@ -287,6 +358,7 @@ mod tests {
             role: Role::Upstream,
             bind: addr,
             peer,
+            peer_identity: None,
         });
         let conn = connection(ctx, stream, false);
         // The handlers are boxed per request (see serve_http); they only need to stay

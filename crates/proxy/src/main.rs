@@ -56,9 +56,25 @@ struct Args {
     /// A workload label, `key=value` (repeatable), e.g. `version=v2`.
     #[arg(long = "label", value_parser = parse_pair::<String>, requires = "service")]
     labels: Vec<(String, String)>,
+    /// The workload's service account: its identity (default: the service's name).
+    #[arg(long, requires = "service")]
+    service_account: Option<String>,
     /// The sidecar's inbound listener; mesh traffic to the workload arrives here.
     #[arg(long, requires = "service")]
     inbound: Option<SocketAddr>,
+    /// Control-plane mode: the join token proving this proxy's identity (from `sinew
+    /// token create`); with it the proxy gets a certificate and speaks mTLS.
+    #[arg(
+        long,
+        env = "SINEW_JOIN_TOKEN",
+        hide_env_values = true,
+        requires = "control_plane",
+        conflicts_with = "join_token_file"
+    )]
+    join_token: Option<String>,
+    /// A file holding the join token (kept out of the process list).
+    #[arg(long, requires = "control_plane")]
+    join_token_file: Option<PathBuf>,
     /// Admin listener (/live, /ready, /metrics, /config).
     #[arg(long, default_value = "127.0.0.1:4191", env = "SINEW_PROXY_ADMIN")]
     admin: SocketAddr,
@@ -131,6 +147,18 @@ fn main() -> anyhow::Result<()> {
                     format!("default/{name}")
                 };
                 let mut settings = ControlSettings::new(url, proxy);
+                settings.join_token = match (&args.join_token, &args.join_token_file) {
+                    (Some(t), _) => Some(t.trim().to_owned()),
+                    (None, Some(f)) => Some(
+                        std::fs::read_to_string(f)
+                            .with_context(|| {
+                                format!("{}: cannot read the join token", f.display())
+                            })?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    (None, None) => None,
+                };
                 settings.registration = args.service.map(|service| Registration {
                     service,
                     address: args.address.clone(),
@@ -141,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                         .collect(),
                     labels: args.labels.iter().cloned().collect(),
                     sidecar_port: args.inbound.map_or(0, |a| u32::from(a.port())),
+                    service_account: args.service_account.clone().unwrap_or_default(),
                 });
                 ProxyOptions::control_plane(settings)
             }

@@ -62,6 +62,7 @@ pub struct Metrics {
     open: Family<ListenerLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     generation: Gauge,
+    cert_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -120,7 +121,14 @@ impl Metrics {
             "Generation of the applied configuration (0 before the first)",
             generation.clone(),
         );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the proxy's workload certificate expires (0 without one)",
+            cert_expiry.clone(),
+        );
         Metrics {
+            cert_expiry,
             registry,
             requests,
             errors,
@@ -168,6 +176,15 @@ impl Metrics {
         if applied {
             self.generation.set(generation as i64);
         }
+    }
+
+    /// Records the installed certificate's expiry.
+    pub fn certificate(&self, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.cert_expiry
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
     /// Prometheus/OpenMetrics text.

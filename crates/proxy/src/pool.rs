@@ -39,6 +39,14 @@ pub struct ConnPool {
     connect_timeout: Duration,
     idle: Mutex<Vec<(Instant, http1::SendRequest<ReqBody>)>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    tls: Option<MeshTls>,
+}
+
+/// mTLS toward a peer sidecar: our own certificate store, and a client config that
+/// requires the peer's expected SPIFFE id.
+struct MeshTls {
+    certs: Arc<sinew_tls::CertStore>,
+    config: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -57,7 +65,22 @@ impl ConnPool {
             connect_timeout,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            tls: None,
         }
+    }
+
+    /// A pool toward a peer sidecar whose certificate must carry `expected`. TLS is
+    /// used whenever this proxy holds a certificate.
+    pub fn mesh(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        certs: Arc<sinew_tls::CertStore>,
+        expected: sinew_tls::SpiffeId,
+    ) -> ConnPool {
+        let mut pool = ConnPool::new(addr, connect_timeout);
+        let config = certs.client_config(expected);
+        pool.tls = Some(MeshTls { certs, config });
+        pool
     }
 
     /// The address this pool connects to.
@@ -174,7 +197,50 @@ impl ConnPool {
         {
             return Ok((tx.clone(), true));
         }
-        let io = TokioIo::new(self.connect().await?);
+        // Connecting is the rare path: boxed so the per-request future stays small.
+        Box::pin(self.connect_h2()).await
+    }
+
+    async fn connect_h2(&self) -> Result<(http2::SendRequest<ReqBody>, bool), ProxyError> {
+        let tcp = self.connect().await?;
+        let tx = match &self.tls {
+            Some(tls) if tls.certs.is_ready() => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let stream = tokio::time::timeout(
+                    self.connect_timeout,
+                    connector.connect(sinew_tls::CertStore::server_name(), tcp),
+                )
+                .await
+                .map_err(|_| ProxyError::ConnectTimeout(self.addr))?
+                .map_err(|e| ProxyError::Tls {
+                    addr: self.addr,
+                    detail: e.to_string(),
+                })?;
+                if stream.get_ref().1.alpn_protocol() != Some(sinew_tls::MESH_ALPN) {
+                    return Err(ProxyError::Tls {
+                        addr: self.addr,
+                        detail: "the peer did not agree to the mesh protocol (ALPN)".into(),
+                    });
+                }
+                self.h2_handshake(TokioIo::new(stream)).await?
+            }
+            _ => self.h2_handshake(TokioIo::new(tcp)).await?,
+        };
+        let mut slot = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        // Another request may have connected meanwhile; keep one connection.
+        match slot.as_ref() {
+            Some(existing) if !existing.is_closed() => Ok((existing.clone(), false)),
+            _ => {
+                *slot = Some(tx.clone());
+                Ok((tx, false))
+            }
+        }
+    }
+
+    async fn h2_handshake<IO>(&self, io: IO) -> Result<http2::SendRequest<ReqBody>, ProxyError>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -190,15 +256,7 @@ impl ConnPool {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        let mut slot = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        // Another request may have connected meanwhile; keep one connection.
-        match slot.as_ref() {
-            Some(existing) if !existing.is_closed() => Ok((existing.clone(), false)),
-            _ => {
-                *slot = Some(tx.clone());
-                Ok((tx, false))
-            }
-        }
+        Ok(tx)
     }
 
     async fn send_h2(&self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {

@@ -59,6 +59,7 @@ impl Applier {
             config,
             version.clone(),
             self.shared.settings.connect_timeout,
+            &self.shared.certs,
         ));
         let generation = snap.generation;
         // Swap first, then start new listeners: a new listener must find its binding

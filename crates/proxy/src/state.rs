@@ -62,34 +62,44 @@ impl Snapshot {
     }
 }
 
+/// Pools are per dial address and, toward a sidecar, per expected peer identity.
+type PoolKey = (SocketAddr, Option<String>);
+
 /// Builds snapshots, reusing endpoint state and connection pools across reloads so
 /// a swap keeps latency history and open connections.
 #[derive(Debug, Default)]
 pub struct SnapshotBuilder {
     endpoints: HashMap<(String, u16, sinew_model::compile::EndpointConfig), Arc<Endpoint>>,
-    pools: HashMap<SocketAddr, Arc<ConnPool>>,
+    pools: HashMap<PoolKey, Arc<ConnPool>>,
     generation: u64,
 }
 
 impl SnapshotBuilder {
-    /// Builds the snapshot for `config`.
+    /// Builds the snapshot for `config`; `certs` is the proxy's identity, used for
+    /// mTLS toward peer sidecars.
     pub fn build(
         &mut self,
         config: ProxyConfig,
         version: String,
         connect_timeout: Duration,
+        certs: &Arc<sinew_tls::CertStore>,
     ) -> Snapshot {
         self.generation += 1;
         let mut endpoints = HashMap::new();
         let mut pools = HashMap::new();
-        let pool_for = |addr: SocketAddr, pools: &mut HashMap<SocketAddr, Arc<ConnPool>>| {
+        let pool_for = |key: PoolKey, pools: &mut HashMap<PoolKey, Arc<ConnPool>>| {
             pools
-                .entry(addr)
+                .entry(key.clone())
                 .or_insert_with(|| {
-                    self.pools
-                        .get(&addr)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(ConnPool::new(addr, connect_timeout)))
+                    self.pools.get(&key).cloned().unwrap_or_else(|| {
+                        let (addr, identity) = key;
+                        match identity.and_then(|i| i.parse::<sinew_tls::SpiffeId>().ok()) {
+                            Some(id) => {
+                                Arc::new(ConnPool::mesh(addr, connect_timeout, certs.clone(), id))
+                            }
+                            None => Arc::new(ConnPool::new(addr, connect_timeout)),
+                        }
+                    })
                 })
                 .clone()
         };
@@ -101,13 +111,14 @@ impl SnapshotBuilder {
                     .iter()
                     .map(|ec| {
                         let k = (key.clone(), port.port, ec.clone());
+                        let key: PoolKey = match ec.sidecar {
+                            Some(sc) => (sc, ec.identity.clone()),
+                            None => (ec.address, None),
+                        };
                         let ep = self.endpoints.get(&k).cloned().unwrap_or_else(|| {
-                            let dial = ec.sidecar.unwrap_or(ec.address);
-                            Arc::new(Endpoint::new(ec.clone(), pool_for(dial, &mut pools)))
+                            Arc::new(Endpoint::new(ec.clone(), pool_for(key.clone(), &mut pools)))
                         });
-                        pools
-                            .entry(ep.dial_addr())
-                            .or_insert_with(|| ep.pool.clone());
+                        pools.entry(key).or_insert_with(|| ep.pool.clone());
                         endpoints.insert(k, ep.clone());
                         ep
                     })
@@ -127,7 +138,7 @@ impl SnapshotBuilder {
                     .map(|p| (*p, SocketAddr::new(inb.app_address, *p)))
                     .collect::<Vec<_>>()
             })
-            .map(|(port, addr)| (port, pool_for(addr, &mut pools)))
+            .map(|(port, addr)| (port, pool_for((addr, None), &mut pools)))
             .collect();
         self.endpoints = endpoints;
         self.pools = pools;
@@ -171,6 +182,12 @@ pub struct Shared {
     pub bound: Mutex<HashMap<SocketAddr, SocketAddr>>,
     /// The HTTP server (HTTP/1.1 and h2c, detected per connection).
     pub server: auto::Builder<TokioExecutor>,
+    /// This proxy's certificate and trust bundle (empty without an identity).
+    pub certs: Arc<sinew_tls::CertStore>,
+    /// The inbound's TLS config (its verifier and certificate follow `certs`).
+    pub tls_server: Arc<rustls::ServerConfig>,
+    /// True when the proxy must have a certificate to be ready (it has a join token).
+    pub identity_required: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -198,6 +215,7 @@ impl Shared {
             .enable_connect_protocol()
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
+        let certs = sinew_tls::CertStore::new();
         Shared {
             snapshot: ArcSwapOption::empty(),
             metrics: Metrics::new(),
@@ -208,12 +226,22 @@ impl Shared {
             listeners_ok: AtomicBool::new(true),
             bound: Mutex::new(HashMap::new()),
             server,
+            tls_server: certs.server_config(),
+            certs,
+            identity_required: AtomicBool::new(false),
         }
     }
 
-    /// Ready: a configuration is applied, every listener is bound, not draining.
+    /// True when mesh TLS rules apply: the proxy has, or is waiting for, an identity.
+    pub fn mtls_enforced(&self) -> bool {
+        self.identity_required.load(Ordering::Relaxed) || self.certs.is_ready()
+    }
+
+    /// Ready: a configuration is applied, every listener is bound, the certificate
+    /// is installed (when the proxy has an identity), not draining.
     pub fn is_ready(&self) -> bool {
-        self.snapshot.load().is_some()
+        (!self.identity_required.load(Ordering::Relaxed) || self.certs.is_ready())
+            && self.snapshot.load().is_some()
             && self.listeners_ok.load(Ordering::Relaxed)
             && *self.drain.borrow() == DrainState::Running
     }

@@ -2,7 +2,7 @@
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
-    #[prost(oneof = "proxy_message::Kind", tags = "1, 2")]
+    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3")]
     pub kind: ::core::option::Option<proxy_message::Kind>,
 }
 /// Nested message and enum types in `ProxyMessage`.
@@ -14,7 +14,20 @@ pub mod proxy_message {
         Hello(super::Hello),
         #[prost(message, tag = "2")]
         Ack(super::Ack),
+        #[prost(message, tag = "3")]
+        Csr(super::CertificateRequest),
     }
+}
+/// A request for a workload certificate. The private key never leaves the proxy: it
+/// sends a CSR, and proves who it is with a join token (`sinew token create`). The
+/// identity is the token's, never what the CSR asks for.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CertificateRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub csr_der: ::prost::alloc::vec::Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub join_token: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -49,6 +62,9 @@ pub struct Registration {
     /// The sidecar's inbound port on `address`; 0 when mesh traffic goes straight to the app.
     #[prost(uint32, tag = "5")]
     pub sidecar_port: u32,
+    /// The workload's service account (its identity); "" for the default.
+    #[prost(string, tag = "6")]
+    pub service_account: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -64,7 +80,7 @@ pub struct Ack {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -74,7 +90,34 @@ pub mod control_message {
     pub enum Kind {
         #[prost(message, tag = "1")]
         Push(super::Push),
+        #[prost(message, tag = "2")]
+        Certificate(super::Certificate),
+        #[prost(message, tag = "3")]
+        TrustBundle(super::TrustBundle),
     }
+}
+/// The answer to a CertificateRequest.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Certificate {
+    /// Leaf first, then intermediates (PEM). Empty when refused.
+    #[prost(string, tag = "1")]
+    pub chain_pem: ::prost::alloc::string::String,
+    /// Every root to trust (PEM).
+    #[prost(string, tag = "2")]
+    pub roots_pem: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub not_after_unix: i64,
+    /// Why the request was refused, if it was.
+    #[prost(string, tag = "4")]
+    pub error: ::prost::alloc::string::String,
+}
+/// The roots to trust changed (a root rotation started or finished).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrustBundle {
+    #[prost(string, tag = "1")]
+    pub roots_pem: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -110,6 +153,27 @@ pub struct Resource {
     pub key: ::core::option::Option<ResourceKey>,
     #[prost(string, tag = "2")]
     pub json: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateJoinTokenRequest {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub service_account: ::prost::alloc::string::String,
+    /// 0 for the default (30 days).
+    #[prost(uint64, tag = "3")]
+    pub ttl_seconds: u64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct JoinToken {
+    #[prost(string, tag = "1")]
+    pub token: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub expires_unix: i64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -247,6 +311,11 @@ pub struct HealthResponse {
     /// Why the config directory's current content was refused, if it was.
     #[prost(string, tag = "6")]
     pub config_dir_error: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// Certificates issued since start.
+    #[prost(uint64, tag = "8")]
+    pub certificates_issued: u64,
 }
 /// Generated client implementations.
 pub mod discovery_client {
@@ -702,6 +771,22 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("sinew.api.v1.Admin", "Health"));
             self.inner.unary(req, path, codec).await
         }
+        /// Issues a join token: the bootstrap credential a proxy presents to get a
+        /// certificate for `spiffe://<trust-domain>/ns/<namespace>/sa/<service_account>`.
+        pub async fn create_join_token(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateJoinTokenRequest>,
+        ) -> std::result::Result<tonic::Response<super::JoinToken>, tonic::Status> {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/sinew.api.v1.Admin/CreateJoinToken");
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sinew.api.v1.Admin", "CreateJoinToken"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -740,6 +825,12 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::HealthRequest>,
         ) -> std::result::Result<tonic::Response<super::HealthResponse>, tonic::Status>;
+        /// Issues a join token: the bootstrap credential a proxy presents to get a
+        /// certificate for `spiffe://<trust-domain>/ns/<namespace>/sa/<service_account>`.
+        async fn create_join_token(
+            &self,
+            request: tonic::Request<super::CreateJoinTokenRequest>,
+        ) -> std::result::Result<tonic::Response<super::JoinToken>, tonic::Status>;
     }
     /// Operator API: what the `sinew` CLI calls.
     #[derive(Debug)]
@@ -986,6 +1077,47 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = HealthSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sinew.api.v1.Admin/CreateJoinToken" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateJoinTokenSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::CreateJoinTokenRequest>
+                        for CreateJoinTokenSvc<T>
+                    {
+                        type Response = super::JoinToken;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateJoinTokenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Admin>::create_join_token(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateJoinTokenSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

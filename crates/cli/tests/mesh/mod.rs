@@ -63,7 +63,10 @@ impl Control {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SINEW_TEST_CP_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -139,8 +142,21 @@ pub async fn proxy(
     registration: Option<Registration>,
     min_backoff: Duration,
 ) -> Proxy {
+    proxy_with_token(url, name, registration, min_backoff, None).await
+}
+
+/// Like [`proxy`], with a join token: the proxy gets a certificate and speaks mTLS;
+/// ready means it has one.
+pub async fn proxy_with_token(
+    url: &str,
+    name: &str,
+    registration: Option<Registration>,
+    min_backoff: Duration,
+    token: Option<String>,
+) -> Proxy {
     let mut settings = ControlSettings::new(url, name);
     settings.registration = registration;
+    settings.join_token = token;
     settings.min_backoff = min_backoff;
     settings.max_backoff = min_backoff.max(Duration::from_millis(500));
     let mut opts = ProxyOptions::control_plane(settings);
@@ -172,6 +188,7 @@ pub fn registration(
             .into_iter()
             .collect(),
         sidecar_port: u32::from(inbound.port()),
+        service_account: String::new(),
     }
 }
 
@@ -214,4 +231,38 @@ pub async fn listening(addr: SocketAddr) {
     })
     .await
     .unwrap();
+}
+
+/// `sinew token create`: the token.
+pub async fn token(cp: &Control, ns: &str, sa: &str) -> String {
+    let out = cp
+        .sinew(&["token", "create", "-n", ns, "--service-account", sa])
+        .await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (stdout, stderr) = text(&out);
+    assert!(
+        stderr.contains(&format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")),
+        "{stderr}"
+    );
+    stdout.trim().to_owned()
+}
+
+/// Runs `openssl s_client` against `addr` with `args`; returns (success, output).
+pub async fn s_client(addr: SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("openssl")
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(["-alpn", "sinew-h2", "-tls1_3"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("openssl is required for these tests (scripts/test installs it)");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), all)
 }
