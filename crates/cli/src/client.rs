@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::{
     ApplyRequest, CreateJoinTokenRequest, DeleteRequest, GetRequest, HealthRequest,
-    ProxyStatusRequest, ResourceKey, Source,
+    ProxyStatusRequest, ResourceKey, RotateCaRequest, Source,
 };
 use sinew_model::{Resources, parse_documents, parse_sources};
 use tonic::transport::Channel;
@@ -203,7 +203,9 @@ pub async fn get(
         kind
     };
     if sinew_control::admin::canonical_kind(kind).is_none() {
-        bail!("unknown kind {kind:?}: use service, workload, httproute, proxy, meshconfig or all");
+        bail!(
+            "unknown kind {kind:?}: use service, workload, httproute, proxy, meshconfig, authorizationpolicy, requestauthentication or all"
+        );
     }
     let mut client = connect(server).await?;
     let resp = client
@@ -482,6 +484,16 @@ pub async fn check(server: &str, wait: Duration) -> anyhow::Result<i32> {
             format!("store healthy: {}", health.store_error)
         },
     );
+    match health.rotation_phase.as_str() {
+        "" | "idle" => {}
+        phase => line(
+            health.proxies_on_signing_root == health.proxies_with_certificates,
+            format!(
+                "trust-anchor rotation {phase}: {} of {} proxies hold a certificate from the signing root",
+                health.proxies_on_signing_root, health.proxies_with_certificates
+            ),
+        ),
+    }
     if !health.config_dir_error.is_empty() {
         line(
             false,
@@ -590,5 +602,34 @@ pub async fn create_token(
         "join token for {} (valid {ttl_days} days); pass it to sinew-proxy --join-token",
         t.spiffe_id
     );
+    Ok(0)
+}
+
+/// `sinew ca rotate PHASE`.
+pub async fn rotate_ca(
+    server: &str,
+    phase: &str,
+    ca_cert: Option<&Path>,
+    ca_key: Option<&Path>,
+    force: bool,
+) -> anyhow::Result<i32> {
+    let abs = |p: Option<&Path>| -> anyhow::Result<String> {
+        Ok(match p {
+            Some(p) => std::path::absolute(p)?.display().to_string(),
+            None => String::new(),
+        })
+    };
+    let mut client = connect(server).await?;
+    let resp = client
+        .rotate_ca(RotateCaRequest {
+            phase: phase.to_owned(),
+            ca_cert_path: abs(ca_cert)?,
+            ca_key_path: abs(ca_key)?,
+            force,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+        .into_inner();
+    println!("{} (phase: {})", resp.message, resp.phase);
     Ok(0)
 }

@@ -28,6 +28,27 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Rotate the trust anchor with no downtime: `start` (trust a new root beside
+    /// the old one), `reissue` (the new root signs; every proxy renews now),
+    /// `finish` (retire the old root). `sinew check` shows the progress.
+    Rotate {
+        /// start, reissue or finish.
+        #[arg(value_parser = ["start", "reissue", "finish"])]
+        phase: String,
+        /// For start: an operator's new CA certificate (a path on the control plane's host).
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// For start: its key (a path on the control plane's host; never sent).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// For finish: retire the old root even if proxies still use it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TokenCommand {
     /// Create a token for spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
     Create {
@@ -76,6 +97,11 @@ enum Command {
         /// at about 70% of it.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
+    },
+    /// The certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// Join tokens: the credential a proxy presents to get its certificate.
     Token {
@@ -212,6 +238,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             tracing::info!("stopping");
             cp.shutdown().await;
             Ok(0)
+        }
+        Command::Ca {
+            command:
+                CaCommand::Rotate {
+                    phase,
+                    ca_cert,
+                    ca_key,
+                    force,
+                },
+        } => {
+            client::rotate_ca(
+                &server,
+                &phase,
+                ca_cert.as_deref(),
+                ca_key.as_deref(),
+                force,
+            )
+            .await
         }
         Command::Token {
             command:

@@ -921,3 +921,64 @@ async fn the_ca_key_is_owner_only_and_never_logged() {
         "a join token appears in the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_anchor_rotates_under_load_without_a_failed_request() {
+    let m = identity_mesh(&[]).await;
+    let roots = |p: &sinew_proxy::Proxy| p.shared().certs.roots();
+    let old_root = roots(&m.web);
+    assert_eq!(old_root.len(), 1);
+    let load = Load::start(m.bind, 4).await;
+
+    let out = m.cp.sinew(&["ca", "rotate", "start"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("both proxies trust both roots", TIMEOUT, || async {
+        roots(&m.web).len() == 2 && roots(&m.catalog).len() == 2
+    })
+    .await
+    .unwrap();
+    let early = m.cp.sinew(&["ca", "rotate", "finish"]).await;
+    assert!(!early.status.success(), "finish before reissue is refused");
+    assert!(
+        text(&early)
+            .1
+            .contains("nothing to finish: the rotation is started"),
+        "{:?}",
+        text(&early)
+    );
+    load.progress(50).await;
+
+    let out = m.cp.sinew(&["ca", "rotate", "reissue"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("everyone on the new root", TIMEOUT, || async {
+        let (out, _) = text(&m.cp.sinew(&["check", "--wait", "0"]).await);
+        out.contains("PASS trust-anchor rotation reissuing: 2 of 2 proxies hold a certificate from the signing root")
+    })
+    .await
+    .unwrap();
+    load.progress(50).await;
+
+    let out = m.cp.sinew(&["ca", "rotate", "finish"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("old root retired everywhere", TIMEOUT, || async {
+        let (w, c) = (roots(&m.web), roots(&m.catalog));
+        w.len() == 1 && c.len() == 1 && w != old_root && c != old_root
+    })
+    .await
+    .unwrap();
+    load.progress(100).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed across the root rotation",
+        ok + failed
+    );
+    let (out, _) = text(&m.cp.sinew(&["check"]).await);
+    assert!(
+        !out.contains("trust-anchor rotation"),
+        "rotation done: {out}"
+    );
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}

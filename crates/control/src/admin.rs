@@ -64,6 +64,8 @@ pub fn canonical_kind(k: &str) -> Option<&'static str> {
         "httproute" | "httproutes" | "route" | "routes" => "HTTPRoute",
         "proxy" | "proxies" => "Proxy",
         "meshconfig" | "meshconfigs" => "MeshConfig",
+        "authorizationpolicy" | "authorizationpolicies" | "authz" => "AuthorizationPolicy",
+        "requestauthentication" | "requestauthentications" | "jwt" => "RequestAuthentication",
         _ => return None,
     })
 }
@@ -197,6 +199,12 @@ impl Admin for AdminService {
             .map_err(|e| Status::internal(e.to_string()))?;
         let dir_error = self.ask(|reply| Command::DirError { reply }).await?;
         let records = self.ask(|reply| Command::Status { reply }).await?;
+        let signer = self.identity.signer();
+        let with_certs: Vec<_> = records
+            .values()
+            .filter(|r| r.stream.is_some() && !r.signer.is_empty())
+            .collect();
+        let on_signer = with_certs.iter().filter(|r| r.signer == signer).count() as u32;
         let (store_ok, store_error) = match check {
             Ok(_) => (true, String::new()),
             Err(e) => (false, e.to_string()),
@@ -210,6 +218,53 @@ impl Admin for AdminService {
             config_dir_error: dir_error.unwrap_or_default(),
             trust_domain: self.identity.trust_domain().to_owned(),
             certificates_issued: self.identity.issued(),
+            rotation_phase: self.identity.phase().as_str().to_owned(),
+            proxies_on_signing_root: on_signer,
+            proxies_with_certificates: with_certs.len() as u32,
+        }))
+    }
+
+    async fn rotate_ca(
+        &self,
+        req: Request<api::RotateCaRequest>,
+    ) -> Result<Response<api::RotateCaResponse>, Status> {
+        let req = req.into_inner();
+        let identity = self.identity.clone();
+        let message = match req.phase.as_str() {
+            "start" => {
+                let files = (!req.ca_cert_path.is_empty()).then(|| {
+                    (std::path::PathBuf::from(&req.ca_cert_path), std::path::PathBuf::from(&req.ca_key_path))
+                });
+                tokio::task::spawn_blocking(move || identity.rotate_start(files))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+            }
+            "reissue" => self.identity.rotate_reissue(),
+            "finish" => {
+                if !req.force {
+                    let records = self.ask(|reply| Command::Status { reply }).await?;
+                    let signer = self.identity.signer();
+                    let behind: Vec<String> = records
+                        .iter()
+                        .filter(|(_, r)| r.stream.is_some() && !r.signer.is_empty() && r.signer != signer)
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    if !behind.is_empty() {
+                        return Err(Status::failed_precondition(format!(
+                            "{} proxies still have certificates from the old root: {}; wait, run `sinew ca rotate reissue` again, or --force",
+                            behind.len(),
+                            behind.join(", ")
+                        )));
+                    }
+                }
+                self.identity.rotate_finish()
+            }
+            other => return Err(Status::invalid_argument(format!("unknown phase {other:?}: use start, reissue or finish"))),
+        }
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(api::RotateCaResponse {
+            phase: self.identity.phase().as_str().to_owned(),
+            message,
         }))
     }
 

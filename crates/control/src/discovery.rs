@@ -200,9 +200,23 @@ impl Discovery for DiscoveryService {
         let mut stopping = self.stopping.clone();
         let identity = self.identity.clone();
         let proxy_ns = ns.to_owned();
+        let mut bundle = identity.bundle();
         tokio::spawn(async move {
             let mut sent: Option<View> = None;
             let mut nonce = 0u64;
+            // Every new stream starts with the roots to trust: a proxy that was away
+            // during a rotation catches up before anything else.
+            let first = bundle.borrow_and_update().clone();
+            let mut renew_epoch = first.renew_epoch;
+            let msg = ControlMessage {
+                kind: Some(control_message::Kind::TrustBundle(api::TrustBundle {
+                    roots_pem: first.roots_pem,
+                    renew: false,
+                })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
             loop {
                 let current = state.borrow_and_update().clone();
                 let view = view::compute(&current, &proxy);
@@ -228,6 +242,18 @@ impl Discovery for DiscoveryService {
                 }
                 tokio::select! {
                     _ = stopped(&mut stopping) => break,
+                    changed = bundle.changed() => {
+                        if changed.is_err() { break }
+                        let b = bundle.borrow_and_update().clone();
+                        let renew = b.renew_epoch != renew_epoch;
+                        renew_epoch = b.renew_epoch;
+                        let msg = ControlMessage {
+                            kind: Some(control_message::Kind::TrustBundle(api::TrustBundle { roots_pem: b.roots_pem, renew })),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            break;
+                        }
+                    }
                     changed = state.changed() => if changed.is_err() { break },
                     msg = inbound.message() => match msg {
                         Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Ack(ack)) })) => {
@@ -239,8 +265,9 @@ impl Discovery for DiscoveryService {
                         }
                         Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Csr(req)) })) => {
                             let msg = match identity.issue(&proxy_ns, &req.join_token, &req.csr_der) {
-                                Ok((chain_pem, id, not_after)) => {
+                                Ok((chain_pem, id, not_after, signer)) => {
                                     tracing::info!(%proxy, %id, "certificate issued");
+                                    let _ = index.send(Command::CertIssued { proxy: proxy.clone(), signer }).await;
                                     api::Certificate {
                                         chain_pem,
                                         roots_pem: identity.roots_pem(),

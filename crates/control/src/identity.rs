@@ -19,13 +19,76 @@ pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default join-token lifetime.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Trust-anchor rotation phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// One root, signing.
+    Idle,
+    /// A new root is trusted beside the old one; the old one still signs.
+    Started,
+    /// The new root signs; the old one is still trusted until every proxy renewed.
+    Reissuing,
+}
+
+impl Phase {
+    /// As the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Started => "started",
+            Phase::Reissuing => "reissuing",
+        }
+    }
+}
+
+struct CaState {
+    signing: Arc<Ca>,
+    next: Option<Arc<Ca>>,
+    previous_roots: Option<String>,
+}
+
+impl CaState {
+    fn phase(&self) -> Phase {
+        if self.next.is_some() {
+            Phase::Started
+        } else if self.previous_roots.is_some() {
+            Phase::Reissuing
+        } else {
+            Phase::Idle
+        }
+    }
+
+    fn roots_pem(&self) -> String {
+        let mut roots = self.signing.roots_pem();
+        if let Some(n) = &self.next {
+            roots.push_str(&n.roots_pem());
+        }
+        if let Some(p) = &self.previous_roots {
+            roots.push_str(p);
+        }
+        roots
+    }
+}
+
+/// What proxies must trust, and whether they must renew now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleState {
+    /// Every root to trust, PEM.
+    pub roots_pem: String,
+    /// Bumped when every proxy must renew (a rotation re-issues).
+    pub renew_epoch: u64,
+}
+
 /// Certificates and tokens.
 pub struct Identity {
-    ca: Arc<Ca>,
+    state: std::sync::RwLock<CaState>,
+    /// Where rotation state lives (`None` for an operator's CA given by files).
+    dir: Option<std::path::PathBuf>,
     trust_domain: String,
     cert_ttl: Duration,
     store: Store,
     issued: AtomicU64,
+    bundle: tokio::sync::watch::Sender<BundleState>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -49,15 +112,88 @@ fn unix(t: SystemTime) -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// A short fingerprint of a CA's signing certificate.
+fn fingerprint(ca: &Ca) -> String {
+    sha256_hex(&ca.cert_pem())[..16].to_owned()
+}
+
+fn write_private(path: &std::path::Path, data: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut f, data.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.sync_all().map_err(|e| format!("{}: {e}", path.display()))
+}
+
 impl Identity {
-    /// Identity service over `ca`.
+    /// Identity service over the CA in `dir` (generated there on first start), with
+    /// any rotation in progress picked up from its files.
+    pub fn from_dir(
+        dir: &std::path::Path,
+        trust_domain: String,
+        cert_ttl: Duration,
+        store: Store,
+    ) -> Result<Identity, sinew_tls::TlsError> {
+        let signing = Ca::load_or_generate(dir, &trust_domain)?;
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        let next = match (read("next.pem"), read("next-key.pem")) {
+            (Some(c), Some(k)) => Some(Arc::new(Ca::from_pem(&c, &k)?)),
+            _ => None,
+        };
+        let previous_roots = read("previous-roots.pem");
+        Ok(Self::build(
+            CaState {
+                signing: Arc::new(signing),
+                next,
+                previous_roots,
+            },
+            Some(dir.to_path_buf()),
+            trust_domain,
+            cert_ttl,
+            store,
+        ))
+    }
+
+    /// Identity service over an operator's CA (no rotation through the API).
     pub fn new(ca: Ca, trust_domain: String, cert_ttl: Duration, store: Store) -> Identity {
+        Self::build(
+            CaState {
+                signing: Arc::new(ca),
+                next: None,
+                previous_roots: None,
+            },
+            None,
+            trust_domain,
+            cert_ttl,
+            store,
+        )
+    }
+
+    fn build(
+        state: CaState,
+        dir: Option<std::path::PathBuf>,
+        trust_domain: String,
+        cert_ttl: Duration,
+        store: Store,
+    ) -> Identity {
+        let (bundle, _) = tokio::sync::watch::channel(BundleState {
+            roots_pem: state.roots_pem(),
+            renew_epoch: 0,
+        });
         Identity {
-            ca: Arc::new(ca),
+            state: std::sync::RwLock::new(state),
+            dir,
             trust_domain,
             cert_ttl,
             store,
             issued: AtomicU64::new(0),
+            bundle,
         }
     }
 
@@ -68,12 +204,132 @@ impl Identity {
 
     /// Roots to trust, PEM.
     pub fn roots_pem(&self) -> String {
-        self.ca.roots_pem()
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .roots_pem()
+    }
+
+    /// Bundle changes, for proxy streams.
+    pub fn bundle(&self) -> tokio::sync::watch::Receiver<BundleState> {
+        self.bundle.subscribe()
+    }
+
+    /// The rotation phase.
+    pub fn phase(&self) -> Phase {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).phase()
+    }
+
+    /// Fingerprint of the signing CA (certificates issued now carry it).
+    pub fn signer(&self) -> String {
+        fingerprint(&self.state.read().unwrap_or_else(|e| e.into_inner()).signing)
     }
 
     /// Certificates issued since start.
     pub fn issued(&self) -> u64 {
         self.issued.load(Ordering::Relaxed)
+    }
+
+    fn publish(&self, renew: bool) {
+        let roots_pem = self.roots_pem();
+        self.bundle.send_modify(|b| {
+            b.roots_pem = roots_pem;
+            if renew {
+                b.renew_epoch += 1;
+            }
+        });
+    }
+
+    /// Rotation step 1: trust a new root (generated, or an operator's from files on
+    /// this host) beside the old one. Proxies get the two-root bundle at once.
+    pub fn rotate_start(
+        &self,
+        files: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    ) -> Result<String, String> {
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or("the CA was given with --ca-cert: restart with the new CA files instead")?;
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if st.phase() != Phase::Idle {
+            return Err(format!("a rotation is already {}", st.phase().as_str()));
+        }
+        let (ca, key_pem) = match files {
+            Some((c, k)) => {
+                let cert =
+                    std::fs::read_to_string(&c).map_err(|e| format!("{}: {e}", c.display()))?;
+                let key =
+                    std::fs::read_to_string(&k).map_err(|e| format!("{}: {e}", k.display()))?;
+                (Ca::from_pem(&cert, &key).map_err(|e| e.to_string())?, key)
+            }
+            None => {
+                let ca = Ca::generate(
+                    &self.trust_domain,
+                    Duration::from_secs(10 * 365 * 24 * 3600),
+                )
+                .map_err(|e| e.to_string())?;
+                let key = ca.key_pem();
+                (ca, key)
+            }
+        };
+        write_private(&dir.join("next-key.pem"), &key_pem)?;
+        std::fs::write(dir.join("next.pem"), ca.cert_pem() + &ca.chain_pem())
+            .map_err(|e| e.to_string())?;
+        let fp = fingerprint(&ca);
+        st.next = Some(Arc::new(ca));
+        drop(st);
+        self.publish(false);
+        Ok(format!(
+            "new root {fp} is trusted beside the old one; run `sinew ca rotate reissue` once proxies have it"
+        ))
+    }
+
+    /// Rotation step 2: the new root signs; every proxy renews now.
+    pub fn rotate_reissue(&self) -> Result<String, String> {
+        let dir = self.dir.as_ref().ok_or("no rotation in progress")?;
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if st.phase() == Phase::Reissuing {
+            drop(st);
+            self.publish(true);
+            return Ok("asked every proxy to renew again".into());
+        }
+        let next = st
+            .next
+            .take()
+            .ok_or("no rotation in progress: run `sinew ca rotate start` first")?;
+        let old = st.signing.clone();
+        let previous = old.roots_pem();
+        std::fs::write(dir.join("previous-roots.pem"), &previous).map_err(|e| e.to_string())?;
+        // The new CA becomes the one on disk; the old key is no longer needed.
+        let next_key =
+            std::fs::read_to_string(dir.join("next-key.pem")).map_err(|e| e.to_string())?;
+        let next_cert = std::fs::read_to_string(dir.join("next.pem")).map_err(|e| e.to_string())?;
+        write_private(&dir.join("ca-key.pem"), &next_key)?;
+        std::fs::write(dir.join("ca.pem"), next_cert).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(dir.join("next.pem"));
+        let _ = std::fs::remove_file(dir.join("next-key.pem"));
+        st.signing = next;
+        st.previous_roots = Some(previous);
+        drop(st);
+        self.publish(true);
+        Ok("the new root signs; every proxy is renewing; run `sinew ca rotate finish` when `sinew check` shows all on the new root".into())
+    }
+
+    /// Rotation step 3: retire the old root.
+    pub fn rotate_finish(&self) -> Result<String, String> {
+        let dir = self.dir.as_ref().ok_or("no rotation in progress")?;
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if st.phase() != Phase::Reissuing {
+            return Err(format!(
+                "nothing to finish: the rotation is {}",
+                st.phase().as_str()
+            ));
+        }
+        st.previous_roots = None;
+        let _ = std::fs::remove_file(dir.join("previous-roots.pem"));
+        drop(st);
+        self.publish(false);
+        Ok("the old root is retired".into())
     }
 
     /// Creates a join token for `namespace`/`account`.
@@ -127,7 +383,7 @@ impl Identity {
         proxy_namespace: &str,
         token: &str,
         csr_der: &[u8],
-    ) -> Result<(String, SpiffeId, SystemTime), String> {
+    ) -> Result<(String, SpiffeId, SystemTime, String), String> {
         if token.is_empty() {
             return Err(
                 "no join token: start the proxy with --join-token (see `sinew token create`)"
@@ -153,11 +409,21 @@ impl Identity {
             &binding.namespace,
             &binding.service_account,
         );
-        let issued = self
-            .ca
+        let signing = self
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .signing
+            .clone();
+        let issued = signing
             .sign_csr(csr_der, &id, self.cert_ttl)
             .map_err(|e| format!("refused: {e}"))?;
         self.issued.fetch_add(1, Ordering::Relaxed);
-        Ok((issued.chain_pem, id, issued.not_after))
+        Ok((
+            issued.chain_pem,
+            id,
+            issued.not_after,
+            fingerprint(&signing),
+        ))
     }
 }

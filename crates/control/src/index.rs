@@ -102,6 +102,8 @@ pub struct ProxyRecord {
     pub ack_latency: Option<Duration>,
     /// Reason of the last NACK (cleared by the next ACK).
     pub last_nack: String,
+    /// Fingerprint of the CA that signed the proxy's current certificate.
+    pub signer: String,
 }
 
 /// Commands to the index.
@@ -161,6 +163,13 @@ pub enum Command {
         version: String,
         /// NACK reason.
         error: Option<String>,
+    },
+    /// A certificate was issued to a proxy.
+    CertIssued {
+        /// `namespace/name`.
+        proxy: String,
+        /// Fingerprint of the signing CA.
+        signer: String,
     },
     /// Every proxy's status.
     Status {
@@ -627,6 +636,9 @@ impl Index {
                         }
                     }
                 }
+            }
+            Command::CertIssued { proxy, signer } => {
+                self.proxies.entry(proxy).or_default().signer = signer;
             }
             Command::Status { reply } => {
                 let _ = reply.send(self.proxies.clone());

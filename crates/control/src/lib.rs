@@ -102,7 +102,7 @@ impl ControlPlane {
     /// Opens the store, loads what it holds, and starts serving.
     pub async fn start(opts: ControlOptions) -> Result<ControlPlane, StartError> {
         let store = Store::open(&opts.data_dir)?;
-        let ca = match &opts.ca_files {
+        let identity = std::sync::Arc::new(match &opts.ca_files {
             Some((cert, key)) => {
                 let read = |p: &PathBuf| {
                     std::fs::read_to_string(p).map_err(|source| sinew_tls::TlsError::Io {
@@ -110,16 +110,20 @@ impl ControlPlane {
                         source,
                     })
                 };
-                sinew_tls::Ca::from_pem(&read(cert)?, &read(key)?)?
+                identity::Identity::new(
+                    sinew_tls::Ca::from_pem(&read(cert)?, &read(key)?)?,
+                    opts.trust_domain.clone(),
+                    opts.cert_ttl,
+                    store.clone(),
+                )
             }
-            None => sinew_tls::Ca::load_or_generate(&opts.data_dir.join("ca"), &opts.trust_domain)?,
-        };
-        let identity = std::sync::Arc::new(identity::Identity::new(
-            ca,
-            opts.trust_domain.clone(),
-            opts.cert_ttl,
-            store.clone(),
-        ));
+            None => identity::Identity::from_dir(
+                &opts.data_dir.join("ca"),
+                opts.trust_domain.clone(),
+                opts.cert_ttl,
+                store.clone(),
+            )?,
+        });
         let (index, state) = index::spawn(
             store.clone(),
             IndexSettings {

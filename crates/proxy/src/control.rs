@@ -183,6 +183,12 @@ impl Client {
                         Ok(n) => tracing::info!(roots = n, "trust bundle updated"),
                         Err(e) => tracing::error!(error = %e, "trust bundle refused"),
                     }
+                    if b.renew && self.settings.join_token.is_some() {
+                        // A root rotation is re-issuing: renew now, with a little
+                        // jitter so the fleet does not arrive at once.
+                        let jitter = Duration::from_millis(fastrand::u64(0..200));
+                        self.renew_at = Some(tokio::time::Instant::now() + jitter);
+                    }
                     continue;
                 }
             };

@@ -237,6 +237,20 @@ impl Ca {
         pem_of(&self.cert)
     }
 
+    /// The private key, PEM. Only for writing it to an owner-only file.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// The intermediates and roots after the signing certificate, PEM.
+    pub fn chain_pem(&self) -> String {
+        let mut out: String = self.intermediates.iter().map(|c| pem_of(c)).collect();
+        if !self.roots.contains(&self.cert) {
+            out.push_str(&self.roots_pem());
+        }
+        out
+    }
+
     /// The trust anchors, PEM.
     pub fn roots_pem(&self) -> String {
         self.roots.iter().map(|r| pem_of(r)).collect()

@@ -112,12 +112,16 @@ pub struct Certificate {
     #[prost(string, tag = "4")]
     pub error: ::prost::alloc::string::String,
 }
-/// The roots to trust changed (a root rotation started or finished).
+/// The roots to trust. Sent on every new stream and whenever it changes (a root
+/// rotation started or finished).
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TrustBundle {
     #[prost(string, tag = "1")]
     pub roots_pem: ::prost::alloc::string::String,
+    /// Renew the certificate now (a root rotation is re-issuing everything).
+    #[prost(bool, tag = "2")]
+    pub renew: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -153,6 +157,30 @@ pub struct Resource {
     pub key: ::core::option::Option<ResourceKey>,
     #[prost(string, tag = "2")]
     pub json: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateCaRequest {
+    #[prost(string, tag = "1")]
+    pub phase: ::prost::alloc::string::String,
+    /// For "start": an operator's new CA, as paths on the control plane's host (the
+    /// key never crosses the wire). Empty: generate a new root.
+    #[prost(string, tag = "2")]
+    pub ca_cert_path: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub ca_key_path: ::prost::alloc::string::String,
+    /// For "finish": retire the old root even if some proxies still use it.
+    #[prost(bool, tag = "4")]
+    pub force: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RotateCaResponse {
+    /// idle, started, reissuing.
+    #[prost(string, tag = "1")]
+    pub phase: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub message: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -316,6 +344,15 @@ pub struct HealthResponse {
     /// Certificates issued since start.
     #[prost(uint64, tag = "8")]
     pub certificates_issued: u64,
+    /// Trust-anchor rotation: idle, started, reissuing.
+    #[prost(string, tag = "9")]
+    pub rotation_phase: ::prost::alloc::string::String,
+    /// Connected proxies whose certificate comes from the signing root, and all
+    /// connected proxies that have a certificate.
+    #[prost(uint32, tag = "10")]
+    pub proxies_on_signing_root: u32,
+    #[prost(uint32, tag = "11")]
+    pub proxies_with_certificates: u32,
 }
 /// Generated client implementations.
 pub mod discovery_client {
@@ -787,6 +824,23 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("sinew.api.v1.Admin", "CreateJoinToken"));
             self.inner.unary(req, path, codec).await
         }
+        /// Drives a trust-anchor rotation: "start" (trust a new root beside the old one),
+        /// "reissue" (sign with the new root; every proxy renews now), "finish" (retire
+        /// the old root; refused while a connected proxy still has an old certificate).
+        pub async fn rotate_ca(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RotateCaRequest>,
+        ) -> std::result::Result<tonic::Response<super::RotateCaResponse>, tonic::Status> {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/sinew.api.v1.Admin/RotateCa");
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sinew.api.v1.Admin", "RotateCa"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -831,6 +885,13 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::CreateJoinTokenRequest>,
         ) -> std::result::Result<tonic::Response<super::JoinToken>, tonic::Status>;
+        /// Drives a trust-anchor rotation: "start" (trust a new root beside the old one),
+        /// "reissue" (sign with the new root; every proxy renews now), "finish" (retire
+        /// the old root; refused while a connected proxy still has an old certificate).
+        async fn rotate_ca(
+            &self,
+            request: tonic::Request<super::RotateCaRequest>,
+        ) -> std::result::Result<tonic::Response<super::RotateCaResponse>, tonic::Status>;
     }
     /// Operator API: what the `sinew` CLI calls.
     #[derive(Debug)]
@@ -1118,6 +1179,43 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateJoinTokenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sinew.api.v1.Admin/RotateCa" => {
+                    #[allow(non_camel_case_types)]
+                    struct RotateCaSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::RotateCaRequest> for RotateCaSvc<T> {
+                        type Response = super::RotateCaResponse;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RotateCaRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move { <T as Admin>::rotate_ca(&inner, request).await };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RotateCaSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
