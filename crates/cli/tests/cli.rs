@@ -982,3 +982,247 @@ async fn the_trust_anchor_rotates_under_load_without_a_failed_request() {
     m.web.shutdown().await;
     m.catalog.shutdown().await;
 }
+
+fn policy_doc(name: &str, body: &str) -> String {
+    format!(
+        "---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{body}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_allows_by_identity_and_deny_wins() {
+    let m = identity_mesh(&[]).await;
+    // A second caller, billing, with its own identity and a binding to catalog.
+    let bbind = free_addr();
+    let base = format!(
+        "{}{}{}",
+        service("shop", "catalog"),
+        proxy_doc("shop", "web", &[(m.bind, "catalog")]),
+        proxy_doc("shop", "billing", &[(bbind, "catalog")]),
+    );
+    let policies = format!(
+        "{}{}",
+        policy_doc(
+            "catalog-callers",
+            "  targetRef: {kind: Service, name: catalog}\n  action: ALLOW\n  rules:\n    - from: {principals: [spiffe://cluster.local/ns/shop/sa/web]}"
+        ),
+        policy_doc(
+            "no-admin",
+            "  targetRef: {kind: Service, name: catalog}\n  action: DENY\n  rules:\n    - to: {pathPrefixes: [/admin]}"
+        ),
+    );
+    let f = m._scratch.write("p.yaml", &format!("{base}{policies}"));
+    let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let billing = proxy_with_token(
+        &m.cp.url,
+        "shop/billing",
+        None,
+        Duration::from_millis(50),
+        Some(token(&m.cp, "shop", "billing").await),
+    )
+    .await;
+    listening(bbind).await;
+    wait::until("policy in force", TIMEOUT, || async {
+        client::get(bbind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 403)
+    })
+    .await
+    .unwrap();
+    let r = client::get(bbind, "catalog", "/items").await.unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("sinew-error"), Some("forbidden"));
+    assert!(
+        r.text().contains("shop/catalog-callers"),
+        "the refusal names the policy: {}",
+        r.text()
+    );
+    let r = client::get(m.bind, "catalog", "/items").await.unwrap();
+    assert_eq!(r.status, 200, "web is allowed");
+    let r = client::get(m.bind, "catalog", "/admin/users")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "deny wins over allow");
+    assert!(r.text().contains("shop/no-admin"), "{}", r.text());
+    billing.shutdown().await;
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+/// An ES256 key: (private PKCS#8 PEM, JWKS JSON with kid "k1").
+fn jwt_key() -> (String, String) {
+    use ring::signature::KeyPair;
+    let (pem, _) = sinew_tls::new_key_and_csr().unwrap();
+    let der: Vec<u8> = {
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64_decode(&b64)
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &der,
+        &rng,
+    )
+    .unwrap();
+    let point = kp.public_key().as_ref();
+    let (x, y) = (b64url(&point[1..33]), b64url(&point[33..65]));
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig","x":"{x}","y":"{y}"}}]}}"#
+    );
+    (pem, jwks)
+}
+
+fn b64url(d: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in d.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        if c.len() > 1 {
+            out.push(T[(n >> 6) as usize & 63] as char);
+        }
+        if c.len() > 2 {
+            out.push(T[n as usize & 63] as char);
+        }
+    }
+    out
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|c| *c != b'=').map(val).collect();
+    let mut out = Vec::new();
+    for c in bytes.chunks(4) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
+        out.push((n >> 16) as u8);
+        if c.len() > 2 {
+            out.push((n >> 8) as u8);
+        }
+        if c.len() > 3 {
+            out.push(n as u8);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_are_verified_at_the_inbound_and_claims_reach_the_app() {
+    let m = identity_mesh(&[]).await;
+    let (key_pem, jwks) = jwt_key();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let jwks_yaml = jwks.replace('\'', "''");
+    let docs = format!(
+        "{}{}---\napiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: users, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: catalog}}\n  jwtRules:\n    - issuer: https://issuer.example\n      audiences: [catalog]\n      jwks: {{inline: '{jwks_yaml}'}}\n      forwardClaims: [{{claim: sub, header: x-user}}]\n{}",
+        service("shop", "catalog"),
+        proxy_doc("shop", "web", &[(m.bind, "catalog")]),
+        policy_doc(
+            "users-or-public",
+            "  targetRef: {kind: Service, name: catalog}\n  action: ALLOW\n  rules:\n    - from: {requestPrincipals: [\"https://issuer.example/alice\"]}\n    - to: {pathPrefixes: [/public]}"
+        ),
+    );
+    let f = m._scratch.write("jwt.yaml", &docs);
+    let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let sign = |claims: serde_json::Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_pem(key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let get = |path: &'static str, token: Option<String>| async move {
+        let mut c = client::h1(m.bind).await.unwrap();
+        let mut b = http::Request::get(path)
+            .header("host", "catalog")
+            .header("x-user", "forged");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        client::collect(
+            c.send(b.body(sinew_testkit::client::empty()).unwrap())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+    };
+    let claims = |sub: &str, iss: &str, exp: u64| serde_json::json!({"sub": sub, "iss": iss, "aud": "catalog", "exp": exp, "iat": now});
+    wait::until("authentication in force", TIMEOUT, || async {
+        get("/items", None).await.status == 403
+    })
+    .await
+    .unwrap();
+    // A valid token: allowed, and its claim (not the forged header) reaches the app.
+    let r = get(
+        "/items",
+        Some(sign(claims("alice", "https://issuer.example", now + 600))),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["headers"]["x-user"], "alice");
+    assert!(
+        r.json().unwrap()["headers"].get("authorization").is_none(),
+        "the token itself is not forwarded"
+    );
+    // No token: authentication passes, authorization needs a principal (except /public).
+    let r = get("/public/x", None).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json().unwrap()["headers"].get("x-user").is_none(),
+        "a forged claim header is removed"
+    );
+    let r = get("/items", None).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("sinew-error")),
+        (403, Some("forbidden"))
+    );
+    // Refused tokens, each with its reason.
+    let cases = [
+        (
+            sign(claims("alice", "https://issuer.example", now - 3600)),
+            "jwt-expired",
+        ),
+        (
+            sign(claims("alice", "https://evil.example", now + 600)),
+            "jwt-wrong-issuer",
+        ),
+        (
+            format!(
+                "{}.{}.",
+                b64url(br#"{"alg":"none","kid":"k1"}"#),
+                b64url(
+                    serde_json::to_string(&claims("alice", "https://issuer.example", now + 600))
+                        .unwrap()
+                        .as_bytes()
+                )
+            ),
+            "jwt-alg-none",
+        ),
+    ];
+    for (token, reason) in cases {
+        let r = get("/items", Some(token)).await;
+        assert_eq!(r.status, 401, "{reason}: {}", r.text());
+        assert_eq!(r.header("sinew-error"), Some(reason));
+    }
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}

@@ -98,11 +98,14 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
     };
     let everything = p.spec.outbound.http_proxy.is_some();
     // The proxy's own workload and service: its identity and inbound policies use them.
-    let own_workload = p.spec.workload.as_ref().map(|w| ResourceKey {
+    // As in the model: the proxy's workload is `spec.workload`, else the Workload
+    // named like the proxy (which is what a registration creates).
+    let own_workload = Some(ResourceKey {
         kind: "Workload".into(),
         namespace: ns.to_owned(),
-        name: w.clone(),
-    });
+        name: p.spec.workload.clone().unwrap_or_else(|| name.to_owned()),
+    })
+    .filter(|k| state.docs.contains_key(k));
     let own_service = own_workload
         .as_ref()
         .and_then(|k| state.docs.get(k))

@@ -62,6 +62,9 @@ pub enum ProxyError {
     /// The proxy is shutting down.
     #[error("proxy is shutting down")]
     ShuttingDown,
+    /// Refused by authentication (401) or authorization (403) at the inbound.
+    #[error("{0}")]
+    Policy(crate::policy::PolicyError),
 }
 
 impl ProxyError {
@@ -79,6 +82,7 @@ impl ProxyError {
             | ProxyError::Tls { .. }
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Policy(p) => p.status,
         }
     }
 
@@ -96,6 +100,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream-failed",
             ProxyError::Timeout(_) => "request-timeout",
             ProxyError::ShuttingDown => "shutting-down",
+            ProxyError::Policy(p) => p.reason,
         }
     }
 
@@ -105,8 +110,10 @@ impl ProxyError {
             ProxyError::Timeout(_) => "4",        // DEADLINE_EXCEEDED
             ProxyError::Malformed(_) => "13",     // INTERNAL
             ProxyError::PortNotAllowed(_) => "7", // PERMISSION_DENIED
+            ProxyError::Policy(p) if p.status == StatusCode::UNAUTHORIZED => "16", // UNAUTHENTICATED
+            ProxyError::Policy(_) => "7", // PERMISSION_DENIED
             ProxyError::NoRoute | ProxyError::UnknownService(_) => "12", // UNIMPLEMENTED
-            _ => "14",                            // UNAVAILABLE
+            _ => "14",                    // UNAVAILABLE
         }
     }
 

@@ -69,6 +69,15 @@ async fn forward(
         let pool = snap
             .app_pool(allowed(inb, port)?)
             .ok_or(ProxyError::PortNotAllowed(port))?;
+        // Tunnels (TCP, upgrades) are judged on L4 fields: who calls, which port.
+        crate::policy::check(
+            inb,
+            snap.jwt.as_ref(),
+            ctx.peer_identity.as_deref(),
+            port,
+            None,
+        )
+        .map_err(ProxyError::Policy)?;
         let app = pool.connect().await?;
         let downstream = hyper::upgrade::on(&mut req);
         let shared = ctx.shared.clone();
@@ -110,6 +119,17 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(DST_PORT);
     parts.headers.remove(ORIG_PROTO);
+    // End-user authentication, then authorization; then only verified claims reach
+    // the app (headers a client set for them are removed).
+    let token = crate::policy::check(
+        inb,
+        snap.jwt.as_ref(),
+        ctx.peer_identity.as_deref(),
+        port,
+        Some(&parts),
+    )
+    .map_err(ProxyError::Policy)?;
+    crate::policy::apply_token(inb, &mut parts.headers, token.as_ref());
     // The caller's verified identity, set by the proxy alone: a client cannot forge it.
     match ctx
         .peer_identity

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub config: ProxyConfig,
     balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>>,
     app_pools: Vec<(u16, Arc<ConnPool>)>,
+    /// Verifies end-user JWTs at the inbound (`None` without RequestAuthentication).
+    pub jwt: Option<crate::jwt::JwtVerifier>,
 }
 
 impl Snapshot {
@@ -72,6 +74,7 @@ pub struct SnapshotBuilder {
     endpoints: HashMap<(String, u16, sinew_model::compile::EndpointConfig), Arc<Endpoint>>,
     pools: HashMap<PoolKey, Arc<ConnPool>>,
     generation: u64,
+    jwt: Option<crate::jwt::JwtVerifier>,
 }
 
 impl SnapshotBuilder {
@@ -142,6 +145,27 @@ impl SnapshotBuilder {
             .collect();
         self.endpoints = endpoints;
         self.pools = pools;
+        // Keep the verifier (and the keys it fetched) while its rules stay the same.
+        let rules = config
+            .inbound
+            .as_ref()
+            .map(|i| i.jwt.as_slice())
+            .unwrap_or(&[]);
+        let jwt = if rules.is_empty() {
+            None
+        } else {
+            match &self.jwt {
+                Some(v) if v.same_rules(rules) => Some(v.clone()),
+                _ => {
+                    let v = crate::jwt::JwtVerifier::new(rules);
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        v.spawn_refresh(&rt);
+                    }
+                    Some(v)
+                }
+            }
+        };
+        self.jwt = jwt.clone();
         Snapshot {
             version,
             generation: self.generation,
@@ -149,6 +173,7 @@ impl SnapshotBuilder {
             config,
             balancers,
             app_pools,
+            jwt,
         }
     }
 }
