@@ -93,6 +93,10 @@ enum Command {
         /// The CA's private key (PEM); keep it owner-only.
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// A directory holding the CA (ca.pem, ca-key.pem; a root is generated there
+        /// if it is empty); default <data-dir>/ca. Rotation state is kept there too.
+        #[arg(long, conflicts_with = "ca_cert")]
+        ca_dir: Option<PathBuf>,
         /// How long a workload certificate is valid (e.g. 24h, 1h30m); proxies renew
         /// at about 70% of it.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
@@ -223,11 +227,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             trust_domain,
             ca_cert,
             ca_key,
+            ca_dir,
             cert_ttl,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
             opts.trust_domain = trust_domain;
             opts.ca_files = ca_cert.zip(ca_key);
+            opts.ca_dir = ca_dir;
             opts.cert_ttl = cert_ttl;
             opts.listen = listen;
             opts.config_dir = config_dir;

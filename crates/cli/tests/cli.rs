@@ -1032,7 +1032,10 @@ async fn authorization_allows_by_identity_and_deny_wins() {
     .unwrap();
     let r = client::get(bbind, "catalog", "/items").await.unwrap();
     assert_eq!(r.status, 403);
-    assert_eq!(r.header("sinew-error"), Some("forbidden"));
+    assert_eq!(
+        r.header("sinew-error"),
+        Some("forbidden: no ALLOW rule matched")
+    );
     assert!(
         r.text().contains("shop/catalog-callers"),
         "the refusal names the policy: {}",
@@ -1045,6 +1048,29 @@ async fn authorization_allows_by_identity_and_deny_wins() {
         .unwrap();
     assert_eq!(r.status, 403, "deny wins over allow");
     assert!(r.text().contains("shop/no-admin"), "{}", r.text());
+    assert_eq!(
+        r.header("sinew-error"),
+        Some("forbidden: shop/no-admin rule 0"),
+        "sinew-error names the rule"
+    );
+    // Every decision is counted by policy and rule.
+    let metrics = sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains(
+            "sinew_authz_decisions_total{decision=\"deny\",policy=\"shop/no-admin\",rule=\"0\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sinew_authz_decisions_total{decision=\"allow\",policy=\"shop/catalog-callers\",rule=\"0\"}"), "{metrics}");
+    assert!(
+        metrics.contains(
+            "sinew_authz_decisions_total{decision=\"deny\",policy=\"no-allow-match\",rule=\"\"}"
+        ),
+        "{metrics}"
+    );
     billing.shutdown().await;
     m.web.shutdown().await;
     m.catalog.shutdown().await;
@@ -1193,7 +1219,7 @@ async fn jwt_tokens_are_verified_at_the_inbound_and_claims_reach_the_app() {
     let r = get("/items", None).await;
     assert_eq!(
         (r.status.as_u16(), r.header("sinew-error")),
-        (403, Some("forbidden"))
+        (403, Some("forbidden: no ALLOW rule matched"))
     );
     // Refused tokens, each with its reason.
     let cases = [
@@ -1223,6 +1249,65 @@ async fn jwt_tokens_are_verified_at_the_inbound_and_claims_reach_the_app() {
         assert_eq!(r.status, 401, "{reason}: {}", r.text());
         assert_eq!(r.header("sinew-error"), Some(reason));
     }
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_mode_accepts_plaintext_and_certificates_outlive_the_control_plane() {
+    let m = identity_mesh(&[]).await;
+    let mesh = "---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh, namespace: default}\nspec:\n  mtls: {mode: PERMISSIVE}\n";
+    let f = m._scratch.write("mesh.yaml", mesh);
+    let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    // Plaintext straight to the inbound (a client migrating into the mesh): accepted,
+    // with no caller identity.
+    let app_port = m.app.addr().port().to_string();
+    wait::until("permissive in force", TIMEOUT, || {
+        let p = app_port.clone();
+        async move {
+            let Ok(h2) = sinew_testkit::client::h2(m.inbound).await else {
+                return false;
+            };
+            let req = http::Request::get("http://catalog/plain")
+                .header("sinew-dst-port", p)
+                .header(
+                    "sinew-peer-identity",
+                    "spiffe://cluster.local/ns/shop/sa/forged",
+                )
+                .body(sinew_testkit::client::empty())
+                .unwrap();
+            match h2.send(req).await {
+                Ok(r) => match client::collect(r).await {
+                    Ok(c) if c.status == 200 => c.json().unwrap()["headers"]
+                        .get("sinew-peer-identity")
+                        .is_none(),
+                    _ => false,
+                },
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // Mesh traffic is still mTLS, and keeps working without the control plane: the
+    // proxies keep their certificates.
+    let load = Load::start(m.bind, 2).await;
+    m.cp.kill().await;
+    load.progress(200).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} failed with the control plane away",
+        ok + failed
+    );
+    assert!(m.web.shared().certs.is_ready() && m.catalog.shared().certs.is_ready());
+    let r = client::get(m.bind, "catalog", "/").await.unwrap();
+    assert_eq!(
+        r.json().unwrap()["headers"]["sinew-peer-identity"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
     m.web.shutdown().await;
     m.catalog.shutdown().await;
 }

@@ -51,6 +51,9 @@ pub struct ControlOptions {
     pub ca_files: Option<(PathBuf, PathBuf)>,
     /// Lifetime of workload certificates; default 24 h.
     pub cert_ttl: Duration,
+    /// Where the CA lives (`ca.pem`, `ca-key.pem`, rotation state), generated on first
+    /// start if empty; default `<data-dir>/ca`. Ignored with `ca_files`.
+    pub ca_dir: Option<PathBuf>,
 }
 
 impl ControlOptions {
@@ -66,6 +69,7 @@ impl ControlOptions {
             trust_domain: "cluster.local".to_owned(),
             ca_files: None,
             cert_ttl: identity::DEFAULT_CERT_TTL,
+            ca_dir: None,
         }
     }
 }
@@ -118,7 +122,10 @@ impl ControlPlane {
                 )
             }
             None => identity::Identity::from_dir(
-                &opts.data_dir.join("ca"),
+                &opts
+                    .ca_dir
+                    .clone()
+                    .unwrap_or_else(|| opts.data_dir.join("ca")),
                 opts.trust_domain.clone(),
                 opts.cert_ttl,
                 store.clone(),

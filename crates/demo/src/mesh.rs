@@ -13,7 +13,9 @@ use http::{StatusCode, Uri};
 use sinew_api::demo::HelloRequest;
 use sinew_api::demo::demo_client::DemoClient;
 use sinew_api::v1::admin_client::AdminClient;
-use sinew_api::v1::{ApplyRequest, HealthRequest, ProxyStatusRequest, Source};
+use sinew_api::v1::{
+    ApplyRequest, CreateJoinTokenRequest, HealthRequest, ProxyStatusRequest, Source,
+};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
@@ -103,6 +105,18 @@ fn binaries(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((sinew, proxy))
 }
 
+fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    std::io::Write::write_all(&mut f, data.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// What startup learned.
 struct Started {
     /// The gRPC `Hello` through the entry point: the reply, or why it failed.
@@ -173,23 +187,45 @@ async fn start_mesh(
         applied.revision
     );
 
+    // Every sidecar gets an identity (a join token per service account, kept in an
+    // owner-only file): all sidecar-to-sidecar traffic is mTLS.
+    let tokens = data_dir.join("tokens");
+    std::fs::create_dir_all(&tokens)
+        .with_context(|| format!("cannot create {}", tokens.display()))?;
+    let token_file = |account: &str| {
+        let admin = admin.clone();
+        let path = tokens.join(account);
+        let account = account.to_owned();
+        async move {
+            let t = admin
+                .clone()
+                .create_join_token(CreateJoinTokenRequest {
+                    namespace: NAMESPACE.to_owned(),
+                    service_account: account.clone(),
+                    ttl_seconds: 24 * 3600,
+                })
+                .await
+                .map_err(|s| anyhow!("cannot create a join token for {account}: {}", s.message()))?
+                .into_inner();
+            write_owner_only(&path, &t.token)?;
+            anyhow::Ok(path)
+        }
+    };
     for instance in &plan.instances {
         children.spawn(
             &format!("{}.app", instance.name),
             sinew,
             &plan.app_args(instance),
         )?;
-        children.spawn(
-            &format!("{}.proxy", instance.name),
-            proxy,
-            &plan.proxy_args(instance),
-        )?;
+        let mut args = plan.proxy_args(instance);
+        args.push("--join-token-file".to_owned());
+        args.push(token_file(instance.service).await?.display().to_string());
+        children.spawn(&format!("{}.proxy", instance.name), proxy, &args)?;
     }
-    children.spawn(
-        &format!("{LOADGEN}.proxy"),
-        proxy,
-        &plan.loadgen_proxy_args(),
-    )?;
+    let mut args = plan.loadgen_proxy_args();
+    args.push("--join-token-file".to_owned());
+    args.push(token_file(LOADGEN).await?.display().to_string());
+    children.spawn(&format!("{LOADGEN}.proxy"), proxy, &args)?;
     eprintln!(
         "demo: started {} demo apps and {} sidecars",
         plan.instances.len(),

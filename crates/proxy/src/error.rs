@@ -143,8 +143,27 @@ impl ProxyError {
             );
             r
         };
-        resp.headers_mut()
-            .insert(SINEW_ERROR, HeaderValue::from_static(self.reason()));
+        resp.headers_mut().insert(SINEW_ERROR, self.error_header());
         resp
+    }
+
+    /// `sinew-error`: the reason, and for an authorization refusal the rule that
+    /// decided (`forbidden: shop/no-admin rule 0`).
+    fn error_header(&self) -> HeaderValue {
+        if let ProxyError::Policy(p) = self
+            && let Some(d) = &p.decision
+        {
+            let what = match &d.by {
+                sinew_model::authz::DecidedBy::Rule { policy, rule, .. } => {
+                    format!("{policy} rule {rule}")
+                }
+                sinew_model::authz::DecidedBy::NoAllowMatch => "no ALLOW rule matched".to_owned(),
+                sinew_model::authz::DecidedBy::Default(_) => "default deny".to_owned(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&format!("{}: {what}", p.reason)) {
+                return v;
+            }
+        }
+        HeaderValue::from_static(self.reason())
     }
 }

@@ -37,6 +37,36 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespB
     resp
 }
 
+/// Authentication and authorization, with every decision counted.
+fn judge(
+    ctx: &ConnCtx,
+    inb: &InboundConfig,
+    jwt: Option<&crate::jwt::JwtVerifier>,
+    port: u16,
+    parts: Option<&http::request::Parts>,
+) -> Result<Option<crate::jwt::VerifiedToken>, ProxyError> {
+    let source = ctx.peer_identity.as_deref();
+    match crate::policy::check_with_decision(
+        inb,
+        jwt,
+        source,
+        port,
+        parts,
+        std::time::SystemTime::now(),
+    ) {
+        Ok((token, decision)) => {
+            ctx.shared.metrics.authz(&decision);
+            Ok(token)
+        }
+        Err(e) => {
+            if let Some(d) = &e.decision {
+                ctx.shared.metrics.authz(d);
+            }
+            Err(ProxyError::Policy(e))
+        }
+    }
+}
+
 fn allowed(inb: &InboundConfig, port: u16) -> Result<u16, ProxyError> {
     if inb.ports.contains(&port) {
         Ok(port)
@@ -70,14 +100,7 @@ async fn forward(
             .app_pool(allowed(inb, port)?)
             .ok_or(ProxyError::PortNotAllowed(port))?;
         // Tunnels (TCP, upgrades) are judged on L4 fields: who calls, which port.
-        crate::policy::check(
-            inb,
-            snap.jwt.as_ref(),
-            ctx.peer_identity.as_deref(),
-            port,
-            None,
-        )
-        .map_err(ProxyError::Policy)?;
+        judge(ctx, inb, snap.jwt.as_ref(), port, None)?;
         let app = pool.connect().await?;
         let downstream = hyper::upgrade::on(&mut req);
         let shared = ctx.shared.clone();
@@ -121,14 +144,7 @@ async fn forward(
     parts.headers.remove(ORIG_PROTO);
     // End-user authentication, then authorization; then only verified claims reach
     // the app (headers a client set for them are removed).
-    let token = crate::policy::check(
-        inb,
-        snap.jwt.as_ref(),
-        ctx.peer_identity.as_deref(),
-        port,
-        Some(&parts),
-    )
-    .map_err(ProxyError::Policy)?;
+    let token = judge(ctx, inb, snap.jwt.as_ref(), port, Some(&parts))?;
     crate::policy::apply_token(inb, &mut parts.headers, token.as_ref());
     // The caller's verified identity, set by the proxy alone: a client cannot forge it.
     match ctx

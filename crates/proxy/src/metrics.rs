@@ -46,6 +46,13 @@ struct ListenerLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    decision: &'static str,
+    policy: String,
+    rule: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -63,6 +70,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     generation: Gauge,
     cert_expiry: Gauge,
+    authz: Family<AuthzLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -121,6 +129,12 @@ impl Metrics {
             "Generation of the applied configuration (0 before the first)",
             generation.clone(),
         );
+        let authz = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "authz_decisions",
+            "Inbound authorization decisions, by decision and by the policy and rule that decided (policy \"default\" for the default)",
+            authz.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -128,6 +142,7 @@ impl Metrics {
             cert_expiry.clone(),
         );
         Metrics {
+            authz,
             cert_expiry,
             registry,
             requests,
@@ -176,6 +191,24 @@ impl Metrics {
         if applied {
             self.generation.set(generation as i64);
         }
+    }
+
+    /// Counts an authorization decision.
+    pub fn authz(&self, d: &sinew_model::authz::Decision) {
+        use sinew_model::authz::DecidedBy;
+        let (policy, rule) = match &d.by {
+            DecidedBy::Rule { policy, rule, .. } => (policy.to_string(), rule.to_string()),
+            DecidedBy::NoAllowMatch => ("no-allow-match".to_owned(), String::new()),
+            DecidedBy::Default(_) => ("default".to_owned(), String::new()),
+        };
+        let decision = if d.allowed { "allow" } else { "deny" };
+        self.authz
+            .get_or_create(&AuthzLabels {
+                decision,
+                policy,
+                rule,
+            })
+            .inc();
     }
 
     /// Records the installed certificate's expiry.
