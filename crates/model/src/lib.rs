@@ -14,6 +14,7 @@ pub mod error;
 pub mod load;
 pub mod resource;
 pub mod route;
+pub mod spiffe;
 
 pub use compile::{ProxyConfig, compile_proxy};
 pub use error::{ConfigError, ConfigErrors};

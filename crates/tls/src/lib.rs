@@ -1,6 +1,6 @@
 //! Sinew's identity plumbing.
 //!
-//! - [`spiffe`]: SPIFFE ids (`spiffe://<trust-domain>/ns/<namespace>/sa/<account>`).
+//! - SPIFFE ids come from the model ([`SpiffeId`]).
 //! - [`ca`]: the control plane's certificate authority: a generated ECDSA P-256 root, or
 //!   an operator-provided root or intermediate; it signs CSRs with the identity the
 //!   control plane decided (never the one a CSR asks for).
@@ -14,11 +14,10 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
-pub mod spiffe;
 pub mod store;
 
 pub use ca::{Ca, Issued, new_key_and_csr};
-pub use spiffe::SpiffeId;
+pub use sinew_model::spiffe::SpiffeId;
 pub use store::{CertStore, MESH_ALPN, peer_identity};
 
 /// A TLS or certificate problem, with what went wrong.
