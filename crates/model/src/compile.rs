@@ -289,6 +289,56 @@ pub struct RuleConfig {
     /// Time per backend attempt; `None` for no limit.
     #[serde(serialize_with = "ser_duration")]
     pub backend_timeout: Option<Duration>,
+    /// Retries, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
+}
+
+/// Compiled retry settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryConfig {
+    /// Retries after the first try.
+    pub retries: u32,
+    /// Retried HTTP statuses.
+    pub codes: Vec<u16>,
+    /// Retried gRPC status numbers.
+    pub grpc_codes: Vec<u8>,
+    /// First backoff (doubled per retry, full jitter).
+    #[serde(serialize_with = "ser_duration_plain")]
+    pub backoff: Duration,
+    /// Retry non-idempotent methods too.
+    pub non_idempotent: bool,
+    /// Budget: retries per request over the window.
+    pub budget_ratio: f64,
+    /// Budget: retries always allowed per second.
+    pub budget_min_per_second: u32,
+}
+
+fn ser_duration_plain<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+/// A compiled mirror.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorConfig {
+    /// Service key (`name.namespace`).
+    pub service: String,
+    /// Service port, if given (else the primary's port).
+    pub port: Option<u16>,
+    /// Share of requests copied, 0-100.
+    pub percent: u32,
+}
+
+/// A compiled fault.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultConfig {
+    /// Abort: (HTTP status, gRPC status number, percent).
+    pub abort: Option<(Option<u16>, Option<u8>, f64)>,
+    /// Delay: (how long in milliseconds, percent).
+    pub delay: Option<(u64, f64)>,
 }
 
 impl RuleConfig {
@@ -343,12 +393,22 @@ pub struct Filters {
     /// URL rewrite.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<Rewrite>,
+    /// Request mirror.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorConfig>,
+    /// Fault injection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultConfig>,
 }
 
 impl Filters {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.request_headers.is_none() && self.response_headers.is_none() && self.rewrite.is_none()
+        self.request_headers.is_none()
+            && self.response_headers.is_none()
+            && self.rewrite.is_none()
+            && self.mirror.is_none()
+            && self.fault.is_none()
     }
 }
 
@@ -922,7 +982,7 @@ fn compile_routes(
                         service: format!("{}.{bns}", b.name),
                         port: bport,
                         weight: b.weight,
-                        filters: compile_filters(&b.filters),
+                        filters: compile_filters(&b.filters, rns),
                     });
                 }
                 out
@@ -939,11 +999,32 @@ fn compile_routes(
             let rc = Arc::new(RuleConfig {
                 route: label.clone(),
                 rule: ri,
-                filters: compile_filters(&rule.filters),
+                filters: compile_filters(&rule.filters, rns),
                 total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
                 backends,
                 request_timeout: dur(&timeouts.request),
                 backend_timeout: dur(&timeouts.backend_request),
+                retry: rule.retry.as_ref().map(|r| RetryConfig {
+                    retries: r.attempts.unwrap_or(2),
+                    codes: r.codes.clone().unwrap_or_else(|| vec![502, 503, 504]),
+                    grpc_codes: r
+                        .grpc_codes
+                        .iter()
+                        .filter_map(|g| crate::resource::grpc_code(g))
+                        .collect(),
+                    backoff: r
+                        .backoff
+                        .as_deref()
+                        .and_then(|b| duration::parse(b).ok())
+                        .unwrap_or(Duration::from_millis(25)),
+                    non_idempotent: r.non_idempotent,
+                    budget_ratio: r.budget.as_ref().and_then(|b| b.ratio).unwrap_or(0.2),
+                    budget_min_per_second: r
+                        .budget
+                        .as_ref()
+                        .and_then(|b| b.min_per_second)
+                        .unwrap_or(10),
+                }),
             });
             let default_match = [HttpRouteMatch::default()];
             let matches: &[HttpRouteMatch] = if rule.matches.is_empty() {
@@ -985,6 +1066,7 @@ fn compile_routes(
             total_weight: 1,
             request_timeout: None,
             backend_timeout: None,
+            retry: None,
         });
         entries.push((
             RouteEntry {
@@ -1074,9 +1156,38 @@ fn compile_edits(m: &HeaderModifier) -> HeaderEdits {
     }
 }
 
-fn compile_filters(filters: &[HttpRouteFilter]) -> Filters {
+fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
     let mut out = Filters::default();
     for f in filters {
+        if let Some(m) = &f.request_mirror {
+            out.mirror = Some(MirrorConfig {
+                service: format!(
+                    "{}.{}",
+                    m.backend_ref.name,
+                    m.backend_ref.namespace.as_deref().unwrap_or(ns)
+                ),
+                port: m.backend_ref.port,
+                percent: m.percent.unwrap_or(100).min(100),
+            });
+        }
+        if let Some(fault) = &f.fault {
+            out.fault = Some(FaultConfig {
+                abort: fault.abort.as_ref().map(|a| {
+                    (
+                        a.http_status,
+                        a.grpc_status
+                            .as_deref()
+                            .and_then(crate::resource::grpc_code),
+                        a.percent,
+                    )
+                }),
+                delay: fault.delay.as_ref().and_then(|d| {
+                    duration::parse(&d.fixed_delay)
+                        .ok()
+                        .map(|t| (u64::try_from(t.as_millis()).unwrap_or(u64::MAX), d.percent))
+                }),
+            });
+        }
         if let Some(m) = &f.request_header_modifier {
             out.request_headers = Some(compile_edits(m));
         }

@@ -689,6 +689,59 @@ impl Resources {
                     check_filter(&mut c, &format!("{bf}.filters[{fi}]"), filter, all_prefix);
                 }
             }
+            for (fi, filter) in rule.filters.iter().enumerate() {
+                if let Some(m) = &filter.request_mirror {
+                    let b = &m.backend_ref;
+                    let ns = b.namespace.as_deref().unwrap_or(&k.0);
+                    match self.services.get(&(ns.to_owned(), b.name.clone())) {
+                        None => c.fail(
+                            format!("{f}.filters[{fi}].requestMirror.backendRef.name"),
+                            format!("service {ns}/{} does not exist", b.name),
+                        ),
+                        Some(svc) => {
+                            if let Some(port) = b.port
+                                && !svc.spec.ports.iter().any(|p| p.port == port)
+                            {
+                                c.fail(
+                                    format!("{f}.filters[{fi}].requestMirror.backendRef.port"),
+                                    format!("service {ns}/{} has no port {port}", b.name),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(r) = &rule.retry {
+                for (i, code) in r.codes.iter().flatten().enumerate() {
+                    if !(100..=599).contains(code) {
+                        c.fail(
+                            format!("{f}.retry.codes[{i}]"),
+                            format!("{code} is not an HTTP status"),
+                        );
+                    }
+                }
+                for (i, g) in r.grpc_codes.iter().enumerate() {
+                    if crate::resource::grpc_code(g).is_none() {
+                        c.fail(
+                            format!("{f}.retry.grpcCodes[{i}]"),
+                            format!("{g:?} is not a gRPC status name"),
+                        );
+                    }
+                }
+                if let Some(b) = &r.backoff
+                    && let Err(e) = duration::parse(b)
+                {
+                    c.fail(format!("{f}.retry.backoff"), e);
+                }
+                if r.attempts.is_some_and(|a| a > 10) {
+                    c.fail(format!("{f}.retry.attempts"), "at most 10 retries");
+                }
+                if let Some(ratio) = r.budget.as_ref().and_then(|b| b.ratio)
+                    && !(0.0..=1.0).contains(&ratio)
+                {
+                    c.fail(format!("{f}.retry.budget.ratio"), "must be between 0 and 1");
+                }
+            }
             if let Some(t) = &rule.timeouts {
                 let req = t.request.as_deref().map(|s| (s, duration::parse(s)));
                 let be = t
@@ -744,7 +797,51 @@ fn check_filter(c: &mut Checker<'_>, f: &str, filter: &HttpRouteFilter, all_pref
             filter.url_rewrite.is_some(),
             "urlRewrite",
         ),
+        (
+            FilterType::RequestMirror,
+            filter.request_mirror.is_some(),
+            "requestMirror",
+        ),
+        (FilterType::Fault, filter.fault.is_some(), "fault"),
     ];
+    if let Some(m) = &filter.request_mirror
+        && m.percent.is_some_and(|p| p > 100)
+    {
+        c.fail(format!("{f}.requestMirror.percent"), "must be 0-100");
+    }
+    if let Some(fault) = &filter.fault {
+        if fault.abort.is_none() && fault.delay.is_none() {
+            c.fail(format!("{f}.fault"), "give abort, delay or both");
+        }
+        if let Some(a) = &fault.abort {
+            if !(0.0..=100.0).contains(&a.percent) {
+                c.fail(format!("{f}.fault.abort.percent"), "must be 0-100");
+            }
+            match (a.http_status, &a.grpc_status) {
+                (None, None) => c.fail(
+                    format!("{f}.fault.abort"),
+                    "give httpStatus, grpcStatus or both",
+                ),
+                (Some(s), _) if !(200..=599).contains(&s) => c.fail(
+                    format!("{f}.fault.abort.httpStatus"),
+                    format!("{s} is not an HTTP status (200-599)"),
+                ),
+                (_, Some(g)) if crate::resource::grpc_code(g).is_none() => c.fail(
+                    format!("{f}.fault.abort.grpcStatus"),
+                    format!("{g:?} is not a gRPC status name (e.g. UNAVAILABLE)"),
+                ),
+                _ => {}
+            }
+        }
+        if let Some(d) = &fault.delay {
+            if !(0.0..=100.0).contains(&d.percent) {
+                c.fail(format!("{f}.fault.delay.percent"), "must be 0-100");
+            }
+            if let Err(e) = duration::parse(&d.fixed_delay) {
+                c.fail(format!("{f}.fault.delay.fixedDelay"), e);
+            }
+        }
+    }
     for (kind, is_set, field) in present {
         if kind == filter.kind && !is_set {
             c.fail(

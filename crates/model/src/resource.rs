@@ -346,6 +346,46 @@ pub struct HttpRouteRule {
     /// Timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// Retries (GEP-1731 shape, with a budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+}
+
+/// When and how often a failed request is tried again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Retries after the first try; default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// HTTP statuses that are retried; default 502, 503, 504. Connection failures
+    /// (nothing was sent) are always retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codes: Option<Vec<u16>>,
+    /// gRPC statuses that are retried, by name (e.g. `UNAVAILABLE`); default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_codes: Vec<String>,
+    /// First backoff, doubled per retry with full jitter; default `25ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+    /// Retry methods that are not idempotent (POST, PATCH) too; default false.
+    #[serde(default)]
+    pub non_idempotent: bool,
+    /// Caps retries so they cannot amplify an outage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudgetSpec>,
+}
+
+/// A retry budget: retries stay under `ratio` of requests plus `minPerSecond`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudgetSpec {
+    /// Retries allowed per request, over a 10 s window; default 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Retries always allowed per second; default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_second: Option<u32>,
 }
 
 /// A request match; all present conditions must hold.
@@ -427,6 +467,57 @@ pub enum FilterType {
     /// Rewrite host and/or path.
     #[serde(rename = "URLRewrite")]
     UrlRewrite,
+    /// Copy requests to another backend, fire and forget (Gateway API).
+    RequestMirror,
+    /// Sinew extension: inject delays and aborts, for chaos testing.
+    Fault,
+}
+
+/// `RequestMirror`: where copies go, and how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestMirror {
+    /// The Service receiving copies.
+    pub backend_ref: HttpBackendRef,
+    /// Share of requests copied, 0-100; default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+}
+
+/// `Fault`: delays and aborts for a share of the requests a rule matches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultSpec {
+    /// Answer at once with an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+    /// Wait before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+}
+
+/// An injected error: an HTTP status, or a gRPC status for gRPC requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// HTTP status (e.g. 503).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// gRPC status name (e.g. `UNAVAILABLE`), for gRPC requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    /// Share of matching requests, 0-100.
+    pub percent: f64,
+}
+
+/// An injected delay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// How long (Gateway API duration).
+    pub fixed_delay: String,
+    /// Share of matching requests, 0-100.
+    pub percent: f64,
 }
 
 /// A Gateway API filter: `type` plus the matching configuration field.
@@ -445,6 +536,41 @@ pub struct HttpRouteFilter {
     /// For `URLRewrite`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<UrlRewrite>,
+    /// For `RequestMirror`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_mirror: Option<RequestMirror>,
+    /// For `Fault`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultSpec>,
+}
+
+/// gRPC status codes by name.
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The number of a gRPC status name.
+pub fn grpc_code(name: &str) -> Option<u8> {
+    GRPC_CODES
+        .iter()
+        .position(|c| *c == name)
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 /// Header edits: `set` replaces, `add` appends, `remove` deletes (applied in that order).

@@ -14,6 +14,8 @@ pub enum ReqBody {
     Incoming(Incoming),
     /// No body (tunnels, proxy-made requests).
     Empty,
+    /// A small body held in memory so it can be sent again (retries, mirrors).
+    Buffered(Option<bytes::Bytes>),
 }
 
 impl Body for ReqBody {
@@ -27,6 +29,7 @@ impl Body for ReqBody {
         match self.get_mut() {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -34,6 +37,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Incoming(b) => b.is_end_stream(),
             ReqBody::Empty => true,
+            ReqBody::Buffered(b) => b.is_none(),
         }
     }
 
@@ -41,6 +45,7 @@ impl Body for ReqBody {
         match self {
             ReqBody::Incoming(b) => b.size_hint(),
             ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

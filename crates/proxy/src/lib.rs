@@ -25,6 +25,7 @@ pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod reload;
+pub mod resilience;
 pub mod state;
 pub mod stream;
 

@@ -71,6 +71,7 @@ pub struct Metrics {
     generation: Gauge,
     cert_expiry: Gauge,
     authz: Family<AuthzLabels, Counter>,
+    retries: Counter,
 }
 
 impl Default for Metrics {
@@ -135,6 +136,8 @@ impl Metrics {
             "Inbound authorization decisions, by decision and by the policy and rule that decided (policy \"default\" for the default)",
             authz.clone(),
         );
+        let retries = Counter::default();
+        registry.register("retries", "Retries sent (within budget)", retries.clone());
         let cert_expiry = Gauge::default();
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -142,6 +145,7 @@ impl Metrics {
             cert_expiry.clone(),
         );
         Metrics {
+            retries,
             authz,
             cert_expiry,
             registry,
@@ -191,6 +195,11 @@ impl Metrics {
         if applied {
             self.generation.set(generation as i64);
         }
+    }
+
+    /// Counts a retry.
+    pub fn retry(&self) {
+        self.retries.inc();
     }
 
     /// Counts an authorization decision.

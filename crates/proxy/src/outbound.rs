@@ -25,6 +25,7 @@ use crate::http_util::{self, DST_PORT, ORIG_PROTO};
 use crate::listeners::{ConnCtx, Role};
 use crate::metrics::Direction;
 use crate::pool::Version as UpVersion;
+use crate::resilience;
 use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
 
@@ -142,34 +143,178 @@ async fn forward(
     }
 
     let downstream_h2 = req.version() == Version::HTTP_2;
-    let (mut parts, body) = req.into_parts();
-    http_util::strip_hop_by_hop(&mut parts.headers, false);
-    let upstream_h2 = endpoint.config.sidecar.is_some()
-        || downstream_h2
-        || matches!(protocol, Protocol::Http2 | Protocol::Grpc);
-    if endpoint.config.sidecar.is_some() {
-        parts
-            .headers
-            .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-        if !downstream_h2 && protocol == Protocol::Http {
-            parts
-                .headers
-                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    let grpc = http_util::is_grpc(req.headers());
+    // The deadline: the route's timeout, or less if the caller arrived with one.
+    let now = tokio::time::Instant::now();
+    let deadline = [
+        rule.request_timeout,
+        resilience::incoming_timeout(req.headers()),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .map(|d| now + d);
+
+    // Fault injection (chaos testing): delays, then aborts.
+    for filters in [&rule.filters, &backend.filters] {
+        let Some(fault) = &filters.fault else {
+            continue;
+        };
+        if let Some((ms, pct)) = fault.delay
+            && fastrand::f64() * 100.0 < pct
+        {
+            let until = now + Duration::from_millis(ms);
+            match deadline {
+                Some(d) if d < until => {
+                    tokio::time::sleep_until(d).await;
+                    return Err(ProxyError::Timeout(d - now));
+                }
+                _ => tokio::time::sleep_until(until).await,
+            }
+        }
+        if let Some((status, grpc_code, pct)) = fault.abort
+            && fastrand::f64() * 100.0 < pct
+        {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, "fault-injected");
+            return Ok(fault_response(status, grpc_code, grpc));
         }
     }
-    http_util::set_target(&mut parts, &authority, new_path, upstream_h2)?;
-    let upstream_req = Request::from_parts(parts, ReqBody::Incoming(body));
 
-    let timeout = match (rule.request_timeout, rule.backend_timeout) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let version = if upstream_h2 {
-        UpVersion::Http2
+    let retry = rule
+        .retry
+        .as_ref()
+        .filter(|r| r.non_idempotent || resilience::idempotent(req.method()));
+    let mirror = [&rule.filters, &backend.filters]
+        .into_iter()
+        .find_map(|f| f.mirror.as_ref())
+        .filter(|m| fastrand::u32(0..100) < m.percent);
+    let (mut parts, body) = req.into_parts();
+    http_util::strip_hop_by_hop(&mut parts.headers, false);
+    // Retries and mirrors need the body again: hold it when it is small and of known
+    // length; anything else streams once (and is neither retried nor mirrored).
+    let replayable = retry.is_some() || mirror.is_some();
+    let mut payload = if replayable {
+        buffer(body).await?
     } else {
-        UpVersion::Http1
+        Payload::Stream(Some(body))
     };
-    let resp = send_timed(&endpoint, upstream_req, version, timeout).await?;
+    if let (Some(m), Payload::Bytes(bytes)) = (mirror, &payload) {
+        send_mirror(
+            &snap,
+            m,
+            backend.port,
+            &parts,
+            &authority,
+            &new_path,
+            bytes.clone(),
+        );
+    }
+    let budget = retry.and_then(|_| snap.budget(&rule.route, rule.rule));
+    if let Some(b) = budget {
+        b.request();
+    }
+
+    let mut attempt: u32 = 0;
+    let mut previous: Option<Arc<Endpoint>> = None;
+    let resp = loop {
+        let endpoint = if attempt == 0 {
+            endpoint.clone()
+        } else {
+            // A retry goes elsewhere when there is anywhere else to go.
+            let mut e = balancer.pick().cloned();
+            for _ in 0..2 {
+                if e.as_ref()
+                    .is_some_and(|e| previous.as_ref().is_some_and(|p| Arc::ptr_eq(e, p)))
+                {
+                    e = balancer.pick().cloned();
+                }
+            }
+            e.ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?
+        };
+        let upstream_h2 = endpoint.config.sidecar.is_some()
+            || downstream_h2
+            || matches!(protocol, Protocol::Http2 | Protocol::Grpc);
+        let mut p = copy_head(&parts)?;
+        if endpoint.config.sidecar.is_some() {
+            p.headers
+                .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
+            if !downstream_h2 && protocol == Protocol::Http {
+                p.headers
+                    .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+            }
+        }
+        if attempt > 0 {
+            p.headers.insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
+        }
+        let mut per_try = rule.backend_timeout;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ProxyError::Timeout(d - now));
+            }
+            // The callee learns how long it has, and never works past it.
+            p.headers.insert(
+                resilience::TIMEOUT_HEADER,
+                HeaderValue::from(left.as_millis() as u64),
+            );
+            if grpc && let Ok(v) = HeaderValue::from_str(&resilience::format_grpc_timeout(left)) {
+                p.headers.insert("grpc-timeout", v);
+            }
+            per_try = Some(per_try.map_or(left, |t| t.min(left)));
+        }
+        http_util::set_target(&mut p, &authority, new_path.clone(), upstream_h2)?;
+        let body = match &mut payload {
+            Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
+            Payload::Stream(s) => s.take().map_or(ReqBody::Empty, ReqBody::Incoming),
+        };
+        let version = if upstream_h2 {
+            UpVersion::Http2
+        } else {
+            UpVersion::Http1
+        };
+        let result = send_timed(&endpoint, Request::from_parts(p, body), version, per_try).await;
+        let should_retry = match (&result, retry) {
+            (_, None) => false,
+            _ if !matches!(payload, Payload::Bytes(_)) => false,
+            (_, Some(cfg)) if attempt >= cfg.retries => false,
+            (Ok(r), Some(cfg)) => resilience::retryable_response(r, cfg),
+            (Err(e), Some(_)) => matches!(
+                e,
+                ProxyError::Connect { .. }
+                    | ProxyError::ConnectTimeout(_)
+                    | ProxyError::Tls { .. }
+                    | ProxyError::Upstream { .. }
+                    | ProxyError::Timeout(_)
+            ),
+        };
+        if should_retry && budget.is_none_or(|b| b.try_retry()) {
+            attempt += 1;
+            ctx.shared.metrics.retry();
+            let pause = retry.map_or(Duration::ZERO, |r| resilience::backoff(r.backoff, attempt));
+            let until = tokio::time::Instant::now() + pause;
+            tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+            previous = Some(endpoint);
+            continue;
+        }
+        if should_retry {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, "retry-budget-exhausted");
+        }
+        break result;
+    };
+    let resp = match resp {
+        Err(ProxyError::Timeout(_))
+            if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) =>
+        {
+            return Err(ProxyError::Timeout(
+                deadline.map_or(Duration::ZERO, |d| d - now),
+            ));
+        }
+        other => other?,
+    };
 
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
@@ -178,7 +323,139 @@ async fn forward(
             edits.apply(&mut parts.headers);
         }
     }
+    if attempt > 0 {
+        parts
+            .headers
+            .insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
+    }
     Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+}
+
+/// Retries so far: on the upstream request (which try this is) and on the response
+/// (how many retries it took).
+const RETRY_ATTEMPT: &str = "sinew-retry-attempt";
+
+/// Bodies up to this size are held for retries and mirrors.
+const MAX_REPLAY: u64 = 64 * 1024;
+
+/// A request body: streamed once, or held for replay.
+enum Payload {
+    Stream(Option<Incoming>),
+    Bytes(Option<bytes::Bytes>),
+}
+
+/// Holds a body of known length up to [`MAX_REPLAY`]; anything else streams.
+async fn buffer(body: Incoming) -> Result<Payload, ProxyError> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return Ok(Payload::Bytes(None));
+    }
+    match body.size_hint().exact() {
+        Some(n) if n <= MAX_REPLAY => {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|_| ProxyError::Malformed("the request body ended early"))?
+                .to_bytes();
+            Ok(Payload::Bytes((!bytes.is_empty()).then_some(bytes)))
+        }
+        _ => Ok(Payload::Stream(Some(body))),
+    }
+}
+
+/// A copy of a request head (method, target, version, headers).
+fn copy_head(parts: &http::request::Parts) -> Result<http::request::Parts, ProxyError> {
+    let (mut p, ()) = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version)
+        .body(())
+        .map_err(|_| ProxyError::Malformed("invalid request head"))?
+        .into_parts();
+    p.headers = parts.headers.clone();
+    Ok(p)
+}
+
+/// Fire and forget: a copy of the request to the mirror backend, its answer ignored.
+/// The authority gets `-shadow` appended, so the mirror can tell copies apart.
+fn send_mirror(
+    snap: &Snapshot,
+    m: &sinew_model::compile::MirrorConfig,
+    default_port: u16,
+    parts: &http::request::Parts,
+    authority: &Authority,
+    new_path: &Option<PathAndQuery>,
+    body: Option<bytes::Bytes>,
+) {
+    let Some(endpoint) = snap
+        .balancer(&m.service, m.port.unwrap_or(default_port))
+        .and_then(|b| b.pick())
+        .cloned()
+    else {
+        return;
+    };
+    let Ok(mut p) = copy_head(parts) else { return };
+    let Ok(shadow) = Authority::try_from(format!("{}-shadow", authority.host())) else {
+        return;
+    };
+    let upstream_h2 = endpoint.config.sidecar.is_some() || parts.version == Version::HTTP_2;
+    if endpoint.config.sidecar.is_some() {
+        p.headers
+            .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
+        if parts.version != Version::HTTP_2 {
+            p.headers
+                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+    }
+    if http_util::set_target(&mut p, &shadow, new_path.clone(), upstream_h2).is_err() {
+        return;
+    }
+    let version = if upstream_h2 {
+        UpVersion::Http2
+    } else {
+        UpVersion::Http1
+    };
+    tokio::spawn(async move {
+        let req = Request::from_parts(p, ReqBody::Buffered(body));
+        let sent =
+            tokio::time::timeout(Duration::from_secs(10), endpoint.pool.send(req, version)).await;
+        if let Ok(Ok(resp)) = sent {
+            // Drain so the connection can be reused.
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        }
+    });
+}
+
+/// An injected abort: the HTTP status, or a trailers-only gRPC status.
+fn fault_response(status: Option<u16>, grpc_code: Option<u8>, grpc: bool) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::full(
+        "fault-injected: aborted by a Fault filter\n",
+    ));
+    match (grpc, grpc_code) {
+        (true, Some(code)) => {
+            *r.status_mut() = StatusCode::OK;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            r.headers_mut()
+                .insert("grpc-status", HeaderValue::from(u16::from(code)));
+            r.headers_mut()
+                .insert("grpc-message", HeaderValue::from_static("fault injected"));
+            *r.body_mut() = RespBody::empty();
+        }
+        _ => {
+            *r.status_mut() = status
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+    r.headers_mut().insert(
+        crate::error::SINEW_ERROR,
+        HeaderValue::from_static("fault-injected"),
+    );
+    r
 }
 
 /// Sends with the route's timeout (until response headers) and feeds the balancer.

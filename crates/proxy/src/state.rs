@@ -43,6 +43,7 @@ pub struct Snapshot {
     app_pools: Vec<(u16, Arc<ConnPool>)>,
     /// Verifies end-user JWTs at the inbound (`None` without RequestAuthentication).
     pub jwt: Option<crate::jwt::JwtVerifier>,
+    budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
 }
 
 impl Snapshot {
@@ -53,6 +54,11 @@ impl Snapshot {
             .iter()
             .find(|(p, _)| *p == port)
             .map(|(_, b)| b)
+    }
+
+    /// The retry budget of a route rule.
+    pub fn budget(&self, route: &str, rule: usize) -> Option<&Arc<crate::resilience::RetryBudget>> {
+        self.budgets.get(&(route.to_owned(), rule))
     }
 
     /// The connection pool for a local application port (inbound).
@@ -75,6 +81,7 @@ pub struct SnapshotBuilder {
     pools: HashMap<PoolKey, Arc<ConnPool>>,
     generation: u64,
     jwt: Option<crate::jwt::JwtVerifier>,
+    budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
 }
 
 impl SnapshotBuilder {
@@ -166,6 +173,27 @@ impl SnapshotBuilder {
             }
         };
         self.jwt = jwt.clone();
+        // One retry budget per route rule, kept while its settings stay the same.
+        let mut budgets = HashMap::new();
+        for svc in config.services.values() {
+            for port in &svc.ports {
+                for entry in port.routes.entries() {
+                    let Some(retry) = &entry.rule.retry else {
+                        continue;
+                    };
+                    let key = (entry.rule.route.clone(), entry.rule.rule);
+                    let b = match self.budgets.get(&key) {
+                        Some(b) if b.same(retry) => b.clone(),
+                        _ => Arc::new(crate::resilience::RetryBudget::new(
+                            retry.budget_ratio,
+                            retry.budget_min_per_second,
+                        )),
+                    };
+                    budgets.insert(key, b);
+                }
+            }
+        }
+        self.budgets = budgets.clone();
         Snapshot {
             version,
             generation: self.generation,
@@ -174,6 +202,7 @@ impl SnapshotBuilder {
             balancers,
             app_pools,
             jwt,
+            budgets,
         }
     }
 }

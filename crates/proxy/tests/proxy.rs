@@ -1222,3 +1222,228 @@ async fn a_reload_that_removes_bindings_keeps_open_connections_and_in_flight_req
     assert!(proxy.shutdown().await.clean, "nothing left open to cut");
     Ok(())
 }
+
+fn two_endpoints(bind: SocketAddr, a: &HttpBackend, b: &HttpBackend, rules: &str) -> String {
+    format!(
+        "{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service_lb("catalog", "RoundRobin"),
+        workload("a", "catalog", a.addr(), None),
+        workload("b", "catalog", b.addr(), None),
+        route("resilience", "catalog", rules),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_rescue_requests_from_a_failing_endpoint_and_say_so() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    a.fail_with(Some(503));
+    let bind = free_addr();
+    // Half the requests meet the failing endpoint: a budget of one retry per request
+    // lets every one be rescued (the budget test shows the cap).
+    let file = ConfigFile::new(&two_endpoints(
+        bind,
+        &a,
+        &b,
+        "    - retry: {attempts: 2, backoff: 1ms, budget: {ratio: 1.0}}",
+    ));
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let mut retried = 0;
+    for _ in 0..50 {
+        let r = c.get("catalog", "/").await?;
+        assert_eq!(r.status, 200, "{:?}", r.header("sinew-error"));
+        assert_eq!(r.header("x-backend"), Some("b"));
+        if r.header("sinew-retry-attempt").is_some() {
+            retried += 1;
+        }
+    }
+    assert!(
+        a.requests() > 0 && retried > 0,
+        "a saw {} requests, {retried} retried",
+        a.requests()
+    );
+    assert_eq!(
+        metric(&proxy, "sinew_retries_total").await,
+        Some(f64::from(retried))
+    );
+    // POST is not idempotent: not retried unless the route says so.
+    let mut posts_failed = 0;
+    for _ in 0..10 {
+        let req = Request::post("/")
+            .header("host", "catalog")
+            .header("content-length", "0")
+            .body(empty())?;
+        if client::collect(c.send(req).await?).await?.status == 503 {
+            posts_failed += 1;
+        }
+    }
+    assert!(
+        posts_failed > 0,
+        "POSTs to the failing endpoint are answered as they are"
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_amplification_during_an_outage() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    a.fail_with(Some(503));
+    b.fail_with(Some(503));
+    let bind = free_addr();
+    let file = ConfigFile::new(&two_endpoints(
+        bind,
+        &a,
+        &b,
+        "    - retry: {attempts: 3, backoff: 1ms, budget: {ratio: 0.2, minPerSecond: 1}}",
+    ));
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let n = 300u64;
+    for _ in 0..n {
+        assert_eq!(c.get("catalog", "/").await?.status, 503);
+    }
+    let upstream = a.requests() + b.requests();
+    let ratio = upstream as f64 / n as f64;
+    // Without a budget: 4 tries each (ratio 4). With it: at most 1 + 0.2, plus the
+    // floor of 1 retry a second over the run (a few seconds at most).
+    assert!(
+        ratio <= 1.2 + 10.0 / n as f64,
+        "amplification {ratio:.3} ({upstream} upstream for {n})"
+    );
+    assert!(ratio > 1.0, "some retries were still allowed ({ratio:.3})");
+    assert!(
+        metric(
+            &proxy,
+            "sinew_proxy_errors_total{direction=\"outbound\",reason=\"retry-budget-exhausted\"}"
+        )
+        .await
+        .unwrap_or(0.0)
+            > 0.0
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_hit_the_configured_share_and_mirrors_get_copies() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let shadow = HttpBackend::start("shadow").await?;
+    shadow.fail_with(Some(500)); // the mirror's answers never reach the client
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("app", "catalog", app.addr(), None),
+        service("shadow", "HTTP"),
+        workload("shadow", "shadow", shadow.addr(), None),
+        route(
+            "chaos",
+            "catalog",
+            r#"    - matches: [{path: {value: /chaos}}]
+      filters: [{type: Fault, fault: {abort: {httpStatus: 503, percent: 30}}}]
+    - matches: [{path: {value: /copy}}]
+      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]"#
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let n = 1000;
+    let mut aborted = 0;
+    for _ in 0..n {
+        let r = c.get("catalog", "/chaos").await?;
+        if r.status == 503 {
+            assert_eq!(r.header("sinew-error"), Some("fault-injected"));
+            aborted += 1;
+        }
+    }
+    // Binomial(1000, 0.3): mean 300, sd ~14.5; accept ±5 sd.
+    assert!(
+        (aborted as f64 - 300.0).abs() <= 5.0 * 14.5,
+        "{aborted} of {n} aborted"
+    );
+    assert_eq!(
+        app.requests(),
+        (n - aborted) as u64,
+        "aborted requests never reach the app"
+    );
+    for i in 0..20 {
+        let r = c.get("catalog", &format!("/copy?i={i}")).await?;
+        assert_eq!(
+            (r.status.as_u16(), r.header("x-backend")),
+            (200, Some("app"))
+        );
+    }
+    wait::until("mirror got every copy", TIMEOUT, || async {
+        shadow.requests() == 20
+    })
+    .await?;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadlines_are_propagated_and_honoured() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("app", "catalog", app.addr(), None),
+        route(
+            "slow",
+            "catalog",
+            "    - matches: [{path: {value: /slow}}]\n      timeouts: {request: 5s}\n      filters: [{type: Fault, fault: {delay: {fixedDelay: 2s, percent: 100}}}]\n    - timeouts: {request: 5s}"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    assert!(proxy.shared().is_ready());
+    // The callee learns how long it has.
+    let r = client::get(bind, "catalog", "/").await?;
+    let left: u64 = r.json()?["headers"]["sinew-timeout-ms"]
+        .as_str()
+        .unwrap()
+        .parse()?;
+    assert!(left <= 5000 && left > 4000, "{left}");
+    // A caller's shorter deadline wins: 100 ms, and the app never answers.
+    let mut c = client::h1(bind).await?;
+    let start = tokio::time::Instant::now();
+    let req = Request::get("/never")
+        .header("host", "catalog")
+        .header("sinew-timeout-ms", "100")
+        .body(empty())?;
+    let r = client::collect(c.send(req).await?).await?;
+    assert_eq!(
+        (r.status.as_u16(), r.header("sinew-error")),
+        (504, Some("request-timeout"))
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "gave up at the caller's deadline, not the route's"
+    );
+    // An injected delay counts against the deadline: 2 s of 5 s, then served.
+    let start = tokio::time::Instant::now();
+    let r = client::get(bind, "catalog", "/slow").await?;
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() >= Duration::from_secs(2));
+    let left: u64 = r.json()?["headers"]["sinew-timeout-ms"]
+        .as_str()
+        .unwrap()
+        .parse()?;
+    assert!(
+        left <= 3000,
+        "the delay was charged to the deadline: {left} ms left"
+    );
+    Ok(())
+}

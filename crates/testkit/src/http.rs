@@ -113,6 +113,8 @@ struct Shared {
     connections: AtomicU64,
     events: UnboundedSender<Event>,
     gate: Semaphore,
+    /// When non-zero, every request is answered with this status (failing on command).
+    fail_status: std::sync::atomic::AtomicU16,
 }
 
 /// A real HTTP/1.1 + h2c server on loopback; see the [module docs](self).
@@ -147,6 +149,7 @@ impl HttpBackend {
             connections: AtomicU64::new(0),
             events: events_tx,
             gate: Semaphore::new(0),
+            fail_status: std::sync::atomic::AtomicU16::new(0),
         });
         let conn_shared = Arc::clone(&shared);
         let task = ServerTask::spawn(accept_loop(listener, move |stream| {
@@ -171,6 +174,14 @@ impl HttpBackend {
     #[must_use]
     pub fn name(&self) -> &str {
         self.shared.name.to_str().unwrap_or_default()
+    }
+
+    /// Fails on command: answers every request with `status` (e.g. 503) until
+    /// called with `None`.
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.shared
+            .fail_status
+            .store(status.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// Requests received so far (counted when the request head arrives, so
@@ -227,6 +238,10 @@ async fn handle(
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
+    let failing = shared.fail_status.load(Ordering::SeqCst);
+    if failing != 0 {
+        return status(&failing.to_string());
+    }
     let path = req.uri().path().to_owned();
     if let Some(code) = path.strip_prefix("/status/") {
         status(code)
