@@ -66,6 +66,7 @@ pub fn canonical_kind(k: &str) -> Option<&'static str> {
         "meshconfig" | "meshconfigs" => "MeshConfig",
         "authorizationpolicy" | "authorizationpolicies" | "authz" => "AuthorizationPolicy",
         "requestauthentication" | "requestauthentications" | "jwt" => "RequestAuthentication",
+        "trafficpolicy" | "trafficpolicies" | "tp" => "TrafficPolicy",
         _ => return None,
     })
 }

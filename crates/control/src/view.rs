@@ -220,6 +220,9 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
                         .as_ref()
                         .is_none_or(|t| services.contains(&svc_key(ns, &t.name)))
             }
+            Resource::TrafficPolicy(p) => {
+                everything || services.contains(&svc_key(p.metadata.ns(), &p.spec.target_ref.name))
+            }
             Resource::RequestAuthentication(p) => {
                 p.metadata.ns() == ns
                     && p.spec

@@ -216,6 +216,8 @@ pub struct ServiceConfig {
     pub load_balancer: LoadBalancer,
     /// Ports with their endpoints and routes.
     pub ports: Vec<PortConfig>,
+    /// Circuit breaking and outlier detection.
+    pub traffic: TrafficConfig,
 }
 
 impl ServiceConfig {
@@ -236,6 +238,38 @@ impl ServiceConfig {
             .filter(|p| p.protocol.is_http())
             .or_else(|| self.ports.iter().find(|p| p.protocol.is_http()))
     }
+}
+
+/// Compiled traffic policy of a service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficConfig {
+    /// Requests in flight to the service.
+    pub max_requests: Option<u32>,
+    /// Requests in flight per endpoint.
+    pub max_requests_per_endpoint: Option<u32>,
+    /// Connections per endpoint.
+    pub max_connections_per_endpoint: Option<u32>,
+    /// Outlier detection, if on.
+    pub outlier: Option<OutlierConfig>,
+}
+
+/// Compiled outlier detection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierConfig {
+    /// Failures in a row that eject.
+    pub consecutive_failures: u32,
+    /// Failure share (percent) that ejects, over the window.
+    pub failure_percent: Option<u32>,
+    /// Requests needed in the window.
+    pub minimum_requests: u32,
+    /// The window, in milliseconds.
+    pub interval_ms: u64,
+    /// First ejection time, in milliseconds (times the ejection count).
+    pub base_ejection_ms: u64,
+    /// Most endpoints ejected at once (percent).
+    pub max_ejection_percent: u32,
 }
 
 /// One service port.
@@ -919,6 +953,39 @@ fn compile_service(
             .or_else(|| res.mesh.as_ref().and_then(|m| m.spec.default_load_balancer))
             .unwrap_or_default(),
         ports,
+        traffic: traffic_config(res, ns, name),
+    }
+}
+
+fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
+    let Some(p) = res
+        .traffic_policies
+        .iter()
+        .find(|((pns, _), p)| pns == ns && p.spec.target_ref.name == name)
+        .map(|(_, p)| &p.spec)
+    else {
+        return TrafficConfig::default();
+    };
+    let ms = |s: &Option<String>, default: u64| {
+        s.as_deref()
+            .and_then(|s| duration::parse(s).ok())
+            .map_or(default, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            })
+    };
+    let b = p.circuit_breaker.clone().unwrap_or_default();
+    TrafficConfig {
+        max_requests: b.max_requests,
+        max_requests_per_endpoint: b.max_requests_per_endpoint,
+        max_connections_per_endpoint: b.max_connections_per_endpoint,
+        outlier: p.outlier_detection.as_ref().map(|o| OutlierConfig {
+            consecutive_failures: o.consecutive_failures.unwrap_or(5),
+            failure_percent: o.failure_percent,
+            minimum_requests: o.minimum_requests.unwrap_or(20),
+            interval_ms: ms(&o.interval, 10_000),
+            base_ejection_ms: ms(&o.base_ejection_time, 30_000),
+            max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
+        }),
     }
 }
 

@@ -162,6 +162,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigEr
             "RequestAuthentication" => {
                 parse_typed(file, start, &doc).map(Resource::RequestAuthentication)
             }
+            "TrafficPolicy" => parse_typed(file, start, &doc).map(Resource::TrafficPolicy),
             _ => parse_typed(file, start, &doc).map(Resource::HttpRoute),
         };
         match parsed {
@@ -220,6 +221,8 @@ pub struct Resources {
     pub authorization_policies: BTreeMap<Key, Object<AuthorizationPolicySpec>>,
     /// `RequestAuthentication` documents.
     pub request_authentications: BTreeMap<Key, Object<RequestAuthenticationSpec>>,
+    /// `TrafficPolicy` documents.
+    pub traffic_policies: BTreeMap<Key, Object<TrafficPolicySpec>>,
     /// Where each `(kind, namespace, name)` came from.
     pub origins: BTreeMap<(String, String, String), Origin>,
 }
@@ -281,6 +284,12 @@ impl Resources {
                 .values()
                 .cloned()
                 .map(Resource::RequestAuthentication),
+        );
+        out.extend(
+            self.traffic_policies
+                .values()
+                .cloned()
+                .map(Resource::TrafficPolicy),
         );
         out
     }
@@ -351,6 +360,9 @@ impl Resources {
                 }
                 Resource::RequestAuthentication(o) => {
                     res.request_authentications.insert(key(&o.metadata), o);
+                }
+                Resource::TrafficPolicy(o) => {
+                    res.traffic_policies.insert(key(&o.metadata), o);
                 }
                 Resource::MeshConfig(o) => {
                     if let Some(prev) = &res.mesh {
@@ -479,6 +491,68 @@ impl Resources {
         }
         for (k, r) in &self.routes {
             self.validate_route(errors, k, r);
+        }
+        let mut targeted: BTreeMap<(String, String), String> = BTreeMap::new();
+        for (k, p) in &self.traffic_policies {
+            let mut c = self.checker(errors, "TrafficPolicy", k);
+            let t = &p.spec.target_ref;
+            if t.kind.as_deref().is_some_and(|kind| kind != "Service") {
+                c.fail("spec.targetRef.kind", "only Service targets are supported");
+            } else if !self.services.contains_key(&(k.0.clone(), t.name.clone())) {
+                c.fail(
+                    "spec.targetRef.name",
+                    format!("service {}/{} does not exist", k.0, t.name),
+                );
+            } else if let Some(other) = targeted.insert((k.0.clone(), t.name.clone()), k.1.clone())
+            {
+                c.fail(
+                    "spec.targetRef",
+                    format!(
+                        "service {}/{} already has TrafficPolicy {other}",
+                        k.0, t.name
+                    ),
+                );
+            }
+            if let Some(b) = &p.spec.circuit_breaker {
+                for (field, v) in [
+                    ("maxRequests", b.max_requests),
+                    ("maxRequestsPerEndpoint", b.max_requests_per_endpoint),
+                    ("maxConnectionsPerEndpoint", b.max_connections_per_endpoint),
+                ] {
+                    if v == Some(0) {
+                        c.fail(
+                            format!("spec.circuitBreaker.{field}"),
+                            "must be at least 1 (leave it out for no limit)",
+                        );
+                    }
+                }
+            }
+            if let Some(o) = &p.spec.outlier_detection {
+                for (field, v) in [
+                    ("interval", &o.interval),
+                    ("baseEjectionTime", &o.base_ejection_time),
+                ] {
+                    if let Some(v) = v
+                        && let Err(e) = duration::parse(v)
+                    {
+                        c.fail(format!("spec.outlierDetection.{field}"), e);
+                    }
+                }
+                for (field, v) in [
+                    ("failurePercent", o.failure_percent),
+                    ("maxEjectionPercent", o.max_ejection_percent),
+                ] {
+                    if v.is_some_and(|v| v > 100) {
+                        c.fail(format!("spec.outlierDetection.{field}"), "must be 0-100");
+                    }
+                }
+                if o.consecutive_failures == Some(0) {
+                    c.fail(
+                        "spec.outlierDetection.consecutiveFailures",
+                        "must be at least 1",
+                    );
+                }
+            }
         }
         self.validate_security(errors);
     }

@@ -690,6 +690,61 @@ pub struct PolicyTargetRef {
     pub name: String,
 }
 
+/// `kind: TrafficPolicy`: how clients treat a Service's endpoints: circuit breaking
+/// and outlier detection (at most one per Service).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    /// The Service.
+    pub target_ref: PolicyTargetRef,
+    /// Limits; overflow is answered at once with 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Ejecting failing endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// Circuit-breaker limits (each optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Requests in flight to the whole service, from this proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Requests in flight to one endpoint, from this proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_endpoint: Option<u32>,
+    /// Connections open to one endpoint, from this proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_endpoint: Option<u32>,
+}
+
+/// Outlier detection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    /// Eject after this many failures in a row (5xx, connection failures); default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// Eject when this share (percent) of an endpoint's requests failed over the
+    /// window, with at least `minimumRequests`; default off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_percent: Option<u32>,
+    /// Requests needed in the window for `failurePercent`; default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_requests: Option<u32>,
+    /// The failure-rate window; default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// First ejection time, multiplied by the number of ejections; default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// Never eject more than this share (percent) of the endpoints; default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+}
+
 /// `kind: AuthorizationPolicy`: who may call what, at the inbound of the workloads of
 /// a Service (or of a whole namespace). Semantics: see [`crate::authz`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -890,10 +945,13 @@ pub enum Resource {
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
     /// `kind: RequestAuthentication`.
     RequestAuthentication(Object<RequestAuthenticationSpec>),
+    /// `kind: TrafficPolicy`.
+    TrafficPolicy(Object<TrafficPolicySpec>),
 }
 
 /// The kinds, as written in documents.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
+    "TrafficPolicy",
     "Proxy",
     "Service",
     "Workload",
@@ -931,6 +989,7 @@ impl Resource {
             Resource::MeshConfig(_) => "MeshConfig",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::RequestAuthentication(_) => "RequestAuthentication",
+            Resource::TrafficPolicy(_) => "TrafficPolicy",
         }
     }
 
@@ -956,6 +1015,7 @@ impl Resource {
             Resource::MeshConfig(o) => serde_json::to_string(o),
             Resource::AuthorizationPolicy(o) => serde_json::to_string(o),
             Resource::RequestAuthentication(o) => serde_json::to_string(o),
+            Resource::TrafficPolicy(o) => serde_json::to_string(o),
         };
         // Serialising plain data to JSON cannot fail; an empty object is never used.
         out.unwrap_or_default()
@@ -979,6 +1039,7 @@ impl Resource {
             "MeshConfig" => parse(json).map(Resource::MeshConfig),
             "AuthorizationPolicy" => parse(json).map(Resource::AuthorizationPolicy),
             "RequestAuthentication" => parse(json).map(Resource::RequestAuthentication),
+            "TrafficPolicy" => parse(json).map(Resource::TrafficPolicy),
             other => Err(crate::ConfigError::new(format!("unknown kind {other:?}")).field("kind")),
         }
     }
@@ -992,6 +1053,7 @@ impl Resource {
             Resource::MeshConfig(o) => &mut o.metadata,
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
             Resource::RequestAuthentication(o) => &mut o.metadata,
+            Resource::TrafficPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -1005,6 +1067,7 @@ impl Resource {
             Resource::MeshConfig(o) => &o.metadata,
             Resource::AuthorizationPolicy(o) => &o.metadata,
             Resource::RequestAuthentication(o) => &o.metadata,
+            Resource::TrafficPolicy(o) => &o.metadata,
         }
     }
 

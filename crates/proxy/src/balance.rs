@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sinew_model::compile::EndpointConfig;
+use sinew_model::compile::TrafficConfig;
 use sinew_model::resource::LoadBalancer;
 
 use crate::pool::ConnPool;
@@ -33,6 +34,18 @@ pub struct Endpoint {
     pub pool: Arc<ConnPool>,
     pending: AtomicU32,
     ewma: Mutex<Ewma>,
+    outlier: Mutex<OutlierState>,
+}
+
+/// What outlier detection knows of an endpoint.
+#[derive(Debug, Default)]
+struct OutlierState {
+    consecutive: u32,
+    window_start: Option<Instant>,
+    window_ok: u32,
+    window_failed: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
 }
 
 #[derive(Debug)]
@@ -52,7 +65,17 @@ impl Endpoint {
                 nanos: DEFAULT_RTT.as_nanos() as f64,
                 at: Instant::now(),
             }),
+            outlier: Mutex::new(OutlierState::default()),
         }
+    }
+
+    /// True while outlier detection keeps the endpoint out.
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.outlier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ejected_until
+            .is_some_and(|t| t > now)
     }
 
     /// Where the request is dialled: the sidecar, or the application itself.
@@ -127,22 +150,132 @@ impl Drop for InFlight {
     }
 }
 
-/// The endpoints of one service port and how to choose among them.
+/// The endpoints of one service port, how to choose among them, and the service's
+/// circuit breaker and outlier detection.
 #[derive(Debug)]
 pub struct Balancer {
     endpoints: Vec<Arc<Endpoint>>,
     algorithm: LoadBalancer,
     next: AtomicUsize,
+    traffic: TrafficConfig,
+    in_flight: Arc<AtomicU32>,
+}
+
+/// Why the circuit breaker refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Too many requests in flight to the service.
+    MaxRequests,
+    /// Too many requests in flight to the endpoint.
+    MaxRequestsPerEndpoint,
+}
+
+impl Overflow {
+    /// The limit's name, as configured.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::MaxRequests => "maxRequests",
+            Overflow::MaxRequestsPerEndpoint => "maxRequestsPerEndpoint",
+        }
+    }
+}
+
+/// A request admitted by the circuit breaker; its slot is released on drop.
+#[derive(Debug)]
+pub struct Admitted(Arc<AtomicU32>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Balancer {
     /// A balancer over `endpoints`.
     pub fn new(endpoints: Vec<Arc<Endpoint>>, algorithm: LoadBalancer) -> Balancer {
+        Self::with_traffic(endpoints, algorithm, TrafficConfig::default())
+    }
+
+    /// A balancer with a circuit breaker and outlier detection.
+    pub fn with_traffic(
+        endpoints: Vec<Arc<Endpoint>>,
+        algorithm: LoadBalancer,
+        traffic: TrafficConfig,
+    ) -> Balancer {
         Balancer {
             endpoints,
             algorithm,
             next: AtomicUsize::new(0),
+            traffic,
+            in_flight: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// The circuit breaker: admits a request to `endpoint`, or says which limit it
+    /// would exceed. Overflow is answered at once, never queued.
+    pub fn admit(&self, endpoint: &Endpoint) -> Result<Admitted, Overflow> {
+        if let Some(max) = self.traffic.max_requests_per_endpoint
+            && endpoint.pending() >= max
+        {
+            return Err(Overflow::MaxRequestsPerEndpoint);
+        }
+        let now = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let admitted = Admitted(self.in_flight.clone());
+        if let Some(max) = self.traffic.max_requests
+            && now >= max
+        {
+            return Err(Overflow::MaxRequests);
+        }
+        Ok(admitted)
+    }
+
+    /// Outlier detection: records how a request to `endpoint` went, and ejects it
+    /// after too many failures (never more than the maximum share at once). Its
+    /// ejection time grows with every ejection.
+    pub fn report(&self, endpoint: &Endpoint, ok: bool) {
+        let Some(cfg) = &self.traffic.outlier else {
+            return;
+        };
+        let now = Instant::now();
+        let mut st = endpoint.outlier.lock().unwrap_or_else(|e| e.into_inner());
+        let window = Duration::from_millis(cfg.interval_ms);
+        if st
+            .window_start
+            .is_none_or(|t| now.duration_since(t) >= window)
+        {
+            st.window_start = Some(now);
+            st.window_ok = 0;
+            st.window_failed = 0;
+        }
+        if ok {
+            st.consecutive = 0;
+            st.window_ok += 1;
+            return;
+        }
+        st.consecutive += 1;
+        st.window_failed += 1;
+        if st.ejected_until.is_some_and(|t| t > now) {
+            return;
+        }
+        let total = st.window_ok + st.window_failed;
+        let by_rate = cfg
+            .failure_percent
+            .is_some_and(|p| total >= cfg.minimum_requests && st.window_failed * 100 >= p * total);
+        if st.consecutive < cfg.consecutive_failures && !by_rate {
+            return;
+        }
+        drop(st);
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let limit = self.endpoints.len() * cfg.max_ejection_percent as usize / 100;
+        if ejected >= limit.max(if self.endpoints.len() > 1 { 1 } else { 0 }) {
+            return;
+        }
+        let mut st = endpoint.outlier.lock().unwrap_or_else(|e| e.into_inner());
+        st.ejections += 1;
+        st.ejected_until = Some(now + Duration::from_millis(cfg.base_ejection_ms) * st.ejections);
+        st.consecutive = 0;
+        st.window_start = None;
+        tracing::warn!(endpoint = %endpoint.config.address, ejections = st.ejections, "endpoint ejected");
     }
 
     /// The endpoints.
@@ -150,26 +283,49 @@ impl Balancer {
         &self.endpoints
     }
 
-    /// Picks an endpoint; `None` when there are none.
+    /// Picks an endpoint, skipping ejected ones (unless every one is ejected: then
+    /// any, rather than none); `None` when there are none.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
-        let n = self.endpoints.len();
+        let now = Instant::now();
+        let usable = |e: &&Arc<Endpoint>| self.traffic.outlier.is_none() || !e.is_ejected(now);
+        let n = self.endpoints.iter().filter(usable).count();
+        if n == 0 {
+            return self.pick_from(self.endpoints.iter().collect());
+        }
+        if n == self.endpoints.len() {
+            return self.pick_among(&self.endpoints);
+        }
+        self.pick_from(self.endpoints.iter().filter(usable).collect())
+    }
+
+    fn pick_from<'a>(&'a self, eps: Vec<&'a Arc<Endpoint>>) -> Option<&'a Arc<Endpoint>> {
+        let i = self.choose(eps.len(), |i| eps[i])?;
+        eps.get(i).copied()
+    }
+
+    fn pick_among<'a>(&'a self, eps: &'a [Arc<Endpoint>]) -> Option<&'a Arc<Endpoint>> {
+        let i = self.choose(eps.len(), |i| &eps[i])?;
+        eps.get(i)
+    }
+
+    fn choose<'a>(&self, n: usize, at: impl Fn(usize) -> &'a Arc<Endpoint>) -> Option<usize> {
         match n {
             0 => None,
-            1 => self.endpoints.first(),
+            1 => Some(0),
             _ => match self.algorithm {
-                LoadBalancer::RoundRobin => {
-                    let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-                    self.endpoints.get(i)
-                }
+                LoadBalancer::RoundRobin => Some(self.next.fetch_add(1, Ordering::Relaxed) % n),
                 LoadBalancer::PeakEwma => {
                     let a = fastrand::usize(..n);
                     let mut b = fastrand::usize(..n - 1);
                     if b >= a {
                         b += 1;
                     }
-                    let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
                     let now = Instant::now();
-                    Some(if ea.cost(now) <= eb.cost(now) { ea } else { eb })
+                    Some(if at(a).cost(now) <= at(b).cost(now) {
+                        a
+                    } else {
+                        b
+                    })
                 }
             },
         }

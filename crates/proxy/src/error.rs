@@ -62,6 +62,9 @@ pub enum ProxyError {
     /// The proxy is shutting down.
     #[error("proxy is shutting down")]
     ShuttingDown,
+    /// The circuit breaker refused the request (a limit was reached).
+    #[error("circuit breaker: {0} reached")]
+    Overflow(&'static str),
     /// Refused by authentication (401) or authorization (403) at the inbound.
     #[error("{0}")]
     Policy(crate::policy::PolicyError),
@@ -74,7 +77,7 @@ impl ProxyError {
             ProxyError::Malformed(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownService(_) | ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
-            ProxyError::NoEndpoints(_) | ProxyError::ShuttingDown => {
+            ProxyError::NoEndpoints(_) | ProxyError::ShuttingDown | ProxyError::Overflow(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Connect { .. }
@@ -100,6 +103,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream-failed",
             ProxyError::Timeout(_) => "request-timeout",
             ProxyError::ShuttingDown => "shutting-down",
+            ProxyError::Overflow(_) => "overflow",
             ProxyError::Policy(p) => p.reason,
         }
     }
@@ -150,6 +154,11 @@ impl ProxyError {
     /// `sinew-error`: the reason, and for an authorization refusal the rule that
     /// decided (`forbidden: shop/no-admin rule 0`).
     fn error_header(&self) -> HeaderValue {
+        if let ProxyError::Overflow(limit) = self
+            && let Ok(v) = HeaderValue::from_str(&format!("overflow: {limit}"))
+        {
+            return v;
+        }
         if let ProxyError::Policy(p) = self
             && let Some(d) = &p.decision
         {

@@ -274,7 +274,17 @@ async fn forward(
         } else {
             UpVersion::Http1
         };
+        // The circuit breaker answers overflow at once; the slot is held until the
+        // response head arrives.
+        let admitted = balancer
+            .admit(&endpoint)
+            .map_err(|o| ProxyError::Overflow(o.as_str()))?;
         let result = send_timed(&endpoint, Request::from_parts(p, body), version, per_try).await;
+        drop(admitted);
+        balancer.report(
+            &endpoint,
+            matches!(&result, Ok(r) if !r.status().is_server_error()),
+        );
         let should_retry = match (&result, retry) {
             (_, None) => false,
             _ if !matches!(payload, Payload::Bytes(_)) => false,

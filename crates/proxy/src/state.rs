@@ -133,10 +133,14 @@ impl SnapshotBuilder {
                         ep
                     })
                     .collect();
-                balancers
-                    .entry(key.clone())
-                    .or_default()
-                    .push((port.port, Arc::new(Balancer::new(eps, svc.load_balancer))));
+                balancers.entry(key.clone()).or_default().push((
+                    port.port,
+                    Arc::new(Balancer::with_traffic(
+                        eps,
+                        svc.load_balancer,
+                        svc.traffic.clone(),
+                    )),
+                ));
             }
         }
         let app_pools = config

@@ -1447,3 +1447,115 @@ async fn deadlines_are_propagated_and_honoured() -> TestResult {
     );
     Ok(())
 }
+
+fn traffic_policy(body: &str) -> String {
+    format!(
+        "---\napiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: catalog, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: catalog}}\n{body}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_breaker_sheds_at_the_limit_at_once() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service_lb("catalog", "RoundRobin"),
+        workload("a", "catalog", a.addr(), None),
+        workload("b", "catalog", b.addr(), None),
+        traffic_policy("  circuitBreaker: {maxRequests: 3}"),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    // Three requests that never finish fill the service's slots.
+    let mut stuck = Vec::new();
+    for _ in 0..3 {
+        stuck.push(tokio::spawn(async move {
+            client::get(bind, "catalog", "/never").await
+        }));
+    }
+    wait::until("three in flight", TIMEOUT, || async {
+        a.requests() + b.requests() == 3
+    })
+    .await?;
+    let start = std::time::Instant::now();
+    let r = client::get(bind, "catalog", "/").await?;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("sinew-error"), Some("overflow: maxRequests"));
+    assert!(r.text().contains("circuit breaker"), "{}", r.text());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "answered at once, not queued"
+    );
+    assert_eq!(
+        a.requests() + b.requests(),
+        3,
+        "the overflow never reached a backend"
+    );
+    for s in stuck {
+        s.abort();
+    }
+    // Once slots free up, requests flow again.
+    wait::until("slots released", TIMEOUT, || async {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await?;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_endpoint_gets_no_traffic_then_returns() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    a.fail_with(Some(503));
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service_lb("catalog", "RoundRobin"),
+        workload("a", "catalog", a.addr(), None),
+        workload("b", "catalog", b.addr(), None),
+        traffic_policy(
+            "  outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 1s, maxEjectionPercent: 50}"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    for _ in 0..20 {
+        c.get("catalog", "/").await?;
+    }
+    assert_eq!(a.requests(), 3, "ejected after three failures in a row");
+    let seen = a.requests();
+    for _ in 0..50 {
+        assert_eq!(
+            c.get("catalog", "/").await?.status,
+            200,
+            "only the healthy endpoint serves"
+        );
+    }
+    assert_eq!(a.requests(), seen, "an ejected endpoint gets no traffic");
+    // Healed: after its ejection time it gets traffic again.
+    a.fail_with(None);
+    wait::until("returns after the ejection time", TIMEOUT, || async {
+        let _ = client::get(bind, "catalog", "/").await;
+        a.requests() > seen
+    })
+    .await?;
+    let before = a.requests();
+    for _ in 0..20 {
+        assert_eq!(c.get("catalog", "/").await?.status, 200);
+    }
+    assert!(a.requests() >= before + 5, "back in the rotation");
+    proxy.shutdown().await;
+    Ok(())
+}
