@@ -40,6 +40,18 @@ pub struct ConnPool {
     idle: Mutex<Vec<(Instant, http1::SendRequest<ReqBody>)>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
     tls: Option<MeshTls>,
+    /// Connections open now, and the most allowed (0: no limit).
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    max_open: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a connection as open until dropped (when its task ends).
+struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// mTLS toward a peer sidecar: our own certificate store, and a client config that
@@ -66,7 +78,35 @@ impl ConnPool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             tls: None,
+            open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            max_open: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// Caps the connections this pool opens (`None`: no cap). A request that would
+    /// need one more is refused at once (circuit breaker).
+    pub fn set_max_connections(&self, max: Option<u32>) {
+        self.max_open.store(
+            max.map_or(0, |m| m as usize),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes a connection slot, or refuses when the cap is reached.
+    fn open_slot(&self) -> Result<OpenGuard, ProxyError> {
+        use std::sync::atomic::Ordering;
+        let max = self.max_open.load(Ordering::Relaxed);
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        let guard = OpenGuard(self.open.clone());
+        if max > 0 && before >= max {
+            return Err(ProxyError::Overflow("maxConnectionsPerEndpoint"));
+        }
+        Ok(guard)
     }
 
     /// A pool toward a peer sidecar whose certificate must carry `expected`. TLS is
@@ -132,6 +172,7 @@ impl ConnPool {
     }
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
+        let slot = self.open_slot()?;
         let io = TokioIo::new(self.connect().await?);
         let (tx, conn) = http1::Builder::new()
             .handshake(io)
@@ -141,6 +182,7 @@ impl ConnPool {
                 source,
             })?;
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
             }
@@ -202,6 +244,7 @@ impl ConnPool {
     }
 
     async fn connect_h2(&self) -> Result<(http2::SendRequest<ReqBody>, bool), ProxyError> {
+        let slot = self.open_slot()?;
         let tcp = self.connect().await?;
         let tx = match &self.tls {
             Some(tls) if tls.certs.is_ready() => {
@@ -222,9 +265,9 @@ impl ConnPool {
                         detail: "the peer did not agree to the mesh protocol (ALPN)".into(),
                     });
                 }
-                self.h2_handshake(TokioIo::new(stream)).await?
+                self.h2_handshake(TokioIo::new(stream), slot).await?
             }
-            _ => self.h2_handshake(TokioIo::new(tcp)).await?,
+            _ => self.h2_handshake(TokioIo::new(tcp), slot).await?,
         };
         let mut slot = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         // Another request may have connected meanwhile; keep one connection.
@@ -237,7 +280,11 @@ impl ConnPool {
         }
     }
 
-    async fn h2_handshake<IO>(&self, io: IO) -> Result<http2::SendRequest<ReqBody>, ProxyError>
+    async fn h2_handshake<IO>(
+        &self,
+        io: IO,
+        slot: OpenGuard,
+    ) -> Result<http2::SendRequest<ReqBody>, ProxyError>
     where
         IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -252,6 +299,8 @@ impl ConnPool {
                 source,
             })?;
         tokio::spawn(async move {
+            // The connection's slot is held as long as it lives.
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }

@@ -129,6 +129,8 @@ impl SnapshotBuilder {
                             Arc::new(Endpoint::new(ec.clone(), pool_for(key.clone(), &mut pools)))
                         });
                         pools.entry(key).or_insert_with(|| ep.pool.clone());
+                        ep.pool
+                            .set_max_connections(svc.traffic.max_connections_per_endpoint);
                         endpoints.insert(k, ep.clone());
                         ep
                     })

@@ -1559,3 +1559,39 @@ async fn an_ejected_endpoint_gets_no_traffic_then_returns() -> TestResult {
     proxy.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_endpoint_are_capped() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("app", "catalog", app.addr(), None),
+        traffic_policy("  circuitBreaker: {maxConnectionsPerEndpoint: 1}"),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    // One request holds the only HTTP/1.1 connection allowed.
+    let stuck = tokio::spawn(async move { client::get(bind, "catalog", "/never").await });
+    wait::until("connection in use", TIMEOUT, || async {
+        app.requests() == 1
+    })
+    .await?;
+    let r = client::get(bind, "catalog", "/").await?;
+    assert_eq!(
+        (r.status.as_u16(), r.header("sinew-error")),
+        (503, Some("overflow: maxConnectionsPerEndpoint"))
+    );
+    assert_eq!(app.connections(), 1);
+    stuck.abort();
+    wait::until("connection freed", TIMEOUT, || async {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await?;
+    proxy.shutdown().await;
+    Ok(())
+}
