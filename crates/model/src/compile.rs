@@ -252,6 +252,34 @@ pub struct TrafficConfig {
     pub max_connections_per_endpoint: Option<u32>,
     /// Outlier detection, if on.
     pub outlier: Option<OutlierConfig>,
+    /// Rate limits at the inbound of the service's workloads.
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// What a compiled rate limit counts by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateKey {
+    /// A request header's value.
+    Header(String),
+    /// The caller's SPIFFE id.
+    Identity,
+}
+
+/// A compiled rate limit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitConfig {
+    /// `namespace/policy/name`.
+    pub name: String,
+    /// Requests it applies to (empty: all).
+    pub matches: Vec<RequestMatch>,
+    /// What it counts by; `None`: one bucket for all.
+    pub key: Option<RateKey>,
+    /// Sustained rate.
+    pub requests_per_second: f64,
+    /// Bucket size.
+    pub burst: u32,
 }
 
 /// Compiled outlier detection.
@@ -958,11 +986,11 @@ fn compile_service(
 }
 
 fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
-    let Some(p) = res
+    let Some((policy_name, p)) = res
         .traffic_policies
         .iter()
         .find(|((pns, _), p)| pns == ns && p.spec.target_ref.name == name)
-        .map(|(_, p)| &p.spec)
+        .map(|((_, pname), p)| (pname, &p.spec))
     else {
         return TrafficConfig::default();
     };
@@ -986,6 +1014,22 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             base_ejection_ms: ms(&o.base_ejection_time, 30_000),
             max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
         }),
+        rate_limits: p
+            .rate_limits
+            .iter()
+            .map(|r| RateLimitConfig {
+                name: format!("{ns}/{}/{}", policy_name, r.name),
+                matches: r.matches.iter().filter_map(compile_match).collect(),
+                key: r.key.as_ref().map(|k| match &k.header {
+                    Some(h) => RateKey::Header(h.to_ascii_lowercase()),
+                    None => RateKey::Identity,
+                }),
+                requests_per_second: r.requests_per_second,
+                burst: r
+                    .burst
+                    .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32),
+            })
+            .collect(),
     }
 }
 

@@ -527,6 +527,54 @@ impl Resources {
                     }
                 }
             }
+            for (i, r) in p.spec.rate_limits.iter().enumerate() {
+                let f = format!("spec.rateLimits[{i}]");
+                if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) {
+                    c.fail(format!("{f}.requestsPerSecond"), "must be more than zero");
+                }
+                if r.burst == Some(0) {
+                    c.fail(format!("{f}.burst"), "must be at least 1");
+                }
+                if let Some(k) = &r.key {
+                    if k.header.is_some() == k.identity {
+                        c.fail(
+                            format!("{f}.key"),
+                            "give exactly one of header or identity: true",
+                        );
+                    }
+                    if let Some(h) = &k.header
+                        && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+                    {
+                        c.fail(
+                            format!("{f}.key.header"),
+                            format!("{h:?} is not a valid header name"),
+                        );
+                    }
+                }
+                if p.spec
+                    .rate_limits
+                    .iter()
+                    .filter(|o| o.name == r.name)
+                    .count()
+                    > 1
+                {
+                    c.fail(
+                        format!("{f}.name"),
+                        format!("duplicate rate limit name {:?}", r.name),
+                    );
+                }
+                for (mi, m) in r.matches.iter().enumerate() {
+                    if let Some(path) = &m.path
+                        && path.kind == PathMatchType::RegularExpression
+                        && regex::Regex::new(&path.value).is_err()
+                    {
+                        c.fail(
+                            format!("{f}.matches[{mi}].path.value"),
+                            "invalid regular expression",
+                        );
+                    }
+                }
+            }
             if let Some(o) = &p.spec.outlier_detection {
                 for (field, v) in [
                     ("interval", &o.interval),

@@ -703,6 +703,41 @@ pub struct TrafficPolicySpec {
     /// Ejecting failing endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Rate limits, enforced at the inbound of the Service's workloads (in order;
+    /// the first whose bucket is empty refuses with 429).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitSpec>,
+}
+
+/// A local rate limit: a token bucket per key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Name, for `sinew-error` and metrics.
+    pub name: String,
+    /// Requests it applies to (HTTPRoute match shape); none: every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpRouteMatch>,
+    /// One bucket per value of this; default one bucket for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RateLimitKey>,
+    /// Sustained rate.
+    pub requests_per_second: f64,
+    /// Burst above the rate; default the rate (one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// What a rate limit counts by: give exactly one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitKey {
+    /// The value of this request header (requests without it share one bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// The caller's verified SPIFFE id (plaintext callers share one bucket).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity: bool,
 }
 
 /// Circuit-breaker limits (each optional).

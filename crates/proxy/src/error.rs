@@ -62,6 +62,14 @@ pub enum ProxyError {
     /// The proxy is shutting down.
     #[error("proxy is shutting down")]
     ShuttingDown,
+    /// A rate limit refused the request.
+    #[error("rate limit {name} reached; retry in {retry_after:?}")]
+    RateLimited {
+        /// The limit (`namespace/policy/name`).
+        name: String,
+        /// When a token will be there.
+        retry_after: Duration,
+    },
     /// The circuit breaker refused the request (a limit was reached).
     #[error("circuit breaker: {0} reached")]
     Overflow(&'static str),
@@ -86,6 +94,7 @@ impl ProxyError {
             | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Policy(p) => p.status,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -104,6 +113,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => "request-timeout",
             ProxyError::ShuttingDown => "shutting-down",
             ProxyError::Overflow(_) => "overflow",
+            ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::Policy(p) => p.reason,
         }
     }
@@ -111,9 +121,10 @@ impl ProxyError {
     /// The gRPC status code for gRPC callers.
     fn grpc_status(&self) -> &'static str {
         match self {
-            ProxyError::Timeout(_) => "4",        // DEADLINE_EXCEEDED
-            ProxyError::Malformed(_) => "13",     // INTERNAL
-            ProxyError::PortNotAllowed(_) => "7", // PERMISSION_DENIED
+            ProxyError::Timeout(_) => "4",         // DEADLINE_EXCEEDED
+            ProxyError::Malformed(_) => "13",      // INTERNAL
+            ProxyError::PortNotAllowed(_) => "7",  // PERMISSION_DENIED
+            ProxyError::RateLimited { .. } => "8", // RESOURCE_EXHAUSTED
             ProxyError::Policy(p) if p.status == StatusCode::UNAUTHORIZED => "16", // UNAUTHENTICATED
             ProxyError::Policy(_) => "7", // PERMISSION_DENIED
             ProxyError::NoRoute | ProxyError::UnknownService(_) => "12", // UNIMPLEMENTED
@@ -148,12 +159,23 @@ impl ProxyError {
             r
         };
         resp.headers_mut().insert(SINEW_ERROR, self.error_header());
+        if let ProxyError::RateLimited { retry_after, .. } = self {
+            // Whole seconds, rounded up (RFC 9110 retry-after).
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         resp
     }
 
     /// `sinew-error`: the reason, and for an authorization refusal the rule that
     /// decided (`forbidden: shop/no-admin rule 0`).
     fn error_header(&self) -> HeaderValue {
+        if let ProxyError::RateLimited { name, .. } = self
+            && let Ok(v) = HeaderValue::from_str(&format!("rate-limited: {name}"))
+        {
+            return v;
+        }
         if let ProxyError::Overflow(limit) = self
             && let Ok(v) = HeaderValue::from_str(&format!("overflow: {limit}"))
         {

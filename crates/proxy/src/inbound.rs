@@ -37,6 +37,48 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespB
     resp
 }
 
+/// The service's rate limits, in order: the first empty bucket refuses with 429.
+fn rate_limit(
+    ctx: &ConnCtx,
+    snap: &crate::state::Snapshot,
+    parts: &http::request::Parts,
+) -> Result<(), ProxyError> {
+    if snap.rate_limits.is_empty() {
+        return Ok(());
+    }
+    let view = sinew_model::route::RequestView {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+    };
+    let now = std::time::Instant::now();
+    for limiter in &snap.rate_limits {
+        let cfg = &limiter.config;
+        if !cfg.matches.is_empty() && !cfg.matches.iter().any(|m| m.matches(&view)) {
+            continue;
+        }
+        let key = match &cfg.key {
+            None => "",
+            Some(sinew_model::compile::RateKey::Header(h)) => parts
+                .headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+            Some(sinew_model::compile::RateKey::Identity) => {
+                ctx.peer_identity.as_deref().unwrap_or("")
+            }
+        };
+        if let Err(retry_after) = limiter.take(key, now) {
+            return Err(ProxyError::RateLimited {
+                name: cfg.name.clone(),
+                retry_after,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Authentication and authorization, with every decision counted.
 fn judge(
     ctx: &ConnCtx,
@@ -146,6 +188,7 @@ async fn forward(
     // the app (headers a client set for them are removed).
     let token = judge(ctx, inb, snap.jwt.as_ref(), port, Some(&parts))?;
     crate::policy::apply_token(inb, &mut parts.headers, token.as_ref());
+    rate_limit(ctx, &snap, &parts)?;
     // The caller's verified identity, set by the proxy alone: a client cannot forge it.
     match ctx
         .peer_identity

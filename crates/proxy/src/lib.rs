@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
+pub mod ratelimit;
 pub mod reload;
 pub mod resilience;
 pub mod state;

@@ -44,6 +44,8 @@ pub struct Snapshot {
     /// Verifies end-user JWTs at the inbound (`None` without RequestAuthentication).
     pub jwt: Option<crate::jwt::JwtVerifier>,
     budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
+    /// Rate limits of this proxy's own service, enforced at its inbound.
+    pub rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl Snapshot {
@@ -82,6 +84,7 @@ pub struct SnapshotBuilder {
     generation: u64,
     jwt: Option<crate::jwt::JwtVerifier>,
     budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
+    rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl SnapshotBuilder {
@@ -200,6 +203,26 @@ impl SnapshotBuilder {
             }
         }
         self.budgets = budgets.clone();
+        // The inbound's rate limits: those of this proxy's own service, kept while
+        // their settings stay the same (so buckets survive a reload).
+        let own = config
+            .identity
+            .as_ref()
+            .and_then(|i| i.service.as_ref().map(|s| format!("{s}.{}", i.namespace)))
+            .and_then(|k| config.services.get(&k).cloned());
+        let rate_limits: Vec<_> = own
+            .map(|svc| svc.traffic.rate_limits.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|cfg| {
+                self.rate_limits
+                    .iter()
+                    .find(|l| l.same(&cfg))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(crate::ratelimit::RateLimiter::new(cfg)))
+            })
+            .collect();
+        self.rate_limits = rate_limits.clone();
         Snapshot {
             version,
             generation: self.generation,
@@ -209,6 +232,7 @@ impl SnapshotBuilder {
             app_pools,
             jwt,
             budgets,
+            rate_limits,
         }
     }
 }

@@ -1595,3 +1595,64 @@ async fn connections_per_endpoint_are_capped() -> TestResult {
     proxy.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limits_hold_per_key_at_the_inbound() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let (bind, inbound) = (free_addr(), free_addr());
+    let yaml = format!(
+        "{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        proxy_doc(
+            "server",
+            &format!(
+                "  workload: catalog-1\n  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
+                app.addr().port()
+            )
+        ),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), Some(inbound.port())),
+        traffic_policy(
+            "  rateLimits:\n    - name: per-user\n      key: {header: x-user}\n      requestsPerSecond: 5\n      burst: 5"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let server = start(&file, "server").await;
+    let client_proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let mut ask = async |user: &str| {
+        let req = Request::get("/")
+            .header("host", "catalog")
+            .header("x-user", user)
+            .body(empty())
+            .unwrap();
+        client::collect(c.send(req).await.unwrap()).await.unwrap()
+    };
+    let mut allowed = 0;
+    let mut refused = None;
+    for _ in 0..12 {
+        let r = ask("a").await;
+        match r.status.as_u16() {
+            200 => allowed += 1,
+            429 => refused = Some(r),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // A burst of 5, plus at most one token refilled during the loop.
+    assert!((5..=6).contains(&allowed), "{allowed} of 12 allowed");
+    let r = refused.expect("some refused");
+    assert_eq!(
+        r.header("sinew-error"),
+        Some("rate-limited: shop/catalog/per-user")
+    );
+    assert!(
+        r.header("retry-after")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|s| s >= 1)
+    );
+    // Another key has its own bucket.
+    assert_eq!(ask("b").await.status, 200);
+    client_proxy.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}
