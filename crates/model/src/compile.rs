@@ -375,6 +375,19 @@ pub struct RetryConfig {
     pub budget_ratio: f64,
     /// Budget: retries always allowed per second.
     pub budget_min_per_second: u32,
+    /// Hedging, if on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgeConfig>,
+}
+
+/// When to hedge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HedgeConfig {
+    /// After a fixed delay (milliseconds).
+    DelayMs(u64),
+    /// After this percentile of the rule's recent latencies.
+    Percentile(f64),
 }
 
 fn ser_duration_plain<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -1135,6 +1148,18 @@ fn compile_routes(
                         .as_ref()
                         .and_then(|b| b.min_per_second)
                         .unwrap_or(10),
+                    hedge: r
+                        .hedge
+                        .as_ref()
+                        .and_then(|h| match (&h.delay, h.percentile) {
+                            (Some(d), _) => duration::parse(d).ok().map(|d| {
+                                HedgeConfig::DelayMs(
+                                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                                )
+                            }),
+                            (None, Some(p)) => Some(HedgeConfig::Percentile(p)),
+                            (None, None) => None,
+                        }),
                 }),
             });
             let default_match = [HttpRouteMatch::default()];

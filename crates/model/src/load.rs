@@ -855,6 +855,25 @@ impl Resources {
                 {
                     c.fail(format!("{f}.retry.backoff"), e);
                 }
+                if let Some(h) = &r.hedge {
+                    if h.delay.is_some() == h.percentile.is_some() {
+                        c.fail(
+                            format!("{f}.retry.hedge"),
+                            "give exactly one of delay or percentile",
+                        );
+                    }
+                    if let Some(d) = &h.delay
+                        && let Err(e) = duration::parse(d)
+                    {
+                        c.fail(format!("{f}.retry.hedge.delay"), e);
+                    }
+                    if h.percentile.is_some_and(|p| !(50.0..100.0).contains(&p)) {
+                        c.fail(
+                            format!("{f}.retry.hedge.percentile"),
+                            "must be at least 50 and below 100",
+                        );
+                    }
+                }
                 if r.attempts.is_some_and(|a| a > 10) {
                     c.fail(format!("{f}.retry.attempts"), "at most 10 retries");
                 }

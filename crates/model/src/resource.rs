@@ -374,6 +374,23 @@ pub struct RetrySpec {
     /// Caps retries so they cannot amplify an outage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RetryBudgetSpec>,
+    /// Hedging: a second try, to another endpoint, when the first is slow; the first
+    /// good answer wins and the other is cancelled. Drawn from the same budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgeSpec>,
+}
+
+/// When to hedge: after a fixed delay, or after the rule's observed latency
+/// percentile (give one).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HedgeSpec {
+    /// A fixed delay, e.g. `50ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<String>,
+    /// A latency percentile of the rule's recent requests, e.g. 95.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<f64>,
 }
 
 /// A retry budget: retries stay under `ratio` of requests plus `minPerSecond`.

@@ -72,6 +72,7 @@ pub struct Metrics {
     cert_expiry: Gauge,
     authz: Family<AuthzLabels, Counter>,
     retries: Counter,
+    hedges: Counter,
 }
 
 impl Default for Metrics {
@@ -138,6 +139,12 @@ impl Metrics {
         );
         let retries = Counter::default();
         registry.register("retries", "Retries sent (within budget)", retries.clone());
+        let hedges = Counter::default();
+        registry.register(
+            "hedges",
+            "Hedged second tries sent (within budget)",
+            hedges.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -145,6 +152,7 @@ impl Metrics {
             cert_expiry.clone(),
         );
         Metrics {
+            hedges,
             retries,
             authz,
             cert_expiry,
@@ -195,6 +203,11 @@ impl Metrics {
         if applied {
             self.generation.set(generation as i64);
         }
+    }
+
+    /// Counts a hedged try.
+    pub fn hedge(&self) {
+        self.hedges.inc();
     }
 
     /// Counts a retry.

@@ -18,7 +18,7 @@ use sinew_model::compile::{Filters, PortConfig, ServiceConfig};
 use sinew_model::resource::Protocol;
 use sinew_model::route::RequestView;
 
-use crate::balance::Endpoint;
+use crate::balance::{Balancer, Endpoint};
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
@@ -216,23 +216,11 @@ async fn forward(
         b.request();
     }
 
-    let mut attempt: u32 = 0;
-    let mut previous: Option<Arc<Endpoint>> = None;
-    let resp = loop {
-        let endpoint = if attempt == 0 {
-            endpoint.clone()
-        } else {
-            // A retry goes elsewhere when there is anywhere else to go.
-            let mut e = balancer.pick().cloned();
-            for _ in 0..2 {
-                if e.as_ref()
-                    .is_some_and(|e| previous.as_ref().is_some_and(|p| Arc::ptr_eq(e, p)))
-                {
-                    e = balancer.pick().cloned();
-                }
-            }
-            e.ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?
-        };
+    // One try's request, for any endpoint.
+    let build = |endpoint: &Arc<Endpoint>,
+                 attempt: u32,
+                 body: ReqBody|
+     -> Result<(Request<ReqBody>, UpVersion, Option<Duration>), ProxyError> {
         let upstream_h2 = endpoint.config.sidecar.is_some()
             || downstream_h2
             || matches!(protocol, Protocol::Http2 | Protocol::Grpc);
@@ -265,26 +253,90 @@ async fn forward(
             per_try = Some(per_try.map_or(left, |t| t.min(left)));
         }
         http_util::set_target(&mut p, &authority, new_path.clone(), upstream_h2)?;
-        let body = match &mut payload {
-            Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
-            Payload::Stream(s) => s.take().map_or(ReqBody::Empty, ReqBody::Incoming),
-        };
         let version = if upstream_h2 {
             UpVersion::Http2
         } else {
             UpVersion::Http1
         };
-        // The circuit breaker answers overflow at once; the slot is held until the
-        // response head arrives.
-        let admitted = balancer
-            .admit(&endpoint)
-            .map_err(|o| ProxyError::Overflow(o.as_str()))?;
-        let result = send_timed(&endpoint, Request::from_parts(p, body), version, per_try).await;
-        drop(admitted);
-        balancer.report(
-            &endpoint,
-            matches!(&result, Ok(r) if !r.status().is_server_error()),
-        );
+        Ok((Request::from_parts(p, body), version, per_try))
+    };
+    // Another endpoint than `not`, when there is one.
+    let elsewhere = |not: &Arc<Endpoint>| {
+        let mut e = balancer.pick().cloned();
+        for _ in 0..2 {
+            if e.as_ref().is_some_and(|e| Arc::ptr_eq(e, not)) {
+                e = balancer.pick().cloned();
+            }
+        }
+        e
+    };
+    let hedge_after = retry
+        .and_then(|r| r.hedge.as_ref())
+        .filter(|_| matches!(payload, Payload::Bytes(_)))
+        .and_then(|h| match h {
+            sinew_model::compile::HedgeConfig::DelayMs(ms) => Some(Duration::from_millis(*ms)),
+            sinew_model::compile::HedgeConfig::Percentile(p) => {
+                budget.and_then(|b| b.latency_percentile(*p))
+            }
+        });
+
+    let mut attempt: u32 = 0;
+    let mut hedged = false;
+    let mut previous: Option<Arc<Endpoint>> = None;
+    let resp = loop {
+        let endpoint = if attempt == 0 {
+            endpoint.clone()
+        } else {
+            // A retry goes elsewhere when there is anywhere else to go.
+            let p = previous.clone().unwrap_or_else(|| endpoint.clone());
+            elsewhere(&p).ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?
+        };
+        let body = match &mut payload {
+            Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
+            Payload::Stream(s) => s.take().map_or(ReqBody::Empty, ReqBody::Incoming),
+        };
+        let (req, version, per_try) = build(&endpoint, attempt, body)?;
+        let started = tokio::time::Instant::now();
+        let result = match (attempt, hedge_after, &payload) {
+            (0, Some(after), Payload::Bytes(bytes)) => {
+                // Hedging (rare: boxed so the common path's future stays small): if
+                // the first try is slow, a second goes elsewhere; the first good
+                // answer wins and the other is dropped (cancelled).
+                let bytes = bytes.clone();
+                let (r, by_hedge) = Box::pin(async {
+                    let first = send_attempt(balancer, &endpoint, req, version, per_try);
+                    tokio::pin!(first);
+                    tokio::select! {
+                        r = &mut first => (r, false),
+                        _ = tokio::time::sleep(after) => {
+                            let second = elsewhere(&endpoint).filter(|_| budget.is_none_or(|b| b.try_retry()));
+                            let Some(ep2) = second else { return (first.await, false) };
+                            ctx.shared.metrics.hedge();
+                            let (req2, v2, t2) = match build(&ep2, 1, ReqBody::Buffered(bytes)) {
+                                Ok(x) => x,
+                                Err(_) => return (first.await, false),
+                            };
+                            let second = send_attempt(balancer, &ep2, req2, v2, t2);
+                            tokio::pin!(second);
+                            let good = |r: &Result<Response<Incoming>, ProxyError>| {
+                                matches!(r, Ok(resp) if !resp.status().is_server_error())
+                            };
+                            tokio::select! {
+                                r = &mut first => if good(&r) { (r, false) } else { (second.await, true) },
+                                r = &mut second => if good(&r) { (r, true) } else { (first.await, false) },
+                            }
+                        }
+                    }
+                })
+                .await;
+                hedged = by_hedge;
+                r
+            }
+            _ => send_attempt(balancer, &endpoint, req, version, per_try).await,
+        };
+        if let (Some(b), Ok(_)) = (budget, &result) {
+            b.record_latency(started.elapsed());
+        }
         let should_retry = match (&result, retry) {
             (_, None) => false,
             _ if !matches!(payload, Payload::Bytes(_)) => false,
@@ -338,7 +390,34 @@ async fn forward(
             .headers
             .insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
     }
+    if hedged {
+        parts.headers.insert(HEDGED, HeaderValue::from_static("1"));
+    }
     Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+}
+
+/// On a response answered by the hedge (the second try).
+const HEDGED: &str = "sinew-hedged";
+
+/// One try: admitted by the circuit breaker (overflow is answered at once; the slot
+/// is held until the response head), sent, and reported to outlier detection.
+async fn send_attempt(
+    balancer: &Balancer,
+    endpoint: &Arc<Endpoint>,
+    req: Request<ReqBody>,
+    version: UpVersion,
+    per_try: Option<Duration>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let admitted = balancer
+        .admit(endpoint)
+        .map_err(|o| ProxyError::Overflow(o.as_str()))?;
+    let result = send_timed(endpoint, req, version, per_try).await;
+    drop(admitted);
+    balancer.report(
+        endpoint,
+        matches!(&result, Ok(r) if !r.status().is_server_error()),
+    );
+    result
 }
 
 /// Retries so far: on the upstream request (which try this is) and on the response

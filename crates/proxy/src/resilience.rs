@@ -20,7 +20,12 @@ pub struct RetryBudget {
     // (second since start, requests, retries), oldest first.
     buckets: Mutex<VecDeque<(u64, u64, u64)>>,
     start: Instant,
+    // Recent latencies (microseconds) of the rule's answers, for hedging by percentile.
+    latencies: Mutex<(Vec<u32>, usize)>,
 }
+
+/// Latencies kept per rule for hedging by percentile.
+const LATENCY_SAMPLES: usize = 256;
 
 impl RetryBudget {
     /// A budget.
@@ -30,7 +35,37 @@ impl RetryBudget {
             min_per_second,
             buckets: Mutex::new(VecDeque::new()),
             start: Instant::now(),
+            latencies: Mutex::new((Vec::with_capacity(LATENCY_SAMPLES), 0)),
         }
+    }
+
+    /// Records how long an answer took.
+    pub fn record_latency(&self, d: Duration) {
+        let micros = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        let (ring, next) = &mut *l;
+        if ring.len() < LATENCY_SAMPLES {
+            ring.push(micros);
+        } else {
+            ring[*next] = micros;
+        }
+        *next = (*next + 1) % LATENCY_SAMPLES;
+    }
+
+    /// The `p`th percentile of recent latencies, once 20 are known.
+    pub fn latency_percentile(&self, p: f64) -> Option<Duration> {
+        let mut v = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        if v.len() < 20 {
+            return None;
+        }
+        let i = (((p / 100.0) * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        let (_, x, _) = v.select_nth_unstable(i);
+        Some(Duration::from_micros(u64::from(*x)))
     }
 
     /// True when the settings are the same (the budget is kept across reloads).

@@ -1656,3 +1656,48 @@ async fn local_rate_limits_hold_per_key_at_the_inbound() -> TestResult {
     server.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn hedging_cuts_the_tail_of_a_slow_five_percent() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    a.slow(20, Duration::from_secs(1));
+    b.slow(20, Duration::from_secs(1));
+    let bind = free_addr();
+    let file = ConfigFile::new(&two_endpoints(
+        bind,
+        &a,
+        &b,
+        "    - matches: [{path: {value: /hedged}}]\n      retry: {attempts: 1, hedge: {delay: 50ms}, budget: {ratio: 1.0}}\n    - matches: [{path: {value: /plain}}]",
+    ));
+    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    assert!(proxy.shared().is_ready());
+    let mut c = client::h1(bind).await?;
+    async fn slow_answers(c: &mut sinew_testkit::client::H1, path: &str) -> u32 {
+        let mut over = 0;
+        for _ in 0..300 {
+            let t = tokio::time::Instant::now();
+            let r = c.get("catalog", path).await.unwrap();
+            assert_eq!(r.status, 200);
+            if t.elapsed() >= Duration::from_millis(500) {
+                over += 1;
+            }
+        }
+        over
+    }
+    let plain = slow_answers(&mut c, "/plain").await;
+    let hedged = slow_answers(&mut c, "/hedged").await;
+    // A slow 5% of 300: ~15 slow answers unhedged; hedged, a request is slow only
+    // if its hedge is slow too (~0.25%, ~0.75 expected). Stated bounds: >= 5, <= 4.
+    eprintln!("slow answers of 300: {plain} without hedging, {hedged} with");
+    assert!(plain >= 5, "{plain} slow answers without hedging");
+    assert!(hedged <= 4, "{hedged} slow answers with hedging");
+    let hedges = metric(&proxy, "sinew_hedges_total").await.unwrap_or(0.0);
+    assert!(
+        (5.0..60.0).contains(&hedges),
+        "hedges sent only for slow tries: {hedges}"
+    );
+    Ok(())
+}

@@ -115,6 +115,9 @@ struct Shared {
     gate: Semaphore,
     /// When non-zero, every request is answered with this status (failing on command).
     fail_status: std::sync::atomic::AtomicU16,
+    /// When non-zero, every n-th request waits `slow_ms` first (a slow tail).
+    slow_every: AtomicU64,
+    slow_ms: AtomicU64,
 }
 
 /// A real HTTP/1.1 + h2c server on loopback; see the [module docs](self).
@@ -150,6 +153,8 @@ impl HttpBackend {
             events: events_tx,
             gate: Semaphore::new(0),
             fail_status: std::sync::atomic::AtomicU16::new(0),
+            slow_every: AtomicU64::new(0),
+            slow_ms: AtomicU64::new(0),
         });
         let conn_shared = Arc::clone(&shared);
         let task = ServerTask::spawn(accept_loop(listener, move |stream| {
@@ -182,6 +187,16 @@ impl HttpBackend {
         self.shared
             .fail_status
             .store(status.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// A slow tail on command: one request in `every` (chosen by a hash of the
+    /// backend's name and the request's number) waits `delay` before it is answered
+    /// (`every` 20 is a slow 5%); 0 turns it off.
+    pub fn slow(&self, every: u64, delay: Duration) {
+        self.shared.slow_every.store(every, Ordering::SeqCst);
+        self.shared
+            .slow_ms
+            .store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     /// Requests received so far (counted when the request head arrives, so
@@ -230,7 +245,19 @@ async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
-    shared.requests.fetch_add(1, Ordering::SeqCst);
+    let n = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let every = shared.slow_every.load(Ordering::SeqCst);
+    // Which requests are slow: a hash of (backend, request number), so the share is
+    // as configured but two backends' slow requests are not correlated.
+    let slow = every != 0 && {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (shared.name.as_bytes(), n).hash(&mut h);
+        h.finish().is_multiple_of(every)
+    };
+    if slow {
+        tokio::time::sleep(Duration::from_millis(shared.slow_ms.load(Ordering::SeqCst))).await;
+    }
     let mut resp = route(&shared, req).await;
     resp.headers_mut()
         .insert(BACKEND_HEADER, shared.name.clone());
