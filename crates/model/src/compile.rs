@@ -254,6 +254,24 @@ pub struct TrafficConfig {
     pub outlier: Option<OutlierConfig>,
     /// Rate limits at the inbound of the service's workloads.
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Active health checks, if on.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// A compiled health check.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheckConfig {
+    /// HTTP path; `None`: TCP connect.
+    pub path: Option<String>,
+    /// Milliseconds between checks.
+    pub interval_ms: u64,
+    /// Milliseconds a check may take.
+    pub timeout_ms: u64,
+    /// Failures in a row to mark unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Passes in a row to mark healthy.
+    pub healthy_threshold: u32,
 }
 
 /// What a compiled rate limit counts by.
@@ -1026,6 +1044,13 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             interval_ms: ms(&o.interval, 10_000),
             base_ejection_ms: ms(&o.base_ejection_time, 30_000),
             max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
+        }),
+        health_check: p.health_check.as_ref().map(|h| HealthCheckConfig {
+            path: h.path.clone(),
+            interval_ms: ms(&h.interval, 5_000),
+            timeout_ms: ms(&h.timeout, 1_000),
+            unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2),
+            healthy_threshold: h.healthy_threshold.unwrap_or(1),
         }),
         rate_limits: p
             .rate_limits

@@ -527,6 +527,31 @@ impl Resources {
                     }
                 }
             }
+            if let Some(h) = &p.spec.health_check {
+                for (field, v) in [("interval", &h.interval), ("timeout", &h.timeout)] {
+                    if let Some(v) = v {
+                        match duration::parse(v) {
+                            Err(e) => c.fail(format!("spec.healthCheck.{field}"), e),
+                            Ok(d) if d.is_zero() => c.fail(
+                                format!("spec.healthCheck.{field}"),
+                                "must be more than zero",
+                            ),
+                            Ok(_) => {}
+                        }
+                    }
+                }
+                if h.path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                    c.fail("spec.healthCheck.path", "must start with '/'");
+                }
+                for (field, v) in [
+                    ("unhealthyThreshold", h.unhealthy_threshold),
+                    ("healthyThreshold", h.healthy_threshold),
+                ] {
+                    if v == Some(0) {
+                        c.fail(format!("spec.healthCheck.{field}"), "must be at least 1");
+                    }
+                }
+            }
             for (i, r) in p.spec.rate_limits.iter().enumerate() {
                 let f = format!("spec.rateLimits[{i}]");
                 if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite()) {

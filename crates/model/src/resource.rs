@@ -720,10 +720,35 @@ pub struct TrafficPolicySpec {
     /// Ejecting failing endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Active health checks of the Service's endpoints that have no sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
     /// Rate limits, enforced at the inbound of the Service's workloads (in order;
     /// the first whose bucket is empty refuses with 429).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimitSpec>,
+}
+
+/// An active health check: an HTTP GET of `path` (2xx/3xx is healthy), or a TCP
+/// connect when no path is given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    /// HTTP path to GET; absent: a TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Time between checks; default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Time a check may take; default `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Failed checks in a row that mark an endpoint unhealthy; default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    /// Passed checks in a row that mark it healthy again; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
 }
 
 /// A local rate limit: a token bucket per key.

@@ -35,6 +35,7 @@ pub struct Endpoint {
     pending: AtomicU32,
     ewma: Mutex<Ewma>,
     outlier: Mutex<OutlierState>,
+    healthy: std::sync::atomic::AtomicBool,
 }
 
 /// What outlier detection knows of an endpoint.
@@ -66,7 +67,18 @@ impl Endpoint {
                 at: Instant::now(),
             }),
             outlier: Mutex::new(OutlierState::default()),
+            healthy: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// False while active health checks say the endpoint is down.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Set by the health checker.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
     }
 
     /// True while outlier detection keeps the endpoint out.
@@ -287,7 +299,9 @@ impl Balancer {
     /// any, rather than none); `None` when there are none.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
         let now = Instant::now();
-        let usable = |e: &&Arc<Endpoint>| self.traffic.outlier.is_none() || !e.is_ejected(now);
+        let usable = |e: &&Arc<Endpoint>| {
+            e.is_healthy() && (self.traffic.outlier.is_none() || !e.is_ejected(now))
+        };
         let n = self.endpoints.iter().filter(usable).count();
         if n == 0 {
             return self.pick_from(self.endpoints.iter().collect());

@@ -16,6 +16,7 @@ pub mod balance;
 pub mod body;
 pub mod control;
 pub mod error;
+pub mod health;
 pub mod http_util;
 pub mod inbound;
 pub mod jwt;

@@ -72,6 +72,14 @@ impl Snapshot {
     }
 }
 
+/// A health checker per (service, port, endpoint address, check).
+type CheckerKey = (
+    String,
+    u16,
+    SocketAddr,
+    sinew_model::compile::HealthCheckConfig,
+);
+
 /// Pools are per dial address and, toward a sidecar, per expected peer identity.
 type PoolKey = (SocketAddr, Option<String>);
 
@@ -85,6 +93,7 @@ pub struct SnapshotBuilder {
     jwt: Option<crate::jwt::JwtVerifier>,
     budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
     rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
+    checkers: HashMap<CheckerKey, tokio::task::AbortHandle>,
 }
 
 impl SnapshotBuilder {
@@ -159,6 +168,34 @@ impl SnapshotBuilder {
             })
             .map(|(port, addr)| (port, pool_for((addr, None), &mut pools)))
             .collect();
+        // Active health checks: one checker per (endpoint without a sidecar, check),
+        // kept across reloads, stopped when no longer wanted.
+        let mut checkers = HashMap::new();
+        for (key, svc) in &config.services {
+            let Some(hc) = &svc.traffic.health_check else {
+                continue;
+            };
+            for port in &svc.ports {
+                for ec in port.endpoints.iter().filter(|e| e.sidecar.is_none()) {
+                    let ck = (key.clone(), port.port, ec.address, hc.clone());
+                    if checkers.contains_key(&ck) {
+                        continue;
+                    }
+                    let handle = self.checkers.remove(&ck).or_else(|| {
+                        endpoints
+                            .get(&(key.clone(), port.port, ec.clone()))
+                            .and_then(|ep| crate::health::spawn(ep, hc.clone()))
+                    });
+                    if let Some(h) = handle {
+                        checkers.insert(ck, h);
+                    }
+                }
+            }
+        }
+        for (_, stale) in self.checkers.drain() {
+            stale.abort();
+        }
+        self.checkers = checkers;
         self.endpoints = endpoints;
         self.pools = pools;
         // Keep the verifier (and the keys it fetched) while its rules stay the same.
