@@ -65,6 +65,17 @@ pub struct LocalIdentity {
     pub service_account: String,
     /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub spiffe: String,
+    /// The workload's zone, for locality preference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+/// A workload's zone: label `topology.kubernetes.io/zone`, else `zone`.
+pub fn zone_of(m: &Metadata) -> Option<String> {
+    m.labels
+        .get("topology.kubernetes.io/zone")
+        .or_else(|| m.labels.get("zone"))
+        .cloned()
 }
 
 /// The inbound listener.
@@ -256,6 +267,22 @@ pub struct TrafficConfig {
     pub rate_limits: Vec<RateLimitConfig>,
     /// Active health checks, if on.
     pub health_check: Option<HealthCheckConfig>,
+    /// Sticky sessions by consistent hashing, if on.
+    pub ring_hash: Option<HashKey>,
+    /// Prefer the caller's zone.
+    pub locality_preference: bool,
+}
+
+/// What a ring hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HashKey {
+    /// A request header (lower case).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// The client's address.
+    SourceIp,
 }
 
 /// A compiled health check.
@@ -344,6 +371,9 @@ pub struct EndpointConfig {
     pub address: SocketAddr,
     /// The workload's sidecar inbound address, when it has one.
     pub sidecar: Option<SocketAddr>,
+    /// The workload's zone (label `topology.kubernetes.io/zone`, else `zone`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     /// The SPIFFE id the endpoint's sidecar must present (from the workload's service
     /// account).
     pub identity: Option<String>,
@@ -686,6 +716,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         namespace: ns.clone(),
         service_account: w.spec.service_account().to_owned(),
         spiffe: crate::authz::spiffe_id(&trust_domain, &ns, w.spec.service_account()),
+        zone: zone_of(&w.metadata),
     });
     let own_services = workload.map(|w| own_services(res, w)).unwrap_or_default();
     let inbound = p.spec.inbound.as_ref().and_then(|i| {
@@ -981,6 +1012,7 @@ fn compile_service(
                         workload: format!("{}/{}", w.metadata.ns(), w.metadata.name),
                         address: SocketAddr::new(ip, port),
                         sidecar: w.spec.sidecar.as_ref().map(|s| SocketAddr::new(ip, s.port)),
+                        zone: zone_of(&w.metadata),
                         identity: Some(crate::authz::spiffe_id(
                             trust_domain,
                             w.metadata.ns(),
@@ -1045,6 +1077,16 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             base_ejection_ms: ms(&o.base_ejection_time, 30_000),
             max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
         }),
+        ring_hash: p
+            .ring_hash
+            .as_ref()
+            .and_then(|r| match (&r.header, &r.cookie, r.source_ip) {
+                (Some(h), _, _) => Some(HashKey::Header(h.to_ascii_lowercase())),
+                (None, Some(c), _) => Some(HashKey::Cookie(c.clone())),
+                (None, None, true) => Some(HashKey::SourceIp),
+                _ => None,
+            }),
+        locality_preference: p.locality_preference,
         health_check: p.health_check.as_ref().map(|h| HealthCheckConfig {
             path: h.path.clone(),
             interval_ms: ms(&h.interval, 5_000),

@@ -527,6 +527,25 @@ impl Resources {
                     }
                 }
             }
+            if let Some(r) = &p.spec.ring_hash {
+                let given = usize::from(r.header.is_some())
+                    + usize::from(r.cookie.is_some())
+                    + usize::from(r.source_ip);
+                if given != 1 {
+                    c.fail(
+                        "spec.ringHash",
+                        "give exactly one of header, cookie or sourceIp: true",
+                    );
+                }
+                if let Some(h) = &r.header
+                    && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+                {
+                    c.fail(
+                        "spec.ringHash.header",
+                        format!("{h:?} is not a valid header name"),
+                    );
+                }
+            }
             if let Some(h) = &p.spec.health_check {
                 for (field, v) in [("interval", &h.interval), ("timeout", &h.timeout)] {
                     if let Some(v) = v {

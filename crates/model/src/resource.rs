@@ -720,6 +720,14 @@ pub struct TrafficPolicySpec {
     /// Ejecting failing endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Sticky sessions: a consistent-hash ring over the endpoints, keyed by a header,
+    /// a cookie or the source address (requests without the key are balanced as usual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_hash: Option<RingHashSpec>,
+    /// Prefer endpoints in the caller's zone (label `topology.kubernetes.io/zone` or
+    /// `zone`), spilling over to all when none there are available.
+    #[serde(default)]
+    pub locality_preference: bool,
     /// Active health checks of the Service's endpoints that have no sidecar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckSpec>,
@@ -727,6 +735,21 @@ pub struct TrafficPolicySpec {
     /// the first whose bucket is empty refuses with 429).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimitSpec>,
+}
+
+/// What a consistent-hash ring hashes: give exactly one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RingHashSpec {
+    /// A request header's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A cookie's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_ip: bool,
 }
 
 /// An active health check: an HTTP GET of `path` (2xx/3xx is healthy), or a TCP

@@ -171,6 +171,21 @@ pub struct Balancer {
     next: AtomicUsize,
     traffic: TrafficConfig,
     in_flight: Arc<AtomicU32>,
+    /// Consistent-hash ring: (point, endpoint index), sorted by point.
+    ring: Vec<(u64, usize)>,
+    /// This proxy's zone, for locality preference.
+    local_zone: Option<String>,
+}
+
+/// Points per endpoint on the ring (more: smoother shares).
+const VNODES: usize = 100;
+
+/// A stable 64-bit hash (SipHash with fixed keys), for ring points and request keys.
+pub fn hash64(data: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
 }
 
 /// Why the circuit breaker refused a request.
@@ -214,13 +229,39 @@ impl Balancer {
         algorithm: LoadBalancer,
         traffic: TrafficConfig,
     ) -> Balancer {
+        Self::full(endpoints, algorithm, traffic, None)
+    }
+
+    /// A balancer with every policy, for a proxy in `local_zone`.
+    pub fn full(
+        endpoints: Vec<Arc<Endpoint>>,
+        algorithm: LoadBalancer,
+        traffic: TrafficConfig,
+        local_zone: Option<String>,
+    ) -> Balancer {
+        let mut ring = Vec::new();
+        if traffic.ring_hash.is_some() {
+            for (i, e) in endpoints.iter().enumerate() {
+                for v in 0..VNODES {
+                    ring.push((hash64(format!("{}#{v}", e.config.address).as_bytes()), i));
+                }
+            }
+            ring.sort_unstable();
+        }
         Balancer {
             endpoints,
             algorithm,
             next: AtomicUsize::new(0),
+            local_zone: local_zone.filter(|_| traffic.locality_preference),
             traffic,
             in_flight: Arc::new(AtomicU32::new(0)),
+            ring,
         }
+    }
+
+    /// The ring's key setting, if the service hashes.
+    pub fn hash_key(&self) -> Option<&sinew_model::compile::HashKey> {
+        self.traffic.ring_hash.as_ref()
     }
 
     /// The circuit breaker: admits a request to `endpoint`, or says which limit it
@@ -295,21 +336,49 @@ impl Balancer {
         &self.endpoints
     }
 
-    /// Picks an endpoint, skipping ejected ones (unless every one is ejected: then
-    /// any, rather than none); `None` when there are none.
+    /// Picks an endpoint, skipping unavailable ones (unhealthy, ejected) unless every
+    /// one is: then any, rather than none. `None` when there are none.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        self.pick_for(None)
+    }
+
+    /// Like [`pick`](Self::pick), for a request whose ring key hashes to `key`: with
+    /// a ring, the first available endpoint clockwise from it (sticky); otherwise the
+    /// algorithm, preferring the proxy's zone when asked to.
+    pub fn pick_for(&self, key: Option<u64>) -> Option<&Arc<Endpoint>> {
         let now = Instant::now();
-        let usable = |e: &&Arc<Endpoint>| {
+        let usable = |e: &Arc<Endpoint>| {
             e.is_healthy() && (self.traffic.outlier.is_none() || !e.is_ejected(now))
         };
-        let n = self.endpoints.iter().filter(usable).count();
+        if let (Some(h), false) = (key, self.ring.is_empty()) {
+            let start = self.ring.partition_point(|(p, _)| *p < h);
+            for k in 0..self.ring.len() {
+                let (_, i) = self.ring[(start + k) % self.ring.len()];
+                if usable(&self.endpoints[i]) {
+                    return self.endpoints.get(i);
+                }
+            }
+            return self.endpoints.first();
+        }
+        if let Some(zone) = &self.local_zone {
+            let local: Vec<&Arc<Endpoint>> = self
+                .endpoints
+                .iter()
+                .filter(|e| e.config.zone.as_deref() == Some(zone.as_str()) && usable(e))
+                .collect();
+            if !local.is_empty() {
+                return self.pick_from(local);
+            }
+            // Spill over: nothing available in the zone.
+        }
+        let n = self.endpoints.iter().filter(|e| usable(e)).count();
         if n == 0 {
             return self.pick_from(self.endpoints.iter().collect());
         }
         if n == self.endpoints.len() {
             return self.pick_among(&self.endpoints);
         }
-        self.pick_from(self.endpoints.iter().filter(usable).collect())
+        self.pick_from(self.endpoints.iter().filter(|e| usable(e)).collect())
     }
 
     fn pick_from<'a>(&'a self, eps: Vec<&'a Arc<Endpoint>>) -> Option<&'a Arc<Endpoint>> {
@@ -359,6 +428,7 @@ mod tests {
                 address: addr,
                 sidecar: None,
                 identity: None,
+                zone: None,
             },
             Arc::new(ConnPool::new(addr, Duration::from_secs(1))),
         ))

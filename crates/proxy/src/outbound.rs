@@ -117,7 +117,7 @@ async fn forward(
         .balancer(&backend.service, backend.port)
         .ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?;
     let endpoint = balancer
-        .pick()
+        .pick_for(ring_key(balancer, &req, ctx.peer))
         .ok_or_else(|| ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port)))?
         .clone();
     let protocol = snap
@@ -545,6 +545,32 @@ fn fault_response(status: Option<u16>, grpc_code: Option<u8>, grpc: bool) -> Res
         HeaderValue::from_static("fault-injected"),
     );
     r
+}
+
+/// The request's ring key (sticky sessions), when the service hashes and the request
+/// has the key.
+fn ring_key(
+    balancer: &Balancer,
+    req: &Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Option<u64> {
+    use sinew_model::compile::HashKey;
+    match balancer.hash_key()? {
+        HashKey::Header(h) => req
+            .headers()
+            .get(h.as_str())
+            .map(|v| crate::balance::hash64(v.as_bytes())),
+        HashKey::SourceIp => Some(crate::balance::hash64(peer.ip().to_string().as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| *k == name.as_str())
+            .map(|(_, v)| crate::balance::hash64(v.as_bytes())),
+    }
 }
 
 /// Sends with the route's timeout (until response headers) and feeds the balancer.

@@ -125,6 +125,7 @@ impl SnapshotBuilder {
                 })
                 .clone()
         };
+        let local_zone = config.identity.as_ref().and_then(|i| i.zone.clone());
         let mut balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>> = HashMap::new();
         for (key, svc) in &config.services {
             for port in &svc.ports {
@@ -149,10 +150,11 @@ impl SnapshotBuilder {
                     .collect();
                 balancers.entry(key.clone()).or_default().push((
                     port.port,
-                    Arc::new(Balancer::with_traffic(
+                    Arc::new(Balancer::full(
                         eps,
                         svc.load_balancer,
                         svc.traffic.clone(),
+                        local_zone.clone(),
                     )),
                 ));
             }

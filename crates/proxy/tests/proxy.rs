@@ -1755,3 +1755,111 @@ async fn health_checks_take_down_endpoints_out_and_put_them_back() -> TestResult
     proxy.shutdown().await;
     Ok(())
 }
+
+fn zoned_workload(name: &str, addr: SocketAddr, zone: &str) -> String {
+    format!(
+        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop, labels: {{topology.kubernetes.io/zone: {zone}}}}}\nspec: {{service: catalog, address: {}, ports: {{main: {}}}}}\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_keeps_each_user_on_one_endpoint() -> TestResult {
+    let backends = [
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+        HttpBackend::start("c").await?,
+    ];
+    let bind = free_addr();
+    let mut yaml = format!(
+        "{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP")
+    );
+    for (i, b) in backends.iter().enumerate() {
+        yaml.push_str(&workload(&format!("w{i}"), "catalog", b.addr(), None));
+    }
+    yaml.push_str(&traffic_policy("  ringHash: {header: x-user}"));
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let mut used = std::collections::HashSet::new();
+    for u in 0..30 {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..8 {
+            let req = Request::get("/")
+                .header("host", "catalog")
+                .header("x-user", format!("user-{u}"))
+                .body(empty())?;
+            let r = client::collect(c.send(req).await?).await?;
+            seen.insert(r.header("x-backend").unwrap_or("-").to_owned());
+        }
+        assert_eq!(seen.len(), 1, "user-{u} stuck to one endpoint: {seen:?}");
+        used.extend(seen);
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "30 users spread over the endpoints: {used:?}"
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_prefers_the_callers_zone_and_spills_over() -> TestResult {
+    let (near, far1, far2) = (
+        HttpBackend::start("near").await?,
+        HttpBackend::start("far1").await?,
+        HttpBackend::start("far2").await?,
+    );
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}{}{}",
+        proxy_doc(
+            "client",
+            &format!(
+                "  workload: web-1\n  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"
+            )
+        ),
+        service("catalog", "HTTP"),
+        service("web", "HTTP"),
+        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {name: web-1, namespace: shop, labels: {topology.kubernetes.io/zone: zone-a}}\nspec: {service: web, address: 127.0.0.1, ports: {main: 1}}\n",
+        zoned_workload("near", near.addr(), "zone-a"),
+        zoned_workload("far1", far1.addr(), "zone-b")
+            + &zoned_workload("far2", far2.addr(), "zone-b"),
+        traffic_policy(
+            "  localityPreference: true\n  outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 30s}"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    for _ in 0..30 {
+        assert_eq!(
+            c.get("catalog", "/").await?.header("x-backend"),
+            Some("near")
+        );
+    }
+    assert_eq!(
+        far1.requests() + far2.requests(),
+        0,
+        "the other zone gets nothing while the near one is healthy"
+    );
+    // The near endpoint fails: ejected, traffic spills over to the other zone.
+    near.fail_with(Some(503));
+    let _ = c.get("catalog", "/").await?;
+    let _ = c.get("catalog", "/").await?;
+    for _ in 0..20 {
+        let r = c.get("catalog", "/").await?;
+        assert_eq!(r.status, 200);
+        assert!(r.header("x-backend").is_some_and(|b| b.starts_with("far")));
+    }
+    assert!(
+        far1.requests() > 0 && far2.requests() > 0,
+        "spread over the other zone"
+    );
+    proxy.shutdown().await;
+    Ok(())
+}

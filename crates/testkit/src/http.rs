@@ -194,9 +194,10 @@ impl HttpBackend {
     /// (`every` 20 is a slow 5%); 0 turns it off.
     pub fn slow(&self, every: u64, delay: Duration) {
         self.shared.slow_every.store(every, Ordering::SeqCst);
-        self.shared
-            .slow_ms
-            .store(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), Ordering::SeqCst);
+        self.shared.slow_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
 
     /// Requests received so far (counted when the request head arrives, so
