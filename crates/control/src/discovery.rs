@@ -33,6 +33,7 @@ pub struct DiscoveryService {
     streams: Arc<AtomicU64>,
     stopping: watch::Receiver<bool>,
     identity: Arc<crate::identity::Identity>,
+    quotas: Arc<crate::quota::Quotas>,
 }
 
 impl DiscoveryService {
@@ -50,6 +51,7 @@ impl DiscoveryService {
             streams: Arc::new(AtomicU64::new(0)),
             stopping,
             identity,
+            quotas: Arc::new(crate::quota::Quotas::default()),
         }
     }
 }
@@ -199,6 +201,7 @@ impl Discovery for DiscoveryService {
         let mut state = self.state.clone();
         let mut stopping = self.stopping.clone();
         let identity = self.identity.clone();
+        let quotas = self.quotas.clone();
         let proxy_ns = ns.to_owned();
         let mut bundle = identity.bundle();
         tokio::spawn(async move {
@@ -287,12 +290,21 @@ impl Discovery for DiscoveryService {
                                 break;
                             }
                         }
+                        Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Demand(d)) })) => {
+                            let leases = quotas.report(&proxy, &d, &current, std::time::Instant::now());
+                            let msg = ControlMessage { kind: Some(control_message::Kind::Leases(leases)) };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                break;
+                            }
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,
                     },
                 }
             }
+            quotas.forget(&proxy);
             tracing::info!(%proxy, stream, "proxy disconnected");
+
             let _ = index.send(Command::Disconnect { proxy, stream }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

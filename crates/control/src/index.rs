@@ -42,7 +42,7 @@ pub struct DocEntry {
 }
 
 impl DocEntry {
-    fn new(resource: Resource, source: &str, revision: u64) -> DocEntry {
+    pub(crate) fn new(resource: Resource, source: &str, revision: u64) -> DocEntry {
         let json = resource.to_json();
         DocEntry {
             hash: fnv64(FNV_OFFSET, json.as_bytes()),

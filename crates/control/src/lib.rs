@@ -12,6 +12,7 @@ pub mod dir;
 pub mod discovery;
 pub mod identity;
 pub mod index;
+pub mod quota;
 pub mod store;
 pub mod view;
 

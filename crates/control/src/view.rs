@@ -89,21 +89,19 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Resource {
     Resource::Proxy(proxy)
 }
 
-/// Computes the view of the proxy `namespace/name`.
-pub fn compute(state: &MeshState, proxy: &str) -> View {
-    let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
-    let proxy_doc = proxy_document(state, ns, name);
-    let Resource::Proxy(p) = &proxy_doc else {
-        return View::default();
-    };
-    let everything = p.spec.outbound.http_proxy.is_some();
-    // The proxy's own workload and service: its identity and inbound policies use them.
-    // As in the model: the proxy's workload is `spec.workload`, else the Workload
-    // named like the proxy (which is what a registration creates).
+/// The proxy's own workload and service: its identity and inbound policies use them.
+/// As in the model: the proxy's workload is `spec.workload`, else the Workload named
+/// like the proxy (which is what a registration creates).
+fn own(
+    state: &MeshState,
+    ns: &str,
+    name: &str,
+    workload: Option<&str>,
+) -> (Option<ResourceKey>, Option<ResourceKey>) {
     let own_workload = Some(ResourceKey {
         kind: "Workload".into(),
         namespace: ns.to_owned(),
-        name: p.spec.workload.clone().unwrap_or_else(|| name.to_owned()),
+        name: workload.unwrap_or(name).to_owned(),
     })
     .filter(|k| state.docs.contains_key(k));
     let own_service = own_workload
@@ -114,6 +112,35 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
             _ => None,
         })
         .map(|s| svc_key(ns, &s));
+    (own_workload, own_service)
+}
+
+/// The Service whose workload the proxy `namespace/name` serves, if any.
+pub fn own_service(state: &MeshState, proxy: &str) -> Option<ResourceKey> {
+    let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
+    let workload = match state.docs.get(&ResourceKey {
+        kind: "Proxy".into(),
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+    }) {
+        Some(e) => match &e.resource {
+            Resource::Proxy(p) => p.spec.workload.clone(),
+            _ => None,
+        },
+        None => None,
+    };
+    own(state, ns, name, workload.as_deref()).1
+}
+
+/// Computes the view of the proxy `namespace/name`.
+pub fn compute(state: &MeshState, proxy: &str) -> View {
+    let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
+    let proxy_doc = proxy_document(state, ns, name);
+    let Resource::Proxy(p) = &proxy_doc else {
+        return View::default();
+    };
+    let everything = p.spec.outbound.http_proxy.is_some();
+    let (own_workload, own_service) = own(state, ns, name, p.spec.workload.as_deref());
 
     // Services reachable from the bindings, closed over routes (a route brings its
     // parents and backends, so the proxy can validate it).

@@ -325,6 +325,8 @@ pub struct RateLimitConfig {
     pub requests_per_second: f64,
     /// Bucket size.
     pub burst: u32,
+    /// Shared by all the service's proxies (the control plane leases shares).
+    pub global: bool,
 }
 
 /// Compiled outlier detection.
@@ -1108,6 +1110,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
                 burst: r
                     .burst
                     .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32),
+                global: r.global,
             })
             .collect(),
     }

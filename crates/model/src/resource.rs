@@ -774,7 +774,7 @@ pub struct HealthCheckSpec {
     pub healthy_threshold: Option<u32>,
 }
 
-/// A local rate limit: a token bucket per key.
+/// A rate limit: a token bucket per key, per proxy or (`global`) mesh-wide.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
@@ -791,6 +791,12 @@ pub struct RateLimitSpec {
     /// Burst above the rate; default the rate (one second's worth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Mesh-wide: the rate (and burst) hold for all the service's proxies together,
+    /// not for each. The control plane leases every proxy a share in proportion to
+    /// its demand; a proxy cut off from the control plane keeps `1/N` of the rate
+    /// (N: the proxies that last shared it). Without a control plane, the whole rate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub global: bool,
 }
 
 /// What a rate limit counts by: give exactly one.

@@ -1,4 +1,5 @@
-//! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`, `/config`.
+//! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`, `/config`,
+//! `/ratelimits` (the inbound's limits and, for mesh-wide ones, the shares in force).
 //! It runs on its own single-threaded runtime, off the data-plane workers.
 
 use std::convert::Infallible;
@@ -118,9 +119,26 @@ fn route(shared: &Shared, source: &str, req: &Request<Incoming>) -> Response<Ful
             );
             r
         }
+        "/ratelimits" => {
+            let now = std::time::Instant::now();
+            let limits: Vec<serde_json::Value> = shared
+                .snapshot
+                .load_full()
+                .map(|s| s.rate_limits.iter().map(|l| l.status(now)).collect())
+                .unwrap_or_default();
+            let mut r = text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&limits).unwrap_or_default(),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics, /config\n",
+            "not found: try /live, /ready, /metrics, /config, /ratelimits\n",
         ),
     }
 }

@@ -14,8 +14,8 @@ use sinew_api::v1::discovery_client::DiscoveryClient;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sinew_api::v1::{
-    Ack, CertificateRequest, ControlMessage, Hello, ProxyMessage, Push, Registration,
-    control_message, proxy_message,
+    Ack, CertificateRequest, ControlMessage, Demand, Hello, Leases, LimitDemand, ProxyMessage,
+    Push, Registration, control_message, proxy_message,
 };
 use sinew_model::load::Document;
 use sinew_model::resource::{Resource, ResourceKey};
@@ -24,6 +24,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::reload::Applier;
+
+/// How often the demand of mesh-wide rate limits is reported.
+pub const DEMAND_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The longest a lease is believed, whatever the control plane says.
+const MAX_LEASE_TTL_MS: u64 = 10_000;
 
 /// Who the proxy is to the control plane.
 #[derive(Debug, Clone)]
@@ -91,7 +97,9 @@ pub async fn run(settings: ControlSettings, applier: Applier) {
     };
     let mut attempt: u32 = 0;
     loop {
-        match client.session().await {
+        let result = client.session().await;
+        client.lapse_leases();
+        match result {
             Ok(true) => attempt = 0,
             Ok(false) => {}
             Err(e) => {
@@ -148,6 +156,9 @@ impl Client {
             .into_inner();
         tracing::info!(url = %self.settings.url, "connected to the control plane");
         let mut got_push = false;
+        // Mesh-wide rate limits: demand goes up every interval, leases come back.
+        let mut report = tokio::time::interval(DEMAND_INTERVAL);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A certificate is due when there is none, or when its renewal time passed
         // while disconnected.
         if self.settings.join_token.is_some()
@@ -161,6 +172,10 @@ impl Client {
             let renew = self.renew_at;
             let msg = tokio::select! {
                 msg = inbound.message() => msg.map_err(|s| format!("{}: {}", s.code(), s.message()))?,
+                _ = report.tick() => {
+                    self.report_demand(&tx);
+                    continue;
+                }
                 _ = sleep_until(renew) => {
                     self.request_certificate(&tx).await?;
                     continue;
@@ -176,6 +191,10 @@ impl Client {
                 control_message::Kind::Push(push) => push,
                 control_message::Kind::Certificate(cert) => {
                     self.install_certificate(cert);
+                    continue;
+                }
+                control_message::Kind::Leases(leases) => {
+                    self.install_leases(&leases);
                     continue;
                 }
                 control_message::Kind::TrustBundle(b) => {
@@ -209,6 +228,76 @@ impl Client {
                 })),
             };
             tx.send(ack).await.map_err(|_| "stream closed".to_owned())?;
+            // A new global limit should not wait for the next tick for its lease.
+            self.report_demand(&tx);
+        }
+    }
+
+    /// Sends the demand of the global rate limits in force (nothing when there are
+    /// none). Skipped when the stream is backed up: the next tick reports again.
+    fn report_demand(&self, tx: &mpsc::Sender<ProxyMessage>) {
+        let Some(snap) = self.applier.shared().snapshot.load_full() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let limits: Vec<LimitDemand> = snap
+            .rate_limits
+            .iter()
+            .filter(|l| l.config.global)
+            .map(|l| LimitDemand {
+                limit: l.config.name.clone(),
+                keys: l.take_demand(now).into_iter().collect(),
+            })
+            .collect();
+        if limits.is_empty() {
+            return;
+        }
+        let _ = tx.try_send(ProxyMessage {
+            kind: Some(proxy_message::Kind::Demand(Demand { limits })),
+        });
+    }
+
+    /// Installs leases on the global limits they name; unknown names are ignored
+    /// (a limit removed since the demand was sent).
+    fn install_leases(&self, leases: &Leases) {
+        let Some(snap) = self.applier.shared().snapshot.load_full() else {
+            return;
+        };
+        let until =
+            std::time::Instant::now() + Duration::from_millis(leases.ttl_ms.min(MAX_LEASE_TTL_MS));
+        for lease in &leases.limits {
+            let Some(l) = snap
+                .rate_limits
+                .iter()
+                .find(|l| l.config.global && l.config.name == lease.limit)
+            else {
+                continue;
+            };
+            let keys = lease
+                .keys
+                .iter()
+                .filter(|(_, k)| k.requests_per_second.is_finite() && k.requests_per_second >= 0.0)
+                .take(crate::ratelimit::MAX_REPORTED_KEYS * 4)
+                .map(|(key, k)| {
+                    (
+                        key.clone(),
+                        crate::ratelimit::KeyShare {
+                            rate: k.requests_per_second,
+                            burst: k.burst.max(1),
+                        },
+                    )
+                })
+                .collect();
+            l.set_leases(lease.proxies, keys, until);
+        }
+    }
+
+    /// The control plane is away: every global limit falls back to its share.
+    fn lapse_leases(&self) {
+        if let Some(snap) = self.applier.shared().snapshot.load_full() {
+            for l in snap.rate_limits.iter().filter(|l| l.config.global) {
+                l.lapse();
+            }
         }
     }
 

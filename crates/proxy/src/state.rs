@@ -258,7 +258,17 @@ impl SnapshotBuilder {
                     .iter()
                     .find(|l| l.same(&cfg))
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(crate::ratelimit::RateLimiter::new(cfg)))
+                    .unwrap_or_else(|| {
+                        let new = crate::ratelimit::RateLimiter::new(cfg);
+                        if let Some(prev) = self
+                            .rate_limits
+                            .iter()
+                            .find(|l| l.config.name == new.config.name)
+                        {
+                            new.inherit(prev);
+                        }
+                        Arc::new(new)
+                    })
             })
             .collect();
         self.rate_limits = rate_limits.clone();

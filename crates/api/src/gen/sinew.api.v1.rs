@@ -2,7 +2,7 @@
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
-    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<proxy_message::Kind>,
 }
 /// Nested message and enum types in `ProxyMessage`.
@@ -16,7 +16,30 @@ pub mod proxy_message {
         Ack(super::Ack),
         #[prost(message, tag = "3")]
         Csr(super::CertificateRequest),
+        #[prost(message, tag = "4")]
+        Demand(super::Demand),
     }
+}
+/// What the proxy's mesh-wide rate limits saw since its last report: sent every
+/// report interval while it has any, each answered with its Leases. Every global
+/// limit the proxy enforces is listed (with zero demand when idle), so the control
+/// plane knows who shares it.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Demand {
+    #[prost(message, repeated, tag = "1")]
+    pub limits: ::prost::alloc::vec::Vec<LimitDemand>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LimitDemand {
+    /// `namespace/policy/name`.
+    #[prost(string, tag = "1")]
+    pub limit: ::prost::alloc::string::String,
+    /// Arrival rate (admitted and refused) per key, requests per second. At most 256
+    /// keys per limit (the busiest); "" is the key of an unkeyed limit.
+    #[prost(map = "string, double", tag = "2")]
+    pub keys: ::std::collections::HashMap<::prost::alloc::string::String, f64>,
 }
 /// A request for a workload certificate. The private key never leaves the proxy: it
 /// sends a CSR, and proves who it is with a join token (`sinew token create`). The
@@ -80,7 +103,7 @@ pub struct Ack {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -94,7 +117,42 @@ pub mod control_message {
         Certificate(super::Certificate),
         #[prost(message, tag = "3")]
         TrustBundle(super::TrustBundle),
+        #[prost(message, tag = "4")]
+        Leases(super::Leases),
     }
+}
+/// The proxy's shares of mesh-wide rate limits: the answer to a Demand. The shares of
+/// one limit across its proxies add up to its rate: in proportion to demand when the
+/// demand exceeds the rate, else each proxy's demand plus an equal part of the rest.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Leases {
+    /// How long these hold; after that (or when the stream ends) the proxy falls back
+    /// to the fail-safe share, `1/proxies` of each limit.
+    #[prost(uint64, tag = "1")]
+    pub ttl_ms: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub limits: ::prost::alloc::vec::Vec<LimitLease>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LimitLease {
+    #[prost(string, tag = "1")]
+    pub limit: ::prost::alloc::string::String,
+    /// The proxies sharing the limit now.
+    #[prost(uint32, tag = "2")]
+    pub proxies: u32,
+    /// The proxy's share per key; a key not listed gets `1/proxies` of the limit.
+    #[prost(map = "string, message", tag = "3")]
+    pub keys: ::std::collections::HashMap<::prost::alloc::string::String, KeyLease>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct KeyLease {
+    #[prost(double, tag = "1")]
+    pub requests_per_second: f64,
+    #[prost(uint32, tag = "2")]
+    pub burst: u32,
 }
 /// The answer to a CertificateRequest.
 #[allow(clippy::all)]
