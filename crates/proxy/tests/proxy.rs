@@ -14,7 +14,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use sinew_testkit::client::{self, body_channel, empty};
 use sinew_testkit::grpc::{self, EchoRequest, StreamRequest};
-use sinew_testkit::http::{Event, FNV_OFFSET, HttpBackend, fnv1a64};
+use sinew_testkit::http::{Event, FNV_OFFSET, Failure, HttpBackend, fnv1a64};
 use sinew_testkit::tcp::TcpEchoServer;
 use sinew_testkit::wait;
 use sinew_testkit::ws::WsEchoServer;
@@ -1285,6 +1285,50 @@ async fn retries_rescue_requests_from_a_failing_endpoint_and_say_so() -> TestRes
         posts_failed > 0,
         "POSTs to the failing endpoint are answered as they are"
     );
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_rescue_requests_from_an_endpoint_that_resets_or_closes() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    let bind = free_addr();
+    let file = ConfigFile::new(&two_endpoints(
+        bind,
+        &a,
+        &b,
+        "    - matches: [{path: {value: /plain}}]\n    - retry: {attempts: 2, backoff: 1ms, budget: {ratio: 1.0}}",
+    ));
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    for how in [Failure::Reset, Failure::Close] {
+        a.fail(how);
+        let before = a.requests() + a.connections();
+        for _ in 0..40 {
+            let r = c.get("catalog", "/").await?;
+            assert_eq!(r.status, 200, "{how:?}: {:?}", r.header("sinew-error"));
+            assert_eq!(r.header("x-backend"), Some("b"));
+        }
+        assert!(
+            a.requests() + a.connections() > before,
+            "{how:?}: the failing endpoint was tried"
+        );
+        // Without retries some of the same requests fail (so the rescue is real).
+        let mut failed = 0;
+        for _ in 0..40 {
+            let r = c.get("catalog", "/plain").await?;
+            if r.status == 502 {
+                failed += 1;
+            } else {
+                assert_eq!(r.status, 200, "{how:?}: {:?}", r.header("sinew-error"));
+            }
+        }
+        assert!(failed > 0, "{how:?}: without retries, some fail");
+        a.fail(Failure::None);
+    }
     proxy.shutdown().await;
     Ok(())
 }

@@ -27,7 +27,6 @@
 //! Over HTTP/1.1, hyper only sends trailers when the request carried
 //! `te: trailers`; over HTTP/2 they are always sent.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +100,23 @@ pub enum Event {
         total_bytes: u64,
     },
 }
+
+/// How [`HttpBackend::fail`] fails requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Serve normally.
+    None,
+    /// Answer with this status.
+    Status(u16),
+    /// Close the connection without answering.
+    Close,
+    /// Reset the connection (TCP RST) without answering.
+    Reset,
+}
+
+/// `fail_status` values below any HTTP status.
+const FAIL_CLOSE: u16 = 1;
+const FAIL_RESET: u16 = 2;
 
 /// Response body type used by the backend.
 type RespBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -181,6 +197,19 @@ impl HttpBackend {
         self.shared.name.to_str().unwrap_or_default()
     }
 
+    /// Fails on command in another way: [`Failure::Close`] closes the connection
+    /// instead of answering (a stream reset on HTTP/2), [`Failure::Reset`] also
+    /// resets new connections (TCP RST) once a request arrives on them.
+    pub fn fail(&self, how: Failure) {
+        let v = match how {
+            Failure::None => 0,
+            Failure::Status(s) => s.max(100),
+            Failure::Close => FAIL_CLOSE,
+            Failure::Reset => FAIL_RESET,
+        };
+        self.shared.fail_status.store(v, Ordering::SeqCst);
+    }
+
     /// Fails on command: answers every request with `status` (e.g. 503) until
     /// called with `None`.
     pub fn fail_with(&self, status: Option<u16>) {
@@ -233,7 +262,15 @@ impl HttpBackend {
 }
 
 /// Serves one accepted connection (HTTP/1.1 or h2c).
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream) {
+    if shared.fail_status.load(Ordering::SeqCst) == FAIL_RESET {
+        // Wait for the request, then close with unread data and no linger: an RST.
+        let mut buf = [0u8; 4096];
+        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+        let _ = stream.set_zero_linger();
+        drop(stream);
+        return;
+    }
     let builder = auto::Builder::new(TokioExecutor::new());
     let service = service_fn(move |req| handle(Arc::clone(&shared), req));
     // Connection errors (resets, aborted requests) are expected in tests.
@@ -245,8 +282,16 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
 async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<RespBody>, Infallible> {
+) -> Result<Response<RespBody>, BoxError> {
     let n = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if matches!(
+        shared.fail_status.load(Ordering::SeqCst),
+        FAIL_CLOSE | FAIL_RESET
+    ) {
+        // A service error makes hyper drop the connection (HTTP/1.1) or reset the
+        // stream (HTTP/2) without an answer.
+        return Err("failing on command: no answer".into());
+    }
     let every = shared.slow_every.load(Ordering::SeqCst);
     // Which requests are slow: a hash of (backend, request number), so the share is
     // as configured but two backends' slow requests are not correlated.
@@ -267,7 +312,7 @@ async fn handle(
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
     let failing = shared.fail_status.load(Ordering::SeqCst);
-    if failing != 0 {
+    if failing >= 100 {
         return status(&failing.to_string());
     }
     let path = req.uri().path().to_owned();
