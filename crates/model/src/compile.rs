@@ -261,6 +261,8 @@ pub struct TrafficConfig {
     pub max_requests_per_endpoint: Option<u32>,
     /// Connections per endpoint.
     pub max_connections_per_endpoint: Option<u32>,
+    /// Requests that may wait for a connection per endpoint (0: none).
+    pub max_pending_requests_per_endpoint: u32,
     /// Outlier detection, if on.
     pub outlier: Option<OutlierConfig>,
     /// Rate limits at the inbound of the service's workloads.
@@ -1071,6 +1073,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
         max_requests: b.max_requests,
         max_requests_per_endpoint: b.max_requests_per_endpoint,
         max_connections_per_endpoint: b.max_connections_per_endpoint,
+        max_pending_requests_per_endpoint: b.max_pending_requests_per_endpoint.unwrap_or(0),
         outlier: p.outlier_detection.as_ref().map(|o| OutlierConfig {
             consecutive_failures: o.consecutive_failures.unwrap_or(5),
             failure_percent: o.failure_percent,

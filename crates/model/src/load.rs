@@ -526,6 +526,14 @@ impl Resources {
                         );
                     }
                 }
+                if b.max_pending_requests_per_endpoint.is_some()
+                    && b.max_connections_per_endpoint.is_none()
+                {
+                    c.fail(
+                        "spec.circuitBreaker.maxPendingRequestsPerEndpoint",
+                        "requests wait only for a capped pool: set maxConnectionsPerEndpoint too",
+                    );
+                }
             }
             if let Some(r) = &p.spec.ring_hash {
                 let given = usize::from(r.header.is_some())

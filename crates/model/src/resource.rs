@@ -824,6 +824,11 @@ pub struct CircuitBreakerSpec {
     /// Connections open to one endpoint, from this proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections_per_endpoint: Option<u32>,
+    /// Requests that may wait for a connection to one endpoint when
+    /// `maxConnectionsPerEndpoint` is reached (HTTP/1.1); beyond it, 503 at once.
+    /// Default 0: no waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests_per_endpoint: Option<u32>,
 }
 
 /// Outlier detection.

@@ -256,6 +256,16 @@ fn refuses_bad_references_regexes_weights_and_duplicates() {
             "spec.address",
             "not an IP address",
         ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: catalog}\n  circuitBreaker: {maxPendingRequestsPerEndpoint: 5}\n",
+            "spec.circuitBreaker.maxPendingRequestsPerEndpoint",
+            "set maxConnectionsPerEndpoint too",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: catalog}\n  rateLimits: [{name: all, requestsPerSecond: 0, global: true}]\n",
+            "spec.rateLimits[0].requestsPerSecond",
+            "must be more than zero",
+        ),
     ];
     for (doc, field, reason) in cases {
         let text = format!("{BASE}---\n{doc}");

@@ -6,6 +6,7 @@
 //! connections, so a swap drops no connection.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,16 +42,37 @@ pub struct ConnPool {
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
     tls: Option<MeshTls>,
     /// Connections open now, and the most allowed (0: no limit).
-    open: Arc<std::sync::atomic::AtomicUsize>,
-    max_open: std::sync::atomic::AtomicUsize,
+    open: Arc<Slots>,
+    max_open: AtomicUsize,
+    /// Requests waiting for a connection now, and the most allowed.
+    pending: AtomicUsize,
+    max_pending: AtomicUsize,
+}
+
+/// Open connections, and a wake-up for a request waiting for one (a connection
+/// parked idle, or one closed).
+#[derive(Default)]
+struct Slots {
+    open: AtomicUsize,
+    freed: tokio::sync::Notify,
 }
 
 /// Counts a connection as open until dropped (when its task ends).
-struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+struct OpenGuard(Arc<Slots>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify_one();
+    }
+}
+
+/// Counts a request as waiting for a connection until dropped.
+struct PendingGuard<'a>(&'a AtomicUsize);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -78,30 +100,36 @@ impl ConnPool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             tls: None,
-            open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            max_open: std::sync::atomic::AtomicUsize::new(0),
+            open: Arc::new(Slots::default()),
+            max_open: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            max_pending: AtomicUsize::new(0),
         }
     }
 
     /// Caps the connections this pool opens (`None`: no cap). A request that would
-    /// need one more is refused at once (circuit breaker).
-    pub fn set_max_connections(&self, max: Option<u32>) {
-        self.max_open.store(
-            max.map_or(0, |m| m as usize),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+    /// need one more waits for one to free up if fewer than `pending` wait already
+    /// (HTTP/1.1), else is refused at once (circuit breaker).
+    pub fn set_max_connections(&self, max: Option<u32>, pending: u32) {
+        self.max_open
+            .store(max.map_or(0, |m| m as usize), Ordering::Relaxed);
+        self.max_pending.store(pending as usize, Ordering::Relaxed);
     }
 
     /// Connections open now.
     pub fn open_connections(&self) -> usize {
-        self.open.load(std::sync::atomic::Ordering::Relaxed)
+        self.open.open.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting for a connection now.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Takes a connection slot, or refuses when the cap is reached.
     fn open_slot(&self) -> Result<OpenGuard, ProxyError> {
-        use std::sync::atomic::Ordering;
         let max = self.max_open.load(Ordering::Relaxed);
-        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        let before = self.open.open.fetch_add(1, Ordering::Relaxed);
         let guard = OpenGuard(self.open.clone());
         if max > 0 && before >= max {
             return Err(ProxyError::Overflow("maxConnectionsPerEndpoint"));
@@ -168,6 +196,35 @@ impl ConnPool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((Instant::now(), tx));
+            drop(idle);
+            self.open.freed.notify_one();
+        }
+    }
+
+    /// A connection for one request: a new one, or, when the pool is at its cap, a
+    /// parked or new one as soon as one frees up, if the queue has room. Returns
+    /// whether it is a reused one.
+    async fn h1_or_wait(&self) -> Result<(http1::SendRequest<ReqBody>, bool), ProxyError> {
+        match self.connect_h1().await {
+            Err(ProxyError::Overflow(_)) if self.max_pending.load(Ordering::Relaxed) > 0 => {}
+            r => return r.map(|tx| (tx, false)),
+        }
+        let max = self.max_pending.load(Ordering::Relaxed);
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= max {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(ProxyError::Overflow("maxPendingRequestsPerEndpoint"));
+        }
+        let _waiting = PendingGuard(&self.pending);
+        loop {
+            // Registered before looking, so a connection freed meanwhile wakes us.
+            let freed = self.open.freed.notified();
+            if let Some(tx) = self.take_idle() {
+                return Ok((tx, true));
+            }
+            match self.connect_h1().await {
+                Err(ProxyError::Overflow(_)) => freed.await,
+                r => return r.map(|tx| (tx, false)),
+            }
         }
     }
 
@@ -200,8 +257,9 @@ impl ConnPool {
         let mut tx = match self.take_idle() {
             Some(tx) => tx,
             None => {
-                reused = false;
-                Box::pin(self.connect_h1()).await?
+                let (tx, was_idle) = Box::pin(self.h1_or_wait()).await?;
+                reused = was_idle;
+                tx
             }
         };
         loop {
@@ -219,8 +277,8 @@ impl ConnPool {
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
                         req = back;
-                        reused = false;
-                        tx = Box::pin(self.connect_h1()).await?;
+                        let (next, was_idle) = Box::pin(self.h1_or_wait()).await?;
+                        (tx, reused) = (next, was_idle);
                     }
                     _ => {
                         return Err(ProxyError::Upstream {

@@ -142,8 +142,10 @@ impl SnapshotBuilder {
                             Arc::new(Endpoint::new(ec.clone(), pool_for(key.clone(), &mut pools)))
                         });
                         pools.entry(key).or_insert_with(|| ep.pool.clone());
-                        ep.pool
-                            .set_max_connections(svc.traffic.max_connections_per_endpoint);
+                        ep.pool.set_max_connections(
+                            svc.traffic.max_connections_per_endpoint,
+                            svc.traffic.max_pending_requests_per_endpoint,
+                        );
                         endpoints.insert(k, ep.clone());
                         ep
                     })

@@ -1643,6 +1643,61 @@ async fn connections_per_endpoint_are_capped() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_wait_for_a_capped_connection_up_to_the_pending_limit() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("app", "catalog", app.addr(), None),
+        traffic_policy(
+            "  circuitBreaker: {maxConnectionsPerEndpoint: 1, maxPendingRequestsPerEndpoint: 2}"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let pool = proxy
+        .shared()
+        .snapshot
+        .load_full()
+        .and_then(|s| {
+            s.balancer("catalog.shop", 80)
+                .map(|b| b.endpoints()[0].pool.clone())
+        })
+        .ok_or("no pool for catalog")?;
+    // One request holds the only connection; two more wait for it.
+    let stuck = tokio::spawn(async move { client::get(bind, "catalog", "/never").await });
+    wait::until("connection in use", TIMEOUT, || async {
+        app.requests() == 1
+    })
+    .await?;
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { client::get(bind, "catalog", "/").await }))
+        .collect();
+    wait::until("two waiting", TIMEOUT, || async {
+        pool.pending_requests() == 2
+    })
+    .await?;
+    // A third would wait past the limit: refused at once.
+    let r = client::get(bind, "catalog", "/").await?;
+    assert_eq!(
+        (r.status.as_u16(), r.header("sinew-error")),
+        (503, Some("overflow: maxPendingRequestsPerEndpoint"))
+    );
+    // The connection frees up: the waiting requests are served, one at a time.
+    stuck.abort();
+    for w in waiting {
+        assert_eq!(w.await??.status, 200);
+    }
+    assert_eq!(pool.pending_requests(), 0);
+    assert!(pool.open_connections() <= 1);
+    assert!(app.connections() <= 2, "{} connections", app.connections());
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_rate_limits_hold_per_key_at_the_inbound() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let (bind, inbound) = (free_addr(), free_addr());
