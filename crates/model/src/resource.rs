@@ -363,6 +363,8 @@ pub struct RetrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codes: Option<Vec<u16>>,
     /// gRPC statuses that are retried, by name (e.g. `UNAVAILABLE`); default none.
+    /// Naming any makes gRPC calls retryable (they are all POSTs), so name only
+    /// statuses that mean the call was not carried out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grpc_codes: Vec<String>,
     /// First backoff, doubled per retry with full jitter; default `25ms`.

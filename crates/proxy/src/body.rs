@@ -1,6 +1,8 @@
-//! Body types: requests and responses stream through; nothing buffers a whole body.
+//! Body types: requests and responses stream through; nothing buffers a whole body
+//! (a retryable request keeps a bounded copy of what it already sent).
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,6 +18,71 @@ pub enum ReqBody {
     Empty,
     /// A small body held in memory so it can be sent again (retries, mirrors).
     Buffered(Option<bytes::Bytes>),
+    /// Streamed, with a copy kept (up to a limit) so a retry can send it again
+    /// once it has ended: bodies of unknown length, such as gRPC calls.
+    Captured(Incoming, Arc<Capture>),
+}
+
+/// The copy a [`ReqBody::Captured`] keeps.
+#[derive(Debug)]
+pub struct Capture {
+    limit: usize,
+    state: Mutex<CaptureState>,
+}
+
+#[derive(Debug, Default)]
+struct CaptureState {
+    chunks: Vec<Bytes>,
+    len: usize,
+    ended: bool,
+    /// Past the limit, or trailers (not kept): cannot be replayed.
+    spoiled: bool,
+}
+
+impl Capture {
+    /// An empty copy that keeps at most `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Capture> {
+        Arc::new(Capture {
+            limit,
+            state: Mutex::new(CaptureState::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CaptureState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, frame: &Frame<Bytes>, end: bool) {
+        let mut s = self.lock();
+        match frame.data_ref() {
+            Some(d) if !s.spoiled && s.len + d.len() <= self.limit => {
+                s.len += d.len();
+                s.chunks.push(d.clone());
+            }
+            _ => {
+                s.spoiled = true;
+                s.chunks.clear();
+            }
+        }
+        s.ended |= end;
+    }
+
+    fn end(&self) {
+        self.lock().ended = true;
+    }
+
+    /// The whole body, if it has ended within the limit (`Some(None)`: empty).
+    pub fn replay(&self) -> Option<Option<Bytes>> {
+        let s = self.lock();
+        if !s.ended || s.spoiled {
+            return None;
+        }
+        Some(match s.chunks.len() {
+            0 => None,
+            1 => Some(s.chunks[0].clone()),
+            _ => Some(s.chunks.concat().into()),
+        })
+    }
 }
 
 impl Body for ReqBody {
@@ -30,12 +97,21 @@ impl Body for ReqBody {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Captured(b, capture) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => capture.record(frame, b.is_end_stream()),
+                    Poll::Ready(None) => capture.end(),
+                    _ => {}
+                }
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Incoming(b) => b.is_end_stream(),
+            ReqBody::Incoming(b) | ReqBody::Captured(b, _) => b.is_end_stream(),
             ReqBody::Empty => true,
             ReqBody::Buffered(b) => b.is_none(),
         }
@@ -43,7 +119,7 @@ impl Body for ReqBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Incoming(b) => b.size_hint(),
+            ReqBody::Incoming(b) | ReqBody::Captured(b, _) => b.size_hint(),
             ReqBody::Empty => SizeHint::with_exact(0),
             ReqBody::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
@@ -99,5 +175,33 @@ impl Body for RespBody {
             RespBody::Upstream(b) => b.size_hint(),
             RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_replays_only_a_whole_body_within_its_limit() {
+        let c = Capture::new(8);
+        c.record(&Frame::data(Bytes::from_static(b"abc")), false);
+        assert_eq!(c.replay(), None, "not ended yet");
+        c.record(&Frame::data(Bytes::from_static(b"def")), true);
+        assert_eq!(c.replay(), Some(Some(Bytes::from_static(b"abcdef"))));
+
+        let c = Capture::new(4);
+        c.record(&Frame::data(Bytes::from_static(b"abc")), false);
+        c.record(&Frame::data(Bytes::from_static(b"def")), false);
+        c.end();
+        assert_eq!(c.replay(), None, "past the limit");
+
+        let c = Capture::new(8);
+        c.record(&Frame::trailers(http::HeaderMap::new()), true);
+        assert_eq!(c.replay(), None, "trailers are not kept");
+
+        let c = Capture::new(8);
+        c.end();
+        assert_eq!(c.replay(), Some(None), "an empty body");
     }
 }

@@ -182,10 +182,12 @@ async fn forward(
         }
     }
 
-    let retry = rule
-        .retry
-        .as_ref()
-        .filter(|r| r.non_idempotent || resilience::idempotent(req.method()));
+    let retry = rule.retry.as_ref().filter(|r| {
+        r.non_idempotent
+                || resilience::idempotent(req.method())
+                // gRPC calls are all POSTs: naming gRPC statuses opts them in.
+                || (!r.grpc_codes.is_empty() && grpc)
+    });
     let mirror = [&rule.filters, &backend.filters]
         .into_iter()
         .find_map(|f| f.mirror.as_ref())
@@ -294,6 +296,9 @@ async fn forward(
         let body = match &mut payload {
             Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
             Payload::Stream(s) => s.take().map_or(ReqBody::Empty, ReqBody::Incoming),
+            Payload::Captured(s, c) => s
+                .take()
+                .map_or(ReqBody::Empty, |b| ReqBody::Captured(b, c.clone())),
         };
         let (req, version, per_try) = build(&endpoint, attempt, body)?;
         let started = tokio::time::Instant::now();
@@ -336,6 +341,12 @@ async fn forward(
         };
         if let (Some(b), Ok(_)) = (budget, &result) {
             b.record_latency(started.elapsed());
+        }
+        // A captured body becomes replayable once it has been sent whole.
+        if let Payload::Captured(_, c) = &payload
+            && let Some(bytes) = c.replay()
+        {
+            payload = Payload::Bytes(bytes);
         }
         let should_retry = match (&result, retry) {
             (_, None) => false,
@@ -431,9 +442,14 @@ const MAX_REPLAY: u64 = 64 * 1024;
 enum Payload {
     Stream(Option<Incoming>),
     Bytes(Option<bytes::Bytes>),
+    /// Streamed once, with a copy kept: replayable once it has ended.
+    Captured(Option<Incoming>, Arc<crate::body::Capture>),
 }
 
-/// Holds a body of known length up to [`MAX_REPLAY`]; anything else streams.
+/// Holds a body of known length up to [`MAX_REPLAY`]; one of unknown length (a gRPC
+/// call, a chunked upload) streams with a copy kept up to the same limit, so it is
+/// never held back waiting for its end (a streaming call would stall) yet can be
+/// replayed when it ended in time; anything longer streams once.
 async fn buffer(body: Incoming) -> Result<Payload, ProxyError> {
     use http_body::Body as _;
     use http_body_util::BodyExt as _;
@@ -449,6 +465,10 @@ async fn buffer(body: Incoming) -> Result<Payload, ProxyError> {
                 .to_bytes();
             Ok(Payload::Bytes((!bytes.is_empty()).then_some(bytes)))
         }
+        None if body.size_hint().upper().is_none_or(|u| u > 0) => Ok(Payload::Captured(
+            Some(body),
+            crate::body::Capture::new(MAX_REPLAY as usize),
+        )),
         _ => Ok(Payload::Stream(Some(body))),
     }
 }

@@ -1437,6 +1437,88 @@ async fn faults_hit_the_configured_share_and_mirrors_get_copies() -> TestResult 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_statuses_are_retried_and_injected() -> TestResult {
+    let server = grpc::EchoServer::start("echo-1").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "GRPC"),
+        workload("echo", "catalog", server.addr(), None),
+        route(
+            "grpc",
+            "catalog",
+            r#"    - matches: [{headers: [{name: x-chaos, value: "on"}]}]
+      filters: [{type: Fault, fault: {abort: {grpcStatus: UNAVAILABLE, percent: 100}}}]
+    - retry: {attempts: 2, codes: [], grpcCodes: [FAILED_PRECONDITION], backoff: 1ms, budget: {ratio: 1.0}}"#
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut client = grpc::connect(bind).await?;
+    // A retryable gRPC status (trailers-only) is retried, and the answer says so.
+    let status = client
+        .fail(EchoRequest {
+            message: "x".into(),
+        })
+        .await
+        .expect_err("the echo service fails this call");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status.message(), grpc::FAIL_MESSAGE);
+    assert_eq!(metric(&proxy, "sinew_retries_total").await, Some(2.0));
+    assert_eq!(
+        status
+            .metadata()
+            .get("sinew-retry-attempt")
+            .and_then(|v| v.to_str().ok()),
+        Some("2"),
+        "two retries after the first try"
+    );
+    // A Fault filter aborts matching calls with a gRPC status; others pass.
+    let mut req = tonic::Request::new(EchoRequest {
+        message: "chaos".into(),
+    });
+    req.metadata_mut().insert("x-chaos", "on".parse()?);
+    let status = client.unary(req).await.expect_err("aborted by the fault");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let ok = client
+        .unary(EchoRequest {
+            message: "calm".into(),
+        })
+        .await?;
+    assert_eq!(ok.get_ref().message, "calm");
+    // A streaming call on a retrying route is kept for replay, never held back: the
+    // client sends its next message only after the answer to the previous one.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(EchoRequest {
+        message: "ping-0".into(),
+    })
+    .await?;
+    let mut bidi = client
+        .bidi_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    for i in 0..3 {
+        let m = tokio::time::timeout(TIMEOUT, bidi.message())
+            .await
+            .map_err(|_| "the streaming call stalled")??
+            .ok_or("stream ended early")?;
+        assert_eq!(m.message, format!("ping-{i}"));
+        if i < 2 {
+            tx.send(EchoRequest {
+                message: format!("ping-{}", i + 1),
+            })
+            .await?;
+        }
+    }
+    drop(tx);
+    assert!(bidi.message().await?.is_none());
+    proxy.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(start_paused = true)]
 async fn deadlines_are_propagated_and_honoured() -> TestResult {
     let app = HttpBackend::start("app").await?;
