@@ -209,9 +209,17 @@ async fn forward(
     } else {
         UpVersion::Http1
     };
-    let resp = pool
-        .send(Request::from_parts(parts, ReqBody::Incoming(body)), version)
-        .await?;
+    // The caller's deadline holds here too: the app's answer is not waited for past
+    // it (and dropping the request tells the app to stop), even if the caller's
+    // sidecar never says it gave up.
+    let deadline = crate::resilience::incoming_timeout(&parts.headers);
+    let send = pool.send(Request::from_parts(parts, ReqBody::Incoming(body)), version);
+    let resp = match deadline {
+        Some(d) => tokio::time::timeout(d, send)
+            .await
+            .map_err(|_| ProxyError::Timeout(d))??,
+        None => send.await?,
+    };
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {

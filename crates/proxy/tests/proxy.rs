@@ -412,6 +412,7 @@ struct MeshPair {
     client: sinew_proxy::Proxy,
     server: sinew_proxy::Proxy,
     bind: SocketAddr,
+    inbound: SocketAddr,
 }
 
 async fn mesh_pair(app: SocketAddr, protocol: &str) -> MeshPair {
@@ -438,6 +439,7 @@ async fn mesh_pair(app: SocketAddr, protocol: &str) -> MeshPair {
         client,
         server,
         bind,
+        inbound,
     }
 }
 
@@ -1573,6 +1575,68 @@ async fn deadlines_are_propagated_and_honoured() -> TestResult {
         left <= 3000,
         "the delay was charged to the deadline: {left} ms left"
     );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_try_is_abandoned_at_the_per_try_timeout_and_retried() -> TestResult {
+    let (a, b) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+    );
+    a.slow(1, Duration::from_secs(3)); // every request to a takes 3 s
+    let bind = free_addr();
+    let file = ConfigFile::new(&two_endpoints(
+        bind,
+        &a,
+        &b,
+        "    - timeouts: {request: 5s, backendRequest: 200ms}\n      retry: {attempts: 1, codes: [], backoff: 1ms, budget: {ratio: 1.0}}",
+    ));
+    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    assert!(proxy.shared().is_ready());
+    let mut c = client::h1(bind).await?;
+    for _ in 0..10 {
+        let t = tokio::time::Instant::now();
+        let r = c.get("catalog", "/").await?;
+        assert_eq!(r.status, 200, "{:?}", r.header("sinew-error"));
+        assert_eq!(r.header("x-backend"), Some("b"));
+        // At most one try of 200 ms was spent on a (paused time: exact).
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    assert!(a.requests() > 0, "a was tried");
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_stops_downstream_work() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let mesh = mesh_pair(app.addr(), "HTTP").await;
+    for (via, addr) in [
+        ("the caller's sidecar", mesh.bind),
+        ("the callee's sidecar alone", mesh.inbound),
+    ] {
+        let mut c = client::h1(addr).await?;
+        let req = Request::get("/never")
+            .header("host", "catalog")
+            .header("sinew-timeout-ms", "300")
+            .body(empty())?;
+        let r = tokio::time::timeout(TIMEOUT, async { client::collect(c.send(req).await?).await })
+            .await
+            .map_err(|_| format!("{via}: no answer at the deadline"))??;
+        assert_eq!(
+            (r.status.as_u16(), r.header("sinew-error")),
+            (504, Some("request-timeout")),
+            "{via}"
+        );
+        // The app's request was dropped: its work stops.
+        let ev = tokio::time::timeout(TIMEOUT, app.next_event())
+            .await
+            .map_err(|_| format!("{via}: the app kept working past the deadline"))?;
+        assert_eq!(ev, Some(Event::Abandoned), "{via}");
+    }
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
     Ok(())
 }
 

@@ -99,6 +99,18 @@ pub enum Event {
         /// Body bytes received so far by the request.
         total_bytes: u64,
     },
+    /// A `/never` request was given up by its client (its connection or stream
+    /// closed): the work a deadline should stop.
+    Abandoned,
+}
+
+/// Reports [`Event::Abandoned`] when a `/never` handler is dropped.
+struct AbandonGuard(UnboundedSender<Event>);
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(Event::Abandoned);
+    }
 }
 
 /// How [`HttpBackend::fail`] fails requests.
@@ -319,6 +331,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<RespBod
     if let Some(code) = path.strip_prefix("/status/") {
         status(code)
     } else if path == "/never" {
+        let _abandoned = AbandonGuard(shared.events.clone());
         std::future::pending().await
     } else if let Some(ms) = path.strip_prefix("/delay/") {
         match ms.parse::<u64>() {
