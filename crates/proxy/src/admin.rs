@@ -71,13 +71,28 @@ fn route(shared: &Shared, source: &str, req: &Request<Incoming>) -> Response<Ful
             }
         }
         "/metrics" => {
-            let mut r = text(StatusCode::OK, shared.metrics.encode());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
+            // OpenMetrics for scrapers that ask for it (Prometheus does), else the
+            // classic text format (promtool, curl, older scrapers).
+            let open = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            let (body, kind) = if open {
+                (
+                    shared.metrics.encode(),
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
+                )
+            } else {
+                (
+                    shared.metrics.encode_prometheus(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(kind));
             r
         }
         "/config" => {

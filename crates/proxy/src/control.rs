@@ -220,6 +220,7 @@ impl Client {
                     e
                 }
             };
+            self.applier.shared().metrics.push(error.is_empty());
             let ack = ProxyMessage {
                 kind: Some(proxy_message::Kind::Ack(Ack {
                     version,

@@ -16,14 +16,16 @@ use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::http_util::{self, DST_PORT, ORIG_PROTO, PEER_IDENTITY};
 use crate::listeners::ConnCtx;
-use crate::metrics::Direction;
+use crate::metrics::{Direction, RequestMeta};
 use crate::pool::Version as UpVersion;
 use crate::stream::spawn_splice;
 
 /// Handles one request arriving from the mesh.
 pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
-    let resp = match forward(&ctx, req).await {
+    let started = std::time::Instant::now();
+    let mut meta = RequestMeta::default();
+    let resp = match forward(&ctx, req, &mut meta).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, peer = %ctx.peer, "inbound request failed");
@@ -31,9 +33,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespB
             e.to_response(grpc)
         }
     };
-    ctx.shared
-        .metrics
-        .request(Direction::Inbound, resp.status());
+    ctx.shared.metrics.http(
+        Direction::Inbound,
+        &meta,
+        ctx.peer_identity.as_deref(),
+        &resp,
+        started.elapsed(),
+    );
     resp
 }
 
@@ -120,6 +126,7 @@ fn allowed(inb: &InboundConfig, port: u16) -> Result<u16, ProxyError> {
 async fn forward(
     ctx: &Arc<ConnCtx>,
     mut req: Request<Incoming>,
+    meta: &mut RequestMeta,
 ) -> Result<Response<RespBody>, ProxyError> {
     let snap = ctx
         .shared
@@ -131,6 +138,11 @@ async fn forward(
         .inbound
         .as_ref()
         .ok_or(ProxyError::ShuttingDown)?;
+    meta.service = snap
+        .config
+        .identity
+        .as_ref()
+        .and_then(|i| i.service.as_ref().map(|s| format!("{s}.{}", i.namespace)));
 
     if req.method() == Method::CONNECT {
         let port = req

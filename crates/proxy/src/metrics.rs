@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Which side of the proxy handled a request.
@@ -33,6 +34,49 @@ struct RequestLabels {
     direction: &'static str,
     class: &'static str,
 }
+
+/// Golden-signal labels: every value comes from configuration (service, route),
+/// from the CA (identities) or from a bounded set (status, gRPC status), never from
+/// raw request data, so cardinality stays bounded.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    direction: &'static str,
+    /// Outbound: the service the application addressed. Inbound: this workload's.
+    service: String,
+    /// `namespace/name` of the route (`default` for the implicit one; "" inbound).
+    route: String,
+    /// Inbound: the caller's verified SPIFFE id ("" for plaintext). Outbound: "".
+    peer_identity: String,
+    status_code: u16,
+    /// The gRPC status when the answer carries it in its head (trailers-only), else "".
+    grpc_status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    direction: &'static str,
+    service: String,
+    route: String,
+    class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    flow: &'static str,
+}
+
+/// What a request was routed to, for its metrics.
+#[derive(Debug, Default, Clone)]
+pub struct RequestMeta {
+    /// The service (`name.namespace`).
+    pub service: Option<String>,
+    /// The route (`namespace/name`).
+    pub route: Option<String>,
+}
+
+const GRPC_STATUSES: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
@@ -73,6 +117,18 @@ pub struct Metrics {
     authz: Family<AuthzLabels, Counter>,
     retries: Counter,
     hedges: Counter,
+    http: Family<HttpLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    /// Bytes spliced through tunnels and TCP streams: from downstream, to downstream.
+    pub bytes_in: Counter,
+    /// See `bytes_in`.
+    pub bytes_out: Counter,
+    pushes: Family<ResultLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~16 s, doubling.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -151,7 +207,48 @@ impl Metrics {
             "When the proxy's workload certificate expires (0 without one)",
             cert_expiry.clone(),
         );
+        let http = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests by direction, service, route, caller identity, status code and gRPC status",
+            http.clone(),
+        );
+        let latency = Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response head, by direction, service, route and status class",
+            latency.clone(),
+        );
+        let flows = Family::<FlowLabels, Counter>::default();
+        registry.register(
+            "stream_bytes",
+            "Bytes spliced through TCP streams and tunnels, by flow (from or to the downstream side)",
+            flows.clone(),
+        );
+        let bytes_in = flows
+            .get_or_create(&FlowLabels {
+                flow: "from_downstream",
+            })
+            .clone();
+        let bytes_out = flows
+            .get_or_create(&FlowLabels {
+                flow: "to_downstream",
+            })
+            .clone();
+        let pushes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "control_plane_pushes",
+            "Control-plane pushes, by result (acked, nacked)",
+            pushes.clone(),
+        );
         Metrics {
+            http,
+            latency,
+            bytes_in,
+            bytes_out,
+            pushes,
             hedges,
             retries,
             authz,
@@ -170,6 +267,57 @@ impl Metrics {
     pub fn request(&self, dir: Direction, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.requests[dir as usize][class].inc();
+    }
+
+    /// Records a finished request head: the golden signals by service and route.
+    pub fn http<B>(
+        &self,
+        dir: Direction,
+        meta: &RequestMeta,
+        peer_identity: Option<&str>,
+        resp: &http::Response<B>,
+        elapsed: std::time::Duration,
+    ) {
+        let status = resp.status();
+        self.request(dir, status);
+        let class_idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        let grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map_or("", |v| {
+                GRPC_STATUSES
+                    .iter()
+                    .find(|s| **s == v)
+                    .copied()
+                    .unwrap_or("other")
+            });
+        let service = meta.service.clone().unwrap_or_default();
+        let route = meta.route.clone().unwrap_or_default();
+        self.latency
+            .get_or_create(&LatencyLabels {
+                direction: dir.as_str(),
+                service: service.clone(),
+                route: route.clone(),
+                class: CLASSES[class_idx],
+            })
+            .observe(elapsed.as_secs_f64());
+        self.http
+            .get_or_create(&HttpLabels {
+                direction: dir.as_str(),
+                service,
+                route,
+                peer_identity: peer_identity.unwrap_or_default().to_owned(),
+                status_code: status.as_u16(),
+                grpc_status,
+            })
+            .inc();
+    }
+
+    /// Counts a control-plane push by whether it was applied.
+    pub fn push(&self, acked: bool) {
+        let result = if acked { "acked" } else { "nacked" };
+        self.pushes.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// Counts a proxy-made error.
@@ -242,7 +390,47 @@ impl Metrics {
             .set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
-    /// Prometheus/OpenMetrics text.
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools that do
+    /// not ask for OpenMetrics (`promtool check metrics`, curl): counter metadata
+    /// names the `_total` series, and there is no `# EOF` or `# UNIT`.
+    pub fn encode_prometheus(&self) -> String {
+        let open = self.encode();
+        let mut out = String::with_capacity(open.len());
+        let mut counters = std::collections::HashSet::new();
+        for line in open.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ")
+                && let Some(name) = rest.strip_suffix(" counter")
+            {
+                counters.insert(name.to_owned());
+            }
+        }
+        for line in open.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let meta = ["# HELP ", "# TYPE "]
+                .into_iter()
+                .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+            match meta {
+                Some((p, rest)) => {
+                    let name = rest.split(' ').next().unwrap_or_default();
+                    if counters.contains(name) {
+                        out.push_str(p);
+                        out.push_str(name);
+                        out.push_str("_total");
+                        out.push_str(&rest[name.len()..]);
+                    } else {
+                        out.push_str(line);
+                    }
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -23,7 +23,7 @@ use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
 use crate::listeners::{ConnCtx, Role};
-use crate::metrics::Direction;
+use crate::metrics::{Direction, RequestMeta};
 use crate::pool::Version as UpVersion;
 use crate::resilience;
 use crate::state::Snapshot;
@@ -32,7 +32,9 @@ use crate::stream::{UpstreamIo, spawn_splice};
 /// Handles one request from the local application.
 pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
-    let resp = match forward(&ctx, req).await {
+    let started = std::time::Instant::now();
+    let mut meta = RequestMeta::default();
+    let resp = match forward(&ctx, req, &mut meta).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, peer = %ctx.peer, "outbound request failed");
@@ -42,7 +44,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespB
     };
     ctx.shared
         .metrics
-        .request(Direction::Outbound, resp.status());
+        .http(Direction::Outbound, &meta, None, &resp, started.elapsed());
     resp
 }
 
@@ -90,6 +92,7 @@ fn target<'s>(
 async fn forward(
     ctx: &Arc<ConnCtx>,
     mut req: Request<Incoming>,
+    meta: &mut RequestMeta,
 ) -> Result<Response<RespBody>, ProxyError> {
     let snap = ctx
         .shared
@@ -97,6 +100,7 @@ async fn forward(
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
     let (svc, port) = target(ctx, &snap, &req)?;
+    meta.service = Some(format!("{}.{}", svc.name, svc.namespace));
 
     if req.method() == Method::CONNECT {
         // Rare branches are boxed so the common request future stays small.
@@ -111,6 +115,7 @@ async fn forward(
     };
     let entry = port.routes.select(&view).ok_or(ProxyError::NoRoute)?;
     let rule = entry.rule.clone();
+    meta.route = Some(rule.route.clone());
     let prefix_len = entry.matcher.path.prefix_len();
     let backend = rule.pick_backend(fastrand::u64(..rule.total_weight.max(1)));
     let balancer = snap

@@ -84,15 +84,66 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
+/// Counts the bytes read from and written to the downstream side of a splice, as
+/// they pass (a long-lived stream shows up while it lasts, not when it ends).
+struct Counted<T> {
+    io: T,
+    read: prometheus_client::metrics::counter::Counter,
+    written: prometheus_client::metrics::counter::Counter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.read.inc_by(n as u64);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.inc_by(*n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Copies both ways until both sides close, or until the drain deadline passes.
-/// Runs as its own task, counted by the drain tracker.
-pub fn spawn_splice<A, B>(shared: &Arc<Shared>, mut a: A, mut b: B)
+/// Runs as its own task, counted by the drain tracker. `a` is the downstream side.
+pub fn spawn_splice<A, B>(shared: &Arc<Shared>, a: A, mut b: B)
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(guard) = shared.track() else {
         return;
+    };
+    let mut a = Counted {
+        io: a,
+        read: shared.metrics.bytes_in.clone(),
+        written: shared.metrics.bytes_out.clone(),
     };
     let mut drain = shared.drain.clone();
     tokio::spawn(async move {

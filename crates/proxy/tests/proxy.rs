@@ -2108,3 +2108,124 @@ async fn locality_prefers_the_callers_zone_and_spills_over() -> TestResult {
     proxy.shutdown().await;
     Ok(())
 }
+
+/// Percent-encodes a URL query value.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Runs `promtool check metrics` on a proxy's `/metrics`; returns what it said.
+async fn promtool_check(proxy: &sinew_proxy::Proxy) -> (bool, String) {
+    let text = admin(proxy, "/metrics").await.text();
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is needed: ./scripts/test installs it");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(text.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("promtool ran");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let mesh = mesh_pair(app.addr(), "HTTP").await;
+    let mut c = client::h1(mesh.bind).await?;
+    for i in 0..30 {
+        let path = if i % 3 == 0 { "/status/503" } else { "/" };
+        c.get("catalog", path).await?;
+    }
+    // Every proxy's output passes promtool's checks (format and lint).
+    for p in [&mesh.client, &mesh.server] {
+        let (ok, said) = promtool_check(p).await;
+        assert!(ok && said.trim().is_empty(), "promtool: {said}");
+    }
+    let text = admin(&mesh.client, "/metrics").await.text();
+    assert!(
+        text.contains(
+            "sinew_requests_total{direction=\"outbound\",service=\"catalog.shop\",route=\"default\",peer_identity=\"\",status_code=\"503\",grpc_status=\"\"} 10"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("sinew_request_duration_seconds_count{direction=\"outbound\",service=\"catalog.shop\",route=\"default\",class=\"2xx\"} 20"),
+        "{text}"
+    );
+
+    // A real Prometheus scrapes both proxies and answers for the success rate.
+    let dir = std::env::temp_dir().join(format!("sinew-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: sinew\n    static_configs: [{{targets: [\"{}\", \"{}\"]}}]\n",
+            mesh.client.admin_addr(),
+            mesh.server.admin_addr()
+        ),
+    )?;
+    let web = free_addr();
+    let _prom = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (Debian package prometheus) is needed: ./scripts/test installs it");
+    let success = "sum(sinew_requests_total{direction=\"outbound\",service=\"catalog.shop\",status_code=~\"2..\"}) / sum(sinew_requests_total{direction=\"outbound\",service=\"catalog.shop\"})";
+    let inbound = "sum(sinew_requests_total{direction=\"inbound\"})";
+    let ask = async |q: &str| -> Option<f64> {
+        let r = client::get(
+            web,
+            "prometheus",
+            &format!("/api/v1/query?query={}", query_escape(q)),
+        )
+        .await
+        .ok()?;
+        let v = r.json().ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let answered = wait::until("prometheus answers", TIMEOUT, || async {
+        ask(success).await.is_some() && ask(inbound).await.is_some()
+    })
+    .await;
+    if let Err(e) = answered {
+        let targets = client::get(web, "prometheus", "/api/v1/targets")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default();
+        let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+
+        return Err(format!("{e}\ntargets: {targets}\nlog: {log}").into());
+    }
+    let rate = ask(success).await.ok_or("no success rate")?;
+    assert!((rate - 20.0 / 30.0).abs() < 1e-9, "success rate {rate}");
+    assert_eq!(ask(inbound).await, Some(30.0));
+    let _ = std::fs::remove_dir_all(&dir);
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
