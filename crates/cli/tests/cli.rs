@@ -135,7 +135,13 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_moves_traffic_with_no_failed_request_in_flight() {
     let scratch = Scratch::new();
-    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    // A long debounce, so propagation latency measured from the change shows it.
+    let cp = Control::start(
+        &scratch.0.join("data"),
+        free_addr(),
+        &["--debounce-ms", "200"],
+    )
+    .await;
     let v1 = HttpBackend::start("v1").await.unwrap();
     let v2 = HttpBackend::start("v2").await.unwrap();
     let bind = free_addr();
@@ -187,6 +193,17 @@ async fn apply_moves_traffic_with_no_failed_request_in_flight() {
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
     let out = cp.sinew(&["check"]).await;
     assert!(out.status.success(), "{:?}", text(&out));
+    // proxy-status tells how long the change took to be ACKed: from the apply, so
+    // at least the debounce.
+    let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    let web_status = v
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["proxy"] == "shop/web"))
+        .unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(web_status["inSync"], true, "{s}");
+    let ack = web_status["ackMs"].as_u64().unwrap_or(0);
+    assert!(ack >= 200, "propagation measured from the change: {ack} ms");
     web.shutdown().await;
 }
 

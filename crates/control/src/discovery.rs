@@ -236,6 +236,8 @@ impl Discovery for DiscoveryService {
                         .send(Command::Computed {
                             proxy: proxy.clone(),
                             version: view.version.clone(),
+                            // A proxy's first view is not a change reaching it.
+                            changed_at: sent.as_ref().and(current.changed_at),
                         })
                         .await;
                     if tx.send(Ok(msg)).await.is_err() {

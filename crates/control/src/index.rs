@@ -73,6 +73,9 @@ pub struct MeshState {
     pub registrations: BTreeMap<String, Registration>,
     /// The control plane's SPIFFE trust domain.
     pub trust_domain: String,
+    /// When the first change this publication carries was made (`None` for the
+    /// initial state): config propagation latency is measured from it.
+    pub changed_at: Option<Instant>,
 }
 
 /// What an apply did, per document.
@@ -98,7 +101,8 @@ pub struct ProxyRecord {
     /// Latest version computed for it.
     pub latest: String,
     latest_at: Option<Instant>,
-    /// Time from computing `latest` to its ACK.
+    /// Time from the change that made `latest` (or from computing it, for a
+    /// proxy's first view) to its ACK: config propagation latency.
     pub ack_latency: Option<Duration>,
     /// Reason of the last NACK (cleared by the next ACK).
     pub last_nack: String,
@@ -154,6 +158,8 @@ pub enum Command {
         proxy: String,
         /// Version.
         version: String,
+        /// When the change it carries was made (`None`: the proxy's first view).
+        changed_at: Option<Instant>,
     },
     /// A proxy answered a push.
     Acked {
@@ -209,6 +215,9 @@ struct Index {
     proxies: BTreeMap<String, ProxyRecord>,
     state_tx: watch::Sender<Arc<MeshState>>,
     dirty_since: Option<Instant>,
+    /// The latest unpublished change: publication waits for a quiet debounce period
+    /// after it (other commands, such as a fleet's ACKs, do not delay it).
+    last_change: Option<Instant>,
     dir_error: Option<String>,
 }
 
@@ -266,6 +275,7 @@ pub fn spawn(
         proxies: BTreeMap::new(),
         state_tx,
         dirty_since: None,
+        last_change: None,
         dir_error: None,
     };
     index.publish();
@@ -277,9 +287,11 @@ impl Index {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             let next_expiry = self.registry.values().filter_map(|(_, e)| *e).min();
-            let publish_at = self
-                .dirty_since
-                .map(|_| Instant::now() + self.settings.debounce);
+            // A quiet debounce period after the last change, but under continuous
+            // churn at least every 10 debounce periods.
+            let publish_at = self.dirty_since.zip(self.last_change).map(|(first, last)| {
+                (last + self.settings.debounce).min(first + self.settings.debounce * 10)
+            });
             let wake = [next_expiry, publish_at].into_iter().flatten().min();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -288,24 +300,20 @@ impl Index {
                 },
                 _ = sleep_until(wake) => {
                     self.expire();
-                    if self.dirty_since.is_some() {
+                    if publish_at.is_some_and(|t| t <= Instant::now()) {
                         self.publish();
                     }
                 }
-            }
-            // Under continuous churn, publish at least every 10 debounce periods.
-            if let Some(since) = self.dirty_since
-                && since.elapsed() >= self.settings.debounce * 10
-            {
-                self.publish();
             }
         }
     }
 
     fn mark(&mut self) {
+        let now = Instant::now();
         if self.dirty_since.is_none() {
-            self.dirty_since = Some(Instant::now());
+            self.dirty_since = Some(now);
         }
+        self.last_change = Some(now);
     }
 
     fn expire(&mut self) {
@@ -328,8 +336,10 @@ impl Index {
 
     /// Publishes the state to proxy streams.
     fn publish(&mut self) {
-        self.dirty_since = None;
-        let state = self.build_state();
+        let changed_at = self.dirty_since.take();
+        self.last_change = None;
+        let mut state = self.build_state();
+        state.changed_at = changed_at;
         self.state_tx.send_replace(Arc::new(state));
     }
 
@@ -368,6 +378,7 @@ impl Index {
             docs,
             registrations,
             trust_domain: self.settings.trust_domain.clone(),
+            changed_at: None,
         }
     }
 
@@ -612,11 +623,15 @@ impl Index {
                     }
                 }
             }
-            Command::Computed { proxy, version } => {
+            Command::Computed {
+                proxy,
+                version,
+                changed_at,
+            } => {
                 let rec = self.proxies.entry(proxy).or_default();
                 if rec.latest != version {
                     rec.latest = version;
-                    rec.latest_at = Some(Instant::now());
+                    rec.latest_at = Some(changed_at.unwrap_or_else(Instant::now));
                     rec.ack_latency = None;
                 }
             }
