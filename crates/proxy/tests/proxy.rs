@@ -2170,14 +2170,36 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
         "{text}"
     );
 
-    // A real Prometheus scrapes both proxies and answers for the success rate.
+    // The shipped scrape configuration and recording rules pass promtool.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../observability");
+    for (what, file) in [("config", "prometheus.yml"), ("rules", "rules.yml")] {
+        let out = tokio::process::Command::new("promtool")
+            .args(["check", what])
+            .arg(shipped.join(file))
+            .output()
+            .await?;
+        assert!(
+            out.status.success(),
+            "promtool check {what} {file}: {out:?}"
+        );
+    }
+
+    // A real Prometheus, with the shipped rules (evaluated every second here),
+    // scrapes both proxies and answers for the success rate.
     let dir = std::env::temp_dir().join(format!("sinew-prom-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let rules = std::fs::read_to_string(shipped.join("rules.yml"))?;
+    assert!(rules.contains("interval: 15s"));
+    std::fs::write(
+        dir.join("rules.yml"),
+        rules.replace("interval: 15s", "interval: 1s"),
+    )?;
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: sinew\n    static_configs: [{{targets: [\"{}\", \"{}\"]}}]\n",
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [\"{}\"]\nscrape_configs:\n  - job_name: sinew\n    static_configs: [{{targets: [\"{}\", \"{}\"]}}]\n",
+            dir.join("rules.yml").display(),
             mesh.client.admin_addr(),
             mesh.server.admin_addr()
         ),
@@ -2224,6 +2246,57 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
     let rate = ask(success).await.ok_or("no success rate")?;
     assert!((rate - 20.0 / 30.0).abs() < 1e-9, "success rate {rate}");
     assert_eq!(ask(inbound).await, Some(30.0));
+
+    // Under steady load (one in three answers a 503), the recorded success rate
+    // settles at 2/3: within 0.05, as a 1-minute rate over whole scrapes can cut
+    // the 3-request pattern at its edges.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let bind = mesh.bind;
+        tokio::spawn(async move {
+            let mut c = client::h1(bind).await.expect("connect");
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let path = if i % 3 == 0 { "/status/503" } else { "/" };
+                c.get("catalog", path).await.expect("request");
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await; // pacing, not waiting
+            }
+        })
+    };
+    let recorded = "sinew:success:ratio_rate1m{direction=\"outbound\",service=\"catalog.shop\"}";
+    wait::until("the recording rule has a value", TIMEOUT, || async {
+        ask(recorded).await.is_some_and(|v| v.is_finite())
+    })
+    .await?;
+    let r = ask(recorded).await.ok_or("no recorded success rate")?;
+    assert!((r - 2.0 / 3.0).abs() < 0.05, "recorded success rate {r}");
+    // Every query of the shipped dashboard is valid PromQL with an answer.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        shipped.join("grafana-dashboard.json"),
+    )?)?;
+    let panels = dashboard["panels"].as_array().ok_or("no panels")?;
+    assert!(panels.len() >= 4);
+    for p in panels {
+        for t in p["targets"].as_array().ok_or("no targets")? {
+            let expr = t["expr"].as_str().ok_or("no expr")?;
+            let q = expr
+                .replace("$direction", "outbound")
+                .replace("$service", ".*")
+                .replace("$__rate_interval", "1m");
+            let r = client::get(
+                web,
+                "prometheus",
+                &format!("/api/v1/query?query={}", query_escape(&q)),
+            )
+            .await?;
+            let v = r.json()?;
+            assert_eq!(v["status"], "success", "{} : {q}: {v}", p["title"]);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await?;
     let _ = std::fs::remove_dir_all(&dir);
     mesh.client.shutdown().await;
     mesh.server.shutdown().await;
