@@ -60,12 +60,28 @@ async fn admin_reports_live_ready_config_and_metrics() -> TestResult {
         app.addr().to_string()
     );
 
+    // The classic text format by default; OpenMetrics when asked for.
     let m = admin(&proxy, "/metrics").await;
+    assert_eq!(
+        m.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert!(!m.text().contains("# EOF"));
+    let mut c = client::h1(proxy.admin_addr()).await?;
+    let req = Request::get("/metrics")
+        .header("host", "admin")
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        )
+        .body(empty())?;
+    let m = client::collect(c.send(req).await?).await?;
     assert!(
         m.header("content-type")
             .unwrap_or("")
             .contains("openmetrics")
     );
+    assert!(m.text().ends_with("# EOF\n"));
     assert_eq!(
         metric(
             &proxy,
