@@ -1,0 +1,466 @@
+//! `cpsim`: a fleet of lightweight proxies speaking Sinew's real discovery protocol
+//! (one gRPC stream each, on its own connection: Hello, then an ACK per Push), for
+//! bench/run's scenario 6 (the control plane at scale).
+//!
+//! ```text
+//! cpsim --server http://127.0.0.1:15010 --proxies 1000 --services 100 --endpoints 10000 --changes 5
+//! ```
+//!
+//! It talks to bench/run on stdout, one JSON object per line, and waits on stdin:
+//! 1. applies the mesh (services, endpoints as Workload documents, one Proxy document
+//!    per simulated proxy), prints `{"phase":"applied",...}` and waits for a line;
+//! 2. connects every proxy at once (the connect storm), waits until each has its
+//!    first (full) push and the control plane reports every proxy in sync;
+//! 3. makes `--changes` changes, alternating a route change (an HTTPRoute every proxy
+//!    sees) and an endpoint change (a new Workload of a service every proxy sees), and
+//!    times each until every proxy has received and ACKed it;
+//! 4. prints `{"phase":"done",...}` with the figures and holds the streams open until
+//!    stdin closes (so the control plane's memory can be read with them connected).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sinew_api::v1::admin_client::AdminClient;
+use sinew_api::v1::discovery_client::DiscoveryClient;
+use sinew_api::v1::{
+    Ack, ApplyRequest, Hello, ProxyMessage, ProxyStatusRequest, Source, control_message,
+    proxy_message,
+};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const NS: &str = "sim";
+
+struct Args {
+    server: String,
+    proxies: usize,
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+    per_proxy: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        server: "http://127.0.0.1:15010".into(),
+        proxies: 1000,
+        services: 100,
+        endpoints: 10_000,
+        changes: 5,
+        per_proxy: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or_else(|| format!("{flag}: missing value"))?;
+        let n = || v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
+        match flag.as_str() {
+            "--server" => a.server = v.clone(),
+            "--proxies" => a.proxies = n()?,
+            "--services" => a.services = n()?.max(1),
+            "--endpoints" => a.endpoints = n()?,
+            "--changes" => a.changes = n()?,
+            "--services-per-proxy" => a.per_proxy = n()?,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    Ok(a)
+}
+
+/// A push received by simulated proxy `proxy`.
+struct Event {
+    proxy: usize,
+    at: Instant,
+    full: bool,
+    resources: usize,
+}
+
+fn out(v: Value) {
+    println!("{v}");
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pcts(mut v: Vec<f64>) -> Value {
+    v.sort_by(f64::total_cmp);
+    let p = |q: f64| -> Value {
+        if v.is_empty() {
+            return Value::Null;
+        }
+        let k = ((q / 100.0 * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+        json!(v[k])
+    };
+    json!({"p50": p(50.0), "p90": p(90.0), "p99": p(99.0), "max": v.last().copied(), "n": v.len()})
+}
+
+fn service_doc(name: &str) -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+         spec:\n  ports: [{{name: http, port: 80, protocol: HTTP}}]\n"
+    )
+}
+
+fn workload_doc(name: &str, service: &str, i: usize) -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+         spec: {{service: {service}, address: 10.{}.{}.{}, ports: {{http: 8080}}, sidecar: {{port: 4143}}}}\n",
+        (i >> 16) & 255,
+        (i >> 8) & 255,
+        i & 255
+    )
+}
+
+fn route_doc(version: usize) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: common, namespace: {NS}}}\n\
+         spec:\n  parentRefs: [{{kind: Service, name: common}}]\n  rules:\n\
+         \x20   - matches: [{{headers: [{{name: x-change, value: \"v{version}\"}}]}}]\n\
+         \x20     backendRefs: [{{name: common}}]\n\
+         \x20   - backendRefs: [{{name: common}}]\n"
+    )
+}
+
+fn proxy_doc(i: usize, services: usize, per_proxy: usize) -> String {
+    let mut ups = String::from("      - {bind: \"127.0.0.1:9000\", service: common, port: http}\n");
+    for m in 0..per_proxy.min(services) {
+        let s = (i * per_proxy + m) % services;
+        ups.push_str(&format!(
+            "      - {{bind: \"127.0.0.1:{}\", service: svc-{s}, port: http}}\n",
+            9001 + m
+        ));
+    }
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p-{i}, namespace: {NS}}}\n\
+         spec:\n  outbound:\n    upstreams:\n{ups}"
+    )
+}
+
+type Admin = AdminClient<tonic::transport::Channel>;
+
+async fn apply(admin: &mut Admin, label: &str, docs: &[String]) -> Result<(), String> {
+    // In chunks, to stay well under the gRPC message limit.
+    for (k, chunk) in docs.chunks(2000).enumerate() {
+        admin
+            .apply(ApplyRequest {
+                sources: vec![Source {
+                    label: format!("{label}-{k}"),
+                    text: chunk.join("---\n"),
+                }],
+                dry_run: false,
+            })
+            .await
+            .map_err(|s| format!("apply {label}: {}: {}", s.code(), s.message()))?;
+    }
+    Ok(())
+}
+
+/// Polls ProxyStatus until `n` proxies are connected with applied == latest.
+async fn wait_synced(admin: &mut Admin, n: usize, deadline: Duration) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    loop {
+        let st = admin
+            .proxy_status(ProxyStatusRequest {})
+            .await
+            .map_err(|s| format!("proxy-status: {}", s.message()))?
+            .into_inner();
+        let synced = st
+            .proxies
+            .iter()
+            .filter(|p| {
+                p.namespace == NS
+                    && p.connected
+                    && !p.latest_version.is_empty()
+                    && p.applied_version == p.latest_version
+            })
+            .count();
+        if synced >= n {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > deadline {
+            return Err(format!(
+                "only {synced} of {n} proxies in sync after {deadline:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Counters shared by the fleet.
+#[derive(Default)]
+struct Fleet {
+    /// Sessions that failed before their first push (connect refused, reset, ...).
+    failed_attempts: AtomicU64,
+    /// Sessions that ended after at least one push.
+    dropped_streams: AtomicU64,
+}
+
+/// One simulated proxy, forever: a session, then on failure a reconnect with the
+/// real proxy's backoff (100 ms doubling to 5 s, full jitter, at least 10 ms).
+async fn run_proxy(i: usize, url: String, events: mpsc::UnboundedSender<Event>, fleet: Arc<Fleet>) {
+    let mut attempt: u32 = 0;
+    // xorshift64*, seeded per proxy: the jitter needs no crate.
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
+    loop {
+        match session(i, &url, &events).await {
+            Ok(()) | Err((true, _)) => {
+                fleet.dropped_streams.fetch_add(1, Ordering::Relaxed);
+                attempt = 0;
+            }
+            Err((false, _)) => {
+                fleet.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let cap = Duration::from_millis(100)
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(Duration::from_secs(5));
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        let frac = (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(cap.mul_f64(frac).max(Duration::from_millis(10))).await;
+    }
+}
+
+/// One stream. The error says whether a push had been received.
+async fn session(
+    i: usize,
+    url: &str,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<(), (bool, String)> {
+    let mut got_push = false;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| (false, e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| (false, format!("proxy {i}: cannot connect: {e}")))?;
+    let mut client = DiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Hello(Hello {
+            namespace: NS.into(),
+            name: format!("p-{i}"),
+            registration: None,
+            applied_version: String::new(),
+            proxy_version: "cpsim".into(),
+        })),
+    })
+    .await
+    .map_err(|_| (false, "stream closed".to_owned()))?;
+    let mut inbound = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| (false, format!("proxy {i}: {}: {}", s.code(), s.message())))?
+        .into_inner();
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Err((got_push, format!("proxy {i}: stream ended"))),
+            Err(s) => {
+                return Err((
+                    got_push,
+                    format!("proxy {i}: {}: {}", s.code(), s.message()),
+                ));
+            }
+        };
+        if let Some(control_message::Kind::Push(push)) = msg.kind {
+            let at = Instant::now();
+            got_push = true;
+            tx.send(ProxyMessage {
+                kind: Some(proxy_message::Kind::Ack(Ack {
+                    version: push.version,
+                    nonce: push.nonce,
+                    error: String::new(),
+                })),
+            })
+            .await
+            .map_err(|_| (true, "stream closed".to_owned()))?;
+            let _ = events.send(Event {
+                proxy: i,
+                at,
+                full: push.full,
+                resources: push.resources.len(),
+            });
+        }
+    }
+}
+
+/// Waits until every proxy has a push received after `since`; returns per-proxy
+/// latencies (ms) from `since`.
+async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    n: usize,
+    since: Instant,
+    deadline: Duration,
+    sizes: &mut Vec<usize>,
+    want_full: bool,
+) -> Result<Vec<f64>, String> {
+    let mut seen: HashMap<usize, f64> = HashMap::with_capacity(n);
+    let end = tokio::time::Instant::from_std(since + deadline);
+    while seen.len() < n {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { return Err("event channel closed".into()) };
+                if ev.at >= since && (!want_full || ev.full) && !seen.contains_key(&ev.proxy) {
+                    seen.insert(ev.proxy, ms(ev.at - since));
+                    sizes.push(ev.resources);
+                }
+            }
+            _ = tokio::time::sleep_until(end) => {
+                return Err(format!("only {} of {n} proxies got the push within {deadline:?}", seen.len()));
+            }
+        }
+    }
+    Ok(seen.into_values().collect())
+}
+
+#[tokio::main]
+async fn main() {
+    // A panic in any simulated proxy is a bug in the simulator: stop at once rather
+    // than wait for a deadline.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::exit(101);
+    }));
+    if let Err(e) = real_main().await {
+        eprintln!("cpsim: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main() -> Result<(), String> {
+    let a = parse_args()?;
+    let mut admin = AdminClient::connect(a.server.clone())
+        .await
+        .map_err(|e| format!("cannot reach the control plane at {}: {e}", a.server))?
+        .max_decoding_message_size(256 << 20);
+
+    // 1. The mesh.
+    let t = Instant::now();
+    let mut services: Vec<String> = (0..a.services)
+        .map(|s| service_doc(&format!("svc-{s}")))
+        .collect();
+    services.push(service_doc("common"));
+    apply(&mut admin, "services", &services).await?;
+    let per = a.endpoints / a.services;
+    let mut workloads = Vec::with_capacity(a.endpoints + 10);
+    for i in 0..per * a.services {
+        let s = i % a.services;
+        workloads.push(workload_doc(
+            &format!("svc-{s}-{}", i / a.services),
+            &format!("svc-{s}"),
+            i,
+        ));
+    }
+    let base = per * a.services;
+    for k in 0..10 {
+        workloads.push(workload_doc(&format!("common-{k}"), "common", base + k));
+    }
+    apply(&mut admin, "workloads", &workloads).await?;
+    apply(&mut admin, "route", &[route_doc(0)]).await?;
+    let proxies: Vec<String> = (0..a.proxies)
+        .map(|i| proxy_doc(i, a.services, a.per_proxy))
+        .collect();
+    apply(&mut admin, "proxies", &proxies).await?;
+    out(json!({"phase": "applied", "apply_ms": ms(t.elapsed()),
+               "documents": services.len() + workloads.len() + 1 + proxies.len(),
+               "endpoints": workloads.len()}));
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let _ = stdin.next_line().await;
+
+    // 2. The connect storm.
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let fleet = Arc::new(Fleet::default());
+    let storm = Instant::now();
+    for i in 0..a.proxies {
+        let (ev, url, fleet) = (ev_tx.clone(), a.server.clone(), Arc::clone(&fleet));
+        tokio::spawn(run_proxy(i, url, ev, fleet));
+    }
+    let mut sizes = Vec::new();
+    let first = collect(
+        &mut ev_rx,
+        a.proxies,
+        storm,
+        Duration::from_secs(120),
+        &mut sizes,
+        true,
+    )
+    .await?;
+    let storm_all = ms(storm.elapsed());
+    wait_synced(&mut admin, a.proxies, Duration::from_secs(60)).await?;
+    let storm_synced = ms(storm.elapsed());
+    let storm_failed = fleet.failed_attempts.load(Ordering::Relaxed);
+    let storm_dropped = fleet.dropped_streams.load(Ordering::Relaxed);
+    let full_sizes: Vec<f64> = sizes.iter().map(|&s| s as f64).collect();
+
+    // 3. Changes.
+    let mut route = Vec::new();
+    let mut endpoint = Vec::new();
+    let mut changes = Vec::new();
+    for k in 0..a.changes {
+        // Drain anything left over (late pushes of the previous change).
+        while ev_rx.try_recv().is_ok() {}
+        let kind = if k % 2 == 0 { "route" } else { "endpoint" };
+        let doc = if kind == "route" {
+            route_doc(k + 1)
+        } else {
+            workload_doc(&format!("common-new-{k}"), "common", base + 100 + k)
+        };
+        let t0 = Instant::now();
+        apply(&mut admin, kind, &[doc]).await?;
+        let applied = ms(t0.elapsed());
+        let mut sz = Vec::new();
+        let lat = collect(
+            &mut ev_rx,
+            a.proxies,
+            t0,
+            Duration::from_secs(60),
+            &mut sz,
+            false,
+        )
+        .await?;
+        let all = lat.iter().copied().fold(0.0, f64::max);
+        wait_synced(&mut admin, a.proxies, Duration::from_secs(60)).await?;
+        let cp_all = ms(t0.elapsed());
+        changes.push(
+            json!({"kind": kind, "apply_ms": applied, "all_acked_ms": all,
+                            "cp_saw_all_acks_ms": cp_all, "per_proxy": pcts(lat.clone()),
+                            "push_resources": pcts(sz.iter().map(|&s| s as f64).collect())}),
+        );
+        if kind == "route" {
+            route.extend(lat)
+        } else {
+            endpoint.extend(lat)
+        }
+    }
+    let all_of = |kind: &str| -> Vec<f64> {
+        changes
+            .iter()
+            .filter(|c| c["kind"] == kind)
+            .filter_map(|c| c["all_acked_ms"].as_f64())
+            .collect()
+    };
+    out(json!({
+        "phase": "done",
+        "proxies": a.proxies,
+        "storm": {"first_push": pcts(first), "all_pushed_ms": storm_all,
+                  "all_synced_ms": storm_synced, "full_push_resources": pcts(full_sizes),
+                  "failed_attempts": storm_failed, "dropped_streams": storm_dropped},
+        "after_storm": {"failed_attempts": fleet.failed_attempts.load(Ordering::Relaxed) - storm_failed,
+                        "dropped_streams": fleet.dropped_streams.load(Ordering::Relaxed) - storm_dropped},
+        "route": {"per_proxy": pcts(route), "all_acked": pcts(all_of("route"))},
+        "endpoint": {"per_proxy": pcts(endpoint), "all_acked": pcts(all_of("endpoint"))},
+        "changes": changes,
+    }));
+    // 4. Hold the streams until bench/run has read the control plane's memory.
+    while let Ok(Some(_)) = stdin.next_line().await {}
+    Ok(())
+}

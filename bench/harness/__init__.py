@@ -1,0 +1,1 @@
+"""Sinew's benchmark harness: see bench/README.md and `bench/run --help`."""

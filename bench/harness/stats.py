@@ -1,0 +1,56 @@
+"""Small statistics: medians, ratios, alternation."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def median(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(vals) if vals else None
+
+
+def spread(values):
+    vals = [v for v in values if v is not None]
+    return (min(vals), max(vals)) if vals else (None, None)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def round_ratios(a_rounds, b_rounds, key):
+    """Per-round ratios a/b of `key` (runs of the same round are adjacent in time)."""
+    out = []
+    for a, b in zip(a_rounds, b_rounds):
+        out.append(ratio(a.get(key), b.get(key)))
+    return out
+
+
+def alternate(names, rounds, fn):
+    """Runs fn(name, round) for every name, `rounds` times, reversing the order every
+    other round (A B C, C B A, ...), so each pair is measured close together in time
+    and neither side always goes first."""
+    results = {n: [] for n in names}
+    orders = []
+    for r in range(rounds):
+        order = list(names) if r % 2 == 0 else list(reversed(names))
+        orders.append(order)
+        for n in order:
+            results[n].append(fn(n, r))
+    return results, orders
+
+
+def pct_list(values, ps=(50, 90, 99)):
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return {f"p{p}": None for p in ps} | {"max": None}
+    out = {}
+    for p in ps:
+        k = max(0, min(len(vals) - 1, math.ceil(p / 100 * len(vals)) - 1))
+        out[f"p{p}"] = vals[k]
+    out["max"] = vals[-1]
+    return out
