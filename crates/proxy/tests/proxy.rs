@@ -2274,7 +2274,11 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
             let mut c = client::h1(bind).await.expect("connect");
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let path = if i.is_multiple_of(3) { "/status/503" } else { "/" };
+                let path = if i.is_multiple_of(3) {
+                    "/status/503"
+                } else {
+                    "/"
+                };
                 c.get("catalog", path).await.expect("request");
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await; // pacing, not waiting
