@@ -47,8 +47,26 @@ pub struct ProxyConfig {
     /// The proxy's own identity: from its workload (`Proxy.spec.workload`, else the
     /// Workload named like the proxy). `None` when it serves no known workload.
     pub identity: Option<LocalIdentity>,
+    /// Distributed tracing (`MeshConfig.spec.tracing`); `None`: off.
+    pub tracing: Option<TracingConfig>,
+    /// Access logs (`Proxy.spec.accessLog`); `None`: off.
+    pub access_log: Option<crate::resource::AccessLogFormat>,
     #[serde(skip)]
     names: HashMap<String, String>,
+}
+
+/// Distributed tracing, compiled from `MeshConfig.spec.tracing`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingConfig {
+    /// The collector URL, complete (`http://host:port`, plus the path for HTTP).
+    pub endpoint: String,
+    /// gRPC or HTTP/protobuf.
+    pub protocol: OtlpProtocol,
+    /// Share of new traces sampled (0 to 1); incoming decisions are kept.
+    pub sampling_ratio: f64,
+    /// Export failed requests' spans even when they were not sampled.
+    pub always_sample_errors: bool,
 }
 
 /// Who a proxy is: the workload it serves and that workload's SPIFFE id.
@@ -757,6 +775,14 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         .http_proxy
         .as_ref()
         .and_then(|h| h.bind.parse().ok());
+    let tracing = mesh.and_then(|m| m.tracing.as_ref()).and_then(|t| {
+        Some(TracingConfig {
+            endpoint: crate::load::otlp_endpoint(&t.endpoint, t.protocol).ok()?,
+            protocol: t.protocol,
+            sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
+            always_sample_errors: t.always_sample_errors.unwrap_or(true),
+        })
+    });
     errors.into_result(ProxyConfig {
         name: p.metadata.name.clone(),
         namespace: ns,
@@ -767,6 +793,8 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         services,
         trust_domain,
         identity,
+        tracing,
+        access_log: p.spec.access_log.as_ref().map(|a| a.format),
         names,
     })
 }
@@ -1760,6 +1788,117 @@ spec: {ports: [{name: http, port: 80}]}
                 Ok(_) => errors(&yaml),
             };
             assert!(got.contains(want), "{doc}\nwant {want:?}\ngot {got}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tracing_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn mesh(tracing: &str) -> String {
+        format!(
+            "apiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  tracing: {tracing}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p}}\nspec: {{}}\n"
+        )
+    }
+
+    #[test]
+    fn compiles_tracing_with_defaults_and_normalised_endpoints() {
+        let cfg = compile_text("m.yaml", &mesh("{endpoint: \"http://otel:4317\"}"), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cfg.tracing,
+            Some(TracingConfig {
+                endpoint: "http://otel:4317".into(),
+                protocol: OtlpProtocol::Grpc,
+                sampling_ratio: 1.0,
+                always_sample_errors: true,
+            })
+        );
+        let cfg = compile_text(
+            "m.yaml",
+            &mesh(
+                "{endpoint: \"http://127.0.0.1\", protocol: http/protobuf, samplingRatio: 0.25, alwaysSampleErrors: false}",
+            ),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let t = cfg.tracing.unwrap();
+        assert_eq!(t.endpoint, "http://127.0.0.1:4318/v1/traces");
+        assert_eq!(t.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(t.sampling_ratio, 0.25);
+        assert!(!t.always_sample_errors);
+        // Off without the section; `/config` shows it either way.
+        let cfg = compile_text(
+            "m.yaml",
+            "apiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p}\nspec: {}\n",
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.tracing.is_none());
+        let json = serde_json::to_value(
+            compile_text(
+                "m.yaml",
+                &mesh("{endpoint: \"http://[::1]:9\", protocol: http/protobuf}"),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap();
+        assert_eq!(json["tracing"]["endpoint"], "http://[::1]:9/v1/traces");
+        assert_eq!(json["tracing"]["protocol"], "http/protobuf");
+    }
+
+    #[test]
+    fn refuses_bad_tracing_naming_the_field() {
+        let cases = [
+            ("{endpoint: \"otel:4317\"}", "spec.tracing.endpoint"),
+            (
+                "{endpoint: \"https://otel:4317\"}",
+                "https is not supported",
+            ),
+            (
+                "{endpoint: \"http://otel:4317/x\"}",
+                "a gRPC endpoint has no path",
+            ),
+            (
+                "{endpoint: \"http://otel:4318?a=b\", protocol: http/protobuf}",
+                "a query is not allowed",
+            ),
+            (
+                "{endpoint: \"http://otel\", samplingRatio: 1.5}",
+                "spec.tracing.samplingRatio: 1.5 is not a share",
+            ),
+            (
+                "{endpoint: \"http://otel\", samplingRatio: -0.1}",
+                "spec.tracing.samplingRatio",
+            ),
+            (
+                "{endpoint: \"http://otel\", protocol: http}",
+                "spec.tracing.protocol",
+            ),
+            (
+                "{endpoint: \"http://otel\", sampling: 1}",
+                "unknown field `sampling`",
+            ),
+            ("{protocol: grpc}", "missing field `endpoint`"),
+        ];
+        for (tracing, want) in cases {
+            let yaml = mesh(tracing);
+            let got = match crate::load::parse_documents("m.yaml", &yaml) {
+                Err(e) => e.to_string(),
+                Ok(docs) => match Resources::from_documents(docs) {
+                    Ok(_) => panic!("{tracing}: expected an error"),
+                    Err(e) => e.to_string(),
+                },
+            };
+            assert!(got.contains(want), "{tracing}\nwant {want:?}\ngot {got}");
+            assert!(
+                got.contains("MeshConfig") || got.contains("spec.tracing"),
+                "{got}"
+            );
         }
     }
 }

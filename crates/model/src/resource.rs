@@ -175,6 +175,43 @@ pub struct MeshConfigSpec {
     /// A namespace's targetless `AuthorizationPolicy` with `defaultAction` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_authorization: Option<AuthorizationAction>,
+    /// Distributed tracing: where every sidecar sends its spans, and how many. Off
+    /// when absent (trace headers then pass through untouched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+/// Distributed tracing (`MeshConfig.spec.tracing`): each sidecar hop continues the
+/// caller's W3C or B3 context with a span of its own, exported over OTLP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// The OTLP collector, `http://host:port`: e.g. port 4317 for `grpc`, 4318 for
+    /// `http/protobuf` (whose path defaults to `/v1/traces`).
+    pub endpoint: String,
+    /// The OTLP transport; default `grpc`.
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// Share of new traces sampled, `0` to `1`; default `1`. A request that arrives
+    /// with a sampling decision (its `traceparent` or B3 flag) keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_ratio: Option<f64>,
+    /// Export the spans of a request that fails (5xx, or an error the proxy made)
+    /// even when it was not sampled; default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub always_sample_errors: Option<bool>,
+}
+
+/// How spans travel to the collector (the values of `OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (the default).
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies.
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 /// mTLS settings (mesh-wide, or per service for its inbound traffic).
@@ -229,6 +266,30 @@ pub struct ProxySpec {
     /// Workload named like the proxy, if there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// Access logs: one line per request on standard output, written off the request
+    /// path. Absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogSpec>,
+}
+
+/// Access-log settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AccessLogSpec {
+    /// `json` (default) or `text`.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+}
+
+/// How access-log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// `key=value` pairs, space-separated, values quoted when they need it.
+    Text,
 }
 
 /// The inbound listener.

@@ -21,8 +21,10 @@ use crate::pool::Version as UpVersion;
 use crate::stream::spawn_splice;
 
 /// Handles one request arriving from the mesh.
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
+    let hop = crate::trace::start(&ctx, Direction::Inbound, &mut req);
+    let log = crate::access::begin(&ctx, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -40,6 +42,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespB
         &resp,
         started.elapsed(),
     );
+    crate::access::end(
+        &ctx,
+        log,
+        Direction::Inbound,
+        &meta,
+        &resp,
+        started.elapsed(),
+    );
+    crate::trace::finish(hop, &resp);
     resp
 }
 
@@ -183,6 +194,10 @@ async fn forward(
         },
     };
     let port = allowed(inb, port)?;
+    crate::trace::note_inbound(
+        req.extensions(),
+        std::net::SocketAddr::new(inb.app_address, port),
+    );
     let pool = snap
         .app_pool(port)
         .ok_or(ProxyError::PortNotAllowed(port))?;

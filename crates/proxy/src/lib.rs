@@ -11,6 +11,7 @@
 //! each request reads one snapshot from start to end. Standalone, the proxy runs from
 //! a file of Kubernetes-shaped documents and reloads it when it changes.
 
+pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod body;
@@ -30,6 +31,7 @@ pub mod reload;
 pub mod resilience;
 pub mod state;
 pub mod stream;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -252,6 +254,20 @@ impl Proxy {
             .copied()
     }
 
+    /// Exports the spans ended so far now rather than with the next batch, and waits
+    /// for the collector's answer (bounded by the SDK's flush timeout, 5 s).
+    pub async fn flush_traces(&self) {
+        let tracing = self
+            .shared
+            .snapshot
+            .load_full()
+            .and_then(|s| s.tracing.clone());
+        if let Some(t) = tracing {
+            // Blocking (it waits for the exporting thread): off the runtime's workers.
+            let _ = tokio::task::spawn_blocking(move || t.flush()).await;
+        }
+    }
+
     /// Asks for the configuration file to be re-read now (SIGHUP).
     pub fn reload(&self) {
         let _ = self.reload_tx.try_send(());
@@ -275,6 +291,8 @@ impl Proxy {
             let _ = self.drain_tx.send(DrainState::Closing);
             let _ = tokio::time::timeout(Duration::from_secs(1), self.done_rx.recv()).await;
         }
+        // The last requests' spans leave before the process does.
+        self.flush_traces().await;
         if let Some(stop) = self.stop_admin.take() {
             let _ = stop.send(());
         }

@@ -21,7 +21,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// `inbound` or `outbound`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
@@ -72,6 +73,8 @@ pub struct RequestMeta {
     pub service: Option<String>,
     /// The route (`namespace/name`).
     pub route: Option<String>,
+    /// The endpoint it went to (outbound).
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 const GRPC_STATUSES: [&str; 17] = [
@@ -124,6 +127,8 @@ pub struct Metrics {
     /// See `bytes_in`.
     pub bytes_out: Counter,
     pushes: Family<ResultLabels, Counter>,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -243,7 +248,14 @@ impl Metrics {
             "Control-plane pushes, by result (acked, nacked)",
             pushes.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind",
+            access_log_dropped.clone(),
+        );
         Metrics {
+            access_log_dropped,
             http,
             latency,
             bytes_in,

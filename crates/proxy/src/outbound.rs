@@ -30,8 +30,10 @@ use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
 
 /// Handles one request from the local application.
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
+    let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
+    let log = crate::access::begin(&ctx, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -45,6 +47,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespB
     ctx.shared
         .metrics
         .http(Direction::Outbound, &meta, None, &resp, started.elapsed());
+    crate::access::end(
+        &ctx,
+        log,
+        Direction::Outbound,
+        &meta,
+        &resp,
+        started.elapsed(),
+    );
+    crate::trace::finish(hop, &resp);
     resp
 }
 
@@ -100,6 +111,7 @@ async fn forward(
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
     let (svc, port) = target(ctx, &snap, &req)?;
+    crate::trace::note_service(req.extensions(), svc);
     meta.service = Some(format!("{}.{}", svc.name, svc.namespace));
 
     if req.method() == Method::CONNECT {
@@ -125,6 +137,8 @@ async fn forward(
         .pick_for(ring_key(balancer, &req, ctx.peer))
         .ok_or_else(|| ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port)))?
         .clone();
+    meta.upstream = Some(endpoint.config.address);
+    crate::trace::note_outbound(req.extensions(), &rule, &backend.service, &endpoint.config);
     let protocol = snap
         .config
         .service(&backend.service)

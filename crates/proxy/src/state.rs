@@ -46,6 +46,8 @@ pub struct Snapshot {
     budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
     /// Rate limits of this proxy's own service, enforced at its inbound.
     pub rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
+    /// The tracing pipeline (`None`: tracing off).
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 impl Snapshot {
@@ -94,6 +96,7 @@ pub struct SnapshotBuilder {
     budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
     rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
     checkers: HashMap<CheckerKey, tokio::task::AbortHandle>,
+    tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 impl SnapshotBuilder {
@@ -274,6 +277,9 @@ impl SnapshotBuilder {
             })
             .collect();
         self.rate_limits = rate_limits.clone();
+        // Kept while its settings stay the same, so spans queued survive a reload.
+        let tracing = crate::trace::Tracing::for_config(self.tracing.as_ref(), &config);
+        self.tracing = tracing.clone();
         Snapshot {
             version,
             generation: self.generation,
@@ -284,6 +290,7 @@ impl SnapshotBuilder {
             jwt,
             budgets,
             rate_limits,
+            tracing,
         }
     }
 }
@@ -323,6 +330,8 @@ pub struct Shared {
     pub tls_server: Arc<rustls::ServerConfig>,
     /// True when the proxy must have a certificate to be ready (it has a join token).
     pub identity_required: AtomicBool,
+    /// The access-log queue (its writer starts with the first line).
+    pub access_log: crate::access::AccessLog,
 }
 
 impl std::fmt::Debug for Shared {
@@ -364,6 +373,7 @@ impl Shared {
             tls_server: certs.server_config(),
             certs,
             identity_required: AtomicBool::new(false),
+            access_log: crate::access::AccessLog::default(),
         }
     }
 

@@ -19,7 +19,7 @@ use sinew_testkit::tcp::TcpEchoServer;
 use sinew_testkit::wait;
 use sinew_testkit::ws::WsEchoServer;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -2320,5 +2320,81 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
     let _ = std::fs::remove_dir_all(&dir);
     mesh.client.shutdown().await;
     mesh.server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let admin_addr = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        proxy_doc(
+            "client",
+            &format!(
+                "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]\n  accessLog: {{format: json}}"
+            ),
+        ),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    ));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .arg("--config")
+        .arg(&file.path)
+        .arg("--name")
+        .arg("client")
+        .arg("--admin")
+        .arg(admin_addr.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    wait::until("proxy process ready", TIMEOUT, || async move {
+        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await?;
+    let mut c = client::h1(bind).await?;
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let req = Request::get("/items/7?token=secret")
+        .header("host", "catalog")
+        .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+        .body(empty())?;
+    assert_eq!(client::collect(c.send(req).await?).await?.status, 200);
+    let req = Request::get("/never")
+        .header("host", "catalog")
+        .header("sinew-timeout-ms", "50")
+        .body(empty())?;
+    assert_eq!(client::collect(c.send(req).await?).await?.status, 504);
+    let mut next =
+        async || -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+            let line = tokio::time::timeout(TIMEOUT, lines.next_line())
+                .await
+                .map_err(|_| "no access-log line")??
+                .ok_or("stdout closed")?;
+            Ok(serde_json::from_str(&line)?)
+        };
+    let first = next().await?;
+    assert_eq!(first["direction"], "outbound");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["authority"], "catalog");
+    assert_eq!(
+        first["path"], "/items/7",
+        "the query string is never logged"
+    );
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["service"], "catalog.shop");
+    assert_eq!(first["route"], "default");
+    assert_eq!(first["upstream"], app.addr().to_string());
+    assert_eq!(first["traceId"], trace);
+    assert_eq!(first["error"], serde_json::Value::Null);
+    assert!(first["durationMs"].as_f64().is_some_and(|d| d > 0.0));
+    assert!(first["start"].as_str().is_some_and(|s| s.ends_with('Z')));
+    let second = next().await?;
+    assert_eq!(second["status"], 504);
+    assert_eq!(second["error"], "request-timeout");
+    child.kill().await?;
     Ok(())
 }
