@@ -175,6 +175,8 @@ pub struct Balancer {
     ring: Vec<(u64, usize)>,
     /// This proxy's zone, for locality preference.
     local_zone: Option<String>,
+    /// Counts outlier ejections (`sinew_outlier_ejections_total`), when attached.
+    ejections: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Points per endpoint on the ring (more: smoother shares).
@@ -256,7 +258,17 @@ impl Balancer {
             traffic,
             in_flight: Arc::new(AtomicU32::new(0)),
             ring,
+            ejections: None,
         }
+    }
+
+    /// Counts this balancer's ejections on `counter`.
+    pub fn count_ejections(
+        mut self,
+        counter: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
+        self.ejections = Some(counter);
+        self
     }
 
     /// The ring's key setting, if the service hashes.
@@ -329,6 +341,9 @@ impl Balancer {
         st.consecutive = 0;
         st.window_start = None;
         tracing::warn!(endpoint = %endpoint.config.address, ejections = st.ejections, "endpoint ejected");
+        if let Some(c) = &self.ejections {
+            c.inc();
+        }
     }
 
     /// The endpoints.

@@ -129,6 +129,8 @@ pub struct Metrics {
     pushes: Family<ResultLabels, Counter>,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Endpoints ejected by outlier detection.
+    pub ejections: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -254,7 +256,14 @@ impl Metrics {
             "Access-log lines dropped because the writer fell behind",
             access_log_dropped.clone(),
         );
+        let ejections = Counter::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
         Metrics {
+            ejections,
             access_log_dropped,
             http,
             latency,

@@ -38,10 +38,12 @@ pub struct Applier {
 impl Applier {
     /// An applier for the data plane on `rt`.
     pub fn new(shared: Arc<Shared>, rt: Handle) -> Applier {
+        let mut builder = SnapshotBuilder::default();
+        builder.ejections = shared.metrics.ejections.clone();
         Applier {
             shared,
             rt,
-            builder: SnapshotBuilder::default(),
+            builder,
             listeners: Listeners::default(),
         }
     }

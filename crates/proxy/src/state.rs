@@ -89,6 +89,8 @@ type PoolKey = (SocketAddr, Option<String>);
 /// a swap keeps latency history and open connections.
 #[derive(Debug, Default)]
 pub struct SnapshotBuilder {
+    /// Counts outlier ejections across snapshots (the proxy's metric).
+    pub ejections: prometheus_client::metrics::counter::Counter,
     endpoints: HashMap<(String, u16, sinew_model::compile::EndpointConfig), Arc<Endpoint>>,
     pools: HashMap<PoolKey, Arc<ConnPool>>,
     generation: u64,
@@ -155,12 +157,15 @@ impl SnapshotBuilder {
                     .collect();
                 balancers.entry(key.clone()).or_default().push((
                     port.port,
-                    Arc::new(Balancer::full(
-                        eps,
-                        svc.load_balancer,
-                        svc.traffic.clone(),
-                        local_zone.clone(),
-                    )),
+                    Arc::new(
+                        Balancer::full(
+                            eps,
+                            svc.load_balancer,
+                            svc.traffic.clone(),
+                            local_zone.clone(),
+                        )
+                        .count_ejections(self.ejections.clone()),
+                    ),
                 ));
             }
         }

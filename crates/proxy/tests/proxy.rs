@@ -1743,6 +1743,10 @@ async fn an_ejected_endpoint_gets_no_traffic_then_returns() -> TestResult {
         c.get("catalog", "/").await?;
     }
     assert_eq!(a.requests(), 3, "ejected after three failures in a row");
+    assert_eq!(
+        metric(&proxy, "sinew_outlier_ejections_total").await,
+        Some(1.0)
+    );
     let seen = a.requests();
     for _ in 0..50 {
         assert_eq!(
