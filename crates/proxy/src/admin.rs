@@ -8,7 +8,8 @@ use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,8 +32,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, source: String) {
         let shared = shared.clone();
         let source = source.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(&shared, &source, &req);
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let resp = if req.uri().path() == "/tap" && req.method() == Method::GET {
+                    tap(shared.clone(), &req)
+                } else {
+                    route(&shared, &source, &req).map(BodyExt::boxed)
+                };
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new()
@@ -40,6 +45,59 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, source: String) {
                 .await;
         });
     }
+}
+
+/// The admin API's response body: whole, or streamed (`/tap`).
+type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `GET /tap?filters`: one JSON line per matching request, as they happen, until
+/// the client goes away (or `limit` lines).
+fn tap(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<AdminBody> {
+    let filter = match crate::tap::Filter::parse(req.uri().query()) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")).map(BodyExt::boxed),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
+    tokio::spawn(async move {
+        let mut sub = shared.tap.subscribe();
+        let mut sent = 0u64;
+        // A first line at once: the client knows the tap is live.
+        let hello = Bytes::from_static(b"{\"tap\":\"started\"}\n");
+        if tx.send(Ok(Frame::data(hello))).await.is_err() {
+            return;
+        }
+        loop {
+            let line = tokio::select! {
+                _ = tx.closed() => return,
+                ev = sub.rx.recv() => match ev {
+                    Ok(e) if filter.matches(&e) => {
+                        let mut line = serde_json::to_vec(&*e).unwrap_or_default();
+                        line.push(b'\n');
+                        line
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        format!("{{\"missed\":{n}}}\n").into_bytes()
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                return;
+            }
+            sent += 1;
+            if filter.limit.is_some_and(|l| sent >= l) {
+                return;
+            }
+        }
+    });
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut r = Response::new(BodyExt::boxed(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -153,7 +211,7 @@ fn route(shared: &Shared, source: &str, req: &Request<Incoming>) -> Response<Ful
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics, /config, /ratelimits\n",
+            "not found: try /live, /ready, /metrics, /config, /ratelimits, /tap\n",
         ),
     }
 }

@@ -25,6 +25,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Inbound, &mut req);
     let log = crate::access::begin(&ctx, &req);
+    let tapped = ctx.shared.tap.head(&req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -45,6 +46,14 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     crate::access::end(
         &ctx,
         log,
+        Direction::Inbound,
+        &meta,
+        &resp,
+        started.elapsed(),
+    );
+    ctx.shared.tap.publish(
+        &ctx,
+        tapped,
         Direction::Inbound,
         &meta,
         &resp,

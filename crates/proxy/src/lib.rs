@@ -31,6 +31,7 @@ pub mod reload;
 pub mod resilience;
 pub mod state;
 pub mod stream;
+pub mod tap;
 pub mod trace;
 
 use std::net::SocketAddr;

@@ -34,6 +34,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
     let log = crate::access::begin(&ctx, &req);
+    let tapped = ctx.shared.tap.head(&req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -50,6 +51,14 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     crate::access::end(
         &ctx,
         log,
+        Direction::Outbound,
+        &meta,
+        &resp,
+        started.elapsed(),
+    );
+    ctx.shared.tap.publish(
+        &ctx,
+        tapped,
         Direction::Outbound,
         &meta,
         &resp,

@@ -337,6 +337,8 @@ pub struct Shared {
     pub identity_required: AtomicBool,
     /// The access-log queue (its writer starts with the first line).
     pub access_log: crate::access::AccessLog,
+    /// Live taps (`/tap`).
+    pub tap: crate::tap::Tap,
 }
 
 impl std::fmt::Debug for Shared {
@@ -379,6 +381,7 @@ impl Shared {
             certs,
             identity_required: AtomicBool::new(false),
             access_log: crate::access::AccessLog::default(),
+            tap: crate::tap::Tap::default(),
         }
     }
 

@@ -2402,3 +2402,88 @@ async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> T
     child.kill().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_streams_matching_requests_without_secrets() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), None)
+    ));
+    let proxy = start(&file, "client").await;
+    // A bad filter is refused, naming what was wrong.
+    let bad = admin(&proxy, "/tap?status=5").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("status"), "{}", bad.text());
+
+    let mut tapper = client::h1(proxy.admin_addr()).await?;
+    let req = Request::get("/tap?path=%2Fa&limit=2")
+        .header("host", "admin")
+        .body(empty())?;
+    let mut body = tapper.send(req).await?.into_body();
+    let mut buf = Vec::new();
+    let mut lines = Vec::new();
+    // Reads until `n` lines have arrived (or the stream ends).
+    async fn read_lines(
+        body: &mut hyper::body::Incoming,
+        buf: &mut Vec<u8>,
+        lines: &mut Vec<serde_json::Value>,
+        n: usize,
+    ) -> TestResult {
+        while lines.len() < n {
+            let frame = tokio::time::timeout(TIMEOUT, body.frame())
+                .await
+                .map_err(|_| "no tap line")?;
+            let Some(frame) = frame else { break };
+            if let Ok(data) = frame?.into_data() {
+                buf.extend_from_slice(&data);
+            }
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                lines.push(serde_json::from_slice(&line)?);
+            }
+        }
+        Ok(())
+    }
+    read_lines(&mut body, &mut buf, &mut lines, 1).await?;
+    assert_eq!(lines[0]["tap"], "started", "the tap is live");
+    let mut c = client::h1(bind).await?;
+    for (path, auth) in [
+        ("/b", None),
+        ("/a/1?q=secret", Some("Bearer s3cret")),
+        ("/a/2", None),
+    ] {
+        let mut req = Request::get(path).header("host", "catalog");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = client::collect(c.send(req.body(empty())?).await?).await?;
+        assert_eq!(r.status, 200);
+    }
+    read_lines(&mut body, &mut buf, &mut lines, 3).await?;
+    let paths: Vec<&str> = lines[1..]
+        .iter()
+        .filter_map(|l| l["path"].as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        vec!["/a/1", "/a/2"],
+        "only matching requests, no query strings"
+    );
+    assert_eq!(lines[1]["headers"]["authorization"], "<redacted>");
+    assert_eq!(lines[1]["status"], 200);
+    assert_eq!(lines[1]["service"], "catalog.shop");
+    assert_eq!(lines[1]["upstream"], app.addr().to_string());
+    // The limit ends the stream, and the tap stops costing anything.
+    let end = tokio::time::timeout(TIMEOUT, body.frame()).await?;
+    assert!(end.is_none(), "the stream ends after `limit` events");
+    wait::until("tap released", TIMEOUT, || async {
+        !proxy.shared().tap.active()
+    })
+    .await?;
+    proxy.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Tap: a live stream of request metadata, for `GET /tap` on the admin listener.
+//!
+//! Nothing is built unless someone is tapping: the request path reads one atomic
+//! counter. Taps get the request head (method, authority, path, headers) and the
+//! answer (status, timing, where it went), never bodies, and header values that may
+//! be credentials are replaced with `<redacted>`. A slow tap misses events (a bounded
+//! broadcast queue) rather than slowing requests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::broadcast;
+
+/// Headers whose values are never shown.
+const SECRET_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+];
+
+/// Events queued per tap before a slow one starts missing them.
+const QUEUE: usize = 1024;
+
+/// One request, as tapped.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TapEvent {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// HTTP method.
+    pub method: String,
+    /// Authority (Host).
+    pub authority: String,
+    /// Path, without the query string.
+    pub path: String,
+    /// Request headers, secrets redacted.
+    pub headers: BTreeMap<String, String>,
+    /// Response status.
+    pub status: u16,
+    /// Time to the response head, in milliseconds.
+    pub duration_ms: f64,
+    /// The service (`name.namespace`).
+    pub service: Option<String>,
+    /// The route (`namespace/name`).
+    pub route: Option<String>,
+    /// The endpoint it went to (outbound).
+    pub upstream: Option<String>,
+    /// The caller's address.
+    pub client: String,
+    /// The caller's verified SPIFFE id (inbound, mTLS).
+    pub peer_identity: Option<String>,
+    /// Why the proxy answered itself, if it did.
+    pub error: Option<String>,
+}
+
+/// The request head, kept while someone taps.
+#[derive(Debug)]
+pub struct TapHead {
+    method: String,
+    authority: String,
+    path: String,
+    headers: BTreeMap<String, String>,
+}
+
+/// The tap hub: subscribers and their queue.
+#[derive(Debug)]
+pub struct Tap {
+    taps: AtomicUsize,
+    tx: broadcast::Sender<Arc<TapEvent>>,
+}
+
+impl Default for Tap {
+    fn default() -> Self {
+        Tap {
+            taps: AtomicUsize::new(0),
+            tx: broadcast::channel(QUEUE).0,
+        }
+    }
+}
+
+/// A tap in progress; stops counting when dropped.
+#[derive(Debug)]
+pub struct Subscription<'a> {
+    tap: &'a Tap,
+    /// The events.
+    pub rx: broadcast::Receiver<Arc<TapEvent>>,
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        self.tap.taps.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Tap {
+    /// True while someone taps (the only cost on the request path otherwise).
+    pub fn active(&self) -> bool {
+        self.taps.load(Ordering::Relaxed) > 0
+    }
+
+    /// Starts tapping.
+    pub fn subscribe(&self) -> Subscription<'_> {
+        self.taps.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            tap: self,
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Keeps what an event needs from the request head, if someone taps.
+    pub fn head(&self, req: &http::Request<hyper::body::Incoming>) -> Option<TapHead> {
+        if !self.active() {
+            return None;
+        }
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                let value = if SECRET_HEADERS.contains(&k.as_str()) {
+                    "<redacted>".to_owned()
+                } else {
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                };
+                (k.as_str().to_owned(), value)
+            })
+            .collect();
+        Some(TapHead {
+            method: req.method().to_string(),
+            authority: crate::http_util::authority(req)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            path: req.uri().path().to_owned(),
+            headers,
+        })
+    }
+
+    /// Publishes a finished request to the taps.
+    pub fn publish<B>(
+        &self,
+        ctx: &crate::listeners::ConnCtx,
+        head: Option<TapHead>,
+        dir: crate::metrics::Direction,
+        meta: &crate::metrics::RequestMeta,
+        resp: &http::Response<B>,
+        elapsed: std::time::Duration,
+    ) {
+        let Some(h) = head else { return };
+        let event = TapEvent {
+            direction: dir.as_str(),
+            method: h.method,
+            authority: h.authority,
+            path: h.path,
+            headers: h.headers,
+            status: resp.status().as_u16(),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            service: meta.service.clone(),
+            route: meta.route.clone(),
+            upstream: meta.upstream.map(|a| a.to_string()),
+            client: ctx.peer.to_string(),
+            peer_identity: ctx.peer_identity.as_deref().map(str::to_owned),
+            error: resp
+                .headers()
+                .get("sinew-error")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
+        // No receiver left (the last tap just ended): nothing to do.
+        let _ = self.tx.send(Arc::new(event));
+    }
+}
+
+/// What a tap wants to see: every given field must match.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Filter {
+    /// `inbound` or `outbound`.
+    pub direction: Option<String>,
+    /// Service, `name.namespace` or `name`.
+    pub service: Option<String>,
+    /// Path prefix.
+    pub path: Option<String>,
+    /// Method.
+    pub method: Option<String>,
+    /// Exact status, or a class such as `5xx`.
+    pub status: Option<String>,
+    /// Stop after this many events.
+    pub limit: Option<u64>,
+}
+
+impl Filter {
+    /// Parses `?direction=&service=&path=&method=&status=&limit=`; unknown keys and
+    /// bad values are refused with what was wrong.
+    pub fn parse(query: Option<&str>) -> Result<Filter, String> {
+        let mut f = Filter::default();
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v).ok_or_else(|| format!("{k}: invalid percent-encoding"))?;
+            match k {
+                "direction" if v == "inbound" || v == "outbound" => f.direction = Some(v),
+                "direction" => return Err(format!("direction: {v:?} is not inbound or outbound")),
+                "service" => f.service = Some(v),
+                "path" => f.path = Some(v),
+                "method" => f.method = Some(v.to_ascii_uppercase()),
+                "status" => {
+                    let ok = v.len() == 3
+                        && (v.bytes().all(|b| b.is_ascii_digit())
+                            || (v.as_bytes()[0].is_ascii_digit() && &v[1..] == "xx"));
+                    if !ok {
+                        return Err(format!(
+                            "status: {v:?} is not a status (503) or a class (5xx)"
+                        ));
+                    }
+                    f.status = Some(v);
+                }
+                "limit" => {
+                    f.limit = Some(
+                        v.parse()
+                            .map_err(|_| format!("limit: {v:?} is not a number"))?,
+                    )
+                }
+                other => {
+                    return Err(format!(
+                        "unknown filter {other:?} (direction, service, path, method, status, limit)"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// True when `e` passes.
+    pub fn matches(&self, e: &TapEvent) -> bool {
+        let service_ok = self.service.as_deref().is_none_or(|s| {
+            e.service
+                .as_deref()
+                .is_some_and(|es| es == s || es.split('.').next() == Some(s))
+        });
+        let status_ok = self.status.as_deref().is_none_or(|s| {
+            let code = e.status.to_string();
+            if let Some(class) = s.strip_suffix("xx") {
+                code.starts_with(class)
+            } else {
+                code == s
+            }
+        });
+        self.direction.as_deref().is_none_or(|d| d == e.direction)
+            && service_ok
+            && status_ok
+            && self.path.as_deref().is_none_or(|p| e.path.starts_with(p))
+            && self.method.as_deref().is_none_or(|m| m == e.method)
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(path: &str, status: u16) -> TapEvent {
+        TapEvent {
+            direction: "outbound",
+            method: "GET".into(),
+            authority: "catalog".into(),
+            path: path.into(),
+            headers: BTreeMap::new(),
+            status,
+            duration_ms: 1.0,
+            service: Some("catalog.shop".into()),
+            route: None,
+            upstream: None,
+            client: "127.0.0.1:1".into(),
+            peer_identity: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn filters_parse_and_match() {
+        let f = Filter::parse(Some(
+            "service=catalog&path=%2Fapi&status=5xx&method=get&limit=3",
+        ))
+        .unwrap_or_default();
+        assert_eq!(f.limit, Some(3));
+        assert!(f.matches(&event("/api/x", 503)));
+        assert!(!f.matches(&event("/api/x", 200)));
+        assert!(!f.matches(&event("/other", 503)));
+        assert!(Filter::parse(Some("status=5")).is_err());
+        assert!(Filter::parse(Some("colour=red")).is_err());
+        assert!(Filter::parse(Some("direction=sideways")).is_err());
+        assert!(Filter::parse(Some("path=%zz")).is_err());
+    }
+
+    #[test]
+    fn nothing_is_kept_while_nobody_taps() {
+        let tap = Tap::default();
+        assert!(!tap.active());
+        let sub = tap.subscribe();
+        assert!(tap.active());
+        drop(sub);
+        assert!(!tap.active());
+    }
+}
