@@ -119,7 +119,7 @@ impl Admin for AdminService {
             .map(|(k, e)| api::StoredResource {
                 resource: Some(api::Resource {
                     key: Some(key_msg(k)),
-                    json: e.json.clone(),
+                    json: e.json.to_string(),
                 }),
                 source: e.source.clone(),
                 revision: e.revision,

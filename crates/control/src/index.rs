@@ -31,8 +31,9 @@ pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 pub struct DocEntry {
     /// The typed document.
     pub resource: Resource,
-    /// Its JSON form.
-    pub json: String,
+    /// Its JSON form, shared by every proxy view that holds it (views are per
+    /// proxy; copying it into each would cost memory and time per proxy).
+    pub json: Arc<str>,
     /// Content hash of `json`.
     pub hash: u64,
     /// `api`, `dir` or `registry`.
@@ -43,7 +44,7 @@ pub struct DocEntry {
 
 impl DocEntry {
     pub(crate) fn new(resource: Resource, source: &str, revision: u64) -> DocEntry {
-        let json = resource.to_json();
+        let json: Arc<str> = resource.to_json().into();
         DocEntry {
             hash: fnv64(FNV_OFFSET, json.as_bytes()),
             resource,
@@ -478,7 +479,7 @@ impl Index {
             if action != "unchanged" {
                 upserts.push(StoredDoc {
                     key: key.clone(),
-                    json: entry.json.clone(),
+                    json: entry.json.to_string(),
                     source: source.to_owned(),
                     revision: 0,
                 });

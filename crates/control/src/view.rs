@@ -259,7 +259,7 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
             }
         } || own_workload.as_ref() == Some(k);
         if include {
-            resources.insert(k.clone(), (Arc::<str>::from(e.json.as_str()), e.hash));
+            resources.insert(k.clone(), (e.json.clone(), e.hash));
         }
     }
     let mut h = FNV_OFFSET;
@@ -292,7 +292,7 @@ mod tests {
                 d.resource.key(),
                 Arc::new(DocEntry {
                     hash: fnv64(FNV_OFFSET, json.as_bytes()),
-                    json,
+                    json: json.into(),
                     resource: d.resource,
                     source: "api".into(),
                     revision: 1,
