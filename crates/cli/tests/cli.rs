@@ -1333,6 +1333,7 @@ async fn permissive_mode_accepts_plaintext_and_certificates_outlive_the_control_
 /// each was sent and its status.
 struct Paced {
     stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU32>,
     task: tokio::task::JoinHandle<Vec<(std::time::Instant, u16)>>,
 }
 
@@ -1341,6 +1342,8 @@ impl Paced {
         let stop = Arc::new(AtomicBool::new(false));
         let mut c = client::h1(inbound).await.unwrap();
         let s = stop.clone();
+        let sent = Arc::new(AtomicU32::new(0));
+        let n = sent.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1355,10 +1358,22 @@ impl Paced {
                     assert_eq!(r.status, 200, "{:?}", r.header("sinew-error"));
                 }
                 seen.push((t, r.status.as_u16()));
+                n.fetch_add(1, Ordering::Relaxed);
             }
             seen
         });
-        Paced { stop, task }
+        Paced { stop, sent, task }
+    }
+
+    /// A measurement window: waits until `n` more requests have been sent (their
+    /// count, not a clock, ends it; the bounds use the measured duration).
+    async fn window(&self, n: u32) {
+        let target = self.sent.load(Ordering::Relaxed) + n;
+        wait::until("the measurement window", TIMEOUT, || async {
+            self.sent.load(Ordering::Relaxed) >= target
+        })
+        .await
+        .unwrap();
     }
 
     async fn finish(self) -> Vec<(std::time::Instant, u16)> {
@@ -1440,7 +1455,7 @@ async fn a_mesh_wide_rate_limit_holds_across_three_proxies_and_fails_safe_to_a_t
     .await
     .unwrap();
     let t0 = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(4)).await; // the measurement window
+    a.window(800).await; // about 4 s at 200 rps
     let t1 = std::time::Instant::now();
 
     // The control plane goes away: every proxy falls back to a third of the limit.
@@ -1452,7 +1467,7 @@ async fn a_mesh_wide_rate_limit_holds_across_three_proxies_and_fails_safe_to_a_t
     .await
     .unwrap();
     let t2 = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await; // the measurement window
+    a.window(600).await; // about 3 s at 200 rps
     let t3 = std::time::Instant::now();
     let (seen_a, seen_b) = (a.finish().await, b.finish().await);
 

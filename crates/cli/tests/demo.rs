@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -48,30 +48,28 @@ fn collect(stream: impl Read + Send + 'static) -> (Arc<Mutex<Vec<String>>>, Join
 }
 
 /// Waits for the child until the deadline; then asks it to stop (SIGTERM, so it
-/// cleans up its own children), and finally kills it.
-fn wait_with_deadline(child: &mut Child) -> Result<ExitStatus, String> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+/// cleans up its own children), and finally kills it. A thread waits on the child,
+/// so its exit ends the wait at once.
+fn wait_with_deadline(child: Child) -> Result<ExitStatus, String> {
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut child = child;
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let exited = |timeout| match rx.recv_timeout(timeout) {
+        Ok(Ok(status)) => Some(Ok(status)),
+        Ok(Err(e)) => Some(Err(format!("waiting for sinew demo: {e}"))),
+        Err(_) => None,
+    };
+    if let Some(r) = exited(DEADLINE) {
+        return r;
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let grace = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < grace {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    if exited(Duration::from_secs(20)).is_none() {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = exited(Duration::from_secs(5));
     }
-    let _ = child.kill();
-    let _ = child.wait();
     Err(format!(
         "sinew demo did not finish within {}s",
         DEADLINE.as_secs()
@@ -109,7 +107,7 @@ fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
         .unwrap();
     let (stdout, out_thread) = collect(child.stdout.take().unwrap());
     let (stderr, err_thread) = collect(child.stderr.take().unwrap());
-    let status = wait_with_deadline(&mut child);
+    let status = wait_with_deadline(child);
     out_thread.join().unwrap();
     err_thread.join().unwrap();
     let stdout = stdout.lock().unwrap().clone();

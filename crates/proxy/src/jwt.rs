@@ -288,6 +288,8 @@ fn file_sig(m: &std::fs::Metadata) -> FileSig {
 struct Inner {
     rules: Vec<RuleState>,
     refreshing: AtomicBool,
+    /// Key files and JWKS answers refused (the last good keys stayed in force).
+    refusals: std::sync::atomic::AtomicU64,
 }
 
 /// Verifies the JWTs of one inbound. Cheap to clone; clones share key sets.
@@ -342,6 +344,7 @@ impl JwtVerifier {
             inner: Arc::new(Inner {
                 rules,
                 refreshing: AtomicBool::new(false),
+                refusals: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -390,26 +393,35 @@ impl JwtVerifier {
     /// `uri` key sets are fetched now and every `refresh` interval (sooner after a
     /// failure; a failed refresh keeps the last good set). Calling it again does
     /// nothing. The tasks end once every clone of the verifier is dropped.
-    pub fn spawn_refresh(&self, rt: &tokio::runtime::Handle) {
+    /// Returns the tasks it started (none if they already run); each ends soon
+    /// after the last clone of the verifier is dropped.
+    pub fn spawn_refresh(&self, rt: &tokio::runtime::Handle) -> Vec<tokio::task::JoinHandle<()>> {
         if self.inner.refreshing.swap(true, Ordering::AcqRel) {
-            return;
+            return Vec::new();
         }
+        let mut tasks = Vec::new();
         for (i, r) in self.inner.rules.iter().enumerate() {
             let weak = Arc::downgrade(&self.inner);
             match &r.config.jwks {
                 JwksSource::Inline { .. } => {}
                 JwksSource::File { path } => {
-                    rt.spawn(watch_file(weak, i, path.clone(), r.file_sig));
+                    tasks.push(rt.spawn(watch_file(weak, i, path.clone(), r.file_sig)));
                 }
                 JwksSource::Uri {
                     uri,
                     ca_file,
                     refresh,
                 } => {
-                    rt.spawn(poll_uri(weak, i, uri.clone(), ca_file.clone(), *refresh));
+                    tasks.push(rt.spawn(poll_uri(weak, i, uri.clone(), ca_file.clone(), *refresh)));
                 }
             }
         }
+        tasks
+    }
+
+    /// Key files and JWKS answers refused so far (the last good keys stayed).
+    pub fn refusals(&self) -> u64 {
+        self.inner.refusals.load(Ordering::Relaxed)
     }
 
     /// Finds and verifies the request's token. `Ok(None)`: no token (authentication
@@ -792,6 +804,13 @@ fn b64url_decode(s: &str) -> Option<Vec<u8>> {
 // ---------------------------------------------------------------------------------
 // Background refresh
 
+/// Counts a refused key file or JWKS answer.
+fn refused(weak: &Weak<Inner>) {
+    if let Some(inner) = weak.upgrade() {
+        inner.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn store(weak: &Weak<Inner>, i: usize, keys: KeySet) -> bool {
     match weak.upgrade() {
         Some(inner) => {
@@ -844,6 +863,7 @@ async fn watch_file(weak: Weak<Inner>, i: usize, path: String, mut last: Option<
                 }
             }
             Err(e) => {
+                refused(&weak);
                 // Once per change; once in all while nothing was ever loaded.
                 if loaded || !reported {
                     tracing::warn!(%path, error = %e, "JWKS file refused; keeping the last good keys");
@@ -881,6 +901,7 @@ async fn poll_uri(
                 refresh
             }
             Err(e) => {
+                refused(&weak);
                 tracing::warn!(uri = %redact(&uri), error = %e, retry_in = ?retry, "JWKS fetch failed; keeping the last good keys");
                 let w = retry.min(refresh);
                 retry = (retry * 2).min(MAX_RETRY);
@@ -1512,14 +1533,13 @@ mod tests {
         std::env::temp_dir().join(format!("sinew-jwt-{}-{nanos}-{name}", std::process::id()))
     }
 
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..200 {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting for {what}");
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        sinew_testkit::wait::until(what, Duration::from_secs(10), || {
+            let ok = f();
+            async move { ok }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1545,8 +1565,9 @@ mod tests {
         eventually("the rotated key", || v.verify(&t2, now()).is_ok()).await;
         assert_eq!(v.verify(&t1, now()).unwrap_err().reason, "jwt-unknown-kid");
         // A broken file keeps the last good keys.
+        let refused = v.refusals();
         std::fs::write(&path, "{not json").unwrap();
-        tokio::time::sleep(FILE_POLL * 2).await;
+        eventually("the broken file read", || v.refusals() > refused).await;
         assert!(v.verify(&t2, now()).is_ok());
         let _ = std::fs::remove_file(&path);
     }
@@ -1620,7 +1641,8 @@ mod tests {
         assert_eq!(v.verify(&t1, now()).unwrap_err().reason, "jwks-unavailable");
         assert!(v.refresh_now().await.is_empty());
         assert!(v.verify(&t1, now()).is_ok());
-        v.spawn_refresh(&tokio::runtime::Handle::current());
+        let tasks = v.spawn_refresh(&tokio::runtime::Handle::current());
+        assert_eq!(tasks.len(), 1);
         // A broken answer keeps the last good set.
         *body.lock().unwrap() = "oops".into();
         let seen = hits.load(Ordering::SeqCst);
@@ -1630,15 +1652,14 @@ mod tests {
         *body.lock().unwrap() = jwks(&[jwk("k2", K2_X, K2_Y)]);
         eventually("the rotated key", || v.verify(&t2, now()).is_ok()).await;
         assert_eq!(v.verify(&t1, now()).unwrap_err().reason, "jwt-unknown-kid");
-        // Dropping the verifier stops the task.
+        // Dropping the verifier stops the task (within one refresh period).
         drop(v);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let after = hits.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(
-            hits.load(Ordering::SeqCst) <= after + 1,
-            "the refresh task stopped"
-        );
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("the refresh task stopped")
+                .unwrap();
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

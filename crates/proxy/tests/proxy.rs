@@ -2277,7 +2277,10 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
         tokio::spawn(async move {
             let mut c = client::h1(bind).await.expect("connect");
             let mut i = 0u64;
+            // Paced at ~200 rps: steady load, not a wait.
+            let mut pace = tokio::time::interval(Duration::from_millis(5));
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                pace.tick().await;
                 let path = if i.is_multiple_of(3) {
                     "/status/503"
                 } else {
@@ -2285,7 +2288,6 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
                 };
                 c.get("catalog", path).await.expect("request");
                 i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await; // pacing, not waiting
             }
         })
     };
