@@ -74,9 +74,7 @@ fn global_limit(state: &MeshState, name: &str) -> Option<(ResourceKey, f64, u32)
         .rate_limits
         .iter()
         .find(|r| r.global && r.name == limit)?;
-    let burst = r
-        .burst
-        .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32);
+    let burst = r.burst_or_default();
     let service = ResourceKey {
         kind: "Service".into(),
         namespace: ns.to_owned(),

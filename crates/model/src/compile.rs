@@ -88,6 +88,15 @@ pub struct LocalIdentity {
     pub zone: Option<String>,
 }
 
+impl LocalIdentity {
+    /// The workload's service as `name.namespace` (the key of `ProxyConfig.services`).
+    pub fn service_key(&self) -> Option<String> {
+        self.service
+            .as_ref()
+            .map(|s| format!("{s}.{}", self.namespace))
+    }
+}
+
 /// A workload's zone: label `topology.kubernetes.io/zone`, else `zone`.
 pub fn zone_of(m: &Metadata) -> Option<String> {
     m.labels
@@ -1138,9 +1147,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
                     None => RateKey::Identity,
                 }),
                 requests_per_second: r.requests_per_second,
-                burst: r
-                    .burst
-                    .unwrap_or_else(|| r.requests_per_second.ceil().max(1.0) as u32),
+                burst: r.burst_or_default(),
                 global: r.global,
             })
             .collect(),

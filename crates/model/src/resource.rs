@@ -862,6 +862,14 @@ pub struct RateLimitSpec {
     pub global: bool,
 }
 
+impl RateLimitSpec {
+    /// The bucket size: `burst`, else one second's worth of the rate.
+    pub fn burst_or_default(&self) -> u32 {
+        self.burst
+            .unwrap_or_else(|| self.requests_per_second.ceil().max(1.0) as u32)
+    }
+}
+
 /// What a rate limit counts by: give exactly one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -1,4 +1,5 @@
 //! Access logs: one line per request on standard output (`Proxy.spec.accessLog`).
+//! The same record feeds live taps ([`crate::tap`]).
 //!
 //! The request path only fills a [`Record`] and hands it to a bounded queue
 //! (`try_send`: never waits); a thread of its own formats and writes the lines, and
@@ -6,6 +7,7 @@
 //! dropped and counted (`sinew_access_log_dropped_total`) rather than slowing
 //! requests. Lines never carry bodies, query strings or credential headers.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -156,11 +158,14 @@ pub fn format_line(format: AccessLogFormat, r: &Record) -> String {
     }
 }
 
-/// What a log line needs from the request head, taken before the request is
-/// forwarded; only when access logs are on.
+/// What a finished request's observers (the access log, taps) need from its head.
+/// Taken once, before the request is forwarded, and only while one of them is on.
 #[derive(Debug)]
-pub struct Pending {
-    format: AccessLogFormat,
+pub struct Observed {
+    /// The access-log format, when this proxy logs requests.
+    format: Option<AccessLogFormat>,
+    /// The request headers, redacted, when someone taps.
+    headers: Option<BTreeMap<String, String>>,
     start: SystemTime,
     method: String,
     authority: String,
@@ -178,14 +183,28 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Starts a request's line, if this proxy logs requests.
-pub fn begin(
+/// Starts observing a request, if this proxy logs requests or someone taps.
+pub fn observe(
     ctx: &crate::listeners::ConnCtx,
     req: &http::Request<hyper::body::Incoming>,
-) -> Option<Pending> {
-    let format = ctx.shared.snapshot.load().as_ref()?.config.access_log?;
-    Some(Pending {
+) -> Option<Observed> {
+    let format = ctx
+        .shared
+        .snapshot
+        .load()
+        .as_ref()
+        .and_then(|s| s.config.access_log);
+    let headers = ctx
+        .shared
+        .tap
+        .active()
+        .then(|| crate::tap::redacted(req.headers()));
+    if format.is_none() && headers.is_none() {
+        return None;
+    }
+    Some(Observed {
         format,
+        headers,
         start: SystemTime::now(),
         method: req.method().to_string(),
         authority: crate::http_util::authority(req)
@@ -202,40 +221,55 @@ pub fn begin(
     })
 }
 
-/// Finishes and queues a request's line.
-pub fn end<B>(
+/// Finishes an observed request: one record, to the access log and to the taps.
+pub fn finish<B>(
     ctx: &crate::listeners::ConnCtx,
-    pending: Option<Pending>,
+    observed: Option<Observed>,
     dir: crate::metrics::Direction,
     meta: &crate::metrics::RequestMeta,
     resp: &http::Response<B>,
     elapsed: std::time::Duration,
 ) {
-    let Some(p) = pending else { return };
+    let Some(o) = observed else { return };
     let h = resp.headers();
     let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let record = Record {
-        start: rfc3339(p.start),
+        start: rfc3339(o.start),
         direction: dir.as_str(),
-        method: p.method,
-        authority: p.authority,
-        path: p.path,
-        protocol: p.protocol,
+        method: o.method,
+        authority: o.authority,
+        path: o.path,
+        protocol: o.protocol,
         status: resp.status().as_u16(),
         grpc_status: header("grpc-status"),
         duration_ms: elapsed.as_secs_f64() * 1000.0,
-        request_bytes: p.request_bytes,
+        request_bytes: o.request_bytes,
         response_bytes: content_length(h),
         service: meta.service.clone(),
         route: meta.route.clone(),
         upstream: meta.upstream.map(|a| a.to_string()),
         client: ctx.peer.to_string(),
         peer_identity: ctx.peer_identity.as_deref().map(str::to_owned),
-        trace_id: p.trace_id,
+        trace_id: o.trace_id,
         error: header("sinew-error"),
     };
-    if !ctx.shared.access_log.send(p.format, record) {
-        ctx.shared.metrics.access_log_dropped.inc();
+    let log = |record| {
+        if let Some(format) = o.format
+            && !ctx.shared.access_log.send(format, record)
+        {
+            ctx.shared.metrics.access_log_dropped.inc();
+        }
+    };
+    match o.headers {
+        Some(headers) => {
+            if o.format.is_some() {
+                log(record.clone());
+            }
+            ctx.shared
+                .tap
+                .publish(crate::tap::TapEvent { record, headers });
+        }
+        None => log(record),
     }
 }
 

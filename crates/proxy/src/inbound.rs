@@ -24,8 +24,7 @@ use crate::stream::spawn_splice;
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Inbound, &mut req);
-    let log = crate::access::begin(&ctx, &req);
-    let tapped = ctx.shared.tap.head(&req);
+    let observed = crate::access::observe(&ctx, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -43,17 +42,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
         &resp,
         started.elapsed(),
     );
-    crate::access::end(
+    crate::access::finish(
         &ctx,
-        log,
-        Direction::Inbound,
-        &meta,
-        &resp,
-        started.elapsed(),
-    );
-    ctx.shared.tap.publish(
-        &ctx,
-        tapped,
+        observed,
         Direction::Inbound,
         &meta,
         &resp,
@@ -158,11 +149,7 @@ async fn forward(
         .inbound
         .as_ref()
         .ok_or(ProxyError::ShuttingDown)?;
-    meta.service = snap
-        .config
-        .identity
-        .as_ref()
-        .and_then(|i| i.service.as_ref().map(|s| format!("{s}.{}", i.namespace)));
+    meta.service = snap.config.identity.as_ref().and_then(|i| i.service_key());
 
     if req.method() == Method::CONNECT {
         let port = req

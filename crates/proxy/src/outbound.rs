@@ -33,8 +33,7 @@ use crate::stream::{UpstreamIo, spawn_splice};
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
-    let log = crate::access::begin(&ctx, &req);
-    let tapped = ctx.shared.tap.head(&req);
+    let observed = crate::access::observe(&ctx, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -48,17 +47,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     ctx.shared
         .metrics
         .http(Direction::Outbound, &meta, None, &resp, started.elapsed());
-    crate::access::end(
+    crate::access::finish(
         &ctx,
-        log,
-        Direction::Outbound,
-        &meta,
-        &resp,
-        started.elapsed(),
-    );
-    ctx.shared.tap.publish(
-        &ctx,
-        tapped,
+        observed,
         Direction::Outbound,
         &meta,
         &resp,
@@ -121,7 +112,7 @@ async fn forward(
         .ok_or(ProxyError::ShuttingDown)?;
     let (svc, port) = target(ctx, &snap, &req)?;
     crate::trace::note_service(req.extensions(), svc);
-    meta.service = Some(format!("{}.{}", svc.name, svc.namespace));
+    meta.service = Some(svc.key());
 
     if req.method() == Method::CONNECT {
         // Rare branches are boxed so the common request future stays small.

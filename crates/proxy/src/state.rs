@@ -257,7 +257,7 @@ impl SnapshotBuilder {
         let own = config
             .identity
             .as_ref()
-            .and_then(|i| i.service.as_ref().map(|s| format!("{s}.{}", i.namespace)))
+            .and_then(|i| i.service_key())
             .and_then(|k| config.services.get(&k).cloned());
         let rate_limits: Vec<_> = own
             .map(|svc| svc.traffic.rate_limits.clone())

@@ -24,45 +24,29 @@ const SECRET_HEADERS: [&str; 5] = [
 /// Events queued per tap before a slow one starts missing them.
 const QUEUE: usize = 1024;
 
-/// One request, as tapped.
+/// One request, as tapped: its access-log record and its request headers.
 #[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct TapEvent {
-    /// `inbound` or `outbound`.
-    pub direction: &'static str,
-    /// HTTP method.
-    pub method: String,
-    /// Authority (Host).
-    pub authority: String,
-    /// Path, without the query string.
-    pub path: String,
+    /// What the access log would say.
+    #[serde(flatten)]
+    pub record: crate::access::Record,
     /// Request headers, secrets redacted.
     pub headers: BTreeMap<String, String>,
-    /// Response status.
-    pub status: u16,
-    /// Time to the response head, in milliseconds.
-    pub duration_ms: f64,
-    /// The service (`name.namespace`).
-    pub service: Option<String>,
-    /// The route (`namespace/name`).
-    pub route: Option<String>,
-    /// The endpoint it went to (outbound).
-    pub upstream: Option<String>,
-    /// The caller's address.
-    pub client: String,
-    /// The caller's verified SPIFFE id (inbound, mTLS).
-    pub peer_identity: Option<String>,
-    /// Why the proxy answered itself, if it did.
-    pub error: Option<String>,
 }
 
-/// The request head, kept while someone taps.
-#[derive(Debug)]
-pub struct TapHead {
-    method: String,
-    authority: String,
-    path: String,
-    headers: BTreeMap<String, String>,
+/// Request headers for a tap: values that may be credentials become `<redacted>`.
+pub fn redacted(headers: &http::HeaderMap) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            let value = if SECRET_HEADERS.contains(&k.as_str()) {
+                "<redacted>".to_owned()
+            } else {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            };
+            (k.as_str().to_owned(), value)
+        })
+        .collect()
 }
 
 /// The tap hub: subscribers and their queue.
@@ -110,63 +94,8 @@ impl Tap {
         }
     }
 
-    /// Keeps what an event needs from the request head, if someone taps.
-    pub fn head(&self, req: &http::Request<hyper::body::Incoming>) -> Option<TapHead> {
-        if !self.active() {
-            return None;
-        }
-        let headers = req
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                let value = if SECRET_HEADERS.contains(&k.as_str()) {
-                    "<redacted>".to_owned()
-                } else {
-                    String::from_utf8_lossy(v.as_bytes()).into_owned()
-                };
-                (k.as_str().to_owned(), value)
-            })
-            .collect();
-        Some(TapHead {
-            method: req.method().to_string(),
-            authority: crate::http_util::authority(req)
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            path: req.uri().path().to_owned(),
-            headers,
-        })
-    }
-
     /// Publishes a finished request to the taps.
-    pub fn publish<B>(
-        &self,
-        ctx: &crate::listeners::ConnCtx,
-        head: Option<TapHead>,
-        dir: crate::metrics::Direction,
-        meta: &crate::metrics::RequestMeta,
-        resp: &http::Response<B>,
-        elapsed: std::time::Duration,
-    ) {
-        let Some(h) = head else { return };
-        let event = TapEvent {
-            direction: dir.as_str(),
-            method: h.method,
-            authority: h.authority,
-            path: h.path,
-            headers: h.headers,
-            status: resp.status().as_u16(),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            service: meta.service.clone(),
-            route: meta.route.clone(),
-            upstream: meta.upstream.map(|a| a.to_string()),
-            client: ctx.peer.to_string(),
-            peer_identity: ctx.peer_identity.as_deref().map(str::to_owned),
-            error: resp
-                .headers()
-                .get("sinew-error")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-        };
+    pub fn publish(&self, event: TapEvent) {
         // No receiver left (the last tap just ended): nothing to do.
         let _ = self.tx.send(Arc::new(event));
     }
@@ -236,6 +165,7 @@ impl Filter {
 
     /// True when `e` passes.
     pub fn matches(&self, e: &TapEvent) -> bool {
+        let e = &e.record;
         let service_ok = self.service.as_deref().is_none_or(|s| {
             e.service
                 .as_deref()
@@ -287,19 +217,27 @@ mod tests {
 
     fn event(path: &str, status: u16) -> TapEvent {
         TapEvent {
-            direction: "outbound",
-            method: "GET".into(),
-            authority: "catalog".into(),
-            path: path.into(),
+            record: crate::access::Record {
+                start: String::new(),
+                direction: "outbound",
+                method: "GET".into(),
+                authority: "catalog".into(),
+                path: path.into(),
+                protocol: "HTTP/1.1",
+                status,
+                grpc_status: None,
+                duration_ms: 1.0,
+                request_bytes: None,
+                response_bytes: None,
+                service: Some("catalog.shop".into()),
+                route: None,
+                upstream: None,
+                client: "127.0.0.1:1".into(),
+                peer_identity: None,
+                trace_id: None,
+                error: None,
+            },
             headers: BTreeMap::new(),
-            status,
-            duration_ms: 1.0,
-            service: Some("catalog.shop".into()),
-            route: None,
-            upstream: None,
-            client: "127.0.0.1:1".into(),
-            peer_identity: None,
-            error: None,
         }
     }
 

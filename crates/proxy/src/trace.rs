@@ -694,13 +694,6 @@ fn lock(span: &Mutex<Span>) -> std::sync::MutexGuard<'_, Span> {
     span.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn direction_str(dir: Direction) -> &'static str {
-    match dir {
-        Direction::Inbound => "inbound",
-        Direction::Outbound => "outbound",
-    }
-}
-
 /// Starts the hop's span for `req`, a child of the caller's context, and rewrites
 /// the request's context headers to the span's. `None` when tracing is off.
 pub fn start<B>(ctx: &ConnCtx, dir: Direction, req: &mut Request<B>) -> Option<Hop> {
@@ -711,7 +704,7 @@ pub fn start<B>(ctx: &ConnCtx, dir: Direction, req: &mut Request<B>) -> Option<H
     let parent =
         Some(incoming.cx.span().span_context().span_id()).filter(|s| *s != SpanId::INVALID);
     let mut attributes = vec![
-        KeyValue::new("sinew.direction", direction_str(dir)),
+        KeyValue::new("sinew.direction", dir.as_str()),
         KeyValue::new("http.request.method", req.method().as_str().to_owned()),
         KeyValue::new("url.path", req.uri().path().to_owned()),
     ];
@@ -721,11 +714,7 @@ pub fn start<B>(ctx: &ConnCtx, dir: Direction, req: &mut Request<B>) -> Option<H
             if let Some(id) = &ctx.peer_identity {
                 attributes.push(KeyValue::new("sinew.peer.identity", id.to_string()));
             }
-            let own = snap
-                .config
-                .identity
-                .as_ref()
-                .and_then(|i| i.service.as_ref().map(|s| format!("{s}.{}", i.namespace)));
+            let own = snap.config.identity.as_ref().and_then(|i| i.service_key());
             let name = match &own {
                 Some(s) => format!("inbound {s}"),
                 None => "inbound".to_owned(),
