@@ -259,6 +259,7 @@ async fn session(
         .await
         .map_err(|s| (false, format!("proxy {i}: {}: {}", s.code(), s.message())))?
         .into_inner();
+    let mut parts = 0;
     loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
@@ -271,6 +272,12 @@ async fn session(
             }
         };
         if let Some(control_message::Kind::Push(push)) = msg.kind {
+            // A large push comes in parts: only the last is ACKed, as a proxy does.
+            parts += push.resources.len();
+            if push.more {
+                continue;
+            }
+            let resources = std::mem::take(&mut parts);
             let at = Instant::now();
             got_push = true;
             tx.send(ProxyMessage {
@@ -286,7 +293,7 @@ async fn session(
                 proxy: i,
                 at,
                 full: push.full,
-                resources: push.resources.len(),
+                resources,
             });
         }
     }

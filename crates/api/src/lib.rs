@@ -3,6 +3,8 @@
 //! The generated code is committed (regenerate with `scripts/regen-protos`), so building
 //! needs neither `protoc` nor a build script, and this leaf crate rarely rebuilds.
 
+pub mod codec;
+
 /// Control plane <-> proxy (`Discovery`) and the operator API (`Admin`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::index::{Command, MeshState};
+use crate::index::{Command, DocEntry, MeshState};
 use crate::view::{self, View};
 
 /// The `Discovery` gRPC service.
@@ -112,34 +112,107 @@ fn key_msg(k: &ResourceKey) -> api::ResourceKey {
     }
 }
 
-/// The push that takes a proxy from `sent` to `view`.
+fn resource_msg(e: &DocEntry) -> api::Resource {
+    api::Resource {
+        key: Some(key_msg(&e.key)),
+        json: e.json.to_string(),
+    }
+}
+
+/// The push that takes a proxy from `sent` to `view`: both are sorted by key, so
+/// one pass over the two finds what changed.
 fn push(sent: Option<&View>, view: &View, nonce: u64) -> Push {
-    let full = sent.is_none();
     let mut resources = Vec::new();
     let mut removed = Vec::new();
-    for (k, (json, hash)) in &view.resources {
-        let changed = sent.is_none_or(|s| s.resources.get(k).is_none_or(|(_, h)| h != hash));
-        if changed {
-            resources.push(api::Resource {
-                key: Some(key_msg(k)),
-                json: json.to_string(),
-            });
-        }
-    }
-    if let Some(s) = sent {
-        for k in s.resources.keys() {
-            if !view.resources.contains_key(k) {
-                removed.push(key_msg(k));
+    match sent {
+        None => resources.extend(view.entries.iter().map(|e| resource_msg(e))),
+        Some(s) => {
+            let (mut old, mut new) = (s.entries.iter().peekable(), view.entries.iter().peekable());
+            loop {
+                match (old.peek(), new.peek()) {
+                    (Some(a), Some(b)) => match a.key.cmp(&b.key) {
+                        std::cmp::Ordering::Less => {
+                            removed.push(key_msg(&a.key));
+                            old.next();
+                        }
+                        std::cmp::Ordering::Greater => {
+                            resources.push(resource_msg(b));
+                            new.next();
+                        }
+                        std::cmp::Ordering::Equal => {
+                            if a.hash != b.hash {
+                                resources.push(resource_msg(b));
+                            }
+                            old.next();
+                            new.next();
+                        }
+                    },
+                    (Some(a), None) => {
+                        removed.push(key_msg(&a.key));
+                        old.next();
+                    }
+                    (None, Some(b)) => {
+                        resources.push(resource_msg(b));
+                        new.next();
+                    }
+                    (None, None) => break,
+                }
             }
         }
     }
     Push {
         version: view.version.clone(),
         nonce: nonce.to_string(),
+        full: sent.is_none(),
+        resources,
+        removed,
+        more: false,
+    }
+}
+
+/// JSON bytes per push part (a resource larger than this gets a part of its own).
+const PART_BYTES: usize = 8 * 1024;
+
+/// Splits a push into parts of about `limit` bytes of JSON: every part but the last
+/// says `more`; removals travel in the last.
+fn parts(push: Push, limit: usize) -> Vec<Push> {
+    let Push {
+        version,
+        nonce,
         full,
         resources,
         removed,
+        more: _,
+    } = push;
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for r in resources {
+        if bytes > 0 && bytes + r.json.len() > limit {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += r.json.len();
+        current.push(r);
     }
+    out.push(current);
+    let last = out.len() - 1;
+    let mut removed = Some(removed);
+    out.into_iter()
+        .enumerate()
+        .map(|(i, resources)| Push {
+            version: version.clone(),
+            nonce: nonce.clone(),
+            full,
+            resources,
+            removed: if i == last {
+                removed.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            more: i != last,
+        })
+        .collect()
 }
 
 async fn stopped(rx: &mut watch::Receiver<bool>) {
@@ -197,6 +270,7 @@ impl Discovery for DiscoveryService {
             .await
             .map_err(|_| Status::unavailable("control plane is shutting down"))?;
         tracing::info!(%proxy, stream, "proxy connected");
+        crate::trim::note();
         let (tx, rx) = mpsc::channel(4);
         let mut state = self.state.clone();
         let mut stopping = self.stopping.clone();
@@ -225,13 +299,7 @@ impl Discovery for DiscoveryService {
                 let view = view::compute(&current, &proxy);
                 if sent.as_ref().is_none_or(|s| s.version != view.version) {
                     nonce += 1;
-                    let msg = ControlMessage {
-                        kind: Some(control_message::Kind::Push(push(
-                            sent.as_ref(),
-                            &view,
-                            nonce,
-                        ))),
-                    };
+                    let push = push(sent.as_ref(), &view, nonce);
                     let _ = index
                         .send(Command::Computed {
                             proxy: proxy.clone(),
@@ -240,7 +308,17 @@ impl Discovery for DiscoveryService {
                             changed_at: sent.as_ref().and(current.changed_at),
                         })
                         .await;
-                    if tx.send(Ok(msg)).await.is_err() {
+                    let mut closed = false;
+                    for part in parts(push, PART_BYTES) {
+                        let msg = ControlMessage {
+                            kind: Some(control_message::Kind::Push(part)),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            closed = true;
+                            break;
+                        }
+                    }
+                    if closed {
                         break;
                     }
                     sent = Some(view);
@@ -306,6 +384,7 @@ impl Discovery for DiscoveryService {
             }
             quotas.forget(&proxy);
             tracing::info!(%proxy, stream, "proxy disconnected");
+            crate::trim::note();
 
             let _ = index.send(Command::Disconnect { proxy, stream }).await;
         });
@@ -318,22 +397,19 @@ mod tests {
     use super::*;
 
     fn view(items: &[(&str, u64)]) -> View {
-        View {
-            resources: items
+        View::new(
+            items
                 .iter()
                 .map(|(n, h)| {
-                    (
-                        ResourceKey {
-                            kind: "Service".into(),
-                            namespace: "shop".into(),
-                            name: (*n).into(),
-                        },
-                        (Arc::<str>::from(format!("{{\"h\":{h}}}")), *h),
-                    )
+                    let json = format!(
+                        r#"{{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{{"name":"{n}","namespace":"shop"}},"spec":{{"ports":[{{"name":"http","port":{h}}}]}}}}"#
+                    );
+                    let r = sinew_model::resource::Resource::from_json("Service", &json)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    Arc::new(DocEntry::new(r, "api", 1))
                 })
                 .collect(),
-            version: format!("v{}", items.iter().map(|(_, h)| h).sum::<u64>()),
-        }
+        )
     }
 
     #[test]
@@ -356,5 +432,32 @@ mod tests {
         assert_eq!(removed, vec!["c"]);
         assert_eq!(p.version, b.version);
         assert_eq!(p.nonce, "2");
+    }
+
+    #[test]
+    fn a_large_push_goes_in_parts_that_add_up_to_it() {
+        let names: Vec<String> = (0..50).map(|i| format!("s{i:02}")).collect();
+        let items: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 80)).collect();
+        let a = view(&items);
+        let b = view(&items[10..]);
+        let whole = push(Some(&view(&items[..5])), &a, 7);
+        let one = a.entries[0].json.len();
+        let ps = parts(whole.clone(), one * 10);
+        assert_eq!(ps.len(), 5, "45 new resources in parts of 10");
+        assert!(ps[..4].iter().all(|p| p.more && p.removed.is_empty()));
+        assert!(!ps[4].more);
+        let joined: Vec<_> = ps.iter().flat_map(|p| p.resources.clone()).collect();
+        assert_eq!(joined, whole.resources);
+        assert!(
+            ps.iter()
+                .all(|p| p.version == whole.version && p.nonce == "7")
+        );
+        // Removals travel in the last part, even when no resource changed.
+        let gone = parts(push(Some(&a), &b, 8), one * 10);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].removed.len(), 10);
+        assert!(!gone[0].more);
+        // A resource larger than the limit still goes, alone.
+        assert_eq!(parts(push(None, &a, 9), 1).len(), 50);
     }
 }

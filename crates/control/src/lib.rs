@@ -14,6 +14,7 @@ pub mod identity;
 pub mod index;
 pub mod quota;
 pub mod store;
+pub mod trim;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -140,7 +141,7 @@ impl ControlPlane {
                 trust_domain: opts.trust_domain.clone(),
             },
         )?;
-        let mut tasks = Vec::new();
+        let mut tasks = vec![tokio::spawn(trim::run())];
         if let Some(dir) = opts.config_dir.clone() {
             tasks.push(tokio::spawn(dir::watch(
                 dir,

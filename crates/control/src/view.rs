@@ -6,8 +6,13 @@
 //! A view is versioned by a hash of its content: the same view has the same version
 //! across control-plane restarts, so a reconnecting proxy that already runs it is in
 //! sync at once.
+//!
+//! Every stream computes its proxy's view on every publication, so computing one
+//! must cost in proportion to the view, not to the mesh: [`Lookups`], built once per
+//! publication, index the documents by what views select them by (a workload by its
+//! service, a policy by its target), and a view holds shared entries, not copies.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use sinew_model::resource::{
@@ -17,13 +22,33 @@ use sinew_model::resource::{
 
 use crate::index::{DocEntry, FNV_OFFSET, MeshState, fnv64};
 
-/// One proxy's resources, by key, and the version naming them.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// One proxy's resources, sorted by key, and the version naming them.
+#[derive(Debug, Clone, Default)]
 pub struct View {
-    /// Resources with their JSON and content hash.
-    pub resources: BTreeMap<ResourceKey, (Arc<str>, u64)>,
+    /// The documents, sorted by key, each once.
+    pub entries: Vec<Arc<DocEntry>>,
     /// Content hash of the whole view, as 16 hex digits.
     pub version: String,
+}
+
+impl View {
+    /// Makes a view of `entries` (in any order; a key given twice is kept once).
+    pub fn new(mut entries: Vec<Arc<DocEntry>>) -> View {
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        entries.dedup_by(|a, b| a.key == b.key);
+        View::sorted(entries)
+    }
+
+    /// Makes a view of `entries`, already sorted by key with no key twice.
+    fn sorted(entries: Vec<Arc<DocEntry>>) -> View {
+        let version = entries
+            .iter()
+            .fold(FNV_OFFSET, |h, e| fnv64(h, &e.id.to_le_bytes()));
+        View {
+            entries,
+            version: format!("{version:016x}"),
+        }
+    }
 }
 
 fn svc_key(ns: &str, name: &str) -> ResourceKey {
@@ -43,16 +68,151 @@ fn resolve(ns: &str, name: &str) -> (String, String) {
     (namespace.to_owned(), n.to_owned())
 }
 
+/// A document's position in key order: views gather positions and sort those,
+/// rather than comparing keys.
+type Ord = u32;
+
+/// An HTTPRoute with the services it names.
+#[derive(Debug)]
+pub struct RouteRefs {
+    ord: Ord,
+    parents: Vec<ResourceKey>,
+    backends: Vec<ResourceKey>,
+}
+
+/// Indexes over one publication's documents, for computing views.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    /// Every document, in key order: an [`Ord`] indexes it.
+    all: Vec<Arc<DocEntry>>,
+    /// The MeshConfig every proxy gets: the stored one (or a default) with the
+    /// control plane's trust domain.
+    mesh: Option<Arc<DocEntry>>,
+    routes: Vec<RouteRefs>,
+    /// Services by key.
+    services: HashMap<ResourceKey, Ord>,
+    /// Workloads by the Service they belong to.
+    workloads_by_service: HashMap<ResourceKey, Vec<Ord>>,
+    /// Workloads by namespace (a Service with a selector may pick any of them).
+    workloads_by_namespace: HashMap<String, Vec<Ord>>,
+    /// TrafficPolicies by their target Service.
+    traffic_policies: HashMap<ResourceKey, Vec<Ord>>,
+    /// AuthorizationPolicies and RequestAuthentications by namespace, with the name of
+    /// the Service they target (`None`: the whole namespace).
+    inbound_policies: HashMap<String, Vec<(Option<String>, Ord)>>,
+}
+
+impl Lookups {
+    /// Indexes `docs`.
+    pub fn build(docs: &BTreeMap<ResourceKey, Arc<DocEntry>>, trust_domain: &str) -> Lookups {
+        let mut l = Lookups {
+            all: docs.values().cloned().collect(),
+            ..Lookups::default()
+        };
+        let mut mesh = None;
+        for (i, e) in l.all.iter().enumerate() {
+            let ord = i as Ord;
+            match &e.resource {
+                Resource::MeshConfig(m) => {
+                    if mesh.is_none() {
+                        mesh = Some(m.clone());
+                    }
+                }
+                Resource::HttpRoute(r) => {
+                    let rns = r.metadata.ns();
+                    l.routes.push(RouteRefs {
+                        ord,
+                        parents: r
+                            .spec
+                            .parent_refs
+                            .iter()
+                            .map(|p| svc_key(p.namespace.as_deref().unwrap_or(rns), &p.name))
+                            .collect(),
+                        backends: r
+                            .spec
+                            .rules
+                            .iter()
+                            .flat_map(|rule| &rule.backend_refs)
+                            .map(|b| svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name))
+                            .collect(),
+                    });
+                }
+                Resource::Workload(w) => {
+                    let ns = w.metadata.ns();
+                    if let Some(s) = &w.spec.service {
+                        l.workloads_by_service
+                            .entry(svc_key(ns, s))
+                            .or_default()
+                            .push(ord);
+                    }
+                    l.workloads_by_namespace
+                        .entry(ns.to_owned())
+                        .or_default()
+                        .push(ord);
+                }
+                Resource::TrafficPolicy(p) => {
+                    l.traffic_policies
+                        .entry(svc_key(p.metadata.ns(), &p.spec.target_ref.name))
+                        .or_default()
+                        .push(ord);
+                }
+                Resource::AuthorizationPolicy(p) => {
+                    l.inbound_policies
+                        .entry(p.metadata.ns().to_owned())
+                        .or_default()
+                        .push((p.spec.target_ref.as_ref().map(|t| t.name.clone()), ord));
+                }
+                Resource::RequestAuthentication(p) => {
+                    l.inbound_policies
+                        .entry(p.metadata.ns().to_owned())
+                        .or_default()
+                        .push((p.spec.target_ref.as_ref().map(|t| t.name.clone()), ord));
+                }
+                Resource::Service(_) => {
+                    l.services.insert(e.key.clone(), ord);
+                }
+                Resource::Proxy(_) => {}
+            }
+        }
+        // The mesh's trust domain is the CA's: every proxy computes peer identities in it.
+        let mut mesh = mesh.unwrap_or_else(|| Object {
+            api_version: SINEW_API_VERSION.to_owned(),
+            kind: "MeshConfig".to_owned(),
+            metadata: Metadata {
+                name: "mesh".to_owned(),
+                namespace: Some(DEFAULT_NAMESPACE.to_owned()),
+                ..Metadata::default()
+            },
+            spec: Default::default(),
+        });
+        mesh.spec.trust_domain = Some(trust_domain.to_owned());
+        l.mesh = Some(Arc::new(DocEntry::new(Resource::MeshConfig(mesh), "", 0)));
+        l
+    }
+}
+
 /// The proxy's `Proxy` document: stored if there is one, else made from nothing; in
 /// both cases an absent `inbound` is derived from the proxy's registration (its
 /// sidecar port, and the workload's ports as the application ports).
-fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Resource {
+fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
     let key = ResourceKey {
         kind: "Proxy".into(),
         namespace: ns.to_owned(),
         name: name.to_owned(),
     };
-    let mut proxy = match state.docs.get(&key).map(|e| &e.resource) {
+    let stored = state.docs.get(&key);
+    let derive_from = stored
+        .is_none_or(|e| matches!(&e.resource, Resource::Proxy(p) if p.spec.inbound.is_none()))
+        .then(|| state.registrations.get(&format!("{ns}/{name}")))
+        .flatten()
+        .filter(|reg| reg.workload.spec.sidecar.is_some());
+    if let (Some(e), None) = (stored, derive_from)
+        && matches!(e.resource, Resource::Proxy(_))
+    {
+        // The common case: the stored document as it is, shared.
+        return e.clone();
+    }
+    let mut proxy = match stored.map(|e| &e.resource) {
         Some(Resource::Proxy(p)) => p.clone(),
         _ => Object {
             api_version: SINEW_API_VERSION.to_owned(),
@@ -65,53 +225,48 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Resource {
             spec: ProxySpec::default(),
         },
     };
-    if proxy.spec.inbound.is_none()
-        && let Some(reg) = state.registrations.get(&format!("{ns}/{name}"))
+    if let Some(reg) = derive_from
+        && let Some(sc) = &reg.workload.spec.sidecar
     {
         let w = &reg.workload.spec;
-        if let Some(sc) = &w.sidecar {
-            let mut ports: Vec<u16> = w.ports.values().copied().collect();
-            ports.sort_unstable();
-            ports.dedup();
-            proxy.spec.inbound = Some(InboundSpec {
-                bind: std::net::SocketAddr::new(
-                    w.address
-                        .parse()
-                        .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
-                    sc.port,
-                )
-                .to_string(),
-                app_address: None,
-                ports,
-            });
-        }
+        let mut ports: Vec<u16> = w.ports.values().copied().collect();
+        ports.sort_unstable();
+        ports.dedup();
+        proxy.spec.inbound = Some(InboundSpec {
+            bind: std::net::SocketAddr::new(
+                w.address
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+                sc.port,
+            )
+            .to_string(),
+            app_address: None,
+            ports,
+        });
     }
-    Resource::Proxy(proxy)
+    Arc::new(DocEntry::new(Resource::Proxy(proxy), "", 0))
 }
 
 /// The proxy's own workload and service: its identity and inbound policies use them.
 /// As in the model: the proxy's workload is `spec.workload`, else the Workload named
 /// like the proxy (which is what a registration creates).
-fn own(
-    state: &MeshState,
+fn own<'a>(
+    state: &'a MeshState,
     ns: &str,
     name: &str,
     workload: Option<&str>,
-) -> (Option<ResourceKey>, Option<ResourceKey>) {
-    let own_workload = Some(ResourceKey {
+) -> (Option<&'a Arc<DocEntry>>, Option<ResourceKey>) {
+    let own_workload = state.docs.get(&ResourceKey {
         kind: "Workload".into(),
         namespace: ns.to_owned(),
         name: workload.unwrap_or(name).to_owned(),
-    })
-    .filter(|k| state.docs.contains_key(k));
+    });
     let own_service = own_workload
-        .as_ref()
-        .and_then(|k| state.docs.get(k))
         .and_then(|e| match &e.resource {
-            Resource::Workload(w) => w.spec.service.clone(),
+            Resource::Workload(w) => w.spec.service.as_deref(),
             _ => None,
         })
-        .map(|s| svc_key(ns, &s));
+        .map(|s| svc_key(ns, s));
     (own_workload, own_service)
 }
 
@@ -135,12 +290,13 @@ pub fn own_service(state: &MeshState, proxy: &str) -> Option<ResourceKey> {
 /// Computes the view of the proxy `namespace/name`.
 pub fn compute(state: &MeshState, proxy: &str) -> View {
     let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
-    let proxy_doc = proxy_document(state, ns, name);
-    let Resource::Proxy(p) = &proxy_doc else {
+    let proxy_entry = proxy_document(state, ns, name);
+    let Resource::Proxy(p) = &proxy_entry.resource else {
         return View::default();
     };
     let everything = p.spec.outbound.http_proxy.is_some();
     let (own_workload, own_service) = own(state, ns, name, p.spec.workload.as_deref());
+    let l = &state.lookups;
 
     // Services reachable from the bindings, closed over routes (a route brings its
     // parents and backends, so the proxy can validate it).
@@ -154,124 +310,96 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
             svc_key(&sns, &sname)
         })
         .collect();
-    services.extend(own_service.clone());
-    let routes: Vec<(&ResourceKey, &Arc<DocEntry>)> = state
-        .docs
-        .iter()
-        .filter(|(k, _)| k.kind == "HTTPRoute")
-        .collect();
-    let mut chosen_routes = BTreeSet::new();
+    services.extend(own_service);
+    let mut chosen = vec![false; l.routes.len()];
     loop {
-        let before = services.len() + chosen_routes.len();
-        for (k, e) in &routes {
-            let Resource::HttpRoute(r) = &e.resource else {
-                continue;
-            };
-            let rns = r.metadata.ns();
-            let parents: Vec<ResourceKey> = r
-                .spec
-                .parent_refs
-                .iter()
-                .map(|p| svc_key(p.namespace.as_deref().unwrap_or(rns), &p.name))
-                .collect();
-            if everything || parents.iter().any(|p| services.contains(p)) {
-                chosen_routes.insert((*k).clone());
-                services.extend(parents);
-                for rule in &r.spec.rules {
-                    for b in &rule.backend_refs {
-                        services.insert(svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name));
-                    }
-                }
+        let mut grew = false;
+        for (i, r) in l.routes.iter().enumerate() {
+            if !chosen[i] && (everything || r.parents.iter().any(|p| services.contains(p))) {
+                chosen[i] = true;
+                grew = true;
+                services.extend(r.parents.iter().cloned());
+                services.extend(r.backends.iter().cloned());
             }
         }
-        if services.len() + chosen_routes.len() == before {
+        if !grew {
             break;
         }
     }
-    let selector_namespaces: BTreeSet<&str> = state
-        .docs
-        .iter()
-        .filter(|(k, _)| services.contains(*k))
-        .filter_map(|(_, e)| match &e.resource {
-            Resource::Service(s) if s.spec.selector.is_some() => Some(s.metadata.ns()),
-            _ => None,
-        })
-        .collect();
 
-    let mut resources = BTreeMap::new();
-    // The mesh's trust domain is the CA's: every proxy computes peer identities in it.
-    let mesh = state
-        .docs
-        .values()
-        .find_map(|e| match &e.resource {
-            Resource::MeshConfig(m) => Some(m.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| Object {
-            api_version: SINEW_API_VERSION.to_owned(),
-            kind: "MeshConfig".to_owned(),
-            metadata: Metadata {
-                name: "mesh".to_owned(),
-                namespace: Some(DEFAULT_NAMESPACE.to_owned()),
-                ..Metadata::default()
-            },
-            spec: Default::default(),
-        });
-    let mut mesh = mesh;
-    mesh.spec.trust_domain = Some(state.trust_domain.clone());
-    let mesh = Resource::MeshConfig(mesh);
-    let json = mesh.to_json();
-    let hash = fnv64(FNV_OFFSET, json.as_bytes());
-    resources.insert(mesh.key(), (Arc::<str>::from(json), hash));
-    let json = proxy_doc.to_json();
-    let hash = fnv64(FNV_OFFSET, json.as_bytes());
-    resources.insert(proxy_doc.key(), (Arc::<str>::from(json), hash));
-    for (k, e) in &state.docs {
-        let include = match &e.resource {
-            Resource::MeshConfig(_) => false, // added above, with the trust domain
-            Resource::Service(_) => everything || services.contains(k),
-            Resource::HttpRoute(_) => chosen_routes.contains(k),
-            Resource::Workload(w) => {
-                everything
-                    || selector_namespaces.contains(w.metadata.ns())
-                    || w.spec
-                        .service
-                        .as_ref()
-                        .is_some_and(|s| services.contains(&svc_key(w.metadata.ns(), s)))
+    let mut ords: Vec<Ord> = Vec::new();
+    ords.extend(own_workload.and_then(|e| l.ord_of(&e.key)));
+    ords.extend(
+        l.routes
+            .iter()
+            .zip(&chosen)
+            .filter(|(_, c)| **c)
+            .map(|(r, _)| r.ord),
+    );
+    let mut selector_namespaces = BTreeSet::new();
+    for svc in &services {
+        if let Some(&ord) = l.services.get(svc) {
+            if let Resource::Service(s) = &l.all[ord as usize].resource
+                && s.spec.selector.is_some()
+            {
+                selector_namespaces.insert(svc.namespace.as_str());
             }
-            Resource::Proxy(_) => false,
-            Resource::AuthorizationPolicy(p) => {
-                p.metadata.ns() == ns
-                    && p.spec
-                        .target_ref
-                        .as_ref()
-                        .is_none_or(|t| services.contains(&svc_key(ns, &t.name)))
-            }
-            Resource::TrafficPolicy(p) => {
-                everything || services.contains(&svc_key(p.metadata.ns(), &p.spec.target_ref.name))
-            }
-            Resource::RequestAuthentication(p) => {
-                p.metadata.ns() == ns
-                    && p.spec
-                        .target_ref
-                        .as_ref()
-                        .is_none_or(|t| services.contains(&svc_key(ns, &t.name)))
-            }
-        } || own_workload.as_ref() == Some(k);
-        if include {
-            resources.insert(k.clone(), (e.json.clone(), e.hash));
+            ords.push(ord);
+        }
+        if let Some(ws) = l.workloads_by_service.get(svc) {
+            ords.extend(ws);
+        }
+        if let Some(ps) = l.traffic_policies.get(svc) {
+            ords.extend(ps);
         }
     }
-    let mut h = FNV_OFFSET;
-    for (k, (_, hash)) in &resources {
-        for part in [&k.kind, &k.namespace, &k.name] {
-            h = fnv64(fnv64(h, part.as_bytes()), &[0]);
+    for sns in selector_namespaces {
+        if let Some(ws) = l.workloads_by_namespace.get(sns) {
+            ords.extend(ws);
         }
-        h = fnv64(h, &hash.to_le_bytes());
     }
-    View {
-        resources,
-        version: format!("{h:016x}"),
+    if let Some(ps) = l.inbound_policies.get(ns) {
+        ords.extend(
+            ps.iter()
+                .filter(|(target, _)| {
+                    target
+                        .as_ref()
+                        .is_none_or(|t| services.contains(&svc_key(ns, t)))
+                })
+                .map(|(_, ord)| *ord),
+        );
+    }
+    if everything {
+        // A forward proxy can reach anything: every service, workload and traffic
+        // policy.
+        ords.extend(l.all.iter().enumerate().filter_map(|(i, e)| {
+            matches!(
+                e.resource,
+                Resource::Service(_) | Resource::Workload(_) | Resource::TrafficPolicy(_)
+            )
+            .then_some(i as Ord)
+        }));
+    }
+    ords.sort_unstable();
+    ords.dedup();
+    let mut entries: Vec<Arc<DocEntry>> = Vec::with_capacity(ords.len() + 2);
+    entries.extend(ords.into_iter().map(|o| l.all[o as usize].clone()));
+    // The proxy's own document and the MeshConfig are made for proxies (a stored
+    // Proxy or MeshConfig is never gathered above): each goes where its key sorts.
+    for extra in l.mesh.iter().chain([&proxy_entry]) {
+        let at = entries.partition_point(|e| e.key < extra.key);
+        entries.insert(at, extra.clone());
+    }
+    View::sorted(entries)
+}
+
+impl Lookups {
+    /// The position of `key`'s document.
+    fn ord_of(&self, key: &ResourceKey) -> Option<Ord> {
+        self.all
+            .binary_search_by(|e| e.key.cmp(key))
+            .ok()
+            .map(|i| i as Ord)
     }
 }
 
@@ -282,24 +410,15 @@ mod tests {
     use sinew_model::parse_documents;
 
     fn state(yaml: &str) -> MeshState {
-        let mut s = MeshState {
-            trust_domain: "cluster.local".into(),
-            ..MeshState::default()
-        };
-        for d in parse_documents("t.yaml", yaml).unwrap_or_else(|e| panic!("{e}")) {
-            let json = d.resource.to_json();
-            s.docs.insert(
-                d.resource.key(),
-                Arc::new(DocEntry {
-                    hash: fnv64(FNV_OFFSET, json.as_bytes()),
-                    json: json.into(),
-                    resource: d.resource,
-                    source: "api".into(),
-                    revision: 1,
-                }),
-            );
-        }
-        s
+        let docs = parse_documents("t.yaml", yaml)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|d| {
+                let e = DocEntry::new(d.resource, "api", 1);
+                (e.key.clone(), Arc::new(e))
+            })
+            .collect();
+        MeshState::new(1, docs, BTreeMap::new(), "cluster.local".into())
     }
 
     const MESH: &str = r#"
@@ -342,9 +461,9 @@ spec:
 "#;
 
     fn kinds(v: &View) -> Vec<String> {
-        v.resources
-            .keys()
-            .map(|k| format!("{} {}", k.kind, k.name))
+        v.entries
+            .iter()
+            .map(|e| format!("{} {}", e.key.kind, e.key.name))
             .collect()
     }
 
@@ -383,16 +502,166 @@ spec:
             other => panic!("{other:?}"),
         };
         s.registrations
-            .insert("shop/c1".into(), Registration { workload: w });
+            .insert("shop/c1".into(), Registration::new(w));
         let v = compute(&s, "shop/c1");
-        let (json, _) = &v.resources[&ResourceKey {
-            kind: "Proxy".into(),
-            namespace: "shop".into(),
-            name: "c1".into(),
-        }];
+        let json = &v
+            .entries
+            .iter()
+            .find(|e| e.key.kind == "Proxy" && e.key.name == "c1")
+            .unwrap_or_else(|| panic!("no Proxy c1 in {:?}", kinds(&v)))
+            .json;
         assert!(
             json.contains(r#""inbound":{"bind":"127.0.0.1:4143","ports":[8080]}"#),
             "{json}"
         );
+    }
+
+    /// The view as a plain filter over every document: what `compute` must equal,
+    /// however it gets there.
+    fn reference(state: &MeshState, proxy: &str) -> Vec<String> {
+        let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
+        let pd = proxy_document(state, ns, name);
+        let Resource::Proxy(p) = &pd.resource else {
+            return Vec::new();
+        };
+        let everything = p.spec.outbound.http_proxy.is_some();
+        let (own_workload, own_service) = own(state, ns, name, p.spec.workload.as_deref());
+        let mut services: BTreeSet<ResourceKey> = p
+            .spec
+            .outbound
+            .upstreams
+            .iter()
+            .map(|u| {
+                let (a, b) = resolve(ns, &u.service);
+                svc_key(&a, &b)
+            })
+            .collect();
+        services.extend(own_service);
+        let mut routes = BTreeSet::new();
+        loop {
+            let before = services.len() + routes.len();
+            for (k, e) in &state.docs {
+                let Resource::HttpRoute(r) = &e.resource else {
+                    continue;
+                };
+                let rns = r.metadata.ns();
+                let parents: Vec<_> = r
+                    .spec
+                    .parent_refs
+                    .iter()
+                    .map(|p| svc_key(p.namespace.as_deref().unwrap_or(rns), &p.name))
+                    .collect();
+                if everything || parents.iter().any(|p| services.contains(p)) {
+                    routes.insert(k.clone());
+                    services.extend(parents);
+                    for b in r.spec.rules.iter().flat_map(|r| &r.backend_refs) {
+                        services.insert(svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name));
+                    }
+                }
+            }
+            if services.len() + routes.len() == before {
+                break;
+            }
+        }
+        let selector_ns: BTreeSet<String> = state
+            .docs
+            .iter()
+            .filter(|(k, e)| {
+                services.contains(*k)
+                    && matches!(&e.resource, Resource::Service(s) if s.spec.selector.is_some())
+            })
+            .map(|(k, _)| k.namespace.clone())
+            .collect();
+        let mut out = vec![
+            format!("MeshConfig {DEFAULT_NAMESPACE}/mesh"),
+            format!("Proxy {ns}/{name}"),
+        ];
+        for (k, e) in &state.docs {
+            let inbound_target = |t: Option<&String>| {
+                e.resource.metadata().ns() == ns
+                    && t.is_none_or(|t| services.contains(&svc_key(ns, t)))
+            };
+            let include = own_workload.is_some_and(|w| &w.key == k)
+                || match &e.resource {
+                    Resource::MeshConfig(_) | Resource::Proxy(_) => false,
+                    Resource::Service(_) => everything || services.contains(k),
+                    Resource::HttpRoute(_) => routes.contains(k),
+                    Resource::Workload(w) => {
+                        everything
+                            || selector_ns.contains(w.metadata.ns())
+                            || w.spec
+                                .service
+                                .as_ref()
+                                .is_some_and(|s| services.contains(&svc_key(w.metadata.ns(), s)))
+                    }
+                    Resource::AuthorizationPolicy(p) => {
+                        inbound_target(p.spec.target_ref.as_ref().map(|t| &t.name))
+                    }
+                    Resource::RequestAuthentication(p) => {
+                        inbound_target(p.spec.target_ref.as_ref().map(|t| &t.name))
+                    }
+                    Resource::TrafficPolicy(p) => {
+                        everything
+                            || services.contains(&svc_key(p.metadata.ns(), &p.spec.target_ref.name))
+                    }
+                };
+            if include {
+                out.push(format!("{} {}/{}", k.kind, k.namespace, k.name));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_indexed_view_equals_a_filter_over_every_document() {
+        // Three namespaces; services reached directly, through route chains (a → b →
+        // c), by selector and by nothing; policies targeted and namespace-wide; a
+        // forward proxy that reaches everything; a proxy that serves a workload.
+        let mut yaml = String::new();
+        for ns in ["shop", "pay", "ops"] {
+            for (svc, selector) in [("a", false), ("b", false), ("c", true), ("d", false)] {
+                let sel = if selector { ", selector: {app: x}" } else { "" };
+                yaml += &format!(
+                    "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec: {{ports: [{{name: http, port: 80}}]{sel}}}\n"
+                );
+                for i in 0..3 {
+                    yaml += &format!(
+                        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {svc}-{i}, namespace: {ns}}}\nspec: {{service: {svc}, address: 10.0.0.{i}, ports: {{http: 80}}}}\n"
+                    );
+                }
+                yaml += &format!(
+                    "---\napiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: tp-{svc}, namespace: {ns}}}\nspec: {{targetRef: {{kind: Service, name: {svc}}}, outlierDetection: {{consecutiveFailures: 3}}}}\n"
+                );
+            }
+            yaml += &format!(
+                "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: loose, namespace: {ns}}}\nspec: {{address: 10.0.1.1, ports: {{http: 80}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: a-to-b, namespace: {ns}}}\nspec: {{parentRefs: [{{name: a}}], rules: [{{backendRefs: [{{name: b}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-to-c, namespace: {ns}}}\nspec: {{parentRefs: [{{name: b}}], rules: [{{backendRefs: [{{name: c, namespace: pay}}]}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: all, namespace: {ns}}}\nspec: {{action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: only-d, namespace: {ns}}}\nspec: {{targetRef: {{kind: Service, name: d}}, action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n"
+            );
+        }
+        yaml += "---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: web, namespace: shop}\nspec: {outbound: {upstreams: [{bind: \"127.0.0.1:9001\", service: a}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: fwd, namespace: ops}\nspec: {outbound: {httpProxy: {bind: \"127.0.0.1:9002\"}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: d-0, namespace: pay}\nspec: {outbound: {upstreams: [{bind: \"127.0.0.1:9003\", service: b.shop}]}}\n";
+        let s = state(&yaml);
+        for proxy in ["shop/web", "ops/fwd", "pay/d-0", "shop/nobody", "ops/b-1"] {
+            let v = compute(&s, proxy);
+            let got: Vec<String> = v
+                .entries
+                .iter()
+                .map(|e| format!("{} {}/{}", e.key.kind, e.key.namespace, e.key.name))
+                .collect();
+            let mut sorted = got.clone();
+            sorted.sort();
+            assert_eq!(got, sorted, "{proxy}: entries sorted by key");
+            assert_eq!(got, reference(&s, proxy), "{proxy}");
+            assert_eq!(
+                v.version,
+                View::new(v.entries.clone()).version,
+                "{proxy}: the version is the entries' hash"
+            );
+        }
+        // The shapes differ: the test is not comparing empty views.
+        let sizes: Vec<usize> = ["shop/web", "ops/fwd", "shop/nobody"]
+            .iter()
+            .map(|p| compute(&s, p).entries.len())
+            .collect();
+        assert!(sizes[1] > sizes[0] && sizes[0] > sizes[2], "{sizes:?}");
     }
 }

@@ -246,20 +246,44 @@ fn valid_name(s: &str) -> bool {
 
 struct Checker<'a> {
     errors: &'a mut ConfigErrors,
-    origin: Origin,
-    label: String,
+    at: At<'a>,
+}
+
+/// Where a document came from and what to call it in an error. A control plane
+/// validates every document on every change, so this is worked out only when
+/// something fails.
+enum At<'a> {
+    Known {
+        origin: Origin,
+        label: String,
+    },
+    Lookup {
+        origins: &'a BTreeMap<(String, String, String), Origin>,
+        kind: &'static str,
+        key: &'a Key,
+    },
 }
 
 impl Checker<'_> {
     fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        let (origin, label) = match &self.at {
+            At::Known { origin, label } => (origin.clone(), label.clone()),
+            At::Lookup { origins, kind, key } => (
+                origins
+                    .get(&((*kind).to_owned(), key.0.clone(), key.1.clone()))
+                    .cloned()
+                    .unwrap_or(Origin {
+                        file: String::new(),
+                        line: 0,
+                    }),
+                format!("{kind} {}/{}", key.0, key.1),
+            ),
+        };
         self.errors.push(
             ConfigError::new(reason)
                 .field(field)
-                .resource(self.label.clone())
-                .at(
-                    self.origin.file.clone(),
-                    (self.origin.line > 0).then_some(self.origin.line),
-                ),
+                .resource(label)
+                .at(origin.file, (origin.line > 0).then_some(origin.line)),
         );
     }
 }
@@ -300,45 +324,52 @@ impl Resources {
         let mut errors = ConfigErrors::default();
         let mut res = Resources::default();
         for doc in docs {
-            let label = doc.resource.label();
-            let m = doc.resource.metadata().clone();
+            let m = doc.resource.metadata();
             let origin = Origin {
-                file: doc.file.clone(),
+                file: doc.file,
                 line: doc.line,
             };
-            let mut c = Checker {
-                errors: &mut errors,
-                origin: origin.clone(),
-                label,
-            };
-            if !valid_name(&m.name) {
-                c.fail(
+            let problem = if !valid_name(&m.name) {
+                Some((
                     "metadata.name",
                     format!(
                         "{:?} is not a valid name (lowercase letters, digits, '-', '.')",
                         m.name
                     ),
-                );
-                continue;
-            }
-            if !valid_name(m.ns()) {
-                c.fail(
+                ))
+            } else if !valid_name(m.ns()) {
+                Some((
                     "metadata.namespace",
                     format!("{:?} is not a valid namespace", m.ns()),
-                );
-                continue;
-            }
+                ))
+            } else {
+                None
+            };
             let okey = (
                 doc.resource.kind().to_owned(),
                 m.ns().to_owned(),
                 m.name.clone(),
             );
-            if let Some(prev) = res.origins.get(&okey) {
-                let msg = format!(
-                    "duplicate {} {}/{}: already defined at {}:{}",
-                    okey.0, okey.1, okey.2, prev.file, prev.line
-                );
-                c.fail("metadata.name", msg);
+            let problem = problem.or_else(|| {
+                res.origins.get(&okey).map(|prev| {
+                    (
+                        "metadata.name",
+                        format!(
+                            "duplicate {} {}/{}: already defined at {}:{}",
+                            okey.0, okey.1, okey.2, prev.file, prev.line
+                        ),
+                    )
+                })
+            });
+            if let Some((field, reason)) = problem {
+                Checker {
+                    errors: &mut errors,
+                    at: At::Known {
+                        origin,
+                        label: doc.resource.label(),
+                    },
+                }
+                .fail(field, reason);
                 continue;
             }
             res.origins.insert(okey, origin);
@@ -371,14 +402,14 @@ impl Resources {
                             prev.metadata.ns(),
                             prev.metadata.name
                         );
-                        let k = o.metadata.clone();
+                        let k = key(&o.metadata);
                         Checker {
                             errors: &mut errors,
-                            origin: Origin {
-                                file: doc.file.clone(),
-                                line: doc.line,
+                            at: At::Lookup {
+                                origins: &res.origins,
+                                kind: "MeshConfig",
+                                key: &k,
                             },
-                            label: format!("MeshConfig {}/{}", k.ns(), k.name),
                         }
                         .fail("metadata.name", msg);
                         continue;
@@ -391,19 +422,19 @@ impl Resources {
         errors.into_result(res)
     }
 
-    fn checker<'a>(&self, errors: &'a mut ConfigErrors, kind: &str, k: &Key) -> Checker<'a> {
-        let origin = self
-            .origins
-            .get(&(kind.to_owned(), k.0.clone(), k.1.clone()))
-            .cloned()
-            .unwrap_or(Origin {
-                file: String::new(),
-                line: 0,
-            });
+    fn checker<'a>(
+        &'a self,
+        errors: &'a mut ConfigErrors,
+        kind: &'static str,
+        key: &'a Key,
+    ) -> Checker<'a> {
         Checker {
             errors,
-            origin,
-            label: format!("{kind} {}/{}", k.0, k.1),
+            at: At::Lookup {
+                origins: &self.origins,
+                kind,
+                key,
+            },
         }
     }
 
@@ -666,7 +697,8 @@ impl Resources {
         else {
             return;
         };
-        let mut c = self.checker(errors, "MeshConfig", &key(&m.metadata));
+        let k = key(&m.metadata);
+        let mut c = self.checker(errors, "MeshConfig", &k);
         if let Err(e) = otlp_endpoint(&t.endpoint, t.protocol) {
             c.fail("spec.tracing.endpoint", e);
         }

@@ -28,6 +28,10 @@ use crate::reload::Applier;
 /// How often the demand of mesh-wide rate limits is reported.
 pub const DEMAND_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The most resources a push sent in parts may gather: a bound on what a broken
+/// control plane can make the proxy hold.
+const MAX_PUSH_RESOURCES: usize = 1 << 20;
+
 /// The longest a lease is believed, whatever the control plane says.
 const MAX_LEASE_TTL_MS: u64 = 10_000;
 
@@ -156,6 +160,8 @@ impl Client {
             .into_inner();
         tracing::info!(url = %self.settings.url, "connected to the control plane");
         let mut got_push = false;
+        // The parts gathered so far of a push sent in parts.
+        let mut partial: Option<Push> = None;
         // Mesh-wide rate limits: demand goes up every interval, leases come back.
         let mut report = tokio::time::interval(DEMAND_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -211,6 +217,25 @@ impl Client {
                     continue;
                 }
             };
+            let push = match partial.take() {
+                Some(mut acc) if acc.nonce == push.nonce && acc.version == push.version => {
+                    acc.resources.extend(push.resources);
+                    acc.removed.extend(push.removed);
+                    acc.more = push.more;
+                    acc
+                }
+                // A new push; parts of an earlier one that never finished are dropped.
+                _ => push,
+            };
+            if push.more {
+                if push.resources.len() > MAX_PUSH_RESOURCES {
+                    return Err(format!(
+                        "the control plane sent a push of more than {MAX_PUSH_RESOURCES} resources"
+                    ));
+                }
+                partial = Some(push);
+                continue;
+            }
             got_push = true;
             let (version, nonce) = (push.version.clone(), push.nonce.clone());
             let error = match self.apply(push) {
