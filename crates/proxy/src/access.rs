@@ -165,7 +165,8 @@ pub fn format_line(format: AccessLogFormat, r: &Record) -> String {
 #[derive(Debug)]
 pub struct Observed {
     method: http::Method,
-    path: String,
+    /// The request target (a cheap clone: shared bytes); its path is what is kept.
+    uri: http::Uri,
     /// What the access log and taps need besides, when either is on.
     head: Option<Head>,
 }
@@ -228,7 +229,7 @@ pub fn observe(
     }
     Some(Observed {
         method: req.method().clone(),
-        path: req.uri().path().to_owned(),
+        uri: req.uri().clone(),
         head,
     })
 }
@@ -265,7 +266,7 @@ pub fn finish<B>(
             failed: resp.status().is_server_error() || grpc_failed,
             elapsed,
             method: &o.method,
-            path: &o.path,
+            path: o.uri.path(),
         });
     }
     let Some(head) = o.head else { return };
@@ -274,7 +275,7 @@ pub fn finish<B>(
         direction: dir.as_str(),
         method: o.method.to_string(),
         authority: head.authority,
-        path: o.path,
+        path: o.uri.path().to_owned(),
         protocol: head.protocol,
         status: resp.status().as_u16(),
         grpc_status: header("grpc-status"),

@@ -10,8 +10,9 @@
 //!
 //! Rates are requests over the part of the window that was observed: from the start
 //! of the window's first slot, or from when the proxies began reporting if later, to
-//! now. Reports arrive every couple of seconds, so the newest moments are missing
-//! from the counts: a rate reads low by at most one report interval over the span.
+//! now. A report counts in the slot it arrives in and covers the report interval
+//! before it, so either end of a window is off by up to one report interval's worth
+//! of requests (2 s by default: 3% of a 60 s window).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -302,15 +303,19 @@ impl Telemetry {
         // have no proxy reporting (known by their identity, if any).
         for (proxy, e) in proxies.iter() {
             for (row, sum) in e.window.rows_in(from, to).filter(|(r, _)| r.inbound) {
-                // The callers this row stands for: those with this identity, or, for
-                // plaintext, those that called this service in plaintext.
+                // The callers this row stands for. Over mTLS: those with the caller's
+                // identity that reached this proxy's identity (a route may have sent
+                // them here from another service name, as a canary does) or called
+                // its service. In plaintext: those that called its service so.
                 let caller = |x: &Edge| {
                     !x.src.is_empty()
-                        && x.dst == *row.service
                         && if row.peer.is_empty() {
-                            x.mtls_requests < x.requests
+                            x.dst == *row.service && x.mtls_requests < x.requests
                         } else {
                             x.client_identity == *row.peer
+                                && (x.dst == *row.service
+                                    || (!e.identity.is_empty()
+                                        && x.server_identities.iter().any(|s| *s == *e.identity)))
                         }
                 };
                 let edges_for_row: Vec<&mut Edge> = if edges.values().any(caller) {
@@ -580,5 +585,44 @@ mod tests {
         );
         assert_eq!((plain.requests, plain.mtls_requests), (7, 0));
         assert!(!plain.verified_by_server);
+    }
+
+    #[test]
+    fn a_canary_behind_a_route_is_joined_by_identity() {
+        // web addresses `catalog`; its route sends some to `catalog-canary`, whose
+        // proxy has its own identity and service.
+        const CANARY: &str = "spiffe://cluster.local/ns/shop/sa/catalog-canary";
+        let t0 = Instant::now();
+        let tel = mesh(t0);
+        tel.connect_at("shop/canary-1", "catalog-canary", 1, mpsc::channel(1).0, t0);
+        let at = t0 + Duration::from_secs(6);
+        tel.add_report(
+            "shop/web",
+            &report(WEB, vec![row(false, "catalog.shop", CANARY, 11, 0)], vec![]),
+            at,
+        );
+        tel.add_report(
+            "shop/canary-1",
+            &report(
+                CANARY,
+                vec![row(true, "catalog-canary.shop", WEB, 11, 0)],
+                vec![],
+            ),
+            at,
+        );
+        let r = tel.edges(&EdgesRequest::default(), t0 + Duration::from_secs(10));
+        let web: Vec<&Edge> = r.edges.iter().filter(|e| e.src == "shop/web").collect();
+        assert_eq!(web.len(), 1, "{:?}", r.edges);
+        assert_eq!(web[0].requests, 111);
+        assert_eq!(web[0].server_identities, [CAT, CANARY]);
+        assert_eq!(
+            web[0].dst_workloads,
+            ["shop/canary-1", "shop/catalog-1", "shop/catalog-2"]
+        );
+        assert!(
+            r.edges.iter().all(|e| e.dst != "catalog-canary.shop"),
+            "no caller left unknown: {:?}",
+            r.edges
+        );
     }
 }
