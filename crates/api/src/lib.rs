@@ -16,3 +16,47 @@ pub mod v1 {
 pub mod demo {
     include!("gen/sinew.demo.v1.rs");
 }
+
+/// The latency buckets of `TrafficRow.latency`: the one scheme proxies and the control
+/// plane share, so histograms from any proxies can be added up.
+///
+/// Bucket `i < 16` holds times up to `250 µs * 2^i` (0.25 ms to 8192 ms); bucket 16
+/// holds everything slower. Doubling bounds keep a quantile estimated by
+/// interpolation within a factor of two of the truth, with 17 counters.
+pub mod latency {
+    /// Number of buckets (the last one unbounded).
+    pub const BUCKETS: usize = 17;
+
+    /// Upper bound of bucket `i` in microseconds (`None` for the last).
+    pub fn upper_us(i: usize) -> Option<u64> {
+        (i + 1 < BUCKETS).then(|| 250u64 << i)
+    }
+
+    /// The bucket of a time of `us` microseconds.
+    pub fn bucket(us: u64) -> usize {
+        // The smallest i with us <= 250 * 2^i.
+        let mut i = 0;
+        while i + 1 < BUCKETS && us > 250u64 << i {
+            i += 1;
+        }
+        i
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn buckets_double_from_a_quarter_millisecond() {
+            assert_eq!(bucket(0), 0);
+            assert_eq!(bucket(250), 0);
+            assert_eq!(bucket(251), 1);
+            assert_eq!(bucket(1_000), 2);
+            assert_eq!(bucket(8_192_000), 15);
+            assert_eq!(bucket(8_192_001), 16);
+            assert_eq!(bucket(u64::MAX), 16);
+            assert_eq!(upper_us(15), Some(8_192_000));
+            assert_eq!(upper_us(16), None);
+        }
+    }
+}

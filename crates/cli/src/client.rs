@@ -13,11 +13,22 @@ use sinew_api::v1::{
 use sinew_model::{Resources, parse_documents, parse_sources};
 use tonic::transport::Channel;
 
-async fn connect(server: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
+pub(crate) async fn connect(server: &str) -> anyhow::Result<AdminClient<Channel>> {
+    connect_with(server, Some(Duration::from_secs(30))).await
+}
+
+/// Connects with a deadline per call (`None` for streams that last as long as the
+/// user wants, such as `sinew tap`).
+pub(crate) async fn connect_with(
+    server: &str,
+    timeout: Option<Duration>,
+) -> anyhow::Result<AdminClient<Channel>> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
         .with_context(|| format!("{server:?} is not a valid control-plane address"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30));
+        .connect_timeout(Duration::from_secs(3));
+    if let Some(t) = timeout {
+        endpoint = endpoint.timeout(t);
+    }
     match endpoint.connect().await {
         Ok(ch) => Ok(AdminClient::new(ch)),
         Err(_) => bail!(
@@ -27,7 +38,7 @@ async fn connect(server: &str) -> anyhow::Result<AdminClient<Channel>> {
 }
 
 /// A failed call as one sentence.
-fn status(e: tonic::Status) -> anyhow::Error {
+pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
     match e.code() {
         tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
             anyhow::anyhow!("refused; nothing was changed:\n{}", e.message())

@@ -5,6 +5,7 @@
 //! exit.
 
 mod client;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -157,6 +158,83 @@ enum Command {
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
+    /// Golden signals (success rate, requests/s, latency percentiles) per service,
+    /// workload or route, as the proxies report them: no Prometheus needed.
+    Stat {
+        /// Group by service, workload or route.
+        #[arg(long, default_value = "service", value_parser = ["service", "workload", "route"])]
+        by: String,
+        /// Only this namespace (default: every namespace).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// How far back to look, e.g. 30s (at most 60s).
+        #[arg(short, long, default_value = "60s", value_parser = parse_duration)]
+        window: Duration,
+        /// Read the servers' proxies (inbound) or the callers' (outbound); default:
+        /// each group's servers when they have sidecars, else its callers.
+        #[arg(long, value_parser = ["inbound", "outbound"])]
+        direction: Option<String>,
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// The busiest paths right now (the last 10 to 20 s), refreshed until Ctrl-C.
+    Top {
+        /// Only this service (`name` or `name.namespace`).
+        service: Option<String>,
+        /// Only this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Rows to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// How often to refresh, e.g. 2s.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print once and exit (implied by -o json).
+        #[arg(long)]
+        once: bool,
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Live requests from every proxy, as they happen (no bodies; credentials
+    /// redacted), until Ctrl-C or --limit.
+    Tap {
+        /// Only requests to this service (`name` or `name.namespace`).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only paths starting with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only this method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only this status (503) or class (5xx).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only as seen by the servers' proxies (inbound) or the callers' (outbound).
+        #[arg(long, value_parser = ["inbound", "outbound"])]
+        direction: Option<String>,
+        /// Stop after this many requests.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Output format: one line, or one JSON object, per request.
+        #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+    /// Who calls whom: callers, services, identities, mTLS, request counts.
+    Edges {
+        /// Only edges from or to this namespace.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// How far back to look, e.g. 30s (at most 60s).
+        #[arg(short, long, default_value = "60s", value_parser = parse_duration)]
+        window: Duration,
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// Check the installation: one pass/fail line per check; non-zero if any fails.
     Check {
         /// Seconds to wait for proxies to catch up before calling them out of sync.
@@ -302,6 +380,66 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             .await
         }
         Command::ProxyStatus { output } => client::proxy_status(&server, &output).await,
+        Command::Stat {
+            by,
+            namespace,
+            window,
+            direction,
+            output,
+        } => {
+            telemetry::stat(
+                &server,
+                &by,
+                namespace.as_deref(),
+                window,
+                direction.as_deref(),
+                &output,
+            )
+            .await
+        }
+        Command::Top {
+            service,
+            namespace,
+            limit,
+            interval,
+            once,
+            output,
+        } => {
+            telemetry::top(
+                &server,
+                namespace.as_deref(),
+                service.as_deref(),
+                limit,
+                interval,
+                once,
+                &output,
+            )
+            .await
+        }
+        Command::Tap {
+            service,
+            path,
+            method,
+            status,
+            direction,
+            limit,
+            output,
+        } => {
+            let filter = sinew_api::v1::TapFilter {
+                direction: direction.unwrap_or_default(),
+                service: service.unwrap_or_default(),
+                path: path.unwrap_or_default(),
+                method: method.unwrap_or_default(),
+                status: status.unwrap_or_default(),
+                limit: limit.unwrap_or(0),
+            };
+            telemetry::tap(&server, filter, &output).await
+        }
+        Command::Edges {
+            namespace,
+            window,
+            output,
+        } => telemetry::edges(&server, namespace.as_deref(), window, &output).await,
         Command::Check { wait } => client::check(&server, Duration::from_secs(wait)).await,
         Command::Validate { files } => client::validate(&files),
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),

@@ -1,4 +1,5 @@
-//! The operator API (`sinew apply/get/delete/proxy-status/check`).
+//! The operator API (`sinew apply/get/delete/proxy-status/check`, and
+//! `stat/top/tap/edges` over the [`crate::telemetry`]).
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub struct AdminService {
     state: watch::Receiver<Arc<MeshState>>,
     store: Store,
     identity: Arc<crate::identity::Identity>,
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl AdminService {
@@ -33,7 +35,15 @@ impl AdminService {
             state,
             store,
             identity,
+            telemetry: Arc::new(crate::telemetry::Telemetry::default()),
         }
+    }
+
+    /// Answers `Stat`, `Top`, `Tap` and `Edges` from `telemetry` (the one the
+    /// proxies' streams feed); without it they see no proxies.
+    pub fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
@@ -71,8 +81,52 @@ pub fn canonical_kind(k: &str) -> Option<&'static str> {
     })
 }
 
+type TapStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<api::TapResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type TapStream = TapStream;
+
+    async fn stat(
+        &self,
+        req: Request<api::StatRequest>,
+    ) -> Result<Response<api::StatResponse>, Status> {
+        self.telemetry
+            .stat(req.get_ref(), std::time::Instant::now())
+            .map(Response::new)
+            .map_err(Status::invalid_argument)
+    }
+
+    async fn top(
+        &self,
+        req: Request<api::TopRequest>,
+    ) -> Result<Response<api::TopResponse>, Status> {
+        Ok(Response::new(
+            self.telemetry.top(req.get_ref(), std::time::Instant::now()),
+        ))
+    }
+
+    async fn edges(
+        &self,
+        req: Request<api::EdgesRequest>,
+    ) -> Result<Response<api::EdgesResponse>, Status> {
+        Ok(Response::new(
+            self.telemetry
+                .edges(req.get_ref(), std::time::Instant::now()),
+        ))
+    }
+
+    async fn tap(&self, req: Request<api::TapRequest>) -> Result<Response<TapStream>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let rx = self
+            .telemetry
+            .tap(filter)
+            .map_err(Status::invalid_argument)?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
     async fn apply(
         &self,
         req: Request<api::ApplyRequest>,

@@ -34,6 +34,7 @@ pub struct DiscoveryService {
     stopping: watch::Receiver<bool>,
     identity: Arc<crate::identity::Identity>,
     quotas: Arc<crate::quota::Quotas>,
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl DiscoveryService {
@@ -52,7 +53,13 @@ impl DiscoveryService {
             stopping,
             identity,
             quotas: Arc::new(crate::quota::Quotas::default()),
+            telemetry: Arc::new(crate::telemetry::Telemetry::default()),
         }
+    }
+
+    /// The telemetry the proxies' streams feed (stats, taps), for the Admin API.
+    pub fn telemetry(&self) -> Arc<crate::telemetry::Telemetry> {
+        self.telemetry.clone()
     }
 }
 
@@ -276,9 +283,16 @@ impl Discovery for DiscoveryService {
         let mut stopping = self.stopping.clone();
         let identity = self.identity.clone();
         let quotas = self.quotas.clone();
+        let telemetry = self.telemetry.clone();
+        let service = hello
+            .registration
+            .as_ref()
+            .map(|r| r.service.clone())
+            .unwrap_or_default();
         let proxy_ns = ns.to_owned();
         let mut bundle = identity.bundle();
         tokio::spawn(async move {
+            let telemetry = telemetry.connect(&proxy, &service, stream, tx.clone());
             let mut sent: Option<View> = None;
             let mut nonce = 0u64;
             // Every new stream starts with the roots to trust: a proxy that was away
@@ -376,6 +390,9 @@ impl Discovery for DiscoveryService {
                             if tx.send(Ok(msg)).await.is_err() {
                                 break;
                             }
+                        }
+                        Ok(Some(ProxyMessage { kind: Some(k @ (proxy_message::Kind::Stats(_) | proxy_message::Kind::TapEvents(_))) })) => {
+                            telemetry.receive(k);
                         }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,

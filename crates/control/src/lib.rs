@@ -5,7 +5,8 @@
 //! durable [`store`], and publishes an immutable mesh state. One gRPC
 //! [`discovery`] stream per proxy turns that state into the proxy's own [`view`]:
 //! versioned, full on connect, incremental after, debounced under churn. Proxies
-//! register their workloads over their stream; the [`admin`] API serves the CLI.
+//! register their workloads over their stream, and report their traffic over it to
+//! the [`telemetry`]; the [`admin`] API serves the CLI.
 
 pub mod admin;
 pub mod dir;
@@ -14,6 +15,7 @@ pub mod identity;
 pub mod index;
 pub mod quota;
 pub mod store;
+pub mod telemetry;
 pub mod trim;
 pub mod view;
 
@@ -167,7 +169,8 @@ impl ControlPlane {
             stopping,
             identity.clone(),
         );
-        let admin = admin::AdminService::new(index, state, store, identity);
+        let admin = admin::AdminService::new(index, state, store, identity)
+            .with_telemetry(discovery.telemetry());
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .tcp_nodelay(true)

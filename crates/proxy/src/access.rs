@@ -1,5 +1,6 @@
 //! Access logs: one line per request on standard output (`Proxy.spec.accessLog`).
-//! The same record feeds live taps ([`crate::tap`]).
+//! The same record feeds live taps ([`crate::tap`]), and the same observation the
+//! control plane's stats ([`crate::stats`]).
 //!
 //! The request path only fills a [`Record`] and hands it to a bounded queue
 //! (`try_send`: never waits); a thread of its own formats and writes the lines, and
@@ -158,18 +159,26 @@ pub fn format_line(format: AccessLogFormat, r: &Record) -> String {
     }
 }
 
-/// What a finished request's observers (the access log, taps) need from its head.
-/// Taken once, before the request is forwarded, and only while one of them is on.
+/// What a finished request's observers (the access log, taps, the control plane's
+/// stats) need from its head. Taken once, before the request is forwarded, and only
+/// while one of them is on.
 #[derive(Debug)]
 pub struct Observed {
+    method: http::Method,
+    /// The request target (a cheap clone: shared bytes); its path is what is kept.
+    uri: http::Uri,
+    /// What the access log and taps need besides, when either is on.
+    head: Option<Head>,
+}
+
+#[derive(Debug)]
+struct Head {
     /// The access-log format, when this proxy logs requests.
     format: Option<AccessLogFormat>,
     /// The request headers, redacted, when someone taps.
     headers: Option<BTreeMap<String, String>>,
     start: SystemTime,
-    method: String,
     authority: String,
-    path: String,
     protocol: &'static str,
     request_bytes: Option<u64>,
     trace_id: Option<String>,
@@ -183,7 +192,8 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Starts observing a request, if this proxy logs requests or someone taps.
+/// Starts observing a request, if this proxy logs requests, someone taps, or it
+/// reports stats.
 pub fn observe(
     ctx: &crate::listeners::ConnCtx,
     req: &http::Request<hyper::body::Incoming>,
@@ -199,18 +209,13 @@ pub fn observe(
         .tap
         .active()
         .then(|| crate::tap::redacted(req.headers()));
-    if format.is_none() && headers.is_none() {
-        return None;
-    }
-    Some(Observed {
+    let head = (format.is_some() || headers.is_some()).then(|| Head {
         format,
         headers,
         start: SystemTime::now(),
-        method: req.method().to_string(),
         authority: crate::http_util::authority(req)
             .map(|a| a.to_string())
             .unwrap_or_default(),
-        path: req.uri().path().to_owned(),
         protocol: if req.version() == http::Version::HTTP_2 {
             "HTTP/2"
         } else {
@@ -218,10 +223,19 @@ pub fn observe(
         },
         request_bytes: content_length(req.headers()),
         trace_id: trace_id(req.headers()),
+    });
+    if head.is_none() && !ctx.shared.stats.on() {
+        return None;
+    }
+    Some(Observed {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        head,
     })
 }
 
-/// Finishes an observed request: one record, to the access log and to the taps.
+/// Finishes an observed request: one record, to the access log and to the taps, and
+/// its counts to the stats.
 pub fn finish<B>(
     ctx: &crate::listeners::ConnCtx,
     observed: Option<Observed>,
@@ -233,36 +247,59 @@ pub fn finish<B>(
     let Some(o) = observed else { return };
     let h = resp.headers();
     let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    if ctx.shared.stats.on() {
+        let inbound = dir == crate::metrics::Direction::Inbound;
+        // Inbound: only mTLS yields a caller identity. Outbound: the callee's identity
+        // when the request went to a sidecar that must present one, over TLS.
+        let peer = if inbound {
+            ctx.peer_identity.as_deref()
+        } else {
+            meta.mtls_peer(&ctx.shared)
+        };
+        let grpc_failed = h.get("grpc-status").is_some_and(|v| v.as_bytes() != b"0");
+        ctx.shared.stats.record(&crate::stats::Request {
+            inbound,
+            service: meta.service.as_deref().unwrap_or_default(),
+            route: meta.route.as_deref().unwrap_or_default(),
+            peer_identity: peer.unwrap_or_default(),
+            mtls: peer.is_some(),
+            failed: resp.status().is_server_error() || grpc_failed,
+            elapsed,
+            method: &o.method,
+            path: o.uri.path(),
+        });
+    }
+    let Some(head) = o.head else { return };
     let record = Record {
-        start: rfc3339(o.start),
+        start: rfc3339(head.start),
         direction: dir.as_str(),
-        method: o.method,
-        authority: o.authority,
-        path: o.path,
-        protocol: o.protocol,
+        method: o.method.to_string(),
+        authority: head.authority,
+        path: o.uri.path().to_owned(),
+        protocol: head.protocol,
         status: resp.status().as_u16(),
         grpc_status: header("grpc-status"),
         duration_ms: elapsed.as_secs_f64() * 1000.0,
-        request_bytes: o.request_bytes,
+        request_bytes: head.request_bytes,
         response_bytes: content_length(h),
         service: meta.service.clone(),
         route: meta.route.clone(),
         upstream: meta.upstream.map(|a| a.to_string()),
         client: ctx.peer.to_string(),
         peer_identity: ctx.peer_identity.as_deref().map(str::to_owned),
-        trace_id: o.trace_id,
+        trace_id: head.trace_id,
         error: header("sinew-error"),
     };
     let log = |record| {
-        if let Some(format) = o.format
+        if let Some(format) = head.format
             && !ctx.shared.access_log.send(format, record)
         {
             ctx.shared.metrics.access_log_dropped.inc();
         }
     };
-    match o.headers {
+    match head.headers {
         Some(headers) => {
-            if o.format.is_some() {
+            if head.format.is_some() {
                 log(record.clone());
             }
             ctx.shared

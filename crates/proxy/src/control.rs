@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sinew_api::v1::{
     Ack, CertificateRequest, ControlMessage, Demand, Hello, Leases, LimitDemand, ProxyMessage,
-    Push, Registration, control_message, proxy_message,
+    Push, Registration, TapEvents, control_message, proxy_message,
 };
 use sinew_model::load::Document;
 use sinew_model::resource::{Resource, ResourceKey};
@@ -31,6 +31,17 @@ pub const DEMAND_INTERVAL: Duration = Duration::from_millis(250);
 /// The most resources a push sent in parts may gather: a bound on what a broken
 /// control plane can make the proxy hold.
 const MAX_PUSH_RESOURCES: usize = 1 << 20;
+
+/// How often traffic stats are reported by default (only when there was traffic).
+pub const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Tapped events sent in one message, and how long the first of them may wait for
+/// company: batching keeps a busy tap from flooding the stream with tiny messages.
+const TAP_BATCH: usize = 64;
+const TAP_LINGER: Duration = Duration::from_millis(50);
+
+/// Taps the control plane may run on one proxy at once; more are refused.
+const MAX_TAPS: usize = 16;
 
 /// The longest a lease is believed, whatever the control plane says.
 const MAX_LEASE_TTL_MS: u64 = 10_000;
@@ -51,6 +62,9 @@ pub struct ControlSettings {
     /// The join token that proves this proxy's identity; with it the proxy gets a
     /// certificate and speaks mTLS to its peers.
     pub join_token: Option<String>,
+    /// How often traffic stats go to the control plane (`sinew stat`, `top`, `edges`);
+    /// default 2 s. Zero turns them off (and gathering them).
+    pub stats_interval: Duration,
 }
 
 impl ControlSettings {
@@ -63,7 +77,74 @@ impl ControlSettings {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             join_token: None,
+            stats_interval: STATS_INTERVAL,
         }
+    }
+}
+
+/// The control plane's taps running on this stream; all stop when it ends.
+#[derive(Debug, Default)]
+struct Taps(std::collections::HashMap<u64, tokio::task::AbortHandle>);
+
+impl Drop for Taps {
+    fn drop(&mut self) {
+        for t in self.0.values() {
+            t.abort();
+        }
+    }
+}
+
+/// Sends the requests matching `filter` to the control plane as tap `id`, in
+/// batches, until stopped, the stream ends, or `filter.limit` were sent. A stream
+/// that is backed up loses events (counted in `missed`) rather than slowing anything.
+async fn run_tap(
+    shared: std::sync::Arc<crate::state::Shared>,
+    tx: mpsc::Sender<ProxyMessage>,
+    id: u64,
+    filter: crate::tap::Filter,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut sub = shared.tap.subscribe();
+    let limit = filter.limit.unwrap_or(u64::MAX);
+    let (mut sent, mut missed) = (0u64, 0u64);
+    while sent < limit {
+        let mut events = Vec::new();
+        let mut linger: Option<tokio::time::Instant> = None;
+        let room = usize::try_from(limit - sent)
+            .unwrap_or(usize::MAX)
+            .min(TAP_BATCH);
+        while events.len() < room {
+            let ev = match linger {
+                None => sub.rx.recv().await,
+                Some(until) => tokio::select! {
+                    ev = sub.rx.recv() => ev,
+                    _ = tokio::time::sleep_until(until) => break,
+                },
+            };
+            match ev {
+                Ok(e) if filter.matches(&e) => {
+                    events.push(e.to_proto());
+                    linger.get_or_insert_with(|| tokio::time::Instant::now() + TAP_LINGER);
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => missed += n,
+                Err(RecvError::Closed) => return,
+            }
+        }
+        let n = events.len() as u64;
+        let msg = ProxyMessage {
+            kind: Some(proxy_message::Kind::TapEvents(TapEvents {
+                id,
+                events,
+                missed,
+            })),
+        };
+        match tx.try_send(msg) {
+            Ok(()) => missed = 0,
+            Err(mpsc::error::TrySendError::Full(_)) => missed += n,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+        sent += n;
     }
 }
 
@@ -91,6 +172,10 @@ fn renewal_time(not_after: SystemTime) -> tokio::time::Instant {
 
 /// Runs until the process stops: connect, serve pushes, reconnect.
 pub async fn run(settings: ControlSettings, applier: Applier) {
+    applier
+        .shared()
+        .stats
+        .enable(!settings.stats_interval.is_zero());
     let mut client = Client {
         settings,
         applier,
@@ -136,7 +221,7 @@ impl Client {
             .await
             .map_err(|e| format!("cannot connect: {e}"))?;
         let mut client = DiscoveryClient::new(channel);
-        let (tx, rx) = mpsc::channel(8);
+        let (tx, rx) = mpsc::channel(16);
         let (namespace, name) = self.settings.proxy.split_once('/').map_or(
             ("default".to_owned(), self.settings.proxy.clone()),
             |(a, b)| (a.to_owned(), b.to_owned()),
@@ -165,6 +250,13 @@ impl Client {
         // Mesh-wide rate limits: demand goes up every interval, leases come back.
         let mut report = tokio::time::interval(DEMAND_INTERVAL);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Traffic stats: deltas from the start of this stream (what happened while
+        // the control plane was away is in the proxy's own metrics, not here).
+        let stats_every = self.settings.stats_interval;
+        let mut stats = tokio::time::interval(stats_every.max(Duration::from_millis(10)));
+        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let _ = self.applier.shared().stats.take(String::new());
+        let mut taps = Taps::default();
         // A certificate is due when there is none, or when its renewal time passed
         // while disconnected.
         if self.settings.join_token.is_some()
@@ -180,6 +272,10 @@ impl Client {
                 msg = inbound.message() => msg.map_err(|s| format!("{}: {}", s.code(), s.message()))?,
                 _ = report.tick() => {
                     self.report_demand(&tx);
+                    continue;
+                }
+                _ = stats.tick(), if !stats_every.is_zero() => {
+                    self.report_stats(&tx).await?;
                     continue;
                 }
                 _ = sleep_until(renew) => {
@@ -201,6 +297,16 @@ impl Client {
                 }
                 control_message::Kind::Leases(leases) => {
                     self.install_leases(&leases);
+                    continue;
+                }
+                control_message::Kind::TapStart(start) => {
+                    self.start_tap(&mut taps, &tx, start);
+                    continue;
+                }
+                control_message::Kind::TapStop(stop) => {
+                    if let Some(t) = taps.0.remove(&stop.id) {
+                        t.abort();
+                    }
                     continue;
                 }
                 control_message::Kind::TrustBundle(b) => {
@@ -256,6 +362,54 @@ impl Client {
             tx.send(ack).await.map_err(|_| "stream closed".to_owned())?;
             // A new global limit should not wait for the next tick for its lease.
             self.report_demand(&tx);
+        }
+    }
+
+    /// Sends the traffic stats gathered since the last report, if there was traffic.
+    async fn report_stats(&self, tx: &mpsc::Sender<ProxyMessage>) -> Result<(), String> {
+        let shared = self.applier.shared();
+        let identity = shared
+            .certs
+            .identity()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let Some(report) = shared.stats.take(identity) else {
+            return Ok(());
+        };
+        let msg = ProxyMessage {
+            kind: Some(proxy_message::Kind::Stats(report)),
+        };
+        tx.send(msg).await.map_err(|_| "stream closed".to_owned())
+    }
+
+    /// Starts a tap the control plane asked for (a bad filter is refused, and so is
+    /// a tap past [`MAX_TAPS`]: logged, nothing runs).
+    fn start_tap(
+        &self,
+        taps: &mut Taps,
+        tx: &mpsc::Sender<ProxyMessage>,
+        start: sinew_api::v1::TapStart,
+    ) {
+        let filter = match crate::tap::Filter::from_proto(&start.filter.unwrap_or_default()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(id = start.id, error = %e, "tap refused: bad filter");
+                return;
+            }
+        };
+        taps.0.retain(|_, t| !t.is_finished());
+        if taps.0.len() >= MAX_TAPS {
+            tracing::warn!(id = start.id, max = MAX_TAPS, "tap refused: too many taps");
+            return;
+        }
+        let task = tokio::spawn(run_tap(
+            self.applier.shared().clone(),
+            tx.clone(),
+            start.id,
+            filter,
+        ));
+        if let Some(old) = taps.0.insert(start.id, task.abort_handle()) {
+            old.abort();
         }
     }
 

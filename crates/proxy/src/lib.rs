@@ -30,6 +30,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod resilience;
 pub mod state;
+pub mod stats;
 pub mod stream;
 pub mod tap;
 pub mod trace;

@@ -75,6 +75,10 @@ struct Args {
     /// A file holding the join token (kept out of the process list).
     #[arg(long, requires = "control_plane")]
     join_token_file: Option<PathBuf>,
+    /// Control-plane mode: milliseconds between traffic-stats reports to the control
+    /// plane (for `sinew stat/top/edges`; sent only after traffic); 0 turns them off.
+    #[arg(long, default_value_t = 2000, requires = "control_plane")]
+    stats_interval_ms: u64,
     /// Admin listener (/live, /ready, /metrics, /config).
     #[arg(long, default_value = "127.0.0.1:4191", env = "SINEW_PROXY_ADMIN")]
     admin: SocketAddr,
@@ -147,6 +151,7 @@ fn main() -> anyhow::Result<()> {
                     format!("default/{name}")
                 };
                 let mut settings = ControlSettings::new(url, proxy);
+                settings.stats_interval = Duration::from_millis(args.stats_interval_ms);
                 settings.join_token = match (&args.join_token, &args.join_token_file) {
                     (Some(t), _) => Some(t.trim().to_owned()),
                     (None, Some(f)) => Some(

@@ -75,6 +75,20 @@ pub struct RequestMeta {
     pub route: Option<String>,
     /// The endpoint it went to (outbound).
     pub upstream: Option<std::net::SocketAddr>,
+    /// That endpoint, for the identity its sidecar must present (outbound).
+    pub endpoint: Option<std::sync::Arc<crate::balance::Endpoint>>,
+}
+
+impl RequestMeta {
+    /// The callee's SPIFFE id when the request went over mesh mTLS (outbound): its
+    /// endpoint has a sidecar that must present an identity, and this proxy holds a
+    /// certificate, which is when the connection pool speaks TLS.
+    pub fn mtls_peer(&self, shared: &crate::state::Shared) -> Option<&str> {
+        let ep = self.endpoint.as_ref()?;
+        ep.config.sidecar?;
+        let id = ep.config.identity.as_deref()?;
+        shared.certs.is_ready().then_some(id)
+    }
 }
 
 const GRPC_STATUSES: [&str; 17] = [

@@ -138,6 +138,7 @@ async fn forward(
         .ok_or_else(|| ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port)))?
         .clone();
     meta.upstream = Some(endpoint.config.address);
+    meta.endpoint = Some(endpoint.clone());
     crate::trace::note_outbound(req.extensions(), &rule, &backend.service, &endpoint.config);
     let protocol = snap
         .config

@@ -337,8 +337,10 @@ pub struct Shared {
     pub identity_required: AtomicBool,
     /// The access-log queue (its writer starts with the first line).
     pub access_log: crate::access::AccessLog,
-    /// Live taps (`/tap`).
+    /// Live taps (`/tap`, and the control plane's).
     pub tap: crate::tap::Tap,
+    /// Traffic stats for the control plane (on in control-plane mode).
+    pub stats: crate::stats::Stats,
 }
 
 impl std::fmt::Debug for Shared {
@@ -382,6 +384,7 @@ impl Shared {
             identity_required: AtomicBool::new(false),
             access_log: crate::access::AccessLog::default(),
             tap: crate::tap::Tap::default(),
+            stats: crate::stats::Stats::default(),
         }
     }
 

@@ -1,4 +1,5 @@
-//! Tap: a live stream of request metadata, for `GET /tap` on the admin listener.
+//! Tap: a live stream of request metadata, for `GET /tap` on the admin listener and
+//! for the control plane's taps (`sinew tap`, over the control stream).
 //!
 //! Nothing is built unless someone is tapping: the request path reads one atomic
 //! counter. Taps get the request head (method, authority, path, headers) and the
@@ -32,6 +33,33 @@ pub struct TapEvent {
     pub record: crate::access::Record,
     /// Request headers, secrets redacted.
     pub headers: BTreeMap<String, String>,
+}
+
+impl TapEvent {
+    /// The event as sent to the control plane (`proxy` is filled in there).
+    pub fn to_proto(&self) -> sinew_api::v1::TapEvent {
+        let r = &self.record;
+        sinew_api::v1::TapEvent {
+            proxy: String::new(),
+            start: r.start.clone(),
+            direction: r.direction.to_owned(),
+            method: r.method.clone(),
+            authority: r.authority.clone(),
+            path: r.path.clone(),
+            protocol: r.protocol.to_owned(),
+            status: u32::from(r.status),
+            grpc_status: r.grpc_status.clone().unwrap_or_default(),
+            duration_ms: r.duration_ms,
+            service: r.service.clone().unwrap_or_default(),
+            route: r.route.clone().unwrap_or_default(),
+            upstream: r.upstream.clone().unwrap_or_default(),
+            client: r.client.clone(),
+            peer_identity: r.peer_identity.clone().unwrap_or_default(),
+            trace_id: r.trace_id.clone().unwrap_or_default(),
+            error: r.error.clone().unwrap_or_default(),
+            headers: self.headers.clone().into_iter().collect(),
+        }
+    }
 }
 
 /// Request headers for a tap: values that may be credentials become `<redacted>`.
@@ -130,37 +158,60 @@ impl Filter {
         {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v).ok_or_else(|| format!("{k}: invalid percent-encoding"))?;
-            match k {
-                "direction" if v == "inbound" || v == "outbound" => f.direction = Some(v),
-                "direction" => return Err(format!("direction: {v:?} is not inbound or outbound")),
-                "service" => f.service = Some(v),
-                "path" => f.path = Some(v),
-                "method" => f.method = Some(v.to_ascii_uppercase()),
-                "status" => {
-                    let ok = v.len() == 3
-                        && (v.bytes().all(|b| b.is_ascii_digit())
-                            || (v.as_bytes()[0].is_ascii_digit() && &v[1..] == "xx"));
-                    if !ok {
-                        return Err(format!(
-                            "status: {v:?} is not a status (503) or a class (5xx)"
-                        ));
-                    }
-                    f.status = Some(v);
-                }
-                "limit" => {
-                    f.limit = Some(
-                        v.parse()
-                            .map_err(|_| format!("limit: {v:?} is not a number"))?,
-                    )
-                }
-                other => {
-                    return Err(format!(
-                        "unknown filter {other:?} (direction, service, path, method, status, limit)"
-                    ));
-                }
-            }
+            f.set(k, v)?;
         }
         Ok(f)
+    }
+
+    /// The filter a control plane sent (empty fields match anything).
+    pub fn from_proto(p: &sinew_api::v1::TapFilter) -> Result<Filter, String> {
+        let mut f = Filter::default();
+        for (k, v) in [
+            ("direction", &p.direction),
+            ("service", &p.service),
+            ("path", &p.path),
+            ("method", &p.method),
+            ("status", &p.status),
+        ] {
+            if !v.is_empty() {
+                f.set(k, v.clone())?;
+            }
+        }
+        f.limit = (p.limit > 0).then_some(p.limit);
+        Ok(f)
+    }
+
+    fn set(&mut self, k: &str, v: String) -> Result<(), String> {
+        match k {
+            "direction" if v == "inbound" || v == "outbound" => self.direction = Some(v),
+            "direction" => return Err(format!("direction: {v:?} is not inbound or outbound")),
+            "service" => self.service = Some(v),
+            "path" => self.path = Some(v),
+            "method" => self.method = Some(v.to_ascii_uppercase()),
+            "status" => {
+                let ok = v.len() == 3
+                    && (v.bytes().all(|b| b.is_ascii_digit())
+                        || (v.as_bytes()[0].is_ascii_digit() && &v[1..] == "xx"));
+                if !ok {
+                    return Err(format!(
+                        "status: {v:?} is not a status (503) or a class (5xx)"
+                    ));
+                }
+                self.status = Some(v);
+            }
+            "limit" => {
+                self.limit = Some(
+                    v.parse()
+                        .map_err(|_| format!("limit: {v:?} is not a number"))?,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "unknown filter {other:?} (direction, service, path, method, status, limit)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// True when `e` passes.
@@ -255,6 +306,20 @@ mod tests {
         assert!(Filter::parse(Some("colour=red")).is_err());
         assert!(Filter::parse(Some("direction=sideways")).is_err());
         assert!(Filter::parse(Some("path=%zz")).is_err());
+        let p = sinew_api::v1::TapFilter {
+            service: "catalog".into(),
+            path: "/api".into(),
+            status: "5xx".into(),
+            method: "get".into(),
+            limit: 3,
+            ..Default::default()
+        };
+        assert_eq!(Filter::from_proto(&p), Ok(f));
+        let bad = sinew_api::v1::TapFilter {
+            status: "teapot".into(),
+            ..Default::default()
+        };
+        assert!(Filter::from_proto(&bad).is_err());
     }
 
     #[test]

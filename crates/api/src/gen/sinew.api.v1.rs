@@ -2,7 +2,7 @@
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
-    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<proxy_message::Kind>,
 }
 /// Nested message and enum types in `ProxyMessage`.
@@ -18,7 +18,168 @@ pub mod proxy_message {
         Csr(super::CertificateRequest),
         #[prost(message, tag = "4")]
         Demand(super::Demand),
+        #[prost(message, tag = "5")]
+        Stats(super::StatsReport),
+        #[prost(message, tag = "6")]
+        TapEvents(super::TapEvents),
     }
+}
+/// What the proxy's HTTP traffic did since its last report (deltas): sent every
+/// report interval (2 s by default) while there was traffic. The control plane keeps
+/// a short window of these for `sinew stat`, `top` and `edges`. Counts start with the
+/// stream: what happened while the control plane was away is not reported.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StatsReport {
+    /// The proxy's own SPIFFE id; "" without a certificate.
+    #[prost(string, tag = "1")]
+    pub identity: ::prost::alloc::string::String,
+    /// The busiest rows first; at most 64 (the rest are counted in `unreported`).
+    #[prost(message, repeated, tag = "2")]
+    pub rows: ::prost::alloc::vec::Vec<TrafficRow>,
+    /// The busiest paths first; at most 20.
+    #[prost(message, repeated, tag = "3")]
+    pub paths: ::prost::alloc::vec::Vec<PathRow>,
+    /// Requests in rows left out by the cap.
+    #[prost(uint64, tag = "4")]
+    pub unreported: u64,
+}
+/// Requests of one kind: one direction, service, route, peer identity and transport.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrafficRow {
+    #[prost(bool, tag = "1")]
+    pub inbound: bool,
+    /// Outbound: the service called (`name.namespace`). Inbound: this workload's.
+    #[prost(string, tag = "2")]
+    pub service: ::prost::alloc::string::String,
+    /// Outbound: the route (`namespace/name`, `default` for the implicit one); "" inbound.
+    #[prost(string, tag = "3")]
+    pub route: ::prost::alloc::string::String,
+    /// Inbound: the caller's verified SPIFFE id. Outbound: the callee's, when the
+    /// request went over mTLS. "" otherwise.
+    #[prost(string, tag = "4")]
+    pub peer_identity: ::prost::alloc::string::String,
+    /// The request crossed the mesh over mutually authenticated TLS.
+    #[prost(bool, tag = "5")]
+    pub mtls: bool,
+    #[prost(uint64, tag = "6")]
+    pub requests: u64,
+    /// 5xx answers, and gRPC answers whose head carries a status other than OK.
+    #[prost(uint64, tag = "7")]
+    pub failures: u64,
+    /// Time to the response head: requests per latency bucket, the bounds being
+    /// 0.25 ms doubling to 8192 ms, then everything slower (17 buckets). Trailing
+    /// empty buckets are left out.
+    #[prost(uint64, repeated, tag = "8")]
+    pub latency: ::prost::alloc::vec::Vec<u64>,
+}
+/// Requests to one method and path (paths go here only, never into metric labels).
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PathRow {
+    #[prost(bool, tag = "1")]
+    pub inbound: bool,
+    #[prost(string, tag = "2")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub method: ::prost::alloc::string::String,
+    /// At most 128 bytes, without the query string; "(other)" gathers the paths past
+    /// the proxy's cap of distinct paths per report.
+    #[prost(string, tag = "4")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub requests: u64,
+    #[prost(uint64, tag = "6")]
+    pub failures: u64,
+    /// Sum and maximum of the time to the response head, in microseconds.
+    #[prost(uint64, tag = "7")]
+    pub latency_sum_us: u64,
+    #[prost(uint64, tag = "8")]
+    pub latency_max_us: u64,
+}
+/// Tapped requests, for the tap `id` started by a TapStart.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TapEvents {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub events: ::prost::alloc::vec::Vec<TapEvent>,
+    /// Events this proxy could not send (the tap or the stream fell behind).
+    #[prost(uint64, tag = "3")]
+    pub missed: u64,
+}
+/// One tapped request: its head and its answer, never bodies; header values that
+/// may be credentials read `<redacted>`.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TapEvent {
+    /// `namespace/name` of the proxy that saw it (set by the control plane).
+    #[prost(string, tag = "1")]
+    pub proxy: ::prost::alloc::string::String,
+    /// RFC 3339, UTC, milliseconds.
+    #[prost(string, tag = "2")]
+    pub start: ::prost::alloc::string::String,
+    /// `inbound` or `outbound`.
+    #[prost(string, tag = "3")]
+    pub direction: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub method: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub authority: ::prost::alloc::string::String,
+    /// Without the query string.
+    #[prost(string, tag = "6")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub protocol: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "8")]
+    pub status: u32,
+    #[prost(string, tag = "9")]
+    pub grpc_status: ::prost::alloc::string::String,
+    #[prost(double, tag = "10")]
+    pub duration_ms: f64,
+    #[prost(string, tag = "11")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(string, tag = "12")]
+    pub route: ::prost::alloc::string::String,
+    #[prost(string, tag = "13")]
+    pub upstream: ::prost::alloc::string::String,
+    #[prost(string, tag = "14")]
+    pub client: ::prost::alloc::string::String,
+    /// The caller's verified SPIFFE id (inbound, mTLS).
+    #[prost(string, tag = "15")]
+    pub peer_identity: ::prost::alloc::string::String,
+    #[prost(string, tag = "16")]
+    pub trace_id: ::prost::alloc::string::String,
+    /// Why the proxy answered itself (`sinew-error`), if it did.
+    #[prost(string, tag = "17")]
+    pub error: ::prost::alloc::string::String,
+    #[prost(map = "string, string", tag = "18")]
+    pub headers:
+        ::std::collections::HashMap<::prost::alloc::string::String, ::prost::alloc::string::String>,
+}
+/// What a tap wants to see: every field given must match.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TapFilter {
+    /// `inbound` or `outbound`; "" for both.
+    #[prost(string, tag = "1")]
+    pub direction: ::prost::alloc::string::String,
+    /// A service, `name` or `name.namespace`.
+    #[prost(string, tag = "2")]
+    pub service: ::prost::alloc::string::String,
+    /// A path prefix.
+    #[prost(string, tag = "3")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub method: ::prost::alloc::string::String,
+    /// An exact status (503) or a class (5xx).
+    #[prost(string, tag = "5")]
+    pub status: ::prost::alloc::string::String,
+    /// Stop after this many events; 0 for no limit.
+    #[prost(uint64, tag = "6")]
+    pub limit: u64,
 }
 /// What the proxy's mesh-wide rate limits saw since its last report: sent every
 /// report interval while it has any, each answered with its Leases. Every global
@@ -103,7 +264,7 @@ pub struct Ack {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -119,7 +280,28 @@ pub mod control_message {
         TrustBundle(super::TrustBundle),
         #[prost(message, tag = "4")]
         Leases(super::Leases),
+        #[prost(message, tag = "5")]
+        TapStart(super::TapStart),
+        #[prost(message, tag = "6")]
+        TapStop(super::TapStop),
     }
+}
+/// Start sending the requests that match `filter` as TapEvents with this `id`. Nothing
+/// is tapped until one arrives.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TapStart {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(message, optional, tag = "2")]
+    pub filter: ::core::option::Option<TapFilter>,
+}
+/// Stop the tap `id` (also sent for events of a tap the control plane no longer has).
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TapStop {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
 }
 /// The proxy's shares of mesh-wide rate limits: the answer to a Demand. The shares of
 /// one limit across its proxies add up to its rate: in proportion to demand when the
@@ -221,6 +403,192 @@ pub struct Resource {
     pub key: ::core::option::Option<ResourceKey>,
     #[prost(string, tag = "2")]
     pub json: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StatRequest {
+    /// "service" (default), "workload" or "route".
+    #[prost(string, tag = "1")]
+    pub by: ::prost::alloc::string::String,
+    /// Namespace; "" for every namespace.
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    /// Seconds to look back; 0 for the default (60), at most 60.
+    #[prost(uint32, tag = "3")]
+    pub window_seconds: u32,
+    /// "inbound", "outbound", or "" to take each group's server side when its proxies
+    /// report one (else the callers' side).
+    #[prost(string, tag = "4")]
+    pub direction: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StatResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub rows: ::prost::alloc::vec::Vec<StatRow>,
+    /// The window used, seconds.
+    #[prost(uint32, tag = "2")]
+    pub window_seconds: u32,
+    /// Proxies whose reports are in the window.
+    #[prost(uint32, tag = "3")]
+    pub proxies: u32,
+}
+/// Golden signals of one group.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StatRow {
+    /// `name.namespace` (service), `namespace/name` (workload or route).
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    /// For routes: the service they belong to.
+    #[prost(string, tag = "3")]
+    pub service: ::prost::alloc::string::String,
+    /// "inbound" (seen by the servers' proxies) or "outbound" (seen by the callers').
+    #[prost(string, tag = "4")]
+    pub direction: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub requests: u64,
+    #[prost(uint64, tag = "6")]
+    pub failures: u64,
+    /// Requests per second over the part of the window that was observed.
+    #[prost(double, tag = "7")]
+    pub rps: f64,
+    /// Estimated from the merged latency histograms (bucket interpolation).
+    #[prost(double, tag = "8")]
+    pub p50_ms: f64,
+    #[prost(double, tag = "9")]
+    pub p95_ms: f64,
+    #[prost(double, tag = "10")]
+    pub p99_ms: f64,
+    /// Requests that crossed the mesh over mTLS.
+    #[prost(uint64, tag = "11")]
+    pub mtls_requests: u64,
+    /// Proxies that reported for this group.
+    #[prost(uint32, tag = "12")]
+    pub proxies: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TopRequest {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    /// A service (`name` or `name.namespace`); "" for all.
+    #[prost(string, tag = "2")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub window_seconds: u32,
+    /// Rows to return; 0 for 20.
+    #[prost(uint32, tag = "4")]
+    pub limit: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TopResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub rows: ::prost::alloc::vec::Vec<TopRow>,
+    #[prost(uint32, tag = "2")]
+    pub window_seconds: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TopRow {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub method: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub direction: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub requests: u64,
+    #[prost(uint64, tag = "6")]
+    pub failures: u64,
+    #[prost(double, tag = "7")]
+    pub rps: f64,
+    #[prost(double, tag = "8")]
+    pub mean_ms: f64,
+    #[prost(double, tag = "9")]
+    pub max_ms: f64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TapRequest {
+    #[prost(message, optional, tag = "1")]
+    pub filter: ::core::option::Option<TapFilter>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TapResponse {
+    #[prost(oneof = "tap_response::Kind", tags = "1, 2, 3")]
+    pub kind: ::core::option::Option<tap_response::Kind>,
+}
+/// Nested message and enum types in `TapResponse`.
+pub mod tap_response {
+    #[allow(clippy::all)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Kind {
+        /// The first message: the tap is live on this many connected proxies.
+        #[prost(uint32, tag = "1")]
+        Started(u32),
+        #[prost(message, tag = "2")]
+        Event(super::TapEvent),
+        /// Events lost since the last message (a slow proxy stream or caller).
+        #[prost(uint64, tag = "3")]
+        Missed(u64),
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EdgesRequest {
+    #[prost(string, tag = "1")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub window_seconds: u32,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EdgesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub edges: ::prost::alloc::vec::Vec<Edge>,
+    #[prost(uint32, tag = "2")]
+    pub window_seconds: u32,
+}
+/// Traffic from one caller to one service.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Edge {
+    /// The calling proxy's `namespace/name`; "" when the caller has no proxy reporting
+    /// (then only its identity, if it presented one, is known).
+    #[prost(string, tag = "1")]
+    pub src: ::prost::alloc::string::String,
+    /// The caller's service, if its proxy registered one.
+    #[prost(string, tag = "2")]
+    pub src_service: ::prost::alloc::string::String,
+    /// The caller's SPIFFE id; "" for plaintext callers.
+    #[prost(string, tag = "3")]
+    pub client_identity: ::prost::alloc::string::String,
+    /// The service called, `name.namespace`.
+    #[prost(string, tag = "4")]
+    pub dst: ::prost::alloc::string::String,
+    /// Proxies of `dst` that saw these calls arrive (`namespace/name`).
+    #[prost(string, repeated, tag = "5")]
+    pub dst_workloads: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The SPIFFE ids the callee had to present (outbound mTLS); at most 4.
+    #[prost(string, repeated, tag = "6")]
+    pub server_identities: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(uint64, tag = "7")]
+    pub requests: u64,
+    #[prost(uint64, tag = "8")]
+    pub failures: u64,
+    /// Requests over mTLS.
+    #[prost(uint64, tag = "9")]
+    pub mtls_requests: u64,
+    /// True when the callee's proxies saw this caller's identity over mTLS.
+    #[prost(bool, tag = "10")]
+    pub verified_by_server: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -905,6 +1273,71 @@ pub mod admin_client {
                 .insert(GrpcMethod::new("sinew.api.v1.Admin", "RotateCa"));
             self.inner.unary(req, path, codec).await
         }
+        /// Golden signals from the proxies' reports over a recent window (at most 60 s),
+        /// by service, workload or route.
+        pub async fn stat(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StatRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatResponse>, tonic::Status> {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = crate::codec::Codec::default();
+            let path = http::uri::PathAndQuery::from_static("/sinew.api.v1.Admin/Stat");
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sinew.api.v1.Admin", "Stat"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The busiest paths over a recent window.
+        pub async fn top(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TopRequest>,
+        ) -> std::result::Result<tonic::Response<super::TopResponse>, tonic::Status> {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = crate::codec::Codec::default();
+            let path = http::uri::PathAndQuery::from_static("/sinew.api.v1.Admin/Top");
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sinew.api.v1.Admin", "Top"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Live requests from every proxy, as they happen: the filter goes out to the
+        /// proxies over their streams; stops when the caller goes away or at `limit`.
+        pub async fn tap(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TapRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::TapResponse>>,
+            tonic::Status,
+        > {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = crate::codec::Codec::default();
+            let path = http::uri::PathAndQuery::from_static("/sinew.api.v1.Admin/Tap");
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sinew.api.v1.Admin", "Tap"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Who calls whom over a recent window, with identities and mTLS.
+        pub async fn edges(
+            &mut self,
+            request: impl tonic::IntoRequest<super::EdgesRequest>,
+        ) -> std::result::Result<tonic::Response<super::EdgesResponse>, tonic::Status> {
+            self.inner.ready().await.map_err(|e| {
+                tonic::Status::unknown(format!("Service was not ready: {}", e.into()))
+            })?;
+            let codec = crate::codec::Codec::default();
+            let path = http::uri::PathAndQuery::from_static("/sinew.api.v1.Admin/Edges");
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sinew.api.v1.Admin", "Edges"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -956,6 +1389,33 @@ pub mod admin_server {
             &self,
             request: tonic::Request<super::RotateCaRequest>,
         ) -> std::result::Result<tonic::Response<super::RotateCaResponse>, tonic::Status>;
+        /// Golden signals from the proxies' reports over a recent window (at most 60 s),
+        /// by service, workload or route.
+        async fn stat(
+            &self,
+            request: tonic::Request<super::StatRequest>,
+        ) -> std::result::Result<tonic::Response<super::StatResponse>, tonic::Status>;
+        /// The busiest paths over a recent window.
+        async fn top(
+            &self,
+            request: tonic::Request<super::TopRequest>,
+        ) -> std::result::Result<tonic::Response<super::TopResponse>, tonic::Status>;
+        /// Server streaming response type for the Tap method.
+        type TapStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::TapResponse, tonic::Status>,
+            > + std::marker::Send
+            + 'static;
+        /// Live requests from every proxy, as they happen: the filter goes out to the
+        /// proxies over their streams; stops when the caller goes away or at `limit`.
+        async fn tap(
+            &self,
+            request: tonic::Request<super::TapRequest>,
+        ) -> std::result::Result<tonic::Response<Self::TapStream>, tonic::Status>;
+        /// Who calls whom over a recent window, with identities and mTLS.
+        async fn edges(
+            &self,
+            request: tonic::Request<super::EdgesRequest>,
+        ) -> std::result::Result<tonic::Response<super::EdgesResponse>, tonic::Status>;
     }
     /// Operator API: what the `sinew` CLI calls.
     #[derive(Debug)]
@@ -1280,6 +1740,156 @@ pub mod admin_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RotateCaSvc(inner);
+                        let codec = crate::codec::Codec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sinew.api.v1.Admin/Stat" => {
+                    #[allow(non_camel_case_types)]
+                    struct StatSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::StatRequest> for StatSvc<T> {
+                        type Response = super::StatResponse;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StatRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move { <T as Admin>::stat(&inner, request).await };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StatSvc(inner);
+                        let codec = crate::codec::Codec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sinew.api.v1.Admin/Top" => {
+                    #[allow(non_camel_case_types)]
+                    struct TopSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::TopRequest> for TopSvc<T> {
+                        type Response = super::TopResponse;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TopRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move { <T as Admin>::top(&inner, request).await };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TopSvc(inner);
+                        let codec = crate::codec::Codec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sinew.api.v1.Admin/Tap" => {
+                    #[allow(non_camel_case_types)]
+                    struct TapSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::ServerStreamingService<super::TapRequest> for TapSvc<T> {
+                        type Response = super::TapResponse;
+                        type ResponseStream = T::TapStream;
+                        type Future =
+                            BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TapRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move { <T as Admin>::tap(&inner, request).await };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TapSvc(inner);
+                        let codec = crate::codec::Codec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sinew.api.v1.Admin/Edges" => {
+                    #[allow(non_camel_case_types)]
+                    struct EdgesSvc<T: Admin>(pub Arc<T>);
+                    impl<T: Admin> tonic::server::UnaryService<super::EdgesRequest> for EdgesSvc<T> {
+                        type Response = super::EdgesResponse;
+                        type Future = BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::EdgesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move { <T as Admin>::edges(&inner, request).await };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = EdgesSvc(inner);
                         let codec = crate::codec::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
