@@ -256,7 +256,9 @@ pub fn finish<B>(
         } else {
             meta.mtls_peer(&ctx.shared)
         };
-        let grpc_failed = h.get("grpc-status").is_some_and(|v| v.as_bytes() != b"0");
+        let grpc_failed = h
+            .get(crate::http_util::GRPC_STATUS)
+            .is_some_and(|v| v.as_bytes() != b"0");
         ctx.shared.stats.record(&crate::stats::Request {
             inbound,
             service: meta.service.as_deref().unwrap_or_default(),
@@ -336,7 +338,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 /// The trace id of a W3C `traceparent` header, if well formed.
 pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
-    let v = headers.get("traceparent")?.to_str().ok()?;
+    let v = headers.get(crate::http_util::TRACEPARENT)?.to_str().ok()?;
     let id = v.split('-').nth(1)?;
     (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
 }

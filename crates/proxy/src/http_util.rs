@@ -17,6 +17,13 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sinew-orig-proto");
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("sinew-peer-identity");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+/// `grpc-status`, as a static name: looking a header up by string parses the name
+/// on every request.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// `traceparent` (W3C trace context), as a static name.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -55,6 +62,14 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// as `trailers` (gRPC needs it). With `keep_upgrade`, `Connection: upgrade` and
 /// `Upgrade` survive, for forwarding an upgrade handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names (comparisons of
+    // known headers are cheap) spares a hashed removal per name on every request.
+    if !headers
+        .keys()
+        .any(|k| *k == header::TE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -318,7 +318,7 @@ impl Metrics {
         let class_idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         let grpc_status = resp
             .headers()
-            .get("grpc-status")
+            .get(crate::http_util::GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .map_or("", |v| {
                 GRPC_STATUSES

@@ -142,7 +142,7 @@ pub fn retryable_response<B>(resp: &Response<B>, cfg: &RetryConfig) -> bool {
         return false;
     }
     resp.headers()
-        .get("grpc-status")
+        .get(crate::http_util::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u8>().ok())
         .is_some_and(|c| cfg.grpc_codes.contains(&c))
@@ -154,12 +154,15 @@ pub const TIMEOUT_HEADER: &str = "sinew-timeout-ms";
 
 /// The time a request arrives with: `grpc-timeout` or `sinew-timeout-ms`.
 pub fn incoming_timeout(headers: &HeaderMap) -> Option<Duration> {
+    // Static names: a lookup by string would parse the name on every request.
+    const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+    const OURS: http::HeaderName = http::HeaderName::from_static(TIMEOUT_HEADER);
     let grpc = headers
-        .get("grpc-timeout")
+        .get(GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let ours = headers
-        .get(TIMEOUT_HEADER)
+        .get(OURS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis);
