@@ -23,16 +23,13 @@ class LoadGen:
     def _prefix(self) -> list[str]:
         return ["taskset", "-c", self.cpus] if self.pin else []
 
-    def oha(self, url: str, *, duration_s: float | None = None, requests: int | None = None,
-            conns: int = 16, rate: float | None = None, http2: bool = False,
-            parallel: int = 1, method: str = "GET", body_file: Path | None = None,
-            headers: list[str] = ()) -> dict:
-        """One oha run; returns the parsed result (latencies in milliseconds).
-
-        With `rate`, requests are sent on a fixed schedule and latency is measured
-        from each request's scheduled time (--latency-correction), so a stalled
-        server is charged for the requests it delayed (coordinated omission)."""
-        argv = [*self._prefix(), self.oha_path, "--no-tui", "--output-format", "json",
+    def oha_argv(self, url: str, *, duration_s: float | None = None,
+                 requests: int | None = None, conns: int = 16, rate: float | None = None,
+                 http2: bool = False, parallel: int = 1, method: str = "GET",
+                 body_file: Path | None = None, headers: list[str] = (),
+                 wrap: list[str] = ()) -> list[str]:
+        """The oha command line (after `wrap`, e.g. `perf stat ... --`)."""
+        argv = [*self._prefix(), *wrap, self.oha_path, "--no-tui", "--output-format", "json",
                 "--worker-threads", str(self.threads), "-c", str(conns), "-m", method]
         if duration_s is not None:
             # -w: requests in flight at the deadline finish and count, none are aborted.
@@ -48,7 +45,16 @@ class LoadGen:
         for h in headers:
             argv += ["-H", h]
         argv.append(url)
-        timeout = (duration_s or 30) + 60
+        return argv
+
+    def oha(self, url: str, **kw) -> dict:
+        """One oha run; returns the parsed result (latencies in milliseconds).
+
+        With `rate`, requests are sent on a fixed schedule and latency is measured
+        from each request's scheduled time (--latency-correction), so a stalled
+        server is charged for the requests it delayed (coordinated omission)."""
+        argv = self.oha_argv(url, **kw)
+        timeout = (kw.get("duration_s") or 30) + 60
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
@@ -56,11 +62,24 @@ class LoadGen:
         if done.returncode != 0:
             raise HarnessError(f"oha against {url} failed (exit {done.returncode}): "
                                f"{done.stderr.strip()[-800:]}")
+        return oha_json(done.stdout, url)
+
+    def oha_start(self, pm, name: str, url: str, out: Path, **kw):
+        """Starts oha in the background (its own process group, stopped with the
+        harness), its JSON going to `out`; `oha_finish` waits for and parses it."""
+        return pm.start(name, self.oha_argv(url, **kw), stdout=out)
+
+    @staticmethod
+    def oha_finish(pm, proc, out: Path, url: str, timeout: float) -> dict:
         try:
-            data = json.loads(done.stdout)
-        except json.JSONDecodeError as e:
-            raise HarnessError(f"oha against {url}: output is not JSON: {done.stdout[:300]!r}") from e
-        return parse_oha(data, url)
+            code = proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            pm.stop(proc)
+            raise HarnessError(f"oha against {url} did not finish within {timeout:.0f}s") from e
+        pm.stop(proc)
+        if code != 0:
+            raise HarnessError(f"oha against {url} failed (exit {code}):\n{proc.log_tail()}")
+        return oha_json(out.read_text(), url)
 
     def h2load(self, url: str, *, duration_s: float, clients: int, streams: int,
                log_file: Path, data_file: Path | None = None, headers: list[str] = (),
@@ -86,6 +105,14 @@ class LoadGen:
             raise HarnessError(f"h2load against {url} failed (exit {done.returncode}): "
                                f"{(done.stdout + done.stderr).strip()[-800:]}")
         return parse_h2load(done.stdout, log_file, url)
+
+
+def oha_json(text: str, url: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"oha against {url}: output is not JSON: {text[:300]!r}") from e
+    return parse_oha(data, url)
 
 
 def parse_oha(data: dict, url: str) -> dict:

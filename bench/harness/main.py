@@ -26,21 +26,29 @@ MODES = {
                   max_duration=1, max_conns=16, warm_requests=200, idle_levels=[200],
                   startup_reps=2, mesh_rates=[200], mesh_rounds=1, mesh_max_rounds=1,
                   h2_duration=1, h2_rounds=1, h2_rate=200, cp_proxies=20, cp_services=10,
-                  cp_endpoints=200, cp_changes=2, quiet_wait_s=0),
+                  cp_endpoints=200, cp_changes=2, quiet_wait_s=0,
+                  res_rate=1000, res_rounds=1, res_duration=3, res_kill_after=1000,
+                  res_b_rounds=2, res_b_duration=1, res_instr_rounds=1,
+                  res_instr_requests=1000, res_breakdown_requests=200),
     "quick": dict(rates=[500, 1000, 2000], rounds=2, duration=3, fixed_conns=16, max_rounds=3,
                   max_duration=2, max_conns=32, warm_requests=5000, idle_levels=[1000],
                   startup_reps=10, mesh_rates=[1000], mesh_rounds=3, mesh_max_rounds=2,
                   h2_duration=2, h2_rounds=2, h2_rate=1000, cp_proxies=1000, cp_services=100,
-                  cp_endpoints=10000, cp_changes=5, quiet_wait_s=30),
+                  cp_endpoints=10000, cp_changes=5, quiet_wait_s=30,
+                  res_rate=1000, res_rounds=3, res_duration=10, res_kill_after=3000,
+                  res_b_rounds=4, res_b_duration=5, res_instr_rounds=3,
+                  res_instr_requests=5000, res_breakdown_requests=3000),
     "full": dict(rates=[500, 1000, 2000, 5000], rounds=5, duration=10, fixed_conns=16,
                  max_rounds=5, max_duration=10, max_conns=32, warm_requests=20000,
                  idle_levels=[1000, 10000], startup_reps=30, mesh_rates=[500, 1000, 2000],
                  mesh_rounds=5, mesh_max_rounds=5, h2_duration=10, h2_rounds=5, h2_rate=1000,
                  cp_proxies=1000, cp_services=100, cp_endpoints=10000, cp_changes=20,
-                 quiet_wait_s=60),
+                 quiet_wait_s=60, res_rate=1000, res_rounds=6, res_duration=20,
+                 res_kill_after=5000, res_b_rounds=10, res_b_duration=10, res_instr_rounds=5,
+                 res_instr_requests=20000, res_breakdown_requests=10000),
 }
 
-ALL = ["1", "4", "5", "7", "2", "3", "6"]
+ALL = ["1", "4", "5", "7", "2", "3", "6", "8"]
 
 
 def parse_args(argv):
@@ -61,7 +69,7 @@ def parse_args(argv):
                       help="rewrite the Markdown of an existing results JSON (after a report "
                            "change) and validate both; runs nothing")
     p.add_argument("--scenarios", default=",".join(ALL),
-                   help="comma-separated subset of 1,2,3,4,5,6,7 (5 comes with 1)")
+                   help="comma-separated subset of 1,2,3,4,5,6,7,8 (5 comes with 1)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin proxies and the load generator to separate CPUs")
     p.add_argument("--no-build", action="store_true", help="use the existing build")
@@ -194,7 +202,7 @@ def run(args, wanted, work, pm, t_start) -> int:
     log(f"{args.mode} run: scenarios {','.join(s for s in ALL if s in wanted)}; {placement}")
     backend = P.start_backend(env)
     not_run = []
-    from . import mesh  # noqa: PLC0415 - scenarios 2, 3 and 6 live there
+    from . import mesh, resilience  # noqa: PLC0415 - scenarios 2, 3, 6 and 8 live there
     if "1" in wanted:
         s1, s5 = scenarios.s1_one_hop(ctx)
         results["scenarios"]["s1"] = s1
@@ -214,6 +222,8 @@ def run(args, wanted, work, pm, t_start) -> int:
             not_run.append("Scenario 6 (control plane at scale): the simulator could not be built")
     if "7" in wanted:
         results["scenarios"]["s7"] = scenarios.s7_startup(ctx)
+    if "8" in wanted:
+        results["scenarios"]["s8"] = resilience.s8_resilience(ctx)
     backend.check()
     pm.stop(backend)
 
@@ -278,6 +288,70 @@ def caveats(results, cfg) -> list[str]:
 
 def _status(ok):
     return "n/a" if ok is None else ("met" if ok else "not met")
+
+
+def s8_summary(s8) -> list[dict]:
+    out = []
+    rows = {r["id"]: r for r in s8["rows"]}
+    kills = [r for r in s8["rows"] if r.get("table") == "kill"]
+    rate = next((r["rate"] for r in s8["rows"] if r.get("table") == "kill-round"), 1000)
+
+    def failed(k):
+        return (f"{k['peer']}: median {report.pct(k['failure_share_median'])}, worst "
+                f"{report.pct(k['failure_share_worst'])} ({k['failed']:,} of "
+                f"{k['requests']:,} in {k['rounds']} round(s))")
+
+    def ejected(k):
+        never = k["not_ejected_rounds"]
+        if not never:
+            return (f"{k['peer']}: median {report.f(k['ejected_ms_median'], 0)} ms, worst "
+                    f"{report.f(k['ejected_ms_worst'], 0)} ms")
+        text = f"{k['peer']}: not ejected in {never} of {k['rounds']} round(s)"
+        if never < k["rounds"]:
+            text += f" (the others: median {report.f(k['ejected_ms_median_of_ejected'], 0)} ms)"
+        if k["last_retry_ms_worst"]:
+            text += (f"; last try to the dead endpoint ≤ {report.f(k['last_retry_ms_worst'], 0)}"
+                     " ms after the kill")
+        return text
+
+    for k in kills:
+        if not k["peer"].startswith("sinew"):
+            continue
+        worst = k["failure_share_worst"]
+        out.append({"target": f"one of three endpoints killed at {rate:,} rps: ≤ 0.1% failed "
+                              f"({k['peer']})",
+                    "measured": failed(k),
+                    "status": _status(None if worst is None else worst <= 0.001)})
+    for k in kills:
+        if not k["peer"].startswith("sinew"):
+            continue
+        ok = (False if k["not_ejected_rounds"] else
+              None if k["ejected_ms_worst"] is None else k["ejected_ms_worst"] <= 1000)
+        envoy = next((e for e in kills if e["peer"] == "envoy"), None)
+        out.append({"target": f"dead endpoint ejected within 1 s ({k['peer']})",
+                    "measured": ejected(k) + " (polled every 10 ms)"
+                                + (f"; Envoy {ejected(envoy).split(': ', 1)[1]}" if envoy else ""),
+                    "status": _status(ok)})
+    d = rows.get("s8-overhead/difference")
+    if d:
+        lo, hi = d["p50_us_range"]
+        p50 = (f"p50 {report.signed(d['p50_us'], 1)} µs (median of "
+               f"{len(d['p50_us_per_round'])} rounds, range {report.signed(lo, 1)} – "
+               f"{report.signed(hi, 1)} µs)")
+        if d.get("est_us") is not None:
+            # Judged on the instruction count: a p50 difference of a few µs is inside
+            # the round-to-round noise here; the instruction count repeats.
+            measured = (f"≈ {report.signed(d['est_us'], 1)} µs estimated (judged on this) "
+                        f"from {report.signed(d['instr_per_req'], 0)} instructions per "
+                        f"request at the measured cycles per instruction and "
+                        f"{report.f(d['cpu_mhz'], 0)} MHz (cross-check at /proc CPU time: "
+                        f"≈ {report.signed(d.get('est_us_proc'), 1)} µs); measured {p50}")
+            ok = d["est_us"] <= 5
+        else:
+            measured, ok = p50, None if d["p50_us"] is None else d["p50_us"] <= 5
+        out.append({"target": "policies add ≤ 5 µs p50 when not triggered",
+                    "measured": measured, "status": _status(ok)})
+    return out
 
 
 def summary(results) -> list[dict]:
@@ -350,6 +424,8 @@ def summary(results) -> list[dict]:
                 out.append({"target": f"proxy ready ≤ 100 ms ({r['peer']})",
                             "measured": f"p50 {report.ms(v)} ms, max {report.ms(r['ready_ms']['max'])} ms",
                             "status": _status(None if v is None else v <= 100)})
+    if "s8" in sc:
+        out += s8_summary(sc["s8"])
     if results["mode"] == "smoke":
         for row in out:
             row["status"] = "(smoke: not judged)"

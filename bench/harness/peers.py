@@ -83,17 +83,23 @@ def _first_ok(port: int, procs: list[Proc], what: str, deadline_s: float = 30.0)
 
 # -- The backend ----------------------------------------------------------------------
 
-def start_backend(env: Env, body_bytes: int = 1024) -> Proc:
+def backend(env: Env, name: str = "backend", body_bytes: int = 1024) -> tuple[Proc, int]:
+    """A bench-backend on a fresh port, answering: (process, port)."""
     port = env.ports.take()
-    proc = env.pm.start("backend", [env.tools.backend, "--listen", f"127.0.0.1:{port}",
-                                     "--body-bytes", str(body_bytes), "--workers", "1"],
+    proc = env.pm.start(name, [env.tools.backend, "--listen", f"127.0.0.1:{port}",
+                               "--body-bytes", str(body_bytes), "--workers", "1"],
                         cpus=env.load_cpus)
     wait_http(port, "/", 20, [proc], what="bench-backend")
     status, body = http_get("127.0.0.1", port, "/")
     if status != 200 or len(body) != body_bytes:
         raise HarnessError(f"bench-backend answered {status} with {len(body)} bytes, "
                            f"expected 200 with {body_bytes}")
-    env.backend_port = port
+    return proc, port
+
+
+def start_backend(env: Env, body_bytes: int = 1024) -> Proc:
+    """The run's shared backend (env.backend_port)."""
+    proc, env.backend_port = backend(env, "backend", body_bytes)
     return proc
 
 
@@ -128,7 +134,9 @@ def _sinew_proxy(env: Env, name: str, args: list[str], admin: int) -> Proc:
                         cpus=env.proxy_cpus, env=SINEW_ENV)
 
 
-def sinew(env: Env, tag: str = "sinew") -> Running:
+def sinew(env: Env, tag: str = "sinew", docs: str | None = None) -> Running:
+    """One outbound binding to Service `backend`; `docs` (Service, Workloads,
+    policies) default to the shared backend as the one Workload."""
     port, admin = env.ports.take(), env.ports.take()
     cfg = env.work / f"{tag}-{port}.yaml"
     cfg.write_text(f"""\
@@ -139,12 +147,12 @@ spec:
   outbound:
     upstreams: [{{bind: "127.0.0.1:{port}", service: backend, port: http}}]
 ---
-""" + _sinew_service_docs(env.backend_port, None))
+""" + (docs if docs is not None else _sinew_service_docs(env.backend_port, None)))
     t0 = time.monotonic()
     proc = _sinew_proxy(env, tag, ["--config", str(cfg)], admin)
-    wait_http(admin, "/ready", 30, [proc], what="sinew-proxy /ready")
+    wait_http(admin, "/ready", 30, [proc], what=f"{tag} /ready")
     ready = time.monotonic() - t0
-    _first_ok(port, [proc], "sinew")
+    _first_ok(port, [proc], tag)
     return Running("sinew", port, [proc], admin_ports=[admin], ready_s=ready,
                    first_ok_s=time.monotonic() - t0)
 

@@ -67,9 +67,11 @@ class ProcessManager:
         atexit.register(self.stop_all)
 
     def start(self, name: str, argv: list[str], cpus: str | None = None,
-              env: dict | None = None, cwd: Path | None = None) -> Proc:
+              env: dict | None = None, cwd: Path | None = None,
+              stdout: Path | None = None) -> Proc:
         """Starts argv; with pinning on, on the given CPU list (taskset execs, so
-        the pid is the program's own)."""
+        the pid is the program's own). Output goes to the process's log, or with
+        `stdout`, standard output to that file and standard error to the log."""
         self._counter += 1
         log = self.logdir / f"{self._counter:03d}-{name}.log"
         if self.pin and cpus is not None:
@@ -77,9 +79,10 @@ class ProcessManager:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
-        with open(log, "wb") as out:
+        with open(log, "wb") as err, open(stdout or os.devnull, "wb") as out:
             popen = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv, stdout=out if stdout else err,
+                stderr=err if stdout else subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=full_env, cwd=cwd, start_new_session=True,
             )
         proc = Proc(name, popen, log)

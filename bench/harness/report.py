@@ -27,6 +27,15 @@ def ms(v):
     return f(v, 3)
 
 
+def pct(share, digits=3):
+    """A share (0..1) as a percentage."""
+    return "n/a" if share is None else f"{share * 100:.{digits}f}%"
+
+
+def signed(v, digits=1):
+    return "n/a" if v is None else f"{v:+,.{digits}f}"
+
+
 def peer(r):
     """The row's label, marked † when a compiler ran beside one of its rounds."""
     return r["peer"] + (" †" if r.get("busy_rounds") else "")
@@ -198,6 +207,8 @@ def render(results: dict) -> Doc:
                             ms(r["ready_ms"]["p90"]), ms(r["ready_ms"]["max"]),
                             ms(r["first_ok_ms"]["p50"]), ms(r["first_ok_ms"]["max"])])
                  for r in s7["rows"]])
+    if "s8" in sc:
+        _render_s8(d, sc["s8"])
     d.add("## Peer configuration", "")
     for line in results["peer_notes"]:
         d.add(f"- {line}")
@@ -217,6 +228,110 @@ def render(results: dict) -> Doc:
             d.add(f"- {p}")
         d.add("")
     return d
+
+
+def _render_s8(d: Doc, s8: dict) -> None:
+    rows = s8["rows"]
+    d.add(f"## {s8['title']}", "", "### A: one of three endpoints killed under load", "",
+          s8["description_kill"], "", "Policy (besides the Service and its three Workloads):",
+          "", "```yaml", *s8["config_kill"].rstrip().splitlines(), "```", "")
+    d.add("Envoy (the peer row), the equivalent configuration:", "", "```text",
+          *s8["config_kill_envoy"].rstrip().splitlines(), "```", "")
+    kill = [r for r in rows if r.get("table") == "kill"]
+    d.table(["proxy", "balancer", "rounds", "requests", "failed", "failure share median",
+             "worst", "ejected after median (ms)", "worst (ms)", "retries after kill (median)",
+             "last retry, worst (ms after kill)", "p99 median", "max (worst round)"],
+            [(r["id"], [peer(r), r.get("config", ""), r["rounds"], f(r["requests"]),
+                        f(r["failed"]), pct(r["failure_share_median"]),
+                        pct(r["failure_share_worst"]),
+                        f(r["ejected_ms_median"], 0) if not r["not_ejected_rounds"]
+                        else f"not ejected in {r['not_ejected_rounds']} of {r['rounds']}",
+                        f(r["ejected_ms_worst"], 0) if not r["not_ejected_rounds"] else "n/a",
+                        f(r["retries_after_kill_median"], 0),
+                        f(r["last_retry_ms_worst"], 0) if r["last_retry_ms_worst"] else "none",
+                        ms(r["p99_ms_median"]), ms(r["max_ms_worst"])]) for r in kill])
+    for r in kill:
+        if r.get("note"):
+            d.add(f"Note ({r['peer']}): {r['note']}", "")
+    d.add("Round by round (the proxies took turns within each round):", "")
+    d.table(["proxy", "round", "killed", "kill at (s)", "requests", "failed", "failure share",
+             "ejected after (ms)", "retries before / after kill", "retries after ejection",
+             "last retry (ms after kill)", "proxy-made answers", "p99", "max"],
+            [(r["id"], [peer(dict(r, busy_rounds=r.get("busy_processes"))), r["round"],
+                        r["killed"], f(r["kill_at_s"], 1), f(r["requests"]), f(r["failed"]),
+                        pct(r["failure_share"]),
+                        (f(r["ejected_ms"], 0) if r["ejected_ms"] is not None else "not ejected")
+                        + (f" (log: {f(r['ejected_logged_ms'], 1)})"
+                           if r.get("ejected_logged_ms") is not None else ""),
+                        f"{r['retries_before_kill']} / {r['retries_after_kill']}",
+                        f(r["retries_after_ejection"]),
+                        f(r["last_retry_ms"], 0) if r["last_retry_ms"] is not None else "none",
+                        ", ".join(f"{k}: {v}" for k, v in r["proxy_made"].items()) or "none",
+                        ms(r["p99_ms"]), ms(r["max_ms"])])
+             for r in rows if r.get("table") == "kill-round"])
+    d.add("### B: policies configured but never triggered", "", s8["description_overhead"], "",
+          "Policies of *sinew+policies* (*sinew* has the Service and Workload only):", "",
+          "```yaml", *s8["config_overhead"].rstrip().splitlines(), "```", "")
+    over = [r for r in rows if r.get("table") == "overhead"]
+    d.table(["config", "rate", "p50", "p90", "p99", "CPU s / 1k req",
+             "instructions / req (user + kernel)", "user", "kernel", "cycles / req",
+             "cycles per instruction (user / kernel)"],
+            [(r["id"], [peer(r), f"{r['rate']}{'*' if r['rate_not_sustained'] else ''}",
+                        ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]),
+                        f(r["cpu_per_1k"], 3), f(r.get("instr_per_req"), 0),
+                        f(r.get("instr_u_per_req"), 0), f(r.get("instr_k_per_req"), 0),
+                        f(r.get("cycles_per_req"), 0),
+                        f"{f(r.get('cpi_u'), 2)} / {f(r.get('cpi_k'), 2)}"]) for r in over])
+    diff = next((r for r in rows if r.get("table") == "overhead-diff"), None)
+    if diff:
+        lo, hi = diff["p50_us_range"]
+        cells = [
+            ("p50, policies − none, per round (µs)",
+             ", ".join(signed(v, 1) for v in diff["p50_us_per_round"])),
+            ("p50 difference, median (range)",
+             f"{signed(diff['p50_us'], 1)} µs ({signed(lo, 1)} – {signed(hi, 1)})"),
+            ("p99 difference, median", f"{signed(diff['p99_us'], 1)} µs"),
+        ]
+        if diff.get("instr_per_req") is not None:
+            cells += [
+                ("instructions per request, policies − none, per round",
+                 ", ".join(signed(v, 0) for v in diff["instr_per_req_per_round"])),
+                ("instructions per request, median difference (user / kernel)",
+                 f"{signed(diff['instr_per_req'], 0)} ({signed(diff['instr_u_per_req'], 0)} / "
+                 f"{signed(diff['instr_k_per_req'], 0)})"),
+                ("estimated time: (user Δ × user CPI + kernel Δ × kernel CPI) ÷ clock",
+                 f"≈ {signed(diff['est_us'], 2)} µs (CPI {f(diff['cpi_u'], 2)} / "
+                 f"{f(diff['cpi_k'], 2)} measured, {f(diff['cpu_mhz'], 0)} MHz nominal; "
+                 "estimate)"),
+                ("cross-check: Δ instructions × CPU time per instruction without perf (/proc)",
+                 f"≈ {signed(diff.get('est_us_proc'), 2)} µs at "
+                 f"{f(diff.get('ns_per_instr_proc'), 3)} ns per instruction (estimate)"),
+                ("proxy CPU time per request, *sinew*: without perf / under perf (/proc)",
+                 f"{f(diff.get('cpu_us_noperf'), 1)} µs / "
+                 f"{f(diff.get('cpu_us_underperf'), 1)} µs"),
+                ("cycles per request, median difference (noisy)",
+                 f"{signed(diff.get('cycles_per_req'), 0)} "
+                 "(per round " + ", ".join(signed(v, 0)
+                                           for v in diff.get("cycles_per_req_per_round", []))
+                 + ")"),
+            ]
+        else:
+            cells.append(("instructions per request", f"not measured: {diff['instructions']}"))
+        cells.append(("policy actions seen during the runs",
+                      ", ".join(f"{k}: {v}" for k, v in diff["triggered"].items()) or "none"))
+        d.table(["policies − no policies", "value"],
+                [(diff["id"] if i == 0 else None, list(c)) for i, c in enumerate(cells)])
+    pieces = [r for r in rows if r.get("table") == "piece"]
+    if pieces:
+        d.add("One piece of the policy set at a time (a proxy each, one run of "
+              f"{pieces[0]['requests']:,} requests at the same rate; *added*: minus the first "
+              "row, runs of the same length; the pieces need not add up to the whole):", "")
+        d.table(["configured alone", "instructions / req", "added", "added (user only)",
+                 "policy actions"],
+                [(r["id"], [peer(r), f(r["instr_per_req"], 0), signed(r.get("instr_added"), 0),
+                            signed(r.get("instr_u_added"), 0),
+                            ", ".join(f"{k}: {v}" for k, v in r["triggered"].items()) or "none"])
+                 for r in pieces])
 
 
 def _ratio_table(d: Doc, ratios: list) -> None:
@@ -301,6 +416,14 @@ def validate(md: Path, js: Path, doc: Doc, results: dict) -> None:
                 for k in by.get(key, []):
                     if r.get(k) is None and not (k == "cpu_per_1k" and r.get("peer") == "direct"):
                         missing.append(f"{key} row {r['id']}: {k} not measured")
+        if key == "s8":
+            for r in section["rows"]:
+                if r.get("table") == "kill" and not r["requests"]:
+                    missing.append(f"s8 row {r['id']}: no request measured")
+                if r.get("table") == "overhead" and r.get("p50_ms") is None:
+                    missing.append(f"s8 row {r['id']}: p50 not measured")
+                if r.get("table") == "overhead-diff" and r.get("p50_us") is None:
+                    missing.append(f"s8 row {r['id']}: no p50 difference")
         if key == "s7":
             for r in section["rows"]:
                 if r["ready_ms"]["p50"] is None or r["first_ok_ms"]["p50"] is None:

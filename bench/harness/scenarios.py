@@ -65,10 +65,9 @@ def _verify(ctx: Ctx, res: dict, what: str, rate: float | None,
         res["rate_not_sustained"] = True
 
 
-def measured(ctx: Ctx, running: P.Running, what: str, *, h2load: dict | None = None,
-             expect_bytes: int = 1024, **oha) -> dict:
-    """One load run against a peer, with the peer's CPU time over the run."""
-    running.check()
+def wait_quiet(ctx: Ctx) -> list[str]:
+    """Before a load run: waits (a while) for compilers on the machine to finish,
+    counts the run, and returns the compilers still running."""
     # At most quiet_wait_s per run, and ten times that over the whole run.
     if ctx.quiet_wait_s > 0 and ctx.waited_s < 10 * ctx.quiet_wait_s and busy_processes():
         t0 = time.monotonic()
@@ -78,6 +77,14 @@ def measured(ctx: Ctx, running: P.Running, what: str, *, h2load: dict | None = N
     busy = busy_processes()
     ctx.runs += 1
     ctx.busy_runs += bool(busy)
+    return busy
+
+
+def measured(ctx: Ctx, running: P.Running, what: str, *, h2load: dict | None = None,
+             expect_bytes: int = 1024, **oha) -> dict:
+    """One load run against a peer, with the peer's CPU time over the run."""
+    running.check()
+    busy = wait_quiet(ctx)
     pids = running.pids()
     c0 = cpu_seconds(pids) if pids else None
     if h2load is not None:

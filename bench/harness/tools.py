@@ -35,6 +35,7 @@ class Tools:
     sinew: str = ""
     sinew_proxy: str = ""
     backend: str = ""
+    perf: str = ""       # optional: scenario 8 counts instructions with it when usable
     profile: str = "quick-release"
     versions: dict = field(default_factory=dict)
     install_seconds: dict = field(default_factory=dict)
@@ -86,6 +87,25 @@ def ensure_apt(tools: Tools) -> None:
             raise HarnessError(f"{cmd} is still missing after installing {APT[cmd]}")
         if hasattr(tools, cmd):
             setattr(tools, cmd, path)
+
+
+def ensure_perf(tools: Tools) -> None:
+    """`perf` (Debian `linux-perf`), for scenario 8's instruction counts. Optional: when
+    it cannot be installed, that figure is reported as not measured."""
+    found = _which("perf")
+    if not found and os.geteuid() == 0:
+        log("installing linux-perf (optional: instruction counts in scenario 8)")
+        t0 = time.monotonic()
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+        done = subprocess.run(["apt-get", "install", "-y", "-qq", "linux-perf"],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            log("linux-perf not installed (scenario 8 will not count instructions): "
+                + (done.stderr.strip().splitlines() or ["?"])[-1])
+        tools.install_seconds["perf"] = round(time.monotonic() - t0, 1)
+        found = _which("perf")
+    tools.perf = found or ""
 
 
 def ensure_oha(tools: Tools) -> None:
@@ -194,6 +214,7 @@ def collect_versions(tools: Tools) -> None:
         "oha": out([tools.oha, "--version"]).strip(),
         "h2load": out([tools.h2load, "--version"]).strip(),
         "openssl": out([tools.openssl, "version"]).strip(),
+        "perf": out([tools.perf, "--version"]).strip() if tools.perf else "not installed",
         "rustc": out(["rustc", "--version"]).strip(),
         "python": platform.python_version(),
     }
@@ -234,6 +255,7 @@ def ensure_all(skip_build: bool, profile: str) -> Tools:
     ensure_apt(tools)
     ensure_envoy(tools)
     ensure_oha(tools)
+    ensure_perf(tools)
     build_sinew(tools, skip_build, profile)
     collect_versions(tools)
     return tools
