@@ -110,7 +110,10 @@ def render(results: dict) -> Doc:
                 f"{results['noise']['busy_runs']} of {results['noise']['runs']} (waited "
                 f"{results['noise'].get('waited_s', 0):.0f} s for quiet, at most "
                 f"{results['settings'].get('quiet_wait_s', 0)} s before each run)"]),
-        (None, ["duration of this run", f"{results['duration_s']:.0f} s"]),
+        (None, ["duration of this run", f"{results['duration_s']:.0f} s"
+                + (" (" + ", ".join(f"scenario {k}: {v:.0f} s"
+                                    for k, v in results.get("scenario_seconds", {}).items())
+                   + ")" if results.get("scenario_seconds") else "")]),
     ])
     d.add("Settings: " + ", ".join(f"`{k}={v}`" for k, v in s.items() if k != "placement"), "")
 
