@@ -364,6 +364,8 @@ pub struct RateLimitConfig {
 pub struct OutlierConfig {
     /// Failures in a row that eject.
     pub consecutive_failures: u32,
+    /// Refused connections in a row that eject.
+    pub consecutive_refusals: u32,
     /// Failure share (percent) that ejects, over the window.
     pub failure_percent: Option<u32>,
     /// Requests needed in the window.
@@ -1113,6 +1115,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
         max_pending_requests_per_endpoint: b.max_pending_requests_per_endpoint.unwrap_or(0),
         outlier: p.outlier_detection.as_ref().map(|o| OutlierConfig {
             consecutive_failures: o.consecutive_failures.unwrap_or(5),
+            consecutive_refusals: o.consecutive_refusals.unwrap_or(1),
             failure_percent: o.failure_percent,
             minimum_requests: o.minimum_requests.unwrap_or(20),
             interval_ms: ms(&o.interval, 10_000),

@@ -677,11 +677,16 @@ impl Resources {
                         c.fail(format!("spec.outlierDetection.{field}"), "must be 0-100");
                     }
                 }
-                if o.consecutive_failures == Some(0) {
-                    c.fail(
-                        "spec.outlierDetection.consecutiveFailures",
-                        "must be at least 1",
-                    );
+                for (field, v) in [
+                    ("consecutiveFailures", o.consecutive_failures),
+                    ("consecutiveRefusals", o.consecutive_refusals),
+                ] {
+                    if v == Some(0) {
+                        c.fail(
+                            format!("spec.outlierDetection.{field}"),
+                            "must be at least 1",
+                        );
+                    }
                 }
             }
         }

@@ -909,6 +909,12 @@ pub struct OutlierDetectionSpec {
     /// Eject after this many failures in a row (5xx, connection failures); default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
+    /// Eject after this many refused connections in a row (nothing listens on the
+    /// endpoint's port); default 1. A refusal is certain, unlike a timeout or a
+    /// 5xx, and a balancer that routes around a failing endpoint (peak EWMA) would
+    /// otherwise rarely send it enough tries to reach `consecutiveFailures`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_refusals: Option<u32>,
     /// Eject when this share (percent) of an endpoint's requests failed over the
     /// window, with at least `minimumRequests`; default off.
     #[serde(default, skip_serializing_if = "Option::is_none")]

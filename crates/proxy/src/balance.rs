@@ -38,10 +38,23 @@ pub struct Endpoint {
     healthy: std::sync::atomic::AtomicBool,
 }
 
+/// How a try went, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that is not a 5xx.
+    Ok,
+    /// A 5xx, a reset, a timeout, a failed handshake.
+    Failed,
+    /// The connection was refused: nothing listens on the endpoint's port.
+    Refused,
+}
+
 /// What outlier detection knows of an endpoint.
 #[derive(Debug, Default)]
 struct OutlierState {
     consecutive: u32,
+    /// Refused connections in a row.
+    refused: u32,
     window_start: Option<Instant>,
     window_ok: u32,
     window_failed: u32,
@@ -295,9 +308,10 @@ impl Balancer {
     }
 
     /// Outlier detection: records how a request to `endpoint` went, and ejects it
-    /// after too many failures (never more than the maximum share at once). Its
-    /// ejection time grows with every ejection.
-    pub fn report(&self, endpoint: &Endpoint, ok: bool) {
+    /// after too many failures, or refused connections, in a row (never more than
+    /// the maximum share at once). Its ejection time grows with every ejection.
+    pub fn report(&self, endpoint: &Endpoint, outcome: Outcome) {
+        let ok = outcome == Outcome::Ok;
         let Some(cfg) = &self.traffic.outlier else {
             return;
         };
@@ -314,10 +328,16 @@ impl Balancer {
         }
         if ok {
             st.consecutive = 0;
+            st.refused = 0;
             st.window_ok += 1;
             return;
         }
         st.consecutive += 1;
+        st.refused = if outcome == Outcome::Refused {
+            st.refused + 1
+        } else {
+            0
+        };
         st.window_failed += 1;
         if st.ejected_until.is_some_and(|t| t > now) {
             return;
@@ -326,7 +346,10 @@ impl Balancer {
         let by_rate = cfg
             .failure_percent
             .is_some_and(|p| total >= cfg.minimum_requests && st.window_failed * 100 >= p * total);
-        if st.consecutive < cfg.consecutive_failures && !by_rate {
+        if st.consecutive < cfg.consecutive_failures
+            && st.refused < cfg.consecutive_refusals
+            && !by_rate
+        {
             return;
         }
         drop(st);
@@ -339,6 +362,7 @@ impl Balancer {
         st.ejections += 1;
         st.ejected_until = Some(now + Duration::from_millis(cfg.base_ejection_ms) * st.ejections);
         st.consecutive = 0;
+        st.refused = 0;
         st.window_start = None;
         tracing::warn!(endpoint = %endpoint.config.address, ejections = st.ejections, "endpoint ejected");
         if let Some(c) = &self.ejections {
@@ -494,5 +518,61 @@ mod tests {
         g.failure();
         assert_eq!(e.pending(), 0);
         assert!(e.cost(Instant::now()) >= FAILURE_PENALTY.as_nanos() as f64 * 0.99);
+    }
+
+    #[test]
+    fn a_refused_connection_ejects_at_once_other_failures_need_a_run() {
+        let outlier = sinew_model::compile::OutlierConfig {
+            consecutive_failures: 3,
+            consecutive_refusals: 1,
+            failure_percent: None,
+            minimum_requests: 20,
+            interval_ms: 10_000,
+            base_ejection_ms: 30_000,
+            max_ejection_percent: 50,
+        };
+        let traffic = TrafficConfig {
+            outlier: Some(outlier.clone()),
+            ..TrafficConfig::default()
+        };
+        let (a, b, c) = (ep(1), ep(2), ep(3));
+        let bal = Balancer::with_traffic(
+            vec![a.clone(), b.clone(), c.clone()],
+            LoadBalancer::RoundRobin,
+            traffic,
+        );
+        let now = Instant::now();
+        // 5xx-like failures: ejected at the third in a row, a success resets.
+        bal.report(&a, Outcome::Failed);
+        bal.report(&a, Outcome::Failed);
+        bal.report(&a, Outcome::Ok);
+        bal.report(&a, Outcome::Failed);
+        bal.report(&a, Outcome::Failed);
+        assert!(!a.is_ejected(now));
+        bal.report(&a, Outcome::Failed);
+        assert!(a.is_ejected(Instant::now()));
+        // A refusal: at once (its own count; the 50% cap leaves room for one).
+        let traffic = TrafficConfig {
+            outlier: Some(outlier),
+            ..TrafficConfig::default()
+        };
+        let bal = Balancer::with_traffic(
+            vec![b.clone(), c.clone()],
+            LoadBalancer::RoundRobin,
+            traffic,
+        );
+        bal.report(&b, Outcome::Refused);
+        assert!(b.is_ejected(Instant::now()));
+        // Never more than the maximum share: c stays in even when refused.
+        bal.report(&c, Outcome::Refused);
+        assert!(!c.is_ejected(Instant::now()));
+        let picked: Vec<u16> = (0..4)
+            .filter_map(|_| bal.pick().map(|e| e.config.address.port()))
+            .collect();
+        assert_eq!(
+            picked,
+            vec![3, 3, 3, 3],
+            "the ejected endpoint gets nothing"
+        );
     }
 }

@@ -18,7 +18,7 @@ use sinew_model::compile::{Filters, PortConfig, ServiceConfig};
 use sinew_model::resource::Protocol;
 use sinew_model::route::RequestView;
 
-use crate::balance::{Balancer, Endpoint};
+use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
@@ -444,10 +444,16 @@ async fn send_attempt(
         .map_err(|o| ProxyError::Overflow(o.as_str()))?;
     let result = send_timed(endpoint, req, version, per_try).await;
     drop(admitted);
-    balancer.report(
-        endpoint,
-        matches!(&result, Ok(r) if !r.status().is_server_error()),
-    );
+    let outcome = match &result {
+        Ok(r) if !r.status().is_server_error() => Outcome::Ok,
+        Err(ProxyError::Connect { source, .. })
+            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            Outcome::Refused
+        }
+        _ => Outcome::Failed,
+    };
+    balancer.report(endpoint, outcome);
     result
 }
 
