@@ -307,6 +307,11 @@ impl Balancer {
         Ok(admitted)
     }
 
+    /// True when outlier detection is on.
+    pub fn detects_outliers(&self) -> bool {
+        self.traffic.outlier.is_some()
+    }
+
     /// Outlier detection: records how a request to `endpoint` went, and ejects it
     /// after too many failures, or refused connections, in a row (never more than
     /// the maximum share at once). Its ejection time grows with every ejection.

@@ -433,7 +433,7 @@ const HEDGED: &str = "sinew-hedged";
 /// One try: admitted by the circuit breaker (overflow is answered at once; the slot
 /// is held until the response head), sent, and reported to outlier detection.
 async fn send_attempt(
-    balancer: &Balancer,
+    balancer: &Arc<Balancer>,
     endpoint: &Arc<Endpoint>,
     req: Request<ReqBody>,
     version: UpVersion,
@@ -454,6 +454,24 @@ async fn send_attempt(
         _ => Outcome::Failed,
     };
     balancer.report(endpoint, outcome);
+    if matches!(result, Err(ProxyError::Upstream { .. })) && balancer.detects_outliers() {
+        // A broken connection may mean the endpoint is gone, and the balancer may not
+        // send it another try for a while (peak EWMA charges a failure 1 s): one
+        // connect tells, and a refusal ejects it.
+        let (balancer, endpoint) = (balancer.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(endpoint.pool.addr()),
+            )
+            .await;
+            if let Ok(Err(e)) = probe
+                && e.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                balancer.report(&endpoint, Outcome::Refused);
+            }
+        });
+    }
     result
 }
 

@@ -1773,6 +1773,75 @@ async fn an_ejected_endpoint_gets_no_traffic_then_returns() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_is_ejected_under_the_default_balancer_and_nothing_fails() -> TestResult {
+    // Peak EWMA routes around an endpoint after its first failure, so it would rarely
+    // send it `consecutiveFailures` tries; the broken connection is probed instead,
+    // and the refused connect ejects it.
+    let (a, b, c) = (
+        HttpBackend::start("a").await?,
+        HttpBackend::start("b").await?,
+        HttpBackend::start("c").await?,
+    );
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("a", "catalog", a.addr(), None),
+        workload("b", "catalog", b.addr(), None),
+        workload("c", "catalog", c.addr(), None),
+        route(
+            "resilience",
+            "catalog",
+            "    - retry: {attempts: 2, backoff: 1ms, budget: {ratio: 1.0}}"
+        ),
+        traffic_policy(
+            "  outlierDetection: {consecutiveFailures: 5, baseEjectionTime: 30s, maxEjectionPercent: 50}"
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(client::h1(bind).await?);
+    }
+    // Requests that never end, until `a` holds one in flight: killing it then breaks
+    // that request's connection (an upstream error, retried elsewhere), and the
+    // balancer stops choosing `a` at once, before any connect to it is refused.
+    let mut stuck = Vec::new();
+    wait::until("a request in flight at a", TIMEOUT, || {
+        stuck.push(tokio::spawn(client::get(bind, "catalog", "/never")));
+        async { a.requests() > 0 }
+    })
+    .await?;
+    a.shutdown().await;
+    // Traffic goes on while we wait for the ejection: every request must succeed.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut sent = 0;
+    while metric(&proxy, "sinew_outlier_ejections_total").await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ejected within {TIMEOUT:?} ({sent} requests sent)"
+        );
+        for c in clients.iter_mut() {
+            let r = c.get("catalog", "/").await?;
+            assert_eq!(r.status, 200, "{:?}", r.header("sinew-error"));
+            sent += 1;
+        }
+    }
+    for c in clients.iter_mut() {
+        for _ in 0..5 {
+            assert_eq!(c.get("catalog", "/").await?.status, 200);
+        }
+    }
+    for s in stuck {
+        s.abort();
+    }
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_endpoint_are_capped() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
