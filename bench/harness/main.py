@@ -20,6 +20,9 @@ from .load import LoadGen
 from .procs import HarnessError, Ports, ProcessManager, cargo_test_running, loadavg
 from .tools import BENCH, ensure_all, log, machine
 
+# Scenario 9's proxies under callgrind (smoke: two of them).
+CG_ALL = ["sinew", "sinew+access log", "sinew+idle tap", "sinew joined (stats on)"]
+
 MODES = {
     # Tiny: checks every tool starts and every output parses. Never judged on timing.
     "smoke": dict(rates=[200], rounds=1, duration=1, fixed_conns=8, max_rounds=1,
@@ -29,8 +32,13 @@ MODES = {
                   cp_endpoints=200, cp_changes=2, quiet_wait_s=0,
                   res_rate=1000, res_rounds=1, res_duration=3, res_kill_after=1000,
                   res_b_rounds=2, res_b_duration=1, res_instr_rounds=1,
-                  res_instr_requests=1000, res_breakdown_requests=200),
-    # A couple of minutes (plus any wait for a quiet machine): one rate, short rounds.
+                  res_instr_requests=1000, res_breakdown_requests=200,
+                  obs_max_rounds=1, obs_max_duration=1, obs_rate=1000, obs_instr_rounds=1,
+                  obs_instr_requests=500, obs_sat_rounds=1, obs_sat_requests=2000, obs_cg_requests=100, obs_cg_rate=200,
+                  obs_cg_warm=100, obs_cg_configs=["sinew", "sinew joined (stats on)"],
+                  obs_cp_proxies=20, obs_cp_services=10, obs_cp_endpoints=100,
+                  obs_cp_hold_s=1, obs_cp_interval_ms=500),
+    # A few minutes (plus any wait for a quiet machine): one rate, short rounds.
     # For development: the record is --full.
     "quick": dict(rates=[1000], rounds=2, duration=2, fixed_conns=16, max_rounds=2,
                   max_duration=2, max_conns=32, warm_requests=2000, idle_levels=[1000],
@@ -39,7 +47,12 @@ MODES = {
                   cp_endpoints=10000, cp_changes=3, quiet_wait_s=30,
                   res_rate=1000, res_rounds=1, res_duration=5, res_kill_after=2000,
                   res_b_rounds=2, res_b_duration=2, res_instr_rounds=2,
-                  res_instr_requests=2000, res_breakdown_requests=1000),
+                  res_instr_requests=2000, res_breakdown_requests=1000,
+                  obs_max_rounds=2, obs_max_duration=2, obs_rate=1000, obs_instr_rounds=2,
+                  obs_instr_requests=2000, obs_sat_rounds=2, obs_sat_requests=30000, obs_cg_requests=1000, obs_cg_rate=200,
+                  obs_cg_warm=300, obs_cg_configs=CG_ALL, obs_cp_proxies=1000,
+                  obs_cp_services=100, obs_cp_endpoints=1000, obs_cp_hold_s=30,
+                  obs_cp_interval_ms=2000),
     "full": dict(rates=[500, 1000, 2000, 5000], rounds=5, duration=10, fixed_conns=16,
                  max_rounds=5, max_duration=10, max_conns=32, warm_requests=20000,
                  idle_levels=[1000, 10000], startup_reps=30, mesh_rates=[500, 1000, 2000],
@@ -47,10 +60,15 @@ MODES = {
                  cp_proxies=1000, cp_services=100, cp_endpoints=10000, cp_changes=20,
                  quiet_wait_s=60, res_rate=1000, res_rounds=6, res_duration=20,
                  res_kill_after=5000, res_b_rounds=10, res_b_duration=10, res_instr_rounds=5,
-                 res_instr_requests=20000, res_breakdown_requests=10000),
+                 res_instr_requests=20000, res_breakdown_requests=10000,
+                 obs_max_rounds=8, obs_max_duration=5, obs_rate=1000, obs_instr_rounds=5,
+                 obs_instr_requests=20000, obs_sat_rounds=5, obs_sat_requests=300000, obs_cg_requests=5000, obs_cg_rate=200,
+                 obs_cg_warm=1000, obs_cg_configs=CG_ALL, obs_cp_proxies=1000,
+                 obs_cp_services=100, obs_cp_endpoints=1000, obs_cp_hold_s=130,
+                 obs_cp_interval_ms=2000),
 }
 
-ALL = ["1", "4", "5", "7", "2", "3", "6", "8"]
+ALL = ["1", "4", "5", "7", "2", "3", "6", "8", "9"]
 
 
 def parse_args(argv):
@@ -71,7 +89,7 @@ def parse_args(argv):
                       help="rewrite the Markdown of an existing results JSON (after a report "
                            "change) and validate both; runs nothing")
     p.add_argument("--scenarios", default=",".join(ALL),
-                   help="comma-separated subset of 1,2,3,4,5,6,7,8 (5 comes with 1)")
+                   help="comma-separated subset of 1,2,3,4,5,6,7,8,9 (5 comes with 1)")
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin proxies and the load generator to separate CPUs")
     p.add_argument("--no-build", action="store_true", help="use the existing build")
@@ -207,7 +225,7 @@ def run(args, wanted, work, pm, t_start) -> int:
     log(f"{args.mode} run: scenarios {','.join(s for s in ALL if s in wanted)}; {placement}")
     backend = P.start_backend(env)
     not_run = []
-    from . import mesh, resilience  # noqa: PLC0415 - scenarios 2, 3, 6 and 8 live there
+    from . import mesh, observability, resilience  # noqa: PLC0415 - scenarios 2, 3, 6, 8, 9
     seconds = results.setdefault("scenario_seconds", {})
 
     def timed(name, fn):
@@ -238,6 +256,8 @@ def run(args, wanted, work, pm, t_start) -> int:
         results["scenarios"]["s7"] = timed("7", scenarios.s7_startup)
     if "8" in wanted:
         results["scenarios"]["s8"] = timed("8", resilience.s8_resilience)
+    if "9" in wanted:
+        results["scenarios"]["s9"] = timed("9", observability.s9_observability)
     backend.check()
     pm.stop(backend)
 
@@ -440,6 +460,9 @@ def summary(results) -> list[dict]:
                             "status": _status(None if v is None else v <= 100)})
     if "s8" in sc:
         out += s8_summary(sc["s8"])
+    if "s9" in sc:
+        from .observability import s9_summary  # noqa: PLC0415
+        out += s9_summary(sc["s9"])
     if results["mode"] == "smoke":
         for row in out:
             row["status"] = "(smoke: not judged)"

@@ -128,15 +128,21 @@ spec: {{service: backend, address: 127.0.0.1, ports: {{http: {backend_port}}}{si
 """
 
 
-def _sinew_proxy(env: Env, name: str, args: list[str], admin: int) -> Proc:
-    return env.pm.start(name, [env.tools.sinew_proxy, *args, "--workers", "1",
+def _sinew_proxy(env: Env, name: str, args: list[str], admin: int,
+                 stdout: Path | None = None, wrap: list[str] = ()) -> Proc:
+    """sinew-proxy with one worker; `wrap` goes before it (valgrind), and `stdout`
+    (access logs) to that file, opened for appending."""
+    return env.pm.start(name, [*wrap, env.tools.sinew_proxy, *args, "--workers", "1",
                                "--admin", f"127.0.0.1:{admin}"],
-                        cpus=env.proxy_cpus, env=SINEW_ENV)
+                        cpus=env.proxy_cpus, env=SINEW_ENV, stdout=stdout, append=True)
 
 
-def sinew(env: Env, tag: str = "sinew", docs: str | None = None) -> Running:
+def sinew(env: Env, tag: str = "sinew", docs: str | None = None, spec_extra: str = "",
+          stdout: Path | None = None, wrap: list[str] = (),
+          ready_deadline_s: float = 30) -> Running:
     """One outbound binding to Service `backend`; `docs` (Service, Workloads,
-    policies) default to the shared backend as the one Workload."""
+    policies) default to the shared backend as the one Workload. `spec_extra`: more
+    of the Proxy's spec (e.g. `accessLog: {format: json}`), as YAML lines."""
     port, admin = env.ports.take(), env.ports.take()
     cfg = env.work / f"{tag}-{port}.yaml"
     cfg.write_text(f"""\
@@ -146,11 +152,11 @@ metadata: {{name: edge, namespace: {NS}}}
 spec:
   outbound:
     upstreams: [{{bind: "127.0.0.1:{port}", service: backend, port: http}}]
----
+{spec_extra}---
 """ + (docs if docs is not None else _sinew_service_docs(env.backend_port, None)))
     t0 = time.monotonic()
-    proc = _sinew_proxy(env, tag, ["--config", str(cfg)], admin)
-    wait_http(admin, "/ready", 30, [proc], what=f"{tag} /ready")
+    proc = _sinew_proxy(env, tag, ["--config", str(cfg)], admin, stdout=stdout, wrap=wrap)
+    wait_http(admin, "/ready", ready_deadline_s, [proc], what=f"{tag} /ready")
     ready = time.monotonic() - t0
     _first_ok(port, [proc], tag)
     return Running("sinew", port, [proc], admin_ports=[admin], ready_s=ready,

@@ -68,10 +68,12 @@ class ProcessManager:
 
     def start(self, name: str, argv: list[str], cpus: str | None = None,
               env: dict | None = None, cwd: Path | None = None,
-              stdout: Path | None = None) -> Proc:
+              stdout: Path | None = None, append: bool = False) -> Proc:
         """Starts argv; with pinning on, on the given CPU list (taskset execs, so
         the pid is the program's own). Output goes to the process's log, or with
-        `stdout`, standard output to that file and standard error to the log."""
+        `stdout`, standard output to that file (with `append`, opened O_APPEND, so
+        that the harness may truncate it while the process writes) and standard
+        error to the log."""
         self._counter += 1
         log = self.logdir / f"{self._counter:03d}-{name}.log"
         if self.pin and cpus is not None:
@@ -79,7 +81,8 @@ class ProcessManager:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
-        with open(log, "wb") as err, open(stdout or os.devnull, "wb") as out:
+        mode = "ab" if append and stdout else "wb"
+        with open(log, "wb") as err, open(stdout or os.devnull, mode) as out:
             popen = subprocess.Popen(
                 argv, stdout=out if stdout else err,
                 stderr=err if stdout else subprocess.STDOUT, stdin=subprocess.DEVNULL,

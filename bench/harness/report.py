@@ -212,6 +212,8 @@ def render(results: dict) -> Doc:
                  for r in s7["rows"]])
     if "s8" in sc:
         _render_s8(d, sc["s8"])
+    if "s9" in sc:
+        _render_s9(d, sc["s9"])
     d.add("## Peer configuration", "")
     for line in results["peer_notes"]:
         d.add(f"- {line}")
@@ -337,6 +339,193 @@ def _render_s8(d: Doc, s8: dict) -> None:
                  for r in pieces])
 
 
+def _render_s9(d: Doc, s9: dict) -> None:
+    rows = s9["rows"]
+    d.add(f"## {s9['title']}", "", s9["description"], "")
+    conf = [r for r in rows if r.get("table") == "config"]
+    noise = s9["noise"]
+
+    def sw(dd):
+        # Thread names as the kernel keeps them (15 characters).
+        names = {"sinew-access-lo": "access-log"}
+        items = [(names.get(k, k.replace("sinew-", "")), v) for k, v in (dd or {}).items()
+                 if v >= 0.01]
+        return ", ".join(f"{k} {v:.2f}" for k, v in items) or "< 0.01"
+
+    def diff(r, kind):
+        if r.get(f"{kind}_diff") is None:
+            return "–"
+        return (f"{signed(r[f'{kind}_diff'], 0)} ({pct(r.get(f'{kind}_diff_share'), 1)}); "
+                + ", ".join(signed(v, 0) for v in r[f"{kind}_diff_per_round"]))
+
+    d.add("Throughput, closed loop (max rps without perf; instructions in separate runs of "
+          "the same load under `perf stat`):", "")
+    d.table(["config", "max rps (median)", "rps range", "÷ sinew per round (median, range)",
+             "p99 at saturation", "CPU s / 1k req", "context switches / req, by thread",
+             "instructions / req at saturation (user + kernel)",
+             "Δ vs sinew (median; per round)"],
+            [(r["id"], [peer(r), f(r["rps"]), f"{f(r['rps_min'])} – {f(r['rps_max'])}",
+                        "–" if r.get("rps_ratio") is None else
+                        f"{x(r['rps_ratio'])} ({x(r['rps_ratio_range'][0])} – "
+                        f"{x(r['rps_ratio_range'][1])})",
+                        ms(r["p99_ms"]), f(r["cpu_per_1k"], 4), sw(r.get("switches_max")),
+                        f(r.get("sat_instr_per_req"), 0)
+                        + (f" (user {f(r.get('sat_instr_u_per_req'), 0)})"
+                           if r.get("sat_instr_u_per_req") is not None else ""),
+                        diff(r, "sat")]) for r in conf])
+    if conf and conf[0].get("fixed_instr_per_req") is not None:
+        d.add(f"At a fixed {s9_rate(s9)} rps (perf stat):", "")
+        d.table(["config", "instructions / req (user + kernel)", "user", "kernel",
+                 "Δ vs sinew (median; per round)", "cycles / req (noisy)",
+                 "CPU µs / req under perf (/proc)", "context switches / req, by thread"],
+                [(None, [peer(r), f(r["fixed_instr_per_req"], 0),
+                         f(r["fixed_instr_u_per_req"], 0), f(r["fixed_instr_k_per_req"], 0),
+                         diff(r, "fixed"), f(r.get("fixed_cycles_per_req"), 0),
+                         f(r.get("fixed_proc_cpu_us_per_req"), 1), sw(r.get("fixed_switches"))])
+                 for r in conf])
+    base = conf[0]
+    text = (f"Noise, plain *sinew* against itself from round to round: max rps "
+            f"{f(base['rps_min'])} – {f(base['rps_max'])} ({pct(noise.get('rps_rel_range'), 0)} "
+            "of its median)")
+    for kind, label in (("sat", "at saturation"), ("fixed", f"at {s9_rate(s9)} rps")):
+        if noise.get(f"{kind}_instr_range") is not None:
+            lo, hi = base[f"{kind}_instr_range"]
+            text += (f"; instructions per request {label} {f(lo, 0)} – {f(hi, 0)} (range "
+                     f"{f(noise[f'{kind}_instr_range'], 0)}; user only "
+                     f"{f(noise[f'{kind}_instr_u_range'], 0)})")
+    if not s9["perf"]["usable"]:
+        text += f"; instructions not counted: {s9['perf']['why_not']}"
+    d.add(text + ".", "")
+    checks = []
+    for r in conf:
+        rounds = r["rounds"] + r.get("sat_counts", []) + r.get("fixed_counts", [])
+        if r.get("log_lines") is not None:
+            lines = r["log_lines"] + r.get("sat_log_lines", 0) + r.get("fixed_log_lines", 0)
+            answered = (r["log_answered"] + r.get("sat_log_answered", 0)
+                        + r.get("fixed_log_answered", 0))
+            dropped = (r["log_dropped"] + r.get("sat_log_dropped", 0)
+                       + r.get("fixed_log_dropped", 0))
+            checks.append(f"*{r['peer']}*: {lines:,} log lines for {answered:,} requests "
+                          f"answered over all its runs, {dropped:,} dropped; "
+                          f"{f(r.get('log_bytes_per_line'), 0)} bytes per line")
+        if any("tap_events" in y for y in rounds):
+            checks.append(f"*{r['peer']}*: the tap got "
+                          f"{sum(y.get('tap_events', 0) for y in rounds)} events and "
+                          f"{sum(y.get('tap_missed_notices', 0) for y in rounds)} missed-event "
+                          f"notices over {sum(1 for y in rounds if 'tap_events' in y)} runs")
+        if any("scrapes" in y for y in rounds):
+            checks.append(f"*{r['peer']}*: {sum(y.get('scrapes', 0) for y in rounds)} scrapes "
+                          f"({sum(y.get('scrape_failures', 0) for y in rounds)} failed), "
+                          f"{f(max(y.get('scrape_bytes', 0) for y in rounds))} bytes each")
+    if checks:
+        d.add("Checks:", "", *[f"- {c}" for c in checks], "")
+    cg = [r for r in rows if r.get("table") == "callgrind"]
+    if cg:
+        d.add("Under callgrind: instructions per request (user space) in each part of the "
+              "proxy, and its share of all the proxy's instructions over the requests. "
+              "*called*: the module's functions with everything they call; *inlined*: its "
+              "code compiled into Sinew's other functions.", "")
+
+        def mod(r, k):
+            m = r["modules"][k]
+            return (f"{f(m['per_req'], 1)} ({pct(m['share'], 2)}; called {f(m['called'] / r['requests'], 1)}"
+                    f", inlined {f(m['inlined'] / r['requests'], 1)})")
+        d.table(["proxy under callgrind", "requests (rps)", "instructions / req",
+                 "metrics", "stats", "tap", "access"],
+                [(r["id"], [r["peer"], f"{r['requests']:,} ({f(r['achieved_rps'], 0)})",
+                            f(r["ir_per_req"], 0), mod(r, "metrics"), mod(r, "stats"),
+                            mod(r, "tap"), mod(r, "access")]) for r in cg])
+        so = s9.get("stats_on")
+        if so:
+            d.add("The modules overlap: `access::finish` calls `Stats::record`, and "
+                  "`Tap::active` is inlined into `access::observe`. Stats on a joined proxy, "
+                  f"all in: {f(so['per_req'], 0)} instructions per request "
+                  f"({pct(so['share'], 2)}): the access module's growth over the standalone "
+                  f"proxy ({f(so['access_growth'], 0)}: `observe` keeps the method and path, "
+                  "`finish` calls `Stats::record`) plus the stats code not entered from it "
+                  f"(the report every 2 s: {f(so['stats_elsewhere'], 1)}).", "")
+        fn_rows = []
+        for r in cg:
+            for k, m in r["modules"].items():
+                for fn in m["functions"]:
+                    if fn["per_req"] >= 5:
+                        fn_rows.append((None, [r["peer"], k, f"`{fn['fn']}`",
+                                               f(fn["calls"] / r["requests"], 2),
+                                               f(fn["per_req"], 1),
+                                               pct(fn["ir"] / r["ir_per_req"] / r["requests"],
+                                                   2)]))
+                for fn in m["inlined_into"]:
+                    if fn["per_req"] >= 5:
+                        fn_rows.append((None, [r["peer"], k, f"inlined into `{fn['fn']}`", "–",
+                                               f(fn["per_req"], 1),
+                                               pct(fn["ir"] / r["ir_per_req"] / r["requests"],
+                                                   2)]))
+        if fn_rows:
+            d.add("Where (functions of the four modules entered from the rest of the proxy, "
+                  "and their inlined code, at ≥ 5 instructions per request; "
+                  "`callgrind_annotate --inclusive=yes` rows are in the JSON):", "")
+            d.table(["proxy", "module", "function", "calls / req (from outside the module)",
+                     "instructions / req (its own, and its calls out of the module)", "share"],
+                    fn_rows)
+    elif not s9["callgrind"]["usable"]:
+        d.add(f"Callgrind not run: {s9['callgrind']['why_not']}.", "")
+    c = s9.get("combined") or {}
+    if c.get("cost") is not None:
+        d.add("Metrics and access logs together, against the throughput. On one core the "
+              "proxy's throughput is the inverse of its work per request; counted in "
+              f"instructions at saturation: plain Sinew {f(c['sat_base'], 0)} (perf, user + "
+              f"kernel), the access log adds {signed(c['sat_log_diff'], 0)}, metrics take "
+              f"{f(c['metrics_per_req'], 0)} of them (callgrind; {pct(c['metrics_share_user'], 2)}"
+              " of its user-space instructions, "
+              f"{pct(c['sat_metrics_share'], 2)} of all). Throughput with both ÷ with neither "
+              "= (B − M) ÷ (B + Δ), so the cost is (Δ + M) ÷ (B + Δ) = "
+              f"**{pct(c['cost'], 1)}** (at {s9_rate(s9)} rps: "
+              f"{pct(c.get('fixed_cost'), 1)}). This assumes the added instructions run at "
+              "the proxy's average speed; the access log's include a wakeup of its writer "
+              "thread per request (system calls, context switches: see the table), slower "
+              "than average, so it errs in Sinew's favour. Cross-check, max rps measured "
+              f"directly: {f(c.get('log_ratio'), 3)} × (1 − {f(c.get('sat_metrics_share'), 4)})"
+              f" → a cost of {pct(c.get('rps_cost'), 1)}, from rounds that swing with the "
+              "host (above).", "")
+    cp = s9.get("cp_stats")
+    if cp:
+        d.add("### Stats reporting on the control plane", "",
+              f"`bench/cpsim` connects {cp['proxies']:,} simulated proxies (the real "
+              "discovery protocol; no certificates) to `sinew control`, pinned to the proxy "
+              f"CPU. They stay connected without reports for {cp['hold_s']} s, then each sends "
+              "a typical stats report (4 inbound and 4 outbound rows, 20 paths: the shape of "
+              "the unit test's) every "
+              f"{cp['interval_ms'] / 1000:g} s, at its own offset, for {cp['hold_s']} s (the "
+              "control plane keeps 60 s in 10 s slots, so by then every slot is full). RSS "
+              "read from /proc once settled; sampled every second for the first 10 s of each "
+              "phase, then every 5 s (in the JSON). RSS also counts what the unit test's heap "
+              "figure (the telemetry window alone) leaves out: the allocator's overhead and "
+              "the streams' transport buffers.", "")
+        cw, cb = cp["count_without"], cp["count_with"]
+        d.table(["measure", "value"], [
+            ("s9-cp/stats", ["control-plane RSS, proxies connected and in sync",
+                             f"{f(cp['rss_synced_kb'] / 1024, 1)} MB"]),
+            (None, [f"after {cp['hold_s']} s without reports",
+                    f"{f(cp['rss_without_kb'] / 1024, 1)} MB (CPU {f(cp['cpu_without_s'], 2)} s)"]),
+            (None, [f"{f(cp.get('rss_10s_t'), 0)} s after the reports began",
+                    "n/a" if cp.get("rss_10s_kb") is None
+                    else f"{f(cp['rss_10s_kb'] / 1024, 1)} MB"]),
+            (None, [f"after {cp['hold_s']} s with reports",
+                    f"{f(cp['rss_with_kb'] / 1024, 1)} MB (CPU {f(cp['cpu_with_s'], 2)} s)"]),
+            (None, ["difference, and per 100 proxies",
+                    f"{signed(cp['delta_kb'] / 1024, 2)} MB; **{f(cp['per_100_kb'] / 1024, 3)} "
+                    "MB per 100 proxies**"]),
+            (None, ["reports sent; proxies the control plane's `Stat` counts (without / with)",
+                    f"{cb['reports_sent']:,}; {cw['stat_proxies']:,} / {cb['stat_proxies']:,}"]),
+            (None, ["unit test `a_hundred_proxies_cost_under_a_megabyte` (heap counted, "
+                    "typical reports, 120 s)", "825 KiB per 100 proxies"]),
+        ])
+
+
+def s9_rate(s9: dict) -> str:
+    return f"{s9['rate']:,}" if s9.get("rate") else "the fixed"
+
+
 def _ratio_table(d: Doc, ratios: list) -> None:
     if not ratios:
         return
@@ -427,6 +616,16 @@ def validate(md: Path, js: Path, doc: Doc, results: dict) -> None:
                     missing.append(f"s8 row {r['id']}: p50 not measured")
                 if r.get("table") == "overhead-diff" and r.get("p50_us") is None:
                     missing.append(f"s8 row {r['id']}: no p50 difference")
+        if key == "s9":
+            for r in section["rows"]:
+                if r.get("table") == "config":
+                    if r.get("rps") is None:
+                        missing.append(f"s9 row {r['id']}: max rps not measured")
+                    if section["perf"]["usable"] and (r.get("fixed_instr_per_req") is None
+                                                      or r.get("sat_instr_per_req") is None):
+                        missing.append(f"s9 row {r['id']}: instructions not counted")
+                if r.get("table") == "callgrind" and not r.get("ir_per_req"):
+                    missing.append(f"s9 row {r['id']}: no callgrind profile")
         if key == "s7":
             for r in section["rows"]:
                 if r["ready_ms"]["p50"] is None or r["first_ok_ms"]["p50"] is None:

@@ -476,10 +476,14 @@ def perf_usable(perf: str) -> str | None:
 PERF_EVENTS = "instructions:u,instructions:k,cycles:u,cycles:k,task-clock"
 
 
-def _count(ctx: Ctx, running: P.Running, requests: int) -> dict:
-    """The proxy's instructions over `requests` requests at the fixed rate
-    (`perf stat -p PID` around an oha run)."""
-    out = ctx.env.work / f"s8-perf-{running.port}-{time.monotonic_ns()}.csv"
+def _count(ctx: Ctx, running: P.Running, requests: int, rate: int | None = None,
+           label: str = "s8", closed_loop: bool = False, conns: int | None = None) -> dict:
+    """The proxy's instructions over `requests` requests at the fixed rate (default
+    `res_rate`; with `closed_loop`, as fast as it answers), with `perf stat -p PID`
+    around an oha run. Every thread of the proxy counts (workers, admin, access-log
+    writer)."""
+    rate = None if closed_loop else rate or ctx.cfg["res_rate"]
+    out = ctx.env.work / f"{label}-perf-{running.port}-{time.monotonic_ns()}.csv"
     pid = running.procs[0].pid
     running.check()
     busy = wait_quiet(ctx)
@@ -487,10 +491,10 @@ def _count(ctx: Ctx, running: P.Running, requests: int) -> dict:
     cpu0 = cpu_seconds(running.pids())
     perf = [ctx.env.tools.perf, "stat", "-x,", "-o", str(out), "-e", PERF_EVENTS,
             "-p", str(pid), "--"]
-    argv = ctx.load.oha_argv(running.url, requests=requests, conns=ctx.cfg["fixed_conns"],
-                             rate=ctx.cfg["res_rate"], wrap=perf)
+    argv = ctx.load.oha_argv(running.url, requests=requests,
+                             conns=conns or ctx.cfg["fixed_conns"], rate=rate, wrap=perf)
     done = subprocess.run(argv, capture_output=True, text=True,
-                          timeout=requests / ctx.cfg["res_rate"] + 60)
+                          timeout=requests / (rate or 10_000) + 60)
     if done.returncode != 0:
         raise HarnessError(f"perf stat around oha failed (exit {done.returncode}): "
                            f"{done.stderr.strip()[-400:]}")
@@ -514,11 +518,13 @@ def _count(ctx: Ctx, running: P.Running, requests: int) -> dict:
     answered = int(_answered(m1) - _answered(m0))
     attempted, failed = _failed(res)
     if failed or not answered:
-        ctx.problem(f"s8 instruction count {running.name}: {failed} of {attempted} failed")
+        ctx.problem(f"{label} instruction count {running.name}: {failed} of {attempted} "
+                    "failed")
     n = res["requests"]
     instr = counts["instructions:u"] + counts["instructions:k"]
     return {
         "requests": n, "proxy_answered": answered, "busy_processes": len(busy),
+        "achieved_rps": res["rps"],
         "instructions_u": counts["instructions:u"], "instructions_k": counts["instructions:k"],
         "cycles_u": counts.get("cycles:u"), "cycles_k": counts.get("cycles:k"),
         "task_clock_ms": counts["task-clock"],

@@ -35,7 +35,10 @@ class Tools:
     sinew: str = ""
     sinew_proxy: str = ""
     backend: str = ""
-    perf: str = ""       # optional: scenario 8 counts instructions with it when usable
+    perf: str = ""       # optional: scenarios 8 and 9 count instructions with it when usable
+    valgrind: str = ""   # optional: scenario 9 measures metrics' share with callgrind
+    callgrind_control: str = ""
+    callgrind_annotate: str = ""
     profile: str = "quick-release"
     versions: dict = field(default_factory=dict)
     install_seconds: dict = field(default_factory=dict)
@@ -106,6 +109,25 @@ def ensure_perf(tools: Tools) -> None:
         tools.install_seconds["perf"] = round(time.monotonic() - t0, 1)
         found = _which("perf")
     tools.perf = found or ""
+
+
+def ensure_valgrind(tools: Tools) -> None:
+    """`valgrind` (Debian `valgrind`: callgrind, callgrind_control, callgrind_annotate),
+    for scenario 9's instruction shares. Optional: without it they are not measured."""
+    if not _which("callgrind_control") and os.geteuid() == 0:
+        log("installing valgrind (optional: callgrind in scenario 9)")
+        t0 = time.monotonic()
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+        done = subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            log("valgrind not installed (scenario 9 will not use callgrind): "
+                + (done.stderr.strip().splitlines() or ["?"])[-1])
+        tools.install_seconds["valgrind"] = round(time.monotonic() - t0, 1)
+    found = [_which(c) for c in ("valgrind", "callgrind_control", "callgrind_annotate")]
+    if all(found):
+        tools.valgrind, tools.callgrind_control, tools.callgrind_annotate = found
 
 
 def ensure_oha(tools: Tools) -> None:
@@ -215,6 +237,8 @@ def collect_versions(tools: Tools) -> None:
         "h2load": out([tools.h2load, "--version"]).strip(),
         "openssl": out([tools.openssl, "version"]).strip(),
         "perf": out([tools.perf, "--version"]).strip() if tools.perf else "not installed",
+        "valgrind": out([tools.valgrind, "--version"]).strip() if tools.valgrind
+        else "not installed",
         "rustc": out(["rustc", "--version"]).strip(),
         "python": platform.python_version(),
     }
@@ -256,6 +280,7 @@ def ensure_all(skip_build: bool, profile: str) -> Tools:
     ensure_envoy(tools)
     ensure_oha(tools)
     ensure_perf(tools)
+    ensure_valgrind(tools)
     build_sinew(tools, skip_build, profile)
     collect_versions(tools)
     return tools

@@ -16,6 +16,12 @@
 //!    times each until every proxy has received and ACKed it;
 //! 4. prints `{"phase":"done",...}` with the figures and holds the streams open until
 //!    stdin closes (so the control plane's memory can be read with them connected).
+//!    Meanwhile (bench/run's scenario 9) a line `stats` makes every proxy send a
+//!    typical traffic-stats report (8 rows, 20 paths: the shape of the control plane's
+//!    unit test `a_hundred_proxies_cost_under_a_megabyte`) every
+//!    `--stats-interval-ms` (2 s, the proxy's default), each at its own offset within
+//!    the interval; cpsim answers `{"phase":"reporting"}`. A line `count` answers
+//!    `{"phase":"count",...}`: reports sent, and what the control plane's `Stat` sees.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,8 +32,8 @@ use serde_json::{Value, json};
 use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::discovery_client::DiscoveryClient;
 use sinew_api::v1::{
-    Ack, ApplyRequest, Hello, ProxyMessage, ProxyStatusRequest, Source, control_message,
-    proxy_message,
+    Ack, ApplyRequest, Hello, PathRow, ProxyMessage, ProxyStatusRequest, Source, StatRequest,
+    StatsReport, TrafficRow, control_message, proxy_message,
 };
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
@@ -42,6 +48,7 @@ struct Args {
     endpoints: usize,
     changes: usize,
     per_proxy: usize,
+    stats_interval: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -52,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
         endpoints: 10_000,
         changes: 5,
         per_proxy: 4,
+        stats_interval: Duration::from_secs(2),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
             "--endpoints" => a.endpoints = n()?,
             "--changes" => a.changes = n()?,
             "--services-per-proxy" => a.per_proxy = n()?,
+            "--stats-interval-ms" => a.stats_interval = Duration::from_millis(n()?.max(1) as u64),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -190,13 +199,83 @@ async fn wait_synced(admin: &mut Admin, n: usize, deadline: Duration) -> Result<
     }
 }
 
-/// Counters shared by the fleet.
-#[derive(Default)]
+/// Counters shared by the fleet, and its switch for stats reports.
 struct Fleet {
     /// Sessions that failed before their first push (connect refused, reset, ...).
     failed_attempts: AtomicU64,
     /// Sessions that ended after at least one push.
     dropped_streams: AtomicU64,
+    /// Stats reports sent, by all proxies.
+    reports_sent: AtomicU64,
+    /// True once the proxies are to report stats.
+    reporting: tokio::sync::watch::Receiver<bool>,
+    /// Between two reports of one proxy.
+    stats_interval: Duration,
+    proxies: usize,
+}
+
+/// A typical sidecar's report: 4 inbound rows (callers), 4 outbound rows (services
+/// it calls), 20 paths. The same shape and strings as `typical()` in
+/// crates/control/src/telemetry/mod.rs (the unit test's report).
+fn typical_report(p: usize) -> StatsReport {
+    let row = |inbound: bool, i: usize| TrafficRow {
+        inbound,
+        service: format!("service-{}.shop", if inbound { p } else { i }),
+        route: if inbound {
+            String::new()
+        } else {
+            format!("shop/route-{i}")
+        },
+        peer_identity: format!("spiffe://cluster.local/ns/shop/sa/caller-{i}"),
+        mtls: true,
+        requests: 1000,
+        failures: 3,
+        latency: vec![10, 200, 400, 300, 50, 20, 10, 5, 3, 2],
+    };
+    StatsReport {
+        identity: format!("spiffe://cluster.local/ns/shop/sa/service-{p}"),
+        rows: (0..4)
+            .map(|i| row(true, i))
+            .chain((0..4).map(|i| row(false, i)))
+            .collect(),
+        paths: (0..20)
+            .map(|i| PathRow {
+                inbound: true,
+                service: format!("service-{p}.shop"),
+                method: "GET".into(),
+                path: format!("/api/v1/items/category-{i}"),
+                requests: 50,
+                failures: 0,
+                latency_sum_us: 50_000,
+                latency_max_us: 4_000,
+            })
+            .collect(),
+        unreported: 0,
+    }
+}
+
+/// Once reporting is switched on: proxy `i`'s report every interval, at its own
+/// offset within it, until its stream closes.
+async fn report_stats(i: usize, tx: mpsc::Sender<ProxyMessage>, fleet: Arc<Fleet>) {
+    let mut on = fleet.reporting.clone();
+    if on.wait_for(|on| *on).await.is_err() {
+        return;
+    }
+    let offset = fleet
+        .stats_interval
+        .mul_f64(i as f64 / fleet.proxies.max(1) as f64);
+    tokio::time::sleep(offset).await;
+    let mut tick = tokio::time::interval(fleet.stats_interval);
+    loop {
+        tick.tick().await;
+        let msg = ProxyMessage {
+            kind: Some(proxy_message::Kind::Stats(typical_report(i))),
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+        fleet.reports_sent.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One simulated proxy, forever: a session, then on failure a reconnect with the
@@ -206,7 +285,7 @@ async fn run_proxy(i: usize, url: String, events: mpsc::UnboundedSender<Event>, 
     // xorshift64*, seeded per proxy: the jitter needs no crate.
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
     loop {
-        match session(i, &url, &events).await {
+        match session(i, &url, &events, &fleet).await {
             Ok(()) | Err((true, _)) => {
                 fleet.dropped_streams.fetch_add(1, Ordering::Relaxed);
                 attempt = 0;
@@ -232,6 +311,7 @@ async fn session(
     i: usize,
     url: &str,
     events: &mpsc::UnboundedSender<Event>,
+    fleet: &Arc<Fleet>,
 ) -> Result<(), (bool, String)> {
     let mut got_push = false;
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
@@ -259,6 +339,15 @@ async fn session(
         .await
         .map_err(|s| (false, format!("proxy {i}: {}: {}", s.code(), s.message())))?
         .into_inner();
+    let reports = tokio::spawn(report_stats(i, tx.clone(), Arc::clone(fleet)));
+    // The reports stop with the stream.
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _reports = Abort(reports);
     let mut parts = 0;
     loop {
         let msg = match inbound.message().await {
@@ -385,7 +474,15 @@ async fn real_main() -> Result<(), String> {
 
     // 2. The connect storm.
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let fleet = Arc::new(Fleet::default());
+    let (reporting, reporting_rx) = tokio::sync::watch::channel(false);
+    let fleet = Arc::new(Fleet {
+        failed_attempts: AtomicU64::new(0),
+        dropped_streams: AtomicU64::new(0),
+        reports_sent: AtomicU64::new(0),
+        reporting: reporting_rx,
+        stats_interval: a.stats_interval,
+        proxies: a.proxies,
+    });
     let storm = Instant::now();
     for i in 0..a.proxies {
         let (ev, url, fleet) = (ev_tx.clone(), a.server.clone(), Arc::clone(&fleet));
@@ -467,7 +564,36 @@ async fn real_main() -> Result<(), String> {
         "endpoint": {"per_proxy": pcts(endpoint), "all_acked": pcts(all_of("endpoint"))},
         "changes": changes,
     }));
-    // 4. Hold the streams until bench/run has read the control plane's memory.
-    while let Ok(Some(_)) = stdin.next_line().await {}
+    // 4. Hold the streams until bench/run has read the control plane's memory;
+    //    stats reports on request.
+    while let Ok(Some(line)) = stdin.next_line().await {
+        match line.trim() {
+            "stats" => {
+                let _ = reporting.send(true);
+                out(json!({"phase": "reporting",
+                           "interval_ms": ms(a.stats_interval)}));
+            }
+            "count" => {
+                let st = admin
+                    .stat(StatRequest {
+                        by: "service".into(),
+                        namespace: String::new(),
+                        window_seconds: 0,
+                        direction: String::new(),
+                    })
+                    .await
+                    .map_err(|s| format!("stat: {}: {}", s.code(), s.message()))?
+                    .into_inner();
+                out(json!({"phase": "count",
+                           "reports_sent": fleet.reports_sent.load(Ordering::Relaxed),
+                           "stat_proxies": st.proxies,
+                           "stat_rows": st.rows.len(),
+                           "stat_requests": st.rows.iter().map(|r| r.requests).sum::<u64>(),
+                           "stat_window_s": st.window_seconds,
+                           "dropped_streams": fleet.dropped_streams.load(Ordering::Relaxed)}));
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
