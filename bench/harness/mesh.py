@@ -169,6 +169,16 @@ def s3_h2(ctx: Ctx) -> dict:
     }
 
 
+def control_plane_on_proxy_cpu(env, tag: str) -> P.ControlPlane:
+    """A control plane that is what a scenario measures: it gets the proxy CPU."""
+    saved = env.load_cpus
+    env.load_cpus = env.proxy_cpus
+    try:
+        return P.ControlPlane(env, tag)
+    finally:
+        env.load_cpus = saved
+
+
 def build_cpsim(ctx: Ctx) -> str:
     """Builds bench/cpsim (its own workspace) into the shared target directory."""
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
@@ -214,13 +224,7 @@ def s6_control_plane(ctx: Ctx):
     log(f"s6: building the simulator; {n} proxies, {cfg['cp_endpoints']} endpoints, "
         f"{cfg['cp_changes']} changes")
     sim = build_cpsim(ctx)
-    # The control plane is what is measured here: it gets the proxy CPU.
-    saved = env.load_cpus
-    env.load_cpus = env.proxy_cpus
-    try:
-        cp = P.ControlPlane(env, "control-s6")
-    finally:
-        env.load_cpus = saved
+    cp = control_plane_on_proxy_cpu(env, "control-s6")
     argv = [sim, "--server", cp.url, "--proxies", str(n), "--services", str(cfg["cp_services"]),
             "--endpoints", str(cfg["cp_endpoints"]), "--changes", str(cfg["cp_changes"])]
     if env.load_cpus and env.pm.pin:

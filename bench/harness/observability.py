@@ -531,7 +531,7 @@ def callgrind(ctx: Ctx) -> tuple[list[dict], str | None]:
 def cp_stats(ctx: Ctx) -> dict | None:
     """Control-plane RSS with the simulated proxies connected: after a hold without
     reports, then after as long with every proxy reporting every 2 s."""
-    from .mesh import _read_json_line, build_cpsim  # noqa: PLC0415
+    from .mesh import _read_json_line, build_cpsim, control_plane_on_proxy_cpu  # noqa: PLC0415
     cfg, env = ctx.cfg, ctx.env
     n, hold = cfg["obs_cp_proxies"], cfg["obs_cp_hold_s"]
     log(f"s9: stats reporting: {n} simulated proxies, {hold} s without reports, then {hold} s "
@@ -541,12 +541,7 @@ def cp_stats(ctx: Ctx) -> dict | None:
     except HarnessError as e:
         ctx.problem(f"s9: the control-plane simulator could not be built: {e}")
         return None
-    saved = env.load_cpus
-    env.load_cpus = env.proxy_cpus
-    try:
-        cp = P.ControlPlane(env, "control-s9-stats")
-    finally:
-        env.load_cpus = saved
+    cp = control_plane_on_proxy_cpu(env, "control-s9-stats")
     argv = [sim, "--server", cp.url, "--proxies", str(n), "--services", str(cfg["obs_cp_services"]),
             "--endpoints", str(cfg["obs_cp_endpoints"]), "--changes", "0",
             "--stats-interval-ms", str(cfg["obs_cp_interval_ms"])]

@@ -92,39 +92,36 @@ def ensure_apt(tools: Tools) -> None:
             setattr(tools, cmd, path)
 
 
+def _apt_optional(tools: Tools, package: str, purpose: str) -> None:
+    """Installs an optional Debian package as root; on failure says what goes unmeasured
+    and carries on."""
+    if os.geteuid() != 0:
+        return
+    log(f"installing {package} (optional: {purpose})")
+    t0 = time.monotonic()
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
+    done = subprocess.run(["apt-get", "install", "-y", "-qq", package],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        log(f"{package} not installed (not measured: {purpose}): "
+            + (done.stderr.strip().splitlines() or ["?"])[-1])
+    tools.install_seconds[package] = round(time.monotonic() - t0, 1)
+
+
 def ensure_perf(tools: Tools) -> None:
     """`perf` (Debian `linux-perf`), for scenario 8's instruction counts. Optional: when
     it cannot be installed, that figure is reported as not measured."""
-    found = _which("perf")
-    if not found and os.geteuid() == 0:
-        log("installing linux-perf (optional: instruction counts in scenario 8)")
-        t0 = time.monotonic()
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
-        done = subprocess.run(["apt-get", "install", "-y", "-qq", "linux-perf"],
-                              capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            log("linux-perf not installed (scenario 8 will not count instructions): "
-                + (done.stderr.strip().splitlines() or ["?"])[-1])
-        tools.install_seconds["perf"] = round(time.monotonic() - t0, 1)
-        found = _which("perf")
-    tools.perf = found or ""
+    if not _which("perf"):
+        _apt_optional(tools, "linux-perf", "instruction counts in scenario 8")
+    tools.perf = _which("perf") or ""
 
 
 def ensure_valgrind(tools: Tools) -> None:
     """`valgrind` (Debian `valgrind`: callgrind, callgrind_control, callgrind_annotate),
     for scenario 9's instruction shares. Optional: without it they are not measured."""
-    if not _which("callgrind_control") and os.geteuid() == 0:
-        log("installing valgrind (optional: callgrind in scenario 9)")
-        t0 = time.monotonic()
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env)
-        done = subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"],
-                              capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            log("valgrind not installed (scenario 9 will not use callgrind): "
-                + (done.stderr.strip().splitlines() or ["?"])[-1])
-        tools.install_seconds["valgrind"] = round(time.monotonic() - t0, 1)
+    if not _which("callgrind_control"):
+        _apt_optional(tools, "valgrind", "callgrind in scenario 9")
     found = [_which(c) for c in ("valgrind", "callgrind_control", "callgrind_annotate")]
     if all(found):
         tools.valgrind, tools.callgrind_control, tools.callgrind_annotate = found

@@ -264,8 +264,8 @@ async fn report_stats(i: usize, tx: mpsc::Sender<ProxyMessage>, fleet: Arc<Fleet
     let offset = fleet
         .stats_interval
         .mul_f64(i as f64 / fleet.proxies.max(1) as f64);
-    tokio::time::sleep(offset).await;
-    let mut tick = tokio::time::interval(fleet.stats_interval);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + offset, fleet.stats_interval);
     loop {
         tick.tick().await;
         let msg = ProxyMessage {

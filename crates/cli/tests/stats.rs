@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh::*;
+use sinew_proxy::Proxy;
 use sinew_proxy::control::ControlSettings;
-use sinew_proxy::{Proxy, ProxyOptions};
 use sinew_testkit::http::HttpBackend;
 use sinew_testkit::{client, wait};
 
@@ -32,17 +32,7 @@ async fn proxy(
     settings.min_backoff = Duration::from_millis(50);
     settings.max_backoff = Duration::from_millis(500);
     settings.stats_interval = REPORT;
-    let mut opts = ProxyOptions::control_plane(settings);
-    opts.admin = "127.0.0.1:0".parse().unwrap();
-    opts.drain_timeout = Duration::from_secs(5);
-    let p = Proxy::start(opts).unwrap();
-    let admin = p.admin_addr();
-    wait::until("proxy ready", TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
-    p
+    start_proxy(settings).await
 }
 
 /// `shop/load` (a client: no workload) → `catalog` (`shop/catalog-1`), both with

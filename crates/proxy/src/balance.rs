@@ -36,6 +36,8 @@ pub struct Endpoint {
     ewma: Mutex<Ewma>,
     outlier: Mutex<OutlierState>,
     healthy: std::sync::atomic::AtomicBool,
+    /// A probe connect is under way (one at a time, however many tries fail).
+    probing: std::sync::atomic::AtomicBool,
 }
 
 /// How a try went, for outlier detection.
@@ -81,6 +83,7 @@ impl Endpoint {
             }),
             outlier: Mutex::new(OutlierState::default()),
             healthy: std::sync::atomic::AtomicBool::new(true),
+            probing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -307,9 +310,28 @@ impl Balancer {
         Ok(admitted)
     }
 
-    /// True when outlier detection is on.
-    pub fn detects_outliers(&self) -> bool {
-        self.traffic.outlier.is_some()
+    /// After a try failed on a broken connection: the endpoint may be gone, and the
+    /// balancer may not send it another try for a while (peak EWMA charges a failure
+    /// 1 s), so one connect tells; a refusal ejects it. At most one probe per
+    /// endpoint at a time, and only with outlier detection on.
+    pub fn probe(self: &Arc<Self>, endpoint: &Arc<Endpoint>) {
+        if self.traffic.outlier.is_none() || endpoint.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (balancer, endpoint) = (self.clone(), endpoint.clone());
+        tokio::spawn(async move {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(endpoint.pool.addr()),
+            )
+            .await;
+            if let Ok(Err(e)) = probe
+                && e.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                balancer.report(&endpoint, Outcome::Refused);
+            }
+            endpoint.probing.store(false, Ordering::Release);
+        });
     }
 
     /// Outlier detection: records how a request to `endpoint` went, and ejects it

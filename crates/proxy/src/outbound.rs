@@ -454,23 +454,8 @@ async fn send_attempt(
         _ => Outcome::Failed,
     };
     balancer.report(endpoint, outcome);
-    if matches!(result, Err(ProxyError::Upstream { .. })) && balancer.detects_outliers() {
-        // A broken connection may mean the endpoint is gone, and the balancer may not
-        // send it another try for a while (peak EWMA charges a failure 1 s): one
-        // connect tells, and a refusal ejects it.
-        let (balancer, endpoint) = (balancer.clone(), endpoint.clone());
-        tokio::spawn(async move {
-            let probe = tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::net::TcpStream::connect(endpoint.pool.addr()),
-            )
-            .await;
-            if let Ok(Err(e)) = probe
-                && e.kind() == std::io::ErrorKind::ConnectionRefused
-            {
-                balancer.report(&endpoint, Outcome::Refused);
-            }
-        });
+    if matches!(result, Err(ProxyError::Upstream { .. })) {
+        balancer.probe(endpoint);
     }
     result
 }

@@ -159,6 +159,12 @@ pub async fn proxy_with_token(
     settings.join_token = token;
     settings.min_backoff = min_backoff;
     settings.max_backoff = min_backoff.max(Duration::from_millis(500));
+    start_proxy(settings).await
+}
+
+/// Starts an in-process proxy with these control-plane settings; returns once it is
+/// ready.
+pub async fn start_proxy(settings: ControlSettings) -> Proxy {
     let mut opts = ProxyOptions::control_plane(settings);
     opts.admin = "127.0.0.1:0".parse().unwrap();
     opts.drain_timeout = Duration::from_secs(5);

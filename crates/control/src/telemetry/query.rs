@@ -25,6 +25,15 @@ use sinew_api::v1::{
 use super::window::{PathSum, SLOT, SlotId, Sum, WINDOW};
 use super::{ProxyEntry, Telemetry, sweep};
 
+/// Adds a row's requests to an edge.
+fn count(edge: &mut Edge, sum: &Sum, mtls: bool) {
+    edge.requests += sum.requests;
+    edge.failures += sum.failures;
+    if mtls {
+        edge.mtls_requests += sum.requests;
+    }
+}
+
 /// The default window of `Stat` and `Edges`.
 pub const DEFAULT_WINDOW: Duration = WINDOW;
 /// `Top`'s window (at most: paths are kept for one slot before the current one).
@@ -286,16 +295,13 @@ impl Telemetry {
                         dst: row.service.to_string(),
                         ..Edge::default()
                     });
-                edge.requests += sum.requests;
-                edge.failures += sum.failures;
-                if row.mtls {
-                    edge.mtls_requests += sum.requests;
-                    if !row.peer.is_empty()
-                        && edge.server_identities.len() < 4
-                        && !edge.server_identities.iter().any(|s| *s == *row.peer)
-                    {
-                        edge.server_identities.push(row.peer.to_string());
-                    }
+                count(edge, &sum, row.mtls);
+                if row.mtls
+                    && !row.peer.is_empty()
+                    && edge.server_identities.len() < 4
+                    && !edge.server_identities.iter().any(|s| *s == *row.peer)
+                {
+                    edge.server_identities.push(row.peer.to_string());
                 }
             }
         }
@@ -328,11 +334,7 @@ impl Telemetry {
                             dst: row.service.to_string(),
                             ..Edge::default()
                         });
-                    edge.requests += sum.requests;
-                    edge.failures += sum.failures;
-                    if row.mtls {
-                        edge.mtls_requests += sum.requests;
-                    }
+                    count(edge, &sum, row.mtls);
                     vec![edge]
                 };
                 for edge in edges_for_row {
