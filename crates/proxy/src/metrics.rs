@@ -304,21 +304,22 @@ impl Metrics {
         self.requests[dir as usize][class].inc();
     }
 
-    /// Records a finished request head: the golden signals by service and route.
-    pub fn http<B>(
+    /// Records a finished request: the golden signals by service and route, with the
+    /// time to the end of its response.
+    pub fn http(
         &self,
         dir: Direction,
         meta: &RequestMeta,
         peer_identity: Option<&str>,
-        resp: &http::Response<B>,
-        elapsed: std::time::Duration,
+        outcome: &crate::access::Outcome,
     ) {
-        let status = resp.status();
+        let status = outcome.status;
+        let elapsed = outcome.duration;
         self.request(dir, status);
         let class_idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        let grpc_status = resp
-            .headers()
-            .get(crate::http_util::GRPC_STATUS)
+        let grpc_status = outcome
+            .grpc_status
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .map_or("", |v| {
                 GRPC_STATUSES

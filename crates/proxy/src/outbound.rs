@@ -33,7 +33,7 @@ use crate::stream::{UpstreamIo, spawn_splice};
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
-    let observed = crate::access::observe(&ctx, &req);
+    let observed = crate::access::observe(&ctx, Direction::Outbound, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -44,19 +44,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
             e.to_response(grpc)
         }
     };
-    ctx.shared
-        .metrics
-        .http(Direction::Outbound, &meta, None, &resp, started.elapsed());
-    crate::access::finish(
-        &ctx,
-        observed,
+    crate::ending::respond(
+        ctx.clone(),
         Direction::Outbound,
-        &meta,
-        &resp,
-        started.elapsed(),
-    );
-    crate::trace::finish(hop, &resp);
-    resp
+        meta,
+        observed,
+        hop,
+        started,
+        resp,
+    )
 }
 
 fn target<'s>(
