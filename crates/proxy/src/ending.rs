@@ -116,7 +116,7 @@ impl Ending {
             end: end.as_str(),
         };
         let peer = match dir {
-            Direction::Inbound => ctx.peer_identity.as_deref(),
+            Direction::Inbound => ctx.peer_identity.as_ref(),
             Direction::Outbound => None,
         };
         ctx.shared.metrics.http(dir, &meta, peer, &outcome);

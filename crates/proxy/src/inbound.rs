@@ -141,7 +141,7 @@ async fn forward(
         .inbound
         .as_ref()
         .ok_or(ProxyError::ShuttingDown)?;
-    meta.service = snap.config.identity.as_ref().and_then(|i| i.service_key());
+    meta.service = snap.inbound_service.clone();
 
     if req.method() == Method::CONNECT {
         let port = req

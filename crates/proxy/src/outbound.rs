@@ -108,7 +108,7 @@ async fn forward(
         .ok_or(ProxyError::ShuttingDown)?;
     let (svc, port) = target(ctx, &snap, &req)?;
     crate::trace::note_service(req.extensions(), svc);
-    meta.service = Some(svc.key());
+    meta.service = Some(svc.key.clone());
 
     if req.method() == Method::CONNECT {
         // Rare branches are boxed so the common request future stays small.
@@ -732,9 +732,9 @@ async fn connect_tunnel(
     port: &PortConfig,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, ProxyError> {
-    let key = svc.key();
+    let key = &svc.key;
     let endpoint = snap
-        .balancer(&key, port.port)
+        .balancer(key, port.port)
         .and_then(|b| b.pick())
         .ok_or_else(|| ProxyError::NoEndpoints(format!("{key}:{}", port.port)))?
         .clone();

@@ -821,7 +821,7 @@ pub fn note_service(ext: &http::Extensions, svc: &ServiceConfig) {
         return;
     };
     let mut span = lock(span);
-    let service = svc.key();
+    let service = svc.key.to_string();
     span.update_name(format!("outbound {service}"));
     span.set_attribute(KeyValue::new("sinew.service", service));
 }
