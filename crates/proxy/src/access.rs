@@ -33,8 +33,9 @@ pub struct Record {
     pub direction: &'static str,
     /// HTTP method.
     pub method: http::Method,
-    /// The authority (Host) the client used.
-    pub authority: Option<http::uri::Authority>,
+    /// The `Host` header, when the request target carries no authority (HTTP/1.1
+    /// origin form); HTTP/2's `:authority` is in `uri`.
+    pub host: Option<HeaderValue>,
     /// The request target; only its path is logged (the query string may hold
     /// secrets).
     pub uri: http::Uri,
@@ -123,6 +124,18 @@ impl Record {
         self.uri.path()
     }
 
+    /// The authority the client used: the target's, else `Host`.
+    pub fn authority(&self) -> &str {
+        match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The record's fields as text.
     pub fn fields(&self) -> Fields<'_> {
         fn text(v: &Option<HeaderValue>) -> Option<&str> {
@@ -132,7 +145,7 @@ impl Record {
             start: rfc3339(self.start),
             direction: self.direction,
             method: self.method.as_str(),
-            authority: self.authority.as_ref().map_or("", |a| a.as_str()),
+            authority: self.authority(),
             path: self.uri.path(),
             protocol: self.protocol,
             status: self.status,
@@ -229,20 +242,51 @@ struct Lines {
     second: Option<(u64, String)>,
 }
 
-/// A value in a line.
-enum Value<'a> {
-    Str(Option<&'a str>),
-    Num(Option<u64>),
-    /// Milliseconds, three decimals.
-    Ms(Duration),
-    Addr(Option<SocketAddr>),
-}
+/// Keys with what goes before them, JSON and text.
+const KEYS: [(&str, &str); 20] = [
+    ("{\"start\":", "start="),
+    (",\"direction\":", " direction="),
+    (",\"method\":", " method="),
+    (",\"authority\":", " authority="),
+    (",\"path\":", " path="),
+    (",\"protocol\":", " protocol="),
+    (",\"status\":", " status="),
+    (",\"grpcStatus\":", " grpc_status="),
+    (",\"durationMs\":", " duration_ms="),
+    (",\"headMs\":", " head_ms="),
+    (",\"requestBytes\":", " request_bytes="),
+    (",\"responseBytes\":", " response_bytes="),
+    (",\"end\":", " end="),
+    (",\"service\":", " service="),
+    (",\"route\":", " route="),
+    (",\"upstream\":", " upstream="),
+    (",\"client\":", " client="),
+    (",\"peerIdentity\":", " peer_identity="),
+    (",\"traceId\":", " trace_id="),
+    (",\"error\":", " error="),
+];
+
+/// Bytes written as they are: printable ASCII other than `"` and `\` (and, in
+/// JSON, space).
+static PLAIN: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        t[b] = if b == 0x20 {
+            1 // JSON only
+        } else if b == b'"' as usize || b == b'\\' as usize {
+            0
+        } else {
+            3
+        };
+        b += 1;
+    }
+    t
+};
 
 impl Lines {
     fn write(&mut self, format: AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
-        fn text(v: &Option<HeaderValue>) -> Option<&str> {
-            v.as_ref().and_then(|v| v.to_str().ok())
-        }
+        let json = format == AccessLogFormat::Json;
         let since = r
             .start
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -254,85 +298,90 @@ impl Lines {
             let upto = full.len().saturating_sub(5);
             self.second = Some((secs, full[..upto].to_owned()));
         }
-        let mut start = [0u8; 32];
-        let start = match &self.second {
-            Some((_, prefix)) if prefix.len() + 5 <= start.len() => {
-                let n = prefix.len();
-                start[..n].copy_from_slice(prefix.as_bytes());
-                let ms = since.subsec_millis();
-                start[n] = b'.';
-                start[n + 1] = b'0' + (ms / 100) as u8;
-                start[n + 2] = b'0' + (ms / 10 % 10) as u8;
-                start[n + 3] = b'0' + (ms % 10) as u8;
-                start[n + 4] = b'Z';
-                std::str::from_utf8(&start[..n + 5]).ok()
-            }
-            _ => None,
+        let mut key = KEYS.iter().map(|(j, t)| if json { *j } else { *t });
+        let mut next_key = |out: &mut Vec<u8>| {
+            out.extend_from_slice(key.next().unwrap_or_default().as_bytes());
         };
-        let fields: [(&str, &str, Value<'_>); 20] = [
-            ("start", "start", Value::Str(start)),
-            ("direction", "direction", Value::Str(Some(r.direction))),
-            ("method", "method", Value::Str(Some(r.method.as_str()))),
-            (
-                "authority",
-                "authority",
-                Value::Str(Some(r.authority.as_ref().map_or("", |a| a.as_str()))),
-            ),
-            ("path", "path", Value::Str(Some(r.uri.path()))),
-            ("protocol", "protocol", Value::Str(Some(r.protocol))),
-            ("status", "status", Value::Num(Some(u64::from(r.status)))),
-            (
-                "grpcStatus",
-                "grpc_status",
-                Value::Str(text(&r.grpc_status)),
-            ),
-            ("durationMs", "duration_ms", Value::Ms(r.duration)),
-            ("headMs", "head_ms", Value::Ms(r.head)),
-            ("requestBytes", "request_bytes", Value::Num(r.request_bytes)),
-            (
-                "responseBytes",
-                "response_bytes",
-                Value::Num(Some(r.response_bytes)),
-            ),
-            ("end", "end", Value::Str(Some(r.end))),
-            ("service", "service", Value::Str(r.service.as_deref())),
-            ("route", "route", Value::Str(r.route.as_deref())),
-            ("upstream", "upstream", Value::Addr(r.upstream)),
-            ("client", "client", Value::Addr(Some(r.client))),
-            (
-                "peerIdentity",
-                "peer_identity",
-                Value::Str(r.peer_identity.as_deref()),
-            ),
-            (
-                "traceId",
-                "trace_id",
-                Value::Str(
-                    r.traceparent
-                        .as_ref()
-                        .and_then(|v| trace_id_of(v.to_str().ok()?)),
-                ),
-            ),
-            ("error", "error", Value::Str(text(&r.error))),
-        ];
-        let json = format == AccessLogFormat::Json;
-        if json {
-            out.push(b'{');
-        }
-        for (i, (camel, snake, value)) in fields.iter().enumerate() {
-            if i > 0 {
-                out.push(if json { b',' } else { b' ' });
-            }
+        let mut n = itoa::Buffer::new();
+        let q = |out: &mut Vec<u8>| {
             if json {
                 out.push(b'"');
-                out.extend_from_slice(camel.as_bytes());
-                out.extend_from_slice(b"\":");
-            } else {
-                out.extend_from_slice(snake.as_bytes());
-                out.push(b'=');
             }
-            value.write(json, out);
+        };
+
+        next_key(out);
+        q(out);
+        if let Some((_, prefix)) = &self.second {
+            out.extend_from_slice(prefix.as_bytes());
         }
+        let ms = since.subsec_millis();
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ]);
+        q(out);
+        // Known to need no escaping: constants and the method (an HTTP token).
+        for v in [r.direction, r.method.as_str()] {
+            next_key(out);
+            q(out);
+            out.extend_from_slice(v.as_bytes());
+            q(out);
+        }
+        next_key(out);
+        text(json, Some(r.authority().as_bytes()), out);
+        next_key(out);
+        text(json, Some(r.uri.path().as_bytes()), out);
+        next_key(out);
+        q(out);
+        out.extend_from_slice(r.protocol.as_bytes());
+        q(out);
+        next_key(out);
+        out.extend_from_slice(n.format(r.status).as_bytes());
+        next_key(out);
+        text(json, r.grpc_status.as_ref().map(|v| v.as_bytes()), out);
+        next_key(out);
+        millis(r.duration, out);
+        next_key(out);
+        millis(r.head, out);
+        next_key(out);
+        match r.request_bytes {
+            Some(b) => out.extend_from_slice(n.format(b).as_bytes()),
+            None => absent(json, out),
+        }
+        next_key(out);
+        out.extend_from_slice(n.format(r.response_bytes).as_bytes());
+        next_key(out);
+        q(out);
+        out.extend_from_slice(r.end.as_bytes());
+        q(out);
+        next_key(out);
+        text(json, r.service.as_deref().map(str::as_bytes), out);
+        next_key(out);
+        text(json, r.route.as_deref().map(str::as_bytes), out);
+        for a in [r.upstream, Some(r.client)] {
+            next_key(out);
+            match a {
+                Some(a) => {
+                    q(out);
+                    addr(a, out);
+                    q(out);
+                }
+                None => absent(json, out),
+            }
+        }
+        next_key(out);
+        text(json, r.peer_identity.as_deref().map(str::as_bytes), out);
+        next_key(out);
+        let trace = r
+            .traceparent
+            .as_ref()
+            .and_then(|v| trace_id_of(v.to_str().ok()?));
+        text(json, trace.map(str::as_bytes), out);
+        next_key(out);
+        text(json, r.error.as_ref().map(|v| v.as_bytes()), out);
         if json {
             out.push(b'}');
         }
@@ -340,69 +389,59 @@ impl Lines {
     }
 }
 
-impl Value<'_> {
-    fn write(&self, json: bool, out: &mut Vec<u8>) {
-        let absent: &[u8] = if json { b"null" } else { b"-" };
-        let mut n = itoa::Buffer::new();
-        match self {
-            Value::Str(None) | Value::Num(None) | Value::Addr(None) => {
-                out.extend_from_slice(absent);
-            }
-            Value::Str(Some(s)) => {
-                // Printable ASCII without quotes or backslashes is written as it is
-                // (text: also without spaces); anything else goes through serde_json.
-                let plain = !s.is_empty()
-                    && s.bytes().all(|b| {
-                        ((0x21..0x7f).contains(&b) && b != b'"' && b != b'\\')
-                            || (json && b == b' ')
-                    });
-                if plain {
-                    if json {
-                        out.push(b'"');
-                    }
-                    out.extend_from_slice(s.as_bytes());
-                    if json {
-                        out.push(b'"');
-                    }
-                } else {
-                    let _ = serde_json::to_writer(&mut *out, s);
+fn absent(json: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(if json { b"null" } else { b"-" });
+}
+
+/// A string value: as it is when every byte is plain (see [`PLAIN`]), else quoted
+/// and escaped by serde_json (bytes that are not UTF-8 become U+FFFD).
+fn text(json: bool, v: Option<&[u8]>, out: &mut Vec<u8>) {
+    let Some(v) = v else {
+        return absent(json, out);
+    };
+    let need = if json { 1 } else { 2 };
+    if !v.is_empty() && v.iter().all(|b| PLAIN[usize::from(*b)] & need != 0) {
+        if json {
+            out.push(b'"');
+        }
+        out.extend_from_slice(v);
+        if json {
+            out.push(b'"');
+        }
+    } else {
+        let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(v));
+    }
+}
+
+/// Milliseconds with three decimals.
+fn millis(d: Duration, out: &mut Vec<u8>) {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(n.format(us / 1000).as_bytes());
+    let frac = us % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+}
+
+fn addr(a: SocketAddr, out: &mut Vec<u8>) {
+    match a {
+        SocketAddr::V4(v4) => {
+            let mut n = itoa::Buffer::new();
+            for (i, o) in v4.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
                 }
+                out.extend_from_slice(n.format(*o).as_bytes());
             }
-            Value::Num(Some(v)) => out.extend_from_slice(n.format(*v).as_bytes()),
-            Value::Ms(d) => {
-                let us = d.as_micros();
-                out.extend_from_slice(n.format(us / 1000).as_bytes());
-                let frac = (us % 1000) as u16;
-                out.extend_from_slice(&[
-                    b'.',
-                    b'0' + (frac / 100) as u8,
-                    b'0' + (frac / 10 % 10) as u8,
-                    b'0' + (frac % 10) as u8,
-                ]);
-            }
-            Value::Addr(Some(a)) => {
-                if json {
-                    out.push(b'"');
-                }
-                match a {
-                    SocketAddr::V4(v4) => {
-                        for (i, o) in v4.ip().octets().iter().enumerate() {
-                            if i > 0 {
-                                out.push(b'.');
-                            }
-                            out.extend_from_slice(n.format(*o).as_bytes());
-                        }
-                        out.push(b':');
-                        out.extend_from_slice(n.format(v4.port()).as_bytes());
-                    }
-                    SocketAddr::V6(_) => {
-                        let _ = write!(out, "{a}");
-                    }
-                }
-                if json {
-                    out.push(b'"');
-                }
-            }
+            out.push(b':');
+            out.extend_from_slice(n.format(v4.port()).as_bytes());
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{a}");
         }
     }
 }
@@ -426,7 +465,7 @@ struct Head {
     /// The request headers, redacted, when a tap may want this request.
     headers: Option<BTreeMap<String, String>>,
     start: SystemTime,
-    authority: Option<http::uri::Authority>,
+    host: Option<HeaderValue>,
     protocol: &'static str,
     request_bytes: Option<u64>,
     traceparent: Option<HeaderValue>,
@@ -463,7 +502,12 @@ pub fn observe(
             format,
             headers,
             start: SystemTime::now(),
-            authority: crate::http_util::authority(req),
+            host: req
+                .uri()
+                .authority()
+                .is_none()
+                .then(|| req.headers().get(http::header::HOST).cloned())
+                .flatten(),
             protocol: if req.version() == http::Version::HTTP_2 {
                 "HTTP/2"
             } else {
@@ -552,7 +596,7 @@ pub fn finish(
         start: head.start,
         direction: dir.as_str(),
         method: o.method,
-        authority: head.authority,
+        host: head.host,
         uri: o.uri,
         protocol: head.protocol,
         status: outcome.status.as_u16(),
@@ -642,7 +686,7 @@ pub(crate) mod tests {
             start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
             direction: "outbound",
             method: http::Method::GET,
-            authority: Some(http::uri::Authority::from_static("catalog")),
+            host: Some(HeaderValue::from_static("catalog")),
             uri: http::Uri::try_from(path).unwrap_or_default(),
             protocol: "HTTP/1.1",
             status,
