@@ -471,11 +471,20 @@ def _complete(dump: Path) -> bool:
 
 
 def _callgrind_control(env: P.Env, flag: str, pid: int) -> None:
-    done = subprocess.run([env.tools.callgrind_control, flag, str(pid)], capture_output=True,
-                          text=True, timeout=60)
-    if done.returncode != 0 or "OK" not in done.stdout:
-        raise HarnessError(f"callgrind_control {flag} {pid} failed: "
-                           f"{(done.stdout + done.stderr).strip()[-300:]}")
+    """Sends a command to a running callgrind. callgrind_control finds the process
+    through vgdb, which on a loaded machine now and then misses it ("task not
+    detected") though it runs: asked again, it answers. Up to 5 tries."""
+    last = ""
+    for attempt in range(5):
+        done = subprocess.run([env.tools.callgrind_control, flag, str(pid)],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode == 0 and "OK" in done.stdout:
+            return
+        last = (done.stdout + done.stderr).strip()[-300:]
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.5 * (attempt + 1))
+    raise HarnessError(f"callgrind_control {flag} {pid} failed: {last}")
 
 
 def callgrind(ctx: Ctx) -> tuple[list[dict], str | None]:
