@@ -5,6 +5,8 @@
 //! exit.
 
 mod client;
+mod inject;
+mod install;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -247,6 +249,23 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Add the sidecar to Kubernetes workloads (Pods, Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets, Jobs, CronJobs) in YAML files, offline: prints every
+    /// document, injected where it is a workload, e.g. `sinew inject -f app.yaml |
+    /// kubectl apply -f -`.
+    Inject {
+        /// YAML files (multi-document); `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        inject: inject::InjectArgs,
+    },
+    /// Run the sidecar-injection admission webhook (HTTPS; `sinew install
+    /// --kubernetes` runs it beside the control plane).
+    Webhook(inject::WebhookArgs),
+    /// Print (or --apply) the manifests that install Sinew: CRDs, RBAC, the control
+    /// plane, the injection webhook and their certificates.
+    Install(install::InstallArgs),
     /// Run the demo mesh on loopback: a control plane, four services (one in two
     /// versions) each behind its own sinew-proxy, a 90/10 canary and steady load.
     Demo(sinew_demo::DemoArgs),
@@ -442,6 +461,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => telemetry::edges(&server, namespace.as_deref(), window, &output).await,
         Command::Check { wait } => client::check(&server, Duration::from_secs(wait)).await,
         Command::Validate { files } => client::validate(&files),
+        Command::Inject { files, inject } => inject::inject(&files, &inject),
+        Command::Webhook(args) => {
+            let hook = inject::webhook(args).await?;
+            wait_for_signal().await?;
+            tracing::info!("stopping");
+            hook.shutdown().await;
+            Ok(0)
+        }
+        Command::Install(args) => install::install(args).await,
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
         Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
         Command::Version => {
