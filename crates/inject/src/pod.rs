@@ -179,6 +179,18 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
             ops.push(add(&["spec", "initContainers"], json!([init])));
         }
     }
+    // A projected service-account token needs a service account named. The API
+    // server's ServiceAccount admission names `default` before webhooks run; where it
+    // does not (it can be turned off), name the same one here.
+    let named = |k: &str| {
+        spec.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    if named("serviceAccountName").is_none() {
+        let account = named("serviceAccount").unwrap_or("default");
+        ops.push(add(&["spec", "serviceAccountName"], json!(account)));
+    }
     if !volumes.iter().any(|n| n == TOKEN_VOLUME) {
         let vol = to_value(TOKEN_VOLUME, serde_json::to_value(token_volume(&c)))?;
         if spec.get("volumes").is_some_and(Value::is_array) {
@@ -496,7 +508,9 @@ mod tests {
         });
         p["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m"}]);
         p["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        p["spec"]["serviceAccountName"] = json!("web");
         let p = injected(p);
+        assert_eq!(p["spec"]["serviceAccountName"], "web");
         let spec = &p["spec"];
         assert_eq!(spec["initContainers"][0]["name"], INIT_CONTAINER);
         assert_eq!(spec["initContainers"][1]["name"], "migrate");

@@ -1,0 +1,468 @@
+//! Sidecar injection and `sinew install --kubernetes` against a REAL kube-apiserver
+//! (testkit's `kube::ApiServer`): the API server calls the `sinew webhook` process over
+//! TLS for every Pod it creates, and validates the injected Pods and the installation's
+//! manifests itself.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use serde_json::{Value, json};
+use sinew_testkit::kube::ApiServer;
+use sinew_testkit::{free_addr, wait};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("sinew-webhook-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `sinew webhook` on loopback with a self-signed certificate for 127.0.0.1; returns
+/// the process and the caBundle (PEM).
+async fn start_webhook(dir: &Path) -> (tokio::process::Child, String, std::net::SocketAddr) {
+    let addr = free_addr();
+    let ca = dir.join("ca.pem");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args([
+            "webhook",
+            "--listen",
+            &addr.to_string(),
+            "--self-signed",
+            "127.0.0.1",
+        ])
+        .arg("--ca-out")
+        .arg(&ca)
+        .args([
+            "--control-plane-address",
+            "http://sinew-control.sinew-system.svc:15010",
+        ])
+        .args(["--proxy-image", "example.test/sinew:dev"])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The CA file is written once the listener is up.
+    wait::until("webhook listening", TIMEOUT, || {
+        let ca = ca.clone();
+        async move { ca.exists() && tokio::net::TcpStream::connect(addr).await.is_ok() }
+    })
+    .await
+    .unwrap();
+    (child, std::fs::read_to_string(&ca).unwrap(), addr)
+}
+
+fn pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
+    let ann: BTreeMap<String, String> = annotations
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "web"}, "annotations": ann},
+        "spec": {"containers": [{"name": "app", "image": "nginx", "ports": [{"containerPort": 8080}]}]},
+    }))
+    .unwrap()
+}
+
+fn container_names(list: Option<&Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<String> {
+    list.map(|l| l.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn namespace(name: &str, labels: Value) -> Namespace {
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+}
+
+#[tokio::test]
+async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+    let dir = Scratch::new("inject");
+    let (_hook, ca, addr) = start_webhook(&dir.0).await;
+    let pp = PostParams::default();
+
+    let namespaces = Api::<Namespace>::all(client.clone());
+    namespaces
+        .create(
+            &pp,
+            &namespace("shop", json!({"sinew.io/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    namespaces
+        .create(&pp, &namespace("plain", json!({})))
+        .await
+        .unwrap();
+
+    // failurePolicy Fail: if the API server cannot reach the webhook, creating a Pod
+    // in `shop` fails, so the test cannot pass by not calling it.
+    use base64::Engine;
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-injector"},
+        "webhooks": [{
+            "name": "inject.sinew.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {
+                "url": format!("https://{addr}/mutate"),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"sinew.io/inject": "enabled"}},
+        }],
+    }))
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&pp, &mwc)
+        .await
+        .unwrap();
+
+    // The API server picks up webhook configurations asynchronously: dry-run creations
+    // show when it calls the webhook.
+    let shop = Api::<Pod>::namespaced(client.clone(), "shop");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait::until("the API server calls the webhook", TIMEOUT, || {
+        let shop = shop.clone();
+        let dry = dry.clone();
+        async move {
+            shop.create(&dry, &pod("probe", &[]))
+                .await
+                .is_ok_and(|p| container_names(Some(&p.spec.unwrap().containers)).len() == 2)
+        }
+    })
+    .await
+    .unwrap();
+
+    // An opted-in namespace: the stored Pod has the sidecar and the capture step.
+    shop.create(
+        &pp,
+        &pod("web", &[("sinew.io/proxy-memory-limit", "512Mi")]),
+    )
+    .await
+    .unwrap();
+    let web = shop.get("web").await.unwrap();
+    let spec = web.spec.clone().unwrap();
+    assert_eq!(
+        container_names(Some(&spec.containers)),
+        ["sinew-proxy", "app"]
+    );
+    assert_eq!(
+        container_names(spec.init_containers.as_ref()),
+        ["sinew-init"]
+    );
+    let proxy = &spec.containers[0];
+    assert_eq!(proxy.image.as_deref(), Some("example.test/sinew:dev"));
+    let limits = proxy.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "512Mi");
+    let env: BTreeMap<_, _> = proxy
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert_eq!(
+        env["SINEW_CONTROL_PLANE"].as_deref(),
+        Some("http://sinew-control.sinew-system.svc:15010")
+    );
+    let probe = proxy
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/ready"));
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    let caps = init
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(caps.add.as_deref().unwrap(), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(init.args.as_ref().unwrap()[0], "init");
+    let token = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "sinew-identity-token")
+        .and_then(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s[0].service_account_token.as_ref())
+        .expect("projected token volume");
+    assert_eq!(token.audience.as_deref(), Some("sinew"));
+    let ann = web.metadata.annotations.clone().unwrap();
+    assert_eq!(ann["sinew.io/injected"], "true");
+    assert_eq!(ann["sinew.io/proxy-memory-limit"], "512Mi");
+
+    // Opted out by annotation: untouched.
+    shop.create(&pp, &pod("legacy", &[("sinew.io/inject", "disabled")]))
+        .await
+        .unwrap();
+    let legacy = shop.get("legacy").await.unwrap().spec.unwrap();
+    assert_eq!(container_names(Some(&legacy.containers)), ["app"]);
+    assert!(legacy.init_containers.is_none());
+
+    // Host network: untouched.
+    let mut host = pod("host", &[]);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    shop.create(&pp, &host).await.unwrap();
+    let host = shop.get("host").await.unwrap().spec.unwrap();
+    assert_eq!(container_names(Some(&host.containers)), ["app"]);
+
+    // A namespace that did not opt in: untouched.
+    let plain = Api::<Pod>::namespaced(client.clone(), "plain");
+    plain.create(&pp, &pod("web", &[])).await.unwrap();
+    let other = plain.get("web").await.unwrap().spec.unwrap();
+    assert_eq!(container_names(Some(&other.containers)), ["app"]);
+
+    // Re-submitting an injected Pod: injected once, not twice.
+    let mut again = web.clone();
+    again.metadata = kube::api::ObjectMeta {
+        name: Some("web-again".into()),
+        labels: web.metadata.labels.clone(),
+        annotations: web.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    again.status = None;
+    shop.create(&pp, &again).await.unwrap();
+    let again = shop.get("web-again").await.unwrap().spec.unwrap();
+    assert_eq!(
+        container_names(Some(&again.containers)),
+        ["sinew-proxy", "app"]
+    );
+    assert_eq!(
+        container_names(again.init_containers.as_ref()),
+        ["sinew-init"]
+    );
+    assert_eq!(
+        again.volumes.as_ref().unwrap().len(),
+        spec.volumes.as_ref().unwrap().len()
+    );
+
+    // A Sinew annotation that cannot be honoured: refused, naming it.
+    let err = shop
+        .create(&pp, &pod("bad", &[("sinew.io/proxy-uid", "root")]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metadata.annotations[\"sinew.io/proxy-uid\"]"),
+        "{err}"
+    );
+    assert!(shop.get_opt("bad").await.unwrap().is_none());
+}
+
+async fn sinew(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Server-side applies one document as the test's field manager.
+async fn apply(client: &kube::Client, doc: &Value) -> Result<(), kube::Error> {
+    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let (group, version) = s("/apiVersion")
+        .split_once('/')
+        .unwrap_or(("", s("/apiVersion")));
+    let gvk = GroupVersionKind::gvk(group, version, s("/kind"));
+    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
+    let api: Api<DynamicObject> = match caps.scope {
+        kube::discovery::Scope::Namespaced => {
+            Api::namespaced_with(client.clone(), s("/metadata/namespace"), &ar)
+        }
+        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &ar),
+    };
+    api.patch(
+        s("/metadata/name"),
+        &PatchParams::apply("webhook-test").force(),
+        &Patch::Apply(doc),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+
+    // Printed: every document parses back into its Kubernetes type.
+    let (ok, yaml, err) = sinew(&["install", "--kubernetes", "--namespace", "mesh-printed"]).await;
+    assert!(ok, "{err}");
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for k in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "Service",
+        "Deployment",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
+    }
+    assert_eq!(kinds.last(), Some(&"MutatingWebhookConfiguration"));
+    for d in &docs {
+        let v = d.clone();
+        match d["kind"].as_str().unwrap() {
+            "Namespace" => drop(serde_json::from_value::<Namespace>(v).unwrap()),
+            "ServiceAccount" => drop(serde_json::from_value::<ServiceAccount>(v).unwrap()),
+            "ClusterRole" => drop(serde_json::from_value::<ClusterRole>(v).unwrap()),
+            "ClusterRoleBinding" => drop(serde_json::from_value::<ClusterRoleBinding>(v).unwrap()),
+            "Role" => drop(serde_json::from_value::<Role>(v).unwrap()),
+            "RoleBinding" => drop(serde_json::from_value::<RoleBinding>(v).unwrap()),
+            "Secret" => drop(serde_json::from_value::<Secret>(v).unwrap()),
+            "Service" => drop(serde_json::from_value::<Service>(v).unwrap()),
+            "Deployment" => drop(serde_json::from_value::<Deployment>(v).unwrap()),
+            "MutatingWebhookConfiguration" => {
+                drop(serde_json::from_value::<MutatingWebhookConfiguration>(v).unwrap())
+            }
+            "CustomResourceDefinition" => drop(
+                serde_json::from_value::<
+                    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+                >(v)
+                .unwrap(),
+            ),
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    // The printed documents, applied as they are, are accepted by the API server (it
+    // validates every field).
+    for d in &docs {
+        apply(&client, d)
+            .await
+            .unwrap_or_else(|e| panic!("{} {} refused: {e}", d["kind"], d["metadata"]["name"]));
+    }
+
+    // --apply: the same, through the CLI.
+    let kubeconfig = server.kubeconfig();
+    let kc = kubeconfig.to_str().unwrap();
+    let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("MutatingWebhookConfiguration sinew-injector: applied"),
+        "{err}"
+    );
+
+    let deploy = Api::<Deployment>::namespaced(client.clone(), "sinew-system")
+        .get("sinew-control")
+        .await
+        .unwrap();
+    assert!(deploy.spec.as_ref().unwrap().replicas.unwrap() >= 2);
+    let pod_spec = deploy.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some("sinew-control")
+    );
+    let names: Vec<_> = pod_spec
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["control", "webhook"]);
+
+    // The webhook's caBundle is the CA in the certificate Secret, and it signed the
+    // serving certificate for the Service's name.
+    let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
+    let tls = secrets.get("sinew-webhook-tls").await.unwrap();
+    let data = tls.data.unwrap();
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get("sinew-injector")
+        .await
+        .unwrap();
+    let hook = &mwc.webhooks.unwrap()[0];
+    assert_eq!(
+        hook.client_config.ca_bundle.as_ref().unwrap().0,
+        data["ca.crt"].0
+    );
+    assert_eq!(
+        hook.client_config.service.as_ref().unwrap().name,
+        "sinew-control"
+    );
+    assert_eq!(hook.side_effects, "None");
+    let selector = serde_json::to_string(&hook.namespace_selector).unwrap();
+    assert!(selector.contains("sinew.io/inject"), "{selector}");
+
+    // Least privilege: nothing but reads on discovery, and only the writes listed.
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get("sinew-control")
+        .await
+        .unwrap();
+    for rule in role.rules.unwrap() {
+        let resources = rule.resources.unwrap_or_default();
+        for verb in &rule.verbs {
+            let allowed = match verb.as_str() {
+                "get" | "list" | "watch" => true,
+                "create" => resources
+                    .iter()
+                    .all(|r| r == "events" || r == "tokenreviews"),
+                "patch" => resources
+                    .iter()
+                    .all(|r| r == "events" || r.ends_with("/status")),
+                "update" => resources.iter().all(|r| r.ends_with("/status")),
+                _ => false,
+            };
+            assert!(allowed, "{verb} on {resources:?}");
+        }
+        assert!(
+            !resources.iter().any(|r| r == "*" || r == "secrets"),
+            "{resources:?}"
+        );
+    }
+
+    // A second --apply (an upgrade) keeps the mesh CA and the webhook certificate.
+    let ca_before = secrets.get("sinew-ca").await.unwrap().data.unwrap();
+    let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
+    assert!(ok, "{err}");
+    let ca_after = secrets.get("sinew-ca").await.unwrap().data.unwrap();
+    assert_eq!(ca_before, ca_after);
+    let tls_after = secrets
+        .get("sinew-webhook-tls")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(tls_after, data);
+}
