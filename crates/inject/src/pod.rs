@@ -76,6 +76,16 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
         ann.insert(k.clone(), v.to_owned());
     }
 
+    // The label opts out too (the webhook configuration's object selector uses it).
+    let label = metadata
+        .and_then(|m| m.get("labels"))
+        .and_then(|l| l.get(ANNOTATION_INJECT))
+        .and_then(Value::as_str);
+    if label == Some("disabled") {
+        return Ok(Outcome::Skipped(format!(
+            "the label {ANNOTATION_INJECT} is disabled"
+        )));
+    }
     match ann.get(ANNOTATION_INJECT).map(|v| v.trim()) {
         None | Some("enabled") => {}
         Some("disabled") => {
@@ -487,6 +497,12 @@ mod tests {
         out["metadata"]["annotations"] = json!({ANNOTATION_INJECT: "disabled"});
         assert!(matches!(
             inject_pod(&out, &[], &InjectConfig::default()).unwrap(),
+            Outcome::Skipped(_)
+        ));
+        let mut labelled = pod();
+        labelled["metadata"]["labels"]["sinew.io/inject"] = json!("disabled");
+        assert!(matches!(
+            inject_pod(&labelled, &[], &InjectConfig::default()).unwrap(),
             Outcome::Skipped(_)
         ));
         let mut host = pod();
