@@ -104,6 +104,22 @@ enum Command {
         /// at about 70% of it.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
+        /// Take Services, endpoints, Pods and Sinew/Gateway API/SMI custom resources from
+        /// the Kubernetes API (KUBECONFIG, ~/.kube/config, or in-cluster), and accept
+        /// proxies' service-account tokens (checked with TokenReview).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Namespace of the Lease that elects the replica writing resource statuses.
+        #[arg(
+            long,
+            env = "POD_NAMESPACE",
+            default_value = "default",
+            requires = "kubernetes"
+        )]
+        lease_namespace: String,
+        /// The audience proxies' service-account tokens must be issued for.
+        #[arg(long, default_value = "sinew", requires = "kubernetes")]
+        token_audience: String,
     },
     /// The certificate authority.
     Ca {
@@ -326,6 +342,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             ca_key,
             ca_dir,
             cert_ttl,
+            kubernetes,
+            lease_namespace,
+            token_audience,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
             opts.trust_domain = trust_domain;
@@ -337,7 +356,28 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             opts.grace_period = Duration::from_secs(grace_period);
             opts.debounce = Duration::from_millis(debounce_ms);
             let cp = sinew_control::ControlPlane::start(opts).await?;
-            wait_for_signal().await?;
+            let mut source = None;
+            if kubernetes {
+                let mut k = sinew_k8s::KubernetesOptions::default();
+                k.source.lease_namespace = lease_namespace;
+                k.token_audience = Some(token_audience);
+                source = Some(
+                    sinew_k8s::start(&cp, k)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
+                );
+            }
+            match source {
+                Some(mut task) => tokio::select! {
+                    r = wait_for_signal() => r?,
+                    r = &mut task => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => anyhow::bail!("--kubernetes: {e}"),
+                        Err(e) => anyhow::bail!("--kubernetes: the source stopped: {e}"),
+                    },
+                },
+                None => wait_for_signal().await?,
+            }
             tracing::info!("stopping");
             cp.shutdown().await;
             Ok(0)

@@ -1,0 +1,379 @@
+//! `sinew control --kubernetes` against a real kube-apiserver (testkit's `kube::ApiServer`,
+//! built by `scripts/kube-envtest build`): Services, EndpointSlices and Pods become the
+//! mesh's services and endpoints, custom resources its configuration, and real traffic
+//! through real proxies follows them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod mesh;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
+use kube::Client;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use mesh::{Control, Scratch, TIMEOUT, free_addr};
+use serde_json::{Value, json};
+use sinew_testkit::http::HttpBackend;
+use sinew_testkit::kube::ApiServer;
+use sinew_testkit::{client, wait};
+
+/// An API server with Sinew's, the Gateway API's and SMI's CRDs and a namespace `shop`.
+async fn cluster() -> (ApiServer, Client) {
+    let api = ApiServer::start()
+        .await
+        .expect("a real kube-apiserver (scripts/kube-envtest build)");
+    let c = api.client().await.unwrap();
+    let crds = [
+        sinew_k8s::crds(),
+        sinew_k8s::crd::gateway_api_crds(),
+        sinew_k8s::crd::smi_crds(),
+    ]
+    .concat();
+    sinew_k8s::install_crds(&c, &crds).await.unwrap();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    (api, c)
+}
+
+fn ar(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+/// Creates (or replaces, by server-side apply) any object in `shop`.
+async fn apply(c: &Client, r: &ApiResource, doc: Value) {
+    let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+    let mut doc = doc;
+    doc["apiVersion"] = json!(r.api_version);
+    doc["kind"] = json!(r.kind);
+    let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+    Api::<DynamicObject>::namespaced_with(c.clone(), "shop", r)
+        .patch(
+            &name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
+}
+
+fn slices() -> ApiResource {
+    // The 1.20 API server serves EndpointSlices only as v1beta1: the control plane finds
+    // that by API discovery.
+    ar(
+        "discovery.k8s.io",
+        "v1beta1",
+        "EndpointSlice",
+        "endpointslices",
+    )
+}
+
+async fn service(c: &Client, name: &str) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+}
+
+async fn pod(c: &Client, name: &str, version: &str, sa: &str) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web", "version": version}},
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+}
+
+/// An EndpointSlice of `service` with one endpoint for `pod` at `addr`.
+async fn slice(c: &Client, name: &str, service: &str, pod: &str, addr: SocketAddr, ready: bool) {
+    apply(
+        c,
+        &slices(),
+        json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": addr.port(), "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": [addr.ip().to_string()],
+                "conditions": {"ready": ready},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}
+            }]
+        }),
+    )
+    .await;
+}
+
+fn sinew_kind(kind: &str, plural: &str) -> ApiResource {
+    ar("sinew.dev", "v1alpha1", kind, plural)
+}
+
+/// The Proxy resource of `shop/client`: `bind` forwards to `service`.
+async fn client_proxy(c: &Client, bind: SocketAddr, service: &str) {
+    apply(
+        c,
+        &sinew_kind("Proxy", "proxies"),
+        json!({
+            "metadata": {"name": "client"},
+            "spec": {"outbound": {"upstreams": [{"bind": bind.to_string(), "service": service}]}}
+        }),
+    )
+    .await;
+}
+
+async fn control(api: &ApiServer, dir: &Scratch, extra: &[&str]) -> Control {
+    let kubeconfig = api.kubeconfig();
+    let mut args = vec!["--kubernetes"];
+    args.extend_from_slice(extra);
+    Control::start_env(
+        &dir.0.join(format!("data-{}", free_addr().port())),
+        free_addr(),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await
+}
+
+/// Which backend answered a request through `bind` (None: the request failed).
+async fn who(bind: SocketAddr) -> Option<String> {
+    let r = client::get(bind, "web", "/").await.ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    Some(r.headers.get("x-backend")?.to_str().ok()?.to_owned())
+}
+
+async fn until_served_by(bind: SocketAddr, backend: &str) {
+    wait::until(
+        &format!("requests reach {backend}"),
+        TIMEOUT,
+        || async move { who(bind).await.as_deref() == Some(backend) },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    for _ in 0..20 {
+        assert_eq!(
+            who(bind).await.as_deref(),
+            Some("v1"),
+            "only web-v1 is an endpoint"
+        );
+    }
+
+    // A second slice adds an endpoint: traffic spreads to it.
+    slice(&c, "web-b", "web", "web-v2", v2.addr(), true).await;
+    until_served_by(bind, "v2").await;
+
+    // The first endpoint becomes not ready: everything goes to the second.
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), false).await;
+    let v1r = &v1;
+    wait::until("web-v1 left out", TIMEOUT, || async move {
+        let before = v1r.requests();
+        for _ in 0..10 {
+            if who(bind).await.as_deref() != Some("v2") {
+                return false;
+            }
+        }
+        v1r.requests() == before
+    })
+    .await
+    .unwrap();
+
+    // Its Pod says it is not ready either way once it is terminating: delete it and make
+    // its slice ready again; it stays out.
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .patch_status(
+            "web-v2",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let v2r = &v2;
+    wait::until("web-v2 (Pod not ready) left out", TIMEOUT, || async move {
+        let before = v2r.requests();
+        for _ in 0..10 {
+            if who(bind).await.as_deref() != Some("v1") {
+                return false;
+            }
+        }
+        v2r.requests() == before
+    })
+    .await
+    .unwrap();
+}
+
+/// The `Accepted` condition of a Sinew or SMI custom resource.
+async fn accepted(c: &Client, r: &ApiResource, name: &str) -> Option<(String, String)> {
+    let o = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", r)
+        .get(name)
+        .await
+        .ok()?;
+    let conds = if r.kind.ends_with("Route") {
+        o.data
+            .pointer("/status/parents/0/conditions")?
+            .as_array()?
+            .clone()
+    } else {
+        o.data.pointer("/status/conditions")?.as_array()?.clone()
+    };
+    let cond = conds.iter().find(|c| c["type"] == "Accepted")?;
+    Some((
+        cond["status"].as_str()?.to_owned(),
+        cond["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_resources_get_status_conditions_and_routes_apply() {
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    for s in ["web", "web-v1", "web-v2"] {
+        service(&c, s).await;
+    }
+    pod(&c, "web-1", "v1", "web").await;
+    pod(&c, "web-2", "v2", "web").await;
+    slice(&c, "web-v1-a", "web-v1", "web-1", v1.addr(), true).await;
+    slice(&c, "web-v2-a", "web-v2", "web-2", v2.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    // Gateway API: all of web's traffic to web-v1.
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    apply(
+        &c,
+        &routes,
+        json!({
+            "metadata": {"name": "web"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}]}
+        }),
+    )
+    .await;
+    // Invalid: an unknown field, and a TrafficSplit without its root service.
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+    )
+    .await;
+    let splits = ar(
+        "split.smi-spec.io",
+        "v1alpha2",
+        "TrafficSplit",
+        "trafficsplits",
+    );
+    apply(
+        &c,
+        &splits,
+        json!({"metadata": {"name": "broken"}, "spec": {"backends": [{"service": "web-v2", "weight": 1}]}}),
+    )
+    .await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    let cc = c.clone();
+    let (p, r, s) = (policies.clone(), routes.clone(), splits.clone());
+    wait::until("statuses written", TIMEOUT, || {
+        let (c, p, r, s) = (cc.clone(), p.clone(), r.clone(), s.clone());
+        async move {
+            matches!(accepted(&c, &p, "bad").await, Some((st, _)) if st == "False")
+                && matches!(accepted(&c, &r, "web").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &s, "broken").await, Some((st, _)) if st == "False")
+        }
+    })
+    .await
+    .unwrap();
+    let (_, msg) = accepted(&c, &policies, "bad").await.unwrap();
+    assert!(
+        msg.contains("bogus"),
+        "the condition names the field: {msg}"
+    );
+    let (_, msg) = accepted(&c, &splits, "broken").await.unwrap();
+    assert!(msg.contains("spec.service"), "{msg}");
+    let (st, _) = accepted(&c, &sinew_kind("Proxy", "proxies"), "client")
+        .await
+        .unwrap();
+    assert_eq!(st, "True");
+    // And a Warning Event names the refused resource.
+    let events = Api::<Event>::namespaced(c.clone(), "shop")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.involved_object.name.as_deref() == Some("bad")
+                && e.type_.as_deref() == Some("Warning")
+                && e.message.as_deref().is_some_and(|m| m.contains("bogus"))),
+        "{:?}",
+        events
+            .items
+            .iter()
+            .map(|e| (&e.involved_object.name, &e.message))
+            .collect::<Vec<_>>()
+    );
+
+    // SMI: fixing the TrafficSplit (90/10 → 0/100 to web-v2) takes traffic to web-v2; the
+    // HTTPRoute on the same parent goes first, so remove it.
+    Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+        .delete("web", &Default::default())
+        .await
+        .unwrap();
+    apply(
+        &c,
+        &splits,
+        json!({"metadata": {"name": "broken"}, "spec": {"service": "web", "backends": [{"service": "web-v1", "weight": 0}, {"service": "web-v2", "weight": 100}]}}),
+    )
+    .await;
+    until_served_by(bind, "v2").await;
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v2"));
+    }
+    let cc = c.clone();
+    wait::until("TrafficSplit accepted", TIMEOUT, || {
+        let (c, s) = (cc.clone(), splits.clone());
+        async move { matches!(accepted(&c, &s, "broken").await, Some((st, _)) if st == "True") }
+    })
+    .await
+    .unwrap();
+}
