@@ -10,7 +10,7 @@ use sinew_inject::InjectConfig;
 use sinew_inject::server::{CertSource, Webhook, WebhookOptions};
 
 /// What the sidecar looks like: the installation-wide injection settings (pods
-/// override most of them with `sinew.io/...` annotations).
+/// override most of them with `sinew.dev/...` annotations).
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectArgs {
     /// The image holding `sinew` and `sinew-proxy` (default: this version's release).

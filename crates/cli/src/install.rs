@@ -51,6 +51,13 @@ pub struct InstallArgs {
     /// The mesh CA key (PEM).
     #[arg(long, requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
+    /// Also install minimal Gateway API HTTPRoute/GRPCRoute CRDs (for clusters without
+    /// the Gateway API; never over the upstream ones).
+    #[arg(long)]
+    pub gateway_api_crds: bool,
+    /// Also install minimal SMI TrafficSplit/TrafficTarget/HTTPRouteGroup CRDs.
+    #[arg(long)]
+    pub smi_crds: bool,
     /// Apply the manifests (server-side apply) instead of printing them.
     #[arg(long)]
     pub apply: bool,
@@ -186,9 +193,19 @@ async fn options(
     })
 }
 
-/// Sinew's CustomResourceDefinitions, as JSON.
-fn crds() -> anyhow::Result<Vec<Value>> {
-    Ok(Vec::new())
+/// Sinew's CustomResourceDefinitions (and, if asked, minimal Gateway API and SMI
+/// ones), as JSON.
+fn crds(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
+    let mut crds = sinew_k8s::crds();
+    if args.gateway_api_crds {
+        crds.extend(sinew_k8s::crd::gateway_api_crds());
+    }
+    if args.smi_crds {
+        crds.extend(sinew_k8s::crd::smi_crds());
+    }
+    crds.iter()
+        .map(|c| serde_json::to_value(c).context("a CustomResourceDefinition"))
+        .collect()
 }
 
 /// `sinew install --kubernetes [--apply]`.
@@ -202,8 +219,8 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
         None
     };
     let opts = options(&args, client.as_ref()).await?;
-    let manifests =
-        sinew_inject::install::manifests(&opts, &crds()?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let manifests = sinew_inject::install::manifests(&opts, &crds(&args)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(client) = client else {
         print!(
             "{}",

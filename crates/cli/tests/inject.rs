@@ -23,8 +23,8 @@ spec:
     metadata:
       labels: {app: web}
       annotations:
-        sinew.io/exclude-outbound-ports: "5432"
-        sinew.io/proxy-cpu-limit: "500m"
+        sinew.dev/exclude-outbound-ports: "5432"
+        sinew.dev/proxy-cpu-limit: "500m"
     spec:
       serviceAccountName: web
       initContainers:
@@ -65,7 +65,7 @@ kind: Pod
 metadata:
   name: debug
   namespace: shop
-  annotations: {sinew.io/inject: disabled}
+  annotations: {sinew.dev/inject: disabled}
 spec:
   containers: [{name: shell, image: busybox}]
 ---
@@ -150,7 +150,7 @@ fn inject_adds_the_sidecar_to_every_workload_and_nothing_else() {
         ["cache", "sinew-identity-token"]
     );
     assert_eq!(tpl["spec"]["serviceAccountName"], "web");
-    assert_eq!(tpl["metadata"]["annotations"]["sinew.io/injected"], "true");
+    assert_eq!(tpl["metadata"]["annotations"]["sinew.dev/injected"], "true");
     assert_eq!(
         tpl["spec"]["containers"][1], original[0]["spec"]["template"]["spec"]["containers"][0],
         "the app container is changed"
@@ -187,7 +187,7 @@ fn inject_adds_the_sidecar_to_every_workload_and_nothing_else() {
     for line in [
         "-: document 1 (Deployment shop/web): injected",
         "-: document 2 (Service shop/web): unchanged (not a workload)",
-        "-: document 4 (Pod shop/debug): skipped: sinew.io/inject is disabled",
+        "-: document 4 (Pod shop/debug): skipped: sinew.dev/inject is disabled",
         "-: document 5 (List (no name)): skipped: the pod uses the host's network",
     ] {
         assert!(stderr.contains(line), "{line:?} not in:\n{stderr}");
@@ -205,8 +205,8 @@ fn inject_names_the_file_document_and_field_and_prints_nothing_on_bad_input() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("app.yaml");
     let bad_annotation = APP.replace(
-        r#"sinew.io/proxy-cpu-limit: "500m""#,
-        r#"sinew.io/proxy-cpu-limit: "lots""#,
+        r#"sinew.dev/proxy-cpu-limit: "500m""#,
+        r#"sinew.dev/proxy-cpu-limit: "lots""#,
     );
     std::fs::write(&file, &bad_annotation).unwrap();
     let out = sinew(&["inject", "-f", file.to_str().unwrap()], None);
@@ -214,7 +214,7 @@ fn inject_names_the_file_document_and_field_and_prints_nothing_on_bad_input() {
     assert!(out.stdout.is_empty(), "printed despite an error");
     let err = String::from_utf8_lossy(&out.stderr);
     let want = format!(
-        "{}: document 1 (Deployment shop/web): spec.template.metadata.annotations[\"sinew.io/proxy-cpu-limit\"]: \"lots\" is not a Kubernetes quantity",
+        "{}: document 1 (Deployment shop/web): spec.template.metadata.annotations[\"sinew.dev/proxy-cpu-limit\"]: \"lots\" is not a Kubernetes quantity",
         file.display()
     );
     assert!(err.contains(&want), "{err}");

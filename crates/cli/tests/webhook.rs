@@ -105,7 +105,7 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     namespaces
         .create(
             &pp,
-            &namespace("shop", json!({"sinew.io/inject": "enabled"})),
+            &namespace("shop", json!({"sinew.dev/inject": "enabled"})),
         )
         .await
         .unwrap();
@@ -120,7 +120,7 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "metadata": {"name": "sinew-injector"},
         "webhooks": [{
-            "name": "inject.sinew.io",
+            "name": "inject.sinew.dev",
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
             "failurePolicy": "Fail",
@@ -130,7 +130,7 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
                 "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca),
             },
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchLabels": {"sinew.io/inject": "enabled"}},
+            "namespaceSelector": {"matchLabels": {"sinew.dev/inject": "enabled"}},
         }],
     }))
     .unwrap();
@@ -161,7 +161,7 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     // An opted-in namespace: the stored Pod has the sidecar and the capture step.
     shop.create(
         &pp,
-        &pod("web", &[("sinew.io/proxy-memory-limit", "512Mi")]),
+        &pod("web", &[("sinew.dev/proxy-memory-limit", "512Mi")]),
     )
     .await
     .unwrap();
@@ -220,11 +220,11 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
         .expect("projected token volume");
     assert_eq!(token.audience.as_deref(), Some("sinew"));
     let ann = web.metadata.annotations.clone().unwrap();
-    assert_eq!(ann["sinew.io/injected"], "true");
-    assert_eq!(ann["sinew.io/proxy-memory-limit"], "512Mi");
+    assert_eq!(ann["sinew.dev/injected"], "true");
+    assert_eq!(ann["sinew.dev/proxy-memory-limit"], "512Mi");
 
     // Opted out by annotation: untouched.
-    shop.create(&pp, &pod("legacy", &[("sinew.io/inject", "disabled")]))
+    shop.create(&pp, &pod("legacy", &[("sinew.dev/inject", "disabled")]))
         .await
         .unwrap();
     let legacy = shop.get("legacy").await.unwrap().spec.unwrap();
@@ -270,12 +270,12 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
 
     // A Sinew annotation that cannot be honoured: refused, naming it.
     let err = shop
-        .create(&pp, &pod("bad", &[("sinew.io/proxy-uid", "root")]))
+        .create(&pp, &pod("bad", &[("sinew.dev/proxy-uid", "root")]))
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("metadata.annotations[\"sinew.io/proxy-uid\"]"),
+        err.contains("metadata.annotations[\"sinew.dev/proxy-uid\"]"),
         "{err}"
     );
     assert!(shop.get_opt("bad").await.unwrap().is_none());
@@ -323,7 +323,15 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
     let client = server.client().await.unwrap();
 
     // Printed: every document parses back into its Kubernetes type.
-    let (ok, yaml, err) = sinew(&["install", "--kubernetes", "--namespace", "mesh-printed"]).await;
+    let (ok, yaml, err) = sinew(&[
+        "install",
+        "--kubernetes",
+        "--namespace",
+        "mesh-printed",
+        "--gateway-api-crds",
+        "--smi-crds",
+    ])
+    .await;
     assert!(ok, "{err}");
     let docs: Vec<Value> = serde_norway::Deserializer::from_str(&yaml)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
@@ -344,6 +352,12 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
     assert_eq!(kinds.last(), Some(&"MutatingWebhookConfiguration"));
+    // Sinew's kinds, then the Gateway API and SMI ones asked for, before anything else.
+    let crds = kinds
+        .iter()
+        .take_while(|k| **k == "CustomResourceDefinition")
+        .count();
+    assert_eq!(crds, sinew_k8s::crds().len() + 2 + 3);
     for d in &docs {
         let v = d.clone();
         match d["kind"].as_str().unwrap() {
@@ -423,34 +437,52 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
     );
     assert_eq!(hook.side_effects, "None");
     let selector = serde_json::to_string(&hook.namespace_selector).unwrap();
-    assert!(selector.contains("sinew.io/inject"), "{selector}");
+    assert!(selector.contains("sinew.dev/inject"), "{selector}");
 
     // Least privilege: nothing but reads on discovery, and only the writes listed.
     let role = Api::<ClusterRole>::all(client.clone())
         .get("sinew-control")
         .await
         .unwrap();
+    let mut granted = std::collections::BTreeSet::new();
     for rule in role.rules.unwrap() {
         let resources = rule.resources.unwrap_or_default();
-        for verb in &rule.verbs {
-            let allowed = match verb.as_str() {
-                "get" | "list" | "watch" => true,
-                "create" => resources
-                    .iter()
-                    .all(|r| r == "events" || r == "tokenreviews"),
-                "patch" => resources
-                    .iter()
-                    .all(|r| r == "events" || r.ends_with("/status")),
-                "update" => resources.iter().all(|r| r.ends_with("/status")),
-                _ => false,
+        for resource in &resources {
+            let expected: &[&str] = match resource.as_str() {
+                "services" | "endpoints" | "pods" | "endpointslices" => &["list", "watch"],
+                "events" | "tokenreviews" => &["create"],
+                r if r.ends_with("/status") => &["patch"],
+                // The mesh's own kinds and the imported ones (Gateway API, SMI).
+                _ => &["list", "watch"],
             };
-            assert!(allowed, "{verb} on {resources:?}");
+            assert_eq!(rule.verbs, expected, "{resource}");
+            granted.insert(resource.clone());
         }
         assert!(
             !resources.iter().any(|r| r == "*" || r == "secrets"),
             "{resources:?}"
         );
     }
+    for needed in [
+        "services",
+        "endpointslices",
+        "pods",
+        "tokenreviews",
+        "events",
+        "httproutes",
+        "httproutes/status",
+        "trafficsplits",
+    ] {
+        assert!(granted.contains(needed), "{needed} not granted");
+    }
+    let role = Api::<Role>::namespaced(client.clone(), "sinew-system")
+        .get("sinew-control")
+        .await
+        .unwrap();
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].resources.as_deref().unwrap(), ["leases"]);
+    assert_eq!(rules[0].verbs, ["get", "create", "update"]);
 
     // A second --apply (an upgrade) keeps the mesh CA and the webhook certificate.
     let ca_before = secrets.get("sinew-ca").await.unwrap().data.unwrap();

@@ -6,38 +6,40 @@ use std::net::IpAddr;
 
 use crate::InjectError;
 
-/// `sinew.io/inject`: `enabled` or `disabled` on a Pod (or pod template); the label
-/// `sinew.io/inject=enabled` on a Namespace opts every Pod in it in (the webhook's
+/// `sinew.dev/inject`: `enabled` or `disabled` on a Pod (or pod template); the label
+/// `sinew.dev/inject=enabled` on a Namespace opts every Pod in it in (the webhook's
 /// namespace selector).
-pub const ANNOTATION_INJECT: &str = "sinew.io/inject";
+pub const ANNOTATION_INJECT: &str = "sinew.dev/inject";
 /// Set on every injected Pod, so injection is recognised and never repeated.
-pub const ANNOTATION_INJECTED: &str = "sinew.io/injected";
+pub const ANNOTATION_INJECTED: &str = "sinew.dev/injected";
 /// Overrides the proxy (and init) image.
-pub const ANNOTATION_IMAGE: &str = "sinew.io/proxy-image";
+pub const ANNOTATION_IMAGE: &str = "sinew.dev/proxy-image";
 /// The proxy's CPU request, a Kubernetes quantity (`100m`).
-pub const ANNOTATION_CPU_REQUEST: &str = "sinew.io/proxy-cpu-request";
+pub const ANNOTATION_CPU_REQUEST: &str = "sinew.dev/proxy-cpu-request";
 /// The proxy's CPU limit (`1`).
-pub const ANNOTATION_CPU_LIMIT: &str = "sinew.io/proxy-cpu-limit";
+pub const ANNOTATION_CPU_LIMIT: &str = "sinew.dev/proxy-cpu-limit";
 /// The proxy's memory request (`64Mi`).
-pub const ANNOTATION_MEMORY_REQUEST: &str = "sinew.io/proxy-memory-request";
+pub const ANNOTATION_MEMORY_REQUEST: &str = "sinew.dev/proxy-memory-request";
 /// The proxy's memory limit (`256Mi`).
-pub const ANNOTATION_MEMORY_LIMIT: &str = "sinew.io/proxy-memory-limit";
+pub const ANNOTATION_MEMORY_LIMIT: &str = "sinew.dev/proxy-memory-limit";
 /// The proxy's log filter (`info`, `debug`, `sinew_proxy=debug`).
-pub const ANNOTATION_LOG_LEVEL: &str = "sinew.io/proxy-log-level";
-/// The port captured inbound traffic is redirected to.
-pub const ANNOTATION_INBOUND_PORT: &str = "sinew.io/inbound-port";
+pub const ANNOTATION_LOG_LEVEL: &str = "sinew.dev/proxy-log-level";
+/// The port captured inbound traffic is redirected to: the sidecar's inbound listener.
+/// Set on every injected pod; Kubernetes discovery (sinew-k8s) reads it to send mesh
+/// traffic there.
+pub const ANNOTATION_INBOUND_PORT: &str = "sinew.dev/inbound-port";
 /// The port captured outbound traffic is redirected to.
-pub const ANNOTATION_OUTBOUND_PORT: &str = "sinew.io/outbound-port";
+pub const ANNOTATION_OUTBOUND_PORT: &str = "sinew.dev/outbound-port";
 /// The proxy's admin port (probes, metrics); never captured.
-pub const ANNOTATION_ADMIN_PORT: &str = "sinew.io/admin-port";
+pub const ANNOTATION_ADMIN_PORT: &str = "sinew.dev/admin-port";
 /// The uid the proxy runs as; its own traffic is not captured.
-pub const ANNOTATION_PROXY_UID: &str = "sinew.io/proxy-uid";
+pub const ANNOTATION_PROXY_UID: &str = "sinew.dev/proxy-uid";
 /// Inbound ports not sent through the proxy (`8081,9000-9010`).
-pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str = "sinew.io/exclude-inbound-ports";
+pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str = "sinew.dev/exclude-inbound-ports";
 /// Outbound destination ports not sent through the proxy (`5432`).
-pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "sinew.io/exclude-outbound-ports";
+pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "sinew.dev/exclude-outbound-ports";
 /// Outbound destination networks not sent through the proxy (`10.0.0.0/8,169.254.169.254/32`).
-pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "sinew.io/exclude-outbound-cidrs";
+pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "sinew.dev/exclude-outbound-cidrs";
 
 /// The name of the injected proxy container.
 pub const PROXY_CONTAINER: &str = "sinew-proxy";
@@ -46,7 +48,7 @@ pub const INIT_CONTAINER: &str = "sinew-init";
 /// The name of the projected token volume.
 pub const TOKEN_VOLUME: &str = "sinew-identity-token";
 /// Where the proxy finds its service-account token.
-pub const TOKEN_DIR: &str = "/var/run/secrets/sinew.io/identity";
+pub const TOKEN_DIR: &str = "/var/run/secrets/sinew.dev/identity";
 /// The token's file name inside [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "token";
 
@@ -85,9 +87,10 @@ pub struct InjectConfig {
     pub token_expiration_seconds: i64,
     /// The proxy's uid (its own traffic is not captured).
     pub proxy_uid: i64,
-    /// The proxy's inbound (captured) port.
+    /// The proxy's inbound capture port: `sinew init` redirects inbound TCP there, and
+    /// the proxy terminates mesh mTLS on it (`sinew.dev/inbound-port` tells discovery).
     pub inbound_port: u16,
-    /// The proxy's outbound (captured) port.
+    /// The proxy's outbound capture port (`sinew init` redirects outbound TCP there).
     pub outbound_port: u16,
     /// The proxy's admin port (`/ready`, `/live`, `/metrics`).
     pub admin_port: u16,
@@ -112,8 +115,8 @@ impl Default for InjectConfig {
             token_audience: "sinew".into(),
             token_expiration_seconds: 3600,
             proxy_uid: 1337,
-            inbound_port: 4143,
-            outbound_port: 4140,
+            inbound_port: 15006,
+            outbound_port: 15001,
             admin_port: 4191,
             log_level: "info".into(),
             resources: Resources {
@@ -392,14 +395,14 @@ mod tests {
         let e = base.for_pod(&a, "spec.template.").unwrap_err();
         assert_eq!(
             e.field,
-            "spec.template.metadata.annotations[\"sinew.io/inbound-port\"]"
+            "spec.template.metadata.annotations[\"sinew.dev/inbound-port\"]"
         );
         a.remove(ANNOTATION_ADMIN_PORT);
         a.insert(ANNOTATION_CPU_REQUEST.to_owned(), "lots".to_owned());
         let e = base.for_pod(&a, "").unwrap_err();
         assert_eq!(
             e.field,
-            "metadata.annotations[\"sinew.io/proxy-cpu-request\"]"
+            "metadata.annotations[\"sinew.dev/proxy-cpu-request\"]"
         );
         assert!(e.reason.contains("not a Kubernetes quantity"), "{e}");
     }

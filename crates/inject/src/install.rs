@@ -111,18 +111,18 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
 
 /// The ClusterRole's rules: exactly what `sinew control --kubernetes` does.
 pub fn cluster_rules(crd_resources: &[(String, String)]) -> Vec<Value> {
-    let read = ["get", "list", "watch"];
+    let watch = ["list", "watch"];
     let mut rules = vec![
         // Discovery: services, their endpoints (EndpointSlices, or Endpoints on older
-        // clusters) and pods (labels, service account, readiness).
-        rule(&[""], &["services", "endpoints", "pods"], &read),
-        rule(&["discovery.k8s.io"], &["endpointslices"], &read),
+        // clusters) and pods (labels, service account, readiness), all by watches.
+        rule(&[""], &["services", "endpoints", "pods"], &watch),
+        rule(&["discovery.k8s.io"], &["endpointslices"], &watch),
         // Validation problems are reported as Events.
-        rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+        rule(&[""], &["events"], &["create"]),
         // Proxies prove their identity with a service-account token.
         rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
     ];
-    // Sinew's own kinds and the imported ones: read them, write their status.
+    // Sinew's own kinds and the imported ones: watch them, patch their status.
     let mut groups: Vec<&str> = crd_resources.iter().map(|(g, _)| g.as_str()).collect();
     groups.sort_unstable();
     groups.dedup();
@@ -134,8 +134,8 @@ pub fn cluster_rules(crd_resources: &[(String, String)]) -> Vec<Value> {
             .collect();
         let status: Vec<String> = resources.iter().map(|r| format!("{r}/status")).collect();
         let status: Vec<&str> = status.iter().map(String::as_str).collect();
-        rules.push(rule(&[g], &resources, &read));
-        rules.push(rule(&[g], &status, &["get", "update", "patch"]));
+        rules.push(rule(&[g], &resources, &watch));
+        rules.push(rule(&[g], &status, &["patch"]));
     }
     rules
 }
@@ -190,7 +190,7 @@ pub fn manifests(o: &InstallOptions, crds: &[Value]) -> Result<Vec<Value>, Strin
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": meta(CONTROL_NAME),
-        "rules": [rule(&["coordination.k8s.io"], &["leases"], &["get", "list", "watch", "create", "update", "patch"])],
+        "rules": [rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "update"])],
     }));
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -224,7 +224,7 @@ pub fn manifests(o: &InstallOptions, crds: &[Value]) -> Result<Vec<Value>, Strin
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": WEBHOOK_CONFIGURATION, "labels": labels()},
         "webhooks": [{
-            "name": "inject.sinew.io",
+            "name": "inject.sinew.dev",
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
             "failurePolicy": o.failure_policy,
@@ -241,7 +241,7 @@ pub fn manifests(o: &InstallOptions, crds: &[Value]) -> Result<Vec<Value>, Strin
                 {"key": ANNOTATION_INJECT, "operator": "In", "values": ["enabled"]},
                 {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [ns, "kube-system"]},
             ]},
-            // A pod labelled sinew.io/inject=disabled is never even sent.
+            // A pod labelled sinew.dev/inject=disabled is never even sent.
             "objectSelector": {"matchExpressions": [
                 {"key": ANNOTATION_INJECT, "operator": "NotIn", "values": ["disabled"]},
             ]},
@@ -315,6 +315,7 @@ fn deployment(o: &InstallOptions) -> Value {
                                 "--listen", format!("0.0.0.0:{CONTROL_PORT}"),
                                 "--data-dir", "/var/lib/sinew",
                                 "--trust-domain", o.trust_domain,
+                                "--token-audience", i.token_audience,
                                 "--ca-cert", "/etc/sinew/ca/ca.pem",
                                 "--ca-key", "/etc/sinew/ca/ca-key.pem",
                             ],

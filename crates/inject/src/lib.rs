@@ -3,7 +3,7 @@
 //! - [`pod`]: the pure Pod mutation. Given a Pod (or a pod template) as JSON, it
 //!   computes the RFC 6902 JSON Patch that adds the `sinew-proxy` sidecar, the
 //!   `sinew-init` capture init container, the projected service-account token the
-//!   proxy proves its identity with, and the `sinew.io/injected` annotation. The patch
+//!   proxy proves its identity with, and the `sinew.dev/injected` annotation. The patch
 //!   only adds: it never rewrites what the user wrote, so it applies to the original
 //!   object byte for byte.
 //! - [`config`]: the installation's defaults and the per-pod annotations that override
@@ -16,7 +16,7 @@
 //!
 //! Injection is idempotent (a Pod that already has the sidecar gets an empty patch),
 //! skips host-network Pods (capture would rewrite the node's own rules) and Pods
-//! annotated `sinew.io/inject: disabled`.
+//! annotated `sinew.dev/inject: disabled`.
 
 #![forbid(unsafe_code)]
 
@@ -39,7 +39,7 @@ pub use pod::{Outcome, inject_pod};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct InjectError {
-    /// The field path, e.g. `metadata.annotations["sinew.io/inbound-port"]`.
+    /// The field path, e.g. `metadata.annotations["sinew.dev/inbound-port"]`.
     pub field: String,
     /// What is wrong with it.
     pub reason: String,

@@ -131,8 +131,8 @@ mod tests {
     #[test]
     fn pointers_escape_and_adds_apply() {
         assert_eq!(
-            pointer(&["metadata", "annotations", "sinew.io/injected"]),
-            "/metadata/annotations/sinew.io~1injected"
+            pointer(&["metadata", "annotations", "sinew.dev/injected"]),
+            "/metadata/annotations/sinew.dev~1injected"
         );
         let mut doc =
             json!({"metadata": {"annotations": {}}, "spec": {"containers": [{"name": "app"}]}});

@@ -150,6 +150,11 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
     // Annotations: mark it injected; make `kubectl logs/exec` default to the app (the
     // proxy comes first in the list so that it starts first).
     let mut new_ann = vec![(ANNOTATION_INJECTED, json!("true"))];
+    // Discovery (sinew-k8s) sends mesh traffic for this pod to the sidecar's inbound
+    // port when the pod says where it is.
+    if !ann.contains_key(ANNOTATION_INBOUND_PORT) {
+        new_ann.push((ANNOTATION_INBOUND_PORT, json!(c.inbound_port.to_string())));
+    }
     if !ann.contains_key("kubectl.kubernetes.io/default-container") {
         new_ann.push((
             "kubectl.kubernetes.io/default-container",
@@ -469,9 +474,9 @@ mod tests {
                 "--proxy-uid",
                 "1337",
                 "--inbound-port",
-                "4143",
+                "15006",
                 "--outbound-port",
-                "4140",
+                "15001",
                 "--exclude-inbound-ports",
                 "4191"
             ]
@@ -500,7 +505,7 @@ mod tests {
             Outcome::Skipped(_)
         ));
         let mut labelled = pod();
-        labelled["metadata"]["labels"]["sinew.io/inject"] = json!("disabled");
+        labelled["metadata"]["labels"]["sinew.dev/inject"] = json!("disabled");
         assert!(matches!(
             inject_pod(&labelled, &[], &InjectConfig::default()).unwrap(),
             Outcome::Skipped(_)
@@ -560,7 +565,7 @@ mod tests {
         let e = inject_pod(&p, &["spec", "template"], &InjectConfig::default()).unwrap_err();
         assert_eq!(
             e.field,
-            "spec.template.metadata.annotations[\"sinew.io/inbound-port\"]"
+            "spec.template.metadata.annotations[\"sinew.dev/inbound-port\"]"
         );
         let mut p = pod();
         p["spec"]["containers"] = json!([{"image": "x"}]);

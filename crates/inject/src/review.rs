@@ -180,14 +180,14 @@ mod tests {
         assert_eq!(out["response"]["allowed"], true);
         assert!(out["response"].get("patch").is_none());
 
-        let bad = json!({"metadata": {"name": "p", "annotations": {"sinew.io/proxy-uid": "root"}}, "spec": {"containers": [{"name": "app"}]}});
+        let bad = json!({"metadata": {"name": "p", "annotations": {"sinew.dev/proxy-uid": "root"}}, "spec": {"containers": [{"name": "app"}]}});
         let (out, d) = review(&request(bad, "CREATE"), &InjectConfig::default()).unwrap();
         assert!(matches!(d, Decision::Refused(_)));
         let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(out["response"]["allowed"], false);
         let msg = out["response"]["status"]["message"].as_str().unwrap();
         assert!(
-            msg.contains("Pod shop/p: metadata.annotations[\"sinew.io/proxy-uid\"]"),
+            msg.contains("Pod shop/p: metadata.annotations[\"sinew.dev/proxy-uid\"]"),
             "{msg}"
         );
 
