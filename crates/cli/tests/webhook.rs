@@ -4,6 +4,8 @@
 //! manifests itself.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod mesh;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,9 +16,10 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
+use mesh::free_addr;
 use serde_json::{Value, json};
 use sinew_testkit::kube::ApiServer;
-use sinew_testkit::{free_addr, wait};
+use sinew_testkit::wait;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -497,4 +500,121 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         .data
         .unwrap();
     assert_eq!(tls_after, data);
+}
+
+/// The injected sidecar, started as the kubelet would start it (its environment, the
+/// token the kubelet projects for the injected volume), gets a certificate from `sinew
+/// control --kubernetes`: the audience injected and the audience the control plane
+/// checks with TokenReview agree, and so do the proxy's name and its token file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use sinew_inject::patch::apply_json;
+    use sinew_inject::{InjectConfig, Outcome, inject_pod};
+
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+    let pp = PostParams::default();
+    Api::<Namespace>::all(client.clone())
+        .create(&pp, &namespace("shop", json!({})))
+        .await
+        .unwrap();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "shop"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), "shop")
+        .create(&pp, &sa)
+        .await
+        .unwrap();
+
+    // Inject (as the webhook does) and store the Pod; the API server validates it.
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "shop"},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "nginx"}]},
+    });
+    let Outcome::Injected(ops) = inject_pod(&pod, &[], &InjectConfig::default()).unwrap() else {
+        panic!("not injected");
+    };
+    apply_json(&mut pod, &ops).unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "shop");
+    pods.create(&pp, &serde_json::from_value(pod).unwrap())
+        .await
+        .unwrap();
+    let stored = pods.get("web-0").await.unwrap();
+    let spec = stored.spec.unwrap();
+    let proxy = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "sinew-proxy")
+        .unwrap();
+
+    // What the kubelet would do: mint the projected token for the volume's audience.
+    let projection = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|v| {
+            v.projected.as_ref()?.sources.as_ref()?[0]
+                .service_account_token
+                .clone()
+        })
+        .unwrap();
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![projection.audience.clone().unwrap()],
+            expiration_seconds: projection.expiration_seconds,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), "shop")
+        .create_token_request("web", &pp, &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    // ... and expand the container's environment ($(VAR) from the downward API).
+    let mut env = BTreeMap::new();
+    for e in proxy.env.as_ref().unwrap() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => env.iter().fold(v.clone(), |v, (k, x): (&String, &String)| {
+                v.replace(&format!("$({k})"), x)
+            }),
+            (None, Some(from)) => match from.field_ref.as_ref().unwrap().field_path.as_str() {
+                "metadata.name" => "web-0".to_owned(),
+                "metadata.namespace" => "shop".to_owned(),
+                "spec.serviceAccountName" => spec.service_account_name.clone().unwrap(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        env.insert(e.name.clone(), value);
+    }
+    assert_eq!(env["SINEW_PROXY_NAME"], "shop/web-0");
+    let args = proxy.args.as_ref().unwrap();
+    assert_eq!(args[0], "--join-token-file");
+    let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(
+        args[1],
+        format!("{}/{}", mount.mount_path, projection.path),
+        "the proxy reads the token where the volume puts it"
+    );
+
+    // The control plane, reviewing tokens for its default audience, issues the
+    // sidecar its certificate: the proxy is ready only once it holds one.
+    let dir = mesh::Scratch::new();
+    let kubeconfig = server.kubeconfig();
+    let cp = mesh::Control::start_env(
+        &dir.0.join("data"),
+        free_addr(),
+        &["--kubernetes"],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
+    let mut settings =
+        sinew_proxy::control::ControlSettings::new(&cp.url, &env["SINEW_PROXY_NAME"]);
+    settings.join_token = Some(token);
+    let _proxy = mesh::start_proxy(settings).await;
 }
