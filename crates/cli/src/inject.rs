@@ -175,6 +175,7 @@ pub async fn webhook(args: WebhookArgs) -> anyhow::Result<Webhook> {
         listen: args.listen,
         cert,
         config,
+        cert_check: sinew_inject::server::CERT_CHECK,
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -31,8 +31,8 @@ use crate::review::{Decision, review};
 /// The largest AdmissionReview read (a Pod is at most 1.5 MiB in etcd; the review
 /// carries it once, and its old version on updates).
 const MAX_BODY: usize = 4 << 20;
-/// How often certificate files are checked for changes.
-const CERT_CHECK: Duration = Duration::from_secs(10);
+/// How often certificate files are checked for changes, by default.
+pub const CERT_CHECK: Duration = Duration::from_secs(10);
 
 /// Where the serving certificate comes from.
 #[derive(Debug, Clone)]
@@ -62,6 +62,8 @@ pub struct WebhookOptions {
     pub cert: CertSource,
     /// What to inject.
     pub config: InjectConfig,
+    /// How often certificate files are checked for changes ([`CERT_CHECK`]).
+    pub cert_check: Duration,
 }
 
 /// A running webhook.
@@ -136,12 +138,13 @@ impl Webhook {
             .map_err(|e| format!("listener address: {e}"))?;
         let (stop, mut stopped) = watch::channel(false);
         let config = Arc::new(opts.config);
+        let cert_check = opts.cert_check.max(Duration::from_millis(10));
         let files = match opts.cert {
             CertSource::Files { cert, key } => Some((cert, key)),
             CertSource::Pem { .. } => None,
         };
         let task = tokio::spawn(async move {
-            let mut check = tokio::time::interval(CERT_CHECK);
+            let mut check = tokio::time::interval(cert_check);
             let mut seen = files.as_ref().map(|(c, k)| modified(&[c, k]));
             loop {
                 tokio::select! {
