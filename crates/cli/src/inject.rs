@@ -113,7 +113,9 @@ pub fn inject(files: &[PathBuf], args: &InjectArgs) -> anyhow::Result<i32> {
                         r.document, r.what, r.result
                     );
                 }
-                outputs.push(out.output);
+                if !out.output.is_empty() {
+                    outputs.push(out.output);
+                }
             }
             Err(e) => {
                 eprintln!("error: {e}");

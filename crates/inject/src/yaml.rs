@@ -161,16 +161,16 @@ pub fn inject_yaml(file: &str, text: &str, config: &InjectConfig) -> Result<Inje
                 results.join(", ")
             },
         });
-        docs.push(doc);
+        docs.push((n, doc));
     }
     let mut output = String::new();
-    for (i, doc) in docs.iter().enumerate() {
+    for (i, (n, doc)) in docs.iter().enumerate() {
         if i > 0 {
             output.push_str("---\n");
         }
         let text = serde_norway::to_string(doc).map_err(|e| YamlError {
             file: file.to_owned(),
-            document: i + 1,
+            document: *n,
             what: String::new(),
             message: format!("cannot be written: {e}"),
         })?;
