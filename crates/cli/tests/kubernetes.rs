@@ -377,3 +377,192 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     .await
     .unwrap();
 }
+
+/// A token for `shop/<sa>` from the TokenRequest API, for `audience`.
+async fn sa_token(c: &Client, sa: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "shop");
+    if sas.get_opt(sa).await.unwrap().is_none() {
+        let obj: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": sa, "namespace": "shop"}})).unwrap();
+        sas.create(&PostParams::default(), &obj).await.unwrap();
+    }
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+/// What the control plane answers a proxy `ns/name` that asks for a certificate with
+/// `token`, over a raw discovery stream.
+async fn certificate(url: &str, ns: &str, name: &str, token: &str) -> sinew_api::v1::Certificate {
+    use sinew_api::v1::discovery_client::DiscoveryClient;
+    use sinew_api::v1::{CertificateRequest, Hello, ProxyMessage, control_message, proxy_message};
+    let (_key, csr_der) = sinew_tls::new_key_and_csr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Hello(Hello {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Csr(CertificateRequest {
+            csr_der,
+            join_token: token.to_owned(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = DiscoveryClient::connect(url.to_owned()).await.unwrap();
+    let mut answers = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = tokio::time::timeout(TIMEOUT, answers.message())
+            .await
+            .expect("an answer to the certificate request")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(control_message::Kind::Certificate(c)) = msg.kind {
+            return c;
+        }
+    }
+}
+
+/// A JWT shaped exactly like the API server's service-account tokens, signed with a key
+/// that is not the API server's.
+fn forged_token(ns: &str, sa: &str) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "iss": sinew_testkit::kube::SA_ISSUER,
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": ["sinew"],
+        "iat": now, "nbf": now, "exp": now + 3600,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "00000000-0000-0000-0000-000000000000"}}
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_account_tokens_get_certificates_checked_with_token_review() {
+    let (api, c) = cluster().await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let (t_web, t_cat) = (
+        sa_token(&c, "web", "sinew").await,
+        sa_token(&c, "catalog", "sinew").await,
+    );
+    // The catalog Pod runs a sidecar (its inbound port in the annotation) as `catalog`.
+    service(&c, "catalog").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
+    client_proxy(&c, bind, "catalog").await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    // The sidecar is named after its Pod; both proxies prove who they are with their
+    // service-account tokens.
+    let catalog = mesh::proxy_with_token(
+        &cp.url,
+        "shop/catalog-1",
+        None,
+        Duration::from_millis(50),
+        Some(t_cat),
+    )
+    .await;
+    let web = mesh::proxy_with_token(
+        &cp.url,
+        "shop/client",
+        None,
+        Duration::from_millis(50),
+        Some(t_web.clone()),
+    )
+    .await;
+    let id = |p: &sinew_proxy::Proxy| p.shared().certs.identity().map(|i| i.to_string());
+    assert_eq!(
+        id(&web).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    assert_eq!(
+        id(&catalog).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/catalog")
+    );
+    mesh::listening(bind).await;
+    mesh::listening(inbound).await;
+    wait::until("mesh path serves", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+    // The request crossed mTLS: the inbound saw the caller's certificate.
+    let r = client::get(bind, "catalog", "/").await.unwrap();
+    assert_eq!(
+        r.json().unwrap()["headers"]["sinew-peer-identity"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+
+    // Refused: a forged token, a token for another audience, a token of another
+    // namespace's service account.
+    let ok = certificate(&cp.url, "shop", "probe", &t_web).await;
+    assert!(
+        ok.error.is_empty() && !ok.chain_pem.is_empty(),
+        "{}",
+        ok.error
+    );
+    let forged = certificate(&cp.url, "shop", "probe", &forged_token("shop", "web")).await;
+    assert!(
+        forged.chain_pem.is_empty(),
+        "a forged token got a certificate"
+    );
+    assert!(forged.error.contains("refused"), "{}", forged.error);
+    let api_audience = sa_token(&c, "web", sinew_testkit::kube::API_AUDIENCE).await;
+    let wrong = certificate(&cp.url, "shop", "probe", &api_audience).await;
+    assert!(wrong.chain_pem.is_empty() && !wrong.error.is_empty());
+    let elsewhere = certificate(&cp.url, "other", "probe", &t_web).await;
+    assert!(
+        elsewhere.chain_pem.is_empty(),
+        "a token of shop served namespace other"
+    );
+    assert!(elsewhere.error.contains("namespace"), "{}", elsewhere.error);
+    web.shutdown().await;
+    catalog.shutdown().await;
+}
