@@ -566,3 +566,324 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
     web.shutdown().await;
     catalog.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_dropped_by_an_api_server_restart_recovers_without_dropping_endpoints() {
+    let (mut api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    // The API server goes away: every watch breaks. The endpoints stay.
+    api.stop_apiserver();
+    for _ in 0..20 {
+        assert_eq!(
+            who(bind).await.as_deref(),
+            Some("v1"),
+            "endpoints kept while the API server is down"
+        );
+    }
+    assert_eq!(
+        cp.sinew(&["get", "workloads", "-n", "shop"])
+            .await
+            .status
+            .code(),
+        Some(0)
+    );
+    api.start_apiserver().await.unwrap();
+
+    // A change made after the restart reaches the proxy: the watches came back.
+    let c = api.client().await.unwrap();
+    slice(&c, "web-a", "web", "web-v2", v2.addr(), true).await;
+    until_served_by(bind, "v2").await;
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v2"));
+    }
+}
+
+/// A TCP front for several control-plane replicas, as a Kubernetes Service is: each
+/// connection goes to the first replica that accepts it.
+struct Front {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    async fn start(replicas: Vec<SocketAddr>) -> Front {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let replicas = replicas.clone();
+                tokio::spawn(async move {
+                    for r in replicas {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(r).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Front { addr, task }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn proxy_binary() -> std::path::PathBuf {
+    let sinew = std::path::Path::new(env!("CARGO_BIN_EXE_sinew"));
+    let proxy = sinew.with_file_name(format!("sinew-proxy{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        proxy.is_file(),
+        "\n\nthis test runs real sinew-proxy processes and needs {} next to sinew: \
+         `cargo build --bins` first (a workspace-wide `cargo test` builds it)\n",
+        proxy.display()
+    );
+    proxy
+}
+
+/// A real `sinew-proxy` process in control-plane mode, ready (it has its config and
+/// certificate) when this returns.
+async fn proxy_process(
+    dir: &Scratch,
+    control: SocketAddr,
+    name: &str,
+    token: &str,
+) -> tokio::process::Child {
+    let token_file = dir.write(&format!("{}.token", name.replace('/', "-")), token);
+    let admin = free_addr();
+    let child = tokio::process::Command::new(proxy_binary())
+        .arg("--control-plane")
+        .arg(format!("http://{control}"))
+        .args(["--name", name])
+        .arg("--join-token-file")
+        .arg(&token_file)
+        .arg("--admin")
+        .arg(admin.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("SINEW_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait::until(&format!("{name} ready"), TIMEOUT, || async move {
+        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await
+    .unwrap();
+    child
+}
+
+/// Requests through `bind` from `clients` connections until stopped: (ok, failed).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    tasks: Vec<tokio::task::JoinHandle<u32>>,
+}
+
+impl Load {
+    async fn start(bind: SocketAddr, clients: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            let mut c = client::h1(bind).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut failed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match c.get("catalog", "/").await {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => {
+                            eprintln!("failed request: {} {:?}", r.status, r.header("sinew-error"));
+                            failed += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("failed request: {e}");
+                            failed += 1;
+                            break;
+                        }
+                    }
+                }
+                failed
+            }));
+        }
+        Load { stop, ok, tasks }
+    }
+
+    async fn progress(&self, n: u32) {
+        use std::sync::atomic::Ordering;
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        wait::until("load makes progress", TIMEOUT, || async move {
+            self.ok.load(Ordering::Relaxed) >= target
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn finish(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut failed = 0;
+        for t in self.tasks {
+            failed += t.await.unwrap();
+        }
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), failed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
+    let (api, c) = cluster().await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, bind2, inbound) = (free_addr(), free_addr(), free_addr());
+    let (t_web, t_cat) = (
+        sa_token(&c, "web", "sinew").await,
+        sa_token(&c, "catalog", "sinew").await,
+    );
+    service(&c, "catalog").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
+    client_proxy(&c, bind, "catalog").await;
+    apply(
+        &c,
+        &sinew_kind("Proxy", "proxies"),
+        json!({"metadata": {"name": "client-b"},
+               "spec": {"outbound": {"upstreams": [{"bind": bind2.to_string(), "service": "catalog"}]}}}),
+    )
+    .await;
+
+    // Two replicas with one CA (on Kubernetes: a Secret both mount), and a short Lease.
+    let dir = Scratch::new();
+    let ca = dir.0.join("ca");
+    let ca_arg = ca.to_str().unwrap();
+    let extra = ["--ca-dir", ca_arg, "--lease-duration-secs", "2"];
+    let a = control(&api, &dir, &extra).await;
+    let b = control(&api, &dir, &extra).await;
+    let front = Front::start(vec![a.addr, b.addr]).await;
+
+    // Real proxies, through the front (so on replica a); one more straight on b.
+    let _catalog = proxy_process(&dir, front.addr, "shop/catalog-1", &t_cat).await;
+    let _web = proxy_process(&dir, front.addr, "shop/client", &t_web).await;
+    let t_web2 = sa_token(&c, "web", "sinew").await;
+    let _web2 = proxy_process(&dir, b.addr, "shop/client-b", &t_web2).await;
+    mesh::listening(bind).await;
+    mesh::listening(bind2).await;
+    for b in [bind, bind2] {
+        wait::until("path serves", TIMEOUT, || async move {
+            client::get(b, "catalog", "/")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await
+        .unwrap();
+    }
+    // Both replicas computed the same mesh from the API server.
+    let docs = |cp: &Control| {
+        let url = cp.url.clone();
+        async move {
+            let out = mesh::sinew_at(&url, &["get", "workloads", "-n", "shop", "-o", "json"]).await;
+            assert!(out.status.success(), "{:?}", mesh::text(&out));
+            mesh::text(&out).0
+        }
+    };
+    let on_a = docs(&a).await;
+    assert!(
+        on_a.contains("catalog-1") && on_a.contains("\"serviceAccount\": \"catalog\""),
+        "{on_a}"
+    );
+    assert_eq!(on_a, docs(&b).await);
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    wait::until("a serves two proxies, b one", TIMEOUT, || {
+        let (a_url, b_url) = (a_url.clone(), b_url.clone());
+        async move { in_sync(&a_url).await == 2 && in_sync(&b_url).await == 1 }
+    })
+    .await
+    .unwrap();
+
+    // Load through both client proxies; replica a dies.
+    let load = Load::start(bind, 2).await;
+    let load2 = Load::start(bind2, 1).await;
+    load.progress(100).await;
+    a.kill().await;
+    load.progress(100).await;
+    wait::until("every proxy moved to b", TIMEOUT, || {
+        let b_url = b_url.clone();
+        async move { in_sync(&b_url).await == 3 }
+    })
+    .await
+    .unwrap();
+    load.progress(100).await;
+    load2.progress(50).await;
+
+    // b took the status-writer Lease over: a new invalid resource gets its condition.
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "late"}, "spec": {"targetRef": {"kind": "Service", "name": "catalog"}, "bogus": true}}),
+    )
+    .await;
+    let cc = c.clone();
+    wait::until("the surviving replica writes statuses", TIMEOUT, || {
+        let (c, p) = (cc.clone(), policies.clone());
+        async move { matches!(accepted(&c, &p, "late").await, Some((st, _)) if st == "False") }
+    })
+    .await
+    .unwrap();
+
+    let (ok, failed) = load.finish().await;
+    let (ok2, failed2) = load2.finish().await;
+    assert_eq!(
+        failed + failed2,
+        0,
+        "{failed}+{failed2} of {} requests failed",
+        ok + ok2 + failed + failed2
+    );
+}
+
+/// How many proxies a replica serves that have applied their latest config.
+async fn in_sync(url: &str) -> usize {
+    use sinew_api::v1::ProxyStatusRequest;
+    use sinew_api::v1::admin_client::AdminClient;
+    let Ok(mut c) = AdminClient::connect(url.to_owned()).await else {
+        return 0;
+    };
+    let Ok(s) = c.proxy_status(ProxyStatusRequest {}).await else {
+        return 0;
+    };
+    s.into_inner()
+        .proxies
+        .iter()
+        .filter(|p| {
+            p.connected && !p.applied_version.is_empty() && p.applied_version == p.latest_version
+        })
+        .count()
+}
