@@ -146,6 +146,15 @@ async fn control(api: &ApiServer, dir: &Scratch, extra: &[&str]) -> Control {
     .await
 }
 
+/// Whether the proxy's running config (its admin `/config`) holds the endpoint `addr`.
+async fn config_has(p: &sinew_proxy::Proxy, addr: SocketAddr) -> bool {
+    client::get(p.admin_addr(), "admin", "/config")
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default()
+        .contains(&format!("\"{addr}\""))
+}
+
 /// Which backend answered a request through `bind` (None: the request failed).
 async fn who(bind: SocketAddr) -> Option<String> {
     let r = client::get(bind, "web", "/").await.ok()?;
@@ -179,7 +188,7 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
 
     let dir = Scratch::new();
     let cp = control(&api, &dir, &[]).await;
-    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
     until_served_by(bind, "v1").await;
     for _ in 0..20 {
@@ -189,13 +198,24 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
             "only web-v1 is an endpoint"
         );
     }
+    assert!(config_has(&proxy, v1.addr()).await && !config_has(&proxy, v2.addr()).await);
 
     // A second slice adds an endpoint: traffic spreads to it.
     slice(&c, "web-b", "web", "web-v2", v2.addr(), true).await;
     until_served_by(bind, "v2").await;
 
-    // The first endpoint becomes not ready: everything goes to the second.
+    // The first endpoint becomes not ready: the proxy's config loses it and everything
+    // goes to the second.
     slice(&c, "web-a", "web", "web-v1", v1.addr(), false).await;
+    let p = &proxy;
+    let (a1, a2) = (v1.addr(), v2.addr());
+    wait::until(
+        "web-v1 gone from the proxy's config",
+        TIMEOUT,
+        || async move { !config_has(p, a1).await && config_has(p, a2).await },
+    )
+    .await
+    .unwrap();
     let v1r = &v1;
     wait::until("web-v1 left out", TIMEOUT, || async move {
         let before = v1r.requests();
@@ -222,6 +242,13 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
         .await
         .unwrap();
     slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    wait::until(
+        "web-v2 (Pod not ready) gone from the proxy's config",
+        TIMEOUT,
+        || async move { config_has(p, a1).await && !config_has(p, a2).await },
+    )
+    .await
+    .unwrap();
     let v2r = &v2;
     wait::until("web-v2 (Pod not ready) left out", TIMEOUT, || async move {
         let before = v2r.requests();
