@@ -22,7 +22,12 @@ use sinew_testkit::{client, wait};
 
 /// An API server with Sinew's, the Gateway API's and SMI's CRDs and a namespace `shop`.
 async fn cluster() -> (ApiServer, Client) {
-    let api = ApiServer::start()
+    cluster_with(&[]).await
+}
+
+/// [`cluster`] with extra API-server flags.
+async fn cluster_with(args: &[&str]) -> (ApiServer, Client) {
+    let api = ApiServer::start_with_args(args)
         .await
         .expect("a real kube-apiserver (scripts/kube-envtest build)");
     let c = api.client().await.unwrap();
@@ -310,6 +315,19 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
         }),
     )
     .await;
+    // GAMMA GRPCRoute on the same parent: gRPC calls of shop.Catalog to web-v2.
+    let grpc_routes = ar("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes");
+    apply(
+        &c,
+        &grpc_routes,
+        json!({
+            "metadata": {"name": "catalog-rpc"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"matches": [{"method": {"service": "shop.Catalog"}}],
+                                "backendRefs": [{"name": "web-v2", "port": 80}]}]}
+        }),
+    )
+    .await;
     // Invalid: an unknown field, and a TrafficSplit without its root service.
     let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
     apply(
@@ -349,6 +367,18 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     })
     .await
     .unwrap();
+    assert_eq!(
+        accepted(&c, &grpc_routes, "catalog-rpc")
+            .await
+            .map(|a| a.0)
+            .as_deref(),
+        Some("True")
+    );
+    // The GRPCRoute applies to its calls: a request on its path reaches web-v2.
+    let r = client::get(bind, "web", "/shop.Catalog/List")
+        .await
+        .unwrap();
+    assert_eq!(r.headers.get("x-backend").unwrap(), "v2");
     let (_, msg) = accepted(&c, &policies, "bad").await.unwrap();
     assert!(
         msg.contains("bogus"),
@@ -647,7 +677,11 @@ struct Front {
 
 impl Front {
     async fn start(replicas: Vec<SocketAddr>) -> Front {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Front::start_on([127, 0, 0, 1].into(), replicas).await
+    }
+
+    async fn start_on(ip: std::net::IpAddr, replicas: Vec<SocketAddr>) -> Front {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             while let Ok((mut down, _)) = listener.accept().await {
@@ -663,6 +697,12 @@ impl Front {
             }
         });
         Front { addr, task }
+    }
+}
+
+impl Front {
+    fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
@@ -913,4 +953,78 @@ async fn in_sync(url: &str) -> usize {
             p.connected && !p.applied_version.is_empty() && p.applied_version == p.latest_version
         })
         .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_endpoint_slices_core_endpoints_are_read() {
+    // A server that serves no EndpointSlice API: API discovery finds core Endpoints.
+    let (api, c) = cluster_with(&["--runtime-config=discovery.k8s.io/v1beta1=false"]).await;
+    assert!(
+        c.list_api_group_resources("discovery.k8s.io/v1beta1")
+            .await
+            .is_err(),
+        "the API server still serves EndpointSlices"
+    );
+    // Endpoints may not hold loopback addresses: the backends are reached through
+    // forwarders on this host's own address.
+    let host = host_ip();
+    let b1 = HttpBackend::start("v1").await.unwrap();
+    let b2 = HttpBackend::start("v2").await.unwrap();
+    let f1 = Front::start_on(host, vec![b1.addr()]).await;
+    let f2 = Front::start_on(host, vec![b2.addr()]).await;
+    let (v1, v2) = (&f1, &f2);
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    let endpoints = |ready: SocketAddr, not_ready: SocketAddr| {
+        let addr = |a: SocketAddr, pod: &str| json!({"ip": a.ip().to_string(), "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}});
+        // Both on 127.0.0.1 with their own ports: one subset each.
+        json!({
+            "metadata": {"name": "web"},
+            "subsets": [
+                {"addresses": [addr(ready, "web-v1")], "ports": [{"name": "http", "port": ready.port(), "protocol": "TCP"}]},
+                {"notReadyAddresses": [addr(not_ready, "web-v2")], "ports": [{"name": "http", "port": not_ready.port(), "protocol": "TCP"}]}
+            ]
+        })
+    };
+    let core = ar("", "v1", "Endpoints", "endpoints");
+    apply(&c, &core, endpoints(v1.addr(), v2.addr())).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    assert!(
+        !config_has(&proxy, v2.addr()).await,
+        "a not-ready address is no endpoint"
+    );
+    // Readiness flips: the proxy follows.
+    apply(&c, &core, endpoints(v2.addr(), v1.addr())).await;
+    let p = &proxy;
+    let (a1, a2) = (v1.addr(), v2.addr());
+    wait::until(
+        "endpoints flipped in the proxy's config",
+        TIMEOUT,
+        || async move { config_has(p, a2).await && !config_has(p, a1).await },
+    )
+    .await
+    .unwrap();
+    until_served_by(bind, "v2").await;
+}
+
+/// This host's own (non-loopback) IPv4 address: the source address of its default route.
+fn host_ip() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connecting a UDP socket only picks the route.
+    s.connect("192.0.2.1:9")
+        .or_else(|_| s.connect("10.255.255.1:9"))
+        .expect("this test needs a non-loopback IPv4 address with a route (core Endpoints refuse loopback)");
+    let ip = s.local_addr().unwrap().ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no non-loopback address: {ip}"
+    );
+    ip
 }
