@@ -120,6 +120,10 @@ enum Command {
         /// The audience proxies' service-account tokens must be issued for.
         #[arg(long, default_value = "sinew", requires = "kubernetes")]
         token_audience: String,
+        /// Seconds the status-writer's Lease lasts without renewal (another replica
+        /// takes over after that).
+        #[arg(long, default_value_t = 15, requires = "kubernetes")]
+        lease_duration_secs: u64,
     },
     /// The certificate authority.
     Ca {
@@ -345,6 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             kubernetes,
             lease_namespace,
             token_audience,
+            lease_duration_secs,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
             opts.trust_domain = trust_domain;
@@ -360,6 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if kubernetes {
                 let mut k = sinew_k8s::KubernetesOptions::default();
                 k.source.lease_namespace = lease_namespace;
+                k.source.lease_duration = Duration::from_secs(lease_duration_secs.max(1));
                 k.token_audience = Some(token_audience);
                 source = Some(
                     sinew_k8s::start(&cp, k)

@@ -22,7 +22,12 @@ use sinew_testkit::{client, wait};
 
 /// An API server with Sinew's, the Gateway API's and SMI's CRDs and a namespace `shop`.
 async fn cluster() -> (ApiServer, Client) {
-    let api = ApiServer::start()
+    cluster_with(&[]).await
+}
+
+/// [`cluster`] with extra API-server flags.
+async fn cluster_with(args: &[&str]) -> (ApiServer, Client) {
+    let api = ApiServer::start_with_args(args)
         .await
         .expect("a real kube-apiserver (scripts/kube-envtest build)");
     let c = api.client().await.unwrap();
@@ -146,6 +151,15 @@ async fn control(api: &ApiServer, dir: &Scratch, extra: &[&str]) -> Control {
     .await
 }
 
+/// Whether the proxy's running config (its admin `/config`) holds the endpoint `addr`.
+async fn config_has(p: &sinew_proxy::Proxy, addr: SocketAddr) -> bool {
+    client::get(p.admin_addr(), "admin", "/config")
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default()
+        .contains(&format!("\"{addr}\""))
+}
+
 /// Which backend answered a request through `bind` (None: the request failed).
 async fn who(bind: SocketAddr) -> Option<String> {
     let r = client::get(bind, "web", "/").await.ok()?;
@@ -179,7 +193,7 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
 
     let dir = Scratch::new();
     let cp = control(&api, &dir, &[]).await;
-    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
     until_served_by(bind, "v1").await;
     for _ in 0..20 {
@@ -189,13 +203,24 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
             "only web-v1 is an endpoint"
         );
     }
+    assert!(config_has(&proxy, v1.addr()).await && !config_has(&proxy, v2.addr()).await);
 
     // A second slice adds an endpoint: traffic spreads to it.
     slice(&c, "web-b", "web", "web-v2", v2.addr(), true).await;
     until_served_by(bind, "v2").await;
 
-    // The first endpoint becomes not ready: everything goes to the second.
+    // The first endpoint becomes not ready: the proxy's config loses it and everything
+    // goes to the second.
     slice(&c, "web-a", "web", "web-v1", v1.addr(), false).await;
+    let p = &proxy;
+    let (a1, a2) = (v1.addr(), v2.addr());
+    wait::until(
+        "web-v1 gone from the proxy's config",
+        TIMEOUT,
+        || async move { !config_has(p, a1).await && config_has(p, a2).await },
+    )
+    .await
+    .unwrap();
     let v1r = &v1;
     wait::until("web-v1 left out", TIMEOUT, || async move {
         let before = v1r.requests();
@@ -222,6 +247,13 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
         .await
         .unwrap();
     slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    wait::until(
+        "web-v2 (Pod not ready) gone from the proxy's config",
+        TIMEOUT,
+        || async move { config_has(p, a1).await && !config_has(p, a2).await },
+    )
+    .await
+    .unwrap();
     let v2r = &v2;
     wait::until("web-v2 (Pod not ready) left out", TIMEOUT, || async move {
         let before = v2r.requests();
@@ -283,6 +315,19 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
         }),
     )
     .await;
+    // GAMMA GRPCRoute on the same parent: gRPC calls of shop.Catalog to web-v2.
+    let grpc_routes = ar("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes");
+    apply(
+        &c,
+        &grpc_routes,
+        json!({
+            "metadata": {"name": "catalog-rpc"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"matches": [{"method": {"service": "shop.Catalog"}}],
+                                "backendRefs": [{"name": "web-v2", "port": 80}]}]}
+        }),
+    )
+    .await;
     // Invalid: an unknown field, and a TrafficSplit without its root service.
     let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
     apply(
@@ -322,6 +367,18 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     })
     .await
     .unwrap();
+    assert_eq!(
+        accepted(&c, &grpc_routes, "catalog-rpc")
+            .await
+            .map(|a| a.0)
+            .as_deref(),
+        Some("True")
+    );
+    // The GRPCRoute applies to its calls: a request on its path reaches web-v2.
+    let r = client::get(bind, "web", "/shop.Catalog/List")
+        .await
+        .unwrap();
+    assert_eq!(r.headers.get("x-backend").unwrap(), "v2");
     let (_, msg) = accepted(&c, &policies, "bad").await.unwrap();
     assert!(
         msg.contains("bogus"),
@@ -376,4 +433,598 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     })
     .await
     .unwrap();
+}
+
+/// A token for `shop/<sa>` from the TokenRequest API, for `audience`.
+async fn sa_token(c: &Client, sa: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "shop");
+    if sas.get_opt(sa).await.unwrap().is_none() {
+        let obj: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": sa, "namespace": "shop"}})).unwrap();
+        sas.create(&PostParams::default(), &obj).await.unwrap();
+    }
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+/// What the control plane answers a proxy `ns/name` that asks for a certificate with
+/// `token`, over a raw discovery stream.
+async fn certificate(url: &str, ns: &str, name: &str, token: &str) -> sinew_api::v1::Certificate {
+    use sinew_api::v1::discovery_client::DiscoveryClient;
+    use sinew_api::v1::{CertificateRequest, Hello, ProxyMessage, control_message, proxy_message};
+    let (_key, csr_der) = sinew_tls::new_key_and_csr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Hello(Hello {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Csr(CertificateRequest {
+            csr_der,
+            join_token: token.to_owned(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = DiscoveryClient::connect(url.to_owned()).await.unwrap();
+    let mut answers = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = tokio::time::timeout(TIMEOUT, answers.message())
+            .await
+            .expect("an answer to the certificate request")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(control_message::Kind::Certificate(c)) = msg.kind {
+            return c;
+        }
+    }
+}
+
+/// A JWT shaped exactly like the API server's service-account tokens, signed with a key
+/// that is not the API server's.
+fn forged_token(ns: &str, sa: &str) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "iss": sinew_testkit::kube::SA_ISSUER,
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": ["sinew"],
+        "iat": now, "nbf": now, "exp": now + 3600,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "00000000-0000-0000-0000-000000000000"}}
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_account_tokens_get_certificates_checked_with_token_review() {
+    let (api, c) = cluster().await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let (t_web, t_cat) = (
+        sa_token(&c, "web", "sinew").await,
+        sa_token(&c, "catalog", "sinew").await,
+    );
+    // The catalog Pod runs a sidecar (its inbound port in the annotation) as `catalog`.
+    service(&c, "catalog").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
+    client_proxy(&c, bind, "catalog").await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    // The sidecar is named after its Pod; both proxies prove who they are with their
+    // service-account tokens.
+    let catalog = mesh::proxy_with_token(
+        &cp.url,
+        "shop/catalog-1",
+        None,
+        Duration::from_millis(50),
+        Some(t_cat),
+    )
+    .await;
+    let web = mesh::proxy_with_token(
+        &cp.url,
+        "shop/client",
+        None,
+        Duration::from_millis(50),
+        Some(t_web.clone()),
+    )
+    .await;
+    let id = |p: &sinew_proxy::Proxy| p.shared().certs.identity().map(|i| i.to_string());
+    assert_eq!(
+        id(&web).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    assert_eq!(
+        id(&catalog).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/catalog")
+    );
+    mesh::listening(bind).await;
+    mesh::listening(inbound).await;
+    wait::until("mesh path serves", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+    // The request crossed mTLS: the inbound saw the caller's certificate.
+    let r = client::get(bind, "catalog", "/").await.unwrap();
+    assert_eq!(
+        r.json().unwrap()["headers"]["sinew-peer-identity"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+
+    // Refused: a forged token, a token for another audience, a token of another
+    // namespace's service account.
+    let ok = certificate(&cp.url, "shop", "probe", &t_web).await;
+    assert!(
+        ok.error.is_empty() && !ok.chain_pem.is_empty(),
+        "{}",
+        ok.error
+    );
+    let forged = certificate(&cp.url, "shop", "probe", &forged_token("shop", "web")).await;
+    assert!(
+        forged.chain_pem.is_empty(),
+        "a forged token got a certificate"
+    );
+    assert!(forged.error.contains("refused"), "{}", forged.error);
+    let api_audience = sa_token(&c, "web", sinew_testkit::kube::API_AUDIENCE).await;
+    let wrong = certificate(&cp.url, "shop", "probe", &api_audience).await;
+    assert!(wrong.chain_pem.is_empty() && !wrong.error.is_empty());
+    let elsewhere = certificate(&cp.url, "other", "probe", &t_web).await;
+    assert!(
+        elsewhere.chain_pem.is_empty(),
+        "a token of shop served namespace other"
+    );
+    assert!(elsewhere.error.contains("namespace"), "{}", elsewhere.error);
+    web.shutdown().await;
+    catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_dropped_by_an_api_server_restart_recovers_without_dropping_endpoints() {
+    let (mut api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    // The API server goes away: every watch breaks. The endpoints stay.
+    api.stop_apiserver();
+    for _ in 0..20 {
+        assert_eq!(
+            who(bind).await.as_deref(),
+            Some("v1"),
+            "endpoints kept while the API server is down"
+        );
+    }
+    assert_eq!(
+        cp.sinew(&["get", "workloads", "-n", "shop"])
+            .await
+            .status
+            .code(),
+        Some(0)
+    );
+    api.start_apiserver().await.unwrap();
+
+    // A change made after the restart reaches the proxy: the watches came back.
+    let c = api.client().await.unwrap();
+    slice(&c, "web-a", "web", "web-v2", v2.addr(), true).await;
+    until_served_by(bind, "v2").await;
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v2"));
+    }
+}
+
+/// A TCP front for several control-plane replicas, as a Kubernetes Service is: each
+/// connection goes to the first replica that accepts it.
+struct Front {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    async fn start(replicas: Vec<SocketAddr>) -> Front {
+        Front::start_on([127, 0, 0, 1].into(), replicas).await
+    }
+
+    async fn start_on(ip: std::net::IpAddr, replicas: Vec<SocketAddr>) -> Front {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let replicas = replicas.clone();
+                tokio::spawn(async move {
+                    for r in replicas {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(r).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Front { addr, task }
+    }
+}
+
+impl Front {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn proxy_binary() -> std::path::PathBuf {
+    let sinew = std::path::Path::new(env!("CARGO_BIN_EXE_sinew"));
+    let proxy = sinew.with_file_name(format!("sinew-proxy{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        proxy.is_file(),
+        "\n\nthis test runs real sinew-proxy processes and needs {} next to sinew: \
+         `cargo build --bins` first (a workspace-wide `cargo test` builds it)\n",
+        proxy.display()
+    );
+    proxy
+}
+
+/// A real `sinew-proxy` process in control-plane mode, ready (it has its config and
+/// certificate) when this returns.
+async fn proxy_process(
+    dir: &Scratch,
+    control: SocketAddr,
+    name: &str,
+    token: &str,
+) -> tokio::process::Child {
+    let token_file = dir.write(&format!("{}.token", name.replace('/', "-")), token);
+    let admin = free_addr();
+    let child = tokio::process::Command::new(proxy_binary())
+        .arg("--control-plane")
+        .arg(format!("http://{control}"))
+        .args(["--name", name])
+        .arg("--join-token-file")
+        .arg(&token_file)
+        .arg("--admin")
+        .arg(admin.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("SINEW_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait::until(&format!("{name} ready"), TIMEOUT, || async move {
+        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await
+    .unwrap();
+    child
+}
+
+/// Requests through `bind` from `clients` connections until stopped: (ok, failed).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    tasks: Vec<tokio::task::JoinHandle<u32>>,
+}
+
+impl Load {
+    async fn start(bind: SocketAddr, clients: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            let mut c = client::h1(bind).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut failed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match c.get("catalog", "/").await {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => {
+                            eprintln!("failed request: {} {:?}", r.status, r.header("sinew-error"));
+                            failed += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("failed request: {e}");
+                            failed += 1;
+                            break;
+                        }
+                    }
+                }
+                failed
+            }));
+        }
+        Load { stop, ok, tasks }
+    }
+
+    async fn progress(&self, n: u32) {
+        use std::sync::atomic::Ordering;
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        wait::until("load makes progress", TIMEOUT, || async move {
+            self.ok.load(Ordering::Relaxed) >= target
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn finish(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut failed = 0;
+        for t in self.tasks {
+            failed += t.await.unwrap();
+        }
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), failed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
+    let (api, c) = cluster().await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, bind2, inbound) = (free_addr(), free_addr(), free_addr());
+    let (t_web, t_cat) = (
+        sa_token(&c, "web", "sinew").await,
+        sa_token(&c, "catalog", "sinew").await,
+    );
+    service(&c, "catalog").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
+    client_proxy(&c, bind, "catalog").await;
+    apply(
+        &c,
+        &sinew_kind("Proxy", "proxies"),
+        json!({"metadata": {"name": "client-b"},
+               "spec": {"outbound": {"upstreams": [{"bind": bind2.to_string(), "service": "catalog"}]}}}),
+    )
+    .await;
+
+    // Two replicas with one CA (on Kubernetes: a Secret both mount), and a short Lease.
+    let dir = Scratch::new();
+    let ca = dir.0.join("ca");
+    let ca_arg = ca.to_str().unwrap();
+    let extra = ["--ca-dir", ca_arg, "--lease-duration-secs", "2"];
+    let a = control(&api, &dir, &extra).await;
+    let b = control(&api, &dir, &extra).await;
+    let front = Front::start(vec![a.addr, b.addr]).await;
+
+    // Real proxies, through the front (so on replica a); one more straight on b.
+    let _catalog = proxy_process(&dir, front.addr, "shop/catalog-1", &t_cat).await;
+    let _web = proxy_process(&dir, front.addr, "shop/client", &t_web).await;
+    let t_web2 = sa_token(&c, "web", "sinew").await;
+    let _web2 = proxy_process(&dir, b.addr, "shop/client-b", &t_web2).await;
+    mesh::listening(bind).await;
+    mesh::listening(bind2).await;
+    for b in [bind, bind2] {
+        wait::until("path serves", TIMEOUT, || async move {
+            client::get(b, "catalog", "/")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await
+        .unwrap();
+    }
+    // Both replicas computed the same mesh from the API server.
+    let docs = |cp: &Control| {
+        let url = cp.url.clone();
+        async move {
+            let out = mesh::sinew_at(&url, &["get", "workloads", "-n", "shop", "-o", "json"]).await;
+            assert!(out.status.success(), "{:?}", mesh::text(&out));
+            mesh::text(&out).0
+        }
+    };
+    let on_a = docs(&a).await;
+    assert!(
+        on_a.contains("catalog-1") && on_a.contains("\"serviceAccount\": \"catalog\""),
+        "{on_a}"
+    );
+    assert_eq!(on_a, docs(&b).await);
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    wait::until("a serves two proxies, b one", TIMEOUT, || {
+        let (a_url, b_url) = (a_url.clone(), b_url.clone());
+        async move { in_sync(&a_url).await == 2 && in_sync(&b_url).await == 1 }
+    })
+    .await
+    .unwrap();
+
+    // Load through both client proxies; replica a dies.
+    let load = Load::start(bind, 2).await;
+    let load2 = Load::start(bind2, 1).await;
+    load.progress(100).await;
+    a.kill().await;
+    load.progress(100).await;
+    wait::until("every proxy moved to b", TIMEOUT, || {
+        let b_url = b_url.clone();
+        async move { in_sync(&b_url).await == 3 }
+    })
+    .await
+    .unwrap();
+    load.progress(100).await;
+    load2.progress(50).await;
+
+    // b took the status-writer Lease over: a new invalid resource gets its condition.
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "late"}, "spec": {"targetRef": {"kind": "Service", "name": "catalog"}, "bogus": true}}),
+    )
+    .await;
+    let cc = c.clone();
+    wait::until("the surviving replica writes statuses", TIMEOUT, || {
+        let (c, p) = (cc.clone(), policies.clone());
+        async move { matches!(accepted(&c, &p, "late").await, Some((st, _)) if st == "False") }
+    })
+    .await
+    .unwrap();
+
+    let (ok, failed) = load.finish().await;
+    let (ok2, failed2) = load2.finish().await;
+    assert_eq!(
+        failed + failed2,
+        0,
+        "{failed}+{failed2} of {} requests failed",
+        ok + ok2 + failed + failed2
+    );
+}
+
+/// How many proxies a replica serves that have applied their latest config.
+async fn in_sync(url: &str) -> usize {
+    use sinew_api::v1::ProxyStatusRequest;
+    use sinew_api::v1::admin_client::AdminClient;
+    let Ok(mut c) = AdminClient::connect(url.to_owned()).await else {
+        return 0;
+    };
+    let Ok(s) = c.proxy_status(ProxyStatusRequest {}).await else {
+        return 0;
+    };
+    s.into_inner()
+        .proxies
+        .iter()
+        .filter(|p| {
+            p.connected && !p.applied_version.is_empty() && p.applied_version == p.latest_version
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_endpoint_slices_core_endpoints_are_read() {
+    // A server that serves no EndpointSlice API: API discovery finds core Endpoints.
+    let (api, c) = cluster_with(&["--runtime-config=discovery.k8s.io/v1beta1=false"]).await;
+    assert!(
+        c.list_api_group_resources("discovery.k8s.io/v1beta1")
+            .await
+            .is_err(),
+        "the API server still serves EndpointSlices"
+    );
+    // Endpoints may not hold loopback addresses: the backends are reached through
+    // forwarders on this host's own address.
+    let host = host_ip();
+    let b1 = HttpBackend::start("v1").await.unwrap();
+    let b2 = HttpBackend::start("v2").await.unwrap();
+    let f1 = Front::start_on(host, vec![b1.addr()]).await;
+    let f2 = Front::start_on(host, vec![b2.addr()]).await;
+    let (v1, v2) = (&f1, &f2);
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    let endpoints = |ready: SocketAddr, not_ready: SocketAddr| {
+        let addr = |a: SocketAddr, pod: &str| json!({"ip": a.ip().to_string(), "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}});
+        // Both on 127.0.0.1 with their own ports: one subset each.
+        json!({
+            "metadata": {"name": "web"},
+            "subsets": [
+                {"addresses": [addr(ready, "web-v1")], "ports": [{"name": "http", "port": ready.port(), "protocol": "TCP"}]},
+                {"notReadyAddresses": [addr(not_ready, "web-v2")], "ports": [{"name": "http", "port": not_ready.port(), "protocol": "TCP"}]}
+            ]
+        })
+    };
+    let core = ar("", "v1", "Endpoints", "endpoints");
+    apply(&c, &core, endpoints(v1.addr(), v2.addr())).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    assert!(
+        !config_has(&proxy, v2.addr()).await,
+        "a not-ready address is no endpoint"
+    );
+    // Readiness flips: the proxy follows.
+    apply(&c, &core, endpoints(v2.addr(), v1.addr())).await;
+    let p = &proxy;
+    let (a1, a2) = (v1.addr(), v2.addr());
+    wait::until(
+        "endpoints flipped in the proxy's config",
+        TIMEOUT,
+        || async move { config_has(p, a2).await && !config_has(p, a1).await },
+    )
+    .await
+    .unwrap();
+    until_served_by(bind, "v2").await;
+}
+
+/// This host's own (non-loopback) IPv4 address: the source address of its default route.
+fn host_ip() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connecting a UDP socket only picks the route.
+    s.connect("192.0.2.1:9")
+        .or_else(|_| s.connect("10.255.255.1:9"))
+        .expect("this test needs a non-loopback IPv4 address with a route (core Endpoints refuse loopback)");
+    let ip = s.local_addr().unwrap().ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no non-loopback address: {ip}"
+    );
+    ip
 }

@@ -262,24 +262,33 @@ fn dns_safe(s: &str) -> String {
 }
 
 /// The Sinew `Workload`s for a service's ready endpoints, with what their Pods say.
+///
+/// A Pod's Workload is named like the Pod, so the Pod's sidecar (a proxy named
+/// `<namespace>/<pod>`) finds its own workload; a Pod behind several services gets
+/// `<pod>.<service>` for the later ones (`used` holds the names taken so far). An endpoint
+/// without a Pod is `<service>-<address>-<port>`.
 pub fn workloads(
     set: &EndpointSet,
     pods: &HashMap<(String, String), Arc<Pod>>,
+    used: &mut std::collections::BTreeSet<(String, String)>,
 ) -> Vec<(String, Converted)> {
-    let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for ep in &set.endpoints {
-        let name = format!(
-            "{}.{}",
-            set.service,
-            ep.pod.clone().unwrap_or_else(|| {
-                let port = ep.ports.values().next().copied().unwrap_or(0);
-                format!("{}-{port}", dns_safe(&ep.ip))
-            })
-        );
-        if !ep.ready || !seen.insert(name.clone()) {
+        if !ep.ready {
             continue;
         }
+        let port = ep.ports.values().next().copied().unwrap_or(0);
+        let candidates = match &ep.pod {
+            Some(pod) => vec![pod.clone(), format!("{pod}.{}", set.service)],
+            None => vec![format!("{}-{}-{port}", set.service, dns_safe(&ep.ip))],
+        };
+        let Some(name) = candidates
+            .into_iter()
+            .find(|n| used.insert((set.namespace.clone(), n.clone())))
+        else {
+            // The same endpoint listed twice (e.g. in two slices).
+            continue;
+        };
         let pod = ep
             .pod
             .as_ref()

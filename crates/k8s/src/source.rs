@@ -321,8 +321,9 @@ impl Caches {
             .into_iter()
             .filter_map(|p| Some(((p.metadata.namespace.clone()?, p.metadata.name.clone()?), p)))
             .collect();
+        let mut used = std::collections::BTreeSet::new();
         for set in self.endpoints.sets() {
-            out.extend(convert::workloads(&set, &pods));
+            out.extend(convert::workloads(&set, &pods, &mut used));
         }
         let mut objects = Vec::new();
         for (kind, store) in &self.custom {

@@ -39,6 +39,7 @@ pub struct ApiServer {
     etcd: Child,
     apiserver: Option<Child>,
     apiserver_bin: PathBuf,
+    extra_args: Vec<String>,
     etcd_url: String,
     port: u16,
     sa_key_pem: String,
@@ -98,6 +99,13 @@ fn tail(path: &Path, n: usize) -> String {
 impl ApiServer {
     /// Starts etcd and kube-apiserver and waits until the API server is ready.
     pub async fn start() -> Result<ApiServer, BoxError> {
+        ApiServer::start_with_args(&[]).await
+    }
+
+    /// Like [`ApiServer::start`], with extra kube-apiserver flags, e.g.
+    /// `--runtime-config=discovery.k8s.io/v1beta1=false` for a server without
+    /// EndpointSlices.
+    pub async fn start_with_args(extra_args: &[&str]) -> Result<ApiServer, BoxError> {
         let apiserver_bin = apiserver_bin();
         if !apiserver_bin.is_file() {
             return Err(format!(
@@ -136,6 +144,7 @@ impl ApiServer {
             etcd,
             apiserver: None,
             apiserver_bin,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             etcd_url,
             port,
             sa_key_pem,
@@ -227,6 +236,7 @@ impl ApiServer {
             .arg(format!("--cert-dir={}", self.dir.join("certs").display()))
             .arg("--endpoint-reconciler-type=none")
             .arg("--v=1")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
