@@ -597,6 +597,54 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
         "spiffe://cluster.local/ns/shop/sa/web"
     );
 
+    // SMI access control imported: only `web` may call catalog, and only GET /allowed/….
+    let groups = ar(
+        "specs.smi-spec.io",
+        "v1alpha4",
+        "HTTPRouteGroup",
+        "httproutegroups",
+    );
+    apply(
+        &c,
+        &groups,
+        json!({"metadata": {"name": "catalog-routes"},
+               "spec": {"matches": [{"name": "allowed", "pathRegex": "/allowed/.*", "methods": ["GET"]}]}}),
+    )
+    .await;
+    let targets = ar(
+        "access.smi-spec.io",
+        "v1alpha3",
+        "TrafficTarget",
+        "traffictargets",
+    );
+    apply(
+        &c,
+        &targets,
+        json!({"metadata": {"name": "web-to-catalog"},
+               "spec": {"destination": {"kind": "ServiceAccount", "name": "catalog", "namespace": "shop"},
+                        "rules": [{"kind": "HTTPRouteGroup", "name": "catalog-routes", "matches": ["allowed"]}],
+                        "sources": [{"kind": "ServiceAccount", "name": "web", "namespace": "shop"}]}}),
+    )
+    .await;
+    wait::until("the TrafficTarget is enforced", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/other")
+            .await
+            .is_ok_and(|r| r.status == 403)
+    })
+    .await
+    .unwrap();
+    let r = client::get(bind, "catalog", "/allowed/items")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "web may GET /allowed/…");
+    let cc = c.clone();
+    wait::until("TrafficTarget accepted", TIMEOUT, || {
+        let (c, t) = (cc.clone(), targets.clone());
+        async move { matches!(accepted(&c, &t, "web-to-catalog").await, Some((st, _)) if st == "True") }
+    })
+    .await
+    .unwrap();
+
     // Refused: a forged token, a token for another audience, a token of another
     // namespace's service account.
     let ok = certificate(&cp.url, "shop", "probe", &t_web).await;

@@ -52,6 +52,9 @@ pub struct SourceOptions {
     pub holder: String,
     /// How long a leader's lease lasts without renewal; default 15 s.
     pub lease_duration: Duration,
+    /// The mesh's SPIFFE trust domain (SMI TrafficTargets name service accounts, Sinew
+    /// policies SPIFFE ids); default `cluster.local`.
+    pub trust_domain: String,
 }
 
 impl Default for SourceOptions {
@@ -65,6 +68,7 @@ impl Default for SourceOptions {
                 std::process::id()
             ),
             lease_duration: Duration::from_secs(15),
+            trust_domain: "cluster.local".to_owned(),
         }
     }
 }
@@ -302,7 +306,10 @@ impl Caches {
 
     /// Every document the cluster stands for, by source label, with the custom object
     /// each label came from.
-    fn documents(&self) -> (BTreeMap<String, convert::Converted>, Vec<Outcome>) {
+    fn documents(
+        &self,
+        trust_domain: &str,
+    ) -> (BTreeMap<String, convert::Converted>, Vec<Outcome>) {
         let mut out = BTreeMap::new();
         for svc in self.services.state() {
             let (Some(name), ns) = (
@@ -325,6 +332,39 @@ impl Caches {
         for set in self.endpoints.sets() {
             out.extend(convert::workloads(&set, &pods, &mut used));
         }
+        let mut ctx = convert::Context {
+            trust_domain: trust_domain.to_owned(),
+            ..convert::Context::default()
+        };
+        for docs in out.values().filter_map(|r| r.as_ref().ok()) {
+            for d in docs {
+                if let sinew_model::resource::Resource::Workload(w) = &d.resource
+                    && let Some(svc) = &w.spec.service
+                {
+                    ctx.services_by_account
+                        .entry((
+                            w.metadata.ns().to_owned(),
+                            w.spec.service_account().to_owned(),
+                        ))
+                        .or_default()
+                        .insert(svc.clone());
+                }
+            }
+        }
+        for (kind, store) in &self.custom {
+            if kind.kind == "HTTPRouteGroup" {
+                for g in store.state() {
+                    let key = (
+                        g.metadata
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| "default".into()),
+                        g.metadata.name.clone().unwrap_or_default(),
+                    );
+                    ctx.route_groups.insert(key, g);
+                }
+            }
+        }
         let mut objects = Vec::new();
         for (kind, store) in &self.custom {
             for obj in store.state() {
@@ -335,7 +375,7 @@ impl Caches {
                     .unwrap_or_else(|| "default".into());
                 let name = obj.metadata.name.clone().unwrap_or_default();
                 let label = convert::label(kind.kind, &ns, &name);
-                out.insert(label.clone(), convert::custom(kind, &obj));
+                out.insert(label.clone(), convert::custom(kind, &obj, &ctx));
                 objects.push(Outcome {
                     kind: *kind,
                     label,
@@ -422,7 +462,7 @@ pub async fn run(
     );
     let mut status = StatusWriter::new(client.clone(), leader);
     loop {
-        let (docs, mut objects) = caches.documents();
+        let (docs, mut objects) = caches.documents(&opts.trust_domain);
         if !sync(&index, docs, &mut objects).await {
             return Ok(());
         }
