@@ -1076,3 +1076,130 @@ fn host_ip() -> std::net::IpAddr {
     );
     ip
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_published_least_privilege_rbac_is_enough() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    // RBAC enforced (the admin token is in system:masters); the control plane runs as a
+    // service account holding only sinew_k8s::rbac's roles.
+    let (api, c) = cluster_with(&["--authorization-mode=RBAC"]).await;
+    let pp = PostParams::default();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "sinew-system"}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&pp, &ns)
+        .await
+        .unwrap();
+    let sa: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "sinew-control", "namespace": "sinew-system"}}),
+    )
+    .unwrap();
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "sinew-system");
+    sas.create(&pp, &sa).await.unwrap();
+    Api::<ClusterRole>::all(c.clone())
+        .create(&pp, &sinew_k8s::rbac::cluster_role())
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &sinew_k8s::rbac::lease_role("sinew-system"))
+        .await
+        .unwrap();
+    let subject =
+        json!([{"kind": "ServiceAccount", "name": "sinew-control", "namespace": "sinew-system"}]);
+    let crb: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(c.clone())
+        .create(&pp, &crb)
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control", "namespace": "sinew-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &rb)
+        .await
+        .unwrap();
+    let req = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec![sinew_testkit::kube::API_AUDIENCE.to_owned()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("sinew-control", &pp, &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    // The service account really is restricted: it cannot read Secrets.
+    let restricted = api.client_for("control", &token).await.unwrap();
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted)
+            .list(&Default::default())
+            .await
+            .is_err()
+    );
+
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+    )
+    .await;
+    let t_web = sa_token(&c, "web", "sinew").await;
+
+    let dir = Scratch::new();
+    let kubeconfig = api.kubeconfig_for_token("control", &token).unwrap();
+    let cp = Control::start_env(
+        &dir.0.join("data"),
+        free_addr(),
+        &["--kubernetes", "--lease-namespace", "sinew-system"],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
+    // Discovery, TokenReview, the Lease, status and Events all work with that role.
+    let _proxy = mesh::proxy_with_token(
+        &cp.url,
+        "shop/client",
+        None,
+        Duration::from_millis(100),
+        Some(t_web),
+    )
+    .await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    let cc = c.clone();
+    wait::until("status written under RBAC", TIMEOUT, || {
+        let (c, p) = (cc.clone(), policies.clone());
+        async move { matches!(accepted(&c, &p, "bad").await, Some((st, _)) if st == "False") }
+    })
+    .await
+    .unwrap();
+    let events = Api::<Event>::namespaced(c.clone(), "shop")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.involved_object.name.as_deref() == Some("bad"))
+    );
+}
