@@ -391,24 +391,7 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
         .unwrap();
     assert_eq!(st, "True");
     // And a Warning Event names the refused resource.
-    let events = Api::<Event>::namespaced(c.clone(), "shop")
-        .list(&Default::default())
-        .await
-        .unwrap();
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.involved_object.name.as_deref() == Some("bad")
-                && e.type_.as_deref() == Some("Warning")
-                && e.message.as_deref().is_some_and(|m| m.contains("bogus"))),
-        "{:?}",
-        events
-            .items
-            .iter()
-            .map(|e| (&e.involved_object.name, &e.message))
-            .collect::<Vec<_>>()
-    );
+    warning_event(&c, "bad", "bogus").await;
 
     // SMI: fixing the TrafficSplit (90/10 → 0/100 to web-v2) takes traffic to web-v2; the
     // HTTPRoute on the same parent goes first, so remove it.
@@ -1192,14 +1175,26 @@ async fn the_published_least_privilege_rbac_is_enough() {
     })
     .await
     .unwrap();
-    let events = Api::<Event>::namespaced(c.clone(), "shop")
-        .list(&Default::default())
-        .await
-        .unwrap();
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.involved_object.name.as_deref() == Some("bad"))
-    );
+    warning_event(&c, "bad", "bogus").await;
+}
+
+/// Waits for a Warning Event about `shop/<name>` whose message contains `text`.
+async fn warning_event(c: &Client, name: &str, text: &str) {
+    let events = Api::<Event>::namespaced(c.clone(), "shop");
+    let events = &events;
+    wait::until(
+        &format!("a Warning Event about {name}"),
+        TIMEOUT,
+        || async move {
+            events.list(&Default::default()).await.is_ok_and(|l| {
+                l.items.iter().any(|e| {
+                    e.involved_object.name.as_deref() == Some(name)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.message.as_deref().is_some_and(|m| m.contains(text))
+                })
+            })
+        },
+    )
+    .await
+    .unwrap();
 }

@@ -163,7 +163,8 @@ fn port_name(name: &str) -> String {
 }
 
 /// The protocol of a service port: `appProtocol` if set, else the name's prefix (`grpc-…`,
-/// `http2-…`, `tcp-…`, as other meshes read it), else HTTP (detected per connection).
+/// `http2-…`, `tcp-…`, `https-…`/`tls-…` as opaque TCP, as other meshes read it), else
+/// HTTP (detected per connection).
 fn protocol(name: &str, app_protocol: Option<&str>) -> &'static str {
     let hint = app_protocol.unwrap_or(name).to_ascii_lowercase();
     let hint = hint.trim_start_matches("kubernetes.io/");
@@ -171,7 +172,8 @@ fn protocol(name: &str, app_protocol: Option<&str>) -> &'static str {
     match first {
         "grpc" => "GRPC",
         "http2" | "h2c" => "HTTP2",
-        "tcp" | "mysql" | "redis" | "mongo" | "postgres" | "smtp" => "TCP",
+        // The application's own TLS is opaque to the mesh.
+        "tcp" | "tls" | "https" | "mysql" | "redis" | "mongo" | "postgres" | "smtp" => "TCP",
         _ => "HTTP",
     }
 }
@@ -762,6 +764,7 @@ mod tests {
         assert_eq!(protocol("grpc-api", None), "GRPC");
         assert_eq!(protocol("web", Some("kubernetes.io/h2c")), "HTTP2");
         assert_eq!(protocol("tcp", None), "TCP");
+        assert_eq!(protocol("https", None), "TCP");
         assert_eq!(protocol("", None), "HTTP");
     }
 
