@@ -352,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             lease_duration_secs,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
-            opts.trust_domain = trust_domain;
+            opts.trust_domain = trust_domain.clone();
             opts.ca_files = ca_cert.zip(ca_key);
             opts.ca_dir = ca_dir;
             opts.cert_ttl = cert_ttl;
@@ -365,6 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if kubernetes {
                 let mut k = sinew_k8s::KubernetesOptions::default();
                 k.source.lease_namespace = lease_namespace;
+                k.source.trust_domain = trust_domain;
                 k.source.lease_duration = Duration::from_secs(lease_duration_secs.max(1));
                 k.token_audience = Some(token_audience);
                 source = Some(

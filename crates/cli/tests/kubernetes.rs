@@ -391,24 +391,7 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
         .unwrap();
     assert_eq!(st, "True");
     // And a Warning Event names the refused resource.
-    let events = Api::<Event>::namespaced(c.clone(), "shop")
-        .list(&Default::default())
-        .await
-        .unwrap();
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.involved_object.name.as_deref() == Some("bad")
-                && e.type_.as_deref() == Some("Warning")
-                && e.message.as_deref().is_some_and(|m| m.contains("bogus"))),
-        "{:?}",
-        events
-            .items
-            .iter()
-            .map(|e| (&e.involved_object.name, &e.message))
-            .collect::<Vec<_>>()
-    );
+    warning_event(&c, "bad", "bogus").await;
 
     // SMI: fixing the TrafficSplit (90/10 → 0/100 to web-v2) takes traffic to web-v2; the
     // HTTPRoute on the same parent goes first, so remove it.
@@ -596,6 +579,54 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
         r.json().unwrap()["headers"]["sinew-peer-identity"],
         "spiffe://cluster.local/ns/shop/sa/web"
     );
+
+    // SMI access control imported: only `web` may call catalog, and only GET /allowed/….
+    let groups = ar(
+        "specs.smi-spec.io",
+        "v1alpha4",
+        "HTTPRouteGroup",
+        "httproutegroups",
+    );
+    apply(
+        &c,
+        &groups,
+        json!({"metadata": {"name": "catalog-routes"},
+               "spec": {"matches": [{"name": "allowed", "pathRegex": "/allowed/.*", "methods": ["GET"]}]}}),
+    )
+    .await;
+    let targets = ar(
+        "access.smi-spec.io",
+        "v1alpha3",
+        "TrafficTarget",
+        "traffictargets",
+    );
+    apply(
+        &c,
+        &targets,
+        json!({"metadata": {"name": "web-to-catalog"},
+               "spec": {"destination": {"kind": "ServiceAccount", "name": "catalog", "namespace": "shop"},
+                        "rules": [{"kind": "HTTPRouteGroup", "name": "catalog-routes", "matches": ["allowed"]}],
+                        "sources": [{"kind": "ServiceAccount", "name": "web", "namespace": "shop"}]}}),
+    )
+    .await;
+    wait::until("the TrafficTarget is enforced", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/other")
+            .await
+            .is_ok_and(|r| r.status == 403)
+    })
+    .await
+    .unwrap();
+    let r = client::get(bind, "catalog", "/allowed/items")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "web may GET /allowed/…");
+    let cc = c.clone();
+    wait::until("TrafficTarget accepted", TIMEOUT, || {
+        let (c, t) = (cc.clone(), targets.clone());
+        async move { matches!(accepted(&c, &t, "web-to-catalog").await, Some((st, _)) if st == "True") }
+    })
+    .await
+    .unwrap();
 
     // Refused: a forged token, a token for another audience, a token of another
     // namespace's service account.
@@ -1027,4 +1058,143 @@ fn host_ip() -> std::net::IpAddr {
         "no non-loopback address: {ip}"
     );
     ip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_published_least_privilege_rbac_is_enough() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    // RBAC enforced (the admin token is in system:masters); the control plane runs as a
+    // service account holding only sinew_k8s::rbac's roles.
+    let (api, c) = cluster_with(&["--authorization-mode=RBAC"]).await;
+    let pp = PostParams::default();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "sinew-system"}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&pp, &ns)
+        .await
+        .unwrap();
+    let sa: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "sinew-control", "namespace": "sinew-system"}}),
+    )
+    .unwrap();
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "sinew-system");
+    sas.create(&pp, &sa).await.unwrap();
+    Api::<ClusterRole>::all(c.clone())
+        .create(&pp, &sinew_k8s::rbac::cluster_role())
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &sinew_k8s::rbac::lease_role("sinew-system"))
+        .await
+        .unwrap();
+    let subject =
+        json!([{"kind": "ServiceAccount", "name": "sinew-control", "namespace": "sinew-system"}]);
+    let crb: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(c.clone())
+        .create(&pp, &crb)
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control", "namespace": "sinew-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &rb)
+        .await
+        .unwrap();
+    let req = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec![sinew_testkit::kube::API_AUDIENCE.to_owned()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("sinew-control", &pp, &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    // The service account really is restricted: it cannot read Secrets.
+    let restricted = api.client_for("control", &token).await.unwrap();
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted)
+            .list(&Default::default())
+            .await
+            .is_err()
+    );
+
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+    )
+    .await;
+    let t_web = sa_token(&c, "web", "sinew").await;
+
+    let dir = Scratch::new();
+    let kubeconfig = api.kubeconfig_for_token("control", &token).unwrap();
+    let cp = Control::start_env(
+        &dir.0.join("data"),
+        free_addr(),
+        &["--kubernetes", "--lease-namespace", "sinew-system"],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
+    // Discovery, TokenReview, the Lease, status and Events all work with that role.
+    let _proxy = mesh::proxy_with_token(
+        &cp.url,
+        "shop/client",
+        None,
+        Duration::from_millis(100),
+        Some(t_web),
+    )
+    .await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    let cc = c.clone();
+    wait::until("status written under RBAC", TIMEOUT, || {
+        let (c, p) = (cc.clone(), policies.clone());
+        async move { matches!(accepted(&c, &p, "bad").await, Some((st, _)) if st == "False") }
+    })
+    .await
+    .unwrap();
+    warning_event(&c, "bad", "bogus").await;
+}
+
+/// Waits for a Warning Event about `shop/<name>` whose message contains `text`.
+async fn warning_event(c: &Client, name: &str, text: &str) {
+    let events = Api::<Event>::namespaced(c.clone(), "shop");
+    let events = &events;
+    wait::until(
+        &format!("a Warning Event about {name}"),
+        TIMEOUT,
+        || async move {
+            events.list(&Default::default()).await.is_ok_and(|l| {
+                l.items.iter().any(|e| {
+                    e.involved_object.name.as_deref() == Some(name)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.message.as_deref().is_some_and(|m| m.contains(text))
+                })
+            })
+        },
+    )
+    .await
+    .unwrap();
 }

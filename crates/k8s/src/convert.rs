@@ -163,7 +163,8 @@ fn port_name(name: &str) -> String {
 }
 
 /// The protocol of a service port: `appProtocol` if set, else the name's prefix (`grpc-…`,
-/// `http2-…`, `tcp-…`, as other meshes read it), else HTTP (detected per connection).
+/// `http2-…`, `tcp-…`, `https-…`/`tls-…` as opaque TCP, as other meshes read it), else
+/// HTTP (detected per connection).
 fn protocol(name: &str, app_protocol: Option<&str>) -> &'static str {
     let hint = app_protocol.unwrap_or(name).to_ascii_lowercase();
     let hint = hint.trim_start_matches("kubernetes.io/");
@@ -171,7 +172,8 @@ fn protocol(name: &str, app_protocol: Option<&str>) -> &'static str {
     match first {
         "grpc" => "GRPC",
         "http2" | "h2c" => "HTTP2",
-        "tcp" | "mysql" | "redis" | "mongo" | "postgres" | "smtp" => "TCP",
+        // The application's own TLS is opaque to the mesh.
+        "tcp" | "tls" | "https" | "mysql" | "redis" | "mongo" | "postgres" | "smtp" => "TCP",
         _ => "HTTP",
     }
 }
@@ -356,8 +358,19 @@ fn spec_of(obj: &DynamicObject) -> Result<&Map<String, Value>, Vec<String>> {
         .ok_or_else(|| vec!["spec: required, and must be an object".to_owned()])
 }
 
+/// What converting some custom resources needs to know about the rest of the cluster.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// The mesh's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// SMI HTTPRouteGroups by `(namespace, name)`.
+    pub route_groups: HashMap<(String, String), Arc<DynamicObject>>,
+    /// The services whose workloads run as each `(namespace, service account)`.
+    pub services_by_account: BTreeMap<(String, String), std::collections::BTreeSet<String>>,
+}
+
 /// The documents a custom resource of `kind` stands for.
-pub fn custom(kind: &Kind, obj: &DynamicObject) -> Converted {
+pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
     let name = obj.metadata.name.clone().unwrap_or_default();
     let ns = obj
         .metadata
@@ -369,8 +382,15 @@ pub fn custom(kind: &Kind, obj: &DynamicObject) -> Converted {
     let doc = match kind.kind {
         "GRPCRoute" => grpc_route(obj, &name, spec)?,
         "TrafficSplit" => traffic_split(obj, &name, spec)?,
-        // Read for TrafficSplit's matches in a later version; accepted as they are.
-        "HTTPRouteGroup" | "TrafficTarget" => return Ok(Vec::new()),
+        "TrafficTarget" => {
+            let mut docs = Vec::new();
+            for d in traffic_target(obj, &ns, &name, spec, ctx)? {
+                docs.extend(parse(&l, &d)?);
+            }
+            return Ok(docs);
+        }
+        // Read through the TrafficTargets that name them.
+        "HTTPRouteGroup" => return Ok(Vec::new()),
         "HTTPRoute" => json!({
             "apiVersion": format!("{GATEWAY_GROUP}/v1"),
             "kind": "HTTPRoute",
@@ -534,6 +554,207 @@ fn traffic_split(
     }))
 }
 
+/// An SMI path regex as Sinew path conditions: `(exact paths, prefixes)`. Literal paths
+/// and literal prefixes followed by `.*` are what SMI users write; anything else is refused
+/// rather than approximated.
+fn path_regex(re: &str) -> Result<(Vec<String>, Vec<String>), String> {
+    let re = re.trim_start_matches('^').trim_end_matches('$');
+    let literal = |s: &str| !s.chars().any(|c| "\\.*+?()[]{}|^$".contains(c));
+    if re.is_empty() || re == ".*" || re == "/.*" {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    if let Some(prefix) = re.strip_suffix(".*")
+        && literal(prefix)
+    {
+        return Ok((Vec::new(), vec![prefix.to_owned()]));
+    }
+    if literal(re) {
+        return Ok((vec![re.to_owned()], Vec::new()));
+    }
+    Err(format!(
+        "pathRegex {re:?}: only a literal path, or a literal prefix followed by .*, is supported"
+    ))
+}
+
+/// An SMI TrafficTarget as ALLOW AuthorizationPolicies, one per Service whose workloads
+/// run as the destination service account: its sources (service accounts, as SPIFFE ids)
+/// may make the requests its HTTPRouteGroup matches name (any request, for TCPRoute rules).
+fn traffic_target(
+    obj: &DynamicObject,
+    ns: &str,
+    name: &str,
+    spec: &Map<String, Value>,
+    ctx: &Context,
+) -> Result<Vec<Value>, Vec<String>> {
+    let mut problems = Vec::new();
+    let sa_ref = |v: Option<&Value>, field: &str, problems: &mut Vec<String>| {
+        let v = v?;
+        if v.get("kind")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k != "ServiceAccount")
+        {
+            problems.push(format!("{field}.kind: must be ServiceAccount"));
+            return None;
+        }
+        let Some(n) = v.get("name").and_then(Value::as_str) else {
+            problems.push(format!("{field}.name: required"));
+            return None;
+        };
+        let sns = v.get("namespace").and_then(Value::as_str).unwrap_or(ns);
+        Some((sns.to_owned(), n.to_owned()))
+    };
+    let dest = sa_ref(spec.get("destination"), "spec.destination", &mut problems);
+    if spec.get("destination").is_none() {
+        problems.push("spec.destination: required".into());
+    }
+    if let Some((dns, _)) = &dest
+        && dns != ns
+    {
+        problems.push("spec.destination.namespace: must be the TrafficTarget's own".into());
+    }
+    let empty = Vec::new();
+    let mut principals = Vec::new();
+    for (i, src) in spec
+        .get("sources")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        if let Some((sns, sa)) = sa_ref(Some(src), &format!("spec.sources[{i}]"), &mut problems) {
+            principals.push(format!("spiffe://{}/ns/{sns}/sa/{sa}", ctx.trust_domain));
+        }
+    }
+    if principals.is_empty() && problems.is_empty() {
+        problems.push("spec.sources: at least one source is required".into());
+    }
+    let mut operations: Vec<Option<Value>> = Vec::new();
+    for (i, rule) in spec
+        .get("rules")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        match rule.get("kind").and_then(Value::as_str) {
+            Some("TCPRoute") => operations.push(None),
+            Some("HTTPRouteGroup") => {
+                let gname = rule.get("name").and_then(Value::as_str).unwrap_or_default();
+                let Some(group) = ctx.route_groups.get(&(ns.to_owned(), gname.to_owned())) else {
+                    problems.push(format!(
+                        "spec.rules[{i}].name: no HTTPRouteGroup {ns}/{gname}"
+                    ));
+                    continue;
+                };
+                let wanted: Vec<&str> = rule
+                    .get("matches")
+                    .and_then(Value::as_array)
+                    .map(|m| m.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let matches = group
+                    .data
+                    .pointer("/spec/matches")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for w in &wanted {
+                    if !matches
+                        .iter()
+                        .any(|m| m.get("name").and_then(Value::as_str) == Some(w))
+                    {
+                        problems.push(format!(
+                            "spec.rules[{i}].matches: HTTPRouteGroup {gname} has no match {w:?}"
+                        ));
+                    }
+                }
+                for m in matches.iter().filter(|m| {
+                    wanted.is_empty()
+                        || wanted
+                            .contains(&m.get("name").and_then(Value::as_str).unwrap_or_default())
+                }) {
+                    let mut to = Map::new();
+                    match path_regex(
+                        m.get("pathRegex")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default(),
+                    ) {
+                        Ok((paths, prefixes)) => {
+                            if !paths.is_empty() {
+                                to.insert("paths".into(), json!(paths));
+                            }
+                            if !prefixes.is_empty() {
+                                to.insert("pathPrefixes".into(), json!(prefixes));
+                            }
+                        }
+                        Err(e) => problems.push(format!("HTTPRouteGroup {gname}: {e}")),
+                    }
+                    let methods: Vec<String> = m
+                        .get("methods")
+                        .and_then(Value::as_array)
+                        .map(|ms| {
+                            ms.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_ascii_uppercase)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !methods.is_empty() && !methods.iter().any(|m| m == "*") {
+                        to.insert("methods".into(), json!(methods));
+                    }
+                    if let Some(h) = m.get("headers").and_then(Value::as_object) {
+                        let pairs: Vec<Value> = h
+                            .iter()
+                            .filter_map(|(k, v)| Some(json!({"name": k, "value": v.as_str()?})))
+                            .collect();
+                        to.insert("headers".into(), json!(pairs));
+                    }
+                    operations.push((!to.is_empty()).then_some(Value::Object(to)));
+                }
+            }
+            _ => problems.push(format!("spec.rules[{i}].kind: HTTPRouteGroup or TCPRoute")),
+        }
+    }
+    if operations.is_empty() && problems.is_empty() {
+        problems.push("spec.rules: at least one rule is required".into());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let Some((_, dest_sa)) = dest else {
+        return Err(vec!["spec.destination: required".into()]);
+    };
+    let rules: Vec<Value> = operations
+        .into_iter()
+        .map(|to| {
+            let mut r = json!({"from": {"principals": principals}});
+            if let Some(to) = to {
+                r["to"] = to;
+            }
+            r
+        })
+        .collect();
+    let services = ctx
+        .services_by_account
+        .get(&(ns.to_owned(), dest_sa))
+        .cloned()
+        .unwrap_or_default();
+    Ok(services
+        .into_iter()
+        .map(|svc| {
+            json!({
+                "apiVersion": SINEW_API_VERSION,
+                "kind": "AuthorizationPolicy",
+                "metadata": object_metadata(obj, &format!("traffictarget.{name}.{svc}")),
+                "spec": {
+                    "targetRef": {"kind": "Service", "name": svc},
+                    "action": "ALLOW",
+                    "rules": rules,
+                },
+            })
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,7 +764,22 @@ mod tests {
         assert_eq!(protocol("grpc-api", None), "GRPC");
         assert_eq!(protocol("web", Some("kubernetes.io/h2c")), "HTTP2");
         assert_eq!(protocol("tcp", None), "TCP");
+        assert_eq!(protocol("https", None), "TCP");
         assert_eq!(protocol("", None), "HTTP");
+    }
+
+    #[test]
+    fn smi_path_regexes() {
+        assert_eq!(
+            path_regex("/api/.*"),
+            Ok((vec![], vec!["/api/".to_owned()]))
+        );
+        assert_eq!(
+            path_regex("^/health$"),
+            Ok((vec!["/health".to_owned()], vec![]))
+        );
+        assert_eq!(path_regex(".*"), Ok((vec![], vec![])));
+        assert!(path_regex("/users/[0-9]+").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`status`]: validation results in each resource's status, and Events.
 //! - [`leader`]: a Lease, so only one replica writes statuses.
 //! - [`review`]: service-account tokens checked with TokenReview, for the CA.
+//! - [`rbac`]: the least privilege it needs (ClusterRole, and a Role for its Lease).
 //!
 //! Kept in a crate of its own so the heavy Kubernetes code (kube-rs, k8s-openapi) is built
 //! only by what needs it: the proxy never depends on it.
@@ -14,6 +15,7 @@
 pub mod convert;
 pub mod crd;
 pub mod leader;
+pub mod rbac;
 pub mod review;
 pub mod source;
 pub mod status;

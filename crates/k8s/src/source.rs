@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +51,9 @@ pub struct SourceOptions {
     pub holder: String,
     /// How long a leader's lease lasts without renewal; default 15 s.
     pub lease_duration: Duration,
+    /// The mesh's SPIFFE trust domain (SMI TrafficTargets name service accounts, Sinew
+    /// policies SPIFFE ids); default `cluster.local`.
+    pub trust_domain: String,
 }
 
 impl Default for SourceOptions {
@@ -65,6 +67,7 @@ impl Default for SourceOptions {
                 std::process::id()
             ),
             lease_duration: Duration::from_secs(15),
+            trust_domain: "cluster.local".to_owned(),
         }
     }
 }
@@ -148,23 +151,13 @@ impl Backoff for QuickBackoff {
     }
 }
 
-/// Starts a reflector for `api`, waking `notify` on every change; returns its cache.
-fn reflect<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    notify: Arc<Notify>,
-    what: String,
-) -> Store<K>
+/// Drives a reflector's stream, waking `notify` on every change and logging a lost watch
+/// once (the stream's backoff retries it).
+fn drive<K, S>(stream: S, notify: Arc<Notify>, what: String)
 where
-    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
+    S: futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
 {
-    let store = writer.as_reader();
-    let stream = watcher(api, watcher::Config::default())
-        .backoff(QuickBackoff {
-            next: QuickBackoff::FIRST,
-        })
-        .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
@@ -186,6 +179,25 @@ where
             }
         }
     });
+}
+
+fn quick() -> QuickBackoff {
+    QuickBackoff {
+        next: QuickBackoff::FIRST,
+    }
+}
+
+/// Starts a reflector for a built-in kind, waking `notify` on every change; returns its
+/// cache.
+fn reflect<K>(client: &Client, notify: Arc<Notify>, what: &str) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .backoff(quick())
+        .reflect(writer);
+    drive(stream, notify, what.to_owned());
     store
 }
 
@@ -194,33 +206,10 @@ fn reflect_dynamic(client: &Client, ar: ApiResource, notify: Arc<Notify>) -> Sto
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
     let writer = reflector::store::Writer::new(ar.clone());
     let store = writer.as_reader();
-    let what = format!("{}/{}", ar.api_version, ar.plural);
     let stream = watcher(api, watcher::Config::default())
-        .backoff(QuickBackoff {
-            next: QuickBackoff::FIRST,
-        })
+        .backoff(quick())
         .reflect(writer);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        let mut failing = false;
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => {
-                    if failing {
-                        tracing::info!(%what, "watch re-established");
-                        failing = false;
-                    }
-                    notify.notify_one();
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(%what, error = %e, "watch lost; keeping the last state and retrying");
-                        failing = true;
-                    }
-                }
-            }
-        }
-    });
+    drive(stream, notify, format!("{}/{}", ar.api_version, ar.plural));
     store
 }
 
@@ -302,7 +291,10 @@ impl Caches {
 
     /// Every document the cluster stands for, by source label, with the custom object
     /// each label came from.
-    fn documents(&self) -> (BTreeMap<String, convert::Converted>, Vec<Outcome>) {
+    fn documents(
+        &self,
+        trust_domain: &str,
+    ) -> (BTreeMap<String, convert::Converted>, Vec<Outcome>) {
         let mut out = BTreeMap::new();
         for svc in self.services.state() {
             let (Some(name), ns) = (
@@ -325,6 +317,39 @@ impl Caches {
         for set in self.endpoints.sets() {
             out.extend(convert::workloads(&set, &pods, &mut used));
         }
+        let mut ctx = convert::Context {
+            trust_domain: trust_domain.to_owned(),
+            ..convert::Context::default()
+        };
+        for docs in out.values().filter_map(|r| r.as_ref().ok()) {
+            for d in docs {
+                if let sinew_model::resource::Resource::Workload(w) = &d.resource
+                    && let Some(svc) = &w.spec.service
+                {
+                    ctx.services_by_account
+                        .entry((
+                            w.metadata.ns().to_owned(),
+                            w.spec.service_account().to_owned(),
+                        ))
+                        .or_default()
+                        .insert(svc.clone());
+                }
+            }
+        }
+        for (kind, store) in &self.custom {
+            if kind.kind == "HTTPRouteGroup" {
+                for g in store.state() {
+                    let key = (
+                        g.metadata
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| "default".into()),
+                        g.metadata.name.clone().unwrap_or_default(),
+                    );
+                    ctx.route_groups.insert(key, g);
+                }
+            }
+        }
         let mut objects = Vec::new();
         for (kind, store) in &self.custom {
             for obj in store.state() {
@@ -335,7 +360,7 @@ impl Caches {
                     .unwrap_or_else(|| "default".into());
                 let name = obj.metadata.name.clone().unwrap_or_default();
                 let label = convert::label(kind.kind, &ns, &name);
-                out.insert(label.clone(), convert::custom(kind, &obj));
+                out.insert(label.clone(), convert::custom(kind, &obj, &ctx));
                 objects.push(Outcome {
                     kind: *kind,
                     label,
@@ -359,13 +384,7 @@ pub async fn run(
     tracing::info!(?endpoints_api, "Kubernetes endpoints API");
     let endpoints = match endpoints_api {
         EndpointsApi::SliceV1 => {
-            let (_, w) = reflector::store();
-            EndpointCache::SliceV1(reflect(
-                Api::all(client.clone()),
-                w,
-                notify.clone(),
-                "endpointslices.v1".into(),
-            ))
+            EndpointCache::SliceV1(reflect(&client, notify.clone(), "endpointslices.v1"))
         }
         EndpointsApi::SliceV1beta1 => EndpointCache::SliceV1beta1(reflect_dynamic(
             &client,
@@ -376,13 +395,7 @@ pub async fn run(
             notify.clone(),
         )),
         EndpointsApi::Endpoints => {
-            let (_, w) = reflector::store();
-            EndpointCache::Endpoints(reflect(
-                Api::all(client.clone()),
-                w,
-                notify.clone(),
-                "endpoints".into(),
-            ))
+            EndpointCache::Endpoints(reflect(&client, notify.clone(), "endpoints"))
         }
     };
     let mut custom = Vec::new();
@@ -396,15 +409,8 @@ pub async fn run(
             tracing::info!(kind = kind.kind, api = %kind.api_version(), "not served by this cluster; not watched");
         }
     }
-    let (_, sw) = reflector::store();
-    let services = reflect(
-        Api::all(client.clone()),
-        sw,
-        notify.clone(),
-        "services".into(),
-    );
-    let (_, pw) = reflector::store();
-    let pods = reflect(Api::all(client.clone()), pw, notify.clone(), "pods".into());
+    let services = reflect(&client, notify.clone(), "services");
+    let pods = reflect(&client, notify.clone(), "pods");
     let caches = Caches {
         services,
         pods,
@@ -421,11 +427,23 @@ pub async fn run(
         opts.lease_duration,
     );
     let mut status = StatusWriter::new(client.clone(), leader);
+    // Problems of objects without a status to write them to (Services, endpoints):
+    // logged when they appear, not on every sync.
+    let mut logged: BTreeMap<String, Vec<String>> = BTreeMap::new();
     loop {
-        let (docs, mut objects) = caches.documents();
-        if !sync(&index, docs, &mut objects).await {
+        let (docs, mut objects) = caches.documents(&opts.trust_domain);
+        let mut others = BTreeMap::new();
+        if !sync(&index, docs, &mut objects, &mut others).await {
             return Ok(());
         }
+        for (label, problems) in &others {
+            if logged.get(label) != Some(problems) {
+                for p in problems {
+                    tracing::warn!(object = %label, problem = %p, "left out of the mesh");
+                }
+            }
+        }
+        logged = others;
         status.write(&objects).await;
         tokio::select! {
             _ = notify.notified() => {}
@@ -436,12 +454,14 @@ pub async fn run(
     }
 }
 
-/// Sends the documents to the index, leaving out (and recording in `objects`) every
-/// object whose documents do not validate. Returns false when the index is gone.
+/// Sends the documents to the index, leaving out every object whose documents do not
+/// validate, and recording why in `objects` (custom resources) or `others` (by label).
+/// Returns false when the index is gone.
 async fn sync(
     index: &mpsc::Sender<Command>,
     mut docs: BTreeMap<String, convert::Converted>,
     objects: &mut [Outcome],
+    others: &mut BTreeMap<String, Vec<String>>,
 ) -> bool {
     let mut by_label: HashMap<String, usize> = HashMap::new();
     for (i, o) in objects.iter().enumerate() {
@@ -451,9 +471,7 @@ async fn sync(
         if let Some(&i) = by_label.get(label) {
             objects[i].problems.extend(problems);
         } else {
-            for p in &problems {
-                tracing::warn!(object = %label, problem = %p, "left out of the mesh");
-            }
+            others.entry(label.to_owned()).or_default().extend(problems);
         }
     };
     for (label, r) in &docs {

@@ -3,7 +3,7 @@
 //! [`ApiServer::start`] runs a fresh etcd and a kube-apiserver (1.20.2, built from Debian's
 //! source package by `scripts/kube-envtest build`) on free loopback ports, with TLS (a test CA
 //! made here), bearer-token auth (an admin token in `system:masters`), authorization
-//! AlwaysAllow, and a service-account issuer with its own signing key, so the TokenRequest and
+//! AlwaysAllow (unless `start_with_args` sets `--authorization-mode`, e.g. RBAC), and a service-account issuer with its own signing key, so the TokenRequest and
 //! TokenReview APIs work. It returns once `/readyz` answers 200. Dropping it stops both
 //! processes and removes their directory.
 //!
@@ -165,6 +165,17 @@ impl ApiServer {
         self.dir.join("kubeconfig")
     }
 
+    /// A kubeconfig file for a client authenticating with `token` (e.g. a service
+    /// account's, from the TokenRequest API), written into the server's directory.
+    pub fn kubeconfig_for_token(&self, name: &str, token: &str) -> Result<PathBuf, BoxError> {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        let yaml = self
+            .kubeconfig_yaml()
+            .replace(&format!("token: {ADMIN_TOKEN}"), &format!("token: {token}"));
+        write(&path, &yaml)?;
+        Ok(path)
+    }
+
     /// The test CA certificate (PEM) the API server's serving certificate chains to.
     pub fn ca_pem(&self) -> Result<String, BoxError> {
         Ok(std::fs::read_to_string(self.dir.join("pki/ca.crt"))?)
@@ -192,6 +203,15 @@ impl ApiServer {
         Ok(::kube::Client::try_from(self.config().await?)?)
     }
 
+    /// A kube-rs client authenticating with `token` (see [`ApiServer::kubeconfig_for_token`]).
+    pub async fn client_for(&self, name: &str, token: &str) -> Result<::kube::Client, BoxError> {
+        let path = self.kubeconfig_for_token(name, token)?;
+        let kubeconfig = ::kube::config::Kubeconfig::read_from(path)?;
+        let config =
+            ::kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(::kube::Client::try_from(config)?)
+    }
+
     /// Stops the API server (etcd keeps running, so no state is lost): every watch on it ends.
     pub fn stop_apiserver(&mut self) {
         if let Some(mut child) = self.apiserver.take() {
@@ -211,6 +231,16 @@ impl ApiServer {
             .create(true)
             .append(true)
             .open(self.dir.join("apiserver.log"))?;
+        // A list flag: given twice it would hold both modes, and AlwaysAllow would win.
+        let authz = if self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--authorization-mode"))
+        {
+            None
+        } else {
+            Some("--authorization-mode=AlwaysAllow")
+        };
         let child = Command::new(&self.apiserver_bin)
             .arg(format!("--etcd-servers={}", self.etcd_url))
             .arg("--bind-address=127.0.0.1")
@@ -220,7 +250,7 @@ impl ApiServer {
             .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
             .arg(format!("--client-ca-file={}", p("ca.crt")))
             .arg(format!("--token-auth-file={}", p("tokens.csv")))
-            .arg("--authorization-mode=AlwaysAllow")
+            .args(authz)
             .arg(format!("--service-account-issuer={SA_ISSUER}"))
             .arg(format!("--service-account-key-file={}", p("sa.pub")))
             .arg(format!(
