@@ -15,7 +15,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
 use serde_json::Value;
-use sinew_inject::install::{CA_SECRET, InstallOptions, WEBHOOK_SECRET};
+use sinew_inject::install::{CA_SECRET, Definitions, InstallOptions, WEBHOOK_SECRET};
 
 use crate::inject::InjectArgs;
 
@@ -194,8 +194,8 @@ async fn options(
 }
 
 /// Sinew's CustomResourceDefinitions (and, if asked, minimal Gateway API and SMI
-/// ones), as JSON.
-fn crds(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
+/// ones) and the control plane's RBAC rules, as sinew-k8s defines them.
+fn definitions(args: &InstallArgs) -> anyhow::Result<Definitions> {
     let mut crds = sinew_k8s::crds();
     if args.gateway_api_crds {
         crds.extend(sinew_k8s::crd::gateway_api_crds());
@@ -203,9 +203,23 @@ fn crds(args: &InstallArgs) -> anyhow::Result<Vec<Value>> {
     if args.smi_crds {
         crds.extend(sinew_k8s::crd::smi_crds());
     }
-    crds.iter()
-        .map(|c| serde_json::to_value(c).context("a CustomResourceDefinition"))
-        .collect()
+    let json = |what: &str, v: Result<Value, serde_json::Error>| v.with_context(|| what.to_owned());
+    let crds = crds
+        .iter()
+        .map(|c| json("a CustomResourceDefinition", serde_json::to_value(c)))
+        .collect::<anyhow::Result<_>>()?;
+    let rules =
+        |r: Option<Vec<k8s_openapi::api::rbac::v1::PolicyRule>>| -> anyhow::Result<Vec<Value>> {
+            r.unwrap_or_default()
+                .iter()
+                .map(|p| json("an RBAC rule", serde_json::to_value(p)))
+                .collect()
+        };
+    Ok(Definitions {
+        crds,
+        cluster_rules: rules(sinew_k8s::rbac::cluster_role().rules)?,
+        namespace_rules: rules(sinew_k8s::rbac::lease_role(&args.namespace).rules)?,
+    })
 }
 
 /// `sinew install --kubernetes [--apply]`.
@@ -219,7 +233,7 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
         None
     };
     let opts = options(&args, client.as_ref()).await?;
-    let manifests = sinew_inject::install::manifests(&opts, &crds(&args)?)
+    let manifests = sinew_inject::install::manifests(&opts, &definitions(&args)?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(client) = client else {
         print!(

@@ -105,68 +105,24 @@ fn labels() -> Value {
     json!({"app.kubernetes.io/name": "sinew", "app.kubernetes.io/component": "control-plane", "app.kubernetes.io/part-of": "sinew"})
 }
 
-fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
-    json!({"apiGroups": groups, "resources": resources, "verbs": verbs})
+/// What the installation takes from elsewhere: the CustomResourceDefinitions and the
+/// control plane's least-privilege rules (both from sinew-k8s, which knows what the
+/// control plane reads and writes), as JSON.
+#[derive(Debug, Clone, Default)]
+pub struct Definitions {
+    /// The CustomResourceDefinitions, applied first.
+    pub crds: Vec<Value>,
+    /// The ClusterRole's rules.
+    pub cluster_rules: Vec<Value>,
+    /// The rules of the Role in the control plane's namespace (its Lease).
+    pub namespace_rules: Vec<Value>,
 }
 
-/// The ClusterRole's rules: exactly what `sinew control --kubernetes` does.
-pub fn cluster_rules(crd_resources: &[(String, String)]) -> Vec<Value> {
-    let watch = ["list", "watch"];
-    let mut rules = vec![
-        // Discovery: services, their endpoints (EndpointSlices, or Endpoints on older
-        // clusters) and pods (labels, service account, readiness), all by watches.
-        rule(&[""], &["services", "endpoints", "pods"], &watch),
-        rule(&["discovery.k8s.io"], &["endpointslices"], &watch),
-        // Validation problems are reported as Events.
-        rule(&[""], &["events"], &["create"]),
-        // Proxies prove their identity with a service-account token.
-        rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
-    ];
-    // Sinew's own kinds and the imported ones: watch them, patch their status.
-    let mut groups: Vec<&str> = crd_resources.iter().map(|(g, _)| g.as_str()).collect();
-    groups.sort_unstable();
-    groups.dedup();
-    for g in groups {
-        let resources: Vec<&str> = crd_resources
-            .iter()
-            .filter(|(gg, _)| gg == g)
-            .map(|(_, r)| r.as_str())
-            .collect();
-        let status: Vec<String> = resources.iter().map(|r| format!("{r}/status")).collect();
-        let status: Vec<&str> = status.iter().map(String::as_str).collect();
-        rules.push(rule(&[g], &resources, &watch));
-        rules.push(rule(&[g], &status, &["patch"]));
-    }
-    rules
-}
-
-/// Every manifest, in apply order. `crds` are the CustomResourceDefinitions (as JSON
-/// objects); the ClusterRole grants reading them and writing their status.
-pub fn manifests(o: &InstallOptions, crds: &[Value]) -> Result<Vec<Value>, String> {
+/// Every manifest, in apply order.
+pub fn manifests(o: &InstallOptions, defs: &Definitions) -> Result<Vec<Value>, String> {
     o.validate()?;
     let ns = o.namespace.as_str();
-    let mut out: Vec<Value> = crds.to_vec();
-    let mut crd_resources = Vec::new();
-    for (i, crd) in crds.iter().enumerate() {
-        let group = crd.pointer("/spec/group").and_then(Value::as_str);
-        let plural = crd.pointer("/spec/names/plural").and_then(Value::as_str);
-        match (group, plural) {
-            (Some(g), Some(p)) => crd_resources.push((g.to_owned(), p.to_owned())),
-            _ => return Err(format!("CRD {i}: no spec.group or spec.names.plural")),
-        }
-    }
-    // The imported kinds may be served by CRDs installed by others (Gateway API, SMI).
-    for (g, r) in [
-        ("gateway.networking.k8s.io", "httproutes"),
-        ("gateway.networking.k8s.io", "grpcroutes"),
-        ("split.smi-spec.io", "trafficsplits"),
-        ("access.smi-spec.io", "traffictargets"),
-        ("specs.smi-spec.io", "httproutegroups"),
-    ] {
-        if !crd_resources.iter().any(|(gg, rr)| gg == g && rr == r) {
-            crd_resources.push((g.to_owned(), r.to_owned()));
-        }
-    }
+    let mut out: Vec<Value> = defs.crds.clone();
     let meta = |name: &str| json!({"name": name, "namespace": ns, "labels": labels()});
 
     out.push(json!({
@@ -177,7 +133,7 @@ pub fn manifests(o: &InstallOptions, crds: &[Value]) -> Result<Vec<Value>, Strin
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
         "metadata": {"name": CONTROL_NAME, "labels": labels()},
-        "rules": cluster_rules(&crd_resources),
+        "rules": defs.cluster_rules,
     }));
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -190,7 +146,7 @@ pub fn manifests(o: &InstallOptions, crds: &[Value]) -> Result<Vec<Value>, Strin
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": meta(CONTROL_NAME),
-        "rules": [rule(&["coordination.k8s.io"], &["leases"], &["get", "create", "update"])],
+        "rules": defs.namespace_rules,
     }));
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
