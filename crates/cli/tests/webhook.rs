@@ -563,7 +563,7 @@ async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
         .unwrap()
         .token;
     // ... and expand the container's environment ($(VAR) from the downward API).
-    let mut env = BTreeMap::new();
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
     for e in proxy.env.as_ref().unwrap() {
         let value = match (&e.value, &e.value_from) {
             (Some(v), _) => env.iter().fold(v.clone(), |v, (k, x): (&String, &String)| {
@@ -580,17 +580,8 @@ async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
         env.insert(e.name.clone(), value);
     }
     assert_eq!(env["SINEW_PROXY_NAME"], "shop/web-0");
-    let args = proxy.args.as_ref().unwrap();
-    assert_eq!(args[0], "--join-token-file");
-    let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
-    assert_eq!(
-        args[1],
-        format!("{}/{}", mount.mount_path, projection.path),
-        "the proxy reads the token where the volume puts it"
-    );
 
-    // The control plane, reviewing tokens for its default audience, issues the
-    // sidecar its certificate: the proxy is ready only once it holds one.
+    // The control plane, reviewing tokens for its default audience.
     let dir = mesh::Scratch::new();
     let kubeconfig = server.kubeconfig();
     let cp = mesh::Control::start_env(
@@ -600,8 +591,60 @@ async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
         &[("KUBECONFIG", kubeconfig.as_os_str())],
     )
     .await;
-    let mut settings =
-        sinew_proxy::control::ControlSettings::new(&cp.url, &env["SINEW_PROXY_NAME"]);
-    settings.join_token = Some(token);
-    let _proxy = mesh::start_proxy(settings).await;
+
+    // The real sinew-proxy binary, run with the container's command, arguments and
+    // environment; the token volume's mount path maps to a directory holding the
+    // token, as the kubelet maps it. Only the addresses differ: the control plane is
+    // this test's (no cluster DNS here), the admin port a free loopback one.
+    let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
+    let volume = dir.0.join("token-volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join(&projection.path), &token).unwrap();
+    let args: Vec<String> = proxy
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|a| a.replace(&mount.mount_path, volume.to_str().unwrap()))
+        .collect();
+    assert_ne!(
+        &args,
+        proxy.args.as_ref().unwrap(),
+        "the token is read from the volume"
+    );
+    assert_eq!(proxy.command.as_deref().unwrap(), ["sinew-proxy"]);
+    let admin = free_addr();
+    env.insert("SINEW_CONTROL_PLANE".into(), cp.url.clone());
+    env.insert("SINEW_PROXY_ADMIN".into(), admin.to_string());
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sinew")).with_file_name("sinew-proxy");
+    assert!(
+        binary.is_file(),
+        "this test runs the real sinew-proxy and needs {} (`cargo build --bins`; a \
+         workspace-wide `cargo test` builds it)",
+        binary.display()
+    );
+    let _sidecar = tokio::process::Command::new(binary)
+        .args(&args)
+        .env_clear()
+        .envs(&env)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Ready only once it holds a certificate: TokenReview accepted the token.
+    wait::until("the injected sidecar is ready", TIMEOUT, || async move {
+        let get = async {
+            let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.ok()?;
+            Some(out.starts_with(b"HTTP/1.1 200"))
+        };
+        get.await == Some(true)
+    })
+    .await
+    .unwrap();
 }
