@@ -648,3 +648,222 @@ async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
     .await
     .unwrap();
 }
+
+/// One HTTPS request to `addr`, trusting `ca_pem` and checking the certificate is for
+/// `name`; returns the status and the body.
+async fn https(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    name: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<(u16, Vec<u8>)> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.ok()?).ok()?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).ok()?;
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(server_name, tcp)
+        .await
+        .ok()?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {name}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let status = String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some((status, out[at..].to_vec()))
+}
+
+/// The installed Deployment's two containers, run as the kubelet would run them (their
+/// command, arguments and environment; the Secrets' data where their volumes are
+/// mounted; loopback ports), start and serve: the control plane against the API server
+/// with the installed CA, and the webhook with the installed certificate, which the
+/// installed caBundle trusts for the Service's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_installed_control_plane_and_webhook_start_as_configured() {
+    use k8s_openapi::api::core::v1::Container;
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+    let kubeconfig = server.kubeconfig();
+    let kc = kubeconfig.to_str().unwrap();
+    let (ok, _, err) = sinew(&[
+        "install",
+        "--kubernetes",
+        "--apply",
+        "--kubeconfig",
+        kc,
+        "--gateway-api-crds",
+        "--smi-crds",
+        "--image",
+        "example.test/sinew:1.2.3",
+    ])
+    .await;
+    assert!(ok, "{err}");
+
+    let deploy = Api::<Deployment>::namespaced(client.clone(), "sinew-system")
+        .get("sinew-control")
+        .await
+        .unwrap();
+    let pod = deploy.spec.unwrap().template.spec.unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
+    let dir = Scratch::new("installed");
+
+    // Each volume as a directory: a Secret's keys as files, an emptyDir empty.
+    let mut volumes = BTreeMap::new();
+    for v in pod.volumes.as_ref().unwrap() {
+        let path = dir.0.join(&v.name);
+        std::fs::create_dir_all(&path).unwrap();
+        if let Some(s) = &v.secret {
+            let secret = secrets.get(s.secret_name.as_ref().unwrap()).await.unwrap();
+            for (k, b) in secret.data.unwrap() {
+                std::fs::write(path.join(k), b.0).unwrap();
+            }
+        }
+        volumes.insert(v.name.clone(), path);
+    }
+    let mut ports = BTreeMap::new();
+    let run = |c: &Container, ports: &mut BTreeMap<String, std::net::SocketAddr>| {
+        let mut args = c.args.clone().unwrap();
+        for a in args.iter_mut() {
+            for m in c.volume_mounts.as_ref().unwrap() {
+                if a.starts_with(&m.mount_path) {
+                    *a = a.replacen(&m.mount_path, volumes[&m.name].to_str().unwrap(), 1);
+                }
+            }
+            if let Some(port) = a.strip_prefix("0.0.0.0:") {
+                let addr = free_addr();
+                ports.insert(port.to_owned(), addr);
+                *a = addr.to_string();
+            }
+        }
+        assert_eq!(c.command.as_deref().unwrap(), ["sinew"]);
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"));
+        cmd.args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        for e in c.env.as_ref().into_iter().flatten() {
+            let value = match e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
+                Some(f) if f.field_path == "metadata.namespace" => "sinew-system".to_owned(),
+                Some(f) if f.field_path == "metadata.name" => "sinew-control-0".to_owned(),
+                _ => e.value.clone().unwrap_or_default(),
+            };
+            cmd.env(&e.name, value);
+        }
+        cmd.spawn().unwrap()
+    };
+    let containers: BTreeMap<&str, &Container> = pod
+        .containers
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    let _control = run(containers["control"], &mut ports);
+    let control = ports["15010"];
+    wait::until(
+        "the installed control plane is healthy",
+        TIMEOUT,
+        || async move {
+            match sinew_api::v1::admin_client::AdminClient::connect(format!("http://{control}"))
+                .await
+            {
+                Ok(mut c) => c
+                    .health(sinew_api::v1::HealthRequest {})
+                    .await
+                    .is_ok_and(|h| h.into_inner().store_ok),
+                Err(_) => false,
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    let _webhook = run(containers["webhook"], &mut ports);
+    let hook = ports["9443"];
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get("sinew-injector")
+        .await
+        .unwrap();
+    let ca = String::from_utf8(
+        mwc.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .unwrap()
+            .0,
+    )
+    .unwrap();
+    let ca2 = ca.clone();
+    wait::until("the installed webhook serves", TIMEOUT, || {
+        let ca = ca2.clone();
+        async move {
+            https(
+                hook,
+                &ca,
+                "sinew-control.sinew-system.svc",
+                "GET",
+                "/healthz",
+                b"",
+            )
+            .await
+            .is_some_and(|(s, _)| s == 200)
+        }
+    })
+    .await
+    .unwrap();
+    // It injects what the installation says: its image, its control plane.
+    let review = serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE", "namespace": "shop",
+            "object": {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}},
+        }
+    }))
+    .unwrap();
+    let (status, body) = https(
+        hook,
+        &ca,
+        "sinew-control.sinew-system.svc",
+        "POST",
+        "/mutate",
+        &review,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    use base64::Engine;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
+    let proxy = ops
+        .iter()
+        .find(|o| o["path"] == "/spec/containers/0")
+        .map(|o| &o["value"])
+        .unwrap();
+    assert_eq!(proxy["image"], "example.test/sinew:1.2.3");
+    let env = proxy["env"].as_array().unwrap();
+    assert!(env.contains(&json!({"name": "SINEW_CONTROL_PLANE", "value": "http://sinew-control.sinew-system.svc:15010"})));
+}
