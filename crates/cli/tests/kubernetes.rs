@@ -1198,3 +1198,33 @@ async fn warning_event(c: &Client, name: &str, text: &str) {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_token_file_is_read_again_at_renewal() {
+    let (api, c) = cluster().await;
+    let dir = Scratch::new();
+    let file = dir.write("token", &sa_token(&c, "web", "sinew").await);
+    // Short certificates: renewal comes after about 3 s.
+    let cp = control(&api, &dir, &["--cert-ttl", "4s"]).await;
+    let mut settings = sinew_proxy::control::ControlSettings::new(cp.url.clone(), "shop/client");
+    settings.join_token = Some(std::fs::read_to_string(&file).unwrap());
+    settings.join_token_file = Some(file.clone());
+    settings.min_backoff = Duration::from_millis(50);
+    let proxy = mesh::start_proxy(settings).await;
+    let id = |p: &sinew_proxy::Proxy| p.shared().certs.identity().map(|i| i.to_string());
+    assert_eq!(
+        id(&proxy).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    // The kubelet replaces the projected token; here, with one of another account, so
+    // the renewal shows which token it presented.
+    let next = sa_token(&c, "web-next", "sinew").await;
+    std::fs::write(&file, next).unwrap();
+    let p = &proxy;
+    wait::until("renewed with the new token", TIMEOUT, || async move {
+        id(p).as_deref() == Some("spiffe://cluster.local/ns/shop/sa/web-next")
+    })
+    .await
+    .unwrap();
+    proxy.shutdown().await;
+}
