@@ -5,6 +5,8 @@
 //! exit.
 
 mod client;
+mod inject;
+mod install;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -102,6 +104,26 @@ enum Command {
         /// at about 70% of it.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
+        /// Take Services, endpoints, Pods and Sinew/Gateway API/SMI custom resources from
+        /// the Kubernetes API (KUBECONFIG, ~/.kube/config, or in-cluster), and accept
+        /// proxies' service-account tokens (checked with TokenReview).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Namespace of the Lease that elects the replica writing resource statuses.
+        #[arg(
+            long,
+            env = "POD_NAMESPACE",
+            default_value = "default",
+            requires = "kubernetes"
+        )]
+        lease_namespace: String,
+        /// The audience proxies' service-account tokens must be issued for.
+        #[arg(long, default_value = "sinew", requires = "kubernetes")]
+        token_audience: String,
+        /// Seconds the status-writer's Lease lasts without renewal (another replica
+        /// takes over after that).
+        #[arg(long, default_value_t = 15, requires = "kubernetes")]
+        lease_duration_secs: u64,
     },
     /// The certificate authority.
     Ca {
@@ -247,6 +269,23 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Add the sidecar to Kubernetes workloads (Pods, Deployments, StatefulSets,
+    /// DaemonSets, ReplicaSets, Jobs, CronJobs) in YAML files, offline: prints every
+    /// document, injected where it is a workload, e.g. `sinew inject -f app.yaml |
+    /// kubectl apply -f -`.
+    Inject {
+        /// YAML files (multi-document); `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        inject: inject::InjectArgs,
+    },
+    /// Run the sidecar-injection admission webhook (HTTPS; `sinew install
+    /// --kubernetes` runs it beside the control plane).
+    Webhook(inject::WebhookArgs),
+    /// Print (or --apply) the manifests that install Sinew: CRDs, RBAC, the control
+    /// plane, the injection webhook and their certificates.
+    Install(install::InstallArgs),
     /// Run the demo mesh on loopback: a control plane, four services (one in two
     /// versions) each behind its own sinew-proxy, a 90/10 canary and steady load.
     Demo(sinew_demo::DemoArgs),
@@ -307,9 +346,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             ca_key,
             ca_dir,
             cert_ttl,
+            kubernetes,
+            lease_namespace,
+            token_audience,
+            lease_duration_secs,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
-            opts.trust_domain = trust_domain;
+            opts.trust_domain = trust_domain.clone();
             opts.ca_files = ca_cert.zip(ca_key);
             opts.ca_dir = ca_dir;
             opts.cert_ttl = cert_ttl;
@@ -318,7 +361,30 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             opts.grace_period = Duration::from_secs(grace_period);
             opts.debounce = Duration::from_millis(debounce_ms);
             let cp = sinew_control::ControlPlane::start(opts).await?;
-            wait_for_signal().await?;
+            let mut source = None;
+            if kubernetes {
+                let mut k = sinew_k8s::KubernetesOptions::default();
+                k.source.lease_namespace = lease_namespace;
+                k.source.trust_domain = trust_domain;
+                k.source.lease_duration = Duration::from_secs(lease_duration_secs.max(1));
+                k.token_audience = Some(token_audience);
+                source = Some(
+                    sinew_k8s::start(&cp, k)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
+                );
+            }
+            match source {
+                Some(mut task) => tokio::select! {
+                    r = wait_for_signal() => r?,
+                    r = &mut task => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => anyhow::bail!("--kubernetes: {e}"),
+                        Err(e) => anyhow::bail!("--kubernetes: the source stopped: {e}"),
+                    },
+                },
+                None => wait_for_signal().await?,
+            }
             tracing::info!("stopping");
             cp.shutdown().await;
             Ok(0)
@@ -442,6 +508,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => telemetry::edges(&server, namespace.as_deref(), window, &output).await,
         Command::Check { wait } => client::check(&server, Duration::from_secs(wait)).await,
         Command::Validate { files } => client::validate(&files),
+        Command::Inject { files, inject } => inject::inject(&files, &inject),
+        Command::Webhook(args) => {
+            let hook = inject::webhook(args).await?;
+            wait_for_signal().await?;
+            tracing::info!("stopping");
+            hook.shutdown().await;
+            Ok(0)
+        }
+        Command::Install(args) => install::install(args).await,
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
         Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
         Command::Version => {

@@ -361,7 +361,7 @@ impl Discovery for DiscoveryService {
                             let _ = index.send(Command::Acked { proxy: proxy.clone(), version: ack.version, error }).await;
                         }
                         Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Csr(req)) })) => {
-                            let msg = match identity.issue(&proxy_ns, &req.join_token, &req.csr_der) {
+                            let msg = match identity.authenticate_and_issue(&proxy_ns, &req.join_token, &req.csr_der).await {
                                 Ok((chain_pem, id, not_after, signer)) => {
                                     tracing::info!(%proxy, %id, "certificate issued");
                                     let _ = index.send(Command::CertIssued { proxy: proxy.clone(), signer }).await;

@@ -4,6 +4,11 @@
 //! namespace and service account, stored only as its SHA-256) and sends a CSR; it gets
 //! a short-lived certificate for the token's SPIFFE id, never for anything the CSR or
 //! the proxy claims. The token's namespace must be the proxy's own.
+//!
+//! On Kubernetes a proxy may instead present its projected service-account token: a
+//! [`TokenReviewer`] (set by `sinew control --kubernetes`, which checks tokens with the
+//! API server's TokenReview API) turns it into the namespace and service account the
+//! certificate is issued for. Join tokens keep working beside it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,8 +84,32 @@ pub struct BundleState {
     pub renew_epoch: u64,
 }
 
+/// The future a [`TokenReviewer`] returns.
+pub type ReviewFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<TokenSubject, String>> + Send>>;
+
+/// Who a bootstrap token that is not a join token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSubject {
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+/// Checks bootstrap tokens that are not Sinew join tokens (e.g. Kubernetes
+/// service-account tokens, with the TokenReview API).
+pub trait TokenReviewer: Send + Sync {
+    /// Who `token` belongs to, or why it is refused.
+    fn review(&self, token: String) -> ReviewFuture;
+}
+
+/// Prefix of Sinew join tokens.
+const JOIN_TOKEN_PREFIX: &str = "sinew.";
+
 /// Certificates and tokens.
 pub struct Identity {
+    reviewer: std::sync::OnceLock<Arc<dyn TokenReviewer>>,
     state: std::sync::RwLock<CaState>,
     /// Where rotation state lives (`None` for an operator's CA given by files).
     dir: Option<std::path::PathBuf>,
@@ -193,6 +222,7 @@ impl Identity {
             cert_ttl,
             store,
             issued: AtomicU64::new(0),
+            reviewer: std::sync::OnceLock::new(),
             bundle,
         }
     }
@@ -376,8 +406,40 @@ impl Identity {
         ))
     }
 
+    /// Sets how tokens that are not join tokens are checked (once; later calls are
+    /// ignored and return false).
+    pub fn set_token_reviewer(&self, reviewer: Arc<dyn TokenReviewer>) -> bool {
+        self.reviewer.set(reviewer).is_ok()
+    }
+
     /// Issues a certificate for the proxy in `proxy_namespace` that presents `token`
-    /// and `csr_der`. Returns `(chain PEM, not_after)` or why it was refused.
+    /// (a join token, or, with a [`TokenReviewer`], a token it accepts) and
+    /// `csr_der`. Returns `(chain PEM, SPIFFE id, not_after, signer)` or why it was
+    /// refused.
+    pub async fn authenticate_and_issue(
+        &self,
+        proxy_namespace: &str,
+        token: &str,
+        csr_der: &[u8],
+    ) -> Result<(String, SpiffeId, SystemTime, String), String> {
+        match self.reviewer.get() {
+            Some(reviewer) if !token.is_empty() && !token.starts_with(JOIN_TOKEN_PREFIX) => {
+                let subject = reviewer.review(token.to_owned()).await?;
+                if subject.namespace != proxy_namespace {
+                    return Err(format!(
+                        "the service-account token is for namespace {:?}, the proxy is in {proxy_namespace:?}",
+                        subject.namespace
+                    ));
+                }
+                self.sign(&subject.namespace, &subject.service_account, csr_der)
+            }
+            _ => self.issue(proxy_namespace, token, csr_der),
+        }
+    }
+
+    /// Issues a certificate for the proxy in `proxy_namespace` that presents the join
+    /// token `token` and `csr_der`. Returns `(chain PEM, SPIFFE id, not_after,
+    /// signer)` or why it was refused.
     pub fn issue(
         &self,
         proxy_namespace: &str,
@@ -404,11 +466,16 @@ impl Identity {
                 binding.namespace
             ));
         }
-        let id = SpiffeId::workload(
-            &self.trust_domain,
-            &binding.namespace,
-            &binding.service_account,
-        );
+        self.sign(&binding.namespace, &binding.service_account, csr_der)
+    }
+
+    fn sign(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        csr_der: &[u8],
+    ) -> Result<(String, SpiffeId, SystemTime, String), String> {
+        let id = SpiffeId::workload(&self.trust_domain, namespace, service_account);
         let signing = self
             .state
             .read()

@@ -184,6 +184,16 @@ pub enum Command {
         /// Everything the directory holds now.
         docs: Vec<Document>,
     },
+    /// Replace the documents an external source (e.g. `kubernetes`) contributed: its
+    /// documents not in `docs` are removed, all in one validated, persisted change.
+    SyncSource {
+        /// The source's name, recorded with each document (not `api` or `dir`).
+        source: String,
+        /// Everything the source holds now.
+        docs: Vec<Document>,
+        /// The answer: what changed, or every problem (then nothing changed).
+        reply: oneshot::Sender<Result<ApplyOutcome, ConfigErrors>>,
+    },
     /// A proxy stream opened.
     Connect {
         /// `namespace/name`.
@@ -615,6 +625,14 @@ impl Index {
                     self.dir_error = Some(e.to_string());
                 }
             },
+            Command::SyncSource {
+                source,
+                docs,
+                reply,
+            } => {
+                let out = self.apply_docs(docs, &source, true, false).await;
+                let _ = reply.send(out);
+            }
             Command::Connect {
                 proxy,
                 stream,

@@ -101,6 +101,8 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct ControlPlane {
     addr: SocketAddr,
+    index: tokio::sync::mpsc::Sender<index::Command>,
+    identity: std::sync::Arc<identity::Identity>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -169,7 +171,7 @@ impl ControlPlane {
             stopping,
             identity.clone(),
         );
-        let admin = admin::AdminService::new(index, state, store, identity)
+        let admin = admin::AdminService::new(index.clone(), state, store, identity.clone())
             .with_telemetry(discovery.telemetry());
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
@@ -190,6 +192,8 @@ impl ControlPlane {
         tracing::info!(%addr, data_dir = %opts.data_dir.display(), "control plane serving");
         Ok(ControlPlane {
             addr,
+            index,
+            identity,
             stop: Some(stop),
             server,
             tasks,
@@ -199,6 +203,17 @@ impl ControlPlane {
     /// The gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The index's command channel: other sources (e.g. Kubernetes) feed documents
+    /// through it ([`index::Command::SyncSource`]).
+    pub fn index(&self) -> tokio::sync::mpsc::Sender<index::Command> {
+        self.index.clone()
+    }
+
+    /// The certificate authority and its bootstrap-credential checks.
+    pub fn identity(&self) -> std::sync::Arc<identity::Identity> {
+        self.identity.clone()
     }
 
     /// Stops serving and closes every stream.

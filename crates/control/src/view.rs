@@ -193,7 +193,8 @@ impl Lookups {
 
 /// The proxy's `Proxy` document: stored if there is one, else made from nothing; in
 /// both cases an absent `inbound` is derived from the proxy's registration (its
-/// sidecar port, and the workload's ports as the application ports).
+/// sidecar port, and the workload's ports as the application ports), or, for a proxy
+/// that did not register, from the Workload named like it (e.g. a Kubernetes Pod's).
 fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
     let key = ResourceKey {
         kind: "Proxy".into(),
@@ -203,9 +204,27 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
     let stored = state.docs.get(&key);
     let derive_from = stored
         .is_none_or(|e| matches!(&e.resource, Resource::Proxy(p) if p.spec.inbound.is_none()))
-        .then(|| state.registrations.get(&format!("{ns}/{name}")))
+        .then(|| {
+            state
+                .registrations
+                .get(&format!("{ns}/{name}"))
+                .map(|reg| &reg.workload)
+                .or_else(|| {
+                    match state.docs.get(&ResourceKey {
+                        kind: "Workload".into(),
+                        namespace: ns.to_owned(),
+                        name: name.to_owned(),
+                    }) {
+                        Some(e) => match &e.resource {
+                            Resource::Workload(w) => Some(w),
+                            _ => None,
+                        },
+                        None => None,
+                    }
+                })
+        })
         .flatten()
-        .filter(|reg| reg.workload.spec.sidecar.is_some());
+        .filter(|w| w.spec.sidecar.is_some());
     if let (Some(e), None) = (stored, derive_from)
         && matches!(e.resource, Resource::Proxy(_))
     {
@@ -225,10 +244,10 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
             spec: ProxySpec::default(),
         },
     };
-    if let Some(reg) = derive_from
-        && let Some(sc) = &reg.workload.spec.sidecar
+    if let Some(workload) = derive_from
+        && let Some(sc) = &workload.spec.sidecar
     {
-        let w = &reg.workload.spec;
+        let w = &workload.spec;
         let mut ports: Vec<u16> = w.ports.values().copied().collect();
         ports.sort_unstable();
         ports.dedup();

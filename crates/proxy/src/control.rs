@@ -62,6 +62,10 @@ pub struct ControlSettings {
     /// The join token that proves this proxy's identity; with it the proxy gets a
     /// certificate and speaks mTLS to its peers.
     pub join_token: Option<String>,
+    /// Where the token lives, if it came from a file: it is read again before every
+    /// certificate request, so a token that is replaced on disk (a Kubernetes projected
+    /// service-account token, rotated by the kubelet) is the one presented.
+    pub join_token_file: Option<std::path::PathBuf>,
     /// How often traffic stats go to the control plane (`sinew stat`, `top`, `edges`);
     /// default 2 s. Zero turns them off (and gathering them).
     pub stats_interval: Duration,
@@ -77,6 +81,7 @@ impl ControlSettings {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             join_token: None,
+            join_token_file: None,
             stats_interval: STATS_INTERVAL,
         }
     }
@@ -483,6 +488,19 @@ impl Client {
 
     /// Sends a CSR for a fresh key; the key stays here until the certificate comes.
     async fn request_certificate(&mut self, tx: &mpsc::Sender<ProxyMessage>) -> Result<(), String> {
+        if let Some(file) = &self.settings.join_token_file {
+            match tokio::fs::read_to_string(file).await {
+                Ok(t) if !t.trim().is_empty() => {
+                    self.settings.join_token = Some(t.trim().to_owned())
+                }
+                Ok(_) => {
+                    tracing::warn!(file = %file.display(), "the join-token file is empty; presenting the last token read")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot read the join-token file; presenting the last token read")
+                }
+            }
+        }
         let Some(token) = self.settings.join_token.clone() else {
             return Ok(());
         };

@@ -72,7 +72,9 @@ struct Args {
         conflicts_with = "join_token_file"
     )]
     join_token: Option<String>,
-    /// A file holding the join token (kept out of the process list).
+    /// A file holding the join token (kept out of the process list); read again before
+    /// every certificate request, so a rotated token (e.g. a Kubernetes projected
+    /// service-account token) is picked up.
     #[arg(long, requires = "control_plane")]
     join_token_file: Option<PathBuf>,
     /// Control-plane mode: milliseconds between traffic-stats reports to the control
@@ -164,6 +166,7 @@ fn main() -> anyhow::Result<()> {
                     ),
                     (None, None) => None,
                 };
+                settings.join_token_file = args.join_token_file.clone();
                 settings.registration = args.service.map(|service| Registration {
                     service,
                     address: args.address.clone(),

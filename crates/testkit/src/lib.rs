@@ -16,11 +16,14 @@
 //! server runs in a spawned tokio task; dropping its handle (or calling its
 //! `shutdown`) stops it accepting.
 //!
-//! [`client`] has small hyper clients and [`wait`] a polling helper.
+//! [`client`] has small hyper clients and [`wait`] a polling helper. With the `kube`
+//! feature, `kube::ApiServer` runs a real etcd + kube-apiserver (see that module).
 
 pub mod client;
 pub mod grpc;
 pub mod http;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod tcp;
 pub mod wait;
 pub mod ws;

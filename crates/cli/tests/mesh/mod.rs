@@ -56,7 +56,18 @@ pub struct Control {
 
 impl Control {
     pub async fn start(data_dir: &Path, addr: SocketAddr, extra: &[&str]) -> Control {
+        Control::start_env(data_dir, addr, extra, &[]).await
+    }
+
+    /// Like [`Control::start`], with extra environment variables (e.g. `KUBECONFIG`).
+    pub async fn start_env(
+        data_dir: &Path,
+        addr: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Control {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+            .envs(env.iter().copied())
             .arg("control")
             .arg("--listen")
             .arg(addr.to_string())

@@ -1,0 +1,189 @@
+//! `sinew inject` (offline) and `sinew webhook` (the admission webhook).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sinew_inject::InjectConfig;
+use sinew_inject::server::{CertSource, Webhook, WebhookOptions};
+
+/// What the sidecar looks like: the installation-wide injection settings (pods
+/// override most of them with `sinew.dev/...` annotations).
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// The image holding `sinew` and `sinew-proxy` (default: this version's release).
+    #[arg(long)]
+    pub proxy_image: Option<String>,
+    /// imagePullPolicy of the injected containers.
+    #[arg(long, value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub proxy_image_pull_policy: Option<String>,
+    /// The control plane's address as proxies reach it (default: the Service
+    /// `sinew install` creates).
+    #[arg(long)]
+    pub control_plane_address: Option<String>,
+    /// The audience of the proxies' projected service-account tokens.
+    #[arg(long, default_value = "sinew")]
+    pub token_audience: String,
+    /// The uid the proxy runs as (its own traffic is never captured).
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: i64,
+    /// The proxy's log filter.
+    #[arg(long, default_value = "info")]
+    pub proxy_log_level: String,
+    /// The proxy's CPU request.
+    #[arg(long, default_value = "100m")]
+    pub proxy_cpu_request: String,
+    /// The proxy's CPU limit (none by default).
+    #[arg(long)]
+    pub proxy_cpu_limit: Option<String>,
+    /// The proxy's memory request.
+    #[arg(long, default_value = "64Mi")]
+    pub proxy_memory_request: String,
+    /// The proxy's memory limit.
+    #[arg(long, default_value = "256Mi")]
+    pub proxy_memory_limit: String,
+    /// Inbound ports never captured, in every pod (comma-separated ports or ranges).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_inbound_ports: Vec<String>,
+    /// Outbound ports never captured, in every pod.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<String>,
+    /// Outbound networks never captured, in every pod (e.g. 169.254.169.254/32).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_cidrs: Vec<String>,
+}
+
+impl InjectArgs {
+    /// The settings, checked; `image` and `control_plane` are the defaults for the
+    /// flags left out.
+    pub fn config(&self, image: &str, control_plane: &str) -> anyhow::Result<InjectConfig> {
+        let mut c = InjectConfig {
+            image: self.proxy_image.clone().unwrap_or_else(|| image.to_owned()),
+            image_pull_policy: self.proxy_image_pull_policy.clone(),
+            control_plane: self
+                .control_plane_address
+                .clone()
+                .unwrap_or_else(|| control_plane.to_owned()),
+            token_audience: self.token_audience.clone(),
+            proxy_uid: self.proxy_uid,
+            log_level: self.proxy_log_level.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            ..InjectConfig::default()
+        };
+        c.resources.cpu_request = Some(self.proxy_cpu_request.clone());
+        c.resources.cpu_limit = self.proxy_cpu_limit.clone();
+        c.resources.memory_request = Some(self.proxy_memory_request.clone());
+        c.resources.memory_limit = Some(self.proxy_memory_limit.clone());
+        if !(1..=i64::from(u32::MAX)).contains(&c.proxy_uid) {
+            bail!("--proxy-uid {}: must be a non-root uid", c.proxy_uid);
+        }
+        c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(c)
+    }
+}
+
+/// `sinew inject -f FILE...`: prints every document, workloads injected; what happened
+/// to each on stderr. Nothing is printed if any document is bad.
+pub fn inject(files: &[PathBuf], args: &InjectArgs) -> anyhow::Result<i32> {
+    let default = InjectConfig::default();
+    let config = args.config(&default.image, &default.control_plane)?;
+    let mut outputs = Vec::new();
+    for path in files {
+        let (label, text) = if path == Path::new("-") {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("cannot read standard input")?;
+            ("-".to_owned(), s)
+        } else {
+            let label = path.display().to_string();
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{label}: cannot read"))?;
+            (label, text)
+        };
+        match sinew_inject::yaml::inject_yaml(&label, &text, &config) {
+            Ok(out) => {
+                for r in &out.reports {
+                    eprintln!(
+                        "{label}: document {} ({}): {}",
+                        r.document, r.what, r.result
+                    );
+                }
+                if !out.output.is_empty() {
+                    outputs.push(out.output);
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(1);
+            }
+        }
+    }
+    print!("{}", outputs.join("---\n"));
+    Ok(0)
+}
+
+/// `sinew webhook`'s options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookArgs {
+    /// The HTTPS listener (the API server calls POST /mutate; GET /healthz for probes).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    pub listen: SocketAddr,
+    /// The serving certificate (PEM; re-read when it changes).
+    #[arg(long, requires = "tls_key", required_unless_present = "self_signed")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Instead of files: generate a certificate for these names (DNS names or IP
+    /// addresses; repeatable) and write its CA, the caBundle, to --ca-out.
+    #[arg(long, conflicts_with = "tls_cert", requires = "ca_out")]
+    pub self_signed: Vec<String>,
+    /// Where --self-signed writes the CA certificate (PEM).
+    #[arg(long, requires = "self_signed")]
+    pub ca_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub inject: InjectArgs,
+}
+
+/// `sinew webhook`: serves until SIGTERM or SIGINT.
+pub async fn webhook(args: WebhookArgs) -> anyhow::Result<Webhook> {
+    let default = InjectConfig::default();
+    let config = args.inject.config(&default.image, &default.control_plane)?;
+    let mut ca_pem = None;
+    let cert = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            let certs = sinew_inject::cert::generate(
+                &args.self_signed,
+                Duration::from_secs(365 * 24 * 3600),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ca_pem = Some(certs.ca_pem);
+            CertSource::Pem {
+                cert: certs.cert_pem,
+                key: certs.key_pem,
+            }
+        }
+    };
+    let hook = Webhook::start(WebhookOptions {
+        listen: args.listen,
+        cert,
+        config,
+        cert_check: sinew_inject::server::CERT_CHECK,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Written once the listener is up: a script that waits for the file can connect.
+    if let (Some(out), Some(ca)) = (&args.ca_out, ca_pem) {
+        std::fs::write(out, ca).with_context(|| format!("{}: cannot write", out.display()))?;
+    }
+    Ok(hook)
+}

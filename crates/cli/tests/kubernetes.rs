@@ -1,0 +1,1230 @@
+//! `sinew control --kubernetes` against a real kube-apiserver (testkit's `kube::ApiServer`,
+//! built by `scripts/kube-envtest build`): Services, EndpointSlices and Pods become the
+//! mesh's services and endpoints, custom resources its configuration, and real traffic
+//! through real proxies follows them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod mesh;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
+use kube::Client;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use mesh::{Control, Scratch, TIMEOUT, free_addr};
+use serde_json::{Value, json};
+use sinew_testkit::http::HttpBackend;
+use sinew_testkit::kube::ApiServer;
+use sinew_testkit::{client, wait};
+
+/// An API server with Sinew's, the Gateway API's and SMI's CRDs and a namespace `shop`.
+async fn cluster() -> (ApiServer, Client) {
+    cluster_with(&[]).await
+}
+
+/// [`cluster`] with extra API-server flags.
+async fn cluster_with(args: &[&str]) -> (ApiServer, Client) {
+    let api = ApiServer::start_with_args(args)
+        .await
+        .expect("a real kube-apiserver (scripts/kube-envtest build)");
+    let c = api.client().await.unwrap();
+    let crds = [
+        sinew_k8s::crds(),
+        sinew_k8s::crd::gateway_api_crds(),
+        sinew_k8s::crd::smi_crds(),
+    ]
+    .concat();
+    sinew_k8s::install_crds(&c, &crds).await.unwrap();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    (api, c)
+}
+
+fn ar(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+/// Creates (or replaces, by server-side apply) any object in `shop`.
+async fn apply(c: &Client, r: &ApiResource, doc: Value) {
+    let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
+    let mut doc = doc;
+    doc["apiVersion"] = json!(r.api_version);
+    doc["kind"] = json!(r.kind);
+    let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+    Api::<DynamicObject>::namespaced_with(c.clone(), "shop", r)
+        .patch(
+            &name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
+}
+
+fn slices() -> ApiResource {
+    // The 1.20 API server serves EndpointSlices only as v1beta1: the control plane finds
+    // that by API discovery.
+    ar(
+        "discovery.k8s.io",
+        "v1beta1",
+        "EndpointSlice",
+        "endpointslices",
+    )
+}
+
+async fn service(c: &Client, name: &str) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+}
+
+async fn pod(c: &Client, name: &str, version: &str, sa: &str) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web", "version": version}},
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+}
+
+/// An EndpointSlice of `service` with one endpoint for `pod` at `addr`.
+async fn slice(c: &Client, name: &str, service: &str, pod: &str, addr: SocketAddr, ready: bool) {
+    apply(
+        c,
+        &slices(),
+        json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": addr.port(), "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": [addr.ip().to_string()],
+                "conditions": {"ready": ready},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}
+            }]
+        }),
+    )
+    .await;
+}
+
+fn sinew_kind(kind: &str, plural: &str) -> ApiResource {
+    ar("sinew.dev", "v1alpha1", kind, plural)
+}
+
+/// The Proxy resource of `shop/client`: `bind` forwards to `service`.
+async fn client_proxy(c: &Client, bind: SocketAddr, service: &str) {
+    apply(
+        c,
+        &sinew_kind("Proxy", "proxies"),
+        json!({
+            "metadata": {"name": "client"},
+            "spec": {"outbound": {"upstreams": [{"bind": bind.to_string(), "service": service}]}}
+        }),
+    )
+    .await;
+}
+
+async fn control(api: &ApiServer, dir: &Scratch, extra: &[&str]) -> Control {
+    let kubeconfig = api.kubeconfig();
+    let mut args = vec!["--kubernetes"];
+    args.extend_from_slice(extra);
+    Control::start_env(
+        &dir.0.join(format!("data-{}", free_addr().port())),
+        free_addr(),
+        &args,
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await
+}
+
+/// Whether the proxy's running config (its admin `/config`) holds the endpoint `addr`.
+async fn config_has(p: &sinew_proxy::Proxy, addr: SocketAddr) -> bool {
+    client::get(p.admin_addr(), "admin", "/config")
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default()
+        .contains(&format!("\"{addr}\""))
+}
+
+/// Which backend answered a request through `bind` (None: the request failed).
+async fn who(bind: SocketAddr) -> Option<String> {
+    let r = client::get(bind, "web", "/").await.ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    Some(r.headers.get("x-backend")?.to_str().ok()?.to_owned())
+}
+
+async fn until_served_by(bind: SocketAddr, backend: &str) {
+    wait::until(
+        &format!("requests reach {backend}"),
+        TIMEOUT,
+        || async move { who(bind).await.as_deref() == Some(backend) },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    for _ in 0..20 {
+        assert_eq!(
+            who(bind).await.as_deref(),
+            Some("v1"),
+            "only web-v1 is an endpoint"
+        );
+    }
+    assert!(config_has(&proxy, v1.addr()).await && !config_has(&proxy, v2.addr()).await);
+
+    // A second slice adds an endpoint: traffic spreads to it.
+    slice(&c, "web-b", "web", "web-v2", v2.addr(), true).await;
+    until_served_by(bind, "v2").await;
+
+    // The first endpoint becomes not ready: the proxy's config loses it and everything
+    // goes to the second.
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), false).await;
+    let p = &proxy;
+    let (a1, a2) = (v1.addr(), v2.addr());
+    wait::until(
+        "web-v1 gone from the proxy's config",
+        TIMEOUT,
+        || async move { !config_has(p, a1).await && config_has(p, a2).await },
+    )
+    .await
+    .unwrap();
+    let v1r = &v1;
+    wait::until("web-v1 left out", TIMEOUT, || async move {
+        let before = v1r.requests();
+        for _ in 0..10 {
+            if who(bind).await.as_deref() != Some("v2") {
+                return false;
+            }
+        }
+        v1r.requests() == before
+    })
+    .await
+    .unwrap();
+
+    // Its Pod says it is not ready either way once it is terminating: delete it and make
+    // its slice ready again; it stays out.
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .patch_status(
+            "web-v2",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    wait::until(
+        "web-v2 (Pod not ready) gone from the proxy's config",
+        TIMEOUT,
+        || async move { config_has(p, a1).await && !config_has(p, a2).await },
+    )
+    .await
+    .unwrap();
+    let v2r = &v2;
+    wait::until("web-v2 (Pod not ready) left out", TIMEOUT, || async move {
+        let before = v2r.requests();
+        for _ in 0..10 {
+            if who(bind).await.as_deref() != Some("v1") {
+                return false;
+            }
+        }
+        v2r.requests() == before
+    })
+    .await
+    .unwrap();
+}
+
+/// The `Accepted` condition of a Sinew or SMI custom resource.
+async fn accepted(c: &Client, r: &ApiResource, name: &str) -> Option<(String, String)> {
+    let o = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", r)
+        .get(name)
+        .await
+        .ok()?;
+    let conds = if r.kind.ends_with("Route") {
+        o.data
+            .pointer("/status/parents/0/conditions")?
+            .as_array()?
+            .clone()
+    } else {
+        o.data.pointer("/status/conditions")?.as_array()?.clone()
+    };
+    let cond = conds.iter().find(|c| c["type"] == "Accepted")?;
+    Some((
+        cond["status"].as_str()?.to_owned(),
+        cond["message"].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn custom_resources_get_status_conditions_and_routes_apply() {
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    for s in ["web", "web-v1", "web-v2"] {
+        service(&c, s).await;
+    }
+    pod(&c, "web-1", "v1", "web").await;
+    pod(&c, "web-2", "v2", "web").await;
+    slice(&c, "web-v1-a", "web-v1", "web-1", v1.addr(), true).await;
+    slice(&c, "web-v2-a", "web-v2", "web-2", v2.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    // Gateway API: all of web's traffic to web-v1.
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    apply(
+        &c,
+        &routes,
+        json!({
+            "metadata": {"name": "web"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}]}
+        }),
+    )
+    .await;
+    // GAMMA GRPCRoute on the same parent: gRPC calls of shop.Catalog to web-v2.
+    let grpc_routes = ar("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes");
+    apply(
+        &c,
+        &grpc_routes,
+        json!({
+            "metadata": {"name": "catalog-rpc"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"matches": [{"method": {"service": "shop.Catalog"}}],
+                                "backendRefs": [{"name": "web-v2", "port": 80}]}]}
+        }),
+    )
+    .await;
+    // Invalid: an unknown field, and a TrafficSplit without its root service.
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+    )
+    .await;
+    let splits = ar(
+        "split.smi-spec.io",
+        "v1alpha2",
+        "TrafficSplit",
+        "trafficsplits",
+    );
+    apply(
+        &c,
+        &splits,
+        json!({"metadata": {"name": "broken"}, "spec": {"backends": [{"service": "web-v2", "weight": 1}]}}),
+    )
+    .await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    let cc = c.clone();
+    let (p, r, s) = (policies.clone(), routes.clone(), splits.clone());
+    wait::until("statuses written", TIMEOUT, || {
+        let (c, p, r, s) = (cc.clone(), p.clone(), r.clone(), s.clone());
+        async move {
+            matches!(accepted(&c, &p, "bad").await, Some((st, _)) if st == "False")
+                && matches!(accepted(&c, &r, "web").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &s, "broken").await, Some((st, _)) if st == "False")
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        accepted(&c, &grpc_routes, "catalog-rpc")
+            .await
+            .map(|a| a.0)
+            .as_deref(),
+        Some("True")
+    );
+    // The GRPCRoute applies to its calls: a request on its path reaches web-v2.
+    let r = client::get(bind, "web", "/shop.Catalog/List")
+        .await
+        .unwrap();
+    assert_eq!(r.headers.get("x-backend").unwrap(), "v2");
+    let (_, msg) = accepted(&c, &policies, "bad").await.unwrap();
+    assert!(
+        msg.contains("bogus"),
+        "the condition names the field: {msg}"
+    );
+    let (_, msg) = accepted(&c, &splits, "broken").await.unwrap();
+    assert!(msg.contains("spec.service"), "{msg}");
+    let (st, _) = accepted(&c, &sinew_kind("Proxy", "proxies"), "client")
+        .await
+        .unwrap();
+    assert_eq!(st, "True");
+    // And a Warning Event names the refused resource.
+    warning_event(&c, "bad", "bogus").await;
+
+    // SMI: fixing the TrafficSplit (90/10 → 0/100 to web-v2) takes traffic to web-v2; the
+    // HTTPRoute on the same parent goes first, so remove it.
+    Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+        .delete("web", &Default::default())
+        .await
+        .unwrap();
+    apply(
+        &c,
+        &splits,
+        json!({"metadata": {"name": "broken"}, "spec": {"service": "web", "backends": [{"service": "web-v1", "weight": 0}, {"service": "web-v2", "weight": 100}]}}),
+    )
+    .await;
+    until_served_by(bind, "v2").await;
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v2"));
+    }
+    let cc = c.clone();
+    wait::until("TrafficSplit accepted", TIMEOUT, || {
+        let (c, s) = (cc.clone(), splits.clone());
+        async move { matches!(accepted(&c, &s, "broken").await, Some((st, _)) if st == "True") }
+    })
+    .await
+    .unwrap();
+}
+
+/// A token for `shop/<sa>` from the TokenRequest API, for `audience`.
+async fn sa_token(c: &Client, sa: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "shop");
+    if sas.get_opt(sa).await.unwrap().is_none() {
+        let obj: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": sa, "namespace": "shop"}})).unwrap();
+        sas.create(&PostParams::default(), &obj).await.unwrap();
+    }
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    sas.create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
+/// What the control plane answers a proxy `ns/name` that asks for a certificate with
+/// `token`, over a raw discovery stream.
+async fn certificate(url: &str, ns: &str, name: &str, token: &str) -> sinew_api::v1::Certificate {
+    use sinew_api::v1::discovery_client::DiscoveryClient;
+    use sinew_api::v1::{CertificateRequest, Hello, ProxyMessage, control_message, proxy_message};
+    let (_key, csr_der) = sinew_tls::new_key_and_csr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Hello(Hello {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Csr(CertificateRequest {
+            csr_der,
+            join_token: token.to_owned(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = DiscoveryClient::connect(url.to_owned()).await.unwrap();
+    let mut answers = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = tokio::time::timeout(TIMEOUT, answers.message())
+            .await
+            .expect("an answer to the certificate request")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(control_message::Kind::Certificate(c)) = msg.kind {
+            return c;
+        }
+    }
+}
+
+/// A JWT shaped exactly like the API server's service-account tokens, signed with a key
+/// that is not the API server's.
+fn forged_token(ns: &str, sa: &str) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "iss": sinew_testkit::kube::SA_ISSUER,
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": ["sinew"],
+        "iat": now, "nbf": now, "exp": now + 3600,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "00000000-0000-0000-0000-000000000000"}}
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_account_tokens_get_certificates_checked_with_token_review() {
+    let (api, c) = cluster().await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let (t_web, t_cat) = (
+        sa_token(&c, "web", "sinew").await,
+        sa_token(&c, "catalog", "sinew").await,
+    );
+    // The catalog Pod runs a sidecar (its inbound port in the annotation) as `catalog`.
+    service(&c, "catalog").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
+    client_proxy(&c, bind, "catalog").await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    // The sidecar is named after its Pod; both proxies prove who they are with their
+    // service-account tokens.
+    let catalog = mesh::proxy_with_token(
+        &cp.url,
+        "shop/catalog-1",
+        None,
+        Duration::from_millis(50),
+        Some(t_cat),
+    )
+    .await;
+    let web = mesh::proxy_with_token(
+        &cp.url,
+        "shop/client",
+        None,
+        Duration::from_millis(50),
+        Some(t_web.clone()),
+    )
+    .await;
+    let id = |p: &sinew_proxy::Proxy| p.shared().certs.identity().map(|i| i.to_string());
+    assert_eq!(
+        id(&web).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    assert_eq!(
+        id(&catalog).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/catalog")
+    );
+    mesh::listening(bind).await;
+    mesh::listening(inbound).await;
+    wait::until("mesh path serves", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+    // The request crossed mTLS: the inbound saw the caller's certificate.
+    let r = client::get(bind, "catalog", "/").await.unwrap();
+    assert_eq!(
+        r.json().unwrap()["headers"]["sinew-peer-identity"],
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+
+    // SMI access control imported: only `web` may call catalog, and only GET /allowed/….
+    let groups = ar(
+        "specs.smi-spec.io",
+        "v1alpha4",
+        "HTTPRouteGroup",
+        "httproutegroups",
+    );
+    apply(
+        &c,
+        &groups,
+        json!({"metadata": {"name": "catalog-routes"},
+               "spec": {"matches": [{"name": "allowed", "pathRegex": "/allowed/.*", "methods": ["GET"]}]}}),
+    )
+    .await;
+    let targets = ar(
+        "access.smi-spec.io",
+        "v1alpha3",
+        "TrafficTarget",
+        "traffictargets",
+    );
+    apply(
+        &c,
+        &targets,
+        json!({"metadata": {"name": "web-to-catalog"},
+               "spec": {"destination": {"kind": "ServiceAccount", "name": "catalog", "namespace": "shop"},
+                        "rules": [{"kind": "HTTPRouteGroup", "name": "catalog-routes", "matches": ["allowed"]}],
+                        "sources": [{"kind": "ServiceAccount", "name": "web", "namespace": "shop"}]}}),
+    )
+    .await;
+    wait::until("the TrafficTarget is enforced", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/other")
+            .await
+            .is_ok_and(|r| r.status == 403)
+    })
+    .await
+    .unwrap();
+    let r = client::get(bind, "catalog", "/allowed/items")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "web may GET /allowed/…");
+    let cc = c.clone();
+    wait::until("TrafficTarget accepted", TIMEOUT, || {
+        let (c, t) = (cc.clone(), targets.clone());
+        async move { matches!(accepted(&c, &t, "web-to-catalog").await, Some((st, _)) if st == "True") }
+    })
+    .await
+    .unwrap();
+
+    // Refused: a forged token, a token for another audience, a token of another
+    // namespace's service account.
+    let ok = certificate(&cp.url, "shop", "probe", &t_web).await;
+    assert!(
+        ok.error.is_empty() && !ok.chain_pem.is_empty(),
+        "{}",
+        ok.error
+    );
+    let forged = certificate(&cp.url, "shop", "probe", &forged_token("shop", "web")).await;
+    assert!(
+        forged.chain_pem.is_empty(),
+        "a forged token got a certificate"
+    );
+    assert!(forged.error.contains("refused"), "{}", forged.error);
+    let api_audience = sa_token(&c, "web", sinew_testkit::kube::API_AUDIENCE).await;
+    let wrong = certificate(&cp.url, "shop", "probe", &api_audience).await;
+    assert!(wrong.chain_pem.is_empty() && !wrong.error.is_empty());
+    let elsewhere = certificate(&cp.url, "other", "probe", &t_web).await;
+    assert!(
+        elsewhere.chain_pem.is_empty(),
+        "a token of shop served namespace other"
+    );
+    assert!(elsewhere.error.contains("namespace"), "{}", elsewhere.error);
+    web.shutdown().await;
+    catalog.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_dropped_by_an_api_server_restart_recovers_without_dropping_endpoints() {
+    let (mut api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    // The API server goes away: every watch breaks. The endpoints stay.
+    api.stop_apiserver();
+    for _ in 0..20 {
+        assert_eq!(
+            who(bind).await.as_deref(),
+            Some("v1"),
+            "endpoints kept while the API server is down"
+        );
+    }
+    assert_eq!(
+        cp.sinew(&["get", "workloads", "-n", "shop"])
+            .await
+            .status
+            .code(),
+        Some(0)
+    );
+    api.start_apiserver().await.unwrap();
+
+    // A change made after the restart reaches the proxy: the watches came back.
+    let c = api.client().await.unwrap();
+    slice(&c, "web-a", "web", "web-v2", v2.addr(), true).await;
+    until_served_by(bind, "v2").await;
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v2"));
+    }
+}
+
+/// A TCP front for several control-plane replicas, as a Kubernetes Service is: each
+/// connection goes to the first replica that accepts it.
+struct Front {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    async fn start(replicas: Vec<SocketAddr>) -> Front {
+        Front::start_on([127, 0, 0, 1].into(), replicas).await
+    }
+
+    async fn start_on(ip: std::net::IpAddr, replicas: Vec<SocketAddr>) -> Front {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let replicas = replicas.clone();
+                tokio::spawn(async move {
+                    for r in replicas {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(r).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Front { addr, task }
+    }
+}
+
+impl Front {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn proxy_binary() -> std::path::PathBuf {
+    let sinew = std::path::Path::new(env!("CARGO_BIN_EXE_sinew"));
+    let proxy = sinew.with_file_name(format!("sinew-proxy{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        proxy.is_file(),
+        "\n\nthis test runs real sinew-proxy processes and needs {} next to sinew: \
+         `cargo build --bins` first (a workspace-wide `cargo test` builds it)\n",
+        proxy.display()
+    );
+    proxy
+}
+
+/// A real `sinew-proxy` process in control-plane mode, ready (it has its config and
+/// certificate) when this returns.
+async fn proxy_process(
+    dir: &Scratch,
+    control: SocketAddr,
+    name: &str,
+    token: &str,
+) -> tokio::process::Child {
+    let token_file = dir.write(&format!("{}.token", name.replace('/', "-")), token);
+    let admin = free_addr();
+    let child = tokio::process::Command::new(proxy_binary())
+        .arg("--control-plane")
+        .arg(format!("http://{control}"))
+        .args(["--name", name])
+        .arg("--join-token-file")
+        .arg(&token_file)
+        .arg("--admin")
+        .arg(admin.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("SINEW_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait::until(&format!("{name} ready"), TIMEOUT, || async move {
+        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await
+    .unwrap();
+    child
+}
+
+/// Requests through `bind` from `clients` connections until stopped: (ok, failed).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    tasks: Vec<tokio::task::JoinHandle<u32>>,
+}
+
+impl Load {
+    async fn start(bind: SocketAddr, clients: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            let mut c = client::h1(bind).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let mut failed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match c.get("catalog", "/").await {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => {
+                            eprintln!("failed request: {} {:?}", r.status, r.header("sinew-error"));
+                            failed += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("failed request: {e}");
+                            failed += 1;
+                            break;
+                        }
+                    }
+                }
+                failed
+            }));
+        }
+        Load { stop, ok, tasks }
+    }
+
+    async fn progress(&self, n: u32) {
+        use std::sync::atomic::Ordering;
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        wait::until("load makes progress", TIMEOUT, || async move {
+            self.ok.load(Ordering::Relaxed) >= target
+        })
+        .await
+        .unwrap();
+    }
+
+    async fn finish(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut failed = 0;
+        for t in self.tasks {
+            failed += t.await.unwrap();
+        }
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), failed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
+    let (api, c) = cluster().await;
+    let app = HttpBackend::start("catalog-app").await.unwrap();
+    let (bind, bind2, inbound) = (free_addr(), free_addr(), free_addr());
+    let (t_web, t_cat) = (
+        sa_token(&c, "web", "sinew").await,
+        sa_token(&c, "catalog", "sinew").await,
+    );
+    service(&c, "catalog").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
+    client_proxy(&c, bind, "catalog").await;
+    apply(
+        &c,
+        &sinew_kind("Proxy", "proxies"),
+        json!({"metadata": {"name": "client-b"},
+               "spec": {"outbound": {"upstreams": [{"bind": bind2.to_string(), "service": "catalog"}]}}}),
+    )
+    .await;
+
+    // Two replicas with one CA (on Kubernetes: a Secret both mount), and a short Lease.
+    let dir = Scratch::new();
+    let ca = dir.0.join("ca");
+    let ca_arg = ca.to_str().unwrap();
+    let extra = ["--ca-dir", ca_arg, "--lease-duration-secs", "2"];
+    let a = control(&api, &dir, &extra).await;
+    let b = control(&api, &dir, &extra).await;
+    let front = Front::start(vec![a.addr, b.addr]).await;
+
+    // Real proxies, through the front (so on replica a); one more straight on b.
+    let _catalog = proxy_process(&dir, front.addr, "shop/catalog-1", &t_cat).await;
+    let _web = proxy_process(&dir, front.addr, "shop/client", &t_web).await;
+    let t_web2 = sa_token(&c, "web", "sinew").await;
+    let _web2 = proxy_process(&dir, b.addr, "shop/client-b", &t_web2).await;
+    mesh::listening(bind).await;
+    mesh::listening(bind2).await;
+    for b in [bind, bind2] {
+        wait::until("path serves", TIMEOUT, || async move {
+            client::get(b, "catalog", "/")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await
+        .unwrap();
+    }
+    // Both replicas computed the same mesh from the API server.
+    let docs = |cp: &Control| {
+        let url = cp.url.clone();
+        async move {
+            let out = mesh::sinew_at(&url, &["get", "workloads", "-n", "shop", "-o", "json"]).await;
+            assert!(out.status.success(), "{:?}", mesh::text(&out));
+            mesh::text(&out).0
+        }
+    };
+    let on_a = docs(&a).await;
+    assert!(
+        on_a.contains("catalog-1") && on_a.contains("\"serviceAccount\": \"catalog\""),
+        "{on_a}"
+    );
+    assert_eq!(on_a, docs(&b).await);
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    wait::until("a serves two proxies, b one", TIMEOUT, || {
+        let (a_url, b_url) = (a_url.clone(), b_url.clone());
+        async move { in_sync(&a_url).await == 2 && in_sync(&b_url).await == 1 }
+    })
+    .await
+    .unwrap();
+
+    // Load through both client proxies; replica a dies.
+    let load = Load::start(bind, 2).await;
+    let load2 = Load::start(bind2, 1).await;
+    load.progress(100).await;
+    a.kill().await;
+    load.progress(100).await;
+    wait::until("every proxy moved to b", TIMEOUT, || {
+        let b_url = b_url.clone();
+        async move { in_sync(&b_url).await == 3 }
+    })
+    .await
+    .unwrap();
+    load.progress(100).await;
+    load2.progress(50).await;
+
+    // b took the status-writer Lease over: a new invalid resource gets its condition.
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "late"}, "spec": {"targetRef": {"kind": "Service", "name": "catalog"}, "bogus": true}}),
+    )
+    .await;
+    let cc = c.clone();
+    wait::until("the surviving replica writes statuses", TIMEOUT, || {
+        let (c, p) = (cc.clone(), policies.clone());
+        async move { matches!(accepted(&c, &p, "late").await, Some((st, _)) if st == "False") }
+    })
+    .await
+    .unwrap();
+
+    let (ok, failed) = load.finish().await;
+    let (ok2, failed2) = load2.finish().await;
+    assert_eq!(
+        failed + failed2,
+        0,
+        "{failed}+{failed2} of {} requests failed",
+        ok + ok2 + failed + failed2
+    );
+}
+
+/// How many proxies a replica serves that have applied their latest config.
+async fn in_sync(url: &str) -> usize {
+    use sinew_api::v1::ProxyStatusRequest;
+    use sinew_api::v1::admin_client::AdminClient;
+    let Ok(mut c) = AdminClient::connect(url.to_owned()).await else {
+        return 0;
+    };
+    let Ok(s) = c.proxy_status(ProxyStatusRequest {}).await else {
+        return 0;
+    };
+    s.into_inner()
+        .proxies
+        .iter()
+        .filter(|p| {
+            p.connected && !p.applied_version.is_empty() && p.applied_version == p.latest_version
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_endpoint_slices_core_endpoints_are_read() {
+    // A server that serves no EndpointSlice API: API discovery finds core Endpoints.
+    let (api, c) = cluster_with(&["--runtime-config=discovery.k8s.io/v1beta1=false"]).await;
+    assert!(
+        c.list_api_group_resources("discovery.k8s.io/v1beta1")
+            .await
+            .is_err(),
+        "the API server still serves EndpointSlices"
+    );
+    // Endpoints may not hold loopback addresses: the backends are reached through
+    // forwarders on this host's own address.
+    let host = host_ip();
+    let b1 = HttpBackend::start("v1").await.unwrap();
+    let b2 = HttpBackend::start("v2").await.unwrap();
+    let f1 = Front::start_on(host, vec![b1.addr()]).await;
+    let f2 = Front::start_on(host, vec![b2.addr()]).await;
+    let (v1, v2) = (&f1, &f2);
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    let endpoints = |ready: SocketAddr, not_ready: SocketAddr| {
+        let addr = |a: SocketAddr, pod: &str| json!({"ip": a.ip().to_string(), "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}});
+        // Both on 127.0.0.1 with their own ports: one subset each.
+        json!({
+            "metadata": {"name": "web"},
+            "subsets": [
+                {"addresses": [addr(ready, "web-v1")], "ports": [{"name": "http", "port": ready.port(), "protocol": "TCP"}]},
+                {"notReadyAddresses": [addr(not_ready, "web-v2")], "ports": [{"name": "http", "port": not_ready.port(), "protocol": "TCP"}]}
+            ]
+        })
+    };
+    let core = ar("", "v1", "Endpoints", "endpoints");
+    apply(&c, &core, endpoints(v1.addr(), v2.addr())).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    assert!(
+        !config_has(&proxy, v2.addr()).await,
+        "a not-ready address is no endpoint"
+    );
+    // Readiness flips: the proxy follows.
+    apply(&c, &core, endpoints(v2.addr(), v1.addr())).await;
+    let p = &proxy;
+    let (a1, a2) = (v1.addr(), v2.addr());
+    wait::until(
+        "endpoints flipped in the proxy's config",
+        TIMEOUT,
+        || async move { config_has(p, a2).await && !config_has(p, a1).await },
+    )
+    .await
+    .unwrap();
+    until_served_by(bind, "v2").await;
+}
+
+/// This host's own (non-loopback) IPv4 address: the source address of its default route.
+fn host_ip() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    // No packet is sent: connecting a UDP socket only picks the route.
+    s.connect("192.0.2.1:9")
+        .or_else(|_| s.connect("10.255.255.1:9"))
+        .expect("this test needs a non-loopback IPv4 address with a route (core Endpoints refuse loopback)");
+    let ip = s.local_addr().unwrap().ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no non-loopback address: {ip}"
+    );
+    ip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_published_least_privilege_rbac_is_enough() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    // RBAC enforced (the admin token is in system:masters); the control plane runs as a
+    // service account holding only sinew_k8s::rbac's roles.
+    let (api, c) = cluster_with(&["--authorization-mode=RBAC"]).await;
+    let pp = PostParams::default();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "sinew-system"}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&pp, &ns)
+        .await
+        .unwrap();
+    let sa: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "sinew-control", "namespace": "sinew-system"}}),
+    )
+    .unwrap();
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "sinew-system");
+    sas.create(&pp, &sa).await.unwrap();
+    Api::<ClusterRole>::all(c.clone())
+        .create(&pp, &sinew_k8s::rbac::cluster_role())
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &sinew_k8s::rbac::lease_role("sinew-system"))
+        .await
+        .unwrap();
+    let subject =
+        json!([{"kind": "ServiceAccount", "name": "sinew-control", "namespace": "sinew-system"}]);
+    let crb: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(c.clone())
+        .create(&pp, &crb)
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control", "namespace": "sinew-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &rb)
+        .await
+        .unwrap();
+    let req = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec![sinew_testkit::kube::API_AUDIENCE.to_owned()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("sinew-control", &pp, &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    // The service account really is restricted: it cannot read Secrets.
+    let restricted = api.client_for("control", &token).await.unwrap();
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted)
+            .list(&Default::default())
+            .await
+            .is_err()
+    );
+
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+    )
+    .await;
+    let t_web = sa_token(&c, "web", "sinew").await;
+
+    let dir = Scratch::new();
+    let kubeconfig = api.kubeconfig_for_token("control", &token).unwrap();
+    let cp = Control::start_env(
+        &dir.0.join("data"),
+        free_addr(),
+        &["--kubernetes", "--lease-namespace", "sinew-system"],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
+    // Discovery, TokenReview, the Lease, status and Events all work with that role.
+    let _proxy = mesh::proxy_with_token(
+        &cp.url,
+        "shop/client",
+        None,
+        Duration::from_millis(100),
+        Some(t_web),
+    )
+    .await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    let cc = c.clone();
+    wait::until("status written under RBAC", TIMEOUT, || {
+        let (c, p) = (cc.clone(), policies.clone());
+        async move { matches!(accepted(&c, &p, "bad").await, Some((st, _)) if st == "False") }
+    })
+    .await
+    .unwrap();
+    warning_event(&c, "bad", "bogus").await;
+}
+
+/// Waits for a Warning Event about `shop/<name>` whose message contains `text`.
+async fn warning_event(c: &Client, name: &str, text: &str) {
+    let events = Api::<Event>::namespaced(c.clone(), "shop");
+    let events = &events;
+    wait::until(
+        &format!("a Warning Event about {name}"),
+        TIMEOUT,
+        || async move {
+            events.list(&Default::default()).await.is_ok_and(|l| {
+                l.items.iter().any(|e| {
+                    e.involved_object.name.as_deref() == Some(name)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.message.as_deref().is_some_and(|m| m.contains(text))
+                })
+            })
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_token_file_is_read_again_at_renewal() {
+    let (api, c) = cluster().await;
+    let dir = Scratch::new();
+    let file = dir.write("token", &sa_token(&c, "web", "sinew").await);
+    // Short certificates: renewal comes after about 3 s.
+    let cp = control(&api, &dir, &["--cert-ttl", "4s"]).await;
+    let mut settings = sinew_proxy::control::ControlSettings::new(cp.url.clone(), "shop/client");
+    settings.join_token = Some(std::fs::read_to_string(&file).unwrap());
+    settings.join_token_file = Some(file.clone());
+    settings.min_backoff = Duration::from_millis(50);
+    let proxy = mesh::start_proxy(settings).await;
+    let id = |p: &sinew_proxy::Proxy| p.shared().certs.identity().map(|i| i.to_string());
+    assert_eq!(
+        id(&proxy).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
+    // The kubelet replaces the projected token; here, with one of another account, so
+    // the renewal shows which token it presented.
+    let next = sa_token(&c, "web-next", "sinew").await;
+    std::fs::write(&file, next).unwrap();
+    let p = &proxy;
+    wait::until("renewed with the new token", TIMEOUT, || async move {
+        id(p).as_deref() == Some("spiffe://cluster.local/ns/shop/sa/web-next")
+    })
+    .await
+    .unwrap();
+    proxy.shutdown().await;
+}

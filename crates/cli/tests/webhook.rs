@@ -1,0 +1,869 @@
+//! Sidecar injection and `sinew install --kubernetes` against a REAL kube-apiserver
+//! (testkit's `kube::ApiServer`): the API server calls the `sinew webhook` process over
+//! TLS for every Pod it creates, and validates the injected Pods and the installation's
+//! manifests itself.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod mesh;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use mesh::free_addr;
+use serde_json::{Value, json};
+use sinew_testkit::kube::ApiServer;
+use sinew_testkit::wait;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("sinew-webhook-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `sinew webhook` on loopback with a self-signed certificate for 127.0.0.1; returns
+/// the process and the caBundle (PEM).
+async fn start_webhook(dir: &Path) -> (tokio::process::Child, String, std::net::SocketAddr) {
+    let addr = free_addr();
+    let ca = dir.join("ca.pem");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args([
+            "webhook",
+            "--listen",
+            &addr.to_string(),
+            "--self-signed",
+            "127.0.0.1",
+        ])
+        .arg("--ca-out")
+        .arg(&ca)
+        .args([
+            "--control-plane-address",
+            "http://sinew-control.sinew-system.svc:15010",
+        ])
+        .args(["--proxy-image", "example.test/sinew:dev"])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The CA file is written once the listener is up.
+    wait::until("webhook listening", TIMEOUT, || {
+        let ca = ca.clone();
+        async move { ca.exists() && tokio::net::TcpStream::connect(addr).await.is_ok() }
+    })
+    .await
+    .unwrap();
+    (child, std::fs::read_to_string(&ca).unwrap(), addr)
+}
+
+fn pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
+    let ann: BTreeMap<String, String> = annotations
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "web"}, "annotations": ann},
+        "spec": {"containers": [{"name": "app", "image": "nginx", "ports": [{"containerPort": 8080}]}]},
+    }))
+    .unwrap()
+}
+
+fn container_names(list: Option<&Vec<k8s_openapi::api::core::v1::Container>>) -> Vec<String> {
+    list.map(|l| l.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn namespace(name: &str, labels: Value) -> Namespace {
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()
+}
+
+#[tokio::test]
+async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+    let dir = Scratch::new("inject");
+    let (_hook, ca, addr) = start_webhook(&dir.0).await;
+    let pp = PostParams::default();
+
+    let namespaces = Api::<Namespace>::all(client.clone());
+    namespaces
+        .create(
+            &pp,
+            &namespace("shop", json!({"sinew.dev/inject": "enabled"})),
+        )
+        .await
+        .unwrap();
+    namespaces
+        .create(&pp, &namespace("plain", json!({})))
+        .await
+        .unwrap();
+
+    // failurePolicy Fail: if the API server cannot reach the webhook, creating a Pod
+    // in `shop` fails, so the test cannot pass by not calling it.
+    use base64::Engine;
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-injector"},
+        "webhooks": [{
+            "name": "inject.sinew.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "clientConfig": {
+                "url": format!("https://{addr}/mutate"),
+                "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"sinew.dev/inject": "enabled"}},
+        }],
+    }))
+    .unwrap();
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&pp, &mwc)
+        .await
+        .unwrap();
+
+    // The API server picks up webhook configurations asynchronously: dry-run creations
+    // show when it calls the webhook.
+    let shop = Api::<Pod>::namespaced(client.clone(), "shop");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait::until("the API server calls the webhook", TIMEOUT, || {
+        let shop = shop.clone();
+        let dry = dry.clone();
+        async move {
+            shop.create(&dry, &pod("probe", &[]))
+                .await
+                .is_ok_and(|p| container_names(Some(&p.spec.unwrap().containers)).len() == 2)
+        }
+    })
+    .await
+    .unwrap();
+
+    // An opted-in namespace: the stored Pod has the sidecar and the capture step.
+    shop.create(
+        &pp,
+        &pod("web", &[("sinew.dev/proxy-memory-limit", "512Mi")]),
+    )
+    .await
+    .unwrap();
+    let web = shop.get("web").await.unwrap();
+    let spec = web.spec.clone().unwrap();
+    assert_eq!(
+        container_names(Some(&spec.containers)),
+        ["sinew-proxy", "app"]
+    );
+    assert_eq!(
+        container_names(spec.init_containers.as_ref()),
+        ["sinew-init"]
+    );
+    let proxy = &spec.containers[0];
+    assert_eq!(proxy.image.as_deref(), Some("example.test/sinew:dev"));
+    let limits = proxy.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, "512Mi");
+    let env: BTreeMap<_, _> = proxy
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert_eq!(
+        env["SINEW_CONTROL_PLANE"].as_deref(),
+        Some("http://sinew-control.sinew-system.svc:15010")
+    );
+    let probe = proxy
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/ready"));
+    let init = &spec.init_containers.as_ref().unwrap()[0];
+    let caps = init
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(caps.add.as_deref().unwrap(), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(init.args.as_ref().unwrap()[0], "init");
+    let token = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "sinew-identity-token")
+        .and_then(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s[0].service_account_token.as_ref())
+        .expect("projected token volume");
+    assert_eq!(token.audience.as_deref(), Some("sinew"));
+    let ann = web.metadata.annotations.clone().unwrap();
+    assert_eq!(ann["sinew.dev/injected"], "true");
+    assert_eq!(ann["sinew.dev/proxy-memory-limit"], "512Mi");
+
+    // Opted out by annotation: untouched.
+    shop.create(&pp, &pod("legacy", &[("sinew.dev/inject", "disabled")]))
+        .await
+        .unwrap();
+    let legacy = shop.get("legacy").await.unwrap().spec.unwrap();
+    assert_eq!(container_names(Some(&legacy.containers)), ["app"]);
+    assert!(legacy.init_containers.is_none());
+
+    // Host network: untouched.
+    let mut host = pod("host", &[]);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    shop.create(&pp, &host).await.unwrap();
+    let host = shop.get("host").await.unwrap().spec.unwrap();
+    assert_eq!(container_names(Some(&host.containers)), ["app"]);
+
+    // A namespace that did not opt in: untouched.
+    let plain = Api::<Pod>::namespaced(client.clone(), "plain");
+    plain.create(&pp, &pod("web", &[])).await.unwrap();
+    let other = plain.get("web").await.unwrap().spec.unwrap();
+    assert_eq!(container_names(Some(&other.containers)), ["app"]);
+
+    // Re-submitting an injected Pod: injected once, not twice.
+    let mut again = web.clone();
+    again.metadata = kube::api::ObjectMeta {
+        name: Some("web-again".into()),
+        labels: web.metadata.labels.clone(),
+        annotations: web.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    again.status = None;
+    shop.create(&pp, &again).await.unwrap();
+    let again = shop.get("web-again").await.unwrap().spec.unwrap();
+    assert_eq!(
+        container_names(Some(&again.containers)),
+        ["sinew-proxy", "app"]
+    );
+    assert_eq!(
+        container_names(again.init_containers.as_ref()),
+        ["sinew-init"]
+    );
+    assert_eq!(
+        again.volumes.as_ref().unwrap().len(),
+        spec.volumes.as_ref().unwrap().len()
+    );
+
+    // A Sinew annotation that cannot be honoured: refused, naming it.
+    let err = shop
+        .create(&pp, &pod("bad", &[("sinew.dev/proxy-uid", "root")]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metadata.annotations[\"sinew.dev/proxy-uid\"]"),
+        "{err}"
+    );
+    assert!(shop.get_opt("bad").await.unwrap().is_none());
+}
+
+async fn sinew(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Server-side applies one document as the test's field manager.
+async fn apply(client: &kube::Client, doc: &Value) -> Result<(), kube::Error> {
+    let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let (group, version) = s("/apiVersion")
+        .split_once('/')
+        .unwrap_or(("", s("/apiVersion")));
+    let gvk = GroupVersionKind::gvk(group, version, s("/kind"));
+    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
+    let api: Api<DynamicObject> = match caps.scope {
+        kube::discovery::Scope::Namespaced => {
+            Api::namespaced_with(client.clone(), s("/metadata/namespace"), &ar)
+        }
+        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &ar),
+    };
+    api.patch(
+        s("/metadata/name"),
+        &PatchParams::apply("webhook-test").force(),
+        &Patch::Apply(doc),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+
+    // Printed: every document parses back into its Kubernetes type.
+    let (ok, yaml, err) = sinew(&[
+        "install",
+        "--kubernetes",
+        "--namespace",
+        "mesh-printed",
+        "--gateway-api-crds",
+        "--smi-crds",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for k in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Secret",
+        "Service",
+        "Deployment",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
+    }
+    assert_eq!(kinds.last(), Some(&"MutatingWebhookConfiguration"));
+    // Sinew's kinds, then the Gateway API and SMI ones asked for, before anything else.
+    let crds = kinds
+        .iter()
+        .take_while(|k| **k == "CustomResourceDefinition")
+        .count();
+    assert_eq!(crds, sinew_k8s::crds().len() + 2 + 3);
+    for d in &docs {
+        let v = d.clone();
+        match d["kind"].as_str().unwrap() {
+            "Namespace" => drop(serde_json::from_value::<Namespace>(v).unwrap()),
+            "ServiceAccount" => drop(serde_json::from_value::<ServiceAccount>(v).unwrap()),
+            "ClusterRole" => drop(serde_json::from_value::<ClusterRole>(v).unwrap()),
+            "ClusterRoleBinding" => drop(serde_json::from_value::<ClusterRoleBinding>(v).unwrap()),
+            "Role" => drop(serde_json::from_value::<Role>(v).unwrap()),
+            "RoleBinding" => drop(serde_json::from_value::<RoleBinding>(v).unwrap()),
+            "Secret" => drop(serde_json::from_value::<Secret>(v).unwrap()),
+            "Service" => drop(serde_json::from_value::<Service>(v).unwrap()),
+            "Deployment" => drop(serde_json::from_value::<Deployment>(v).unwrap()),
+            "MutatingWebhookConfiguration" => {
+                drop(serde_json::from_value::<MutatingWebhookConfiguration>(v).unwrap())
+            }
+            "CustomResourceDefinition" => drop(
+                serde_json::from_value::<
+                    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+                >(v)
+                .unwrap(),
+            ),
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    // The printed documents, applied as they are, are accepted by the API server (it
+    // validates every field).
+    for d in &docs {
+        apply(&client, d)
+            .await
+            .unwrap_or_else(|e| panic!("{} {} refused: {e}", d["kind"], d["metadata"]["name"]));
+    }
+
+    // --apply: the same, through the CLI.
+    let kubeconfig = server.kubeconfig();
+    let kc = kubeconfig.to_str().unwrap();
+    let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("MutatingWebhookConfiguration sinew-injector: applied"),
+        "{err}"
+    );
+
+    let deploy = Api::<Deployment>::namespaced(client.clone(), "sinew-system")
+        .get("sinew-control")
+        .await
+        .unwrap();
+    assert!(deploy.spec.as_ref().unwrap().replicas.unwrap() >= 2);
+    let pod_spec = deploy.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some("sinew-control")
+    );
+    let names: Vec<_> = pod_spec
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["control", "webhook"]);
+
+    // The webhook's caBundle is the CA in the certificate Secret, and it signed the
+    // serving certificate for the Service's name.
+    let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
+    let tls = secrets.get("sinew-webhook-tls").await.unwrap();
+    let data = tls.data.unwrap();
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get("sinew-injector")
+        .await
+        .unwrap();
+    let hook = &mwc.webhooks.unwrap()[0];
+    assert_eq!(
+        hook.client_config.ca_bundle.as_ref().unwrap().0,
+        data["ca.crt"].0
+    );
+    assert_eq!(
+        hook.client_config.service.as_ref().unwrap().name,
+        "sinew-control"
+    );
+    assert_eq!(hook.side_effects, "None");
+    let selector = serde_json::to_string(&hook.namespace_selector).unwrap();
+    assert!(selector.contains("sinew.dev/inject"), "{selector}");
+
+    // Least privilege: exactly sinew-k8s's rules (proven sufficient by its own
+    // test against an RBAC-enforcing API server), which write nothing but statuses,
+    // events and token reviews, and never touch Secrets.
+    let role = Api::<ClusterRole>::all(client.clone())
+        .get("sinew-control")
+        .await
+        .unwrap();
+    let rules = role.rules.unwrap();
+    assert_eq!(Some(&rules), sinew_k8s::rbac::cluster_role().rules.as_ref());
+    for rule in &rules {
+        let resources = rule.resources.clone().unwrap_or_default();
+        assert!(
+            !resources.iter().any(|r| r == "*" || r == "secrets"),
+            "{resources:?}"
+        );
+        for verb in &rule.verbs {
+            let write = !matches!(verb.as_str(), "get" | "list" | "watch");
+            let may_write = resources
+                .iter()
+                .all(|r| r.ends_with("/status") || r == "events" || r == "tokenreviews");
+            assert!(!write || may_write, "{verb} on {resources:?}");
+        }
+    }
+    let lease = Api::<Role>::namespaced(client.clone(), "sinew-system")
+        .get("sinew-control")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.rules,
+        sinew_k8s::rbac::lease_role("sinew-system").rules
+    );
+
+    // A second --apply (an upgrade) keeps the mesh CA and the webhook certificate.
+    let ca_before = secrets.get("sinew-ca").await.unwrap().data.unwrap();
+    let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
+    assert!(ok, "{err}");
+    let ca_after = secrets.get("sinew-ca").await.unwrap().data.unwrap();
+    assert_eq!(ca_before, ca_after);
+    let tls_after = secrets
+        .get("sinew-webhook-tls")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(tls_after, data);
+}
+
+/// The injected sidecar, started as the kubelet would start it (its environment, the
+/// token the kubelet projects for the injected volume), gets a certificate from `sinew
+/// control --kubernetes`: the audience injected and the audience the control plane
+/// checks with TokenReview agree, and so do the proxy's name and its token file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use sinew_inject::patch::apply_json;
+    use sinew_inject::{InjectConfig, Outcome, inject_pod};
+
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+    let pp = PostParams::default();
+    Api::<Namespace>::all(client.clone())
+        .create(&pp, &namespace("shop", json!({})))
+        .await
+        .unwrap();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "shop"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), "shop")
+        .create(&pp, &sa)
+        .await
+        .unwrap();
+
+    // Inject (as the webhook does) and store the Pod; the API server validates it.
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "shop"},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "nginx"}]},
+    });
+    let Outcome::Injected(ops) = inject_pod(&pod, &[], &InjectConfig::default()).unwrap() else {
+        panic!("not injected");
+    };
+    apply_json(&mut pod, &ops).unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), "shop");
+    pods.create(&pp, &serde_json::from_value(pod).unwrap())
+        .await
+        .unwrap();
+    let stored = pods.get("web-0").await.unwrap();
+    let spec = stored.spec.unwrap();
+    let proxy = spec
+        .containers
+        .iter()
+        .find(|c| c.name == "sinew-proxy")
+        .unwrap();
+
+    // What the kubelet would do: mint the projected token for the volume's audience.
+    let projection = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|v| {
+            v.projected.as_ref()?.sources.as_ref()?[0]
+                .service_account_token
+                .clone()
+        })
+        .unwrap();
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![projection.audience.clone().unwrap()],
+            expiration_seconds: projection.expiration_seconds,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), "shop")
+        .create_token_request("web", &pp, &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    // ... and expand the container's environment ($(VAR) from the downward API).
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for e in proxy.env.as_ref().unwrap() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => env.iter().fold(v.clone(), |v, (k, x): (&String, &String)| {
+                v.replace(&format!("$({k})"), x)
+            }),
+            (None, Some(from)) => match from.field_ref.as_ref().unwrap().field_path.as_str() {
+                "metadata.name" => "web-0".to_owned(),
+                "metadata.namespace" => "shop".to_owned(),
+                "spec.serviceAccountName" => spec.service_account_name.clone().unwrap(),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        env.insert(e.name.clone(), value);
+    }
+    assert_eq!(env["SINEW_PROXY_NAME"], "shop/web-0");
+
+    // The control plane, reviewing tokens for its default audience.
+    let dir = mesh::Scratch::new();
+    let kubeconfig = server.kubeconfig();
+    let cp = mesh::Control::start_env(
+        &dir.0.join("data"),
+        free_addr(),
+        &["--kubernetes"],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
+
+    // The real sinew-proxy binary, run with the container's command, arguments and
+    // environment; the token volume's mount path maps to a directory holding the
+    // token, as the kubelet maps it. Only the addresses differ: the control plane is
+    // this test's (no cluster DNS here), the admin port a free loopback one.
+    let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
+    let volume = dir.0.join("token-volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join(&projection.path), &token).unwrap();
+    let args: Vec<String> = proxy
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|a| a.replace(&mount.mount_path, volume.to_str().unwrap()))
+        .collect();
+    assert_ne!(
+        &args,
+        proxy.args.as_ref().unwrap(),
+        "the token is read from the volume"
+    );
+    assert_eq!(proxy.command.as_deref().unwrap(), ["sinew-proxy"]);
+    let admin = free_addr();
+    env.insert("SINEW_CONTROL_PLANE".into(), cp.url.clone());
+    env.insert("SINEW_PROXY_ADMIN".into(), admin.to_string());
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sinew")).with_file_name("sinew-proxy");
+    assert!(
+        binary.is_file(),
+        "this test runs the real sinew-proxy and needs {} (`cargo build --bins`; a \
+         workspace-wide `cargo test` builds it)",
+        binary.display()
+    );
+    let _sidecar = tokio::process::Command::new(binary)
+        .args(&args)
+        .env_clear()
+        .envs(&env)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Ready only once it holds a certificate: TokenReview accepted the token.
+    wait::until("the injected sidecar is ready", TIMEOUT, || async move {
+        let get = async {
+            let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.ok()?;
+            Some(out.starts_with(b"HTTP/1.1 200"))
+        };
+        get.await == Some(true)
+    })
+    .await
+    .unwrap();
+}
+
+/// One HTTPS request to `addr`, trusting `ca_pem` and checking the certificate is for
+/// `name`; returns the status and the body.
+async fn https(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    name: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<(u16, Vec<u8>)> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.ok()?).ok()?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).ok()?;
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(server_name, tcp)
+        .await
+        .ok()?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {name}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.ok()?;
+    s.write_all(body).await.ok()?;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let status = String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some((status, out[at..].to_vec()))
+}
+
+/// The installed Deployment's two containers, run as the kubelet would run them (their
+/// command, arguments and environment; the Secrets' data where their volumes are
+/// mounted; loopback ports), start and serve: the control plane against the API server
+/// with the installed CA, and the webhook with the installed certificate, which the
+/// installed caBundle trusts for the Service's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_installed_control_plane_and_webhook_start_as_configured() {
+    use k8s_openapi::api::core::v1::Container;
+    let server = ApiServer::start().await.expect("a real kube-apiserver");
+    let client = server.client().await.unwrap();
+    let kubeconfig = server.kubeconfig();
+    let kc = kubeconfig.to_str().unwrap();
+    let (ok, _, err) = sinew(&[
+        "install",
+        "--kubernetes",
+        "--apply",
+        "--kubeconfig",
+        kc,
+        "--gateway-api-crds",
+        "--smi-crds",
+        "--image",
+        "example.test/sinew:1.2.3",
+    ])
+    .await;
+    assert!(ok, "{err}");
+
+    let deploy = Api::<Deployment>::namespaced(client.clone(), "sinew-system")
+        .get("sinew-control")
+        .await
+        .unwrap();
+    let pod = deploy.spec.unwrap().template.spec.unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
+    let dir = Scratch::new("installed");
+
+    // Each volume as a directory: a Secret's keys as files, an emptyDir empty.
+    let mut volumes = BTreeMap::new();
+    for v in pod.volumes.as_ref().unwrap() {
+        let path = dir.0.join(&v.name);
+        std::fs::create_dir_all(&path).unwrap();
+        if let Some(s) = &v.secret {
+            let secret = secrets.get(s.secret_name.as_ref().unwrap()).await.unwrap();
+            for (k, b) in secret.data.unwrap() {
+                std::fs::write(path.join(k), b.0).unwrap();
+            }
+        }
+        volumes.insert(v.name.clone(), path);
+    }
+    let mut ports = BTreeMap::new();
+    let run = |c: &Container, ports: &mut BTreeMap<String, std::net::SocketAddr>| {
+        let mut args = c.args.clone().unwrap();
+        for a in args.iter_mut() {
+            for m in c.volume_mounts.as_ref().unwrap() {
+                if a.starts_with(&m.mount_path) {
+                    *a = a.replacen(&m.mount_path, volumes[&m.name].to_str().unwrap(), 1);
+                }
+            }
+            if let Some(port) = a.strip_prefix("0.0.0.0:") {
+                let addr = free_addr();
+                ports.insert(port.to_owned(), addr);
+                *a = addr.to_string();
+            }
+        }
+        assert_eq!(c.command.as_deref().unwrap(), ["sinew"]);
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"));
+        cmd.args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true);
+        for e in c.env.as_ref().into_iter().flatten() {
+            let value = match e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
+                Some(f) if f.field_path == "metadata.namespace" => "sinew-system".to_owned(),
+                Some(f) if f.field_path == "metadata.name" => "sinew-control-0".to_owned(),
+                _ => e.value.clone().unwrap_or_default(),
+            };
+            cmd.env(&e.name, value);
+        }
+        cmd.spawn().unwrap()
+    };
+    let containers: BTreeMap<&str, &Container> = pod
+        .containers
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    let _control = run(containers["control"], &mut ports);
+    let control = ports["15010"];
+    wait::until(
+        "the installed control plane is healthy",
+        TIMEOUT,
+        || async move {
+            match sinew_api::v1::admin_client::AdminClient::connect(format!("http://{control}"))
+                .await
+            {
+                Ok(mut c) => c
+                    .health(sinew_api::v1::HealthRequest {})
+                    .await
+                    .is_ok_and(|h| h.into_inner().store_ok),
+                Err(_) => false,
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    let _webhook = run(containers["webhook"], &mut ports);
+    let hook = ports["9443"];
+    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get("sinew-injector")
+        .await
+        .unwrap();
+    let ca = String::from_utf8(
+        mwc.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .clone()
+            .unwrap()
+            .0,
+    )
+    .unwrap();
+    let ca2 = ca.clone();
+    wait::until("the installed webhook serves", TIMEOUT, || {
+        let ca = ca2.clone();
+        async move {
+            https(
+                hook,
+                &ca,
+                "sinew-control.sinew-system.svc",
+                "GET",
+                "/healthz",
+                b"",
+            )
+            .await
+            .is_some_and(|(s, _)| s == 200)
+        }
+    })
+    .await
+    .unwrap();
+    // It injects what the installation says: its image, its control plane.
+    let review = serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE", "namespace": "shop",
+            "object": {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}},
+        }
+    }))
+    .unwrap();
+    let (status, body) = https(
+        hook,
+        &ca,
+        "sinew-control.sinew-system.svc",
+        "POST",
+        "/mutate",
+        &review,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    use base64::Engine;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
+    let proxy = ops
+        .iter()
+        .find(|o| o["path"] == "/spec/containers/0")
+        .map(|o| &o["value"])
+        .unwrap();
+    assert_eq!(proxy["image"], "example.test/sinew:1.2.3");
+    let env = proxy["env"].as_array().unwrap();
+    assert!(env.contains(&json!({"name": "SINEW_CONTROL_PLANE", "value": "http://sinew-control.sinew-system.svc:15010"})));
+}

@@ -1,0 +1,790 @@
+//! Kubernetes objects to Sinew documents.
+//!
+//! - A `Service` becomes a Sinew `Service` with the same name and ports.
+//! - Each ready endpoint of a Service (from EndpointSlices, or Endpoints on old clusters)
+//!   becomes a `Workload` of that service: its address and ports, and from its Pod the
+//!   labels, the service account (its SPIFFE identity) and, when the Pod carries
+//!   [`SIDECAR_PORT_ANNOTATION`], the sidecar's inbound port. Endpoints that are not ready
+//!   (or whose Pod is not ready or is terminating) are left out.
+//! - Sinew custom resources are the documents themselves; Gateway API `HTTPRoute` too.
+//! - `GRPCRoute` becomes an `HTTPRoute` over gRPC paths (`/<service>/<method>`), and SMI
+//!   `TrafficSplit` an `HTTPRoute` with weighted backends on the root service.
+//!
+//! Every document made here is parsed by the model, exactly as a file would be, under a
+//! label naming the object it came from ([`label`]), so problems can be traced back to it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use serde_json::{Map, Value, json};
+use sinew_model::load::{Document, parse_documents};
+use sinew_model::resource::{GATEWAY_GROUP, SINEW_API_VERSION};
+
+use crate::crd::Kind;
+
+/// The documents an object stands for, or why it has none.
+pub type Converted = Result<Vec<Document>, Vec<String>>;
+
+/// Pod annotation: the port of the Sinew sidecar's inbound listener. Mesh traffic to the
+/// Pod goes there (mTLS, HTTP/2) instead of to the application's port.
+pub const SIDECAR_PORT_ANNOTATION: &str = "sinew.dev/inbound-port";
+
+/// The source label of a document made from a Kubernetes object.
+pub fn label(kind: &str, namespace: &str, name: &str) -> String {
+    format!("kubernetes {kind} {namespace}/{name}")
+}
+
+/// One endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// IP address.
+    pub ip: String,
+    /// Ready to serve.
+    pub ready: bool,
+    /// The Pod behind it, if any.
+    pub pod: Option<String>,
+    /// Port numbers by port name (`""` for a service's single unnamed port); a slice's
+    /// ports apply to all its endpoints.
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// The endpoints of one service, from however many slices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointSet {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// The endpoints an EndpointSlice (discovery.k8s.io v1, or v1beta1 read as v1) holds, with
+/// the service it belongs to (label `kubernetes.io/service-name`).
+pub fn from_slice(s: &EndpointSlice) -> Option<EndpointSet> {
+    let service = s
+        .metadata
+        .labels
+        .as_ref()?
+        .get("kubernetes.io/service-name")?;
+    if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+        return None;
+    }
+    let mut ports = BTreeMap::new();
+    for p in s.ports.iter().flatten() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        if let Some(port) = p.port.and_then(|n| u16::try_from(n).ok()) {
+            ports.insert(p.name.clone().unwrap_or_default(), port);
+        }
+    }
+    let endpoints = s
+        .endpoints
+        .iter()
+        .flat_map(|e| {
+            // Unknown readiness counts as ready, as the API documents.
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+                && !e
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.terminating)
+                    .unwrap_or(false);
+            let pod = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone());
+            let ports = ports.clone();
+            e.addresses.iter().map(move |ip| Endpoint {
+                ip: ip.clone(),
+                ready,
+                pod: pod.clone(),
+                ports: ports.clone(),
+            })
+        })
+        .collect();
+    Some(EndpointSet {
+        namespace: s.metadata.namespace.clone().unwrap_or_default(),
+        service: service.clone(),
+        endpoints,
+    })
+}
+
+/// The endpoints a core `Endpoints` object holds (clusters without EndpointSlices).
+pub fn from_endpoints(e: &Endpoints) -> EndpointSet {
+    let mut set = EndpointSet {
+        namespace: e.metadata.namespace.clone().unwrap_or_default(),
+        service: e.metadata.name.clone().unwrap_or_default(),
+        ..EndpointSet::default()
+    };
+    for subset in e.subsets.iter().flatten() {
+        let mut ports = BTreeMap::new();
+        for p in subset.ports.iter().flatten() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue;
+            }
+            if let Ok(port) = u16::try_from(p.port) {
+                ports.insert(p.name.clone().unwrap_or_default(), port);
+            }
+        }
+        let mut add = |addrs: &Option<Vec<k8s_openapi::api::core::v1::EndpointAddress>>,
+                       ready: bool| {
+            for a in addrs.iter().flatten() {
+                set.endpoints.push(Endpoint {
+                    ip: a.ip.clone(),
+                    ready,
+                    pod: a
+                        .target_ref
+                        .as_ref()
+                        .filter(|r| r.kind.as_deref() == Some("Pod"))
+                        .and_then(|r| r.name.clone()),
+                    ports: ports.clone(),
+                });
+            }
+        };
+        add(&subset.addresses, true);
+        add(&subset.not_ready_addresses, false);
+    }
+    set
+}
+
+/// Sinew's name for a Kubernetes port name (`""`, a service's single unnamed port, has
+/// to be called something).
+fn port_name(name: &str) -> String {
+    if name.is_empty() {
+        "default".to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The protocol of a service port: `appProtocol` if set, else the name's prefix (`grpc-…`,
+/// `http2-…`, `tcp-…`, `https-…`/`tls-…` as opaque TCP, as other meshes read it), else
+/// HTTP (detected per connection).
+fn protocol(name: &str, app_protocol: Option<&str>) -> &'static str {
+    let hint = app_protocol.unwrap_or(name).to_ascii_lowercase();
+    let hint = hint.trim_start_matches("kubernetes.io/");
+    let first = hint.split(['-', '_']).next().unwrap_or_default();
+    match first {
+        "grpc" => "GRPC",
+        "http2" | "h2c" => "HTTP2",
+        // The application's own TLS is opaque to the mesh.
+        "tcp" | "tls" | "https" | "mysql" | "redis" | "mongo" | "postgres" | "smtp" => "TCP",
+        _ => "HTTP",
+    }
+}
+
+fn metadata(name: &str, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> Value {
+    let mut m = json!({"name": name, "namespace": namespace});
+    if let Some(l) = labels.filter(|l| !l.is_empty()) {
+        m["labels"] = json!(l);
+    }
+    m
+}
+
+fn parse(label: &str, doc: &Value) -> Converted {
+    parse_documents(label, &doc.to_string())
+        .map_err(|e| e.0.iter().map(problem).collect::<Vec<_>>())
+}
+
+/// A problem as a status message: field and reason (the label is the object itself).
+pub fn problem(e: &sinew_model::error::ConfigError) -> String {
+    match &e.field {
+        Some(f) => format!("{f}: {}", e.reason),
+        None => e.reason.clone(),
+    }
+}
+
+/// The Sinew `Service` for a Kubernetes Service (None for ExternalName services, which
+/// have no endpoints to balance over).
+pub fn service(svc: &Service) -> Option<Converted> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let name = svc.metadata.name.as_deref()?;
+    let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let ports: Vec<Value> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+        .map(|p| {
+            let pname = p.name.clone().unwrap_or_default();
+            let mut v = json!({
+                "name": port_name(&pname),
+                "port": p.port,
+                "protocol": protocol(&pname, p.app_protocol.as_deref()),
+            });
+            if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) =
+                &p.target_port
+            {
+                v["targetPort"] = json!(t);
+            }
+            v
+        })
+        .collect();
+    let doc = json!({
+        "apiVersion": SINEW_API_VERSION,
+        "kind": "Service",
+        "metadata": metadata(name, ns, svc.metadata.labels.as_ref()),
+        "spec": {"ports": ports},
+    });
+    Some(parse(&label("Service", ns, name), &doc))
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    // Without a reported Ready condition (no kubelet has seen it yet), the endpoint's
+    // own readiness decides.
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_none_or(|c| c.status == "True")
+}
+
+/// Workload names: lowercase, digits, `-` and `.` only.
+fn dns_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// The Sinew `Workload`s for a service's ready endpoints, with what their Pods say.
+///
+/// A Pod's Workload is named like the Pod, so the Pod's sidecar (a proxy named
+/// `<namespace>/<pod>`) finds its own workload; a Pod behind several services gets
+/// `<pod>.<service>` for the later ones (`used` holds the names taken so far). An endpoint
+/// without a Pod is `<service>-<address>-<port>`.
+pub fn workloads(
+    set: &EndpointSet,
+    pods: &HashMap<(String, String), Arc<Pod>>,
+    used: &mut std::collections::BTreeSet<(String, String)>,
+) -> Vec<(String, Converted)> {
+    let mut out = Vec::new();
+    for ep in &set.endpoints {
+        if !ep.ready {
+            continue;
+        }
+        let port = ep.ports.values().next().copied().unwrap_or(0);
+        let candidates = match &ep.pod {
+            Some(pod) => vec![pod.clone(), format!("{pod}.{}", set.service)],
+            None => vec![format!("{}-{}-{port}", set.service, dns_safe(&ep.ip))],
+        };
+        let Some(name) = candidates
+            .into_iter()
+            .find(|n| used.insert((set.namespace.clone(), n.clone())))
+        else {
+            // The same endpoint listed twice (e.g. in two slices).
+            continue;
+        };
+        let pod = ep
+            .pod
+            .as_ref()
+            .and_then(|p| pods.get(&(set.namespace.clone(), p.clone())));
+        if pod.is_some_and(|p| !pod_ready(p)) {
+            continue;
+        }
+        let ports: BTreeMap<String, u16> =
+            ep.ports.iter().map(|(n, p)| (port_name(n), *p)).collect();
+        let mut spec = json!({
+            "service": set.service,
+            "address": ep.ip,
+            "ports": ports,
+        });
+        let mut labels = None;
+        if let Some(pod) = pod {
+            labels = pod.metadata.labels.as_ref();
+            let sa = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".to_owned());
+            spec["serviceAccount"] = json!(sa);
+            if let Some(port) = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SIDECAR_PORT_ANNOTATION))
+            {
+                match port.parse::<u16>() {
+                    Ok(p) if p != 0 => spec["sidecar"] = json!({"port": p}),
+                    _ => {
+                        tracing::warn!(pod = %format!("{}/{}", set.namespace, ep.pod.as_deref().unwrap_or_default()),
+                            value = %port, "annotation {SIDECAR_PORT_ANNOTATION} is not a port; ignored");
+                    }
+                }
+            }
+        }
+        let doc = json!({
+            "apiVersion": SINEW_API_VERSION,
+            "kind": "Workload",
+            "metadata": metadata(&name, &set.namespace, labels),
+            "spec": spec,
+        });
+        let l = label("Workload", &set.namespace, &name);
+        let parsed = parse(&l, &doc);
+        out.push((l, parsed));
+    }
+    out
+}
+
+fn object_metadata(obj: &DynamicObject, name: &str) -> Value {
+    let ns = obj.metadata.namespace.as_deref().unwrap_or("default");
+    let mut m = metadata(name, ns, obj.metadata.labels.as_ref());
+    if let Some(t) = &obj.metadata.creation_timestamp {
+        m["creationTimestamp"] = json!(t.0.to_string());
+    }
+    m
+}
+
+fn spec_of(obj: &DynamicObject) -> Result<&Map<String, Value>, Vec<String>> {
+    obj.data
+        .get("spec")
+        .and_then(Value::as_object)
+        .ok_or_else(|| vec!["spec: required, and must be an object".to_owned()])
+}
+
+/// What converting some custom resources needs to know about the rest of the cluster.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// The mesh's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// SMI HTTPRouteGroups by `(namespace, name)`.
+    pub route_groups: HashMap<(String, String), Arc<DynamicObject>>,
+    /// The services whose workloads run as each `(namespace, service account)`.
+    pub services_by_account: BTreeMap<(String, String), std::collections::BTreeSet<String>>,
+}
+
+/// The documents a custom resource of `kind` stands for.
+pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let ns = obj
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let l = label(kind.kind, &ns, &name);
+    let spec = spec_of(obj)?;
+    let doc = match kind.kind {
+        "GRPCRoute" => grpc_route(obj, &name, spec)?,
+        "TrafficSplit" => traffic_split(obj, &name, spec)?,
+        "TrafficTarget" => {
+            let mut docs = Vec::new();
+            for d in traffic_target(obj, &ns, &name, spec, ctx)? {
+                docs.extend(parse(&l, &d)?);
+            }
+            return Ok(docs);
+        }
+        // Read through the TrafficTargets that name them.
+        "HTTPRouteGroup" => return Ok(Vec::new()),
+        "HTTPRoute" => json!({
+            "apiVersion": format!("{GATEWAY_GROUP}/v1"),
+            "kind": "HTTPRoute",
+            "metadata": object_metadata(obj, &name),
+            "spec": spec,
+        }),
+        k => json!({
+            "apiVersion": SINEW_API_VERSION,
+            "kind": k,
+            "metadata": object_metadata(obj, &name),
+            "spec": spec,
+        }),
+    };
+    parse(&l, &doc)
+}
+
+/// A GRPCRoute as an HTTPRoute: gRPC calls are HTTP/2 requests to `/<service>/<method>`.
+fn grpc_route(
+    obj: &DynamicObject,
+    name: &str,
+    spec: &Map<String, Value>,
+) -> Result<Value, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut rules = Vec::new();
+    let empty = Vec::new();
+    for (i, rule) in spec
+        .get("rules")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        if rule
+            .get("filters")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty())
+        {
+            problems.push(format!(
+                "spec.rules[{i}].filters: GRPCRoute filters are not supported"
+            ));
+        }
+        let mut matches = Vec::new();
+        for (j, m) in rule
+            .get("matches")
+            .and_then(Value::as_array)
+            .unwrap_or(&empty)
+            .iter()
+            .enumerate()
+        {
+            let mut out = Map::new();
+            if let Some(method) = m.get("method") {
+                if method
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t != "Exact")
+                {
+                    problems.push(format!(
+                        "spec.rules[{i}].matches[{j}].method.type: only Exact is supported"
+                    ));
+                }
+                let service = method.get("service").and_then(Value::as_str);
+                let meth = method.get("method").and_then(Value::as_str);
+                let path = match (service, meth) {
+                    (Some(s), Some(m)) => json!({"type": "Exact", "value": format!("/{s}/{m}")}),
+                    (Some(s), None) => json!({"type": "PathPrefix", "value": format!("/{s}")}),
+                    (None, Some(_)) => {
+                        problems.push(format!(
+                            "spec.rules[{i}].matches[{j}].method: a method needs its service"
+                        ));
+                        continue;
+                    }
+                    (None, None) => json!({"type": "PathPrefix", "value": "/"}),
+                };
+                out.insert("path".into(), path);
+            }
+            if let Some(h) = m.get("headers") {
+                out.insert("headers".into(), h.clone());
+            }
+            matches.push(Value::Object(out));
+        }
+        let mut r = json!({"backendRefs": rule.get("backendRefs").cloned().unwrap_or(json!([]))});
+        if !matches.is_empty() {
+            r["matches"] = json!(matches);
+        }
+        rules.push(r);
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(json!({
+        "apiVersion": format!("{GATEWAY_GROUP}/v1"),
+        "kind": "HTTPRoute",
+        "metadata": object_metadata(obj, &format!("grpcroute.{name}")),
+        "spec": {
+            "parentRefs": spec.get("parentRefs").cloned().unwrap_or(json!([])),
+            "rules": rules,
+        },
+    }))
+}
+
+/// An SMI TrafficSplit as an HTTPRoute on its root service with weighted backends.
+fn traffic_split(
+    obj: &DynamicObject,
+    name: &str,
+    spec: &Map<String, Value>,
+) -> Result<Value, Vec<String>> {
+    // The root service may be written as a name or an in-cluster DNS name.
+    let Some(root) = spec
+        .get("service")
+        .and_then(Value::as_str)
+        .and_then(|s| s.split('.').next())
+        .filter(|s| !s.is_empty())
+    else {
+        return Err(vec![
+            "spec.service: required (the root service's name)".into(),
+        ]);
+    };
+    let mut problems = Vec::new();
+    let mut backends = Vec::new();
+    let empty = Vec::new();
+    for (i, b) in spec
+        .get("backends")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        let Some(svc) = b.get("service").and_then(Value::as_str) else {
+            problems.push(format!("spec.backends[{i}].service: required"));
+            continue;
+        };
+        let Some(weight) = b.get("weight").and_then(Value::as_u64) else {
+            problems.push(format!(
+                "spec.backends[{i}].weight: required, a non-negative integer"
+            ));
+            continue;
+        };
+        backends.push(json!({"name": svc, "weight": weight}));
+    }
+    if backends.is_empty() && problems.is_empty() {
+        problems.push("spec.backends: at least one backend is required".into());
+    }
+    if spec
+        .get("matches")
+        .and_then(Value::as_array)
+        .is_some_and(|m| !m.is_empty())
+    {
+        problems.push("spec.matches: HTTPRouteGroup matches are not supported yet".into());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(json!({
+        "apiVersion": format!("{GATEWAY_GROUP}/v1"),
+        "kind": "HTTPRoute",
+        "metadata": object_metadata(obj, &format!("trafficsplit.{name}")),
+        "spec": {
+            "parentRefs": [{"kind": "Service", "name": root}],
+            "rules": [{"backendRefs": backends}],
+        },
+    }))
+}
+
+/// An SMI path regex as Sinew path conditions: `(exact paths, prefixes)`. Literal paths
+/// and literal prefixes followed by `.*` are what SMI users write; anything else is refused
+/// rather than approximated.
+fn path_regex(re: &str) -> Result<(Vec<String>, Vec<String>), String> {
+    let re = re.trim_start_matches('^').trim_end_matches('$');
+    let literal = |s: &str| !s.chars().any(|c| "\\.*+?()[]{}|^$".contains(c));
+    if re.is_empty() || re == ".*" || re == "/.*" {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    if let Some(prefix) = re.strip_suffix(".*")
+        && literal(prefix)
+    {
+        return Ok((Vec::new(), vec![prefix.to_owned()]));
+    }
+    if literal(re) {
+        return Ok((vec![re.to_owned()], Vec::new()));
+    }
+    Err(format!(
+        "pathRegex {re:?}: only a literal path, or a literal prefix followed by .*, is supported"
+    ))
+}
+
+/// An SMI TrafficTarget as ALLOW AuthorizationPolicies, one per Service whose workloads
+/// run as the destination service account: its sources (service accounts, as SPIFFE ids)
+/// may make the requests its HTTPRouteGroup matches name (any request, for TCPRoute rules).
+fn traffic_target(
+    obj: &DynamicObject,
+    ns: &str,
+    name: &str,
+    spec: &Map<String, Value>,
+    ctx: &Context,
+) -> Result<Vec<Value>, Vec<String>> {
+    let mut problems = Vec::new();
+    let sa_ref = |v: Option<&Value>, field: &str, problems: &mut Vec<String>| {
+        let v = v?;
+        if v.get("kind")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k != "ServiceAccount")
+        {
+            problems.push(format!("{field}.kind: must be ServiceAccount"));
+            return None;
+        }
+        let Some(n) = v.get("name").and_then(Value::as_str) else {
+            problems.push(format!("{field}.name: required"));
+            return None;
+        };
+        let sns = v.get("namespace").and_then(Value::as_str).unwrap_or(ns);
+        Some((sns.to_owned(), n.to_owned()))
+    };
+    let dest = sa_ref(spec.get("destination"), "spec.destination", &mut problems);
+    if spec.get("destination").is_none() {
+        problems.push("spec.destination: required".into());
+    }
+    if let Some((dns, _)) = &dest
+        && dns != ns
+    {
+        problems.push("spec.destination.namespace: must be the TrafficTarget's own".into());
+    }
+    let empty = Vec::new();
+    let mut principals = Vec::new();
+    for (i, src) in spec
+        .get("sources")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        if let Some((sns, sa)) = sa_ref(Some(src), &format!("spec.sources[{i}]"), &mut problems) {
+            principals.push(format!("spiffe://{}/ns/{sns}/sa/{sa}", ctx.trust_domain));
+        }
+    }
+    if principals.is_empty() && problems.is_empty() {
+        problems.push("spec.sources: at least one source is required".into());
+    }
+    let mut operations: Vec<Option<Value>> = Vec::new();
+    for (i, rule) in spec
+        .get("rules")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
+    {
+        match rule.get("kind").and_then(Value::as_str) {
+            Some("TCPRoute") => operations.push(None),
+            Some("HTTPRouteGroup") => {
+                let gname = rule.get("name").and_then(Value::as_str).unwrap_or_default();
+                let Some(group) = ctx.route_groups.get(&(ns.to_owned(), gname.to_owned())) else {
+                    problems.push(format!(
+                        "spec.rules[{i}].name: no HTTPRouteGroup {ns}/{gname}"
+                    ));
+                    continue;
+                };
+                let wanted: Vec<&str> = rule
+                    .get("matches")
+                    .and_then(Value::as_array)
+                    .map(|m| m.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let matches = group
+                    .data
+                    .pointer("/spec/matches")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for w in &wanted {
+                    if !matches
+                        .iter()
+                        .any(|m| m.get("name").and_then(Value::as_str) == Some(w))
+                    {
+                        problems.push(format!(
+                            "spec.rules[{i}].matches: HTTPRouteGroup {gname} has no match {w:?}"
+                        ));
+                    }
+                }
+                for m in matches.iter().filter(|m| {
+                    wanted.is_empty()
+                        || wanted
+                            .contains(&m.get("name").and_then(Value::as_str).unwrap_or_default())
+                }) {
+                    let mut to = Map::new();
+                    match path_regex(
+                        m.get("pathRegex")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default(),
+                    ) {
+                        Ok((paths, prefixes)) => {
+                            if !paths.is_empty() {
+                                to.insert("paths".into(), json!(paths));
+                            }
+                            if !prefixes.is_empty() {
+                                to.insert("pathPrefixes".into(), json!(prefixes));
+                            }
+                        }
+                        Err(e) => problems.push(format!("HTTPRouteGroup {gname}: {e}")),
+                    }
+                    let methods: Vec<String> = m
+                        .get("methods")
+                        .and_then(Value::as_array)
+                        .map(|ms| {
+                            ms.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_ascii_uppercase)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !methods.is_empty() && !methods.iter().any(|m| m == "*") {
+                        to.insert("methods".into(), json!(methods));
+                    }
+                    if let Some(h) = m.get("headers").and_then(Value::as_object) {
+                        let pairs: Vec<Value> = h
+                            .iter()
+                            .filter_map(|(k, v)| Some(json!({"name": k, "value": v.as_str()?})))
+                            .collect();
+                        to.insert("headers".into(), json!(pairs));
+                    }
+                    operations.push((!to.is_empty()).then_some(Value::Object(to)));
+                }
+            }
+            _ => problems.push(format!("spec.rules[{i}].kind: HTTPRouteGroup or TCPRoute")),
+        }
+    }
+    if operations.is_empty() && problems.is_empty() {
+        problems.push("spec.rules: at least one rule is required".into());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let Some((_, dest_sa)) = dest else {
+        return Err(vec!["spec.destination: required".into()]);
+    };
+    let rules: Vec<Value> = operations
+        .into_iter()
+        .map(|to| {
+            let mut r = json!({"from": {"principals": principals}});
+            if let Some(to) = to {
+                r["to"] = to;
+            }
+            r
+        })
+        .collect();
+    let services = ctx
+        .services_by_account
+        .get(&(ns.to_owned(), dest_sa))
+        .cloned()
+        .unwrap_or_default();
+    Ok(services
+        .into_iter()
+        .map(|svc| {
+            json!({
+                "apiVersion": SINEW_API_VERSION,
+                "kind": "AuthorizationPolicy",
+                "metadata": object_metadata(obj, &format!("traffictarget.{name}.{svc}")),
+                "spec": {
+                    "targetRef": {"kind": "Service", "name": svc},
+                    "action": "ALLOW",
+                    "rules": rules,
+                },
+            })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_from_app_protocol_or_name() {
+        assert_eq!(protocol("grpc-api", None), "GRPC");
+        assert_eq!(protocol("web", Some("kubernetes.io/h2c")), "HTTP2");
+        assert_eq!(protocol("tcp", None), "TCP");
+        assert_eq!(protocol("https", None), "TCP");
+        assert_eq!(protocol("", None), "HTTP");
+    }
+
+    #[test]
+    fn smi_path_regexes() {
+        assert_eq!(
+            path_regex("/api/.*"),
+            Ok((vec![], vec!["/api/".to_owned()]))
+        );
+        assert_eq!(
+            path_regex("^/health$"),
+            Ok((vec!["/health".to_owned()], vec![]))
+        );
+        assert_eq!(path_regex(".*"), Ok((vec![], vec![])));
+        assert!(path_regex("/users/[0-9]+").is_err());
+    }
+
+    #[test]
+    fn names_are_dns_safe() {
+        assert_eq!(dns_safe("fd00::1"), "fd00--1");
+        assert_eq!(dns_safe("10.0.0.1"), "10-0-0-1");
+    }
+}
