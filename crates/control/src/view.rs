@@ -109,6 +109,7 @@ impl Lookups {
             all: docs.values().cloned().collect(),
             ..Lookups::default()
         };
+        allocate_vips(&mut l.all);
         let mut mesh = None;
         for (i, e) in l.all.iter().enumerate() {
             let ord = i as Ord;
@@ -188,6 +189,67 @@ impl Lookups {
         mesh.spec.trust_domain = Some(trust_domain.to_owned());
         l.mesh = Some(Arc::new(DocEntry::new(Resource::MeshConfig(mesh), "", 0)));
         l
+    }
+}
+
+/// Gives every Service without `spec.virtualIP` one from the mesh's range
+/// (`MeshConfig.spec.virtualIPRange`, default [`DEFAULT_VIP_RANGE`]), in the
+/// documents proxies get: deterministic (a hash of the service's key, collisions
+/// moved to the next free address), so a service keeps its address across
+/// publications and control-plane restarts. Explicit addresses are never handed out.
+fn allocate_vips(all: &mut [Arc<DocEntry>]) {
+    use sinew_model::vip::{Cidr, DEFAULT_VIP_RANGE, allocate};
+    let range = all
+        .iter()
+        .find_map(|e| match &e.resource {
+            Resource::MeshConfig(m) => m.spec.virtual_ip_range.clone(),
+            _ => None,
+        })
+        .unwrap_or_else(|| DEFAULT_VIP_RANGE.to_owned());
+    let Ok(range) = Cidr::parse(&range) else {
+        tracing::warn!(%range, "MeshConfig.spec.virtualIPRange is not a CIDR; no virtual IPs allocated");
+        return;
+    };
+    let mut wanted = BTreeSet::new();
+    let mut taken = BTreeSet::new();
+    for e in all.iter() {
+        if let Resource::Service(s) = &e.resource {
+            match s
+                .spec
+                .virtual_ip
+                .as_deref()
+                .map(str::parse::<std::net::IpAddr>)
+            {
+                Some(Ok(ip)) => {
+                    taken.insert(ip);
+                }
+                Some(Err(_)) => {}
+                None => {
+                    wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let given = allocate(range, &wanted, &taken);
+    for e in all.iter_mut() {
+        let Resource::Service(s) = &e.resource else {
+            continue;
+        };
+        if s.spec.virtual_ip.is_some() {
+            continue;
+        }
+        let key = format!("{}.{}", s.metadata.name, s.metadata.ns());
+        match given.get(&key) {
+            Some(Some(ip)) => {
+                let mut s = s.clone();
+                s.spec.virtual_ip = Some(ip.to_string());
+                *e = Arc::new(DocEntry::new(Resource::Service(s), &e.source, e.revision));
+            }
+            _ => tracing::warn!(service = %key, %range, "no virtual IP left in the range"),
+        }
     }
 }
 
@@ -294,7 +356,8 @@ pub fn compute(state: &MeshState, proxy: &str) -> View {
     let Resource::Proxy(p) = &proxy_entry.resource else {
         return View::default();
     };
-    let everything = p.spec.outbound.http_proxy.is_some();
+    // A forward proxy or a capturing sidecar can reach anything.
+    let everything = p.spec.outbound.http_proxy.is_some() || p.spec.capture.is_some();
     let (own_workload, own_service) = own(state, ns, name, p.spec.workload.as_deref());
     let l = &state.lookups;
 

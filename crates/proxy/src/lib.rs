@@ -15,6 +15,7 @@ pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod capture;
 pub mod control;
 pub mod error;
 pub mod health;
