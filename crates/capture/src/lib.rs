@@ -199,6 +199,10 @@ pub fn rules(opts: &Options, v6: bool) -> String {
     // Inbound: everything but loopback and excluded ports.
     let _ = writeln!(r, "-A PREROUTING -p tcp -j SINEW_INBOUND");
     let _ = writeln!(r, "-A SINEW_INBOUND -i lo -j RETURN");
+    // Only connections' first packets are redirected: a connection open before
+    // capture was installed (untracked until now, so conntrack first sees it mid-
+    // stream) is left alone instead of being redirected and reset.
+    let _ = writeln!(r, "-A SINEW_INBOUND -p tcp -m tcp ! --syn -j RETURN");
     for p in &opts.exclude_inbound_ports {
         let _ = writeln!(r, "-A SINEW_INBOUND -p tcp -m tcp --dport {p} -j RETURN");
     }
@@ -216,6 +220,7 @@ pub fn rules(opts: &Options, v6: bool) -> String {
         "-A SINEW_OUTPUT -m owner --uid-owner {} -j RETURN",
         opts.proxy_uid
     );
+    let _ = writeln!(r, "-A SINEW_OUTPUT -p tcp -m tcp ! --syn -j RETURN");
     let _ = writeln!(r, "-A SINEW_OUTPUT -o lo -j RETURN");
     let lo = if v6 { "::1/128" } else { "127.0.0.0/8" };
     let _ = writeln!(r, "-A SINEW_OUTPUT -d {lo} -j RETURN");

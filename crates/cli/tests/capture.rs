@@ -67,6 +67,26 @@ while b"\n" not in echo:
 print("%.3f %s %s" % (elapsed, first.decode().strip(), echo.decode().strip()))
 "#;
 
+/// The hosts' resolver outside the mesh: answers every A query with 192.0.2.99.
+const UPSTREAM_DNS: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, peer = s.recvfrom(4096)
+    i = 12
+    while q[i] != 0:
+        i += q[i] + 1
+    question = q[12:i + 5]
+    qtype = q[i + 1:i + 3]
+    head = q[:2] + b"\x81\x80" + b"\x00\x01"
+    if qtype == b"\x00\x01":
+        answer = b"\xc0\x0c\x00\x01\x00\x01" + struct.pack(">I", 30) + b"\x00\x04" + socket.inet_aton("192.0.2.99")
+        s.sendto(head + b"\x00\x01\x00\x00\x00\x00" + question + answer, peer)
+    else:
+        s.sendto(head + b"\x00\x00\x00\x00\x00\x00" + question, peer)
+"#;
+
 /// A mesh on four hosts: a client, two `catalog` instances (http.server) and a
 /// `kv` instance (a server-speaks-first protocol), each with a sidecar driven by a
 /// control plane in the hub, and capture rules installed by `sinew init`.
@@ -133,6 +153,16 @@ impl Mesh {
             ],
             scratch.path("outside.log"),
         ));
+        let dns = scratch.write("upstream_dns.py", UPSTREAM_DNS);
+        procs.push(spawn(
+            &lab.hub,
+            None,
+            &["python3", dns.to_str().unwrap(), &HUB_IP.to_string()],
+            scratch.path("upstream-dns.log"),
+        ));
+        lab.hosts[CLIENT].ns.resolv_conf(&format!(
+            "nameserver {HUB_IP}\noptions timeout:2 attempts:1\n"
+        ));
         until_ok(
             "control plane up",
             &lab.hub,
@@ -180,7 +210,7 @@ apiVersion: sinew.dev/v1alpha1
 kind: Proxy
 metadata: {name: client}
 spec:
-  capture: {opaquePorts: [6379], detectTimeout: 3s}
+  capture: {opaquePorts: [6379], detectTimeout: 3s, dnsPort: 15053}
 ---
 apiVersion: sinew.dev/v1alpha1
 kind: Proxy
@@ -282,6 +312,26 @@ spec: {capture: {}}
                     args.extend(["--port".into(), p.into()]);
                 }
             }
+            // Capture first, as an init container would: the sidecar and the app
+            // start with it in place.
+            let uid = PROXY_UID.to_string();
+            let admin = ADMIN.to_string();
+            let mut init = vec![
+                sinew(),
+                "init",
+                "--proxy-uid",
+                &uid,
+                "--inbound-port",
+                "15006",
+                "--outbound-port",
+                "15001",
+                "--exclude-inbound-ports",
+                &admin,
+            ];
+            if i == CLIENT {
+                init.extend(["--dns-port", "15053"]);
+            }
+            host.ns.must(&init);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             procs.push(spawn(
                 &host.ns,
@@ -289,18 +339,6 @@ spec: {capture: {}}
                 &args,
                 scratch.path(&format!("{name}-proxy.log")),
             ));
-            host.ns.must(&[
-                sinew(),
-                "init",
-                "--proxy-uid",
-                &PROXY_UID.to_string(),
-                "--inbound-port",
-                "15006",
-                "--outbound-port",
-                "15001",
-                "--exclude-inbound-ports",
-                &ADMIN.to_string(),
-            ]);
         }
         let mesh = Mesh {
             procs,
@@ -326,6 +364,22 @@ spec: {capture: {}}
             if let Err(e) = ready {
                 panic!("{e}\n{}", mesh.logs());
             }
+        }
+        // Each server's sidecar has its inbound (derived from its registration).
+        for i in [WEB1, WEB2, KV] {
+            let ns = &mesh.lab.hosts[i].ns;
+            wait::until("a server sidecar has its inbound", TIMEOUT, || {
+                let cfg = ns
+                    .exec(&["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/config")])
+                    .stdout;
+                let has = serde_json::from_slice::<serde_json::Value>(&cfg)
+                    .ok()
+                    .and_then(|v| v.pointer("/config/inbound").cloned())
+                    .is_some_and(|i| i.is_object());
+                async move { has }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", mesh.logs()));
         }
         for i in [WEB1, WEB2] {
             until_ok(
@@ -460,6 +514,23 @@ async fn captured_traffic_crosses_hosts_over_mtls() {
         bodies.iter().all(|b| b.contains(&mesh.marker)),
         "{bodies:?}"
     );
+    // By name: the sidecar's DNS responder answers with the virtual IP.
+    let by_name = mesh
+        .curl("http://catalog.default.svc.cluster.local/")
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.logs()));
+    assert!(by_name.contains(&mesh.marker), "{by_name}");
+    app_connections += 1.0;
+    let resolved = client.must(&[
+        "python3",
+        "-c",
+        "import socket; print(socket.gethostbyname('catalog.default.svc.cluster.local'), socket.gethostbyname('elsewhere.example'))",
+    ]);
+    assert_eq!(
+        resolved.trim(),
+        "10.96.0.10 192.0.2.99",
+        "mesh names get their virtual IP; other names are forwarded to the host's resolver"
+    );
+
     // Outside the mesh: passes through as plain TCP (and is visible on the wire:
     // the control that shows the capture below can see plaintext at all).
     let outside = mesh.curl(&format!("http://{HUB_IP}:9000/")).unwrap();
@@ -544,7 +615,7 @@ async fn captured_traffic_crosses_hosts_over_mtls() {
         })
         .sum();
     assert_eq!(
-        inbound, 6.0,
+        inbound, 7.0,
         "every request reached a catalog sidecar over mTLS"
     );
     assert_eq!(
@@ -553,7 +624,7 @@ async fn captured_traffic_crosses_hosts_over_mtls() {
             "sinew_captured_connections_total",
             &["direction=\"outbound\"", "outcome=\"http\""]
         ),
-        6.0
+        7.0
     );
     assert_eq!(
         mesh.metric(

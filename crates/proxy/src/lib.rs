@@ -17,6 +17,7 @@ pub mod balance;
 pub mod body;
 pub mod capture;
 pub mod control;
+pub mod dns;
 pub mod error;
 pub mod health;
 pub mod http_util;

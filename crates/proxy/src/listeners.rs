@@ -102,6 +102,8 @@ fn optional(addr: &SocketAddr, role: Role, e: &std::io::Error) -> bool {
 #[derive(Debug, Default)]
 pub struct Listeners {
     active: HashMap<SocketAddr, ((Role, bool), oneshot::Sender<()>)>,
+    /// The DNS responder: its port and tasks.
+    dns: Option<(u16, Vec<tokio::task::AbortHandle>)>,
 }
 
 /// Listeners bound for a configuration that is not applied yet.
@@ -109,6 +111,8 @@ pub struct Listeners {
 pub struct Prepared {
     want: HashMap<SocketAddr, (Role, bool)>,
     bound: Vec<(SocketAddr, (Role, bool), std::net::TcpListener)>,
+    /// The DNS port wanted, and its sockets when newly bound.
+    dns: (Option<u16>, Vec<std::net::UdpSocket>),
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -151,8 +155,24 @@ impl Listeners {
                 },
             }
         }
+        let want_dns = cfg.capture.as_ref().and_then(|c| c.dns_port);
+        let mut dns_sockets = Vec::new();
+        if let Some(port) = want_dns
+            && self.dns.as_ref().map(|(p, _)| *p) != Some(port)
+        {
+            match crate::dns::bind(port) {
+                Ok(s) => dns_sockets = s,
+                Err(e) => {
+                    failures.push(format!("cannot listen on 127.0.0.1:{port}/udp (dns): {e}"))
+                }
+            }
+        }
         if failures.is_empty() {
-            Ok(Prepared { want, bound })
+            Ok(Prepared {
+                want,
+                bound,
+                dns: (want_dns, dns_sockets),
+            })
         } else {
             Err(failures)
         }
@@ -162,7 +182,12 @@ impl Listeners {
     /// connections finish on their own). Returns listeners that failed to rebind
     /// after a role change.
     pub fn commit(&mut self, prepared: Prepared, shared: &Arc<Shared>, rt: &Handle) -> Vec<String> {
-        let Prepared { want, mut bound } = prepared;
+        let Prepared {
+            want,
+            mut bound,
+            dns,
+        } = prepared;
+        self.commit_dns(dns, shared, rt);
         self.active
             .retain(|addr, (role, _)| want.get(addr) == Some(role));
         let mut failures = Vec::new();
@@ -193,6 +218,36 @@ impl Listeners {
             .listeners_ok
             .store(failures.is_empty(), Ordering::Relaxed);
         failures
+    }
+}
+
+impl Listeners {
+    /// Starts, moves or stops the DNS responder.
+    fn commit_dns(
+        &mut self,
+        (want, sockets): (Option<u16>, Vec<std::net::UdpSocket>),
+        shared: &Arc<Shared>,
+        rt: &Handle,
+    ) {
+        if self.dns.as_ref().map(|(p, _)| *p) == want {
+            return;
+        }
+        if let Some((_, tasks)) = self.dns.take() {
+            for t in tasks {
+                t.abort();
+            }
+        }
+        if let Some(port) = want {
+            let tasks = sockets
+                .into_iter()
+                .map(|s| {
+                    rt.spawn(crate::dns::serve(s, shared.clone()))
+                        .abort_handle()
+                })
+                .collect();
+            tracing::info!(port, "DNS responder listening");
+            self.dns = Some((port, tasks));
+        }
     }
 }
 

@@ -73,6 +73,14 @@ impl Netns {
         ns
     }
 
+    /// The namespace's own `/etc/resolv.conf` (`ip netns exec` mounts
+    /// `/etc/netns/<name>/resolv.conf` over it); removed with the namespace.
+    pub fn resolv_conf(&self, text: &str) {
+        let dir = Path::new("/etc/netns").join(&self.0);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+    }
+
     /// `ip -n <ns> args`, which must succeed.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut all = vec!["-n", self.0.as_str()];
@@ -106,6 +114,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.0]);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.0));
     }
 }
 
