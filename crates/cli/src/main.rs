@@ -5,6 +5,7 @@
 //! exit.
 
 mod client;
+mod run;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -256,6 +257,11 @@ enum Command {
     /// namespace: the workload's inbound and outbound TCP go to its sidecar, with no
     /// change to the application. Needs root (CAP_NET_ADMIN).
     Init(InitArgs),
+    /// Run an unmodified app in the mesh on this Linux host: installs capture in the
+    /// current network namespace, starts the sidecar as the proxy uid, then the app
+    /// (`sinew run --service catalog --port http=8080 -- ./app args`); when the app
+    /// exits, stops the sidecar and removes the rules. Needs root.
+    Run(run::RunArgs),
     /// Print the version (and the control plane's, if reachable).
     Version,
     /// Print shell completions.
@@ -522,6 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
         Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
         Command::Init(args) => init(&args),
+        Command::Run(args) => run::run(&server, args).await,
         Command::Version => {
             println!("sinew {}", env!("CARGO_PKG_VERSION"));
             if let Ok(v) = client::server_version(&server).await {

@@ -853,3 +853,167 @@ fn bad_init_flags_name_what_is_wrong() {
         "{err}"
     );
 }
+
+/// `sinew run`: on two hosts, an http.server and a curl join the mesh with no other
+/// setup than the service's document; curl reaches the server by name through both
+/// sidecars, and when each app ends (curl exits; the server is stopped with
+/// SIGTERM) its sidecar stops and its capture rules are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
+    require(&["ip", "iptables-nft-restore", "curl", "python3", "kill"]);
+    proxy_bin();
+    let scratch = Scratch::new("run");
+    let lab = Lab::new("run", &["server", "client"]);
+    let url = format!("http://{HUB_IP}:15010");
+    let mut procs = vec![spawn(
+        &lab.hub,
+        None,
+        &[
+            sinew(),
+            "control",
+            "--listen",
+            &format!("{HUB_IP}:15010"),
+            "--data-dir",
+            scratch.path("cp").to_str().unwrap(),
+        ],
+        scratch.path("control.log"),
+    )];
+    until_ok(
+        "control plane answers",
+        &lab.hub,
+        &[sinew(), "--server", &url, "get", "service"],
+    )
+    .await;
+    let doc = scratch.write(
+        "hello.yaml",
+        "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: hello}\nspec:\n  ports: [{name: http, port: 80}]\n",
+    );
+    lab.hub.must(&[
+        sinew(),
+        "--server",
+        &url,
+        "apply",
+        "-f",
+        doc.to_str().unwrap(),
+    ]);
+    let (server, client) = (&lab.hosts[0].ns, &lab.hosts[1].ns);
+    client.resolv_conf(&format!("nameserver {HUB_IP}\n"));
+    let before = (
+        effective_rules(server, "iptables-save"),
+        effective_rules(client, "iptables-save"),
+    );
+    scratch.write("www/index.html", "HELLO-FROM-SINEW-RUN\n");
+    let www = scratch.path("www");
+    let mut srv = spawn(
+        server,
+        None,
+        &[
+            sinew(),
+            "--server",
+            &url,
+            "run",
+            "--service",
+            "hello",
+            "--port",
+            "http=8080",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--directory",
+            www.to_str().unwrap(),
+        ],
+        scratch.path("server-run.log"),
+    );
+    let up = wait::until("the server's sidecar and app are up", TIMEOUT, || {
+        let ok = server
+            .exec(&["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/ready")])
+            .status
+            .success()
+            && server
+                .exec(&["curl", "-sf", "http://127.0.0.1:8080/"])
+                .status
+                .success();
+        async move { ok }
+    })
+    .await;
+    if let Err(e) = up {
+        panic!("{e}\n{}", srv.log());
+    }
+    assert_ne!(
+        effective_rules(server, "iptables-save"),
+        before.0,
+        "capture is installed while the app runs"
+    );
+
+    let cli = spawn(
+        client,
+        None,
+        &[
+            sinew(),
+            "--server",
+            &url,
+            "run",
+            "--service",
+            "caller",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "http://hello.default.svc.cluster.local/",
+        ],
+        scratch.path("client-run.log"),
+    );
+    procs.push(cli);
+    let status = tokio::time::timeout(TIMEOUT, procs.last_mut().unwrap().child.wait())
+        .await
+        .expect("sinew run with curl ends when curl does")
+        .unwrap();
+    let log = procs.last().unwrap().log();
+    assert!(
+        status.success(),
+        "sinew run exits with curl's status: {status}\n{log}"
+    );
+    assert!(log.contains("HELLO-FROM-SINEW-RUN"), "{log}");
+    assert_eq!(
+        effective_rules(client, "iptables-save"),
+        before.1,
+        "the client's capture rules are removed when its app ends"
+    );
+    let seen = metric(
+        server,
+        ADMIN,
+        "sinew_requests_total",
+        &[
+            "direction=\"inbound\"",
+            "peer_identity=\"spiffe://cluster.local/ns/default/sa/caller\"",
+        ],
+    );
+    assert_eq!(
+        seen, 1.0,
+        "the request reached the server's sidecar over mTLS"
+    );
+
+    // SIGTERM to `sinew run`: the app and the sidecar stop, the rules go.
+    let pid = srv.child.id().unwrap().to_string();
+    must("kill", &["-TERM", &pid]);
+    tokio::time::timeout(TIMEOUT, srv.child.wait())
+        .await
+        .expect("sinew run stops on SIGTERM")
+        .unwrap();
+    assert_eq!(
+        effective_rules(server, "iptables-save"),
+        before.0,
+        "the server's capture rules are removed\n{}",
+        srv.log()
+    );
+    assert!(
+        !server
+            .exec(&["curl", "-sf", "http://127.0.0.1:8080/"])
+            .status
+            .success(),
+        "the app was stopped"
+    );
+}

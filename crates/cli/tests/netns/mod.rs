@@ -305,3 +305,29 @@ pub fn rules(ns: &Netns, save: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Like [`rules`], without tables that hold nothing (only built-in chains with
+/// ACCEPT policies, no rule): installing capture on a namespace with no nat table
+/// creates one, which no backend can take away again (the legacy one cannot unload
+/// it per namespace), and an empty table changes nothing.
+pub fn effective_rules(ns: &Netns, save: &str) -> String {
+    let text = rules(ns, save);
+    let mut out = Vec::new();
+    let mut table: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        table.push(line);
+        if line == "COMMIT" {
+            let empty = table.iter().all(|l| {
+                l.starts_with('*')
+                    || *l == "COMMIT"
+                    || (l.starts_with(':') && l.ends_with(" ACCEPT"))
+            });
+            if !empty {
+                out.append(&mut table);
+            }
+            table.clear();
+        }
+    }
+    out.extend(table);
+    out.join("\n")
+}
