@@ -55,15 +55,18 @@ const GREETER_CLIENT: &str = r#"
 import socket, sys, time
 t = time.monotonic()
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-first = c.recv(100)
-elapsed = time.monotonic() - t
-c.sendall(b"PING\r\n")
-echo = b""
-while b"\n" not in echo:
-    d = c.recv(100)
-    if not d:
-        break
-    echo += d
+first, echo = b"", b""
+try:
+    first = c.recv(100)
+    elapsed = time.monotonic() - t
+    c.sendall(b"PING\r\n")
+    while b"\n" not in echo:
+        d = c.recv(100)
+        if not d:
+            break
+        echo += d
+except OSError:
+    elapsed = time.monotonic() - t
 print("%.3f %s %s" % (elapsed, first.decode().strip(), echo.decode().strip()))
 "#;
 
@@ -452,10 +455,13 @@ spec: {capture: {}}
 
     /// Runs the greeter client from the client host: (first-byte seconds, greeting, echo).
     fn greet(&self, host: &str, port: u16) -> (f64, String, String) {
+        self.greet_from(self.ns(CLIENT), host, port)
+    }
+
+    /// Runs the greeter client in `ns` (an empty greeting: the connection closed).
+    fn greet_from(&self, ns: &Netns, host: &str, port: u16) -> (f64, String, String) {
         let script = self.scratch.path("greeter_client.py");
-        let out =
-            self.ns(CLIENT)
-                .must(&["python3", script.to_str().unwrap(), host, &port.to_string()]);
+        let out = ns.must(&["python3", script.to_str().unwrap(), host, &port.to_string()]);
         let mut parts = out.split_whitespace();
         let secs: f64 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(-1.0);
         let rest: Vec<&str> = parts.collect();
@@ -685,6 +691,73 @@ async fn captured_traffic_crosses_hosts_over_mtls() {
     })
     .await
     .unwrap();
+
+    // Plaintext from outside the mesh to a captured server: refused while mTLS is
+    // STRICT (the greeting never comes), passed to the app's original port once
+    // PERMISSIVE. And with REGISTRY_ONLY egress, only mesh destinations are
+    // reachable from the client.
+    let kv_addr = mesh.lab.hosts[KV].ip.to_string();
+    let (_, greeting, _) = mesh.greet_from(&mesh.lab.hub, &kv_addr, 6379);
+    assert_eq!(greeting, "", "plaintext reached the app under STRICT mTLS");
+    let policy = mesh.scratch.write(
+        "mesh-config.yaml",
+        "apiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  mtls: {mode: PERMISSIVE}\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+    );
+    mesh.lab.hub.must(&[
+        sinew(),
+        "--server",
+        &format!("http://{HUB_IP}:15010"),
+        "apply",
+        "-f",
+        policy.to_str().unwrap(),
+    ]);
+    let config_at = |i: usize, pointer: &str, want: &str| {
+        let cfg = mesh
+            .ns(i)
+            .exec(&["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/config")])
+            .stdout;
+        serde_json::from_slice::<serde_json::Value>(&cfg)
+            .ok()
+            .and_then(|v| v.pointer(pointer).cloned())
+            .is_some_and(|v| v == want)
+    };
+    wait::until("the new MeshConfig applied", TIMEOUT, || {
+        let ok = config_at(KV, "/config/inbound/mtls", "PERMISSIVE")
+            && config_at(CLIENT, "/config/egress", "REGISTRY_ONLY");
+        async move { ok }
+    })
+    .await
+    .unwrap();
+    let (_, greeting, echo) = mesh.greet_from(&mesh.lab.hub, &kv_addr, 6379);
+    assert_eq!(
+        (greeting.as_str(), echo.as_str()),
+        ("+OK SINEW-GREETING", "PING")
+    );
+    assert_eq!(
+        mesh.metric(
+            KV,
+            "sinew_captured_connections_total",
+            &["direction=\"inbound\"", "outcome=\"plaintext\""]
+        ),
+        1.0
+    );
+    assert!(
+        mesh.curl(&format!("http://{HUB_IP}:9000/")).is_err(),
+        "REGISTRY_ONLY: a destination outside the mesh is refused"
+    );
+    assert_eq!(
+        mesh.metric(
+            CLIENT,
+            "sinew_proxy_errors_total",
+            &["reason=\"egress-refused\""]
+        ),
+        1.0
+    );
+    let body = mesh.curl("http://10.96.0.10/").unwrap();
+    assert!(
+        body.contains(&mesh.marker),
+        "mesh services stay reachable: {body}"
+    );
 }
 
 fn find_vip(config: &serde_json::Value, service: &str) -> Option<String> {

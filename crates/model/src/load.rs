@@ -786,6 +786,11 @@ impl Resources {
                     c.fail(format!("spec.capture.{field}"), "port must be 1-65535");
                 }
             }
+            bind(
+                &mut c,
+                "spec.capture.outboundPort".into(),
+                &format!("127.0.0.1:{}", cap.outbound_port),
+            );
             if cap.outbound_port == cap.inbound_port {
                 c.fail(
                     "spec.capture.inboundPort",
