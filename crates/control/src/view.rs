@@ -193,12 +193,21 @@ impl Lookups {
 }
 
 /// Gives every Service without `spec.virtualIP` one from the mesh's range
-/// (`MeshConfig.spec.virtualIPRange`, default [`DEFAULT_VIP_RANGE`]), in the
+/// (`MeshConfig.spec.virtualIPRange`, default `240.240.0.0/16`), in the
 /// documents proxies get: deterministic (a hash of the service's key, collisions
 /// moved to the next free address), so a service keeps its address across
 /// publications and control-plane restarts. Explicit addresses are never handed out.
+///
+/// Only meshes with a capturing proxy (a `Proxy` with `spec.capture`) need them, so
+/// others pay nothing: re-encoding every Service on each publication is not free.
 fn allocate_vips(all: &mut [Arc<DocEntry>]) {
     use sinew_model::vip::{Cidr, DEFAULT_VIP_RANGE, allocate};
+    let capturing = all
+        .iter()
+        .any(|e| matches!(&e.resource, Resource::Proxy(p) if p.spec.capture.is_some()));
+    if !capturing {
+        return;
+    }
     let range = all
         .iter()
         .find_map(|e| match &e.resource {
@@ -528,6 +537,50 @@ spec:
             .iter()
             .map(|e| format!("{} {}", e.key.kind, e.key.name))
             .collect()
+    }
+
+    fn vips(v: &View) -> Vec<(String, Option<String>)> {
+        v.entries
+            .iter()
+            .filter_map(|e| match &e.resource {
+                Resource::Service(s) => Some((s.metadata.name.clone(), s.spec.virtual_ip.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A capturing proxy gets every service, each with a virtual IP: the explicit one,
+    /// else a stable one from the mesh's range; without capture nothing changes.
+    #[test]
+    fn capturing_proxies_get_every_service_with_a_virtual_ip() {
+        let plain = compute(&state(MESH), "shop/web");
+        assert!(vips(&plain).iter().all(|(_, ip)| ip.is_none()));
+        let capture = format!(
+            "{MESH}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: cap, namespace: ops}}\nspec: {{capture: {{}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: fixed, namespace: ops}}\nspec: {{virtualIP: 10.96.0.7, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{virtualIPRange: 10.200.0.0/24}}\n"
+        );
+        let v = compute(&state(&capture), "ops/cap");
+        let got = vips(&v);
+        assert_eq!(got.len(), 4, "every service: {got:?}");
+        let range =
+            sinew_model::vip::Cidr::parse("10.200.0.0/24").unwrap_or_else(|e| panic!("{e}"));
+        for (name, ip) in &got {
+            let ip: std::net::IpAddr = ip
+                .as_deref()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or_else(|| panic!("{name} has no virtual IP: {got:?}"));
+            if name == "fixed" {
+                assert_eq!(ip.to_string(), "10.96.0.7");
+            } else {
+                assert!(range.contains(ip), "{name}: {ip} outside the range");
+            }
+        }
+        let distinct: BTreeSet<_> = got.iter().map(|(_, ip)| ip.clone()).collect();
+        assert_eq!(distinct.len(), 4, "{got:?}");
+        assert_eq!(
+            vips(&compute(&state(&capture), "ops/cap")),
+            got,
+            "stable across publications"
+        );
     }
 
     #[test]
