@@ -216,11 +216,60 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
             serve_http(with_dst(&ctx, dst), stream).await;
         }
         Detected::Opaque | Detected::Timeout => {
-            let endpoint = crate::outbound::pick_tcp(&ctx, &snap, key, port);
+            let Some(balancer) = snap.balancer(key, port).cloned() else {
+                return;
+            };
             drop(snap);
-            if let Some(ep) = endpoint {
-                shared.metrics.captured(Direction::Outbound, "tcp");
-                crate::outbound::tcp_to(&ctx, stream, &ep).await;
+            shared.metrics.captured(Direction::Outbound, "tcp");
+            tcp_with_failover(&ctx, stream, &balancer).await;
+        }
+    }
+}
+
+/// Opaque TCP to a service: an endpoint that cannot be reached is reported to
+/// outlier detection and another one is tried (nothing was sent yet, so the app
+/// never notices).
+async fn tcp_with_failover(
+    ctx: &ConnCtx,
+    stream: TcpStream,
+    balancer: &Arc<crate::balance::Balancer>,
+) {
+    use crate::balance::Outcome;
+    let mut tried: Option<Arc<crate::balance::Endpoint>> = None;
+    for _ in 0..2 {
+        let mut pick = balancer.pick().cloned();
+        for _ in 0..2 {
+            if let (Some(p), Some(t)) = (&pick, &tried)
+                && Arc::ptr_eq(p, t)
+            {
+                pick = balancer.pick().cloned();
+            }
+        }
+        let Some(ep) = pick else {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, "no-endpoints");
+            return;
+        };
+        match crate::stream::UpstreamIo::open(&ep).await {
+            Ok(io) => {
+                balancer.report(&ep, Outcome::Ok);
+                spawn_splice(&ctx.shared, stream, io);
+                return;
+            }
+            Err(e) => {
+                let outcome = match &e {
+                    crate::error::ProxyError::Connect { source, .. }
+                        if source.kind() == io::ErrorKind::ConnectionRefused =>
+                    {
+                        Outcome::Refused
+                    }
+                    _ => Outcome::Failed,
+                };
+                balancer.report(&ep, outcome);
+                ctx.shared.metrics.error(Direction::Outbound, e.reason());
+                tracing::debug!(error = %e, "captured TCP: endpoint unreachable");
+                tried = Some(ep);
             }
         }
     }
