@@ -1,8 +1,8 @@
 //! `sinew run`: an unmodified app joins the mesh on a Linux host (a VM, bare metal).
 //!
-//! In the current network namespace: declare the sidecar's capture (a `Proxy`
-//! document), install the capture rules (`sinew init`), start `sinew-proxy` as the
-//! proxy uid and wait until it is ready, start the app; when the app exits (or on
+//! In the current network namespace: install the capture rules (`sinew init`),
+//! start `sinew-proxy --capture` as the proxy uid and wait until it runs with capture
+//! on, start the app; when the app exits (or on
 //! SIGINT/SIGTERM, passed on to it) stop the sidecar and remove the rules, whatever
 //! happened. Exits with the app's status.
 
@@ -12,7 +12,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sinew_api::v1::{ApplyRequest, CreateJoinTokenRequest, Source};
+use sinew_api::v1::CreateJoinTokenRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -208,28 +208,9 @@ pub async fn run(server: &str, args: RunArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| args.service.clone());
 
-    // 1. The sidecar's document: capture on, its inbound derived from the
-    //    registration; and its identity.
-    let dns = if args.dns_port > 0 {
-        format!(", dnsPort: {}", args.dns_port)
-    } else {
-        String::new()
-    };
-    let doc = format!(
-        "apiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  capture: {{inboundPort: {}, outboundPort: {}{dns}}}\n",
-        args.inbound_port, args.outbound_port
-    );
+    // 1. The sidecar's identity (its capture and inbound come with its Hello and
+    //    registration).
     let mut client = connect(server).await?;
-    client
-        .apply(ApplyRequest {
-            sources: vec![Source {
-                label: format!("sinew run ({ns}/{name})"),
-                text: doc,
-            }],
-            dry_run: false,
-        })
-        .await
-        .map_err(status)?;
     let token_file = match &args.join_token_file {
         Some(f) => f.clone(),
         None => {
@@ -318,9 +299,19 @@ async fn supervise(
         .arg(token_file)
         .arg("--admin")
         .arg(admin.to_string())
+        .arg("--capture")
+        .arg("--capture-outbound-port")
+        .arg(args.outbound_port.to_string())
+        .arg("--capture-inbound-port")
+        .arg(args.inbound_port.to_string())
         .uid(args.proxy_uid)
         .gid(args.proxy_uid)
         .kill_on_drop(true);
+    if args.dns_port > 0 {
+        proxy_cmd
+            .arg("--capture-dns-port")
+            .arg(args.dns_port.to_string());
+    }
     // An app that serves no port (a client) gets no inbound.
     if !args.ports.is_empty() {
         proxy_cmd

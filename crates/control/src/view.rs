@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use sinew_model::resource::{
-    DEFAULT_NAMESPACE, InboundSpec, Metadata, Object, ProxySpec, Resource, ResourceKey,
-    SINEW_API_VERSION,
+    CaptureSpec, DEFAULT_NAMESPACE, InboundSpec, Metadata, Object, ProxySpec, Resource,
+    ResourceKey, SINEW_API_VERSION,
 };
 
 use crate::index::{DocEntry, FNV_OFFSET, MeshState, fnv64};
@@ -198,16 +198,13 @@ impl Lookups {
 /// moved to the next free address), so a service keeps its address across
 /// publications and control-plane restarts. Explicit addresses are never handed out.
 ///
-/// Only meshes with a capturing proxy (a `Proxy` with `spec.capture`) need them, so
-/// others pay nothing: re-encoding every Service on each publication is not free.
+/// A proxy learns it captures only when it connects, so every publication allocates;
+/// the documents made are kept (by the original's id and the address) so a
+/// publication re-encodes only the services that changed.
 fn allocate_vips(all: &mut [Arc<DocEntry>]) {
     use sinew_model::vip::{Cidr, DEFAULT_VIP_RANGE, allocate};
-    let capturing = all
-        .iter()
-        .any(|e| matches!(&e.resource, Resource::Proxy(p) if p.spec.capture.is_some()));
-    if !capturing {
-        return;
-    }
+    type Made = HashMap<(u64, std::net::IpAddr), Arc<DocEntry>>;
+    static MADE: std::sync::OnceLock<std::sync::Mutex<Made>> = std::sync::OnceLock::new();
     let range = all
         .iter()
         .find_map(|e| match &e.resource {
@@ -243,6 +240,11 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
         return;
     }
     let given = allocate(range, &wanted, &taken);
+    let mut made = MADE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut kept: Made = HashMap::with_capacity(given.len());
     for e in all.iter_mut() {
         let Resource::Service(s) = &e.resource else {
             continue;
@@ -253,19 +255,36 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
         let key = format!("{}.{}", s.metadata.name, s.metadata.ns());
         match given.get(&key) {
             Some(Some(ip)) => {
-                let mut s = s.clone();
-                s.spec.virtual_ip = Some(ip.to_string());
-                *e = Arc::new(DocEntry::new(Resource::Service(s), &e.source, e.revision));
+                let id = (e.id, *ip);
+                let entry = made.remove(&id).unwrap_or_else(|| {
+                    let mut s = s.clone();
+                    s.spec.virtual_ip = Some(ip.to_string());
+                    Arc::new(DocEntry::new(Resource::Service(s), &e.source, e.revision))
+                });
+                kept.insert(id, entry.clone());
+                *e = entry;
             }
             _ => tracing::warn!(service = %key, %range, "no virtual IP left in the range"),
         }
     }
+    // Only this publication's documents stay, so the cache never outgrows the mesh.
+    // (Control planes sharing a process, as in tests, evict each other's: a smaller
+    // saving, never a wrong document, as entries are keyed by content.)
+    *made = kept;
 }
 
 /// The proxy's `Proxy` document: stored if there is one, else made from nothing; in
 /// both cases an absent `inbound` is derived from the proxy's registration (its
 /// sidecar port, and the workload's ports as the application ports).
-fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
+///
+/// A proxy that says its traffic is captured (`capture`, from its Hello) gets that
+/// `spec.capture` unless the stored document has its own.
+fn proxy_document(
+    state: &MeshState,
+    ns: &str,
+    name: &str,
+    capture: Option<&CaptureSpec>,
+) -> Arc<DocEntry> {
     let key = ResourceKey {
         kind: "Proxy".into(),
         namespace: ns.to_owned(),
@@ -277,7 +296,10 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
         .then(|| state.registrations.get(&format!("{ns}/{name}")))
         .flatten()
         .filter(|reg| reg.workload.spec.sidecar.is_some());
-    if let (Some(e), None) = (stored, derive_from)
+    let add_capture = capture.filter(|_| {
+        stored.is_none_or(|e| matches!(&e.resource, Resource::Proxy(p) if p.spec.capture.is_none()))
+    });
+    if let (Some(e), None, None) = (stored, derive_from, add_capture)
         && matches!(e.resource, Resource::Proxy(_))
     {
         // The common case: the stored document as it is, shared.
@@ -314,6 +336,9 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
             app_address: None,
             ports,
         });
+    }
+    if let Some(c) = add_capture {
+        proxy.spec.capture = Some(c.clone());
     }
     Arc::new(DocEntry::new(Resource::Proxy(proxy), "", 0))
 }
@@ -360,8 +385,14 @@ pub fn own_service(state: &MeshState, proxy: &str) -> Option<ResourceKey> {
 
 /// Computes the view of the proxy `namespace/name`.
 pub fn compute(state: &MeshState, proxy: &str) -> View {
+    compute_with(state, proxy, None)
+}
+
+/// Computes the view of the proxy `namespace/name`, whose traffic is captured when
+/// it says so (`capture`, from its Hello).
+pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec>) -> View {
     let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
-    let proxy_entry = proxy_document(state, ns, name);
+    let proxy_entry = proxy_document(state, ns, name, capture);
     let Resource::Proxy(p) = &proxy_entry.resource else {
         return View::default();
     };
@@ -550,11 +581,37 @@ spec:
     }
 
     /// A capturing proxy gets every service, each with a virtual IP: the explicit one,
-    /// else a stable one from the mesh's range; without capture nothing changes.
+    /// else a stable one from the mesh's range. A proxy whose Hello says it captures
+    /// is one too, with that capture in its document.
     #[test]
     fn capturing_proxies_get_every_service_with_a_virtual_ip() {
         let plain = compute(&state(MESH), "shop/web");
-        assert!(vips(&plain).iter().all(|(_, ip)| ip.is_none()));
+        assert_eq!(vips(&plain).len(), 2, "no capture: only what it reaches");
+        assert!(
+            vips(&plain)
+                .iter()
+                .all(|(_, ip)| ip.as_deref().is_some_and(|i| i.starts_with("240.240."))),
+            "{:?}",
+            vips(&plain)
+        );
+        let hello = CaptureSpec {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            opaque_ports: vec![3306],
+            detect_timeout: None,
+            dns_port: None,
+        };
+        let v = compute_with(&state(MESH), "shop/web", Some(&hello));
+        assert_eq!(vips(&v).len(), 3, "captured: every service");
+        let doc = v
+            .entries
+            .iter()
+            .find_map(|e| match &e.resource {
+                Resource::Proxy(p) => p.spec.capture.clone(),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no capture in the proxy's document"));
+        assert_eq!(doc, hello);
         let capture = format!(
             "{MESH}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: cap, namespace: ops}}\nspec: {{capture: {{}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: fixed, namespace: ops}}\nspec: {{virtualIP: 10.96.0.7, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{virtualIPRange: 10.200.0.0/24}}\n"
         );
@@ -636,7 +693,7 @@ spec:
     /// however it gets there.
     fn reference(state: &MeshState, proxy: &str) -> Vec<String> {
         let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
-        let pd = proxy_document(state, ns, name);
+        let pd = proxy_document(state, ns, name, None);
         let Resource::Proxy(p) = &pd.resource else {
             return Vec::new();
         };
