@@ -330,6 +330,7 @@ async fn session(
             registration: None,
             applied_version: String::new(),
             proxy_version: "cpsim".into(),
+            capture: None,
         })),
     })
     .await

@@ -7,6 +7,7 @@
 mod client;
 mod inject;
 mod install;
+mod run;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -291,6 +292,15 @@ enum Command {
     Demo(sinew_demo::DemoArgs),
     /// The demo's sample workload: serves HTTP and gRPC and calls its downstreams.
     DemoApp(sinew_demo::app::AppArgs),
+    /// Install transparent capture rules (iptables, ip6tables) in the current network
+    /// namespace: the workload's inbound and outbound TCP go to its sidecar, with no
+    /// change to the application. Needs root (CAP_NET_ADMIN).
+    Init(InitArgs),
+    /// Run an unmodified app in the mesh on this Linux host: installs capture in the
+    /// current network namespace, starts the sidecar as the proxy uid, then the app
+    /// (`sinew run --service catalog --port http=8080 -- ./app args`); when the app
+    /// exits, stops the sidecar and removes the rules. Needs root.
+    Run(run::RunArgs),
     /// Print the version (and the control plane's, if reachable).
     Version,
     /// Print shell completions.
@@ -298,6 +308,79 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+/// `sinew init`'s flags.
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    /// The proxy's uid: its own traffic is never captured.
+    #[arg(long, default_value_t = sinew_capture::DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// Where inbound TCP is redirected (the proxy's inbound capture port).
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Where outbound TCP is redirected (the proxy's outbound capture port).
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Where outbound DNS (UDP 53) is redirected (the proxy's DNS port); default: DNS
+    /// is not captured.
+    #[arg(long)]
+    dns_port: Option<u16>,
+    /// Inbound ports left alone, comma-separated (ranges as 8000:8100), e.g. 22.
+    #[arg(long, default_value = "", value_parser = sinew_capture::parse_ports)]
+    exclude_inbound_ports: std::vec::Vec<sinew_capture::PortRange>,
+    /// Outbound destination ports left alone, comma-separated.
+    #[arg(long, default_value = "", value_parser = sinew_capture::parse_ports)]
+    exclude_outbound_ports: std::vec::Vec<sinew_capture::PortRange>,
+    /// Outbound destinations left alone, comma-separated CIDRs (IPv4 and IPv6).
+    #[arg(long, default_value = "", value_parser = sinew_capture::parse_cidrs)]
+    exclude_outbound_cidrs: std::vec::Vec<sinew_model::vip::Cidr>,
+    /// IPv4 only: leave IPv6 (ip6tables) alone.
+    #[arg(long)]
+    no_ipv6: bool,
+    /// Which iptables programs: auto (the system's `iptables-restore`), legacy or nft.
+    #[arg(long, default_value = "auto")]
+    backend: sinew_capture::Backend,
+    /// Remove the capture rules (exactly those `sinew init` installed) instead.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+impl InitArgs {
+    fn options(&self) -> sinew_capture::Options {
+        sinew_capture::Options {
+            proxy_uid: self.proxy_uid,
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+            dns_port: self.dns_port,
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            ipv6: !self.no_ipv6,
+            backend: self.backend,
+        }
+    }
+}
+
+fn init(args: &InitArgs) -> anyhow::Result<i32> {
+    if args.uninstall {
+        let removed = sinew_capture::uninstall(args.backend, !args.no_ipv6)?;
+        println!(
+            "{}",
+            if removed {
+                "capture rules removed"
+            } else {
+                "no capture rules were installed"
+            }
+        );
+    } else {
+        sinew_capture::install(&args.options())?;
+        println!(
+            "capture rules installed: inbound TCP -> :{}, outbound TCP -> :{}, uid {} exempt",
+            args.inbound_port, args.outbound_port, args.proxy_uid
+        );
+    }
+    Ok(0)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -519,6 +602,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Install(args) => install::install(args).await,
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
         Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
+        Command::Init(args) => init(&args),
+        Command::Run(args) => run::run(&server, args).await,
         Command::Version => {
             println!("sinew {}", env!("CARGO_PKG_VERSION"));
             if let Ok(v) = client::server_version(&server).await {

@@ -70,6 +70,52 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
+/// The `Proxy.spec.capture` a Hello asks for, checked as the model checks documents.
+fn capture_spec(c: &api::Capture) -> Result<sinew_model::resource::CaptureSpec, Status> {
+    let port = |field: &str, v: u32| {
+        u16::try_from(v)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Status::invalid_argument(format!("capture.{field}: {v} is not a port")))
+    };
+    let detect_timeout = (!c.detect_timeout.is_empty()).then(|| c.detect_timeout.clone());
+    if let Some(d) = &detect_timeout {
+        match sinew_model::duration::parse(d) {
+            Ok(t) if !t.is_zero() => {}
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "capture.detect_timeout: must be more than zero",
+                ));
+            }
+            Err(e) => {
+                return Err(Status::invalid_argument(format!(
+                    "capture.detect_timeout: {e}"
+                )));
+            }
+        }
+    }
+    let spec = sinew_model::resource::CaptureSpec {
+        outbound_port: port("outbound_port", c.outbound_port)?,
+        inbound_port: port("inbound_port", c.inbound_port)?,
+        opaque_ports: c
+            .opaque_ports
+            .iter()
+            .map(|p| port("opaque_ports", *p))
+            .collect::<Result<_, _>>()?,
+        detect_timeout,
+        dns_port: match c.dns_port {
+            0 => None,
+            p => Some(port("dns_port", p)?),
+        },
+    };
+    if spec.outbound_port == spec.inbound_port {
+        return Err(Status::invalid_argument(
+            "capture.inbound_port: the same port as capture.outbound_port",
+        ));
+    }
+    Ok(spec)
+}
+
 /// Turns a registration into the Workload it stands for (named after the proxy).
 fn workload(ns: &str, name: &str, r: &api::Registration) -> Result<Object<WorkloadSpec>, Status> {
     if r.address.parse::<std::net::IpAddr>().is_err() {
@@ -260,6 +306,7 @@ impl Discovery for DiscoveryService {
             )));
         }
         let proxy = format!("{ns}/{}", hello.name);
+        let capture = hello.capture.as_ref().map(capture_spec).transpose()?;
         let workload = hello
             .registration
             .as_ref()
@@ -310,7 +357,7 @@ impl Discovery for DiscoveryService {
             }
             loop {
                 let current = state.borrow_and_update().clone();
-                let view = view::compute(&current, &proxy);
+                let view = view::compute_with(&current, &proxy, capture.as_ref());
                 if sent.as_ref().is_none_or(|s| s.version != view.version) {
                     nonce += 1;
                     let push = push(sent.as_ref(), &view, nonce);

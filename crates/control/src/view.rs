@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use sinew_model::resource::{
-    DEFAULT_NAMESPACE, InboundSpec, Metadata, Object, ProxySpec, Resource, ResourceKey,
-    SINEW_API_VERSION,
+    CaptureSpec, DEFAULT_NAMESPACE, InboundSpec, Metadata, Object, ProxySpec, Resource,
+    ResourceKey, SINEW_API_VERSION,
 };
 
 use crate::index::{DocEntry, FNV_OFFSET, MeshState, fnv64};
@@ -109,6 +109,7 @@ impl Lookups {
             all: docs.values().cloned().collect(),
             ..Lookups::default()
         };
+        allocate_vips(&mut l.all);
         let mut mesh = None;
         for (i, e) in l.all.iter().enumerate() {
             let ord = i as Ord;
@@ -191,11 +192,100 @@ impl Lookups {
     }
 }
 
+/// Gives every Service without `spec.virtualIP` one from the mesh's range
+/// (`MeshConfig.spec.virtualIPRange`, default `240.240.0.0/16`), in the
+/// documents proxies get: deterministic (a hash of the service's key, collisions
+/// moved to the next free address), so a service keeps its address across
+/// publications and control-plane restarts. Explicit addresses are never handed out.
+///
+/// A proxy learns it captures only when it connects, so every publication allocates;
+/// the documents made are kept (by the original's id and the address) so a
+/// publication re-encodes only the services that changed.
+fn allocate_vips(all: &mut [Arc<DocEntry>]) {
+    use sinew_model::vip::{Cidr, DEFAULT_VIP_RANGE, allocate};
+    type Made = HashMap<(u64, std::net::IpAddr), Arc<DocEntry>>;
+    static MADE: std::sync::OnceLock<std::sync::Mutex<Made>> = std::sync::OnceLock::new();
+    let range = all
+        .iter()
+        .find_map(|e| match &e.resource {
+            Resource::MeshConfig(m) => m.spec.virtual_ip_range.clone(),
+            _ => None,
+        })
+        .unwrap_or_else(|| DEFAULT_VIP_RANGE.to_owned());
+    let Ok(range) = Cidr::parse(&range) else {
+        tracing::warn!(%range, "MeshConfig.spec.virtualIPRange is not a CIDR; no virtual IPs allocated");
+        return;
+    };
+    let mut wanted = BTreeSet::new();
+    let mut taken = BTreeSet::new();
+    for e in all.iter() {
+        if let Resource::Service(s) = &e.resource {
+            match s
+                .spec
+                .virtual_ip
+                .as_deref()
+                .map(str::parse::<std::net::IpAddr>)
+            {
+                Some(Ok(ip)) => {
+                    taken.insert(ip);
+                }
+                Some(Err(_)) => {}
+                None => {
+                    wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let given = allocate(range, &wanted, &taken);
+    let mut made = MADE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut kept: Made = HashMap::with_capacity(given.len());
+    for e in all.iter_mut() {
+        let Resource::Service(s) = &e.resource else {
+            continue;
+        };
+        if s.spec.virtual_ip.is_some() {
+            continue;
+        }
+        let key = format!("{}.{}", s.metadata.name, s.metadata.ns());
+        match given.get(&key) {
+            Some(Some(ip)) => {
+                let id = (e.id, *ip);
+                let entry = made.remove(&id).unwrap_or_else(|| {
+                    let mut s = s.clone();
+                    s.spec.virtual_ip = Some(ip.to_string());
+                    Arc::new(DocEntry::new(Resource::Service(s), &e.source, e.revision))
+                });
+                kept.insert(id, entry.clone());
+                *e = entry;
+            }
+            _ => tracing::warn!(service = %key, %range, "no virtual IP left in the range"),
+        }
+    }
+    // Only this publication's documents stay, so the cache never outgrows the mesh.
+    // (Control planes sharing a process, as in tests, evict each other's: a smaller
+    // saving, never a wrong document, as entries are keyed by content.)
+    *made = kept;
+}
+
 /// The proxy's `Proxy` document: stored if there is one, else made from nothing; in
 /// both cases an absent `inbound` is derived from the proxy's registration (its
 /// sidecar port, and the workload's ports as the application ports), or, for a proxy
 /// that did not register, from the Workload named like it (e.g. a Kubernetes Pod's).
-fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
+///
+/// A proxy that says its traffic is captured (`capture`, from its Hello) gets that
+/// `spec.capture` unless the stored document has its own.
+fn proxy_document(
+    state: &MeshState,
+    ns: &str,
+    name: &str,
+    capture: Option<&CaptureSpec>,
+) -> Arc<DocEntry> {
     let key = ResourceKey {
         kind: "Proxy".into(),
         namespace: ns.to_owned(),
@@ -225,7 +315,10 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
         })
         .flatten()
         .filter(|w| w.spec.sidecar.is_some());
-    if let (Some(e), None) = (stored, derive_from)
+    let add_capture = capture.filter(|_| {
+        stored.is_none_or(|e| matches!(&e.resource, Resource::Proxy(p) if p.spec.capture.is_none()))
+    });
+    if let (Some(e), None, None) = (stored, derive_from, add_capture)
         && matches!(e.resource, Resource::Proxy(_))
     {
         // The common case: the stored document as it is, shared.
@@ -262,6 +355,9 @@ fn proxy_document(state: &MeshState, ns: &str, name: &str) -> Arc<DocEntry> {
             app_address: None,
             ports,
         });
+    }
+    if let Some(c) = add_capture {
+        proxy.spec.capture = Some(c.clone());
     }
     Arc::new(DocEntry::new(Resource::Proxy(proxy), "", 0))
 }
@@ -308,12 +404,19 @@ pub fn own_service(state: &MeshState, proxy: &str) -> Option<ResourceKey> {
 
 /// Computes the view of the proxy `namespace/name`.
 pub fn compute(state: &MeshState, proxy: &str) -> View {
+    compute_with(state, proxy, None)
+}
+
+/// Computes the view of the proxy `namespace/name`, whose traffic is captured when
+/// it says so (`capture`, from its Hello).
+pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec>) -> View {
     let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
-    let proxy_entry = proxy_document(state, ns, name);
+    let proxy_entry = proxy_document(state, ns, name, capture);
     let Resource::Proxy(p) = &proxy_entry.resource else {
         return View::default();
     };
-    let everything = p.spec.outbound.http_proxy.is_some();
+    // A forward proxy or a capturing sidecar can reach anything.
+    let everything = p.spec.outbound.http_proxy.is_some() || p.spec.capture.is_some();
     let (own_workload, own_service) = own(state, ns, name, p.spec.workload.as_deref());
     let l = &state.lookups;
 
@@ -486,6 +589,76 @@ spec:
             .collect()
     }
 
+    fn vips(v: &View) -> Vec<(String, Option<String>)> {
+        v.entries
+            .iter()
+            .filter_map(|e| match &e.resource {
+                Resource::Service(s) => Some((s.metadata.name.clone(), s.spec.virtual_ip.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A capturing proxy gets every service, each with a virtual IP: the explicit one,
+    /// else a stable one from the mesh's range. A proxy whose Hello says it captures
+    /// is one too, with that capture in its document.
+    #[test]
+    fn capturing_proxies_get_every_service_with_a_virtual_ip() {
+        let plain = compute(&state(MESH), "shop/web");
+        assert_eq!(vips(&plain).len(), 2, "no capture: only what it reaches");
+        assert!(
+            vips(&plain)
+                .iter()
+                .all(|(_, ip)| ip.as_deref().is_some_and(|i| i.starts_with("240.240."))),
+            "{:?}",
+            vips(&plain)
+        );
+        let hello = CaptureSpec {
+            outbound_port: 15001,
+            inbound_port: 15006,
+            opaque_ports: vec![3306],
+            detect_timeout: None,
+            dns_port: None,
+        };
+        let v = compute_with(&state(MESH), "shop/web", Some(&hello));
+        assert_eq!(vips(&v).len(), 3, "captured: every service");
+        let doc = v
+            .entries
+            .iter()
+            .find_map(|e| match &e.resource {
+                Resource::Proxy(p) => p.spec.capture.clone(),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no capture in the proxy's document"));
+        assert_eq!(doc, hello);
+        let capture = format!(
+            "{MESH}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: cap, namespace: ops}}\nspec: {{capture: {{}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: fixed, namespace: ops}}\nspec: {{virtualIP: 10.96.0.7, ports: [{{name: http, port: 80}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{virtualIPRange: 10.200.0.0/24}}\n"
+        );
+        let v = compute(&state(&capture), "ops/cap");
+        let got = vips(&v);
+        assert_eq!(got.len(), 4, "every service: {got:?}");
+        let range =
+            sinew_model::vip::Cidr::parse("10.200.0.0/24").unwrap_or_else(|e| panic!("{e}"));
+        for (name, ip) in &got {
+            let ip: std::net::IpAddr = ip
+                .as_deref()
+                .and_then(|i| i.parse().ok())
+                .unwrap_or_else(|| panic!("{name} has no virtual IP: {got:?}"));
+            if name == "fixed" {
+                assert_eq!(ip.to_string(), "10.96.0.7");
+            } else {
+                assert!(range.contains(ip), "{name}: {ip} outside the range");
+            }
+        }
+        let distinct: BTreeSet<_> = got.iter().map(|(_, ip)| ip.clone()).collect();
+        assert_eq!(distinct.len(), 4, "{got:?}");
+        assert_eq!(
+            vips(&compute(&state(&capture), "ops/cap")),
+            got,
+            "stable across publications"
+        );
+    }
+
     #[test]
     fn a_proxy_gets_what_it_can_reach_and_nothing_else() {
         let s = state(MESH);
@@ -539,7 +712,7 @@ spec:
     /// however it gets there.
     fn reference(state: &MeshState, proxy: &str) -> Vec<String> {
         let (ns, name) = proxy.split_once('/').unwrap_or((DEFAULT_NAMESPACE, proxy));
-        let pd = proxy_document(state, ns, name);
+        let pd = proxy_document(state, ns, name, None);
         let Resource::Proxy(p) = &pd.resource else {
             return Vec::new();
         };

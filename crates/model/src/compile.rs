@@ -51,8 +51,39 @@ pub struct ProxyConfig {
     pub tracing: Option<TracingConfig>,
     /// Access logs (`Proxy.spec.accessLog`); `None`: off.
     pub access_log: Option<crate::resource::AccessLogFormat>,
+    /// Transparent capture (`Proxy.spec.capture`); `None`: off.
+    pub capture: Option<CaptureConfig>,
+    /// What captured traffic to unknown destinations does
+    /// (`MeshConfig.spec.outboundTrafficPolicy`).
+    pub egress: EgressMode,
     #[serde(skip)]
     names: HashMap<String, String>,
+}
+
+/// Transparent capture, compiled from `Proxy.spec.capture`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaptureConfig {
+    /// Redirected outbound TCP arrives here (loopback).
+    pub outbound_port: u16,
+    /// Redirected inbound TCP arrives here (every address).
+    pub inbound_port: u16,
+    /// Destination ports never inspected.
+    pub opaque_ports: Vec<u16>,
+    /// How long detection waits for the client's first bytes.
+    #[serde(serialize_with = "ser_duration_ms")]
+    pub detect_timeout: Duration,
+    /// The DNS responder's UDP port on loopback, if any.
+    pub dns_port: Option<u16>,
+}
+
+/// Default for `Proxy.spec.capture.detectTimeout`: long enough for a client that
+/// speaks first to have sent its first bytes on any local connection, short enough
+/// that a server-speaks-first protocol's greeting is not noticeably late.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+fn ser_duration_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
 }
 
 /// Distributed tracing, compiled from `MeshConfig.spec.tracing`.
@@ -259,6 +290,8 @@ pub struct ServiceConfig {
     pub ports: Vec<PortConfig>,
     /// Circuit breaking and outlier detection.
     pub traffic: TrafficConfig,
+    /// The service's virtual IP (`spec.virtualIP`), if it has one.
+    pub virtual_ip: Option<IpAddr>,
 }
 
 impl ServiceConfig {
@@ -804,6 +837,22 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         identity,
         tracing,
         access_log: p.spec.access_log.as_ref().map(|a| a.format),
+        capture: p.spec.capture.as_ref().map(|c| CaptureConfig {
+            outbound_port: c.outbound_port,
+            inbound_port: c.inbound_port,
+            opaque_ports: c.opaque_ports.clone(),
+            detect_timeout: c
+                .detect_timeout
+                .as_deref()
+                .and_then(|d| duration::parse(d).ok())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(DEFAULT_DETECT_TIMEOUT),
+            dns_port: c.dns_port,
+        }),
+        egress: mesh
+            .and_then(|m| m.outbound_traffic_policy)
+            .map(|p| p.mode)
+            .unwrap_or_default(),
         names,
     })
 }
@@ -1087,6 +1136,7 @@ fn compile_service(
             .unwrap_or_default(),
         ports,
         traffic: traffic_config(res, ns, name),
+        virtual_ip: svc.spec.virtual_ip.as_deref().and_then(|v| v.parse().ok()),
     }
 }
 

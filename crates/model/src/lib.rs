@@ -15,6 +15,7 @@ pub mod load;
 pub mod resource;
 pub mod route;
 pub mod spiffe;
+pub mod vip;
 
 pub use compile::{ProxyConfig, compile_proxy};
 pub use error::{ConfigError, ConfigErrors};

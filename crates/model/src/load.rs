@@ -448,8 +448,25 @@ impl Resources {
     }
 
     fn validate(&self, errors: &mut ConfigErrors) {
+        let mut vips: BTreeMap<IpAddr, &Key> = BTreeMap::new();
         for (k, svc) in &self.services {
             let mut c = self.checker(errors, "Service", k);
+            if let Some(v) = &svc.spec.virtual_ip {
+                match v.parse::<IpAddr>() {
+                    Err(_) => c.fail("spec.virtualIP", format!("{v:?} is not an IP address")),
+                    Ok(ip) => {
+                        if let Some(prev) = vips.insert(ip, k) {
+                            c.fail(
+                                "spec.virtualIP",
+                                format!(
+                                    "{ip} is already the virtual IP of service {}/{}",
+                                    prev.0, prev.1
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
             if svc.spec.ports.is_empty() {
                 c.fail("spec.ports", "a service needs at least one port");
             }
@@ -758,6 +775,43 @@ impl Resources {
         }
         if let Some(hp) = &p.spec.outbound.http_proxy {
             bind(&mut c, "spec.outbound.httpProxy.bind".into(), &hp.bind);
+        }
+        if let Some(cap) = &p.spec.capture {
+            for (field, port) in [
+                ("outboundPort", Some(cap.outbound_port)),
+                ("inboundPort", Some(cap.inbound_port)),
+                ("dnsPort", cap.dns_port),
+            ] {
+                if port == Some(0) {
+                    c.fail(format!("spec.capture.{field}"), "port must be 1-65535");
+                }
+            }
+            bind(
+                &mut c,
+                "spec.capture.outboundPort".into(),
+                &format!("127.0.0.1:{}", cap.outbound_port),
+            );
+            if cap.outbound_port == cap.inbound_port {
+                c.fail(
+                    "spec.capture.inboundPort",
+                    format!(
+                        "port {} is also the outboundPort: the two captures need their own ports",
+                        cap.inbound_port
+                    ),
+                );
+            }
+            if cap.opaque_ports.contains(&0) {
+                c.fail("spec.capture.opaquePorts", "port must be 1-65535");
+            }
+            if let Some(d) = &cap.detect_timeout {
+                match crate::duration::parse(d) {
+                    Err(e) => c.fail("spec.capture.detectTimeout", e),
+                    Ok(t) if t.is_zero() => {
+                        c.fail("spec.capture.detectTimeout", "must be more than zero")
+                    }
+                    Ok(_) => {}
+                }
+            }
         }
         for (i, u) in p.spec.outbound.upstreams.iter().enumerate() {
             let f = format!("spec.outbound.upstreams[{i}]");
@@ -1255,6 +1309,11 @@ impl Resources {
         if let Some(m) = &self.mesh {
             let k = key(&m.metadata);
             let mut c = self.checker(errors, "MeshConfig", &k);
+            if let Some(r) = &m.spec.virtual_ip_range
+                && let Err(e) = crate::vip::Cidr::parse(r)
+            {
+                c.fail("spec.virtualIPRange", e);
+            }
             if let Some(td) = &m.spec.trust_domain
                 && !crate::authz::valid_trust_domain(td)
             {

@@ -91,6 +91,11 @@ pub struct ServiceSpec {
     /// mTLS mode of this service's inbound traffic; default the mesh's mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsSpec>,
+    /// The service's stable virtual IP: an app whose traffic is captured connects to
+    /// `virtualIP:port` and the sidecar maps it to this service. Default: allocated by
+    /// the control plane from `MeshConfig.spec.virtualIPRange`.
+    #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<String>,
 }
 
 /// One port of a service.
@@ -179,6 +184,40 @@ pub struct MeshConfigSpec {
     /// when absent (trace headers then pass through untouched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSpec>,
+    /// What a sidecar does with captured traffic to a destination the mesh does not
+    /// know; default `ALLOW_ANY` (it passes through as plain TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    /// Where the control plane allocates services' virtual IPs (a CIDR); default
+    /// `240.240.0.0/16`.
+    #[serde(
+        default,
+        rename = "virtualIPRange",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub virtual_ip_range: Option<String>,
+}
+
+/// `MeshConfig.spec.outboundTrafficPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    /// The mode; default `ALLOW_ANY`.
+    #[serde(default)]
+    pub mode: EgressMode,
+}
+
+/// Whether captured traffic may leave the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EgressMode {
+    /// Unknown destinations pass through as plain TCP (the default).
+    #[default]
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    /// Only mesh services are reachable: a captured connection to anything else is
+    /// refused (closed).
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
 }
 
 /// Distributed tracing (`MeshConfig.spec.tracing`): each sidecar hop continues the
@@ -270,6 +309,43 @@ pub struct ProxySpec {
     /// path. Absent: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogSpec>,
+    /// Transparent capture: the workload's traffic is redirected to the proxy by
+    /// packet-filter rules (`sinew init`), which listens on these ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureSpec>,
+}
+
+/// Transparent capture (`Proxy.spec.capture`). The ports must be those `sinew init`
+/// redirects to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaptureSpec {
+    /// Where redirected outbound TCP arrives (on loopback); default 15001.
+    #[serde(default = "default_outbound_capture")]
+    pub outbound_port: u16,
+    /// Where redirected inbound TCP arrives (on every address); default 15006.
+    #[serde(default = "default_inbound_capture")]
+    pub inbound_port: u16,
+    /// Destination ports whose traffic is never inspected (opaque TCP at once): for
+    /// protocols where the server speaks first (MySQL, SMTP) or any non-HTTP one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opaque_ports: Vec<u16>,
+    /// How long protocol detection waits for the client's first bytes before it
+    /// treats the connection as opaque TCP, e.g. `100ms`; default 100 ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_timeout: Option<String>,
+    /// The DNS responder's UDP port on loopback (answers services' names with their
+    /// virtual IPs); absent: no DNS responder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_port: Option<u16>,
+}
+
+fn default_outbound_capture() -> u16 {
+    15001
+}
+
+fn default_inbound_capture() -> u16 {
+    15006
 }
 
 /// Access-log settings.

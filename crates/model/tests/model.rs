@@ -288,3 +288,65 @@ fn yaml_syntax_errors_carry_the_line() {
     assert!(err.to_string().starts_with("x.yaml:"), "{err}");
     assert!(err.to_string().contains("invalid YAML"), "{err}");
 }
+
+#[test]
+fn capture_and_virtual_ips_are_validated() {
+    let base = "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: a, namespace: shop}\nspec:\n  virtualIP: 10.96.0.1\n  ports: [{name: http, port: 80}]\n";
+    let ok = format!(
+        "{base}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  capture: {{opaquePorts: [3306], detectTimeout: 250ms, dnsPort: 15053}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n  virtualIPRange: 10.96.0.0/12\n"
+    );
+    let cfg = compile_text("mesh.yaml", &ok, None).unwrap_or_else(|e| panic!("{e}"));
+    let cap = cfg.capture.as_ref().unwrap();
+    assert_eq!((cap.outbound_port, cap.inbound_port), (15001, 15006));
+    assert_eq!(cap.detect_timeout, std::time::Duration::from_millis(250));
+    assert_eq!(cap.opaque_ports, vec![3306]);
+    assert_eq!(cfg.egress, sinew_model::resource::EgressMode::RegistryOnly);
+    assert_eq!(
+        cfg.service("a.shop").and_then(|s| s.virtual_ip),
+        "10.96.0.1".parse().ok()
+    );
+
+    let proxy = |capture: &str| {
+        format!(
+            "apiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  capture: {capture}\n"
+        )
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec:\n  virtualIP: 10.96.0.1\n  ports: [{name: http, port: 80}]\n".into(),
+            "spec.virtualIP",
+            "already the virtual IP of service shop/a",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec:\n  virtualIP: ten.0.0.1\n  ports: [{name: http, port: 80}]\n".into(),
+            "spec.virtualIP",
+            "not an IP address",
+        ),
+        (proxy("{detectTimeout: soon}"), "spec.capture.detectTimeout", "invalid duration"),
+        (proxy("{detectTimeout: 0s}"), "spec.capture.detectTimeout", "more than zero"),
+        (proxy("{inboundPort: 15001}"), "spec.capture.inboundPort", "also the outboundPort"),
+        (proxy("{outboundPort: 0}"), "spec.capture.outboundPort", "1-65535"),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p, namespace: shop}\nspec:\n  capture: {}\n  outbound: {httpProxy: {bind: \"127.0.0.1:15001\"}}\n".into(),
+            "spec.capture.outboundPort",
+            "already used",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  virtualIPRange: 10.96.0.0/40\n".into(),
+            "spec.virtualIPRange",
+            "prefix",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  outboundTrafficPolicy: {mode: CLOSED}\n".into(),
+            "spec.outboundTrafficPolicy.mode",
+            "unknown variant",
+        ),
+    ];
+    for (doc, field, reason) in &cases {
+        let text = format!("{base}---\n{doc}");
+        let err = compile_text("mesh.yaml", &text, Some("shop/p")).expect_err(doc);
+        let hit = err.0.iter().find(|e| e.field.as_deref() == Some(*field));
+        let e = hit.unwrap_or_else(|| panic!("expected an error at {field}, got: {err}"));
+        assert!(e.reason.contains(reason), "{field}: {}", e.reason);
+    }
+}

@@ -69,6 +69,20 @@ pub struct ControlSettings {
     /// How often traffic stats go to the control plane (`sinew stat`, `top`, `edges`);
     /// default 2 s. Zero turns them off (and gathering them).
     pub stats_interval: Duration,
+    /// Transparent capture set up on this host (`sinew init`): the control plane turns
+    /// on the capture listeners and sends every service.
+    pub capture: Option<sinew_model::resource::CaptureSpec>,
+}
+
+/// `Proxy.spec.capture` as the Hello carries it.
+fn capture_message(c: &sinew_model::resource::CaptureSpec) -> sinew_api::v1::Capture {
+    sinew_api::v1::Capture {
+        outbound_port: u32::from(c.outbound_port),
+        inbound_port: u32::from(c.inbound_port),
+        opaque_ports: c.opaque_ports.iter().map(|p| u32::from(*p)).collect(),
+        detect_timeout: c.detect_timeout.clone().unwrap_or_default(),
+        dns_port: c.dns_port.map_or(0, u32::from),
+    }
 }
 
 impl ControlSettings {
@@ -83,6 +97,7 @@ impl ControlSettings {
             join_token: None,
             join_token_file: None,
             stats_interval: STATS_INTERVAL,
+            capture: None,
         }
     }
 }
@@ -238,6 +253,7 @@ impl Client {
                 registration: self.settings.registration.clone(),
                 applied_version: self.applied.clone(),
                 proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+                capture: self.settings.capture.as_ref().map(capture_message),
             })),
         };
         tx.send(hello)

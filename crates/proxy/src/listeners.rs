@@ -28,6 +28,10 @@ pub enum Role {
     Upstream,
     /// The HTTP forward-proxy port.
     HttpProxy,
+    /// Outbound TCP redirected by capture rules: routed by its original destination.
+    OutboundCapture,
+    /// Inbound TCP redirected by capture rules: mesh mTLS, or plaintext for the app.
+    InboundCapture,
 }
 
 impl Role {
@@ -36,6 +40,8 @@ impl Role {
             Role::Inbound => "inbound",
             Role::Upstream => "outbound",
             Role::HttpProxy => "http-proxy",
+            Role::OutboundCapture => "outbound-capture",
+            Role::InboundCapture => "inbound-capture",
         }
     }
 }
@@ -53,6 +59,8 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// The client's SPIFFE id, verified by mTLS (inbound only).
     pub peer_identity: Option<Arc<str>>,
+    /// Where a captured connection was going before the capture rules redirected it.
+    pub orig_dst: Option<SocketAddr>,
 }
 
 /// The desired listeners of a configuration: address → role (and for upstream
@@ -68,13 +76,34 @@ pub fn desired(cfg: &ProxyConfig) -> HashMap<SocketAddr, (Role, bool)> {
     for u in &cfg.upstreams {
         out.insert(u.bind, (Role::Upstream, !u.protocol.is_http()));
     }
+    if let Some(c) = &cfg.capture {
+        for addr in crate::capture::listen_addrs(c.outbound_port, true) {
+            out.insert(addr, (Role::OutboundCapture, false));
+        }
+        for addr in crate::capture::listen_addrs(c.inbound_port, false) {
+            out.insert(addr, (Role::InboundCapture, false));
+        }
+    }
     out
+}
+
+/// A bind failure that is not an error: the IPv6 side of a capture listener on a
+/// host without IPv6 (there is then no IPv6 traffic to capture either).
+fn optional(addr: &SocketAddr, role: Role, e: &std::io::Error) -> bool {
+    addr.is_ipv6()
+        && matches!(role, Role::OutboundCapture | Role::InboundCapture)
+        && matches!(
+            e.kind(),
+            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+        ) | (e.raw_os_error() == Some(97)) // EAFNOSUPPORT
 }
 
 /// The running listeners. Owned by the configuration task (one writer).
 #[derive(Debug, Default)]
 pub struct Listeners {
     active: HashMap<SocketAddr, ((Role, bool), oneshot::Sender<()>)>,
+    /// The DNS responder: its port and tasks.
+    dns: Option<(u16, Vec<tokio::task::AbortHandle>)>,
 }
 
 /// Listeners bound for a configuration that is not applied yet.
@@ -82,9 +111,22 @@ pub struct Listeners {
 pub struct Prepared {
     want: HashMap<SocketAddr, (Role, bool)>,
     bound: Vec<(SocketAddr, (Role, bool), std::net::TcpListener)>,
+    /// The DNS port wanted, and its sockets when newly bound.
+    dns: (Option<u16>, Vec<std::net::UdpSocket>),
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    if addr.is_ipv6() {
+        // IPv6 only: an IPv4 listener on the same port may exist beside it (capture
+        // binds both, as the original destination is read per address family).
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        s.set_nonblocking(true)?;
+        return Ok(s.into());
+    }
     let l = std::net::TcpListener::bind(addr)?;
     l.set_nonblocking(true)?;
     Ok(l)
@@ -104,14 +146,33 @@ impl Listeners {
                 Some(_) => continue,
                 None => match bind(*addr) {
                     Ok(l) => bound.push((*addr, *role, l)),
+                    Err(e) if optional(addr, role.0, &e) => {
+                        tracing::warn!(%addr, error = %e, "IPv6 capture listener not bound");
+                    }
                     Err(e) => {
                         failures.push(format!("cannot listen on {addr} ({}): {e}", role.0.label()))
                     }
                 },
             }
         }
+        let want_dns = cfg.capture.as_ref().and_then(|c| c.dns_port);
+        let mut dns_sockets = Vec::new();
+        if let Some(port) = want_dns
+            && self.dns.as_ref().map(|(p, _)| *p) != Some(port)
+        {
+            match crate::dns::bind(port) {
+                Ok(s) => dns_sockets = s,
+                Err(e) => {
+                    failures.push(format!("cannot listen on 127.0.0.1:{port}/udp (dns): {e}"))
+                }
+            }
+        }
         if failures.is_empty() {
-            Ok(Prepared { want, bound })
+            Ok(Prepared {
+                want,
+                bound,
+                dns: (want_dns, dns_sockets),
+            })
         } else {
             Err(failures)
         }
@@ -121,7 +182,12 @@ impl Listeners {
     /// connections finish on their own). Returns listeners that failed to rebind
     /// after a role change.
     pub fn commit(&mut self, prepared: Prepared, shared: &Arc<Shared>, rt: &Handle) -> Vec<String> {
-        let Prepared { want, mut bound } = prepared;
+        let Prepared {
+            want,
+            mut bound,
+            dns,
+        } = prepared;
+        self.commit_dns(dns, shared, rt);
         self.active
             .retain(|addr, (role, _)| want.get(addr) == Some(role));
         let mut failures = Vec::new();
@@ -131,6 +197,7 @@ impl Listeners {
             }
             match bind(*addr) {
                 Ok(l) => bound.push((*addr, *role, l)),
+                Err(e) if optional(addr, role.0, &e) => {}
                 Err(e) => {
                     failures.push(format!("cannot listen on {addr} ({}): {e}", role.0.label()))
                 }
@@ -151,6 +218,36 @@ impl Listeners {
             .listeners_ok
             .store(failures.is_empty(), Ordering::Relaxed);
         failures
+    }
+}
+
+impl Listeners {
+    /// Starts, moves or stops the DNS responder.
+    fn commit_dns(
+        &mut self,
+        (want, sockets): (Option<u16>, Vec<std::net::UdpSocket>),
+        shared: &Arc<Shared>,
+        rt: &Handle,
+    ) {
+        if self.dns.as_ref().map(|(p, _)| *p) == want {
+            return;
+        }
+        if let Some((_, tasks)) = self.dns.take() {
+            for t in tasks {
+                t.abort();
+            }
+        }
+        if let Some(port) = want {
+            let tasks = sockets
+                .into_iter()
+                .map(|s| {
+                    rt.spawn(crate::dns::serve(s, shared.clone()))
+                        .abort_handle()
+                })
+                .collect();
+            tracing::info!(port, "DNS responder listening");
+            self.dns = Some((port, tasks));
+        }
     }
 }
 
@@ -178,7 +275,7 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let Some(guard) = shared.track() else { break };
                     let _ = stream.set_nodelay(true);
-                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None });
+                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None });
                     tokio::spawn(async move {
                         connection(ctx, stream, opaque).await;
                         drop(guard);
@@ -208,6 +305,10 @@ async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
     if ctx.role == Role::Inbound {
         // Boxed: TLS state is not paid for by outbound connections.
         Box::pin(inbound_connection(ctx, stream)).await;
+    } else if ctx.role == Role::OutboundCapture {
+        Box::pin(crate::capture::outbound(ctx, stream)).await;
+    } else if ctx.role == Role::InboundCapture {
+        Box::pin(crate::capture::inbound(ctx, stream)).await;
     } else if opaque {
         // Boxed: HTTP connections should not pay for the TCP path's state.
         Box::pin(outbound::tcp(ctx, stream)).await;
@@ -227,6 +328,31 @@ async fn inbound_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
         return;
     }
     if first[0] == 0x16 {
+        mesh_tls(ctx, stream).await;
+        return;
+    }
+    let strict = shared.mtls_enforced()
+        && shared
+            .snapshot
+            .load()
+            .as_ref()
+            .and_then(|s| s.config.inbound.as_ref().map(|i| i.mtls))
+            .is_none_or(|m| m == sinew_model::resource::MtlsMode::Strict);
+    if strict {
+        shared
+            .metrics
+            .error(crate::metrics::Direction::Inbound, "plaintext-refused");
+        tracing::debug!(peer = %ctx.peer, "plaintext refused: mTLS is strict");
+        return;
+    }
+    serve_http(ctx, stream).await;
+}
+
+/// Terminates mesh mTLS (the mesh ALPN is required) and serves the peer sidecar's
+/// HTTP/2 with its verified identity.
+pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let shared = ctx.shared.clone();
+    {
         let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_server.clone());
         let tls = match tokio::time::timeout(
             shared.settings.header_read_timeout,
@@ -258,28 +384,13 @@ async fn inbound_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
             bind: ctx.bind,
             peer: ctx.peer,
             peer_identity,
+            orig_dst: ctx.orig_dst,
         });
         serve_http(ctx, tls).await;
-        return;
     }
-    let strict = shared.mtls_enforced()
-        && shared
-            .snapshot
-            .load()
-            .as_ref()
-            .and_then(|s| s.config.inbound.as_ref().map(|i| i.mtls))
-            .is_none_or(|m| m == sinew_model::resource::MtlsMode::Strict);
-    if strict {
-        shared
-            .metrics
-            .error(crate::metrics::Direction::Inbound, "plaintext-refused");
-        tracing::debug!(peer = %ctx.peer, "plaintext refused: mTLS is strict");
-        return;
-    }
-    serve_http(ctx, stream).await;
 }
 
-async fn serve_http<IO>(ctx: Arc<ConnCtx>, stream: IO)
+pub(crate) async fn serve_http<IO>(ctx: Arc<ConnCtx>, stream: IO)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -291,8 +402,10 @@ where
     let svc = service_fn(move |req| -> HandlerFuture {
         let ctx = ctx.clone();
         match role {
-            Role::Inbound => Box::pin(async move { Ok(inbound::handle(ctx, req).await) }),
-            Role::Upstream | Role::HttpProxy => {
+            Role::Inbound | Role::InboundCapture => {
+                Box::pin(async move { Ok(inbound::handle(ctx, req).await) })
+            }
+            Role::Upstream | Role::HttpProxy | Role::OutboundCapture => {
                 Box::pin(async move { Ok(outbound::handle(ctx, req).await) })
             }
         }
@@ -359,6 +472,7 @@ mod tests {
             bind: addr,
             peer,
             peer_identity: None,
+            orig_dst: None,
         });
         let conn = connection(ctx, stream, false);
         // The handlers are boxed per request (see serve_http); they only need to stay

@@ -81,6 +81,26 @@ struct Args {
     /// plane (for `sinew stat/top/edges`; sent only after traffic); 0 turns them off.
     #[arg(long, default_value_t = 2000, requires = "control_plane")]
     stats_interval_ms: u64,
+    /// Control-plane mode: this host's traffic is captured (`sinew init` rules): the
+    /// proxy listens for it and gets every service. A stored Proxy document's own
+    /// `spec.capture` takes precedence.
+    #[arg(long, requires = "control_plane")]
+    capture: bool,
+    /// Where `sinew init` redirects outbound TCP.
+    #[arg(long, default_value_t = 15001, requires = "capture")]
+    capture_outbound_port: u16,
+    /// Where `sinew init` redirects inbound TCP.
+    #[arg(long, default_value_t = 15006, requires = "capture")]
+    capture_inbound_port: u16,
+    /// Where `sinew init --dns-port` redirects DNS; default no DNS responder.
+    #[arg(long, requires = "capture")]
+    capture_dns_port: Option<u16>,
+    /// Destination ports never inspected (server-speaks-first protocols), e.g. 3306.
+    #[arg(long, value_delimiter = ',', requires = "capture")]
+    opaque_ports: Vec<u16>,
+    /// How long protocol detection waits for a client's first bytes, e.g. 100ms.
+    #[arg(long, requires = "capture")]
+    detect_timeout: Option<String>,
     /// Admin listener (/live, /ready, /metrics, /config).
     #[arg(long, default_value = "127.0.0.1:4191", env = "SINEW_PROXY_ADMIN")]
     admin: SocketAddr,
@@ -154,6 +174,15 @@ fn main() -> anyhow::Result<()> {
                 };
                 let mut settings = ControlSettings::new(url, proxy);
                 settings.stats_interval = Duration::from_millis(args.stats_interval_ms);
+                if args.capture {
+                    settings.capture = Some(sinew_model::resource::CaptureSpec {
+                        outbound_port: args.capture_outbound_port,
+                        inbound_port: args.capture_inbound_port,
+                        opaque_ports: args.opaque_ports.clone(),
+                        detect_timeout: args.detect_timeout.clone(),
+                        dns_port: args.capture_dns_port,
+                    });
+                }
                 settings.join_token = match (&args.join_token, &args.join_token_file) {
                     (Some(t), _) => Some(t.trim().to_owned()),
                     (None, Some(f)) => Some(

@@ -119,6 +119,12 @@ struct AuthzLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CaptureLabels {
+    direction: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -150,6 +156,10 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Endpoints ejected by outlier detection.
     pub ejections: Counter,
+    captured: Family<CaptureLabels, Counter>,
+    /// Captured connections whose client sent nothing within the detection timeout
+    /// (treated as opaque TCP: a server-speaks-first protocol on an undeclared port).
+    pub detect_timeouts: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -281,7 +291,21 @@ impl Metrics {
             "Endpoints ejected by outlier detection",
             ejections.clone(),
         );
+        let captured = Family::<CaptureLabels, Counter>::default();
+        registry.register(
+            "captured_connections",
+            "Connections redirected to the proxy by capture rules, by direction and what became of them (http, tcp: to a mesh service; passthrough: to an unknown destination; mtls, plaintext: inbound; refused)",
+            captured.clone(),
+        );
+        let detect_timeouts = Counter::default();
+        registry.register(
+            "protocol_detect_timeouts",
+            "Captured connections treated as opaque TCP because the client sent nothing within the detection timeout",
+            detect_timeouts.clone(),
+        );
         Metrics {
+            captured,
+            detect_timeouts,
             ejections,
             access_log_dropped,
             http,
@@ -394,6 +418,16 @@ impl Metrics {
         if applied {
             self.generation.set(generation as i64);
         }
+    }
+
+    /// Counts a captured connection by what became of it.
+    pub fn captured(&self, dir: Direction, outcome: &'static str) {
+        self.captured
+            .get_or_create(&CaptureLabels {
+                direction: dir.as_str(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts a hedged try.

@@ -77,7 +77,21 @@ fn target<'s>(
                 .ok_or_else(|| ProxyError::UnknownService(up.service.clone()))?;
             Ok((svc, port))
         }
-        Role::HttpProxy | Role::Inbound => {
+        Role::OutboundCapture => {
+            let (key, number) = ctx
+                .orig_dst
+                .and_then(|dst| snap.captured(dst))
+                .ok_or(ProxyError::NoRoute)?;
+            let svc = snap
+                .config
+                .service(key)
+                .ok_or_else(|| ProxyError::UnknownService(key.to_owned()))?;
+            let port = svc
+                .port(number)
+                .ok_or_else(|| ProxyError::UnknownService(key.to_owned()))?;
+            Ok((svc, port))
+        }
+        Role::HttpProxy | Role::Inbound | Role::InboundCapture => {
             let auth = http_util::authority(req).ok_or(ProxyError::Malformed(
                 "no Host header or absolute URI to route by",
             ))?;
@@ -760,18 +774,39 @@ pub async fn tcp(ctx: Arc<ConnCtx>, downstream: tokio::net::TcpStream) {
     let Some(up) = snap.config.upstreams.iter().find(|u| u.bind == ctx.bind) else {
         return;
     };
-    let endpoint = match snap.balancer(&up.service, up.port).and_then(|b| b.pick()) {
-        Some(e) => e.clone(),
+    let endpoint = pick_tcp(&ctx, &snap, &up.service, up.port);
+    drop(snap);
+    if let Some(endpoint) = endpoint {
+        tcp_to(&ctx, downstream, &endpoint).await;
+    }
+}
+
+/// An endpoint of a service port for an opaque TCP connection, or `None` (counted)
+/// when it has none.
+pub(crate) fn pick_tcp(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    service: &str,
+    port: u16,
+) -> Option<Arc<Endpoint>> {
+    match snap.balancer(service, port).and_then(|b| b.pick()) {
+        Some(e) => Some(e.clone()),
         None => {
             ctx.shared
                 .metrics
                 .error(Direction::Outbound, "no-endpoints");
-            tracing::warn!(service = %up.service, "TCP connection closed: no endpoints");
-            return;
+            tracing::warn!(%service, "TCP connection closed: no endpoints");
+            None
         }
-    };
-    drop(snap);
-    match UpstreamIo::open(&endpoint).await {
+    }
+}
+
+/// Joins `downstream` to `endpoint` (through its sidecar's tunnel when it has one).
+pub(crate) async fn tcp_to<D>(ctx: &ConnCtx, downstream: D, endpoint: &Arc<Endpoint>)
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match UpstreamIo::open(endpoint).await {
         Ok(io) => spawn_splice(&ctx.shared, downstream, io),
         Err(e) => {
             ctx.shared.metrics.error(Direction::Outbound, e.reason());

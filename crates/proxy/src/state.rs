@@ -50,6 +50,35 @@ pub struct Snapshot {
     pub tracing: Option<Arc<crate::trace::Tracing>>,
     /// This workload's service (`name.namespace`), the inbound requests' label.
     pub inbound_service: Option<Arc<str>>,
+    /// Original destinations of captured traffic → services (`None` without capture).
+    capture: Option<Box<CaptureTargets>>,
+}
+
+/// Where captured connections go: a service's virtual IP, or a workload's
+/// address:port, names the service (and port) they are for.
+#[derive(Debug, Default)]
+struct CaptureTargets {
+    vips: HashMap<std::net::IpAddr, String>,
+    endpoints: HashMap<SocketAddr, (String, u16)>,
+}
+
+impl CaptureTargets {
+    fn new(config: &ProxyConfig) -> CaptureTargets {
+        let mut t = CaptureTargets::default();
+        for (key, svc) in &config.services {
+            if let Some(ip) = svc.virtual_ip {
+                t.vips.entry(ip).or_insert_with(|| key.clone());
+            }
+            for port in &svc.ports {
+                for ep in &port.endpoints {
+                    t.endpoints
+                        .entry(ep.address)
+                        .or_insert_with(|| (key.clone(), port.port));
+                }
+            }
+        }
+        t
+    }
 }
 
 impl Snapshot {
@@ -65,6 +94,18 @@ impl Snapshot {
     /// The retry budget of a route rule.
     pub fn budget(&self, route: &str, rule: usize) -> Option<&Arc<crate::resilience::RetryBudget>> {
         self.budgets.get(&(route.to_owned(), rule))
+    }
+
+    /// The mesh service (key, service port) a captured connection to `dst` is for:
+    /// `dst` is a service's virtual IP and one of its ports, or a workload's
+    /// address:port. `None`: not a mesh destination.
+    pub fn captured(&self, dst: SocketAddr) -> Option<(&str, u16)> {
+        let t = self.capture.as_deref()?;
+        if let Some(key) = t.vips.get(&dst.ip()) {
+            let svc = self.config.service(key)?;
+            return svc.port(dst.port()).map(|p| (key.as_str(), p.port));
+        }
+        t.endpoints.get(&dst).map(|(k, p)| (k.as_str(), *p))
     }
 
     /// The connection pool for a local application port (inbound).
@@ -292,7 +333,12 @@ impl SnapshotBuilder {
             .as_ref()
             .and_then(|i| i.service_key())
             .map(Arc::from);
+        let capture = config
+            .capture
+            .as_ref()
+            .map(|_| Box::new(CaptureTargets::new(&config)));
         Snapshot {
+            capture,
             version,
             generation: self.generation,
             applied_at: SystemTime::now(),

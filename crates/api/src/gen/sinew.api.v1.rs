@@ -230,6 +230,28 @@ pub struct Hello {
     /// The proxy's build version.
     #[prost(string, tag = "5")]
     pub proxy_version: ::prost::alloc::string::String,
+    /// Set when the proxy's traffic is captured (`sinew init` rules on its host): the
+    /// control plane puts it in the proxy's Proxy document (unless a stored one has its
+    /// own `spec.capture`) and sends such a proxy every service.
+    #[prost(message, optional, tag = "6")]
+    pub capture: ::core::option::Option<Capture>,
+}
+/// Transparent capture, as `Proxy.spec.capture`.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Capture {
+    #[prost(uint32, tag = "1")]
+    pub outbound_port: u32,
+    #[prost(uint32, tag = "2")]
+    pub inbound_port: u32,
+    #[prost(uint32, repeated, tag = "3")]
+    pub opaque_ports: ::prost::alloc::vec::Vec<u32>,
+    /// A duration such as "100ms"; "" for the default.
+    #[prost(string, tag = "4")]
+    pub detect_timeout: ::prost::alloc::string::String,
+    /// 0: no DNS responder.
+    #[prost(uint32, tag = "5")]
+    pub dns_port: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]

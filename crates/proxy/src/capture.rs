@@ -1,0 +1,416 @@
+//! Transparent capture: connections redirected to the proxy by packet-filter rules
+//! (`sinew init`), routed by their original destination (`SO_ORIGINAL_DST`).
+//!
+//! Outbound: a service's virtual IP or a workload's address:port names a mesh
+//! service; its traffic is then detected (HTTP, else opaque TCP) and goes the usual
+//! way (routes, balancing, mTLS to the peer sidecar). Anything else passes through
+//! as plain TCP, or is refused when `MeshConfig.spec.outboundTrafficPolicy` is
+//! `REGISTRY_ONLY`. Detection is bounded by bytes and time: a client that sends
+//! nothing (the server speaks first: MySQL, SMTP, Redis-style greetings) is treated
+//! as opaque TCP after the detection timeout, and declared opaque ports skip it.
+//!
+//! Inbound: mesh mTLS is terminated as on the inbound listener; plaintext (allowed
+//! only when mTLS is permissive, or the proxy has no identity) goes to the
+//! application's original port as plain TCP.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sinew_model::resource::{EgressMode, MtlsMode};
+use tokio::net::TcpStream;
+
+use crate::listeners::{ConnCtx, mesh_tls, serve_http};
+use crate::metrics::Direction;
+use crate::stream::spawn_splice;
+
+/// The addresses a capture listener binds: loopback for outbound (the OUTPUT
+/// chain's REDIRECT sends there), every address for inbound (PREROUTING's REDIRECT
+/// sends to the receiving interface's address). One listener per address family,
+/// since the original destination is read per family.
+pub fn listen_addrs(port: u16, outbound: bool) -> [SocketAddr; 2] {
+    if outbound {
+        [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        ]
+    } else {
+        [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        ]
+    }
+}
+
+/// Where a redirected connection was going: `SO_ORIGINAL_DST` (IPv4) or
+/// `IP6T_SO_ORIGINAL_DST` (IPv6), chosen by the accepted socket's family.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr()?;
+    let addr = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the original destination is not an IP address",
+        )
+    })
+}
+
+/// What the client's first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// An HTTP/1 request line or the HTTP/2 preface.
+    Http,
+    /// Something else: opaque TCP.
+    Opaque,
+    /// Nothing within the timeout: opaque TCP (the server may speak first).
+    Timeout,
+    /// The client closed (or failed) before sending anything.
+    Closed,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+];
+
+/// Classifies a prefix of the client's bytes: `Some` once it is decided, `None`
+/// while it could still be either.
+pub fn classify(bytes: &[u8]) -> Option<Detected> {
+    let mut undecided = false;
+    for sig in METHODS.iter().copied().chain([H2_PREFACE]) {
+        let n = bytes.len().min(sig.len());
+        if bytes[..n] == sig[..n] {
+            if n == sig.len() {
+                return Some(Detected::Http);
+            }
+            undecided = true;
+        }
+    }
+    (!undecided).then_some(Detected::Opaque)
+}
+
+/// Peeks at the client's first bytes (at most the HTTP/2 preface's length) for up
+/// to `timeout`, without consuming them.
+pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => {
+                return if seen == 0 {
+                    Detected::Timeout
+                } else {
+                    Detected::Opaque
+                };
+            }
+            Ok(Err(_)) | Ok(Ok(0)) => return Detected::Closed,
+            Ok(Ok(n)) => n,
+        };
+        if let Some(d) = classify(&buf[..n]) {
+            return d;
+        }
+        if n == buf.len() {
+            return Detected::Opaque;
+        }
+        // A partial prefix: peek returns at once while those bytes wait, so give
+        // the client a moment to send more (rare: request lines come whole).
+        seen = n;
+        if tokio::time::Instant::now() >= deadline {
+            return Detected::Opaque;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// True when `dst` is the capture listener itself (a client connected to it
+/// directly, or a redirect loop): such a connection is never forwarded.
+fn is_self(dst: SocketAddr, local: SocketAddr, listener_port: u16) -> bool {
+    dst == local
+        || (dst.port() == listener_port
+            && (dst.ip().is_loopback() || dst.ip().is_unspecified() || dst.ip() == local.ip()))
+}
+
+fn with_dst(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
+        shared: ctx.shared.clone(),
+        role: ctx.role,
+        bind: ctx.bind,
+        peer: ctx.peer,
+        peer_identity: None,
+        orig_dst: Some(dst),
+    })
+}
+
+/// A connection the application opened, redirected by the OUTPUT chain.
+pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let shared = &ctx.shared;
+    let dst = match original_dst(&stream) {
+        Ok(d) => d,
+        Err(e) => {
+            shared.metrics.captured(Direction::Outbound, "refused");
+            tracing::warn!(peer = %ctx.peer, error = %e, "captured connection without an original destination");
+            return;
+        }
+    };
+    let local = stream.local_addr().unwrap_or(ctx.bind);
+    if is_self(dst, local, ctx.bind.port()) {
+        shared.metrics.captured(Direction::Outbound, "refused");
+        tracing::warn!(peer = %ctx.peer, %dst, "connection to the capture listener itself refused");
+        return;
+    }
+    let Some(snap) = shared.snapshot.load_full() else {
+        return;
+    };
+    let Some(capture) = snap.config.capture.as_ref() else {
+        return;
+    };
+    let Some((key, port)) = snap.captured(dst) else {
+        if snap.config.egress == EgressMode::RegistryOnly {
+            shared.metrics.captured(Direction::Outbound, "refused");
+            shared.metrics.error(Direction::Outbound, "egress-refused");
+            tracing::debug!(%dst, "refused: not a mesh destination and egress is REGISTRY_ONLY");
+            return;
+        }
+        let connect_timeout = shared.settings.connect_timeout;
+        drop(snap);
+        passthrough(&ctx, stream, dst, connect_timeout).await;
+        return;
+    };
+    let protocol = snap
+        .config
+        .service(key)
+        .and_then(|s| s.port(port))
+        .map(|p| p.protocol);
+    let opaque = capture.opaque_ports.contains(&dst.port())
+        || capture.opaque_ports.contains(&port)
+        || protocol.is_none_or(|p| !p.is_http());
+    let kind = if opaque {
+        Detected::Opaque
+    } else {
+        let d = detect(&stream, capture.detect_timeout).await;
+        if d == Detected::Timeout {
+            shared.metrics.detect_timeouts.inc();
+        }
+        d
+    };
+    match kind {
+        Detected::Closed => {}
+        Detected::Http => {
+            shared.metrics.captured(Direction::Outbound, "http");
+            drop(snap);
+            serve_http(with_dst(&ctx, dst), stream).await;
+        }
+        Detected::Opaque | Detected::Timeout => {
+            let Some(balancer) = snap.balancer(key, port).cloned() else {
+                return;
+            };
+            drop(snap);
+            shared.metrics.captured(Direction::Outbound, "tcp");
+            tcp_with_failover(&ctx, stream, &balancer).await;
+        }
+    }
+}
+
+/// Opaque TCP to a service: an endpoint that cannot be reached is reported to
+/// outlier detection and another one is tried (nothing was sent yet, so the app
+/// never notices).
+async fn tcp_with_failover(
+    ctx: &ConnCtx,
+    stream: TcpStream,
+    balancer: &Arc<crate::balance::Balancer>,
+) {
+    use crate::balance::Outcome;
+    let mut tried: Option<Arc<crate::balance::Endpoint>> = None;
+    for _ in 0..2 {
+        let mut pick = balancer.pick().cloned();
+        for _ in 0..2 {
+            if let (Some(p), Some(t)) = (&pick, &tried)
+                && Arc::ptr_eq(p, t)
+            {
+                pick = balancer.pick().cloned();
+            }
+        }
+        let Some(ep) = pick else {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, "no-endpoints");
+            return;
+        };
+        match crate::stream::UpstreamIo::open(&ep).await {
+            Ok(io) => {
+                balancer.report(&ep, Outcome::Ok);
+                spawn_splice(&ctx.shared, stream, io);
+                return;
+            }
+            Err(e) => {
+                let outcome = match &e {
+                    crate::error::ProxyError::Connect { source, .. }
+                        if source.kind() == io::ErrorKind::ConnectionRefused =>
+                    {
+                        Outcome::Refused
+                    }
+                    _ => Outcome::Failed,
+                };
+                balancer.report(&ep, outcome);
+                ctx.shared.metrics.error(Direction::Outbound, e.reason());
+                tracing::debug!(error = %e, "captured TCP: endpoint unreachable");
+                tried = Some(ep);
+            }
+        }
+    }
+}
+
+/// Plain TCP to a destination outside the mesh. The proxy's own connections are
+/// exempt from capture (by uid), so this does not come back.
+async fn passthrough(ctx: &ConnCtx, stream: TcpStream, dst: SocketAddr, timeout: Duration) {
+    match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
+        Ok(Ok(up)) => {
+            let _ = up.set_nodelay(true);
+            ctx.shared
+                .metrics
+                .captured(Direction::Outbound, "passthrough");
+            spawn_splice(&ctx.shared, stream, up);
+        }
+        Ok(Err(e)) => {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, "passthrough-failed");
+            tracing::debug!(%dst, error = %e, "passthrough connection failed");
+        }
+        Err(_) => {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, "passthrough-failed");
+            tracing::debug!(%dst, "passthrough connection timed out");
+        }
+    }
+}
+
+/// A connection to this workload, redirected by the PREROUTING chain.
+pub async fn inbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let shared = ctx.shared.clone();
+    let local = stream.local_addr().unwrap_or(ctx.bind);
+    // Without conntrack state (a connection made to the port directly) the local
+    // address is where it was going.
+    let dst = original_dst(&stream).unwrap_or(local);
+    let Some(snap) = shared.snapshot.load_full() else {
+        return;
+    };
+    let timeout = snap
+        .config
+        .capture
+        .as_ref()
+        .map_or(sinew_model::compile::DEFAULT_DETECT_TIMEOUT, |c| {
+            c.detect_timeout
+        });
+    // Mesh clients always speak first (a TLS ClientHello); a client that says
+    // nothing is waiting for a server that speaks first.
+    let mut first = [0u8; 1];
+    let tls = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(_) => return,
+        Err(_) => {
+            shared.metrics.detect_timeouts.inc();
+            false
+        }
+    };
+    if tls {
+        shared.metrics.captured(Direction::Inbound, "mtls");
+        drop(snap);
+        mesh_tls(with_dst(&ctx, dst), stream).await;
+        return;
+    }
+    let inbound = snap.config.inbound.as_ref();
+    let strict = shared.mtls_enforced() && inbound.is_none_or(|i| i.mtls == MtlsMode::Strict);
+    if strict || is_self(dst, local, ctx.bind.port()) {
+        shared.metrics.captured(Direction::Inbound, "refused");
+        shared
+            .metrics
+            .error(Direction::Inbound, "plaintext-refused");
+        tracing::debug!(peer = %ctx.peer, %dst, "captured plaintext refused");
+        return;
+    }
+    let app = inbound.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |i| i.app_address);
+    let target = SocketAddr::new(app, dst.port());
+    let connect_timeout = shared.settings.connect_timeout;
+    drop(snap);
+    match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
+        Ok(Ok(up)) => {
+            let _ = up.set_nodelay(true);
+            shared.metrics.captured(Direction::Inbound, "plaintext");
+            spawn_splice(&shared, stream, up);
+        }
+        _ => {
+            shared.metrics.error(Direction::Inbound, "app-unreachable");
+            tracing::debug!(%target, "captured plaintext: the application is unreachable");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_decides_on_few_bytes() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http));
+        assert_eq!(classify(b"POST "), Some(Detected::Http));
+        assert_eq!(classify(H2_PREFACE), Some(Detected::Http));
+        assert_eq!(classify(b"PRI * HTTP/2"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
+        assert_eq!(classify(b"GETX"), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn the_listener_itself_is_never_a_destination() {
+        let local: SocketAddr = "127.0.0.1:15001".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert!(is_self(local, local, 15001));
+        let other: SocketAddr = "127.0.0.5:15001".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert!(is_self(other, local, 15001));
+        let remote: SocketAddr = "10.0.0.2:15001".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!is_self(remote, local, 15001));
+    }
+
+    /// A client that sends nothing is not waited on past the timeout; one that
+    /// sends an HTTP request line is recognised at once.
+    #[tokio::test]
+    async fn detection_is_bounded_by_time() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let _silent = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (s, _) = l.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            detect(&s, Duration::from_millis(50)).await,
+            Detected::Timeout
+        );
+        let mut talker = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::io::AsyncWriteExt::write_all(&mut talker, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (s, _) = l.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(detect(&s, Duration::from_secs(30)).await, Detected::Http);
+    }
+}
