@@ -250,6 +250,9 @@ pub struct ServiceConfig {
     pub name: String,
     /// Namespace.
     pub namespace: String,
+    /// `name.namespace`, made once: requests label their metrics and logs with it.
+    #[serde(skip)]
+    pub key: Arc<str>,
     /// Balancing algorithm.
     pub load_balancer: LoadBalancer,
     /// Ports with their endpoints and routes.
@@ -259,11 +262,6 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
-    /// `name.namespace`.
-    pub fn key(&self) -> String {
-        format!("{}.{}", self.name, self.namespace)
-    }
-
     /// The port with this number.
     pub fn port(&self, number: u16) -> Option<&PortConfig> {
         self.ports.iter().find(|p| p.port == number)
@@ -417,7 +415,7 @@ pub struct EndpointConfig {
 #[serde(rename_all = "camelCase")]
 pub struct RuleConfig {
     /// `namespace/name` of the route, or `default` for the implicit route.
-    pub route: String,
+    pub route: Arc<str>,
     /// Rule index in the route.
     pub rule: usize,
     /// Filters of the rule.
@@ -727,7 +725,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
     let mut names = HashMap::new();
     for ((sns, sname), svc) in &res.services {
         let cfg = compile_service(res, (sns, sname), svc, &trust_domain, &mut errors);
-        let key = cfg.key();
+        let key = cfg.key.to_string();
         for alias in [
             key.clone(),
             format!("{key}.svc"),
@@ -1081,6 +1079,7 @@ fn compile_service(
     ServiceConfig {
         name: name.to_owned(),
         namespace: ns.to_owned(),
+        key: format!("{name}.{ns}").into(),
         load_balancer: svc
             .spec
             .load_balancer
@@ -1232,7 +1231,7 @@ fn compile_routes(
                     .filter(|d| !d.is_zero())
             };
             let rc = Arc::new(RuleConfig {
-                route: label.clone(),
+                route: label.as_str().into(),
                 rule: ri,
                 filters: compile_filters(&rule.filters, rns),
                 total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),

@@ -66,7 +66,7 @@ fn compiles_services_endpoints_and_names() {
         "catalog.shop.",
     ] {
         assert_eq!(
-            cfg.resolve_service(name).map(|s| s.key()),
+            cfg.resolve_service(name).map(|s| s.key.to_string()),
             Some("catalog.shop".to_owned()),
             "{name}"
         );
@@ -83,7 +83,7 @@ fn compiles_services_endpoints_and_names() {
         .routes
         .select(&view(&m, "/x", None, &headers))
         .unwrap();
-    assert_eq!(e.rule.route, "default");
+    assert_eq!(&*e.rule.route, "default");
     // The snapshot serialises for /config.
     let json = serde_json_like(&cfg);
     assert!(json.contains("catalog.shop"));

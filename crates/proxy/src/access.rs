@@ -2,63 +2,158 @@
 //! The same record feeds live taps ([`crate::tap`]), and the same observation the
 //! control plane's stats ([`crate::stats`]).
 //!
-//! The request path only fills a [`Record`] and hands it to a bounded queue
-//! (`try_send`: never waits); a thread of its own formats and writes the lines, and
-//! flushes whenever the queue runs dry. When the writer falls behind, records are
-//! dropped and counted (`sinew_access_log_dropped_total`) rather than slowing
-//! requests. Lines never carry bodies, query strings or credential headers.
+//! A record is made when the response has been sent in full ([`crate::ending`]), so
+//! it carries the bytes that really went through and a gRPC status sent in trailers.
+//! The request path only fills a [`Record`] (cheap clones, no formatting) and hands it
+//! to a bounded queue (`try_send`: never waits); a thread of its own formats and
+//! writes the lines in batches. When the writer falls behind, records are dropped and
+//! counted (`sinew_access_log_dropped_total`) rather than slowing requests. Lines never
+//! carry bodies, query strings or credential headers.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::OnceLock;
+use std::net::SocketAddr;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
+use http::HeaderValue;
 use sinew_model::resource::AccessLogFormat;
 
 /// Records waiting for the writer; past this, new ones are dropped.
 const QUEUE: usize = 16 * 1024;
 
-/// One request, as logged.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
+/// One request, as logged. Held in the cheapest form the request path has at hand;
+/// the writer turns it into text ([`Record::fields`]).
+#[derive(Debug, Clone)]
 pub struct Record {
-    /// When the request arrived (RFC 3339, UTC, milliseconds).
-    pub start: String,
+    /// When the request arrived.
+    pub start: SystemTime,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// HTTP method.
-    pub method: String,
+    pub method: http::Method,
     /// The authority (Host) the client used.
-    pub authority: String,
-    /// The path, without the query string (it may hold secrets).
-    pub path: String,
+    pub authority: Option<http::uri::Authority>,
+    /// The request target; only its path is logged (the query string may hold
+    /// secrets).
+    pub uri: http::Uri,
     /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'static str,
     /// Response status.
     pub status: u16,
-    /// The gRPC status, when the response head carries one.
-    pub grpc_status: Option<String>,
-    /// Time to the response head, in milliseconds.
-    pub duration_ms: f64,
+    /// The gRPC status, from the response head or its trailers.
+    pub grpc_status: Option<HeaderValue>,
+    /// From the request's arrival to the end of its response.
+    pub duration: Duration,
+    /// From the request's arrival to the response head.
+    pub head: Duration,
     /// Request body bytes as declared (`content-length`), when known.
     pub request_bytes: Option<u64>,
-    /// Response body bytes as declared (`content-length`), when known.
-    pub response_bytes: Option<u64>,
+    /// Response body bytes sent.
+    pub response_bytes: u64,
+    /// How the response ended: `complete`, `failed` (the upstream broke off) or
+    /// `aborted` (the client went away first).
+    pub end: &'static str,
     /// The service (`name.namespace`).
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// The route (`namespace/name`).
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// The endpoint the request went to (outbound).
+    pub upstream: Option<SocketAddr>,
+    /// The caller's address.
+    pub client: SocketAddr,
+    /// The caller's verified SPIFFE id (inbound, mTLS).
+    pub peer_identity: Option<Arc<str>>,
+    /// The request's `traceparent`, whose trace id is logged.
+    pub traceparent: Option<HeaderValue>,
+    /// Why the proxy answered itself (`sinew-error`), if it did.
+    pub error: Option<HeaderValue>,
+}
+
+/// A record's fields as text, borrowed from the record where they can be.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fields<'a> {
+    /// RFC 3339, UTC, milliseconds.
+    pub start: String,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// The authority the client used.
+    pub authority: &'a str,
+    /// The path, without the query string.
+    pub path: &'a str,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// Response status.
+    pub status: u16,
+    /// The gRPC status.
+    pub grpc_status: Option<&'a str>,
+    /// To the end of the response, in milliseconds.
+    pub duration_ms: f64,
+    /// To the response head, in milliseconds.
+    pub head_ms: f64,
+    /// Request body bytes as declared.
+    pub request_bytes: Option<u64>,
+    /// Response body bytes sent.
+    pub response_bytes: u64,
+    /// `complete`, `failed` or `aborted`.
+    pub end: &'static str,
+    /// The service.
+    pub service: Option<&'a str>,
+    /// The route.
+    pub route: Option<&'a str>,
+    /// The endpoint (outbound).
     pub upstream: Option<String>,
     /// The caller's address.
     pub client: String,
-    /// The caller's verified SPIFFE id (inbound, mTLS).
-    pub peer_identity: Option<String>,
-    /// The W3C trace id the request carried or was given.
-    pub trace_id: Option<String>,
-    /// Why the proxy answered itself (`sinew-error`), if it did.
-    pub error: Option<String>,
+    /// The caller's verified SPIFFE id.
+    pub peer_identity: Option<&'a str>,
+    /// The W3C trace id.
+    pub trace_id: Option<&'a str>,
+    /// `sinew-error`.
+    pub error: Option<&'a str>,
+}
+
+impl Record {
+    /// The path, without the query string.
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// The record's fields as text.
+    pub fn fields(&self) -> Fields<'_> {
+        fn text(v: &Option<HeaderValue>) -> Option<&str> {
+            v.as_ref().and_then(|v| v.to_str().ok())
+        }
+        Fields {
+            start: rfc3339(self.start),
+            direction: self.direction,
+            method: self.method.as_str(),
+            authority: self.authority.as_ref().map_or("", |a| a.as_str()),
+            path: self.uri.path(),
+            protocol: self.protocol,
+            status: self.status,
+            grpc_status: text(&self.grpc_status),
+            duration_ms: self.duration.as_secs_f64() * 1000.0,
+            head_ms: self.head.as_secs_f64() * 1000.0,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+            end: self.end,
+            service: self.service.as_deref(),
+            route: self.route.as_deref(),
+            upstream: self.upstream.map(|a| a.to_string()),
+            client: self.client.to_string(),
+            peer_identity: self.peer_identity.as_deref(),
+            trace_id: self
+                .traceparent
+                .as_ref()
+                .and_then(|v| trace_id_of(v.to_str().ok()?)),
+            error: text(&self.error),
+        }
+    }
 }
 
 /// The queue to the writer thread, started on first use.
@@ -95,19 +190,19 @@ impl AccessLog {
 
 fn write_lines(rx: &Receiver<(AccessLogFormat, Record)>) {
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+    let mut out = stdout.lock();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut lines = Lines::default();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some((format, record)) = next {
-            let line = format_line(format, &record);
-            if out.write_all(line.as_bytes()).is_err() {
-                return; // stdout is gone: nothing more can be logged
-            }
+            lines.write(format, &record, &mut buf);
             next = rx.try_recv().ok();
         }
-        if out.flush().is_err() {
-            return;
+        if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
+            return; // stdout is gone: nothing more can be logged
         }
+        buf.clear();
         // Let lines gather before waiting again: a writer blocked in `recv` is woken
         // (a futex wake, then a write) by every request, which cost more than the
         // line itself (bench scenario 9). Lines reach the log within this interval;
@@ -117,52 +212,197 @@ fn write_lines(rx: &Receiver<(AccessLogFormat, Record)>) {
 }
 
 /// How long the writer lets lines gather between writes.
-const BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+const BATCH_INTERVAL: Duration = Duration::from_millis(10);
 
-/// One line, newline included.
-pub fn format_line(format: AccessLogFormat, r: &Record) -> String {
-    match format {
-        AccessLogFormat::Json => {
-            let mut s = serde_json::to_string(r).unwrap_or_default();
-            s.push('\n');
-            s
+/// Appends one line, newline included, to `out`.
+pub fn format_line(format: AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
+    Lines::default().write(format, r, out);
+}
+
+/// Writes lines straight into a buffer. The writer shares the proxy's CPU, so this
+/// is kept cheap (bench scenario 9): keys are constants, numbers go through `itoa`,
+/// the date is made once per second, and strings are copied as they are unless they
+/// need quoting or escaping.
+#[derive(Debug, Default)]
+struct Lines {
+    /// The second last formatted, and its text up to the seconds.
+    second: Option<(u64, String)>,
+}
+
+/// A value in a line.
+enum Value<'a> {
+    Str(Option<&'a str>),
+    Num(Option<u64>),
+    /// Milliseconds, three decimals.
+    Ms(Duration),
+    Addr(Option<SocketAddr>),
+}
+
+impl Lines {
+    fn write(&mut self, format: AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
+        fn text(v: &Option<HeaderValue>) -> Option<&str> {
+            v.as_ref().and_then(|v| v.to_str().ok())
         }
-        AccessLogFormat::Text => {
-            let mut s = String::with_capacity(256);
-            let mut field = |k: &str, v: &str| {
-                if !s.is_empty() {
-                    s.push(' ');
-                }
-                s.push_str(k);
-                s.push('=');
-                if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
-                    s.push_str(v);
+        let since = r
+            .start
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
+        if self.second.as_ref().is_none_or(|(s, _)| *s != secs) {
+            let full = rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+            // "YYYY-MM-DDTHH:MM:SS" of "YYYY-MM-DDTHH:MM:SS.mmmZ".
+            let upto = full.len().saturating_sub(5);
+            self.second = Some((secs, full[..upto].to_owned()));
+        }
+        let mut start = [0u8; 32];
+        let start = match &self.second {
+            Some((_, prefix)) if prefix.len() + 5 <= start.len() => {
+                let n = prefix.len();
+                start[..n].copy_from_slice(prefix.as_bytes());
+                let ms = since.subsec_millis();
+                start[n] = b'.';
+                start[n + 1] = b'0' + (ms / 100) as u8;
+                start[n + 2] = b'0' + (ms / 10 % 10) as u8;
+                start[n + 3] = b'0' + (ms % 10) as u8;
+                start[n + 4] = b'Z';
+                std::str::from_utf8(&start[..n + 5]).ok()
+            }
+            _ => None,
+        };
+        let fields: [(&str, &str, Value<'_>); 20] = [
+            ("start", "start", Value::Str(start)),
+            ("direction", "direction", Value::Str(Some(r.direction))),
+            ("method", "method", Value::Str(Some(r.method.as_str()))),
+            (
+                "authority",
+                "authority",
+                Value::Str(Some(r.authority.as_ref().map_or("", |a| a.as_str()))),
+            ),
+            ("path", "path", Value::Str(Some(r.uri.path()))),
+            ("protocol", "protocol", Value::Str(Some(r.protocol))),
+            ("status", "status", Value::Num(Some(u64::from(r.status)))),
+            (
+                "grpcStatus",
+                "grpc_status",
+                Value::Str(text(&r.grpc_status)),
+            ),
+            ("durationMs", "duration_ms", Value::Ms(r.duration)),
+            ("headMs", "head_ms", Value::Ms(r.head)),
+            ("requestBytes", "request_bytes", Value::Num(r.request_bytes)),
+            (
+                "responseBytes",
+                "response_bytes",
+                Value::Num(Some(r.response_bytes)),
+            ),
+            ("end", "end", Value::Str(Some(r.end))),
+            ("service", "service", Value::Str(r.service.as_deref())),
+            ("route", "route", Value::Str(r.route.as_deref())),
+            ("upstream", "upstream", Value::Addr(r.upstream)),
+            ("client", "client", Value::Addr(Some(r.client))),
+            (
+                "peerIdentity",
+                "peer_identity",
+                Value::Str(r.peer_identity.as_deref()),
+            ),
+            (
+                "traceId",
+                "trace_id",
+                Value::Str(
+                    r.traceparent
+                        .as_ref()
+                        .and_then(|v| trace_id_of(v.to_str().ok()?)),
+                ),
+            ),
+            ("error", "error", Value::Str(text(&r.error))),
+        ];
+        let json = format == AccessLogFormat::Json;
+        if json {
+            out.push(b'{');
+        }
+        for (i, (camel, snake, value)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(if json { b',' } else { b' ' });
+            }
+            if json {
+                out.push(b'"');
+                out.extend_from_slice(camel.as_bytes());
+                out.extend_from_slice(b"\":");
+            } else {
+                out.extend_from_slice(snake.as_bytes());
+                out.push(b'=');
+            }
+            value.write(json, out);
+        }
+        if json {
+            out.push(b'}');
+        }
+        out.push(b'\n');
+    }
+}
+
+impl Value<'_> {
+    fn write(&self, json: bool, out: &mut Vec<u8>) {
+        let absent: &[u8] = if json { b"null" } else { b"-" };
+        let mut n = itoa::Buffer::new();
+        match self {
+            Value::Str(None) | Value::Num(None) | Value::Addr(None) => {
+                out.extend_from_slice(absent);
+            }
+            Value::Str(Some(s)) => {
+                // Printable ASCII without quotes or backslashes is written as it is
+                // (text: also without spaces); anything else goes through serde_json.
+                let plain = !s.is_empty()
+                    && s.bytes().all(|b| {
+                        ((0x21..0x7f).contains(&b) && b != b'"' && b != b'\\')
+                            || (json && b == b' ')
+                    });
+                if plain {
+                    if json {
+                        out.push(b'"');
+                    }
+                    out.extend_from_slice(s.as_bytes());
+                    if json {
+                        out.push(b'"');
+                    }
                 } else {
-                    s.push_str(&serde_json::to_string(v).unwrap_or_default());
+                    let _ = serde_json::to_writer(&mut *out, s);
                 }
-            };
-            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
-            let num = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |n| n.to_string());
-            field("start", &r.start);
-            field("direction", r.direction);
-            field("method", &r.method);
-            field("authority", &r.authority);
-            field("path", &r.path);
-            field("protocol", r.protocol);
-            field("status", &r.status.to_string());
-            field("grpc_status", &opt(&r.grpc_status));
-            field("duration_ms", &format!("{:.3}", r.duration_ms));
-            field("request_bytes", &num(r.request_bytes));
-            field("response_bytes", &num(r.response_bytes));
-            field("service", &opt(&r.service));
-            field("route", &opt(&r.route));
-            field("upstream", &opt(&r.upstream));
-            field("client", &r.client);
-            field("peer_identity", &opt(&r.peer_identity));
-            field("trace_id", &opt(&r.trace_id));
-            field("error", &opt(&r.error));
-            s.push('\n');
-            s
+            }
+            Value::Num(Some(v)) => out.extend_from_slice(n.format(*v).as_bytes()),
+            Value::Ms(d) => {
+                let us = d.as_micros();
+                out.extend_from_slice(n.format(us / 1000).as_bytes());
+                let frac = (us % 1000) as u16;
+                out.extend_from_slice(&[
+                    b'.',
+                    b'0' + (frac / 100) as u8,
+                    b'0' + (frac / 10 % 10) as u8,
+                    b'0' + (frac % 10) as u8,
+                ]);
+            }
+            Value::Addr(Some(a)) => {
+                if json {
+                    out.push(b'"');
+                }
+                match a {
+                    SocketAddr::V4(v4) => {
+                        for (i, o) in v4.ip().octets().iter().enumerate() {
+                            if i > 0 {
+                                out.push(b'.');
+                            }
+                            out.extend_from_slice(n.format(*o).as_bytes());
+                        }
+                        out.push(b':');
+                        out.extend_from_slice(n.format(v4.port()).as_bytes());
+                    }
+                    SocketAddr::V6(_) => {
+                        let _ = write!(out, "{a}");
+                    }
+                }
+                if json {
+                    out.push(b'"');
+                }
+            }
         }
     }
 }
@@ -176,20 +416,20 @@ pub struct Observed {
     /// The request target (a cheap clone: shared bytes); its path is what is kept.
     uri: http::Uri,
     /// What the access log and taps need besides, when either is on.
-    head: Option<Head>,
+    head: Option<Box<Head>>,
 }
 
 #[derive(Debug)]
 struct Head {
     /// The access-log format, when this proxy logs requests.
     format: Option<AccessLogFormat>,
-    /// The request headers, redacted, when someone taps.
+    /// The request headers, redacted, when a tap may want this request.
     headers: Option<BTreeMap<String, String>>,
     start: SystemTime,
-    authority: String,
+    authority: Option<http::uri::Authority>,
     protocol: &'static str,
     request_bytes: Option<u64>,
-    trace_id: Option<String>,
+    traceparent: Option<HeaderValue>,
 }
 
 fn content_length(h: &http::HeaderMap) -> Option<u64> {
@@ -200,10 +440,11 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Starts observing a request, if this proxy logs requests, someone taps, or it
-/// reports stats.
+/// Starts observing a request, if this proxy logs requests, a tap may want it, or
+/// it reports stats.
 pub fn observe(
     ctx: &crate::listeners::ConnCtx,
+    dir: crate::metrics::Direction,
     req: &http::Request<hyper::body::Incoming>,
 ) -> Option<Observed> {
     let format = ctx
@@ -215,22 +456,22 @@ pub fn observe(
     let headers = ctx
         .shared
         .tap
-        .active()
+        .wants(dir.as_str(), req.method(), req.uri().path())
         .then(|| crate::tap::redacted(req.headers()));
-    let head = (format.is_some() || headers.is_some()).then(|| Head {
-        format,
-        headers,
-        start: SystemTime::now(),
-        authority: crate::http_util::authority(req)
-            .map(|a| a.to_string())
-            .unwrap_or_default(),
-        protocol: if req.version() == http::Version::HTTP_2 {
-            "HTTP/2"
-        } else {
-            "HTTP/1.1"
-        },
-        request_bytes: content_length(req.headers()),
-        trace_id: trace_id(req.headers()),
+    let head = (format.is_some() || headers.is_some()).then(|| {
+        Box::new(Head {
+            format,
+            headers,
+            start: SystemTime::now(),
+            authority: crate::http_util::authority(req),
+            protocol: if req.version() == http::Version::HTTP_2 {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            request_bytes: content_length(req.headers()),
+            traceparent: req.headers().get(crate::http_util::TRACEPARENT).cloned(),
+        })
     });
     if head.is_none() && !ctx.shared.stats.on() {
         return None;
@@ -242,19 +483,48 @@ pub fn observe(
     })
 }
 
-/// Finishes an observed request: one record, to the access log and to the taps, and
-/// its counts to the stats.
-pub fn finish<B>(
+/// How a request ended, for its observers.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The response status.
+    pub status: http::StatusCode,
+    /// The gRPC status (trailers, else head).
+    pub grpc_status: Option<HeaderValue>,
+    /// `sinew-error` from the response head.
+    pub error: Option<HeaderValue>,
+    /// To the end of the response.
+    pub duration: Duration,
+    /// To the response head.
+    pub head: Duration,
+    /// Response body bytes sent.
+    pub response_bytes: u64,
+    /// `complete`, `failed` or `aborted`.
+    pub end: &'static str,
+}
+
+impl Outcome {
+    /// A server error, a gRPC status other than OK, or a response broken off
+    /// upstream.
+    pub fn failed(&self) -> bool {
+        self.status.is_server_error()
+            || self.end == "failed"
+            || self
+                .grpc_status
+                .as_ref()
+                .is_some_and(|v| v.as_bytes() != b"0")
+    }
+}
+
+/// Finishes an observed request: one record, to the access log and to the taps that
+/// want it, and its counts to the stats.
+pub fn finish(
     ctx: &crate::listeners::ConnCtx,
     observed: Option<Observed>,
     dir: crate::metrics::Direction,
-    meta: &crate::metrics::RequestMeta,
-    resp: &http::Response<B>,
-    elapsed: std::time::Duration,
+    meta: crate::metrics::RequestMeta,
+    outcome: &Outcome,
 ) {
     let Some(o) = observed else { return };
-    let h = resp.headers();
-    let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if ctx.shared.stats.on() {
         let inbound = dir == crate::metrics::Direction::Inbound;
         // Inbound: only mTLS yields a caller identity. Outbound: the callee's identity
@@ -264,59 +534,57 @@ pub fn finish<B>(
         } else {
             meta.mtls_peer(&ctx.shared)
         };
-        let grpc_failed = h
-            .get(crate::http_util::GRPC_STATUS)
-            .is_some_and(|v| v.as_bytes() != b"0");
         ctx.shared.stats.record(&crate::stats::Request {
             inbound,
             service: meta.service.as_deref().unwrap_or_default(),
             route: meta.route.as_deref().unwrap_or_default(),
             peer_identity: peer.unwrap_or_default(),
             mtls: peer.is_some(),
-            failed: resp.status().is_server_error() || grpc_failed,
-            elapsed,
+            failed: outcome.failed(),
+            elapsed: outcome.duration,
             method: &o.method,
             path: o.uri.path(),
         });
     }
     let Some(head) = o.head else { return };
+    let head = *head;
     let record = Record {
-        start: rfc3339(head.start),
+        start: head.start,
         direction: dir.as_str(),
-        method: o.method.to_string(),
+        method: o.method,
         authority: head.authority,
-        path: o.uri.path().to_owned(),
+        uri: o.uri,
         protocol: head.protocol,
-        status: resp.status().as_u16(),
-        grpc_status: header("grpc-status"),
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        status: outcome.status.as_u16(),
+        grpc_status: outcome.grpc_status.clone(),
+        duration: outcome.duration,
+        head: outcome.head,
         request_bytes: head.request_bytes,
-        response_bytes: content_length(h),
-        service: meta.service.clone(),
-        route: meta.route.clone(),
-        upstream: meta.upstream.map(|a| a.to_string()),
-        client: ctx.peer.to_string(),
-        peer_identity: ctx.peer_identity.as_deref().map(str::to_owned),
-        trace_id: head.trace_id,
-        error: header("sinew-error"),
+        response_bytes: outcome.response_bytes,
+        end: outcome.end,
+        service: meta.service,
+        route: meta.route,
+        upstream: meta.upstream,
+        client: ctx.peer,
+        peer_identity: ctx.peer_identity.clone(),
+        traceparent: head.traceparent,
+        error: outcome.error.clone(),
     };
-    let log = |record| {
-        if let Some(format) = head.format
-            && !ctx.shared.access_log.send(format, record)
-        {
-            ctx.shared.metrics.access_log_dropped.inc();
-        }
-    };
-    match head.headers {
-        Some(headers) => {
-            if head.format.is_some() {
-                log(record.clone());
-            }
-            ctx.shared
-                .tap
-                .publish(crate::tap::TapEvent { record, headers });
-        }
-        None => log(record),
+    // Only what some tap's whole filter matches becomes an event.
+    let tapped = head
+        .headers
+        .filter(|_| ctx.shared.tap.matches_any(&record))
+        .map(|headers| crate::tap::TapEvent {
+            record: record.clone(),
+            headers,
+        });
+    if let Some(format) = head.format
+        && !ctx.shared.access_log.send(format, record)
+    {
+        ctx.shared.metrics.access_log_dropped.inc();
+    }
+    if let Some(event) = tapped {
+        ctx.shared.tap.publish(event);
     }
 }
 
@@ -344,58 +612,126 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// The trace id of a W3C `traceparent` value, if well formed.
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let id = traceparent.split('-').nth(1)?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
 /// The trace id of a W3C `traceparent` header, if well formed.
 pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
     let v = headers.get(crate::http_util::TRACEPARENT)?.to_str().ok()?;
-    let id = v.split('-').nth(1)?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_owned())
+    trace_id_of(v).map(str::to_owned)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
     fn dates_are_rfc3339() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_299_455_466);
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_299_455_466);
         assert_eq!(rfc3339(t), "2026-11-21T22:17:35.466Z");
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let leap = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
     }
 
-    #[test]
-    fn text_lines_quote_what_needs_it() {
-        let r = Record {
-            start: "2026-01-01T00:00:00.000Z".into(),
+    pub(crate) fn record(path: &str, status: u16) -> Record {
+        Record {
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
             direction: "outbound",
-            method: "GET".into(),
-            authority: "catalog".into(),
-            path: "/a b\"c".into(),
+            method: http::Method::GET,
+            authority: Some(http::uri::Authority::from_static("catalog")),
+            uri: http::Uri::try_from(path).unwrap_or_default(),
             protocol: "HTTP/1.1",
-            status: 200,
+            status,
             grpc_status: None,
-            duration_ms: 1.5,
+            duration: Duration::from_micros(1500),
+            head: Duration::from_micros(1000),
             request_bytes: None,
-            response_bytes: Some(3),
+            response_bytes: 3,
+            end: "complete",
             service: Some("catalog.shop".into()),
             route: None,
             upstream: None,
-            client: "127.0.0.1:5".into(),
+            client: SocketAddr::from(([127, 0, 0, 1], 5)),
             peer_identity: None,
-            trace_id: None,
+            traceparent: Some(HeaderValue::from_static(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )),
             error: None,
-        };
-        let line = format_line(AccessLogFormat::Text, &r);
-        assert!(line.contains(r#"path="/a b\"c""#), "{line}");
+        }
+    }
+
+    #[test]
+    fn lines_quote_what_needs_it_and_json_parses() {
+        let mut r = record("/a%20b?token=secret", 200);
+        r.grpc_status = Some(HeaderValue::from_static("14"));
+        let mut line = Vec::new();
+        format_line(AccessLogFormat::Text, &r, &mut line);
+        let line = String::from_utf8(line).unwrap_or_default();
         assert!(
-            line.contains("status=200 grpc_status=- duration_ms=1.500"),
+            line.starts_with("start=2026-01-01T00:00:00.000Z "),
             "{line}"
         );
-        let json: serde_json::Value =
-            serde_json::from_str(&format_line(AccessLogFormat::Json, &r)).unwrap_or_default();
+        assert!(line.contains("path=/a%20b protocol"), "{line}");
+        assert!(!line.contains("secret"), "{line}");
+        assert!(
+            line.contains("status=200 grpc_status=14 duration_ms=1.500 head_ms=1.000"),
+            "{line}"
+        );
+        assert!(line.contains("request_bytes=- response_bytes=3 end=complete"));
+        assert!(line.ends_with("error=-\n"), "{line}");
+        r.service = Some("a \"b".into());
+        let mut line = Vec::new();
+        format_line(AccessLogFormat::Text, &r, &mut line);
+        let line = String::from_utf8(line).unwrap_or_default();
+        assert!(line.contains(r#"service="a \"b""#), "{line}");
+
+        let mut json = Vec::new();
+        format_line(AccessLogFormat::Json, &r, &mut json);
+        assert_eq!(json.last(), Some(&b'\n'));
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap_or_default();
         assert_eq!(json["responseBytes"], 3);
-        assert_eq!(json["path"], "/a b\"c");
+        assert_eq!(json["path"], "/a%20b");
+        assert_eq!(json["grpcStatus"], "14");
+        assert_eq!(json["traceId"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(json["client"], "127.0.0.1:5");
+        assert_eq!(json["requestBytes"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn fast_json_lines_say_what_serde_says() {
+        let mut odd = record("/x", 503);
+        odd.service = Some("caf\u{e9} \"q\" \\ \n".into());
+        odd.route = Some("shop/route a".into());
+        odd.upstream = Some("[::1]:8080".parse().unwrap_or_else(|_| unreachable!()));
+        odd.peer_identity = Some("spiffe://cluster.local/ns/shop/sa/web".into());
+        odd.error = Some(HeaderValue::from_static("request-timeout"));
+        odd.request_bytes = Some(12);
+        odd.duration = Duration::from_nanos(1_234_567_891);
+        odd.traceparent = None;
+        odd.start += Duration::from_millis(7);
+        let mut lines = Lines::default();
+        for r in [record("/items/7", 200), odd, record("/", 0)] {
+            let mut fast = Vec::new();
+            lines.write(AccessLogFormat::Json, &r, &mut fast);
+            let fast: serde_json::Value = serde_json::from_slice(&fast).unwrap_or_default();
+            let slow = serde_json::to_value(r.fields()).unwrap_or_default();
+            // Durations: three decimals, where f64 prints more.
+            let (mut fast, mut slow) = (fast, slow);
+            for k in ["durationMs", "headMs"] {
+                let (a, b) = (fast[k].as_f64(), slow[k].as_f64());
+                assert!(
+                    a.zip(b).is_some_and(|(a, b)| (a - b).abs() < 0.001),
+                    "{k}: {a:?} {b:?}"
+                );
+                fast[k] = serde_json::Value::Null;
+                slow[k] = serde_json::Value::Null;
+            }
+            assert_eq!(fast, slow);
+        }
     }
 
     #[test]
@@ -403,15 +739,13 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert(
             "traceparent",
-            http::HeaderValue::from_static(
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            ),
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         );
         assert_eq!(
             trace_id(&h).as_deref(),
             Some("0af7651916cd43dd8448eb211c80319c")
         );
-        h.insert("traceparent", http::HeaderValue::from_static("garbage"));
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
         assert_eq!(trace_id(&h), None);
     }
 }

@@ -59,7 +59,7 @@ fn tap(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<AdminBody> {
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(16);
     tokio::spawn(async move {
-        let mut sub = shared.tap.subscribe();
+        let mut sub = shared.tap.subscribe(filter.clone());
         let mut sent = 0u64;
         // A first line at once: the client knows the tap is live.
         let hello = Bytes::from_static(b"{\"tap\":\"started\"}\n");

@@ -134,9 +134,45 @@ pub enum RespBody {
     Upstream(Incoming),
     /// A proxy-made body, sent in one frame.
     Full(Option<Bytes>),
+    /// A body whose end the request's observers wait for ([`crate::ending`]).
+    Tracked(Box<Tracked>),
+}
+
+/// A body on its way to the client, counted, whose end is reported once: when it
+/// ends, fails, or is dropped unfinished.
+#[derive(Debug)]
+pub struct Tracked {
+    body: RespBody,
+    bytes: u64,
+    grpc_status: Option<http::HeaderValue>,
+    ending: Option<crate::ending::Ending>,
+}
+
+impl Tracked {
+    fn end(&mut self, end: crate::ending::End) {
+        if let Some(ending) = self.ending.take() {
+            ending.end(self.bytes, self.grpc_status.take(), end);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.end(crate::ending::End::Aborted);
+    }
 }
 
 impl RespBody {
+    /// `body`, reporting its end to `ending`.
+    pub fn tracked(body: RespBody, ending: crate::ending::Ending) -> RespBody {
+        RespBody::Tracked(Box::new(Tracked {
+            body,
+            bytes: 0,
+            grpc_status: None,
+            ending: Some(ending),
+        }))
+    }
+
     /// An empty body.
     pub fn empty() -> RespBody {
         RespBody::Full(None)
@@ -160,6 +196,27 @@ impl Body for RespBody {
         match self.get_mut() {
             RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Tracked(t) => {
+                use crate::ending::End;
+                let polled = Pin::new(&mut t.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            t.bytes += d.len() as u64;
+                        } else if let Some(trailers) = frame.trailers_ref() {
+                            t.grpc_status = trailers.get(crate::http_util::GRPC_STATUS).cloned();
+                        }
+                        // The server stops polling once the body says it has ended.
+                        if t.body.is_end_stream() {
+                            t.end(End::Complete);
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => t.end(End::Failed),
+                    Poll::Ready(None) => t.end(End::Complete),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -167,6 +224,7 @@ impl Body for RespBody {
         match self {
             RespBody::Upstream(b) => b.is_end_stream(),
             RespBody::Full(b) => b.is_none(),
+            RespBody::Tracked(t) => t.body.is_end_stream(),
         }
     }
 
@@ -174,6 +232,7 @@ impl Body for RespBody {
         match self {
             RespBody::Upstream(b) => b.size_hint(),
             RespBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RespBody::Tracked(t) => t.body.size_hint(),
         }
     }
 }

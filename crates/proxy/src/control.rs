@@ -109,7 +109,7 @@ async fn run_tap(
     filter: crate::tap::Filter,
 ) {
     use tokio::sync::broadcast::error::RecvError;
-    let mut sub = shared.tap.subscribe();
+    let mut sub = shared.tap.subscribe(filter.clone());
     let limit = filter.limit.unwrap_or(u64::MAX);
     let (mut sent, mut missed) = (0u64, 0u64);
     while sent < limit {

@@ -24,7 +24,7 @@ use crate::stream::spawn_splice;
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Inbound, &mut req);
-    let observed = crate::access::observe(&ctx, &req);
+    let observed = crate::access::observe(&ctx, Direction::Inbound, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -35,23 +35,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
             e.to_response(grpc)
         }
     };
-    ctx.shared.metrics.http(
+    crate::ending::respond(
+        ctx.clone(),
         Direction::Inbound,
-        &meta,
-        ctx.peer_identity.as_deref(),
-        &resp,
-        started.elapsed(),
-    );
-    crate::access::finish(
-        &ctx,
+        meta,
         observed,
-        Direction::Inbound,
-        &meta,
-        &resp,
-        started.elapsed(),
-    );
-    crate::trace::finish(hop, &resp);
-    resp
+        hop,
+        started,
+        resp,
+    )
 }
 
 /// The service's rate limits, in order: the first empty bucket refuses with 429.
@@ -149,7 +141,7 @@ async fn forward(
         .inbound
         .as_ref()
         .ok_or(ProxyError::ShuttingDown)?;
-    meta.service = snap.config.identity.as_ref().and_then(|i| i.service_key());
+    meta.service = snap.inbound_service.clone();
 
     if req.method() == Method::CONNECT {
         let port = req

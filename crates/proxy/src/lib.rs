@@ -16,6 +16,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod control;
+pub mod ending;
 pub mod error;
 pub mod health;
 pub mod http_util;

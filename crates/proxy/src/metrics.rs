@@ -4,6 +4,8 @@
 //! reason): no raw paths or hosts, so cardinality stays bounded. Hot counters are
 //! resolved once at start-up, so a request increments an atomic and takes no lock.
 
+use std::sync::{Arc, LazyLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -43,11 +45,11 @@ struct RequestLabels {
 struct HttpLabels {
     direction: &'static str,
     /// Outbound: the service the application addressed. Inbound: this workload's.
-    service: String,
+    service: Arc<str>,
     /// `namespace/name` of the route (`default` for the implicit one; "" inbound).
-    route: String,
+    route: Arc<str>,
     /// Inbound: the caller's verified SPIFFE id ("" for plaintext). Outbound: "".
-    peer_identity: String,
+    peer_identity: Arc<str>,
     status_code: u16,
     /// The gRPC status when the answer carries it in its head (trailers-only), else "".
     grpc_status: &'static str,
@@ -56,8 +58,8 @@ struct HttpLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
     direction: &'static str,
-    service: String,
-    route: String,
+    service: Arc<str>,
+    route: Arc<str>,
     class: &'static str,
 }
 
@@ -70,9 +72,9 @@ struct FlowLabels {
 #[derive(Debug, Default, Clone)]
 pub struct RequestMeta {
     /// The service (`name.namespace`).
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// The route (`namespace/name`).
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// The endpoint it went to (outbound).
     pub upstream: Option<std::net::SocketAddr>,
     /// That endpoint, for the identity its sidecar must present (outbound).
@@ -90,6 +92,9 @@ impl RequestMeta {
         shared.certs.is_ready().then_some(id)
     }
 }
+
+/// The empty label value.
+static EMPTY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
 const GRPC_STATUSES: [&str; 17] = [
     "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
@@ -304,21 +309,22 @@ impl Metrics {
         self.requests[dir as usize][class].inc();
     }
 
-    /// Records a finished request head: the golden signals by service and route.
-    pub fn http<B>(
+    /// Records a finished request: the golden signals by service and route, with the
+    /// time to the end of its response.
+    pub fn http(
         &self,
         dir: Direction,
         meta: &RequestMeta,
-        peer_identity: Option<&str>,
-        resp: &http::Response<B>,
-        elapsed: std::time::Duration,
+        peer_identity: Option<&Arc<str>>,
+        outcome: &crate::access::Outcome,
     ) {
-        let status = resp.status();
+        let status = outcome.status;
+        let elapsed = outcome.duration;
         self.request(dir, status);
         let class_idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        let grpc_status = resp
-            .headers()
-            .get(crate::http_util::GRPC_STATUS)
+        let grpc_status = outcome
+            .grpc_status
+            .as_ref()
             .and_then(|v| v.to_str().ok())
             .map_or("", |v| {
                 GRPC_STATUSES
@@ -327,8 +333,10 @@ impl Metrics {
                     .copied()
                     .unwrap_or("other")
             });
-        let service = meta.service.clone().unwrap_or_default();
-        let route = meta.route.clone().unwrap_or_default();
+        // Labels share the configuration's names: a request copies no string.
+        let empty = || EMPTY.clone();
+        let service = meta.service.clone().unwrap_or_else(empty);
+        let route = meta.route.clone().unwrap_or_else(empty);
         self.latency
             .get_or_create(&LatencyLabels {
                 direction: dir.as_str(),
@@ -342,7 +350,7 @@ impl Metrics {
                 direction: dir.as_str(),
                 service,
                 route,
-                peer_identity: peer_identity.unwrap_or_default().to_owned(),
+                peer_identity: peer_identity.cloned().unwrap_or_else(empty),
                 status_code: status.as_u16(),
                 grpc_status,
             })

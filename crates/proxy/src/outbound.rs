@@ -33,7 +33,7 @@ use crate::stream::{UpstreamIo, spawn_splice};
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
-    let observed = crate::access::observe(&ctx, &req);
+    let observed = crate::access::observe(&ctx, Direction::Outbound, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
@@ -44,19 +44,15 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
             e.to_response(grpc)
         }
     };
-    ctx.shared
-        .metrics
-        .http(Direction::Outbound, &meta, None, &resp, started.elapsed());
-    crate::access::finish(
-        &ctx,
-        observed,
+    crate::ending::respond(
+        ctx.clone(),
         Direction::Outbound,
-        &meta,
-        &resp,
-        started.elapsed(),
-    );
-    crate::trace::finish(hop, &resp);
-    resp
+        meta,
+        observed,
+        hop,
+        started,
+        resp,
+    )
 }
 
 fn target<'s>(
@@ -112,7 +108,7 @@ async fn forward(
         .ok_or(ProxyError::ShuttingDown)?;
     let (svc, port) = target(ctx, &snap, &req)?;
     crate::trace::note_service(req.extensions(), svc);
-    meta.service = Some(svc.key());
+    meta.service = Some(svc.key.clone());
 
     if req.method() == Method::CONNECT {
         // Rare branches are boxed so the common request future stays small.
@@ -736,9 +732,9 @@ async fn connect_tunnel(
     port: &PortConfig,
     mut req: Request<Incoming>,
 ) -> Result<Response<RespBody>, ProxyError> {
-    let key = svc.key();
+    let key = &svc.key;
     let endpoint = snap
-        .balancer(&key, port.port)
+        .balancer(key, port.port)
         .and_then(|b| b.pick())
         .ok_or_else(|| ProxyError::NoEndpoints(format!("{key}:{}", port.port)))?
         .clone();

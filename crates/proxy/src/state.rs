@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
     /// The tracing pipeline (`None`: tracing off).
     pub tracing: Option<Arc<crate::trace::Tracing>>,
+    /// This workload's service (`name.namespace`), the inbound requests' label.
+    pub inbound_service: Option<Arc<str>>,
 }
 
 impl Snapshot {
@@ -239,7 +241,7 @@ impl SnapshotBuilder {
                     let Some(retry) = &entry.rule.retry else {
                         continue;
                     };
-                    let key = (entry.rule.route.clone(), entry.rule.rule);
+                    let key = (entry.rule.route.to_string(), entry.rule.rule);
                     let b = match self.budgets.get(&key) {
                         Some(b) if b.same(retry) => b.clone(),
                         _ => Arc::new(crate::resilience::RetryBudget::new(
@@ -285,6 +287,11 @@ impl SnapshotBuilder {
         // Kept while its settings stay the same, so spans queued survive a reload.
         let tracing = crate::trace::Tracing::for_config(self.tracing.as_ref(), &config);
         self.tracing = tracing.clone();
+        let inbound_service = config
+            .identity
+            .as_ref()
+            .and_then(|i| i.service_key())
+            .map(Arc::from);
         Snapshot {
             version,
             generation: self.generation,
@@ -296,6 +303,7 @@ impl SnapshotBuilder {
             budgets,
             rate_limits,
             tracing,
+            inbound_service,
         }
     }
 }

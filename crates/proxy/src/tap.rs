@@ -2,14 +2,17 @@
 //! for the control plane's taps (`sinew tap`, over the control stream).
 //!
 //! Nothing is built unless someone is tapping: the request path reads one atomic
-//! counter. Taps get the request head (method, authority, path, headers) and the
-//! answer (status, timing, where it went), never bodies, and header values that may
-//! be credentials are replaced with `<redacted>`. A slow tap misses events (a bounded
-//! broadcast queue) rather than slowing requests.
+//! counter. While someone taps, a request's headers are copied only when a tap's
+//! filter could match it (direction, method, path: known at its arrival), and an
+//! event is made only when a whole filter matches at its end. Taps get the request
+//! head (method, authority, path, headers) and the answer (status, timing, bytes,
+//! where it went), never bodies, and header values that may be credentials are
+//! replaced with `<redacted>`. A slow tap misses events (a bounded broadcast queue)
+//! rather than slowing requests.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
@@ -26,10 +29,9 @@ const SECRET_HEADERS: [&str; 5] = [
 const QUEUE: usize = 1024;
 
 /// One request, as tapped: its access-log record and its request headers.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct TapEvent {
     /// What the access log would say.
-    #[serde(flatten)]
     pub record: crate::access::Record,
     /// Request headers, secrets redacted.
     pub headers: BTreeMap<String, String>,
@@ -38,27 +40,44 @@ pub struct TapEvent {
 impl TapEvent {
     /// The event as sent to the control plane (`proxy` is filled in there).
     pub fn to_proto(&self) -> sinew_api::v1::TapEvent {
-        let r = &self.record;
+        let r = self.record.fields();
+        let owned = |v: Option<&str>| v.unwrap_or_default().to_owned();
         sinew_api::v1::TapEvent {
             proxy: String::new(),
-            start: r.start.clone(),
+            start: r.start,
             direction: r.direction.to_owned(),
-            method: r.method.clone(),
-            authority: r.authority.clone(),
-            path: r.path.clone(),
+            method: r.method.to_owned(),
+            authority: r.authority.to_owned(),
+            path: r.path.to_owned(),
             protocol: r.protocol.to_owned(),
             status: u32::from(r.status),
-            grpc_status: r.grpc_status.clone().unwrap_or_default(),
+            grpc_status: owned(r.grpc_status),
             duration_ms: r.duration_ms,
-            service: r.service.clone().unwrap_or_default(),
-            route: r.route.clone().unwrap_or_default(),
-            upstream: r.upstream.clone().unwrap_or_default(),
-            client: r.client.clone(),
-            peer_identity: r.peer_identity.clone().unwrap_or_default(),
-            trace_id: r.trace_id.clone().unwrap_or_default(),
-            error: r.error.clone().unwrap_or_default(),
+            service: owned(r.service),
+            route: owned(r.route),
+            upstream: r.upstream.unwrap_or_default(),
+            client: r.client,
+            peer_identity: owned(r.peer_identity),
+            trace_id: owned(r.trace_id),
+            error: owned(r.error),
             headers: self.headers.clone().into_iter().collect(),
         }
+    }
+}
+
+impl serde::Serialize for TapEvent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Event<'a> {
+            #[serde(flatten)]
+            record: crate::access::Fields<'a>,
+            headers: &'a BTreeMap<String, String>,
+        }
+        Event {
+            record: self.record.fields(),
+            headers: &self.headers,
+        }
+        .serialize(s)
     }
 }
 
@@ -77,10 +96,12 @@ pub fn redacted(headers: &http::HeaderMap) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The tap hub: subscribers and their queue.
+/// The tap hub: subscribers, their filters and their queue.
 #[derive(Debug)]
 pub struct Tap {
     taps: AtomicUsize,
+    next_id: AtomicU64,
+    filters: Mutex<Vec<(u64, Filter)>>,
     tx: broadcast::Sender<Arc<TapEvent>>,
 }
 
@@ -88,6 +109,8 @@ impl Default for Tap {
     fn default() -> Self {
         Tap {
             taps: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            filters: Mutex::new(Vec::new()),
             tx: broadcast::channel(QUEUE).0,
         }
     }
@@ -97,29 +120,52 @@ impl Default for Tap {
 #[derive(Debug)]
 pub struct Subscription<'a> {
     tap: &'a Tap,
-    /// The events.
+    id: u64,
+    /// The events: those some tap's filter matched (each tap filters again).
     pub rx: broadcast::Receiver<Arc<TapEvent>>,
 }
 
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
+        self.tap.lock().retain(|(id, _)| *id != self.id);
         self.tap.taps.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Tap {
-    /// True while someone taps (the only cost on the request path otherwise).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Filter)>> {
+        self.filters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True while someone taps.
     pub fn active(&self) -> bool {
         self.taps.load(Ordering::Relaxed) > 0
     }
 
-    /// Starts tapping.
-    pub fn subscribe(&self) -> Subscription<'_> {
+    /// Whether a tap's filter could match a request with this head: the request
+    /// path's only cost while nobody taps is one atomic load.
+    pub fn wants(&self, direction: &str, method: &http::Method, path: &str) -> bool {
+        self.active()
+            && self
+                .lock()
+                .iter()
+                .any(|(_, f)| f.matches_head(direction, method, path))
+    }
+
+    /// Whether a tap's whole filter matches this finished request.
+    pub fn matches_any(&self, record: &crate::access::Record) -> bool {
+        self.lock().iter().any(|(_, f)| f.matches_record(record))
+    }
+
+    /// Starts tapping the requests `filter` matches.
+    pub fn subscribe(&self, filter: Filter) -> Subscription<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Receiver and filter first, then the count: a request that sees the count
+        // finds the filter.
+        let rx = self.tx.subscribe();
+        self.lock().push((id, filter));
         self.taps.fetch_add(1, Ordering::Relaxed);
-        Subscription {
-            tap: self,
-            rx: self.tx.subscribe(),
-        }
+        Subscription { tap: self, id, rx }
     }
 
     /// Publishes a finished request to the taps.
@@ -216,25 +262,32 @@ impl Filter {
 
     /// True when `e` passes.
     pub fn matches(&self, e: &TapEvent) -> bool {
-        let e = &e.record;
+        self.matches_record(&e.record)
+    }
+
+    /// What can be checked when the request arrives.
+    fn matches_head(&self, direction: &str, method: &http::Method, path: &str) -> bool {
+        self.direction.as_deref().is_none_or(|d| d == direction)
+            && self.path.as_deref().is_none_or(|p| path.starts_with(p))
+            && self.method.as_deref().is_none_or(|m| m == method.as_str())
+    }
+
+    /// True when a finished request passes.
+    pub fn matches_record(&self, e: &crate::access::Record) -> bool {
         let service_ok = self.service.as_deref().is_none_or(|s| {
             e.service
                 .as_deref()
                 .is_some_and(|es| es == s || es.split('.').next() == Some(s))
         });
         let status_ok = self.status.as_deref().is_none_or(|s| {
-            let code = e.status.to_string();
+            let code = itoa::Buffer::new().format(e.status).to_owned();
             if let Some(class) = s.strip_suffix("xx") {
                 code.starts_with(class)
             } else {
                 code == s
             }
         });
-        self.direction.as_deref().is_none_or(|d| d == e.direction)
-            && service_ok
-            && status_ok
-            && self.path.as_deref().is_none_or(|p| e.path.starts_with(p))
-            && self.method.as_deref().is_none_or(|m| m == e.method)
+        self.matches_head(e.direction, &e.method, e.path()) && service_ok && status_ok
     }
 }
 
@@ -268,26 +321,7 @@ mod tests {
 
     fn event(path: &str, status: u16) -> TapEvent {
         TapEvent {
-            record: crate::access::Record {
-                start: String::new(),
-                direction: "outbound",
-                method: "GET".into(),
-                authority: "catalog".into(),
-                path: path.into(),
-                protocol: "HTTP/1.1",
-                status,
-                grpc_status: None,
-                duration_ms: 1.0,
-                request_bytes: None,
-                response_bytes: None,
-                service: Some("catalog.shop".into()),
-                route: None,
-                upstream: None,
-                client: "127.0.0.1:1".into(),
-                peer_identity: None,
-                trace_id: None,
-                error: None,
-            },
+            record: crate::access::tests::record(path, status),
             headers: BTreeMap::new(),
         }
     }
@@ -323,12 +357,29 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_kept_while_nobody_taps() {
+    fn nothing_is_kept_while_nobody_taps_or_no_filter_matches() {
         let tap = Tap::default();
+        let get = http::Method::GET;
         assert!(!tap.active());
-        let sub = tap.subscribe();
+        assert!(!tap.wants("outbound", &get, "/api"));
+        let f =
+            Filter::parse(Some("path=%2Fapi&direction=outbound&status=5xx")).unwrap_or_default();
+        let sub = tap.subscribe(f);
         assert!(tap.active());
+        assert!(tap.wants("outbound", &get, "/api/x"));
+        assert!(!tap.wants("inbound", &get, "/api/x"), "direction");
+        assert!(!tap.wants("outbound", &get, "/other"), "path");
+        assert!(tap.matches_any(&event("/api/x", 503).record));
+        assert!(!tap.matches_any(&event("/api/x", 200).record), "status");
+        let all = tap.subscribe(Filter::default());
+        assert!(tap.wants("inbound", &http::Method::POST, "/other"));
+        drop(all);
+        assert!(
+            !tap.wants("inbound", &get, "/api/x"),
+            "its filter went with it"
+        );
         drop(sub);
         assert!(!tap.active());
+        assert!(!tap.wants("outbound", &get, "/api/x"));
     }
 }

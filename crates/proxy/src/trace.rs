@@ -652,7 +652,7 @@ fn inject(headers: &mut HeaderMap, sc: &SpanContext, parent: Option<SpanId>, inc
     }
 }
 
-/// One hop's span, from the request's arrival to its response head.
+/// One hop's span, from the request's arrival to the end of its response.
 pub struct Hop {
     trace_id: TraceId,
     span_id: SpanId,
@@ -756,10 +756,10 @@ pub fn start<B>(ctx: &ConnCtx, dir: Direction, req: &mut Request<B>) -> Option<H
     })
 }
 
-/// Ends the hop's span with the response: status code, `sinew-error` reason, gRPC
-/// status when the head has one, retries; an error status for 5xx and proxy errors.
-pub fn finish<B>(hop: Option<Hop>, resp: &Response<B>) {
-    let Some(span) = hop.as_ref().and_then(|h| h.span.as_ref()) else {
+/// Notes the response head on the hop's span: status, retries, the proxy's own
+/// error.
+pub fn head<B>(hop: Option<&Hop>, resp: &Response<B>) {
+    let Some(span) = hop.and_then(|h| h.span.as_ref()) else {
         return;
     };
     let mut span = lock(span);
@@ -769,11 +769,6 @@ pub fn finish<B>(hop: Option<Hop>, resp: &Response<B>) {
         i64::from(status.as_u16()),
     ));
     let h = resp.headers();
-    if let Some(code) =
-        header(h, &HeaderName::from_static("grpc-status")).and_then(|v| v.parse::<i64>().ok())
-    {
-        span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
-    }
     if let Some(n) = header(h, &HeaderName::from_static("sinew-retry-attempt"))
         .and_then(|v| v.parse::<i64>().ok())
     {
@@ -789,6 +784,34 @@ pub fn finish<B>(hop: Option<Hop>, resp: &Response<B>) {
             .unwrap_or_else(|| status.to_string());
         span.set_status(Status::error(description));
     }
+}
+
+/// Ends the hop's span when its response has ended: the gRPC status (from the
+/// trailers, where a call that returned messages has it), bytes sent, and an error
+/// status when the response was broken off.
+pub fn end(hop: Option<Hop>, outcome: &crate::access::Outcome) {
+    let Some(span) = hop.as_ref().and_then(|h| h.span.as_ref()) else {
+        return;
+    };
+    let mut span = lock(span);
+    if let Some(code) = outcome
+        .grpc_status
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+    {
+        span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+    }
+    span.set_attribute(KeyValue::new(
+        "http.response.body.size",
+        i64::try_from(outcome.response_bytes).unwrap_or(i64::MAX),
+    ));
+    if outcome.end != "complete" {
+        span.set_attribute(KeyValue::new("sinew.end", outcome.end));
+        if outcome.end == "failed" {
+            span.set_status(Status::error("response broken off upstream"));
+        }
+    }
     span.end();
 }
 
@@ -798,7 +821,7 @@ pub fn note_service(ext: &http::Extensions, svc: &ServiceConfig) {
         return;
     };
     let mut span = lock(span);
-    let service = svc.key();
+    let service = svc.key.to_string();
     span.update_name(format!("outbound {service}"));
     span.set_attribute(KeyValue::new("sinew.service", service));
 }

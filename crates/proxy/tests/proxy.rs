@@ -2474,6 +2474,105 @@ async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> T
     Ok(())
 }
 
+/// The access log and the metrics are written when a response has ended: a gRPC
+/// status sent in trailers (every call that returned a message) is seen, and bytes
+/// are those really sent, with or without a `content-length`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observers_see_grpc_trailers_and_the_bytes_sent() -> TestResult {
+    let echo = grpc::EchoServer::start("echo-1").await?;
+    let bind = free_addr();
+    let admin_addr = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        proxy_doc(
+            "client",
+            &format!(
+                "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: echo}}]\n  accessLog: {{format: json}}"
+            ),
+        ),
+        service("echo", "GRPC"),
+        workload("echo-1", "echo", echo.addr(), None)
+    ));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .arg("--config")
+        .arg(&file.path)
+        .arg("--name")
+        .arg("client")
+        .arg("--admin")
+        .arg(admin_addr.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    wait::until("proxy process ready", TIMEOUT, || async move {
+        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await?;
+    let mut c = grpc::connect(bind).await?;
+    c.unary(EchoRequest {
+        message: "hi".into(),
+    })
+    .await?;
+    let mut stream = c
+        .server_stream(StreamRequest { count: 5 })
+        .await?
+        .into_inner();
+    while stream.message().await?.is_some() {}
+    let failed = c
+        .fail(EchoRequest {
+            message: "x".into(),
+        })
+        .await;
+    assert_eq!(
+        failed.err().map(|s| s.code()),
+        Some(tonic::Code::FailedPrecondition)
+    );
+    let mut next =
+        async || -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+            let line = tokio::time::timeout(TIMEOUT, lines.next_line())
+                .await
+                .map_err(|_| "no access-log line")??
+                .ok_or("stdout closed")?;
+            Ok(serde_json::from_str(&line)?)
+        };
+    let unary = next().await?;
+    assert_eq!(unary["path"], "/sinew.test.v1.Echo/Unary");
+    assert_eq!(unary["grpcStatus"], "0", "from the trailers: {unary}");
+    assert_eq!(unary["end"], "complete");
+    // One message: a 5-byte gRPC frame header, then `message: "hi"` and `server:
+    // "echo-1"` (2 + 2 and 2 + 6 bytes).
+    assert_eq!(unary["responseBytes"], 5 + 4 + 8, "{unary}");
+    let stream = next().await?;
+    assert_eq!(stream["grpcStatus"], "0", "{stream}");
+    // Five messages `message-N` (2 + 9) and `server: "echo-1"` (2 + 6).
+    assert_eq!(stream["responseBytes"], 5 * (5 + 11 + 8), "{stream}");
+    assert!(stream["durationMs"].as_f64() >= stream["headMs"].as_f64());
+    let fail = next().await?;
+    assert_eq!(
+        fail["grpcStatus"], "9",
+        "trailers-only, in the head: {fail}"
+    );
+    assert_eq!(fail["responseBytes"], 0);
+
+    let m = client::get(admin_addr, "admin", "/metrics").await?.text();
+    let count = |grpc: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("sinew_requests_total{direction=\"outbound\",service=\"echo.shop\"")
+                    && l.contains(&format!("grpc_status=\"{grpc}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(count("0").as_deref(), Some("2"), "{m}");
+    assert_eq!(count("9").as_deref(), Some("1"), "{m}");
+    assert_eq!(count(""), None, "no call went without its status: {m}");
+    child.kill().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_streams_matching_requests_without_secrets() -> TestResult {
     let app = HttpBackend::start("app").await?;

@@ -10,7 +10,14 @@
 //! one only if it is busier), strings past their limits are refused with their row,
 //! and methods outside the standard set become `OTHER`. Requests that could not be
 //! held are counted, not lost silently.
+//!
+//! Memory: names (services, routes, identities, paths) are shared between rows and
+//! proxies through [`Names`]; latency buckets are `u16`, scaled down by a per-slot
+//! power of two when a bucket would overflow, which keeps every bucket's share (what
+//! quantiles are made of) and never turns a non-empty bucket into an empty one.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sinew_api::latency;
@@ -50,8 +57,96 @@ pub struct RowSlot {
     pub requests: u32,
     /// Failures.
     pub failures: u32,
-    /// Requests per latency bucket ([`sinew_api::latency`]).
-    pub latency: [u32; latency::BUCKETS],
+    /// Requests per latency bucket ([`sinew_api::latency`]), divided by
+    /// `2^shift` (rounded up).
+    latency: [u16; latency::BUCKETS],
+    shift: u8,
+}
+
+impl RowSlot {
+    /// Adds reported bucket counts, scaling the slot down while one would overflow.
+    fn add_latency(&mut self, counts: &[u64]) {
+        let scaled = |n: u64, shift: u8| {
+            if shift >= 64 {
+                u64::from(n > 0)
+            } else {
+                n.div_ceil(1u64 << shift)
+            }
+        };
+        while self.shift < 64
+            && counts
+                .iter()
+                .zip(&self.latency)
+                .any(|(n, b)| u64::from(*b) + scaled(*n, self.shift) > u64::from(u16::MAX))
+        {
+            for b in &mut self.latency {
+                *b = b.div_ceil(2);
+            }
+            self.shift += 1;
+        }
+        for (b, n) in self.latency.iter_mut().zip(counts) {
+            let add = u16::try_from(scaled(*n, self.shift)).unwrap_or(u16::MAX);
+            *b = b.saturating_add(add);
+        }
+    }
+
+    /// The latency buckets, scaled back up.
+    pub fn latency(&self) -> [u64; latency::BUCKETS] {
+        let shift = u32::from(self.shift);
+        self.latency.map(|b| {
+            let b = u64::from(b);
+            if b == 0 {
+                0
+            } else if b.leading_zeros() < shift {
+                u64::MAX
+            } else {
+                b << shift
+            }
+        })
+    }
+}
+
+/// Names shared by every proxy's window: a service's name, a caller's identity or a
+/// busy path is held once however many rows and proxies name it. Names no row holds
+/// any more are let go when the set has doubled since it was last swept.
+#[derive(Debug, Default)]
+pub struct Names {
+    set: HashSet<Arc<str>>,
+    swept_len: usize,
+}
+
+impl Names {
+    /// The shared copy of `s`.
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return a.clone();
+        }
+        if self.set.len() >= 2 * self.swept_len.max(512) {
+            self.set.retain(|a| Arc::strong_count(a) > 1);
+            self.set.shrink_to_fit();
+            self.swept_len = self.set.len();
+        }
+        let a: Arc<str> = s.into();
+        self.set.insert(a.clone());
+        a
+    }
+
+    /// Names held.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// True when no name is held.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Bytes held on the heap: the set's buckets (one control byte each, 1/8 kept
+    /// free) and each name with its two reference counts.
+    pub fn heap_bytes(&self) -> usize {
+        let bucket = std::mem::size_of::<Arc<str>>() + 1;
+        self.set.capacity() * bucket * 8 / 7 + self.set.iter().map(|a| a.len() + 16).sum::<usize>()
+    }
 }
 
 /// A row held: its key and its ring.
@@ -62,11 +157,11 @@ pub struct HeldRow {
     /// Over mTLS.
     pub mtls: bool,
     /// `name.namespace`.
-    pub service: Box<str>,
+    pub service: Arc<str>,
     /// `namespace/name`, `default`, or "" (inbound).
-    pub route: Box<str>,
+    pub route: Arc<str>,
     /// The peer's SPIFFE id, or "".
-    pub peer: Box<str>,
+    pub peer: Arc<str>,
     slots: [RowSlot; SLOTS],
 }
 
@@ -89,11 +184,11 @@ pub struct HeldPath {
     /// Inbound or outbound.
     pub inbound: bool,
     /// `name.namespace`.
-    pub service: Box<str>,
+    pub service: Arc<str>,
     /// A standard method or `OTHER`.
     pub method: &'static str,
     /// The path (no query).
-    pub path: Box<str>,
+    pub path: Arc<str>,
     slots: [PathSlot; PATH_SLOTS],
 }
 
@@ -114,14 +209,14 @@ impl Sum {
         self.requests += o.requests;
         self.failures += o.failures;
         for (a, b) in self.latency.iter_mut().zip(o.latency) {
-            *a += b;
+            *a = a.saturating_add(b);
         }
     }
 
     /// The `q` quantile (0..=1) in milliseconds, estimated by interpolating within
     /// its bucket; `None` without requests. Past the last bound, the bound (8192 ms).
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.latency.iter().sum();
+        let total = self.latency.iter().fold(0u64, |a, b| a.saturating_add(*b));
         if total == 0 {
             return None;
         }
@@ -129,7 +224,7 @@ impl Sum {
         let mut below = 0u64;
         for (i, n) in self.latency.iter().enumerate() {
             if *n == 0 || ((below + n) as f64) < rank {
-                below += n;
+                below = below.saturating_add(*n);
                 continue;
             }
             let lo = if i == 0 {
@@ -242,8 +337,8 @@ impl Window {
         }
     }
 
-    /// Adds a report that arrived during `slot`.
-    pub fn add(&mut self, report: &StatsReport, slot: SlotId) {
+    /// Adds a report that arrived during `slot`; new names are taken from `names`.
+    pub fn add(&mut self, report: &StatsReport, slot: SlotId, names: &mut Names) {
         self.turn(slot);
         self.unheld = self.unheld.saturating_add(report.unreported);
         let pos = slot as usize % SLOTS;
@@ -265,9 +360,9 @@ impl Window {
                     self.rows.push(HeldRow {
                         inbound: r.inbound,
                         mtls: r.mtls,
-                        service: r.service.as_str().into(),
-                        route: r.route.as_str().into(),
-                        peer: r.peer_identity.as_str().into(),
+                        service: names.get(&r.service),
+                        route: names.get(&r.route),
+                        peer: names.get(&r.peer_identity),
                         slots: [RowSlot::default(); SLOTS],
                     });
                     self.rows.len() - 1
@@ -280,9 +375,7 @@ impl Window {
             let s = &mut self.rows[i].slots[pos];
             s.requests = s.requests.saturating_add(sat(r.requests));
             s.failures = s.failures.saturating_add(sat(r.failures.min(r.requests)));
-            for (b, n) in s.latency.iter_mut().zip(&r.latency) {
-                *b = b.saturating_add(sat(*n));
-            }
+            s.add_latency(&r.latency);
         }
         let pos = slot as usize % PATH_SLOTS;
         for p in report
@@ -303,9 +396,9 @@ impl Window {
                 None => {
                     let fresh = HeldPath {
                         inbound: p.inbound,
-                        service: p.service.as_str().into(),
+                        service: names.get(&p.service),
                         method,
-                        path: p.path.as_str().into(),
+                        path: names.get(&p.path),
                         slots: [PathSlot::default(); PATH_SLOTS],
                     };
                     if self.paths.len() < MAX_PATHS {
@@ -350,8 +443,8 @@ impl Window {
             for (s, _) in r.slots.iter().zip(live).filter(|(_, l)| *l) {
                 sum.requests += u64::from(s.requests);
                 sum.failures += u64::from(s.failures);
-                for (a, b) in sum.latency.iter_mut().zip(s.latency) {
-                    *a += u64::from(b);
+                for (a, b) in sum.latency.iter_mut().zip(s.latency()) {
+                    *a = a.saturating_add(b);
                 }
             }
             (sum.requests > 0).then_some((r, sum))
@@ -397,21 +490,10 @@ impl Window {
     }
 
     /// Bytes this window holds on the heap (capacities, not lengths: what the
-    /// allocator was asked for).
+    /// allocator was asked for); the names are shared, and counted by [`Names`].
     pub fn heap_bytes(&self) -> usize {
-        let rows = self.rows.capacity() * std::mem::size_of::<HeldRow>()
-            + self
-                .rows
-                .iter()
-                .map(|r| r.service.len() + r.route.len() + r.peer.len())
-                .sum::<usize>();
-        let paths = self.paths.capacity() * std::mem::size_of::<HeldPath>()
-            + self
-                .paths
-                .iter()
-                .map(|p| p.service.len() + p.path.len())
-                .sum::<usize>();
-        rows + paths
+        self.rows.capacity() * std::mem::size_of::<HeldRow>()
+            + self.paths.capacity() * std::mem::size_of::<HeldPath>()
     }
 }
 
@@ -457,15 +539,22 @@ mod tests {
     #[test]
     fn reports_merge_per_slot_and_leave_the_window_when_the_ring_turns() {
         let mut w = Window::default();
+        let mut names = Names::default();
         w.add(
             &report(vec![row("catalog.shop", 10, 1, vec![0, 0, 10])], vec![]),
             0,
+            &mut names,
         );
         w.add(
             &report(vec![row("catalog.shop", 5, 0, vec![0, 0, 0, 5])], vec![]),
             0,
+            &mut names,
         );
-        w.add(&report(vec![row("catalog.shop", 7, 2, vec![7])], vec![]), 3);
+        w.add(
+            &report(vec![row("catalog.shop", 7, 2, vec![7])], vec![]),
+            3,
+            &mut names,
+        );
         let sum = |w: &Window, from, to| {
             w.rows_in(from, to)
                 .map(|(_, s)| (s.requests, s.failures))
@@ -478,6 +567,7 @@ mod tests {
         w.add(
             &report(vec![row("catalog.shop", 1, 0, vec![1])], vec![]),
             SLOTS as SlotId,
+            &mut names,
         );
         assert_eq!(sum(&w, 0, SLOTS as SlotId), (8, 2));
         let (_, s) = w.rows_in(0, 100).next().unwrap_or_else(|| unreachable!());
@@ -521,6 +611,7 @@ mod tests {
     #[test]
     fn hostile_reports_stay_bounded_and_are_counted() {
         let mut w = Window::default();
+        let mut names = Names::default();
         for round in 0..10u64 {
             // Malformed rows first (over-long, too many buckets), then more rows
             // than any cap, each claiming more failures than requests.
@@ -535,7 +626,7 @@ mod tests {
                 .map(|i| path(&format!("/{round}/{i}"), 1))
                 .chain([path(&"p".repeat(MAX_PATH + 1), 1)])
                 .collect();
-            w.add(&report(rows, paths), 0);
+            w.add(&report(rows, paths), 0, &mut names);
         }
         assert_eq!(w.rows.len(), MAX_ROWS);
         assert!(w.paths.len() <= MAX_PATHS);
@@ -549,17 +640,75 @@ mod tests {
         let held: u64 = w.rows_in(0, 100).map(|(_, s)| s.requests).sum();
         assert_eq!(held + w.unheld, 10 * (1000 + 7 + 200));
         // A busier newcomer displaces the quietest path.
-        w.add(&report(vec![], vec![path("/hot", 50)]), 10);
+        w.add(&report(vec![], vec![path("/hot", 50)]), 10, &mut names);
         assert!(w.paths.iter().any(|p| &*p.path == "/hot"));
         assert!(w.heap_bytes() < 64 * 1024, "{}", w.heap_bytes());
     }
 
     #[test]
+    fn busy_rows_scale_their_buckets_and_keep_rare_ones() {
+        let mut s = RowSlot::default();
+        // 10 reports of 20,000 requests at about 1 ms and 3 at about 1 s: far past
+        // what a u16 bucket holds unscaled.
+        let mut counts = vec![0u64; latency::BUCKETS];
+        counts[2] = 20_000;
+        counts[12] = 3;
+        for _ in 0..10 {
+            s.add_latency(&counts);
+        }
+        let got = s.latency();
+        assert!(s.shift > 0, "scaled");
+        let fast = got[2] as f64;
+        assert!((fast - 200_000.0).abs() / 200_000.0 < 0.01, "{got:?}");
+        assert!(got[12] > 0, "a rare slow bucket survives scaling: {got:?}");
+        let sum = Sum {
+            requests: 200_030,
+            failures: 0,
+            latency: got,
+        };
+        let p50 = sum.quantile_ms(0.5).unwrap_or_default();
+        assert!((0.5..=1.0).contains(&p50), "{p50}");
+        // Counts past any scale saturate instead of wrapping.
+        let mut huge = RowSlot::default();
+        huge.add_latency(&[u64::MAX; latency::BUCKETS]);
+        huge.add_latency(&[u64::MAX; latency::BUCKETS]);
+        assert!(
+            huge.latency().iter().all(|n| *n > 0),
+            "{:?} {}",
+            huge.latency(),
+            huge.shift
+        );
+    }
+
+    #[test]
+    fn names_are_shared_and_let_go_when_unused() {
+        let mut names = Names::default();
+        let a = names.get("catalog.shop");
+        let b = names.get("catalog.shop");
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        // Unused names go at the next sweep, which comes as the set grows.
+        for i in 0..2000 {
+            let _ = names.get(&format!("/path/{i}"));
+        }
+        assert!(names.len() < 1100, "{}", names.len());
+        let kept = names.get("kept");
+        for i in 0..5000 {
+            let _ = names.get(&format!("/other/{i}"));
+        }
+        assert!(
+            Arc::ptr_eq(&kept, &names.get("kept")),
+            "a name in use stays"
+        );
+    }
+
+    #[test]
     fn methods_are_normalised() {
         let mut w = Window::default();
+        let mut names = Names::default();
         let mut p = path("/", 1);
         p.method = "BREW".into();
-        w.add(&report(vec![], vec![p]), 0);
+        w.add(&report(vec![], vec![p]), 0, &mut names);
         assert_eq!(w.paths[0].method, "OTHER");
     }
 }

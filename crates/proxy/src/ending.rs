@@ -1,0 +1,126 @@
+//! A request's end. Its observers (metrics, the access log, taps, the control
+//! plane's stats, the trace span) are told when its response has been sent in full,
+//! not when the response head is ready: only then are the bytes that went through,
+//! a gRPC status sent in trailers (how every gRPC call that returns a message ends),
+//! and a body broken off halfway known.
+//!
+//! [`respond`] takes what they need from the request and the response head into an
+//! [`Ending`]; a response without a body ends there, any other carries its ending in
+//! its body ([`crate::body::RespBody::Tracked`]), which reports when the body ends,
+//! fails, or is dropped unfinished because the client went away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::access::{Observed, Outcome};
+use crate::body::RespBody;
+use crate::listeners::ConnCtx;
+use crate::metrics::{Direction, RequestMeta};
+use crate::trace::Hop;
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Sent in full.
+    Complete,
+    /// The upstream broke it off.
+    Failed,
+    /// Dropped unfinished: the client went away (or the connection closed) first.
+    Aborted,
+}
+
+impl End {
+    /// As logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::Failed => "failed",
+            End::Aborted => "aborted",
+        }
+    }
+}
+
+/// What a request's observers need once its response has ended.
+#[derive(Debug)]
+pub struct Ending {
+    ctx: Arc<ConnCtx>,
+    dir: Direction,
+    meta: RequestMeta,
+    observed: Option<Observed>,
+    hop: Option<Hop>,
+    started: Instant,
+    head: Duration,
+    status: StatusCode,
+    grpc_status: Option<HeaderValue>,
+    error: Option<HeaderValue>,
+}
+
+/// Hands the response to the client, telling the request's observers when it has
+/// ended.
+pub fn respond(
+    ctx: Arc<ConnCtx>,
+    dir: Direction,
+    meta: RequestMeta,
+    observed: Option<Observed>,
+    hop: Option<Hop>,
+    started: Instant,
+    resp: Response<RespBody>,
+) -> Response<RespBody> {
+    use http_body::Body as _;
+    crate::trace::head(hop.as_ref(), &resp);
+    let h = resp.headers();
+    let ending = Ending {
+        ctx,
+        dir,
+        meta,
+        observed,
+        hop,
+        started,
+        head: started.elapsed(),
+        status: resp.status(),
+        grpc_status: h.get(crate::http_util::GRPC_STATUS).cloned(),
+        error: h.get(crate::error::SINEW_ERROR).cloned(),
+    };
+    if resp.body().is_end_stream() {
+        ending.end(0, None, End::Complete);
+        return resp;
+    }
+    resp.map(|body| RespBody::tracked(body, ending))
+}
+
+impl Ending {
+    /// Tells every observer: `bytes` of body were sent, `trailer_grpc` is a gRPC
+    /// status from the trailers.
+    pub fn end(self, bytes: u64, trailer_grpc: Option<HeaderValue>, end: End) {
+        let Ending {
+            ctx,
+            dir,
+            meta,
+            observed,
+            hop,
+            started,
+            head,
+            status,
+            grpc_status,
+            error,
+        } = self;
+        let outcome = Outcome {
+            status,
+            grpc_status: trailer_grpc.or(grpc_status),
+            error,
+            duration: started.elapsed(),
+            head,
+            response_bytes: bytes,
+            end: end.as_str(),
+        };
+        let peer = match dir {
+            Direction::Inbound => ctx.peer_identity.as_ref(),
+            Direction::Outbound => None,
+        };
+        ctx.shared.metrics.http(dir, &meta, peer, &outcome);
+        crate::trace::end(hop, &outcome);
+        crate::access::finish(&ctx, observed, dir, meta, &outcome);
+    }
+}
