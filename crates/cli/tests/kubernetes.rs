@@ -416,6 +416,47 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     })
     .await
     .unwrap();
+
+    // With HTTPRouteGroup matches, only matching requests are split (to web-v2); the rest
+    // go to the root service itself (given web-v1's backend as its endpoint).
+    slice(&c, "web-root", "web", "web-1", v1.addr(), true).await;
+    let groups = ar(
+        "specs.smi-spec.io",
+        "v1alpha4",
+        "HTTPRouteGroup",
+        "httproutegroups",
+    );
+    apply(
+        &c,
+        &groups,
+        json!({"metadata": {"name": "canary"},
+               "spec": {"matches": [{"name": "canary", "pathRegex": "/canary/.*", "methods": ["GET"]},
+                                   {"name": "beta", "pathRegex": "^/beta/[0-9]+$"}]}}),
+    )
+    .await;
+    apply(
+        &c,
+        &splits,
+        json!({"metadata": {"name": "broken"},
+               "spec": {"service": "web",
+                        "matches": [{"kind": "HTTPRouteGroup", "name": "canary"}],
+                        "backends": [{"service": "web-v2", "weight": 100}]}}),
+    )
+    .await;
+    wait::until(
+        "unmatched requests go to the root service",
+        TIMEOUT,
+        || async move { who(bind).await.as_deref() == Some("v1") },
+    )
+    .await
+    .unwrap();
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v1"));
+        for (path, backend) in [("/canary/a", "v2"), ("/beta/42", "v2"), ("/beta/x", "v1")] {
+            let r = client::get(bind, "web", path).await.unwrap();
+            assert_eq!(r.headers.get("x-backend").unwrap(), backend, "{path}");
+        }
+    }
 }
 
 /// A token for `shop/<sa>` from the TokenRequest API, for `audience`.
