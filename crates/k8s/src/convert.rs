@@ -361,6 +361,39 @@ fn spec_of(obj: &DynamicObject) -> Result<&Map<String, Value>, Vec<String>> {
         .ok_or_else(|| vec!["spec: required, and must be an object".to_owned()])
 }
 
+/// Whether a Gateway API `parentRef` is a Service (GAMMA: the mesh's business), not a
+/// Gateway (an ingress implementation's).
+pub fn is_service_parent(p: &Value) -> bool {
+    p.get("kind").and_then(Value::as_str) == Some("Service")
+        && p.get("group")
+            .and_then(Value::as_str)
+            .is_none_or(|g| g.is_empty() || g == "core")
+}
+
+/// A route's Service parents (its Gateway parents are an ingress implementation's).
+fn service_parents(spec: &Map<String, Value>) -> Value {
+    let parents: Vec<Value> = spec
+        .get("parentRefs")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| is_service_parent(p))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::Array(parents)
+}
+
+/// Whether a Gateway API route is the mesh's: it has a Service parent. Routes attached
+/// only to Gateways belong to an ingress implementation; Sinew leaves them alone.
+pub fn is_mesh_route(obj: &DynamicObject) -> bool {
+    obj.data
+        .pointer("/spec/parentRefs")
+        .and_then(Value::as_array)
+        .is_some_and(|ps| ps.iter().any(is_service_parent))
+}
+
 /// What converting some custom resources needs to know about the rest of the cluster.
 #[derive(Debug, Default)]
 pub struct Context {
@@ -394,12 +427,16 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
         }
         // Read through the TrafficTargets that name them.
         "HTTPRouteGroup" => return Ok(Vec::new()),
-        "HTTPRoute" => json!({
-            "apiVersion": format!("{GATEWAY_GROUP}/v1"),
-            "kind": "HTTPRoute",
-            "metadata": object_metadata(obj, &name),
-            "spec": spec,
-        }),
+        "HTTPRoute" => {
+            let mut spec = spec.clone();
+            spec.insert("parentRefs".into(), service_parents(&spec));
+            json!({
+                "apiVersion": format!("{GATEWAY_GROUP}/v1"),
+                "kind": "HTTPRoute",
+                "metadata": object_metadata(obj, &name),
+                "spec": spec,
+            })
+        }
         k => json!({
             "apiVersion": SINEW_API_VERSION,
             "kind": k,
@@ -488,7 +525,7 @@ fn grpc_route(
         "kind": "HTTPRoute",
         "metadata": object_metadata(obj, &format!("grpcroute.{name}")),
         "spec": {
-            "parentRefs": spec.get("parentRefs").cloned().unwrap_or(json!([])),
+            "parentRefs": service_parents(spec),
             "rules": rules,
         },
     }))
