@@ -328,6 +328,33 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
         }),
     )
     .await;
+    // A route of an ingress Gateway (no Service parent) is not the mesh's: Sinew leaves
+    // it, and its status, alone. One with both parents keeps the Gateway's status entry.
+    let other = json!({"parentRef": {"kind": "Gateway", "name": "edge"}, "controllerName": "example.com/gateway",
+                       "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                                       "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+    for (name, parents) in [
+        (
+            "edge-only",
+            json!([{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"}]),
+        ),
+        (
+            "edge-and-mesh",
+            json!([{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"},
+                                 {"kind": "Service", "name": "web-v2"}]),
+        ),
+    ] {
+        apply(&c, &routes, json!({"metadata": {"name": name},
+                                  "spec": {"parentRefs": parents, "rules": [{"backendRefs": [{"name": "web-v2", "port": 80}]}]}})).await;
+        Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"parents": [other]}})),
+            )
+            .await
+            .unwrap();
+    }
     // Invalid: an unknown field, and a TrafficSplit without its root service.
     let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
     apply(
@@ -367,6 +394,53 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     })
     .await
     .unwrap();
+    let routes_api = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes);
+    let rr = &routes_api;
+    wait::until(
+        "the mixed route carries both controllers' entries",
+        TIMEOUT,
+        || async move {
+            rr.get("edge-and-mesh").await.is_ok_and(|o| {
+                o.data
+                    .pointer("/status/parents")
+                    .and_then(Value::as_array)
+                    .is_some_and(|ps| ps.len() == 2)
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let mixed = routes_api.get("edge-and-mesh").await.unwrap();
+    let parents = mixed
+        .data
+        .pointer("/status/parents")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        parents
+            .iter()
+            .any(|p| p["controllerName"] == "example.com/gateway"),
+        "{parents:?}"
+    );
+    assert!(
+        parents
+            .iter()
+            .any(|p| p["controllerName"] == "sinew.dev/mesh"
+                && p["parentRef"]["kind"] == "Service"
+                && p["conditions"][0]["status"] == "True"),
+        "{parents:?}"
+    );
+    let edge = routes_api.get("edge-only").await.unwrap();
+    assert_eq!(
+        edge.data
+            .pointer("/status/parents")
+            .unwrap()
+            .as_array()
+            .unwrap(),
+        &vec![other.clone()]
+    );
     assert_eq!(
         accepted(&c, &grpc_routes, "catalog-rpc")
             .await
@@ -416,6 +490,47 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     })
     .await
     .unwrap();
+
+    // With HTTPRouteGroup matches, only matching requests are split (to web-v2); the rest
+    // go to the root service itself (given web-v1's backend as its endpoint).
+    slice(&c, "web-root", "web", "web-1", v1.addr(), true).await;
+    let groups = ar(
+        "specs.smi-spec.io",
+        "v1alpha4",
+        "HTTPRouteGroup",
+        "httproutegroups",
+    );
+    apply(
+        &c,
+        &groups,
+        json!({"metadata": {"name": "canary"},
+               "spec": {"matches": [{"name": "canary", "pathRegex": "/canary/.*", "methods": ["GET"]},
+                                   {"name": "beta", "pathRegex": "^/beta/[0-9]+$"}]}}),
+    )
+    .await;
+    apply(
+        &c,
+        &splits,
+        json!({"metadata": {"name": "broken"},
+               "spec": {"service": "web",
+                        "matches": [{"kind": "HTTPRouteGroup", "name": "canary"}],
+                        "backends": [{"service": "web-v2", "weight": 100}]}}),
+    )
+    .await;
+    wait::until(
+        "unmatched requests go to the root service",
+        TIMEOUT,
+        || async move { who(bind).await.as_deref() == Some("v1") },
+    )
+    .await
+    .unwrap();
+    for _ in 0..10 {
+        assert_eq!(who(bind).await.as_deref(), Some("v1"));
+        for (path, backend) in [("/canary/a", "v2"), ("/beta/42", "v2"), ("/beta/x", "v1")] {
+            let r = client::get(bind, "web", path).await.unwrap();
+            assert_eq!(r.headers.get("x-backend").unwrap(), backend, "{path}");
+        }
+    }
 }
 
 /// A token for `shop/<sa>` from the TokenRequest API, for `audience`.

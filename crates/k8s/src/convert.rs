@@ -8,7 +8,10 @@
 //!   (or whose Pod is not ready or is terminating) are left out.
 //! - Sinew custom resources are the documents themselves; Gateway API `HTTPRoute` too.
 //! - `GRPCRoute` becomes an `HTTPRoute` over gRPC paths (`/<service>/<method>`), and SMI
-//!   `TrafficSplit` an `HTTPRoute` with weighted backends on the root service.
+//!   `TrafficSplit` an `HTTPRoute` with weighted backends on the root service (only for
+//!   its `HTTPRouteGroup` matches, if it has any; the rest goes to the root service).
+//! - SMI `TrafficTarget` (with its `HTTPRouteGroup`s) becomes ALLOW `AuthorizationPolicy`s
+//!   on the services whose workloads run as its destination service account.
 //!
 //! Every document made here is parsed by the model, exactly as a file would be, under a
 //! label naming the object it came from ([`label`]), so problems can be traced back to it.
@@ -358,6 +361,39 @@ fn spec_of(obj: &DynamicObject) -> Result<&Map<String, Value>, Vec<String>> {
         .ok_or_else(|| vec!["spec: required, and must be an object".to_owned()])
 }
 
+/// Whether a Gateway API `parentRef` is a Service (GAMMA: the mesh's business), not a
+/// Gateway (an ingress implementation's).
+pub fn is_service_parent(p: &Value) -> bool {
+    p.get("kind").and_then(Value::as_str) == Some("Service")
+        && p.get("group")
+            .and_then(Value::as_str)
+            .is_none_or(|g| g.is_empty() || g == "core")
+}
+
+/// A route's Service parents (its Gateway parents are an ingress implementation's).
+fn service_parents(spec: &Map<String, Value>) -> Value {
+    let parents: Vec<Value> = spec
+        .get("parentRefs")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| is_service_parent(p))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    Value::Array(parents)
+}
+
+/// Whether a Gateway API route is the mesh's: it has a Service parent. Routes attached
+/// only to Gateways belong to an ingress implementation; Sinew leaves them alone.
+pub fn is_mesh_route(obj: &DynamicObject) -> bool {
+    obj.data
+        .pointer("/spec/parentRefs")
+        .and_then(Value::as_array)
+        .is_some_and(|ps| ps.iter().any(is_service_parent))
+}
+
 /// What converting some custom resources needs to know about the rest of the cluster.
 #[derive(Debug, Default)]
 pub struct Context {
@@ -381,7 +417,7 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
     let spec = spec_of(obj)?;
     let doc = match kind.kind {
         "GRPCRoute" => grpc_route(obj, &name, spec)?,
-        "TrafficSplit" => traffic_split(obj, &name, spec)?,
+        "TrafficSplit" => traffic_split(obj, &ns, &name, spec, ctx)?,
         "TrafficTarget" => {
             let mut docs = Vec::new();
             for d in traffic_target(obj, &ns, &name, spec, ctx)? {
@@ -391,12 +427,16 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
         }
         // Read through the TrafficTargets that name them.
         "HTTPRouteGroup" => return Ok(Vec::new()),
-        "HTTPRoute" => json!({
-            "apiVersion": format!("{GATEWAY_GROUP}/v1"),
-            "kind": "HTTPRoute",
-            "metadata": object_metadata(obj, &name),
-            "spec": spec,
-        }),
+        "HTTPRoute" => {
+            let mut spec = spec.clone();
+            spec.insert("parentRefs".into(), service_parents(&spec));
+            json!({
+                "apiVersion": format!("{GATEWAY_GROUP}/v1"),
+                "kind": "HTTPRoute",
+                "metadata": object_metadata(obj, &name),
+                "spec": spec,
+            })
+        }
         k => json!({
             "apiVersion": SINEW_API_VERSION,
             "kind": k,
@@ -485,7 +525,7 @@ fn grpc_route(
         "kind": "HTTPRoute",
         "metadata": object_metadata(obj, &format!("grpcroute.{name}")),
         "spec": {
-            "parentRefs": spec.get("parentRefs").cloned().unwrap_or(json!([])),
+            "parentRefs": service_parents(spec),
             "rules": rules,
         },
     }))
@@ -494,8 +534,10 @@ fn grpc_route(
 /// An SMI TrafficSplit as an HTTPRoute on its root service with weighted backends.
 fn traffic_split(
     obj: &DynamicObject,
+    ns: &str,
     name: &str,
     spec: &Map<String, Value>,
+    ctx: &Context,
 ) -> Result<Value, Vec<String>> {
     // The root service may be written as a name or an in-cluster DNS name.
     let Some(root) = spec
@@ -533,25 +575,116 @@ fn traffic_split(
     if backends.is_empty() && problems.is_empty() {
         problems.push("spec.backends: at least one backend is required".into());
     }
-    if spec
+    // Matches (HTTPRouteGroups): only matching requests are split; the rest go to the
+    // root service itself, as SMI specifies.
+    let mut matches = Vec::new();
+    for (i, m) in spec
         .get("matches")
         .and_then(Value::as_array)
-        .is_some_and(|m| !m.is_empty())
+        .unwrap_or(&empty)
+        .iter()
+        .enumerate()
     {
-        problems.push("spec.matches: HTTPRouteGroup matches are not supported yet".into());
+        if m.get("kind").and_then(Value::as_str) != Some("HTTPRouteGroup") {
+            problems.push(format!(
+                "spec.matches[{i}].kind: only HTTPRouteGroup is supported"
+            ));
+            continue;
+        }
+        let gname = m.get("name").and_then(Value::as_str).unwrap_or_default();
+        let Some(group) = ctx.route_groups.get(&(ns.to_owned(), gname.to_owned())) else {
+            problems.push(format!(
+                "spec.matches[{i}].name: no HTTPRouteGroup {ns}/{gname}"
+            ));
+            continue;
+        };
+        for gm in group
+            .data
+            .pointer("/spec/matches")
+            .and_then(Value::as_array)
+            .unwrap_or(&empty)
+        {
+            matches.extend(route_matches(gm));
+        }
     }
     if !problems.is_empty() {
         return Err(problems);
     }
+    let rules = if matches.is_empty() {
+        json!([{"backendRefs": backends}])
+    } else {
+        // The rest: a match that ranks after every other (Gateway API orders a regular
+        // expression after any prefix, and Sinew a shorter one after a longer), to the root
+        // service itself (no backendRefs).
+        json!([
+            {"matches": matches, "backendRefs": backends},
+            {"matches": [{"path": {"type": "RegularExpression", "value": ".*"}}]}
+        ])
+    };
     Ok(json!({
         "apiVersion": format!("{GATEWAY_GROUP}/v1"),
         "kind": "HTTPRoute",
         "metadata": object_metadata(obj, &format!("trafficsplit.{name}")),
         "spec": {
             "parentRefs": [{"kind": "Service", "name": root}],
-            "rules": [{"backendRefs": backends}],
+            "rules": rules,
         },
     }))
+}
+
+/// An SMI HTTPRouteGroup match as Gateway API HTTPRoute matches (one per method, since a
+/// Gateway match has one method).
+fn route_matches(m: &Value) -> Vec<Value> {
+    let mut base = Map::new();
+    if let Some(re) = m
+        .get("pathRegex")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty())
+    {
+        // Literal paths and whole-segment prefixes as Exact and PathPrefix matches: they
+        // take precedence over the catch-all rule as Gateway API orders matches (a
+        // regular expression has no defined rank there).
+        let path = match path_regex(re) {
+            Ok((exact, _)) if exact.len() == 1 => json!({"type": "Exact", "value": exact[0]}),
+            Ok((_, prefix)) if prefix.len() == 1 && prefix[0].ends_with('/') => {
+                let p = prefix[0].trim_end_matches('/');
+                json!({"type": "PathPrefix", "value": if p.is_empty() { "/" } else { p }})
+            }
+            Ok((exact, prefix)) if exact.is_empty() && prefix.is_empty() => Value::Null,
+            _ => json!({"type": "RegularExpression", "value": re}),
+        };
+        if !path.is_null() {
+            base.insert("path".into(), path);
+        }
+    }
+    if let Some(h) = m.get("headers").and_then(Value::as_object) {
+        let headers: Vec<Value> = h
+            .iter()
+            .filter_map(|(k, v)| Some(json!({"name": k, "value": v.as_str()?})))
+            .collect();
+        base.insert("headers".into(), json!(headers));
+    }
+    let methods: Vec<String> = m
+        .get("methods")
+        .and_then(Value::as_array)
+        .map(|ms| {
+            ms.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_ascii_uppercase)
+                .collect()
+        })
+        .unwrap_or_default();
+    if methods.is_empty() || methods.iter().any(|m| m == "*") {
+        return vec![Value::Object(base)];
+    }
+    methods
+        .into_iter()
+        .map(|method| {
+            let mut one = base.clone();
+            one.insert("method".into(), json!(method));
+            Value::Object(one)
+        })
+        .collect()
 }
 
 /// An SMI path regex as Sinew path conditions: `(exact paths, prefixes)`. Literal paths

@@ -353,6 +353,9 @@ impl Caches {
         let mut objects = Vec::new();
         for (kind, store) in &self.custom {
             for obj in store.state() {
+                if GATEWAY_KINDS.contains(kind) && !convert::is_mesh_route(&obj) {
+                    continue;
+                }
                 let ns = obj
                     .metadata
                     .namespace

@@ -135,21 +135,43 @@ impl StatusWriter {
             "observedGeneration": generation,
             "lastTransitionTime": transition,
         });
-        let status_doc = if is_route(&o.kind) {
-            let parents: Vec<Value> = o
+        let mut patch = if is_route(&o.kind) {
+            // Sinew's entries, one per Service parent, beside other controllers' (e.g. a
+            // Gateway implementation's, for the route's Gateway parents), which stay.
+            let mut parents: Vec<Value> = o
                 .object
                 .data
-                .pointer("/spec/parentRefs")
+                .pointer("/status/parents")
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default()
                 .into_iter()
-                .map(|p| json!({"parentRef": p, "controllerName": CONTROLLER_NAME, "conditions": [condition]}))
+                .filter(|p| {
+                    p.get("controllerName").and_then(Value::as_str) != Some(CONTROLLER_NAME)
+                })
                 .collect();
-            json!({"parents": parents})
+            parents.extend(
+                o.object
+                    .data
+                    .pointer("/spec/parentRefs")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(crate::convert::is_service_parent)
+                    .map(|p| json!({"parentRef": p, "controllerName": CONTROLLER_NAME, "conditions": [condition]})),
+            );
+            // The whole list is replaced: only if nobody changed it since it was read.
+            json!({"metadata": {"resourceVersion": o.object.metadata.resource_version},
+                   "status": {"parents": parents}})
         } else {
-            json!({"conditions": [condition]})
+            json!({"status": {"conditions": [condition]}})
         };
+        if patch["metadata"]["resourceVersion"].is_null()
+            && let Some(m) = patch.as_object_mut()
+        {
+            m.remove("metadata");
+        }
         let ns = o.object.metadata.namespace.as_deref().unwrap_or("default");
         let name = o.object.metadata.name.as_deref().unwrap_or_default();
         let api: Api<DynamicObject> = Api::namespaced_with(
@@ -157,12 +179,8 @@ impl StatusWriter {
             ns,
             &crate::source::api_resource(&o.kind),
         );
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status_doc})),
-        )
-        .await?;
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
         tracing::info!(object = %o.label, accepted = status, %message, "status written");
         if !o.problems.is_empty() {
             self.event(o, ns, name, &message).await?;
