@@ -647,6 +647,19 @@ async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
     })
     .await
     .unwrap();
+    // It listens for the traffic the injected init container's rules redirect.
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /config HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("\"capture\"") && out.contains("15006") && out.contains("15001"),
+        "{out}"
+    );
 }
 
 /// One HTTPS request to `addr`, trusting `ca_pem` and checking the certificate is for

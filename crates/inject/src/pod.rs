@@ -268,9 +268,17 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
         image: Some(c.image.clone()),
         image_pull_policy: c.image_pull_policy.clone(),
         command: Some(vec!["sinew-proxy".into()]),
+        // The init container's rules send the pod's traffic to these ports; the
+        // inbound one is also the sidecar port peers reach (the pod's
+        // `sinew.dev/inbound-port`), served by the capture listener.
         args: Some(vec![
             "--join-token-file".into(),
             format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+            "--capture".into(),
+            "--capture-inbound-port".into(),
+            c.inbound_port.to_string(),
+            "--capture-outbound-port".into(),
+            c.outbound_port.to_string(),
         ]),
         env: Some(vec![
             env_field("POD_NAME", "metadata.name"),
@@ -284,8 +292,6 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
             // Probes come from the kubelet, so the admin listener is on the pod's
             // address; capture leaves its port alone.
             env("SINEW_PROXY_ADMIN", format!("0.0.0.0:{}", c.admin_port)),
-            env("SINEW_INBOUND_PORT", c.inbound_port.to_string()),
-            env("SINEW_OUTBOUND_PORT", c.outbound_port.to_string()),
             env("RUST_LOG", c.log_level.clone()),
         ]),
         ports: Some(vec![

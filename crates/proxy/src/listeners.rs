@@ -67,7 +67,14 @@ pub struct ConnCtx {
 /// bindings, whether the binding is opaque TCP).
 pub fn desired(cfg: &ProxyConfig) -> HashMap<SocketAddr, (Role, bool)> {
     let mut out = HashMap::new();
-    if let Some(inb) = &cfg.inbound {
+    // Where capture's inbound port is the sidecar's own (one port for the mesh and
+    // for redirected traffic, as an injected Kubernetes pod has it), the capture
+    // listener, bound to every address, serves both: binding the inbound's address
+    // on that port as well would fail.
+    let captured = cfg.capture.as_ref().map(|c| c.inbound_port);
+    if let Some(inb) = &cfg.inbound
+        && captured != Some(inb.bind.port())
+    {
         out.insert(inb.bind, (Role::Inbound, false));
     }
     if let Some(hp) = cfg.http_proxy {
@@ -437,6 +444,47 @@ mod tests {
     use super::*;
     use crate::state::Settings;
     use std::time::Duration;
+
+    fn config(inbound: u16, capture: u16) -> ProxyConfig {
+        let yaml = format!(
+            r#"
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {{name: web-0, namespace: shop}}
+spec:
+  inbound: {{bind: "127.0.0.1:{inbound}", ports: [8080]}}
+  capture: {{inboundPort: {capture}, outboundPort: 15001}}
+"#
+        );
+        sinew_model::compile::compile_text("t.yaml", &yaml, None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_capture_on_the_sidecar_port_serves_the_inbound() {
+        let roles = |cfg: &ProxyConfig, role: Role| {
+            let mut ports: Vec<SocketAddr> = desired(cfg)
+                .into_iter()
+                .filter(|(_, (r, _))| *r == role)
+                .map(|(a, _)| a)
+                .collect();
+            ports.sort();
+            ports
+        };
+        let shared = config(15006, 15006);
+        assert!(roles(&shared, Role::Inbound).is_empty(), "no second bind");
+        assert!(
+            roles(&shared, Role::InboundCapture)
+                .iter()
+                .all(|a| a.port() == 15006 && a.ip().is_unspecified())
+        );
+        let apart = config(4143, 15006);
+        assert_eq!(
+            roles(&apart, Role::Inbound),
+            ["127.0.0.1:4143"
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("{e}"))]
+        );
+    }
 
     fn returned<F, Fut>(_: F) -> usize
     where
