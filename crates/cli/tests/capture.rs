@@ -118,8 +118,12 @@ impl Mesh {
             "python3",
             "setpriv",
         ]);
-        let proxy = proxy_bin();
         let scratch = Scratch::new(tag);
+        // Installed where the proxy's uid can run it, as on a real host: the build
+        // directory may be private to root (a clone in `mktemp -d` is 0700).
+        let proxy = scratch.path("sinew-proxy");
+        std::fs::copy(proxy_bin(), &proxy).unwrap();
+        let proxy = proxy.display().to_string();
         let lab = Lab::new(tag, &["client", "web1", "web2", "kv"]);
         let marker = format!("CATALOG-MARKER-{}", std::process::id());
         let mut procs = Vec::new();
@@ -934,8 +938,12 @@ fn bad_init_flags_name_what_is_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
     require(&["ip", "iptables-nft-restore", "curl", "python3", "kill"]);
-    proxy_bin();
     let scratch = Scratch::new("run");
+    // Installed where the proxy's uid can run it, as on a real host: the build
+    // directory may be private to root (a clone in `mktemp -d` is 0700).
+    let proxy = scratch.path("sinew-proxy");
+    std::fs::copy(proxy_bin(), &proxy).unwrap();
+    let proxy = proxy.to_str().unwrap();
     let lab = Lab::new("run", &["server", "client"]);
     let url = format!("http://{HUB_IP}:15010");
     let mut procs = vec![spawn(
@@ -985,6 +993,8 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
             "--server",
             &url,
             "run",
+            "--proxy-bin",
+            proxy,
             "--service",
             "hello",
             "--port",
@@ -1028,6 +1038,8 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
             "--server",
             &url,
             "run",
+            "--proxy-bin",
+            proxy,
             "--service",
             "caller",
             "--",
