@@ -93,6 +93,12 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The sidecars run as the proxy uid, which may not reach the build directory (a
+# checkout in a private home or a `mktemp -d` is 0700): installed here, as on a host.
+cp "$bin/sinew-proxy" "$work/sinew-proxy"
+chmod 755 "$work/sinew-proxy"
+export SINEW_PROXY_BIN=$work/sinew-proxy
+
 # -- Hosts: one namespace each, a veth to the hub's bridge.
 ip netns add "$hub"; made+=("$hub")
 ip -n "$hub" link set lo up
