@@ -3,8 +3,12 @@
 # `sinew demo`: a control plane, four services (catalog in two versions) each behind
 # its own sinew-proxy, a 90/10 canary, steady load and a live per-service summary.
 # Arguments go to `sinew demo` (e.g. --duration 30s, --json, --rate 100).
+# `--capture` (as root) runs it with transparent capture instead: demo/capture.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for arg in "$@"; do
+  [[ $arg == --capture ]] && exec demo/capture.sh "$@"
+done
 command -v cargo >/dev/null || { echo "demo: cargo is required (Rust $(sed -n 's/channel = "\(.*\)"/\1/p' rust-toolchain.toml))" >&2; exit 1; }
 echo "building sinew and sinew-proxy…" >&2
 cargo build --quiet --bins
