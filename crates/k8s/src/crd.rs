@@ -251,6 +251,7 @@ pub fn smi_crds() -> Vec<CustomResourceDefinition> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::Map;
