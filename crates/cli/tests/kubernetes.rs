@@ -355,12 +355,13 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
             .await
             .unwrap();
     }
-    // Invalid: an unknown field, and a TrafficSplit without its root service.
+    // Invalid: a target of an unsupported kind (valid for the schema, refused by the
+    // control plane), and a TrafficSplit without its root service.
     let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
     apply(
         &c,
         &policies,
-        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Deployment", "name": "web"}}}),
     )
     .await;
     let splits = ar(
@@ -455,7 +456,7 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     assert_eq!(r.headers.get("x-backend").unwrap(), "v2");
     let (_, msg) = accepted(&c, &policies, "bad").await.unwrap();
     assert!(
-        msg.contains("bogus"),
+        msg.contains("spec.targetRef.kind"),
         "the condition names the field: {msg}"
     );
     let (_, msg) = accepted(&c, &splits, "broken").await.unwrap();
@@ -465,7 +466,7 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
         .unwrap();
     assert_eq!(st, "True");
     // And a Warning Event names the refused resource.
-    warning_event(&c, "bad", "bogus").await;
+    warning_event(&c, "bad", "targetRef").await;
 
     // SMI: fixing the TrafficSplit (90/10 → 0/100 to web-v2) takes traffic to web-v2; the
     // HTTPRoute on the same parent goes first, so remove it.
@@ -1061,7 +1062,7 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
     apply(
         &c,
         &policies,
-        json!({"metadata": {"name": "late"}, "spec": {"targetRef": {"kind": "Service", "name": "catalog"}, "bogus": true}}),
+        json!({"metadata": {"name": "late"}, "spec": {"targetRef": {"kind": "Deployment", "name": "catalog"}}}),
     )
     .await;
     let cc = c.clone();
@@ -1258,7 +1259,7 @@ async fn the_published_least_privilege_rbac_is_enough() {
     apply(
         &c,
         &policies,
-        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Service", "name": "web"}, "bogus": 1}}),
+        json!({"metadata": {"name": "bad"}, "spec": {"targetRef": {"kind": "Deployment", "name": "web"}}}),
     )
     .await;
     let t_web = sa_token(&c, "web", "sinew").await;
@@ -1290,7 +1291,7 @@ async fn the_published_least_privilege_rbac_is_enough() {
     })
     .await
     .unwrap();
-    warning_event(&c, "bad", "bogus").await;
+    warning_event(&c, "bad", "targetRef").await;
 }
 
 /// Waits for a Warning Event about `shop/<name>` whose message contains `text`.

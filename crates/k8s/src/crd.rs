@@ -2,14 +2,19 @@
 //! and SMI kinds Sinew reads (for clusters that do not have them installed yet, and tests).
 //!
 //! Sinew's kinds are the same documents as in files (`apiVersion: sinew.dev/v1alpha1`). Their
-//! OpenAPI schemas are structural, as every API server since 1.16 requires: `spec` is an
-//! object whose fields the control plane validates itself (`x-kubernetes-preserve-unknown-fields`),
-//! so the rules live in one place (crates/model) and every problem is reported with its field
-//! path in the resource's `status.conditions`, which a schema rejection could not do for
-//! cross-resource problems anyway. `status` is a subresource the control plane writes.
+//! `spec` schemas are generated from the model's types ([`crate::schema`]): the API server
+//! checks every field's type, closed sets of values and required fields (and `kubectl
+//! explain` shows the model's doc comments), while the control plane still validates each
+//! document fully, as it does a file, and writes every problem with its field path to the
+//! resource's `status.conditions` (cross-resource problems, value rules). As for any CRD
+//! with a schema, the API server prunes fields it does not know (`kubectl` refuses them).
+//! The Gateway API and SMI definitions here keep an open `spec`: they are stand-ins for the
+//! upstream CRDs. `status` is a subresource the control plane writes.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use serde_json::json;
+use serde_json::{Value, json};
+
+use crate::schema::spec_schema;
 
 /// Sinew's API group.
 pub const SINEW_GROUP: &str = "sinew.dev";
@@ -106,8 +111,27 @@ pub const SMI_KINDS: [Kind; 3] = [
     },
 ];
 
-fn definition(k: &Kind, description: &str) -> Result<CustomResourceDefinition, serde_json::Error> {
-    let open = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+/// The structural OpenAPI schema of the `spec` of one of Sinew's kinds; `None` for a kind
+/// that is not Sinew's.
+pub fn sinew_spec_schema(kind: &str) -> Option<Value> {
+    use sinew_model::resource as r;
+    Some(match kind {
+        "Proxy" => spec_schema::<r::ProxySpec>(),
+        "Service" => spec_schema::<r::ServiceSpec>(),
+        "Workload" => spec_schema::<r::WorkloadSpec>(),
+        "MeshConfig" => spec_schema::<r::MeshConfigSpec>(),
+        "TrafficPolicy" => spec_schema::<r::TrafficPolicySpec>(),
+        "AuthorizationPolicy" => spec_schema::<r::AuthorizationPolicySpec>(),
+        "RequestAuthentication" => spec_schema::<r::RequestAuthenticationSpec>(),
+        _ => return None,
+    })
+}
+
+fn definition(
+    k: &Kind,
+    description: &str,
+    spec: Value,
+) -> Result<CustomResourceDefinition, serde_json::Error> {
     let schema = json!({
         "type": "object",
         "description": description,
@@ -115,7 +139,7 @@ fn definition(k: &Kind, description: &str) -> Result<CustomResourceDefinition, s
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": open,
+            "spec": spec,
             "status": {
                 "type": "object",
                 "x-kubernetes-preserve-unknown-fields": true,
@@ -183,6 +207,11 @@ fn definition(k: &Kind, description: &str) -> Result<CustomResourceDefinition, s
     }))
 }
 
+/// A free-form `spec`, for the stand-in Gateway API and SMI definitions.
+fn open() -> Value {
+    json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
 /// The CustomResourceDefinitions of Sinew's own kinds (`sinew.dev/v1alpha1`), as
 /// `sinew install --kubernetes` prints them and a cluster needs them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -195,6 +224,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
                     "Sinew {}: the same document as in a Sinew config file.",
                     k.kind
                 ),
+                sinew_spec_schema(k.kind)?,
             )
             .ok()
         })
@@ -207,7 +237,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 pub fn gateway_api_crds() -> Vec<CustomResourceDefinition> {
     GATEWAY_KINDS
         .iter()
-        .filter_map(|k| definition(k, &format!("Gateway API {} (GAMMA).", k.kind)).ok())
+        .filter_map(|k| definition(k, &format!("Gateway API {} (GAMMA).", k.kind), open()).ok())
         .collect()
 }
 
@@ -216,13 +246,15 @@ pub fn gateway_api_crds() -> Vec<CustomResourceDefinition> {
 pub fn smi_crds() -> Vec<CustomResourceDefinition> {
     SMI_KINDS
         .iter()
-        .filter_map(|k| definition(k, &format!("SMI {}.", k.kind)).ok())
+        .filter_map(|k| definition(k, &format!("SMI {}.", k.kind), open()).ok())
         .collect()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     #[test]
     fn every_kind_has_a_definition() {
@@ -237,5 +269,77 @@ mod tests {
             names.contains(&"trafficpolicies.sinew.dev".to_owned()),
             "{names:?}"
         );
+    }
+
+    /// Every problem that makes a schema node non-structural (or unknown to the API
+    /// server), with its path.
+    fn problems(path: &str, node: &Value, out: &mut Vec<String>) {
+        let Some(obj) = node.as_object() else {
+            out.push(format!("{path}: not an object"));
+            return;
+        };
+        for key in [
+            "$ref",
+            "$schema",
+            "$defs",
+            "definitions",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "not",
+            "const",
+            "title",
+            "default",
+        ] {
+            if obj.contains_key(key) {
+                out.push(format!("{path}: has {key}"));
+            }
+        }
+        let free = obj.contains_key("x-kubernetes-int-or-string");
+        if obj.contains_key("x-kubernetes-preserve-unknown-fields") {
+            out.push(format!("{path}: free-form"));
+        }
+        match obj.get("type") {
+            Some(Value::String(_)) => {}
+            None if free => {}
+            other => out.push(format!("{path}: type {other:?}")),
+        }
+        if obj.contains_key("properties") && obj.contains_key("additionalProperties") {
+            out.push(format!("{path}: properties and additionalProperties"));
+        }
+        if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+            for (name, p) in props {
+                problems(&format!("{path}.{name}"), p, out);
+            }
+        }
+        for key in ["items", "additionalProperties"] {
+            if let Some(s) = obj.get(key) {
+                problems(&format!("{path}[{key}]"), s, out);
+            }
+        }
+    }
+
+    #[test]
+    fn sinew_schemas_are_structural_with_no_refs() {
+        for crd in crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let schema = crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref())
+                .map(serde_json::to_value)
+                .unwrap()
+                .unwrap();
+            let text = schema.to_string();
+            assert!(!text.contains("$ref"), "{name}: {text}");
+            assert!(!text.contains("\"null\""), "{name}: {text}");
+            let spec = &schema["properties"]["spec"];
+            let mut found = Vec::new();
+            problems("spec", spec, &mut found);
+            assert!(found.is_empty(), "{name}: {found:#?}");
+            // A real schema: declared fields, not only an open object.
+            let fields = spec["properties"].as_object().map_or(0, Map::len);
+            assert!(fields >= 2, "{name}: {spec}");
+        }
     }
 }

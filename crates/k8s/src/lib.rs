@@ -17,6 +17,7 @@ pub mod crd;
 pub mod leader;
 pub mod rbac;
 pub mod review;
+pub mod schema;
 pub mod source;
 pub mod status;
 

@@ -41,6 +41,7 @@ impl Metadata {
 
 /// Wire protocol of a service port.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Protocol {
     /// HTTP/1.1 or HTTP/2, detected per connection (the default).
     #[default]
@@ -66,6 +67,7 @@ impl Protocol {
 
 /// Load-balancing algorithm for a service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum LoadBalancer {
     /// Power of two choices over peak-EWMA latency (the default).
     #[default]
@@ -77,6 +79,7 @@ pub enum LoadBalancer {
 
 /// `kind: Service`: a logical service with named ports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServiceSpec {
     /// The service's ports.
@@ -100,6 +103,7 @@ pub struct ServiceSpec {
 
 /// One port of a service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ServicePort {
     /// Port name, e.g. `http`; workloads map it to their own port number.
@@ -116,6 +120,7 @@ pub struct ServicePort {
 
 /// `kind: Workload`: one instance of a service (a process, pod or VM).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSpec {
     /// The service this instance serves, in the workload's namespace.
@@ -153,6 +158,7 @@ pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// Where a workload's sidecar accepts mesh traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SidecarRef {
     /// The sidecar's inbound port on the workload's address.
@@ -161,6 +167,7 @@ pub struct SidecarRef {
 
 /// `kind: MeshConfig`: mesh-wide settings (at most one per mesh).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshConfigSpec {
     /// DNS suffix accepted in logical names; default `cluster.local`. A `Proxy`'s own
@@ -200,6 +207,7 @@ pub struct MeshConfigSpec {
 
 /// `MeshConfig.spec.outboundTrafficPolicy`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutboundTrafficPolicy {
     /// The mode; default `ALLOW_ANY`.
@@ -209,6 +217,7 @@ pub struct OutboundTrafficPolicy {
 
 /// Whether captured traffic may leave the mesh.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum EgressMode {
     /// Unknown destinations pass through as plain TCP (the default).
     #[default]
@@ -223,6 +232,7 @@ pub enum EgressMode {
 /// Distributed tracing (`MeshConfig.spec.tracing`): each sidecar hop continues the
 /// caller's W3C or B3 context with a span of its own, exported over OTLP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TracingSpec {
     /// The OTLP collector, `http://host:port`: e.g. port 4317 for `grpc`, 4318 for
@@ -243,6 +253,7 @@ pub struct TracingSpec {
 
 /// How spans travel to the collector (the values of `OTEL_EXPORTER_OTLP_PROTOCOL`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum OtlpProtocol {
     /// OTLP over gRPC (the default).
     #[default]
@@ -255,6 +266,7 @@ pub enum OtlpProtocol {
 
 /// mTLS settings (mesh-wide, or per service for its inbound traffic).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MtlsSpec {
     /// The mode; default `STRICT`.
@@ -264,6 +276,7 @@ pub struct MtlsSpec {
 
 /// Whether a sidecar's inbound accepts plaintext besides mTLS.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum MtlsMode {
     /// Only mutually authenticated TLS (the default): plaintext is refused.
     #[default]
@@ -277,6 +290,7 @@ pub enum MtlsMode {
 
 /// What an authorization policy (or a default) does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum AuthorizationAction {
     /// Allow (the default).
     #[default]
@@ -289,6 +303,7 @@ pub enum AuthorizationAction {
 
 /// `kind: Proxy`: how one `sinew-proxy` listens (standalone mode).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProxySpec {
     /// Inbound listener: mesh traffic to the local application.
@@ -318,6 +333,7 @@ pub struct ProxySpec {
 /// Transparent capture (`Proxy.spec.capture`). The ports must be those `sinew init`
 /// redirects to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CaptureSpec {
     /// Where redirected outbound TCP arrives (on loopback); default 15001.
@@ -350,6 +366,7 @@ fn default_inbound_capture() -> u16 {
 
 /// Access-log settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AccessLogSpec {
     /// `json` (default) or `text`.
@@ -359,6 +376,7 @@ pub struct AccessLogSpec {
 
 /// How access-log lines are written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AccessLogFormat {
     /// One JSON object per line.
@@ -370,6 +388,7 @@ pub enum AccessLogFormat {
 
 /// The inbound listener.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct InboundSpec {
     /// Listen address, e.g. `0.0.0.0:4143`.
@@ -383,6 +402,7 @@ pub struct InboundSpec {
 
 /// The outbound listeners.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutboundSpec {
     /// Per-upstream local bindings, e.g. `127.0.0.1:9001 → catalog:http`.
@@ -395,6 +415,7 @@ pub struct OutboundSpec {
 
 /// One local binding to a service port.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpstreamSpec {
     /// Local listen address, e.g. `127.0.0.1:9001`.
@@ -411,6 +432,7 @@ pub struct UpstreamSpec {
 
 /// A service port named or numbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum PortRef {
     /// By number.
@@ -421,6 +443,7 @@ pub enum PortRef {
 
 /// The forward-proxy listener.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpProxySpec {
     /// Local listen address, e.g. `127.0.0.1:4140`.
@@ -429,6 +452,7 @@ pub struct HttpProxySpec {
 
 /// `kind: HTTPRoute` (Gateway API), attached to a Service as in GAMMA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteSpec {
     /// The services this route applies to.
@@ -443,6 +467,7 @@ pub struct HttpRouteSpec {
 
 /// A parent reference: the Service a route attaches to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ParentRef {
     /// API group; `""` or `core` for a Service.
@@ -466,6 +491,7 @@ pub struct ParentRef {
 
 /// One rule of an HTTPRoute.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteRule {
     /// Optional rule name.
@@ -490,6 +516,7 @@ pub struct HttpRouteRule {
 
 /// When and how often a failed request is tried again.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetrySpec {
     /// Retries after the first try; default 2.
@@ -522,6 +549,7 @@ pub struct RetrySpec {
 /// When to hedge: after a fixed delay, or after the rule's observed latency
 /// percentile (give one).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HedgeSpec {
     /// A fixed delay, e.g. `50ms`.
@@ -534,6 +562,7 @@ pub struct HedgeSpec {
 
 /// A retry budget: retries stay under `ratio` of requests plus `minPerSecond`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudgetSpec {
     /// Retries allowed per request, over a 10 s window; default 0.2.
@@ -546,6 +575,7 @@ pub struct RetryBudgetSpec {
 
 /// A request match; all present conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteMatch {
     /// Path condition; default `PathPrefix /`.
@@ -564,6 +594,7 @@ pub struct HttpRouteMatch {
 
 /// Path match type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathMatchType {
     /// The whole path, exactly.
     Exact,
@@ -576,6 +607,7 @@ pub enum PathMatchType {
 
 /// Path condition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpPathMatch {
     /// Match type; default `PathPrefix`.
@@ -592,6 +624,7 @@ fn slash() -> String {
 
 /// Header or query-parameter value match type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum StringMatchType {
     /// Exact value.
     #[default]
@@ -602,6 +635,7 @@ pub enum StringMatchType {
 
 /// Header (or query-parameter) condition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpHeaderMatch {
     /// Match type; default `Exact`.
@@ -615,6 +649,7 @@ pub struct HttpHeaderMatch {
 
 /// Filter type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum FilterType {
     /// Edit request headers.
     RequestHeaderModifier,
@@ -631,6 +666,7 @@ pub enum FilterType {
 
 /// `RequestMirror`: where copies go, and how many.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestMirror {
     /// The Service receiving copies.
@@ -642,6 +678,7 @@ pub struct RequestMirror {
 
 /// `Fault`: delays and aborts for a share of the requests a rule matches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultSpec {
     /// Answer at once with an error.
@@ -654,6 +691,7 @@ pub struct FaultSpec {
 
 /// An injected error: an HTTP status, or a gRPC status for gRPC requests.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultAbort {
     /// HTTP status (e.g. 503).
@@ -668,6 +706,7 @@ pub struct FaultAbort {
 
 /// An injected delay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultDelay {
     /// How long (Gateway API duration).
@@ -678,6 +717,7 @@ pub struct FaultDelay {
 
 /// A Gateway API filter: `type` plus the matching configuration field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteFilter {
     /// Which filter.
@@ -731,6 +771,7 @@ pub fn grpc_code(name: &str) -> Option<u8> {
 
 /// Header edits: `set` replaces, `add` appends, `remove` deletes (applied in that order).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeaderModifier {
     /// Headers to set, replacing existing values.
@@ -746,6 +787,7 @@ pub struct HeaderModifier {
 
 /// A header name and value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValuePair {
     /// Header name.
@@ -756,6 +798,7 @@ pub struct HeaderValuePair {
 
 /// URL rewrite.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UrlRewrite {
     /// New Host / `:authority`.
@@ -768,6 +811,7 @@ pub struct UrlRewrite {
 
 /// Path rewrite type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathModifierType {
     /// Replace the whole path.
     ReplaceFullPath,
@@ -777,6 +821,7 @@ pub enum PathModifierType {
 
 /// Path rewrite.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathModifier {
     /// Rewrite type.
@@ -792,6 +837,7 @@ pub struct PathModifier {
 
 /// A weighted backend (a Service port).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpBackendRef {
     /// API group; `""` or `core`.
@@ -822,6 +868,7 @@ fn one() -> u32 {
 
 /// Route timeouts (Gateway API durations).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpRouteTimeouts {
     /// Time allowed until the response headers reach the client; `0s` disables.
@@ -834,6 +881,7 @@ pub struct HttpRouteTimeouts {
 
 /// A policy's target: a Service in the policy's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PolicyTargetRef {
     /// API group; `""` or `core` for a Service.
@@ -849,6 +897,7 @@ pub struct PolicyTargetRef {
 /// `kind: TrafficPolicy`: how clients treat a Service's endpoints: circuit breaking
 /// and outlier detection (at most one per Service).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
     /// The Service.
@@ -878,6 +927,7 @@ pub struct TrafficPolicySpec {
 
 /// What a consistent-hash ring hashes: give exactly one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RingHashSpec {
     /// A request header's value.
@@ -894,6 +944,7 @@ pub struct RingHashSpec {
 /// An active health check: an HTTP GET of `path` (2xx/3xx is healthy), or a TCP
 /// connect when no path is given.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheckSpec {
     /// HTTP path to GET; absent: a TCP connect.
@@ -915,6 +966,7 @@ pub struct HealthCheckSpec {
 
 /// A rate limit: a token bucket per key, per proxy or (`global`) mesh-wide.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitSpec {
     /// Name, for `sinew-error` and metrics.
@@ -948,6 +1000,7 @@ impl RateLimitSpec {
 
 /// What a rate limit counts by: give exactly one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitKey {
     /// The value of this request header (requests without it share one bucket).
@@ -960,6 +1013,7 @@ pub struct RateLimitKey {
 
 /// Circuit-breaker limits (each optional).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CircuitBreakerSpec {
     /// Requests in flight to the whole service, from this proxy.
@@ -980,6 +1034,7 @@ pub struct CircuitBreakerSpec {
 
 /// Outlier detection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetectionSpec {
     /// Eject after this many failures in a row (5xx, connection failures); default 5.
@@ -1012,6 +1067,7 @@ pub struct OutlierDetectionSpec {
 /// `kind: AuthorizationPolicy`: who may call what, at the inbound of the workloads of
 /// a Service (or of a whole namespace). Semantics: see [`crate::authz`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// The Service whose workloads the policy protects; absent: every workload of the
@@ -1032,6 +1088,7 @@ pub struct AuthorizationPolicySpec {
 
 /// One rule: it matches when every part present matches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AuthorizationRule {
     /// Who is calling.
@@ -1047,6 +1104,7 @@ pub struct AuthorizationRule {
 
 /// The caller, in a rule. Each list present must match; an empty list is absent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleSource {
     /// Exact SPIFFE ids of the peer (`principals` and `principalPrefixes` together
@@ -1067,6 +1125,7 @@ pub struct RuleSource {
 
 /// The operation, in a rule. Each list present must match; an empty list is absent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuleOperation {
     /// Application ports (as the inbound sees them: the workload's ports).
@@ -1088,6 +1147,7 @@ pub struct RuleOperation {
 
 /// A condition on a JWT claim: present and equal to one of `values`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ClaimCondition {
     /// The claim's name; a dotted path (`realm.roles`) reaches nested claims.
@@ -1100,6 +1160,7 @@ pub struct ClaimCondition {
 /// Service (or of a whole namespace). A request without a token passes (authorization
 /// may refuse it); a request with a token must carry a valid one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequestAuthenticationSpec {
     /// The Service whose workloads accept these tokens; absent: the whole namespace.
@@ -1111,6 +1172,7 @@ pub struct RequestAuthenticationSpec {
 
 /// How tokens of one issuer are verified.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JwtRule {
     /// The exact `iss` claim.
@@ -1140,6 +1202,7 @@ pub struct JwtRule {
 
 /// A JWKS source: exactly one of `file`, `uri`, `inline`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JwksSpec {
     /// A local file holding the JWKS JSON; re-read when it changes.
@@ -1162,6 +1225,7 @@ pub struct JwksSpec {
 
 /// A header that may carry a token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JwtHeader {
     /// Header name.
@@ -1173,6 +1237,7 @@ pub struct JwtHeader {
 
 /// Copies a verified claim into a request header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ClaimToHeader {
     /// The claim (a dotted path reaches nested claims).
@@ -1183,6 +1248,7 @@ pub struct ClaimToHeader {
 
 /// A claim a token must carry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RequiredClaim {
     /// The claim (a dotted path reaches nested claims).
