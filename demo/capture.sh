@@ -65,6 +65,9 @@ made=()      # namespaces created
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
+  # A Ctrl-C can land while a command's `2>/dev/null` is in effect (the load loop
+  # below): say what happens on the script's own standard error.
+  exec 2>&3
   echo "demo: stopping the apps and sidecars, removing capture rules and namespaces" >&2
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
@@ -89,6 +92,7 @@ cleanup() {
   [[ $left -eq 0 ]] || status=1
   exit "$status"
 }
+exec 3>&2
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM

@@ -198,13 +198,29 @@ fn stops_cleanly_on_ctrl_c_and_refuses_without_root() {
     let stderr = errs.join().unwrap();
     let rest = rest.join().unwrap().join("\n");
     assert_eq!(status.code(), Some(130), "{status}\n{rest}\n{stderr}");
+    assert_eq!(leftovers(&prefix), Vec::<String>::new(), "{stderr}");
     assert!(
         stderr.contains("capture rules removed from every host"),
         "{stderr}"
     );
-    assert_eq!(leftovers(&prefix), Vec::<String>::new(), "{stderr}");
 
     let nobody = format!("sdn{}", std::process::id());
+    // The scripts as an installation has them, readable by anyone: the checkout may
+    // be private to root (a clone in `mktemp -d` is 0700), and the refusal to check
+    // is the script's own, not the file system's.
+    let copy = std::env::temp_dir().join(format!("sinew-demo-copy-{}", std::process::id()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(copy.join("demo")).unwrap();
+        for d in [copy.clone(), copy.join("demo")] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for f in ["run.sh", "capture.sh"] {
+            let to = copy.join("demo").join(f);
+            std::fs::copy(script().with_file_name(f), &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
     let out = Command::new("setpriv")
         .args([
             "--reuid",
@@ -214,7 +230,7 @@ fn stops_cleanly_on_ctrl_c_and_refuses_without_root() {
             "--clear-groups",
             "bash",
         ])
-        .arg(script())
+        .arg(copy.join("demo/run.sh"))
         .arg("--capture")
         .env("SINEW_BIN_DIR", bin_dir())
         .env("SINEW_DEMO_PREFIX", &nobody)
@@ -226,4 +242,5 @@ fn stops_cleanly_on_ctrl_c_and_refuses_without_root() {
         "{err}"
     );
     assert_eq!(leftovers(&nobody), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&copy);
 }
