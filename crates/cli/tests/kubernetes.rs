@@ -102,6 +102,21 @@ async fn pod(c: &Client, name: &str, version: &str, sa: &str) {
         .unwrap();
 }
 
+/// The Pod `catalog-1` (service account `catalog`), whose sidecar's inbound port is
+/// in its annotation.
+async fn sidecar_pod(c: &Client, inbound: SocketAddr) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
+                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
+        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+}
+
 /// An EndpointSlice of `service` with one endpoint for `pod` at `addr`.
 async fn slice(c: &Client, name: &str, service: &str, pod: &str, addr: SocketAddr, ready: bool) {
     apply(
@@ -638,16 +653,7 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
     );
     // The catalog Pod runs a sidecar (its inbound port in the annotation) as `catalog`.
     service(&c, "catalog").await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
-                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
-        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(c.clone(), "shop")
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap();
+    sidecar_pod(&c, inbound).await;
     slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
     client_proxy(&c, bind, "catalog").await;
 
@@ -974,16 +980,7 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
         sa_token(&c, "catalog", "sinew").await,
     );
     service(&c, "catalog").await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "catalog-1", "namespace": "shop", "labels": {"app": "catalog"},
-                     "annotations": {"sinew.dev/inbound-port": inbound.port().to_string()}},
-        "spec": {"serviceAccountName": "catalog", "containers": [{"name": "app", "image": "example.invalid/app"}]}
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(c.clone(), "shop")
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap();
+    sidecar_pod(&c, inbound).await;
     slice(&c, "catalog-a", "catalog", "catalog-1", app.addr(), true).await;
     client_proxy(&c, bind, "catalog").await;
     apply(

@@ -657,23 +657,10 @@ fn route_matches(m: &Value) -> Vec<Value> {
             base.insert("path".into(), path);
         }
     }
-    if let Some(h) = m.get("headers").and_then(Value::as_object) {
-        let headers: Vec<Value> = h
-            .iter()
-            .filter_map(|(k, v)| Some(json!({"name": k, "value": v.as_str()?})))
-            .collect();
-        base.insert("headers".into(), json!(headers));
+    if let Some(headers) = smi_headers(m) {
+        base.insert("headers".into(), headers);
     }
-    let methods: Vec<String> = m
-        .get("methods")
-        .and_then(Value::as_array)
-        .map(|ms| {
-            ms.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_ascii_uppercase)
-                .collect()
-        })
-        .unwrap_or_default();
+    let methods = smi_methods(m);
     if methods.is_empty() || methods.iter().any(|m| m == "*") {
         return vec![Value::Object(base)];
     }
@@ -685,6 +672,29 @@ fn route_matches(m: &Value) -> Vec<Value> {
             Value::Object(one)
         })
         .collect()
+}
+
+/// An HTTPRouteGroup match's methods, upper-cased (`*` kept: any method).
+fn smi_methods(m: &Value) -> Vec<String> {
+    m.get("methods")
+        .and_then(Value::as_array)
+        .map(|ms| {
+            ms.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_ascii_uppercase)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An HTTPRouteGroup match's headers (`name: value` map) as `[{name, value}]`.
+fn smi_headers(m: &Value) -> Option<Value> {
+    let h = m.get("headers").and_then(Value::as_object)?;
+    let pairs: Vec<Value> = h
+        .iter()
+        .filter_map(|(k, v)| Some(json!({"name": k, "value": v.as_str()?})))
+        .collect();
+    Some(json!(pairs))
 }
 
 /// An SMI path regex as Sinew path conditions: `(exact paths, prefixes)`. Literal paths
@@ -821,25 +831,12 @@ fn traffic_target(
                         }
                         Err(e) => problems.push(format!("HTTPRouteGroup {gname}: {e}")),
                     }
-                    let methods: Vec<String> = m
-                        .get("methods")
-                        .and_then(Value::as_array)
-                        .map(|ms| {
-                            ms.iter()
-                                .filter_map(Value::as_str)
-                                .map(str::to_ascii_uppercase)
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let methods = smi_methods(m);
                     if !methods.is_empty() && !methods.iter().any(|m| m == "*") {
                         to.insert("methods".into(), json!(methods));
                     }
-                    if let Some(h) = m.get("headers").and_then(Value::as_object) {
-                        let pairs: Vec<Value> = h
-                            .iter()
-                            .filter_map(|(k, v)| Some(json!({"name": k, "value": v.as_str()?})))
-                            .collect();
-                        to.insert("headers".into(), json!(pairs));
+                    if let Some(headers) = smi_headers(m) {
+                        to.insert("headers".into(), headers);
                     }
                     operations.push((!to.is_empty()).then_some(Value::Object(to)));
                 }

@@ -2398,39 +2398,80 @@ async fn prometheus_scrapes_golden_metrics_and_answers_success_rate() -> TestRes
     Ok(())
 }
 
+/// A `sinew-proxy` process in front of one service with JSON access logs on, its
+/// standard output (the log) read line by line.
+struct LoggingProxy {
+    _child: tokio::process::Child,
+    /// Kept while the proxy runs: it watches the file.
+    _file: ConfigFile,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    admin: SocketAddr,
+}
+
+impl LoggingProxy {
+    /// Starts it, ready, with an upstream binding (returned) for `svc` at `backend`.
+    async fn start(
+        svc: &str,
+        protocol: &str,
+        backend: SocketAddr,
+    ) -> Result<(SocketAddr, LoggingProxy), Box<dyn std::error::Error + Send + Sync>> {
+        let bind = free_addr();
+        let admin = free_addr();
+        let file = ConfigFile::new(&format!(
+            "{}{}{}",
+            proxy_doc(
+                "client",
+                &format!(
+                    "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: {svc}}}]\n  accessLog: {{format: json}}"
+                ),
+            ),
+            service(svc, protocol),
+            workload(&format!("{svc}-1"), svc, backend, None)
+        ));
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+            .arg("--config")
+            .arg(&file.path)
+            .arg("--name")
+            .arg("client")
+            .arg("--admin")
+            .arg(admin.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let lines = tokio::io::BufReader::new(stdout).lines();
+        wait::until("proxy process ready", TIMEOUT, || async move {
+            matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+        })
+        .await?;
+        Ok((
+            bind,
+            LoggingProxy {
+                _child: child,
+                _file: file,
+                lines,
+                admin,
+            },
+        ))
+    }
+
+    /// The next access-log line, parsed.
+    async fn next_json(
+        &mut self,
+    ) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
+        let line = tokio::time::timeout(TIMEOUT, self.lines.next_line())
+            .await
+            .map_err(|_| "no access-log line")??
+            .ok_or("stdout closed")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> TestResult {
     let app = HttpBackend::start("app").await?;
-    let bind = free_addr();
-    let admin_addr = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        proxy_doc(
-            "client",
-            &format!(
-                "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]\n  accessLog: {{format: json}}"
-            ),
-        ),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    ));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
-        .arg("--config")
-        .arg(&file.path)
-        .arg("--name")
-        .arg("client")
-        .arg("--admin")
-        .arg(admin_addr.to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    wait::until("proxy process ready", TIMEOUT, || async move {
-        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await?;
+    let (bind, mut proxy) = LoggingProxy::start("catalog", "HTTP", app.addr()).await?;
     let mut c = client::h1(bind).await?;
     let trace = "0af7651916cd43dd8448eb211c80319c";
     let req = Request::get("/items/7?token=secret")
@@ -2443,15 +2484,7 @@ async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> T
         .header("sinew-timeout-ms", "50")
         .body(empty())?;
     assert_eq!(client::collect(c.send(req).await?).await?.status, 504);
-    let mut next =
-        async || -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
-            let line = tokio::time::timeout(TIMEOUT, lines.next_line())
-                .await
-                .map_err(|_| "no access-log line")??
-                .ok_or("stdout closed")?;
-            Ok(serde_json::from_str(&line)?)
-        };
-    let first = next().await?;
+    let first = proxy.next_json().await?;
     assert_eq!(first["direction"], "outbound");
     assert_eq!(first["method"], "GET");
     assert_eq!(first["authority"], "catalog");
@@ -2467,10 +2500,9 @@ async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> T
     assert_eq!(first["error"], serde_json::Value::Null);
     assert!(first["durationMs"].as_f64().is_some_and(|d| d > 0.0));
     assert!(first["start"].as_str().is_some_and(|s| s.ends_with('Z')));
-    let second = next().await?;
+    let second = proxy.next_json().await?;
     assert_eq!(second["status"], 504);
     assert_eq!(second["error"], "request-timeout");
-    child.kill().await?;
     Ok(())
 }
 
@@ -2480,36 +2512,7 @@ async fn access_logs_write_one_json_line_per_request_off_the_request_path() -> T
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observers_see_grpc_trailers_and_the_bytes_sent() -> TestResult {
     let echo = grpc::EchoServer::start("echo-1").await?;
-    let bind = free_addr();
-    let admin_addr = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        proxy_doc(
-            "client",
-            &format!(
-                "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: echo}}]\n  accessLog: {{format: json}}"
-            ),
-        ),
-        service("echo", "GRPC"),
-        workload("echo-1", "echo", echo.addr(), None)
-    ));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
-        .arg("--config")
-        .arg(&file.path)
-        .arg("--name")
-        .arg("client")
-        .arg("--admin")
-        .arg(admin_addr.to_string())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    wait::until("proxy process ready", TIMEOUT, || async move {
-        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await?;
+    let (bind, mut proxy) = LoggingProxy::start("echo", "GRPC", echo.addr()).await?;
     let mut c = grpc::connect(bind).await?;
     c.unary(EchoRequest {
         message: "hi".into(),
@@ -2529,34 +2532,26 @@ async fn observers_see_grpc_trailers_and_the_bytes_sent() -> TestResult {
         failed.err().map(|s| s.code()),
         Some(tonic::Code::FailedPrecondition)
     );
-    let mut next =
-        async || -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>> {
-            let line = tokio::time::timeout(TIMEOUT, lines.next_line())
-                .await
-                .map_err(|_| "no access-log line")??
-                .ok_or("stdout closed")?;
-            Ok(serde_json::from_str(&line)?)
-        };
-    let unary = next().await?;
+    let unary = proxy.next_json().await?;
     assert_eq!(unary["path"], "/sinew.test.v1.Echo/Unary");
     assert_eq!(unary["grpcStatus"], "0", "from the trailers: {unary}");
     assert_eq!(unary["end"], "complete");
     // One message: a 5-byte gRPC frame header, then `message: "hi"` and `server:
     // "echo-1"` (2 + 2 and 2 + 6 bytes).
     assert_eq!(unary["responseBytes"], 5 + 4 + 8, "{unary}");
-    let stream = next().await?;
+    let stream = proxy.next_json().await?;
     assert_eq!(stream["grpcStatus"], "0", "{stream}");
     // Five messages `message-N` (2 + 9) and `server: "echo-1"` (2 + 6).
     assert_eq!(stream["responseBytes"], 5 * (5 + 11 + 8), "{stream}");
     assert!(stream["durationMs"].as_f64() >= stream["headMs"].as_f64());
-    let fail = next().await?;
+    let fail = proxy.next_json().await?;
     assert_eq!(
         fail["grpcStatus"], "9",
         "trailers-only, in the head: {fail}"
     );
     assert_eq!(fail["responseBytes"], 0);
 
-    let m = client::get(admin_addr, "admin", "/metrics").await?.text();
+    let m = client::get(proxy.admin, "admin", "/metrics").await?.text();
     let count = |grpc: &str| {
         m.lines()
             .find(|l| {
@@ -2569,7 +2564,6 @@ async fn observers_see_grpc_trailers_and_the_bytes_sent() -> TestResult {
     assert_eq!(count("0").as_deref(), Some("2"), "{m}");
     assert_eq!(count("9").as_deref(), Some("1"), "{m}");
     assert_eq!(count(""), None, "no call went without its status: {m}");
-    child.kill().await?;
     Ok(())
 }
 

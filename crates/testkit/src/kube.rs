@@ -284,34 +284,51 @@ impl ApiServer {
 
     async fn wait_ready(&mut self) -> Result<(), BoxError> {
         let client = self.client().await?;
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        let mut last;
-        loop {
-            if let Some(child) = self.apiserver.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
+        let child = std::cell::RefCell::new(self.apiserver.as_mut());
+        let exited = std::cell::Cell::new(None);
+        let last = std::cell::RefCell::new(String::new());
+        // Polls /readyz, and stops early when the process has exited.
+        let polled = crate::wait::until("kube-apiserver /readyz", READY_TIMEOUT, || {
+            if let Some(c) = child.borrow_mut().as_mut()
+                && let Ok(Some(status)) = c.try_wait()
             {
-                return Err(format!(
-                    "kube-apiserver exited ({status}) before it was ready; its log:\n{}\netcd's log:\n{}",
-                    self.log(),
-                    tail(&self.dir.join("etcd.log"), 20)
-                )
-                .into());
+                exited.set(Some(status));
             }
-            let req = http::Request::get("/readyz").body(Vec::new())?;
-            match client.request_text(req).await {
-                Ok(body) if body.trim() == "ok" => return Ok(()),
-                Ok(body) => last = body,
-                Err(e) => last = e.to_string(),
+            let (client, last, exited) = (client.clone(), &last, &exited);
+            async move {
+                if exited.get().is_some() {
+                    return true;
+                }
+                let answer = match http::Request::get("/readyz").body(Vec::new()) {
+                    Ok(req) => client.request_text(req).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match answer {
+                    Ok(body) if body.trim() == "ok" => true,
+                    Ok(body) | Err(body) => {
+                        *last.borrow_mut() = body;
+                        false
+                    }
+                }
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!(
-                    "kube-apiserver not ready after {READY_TIMEOUT:?} (last answer: {last}); its log:\n{}",
-                    self.log()
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+        .await;
+        if let Some(status) = exited.get() {
+            return Err(format!(
+                "kube-apiserver exited ({status}) before it was ready; its log:\n{}\netcd's log:\n{}",
+                self.log(),
+                tail(&self.dir.join("etcd.log"), 20)
+            )
+            .into());
         }
+        polled.map_err(|e| {
+            format!(
+                "{e} (last answer: {}); its log:\n{}",
+                last.borrow(),
+                self.log()
+            )
+            .into()
+        })
     }
 
     fn kubeconfig_yaml(&self) -> String {
