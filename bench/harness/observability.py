@@ -954,13 +954,13 @@ def s9_summary(s9: dict) -> list[dict]:
                                 f"{cp['interval_ms'] / 1000:g} s for {cp['hold_s']} s "
                                 "(bench/cpsim); the unit test "
                                 "`a_hundred_proxies_cost_under_a_megabyte` counts the "
-                                "telemetry window's heap alone: 825 KiB",
+                                "telemetry window's heap alone: 436 KiB",
                     "status": _status(mb <= 1.0)})
     else:
         out.append({"target": "stats reporting ≤ 1 MB per 100 proxies (control plane)",
                     "measured": "not measured in this run; unit test "
                                 "`a_hundred_proxies_cost_under_a_megabyte` "
-                                "(crates/control/src/telemetry): 825 KiB per 100 proxies "
+                                "(crates/control/src/telemetry): 436 KiB per 100 proxies "
                                 "(the telemetry window's heap)",
                     "status": "n/a"})
     return out

@@ -518,7 +518,7 @@ def _render_s9(d: Doc, s9: dict) -> None:
             (None, ["reports sent; proxies the control plane's `Stat` counts (without / with)",
                     f"{cb['reports_sent']:,}; {cw['stat_proxies']:,} / {cb['stat_proxies']:,}"]),
             (None, ["unit test `a_hundred_proxies_cost_under_a_megabyte` (heap counted, "
-                    "typical reports, 120 s)", "825 KiB per 100 proxies"]),
+                    "typical reports, 120 s)", "436 KiB per 100 proxies"]),
         ])
 
 

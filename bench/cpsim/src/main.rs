@@ -32,12 +32,13 @@ use serde_json::{Value, json};
 use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::discovery_client::DiscoveryClient;
 use sinew_api::v1::{
-    Ack, ApplyRequest, Hello, PathRow, ProxyMessage, ProxyStatusRequest, Source, StatRequest,
-    StatsReport, TrafficRow, control_message, proxy_message,
+    Ack, ApplyRequest, Hello, PathRow, ProxyMessage, ProxyStatusRequest, ReportRequest, Source,
+    StatRequest, StatsReport, TrafficRow, control_message, proxy_message,
 };
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 const NS: &str = "sim";
 
@@ -256,7 +257,7 @@ fn typical_report(p: usize) -> StatsReport {
 
 /// Once reporting is switched on: proxy `i`'s report every interval, at its own
 /// offset within it, until its stream closes.
-async fn report_stats(i: usize, tx: mpsc::Sender<ProxyMessage>, fleet: Arc<Fleet>) {
+async fn report_stats(i: usize, client: DiscoveryClient<Channel>, fleet: Arc<Fleet>) {
     let mut on = fleet.reporting.clone();
     if on.wait_for(|on| *on).await.is_err() {
         return;
@@ -268,13 +269,16 @@ async fn report_stats(i: usize, tx: mpsc::Sender<ProxyMessage>, fleet: Arc<Fleet
         tokio::time::interval_at(tokio::time::Instant::now() + offset, fleet.stats_interval);
     loop {
         tick.tick().await;
-        let msg = ProxyMessage {
-            kind: Some(proxy_message::Kind::Stats(typical_report(i))),
+        // As the real proxy sends them: a `Report` call on the stream's connection,
+        // one at a time (crates/proxy/src/control.rs).
+        let req = ReportRequest {
+            namespace: NS.into(),
+            name: format!("p-{i}"),
+            stats: Some(typical_report(i)),
         };
-        if tx.send(msg).await.is_err() {
-            return;
+        if client.clone().report(req).await.is_ok() {
+            fleet.reports_sent.fetch_add(1, Ordering::Relaxed);
         }
-        fleet.reports_sent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -318,6 +322,8 @@ async fn session(
         .map_err(|e| (false, e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        // As the real proxy (crates/proxy/src/control.rs).
+        .http2_header_table_size(0)
         .connect()
         .await
         .map_err(|e| (false, format!("proxy {i}: cannot connect: {e}")))?;
@@ -340,7 +346,7 @@ async fn session(
         .await
         .map_err(|s| (false, format!("proxy {i}: {}: {}", s.code(), s.message())))?
         .into_inner();
-    let reports = tokio::spawn(report_stats(i, tx.clone(), Arc::clone(fleet)));
+    let reports = tokio::spawn(report_stats(i, client.clone(), Arc::clone(fleet)));
     // The reports stop with the stream.
     struct Abort(tokio::task::JoinHandle<()>);
     impl Drop for Abort {

@@ -188,8 +188,8 @@ async fn until_json(
 }
 
 /// The stat numbers agree with the load generator's own counts **exactly** once
-/// the last report has arrived: proxies report deltas over their stream and none
-/// is dropped, and the whole test runs inside the 60 s window. The test waits
+/// the last report has arrived: proxies report deltas (`Discovery.Report` calls)
+/// and none is dropped, and the whole test runs inside the 60 s window. The test waits
 /// (bounded) for equality; a count that overshoots or never arrives fails it.
 /// Rates are checked against the span the control plane observed, bracketed by
 /// the test's own clock; latency percentiles against the bucket (a factor of two)
@@ -548,4 +548,61 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
     assert!(text(&out).1.contains("status \"5\""), "{:?}", text(&out));
     m.load.shutdown().await;
     m.catalog.shutdown().await;
+}
+
+/// `Discovery.Report` takes a report only from a proxy whose stream is open, refuses
+/// a malformed name, and what it takes is what `sinew stat` counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_counts_only_for_a_proxy_with_a_stream() {
+    use sinew_api::v1::discovery_client::DiscoveryClient;
+    use sinew_api::v1::{ReportRequest, StatsReport, TrafficRow};
+
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let mut client = DiscoveryClient::connect(cp.url.clone()).await.unwrap();
+    let report = |ns: &str, name: &str| ReportRequest {
+        namespace: ns.into(),
+        name: name.into(),
+        stats: Some(StatsReport {
+            rows: vec![TrafficRow {
+                inbound: true,
+                service: "hand.shop".into(),
+                requests: 42,
+                failures: 2,
+                latency: vec![0, 0, 42],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    };
+    let e = client.report(report("shop", "nobody")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = client
+        .report(report("shop", "Not a name!"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("Not a name!"), "{e:?}");
+
+    // A proxy with a stream, sending no stats of its own.
+    let mut settings = ControlSettings::new(&cp.url, "shop/hand");
+    settings.stats_interval = Duration::ZERO;
+    let _hand = start_proxy(settings).await;
+    // Its stream registers right after its Hello: until then, refused as above.
+    let c = &client;
+    wait::until("a report for shop/hand is taken", TIMEOUT, || async move {
+        c.clone().report(report("shop", "hand")).await.is_ok()
+    })
+    .await
+    .unwrap();
+    let doc = until_json(&cp, &["stat"], "the report in stat", |d| {
+        row(d, "hand.shop").is_some()
+    })
+    .await;
+    let r = row(&doc, "hand.shop").unwrap();
+    assert_eq!(
+        (r["requests"].as_u64(), r["failures"].as_u64()),
+        (Some(42), Some(2)),
+        "{doc:#}"
+    );
 }

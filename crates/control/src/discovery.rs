@@ -3,7 +3,8 @@
 //! After the proxy's `Hello`, the stream task registers its workload, then watches
 //! the mesh state: whenever the proxy's view changes it sends a push (the full view
 //! first, deltas after), and relays ACKs and NACKs to the index. Each stream computes
-//! its own view, so proxies are served in parallel.
+//! its own view, so proxies are served in parallel. `Report` takes a connected
+//! proxy's stats report (see [`crate::telemetry`]).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -453,6 +454,35 @@ impl Discovery for DiscoveryService {
             let _ = index.send(Command::Disconnect { proxy, stream }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report(
+        &self,
+        req: Request<api::ReportRequest>,
+    ) -> Result<Response<api::ReportReply>, Status> {
+        let req = req.into_inner();
+        let ns = if req.namespace.is_empty() {
+            "default"
+        } else {
+            req.namespace.as_str()
+        };
+        if !valid_name(ns) || !valid_name(&req.name) {
+            return Err(Status::invalid_argument(format!(
+                "invalid proxy name {ns:?}/{:?}",
+                req.name
+            )));
+        }
+        let proxy = format!("{ns}/{}", req.name);
+        let stats = req.stats.unwrap_or_default();
+        if !self
+            .telemetry
+            .add_report(&proxy, &stats, std::time::Instant::now())
+        {
+            return Err(Status::failed_precondition(format!(
+                "proxy {proxy} has no discovery stream: its reports count from its stream"
+            )));
+        }
+        Ok(Response::new(api::ReportReply {}))
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sinew_api::v1::{
     Ack, CertificateRequest, ControlMessage, Demand, Hello, Leases, LimitDemand, ProxyMessage,
-    Push, Registration, TapEvents, control_message, proxy_message,
+    Push, Registration, ReportRequest, TapEvents, control_message, proxy_message,
 };
 use sinew_model::load::Document;
 use sinew_model::resource::{Resource, ResourceKey};
@@ -110,6 +110,29 @@ impl Drop for Taps {
     fn drop(&mut self) {
         for t in self.0.values() {
             t.abort();
+        }
+    }
+}
+
+/// What a stream's stats reports need: a client on its connection and the proxy's
+/// name. Reports go by `Discovery.Report`, not on the stream (see its proto docs).
+#[derive(Debug, Clone)]
+struct Reporter {
+    client: DiscoveryClient<tonic::transport::Channel>,
+    namespace: String,
+    name: String,
+    /// Longest a report may take.
+    timeout: Duration,
+}
+
+/// A task aborted when dropped (with its session).
+#[derive(Debug)]
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
         }
     }
 }
@@ -235,7 +258,11 @@ impl Client {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .keep_alive_timeout(Duration::from_secs(10))
+            // No HPACK dynamic table for what the control plane sends us: it would
+            // hold one per proxy connection (up to 4 KiB each, filled by the `date`
+            // of every report's answer) to save a few bytes on small answers.
+            .http2_header_table_size(0);
         let channel = endpoint
             .connect()
             .await
@@ -246,6 +273,12 @@ impl Client {
             ("default".to_owned(), self.settings.proxy.clone()),
             |(a, b)| (a.to_owned(), b.to_owned()),
         );
+        let reporter = Reporter {
+            client: client.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            timeout: self.settings.stats_interval.max(Duration::from_secs(1)),
+        };
         let hello = ProxyMessage {
             kind: Some(proxy_message::Kind::Hello(Hello {
                 namespace,
@@ -274,9 +307,17 @@ impl Client {
         // Traffic stats: deltas from the start of this stream (what happened while
         // the control plane was away is in the proxy's own metrics, not here).
         let stats_every = self.settings.stats_interval;
-        let mut stats = tokio::time::interval(stats_every.max(Duration::from_millis(10)));
+        // The first after one interval: by then the control plane has registered
+        // the stream the reports are counted against.
+        let stats_every_min = stats_every.max(Duration::from_millis(10));
+        let mut stats = tokio::time::interval_at(
+            tokio::time::Instant::now() + stats_every_min,
+            stats_every_min,
+        );
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let _ = self.applier.shared().stats.take(String::new());
+        // The report in flight, if any (aborted with the session).
+        let mut reporting = AbortOnDrop(None);
         let mut taps = Taps::default();
         // A certificate is due when there is none, or when its renewal time passed
         // while disconnected.
@@ -296,7 +337,11 @@ impl Client {
                     continue;
                 }
                 _ = stats.tick(), if !stats_every.is_zero() => {
-                    self.report_stats(&tx).await?;
+                    // One report at a time: while one is in flight (a slow control
+                    // plane), counts gather for the next.
+                    if reporting.0.as_ref().is_none_or(|h| h.is_finished()) {
+                        reporting.0 = self.report_stats(&reporter).map(tokio::spawn);
+                    }
                     continue;
                 }
                 _ = sleep_until(renew) => {
@@ -386,21 +431,33 @@ impl Client {
         }
     }
 
-    /// Sends the traffic stats gathered since the last report, if there was traffic.
-    async fn report_stats(&self, tx: &mpsc::Sender<ProxyMessage>) -> Result<(), String> {
+    /// The call sending the traffic stats gathered since the last report, if there
+    /// was traffic. A report that fails is lost (its counts are in the proxy's own
+    /// metrics); the next one carries what came after.
+    fn report_stats(&self, reporter: &Reporter) -> Option<impl Future<Output = ()> + use<>> {
         let shared = self.applier.shared();
         let identity = shared
             .certs
             .identity()
             .map(|i| i.to_string())
             .unwrap_or_default();
-        let Some(report) = shared.stats.take(identity) else {
-            return Ok(());
+        let stats = shared.stats.take(identity)?;
+        let mut client = reporter.client.clone();
+        let req = ReportRequest {
+            namespace: reporter.namespace.clone(),
+            name: reporter.name.clone(),
+            stats: Some(stats),
         };
-        let msg = ProxyMessage {
-            kind: Some(proxy_message::Kind::Stats(report)),
-        };
-        tx.send(msg).await.map_err(|_| "stream closed".to_owned())
+        let timeout = reporter.timeout;
+        Some(async move {
+            match tokio::time::timeout(timeout, client.report(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => {
+                    tracing::debug!(code = ?s.code(), error = s.message(), "stats report refused");
+                }
+                Err(_) => tracing::debug!("stats report timed out"),
+            }
+        })
     }
 
     /// Starts a tap the control plane asked for (a bad filter is refused, and so is

@@ -2,7 +2,7 @@
 //! `tap` and `edges`.
 //!
 //! Each proxy sends a stats report (deltas) every couple of seconds while it has
-//! traffic; [`window::Window`] adds them into a short ring of time slots per proxy,
+//! traffic, in a `Discovery.Report` call next to its stream; [`window::Window`] adds them into a short ring of time slots per proxy,
 //! and [`query`] merges the proxies' windows when asked. Taps go the other way: the
 //! Admin API's `Tap` sends the filter to every connected proxy over its stream
 //! (`TapStart`), relays the events they send back, and stops them (`TapStop`) when
@@ -189,12 +189,18 @@ impl Telemetry {
         }
     }
 
-    /// Adds a stats report from `proxy`, received at `now`.
-    pub fn add_report(&self, proxy: &str, report: &sinew_api::v1::StatsReport, now: Instant) {
+    /// Adds a stats report from `proxy`, received at `now`. False (and nothing
+    /// added) when the proxy has no stream: there is nothing to attribute it to.
+    pub fn add_report(
+        &self,
+        proxy: &str,
+        report: &sinew_api::v1::StatsReport,
+        now: Instant,
+    ) -> bool {
         let slot = self.slot(now);
         let mut proxies = self.lock();
-        let Some(e) = proxies.get_mut(proxy) else {
-            return; // not connected: nothing to attribute it to
+        let Some(e) = proxies.get_mut(proxy).filter(|e| !e.links.is_empty()) else {
+            return false;
         };
         if report.identity.len() <= window::MAX_IDENTITY && *e.identity != *report.identity {
             e.identity = report.identity.as_str().into();
@@ -202,6 +208,7 @@ impl Telemetry {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         e.window.add(report, slot, &mut names);
         e.window.prune(slot);
+        true
     }
 
     /// The streams of `proxy`, or of every proxy.

@@ -231,7 +231,7 @@ impl Telemetry {
                     .entry((
                         p.inbound,
                         p.service.to_string(),
-                        p.method,
+                        p.method(),
                         p.path.to_string(),
                     ))
                     .or_default();

@@ -16,7 +16,10 @@
 //! power of two when a bucket would overflow, which keeps every bucket's share (what
 //! quantiles are made of) and never turns a non-empty bucket into an empty one.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
+use std::fmt;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,27 +109,58 @@ impl RowSlot {
     }
 }
 
+/// A name shared through [`Names`]: one pointer wide (an `Arc<str>` is two), as a
+/// window holds a few per row and per path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(Arc<Box<str>>);
+
+impl Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Name {
+    /// True when `a` and `b` are the same shared copy.
+    pub fn ptr_eq(a: &Name, b: &Name) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
 /// Names shared by every proxy's window: a service's name, a caller's identity or a
 /// busy path is held once however many rows and proxies name it. Names no row holds
 /// any more are let go when the set has doubled since it was last swept.
 #[derive(Debug, Default)]
 pub struct Names {
-    set: HashSet<Arc<str>>,
+    set: HashSet<Name>,
     swept_len: usize,
 }
 
 impl Names {
     /// The shared copy of `s`.
-    pub fn get(&mut self, s: &str) -> Arc<str> {
+    pub fn get(&mut self, s: &str) -> Name {
         if let Some(a) = self.set.get(s) {
             return a.clone();
         }
         if self.set.len() >= 2 * self.swept_len.max(512) {
-            self.set.retain(|a| Arc::strong_count(a) > 1);
+            self.set.retain(|a| Arc::strong_count(&a.0) > 1);
             self.set.shrink_to_fit();
             self.swept_len = self.set.len();
         }
-        let a: Arc<str> = s.into();
+        let a = Name(Arc::new(s.into()));
         self.set.insert(a.clone());
         a
     }
@@ -142,10 +176,11 @@ impl Names {
     }
 
     /// Bytes held on the heap: the set's buckets (one control byte each, 1/8 kept
-    /// free) and each name with its two reference counts.
+    /// free) and each name: its two reference counts with the string's pointer and
+    /// length, then the string.
     pub fn heap_bytes(&self) -> usize {
-        let bucket = std::mem::size_of::<Arc<str>>() + 1;
-        self.set.capacity() * bucket * 8 / 7 + self.set.iter().map(|a| a.len() + 16).sum::<usize>()
+        let bucket = std::mem::size_of::<Name>() + 1;
+        self.set.capacity() * bucket * 8 / 7 + self.set.iter().map(|a| a.len() + 32).sum::<usize>()
     }
 }
 
@@ -157,16 +192,18 @@ pub struct HeldRow {
     /// Over mTLS.
     pub mtls: bool,
     /// `name.namespace`.
-    pub service: Arc<str>,
+    pub service: Name,
     /// `namespace/name`, `default`, or "" (inbound).
-    pub route: Arc<str>,
+    pub route: Name,
     /// The peer's SPIFFE id, or "".
-    pub peer: Arc<str>,
+    pub peer: Name,
     slots: [RowSlot; SLOTS],
 }
 
-/// Counts of one path in one slot.
+/// Counts of one path in one slot. Packed to 4-byte alignment: 20 bytes, not 24
+/// (fields are read and written by value).
 #[derive(Debug, Default, Clone, Copy)]
+#[repr(C, packed(4))]
 pub struct PathSlot {
     /// Requests.
     pub requests: u32,
@@ -184,11 +221,11 @@ pub struct HeldPath {
     /// Inbound or outbound.
     pub inbound: bool,
     /// `name.namespace`.
-    pub service: Arc<str>,
-    /// A standard method or `OTHER`.
-    pub method: &'static str,
+    pub service: Name,
+    /// A standard method or `OTHER`, as its index in [`METHODS`].
+    method: u8,
     /// The path (no query).
-    pub path: Arc<str>,
+    pub path: Name,
     slots: [PathSlot; PATH_SLOTS],
 }
 
@@ -294,12 +331,25 @@ fn sat(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The methods a path is held under: the standard ones, and `OTHER` (the last).
+pub const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "OTHER",
+];
+
 /// The method as held: a standard one, else `OTHER`.
-fn method_name(m: &str) -> &'static str {
-    const KNOWN: [&str; 10] = [
-        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "OTHER",
-    ];
-    KNOWN.into_iter().find(|k| *k == m).unwrap_or("OTHER")
+fn method_index(m: &str) -> u8 {
+    let i = METHODS
+        .iter()
+        .position(|k| *k == m)
+        .unwrap_or(METHODS.len() - 1);
+    i as u8
+}
+
+impl HeldPath {
+    /// Its method: a standard one, or `OTHER`.
+    pub fn method(&self) -> &'static str {
+        METHODS[usize::from(self.method).min(METHODS.len() - 1)]
+    }
 }
 
 fn row_ok(r: &TrafficRow) -> bool {
@@ -384,7 +434,7 @@ impl Window {
             .take(REPORT_PATHS)
             .filter(|p| path_ok(p))
         {
-            let method = method_name(&p.method);
+            let method = method_index(&p.method);
             let found = self.paths.iter().position(|h| {
                 h.inbound == p.inbound
                     && h.method == method
@@ -685,7 +735,7 @@ mod tests {
         let mut names = Names::default();
         let a = names.get("catalog.shop");
         let b = names.get("catalog.shop");
-        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Name::ptr_eq(&a, &b));
         drop((a, b));
         // Unused names go at the next sweep, which comes as the set grows.
         for i in 0..2000 {
@@ -697,7 +747,7 @@ mod tests {
             let _ = names.get(&format!("/other/{i}"));
         }
         assert!(
-            Arc::ptr_eq(&kept, &names.get("kept")),
+            Name::ptr_eq(&kept, &names.get("kept")),
             "a name in use stays"
         );
     }
@@ -709,6 +759,17 @@ mod tests {
         let mut p = path("/", 1);
         p.method = "BREW".into();
         w.add(&report(vec![], vec![p]), 0, &mut names);
-        assert_eq!(w.paths[0].method, "OTHER");
+        assert_eq!(w.paths[0].method(), "OTHER");
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn rows_and_paths_take_what_the_figures_assume() {
+        // The unit test `a_hundred_proxies_cost_under_a_megabyte` and bench/run's
+        // scenario 9 rest on these: a typical proxy holds 8 rows and 20 paths.
+        assert_eq!(std::mem::size_of::<RowSlot>(), 44);
+        assert_eq!(std::mem::size_of::<HeldRow>(), 336);
+        assert_eq!(std::mem::size_of::<PathSlot>(), 20);
+        assert_eq!(std::mem::size_of::<HeldPath>(), 64);
     }
 }
