@@ -191,7 +191,7 @@ def run(args, wanted, work, pm, t_start) -> int:
             log("a `cargo test` is running here; waiting for it to finish (--no-wait skips)")
             time.sleep(10)
 
-    # The record (full) measures the shipped build: the release profile (thin LTO). Its
+    # The record (full) measures the shipped build: the release profile (fat LTO). Its
     # code is smaller and denser, which shows in RSS (file-backed pages) and speed;
     # quick uses quick-release, which builds in a fraction of the time.
     profile = args.profile or {"smoke": "dev", "quick": "quick-release"}.get(args.mode, "release")
