@@ -8,12 +8,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sinew_model::ProxyConfig;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 use crate::state::{DrainState, Shared};
 use crate::stream::reached;
@@ -417,11 +421,61 @@ where
             }
         }
     });
-    let conn = shared
-        .server
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let mut stream = stream;
+    let Some((prefix, h2)) = http_version(&mut stream, shared.settings.header_read_timeout).await
+    else {
+        return;
+    };
+    let io = TokioIo::new(Prefixed::new(prefix, stream));
+    let drain = shared.drain.clone();
+    if h2 {
+        // Boxed: HTTP/2 connections are the few, and an HTTP/1.1 connection's task
+        // would otherwise hold room for one for its whole life.
+        let conn = shared.http2.serve_connection(io, svc);
+        Box::pin(drive(conn, drain)).await;
+    } else {
+        let conn = shared.http1.serve_connection(io, svc).with_upgrades();
+        drive(conn, drain).await;
+    }
+}
+
+/// A served connection that can finish gracefully: in-flight requests complete,
+/// new ones are refused, and it closes once idle.
+trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn graceful(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves `conn` until it ends, or until the proxy drains: then gracefully, until it
+/// ends or the proxy closes.
+async fn drive<C: Graceful>(conn: C, mut drain: watch::Receiver<DrainState>) {
     tokio::pin!(conn);
-    let mut drain = shared.drain.clone();
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
@@ -429,8 +483,7 @@ where
             }
         }
         _ = reached(&mut drain, DrainState::Draining) => {
-            // Finish in-flight requests, refuse new ones, close when idle.
-            conn.as_mut().graceful_shutdown();
+            conn.as_mut().graceful();
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = reached(&mut drain, DrainState::Closing) => {}
@@ -439,9 +492,196 @@ where
     }
 }
 
+/// The HTTP/2 connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the client's first bytes, up to the HTTP/2 preface's length or until they
+/// cannot be it, within `timeout`: the bytes read, and whether it is HTTP/2 (prior
+/// knowledge). `None` when the client closed, failed or said nothing in time.
+async fn http_version<IO>(stream: &mut IO, timeout: Duration) -> Option<(Prefix, bool)>
+where
+    IO: tokio::io::AsyncRead + Unpin,
+{
+    let mut prefix = Prefix::default();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let read = stream.read(&mut prefix.buf[prefix.end..]);
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) if prefix.end == 0 => return None,
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => prefix.end += n,
+        }
+        let got = &prefix.buf[..prefix.end];
+        if prefix.end == H2_PREFACE.len() || !H2_PREFACE.starts_with(got) {
+            break;
+        }
+    }
+    let h2 = prefix.buf[..prefix.end] == H2_PREFACE[..];
+    Some((prefix, h2))
+}
+
+/// Bytes read ahead of hyper.
+#[derive(Debug, Default)]
+struct Prefix {
+    buf: [u8; 24],
+    start: usize,
+    end: usize,
+}
+
+/// A stream whose first bytes were read ahead (`Prefix`) and are read again first.
+///
+/// The first read returns them **and** whatever follows that is ready, in one call:
+/// hyper asks for a whole 8 KiB of room on every read of a request head, so a head
+/// arriving in two reads (the prefix, then the rest) would grow its buffer to 16 KiB
+/// for the connection's life. In one read it stays 8 KiB.
+struct Prefixed<IO> {
+    prefix: Prefix,
+    inner: IO,
+}
+
+impl<IO> Prefixed<IO> {
+    fn new(prefix: Prefix, inner: IO) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let p = &mut this.prefix;
+        if p.start == p.end {
+            return std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = (p.end - p.start).min(buf.remaining());
+        buf.put_slice(&p.buf[p.start..p.start + n]);
+        p.start += n;
+        if p.start == p.end && buf.remaining() > 0 {
+            // What is ready behind the prefix, in the same read. Not ready, or an
+            // error, is for the next read to find: this one already has bytes.
+            let _ = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn the_version_is_read_ahead_and_the_head_comes_back_in_one_read() {
+        // HTTP/1.1: the first byte rules HTTP/2 out; hyper's first read then gets
+        // the whole head (prefix and the rest), not the prefix alone.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let head = b"GET /items HTTP/1.1\r\nhost: catalog\r\nuser-agent: test\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        let (prefix, h2) = http_version(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!h2);
+        assert!(prefix.end > 0 && prefix.end <= 24, "{}", prefix.end);
+        let mut io = Prefixed::new(prefix, server);
+        let mut buf = vec![0u8; 8192];
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &head[..], "one read, the whole head");
+        // Afterwards, reads go to the stream.
+        client.write_all(b"more").await.unwrap();
+        let n = io.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"more");
+
+        // HTTP/2 prior knowledge, its preface split across writes.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(async move {
+            for part in H2_PREFACE.chunks(5) {
+                client.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.write_all(b"\x00\x00\x00\x04").await.unwrap();
+            client
+        });
+        let (prefix, h2) = http_version(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(h2);
+        let _client = writer.await.unwrap();
+        let mut io = Prefixed::new(prefix, server);
+        let mut got = Vec::new();
+        while got.len() < 28 {
+            let n = io.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(&got[..24], &H2_PREFACE[..]);
+        assert_eq!(&got[24..], b"\x00\x00\x00\x04");
+
+        // "PRI" then something else: HTTP/1.1 (hyper will refuse it), bytes kept.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"PRIX").await.unwrap();
+        let (prefix, h2) = http_version(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!h2);
+        assert_eq!(&prefix.buf[..prefix.end], b"PRIX");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_says_nothing_or_closes_is_dropped() {
+        let (_client, mut server) = tokio::io::duplex(64);
+        assert!(
+            http_version(&mut server, Duration::from_secs(10))
+                .await
+                .is_none()
+        );
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        assert!(
+            http_version(&mut server, Duration::from_secs(10))
+                .await
+                .is_none()
+        );
+    }
     use crate::state::Settings;
     use std::time::Duration;
 

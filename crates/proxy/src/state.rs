@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use sinew_model::ProxyConfig;
 use tokio::sync::{mpsc, watch};
 
@@ -381,8 +381,11 @@ pub struct Shared {
     pub listeners_ok: AtomicBool,
     /// Configured listener address → the address actually bound.
     pub bound: Mutex<HashMap<SocketAddr, SocketAddr>>,
-    /// The HTTP server (HTTP/1.1 and h2c, detected per connection).
-    pub server: auto::Builder<TokioExecutor>,
+    /// The HTTP/1.1 server (a connection's protocol is detected by
+    /// `listeners::serve_http`).
+    pub http1: http1::Builder,
+    /// The HTTP/2 server (h2c by prior knowledge, and h2 inside the mesh's TLS).
+    pub http2: http2::Builder<TokioExecutor>,
     /// This proxy's certificate and trust bundle (empty without an identity).
     pub certs: Arc<sinew_tls::CertStore>,
     /// The inbound's TLS config (its verifier and certificate follow `certs`).
@@ -410,14 +413,13 @@ impl Shared {
         drain: watch::Receiver<DrainState>,
         tracker: mpsc::Sender<()>,
     ) -> Shared {
-        let mut server = auto::Builder::new(TokioExecutor::new());
-        server
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .keep_alive(true);
-        server
-            .http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .enable_connect_protocol()
             .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -432,7 +434,8 @@ impl Shared {
             last_error: Mutex::new(None),
             listeners_ok: AtomicBool::new(true),
             bound: Mutex::new(HashMap::new()),
-            server,
+            http1,
+            http2,
             tls_server: certs.server_config(),
             certs,
             identity_required: AtomicBool::new(false),

@@ -80,7 +80,8 @@ pub struct TrafficRow {
     pub mtls: bool,
     #[prost(uint64, tag = "6")]
     pub requests: u64,
-    /// 5xx answers, and gRPC answers whose head carries a status other than OK.
+    /// 5xx answers, gRPC answers with a status other than OK (head or trailers), and
+    /// responses broken off upstream.
     #[prost(uint64, tag = "7")]
     pub failures: u64,
     /// Time to the response head: requests per latency bucket, the bounds being
