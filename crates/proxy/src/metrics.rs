@@ -335,6 +335,10 @@ impl Metrics {
 
     /// Records a finished request: the golden signals by service and route, with the
     /// time to the end of its response.
+    // Never inlined: a whole-program (fat LTO) build would otherwise spread its work
+    // into the caller, where bench/run's callgrind attribution (scenario 9) cannot see
+    // what the metrics cost. A call per request is the price.
+    #[inline(never)]
     pub fn http(
         &self,
         dir: Direction,

@@ -236,6 +236,10 @@ impl Stats {
     }
 
     /// Counts a finished request.
+    // Never inlined: a whole-program (fat LTO) build would otherwise spread its work
+    // into the caller, where bench/run's callgrind attribution (scenario 9) cannot see
+    // what the stats cost. A call per request is the price.
+    #[inline(never)]
     pub fn record(&self, r: &Request<'_>) {
         let us = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
         let row = RowKey {
