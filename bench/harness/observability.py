@@ -922,7 +922,11 @@ def s9_summary(s9: dict) -> list[dict]:
                     "status": _status(None if rng is None else tm["per_req"] <= max(rng, 1))})
     tp = by.get(TAPPED)
     if tp:
-        parts, ok = [], None
+        # Measurable means told apart from noise in both regimes: a real cost shows at
+        # a fixed rate and at saturation alike, while either alone has swung past plain
+        # Sinew's own range with background load (timer wake-ups shared out over the
+        # requests at a fixed rate; a run of unusually tight rounds at saturation).
+        parts, beyond = [], []
         for kind, label in (("fixed", f"at {s9['rate']:,} rps"), ("sat", "at saturation")):
             if tp.get(f"{kind}_diff") is None:
                 continue
@@ -931,16 +935,15 @@ def s9_summary(s9: dict) -> list[dict]:
                          f"({R.pct(tp.get(f'{kind}_diff_share'), 1)}; rounds {R.signed(lo, 0)} – "
                          f"{R.signed(hi, 0)}; plain Sinew's own range "
                          f"{R.f(noise.get(f'{kind}_instr_range'), 0)})")
-            if kind == "fixed":
-                ok = abs(tp["fixed_diff"]) <= (noise.get("fixed_instr_range") or 0)
+            beyond.append(abs(tp[f"{kind}_diff"]) > (noise.get(f"{kind}_instr_range") or 0))
         lo, hi = tp.get("rps_ratio_range", (None, None))
         parts.append(f"max rps {R.x(tp.get('rps_ratio'))} of without (rounds {R.x(lo)} – "
                      f"{R.x(hi)}; plain Sinew moved ±{half_noise})")
         out.append({"target": "tap idle costs nothing measurable (a tap connected, "
                               "matching nothing)",
-                    "measured": "; ".join(parts) + f" (judged at {s9['rate']:,} rps against "
-                                "plain Sinew's range)",
-                    "status": _status(ok)})
+                    "measured": "; ".join(parts) + " (judged: not met only where the "
+                                "difference is beyond plain Sinew's range at both)",
+                    "status": _status(None if not beyond else not all(beyond))})
     cp = s9.get("cp_stats")
     if cp:
         mb = cp["per_100_kb"] / 1024
