@@ -185,6 +185,12 @@ def render(results: dict) -> Doc:
             rows.append((r["id"], cells))
         d.table(["peer", "idle MB", *[f"{lvl:,} conns MB" for lvl in levels], "KB / conn",
                  "per-connection basis", "processes / threads"], rows)
+        order = s4.get("symbol_order")
+        if order:
+            d.add("", f"sinew-proxy's code order (crates/proxy/symbol-order.txt): "
+                      f"{order['present']:,} of {order['listed']:,} listed functions found in "
+                      "this build (the list applies to release builds; its names change with "
+                      "the profile, dependencies and toolchain).", "")
     if "s5" in sc:
         s5 = sc["s5"]
         d.add(f"## {s5['title']}", "",

@@ -3,6 +3,7 @@ each with an `id`) and `expected` (the row ids it must produce)."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ from .load import LoadGen
 from .procs import (HarnessError, busy_processes, cpu_seconds, rss_kb, pss_kb, settled_rss,
                     threads)
 from .stats import alternate, median, pct_list, round_ratios, spread
-from .tools import log
+from .tools import ROOT, log
 
 PCTS = ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms")
 
@@ -206,9 +207,30 @@ def s1_one_hop(ctx: Ctx) -> tuple[dict, dict]:
 
 # -- Scenario 4: memory -----------------------------------------------------------------
 
+def symbol_order(binary: str) -> dict | None:
+    """How much of crates/proxy/symbol-order.txt (the release link order: its
+    build.rs) names functions this sinew-proxy has. The names carry hashes that change
+    with the release profile, dependencies and toolchain; a stale list costs memory
+    (code no longer placed together), so the record says how much of it applied."""
+    listed_path = ROOT / "crates" / "proxy" / "symbol-order.txt"
+    try:
+        listed = {line.strip() for line in listed_path.read_text().splitlines() if line.strip()}
+        out = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    have = {p[2] for p in (line.split() for line in out.splitlines()) if len(p) == 3}
+    return {"listed": len(listed), "present": len(listed & have)}
+
+
 def s4_memory(ctx: Ctx) -> dict:
     env, cfg = ctx.env, ctx.cfg
     levels = cfg["idle_levels"]
+    order = symbol_order(env.tools.sinew_proxy)
+    if order and env.tools.profile == "release" and order["present"] < 0.8 * order["listed"]:
+        ctx.problem(f"s4: only {order['present']:,} of the {order['listed']:,} functions in "
+                    "crates/proxy/symbol-order.txt are in this sinew-proxy: the list is stale "
+                    "(rerun scripts/gen-symbol-order), and idle RSS reads high")
     rows = []
     for n in ["sinew", "envoy", "nginx", "haproxy"]:
         log(f"s4: {n}: idle RSS, then {', '.join(map(str, levels))} idle connections")
@@ -252,7 +274,7 @@ def s4_memory(ctx: Ctx) -> dict:
             holder.close()
             P.stop(env, running)
     return {"title": "Scenario 4: memory (VmRSS), idle and with idle keep-alive connections",
-            "levels": levels, "rows": rows,
+            "levels": levels, "rows": rows, "symbol_order": order,
             "expected": [f"s4/{n}" for n in ["sinew", "envoy", "nginx", "haproxy"]]}
 
 
