@@ -100,6 +100,10 @@ async fn mesh() -> Mesh {
     })
     .await
     .unwrap();
+    // The catalog proxy is ready on its first push, which may come before its own
+    // registration is in the control plane's state: its inbound listener can start a
+    // push later. Requests before then would be refused (connect-failed).
+    listening(inbound).await;
     listening(bind).await;
     Mesh {
         _scratch: scratch,
