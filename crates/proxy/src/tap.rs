@@ -11,10 +11,8 @@
 //! rather than slowing requests.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
@@ -103,9 +101,7 @@ pub fn redacted(headers: &http::HeaderMap) -> BTreeMap<String, String> {
 pub struct Tap {
     taps: AtomicUsize,
     next_id: AtomicU64,
-    /// Read on every request while someone taps: swapped whole on (un)subscribe, so
-    /// a request reads it without a lock.
-    filters: ArcSwap<Vec<(u64, Filter)>>,
+    filters: Mutex<Vec<(u64, Filter)>>,
     tx: broadcast::Sender<Arc<TapEvent>>,
 }
 
@@ -114,7 +110,7 @@ impl Default for Tap {
         Tap {
             taps: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
-            filters: ArcSwap::from_pointee(Vec::new()),
+            filters: Mutex::new(Vec::new()),
             tx: broadcast::channel(QUEUE).0,
         }
     }
@@ -131,18 +127,16 @@ pub struct Subscription<'a> {
 
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
-        let id = self.id;
-        self.tap.filters.rcu(|v| {
-            v.iter()
-                .filter(|(i, _)| *i != id)
-                .cloned()
-                .collect::<Vec<_>>()
-        });
+        self.tap.lock().retain(|(id, _)| *id != self.id);
         self.tap.taps.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Tap {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Filter)>> {
+        self.filters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// True while someone taps.
     pub fn active(&self) -> bool {
         self.taps.load(Ordering::Relaxed) > 0
@@ -158,18 +152,14 @@ impl Tap {
     // Never inlined, as `metrics::Metrics::http`: bench/run attributes its cost.
     #[inline(never)]
     fn any_wants(&self, direction: &str, method: &http::Method, path: &str) -> bool {
-        self.filters
-            .load()
+        self.lock()
             .iter()
             .any(|(_, f)| f.matches_head(direction, method, path))
     }
 
     /// Whether a tap's whole filter matches this finished request.
     pub fn matches_any(&self, record: &crate::access::Record) -> bool {
-        self.filters
-            .load()
-            .iter()
-            .any(|(_, f)| f.matches_record(record))
+        self.lock().iter().any(|(_, f)| f.matches_record(record))
     }
 
     /// Starts tapping the requests `filter` matches.
@@ -178,11 +168,7 @@ impl Tap {
         // Receiver and filter first, then the count: a request that sees the count
         // finds the filter.
         let rx = self.tx.subscribe();
-        self.filters.rcu(|v| {
-            let mut v = Vec::clone(v);
-            v.push((id, filter.clone()));
-            v
-        });
+        self.lock().push((id, filter));
         self.taps.fetch_add(1, Ordering::Relaxed);
         Subscription { tap: self, id, rx }
     }
