@@ -71,6 +71,22 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
+/// A proxy's namespace (`default` when empty) and `namespace/name`, as its Hello or
+/// a report names it; a malformed name is refused, naming it.
+fn proxy_name<'a>(namespace: &'a str, name: &str) -> Result<(&'a str, String), Status> {
+    let ns = if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    };
+    if !valid_name(ns) || !valid_name(name) {
+        return Err(Status::invalid_argument(format!(
+            "invalid proxy name {ns:?}/{name:?}"
+        )));
+    }
+    Ok((ns, format!("{ns}/{name}")))
+}
+
 /// The `Proxy.spec.capture` a Hello asks for, checked as the model checks documents.
 fn capture_spec(c: &api::Capture) -> Result<sinew_model::resource::CaptureSpec, Status> {
     let port = |field: &str, v: u32| {
@@ -295,18 +311,7 @@ impl Discovery for DiscoveryService {
                 ));
             }
         };
-        let ns = if hello.namespace.is_empty() {
-            "default"
-        } else {
-            hello.namespace.as_str()
-        };
-        if !valid_name(ns) || !valid_name(&hello.name) {
-            return Err(Status::invalid_argument(format!(
-                "invalid proxy name {ns:?}/{:?}",
-                hello.name
-            )));
-        }
-        let proxy = format!("{ns}/{}", hello.name);
+        let (ns, proxy) = proxy_name(&hello.namespace, &hello.name)?;
         let capture = hello.capture.as_ref().map(capture_spec).transpose()?;
         let workload = hello
             .registration
@@ -461,18 +466,7 @@ impl Discovery for DiscoveryService {
         req: Request<api::ReportRequest>,
     ) -> Result<Response<api::ReportReply>, Status> {
         let req = req.into_inner();
-        let ns = if req.namespace.is_empty() {
-            "default"
-        } else {
-            req.namespace.as_str()
-        };
-        if !valid_name(ns) || !valid_name(&req.name) {
-            return Err(Status::invalid_argument(format!(
-                "invalid proxy name {ns:?}/{:?}",
-                req.name
-            )));
-        }
-        let proxy = format!("{ns}/{}", req.name);
+        let (_, proxy) = proxy_name(&req.namespace, &req.name)?;
         let stats = req.stats.unwrap_or_default();
         if !self
             .telemetry

@@ -74,7 +74,8 @@ pub enum Detected {
     Closed,
 }
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// The HTTP/2 preface's request line: enough to tell HTTP/2.
+const H2_PREFACE: &[u8] = crate::listeners::H2_PREFACE.split_at(16).0;
 const METHODS: [&[u8]; 9] = [
     b"GET ",
     b"POST ",

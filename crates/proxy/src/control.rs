@@ -125,18 +125,6 @@ struct Reporter {
     timeout: Duration,
 }
 
-/// A task aborted when dropped (with its session).
-#[derive(Debug)]
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(h) = &self.0 {
-            h.abort();
-        }
-    }
-}
-
 /// Sends the requests matching `filter` to the control plane as tap `id`, in
 /// batches, until stopped, the stream ends, or `filter.limit` were sent. A stream
 /// that is backed up loses events (counted in `missed`) rather than slowing anything.
@@ -316,8 +304,8 @@ impl Client {
         );
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let _ = self.applier.shared().stats.take(String::new());
-        // The report in flight, if any (aborted with the session).
-        let mut reporting = AbortOnDrop(None);
+        // The report in flight, if any (a JoinSet aborts it with the session).
+        let mut reporting = tokio::task::JoinSet::new();
         let mut taps = Taps::default();
         // A certificate is due when there is none, or when its renewal time passed
         // while disconnected.
@@ -339,8 +327,11 @@ impl Client {
                 _ = stats.tick(), if !stats_every.is_zero() => {
                     // One report at a time: while one is in flight (a slow control
                     // plane), counts gather for the next.
-                    if reporting.0.as_ref().is_none_or(|h| h.is_finished()) {
-                        reporting.0 = self.report_stats(&reporter).map(tokio::spawn);
+                    while reporting.try_join_next().is_some() {}
+                    if reporting.is_empty()
+                        && let Some(report) = self.report_stats(&reporter)
+                    {
+                        reporting.spawn(report);
                     }
                     continue;
                 }

@@ -493,7 +493,7 @@ async fn drive<C: Graceful>(conn: C, mut drain: watch::Receiver<DrainState>) {
 }
 
 /// The HTTP/2 connection preface (RFC 9113, section 3.4).
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads the client's first bytes, up to the HTTP/2 preface's length or until they
 /// cannot be it, within `timeout`: the bytes read, and whether it is HTTP/2 (prior
