@@ -200,6 +200,12 @@ fn push(sent: Option<&View>, view: &View, nonce: u64) -> Push {
             let (mut old, mut new) = (s.entries.iter().peekable(), view.entries.iter().peekable());
             loop {
                 match (old.peek(), new.peek()) {
+                    // Consecutive views share most entries: the same entry needs no
+                    // key comparison.
+                    (Some(a), Some(b)) if Arc::ptr_eq(a, b) => {
+                        old.next();
+                        new.next();
+                    }
                     (Some(a), Some(b)) => match a.key.cmp(&b.key) {
                         std::cmp::Ordering::Less => {
                             removed.push(key_msg(&a.key));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sinew_model::load::Document;
 use sinew_model::resource::{Object, Resource, ResourceKey, WorkloadSpec};
-use sinew_model::{ConfigError, ConfigErrors, Resources, parse_sources};
+use sinew_model::{ConfigError, ConfigErrors, Origin, Resources, parse_sources};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::{Store, StoredDoc, StoredRegistration};
@@ -86,6 +86,19 @@ impl Registration {
             0,
         ));
         Registration { workload, entry }
+    }
+}
+
+/// Changes made in place to the documents in force, with what each replaced in
+/// `docs` and in the validated set (`None`: the key was absent), so a refused
+/// change can be put back.
+type Undo = Vec<(ResourceKey, Option<Arc<DocEntry>>, Option<Document>)>;
+
+/// Where a stored document came from, for errors that name it.
+fn stored_origin(source: &str) -> Origin {
+    Origin {
+        file: format!("(stored, from {source})"),
+        line: 0,
     }
 }
 
@@ -271,6 +284,9 @@ struct Index {
     settings: IndexSettings,
     revision: u64,
     docs: BTreeMap<ResourceKey, Arc<DocEntry>>,
+    /// `docs` as one validated set, changed with it: an apply checks the set it
+    /// would make without rebuilding it.
+    res: Resources,
     registry: BTreeMap<String, (Registration, Option<Instant>)>,
     proxies: BTreeMap<String, ProxyRecord>,
     state_tx: watch::Sender<Arc<MeshState>>,
@@ -324,6 +340,18 @@ pub fn spawn(
             _ => tracing::error!(proxy = %r.proxy, "stored registration no longer parses; skipped"),
         }
     }
+    let mut res = Resources::default();
+    for e in docs.values() {
+        let origin = stored_origin(&e.source);
+        let doc = Document {
+            resource: e.resource.clone(),
+            file: origin.file,
+            line: origin.line,
+        };
+        if let Err(error) = res.add(doc) {
+            tracing::error!(key = %e.key, %error, "stored document refused");
+        }
+    }
     let (state_tx, state_rx) = watch::channel(Arc::new(MeshState::default()));
     let (tx, rx) = mpsc::channel(1024);
     let mut index = Index {
@@ -331,6 +359,7 @@ pub fn spawn(
         settings,
         revision,
         docs,
+        res,
         registry,
         proxies: BTreeMap::new(),
         state_tx,
@@ -438,28 +467,6 @@ impl Index {
         )
     }
 
-    fn validate(
-        &self,
-        candidate: &BTreeMap<ResourceKey, Arc<DocEntry>>,
-        fresh: &HashMap<ResourceKey, (String, usize)>,
-    ) -> Result<Resources, ConfigErrors> {
-        let docs = candidate
-            .iter()
-            .map(|(k, e)| {
-                let (file, line) = fresh
-                    .get(k)
-                    .cloned()
-                    .unwrap_or_else(|| (format!("(stored, from {})", e.source), 0));
-                Document {
-                    resource: e.resource.clone(),
-                    file,
-                    line,
-                }
-            })
-            .collect();
-        Resources::from_documents(docs)
-    }
-
     async fn persist(
         &mut self,
         mut upserts: Vec<StoredDoc>,
@@ -480,6 +487,59 @@ impl Index {
         }
     }
 
+    /// Sets `key` to `entry` (from `origin`), or removes it, in the documents in
+    /// force and in the validated set, noting what it replaced in `undo`. Changes
+    /// are made in place and undone when refused: cloning the whole mesh for every
+    /// apply would cost in proportion to the mesh, not to the change. A document the
+    /// set refuses (a bad name) is an error; `undo` still puts everything back.
+    fn put(
+        &mut self,
+        undo: &mut Undo,
+        key: ResourceKey,
+        entry: Option<(Arc<DocEntry>, Origin)>,
+    ) -> Result<(), ConfigError> {
+        let prev_doc = self.res.remove(&key.kind, &key.namespace, &key.name);
+        let (prev, added) = match entry {
+            Some((e, origin)) => {
+                let doc = Document {
+                    resource: e.resource.clone(),
+                    file: origin.file,
+                    line: origin.line,
+                };
+                (self.docs.insert(key.clone(), e), self.res.add(doc))
+            }
+            None => (self.docs.remove(&key), Ok(())),
+        };
+        undo.push((key, prev, prev_doc));
+        added
+    }
+
+    /// Puts back what `undo` notes, newest first.
+    fn undo(&mut self, undo: Undo) {
+        for (key, prev, prev_doc) in undo.into_iter().rev() {
+            self.res.remove(&key.kind, &key.namespace, &key.name);
+            if let Some(d) = prev_doc
+                && let Err(error) = self.res.add(d)
+            {
+                // It was in the set a moment ago, so it fits again.
+                tracing::error!(%key, %error, "cannot restore a document to the validated set");
+            }
+            match prev {
+                Some(e) => self.docs.insert(key, e),
+                None => self.docs.remove(&key),
+            };
+        }
+    }
+
+    /// The documents in force as one set: every field and every reference checked.
+    fn check(&self, mut errors: ConfigErrors) -> Result<(), ConfigErrors> {
+        if let Err(more) = self.res.check() {
+            errors.0.extend(more.0);
+        }
+        errors.into_result(())
+    }
+
+    /// Applies `new_docs`: all of them, or (on any error, and on a dry run) none.
     async fn apply_docs(
         &mut self,
         new_docs: Vec<Document>,
@@ -487,7 +547,43 @@ impl Index {
         replace_source: bool,
         dry_run: bool,
     ) -> Result<ApplyOutcome, ConfigErrors> {
-        let mut candidate = self.docs.clone();
+        let mut undo = Undo::new();
+        let mut fresh = Vec::new();
+        let out = self
+            .apply_in_place(
+                new_docs,
+                source,
+                replace_source,
+                dry_run,
+                &mut undo,
+                &mut fresh,
+            )
+            .await;
+        if out.is_err() || dry_run {
+            self.undo(undo);
+        }
+        // Errors about documents of this apply named where they were written;
+        // from now on they are stored documents.
+        for k in fresh {
+            if let Some(e) = self.docs.get(&k) {
+                let origin = stored_origin(&e.source);
+                self.res.set_origin(&k.kind, &k.namespace, &k.name, origin);
+            }
+        }
+        out
+    }
+
+    /// [`Index::apply_docs`]'s work, changing `self.docs` in place and noting each
+    /// change in `undo`, and each applied key in `fresh`.
+    async fn apply_in_place(
+        &mut self,
+        new_docs: Vec<Document>,
+        source: &str,
+        replace_source: bool,
+        dry_run: bool,
+        undo: &mut Undo,
+        fresh_keys: &mut Vec<ResourceKey>,
+    ) -> Result<ApplyOutcome, ConfigErrors> {
         let mut fresh = HashMap::new();
         let mut results = Vec::new();
         let mut seen: HashMap<ResourceKey, (String, usize)> = HashMap::new();
@@ -510,13 +606,15 @@ impl Index {
         }
         let mut deletes = Vec::new();
         if replace_source {
-            let gone: Vec<ResourceKey> = candidate
+            let gone: Vec<ResourceKey> = self
+                .docs
                 .iter()
                 .filter(|(k, e)| e.source == source && !seen.contains_key(*k))
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in gone {
-                candidate.remove(&k);
+                // A removal cannot be refused by the set.
+                let _ = self.put(undo, k.clone(), None);
                 deletes.push(k);
             }
         }
@@ -524,12 +622,17 @@ impl Index {
         for d in new_docs {
             let key = d.resource.key();
             let entry = DocEntry::new(d.resource, source, self.revision + 1);
-            let action = match candidate.get(&key) {
+            let action = match self.docs.get(&key) {
                 None => "created",
                 Some(old) if old.hash == entry.hash && old.source == source => "unchanged",
                 Some(_) => "configured",
             };
-            fresh.insert(key.clone(), (d.file, d.line));
+            let origin = Origin {
+                file: d.file,
+                line: d.line,
+            };
+            fresh.insert(key.clone(), (origin.file.clone(), origin.line));
+            fresh_keys.push(key.clone());
             results.push((key.clone(), action));
             if action != "unchanged" {
                 upserts.push(StoredDoc {
@@ -538,11 +641,17 @@ impl Index {
                     source: source.to_owned(),
                     revision: 0,
                 });
-                candidate.insert(key, Arc::new(entry));
+                if let Err(e) = self.put(undo, key, Some((Arc::new(entry), origin))) {
+                    errors.push(e);
+                }
+            } else {
+                // Unchanged, but an error about it names where it was written now.
+                self.res
+                    .set_origin(&key.kind, &key.namespace, &key.name, origin);
             }
         }
-        let res = self.validate(&candidate, &fresh)?;
-        if let Some(m) = &res.mesh
+        self.check(errors)?;
+        if let Some(m) = &self.res.mesh
             && let Some(td) = &m.spec.trust_domain
             && *td != self.settings.trust_domain
         {
@@ -565,7 +674,6 @@ impl Index {
         }
         let rev = self.persist(upserts, deletes).await?;
         self.revision = rev;
-        self.docs = candidate;
         self.mark();
         Ok(ApplyOutcome {
             revision: rev,
@@ -588,24 +696,30 @@ impl Index {
                 let _ = reply.send(out);
             }
             Command::Delete { keys, reply } => {
-                let mut candidate = self.docs.clone();
-                let deleted: Vec<ResourceKey> = keys
-                    .into_iter()
-                    .filter(|k| candidate.remove(k).is_some())
-                    .collect();
-                let out = match self.validate(&candidate, &HashMap::new()) {
+                let mut undo = Undo::new();
+                let mut deleted = Vec::new();
+                for k in keys {
+                    if self.docs.contains_key(&k) {
+                        // A removal cannot be refused by the set.
+                        let _ = self.put(&mut undo, k.clone(), None);
+                        deleted.push(k);
+                    }
+                }
+                let out = match self.check(ConfigErrors::default()) {
                     Err(e) => Err(e),
                     Ok(_) if deleted.is_empty() => Ok((self.revision, deleted)),
                     Ok(_) => match self.persist(Vec::new(), deleted.clone()).await {
                         Ok(rev) => {
                             self.revision = rev;
-                            self.docs = candidate;
                             self.mark();
                             Ok((rev, deleted))
                         }
                         Err(e) => Err(e),
                     },
                 };
+                if out.is_err() {
+                    self.undo(undo);
+                }
                 let _ = reply.send(out);
             }
             Command::SyncDir { docs } => match self.apply_docs(docs, "dir", true, false).await {
@@ -740,5 +854,194 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory, removed when dropped.
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn index() -> (Scratch, mpsc::Sender<Command>) {
+        let dir =
+            std::env::temp_dir().join(format!("sinew-index-{}-{}", std::process::id(), now_ms()));
+        let store = Store::open(&dir).unwrap_or_else(|e| panic!("store: {e}"));
+        let settings = IndexSettings {
+            grace_period: Duration::from_secs(60),
+            debounce: Duration::from_millis(1),
+            trust_domain: "cluster.local".into(),
+        };
+        let (tx, _) = spawn(store, settings).unwrap_or_else(|e| panic!("index: {e}"));
+        (Scratch(dir), tx)
+    }
+
+    async fn apply(
+        tx: &mpsc::Sender<Command>,
+        file: &str,
+        text: &str,
+        dry_run: bool,
+    ) -> Result<ApplyOutcome, ConfigErrors> {
+        let (reply, rx) = oneshot::channel();
+        let sources = vec![(file.to_owned(), text.to_owned())];
+        let cmd = Command::Apply {
+            sources,
+            dry_run,
+            reply,
+        };
+        tx.send(cmd).await.unwrap_or_else(|_| panic!("index gone"));
+        rx.await.unwrap_or_else(|_| panic!("no answer"))
+    }
+
+    async fn delete(
+        tx: &mpsc::Sender<Command>,
+        key: ResourceKey,
+    ) -> Result<(u64, Vec<ResourceKey>), ConfigErrors> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Delete {
+            keys: vec![key],
+            reply,
+        };
+        tx.send(cmd).await.unwrap_or_else(|_| panic!("index gone"));
+        rx.await.unwrap_or_else(|_| panic!("no answer"))
+    }
+
+    /// Every document in force: `Kind ns/name` and its content hash.
+    async fn docs(tx: &mpsc::Sender<Command>) -> Vec<(String, u64)> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Current { reply };
+        tx.send(cmd).await.unwrap_or_else(|_| panic!("index gone"));
+        let state = rx.await.unwrap_or_else(|_| panic!("no answer"));
+        state
+            .docs
+            .values()
+            .map(|e| (e.key.to_string(), e.hash))
+            .collect()
+    }
+
+    fn service(name: &str, ports: &str) -> String {
+        format!(
+            "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{ports: {ports}}}\n"
+        )
+    }
+
+    const ROUTE: &str = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec: {parentRefs: [{name: catalog}], rules: [{backendRefs: [{name: catalog}]}]}\n";
+
+    fn messages(e: &ConfigErrors) -> String {
+        e.0.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Applies change the index's documents in place and undo them when refused:
+    /// a refused apply, a refused delete and a dry run leave exactly what was there,
+    /// and the next apply is checked against that.
+    #[tokio::test]
+    async fn a_refused_change_leaves_every_document_as_it_was() {
+        let (_dir, tx) = index();
+        let http = "[{name: http, port: 80}]";
+        let first = format!("{}{ROUTE}", service("catalog", http));
+        apply(&tx, "first.yaml", &first, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let before = docs(&tx).await;
+        assert_eq!(before.len(), 2, "{before:?}");
+
+        // A bad replacement of a stored document, next to a good new one.
+        let bad = format!("{}{}", service("innocent", http), service("catalog", "[]"));
+        let e = apply(&tx, "bad.yaml", &bad, false)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a service without ports was accepted"));
+        let text = messages(&e);
+        assert!(
+            text.contains("bad.yaml:7") && text.contains("a service needs at least one port"),
+            "the error names the new document where it was written:\n{text}"
+        );
+        assert_eq!(
+            docs(&tx).await,
+            before,
+            "nothing of a refused apply is kept"
+        );
+
+        // A bad name is refused too, whole.
+        let e = apply(&tx, "name.yaml", &service("Bad_Name", http), false)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a bad name was accepted"));
+        assert!(messages(&e).contains("is not a valid name"), "{e:?}");
+        assert_eq!(docs(&tx).await, before);
+
+        // Deleting what the stored route needs: the route is named as stored.
+        let catalog = ResourceKey {
+            kind: "Service".into(),
+            namespace: "shop".into(),
+            name: "catalog".into(),
+        };
+        let e = delete(&tx, catalog.clone())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a service a route needs was deleted"));
+        let text = messages(&e);
+        assert!(
+            text.contains("(stored, from api)")
+                && text.contains("service shop/catalog does not exist"),
+            "{text}"
+        );
+        assert_eq!(
+            docs(&tx).await,
+            before,
+            "nothing of a refused delete is kept"
+        );
+
+        // A dry run checks, and keeps nothing.
+        apply(&tx, "dry.yaml", &service("other", http), true)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(docs(&tx).await, before, "nothing of a dry run is kept");
+
+        // What was refused left the set intact: a good change goes through, and
+        // errors about documents applied earlier name them as stored.
+        let second = format!(
+            "{}{}",
+            service("catalog", "[{name: http, port: 8080}]"),
+            service("other", http)
+        );
+        apply(&tx, "second.yaml", &second, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let after = docs(&tx).await;
+        assert_eq!(after.len(), 3, "{after:?}");
+        assert_ne!(after, before);
+        let e = apply(
+            &tx,
+            "dup.yaml",
+            &service("catalog", "[{name: http, port: 80}, {name: web, port: 80}]"),
+            false,
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a duplicate port was accepted"));
+        assert!(messages(&e).contains("dup.yaml:2"), "{e:?}");
+        assert_eq!(docs(&tx).await, after);
+        let (_, deleted) = delete(
+            &tx,
+            ResourceKey {
+                name: "other".into(),
+                ..catalog
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(deleted.len(), 1);
+        assert_eq!(docs(&tx).await.len(), 2);
     }
 }

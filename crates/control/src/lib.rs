@@ -27,7 +27,6 @@ use sinew_api::v1::admin_server::AdminServer;
 use sinew_api::v1::discovery_server::DiscoveryServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::index::IndexSettings;
 use crate::store::Store;
@@ -174,13 +173,18 @@ impl ControlPlane {
         let admin = admin::AdminService::new(index.clone(), state, store, identity.clone())
             .with_telemetry(discovery.telemetry());
         let server = tokio::spawn(async move {
+            // Nagle off on every accepted connection: pushes and answers are small
+            // writes, and with Nagle each could wait for the peer's delayed ACK
+            // (40 ms on Linux). `Server::tcp_nodelay` is ignored for an incoming
+            // stream of our own, so the incoming sets it.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(DiscoveryServer::new(discovery))
                 .add_service(AdminServer::new(admin))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.await;
                     let _ = stopping_tx.send(true);
                 })

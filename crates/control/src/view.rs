@@ -20,7 +20,7 @@ use sinew_model::resource::{
     ResourceKey, SINEW_API_VERSION,
 };
 
-use crate::index::{DocEntry, FNV_OFFSET, MeshState, fnv64};
+use crate::index::{DocEntry, FNV_OFFSET, MeshState};
 
 /// One proxy's resources, sorted by key, and the version naming them.
 #[derive(Debug, Clone, Default)]
@@ -41,9 +41,12 @@ impl View {
 
     /// Makes a view of `entries`, already sorted by key with no key twice.
     fn sorted(entries: Vec<Arc<DocEntry>>) -> View {
-        let version = entries
-            .iter()
-            .fold(FNV_OFFSET, |h, e| fnv64(h, &e.id.to_le_bytes()));
+        // The ids are content hashes already, so combining them takes one multiply
+        // each (FxHash's step), not FNV's eight: every view is hashed on every
+        // publication, for every proxy.
+        let version = entries.iter().fold(FNV_OFFSET, |h, e| {
+            (h.rotate_left(5) ^ e.id).wrapping_mul(0x517c_c1b7_2722_0a95)
+        });
         View {
             entries,
             version: format!("{version:016x}"),
@@ -60,24 +63,46 @@ fn svc_key(ns: &str, name: &str) -> ResourceKey {
 }
 
 /// Resolves a logical service name (`catalog`, `catalog.shop`, `catalog.shop.svc...`)
-/// relative to `ns`.
-fn resolve(ns: &str, name: &str) -> (String, String) {
+/// relative to `ns`: `(namespace, name)`.
+fn resolve<'a>(ns: &'a str, name: &'a str) -> (&'a str, &'a str) {
     let mut parts = name.split('.');
     let n = parts.next().unwrap_or(name);
     let namespace = parts.next().unwrap_or(ns);
-    (namespace.to_owned(), n.to_owned())
+    (namespace, n)
 }
 
 /// A document's position in key order: views gather positions and sort those,
 /// rather than comparing keys.
 type Ord = u32;
 
+/// A service's number in [`Lookups`]: every service key a publication's documents
+/// name (as a Service, a route's parent or backend, a workload's service, a policy's
+/// target) has one, so a view gathers services as numbers, not keys. A name no
+/// document mentions has none, and nothing could select by it.
+type Svc = u32;
+
 /// An HTTPRoute with the services it names.
 #[derive(Debug)]
 pub struct RouteRefs {
     ord: Ord,
-    parents: Vec<ResourceKey>,
-    backends: Vec<ResourceKey>,
+    /// Parents and backends: a chosen route brings them all.
+    services: Vec<Svc>,
+}
+
+/// What selects by one service key.
+#[derive(Debug)]
+struct SvcRefs {
+    namespace: String,
+    /// Its Service document, if there is one.
+    ord: Option<Ord>,
+    /// The Service has a selector: it may pick any workload in its namespace.
+    selector: bool,
+    /// Workloads that name it as their service.
+    workloads: Vec<Ord>,
+    /// TrafficPolicies that target it.
+    traffic_policies: Vec<Ord>,
+    /// Routes (indexes into [`Lookups::routes`]) with it as a parent.
+    routes: Vec<u32>,
 }
 
 /// Indexes over one publication's documents, for computing views.
@@ -89,17 +114,15 @@ pub struct Lookups {
     /// control plane's trust domain.
     mesh: Option<Arc<DocEntry>>,
     routes: Vec<RouteRefs>,
-    /// Services by key.
-    services: HashMap<ResourceKey, Ord>,
-    /// Workloads by the Service they belong to.
-    workloads_by_service: HashMap<ResourceKey, Vec<Ord>>,
+    /// Service keys by number.
+    svcs: Vec<SvcRefs>,
+    /// Service numbers by namespace, then name.
+    svc_numbers: HashMap<String, HashMap<String, Svc>>,
     /// Workloads by namespace (a Service with a selector may pick any of them).
     workloads_by_namespace: HashMap<String, Vec<Ord>>,
-    /// TrafficPolicies by their target Service.
-    traffic_policies: HashMap<ResourceKey, Vec<Ord>>,
-    /// AuthorizationPolicies and RequestAuthentications by namespace, with the name of
-    /// the Service they target (`None`: the whole namespace).
-    inbound_policies: HashMap<String, Vec<(Option<String>, Ord)>>,
+    /// AuthorizationPolicies and RequestAuthentications by namespace, with the
+    /// Service they target (`None`: the whole namespace).
+    inbound_policies: HashMap<String, Vec<(Option<Svc>, Ord)>>,
 }
 
 impl Lookups {
@@ -110,8 +133,9 @@ impl Lookups {
             ..Lookups::default()
         };
         allocate_vips(&mut l.all);
+        let all = std::mem::take(&mut l.all);
         let mut mesh = None;
-        for (i, e) in l.all.iter().enumerate() {
+        for (i, e) in all.iter().enumerate() {
             let ord = i as Ord;
             match &e.resource {
                 Resource::MeshConfig(m) => {
@@ -121,30 +145,23 @@ impl Lookups {
                 }
                 Resource::HttpRoute(r) => {
                     let rns = r.metadata.ns();
-                    l.routes.push(RouteRefs {
-                        ord,
-                        parents: r
-                            .spec
-                            .parent_refs
-                            .iter()
-                            .map(|p| svc_key(p.namespace.as_deref().unwrap_or(rns), &p.name))
-                            .collect(),
-                        backends: r
-                            .spec
-                            .rules
-                            .iter()
-                            .flat_map(|rule| &rule.backend_refs)
-                            .map(|b| svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name))
-                            .collect(),
-                    });
+                    let route = l.routes.len() as u32;
+                    let mut services = Vec::new();
+                    for p in &r.spec.parent_refs {
+                        let s = l.svc(p.namespace.as_deref().unwrap_or(rns), &p.name);
+                        l.svcs[s as usize].routes.push(route);
+                        services.push(s);
+                    }
+                    for b in r.spec.rules.iter().flat_map(|rule| &rule.backend_refs) {
+                        services.push(l.svc(b.namespace.as_deref().unwrap_or(rns), &b.name));
+                    }
+                    l.routes.push(RouteRefs { ord, services });
                 }
                 Resource::Workload(w) => {
                     let ns = w.metadata.ns();
                     if let Some(s) = &w.spec.service {
-                        l.workloads_by_service
-                            .entry(svc_key(ns, s))
-                            .or_default()
-                            .push(ord);
+                        let s = l.svc(ns, s);
+                        l.svcs[s as usize].workloads.push(ord);
                     }
                     l.workloads_by_namespace
                         .entry(ns.to_owned())
@@ -152,29 +169,34 @@ impl Lookups {
                         .push(ord);
                 }
                 Resource::TrafficPolicy(p) => {
-                    l.traffic_policies
-                        .entry(svc_key(p.metadata.ns(), &p.spec.target_ref.name))
-                        .or_default()
-                        .push(ord);
+                    let s = l.svc(p.metadata.ns(), &p.spec.target_ref.name);
+                    l.svcs[s as usize].traffic_policies.push(ord);
                 }
                 Resource::AuthorizationPolicy(p) => {
+                    let ns = p.metadata.ns();
+                    let target = p.spec.target_ref.as_ref().map(|t| l.svc(ns, &t.name));
                     l.inbound_policies
-                        .entry(p.metadata.ns().to_owned())
+                        .entry(ns.to_owned())
                         .or_default()
-                        .push((p.spec.target_ref.as_ref().map(|t| t.name.clone()), ord));
+                        .push((target, ord));
                 }
                 Resource::RequestAuthentication(p) => {
+                    let ns = p.metadata.ns();
+                    let target = p.spec.target_ref.as_ref().map(|t| l.svc(ns, &t.name));
                     l.inbound_policies
-                        .entry(p.metadata.ns().to_owned())
+                        .entry(ns.to_owned())
                         .or_default()
-                        .push((p.spec.target_ref.as_ref().map(|t| t.name.clone()), ord));
+                        .push((target, ord));
                 }
-                Resource::Service(_) => {
-                    l.services.insert(e.key.clone(), ord);
+                Resource::Service(s) => {
+                    let n = l.svc(&e.key.namespace, &e.key.name) as usize;
+                    l.svcs[n].ord = Some(ord);
+                    l.svcs[n].selector = s.spec.selector.is_some();
                 }
                 Resource::Proxy(_) => {}
             }
         }
+        l.all = all;
         // The mesh's trust domain is the CA's: every proxy computes peer identities in it.
         let mut mesh = mesh.unwrap_or_else(|| Object {
             api_version: SINEW_API_VERSION.to_owned(),
@@ -189,6 +211,32 @@ impl Lookups {
         mesh.spec.trust_domain = Some(trust_domain.to_owned());
         l.mesh = Some(Arc::new(DocEntry::new(Resource::MeshConfig(mesh), "", 0)));
         l
+    }
+
+    /// The number of the service `namespace/name`, given one if it has none yet.
+    fn svc(&mut self, namespace: &str, name: &str) -> Svc {
+        if let Some(n) = self.svc_number(namespace, name) {
+            return n;
+        }
+        let n = self.svcs.len() as Svc;
+        self.svc_numbers
+            .entry(namespace.to_owned())
+            .or_default()
+            .insert(name.to_owned(), n);
+        self.svcs.push(SvcRefs {
+            namespace: namespace.to_owned(),
+            ord: None,
+            selector: false,
+            workloads: Vec::new(),
+            traffic_policies: Vec::new(),
+            routes: Vec::new(),
+        });
+        n
+    }
+
+    /// The number of the service `namespace/name`, if any document names it.
+    fn svc_number(&self, namespace: &str, name: &str) -> Option<Svc> {
+        self.svc_numbers.get(namespace)?.get(name).copied()
     }
 }
 
@@ -421,31 +469,47 @@ pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec
     let l = &state.lookups;
 
     // Services reachable from the bindings, closed over routes (a route brings its
-    // parents and backends, so the proxy can validate it).
-    let mut services: BTreeSet<ResourceKey> = p
+    // parents and backends, so the proxy can validate it): a walk from the bound
+    // services through the routes they parent.
+    let mut in_view = vec![false; l.svcs.len()];
+    let mut chosen = vec![false; l.routes.len()];
+    let mut walk: Vec<Svc> = Vec::new();
+    let upstreams = p
         .spec
         .outbound
         .upstreams
         .iter()
-        .map(|u| {
-            let (sns, sname) = resolve(ns, &u.service);
-            svc_key(&sns, &sname)
-        })
-        .collect();
-    services.extend(own_service);
-    let mut chosen = vec![false; l.routes.len()];
-    loop {
-        let mut grew = false;
-        for (i, r) in l.routes.iter().enumerate() {
-            if !chosen[i] && (everything || r.parents.iter().any(|p| services.contains(p))) {
-                chosen[i] = true;
-                grew = true;
-                services.extend(r.parents.iter().cloned());
-                services.extend(r.backends.iter().cloned());
+        .map(|u| resolve(ns, &u.service));
+    let own = own_service
+        .as_ref()
+        .map(|k| (k.namespace.as_str(), k.name.as_str()));
+    for (sns, sname) in upstreams.chain(own) {
+        if let Some(n) = l.svc_number(sns, sname)
+            && !std::mem::replace(&mut in_view[n as usize], true)
+        {
+            walk.push(n);
+        }
+    }
+    let mut choose = |r: usize, in_view: &mut Vec<bool>, walk: &mut Vec<Svc>| {
+        if !std::mem::replace(&mut chosen[r], true) {
+            for &n in &l.routes[r].services {
+                if !std::mem::replace(&mut in_view[n as usize], true) {
+                    walk.push(n);
+                }
             }
         }
-        if !grew {
-            break;
+    };
+    if everything {
+        for r in 0..l.routes.len() {
+            choose(r, &mut in_view, &mut walk);
+        }
+    }
+    // `walk` keeps every service it reaches: after it, it is the view's services.
+    let mut next = 0;
+    while let Some(&n) = walk.get(next) {
+        next += 1;
+        for &r in &l.svcs[n as usize].routes {
+            choose(r as usize, &mut in_view, &mut walk);
         }
     }
 
@@ -459,21 +523,15 @@ pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec
             .map(|(r, _)| r.ord),
     );
     let mut selector_namespaces = BTreeSet::new();
-    for svc in &services {
-        if let Some(&ord) = l.services.get(svc) {
-            if let Resource::Service(s) = &l.all[ord as usize].resource
-                && s.spec.selector.is_some()
-            {
+    for svc in walk.iter().map(|&n| &l.svcs[n as usize]) {
+        if let Some(ord) = svc.ord {
+            if svc.selector {
                 selector_namespaces.insert(svc.namespace.as_str());
             }
             ords.push(ord);
         }
-        if let Some(ws) = l.workloads_by_service.get(svc) {
-            ords.extend(ws);
-        }
-        if let Some(ps) = l.traffic_policies.get(svc) {
-            ords.extend(ps);
-        }
+        ords.extend(&svc.workloads);
+        ords.extend(&svc.traffic_policies);
     }
     for sns in selector_namespaces {
         if let Some(ws) = l.workloads_by_namespace.get(sns) {
@@ -483,11 +541,7 @@ pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec
     if let Some(ps) = l.inbound_policies.get(ns) {
         ords.extend(
             ps.iter()
-                .filter(|(target, _)| {
-                    target
-                        .as_ref()
-                        .is_none_or(|t| services.contains(&svc_key(ns, t)))
-                })
+                .filter(|(target, _)| target.is_none_or(|n| in_view[n as usize]))
                 .map(|(_, ord)| *ord),
         );
     }
@@ -725,7 +779,7 @@ spec:
             .iter()
             .map(|u| {
                 let (a, b) = resolve(ns, &u.service);
-                svc_key(&a, &b)
+                svc_key(a, b)
             })
             .collect();
         services.extend(own_service);

@@ -324,34 +324,49 @@ impl Resources {
         let mut errors = ConfigErrors::default();
         let mut res = Resources::default();
         for doc in docs {
-            let m = doc.resource.metadata();
-            let origin = Origin {
-                file: doc.file,
-                line: doc.line,
-            };
-            let problem = if !valid_name(&m.name) {
-                Some((
-                    "metadata.name",
-                    format!(
-                        "{:?} is not a valid name (lowercase letters, digits, '-', '.')",
-                        m.name
-                    ),
-                ))
-            } else if !valid_name(m.ns()) {
-                Some((
-                    "metadata.namespace",
-                    format!("{:?} is not a valid namespace", m.ns()),
-                ))
-            } else {
-                None
-            };
-            let okey = (
-                doc.resource.kind().to_owned(),
-                m.ns().to_owned(),
-                m.name.clone(),
-            );
-            let problem = problem.or_else(|| {
-                res.origins.get(&okey).map(|prev| {
+            if let Err(e) = res.add(doc) {
+                errors.push(e);
+            }
+        }
+        res.validate(&mut errors);
+        errors.into_result(res)
+    }
+
+    /// Adds one document, refusing a bad name or namespace, a document already in
+    /// the set and a second MeshConfig. The set is not checked as a whole:
+    /// [`Resources::check`] does that. A control plane keeps its set and changes it
+    /// document by document, so an apply costs what it changes plus one check,
+    /// not a rebuild of the whole set.
+    pub fn add(&mut self, doc: Document) -> Result<(), ConfigError> {
+        let m = doc.resource.metadata();
+        let origin = Origin {
+            file: doc.file,
+            line: doc.line,
+        };
+        let problem = if !valid_name(&m.name) {
+            Some((
+                "metadata.name",
+                format!(
+                    "{:?} is not a valid name (lowercase letters, digits, '-', '.')",
+                    m.name
+                ),
+            ))
+        } else if !valid_name(m.ns()) {
+            Some((
+                "metadata.namespace",
+                format!("{:?} is not a valid namespace", m.ns()),
+            ))
+        } else {
+            None
+        };
+        let okey = (
+            doc.resource.kind().to_owned(),
+            m.ns().to_owned(),
+            m.name.clone(),
+        );
+        let problem = problem
+            .or_else(|| {
+                self.origins.get(&okey).map(|prev| {
                     (
                         "metadata.name",
                         format!(
@@ -360,66 +375,115 @@ impl Resources {
                         ),
                     )
                 })
+            })
+            .or_else(|| {
+                let prev = self.mesh.as_ref().filter(|_| okey.0 == "MeshConfig")?;
+                Some((
+                    "metadata.name",
+                    format!(
+                        "only one MeshConfig is allowed; {}/{} is already defined",
+                        prev.metadata.ns(),
+                        prev.metadata.name
+                    ),
+                ))
             });
-            if let Some((field, reason)) = problem {
-                Checker {
-                    errors: &mut errors,
-                    at: At::Known {
-                        origin,
-                        label: doc.resource.label(),
-                    },
-                }
-                .fail(field, reason);
-                continue;
+        if let Some((field, reason)) = problem {
+            let mut errors = ConfigErrors::default();
+            Checker {
+                errors: &mut errors,
+                at: At::Known {
+                    origin,
+                    label: doc.resource.label(),
+                },
             }
-            res.origins.insert(okey, origin);
-            match doc.resource {
-                Resource::Proxy(o) => {
-                    res.proxies.insert(key(&o.metadata), o);
-                }
-                Resource::Service(o) => {
-                    res.services.insert(key(&o.metadata), o);
-                }
-                Resource::Workload(o) => {
-                    res.workloads.insert(key(&o.metadata), o);
-                }
-                Resource::HttpRoute(o) => {
-                    res.routes.insert(key(&o.metadata), o);
-                }
-                Resource::AuthorizationPolicy(o) => {
-                    res.authorization_policies.insert(key(&o.metadata), o);
-                }
-                Resource::RequestAuthentication(o) => {
-                    res.request_authentications.insert(key(&o.metadata), o);
-                }
-                Resource::TrafficPolicy(o) => {
-                    res.traffic_policies.insert(key(&o.metadata), o);
-                }
-                Resource::MeshConfig(o) => {
-                    if let Some(prev) = &res.mesh {
-                        let msg = format!(
-                            "only one MeshConfig is allowed; {}/{} is already defined",
-                            prev.metadata.ns(),
-                            prev.metadata.name
-                        );
-                        let k = key(&o.metadata);
-                        Checker {
-                            errors: &mut errors,
-                            at: At::Lookup {
-                                origins: &res.origins,
-                                kind: "MeshConfig",
-                                key: &k,
-                            },
-                        }
-                        .fail("metadata.name", msg);
-                        continue;
-                    }
-                    res.mesh = Some(o);
-                }
+            .fail(field, reason);
+            return Err(errors.0.remove(0));
+        }
+        self.origins.insert(okey, origin);
+        match doc.resource {
+            Resource::Proxy(o) => {
+                self.proxies.insert(key(&o.metadata), o);
+            }
+            Resource::Service(o) => {
+                self.services.insert(key(&o.metadata), o);
+            }
+            Resource::Workload(o) => {
+                self.workloads.insert(key(&o.metadata), o);
+            }
+            Resource::HttpRoute(o) => {
+                self.routes.insert(key(&o.metadata), o);
+            }
+            Resource::AuthorizationPolicy(o) => {
+                self.authorization_policies.insert(key(&o.metadata), o);
+            }
+            Resource::RequestAuthentication(o) => {
+                self.request_authentications.insert(key(&o.metadata), o);
+            }
+            Resource::TrafficPolicy(o) => {
+                self.traffic_policies.insert(key(&o.metadata), o);
+            }
+            Resource::MeshConfig(o) => {
+                self.mesh = Some(o);
             }
         }
-        res.validate(&mut errors);
-        errors.into_result(res)
+        Ok(())
+    }
+
+    /// Removes the document `kind namespace/name`, if the set has it: the document
+    /// and where it came from, as [`Resources::add`] takes it back.
+    pub fn remove(&mut self, kind: &str, namespace: &str, name: &str) -> Option<Document> {
+        let okey = (kind.to_owned(), namespace.to_owned(), name.to_owned());
+        let origin = self.origins.get(&okey)?;
+        let k = (okey.1.clone(), okey.2.clone());
+        let resource = match kind {
+            "Proxy" => self.proxies.remove(&k).map(Resource::Proxy),
+            "Service" => self.services.remove(&k).map(Resource::Service),
+            "Workload" => self.workloads.remove(&k).map(Resource::Workload),
+            "HTTPRoute" => self.routes.remove(&k).map(Resource::HttpRoute),
+            "AuthorizationPolicy" => self
+                .authorization_policies
+                .remove(&k)
+                .map(Resource::AuthorizationPolicy),
+            "RequestAuthentication" => self
+                .request_authentications
+                .remove(&k)
+                .map(Resource::RequestAuthentication),
+            "TrafficPolicy" => self
+                .traffic_policies
+                .remove(&k)
+                .map(Resource::TrafficPolicy),
+            "MeshConfig" => self
+                .mesh
+                .take_if(|m| m.metadata.ns() == k.0 && m.metadata.name == k.1)
+                .map(Resource::MeshConfig),
+            _ => None,
+        }?;
+        let origin = origin.clone();
+        self.origins.remove(&okey);
+        Some(Document {
+            resource,
+            file: origin.file,
+            line: origin.line,
+        })
+    }
+
+    /// Says where the document `kind namespace/name` came from, for errors that
+    /// name it (a control plane's stored documents, once an apply is through).
+    pub fn set_origin(&mut self, kind: &str, namespace: &str, name: &str, origin: Origin) {
+        if let Some(o) =
+            self.origins
+                .get_mut(&(kind.to_owned(), namespace.to_owned(), name.to_owned()))
+        {
+            *o = origin;
+        }
+    }
+
+    /// Checks the set as a whole: every field, and every reference between
+    /// documents.
+    pub fn check(&self) -> Result<(), ConfigErrors> {
+        let mut errors = ConfigErrors::default();
+        self.validate(&mut errors);
+        errors.into_result(())
     }
 
     fn checker<'a>(

@@ -17,7 +17,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt, stream};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -80,7 +79,9 @@ impl EchoServer {
             // Only ends on a fatal server error; tests then see refused or
             // failed connections.
             let _ = router
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                )
                 .await;
         });
         Ok(EchoServer { addr, task })
