@@ -533,6 +533,42 @@ async fn bad_input_is_refused_whole_with_file_line_field_and_reason() {
     );
 }
 
+/// A registering sidecar is ready only once its inbound listener is up: its first
+/// push waits for the control plane to publish its registration. A long debounce
+/// makes that wait long enough to see: without it, the first push would come from
+/// the state before the registration, with no inbound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registering_sidecar_is_ready_with_its_inbound_up() {
+    let scratch = Scratch::new();
+    let cp = Control::start(
+        &scratch.0.join("data"),
+        free_addr(),
+        &["--debounce-ms", "1000"],
+    )
+    .await;
+    let f = scratch.write("s.yaml", &service("shop", "catalog"));
+    assert!(
+        cp.sinew(&["apply", "-f", f.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let app = HttpBackend::start("app").await.unwrap();
+    let inbound = free_addr();
+    let _p = proxy(
+        &cp.url,
+        "shop/catalog-1",
+        Some(registration("catalog", app.addr(), inbound, "v1")),
+        Duration::from_millis(50),
+    )
+    .await;
+    // Ready: the inbound answers at once, with no waiting for it.
+    let r = client::get(inbound, "catalog", "/")
+        .await
+        .unwrap_or_else(|e| panic!("the ready sidecar's inbound {inbound}: {e}"));
+    assert_eq!(r.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gone_proxy_is_unregistered_after_the_grace_period() {
     let scratch = Scratch::new();

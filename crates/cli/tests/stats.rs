@@ -100,9 +100,9 @@ async fn mesh() -> Mesh {
     })
     .await
     .unwrap();
-    // The catalog proxy is ready on its first push, which may come before its own
-    // registration is in the control plane's state: its inbound listener can start a
-    // push later. Requests before then would be refused (connect-failed).
+    // The catalog proxy is ready with its inbound up (its first push waits for its
+    // registration); the web proxy's binding to catalog comes with the push that
+    // has catalog's service.
     listening(inbound).await;
     listening(bind).await;
     Mesh {

@@ -246,6 +246,10 @@ fn push(sent: Option<&View>, view: &View, nonce: u64) -> Push {
     }
 }
 
+/// How long a registering proxy's first push waits for its registration to be
+/// published (a debounce period, at most ten under churn, in the normal case).
+const REGISTRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// JSON bytes per push part (a resource larger than this gets a part of its own).
 const PART_BYTES: usize = 8 * 1024;
 
@@ -325,6 +329,7 @@ impl Discovery for DiscoveryService {
             .map(|r| workload(ns, &hello.name, r).map(Box::new))
             .transpose()?;
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
+        let registered = workload.as_deref().cloned();
         let index = self.index.clone();
         index
             .send(Command::Connect {
@@ -366,6 +371,20 @@ impl Discovery for DiscoveryService {
             };
             if tx.send(Ok(msg)).await.is_err() {
                 return;
+            }
+            // A registering sidecar's inbound listener comes from its registration,
+            // and it reports ready on its first push: that push waits until the
+            // index has published the registration (a debounce period), so ready
+            // means its inbound is up.
+            if let Some(w) = registered {
+                let published = state
+                    .wait_for(|s| s.registrations.get(&proxy).is_some_and(|r| r.workload == w));
+                if tokio::time::timeout(REGISTRATION_WAIT, published)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(%proxy, "registration not published in time; pushing without it");
+                }
             }
             loop {
                 let current = state.borrow_and_update().clone();
