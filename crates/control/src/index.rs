@@ -548,7 +548,7 @@ impl Index {
         dry_run: bool,
     ) -> Result<ApplyOutcome, ConfigErrors> {
         let mut undo = Undo::new();
-        let mut fresh = Vec::new();
+        let mut fresh = HashMap::new();
         let out = self
             .apply_in_place(
                 new_docs,
@@ -564,7 +564,7 @@ impl Index {
         }
         // Errors about documents of this apply named where they were written;
         // from now on they are stored documents.
-        for k in fresh {
+        for k in fresh.into_keys() {
             if let Some(e) = self.docs.get(&k) {
                 let origin = stored_origin(&e.source);
                 self.res.set_origin(&k.kind, &k.namespace, &k.name, origin);
@@ -574,7 +574,7 @@ impl Index {
     }
 
     /// [`Index::apply_docs`]'s work, changing `self.docs` in place and noting each
-    /// change in `undo`, and each applied key in `fresh`.
+    /// change in `undo`, and where each applied document was written in `fresh`.
     async fn apply_in_place(
         &mut self,
         new_docs: Vec<Document>,
@@ -582,15 +582,13 @@ impl Index {
         replace_source: bool,
         dry_run: bool,
         undo: &mut Undo,
-        fresh_keys: &mut Vec<ResourceKey>,
+        fresh: &mut HashMap<ResourceKey, (String, usize)>,
     ) -> Result<ApplyOutcome, ConfigErrors> {
-        let mut fresh = HashMap::new();
         let mut results = Vec::new();
-        let mut seen: HashMap<ResourceKey, (String, usize)> = HashMap::new();
         let mut errors = ConfigErrors::default();
         for d in &new_docs {
             let key = d.resource.key();
-            if let Some((file, line)) = seen.get(&key) {
+            if let Some((file, line)) = fresh.get(&key) {
                 errors.push(
                     ConfigError::new(format!("duplicate {key}: already defined at {file}:{line}"))
                         .field("metadata.name")
@@ -598,7 +596,7 @@ impl Index {
                         .at(d.file.clone(), Some(d.line)),
                 );
             } else {
-                seen.insert(key, (d.file.clone(), d.line));
+                fresh.insert(key, (d.file.clone(), d.line));
             }
         }
         if !errors.is_empty() {
@@ -609,7 +607,7 @@ impl Index {
             let gone: Vec<ResourceKey> = self
                 .docs
                 .iter()
-                .filter(|(k, e)| e.source == source && !seen.contains_key(*k))
+                .filter(|(k, e)| e.source == source && !fresh.contains_key(*k))
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in gone {
@@ -631,8 +629,6 @@ impl Index {
                 file: d.file,
                 line: d.line,
             };
-            fresh.insert(key.clone(), (origin.file.clone(), origin.line));
-            fresh_keys.push(key.clone());
             results.push((key.clone(), action));
             if action != "unchanged" {
                 upserts.push(StoredDoc {
