@@ -40,9 +40,9 @@ MODES = {
                   obs_cp_hold_s=1, obs_cp_interval_ms=500),
     # A few minutes (plus any wait for a quiet machine): one rate, short rounds.
     # For development: the record is --full.
-    "quick": dict(rates=[1000], rounds=2, duration=2, fixed_conns=16, max_rounds=2,
+    "quick": dict(rates=[1000], rounds=5, duration=2, fixed_conns=16, max_rounds=2,
                   max_duration=2, max_conns=32, warm_requests=2000, idle_levels=[1000],
-                  startup_reps=5, mesh_rates=[1000], mesh_rounds=2, mesh_max_rounds=1,
+                  startup_reps=5, mesh_rates=[1000], mesh_rounds=5, mesh_max_rounds=1,
                   h2_duration=2, h2_rounds=1, h2_rate=1000, cp_proxies=1000, cp_services=100,
                   cp_endpoints=10000, cp_changes=3, quiet_wait_s=30,
                   res_rate=1000, res_rounds=1, res_duration=5, res_kill_after=2000,
@@ -53,10 +53,15 @@ MODES = {
                   obs_cg_warm=300, obs_cg_configs=CG_ALL, obs_cp_proxies=1000,
                   obs_cp_services=100, obs_cp_endpoints=1000, obs_cp_hold_s=30,
                   obs_cp_interval_ms=2000),
-    "full": dict(rates=[500, 1000, 2000, 5000], rounds=5, duration=10, fixed_conns=16,
+    # Fixed rates: many short rounds rather than a few long ones. The machine has
+    # episodes (tens to hundreds of ms) where every process runs several times slower;
+    # a 10 s round nearly always holds one, so its p99 measures the episode. With 3 s
+    # rounds most are clean, and the median over rounds is the peers' own figure
+    # (bench/README.md, "Reading the tail").
+    "full": dict(rates=[500, 1000, 2000, 5000], rounds=15, duration=3, fixed_conns=16,
                  max_rounds=5, max_duration=10, max_conns=32, warm_requests=20000,
                  idle_levels=[1000, 10000], startup_reps=30, mesh_rates=[500, 1000, 2000],
-                 mesh_rounds=5, mesh_max_rounds=5, h2_duration=10, h2_rounds=5, h2_rate=1000,
+                 mesh_rounds=15, mesh_max_rounds=5, h2_duration=10, h2_rounds=5, h2_rate=1000,
                  cp_proxies=1000, cp_services=100, cp_endpoints=10000, cp_changes=20,
                  quiet_wait_s=60, res_rate=1000, res_rounds=6, res_duration=20,
                  res_kill_after=5000, res_b_rounds=10, res_b_duration=10, res_instr_rounds=5,
@@ -219,6 +224,8 @@ def run(args, wanted, work, pm, t_start) -> int:
         "settings": {"placement": placement, **cfg, "proxy_workers": 1, "body_bytes": 1024,
                      "pinned": pin},
         "noise": {"loadavg_start": loadavg()},
+        # How CPU time is read (procs.CpuReading); older records read clock ticks.
+        "cpu_time": "schedstat",
         "scenarios": {},
         "problems": ctx.problems,
     }
@@ -388,6 +395,35 @@ def s8_summary(s8) -> list[dict]:
     return out
 
 
+FLOOR_FACTOR = 5
+
+
+def floor_disturbed(sc: dict, scn: str, rate) -> str | None:
+    """Why the direct path (client to backend, no proxy) was itself disturbed at `rate`
+    in scenario `scn`: its p99 above FLOOR_FACTOR times the lowest direct p99 at any
+    fixed rate of scenarios 1 and 2 in this record. Then every peer's rows at that rate
+    measure the machine, not the peers: such a target is marked, not judged."""
+    directs = [r["p99_ms"] for key in ("s1", "s2") for r in sc.get(key, {}).get("rows", [])
+               if r["peer"] == "direct" and r.get("p99_ms")]
+    here = next((r for r in sc.get(scn, {}).get("rows", [])
+                 if r["peer"] == "direct" and r["rate"] == rate), None)
+    if here is None or not here.get("p99_ms") or len(directs) < 2:
+        return None
+    low = min(directs)
+    if here["p99_ms"] <= FLOOR_FACTOR * low:
+        return None
+    return (f"the direct path itself (no proxy) had p99 {report.ms(here['p99_ms'])} ms at "
+            f"{rate} rps, {here['p99_ms'] / low:,.0f}× its lowest p99 in this run "
+            f"({report.ms(low)} ms): the machine was disturbed")
+
+
+def _floor_checked(row: dict, why: str | None) -> dict:
+    if why:
+        row["measured"] += f"; {why}"
+        row["status"] = "disturbed: not judged"
+    return row
+
+
 def summary(results) -> list[dict]:
     sc = results["scenarios"]
     out = []
@@ -414,13 +450,16 @@ def summary(results) -> list[dict]:
             sa, ea = sm.get("added_p99_ms"), em.get("added_p99_ms")
             what = f"mTLS: added p99 at {rate} rps"
             rel = ratio_of("s2", what, "envoy mTLS")
-            out.append({"target": f"mTLS mesh path, added p99 at {rate} rps ≤ 0.5× Envoy's",
-                        "measured": f"Sinew +{report.ms(sa)} ms, Envoy +{report.ms(ea)} ms; "
-                                    f"Sinew ÷ Envoy per round {ratio_text('s2', what, 'envoy mTLS')}",
-                        "status": _status(None if rel is None else rel <= 0.5)})
-            out.append({"target": f"mTLS mesh path, added p99 at {rate} rps ≤ +0.3 ms",
-                        "measured": f"+{report.ms(sa)} ms",
-                        "status": _status(None if sa is None else sa <= 0.3)})
+            why = floor_disturbed(sc, "s2", rate)
+            out.append(_floor_checked(
+                {"target": f"mTLS mesh path, added p99 at {rate} rps ≤ 0.5× Envoy's",
+                 "measured": f"Sinew +{report.ms(sa)} ms, Envoy +{report.ms(ea)} ms; "
+                             f"Sinew ÷ Envoy per round {ratio_text('s2', what, 'envoy mTLS')}",
+                 "status": _status(None if rel is None else rel <= 0.5)}, why))
+            out.append(_floor_checked(
+                {"target": f"mTLS mesh path, added p99 at {rate} rps ≤ +0.3 ms",
+                 "measured": f"+{report.ms(sa)} ms",
+                 "status": _status(None if sa is None else sa <= 0.3)}, why))
     if "s1" in sc:
         re_ = ratio_of("s1", "max rps, one worker", "envoy")
         rn = ratio_of("s1", "max rps, one worker", "nginx")
@@ -435,9 +474,12 @@ def summary(results) -> list[dict]:
         pick = next((r for r in rows if r["load"] == "1000 rps"), rows[0] if rows else None)
         if pick:
             v = pick["cpu_per_1k"]
-            out.append({"target": "≤ 0.05 vCPU per 1,000 rps (one hop)",
-                        "measured": f"{report.f(v, 4)} at {pick['load']}",
-                        "status": _status(None if v is None else v <= 0.05)})
+            rate = int(pick["load"].split()[0]) if pick["load"].endswith(" rps") else None
+            out.append(_floor_checked(
+                {"target": "≤ 0.05 vCPU per 1,000 rps (one hop)",
+                 "measured": f"{report.f(v, 4)} at {pick['load']}",
+                 "status": _status(None if v is None else v <= 0.05)},
+                floor_disturbed(sc, "s1", rate) if rate else None))
     if "s4" in sc:
         r = next((r for r in sc["s4"]["rows"] if r["peer"] == "sinew"), None)
         if r:

@@ -43,6 +43,7 @@ class Env:
     load_cpus: str       # where the load generator, backend and control plane run
     nofile: int          # the descriptor limit proxies inherit
     backend_port: int = 0
+    backend: Proc | None = None   # the shared backend (its CPU per request gauges noise)
 
 
 @dataclass
@@ -100,6 +101,7 @@ def backend(env: Env, name: str = "backend", body_bytes: int = 1024) -> tuple[Pr
 def start_backend(env: Env, body_bytes: int = 1024) -> Proc:
     """The run's shared backend (env.backend_port)."""
     proc, env.backend_port = backend(env, "backend", body_bytes)
+    env.backend = proc
     return proc
 
 

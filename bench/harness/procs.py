@@ -252,17 +252,60 @@ def pss_kb(pids: list[int]) -> int | None:
     return total
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (all their threads), in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the comm field: state is rest[0]; utime and stime are fields 14 and 15.
-        ticks += int(rest[11]) + int(rest[12])
-    return ticks / CLK_TCK
+class CpuReading:
+    """CPU time of some processes at one moment; `later - earlier` is the seconds used
+    between the two readings.
+
+    Precise (nanoseconds, each thread's `/proc/PID/task/TID/schedstat`) when the same
+    threads are alive at both readings. When a thread ended in between, its time is
+    gone from the per-thread sum, so the difference falls back to utime + stime from
+    `/proc/PID/stat`, which keeps ended threads' time but counts in 10 ms clock ticks."""
+
+    def __init__(self, pids: list[int]):
+        self.ticks = 0
+        self.procs = 0
+        self.threads: dict[int, int] = {}
+        self.precise = True
+        for pid in pids:
+            try:
+                rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # After the comm field: state is rest[0]; utime and stime are fields 14 and 15.
+            self.ticks += int(rest[11]) + int(rest[12])
+            self.procs += 1
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                self.precise = False
+                continue
+            for tid in tids:
+                try:
+                    ns = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]
+                    self.threads[tid] = int(ns)
+                except (OSError, IndexError, ValueError):
+                    # Ended between listing and reading, or no schedstat here.
+                    self.precise = False
+
+    def __sub__(self, earlier: "CpuReading") -> float:
+        coarse = (self.ticks - earlier.ticks) / CLK_TCK
+        if (self.precise and earlier.precise and earlier.threads
+                and set(earlier.threads) <= set(self.threads)):
+            # Threads started in between count from zero: their whole runtime is new.
+            fine = sum(ns - earlier.threads.get(tid, 0)
+                       for tid, ns in self.threads.items()) / 1e9
+            # A thread that started and ended between the readings is in neither
+            # per-thread sum but is in utime + stime, which agree with the per-thread
+            # sum to within a tick per process per reading.
+            if coarse - fine <= (2 * max(self.procs, 1) + 1) / CLK_TCK + 0.05 * coarse:
+                return fine
+        return coarse
+
+
+def cpu_seconds(pids: list[int]) -> CpuReading:
+    """A reading of the processes' CPU time (all their threads); subtract two readings
+    for the seconds used between them."""
+    return CpuReading(pids)
 
 
 def threads(pids: list[int]) -> int:

@@ -41,6 +41,24 @@ def peer(r):
     return r["peer"] + (" †" if r.get("busy_rounds") else "")
 
 
+BACKEND_NOTE = ("*backend µs / req*: the shared backend's CPU time per request over each run; "
+                "it does the same work behind every peer, so a round where it rises is a "
+                "round where the machine itself ran slow (see bench/README.md, \"Reading "
+                "the tail\").")
+
+
+def BACKEND_HEAD(rows):  # noqa: N802 - reads as the column heading it returns
+    """The backend-CPU column's heading, when the record has it (older ones do not)."""
+    return ["backend µs / req (median; worst round)"] if any(
+        r.get("backend_cpu_us") is not None for r in rows) else []
+
+
+def backend_cells(rows, r):
+    if not BACKEND_HEAD(rows):
+        return []
+    return [f"{f(r.get('backend_cpu_us'), 1)}; {f(r.get('backend_cpu_us_max'), 1)}"]
+
+
 def x(v):
     return "n/a" if v is None else f"{v:.2f}×"
 
@@ -122,13 +140,15 @@ def render(results: dict) -> Doc:
         d.add(f"## {s1['title']}", "",
               "Fixed rates with oha `-q RATE --latency-correction` (coordinated omission "
               "corrected), median over rounds (max: worst round). *added*: the peer minus "
-              "direct, round by round. `*`: rate not sustained.", "")
+              "direct, round by round. `*`: rate not sustained."
+              + (" " + BACKEND_NOTE if BACKEND_HEAD(s1["rows"]) else ""), "")
         d.table(["peer", "rate", "p50", "p90", "p99", "p99.9", "max", "added p50", "added p99",
-                 "CPU s / 1k req"],
+                 "CPU s / 1k req", *BACKEND_HEAD(s1["rows"])],
                 [(r["id"], [peer(r), f"{r['rate']}{'*' if r['rate_not_sustained'] else ''}",
                             ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]), ms(r["p99.9_ms"]),
                             ms(r["max_ms"]), ms(r.get("added_p50_ms")),
-                            ms(r.get("added_p99_ms")), f(r["cpu_per_1k"], 3)])
+                            ms(r.get("added_p99_ms")), f(r["cpu_per_1k"], 3),
+                            *backend_cells(s1["rows"], r)])
                  for r in s1["rows"]])
         d.add(f"Max rps, closed loop ({s['max_conns']} connections), one proxy worker; "
               "direct is the load generator's ceiling on this placement.", "")
@@ -138,16 +158,18 @@ def render(results: dict) -> Doc:
         _ratio_table(d, s1["ratios"])
     if "s2" in sc:
         s2 = sc["s2"]
-        d.add(f"## {s2['title']}", "", s2["description"], "")
+        d.add(f"## {s2['title']}", "", s2["description"]
+              + (" " + BACKEND_NOTE if BACKEND_HEAD(s2["rows"]) else ""), "")
         for note in s2.get("notes", []):
             d.add(f"- {note}")
         d.add("")
         d.table(["path", "rate", "p50", "p90", "p99", "p99.9", "max", "added p50", "added p99",
-                 "CPU s / 1k req (both sidecars)"],
+                 "CPU s / 1k req (both sidecars)", *BACKEND_HEAD(s2["rows"])],
                 [(r["id"], [peer(r), f"{r['rate']}{'*' if r['rate_not_sustained'] else ''}",
                             ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]), ms(r["p99.9_ms"]),
                             ms(r["max_ms"]), ms(r.get("added_p50_ms")),
-                            ms(r.get("added_p99_ms")), f(r["cpu_per_1k"], 3)])
+                            ms(r.get("added_p99_ms")), f(r["cpu_per_1k"], 3),
+                            *backend_cells(s2["rows"], r)])
                  for r in s2["rows"]])
         d.table(["path", "max rps (median)", "rps range", "p99 at saturation", "CPU s / 1k req"],
                 [(r["id"], [peer(r), f(r["rps"]), f"{f(r['rps_min'])} – {f(r['rps_max'])}",
@@ -193,11 +215,18 @@ def render(results: dict) -> Doc:
                       "the profile, dependencies and toolchain).", "")
     if "s5" in sc:
         s5 = sc["s5"]
-        d.add(f"## {s5['title']}", "",
-              "utime + stime of the proxy's processes from /proc/PID/stat before and after "
-              "each scenario-1 run, divided by the requests served; median over rounds. At a "
-              "fixed rate this is also vCPU per 1,000 rps. Clock ticks are 10 ms, so short "
-              "smoke runs read coarsely.", "")
+        if results.get("cpu_time") == "schedstat":
+            how = ("CPU time of the proxy's threads (`/proc/PID/task/TID/schedstat`, in ns; "
+                   "utime + stime from /proc/PID/stat, in 10 ms ticks, where a thread ended "
+                   "during the run) before and after each scenario-1 run, divided by the "
+                   "requests served; median over rounds. At a fixed rate this is also vCPU "
+                   "per 1,000 rps.")
+        else:
+            how = ("utime + stime of the proxy's processes from /proc/PID/stat before and "
+                   "after each scenario-1 run, divided by the requests served; median over "
+                   "rounds. At a fixed rate this is also vCPU per 1,000 rps. Clock ticks are "
+                   "10 ms, so short smoke runs read coarsely.")
+        d.add(f"## {s5['title']}", "", how, "")
         d.table(["peer", "load", "CPU s / 1k requests", "per round"],
                 [(r["id"], [r["peer"], r["load"], f(r["cpu_per_1k"], 4),
                             ", ".join(f(v, 4) for v in r["per_round"])]) for r in s5["rows"]])

@@ -88,6 +88,10 @@ def measured(ctx: Ctx, running: P.Running, what: str, *, h2load: dict | None = N
     busy = wait_quiet(ctx)
     pids = running.pids()
     c0 = cpu_seconds(pids) if pids else None
+    # The shared backend does the same work per request behind every peer: its CPU
+    # time per request is a gauge of how disturbed the machine was during the run.
+    bpids = ctx.env.backend.pids() if ctx.env.backend is not None else []
+    b0 = cpu_seconds(bpids) if bpids else None
     if h2load is not None:
         res = ctx.load.h2load(running.url + h2load.pop("path", ""), **h2load)
     else:
@@ -96,6 +100,8 @@ def measured(ctx: Ctx, running: P.Running, what: str, *, h2load: dict | None = N
     if pids:
         res["cpu_s"] = cpu_seconds(pids) - c0
         res["cpu_per_1k"] = res["cpu_s"] / (res["requests"] / 1000) if res["requests"] else None
+    if bpids and res["requests"]:
+        res["backend_cpu_us"] = (cpu_seconds(bpids) - b0) / res["requests"] * 1e6
     res["busy_processes"] = len(busy)
     running.check()
     _verify(ctx, res, what, oha.get("rate"), expect_bytes)
@@ -118,6 +124,8 @@ def _latency_rows(ctx, label, names, res, direct_name, rate):
             row[k] = max(vals) if k == "max_ms" else median(vals)
         row["achieved_rps"] = median([r["rps"] for r in rounds])
         row["cpu_per_1k"] = median([r.get("cpu_per_1k") for r in rounds])
+        row["backend_cpu_us"] = median([r.get("backend_cpu_us") for r in rounds])
+        row["backend_cpu_us_max"] = spread([r.get("backend_cpu_us") for r in rounds])[1]
         row["rate_not_sustained"] = any(r.get("rate_not_sustained") for r in rounds)
         row["busy_rounds"] = busy_rounds(rounds)
         if direct_name and n != direct_name:
