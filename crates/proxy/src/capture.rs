@@ -154,6 +154,7 @@ fn with_dst(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
         peer: ctx.peer,
         peer_identity: None,
         orig_dst: Some(dst),
+        last_series: Default::default(),
     })
 }
 

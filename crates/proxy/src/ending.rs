@@ -119,7 +119,9 @@ impl Ending {
             Direction::Inbound => ctx.peer_identity.as_ref(),
             Direction::Outbound => None,
         };
-        ctx.shared.metrics.http(dir, &meta, peer, &outcome);
+        ctx.shared
+            .metrics
+            .http(dir, &meta, peer, &outcome, &ctx.last_series);
         crate::trace::end(hop, &outcome);
         crate::access::finish(&ctx, observed, dir, meta, &outcome);
     }

@@ -65,6 +65,8 @@ pub struct ConnCtx {
     pub peer_identity: Option<Arc<str>>,
     /// Where a captured connection was going before the capture rules redirected it.
     pub orig_dst: Option<SocketAddr>,
+    /// The metrics series this connection's last request was counted in.
+    pub last_series: crate::metrics::LastSeries,
 }
 
 /// The desired listeners of a configuration: address → role (and for upstream
@@ -286,7 +288,7 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let Some(guard) = shared.track() else { break };
                     let _ = stream.set_nodelay(true);
-                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None });
+                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, last_series: Default::default() });
                     tokio::spawn(async move {
                         connection(ctx, stream, opaque).await;
                         drop(guard);
@@ -396,6 +398,7 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
             peer: ctx.peer,
             peer_identity,
             orig_dst: ctx.orig_dst,
+            last_series: Default::default(),
         });
         serve_http(ctx, tls).await;
     }
@@ -761,6 +764,7 @@ spec:
             peer,
             peer_identity: None,
             orig_dst: None,
+            last_series: Default::default(),
         });
         let conn = connection(ctx, stream, false);
         // The handlers are boxed per request (see serve_http); they only need to stay

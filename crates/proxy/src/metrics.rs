@@ -32,6 +32,49 @@ impl Direction {
     }
 }
 
+/// The golden-signal series a connection's last request was counted in.
+///
+/// Families never drop a series, so a held handle counts into what `/metrics`
+/// shows. Configuration names are shared `Arc<str>`s: the same pointer is the same
+/// label, and a new configuration's names (new pointers) only cost one lookup.
+#[derive(Debug, Default)]
+pub struct LastSeries(std::sync::Mutex<Option<Series>>);
+
+#[derive(Debug)]
+struct Series {
+    key: SeriesKey,
+    latency: Histogram,
+    http: Counter,
+}
+
+#[derive(Debug)]
+struct SeriesKey {
+    dir: Direction,
+    service: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    peer: Option<Arc<str>>,
+    status: u16,
+    grpc_status: &'static str,
+}
+
+impl SeriesKey {
+    fn same(&self, other: &SeriesKey) -> bool {
+        fn same_name(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+            match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+        }
+        self.dir == other.dir
+            && self.status == other.status
+            && self.grpc_status == other.grpc_status
+            && same_name(&self.service, &other.service)
+            && same_name(&self.route, &other.route)
+            && same_name(&self.peer, &other.peer)
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     direction: &'static str,
@@ -345,11 +388,11 @@ impl Metrics {
         meta: &RequestMeta,
         peer_identity: Option<&Arc<str>>,
         outcome: &crate::access::Outcome,
+        last: &LastSeries,
     ) {
         let status = outcome.status;
-        let elapsed = outcome.duration;
+        let elapsed = outcome.duration.as_secs_f64();
         self.request(dir, status);
-        let class_idx = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         let grpc_status = outcome
             .grpc_status
             .as_ref()
@@ -361,28 +404,55 @@ impl Metrics {
                     .copied()
                     .unwrap_or("other")
             });
+        let key = SeriesKey {
+            dir,
+            service: meta.service.clone(),
+            route: meta.route.clone(),
+            peer: peer_identity.cloned(),
+            status: status.as_u16(),
+            grpc_status,
+        };
+        // Another request of the connection with the same labels (the usual case on a
+        // keep-alive connection) skips hashing them into both families. Contended (h2
+        // streams ending at once on several workers): the families, as without it.
+        let mut slot = last.0.try_lock().ok();
+        if let Some(Some(hit)) = slot.as_deref()
+            && hit.key.same(&key)
+        {
+            hit.latency.observe(elapsed);
+            hit.http.inc();
+            return;
+        }
+        let class_idx = (key.status / 100).clamp(1, 5) as usize - 1;
         // Labels share the configuration's names: a request copies no string.
         let empty = || EMPTY.clone();
-        let service = meta.service.clone().unwrap_or_else(empty);
-        let route = meta.route.clone().unwrap_or_else(empty);
-        self.latency
+        let service = key.service.clone().unwrap_or_else(empty);
+        let route = key.route.clone().unwrap_or_else(empty);
+        let latency = self
+            .latency
             .get_or_create(&LatencyLabels {
                 direction: dir.as_str(),
                 service: service.clone(),
                 route: route.clone(),
                 class: CLASSES[class_idx],
             })
-            .observe(elapsed.as_secs_f64());
-        self.http
+            .clone();
+        let http = self
+            .http
             .get_or_create(&HttpLabels {
                 direction: dir.as_str(),
                 service,
                 route,
-                peer_identity: peer_identity.cloned().unwrap_or_else(empty),
-                status_code: status.as_u16(),
+                peer_identity: key.peer.clone().unwrap_or_else(empty),
+                status_code: key.status,
                 grpc_status,
             })
-            .inc();
+            .clone();
+        latency.observe(elapsed);
+        http.inc();
+        if let Some(slot) = slot.as_mut() {
+            **slot = Some(Series { key, latency, http });
+        }
     }
 
     /// Counts a control-plane push by whether it was applied.
@@ -528,5 +598,77 @@ pub struct OpenConnection(Gauge);
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn outcome(status: u16) -> crate::access::Outcome {
+        crate::access::Outcome {
+            status: http::StatusCode::from_u16(status).unwrap_or_else(|e| panic!("{e}")),
+            grpc_status: None,
+            error: None,
+            duration: Duration::from_millis(3),
+            head: Duration::from_millis(1),
+            response_bytes: 0,
+            end: "complete",
+        }
+    }
+
+    /// The value of the one line of `text` that starts with `series`.
+    fn value(text: &str, series: &str) -> Option<f64> {
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(series)).collect();
+        assert!(lines.len() <= 1, "{series} is ambiguous: {lines:?}");
+        lines.first()?.rsplit(' ').next()?.parse().ok()
+    }
+
+    #[test]
+    fn a_connections_requests_count_in_the_series_metrics_shows() {
+        let m = Metrics::new();
+        let last = LastSeries::default();
+        let service: Arc<str> = Arc::from("web.shop");
+        let route: Arc<str> = Arc::from("shop/web");
+        let meta = RequestMeta {
+            service: Some(service.clone()),
+            route: Some(route.clone()),
+            ..Default::default()
+        };
+        // Two alike (the second from the held series), one other status in between
+        // and after it the first again, then the same names from a new configuration
+        // (equal strings, other pointers), and an inbound request with a caller.
+        for status in [200, 200, 503, 200, 200] {
+            m.http(Direction::Outbound, &meta, None, &outcome(status), &last);
+        }
+        let reloaded = RequestMeta {
+            service: Some(Arc::from("web.shop")),
+            route: Some(Arc::from("shop/web")),
+            ..Default::default()
+        };
+        m.http(Direction::Outbound, &reloaded, None, &outcome(200), &last);
+        let caller: Arc<str> = Arc::from("spiffe://cluster.local/ns/shop/sa/front");
+        for _ in 0..2 {
+            m.http(
+                Direction::Inbound,
+                &meta,
+                Some(&caller),
+                &outcome(200),
+                &last,
+            );
+        }
+
+        let text = m.encode();
+        let ok = r#"sinew_requests_total{direction="outbound",service="web.shop",route="shop/web",peer_identity="",status_code="200",grpc_status=""}"#;
+        let failed = r#"sinew_requests_total{direction="outbound",service="web.shop",route="shop/web",peer_identity="",status_code="503",grpc_status=""}"#;
+        let inbound = r#"sinew_requests_total{direction="inbound",service="web.shop",route="shop/web",peer_identity="spiffe://cluster.local/ns/shop/sa/front",status_code="200",grpc_status=""}"#;
+        assert_eq!(value(&text, ok), Some(5.0), "{text}");
+        assert_eq!(value(&text, failed), Some(1.0), "{text}");
+        assert_eq!(value(&text, inbound), Some(2.0), "{text}");
+        let latency_ok = r#"sinew_request_duration_seconds_count{direction="outbound",service="web.shop",route="shop/web",class="2xx"}"#;
+        let latency_5xx = r#"sinew_request_duration_seconds_count{direction="outbound",service="web.shop",route="shop/web",class="5xx"}"#;
+        assert_eq!(value(&text, latency_ok), Some(5.0), "{text}");
+        assert_eq!(value(&text, latency_5xx), Some(1.0), "{text}");
     }
 }

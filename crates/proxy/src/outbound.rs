@@ -224,6 +224,9 @@ async fn forward(
         .filter(|m| fastrand::u32(0..100) < m.percent);
     let (mut parts, body) = req.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
+    // The upstream request starts with no extensions; these (the trace note among
+    // them) live until the answer is built, as the request itself did.
+    let _extensions = std::mem::take(&mut parts.extensions);
     // Retries and mirrors need the body again: hold it when it is small and of known
     // length; anything else streams once (and is neither retried nor mirrored).
     let replayable = retry.is_some() || mirror.is_some();
@@ -248,15 +251,28 @@ async fn forward(
         b.request();
     }
 
+    // Without retries there is exactly one try (a hedge needs retries too): it takes
+    // the head itself. With them, every try gets a copy.
+    let mut parts = Some(parts);
+    let head = |parts: &mut Option<http::request::Parts>| match retry {
+        None => parts
+            .take()
+            .ok_or(ProxyError::Malformed("request head already sent")),
+        Some(_) => parts
+            .as_ref()
+            .ok_or(ProxyError::Malformed("request head already sent"))
+            .and_then(copy_head),
+    };
+
     // One try's request, for any endpoint.
     let build = |endpoint: &Arc<Endpoint>,
                  attempt: u32,
-                 body: ReqBody|
+                 body: ReqBody,
+                 mut p: http::request::Parts|
      -> Result<(Request<ReqBody>, UpVersion, Option<Duration>), ProxyError> {
         let upstream_h2 = endpoint.config.sidecar.is_some()
             || downstream_h2
             || matches!(protocol, Protocol::Http2 | Protocol::Grpc);
-        let mut p = copy_head(&parts)?;
         if endpoint.config.sidecar.is_some() {
             p.headers
                 .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
@@ -330,7 +346,7 @@ async fn forward(
                 .take()
                 .map_or(ReqBody::Empty, |b| ReqBody::Captured(b, c.clone())),
         };
-        let (req, version, per_try) = build(&endpoint, attempt, body)?;
+        let (req, version, per_try) = build(&endpoint, attempt, body, head(&mut parts)?)?;
         let started = tokio::time::Instant::now();
         let result = match (attempt, hedge_after, &payload) {
             (0, Some(after), Payload::Bytes(bytes)) => {
@@ -347,7 +363,10 @@ async fn forward(
                             let second = elsewhere(&endpoint).filter(|_| budget.is_none_or(|b| b.try_retry()));
                             let Some(ep2) = second else { return (first.await, false) };
                             ctx.shared.metrics.hedge();
-                            let (req2, v2, t2) = match build(&ep2, 1, ReqBody::Buffered(bytes)) {
+                            let Ok(head2) = head(&mut parts) else {
+                                return (first.await, false);
+                            };
+                            let (req2, v2, t2) = match build(&ep2, 1, ReqBody::Buffered(bytes), head2) {
                                 Ok(x) => x,
                                 Err(_) => return (first.await, false),
                             };
