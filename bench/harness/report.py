@@ -47,16 +47,16 @@ BACKEND_NOTE = ("*backend µs / req*: the shared backend's CPU time per request 
                 "the tail\").")
 
 
-def BACKEND_HEAD(rows):  # noqa: N802 - reads as the column heading it returns
-    """The backend-CPU column's heading, when the record has it (older ones do not)."""
-    return ["backend µs / req (median; worst round)"] if any(
-        r.get("backend_cpu_us") is not None for r in rows) else []
+def has_backend(rows) -> bool:
+    """Whether the record has the backend-CPU column (older ones do not)."""
+    return any(r.get("backend_cpu_us") is not None for r in rows)
 
 
-def backend_cells(rows, r):
-    if not BACKEND_HEAD(rows):
-        return []
-    return [f"{f(r.get('backend_cpu_us'), 1)}; {f(r.get('backend_cpu_us_max'), 1)}"]
+BACKEND_HEAD = "backend µs / req (median; worst round)"
+
+
+def backend_cell(r) -> str:
+    return f"{f(r.get('backend_cpu_us'), 1)}; {f(r.get('backend_cpu_us_max'), 1)}"
 
 
 def x(v):
@@ -137,18 +137,19 @@ def render(results: dict) -> Doc:
 
     if "s1" in sc:
         s1 = sc["s1"]
+        s1_backend = has_backend(s1["rows"])
         d.add(f"## {s1['title']}", "",
               "Fixed rates with oha `-q RATE --latency-correction` (coordinated omission "
               "corrected), median over rounds (max: worst round). *added*: the peer minus "
               "direct, round by round. `*`: rate not sustained."
-              + (" " + BACKEND_NOTE if BACKEND_HEAD(s1["rows"]) else ""), "")
+              + (" " + BACKEND_NOTE if s1_backend else ""), "")
         d.table(["peer", "rate", "p50", "p90", "p99", "p99.9", "max", "added p50", "added p99",
-                 "CPU s / 1k req", *BACKEND_HEAD(s1["rows"])],
+                 "CPU s / 1k req", *([BACKEND_HEAD] if s1_backend else [])],
                 [(r["id"], [peer(r), f"{r['rate']}{'*' if r['rate_not_sustained'] else ''}",
                             ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]), ms(r["p99.9_ms"]),
                             ms(r["max_ms"]), ms(r.get("added_p50_ms")),
                             ms(r.get("added_p99_ms")), f(r["cpu_per_1k"], 3),
-                            *backend_cells(s1["rows"], r)])
+                            *([backend_cell(r)] if s1_backend else [])])
                  for r in s1["rows"]])
         d.add(f"Max rps, closed loop ({s['max_conns']} connections), one proxy worker; "
               "direct is the load generator's ceiling on this placement.", "")
@@ -158,18 +159,19 @@ def render(results: dict) -> Doc:
         _ratio_table(d, s1["ratios"])
     if "s2" in sc:
         s2 = sc["s2"]
+        s2_backend = has_backend(s2["rows"])
         d.add(f"## {s2['title']}", "", s2["description"]
-              + (" " + BACKEND_NOTE if BACKEND_HEAD(s2["rows"]) else ""), "")
+              + (" " + BACKEND_NOTE if s2_backend else ""), "")
         for note in s2.get("notes", []):
             d.add(f"- {note}")
         d.add("")
         d.table(["path", "rate", "p50", "p90", "p99", "p99.9", "max", "added p50", "added p99",
-                 "CPU s / 1k req (both sidecars)", *BACKEND_HEAD(s2["rows"])],
+                 "CPU s / 1k req (both sidecars)", *([BACKEND_HEAD] if s2_backend else [])],
                 [(r["id"], [peer(r), f"{r['rate']}{'*' if r['rate_not_sustained'] else ''}",
                             ms(r["p50_ms"]), ms(r["p90_ms"]), ms(r["p99_ms"]), ms(r["p99.9_ms"]),
                             ms(r["max_ms"]), ms(r.get("added_p50_ms")),
                             ms(r.get("added_p99_ms")), f(r["cpu_per_1k"], 3),
-                            *backend_cells(s2["rows"], r)])
+                            *([backend_cell(r)] if s2_backend else [])])
                  for r in s2["rows"]])
         d.table(["path", "max rps (median)", "rps range", "p99 at saturation", "CPU s / 1k req"],
                 [(r["id"], [peer(r), f(r["rps"]), f"{f(r['rps_min'])} – {f(r['rps_max'])}",

@@ -42,36 +42,36 @@ pub struct LastSeries(std::sync::Mutex<Option<Series>>);
 
 #[derive(Debug)]
 struct Series {
-    key: SeriesKey,
-    latency: Histogram,
-    http: Counter,
-}
-
-#[derive(Debug)]
-struct SeriesKey {
     dir: Direction,
     service: Option<Arc<str>>,
     route: Option<Arc<str>>,
     peer: Option<Arc<str>>,
     status: u16,
     grpc_status: &'static str,
+    latency: Histogram,
+    http: Counter,
 }
 
-impl SeriesKey {
-    fn same(&self, other: &SeriesKey) -> bool {
-        fn same_name(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
-            match (a, b) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                _ => false,
-            }
+impl Series {
+    /// Whether a request with these labels counts here. Compared by pointer, so a hit
+    /// neither hashes nor clones a name.
+    fn counts(
+        &self,
+        dir: Direction,
+        meta: &RequestMeta,
+        peer: Option<&Arc<str>>,
+        status: u16,
+        grpc_status: &str,
+    ) -> bool {
+        fn same(a: Option<&Arc<str>>, b: Option<&Arc<str>>) -> bool {
+            a.map(|a| Arc::as_ptr(a).cast::<u8>()) == b.map(|b| Arc::as_ptr(b).cast::<u8>())
         }
-        self.dir == other.dir
-            && self.status == other.status
-            && self.grpc_status == other.grpc_status
-            && same_name(&self.service, &other.service)
-            && same_name(&self.route, &other.route)
-            && same_name(&self.peer, &other.peer)
+        self.dir == dir
+            && self.status == status
+            && self.grpc_status == grpc_status
+            && same(self.service.as_ref(), meta.service.as_ref())
+            && same(self.route.as_ref(), meta.route.as_ref())
+            && same(self.peer.as_ref(), peer)
     }
 }
 
@@ -404,30 +404,23 @@ impl Metrics {
                     .copied()
                     .unwrap_or("other")
             });
-        let key = SeriesKey {
-            dir,
-            service: meta.service.clone(),
-            route: meta.route.clone(),
-            peer: peer_identity.cloned(),
-            status: status.as_u16(),
-            grpc_status,
-        };
+        let status = status.as_u16();
         // Another request of the connection with the same labels (the usual case on a
         // keep-alive connection) skips hashing them into both families. Contended (h2
         // streams ending at once on several workers): the families, as without it.
         let mut slot = last.0.try_lock().ok();
         if let Some(Some(hit)) = slot.as_deref()
-            && hit.key.same(&key)
+            && hit.counts(dir, meta, peer_identity, status, grpc_status)
         {
             hit.latency.observe(elapsed);
             hit.http.inc();
             return;
         }
-        let class_idx = (key.status / 100).clamp(1, 5) as usize - 1;
+        let class_idx = (status / 100).clamp(1, 5) as usize - 1;
         // Labels share the configuration's names: a request copies no string.
         let empty = || EMPTY.clone();
-        let service = key.service.clone().unwrap_or_else(empty);
-        let route = key.route.clone().unwrap_or_else(empty);
+        let service = meta.service.clone().unwrap_or_else(empty);
+        let route = meta.route.clone().unwrap_or_else(empty);
         let latency = self
             .latency
             .get_or_create(&LatencyLabels {
@@ -443,15 +436,24 @@ impl Metrics {
                 direction: dir.as_str(),
                 service,
                 route,
-                peer_identity: key.peer.clone().unwrap_or_else(empty),
-                status_code: key.status,
+                peer_identity: peer_identity.cloned().unwrap_or_else(empty),
+                status_code: status,
                 grpc_status,
             })
             .clone();
         latency.observe(elapsed);
         http.inc();
         if let Some(slot) = slot.as_mut() {
-            **slot = Some(Series { key, latency, http });
+            **slot = Some(Series {
+                dir,
+                service: meta.service.clone(),
+                route: meta.route.clone(),
+                peer: peer_identity.cloned(),
+                status,
+                grpc_status,
+                latency,
+                http,
+            });
         }
     }
 
