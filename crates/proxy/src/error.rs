@@ -9,7 +9,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::body::RespBody;
 
 /// The header naming why the proxy answered itself.
-pub const SINEW_ERROR: &str = "sinew-error";
+pub const SINEW_ERROR: http::HeaderName = http::HeaderName::from_static("sinew-error");
 
 /// Why the proxy could not forward a request.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,6 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sinew-orig-proto");
 /// the inbound on every request, never taken from the client.
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("sinew-peer-identity");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 /// `grpc-status`, as a static name: looking a header up by string parses the name
 /// on every request.
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -24,6 +23,7 @@ pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// `traceparent` (W3C trace context), as a static name.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -100,6 +100,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Removes the headers named `names`. Most messages carry none of them: one pass
+/// over the names present (comparisons, no hashing) spares a hashed removal per name.
+pub fn remove_headers(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if !headers.keys().any(|k| names.contains(k)) {
+        return;
+    }
+    for n in names {
+        headers.remove(n);
+    }
+}
+
 /// The request's authority: the URI's (absolute form, HTTP/2) or the Host header.
 pub fn authority<B>(req: &Request<B>) -> Option<Authority> {
     if let Some(a) = req.uri().authority() {
@@ -136,9 +147,16 @@ pub fn set_target(
         parts.version = Version::HTTP_2;
     } else {
         parts.uri = Uri::from(pq);
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| ProxyError::Malformed("invalid authority"))?;
-        parts.headers.insert(header::HOST, host);
+        // Usually the Host header already names the authority: keep it then.
+        let same = parts
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == authority.as_str().as_bytes());
+        if !same {
+            let host = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| ProxyError::Malformed("invalid authority"))?;
+            parts.headers.insert(header::HOST, host);
+        }
         parts.version = Version::HTTP_11;
     }
     Ok(())

@@ -214,7 +214,8 @@ async fn forward(
             parts.headers.insert(PEER_IDENTITY, v);
         }
         _ => {
-            parts.headers.remove(PEER_IDENTITY);
+            static NAMES: [http::HeaderName; 1] = [PEER_IDENTITY];
+            http_util::remove_headers(&mut parts.headers, &NAMES);
         }
     }
     http_util::strip_hop_by_hop(&mut parts.headers, false);

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -157,8 +157,8 @@ async fn forward(
         .map_or(port.protocol, |p| p.protocol);
 
     // A client must not be able to steer the peer sidecar.
-    req.headers_mut().remove(DST_PORT);
-    req.headers_mut().remove(ORIG_PROTO);
+    static MESH_HEADERS: [HeaderName; 2] = [DST_PORT, ORIG_PROTO];
+    http_util::remove_headers(req.headers_mut(), &MESH_HEADERS);
 
     // Filters: the rule's, then the backend's.
     let mut authority = http_util::authority(&req)
@@ -246,7 +246,7 @@ async fn forward(
             bytes.clone(),
         );
     }
-    let budget = retry.and_then(|_| snap.budget(&rule.route, rule.rule));
+    let budget = retry.and_then(|_| snap.budget(&rule));
     if let Some(b) = budget {
         b.request();
     }
@@ -261,7 +261,7 @@ async fn forward(
         Some(_) => parts
             .as_ref()
             .ok_or(ProxyError::Malformed("request head already sent"))
-            .and_then(copy_head),
+            .map(copy_head),
     };
 
     // One try's request, for any endpoint.
@@ -296,7 +296,7 @@ async fn forward(
                 HeaderValue::from(left.as_millis() as u64),
             );
             if grpc && let Ok(v) = HeaderValue::from_str(&resilience::format_grpc_timeout(left)) {
-                p.headers.insert("grpc-timeout", v);
+                p.headers.insert(resilience::GRPC_TIMEOUT, v);
             }
             per_try = Some(per_try.map_or(left, |t| t.min(left)));
         }
@@ -348,45 +348,53 @@ async fn forward(
         };
         let (req, version, per_try) = build(&endpoint, attempt, body, head(&mut parts)?)?;
         let started = tokio::time::Instant::now();
-        let result = match (attempt, hedge_after, &payload) {
-            (0, Some(after), Payload::Bytes(bytes)) => {
-                // Hedging (rare: boxed so the common path's future stays small): if
-                // the first try is slow, a second goes elsewhere; the first good
-                // answer wins and the other is dropped (cancelled).
-                let bytes = bytes.clone();
-                let (r, by_hedge) = Box::pin(async {
-                    let first = send_attempt(balancer, &endpoint, req, version, per_try);
-                    tokio::pin!(first);
-                    tokio::select! {
-                        r = &mut first => (r, false),
-                        _ = tokio::time::sleep(after) => {
-                            let second = elsewhere(&endpoint).filter(|_| budget.is_none_or(|b| b.try_retry()));
-                            let Some(ep2) = second else { return (first.await, false) };
-                            ctx.shared.metrics.hedge();
-                            let Ok(head2) = head(&mut parts) else {
-                                return (first.await, false);
-                            };
-                            let (req2, v2, t2) = match build(&ep2, 1, ReqBody::Buffered(bytes), head2) {
-                                Ok(x) => x,
-                                Err(_) => return (first.await, false),
-                            };
-                            let second = send_attempt(balancer, &ep2, req2, v2, t2);
-                            tokio::pin!(second);
-                            let good = |r: &Result<Response<Incoming>, ProxyError>| {
-                                matches!(r, Ok(resp) if !resp.status().is_server_error())
-                            };
-                            tokio::select! {
-                                r = &mut first => if good(&r) { (r, false) } else { (second.await, true) },
-                                r = &mut second => if good(&r) { (r, true) } else { (first.await, false) },
-                            }
+        let result = {
+            // One slot for this try, hedged or not, keeps the request's future small.
+            let first = send_attempt(balancer, &endpoint, req, version, per_try);
+            tokio::pin!(first);
+            match (attempt, hedge_after, &payload) {
+                (0, Some(after), Payload::Bytes(bytes)) => {
+                    // Hedging: if the first try is slow, a second goes elsewhere; the
+                    // first good answer wins and the other is dropped (cancelled). Every
+                    // request waits on the timer; the hedge itself is the rare path, boxed
+                    // so the common future stays small.
+                    let bytes = bytes.clone();
+                    match tokio::time::timeout(after, &mut first).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let (r, by_hedge) = Box::pin(async {
+                                let second = elsewhere(&endpoint)
+                                    .filter(|_| budget.is_none_or(|b| b.try_retry()));
+                                let Some(ep2) = second else {
+                                    return (first.await, false);
+                                };
+                                ctx.shared.metrics.hedge();
+                                let Ok(head2) = head(&mut parts) else {
+                                    return (first.await, false);
+                                };
+                                let (req2, v2, t2) =
+                                    match build(&ep2, 1, ReqBody::Buffered(bytes), head2) {
+                                        Ok(x) => x,
+                                        Err(_) => return (first.await, false),
+                                    };
+                                let second = send_attempt(balancer, &ep2, req2, v2, t2);
+                                tokio::pin!(second);
+                                let good = |r: &Result<Response<Incoming>, ProxyError>| {
+                                    matches!(r, Ok(resp) if !resp.status().is_server_error())
+                                };
+                                tokio::select! {
+                                    r = &mut first => if good(&r) { (r, false) } else { (second.await, true) },
+                                    r = &mut second => if good(&r) { (r, true) } else { (first.await, false) },
+                                }
+                            })
+                            .await;
+                            hedged = by_hedge;
+                            r
                         }
                     }
-                })
-                .await;
-                hedged = by_hedge;
-                r
+                }
+                _ => first.await,
             }
-            _ => send_attempt(balancer, &endpoint, req, version, per_try).await,
         };
         if let (Some(b), Ok(_)) = (budget, &result) {
             b.record_latency(started.elapsed());
@@ -457,7 +465,7 @@ async fn forward(
 }
 
 /// On a response answered by the hedge (the second try).
-const HEDGED: &str = "sinew-hedged";
+const HEDGED: HeaderName = HeaderName::from_static("sinew-hedged");
 
 /// One try: admitted by the circuit breaker (overflow is answered at once; the slot
 /// is held until the response head), sent, and reported to outlier detection.
@@ -491,7 +499,7 @@ async fn send_attempt(
 
 /// Retries so far: on the upstream request (which try this is) and on the response
 /// (how many retries it took).
-const RETRY_ATTEMPT: &str = "sinew-retry-attempt";
+const RETRY_ATTEMPT: HeaderName = HeaderName::from_static("sinew-retry-attempt");
 
 /// Bodies up to this size are held for retries and mirrors.
 const MAX_REPLAY: u64 = 64 * 1024;
@@ -531,17 +539,15 @@ async fn buffer(body: Incoming) -> Result<Payload, ProxyError> {
     }
 }
 
-/// A copy of a request head (method, target, version, headers).
-fn copy_head(parts: &http::request::Parts) -> Result<http::request::Parts, ProxyError> {
-    let (mut p, ()) = Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone())
-        .version(parts.version)
-        .body(())
-        .map_err(|_| ProxyError::Malformed("invalid request head"))?
-        .into_parts();
-    p.headers = parts.headers.clone();
-    Ok(p)
+/// A copy of a request head (method, target, version, headers), without its
+/// extensions.
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r.into_parts().0
 }
 
 /// Fire and forget: a copy of the request to the mirror backend, its answer ignored.
@@ -562,7 +568,7 @@ fn send_mirror(
     else {
         return;
     };
-    let Ok(mut p) = copy_head(parts) else { return };
+    let mut p = copy_head(parts);
     let Ok(shadow) = Authority::try_from(format!("{}-shadow", authority.host())) else {
         return;
     };

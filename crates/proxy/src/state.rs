@@ -39,11 +39,17 @@ pub struct Snapshot {
     pub applied_at: SystemTime,
     /// The compiled configuration.
     pub config: ProxyConfig,
-    balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>>,
+    /// (Looked up on every request: hashed with foldhash, several times cheaper than
+    /// the default SipHash for short keys. Keys come from configuration, not clients.)
+    balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>, foldhash::fast::RandomState>,
     app_pools: Vec<(u16, Arc<ConnPool>)>,
     /// Verifies end-user JWTs at the inbound (`None` without RequestAuthentication).
     pub jwt: Option<crate::jwt::JwtVerifier>,
-    budgets: HashMap<(String, usize), Arc<crate::resilience::RetryBudget>>,
+    /// Retry budgets by rule, keyed by the address of this snapshot's own
+    /// `Arc<RuleConfig>`: the snapshot holds those rules, so an address names one rule
+    /// while it lives, and a request's lookup hashes one word instead of copying and
+    /// hashing the route's name.
+    budgets: HashMap<usize, Arc<crate::resilience::RetryBudget>, foldhash::fast::RandomState>,
     /// Rate limits of this proxy's own service, enforced at its inbound.
     pub rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
     /// The tracing pipeline (`None`: tracing off).
@@ -52,6 +58,11 @@ pub struct Snapshot {
     pub inbound_service: Option<Arc<str>>,
     /// Original destinations of captured traffic → services (`None` without capture).
     capture: Option<Box<CaptureTargets>>,
+}
+
+/// A snapshot's key for one of its rules: the rule's address.
+fn rule_key(rule: &Arc<sinew_model::compile::RuleConfig>) -> usize {
+    Arc::as_ptr(rule) as usize
 }
 
 /// Where captured connections go: a service's virtual IP, or a workload's
@@ -91,9 +102,12 @@ impl Snapshot {
             .map(|(_, b)| b)
     }
 
-    /// The retry budget of a route rule.
-    pub fn budget(&self, route: &str, rule: usize) -> Option<&Arc<crate::resilience::RetryBudget>> {
-        self.budgets.get(&(route.to_owned(), rule))
+    /// The retry budget of a route rule of this snapshot.
+    pub fn budget(
+        &self,
+        rule: &Arc<sinew_model::compile::RuleConfig>,
+    ) -> Option<&Arc<crate::resilience::RetryBudget>> {
+        self.budgets.get(&rule_key(rule))
     }
 
     /// The mesh service (key, service port) a captured connection to `dst` is for:
@@ -174,7 +188,7 @@ impl SnapshotBuilder {
                 .clone()
         };
         let local_zone = config.identity.as_ref().and_then(|i| i.zone.clone());
-        let mut balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>> = HashMap::new();
+        let mut balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>, _> = HashMap::default();
         for (key, svc) in &config.services {
             for port in &svc.ports {
                 let eps = port
@@ -276,6 +290,7 @@ impl SnapshotBuilder {
         self.jwt = jwt.clone();
         // One retry budget per route rule, kept while its settings stay the same.
         let mut budgets = HashMap::new();
+        let mut by_rule = HashMap::default();
         for svc in config.services.values() {
             for port in &svc.ports {
                 for entry in port.routes.entries() {
@@ -290,11 +305,12 @@ impl SnapshotBuilder {
                             retry.budget_min_per_second,
                         )),
                     };
+                    by_rule.insert(rule_key(&entry.rule), b.clone());
                     budgets.insert(key, b);
                 }
             }
         }
-        self.budgets = budgets.clone();
+        self.budgets = budgets;
         // The inbound's rate limits: those of this proxy's own service, kept while
         // their settings stay the same (so buckets survive a reload).
         let own = config
@@ -346,7 +362,7 @@ impl SnapshotBuilder {
             balancers,
             app_pools,
             jwt,
-            budgets,
+            budgets: by_rule,
             rate_limits,
             tracing,
             inbound_service,
