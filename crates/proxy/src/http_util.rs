@@ -100,10 +100,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Removes the headers named `names`. Most messages carry none of them: one pass
-/// over the names present (comparisons, no hashing) spares a hashed removal per name.
+/// True when any of `names` is present. For headers most messages lack, one pass over
+/// the names present (comparisons, no hashing) is cheaper than a hashed lookup each.
+pub fn carries_any(headers: &HeaderMap, names: &[HeaderName]) -> bool {
+    headers.keys().any(|k| names.contains(k))
+}
+
+/// Removes the headers named `names`, checking first with [`carries_any`].
 pub fn remove_headers(headers: &mut HeaderMap, names: &[HeaderName]) {
-    if !headers.keys().any(|k| names.contains(k)) {
+    if !carries_any(headers, names) {
         return;
     }
     for n in names {

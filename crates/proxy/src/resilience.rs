@@ -157,12 +157,9 @@ pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-t
 
 /// The time a request arrives with: `grpc-timeout` or `sinew-timeout-ms`.
 pub fn incoming_timeout(headers: &HeaderMap) -> Option<Duration> {
-    // Most requests carry neither: one pass over the names present (comparisons, no
-    // hashing) is cheaper than two hashed lookups.
-    if !headers
-        .keys()
-        .any(|k| *k == GRPC_TIMEOUT || *k == TIMEOUT_HEADER)
-    {
+    // Most requests carry neither.
+    static NAMES: [http::HeaderName; 2] = [GRPC_TIMEOUT, TIMEOUT_HEADER];
+    if !crate::http_util::carries_any(headers, &NAMES) {
         return None;
     }
     let grpc = headers
