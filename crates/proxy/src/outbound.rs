@@ -58,7 +58,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
 fn target<'s>(
     ctx: &ConnCtx,
     snap: &'s Snapshot,
-    req: &Request<Incoming>,
+    authority: Option<&Authority>,
 ) -> Result<(&'s Arc<ServiceConfig>, &'s PortConfig), ProxyError> {
     match ctx.role {
         Role::Upstream => {
@@ -92,7 +92,7 @@ fn target<'s>(
             Ok((svc, port))
         }
         Role::HttpProxy | Role::Inbound | Role::InboundCapture => {
-            let auth = http_util::authority(req).ok_or(ProxyError::Malformed(
+            let auth = authority.ok_or(ProxyError::Malformed(
                 "no Host header or absolute URI to route by",
             ))?;
             let host = auth.host();
@@ -120,7 +120,9 @@ async fn forward(
         .snapshot
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
-    let (svc, port) = target(ctx, &snap, &req)?;
+    // Parsed once: routing by host and the filters below both need it.
+    let parsed = http_util::authority(&req);
+    let (svc, port) = target(ctx, &snap, parsed.as_ref())?;
     crate::trace::note_service(req.extensions(), svc);
     meta.service = Some(svc.key.clone());
 
@@ -161,8 +163,7 @@ async fn forward(
     http_util::remove_headers(req.headers_mut(), &MESH_HEADERS);
 
     // Filters: the rule's, then the backend's.
-    let mut authority = http_util::authority(&req)
-        .ok_or(ProxyError::Malformed("no Host header or absolute URI"))?;
+    let mut authority = parsed.ok_or(ProxyError::Malformed("no Host header or absolute URI"))?;
     let mut new_path: Option<PathAndQuery> = None;
     for filters in [&rule.filters, &backend.filters] {
         apply_request_filters(filters, &mut req, &mut authority, &mut new_path, prefix_len)?;
