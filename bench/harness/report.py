@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from .procs import HarnessError
+from .stats import median_ci
 
 
 def f(v, digits=2, unit=""):
@@ -61,6 +62,14 @@ def backend_cell(r) -> str:
 
 def x(v):
     return "n/a" if v is None else f"{v:.2f}×"
+
+
+def ci_text(r) -> str:
+    """The 95% confidence interval of a ratio's median over rounds (order statistics,
+    no assumption about the distribution), from its per-round values, so records
+    written before it existed render it too."""
+    ci = median_ci(r["per_round"])
+    return "n/a (under 6 rounds)" if ci is None else f"{x(ci[0])} – {x(ci[1])}"
 
 
 class Doc:
@@ -567,11 +576,13 @@ def _ratio_table(d: Doc, ratios: list) -> None:
     if not ratios:
         return
     d.add("Pair by pair (Sinew ÷ peer, per round, then the median; "
-          "for latency lower is better, for rps higher):", "")
-    d.table(["measure", "Sinew ÷", "median", "range over rounds", "rounds"],
+          "for latency lower is better, for rps higher; the median's 95% confidence "
+          "interval is distribution-free, from the rounds' order statistics):", "")
+    d.table(["measure", "Sinew ÷", "median", "95% CI of the median", "range over rounds",
+             "rounds"],
             [(f"ratio/{r['scenario']}/{r['what']}/{r['b']}",
-              [r["what"], r["b"], x(r["median"]), f"{x(r['range'][0])} – {x(r['range'][1])}",
-               verdict(r)])
+              [r["what"], r["b"], x(r["median"]), ci_text(r),
+               f"{x(r['range'][0])} – {x(r['range'][1])}", verdict(r)])
              for r in ratios])
 
 

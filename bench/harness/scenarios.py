@@ -12,7 +12,7 @@ from .idle import IdleConnections
 from .load import LoadGen
 from .procs import (HarnessError, busy_processes, cpu_seconds, rss_kb, pss_kb, settled_rss,
                     threads)
-from .stats import alternate, median, pct_list, round_ratios, spread
+from .stats import alternate, median, median_ci, pct_list, round_ratios, spread
 from .tools import ROOT, log
 
 PCTS = ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms")
@@ -145,8 +145,10 @@ def _ratios(ctx, scenario, a, others, res, metric, label, higher_is_better):
     out = []
     for b in others:
         per_round = round_ratios(res[a], res[b], metric)
+        ci = median_ci(per_round)
         out.append({"scenario": scenario, "what": label, "metric": metric, "a": a, "b": b,
                     "per_round": per_round, "median": median(per_round),
+                    "median_ci95": None if ci is None else [ci[0], ci[1]],
                     "range": spread(per_round), "higher_is_better": higher_is_better})
     return out
 

@@ -16,6 +16,24 @@ def spread(values):
     return (min(vals), max(vals)) if vals else (None, None)
 
 
+def median_ci(values, level=0.95):
+    """A distribution-free confidence interval for the median: the k-th smallest and
+    k-th largest of n values, with k the largest rank whose two-sided binomial tail
+    stays within 1 - level. Returns (low, high, coverage), or None when n is too small
+    for any interval to reach `level` (fewer than 6 values at 95%)."""
+    vals = sorted(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v)))
+    n = len(vals)
+    tail, k, below = 0.0, 0, 0.0
+    for i in range(n):
+        below += math.comb(n, i) / 2 ** n      # P(at most i values below the median)
+        if 2 * below > 1 - level:
+            break
+        k, tail = i + 1, below
+    if k == 0:
+        return None
+    return vals[k - 1], vals[n - k], 1 - 2 * tail
+
+
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
