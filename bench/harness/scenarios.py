@@ -155,7 +155,7 @@ def _ratios(ctx, scenario, a, others, res, metric, label, higher_is_better):
 
 # -- Scenario 1 (and 5): one hop ---------------------------------------------------------
 
-def s1_one_hop(ctx: Ctx) -> tuple[dict, dict]:
+def s1_one_hop(ctx: Ctx) -> dict:
     env, cfg = ctx.env, ctx.cfg
     names = ["direct", "sinew", "envoy", "nginx", "haproxy"]
     running = {"direct": P.direct(env)}
@@ -199,8 +199,17 @@ def s1_one_hop(ctx: Ctx) -> tuple[dict, dict]:
           "after_load": after,
           "expected": [f"s1/{n}/{r}" for r in cfg["rates"] for n in names]
                       + [f"s1-max/{n}" for n in names]}
+    return s1
+
+
+def s5_from_s1(s1: dict) -> dict:
+    """Scenario 5, CPU seconds per 1,000 requests: scenario 1's proxies' CPU time per
+    run, so it comes with every scenario-1 run (and can be derived from its JSON)."""
+    rows, max_rows = s1["rows"], s1["max_rows"]
+    names = list(dict.fromkeys(r["peer"] for r in rows if r["peer"] != "direct"))
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
     s5_rows = []
-    for n in names[1:]:
+    for n in names:
         for row in rows:
             if row["peer"] == n:
                 s5_rows.append({"id": f"s5/{n}/{row['rate']}", "peer": n, "load": f"{row['rate']} rps",
@@ -210,9 +219,8 @@ def s1_one_hop(ctx: Ctx) -> tuple[dict, dict]:
         s5_rows.append({"id": f"s5/{n}/max", "peer": n, "load": "max rps (closed loop)",
                         "cpu_per_1k": m["cpu_per_1k"],
                         "per_round": [r.get("cpu_per_1k") for r in m["rounds"]]})
-    s5 = {"title": "Scenario 5: CPU seconds per 1,000 requests (one hop)", "rows": s5_rows,
-          "expected": [f"s5/{n}/{r}" for n in names[1:] for r in [*cfg["rates"], "max"]]}
-    return s1, s5
+    return {"title": "Scenario 5: CPU seconds per 1,000 requests (one hop)", "rows": s5_rows,
+            "expected": [f"s5/{n}/{r}" for n in names for r in [*rates, "max"]]}
 
 
 # -- Scenario 4: memory -----------------------------------------------------------------
