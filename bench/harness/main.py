@@ -405,10 +405,11 @@ FLOOR_FACTOR = 5
 
 
 def floor_disturbed(sc: dict, scn: str, rate) -> str | None:
-    """Why the direct path (client to backend, no proxy) was itself disturbed at `rate`
-    in scenario `scn`: its p99 above FLOOR_FACTOR times the lowest direct p99 at any
-    fixed rate of scenarios 1 and 2 in this record. Then every peer's rows at that rate
-    measure the machine, not the peers: such a target is marked, not judged."""
+    """Why the machine was disturbed at `rate` in scenario `scn`: the direct path
+    (client to backend, no proxy) had a p99 above FLOOR_FACTOR times the lowest direct
+    p99 at any fixed rate of scenarios 1 and 2 in this record, or the backend gauge
+    says so (`gauge_disturbed`). Then every peer's rows at that rate measure the
+    machine, not the peers: such a target is marked, not judged."""
     directs = [r["p99_ms"] for key in ("s1", "s2") for r in sc.get(key, {}).get("rows", [])
                if r["peer"] == "direct" and r.get("p99_ms")]
     here = next((r for r in sc.get(scn, {}).get("rows", [])
@@ -457,36 +458,24 @@ def summary(results) -> list[dict]:
     sc = results["scenarios"]
     out = []
 
-    def ratio_row(scn, what, b):
-        return next((r for r in sc.get(scn, {}).get("ratios", [])
-                     if r["what"] == what and r["b"] == b), None)
-
-    def ratio_of(scn, what, b):
-        r = ratio_row(scn, what, b)
-        return None if r is None else r["median"]
-
-    def ratio_text(scn, what, b):
-        r = ratio_row(scn, what, b)
+    def ratio_judged(scn, what, b, target, at_most):
+        """A ratio target, judged by its median: (measured text, status). The status
+        adds "within noise" when the rounds cannot tell: the median's 95% CI holds
+        the target, or (too few rounds for a CI) the rounds fall on both sides."""
+        r = next((r for r in sc.get(scn, {}).get("ratios", [])
+                  if r["what"] == what and r["b"] == b), None)
         if r is None:
-            return "n/a"
+            return "n/a", _status(None)
         ci = median_ci(r["per_round"])
-        return (f"{report.x(r['median'])} ("
+        text = (f"{report.x(r['median'])} ("
                 + ("" if ci is None else f"95% CI {report.x(ci[0])} – {report.x(ci[1])}; ")
                 + f"rounds {report.x(r['range'][0])} – {report.x(r['range'][1])})")
-
-    def ratio_status(scn, what, b, ok, target):
-        """Met or not by the median; "within noise" when the rounds cannot tell: the
-        median's 95% CI holds the target, or (too few rounds for a CI) the rounds
-        fall on both sides of it."""
-        r = ratio_row(scn, what, b)
-        status = _status(ok)
-        if r is None or ok is None:
-            return status
-        ci = median_ci(r["per_round"])
+        m = r["median"]
+        status = _status(None if m is None else (m <= target if at_most else m >= target))
         lo, hi = (ci[0], ci[1]) if ci else r["range"]
-        if lo is not None and hi is not None and lo <= target <= hi:
+        if m is not None and lo is not None and hi is not None and lo <= target <= hi:
             status += " (within noise)"
-        return status
+        return text, status
 
     s2 = sc.get("s2")
     if s2:
@@ -495,30 +484,23 @@ def summary(results) -> list[dict]:
         sm, em = rows.get("sinew mTLS"), rows.get("envoy mTLS")
         if sm and em:
             sa, ea = sm.get("added_p99_ms"), em.get("added_p99_ms")
-            what = f"mTLS: added p99 at {rate} rps"
-            rel = ratio_of("s2", what, "envoy mTLS")
+            text, status = ratio_judged("s2", f"mTLS: added p99 at {rate} rps", "envoy mTLS",
+                                        0.5, at_most=True)
             why = floor_disturbed(sc, "s2", rate)
             out.append(_floor_checked(
                 {"target": f"mTLS mesh path, added p99 at {rate} rps ≤ 0.5× Envoy's",
                  "measured": f"Sinew +{report.ms(sa)} ms, Envoy +{report.ms(ea)} ms; "
-                             f"Sinew ÷ Envoy per round {ratio_text('s2', what, 'envoy mTLS')}",
-                 "status": ratio_status("s2", what, "envoy mTLS",
-                                        None if rel is None else rel <= 0.5, 0.5)}, why))
+                             f"Sinew ÷ Envoy per round {text}",
+                 "status": status}, why))
             out.append(_floor_checked(
                 {"target": f"mTLS mesh path, added p99 at {rate} rps ≤ +0.3 ms",
                  "measured": f"+{report.ms(sa)} ms",
                  "status": _status(None if sa is None else sa <= 0.3)}, why))
     if "s1" in sc:
-        re_ = ratio_of("s1", "max rps, one worker", "envoy")
-        rn = ratio_of("s1", "max rps, one worker", "nginx")
-        out.append({"target": "max rps per worker ≥ 1.3× Envoy",
-                    "measured": ratio_text("s1", "max rps, one worker", "envoy"),
-                    "status": ratio_status("s1", "max rps, one worker", "envoy",
-                                           None if re_ is None else re_ >= 1.3, 1.3)})
-        out.append({"target": "max rps per worker ≥ nginx",
-                    "measured": ratio_text("s1", "max rps, one worker", "nginx"),
-                    "status": ratio_status("s1", "max rps, one worker", "nginx",
-                                           None if rn is None else rn >= 1.0, 1.0)})
+        for b, name, target in (("envoy", "1.3× Envoy", 1.3), ("nginx", "nginx", 1.0)):
+            text, status = ratio_judged("s1", "max rps, one worker", b, target, at_most=False)
+            out.append({"target": f"max rps per worker ≥ {name}", "measured": text,
+                        "status": status})
     if "s5" in sc:
         rows = [r for r in sc["s5"]["rows"] if r["peer"] == "sinew" and r["load"] != "max rps (closed loop)"]
         pick = next((r for r in rows if r["load"] == "1000 rps"), rows[0] if rows else None)
