@@ -52,7 +52,7 @@ sinew=$bin/sinew
 prefix=${SINEW_DEMO_PREFIX:-sinew-demo}
 hub=$prefix-hub
 hub_ip=10.78.0.1
-cp_url=http://$hub_ip:15010
+cp_url=https://$hub_ip:15010
 # host name, then `sinew demo-app` flags.
 hosts=(client frontend catalog-v1 catalog-v2 reviews ratings)
 ip netns list | grep -q "^$hub\b" && die "namespace $hub exists: is a capture demo already running? (or: ip netns del $hub)"
@@ -131,6 +131,9 @@ echo "demo: ${#hosts[@]} hosts (network namespaces $prefix-*) on a bridge in $hu
 # -- The control plane, in the hub.
 ip netns exec "$hub" "$sinew" control --listen $hub_ip:15010 --data-dir "$work/cp" >"$work/control.log" 2>&1 &
 cp_pid=$!
+# The control plane writes its admin credential on first start; every call below is
+# authenticated with it (ip netns exec passes the environment on).
+export SINEW_CREDENTIALS="$work/cp/admin.credentials"
 for _ in $(seq 1 300); do
   ip netns exec "$hub" "$sinew" --server $cp_url get service >/dev/null 2>&1 && break
   sleep 0.1
@@ -242,8 +245,8 @@ Sinew demo mesh with transparent capture is up (namespace demo, hosts $prefix-*)
 Try (as root, in another terminal):
   ip netns exec $prefix-client curl http://frontend/            # by name, through both sidecars
   ip netns exec $prefix-client getent hosts catalog              # the virtual IP the sidecar's DNS gives
-  ip netns exec $prefix-hub $sinew --server $cp_url stat -n demo
-  ip netns exec $prefix-hub $sinew --server $cp_url edges -n demo
+  SINEW_CREDENTIALS=$SINEW_CREDENTIALS ip netns exec $prefix-hub $sinew --server $cp_url stat -n demo
+  SINEW_CREDENTIALS=$SINEW_CREDENTIALS ip netns exec $prefix-hub $sinew --server $cp_url edges -n demo
   ip netns exec $prefix-frontend iptables-save -t nat           # the capture rules
 Logs: $work. Ctrl-C stops everything and removes the namespaces and rules.
 EOF

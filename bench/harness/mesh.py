@@ -225,7 +225,7 @@ def s6_control_plane(ctx: Ctx):
         f"{cfg['cp_changes']} changes")
     sim = build_cpsim(ctx)
     cp = control_plane_on_proxy_cpu(env, "control-s6")
-    argv = [sim, "--server", cp.url, "--proxies", str(n), "--services", str(cfg["cp_services"]),
+    argv = [sim, *cp.cpsim_args(), "--proxies", str(n), "--services", str(cfg["cp_services"]),
             "--endpoints", str(cfg["cp_endpoints"]), "--changes", str(cfg["cp_changes"])]
     if env.load_cpus and env.pm.pin:
         argv = ["taskset", "-c", env.load_cpus, *argv]

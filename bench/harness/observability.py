@@ -551,7 +551,7 @@ def cp_stats(ctx: Ctx) -> dict | None:
         ctx.problem(f"s9: the control-plane simulator could not be built: {e}")
         return None
     cp = control_plane_on_proxy_cpu(env, "control-s9-stats")
-    argv = [sim, "--server", cp.url, "--proxies", str(n), "--services", str(cfg["obs_cp_services"]),
+    argv = [sim, *cp.cpsim_args(), "--proxies", str(n), "--services", str(cfg["obs_cp_services"]),
             "--endpoints", str(cfg["obs_cp_endpoints"]), "--changes", "0",
             "--stats-interval-ms", str(cfg["obs_cp_interval_ms"])]
     if env.load_cpus and env.pm.pin:

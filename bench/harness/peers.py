@@ -195,28 +195,37 @@ spec:
 
 
 class ControlPlane:
-    """`sinew control` on loopback, with a fresh data directory, and the CLI."""
+    """`sinew control` on loopback, with a fresh data directory, and the CLI with the
+    admin credential it writes on first start (the API is TLS only, every call
+    authenticated)."""
 
     def __init__(self, env: Env, tag: str = "control"):
         self.env = env
         self.port = env.ports.take()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"https://127.0.0.1:{self.port}"
         self.dir = env.work / f"{tag}-{self.port}"
         self.dir.mkdir(parents=True)
+        self.credentials = self.dir / "data" / "admin.credentials"
+        self.tokens = 0
         self.proc = env.pm.start(tag, [env.tools.sinew, "control", "--listen",
                                        f"127.0.0.1:{self.port}", "--data-dir",
                                        str(self.dir / "data")],
                                  cpus=env.load_cpus, env=SINEW_ENV)
         wait_until(self._reachable, 30, "the control plane", [self.proc])
 
+    def _cli_env(self) -> dict:
+        return {**os.environ, "SINEW_CREDENTIALS": str(self.credentials)}
+
     def _reachable(self) -> bool:
+        if not self.credentials.exists():
+            return False
         done = subprocess.run([self.env.tools.sinew, "--server", self.url, "check"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=self._cli_env())
         return done.returncode == 0
 
     def cli(self, *args: str, stdin: str | None = None) -> str:
         done = subprocess.run([self.env.tools.sinew, "--server", self.url, *args],
-                              input=stdin, capture_output=True, text=True)
+                              input=stdin, capture_output=True, text=True, env=self._cli_env())
         if done.returncode != 0:
             raise HarnessError(f"sinew {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
@@ -224,14 +233,23 @@ class ControlPlane:
     def apply(self, docs: str) -> None:
         self.cli("apply", "-f", "-", stdin=docs)
 
-    def token_file(self, account: str) -> Path:
-        path = self.dir / f"token-{account}"
-        if not path.exists():
-            token = self.cli("token", "create", "-n", NS, "--service-account", account)
-            token = token.strip().splitlines()[0]
-            path.write_text(token + "\n")
-            os.chmod(path, 0o600)
+    def token_file(self, account: str, uses: int = 1, ns: str = NS) -> Path:
+        """A new join token for `ns`/`account` good for `uses` bootstraps, in an
+        owner-only file (tokens are single-use by default: one per proxy start)."""
+        self.tokens += 1
+        path = self.dir / f"token-{ns}-{account}-{self.tokens}"
+        token = self.cli("token", "create", "-n", ns, "--service-account", account,
+                         "--uses", str(uses))
+        token = token.strip().splitlines()[0]
+        path.write_text(token + "\n")
+        os.chmod(path, 0o600)
         return path
+
+    def cpsim_args(self) -> list[str]:
+        """bench/cpsim's flags: where, the admin credential, and a join token for its
+        simulated proxies' one identity."""
+        return ["--server", self.url, "--credentials", str(self.credentials),
+                "--join-token-file", str(self.token_file("cpsim", ns="sim"))]
 
     def stop(self) -> None:
         self.env.pm.stop(self.proc)

@@ -302,11 +302,12 @@ def s7_startup(ctx: Ctx) -> dict:
     env, cfg = ctx.env, ctx.cfg
     cp = P.ControlPlane(env, "control-s7")
     cp.apply(P._sinew_service_docs(env.backend_port, None))
-    token = cp.token_file("client")
+    reps = cfg["startup_reps"] + 1
+    # One token for every start (each is a fresh proxy that bootstraps).
+    token = cp.token_file("client", uses=reps)
     # Every start gets its own Proxy document (its own binding port), all applied
     # now: a document applied just before its proxy starts may not be published yet
     # (the control plane debounces), which would time the debounce, not the proxy.
-    reps = cfg["startup_reps"] + 1
     slots = [(f"startup-{i}", env.ports.take(), env.ports.take()) for i in range(reps)]
     cp.apply("---\n".join(P.sinew_cp_client_docs(port, name).split("---\n", 1)[1]
                           for name, port, _ in slots))

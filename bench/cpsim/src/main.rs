@@ -3,7 +3,7 @@
 //! bench/run's scenario 6 (the control plane at scale).
 //!
 //! ```text
-//! cpsim --server http://127.0.0.1:15010 --proxies 1000 --services 100 --endpoints 10000 --changes 5
+//! cpsim --server https://127.0.0.1:15010 --credentials admin.credentials --join-token-file t --proxies 1000 --services 100 --endpoints 10000 --changes 5
 //! ```
 //!
 //! It talks to bench/run on stdout, one JSON object per line, and waits on stdin:
@@ -44,6 +44,10 @@ const NS: &str = "sim";
 
 struct Args {
     server: String,
+    /// The operator credential (what `sinew control` wrote as admin.credentials).
+    credentials: String,
+    /// A join token for the simulated proxies' one identity (`sim`/`cpsim`).
+    join_token_file: String,
     proxies: usize,
     services: usize,
     endpoints: usize,
@@ -54,7 +58,9 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
-        server: "http://127.0.0.1:15010".into(),
+        server: "https://127.0.0.1:15010".into(),
+        credentials: String::new(),
+        join_token_file: String::new(),
         proxies: 1000,
         services: 100,
         endpoints: 10_000,
@@ -68,6 +74,8 @@ fn parse_args() -> Result<Args, String> {
         let n = || v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--server" => a.server = v.clone(),
+            "--credentials" => a.credentials = v.clone(),
+            "--join-token-file" => a.join_token_file = v.clone(),
             "--proxies" => a.proxies = n()?,
             "--services" => a.services = n()?.max(1),
             "--endpoints" => a.endpoints = n()?,
@@ -213,6 +221,51 @@ struct Fleet {
     /// Between two reports of one proxy.
     stats_interval: Duration,
     proxies: usize,
+    /// Every simulated proxy's TLS: the one workload certificate they share (one
+    /// identity owns every `p-<i>` name), verified against the mesh roots.
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// The fields of a credential file cpsim reads.
+#[derive(serde::Deserialize)]
+struct Credential {
+    certificate: String,
+    key: String,
+    roots: String,
+}
+
+fn endpoint(url: &str) -> Result<tonic::transport::Endpoint, String> {
+    sinew_api::channel::endpoint(url).map_err(|e| e.to_string())
+}
+
+/// The simulated proxies' identity: one bootstrap with the join token (as a proxy
+/// makes), a certificate for `sim`'s service account, shared by all of them.
+async fn proxy_tls(url: &str, roots: &str, token: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    let trust = || sinew_tls::api::ControlTrust::from_pem("roots", roots).map_err(|e| e.to_string());
+    let tls = sinew_tls::api::control_client_config(trust()?, sinew_tls::api::ClientAuth::None)
+        .map_err(|e| e.to_string())?;
+    let channel = sinew_api::channel::connect(endpoint(url)?, tls)
+        .await
+        .map_err(|e| format!("bootstrap: cannot connect: {e}"))?;
+    let (key, csr_der) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
+    let cert = DiscoveryClient::new(channel)
+        .bootstrap(sinew_api::v1::BootstrapRequest {
+            namespace: NS.into(),
+            name: "p-0".into(),
+            csr_der,
+            token: token.trim().to_owned(),
+        })
+        .await
+        .map_err(|s| format!("bootstrap refused: {}", s.message()))?
+        .into_inner();
+    sinew_tls::api::control_client_config(
+        trust()?,
+        sinew_tls::api::ClientAuth::Static {
+            chain_pem: cert.chain_pem,
+            key_pem: key,
+        },
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// A typical sidecar's report: 4 inbound rows (callers), 4 outbound rows (services
@@ -318,13 +371,13 @@ async fn session(
     fleet: &Arc<Fleet>,
 ) -> Result<(), (bool, String)> {
     let mut got_push = false;
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| (false, e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
+    let endpoint = endpoint(url)
+        .map_err(|e| (false, e))?
+        .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // As the real proxy (crates/proxy/src/control.rs).
-        .http2_header_table_size(0)
-        .connect()
+        .http2_header_table_size(0);
+    let channel = sinew_api::channel::connect(endpoint, fleet.tls.clone())
         .await
         .map_err(|e| (false, format!("proxy {i}: cannot connect: {e}")))?;
     let mut client = DiscoveryClient::new(channel).max_decoding_message_size(256 << 20);
@@ -441,10 +494,28 @@ async fn main() {
 
 async fn real_main() -> Result<(), String> {
     let a = parse_args()?;
-    let mut admin = AdminClient::connect(a.server.clone())
-        .await
-        .map_err(|e| format!("cannot reach the control plane at {}: {e}", a.server))?
-        .max_decoding_message_size(256 << 20);
+    let cred: Credential = serde_norway::from_str(
+        &std::fs::read_to_string(&a.credentials)
+            .map_err(|e| format!("--credentials {:?}: {e}", a.credentials))?,
+    )
+    .map_err(|e| format!("--credentials {:?}: {e}", a.credentials))?;
+    let admin_tls = sinew_tls::api::control_client_config(
+        sinew_tls::api::ControlTrust::from_pem("roots", &cred.roots).map_err(|e| e.to_string())?,
+        sinew_tls::api::ClientAuth::Static {
+            chain_pem: cred.certificate.clone(),
+            key_pem: cred.key.clone(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut admin = AdminClient::new(
+        sinew_api::channel::connect(endpoint(&a.server)?, admin_tls)
+            .await
+            .map_err(|e| format!("cannot reach the control plane at {}: {e}", a.server))?,
+    )
+    .max_decoding_message_size(256 << 20);
+    let token = std::fs::read_to_string(&a.join_token_file)
+        .map_err(|e| format!("--join-token-file {:?}: {e}", a.join_token_file))?;
+    let tls = proxy_tls(&a.server, &cred.roots, &token).await?;
 
     // 1. The mesh.
     let t = Instant::now();
@@ -489,6 +560,7 @@ async fn real_main() -> Result<(), String> {
         reporting: reporting_rx,
         stats_interval: a.stats_interval,
         proxies: a.proxies,
+        tls,
     });
     let storm = Instant::now();
     for i in 0..a.proxies {

@@ -3,6 +3,7 @@
 //! The generated code is committed (regenerate with `scripts/regen-protos`), so building
 //! needs neither `protoc` nor a build script, and this leaf crate rarely rebuilds.
 
+pub mod channel;
 pub mod codec;
 
 /// Control plane <-> proxy (`Discovery`) and the operator API (`Admin`).

@@ -10,30 +10,112 @@ use sinew_api::v1::{
     ApplyRequest, CreateJoinTokenRequest, DeleteRequest, GetRequest, HealthRequest,
     ProxyStatusRequest, ResourceKey, RotateCaRequest, Source,
 };
+use sinew_control::credentials::CredentialFile;
 use sinew_model::{Resources, parse_documents, parse_sources};
 use tonic::transport::Channel;
 
-pub(crate) async fn connect(server: &str) -> anyhow::Result<AdminClient<Channel>> {
+/// The control plane a client command talks to, and the operator credential it
+/// shows: `--server` (or `SINEW_SERVER`), else the credential's `server`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// The URL, `https://host:port`.
+    pub url: String,
+    /// The credential, or why there is none (said only when a command needs it).
+    credential: Result<(PathBuf, CredentialFile), String>,
+}
+
+impl std::fmt::Display for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Server {
+    /// Finds the credential (`--credentials`, `SINEW_CREDENTIALS`, then the default
+    /// paths) and the URL. A credential file that exists but cannot be read is an
+    /// error at once; a missing one only when a command needs it.
+    pub fn resolve(server: Option<String>, credentials: Option<PathBuf>) -> anyhow::Result<Server> {
+        let credential = match credentials {
+            Some(p) => Ok((
+                p.clone(),
+                CredentialFile::read(&p).map_err(|e| anyhow::anyhow!(e))?,
+            )),
+            None => match sinew_control::credentials::default_paths()
+                .into_iter()
+                .find(|p| p.exists())
+            {
+                Some(p) => Ok((
+                    p.clone(),
+                    CredentialFile::read(&p).map_err(|e| anyhow::anyhow!(e))?,
+                )),
+                None => Err(format!(
+                    "no operator credential: pass --credentials FILE or set SINEW_CREDENTIALS (the control plane writes <data-dir>/{} on first start; `sinew credentials create` issues more); looked in {}",
+                    sinew_control::credentials::ADMIN_FILE,
+                    sinew_control::credentials::default_paths()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            },
+        };
+        let url = server
+            .or_else(|| credential.as_ref().ok().map(|(_, c)| c.server.clone()))
+            .unwrap_or_else(|| "https://127.0.0.1:15010".to_owned());
+        Ok(Server { url, credential })
+    }
+
+    /// The TLS config: the credential's roots verify the control plane, its
+    /// certificate proves who calls.
+    pub fn tls(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+        let (path, c) = self
+            .credential
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let trust = sinew_tls::api::ControlTrust::from_pem("roots", &c.roots)
+            .with_context(|| format!("{}: roots", path.display()))?;
+        sinew_tls::api::control_client_config(
+            trust,
+            sinew_tls::api::ClientAuth::Static {
+                chain_pem: c.certificate.clone(),
+                key_pem: c.key.clone(),
+            },
+        )
+        .with_context(|| format!("{}: certificate or key", path.display()))
+    }
+}
+
+pub(crate) async fn connect(server: &Server) -> anyhow::Result<AdminClient<Channel>> {
     connect_with(server, Some(Duration::from_secs(30))).await
 }
 
 /// Connects with a deadline per call (`None` for streams that last as long as the
 /// user wants, such as `sinew tap`).
 pub(crate) async fn connect_with(
-    server: &str,
+    server: &Server,
     timeout: Option<Duration>,
 ) -> anyhow::Result<AdminClient<Channel>> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
-        .with_context(|| format!("{server:?} is not a valid control-plane address"))?
-        .connect_timeout(Duration::from_secs(3));
+    let tls = server.tls()?;
+    let mut endpoint = sinew_api::channel::endpoint(&server.url)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .connect_timeout(Duration::from_secs(5));
     if let Some(t) = timeout {
         endpoint = endpoint.timeout(t);
     }
-    match endpoint.connect().await {
+    match sinew_api::channel::connect(endpoint, tls).await {
         Ok(ch) => Ok(AdminClient::new(ch)),
-        Err(_) => bail!(
-            "cannot reach the control plane at {server} (is `sinew control` running? set --server or SINEW_SERVER)"
-        ),
+        Err(e) => {
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            bail!(
+                "cannot reach the control plane at {} ({why}; is `sinew control` running? set --server or SINEW_SERVER)",
+                server.url
+            )
+        }
     }
 }
 
@@ -46,6 +128,8 @@ pub(crate) fn status(e: tonic::Status) -> anyhow::Error {
         tonic::Code::Unavailable => {
             anyhow::anyhow!("the control plane is unavailable: {}", e.message())
         }
+        tonic::Code::Unauthenticated => anyhow::anyhow!("not authenticated: {}", e.message()),
+        tonic::Code::PermissionDenied => anyhow::anyhow!("permission denied: {}", e.message()),
         _ => anyhow::anyhow!("{}", e.message()),
     }
 }
@@ -109,7 +193,7 @@ fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// `sinew apply`.
-pub async fn apply(server: &str, paths: &[PathBuf], dry_run: bool) -> anyhow::Result<i32> {
+pub async fn apply(server: &Server, paths: &[PathBuf], dry_run: bool) -> anyhow::Result<i32> {
     let sources = read_sources(paths)?;
     // Parse locally first: a syntax error is reported without a round trip.
     let count = parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
@@ -202,7 +286,7 @@ fn summary(kind: &str, v: &serde_json::Value) -> String {
 
 /// `sinew get`.
 pub async fn get(
-    server: &str,
+    server: &Server,
     kind: &str,
     name: Option<&str>,
     namespace: &str,
@@ -306,7 +390,7 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
 
 /// `sinew delete`.
 pub async fn delete(
-    server: &str,
+    server: &Server,
     kind: Option<&str>,
     name: Option<&str>,
     namespace: &str,
@@ -362,7 +446,7 @@ pub async fn delete(
 }
 
 /// `sinew proxy-status`.
-pub async fn proxy_status(server: &str, output: &str) -> anyhow::Result<i32> {
+pub async fn proxy_status(server: &Server, output: &str) -> anyhow::Result<i32> {
     let mut client = connect(server).await?;
     let resp = client
         .proxy_status(ProxyStatusRequest {})
@@ -457,7 +541,7 @@ fn short(v: &str) -> &str {
 }
 
 /// `sinew check`.
-pub async fn check(server: &str, wait: Duration) -> anyhow::Result<i32> {
+pub async fn check(server: &Server, wait: Duration) -> anyhow::Result<i32> {
     let mut failed = false;
     let mut line = |ok: bool, what: String| {
         println!("{} {what}", if ok { "PASS" } else { "FAIL" });
@@ -557,7 +641,7 @@ pub async fn check(server: &str, wait: Duration) -> anyhow::Result<i32> {
 }
 
 /// The control plane's version.
-pub async fn server_version(server: &str) -> anyhow::Result<String> {
+pub async fn server_version(server: &Server) -> anyhow::Result<String> {
     let mut client = connect(server).await?;
     Ok(client
         .health(HealthRequest {})
@@ -593,32 +677,173 @@ pub fn validate(paths: &[PathBuf]) -> anyhow::Result<i32> {
 /// `sinew token create`: prints the token alone on stdout (for scripts), what it is
 /// for on stderr.
 pub async fn create_token(
-    server: &str,
+    server: &Server,
     namespace: &str,
     account: &str,
-    ttl_days: u64,
+    ttl: Duration,
+    uses: u32,
 ) -> anyhow::Result<i32> {
     let mut client = connect(server).await?;
     let t = client
         .create_join_token(CreateJoinTokenRequest {
             namespace: namespace.to_owned(),
             service_account: account.to_owned(),
-            ttl_seconds: ttl_days.max(1) * 86_400,
+            ttl_seconds: ttl.as_secs(),
+            uses,
         })
         .await
         .map_err(status)?
         .into_inner();
     println!("{}", t.token);
     eprintln!(
-        "join token for {} (valid {ttl_days} days); pass it to sinew-proxy --join-token",
-        t.spiffe_id
+        "join token {} for {} ({} use{}, until {}); give it to sinew-proxy --join-token-file",
+        t.id,
+        t.spiffe_id,
+        t.uses,
+        if t.uses == 1 { "" } else { "s" },
+        unix_time(t.expires_unix)
+    );
+    Ok(0)
+}
+
+fn unix_time(t: i64) -> String {
+    sinew_control::auth::rfc3339(u64::try_from(t).unwrap_or(0))
+}
+
+/// `sinew token list`.
+pub async fn list_tokens(server: &Server) -> anyhow::Result<i32> {
+    let mut client = connect(server).await?;
+    let tokens = client
+        .list_join_tokens(sinew_api::v1::ListJoinTokensRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .tokens;
+    println!(
+        "{:<14} {:<52} {:>5} {:<22} CREATED BY",
+        "ID", "IDENTITY", "USES", "EXPIRES"
+    );
+    for t in tokens {
+        println!(
+            "{:<14} {:<52} {:>5} {:<22} {}",
+            t.id,
+            t.spiffe_id,
+            t.uses_left,
+            unix_time(t.expires_unix),
+            if t.created_by.is_empty() {
+                "-"
+            } else {
+                &t.created_by
+            }
+        );
+    }
+    Ok(0)
+}
+
+/// `sinew token revoke ID`.
+pub async fn revoke_token(server: &Server, id: &str) -> anyhow::Result<i32> {
+    let mut client = connect(server).await?;
+    client
+        .revoke_join_token(sinew_api::v1::RevokeJoinTokenRequest { id: id.to_owned() })
+        .await
+        .map_err(status)?;
+    eprintln!("join token {id} revoked");
+    Ok(0)
+}
+
+/// `sinew credentials create NAME --role ROLE`: the key is made here and never
+/// leaves this host; the file is written owner-only.
+pub async fn create_credential(
+    server: &Server,
+    name: &str,
+    role: &str,
+    ttl: Duration,
+    out: Option<&Path>,
+) -> anyhow::Result<i32> {
+    let (key, csr_der) = sinew_tls::new_key_and_csr()?;
+    let mut client = connect(server).await?;
+    let c = client
+        .create_credential(sinew_api::v1::CreateCredentialRequest {
+            name: name.to_owned(),
+            role: role.to_owned(),
+            csr_der,
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let path = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(format!("{name}.credentials")));
+    CredentialFile {
+        server: server.url.clone(),
+        name: c.name.clone(),
+        role: c.role.clone(),
+        trust_domain: c.trust_domain,
+        expires: unix_time(c.expires_unix),
+        certificate: c.certificate_pem,
+        key,
+        roots: c.roots_pem,
+    }
+    .write(&path)
+    .map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "credential {} ({} role, until {}) written to {} (0600): sinew --credentials {}",
+        c.name,
+        c.role,
+        unix_time(c.expires_unix),
+        path.display(),
+        path.display()
+    );
+    Ok(0)
+}
+
+/// `sinew credentials list`.
+pub async fn list_credentials(server: &Server) -> anyhow::Result<i32> {
+    let mut client = connect(server).await?;
+    let list = client
+        .list_credentials(sinew_api::v1::ListCredentialsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .credentials;
+    println!(
+        "{:<24} {:<9} {:<22} {:<8} FINGERPRINT",
+        "NAME", "ROLE", "EXPIRES", "STATE"
+    );
+    for c in list {
+        println!(
+            "{:<24} {:<9} {:<22} {:<8} {}",
+            c.name,
+            c.role,
+            unix_time(c.expires_unix),
+            if c.revoked { "revoked" } else { "valid" },
+            c.fingerprint.get(..16).unwrap_or(&c.fingerprint)
+        );
+    }
+    Ok(0)
+}
+
+/// `sinew credentials revoke NAME`.
+pub async fn revoke_credential(server: &Server, name: &str) -> anyhow::Result<i32> {
+    let mut client = connect(server).await?;
+    let n = client
+        .revoke_credential(sinew_api::v1::RevokeCredentialRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .revoked;
+    eprintln!(
+        "revoked the credential name {name} ({n} issued here); every certificate of that name issued until now is refused"
     );
     Ok(0)
 }
 
 /// `sinew ca rotate PHASE`.
 pub async fn rotate_ca(
-    server: &str,
+    server: &Server,
     phase: &str,
     ca_cert: Option<&Path>,
     ca_key: Option<&Path>,

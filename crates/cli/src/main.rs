@@ -1,8 +1,10 @@
 //! `sinew`: the control plane (`sinew control`) and the operator CLI.
 //!
-//! Client commands talk to the control plane's Admin API (`--server`, default
-//! `http://127.0.0.1:15010`). Every failure is one sentence on stderr and a non-zero
-//! exit.
+//! Client commands talk to the control plane's Admin API over TLS (`--server`, else
+//! the credential's server, else `https://127.0.0.1:15010`), with an operator
+//! credential (`--credentials`, `SINEW_CREDENTIALS`, `~/.config/sinew/credentials`,
+//! or `sinew-data/admin.credentials`). Every failure is one sentence on stderr and a
+//! non-zero exit.
 
 mod client;
 mod inject;
@@ -19,14 +21,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sinew", version, about)]
 struct Cli {
-    /// The control plane's address.
-    #[arg(
-        long,
-        global = true,
-        env = "SINEW_SERVER",
-        default_value = "http://127.0.0.1:15010"
-    )]
-    server: String,
+    /// The control plane's address (https://host:port); default: the credential's,
+    /// else https://127.0.0.1:15010.
+    #[arg(long, global = true, env = "SINEW_SERVER")]
+    server: Option<String>,
+    /// The operator credential file (written by `sinew control` on first start as
+    /// <data-dir>/admin.credentials, or by `sinew credentials create`).
+    #[arg(long, global = true, env = "SINEW_CREDENTIALS")]
+    credentials: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,9 +64,45 @@ enum TokenCommand {
         /// Service account of the identity.
         #[arg(long)]
         service_account: String,
-        /// Days the token is valid.
-        #[arg(long, default_value_t = 30)]
-        ttl_days: u64,
+        /// How long the token is valid (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many proxies may bootstrap with it (e.g. an autoscaling group).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List the tokens not yet used up or expired (never the tokens themselves).
+    List,
+    /// Revoke a token by its id (from `list` or `create`).
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialsCommand {
+    /// Issue a credential: the key is made here, the file written 0600.
+    Create {
+        /// Who holds it (lowercase letters, digits, '-', '.').
+        name: String,
+        /// viewer (read), operator (also apply, delete, tap) or admin (also tokens,
+        /// CA rotation, credentials).
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// How long it is valid (at most 366 days).
+        #[arg(long, default_value = "720h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Where to write it; default `<name>.credentials`.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List every credential issued, with its role and state.
+    List,
+    /// Revoke every credential of this name: its calls are refused from now on.
+    Revoke {
+        /// The credential's name.
+        name: String,
     },
 }
 
@@ -125,16 +163,41 @@ enum Command {
         /// takes over after that).
         #[arg(long, default_value_t = 15, requires = "kubernetes")]
         lease_duration_secs: u64,
+        /// The control plane's namespace: its certificate is
+        /// spiffe://<trust-domain>/ns/<namespace>/sa/sinew-control.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "sinew-system")]
+        namespace: String,
+        /// A DNS name or address clients reach the control plane by (repeatable); it
+        /// goes into its certificate beside localhost, the host name and loopback.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Where the admin credential is written on first start (when no file is
+        /// there); default <data-dir>/admin.credentials.
+        #[arg(long)]
+        admin_credentials: Option<PathBuf>,
+        /// The URL written into the admin credential; default https://<listen>.
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Migration from the plaintext API: also serve proxies of earlier releases
+        /// over plaintext on the same port (their claims unverified, as before).
+        /// Off by default; for the upgrade window only.
+        #[arg(long)]
+        plaintext_window: bool,
     },
     /// The certificate authority.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
     },
-    /// Join tokens: the credential a proxy presents to get its certificate.
+    /// Join tokens: the credential a proxy presents once to get its certificate.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Operator credentials: who may call the control plane, and with which role.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
     },
     /// Validate documents and store them (all or nothing).
     Apply {
@@ -416,7 +479,7 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let server = cli.server;
+    let server = client::Server::resolve(cli.server, cli.credentials)?;
     match cli.command {
         Command::Control {
             listen,
@@ -433,6 +496,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             lease_namespace,
             token_audience,
             lease_duration_secs,
+            namespace,
+            server_names,
+            admin_credentials,
+            advertise,
+            plaintext_window,
         } => {
             let mut opts = sinew_control::ControlOptions::new(data_dir);
             opts.trust_domain = trust_domain.clone();
@@ -443,6 +511,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             opts.config_dir = config_dir;
             opts.grace_period = Duration::from_secs(grace_period);
             opts.debounce = Duration::from_millis(debounce_ms);
+            opts.namespace = namespace;
+            opts.server_names = server_names;
+            opts.admin_credentials = admin_credentials;
+            opts.advertise = advertise;
+            opts.limits.plaintext_window = plaintext_window;
+            if plaintext_window {
+                tracing::warn!(
+                    "--plaintext-window: proxies of earlier releases are served over plaintext, unauthenticated; upgrade them and restart without it"
+                );
+            }
             let cp = sinew_control::ControlPlane::start(opts).await?;
             let mut source = None;
             if kubernetes {
@@ -495,9 +573,31 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 TokenCommand::Create {
                     namespace,
                     service_account,
-                    ttl_days,
+                    ttl,
+                    uses,
                 },
-        } => client::create_token(&server, &namespace, &service_account, ttl_days).await,
+        } => client::create_token(&server, &namespace, &service_account, ttl, uses).await,
+        Command::Token {
+            command: TokenCommand::List,
+        } => client::list_tokens(&server).await,
+        Command::Token {
+            command: TokenCommand::Revoke { id },
+        } => client::revoke_token(&server, &id).await,
+        Command::Credentials {
+            command:
+                CredentialsCommand::Create {
+                    name,
+                    role,
+                    ttl,
+                    output,
+                },
+        } => client::create_credential(&server, &name, &role, ttl, output.as_deref()).await,
+        Command::Credentials {
+            command: CredentialsCommand::List,
+        } => client::list_credentials(&server).await,
+        Command::Credentials {
+            command: CredentialsCommand::Revoke { name },
+        } => client::revoke_credential(&server, &name).await,
         Command::Apply { files, dry_run } => client::apply(&server, &files, dry_run).await,
         Command::Get {
             kind,

@@ -178,7 +178,7 @@ async fn ready(admin: SocketAddr, inbound: bool) -> bool {
 }
 
 /// `sinew run`.
-pub async fn run(server: &str, args: RunArgs) -> anyhow::Result<i32> {
+pub async fn run(server: &crate::client::Server, args: RunArgs) -> anyhow::Result<i32> {
     let proxy_bin = match &args.proxy_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -201,7 +201,7 @@ pub async fn run(server: &str, args: RunArgs) -> anyhow::Result<i32> {
     let ns = &args.namespace;
     let address = match args.address {
         Some(a) => a,
-        None => local_address(server)?,
+        None => local_address(&server.url)?,
     };
     let account = args
         .service_account
@@ -218,7 +218,9 @@ pub async fn run(server: &str, args: RunArgs) -> anyhow::Result<i32> {
                 .create_join_token(CreateJoinTokenRequest {
                     namespace: ns.clone(),
                     service_account: account.clone(),
-                    ttl_seconds: 86_400,
+                    // Spent by the sidecar's bootstrap, in a moment.
+                    ttl_seconds: 600,
+                    uses: 1,
                 })
                 .await
                 .map_err(status)?
@@ -274,7 +276,7 @@ fn write_token(path: &std::path::Path, token: &str, uid: u32) -> anyhow::Result<
 
 /// 3. The sidecar, then the app; both stopped when either ends or on a signal.
 async fn supervise(
-    server: &str,
+    server: &crate::client::Server,
     args: &RunArgs,
     name: &str,
     address: IpAddr,
@@ -286,7 +288,7 @@ async fn supervise(
     let mut proxy_cmd = Command::new(proxy_bin);
     proxy_cmd
         .arg("--control-plane")
-        .arg(server)
+        .arg(&server.url)
         .arg("--name")
         .arg(format!("{}/{name}", args.namespace))
         .arg("--service")

@@ -92,7 +92,7 @@ fn short(name: &str) -> &str {
 
 /// `sinew stat`.
 pub async fn stat(
-    server: &str,
+    server: &crate::client::Server,
     by: &str,
     namespace: Option<&str>,
     window: Duration,
@@ -211,7 +211,7 @@ fn top_json(r: &TopRow) -> serde_json::Value {
 
 /// `sinew top`: the busiest paths, refreshed every `every` until Ctrl-C (or once).
 pub async fn top(
-    server: &str,
+    server: &crate::client::Server,
     namespace: Option<&str>,
     service: Option<&str>,
     limit: u32,
@@ -338,7 +338,11 @@ fn tap_json(e: &TapEvent) -> serde_json::Value {
 }
 
 /// `sinew tap`: live requests until Ctrl-C or `filter.limit` of them.
-pub async fn tap(server: &str, filter: TapFilter, output: &str) -> anyhow::Result<i32> {
+pub async fn tap(
+    server: &crate::client::Server,
+    filter: TapFilter,
+    output: &str,
+) -> anyhow::Result<i32> {
     // No deadline: a tap lasts as long as the user wants.
     let mut client = connect_with(server, None).await?;
     let limit = filter.limit;
@@ -404,7 +408,7 @@ fn edge_json(e: &Edge) -> serde_json::Value {
 
 /// `sinew edges`: who calls whom.
 pub async fn edges(
-    server: &str,
+    server: &crate::client::Server,
     namespace: Option<&str>,
     window: Duration,
     output: &str,

@@ -129,8 +129,10 @@ impl Mesh {
         let mut procs = Vec::new();
 
         // The control plane and a server outside the mesh, in the hub.
-        let url = format!("http://{HUB_IP}:15010");
+        let url = format!("https://{HUB_IP}:15010");
         let data = scratch.path("cp");
+        // The admin credential the control plane writes on first start.
+        let cred = data.join("admin.credentials").display().to_string();
         procs.push(spawn(
             &lab.hub,
             None,
@@ -173,13 +175,21 @@ impl Mesh {
         until_ok(
             "control plane up",
             &lab.hub,
-            &[sinew(), "--server", &url, "version"],
+            &[sinew(), "--server", &url, "--credentials", &cred, "version"],
         )
         .await;
         until_ok(
             "control plane answers",
             &lab.hub,
-            &[sinew(), "--server", &url, "get", "service"],
+            &[
+                sinew(),
+                "--server",
+                &url,
+                "--credentials",
+                &cred,
+                "get",
+                "service",
+            ],
         )
         .await;
 
@@ -239,6 +249,8 @@ spec: {capture: {}}
             sinew(),
             "--server",
             &url,
+            "--credentials",
+            &cred,
             "apply",
             "-f",
             f.to_str().unwrap(),
@@ -285,6 +297,8 @@ spec: {capture: {}}
                 sinew(),
                 "--server",
                 &url,
+                "--credentials",
+                &cred,
                 "token",
                 "create",
                 "--service-account",
@@ -710,7 +724,13 @@ async fn captured_traffic_crosses_hosts_over_mtls() {
     mesh.lab.hub.must(&[
         sinew(),
         "--server",
-        &format!("http://{HUB_IP}:15010"),
+        &format!("https://{HUB_IP}:15010"),
+        "--credentials",
+        mesh.scratch
+            .path("cp")
+            .join("admin.credentials")
+            .to_str()
+            .unwrap(),
         "apply",
         "-f",
         policy.to_str().unwrap(),
@@ -945,7 +965,12 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
     std::fs::copy(proxy_bin(), &proxy).unwrap();
     let proxy = proxy.to_str().unwrap();
     let lab = Lab::new("run", &["server", "client"]);
-    let url = format!("http://{HUB_IP}:15010");
+    let url = format!("https://{HUB_IP}:15010");
+    let cred = scratch
+        .path("cp")
+        .join("admin.credentials")
+        .display()
+        .to_string();
     let mut procs = vec![spawn(
         &lab.hub,
         None,
@@ -962,7 +987,15 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
     until_ok(
         "control plane answers",
         &lab.hub,
-        &[sinew(), "--server", &url, "get", "service"],
+        &[
+            sinew(),
+            "--server",
+            &url,
+            "--credentials",
+            &cred,
+            "get",
+            "service",
+        ],
     )
     .await;
     let doc = scratch.write(
@@ -973,6 +1006,8 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
         sinew(),
         "--server",
         &url,
+        "--credentials",
+        &cred,
         "apply",
         "-f",
         doc.to_str().unwrap(),
@@ -992,6 +1027,8 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
             sinew(),
             "--server",
             &url,
+            "--credentials",
+            &cred,
             "run",
             "--proxy-bin",
             proxy,
@@ -1037,6 +1074,8 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
             sinew(),
             "--server",
             &url,
+            "--credentials",
+            &cred,
             "run",
             "--proxy-bin",
             proxy,

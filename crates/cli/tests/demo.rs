@@ -77,7 +77,10 @@ fn wait_with_deadline(child: Child) -> Result<ExitStatus, String> {
 }
 
 fn addr_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().unwrap()
+    url.trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap()
 }
 
 /// The rows of the last `== summary` table: name → whitespace-separated fields.
@@ -134,7 +137,10 @@ fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
     let control_plane = info["control_plane"].as_str().unwrap();
     let entry = info["entry"].as_str().unwrap();
     let data_dir = info["data_dir"].as_str().unwrap();
-    assert!(control_plane.starts_with("http://127.0.0.1:"), "{info}");
+    assert!(control_plane.starts_with("https://127.0.0.1:"), "{info}");
+    // The demo made its operator credential: where it says, owner-only.
+    let credentials = info["credentials"].as_str().unwrap();
+    assert!(credentials.starts_with(data_dir), "{info}");
     assert!(entry.starts_with("http://127.0.0.1:"), "{info}");
     assert!(!data_dir.is_empty(), "{info}");
     let proxies = info["proxies"].as_array().unwrap();

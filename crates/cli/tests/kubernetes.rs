@@ -208,7 +208,7 @@ async fn kubernetes_endpoints_and_readiness_steer_real_traffic() {
 
     let dir = Scratch::new();
     let cp = control(&api, &dir, &[]).await;
-    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    let proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
     until_served_by(bind, "v1").await;
     for _ in 0..20 {
@@ -394,7 +394,7 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
 
     let dir = Scratch::new();
     let cp = control(&api, &dir, &[]).await;
-    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    let _proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
     until_served_by(bind, "v1").await;
 
@@ -549,6 +549,42 @@ async fn custom_resources_get_status_conditions_and_routes_apply() {
     }
 }
 
+/// A token for `shop/<sa>` bound to the Pod `shop/<pod>` (the TokenRequest API, as
+/// the kubelet asks for a projected token), for `audience`.
+async fn pod_bound_token(c: &Client, sa: &str, pod: &str, audience: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let _ = sa_token(c, sa, audience).await; // the account exists
+    let uid = Api::<Pod>::namespaced(c.clone(), "shop")
+        .get(pod)
+        .await
+        .unwrap()
+        .metadata
+        .uid;
+    let req = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.to_owned()],
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.into()),
+                uid,
+            }),
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(c.clone(), "shop")
+        .create_token_request(sa, &PostParams::default(), &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
+
 /// A token for `shop/<sa>` from the TokenRequest API, for `audience`.
 async fn sa_token(c: &Client, sa: &str, audience: &str) -> String {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -575,44 +611,22 @@ async fn sa_token(c: &Client, sa: &str, audience: &str) -> String {
         .token
 }
 
-/// What the control plane answers a proxy `ns/name` that asks for a certificate with
-/// `token`, over a raw discovery stream.
-async fn certificate(url: &str, ns: &str, name: &str, token: &str) -> sinew_api::v1::Certificate {
-    use sinew_api::v1::discovery_client::DiscoveryClient;
-    use sinew_api::v1::{CertificateRequest, Hello, ProxyMessage, control_message, proxy_message};
-    let (_key, csr_der) = sinew_tls::new_key_and_csr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ProxyMessage {
-        kind: Some(proxy_message::Kind::Hello(Hello {
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    tx.send(ProxyMessage {
-        kind: Some(proxy_message::Kind::Csr(CertificateRequest {
-            csr_der,
-            join_token: token.to_owned(),
-        })),
-    })
-    .await
-    .unwrap();
-    let mut client = DiscoveryClient::connect(url.to_owned()).await.unwrap();
-    let mut answers = client
-        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    loop {
-        let msg = tokio::time::timeout(TIMEOUT, answers.message())
-            .await
-            .expect("an answer to the certificate request")
-            .unwrap()
-            .expect("the stream stays open");
-        if let Some(control_message::Kind::Certificate(c)) = msg.kind {
-            return c;
+/// What the control plane answers a proxy `ns/name` that bootstraps with `token`:
+/// the certificate, or the refusal's message in `error`.
+async fn certificate(
+    cp: &Control,
+    ns: &str,
+    name: &str,
+    token: &str,
+) -> sinew_api::v1::Certificate {
+    match mesh::bootstrap(cp, ns, name, token).await {
+        Ok((_, c)) => c,
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+            sinew_api::v1::Certificate {
+                error: s.message().to_owned(),
+                ..Default::default()
+            }
         }
     }
 }
@@ -662,7 +676,7 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
     // The sidecar is named after its Pod; both proxies prove who they are with their
     // service-account tokens.
     let catalog = mesh::proxy_with_token(
-        &cp.url,
+        &cp,
         "shop/catalog-1",
         None,
         Duration::from_millis(50),
@@ -670,7 +684,7 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
     )
     .await;
     let web = mesh::proxy_with_token(
-        &cp.url,
+        &cp,
         "shop/client",
         None,
         Duration::from_millis(50),
@@ -752,22 +766,37 @@ async fn service_account_tokens_get_certificates_checked_with_token_review() {
 
     // Refused: a forged token, a token for another audience, a token of another
     // namespace's service account.
-    let ok = certificate(&cp.url, "shop", "probe", &t_web).await;
+    let ok = certificate(&cp, "shop", "probe", &t_web).await;
     assert!(
         ok.error.is_empty() && !ok.chain_pem.is_empty(),
         "{}",
         ok.error
     );
-    let forged = certificate(&cp.url, "shop", "probe", &forged_token("shop", "web")).await;
+    let forged = certificate(&cp, "shop", "probe", &forged_token("shop", "web")).await;
     assert!(
         forged.chain_pem.is_empty(),
         "a forged token got a certificate"
     );
     assert!(forged.error.contains("refused"), "{}", forged.error);
     let api_audience = sa_token(&c, "web", sinew_testkit::kube::API_AUDIENCE).await;
-    let wrong = certificate(&cp.url, "shop", "probe", &api_audience).await;
+    let wrong = certificate(&cp, "shop", "probe", &api_audience).await;
     assert!(wrong.chain_pem.is_empty() && !wrong.error.is_empty());
-    let elsewhere = certificate(&cp.url, "other", "probe", &t_web).await;
+    // A token bound to a Pod (as the kubelet projects them) serves that Pod's proxy
+    // only: the proxy is named after its Pod.
+    let bound = pod_bound_token(&c, "catalog", "catalog-1", "sinew").await;
+    let wrong_pod = certificate(&cp, "shop", "catalog-2", &bound).await;
+    assert!(
+        wrong_pod.chain_pem.is_empty(),
+        "a pod-bound token served another pod"
+    );
+    assert!(
+        wrong_pod.error.contains("bound to the pod \"catalog-1\""),
+        "{}",
+        wrong_pod.error
+    );
+    let right_pod = certificate(&cp, "shop", "catalog-1", &bound).await;
+    assert!(right_pod.error.is_empty(), "{}", right_pod.error);
+    let elsewhere = certificate(&cp, "other", "probe", &t_web).await;
     assert!(
         elsewhere.chain_pem.is_empty(),
         "a token of shop served namespace other"
@@ -790,7 +819,7 @@ async fn a_watch_dropped_by_an_api_server_restart_recovers_without_dropping_endp
     client_proxy(&c, bind, "web").await;
     let dir = Scratch::new();
     let cp = control(&api, &dir, &[]).await;
-    let _proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    let _proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
     until_served_by(bind, "v1").await;
 
@@ -882,6 +911,7 @@ fn proxy_binary() -> std::path::PathBuf {
 async fn proxy_process(
     dir: &Scratch,
     control: SocketAddr,
+    roots: &std::path::Path,
     name: &str,
     token: &str,
 ) -> tokio::process::Child {
@@ -889,7 +919,11 @@ async fn proxy_process(
     let admin = free_addr();
     let child = tokio::process::Command::new(proxy_binary())
         .arg("--control-plane")
-        .arg(format!("http://{control}"))
+        .arg(format!("https://{control}"))
+        // A service-account token names no root: the mesh roots verify the control
+        // plane, as the `sinew-root` ConfigMap gives them in a pod.
+        .arg("--control-plane-ca")
+        .arg(roots)
         .args(["--name", name])
         .arg("--join-token-file")
         .arg(&token_file)
@@ -1001,10 +1035,11 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
     let front = Front::start(vec![a.addr, b.addr]).await;
 
     // Real proxies, through the front (so on replica a); one more straight on b.
-    let _catalog = proxy_process(&dir, front.addr, "shop/catalog-1", &t_cat).await;
-    let _web = proxy_process(&dir, front.addr, "shop/client", &t_web).await;
+    let roots = a.roots_file();
+    let _catalog = proxy_process(&dir, front.addr, &roots, "shop/catalog-1", &t_cat).await;
+    let _web = proxy_process(&dir, front.addr, &roots, "shop/client", &t_web).await;
     let t_web2 = sa_token(&c, "web", "sinew").await;
-    let _web2 = proxy_process(&dir, b.addr, "shop/client-b", &t_web2).await;
+    let _web2 = proxy_process(&dir, b.addr, &roots, "shop/client-b", &t_web2).await;
     mesh::listening(bind).await;
     mesh::listening(bind2).await;
     for b in [bind, bind2] {
@@ -1018,9 +1053,14 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
     }
     // Both replicas computed the same mesh from the API server.
     let docs = |cp: &Control| {
-        let url = cp.url.clone();
+        let (url, cred) = (cp.url.clone(), cp.credentials.clone());
         async move {
-            let out = mesh::sinew_at(&url, &["get", "workloads", "-n", "shop", "-o", "json"]).await;
+            let out = mesh::sinew_as(
+                &url,
+                Some(&cred),
+                &["get", "workloads", "-n", "shop", "-o", "json"],
+            )
+            .await;
             assert!(out.status.success(), "{:?}", mesh::text(&out));
             mesh::text(&out).0
         }
@@ -1031,10 +1071,11 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
         "{on_a}"
     );
     assert_eq!(on_a, docs(&b).await);
-    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let a_at = (a.url.clone(), a.credentials.clone());
+    let b_at = (b.url.clone(), b.credentials.clone());
     wait::until("a serves two proxies, b one", TIMEOUT, || {
-        let (a_url, b_url) = (a_url.clone(), b_url.clone());
-        async move { in_sync(&a_url).await == 2 && in_sync(&b_url).await == 1 }
+        let (a_at, b_at) = (a_at.clone(), b_at.clone());
+        async move { in_sync(&a_at).await == 2 && in_sync(&b_at).await == 1 }
     })
     .await
     .unwrap();
@@ -1046,8 +1087,8 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
     a.kill().await;
     load.progress(100).await;
     wait::until("every proxy moved to b", TIMEOUT, || {
-        let b_url = b_url.clone();
-        async move { in_sync(&b_url).await == 3 }
+        let b_at = b_at.clone();
+        async move { in_sync(&b_at).await == 3 }
     })
     .await
     .unwrap();
@@ -1081,10 +1122,9 @@ async fn two_replicas_serve_proxies_and_losing_one_fails_no_request() {
 }
 
 /// How many proxies a replica serves that have applied their latest config.
-async fn in_sync(url: &str) -> usize {
+async fn in_sync((url, cred): &(String, std::path::PathBuf)) -> usize {
     use sinew_api::v1::ProxyStatusRequest;
-    use sinew_api::v1::admin_client::AdminClient;
-    let Ok(mut c) = AdminClient::connect(url.to_owned()).await else {
+    let Ok(mut c) = mesh::admin_client(url, cred).await else {
         return 0;
     };
     let Ok(s) = c.proxy_status(ProxyStatusRequest {}).await else {
@@ -1137,7 +1177,7 @@ async fn without_endpoint_slices_core_endpoints_are_read() {
     client_proxy(&c, bind, "web").await;
     let dir = Scratch::new();
     let cp = control(&api, &dir, &[]).await;
-    let proxy = mesh::proxy(&cp.url, "shop/client", None, Duration::from_millis(100)).await;
+    let proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
     until_served_by(bind, "v1").await;
     assert!(
@@ -1272,7 +1312,7 @@ async fn the_published_least_privilege_rbac_is_enough() {
     .await;
     // Discovery, TokenReview, the Lease, status and Events all work with that role.
     let _proxy = mesh::proxy_with_token(
-        &cp.url,
+        &cp,
         "shop/client",
         None,
         Duration::from_millis(100),
@@ -1313,7 +1353,7 @@ async fn warning_event(c: &Client, name: &str, text: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rotated_token_file_is_read_again_at_renewal() {
+async fn renewals_ride_the_certificate_not_the_token() {
     let (api, c) = cluster().await;
     let dir = Scratch::new();
     let file = dir.write("token", &sa_token(&c, "web", "sinew").await);
@@ -1322,6 +1362,7 @@ async fn a_rotated_token_file_is_read_again_at_renewal() {
     let mut settings = sinew_proxy::control::ControlSettings::new(cp.url.clone(), "shop/client");
     settings.join_token = Some(std::fs::read_to_string(&file).unwrap());
     settings.join_token_file = Some(file.clone());
+    settings.control_plane_ca = Some(cp.roots_file());
     settings.min_backoff = Duration::from_millis(50);
     let proxy = mesh::start_proxy(settings).await;
     let id = |p: &sinew_proxy::Proxy| p.shared().certs.identity().map(|i| i.to_string());
@@ -1329,15 +1370,23 @@ async fn a_rotated_token_file_is_read_again_at_renewal() {
         id(&proxy).as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/web")
     );
-    // The kubelet replaces the projected token; here, with one of another account, so
-    // the renewal shows which token it presented.
+    let first = proxy.shared().certs.not_after().unwrap();
+    // The kubelet replaces the projected token; here, with one of another account:
+    // a renewal is authenticated by the certificate, so the identity stays.
     let next = sa_token(&c, "web-next", "sinew").await;
     std::fs::write(&file, next).unwrap();
     let p = &proxy;
-    wait::until("renewed with the new token", TIMEOUT, || async move {
-        id(p).as_deref() == Some("spiffe://cluster.local/ns/shop/sa/web-next")
+    wait::until("renewed twice", TIMEOUT, || async move {
+        p.shared()
+            .certs
+            .not_after()
+            .is_some_and(|t| t >= first + Duration::from_secs(4))
     })
     .await
     .unwrap();
+    assert_eq!(
+        id(&proxy).as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/web")
+    );
     proxy.shutdown().await;
 }

@@ -21,12 +21,12 @@ const LOAD_ID: &str = "spiffe://cluster.local/ns/shop/sa/load";
 const CATALOG_ID: &str = "spiffe://cluster.local/ns/shop/sa/catalog";
 
 async fn proxy(
-    url: &str,
+    cp: &Control,
     name: &str,
     reg: Option<sinew_api::v1::Registration>,
     token: String,
 ) -> Proxy {
-    let mut settings = ControlSettings::new(url, name);
+    let mut settings = ControlSettings::new(&cp.url, name);
     settings.registration = reg;
     settings.join_token = Some(token);
     settings.min_backoff = Duration::from_millis(50);
@@ -74,14 +74,14 @@ async fn mesh() -> Mesh {
     );
     let before = Instant::now();
     let catalog = proxy(
-        &cp.url,
+        &cp,
         "shop/catalog-1",
         Some(registration("catalog", app.addr(), inbound, "v1")),
         t_cat,
     )
     .await;
     let catalog_started = (before, Instant::now());
-    let load = proxy(&cp.url, "shop/load", None, t_load).await;
+    let load = proxy(&cp, "shop/load", None, t_load).await;
     // The load proxy knows catalog's endpoint (the registration may reach it a
     // push after its first): the first request finds it, so every answer below is
     // the backend's.
@@ -376,7 +376,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
     );
 
     // No control plane: one clear sentence.
-    let out = sinew_at("http://127.0.0.1:1", &["stat"]).await;
+    let out = sinew_as("https://127.0.0.1:1", Some(&m.cp.credentials), &["stat"]).await;
     assert!(!out.status.success());
     assert!(
         text(&out).1.contains("cannot reach the control plane"),
@@ -430,6 +430,7 @@ async fn tap_during(
         .args(args)
         .args(["-o", "json"])
         .env("SINEW_SERVER", &m.cp.url)
+        .env("SINEW_CREDENTIALS", &m.cp.credentials)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -558,12 +559,13 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
 /// a malformed name, and what it takes is what `sinew stat` counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_counts_only_for_a_proxy_with_a_stream() {
-    use sinew_api::v1::discovery_client::DiscoveryClient;
     use sinew_api::v1::{ReportRequest, StatsReport, TrafficRow};
 
     let scratch = Scratch::new();
     let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
-    let mut client = DiscoveryClient::connect(cp.url.clone()).await.unwrap();
+    // A workload of shop/hand, authenticated by its certificate.
+    let hand = mesh::Workload::new(&cp, "shop", "hand", "hand").await;
+    let mut client = hand.discovery.clone();
     let report = |ns: &str, name: &str| ReportRequest {
         namespace: ns.into(),
         name: name.into(),
@@ -579,18 +581,27 @@ async fn a_report_counts_only_for_a_proxy_with_a_stream() {
             ..Default::default()
         }),
     };
+    // Not its name, or no stream yet: refused.
     let e = client.report(report("shop", "nobody")).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     let e = client
         .report(report("shop", "Not a name!"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("Not a name!"), "{e:?}");
+    // Without a certificate: refused before anything else.
+    let e = mesh::anonymous_discovery(&cp)
+        .await
+        .report(report("shop", "hand"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 
     // A proxy with a stream, sending no stats of its own.
     let mut settings = ControlSettings::new(&cp.url, "shop/hand");
     settings.stats_interval = Duration::ZERO;
+    settings.join_token = Some(cp.join_token("shop", "hand").await);
     let _hand = start_proxy(settings).await;
     // Its stream registers right after its Hello: until then, refused as above.
     let c = &client;

@@ -57,7 +57,7 @@ async fn start_webhook(dir: &Path) -> (tokio::process::Child, String, std::net::
         .arg(&ca)
         .args([
             "--control-plane-address",
-            "http://sinew-control.sinew-system.svc:15010",
+            "https://sinew-control.sinew-system.svc:15010",
         ])
         .args(["--proxy-image", "example.test/sinew:dev"])
         .env("RUST_LOG", "warn")
@@ -191,7 +191,7 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
         .collect();
     assert_eq!(
         env["SINEW_CONTROL_PLANE"].as_deref(),
-        Some("http://sinew-control.sinew-system.svc:15010")
+        Some("https://sinew-control.sinew-system.svc:15010")
     );
     let probe = proxy
         .readiness_probe
@@ -444,7 +444,7 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
 
     // Least privilege: exactly sinew-k8s's rules (proven sufficient by its own
     // test against an RBAC-enforcing API server), which write nothing but statuses,
-    // events and token reviews, and never touch Secrets.
+    // events, token reviews and the mesh roots' ConfigMaps, and never touch Secrets.
     let role = Api::<ClusterRole>::all(client.clone())
         .get("sinew-control")
         .await
@@ -459,9 +459,12 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         );
         for verb in &rule.verbs {
             let write = !matches!(verb.as_str(), "get" | "list" | "watch");
-            let may_write = resources
-                .iter()
-                .all(|r| r.ends_with("/status") || r == "events" || r == "tokenreviews");
+            let may_write = resources.iter().all(|r| {
+                r.ends_with("/status")
+                    || r == "events"
+                    || r == "tokenreviews"
+                    || (r == "configmaps" && verb != "delete")
+            });
             assert!(!write || may_write, "{verb} on {resources:?}");
         }
     }
@@ -600,13 +603,50 @@ async fn an_injected_sidecar_proves_its_identity_with_the_projected_token() {
     let volume = dir.0.join("token-volume");
     std::fs::create_dir_all(&volume).unwrap();
     std::fs::write(volume.join(&projection.path), &token).unwrap();
-    let args: Vec<String> = proxy
-        .args
+    // Beside the token, the mesh roots: the control plane publishes them in every
+    // namespace as the ConfigMap the volume projects.
+    let roots_projection = spec
+        .volumes
         .as_ref()
         .unwrap()
         .iter()
-        .map(|a| a.replace(&mount.mount_path, volume.to_str().unwrap()))
-        .collect();
+        .find_map(|v| {
+            v.projected
+                .as_ref()?
+                .sources
+                .as_ref()?
+                .iter()
+                .find_map(|s| s.config_map.clone())
+        })
+        .expect("the sidecar's volume projects the roots' ConfigMap");
+    let item = &roots_projection.items.as_ref().unwrap()[0];
+    let cms = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), "shop");
+    let cm_name = roots_projection.name.clone();
+    wait::until(
+        "the control plane publishes the roots in shop",
+        TIMEOUT,
+        || {
+            let (cms, cm_name) = (cms.clone(), cm_name.clone());
+            async move { cms.get_opt(&cm_name).await.ok().flatten().is_some() }
+        },
+    )
+    .await
+    .unwrap();
+    let cm = cms.get(&cm_name).await.unwrap();
+    let roots = cm.data.unwrap()[&item.key].clone();
+    assert_eq!(
+        roots,
+        sinew_control::credentials::CredentialFile::read(&cp.credentials)
+            .unwrap()
+            .roots,
+        "the published roots are the control plane's"
+    );
+    std::fs::write(volume.join(&item.path), &roots).unwrap();
+    let in_volume = |a: &String| a.replace(&mount.mount_path, volume.to_str().unwrap());
+    for v in env.values_mut() {
+        *v = in_volume(v);
+    }
+    let args: Vec<String> = proxy.args.as_ref().unwrap().iter().map(in_volume).collect();
     assert_ne!(
         &args,
         proxy.args.as_ref().unwrap(),
@@ -793,13 +833,14 @@ async fn the_installed_control_plane_and_webhook_start_as_configured() {
         .collect();
     let _control = run(containers["control"], &mut ports);
     let control = ports["15010"];
+    let data_volume = &volumes["data"];
     wait::until(
         "the installed control plane is healthy",
         TIMEOUT,
         || async move {
-            match sinew_api::v1::admin_client::AdminClient::connect(format!("http://{control}"))
-                .await
-            {
+            // The admin credential it wrote on first start, in its data volume.
+            let cred = data_volume.join("admin.credentials");
+            match mesh::admin_client(&format!("https://{control}"), &cred).await {
                 Ok(mut c) => c
                     .health(sinew_api::v1::HealthRequest {})
                     .await
@@ -878,5 +919,5 @@ async fn the_installed_control_plane_and_webhook_start_as_configured() {
         .unwrap();
     assert_eq!(proxy["image"], "example.test/sinew:1.2.3");
     let env = proxy["env"].as_array().unwrap();
-    assert!(env.contains(&json!({"name": "SINEW_CONTROL_PLANE", "value": "http://sinew-control.sinew-system.svc:15010"})));
+    assert!(env.contains(&json!({"name": "SINEW_CONTROL_PLANE", "value": "https://sinew-control.sinew-system.svc:15010"})));
 }

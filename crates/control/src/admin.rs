@@ -9,6 +9,7 @@ use sinew_model::resource::ResourceKey;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Operator, Role};
 use crate::index::{Command, MeshState};
 use crate::store::Store;
 
@@ -44,6 +45,16 @@ impl AdminService {
     pub fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
         self.telemetry = telemetry;
         self
+    }
+
+    /// The operator making `req`, if its credential allows `what` (see
+    /// [`crate::auth::operator`]).
+    fn authorize<T>(&self, req: &Request<T>, need: Role, what: &str) -> Result<Operator, Status> {
+        let op = crate::auth::operator(req, &self.store, self.identity.trust_domain(), need, what);
+        if let Err(e) = &op {
+            tracing::info!(call = what, reason = e.message(), "operator call refused");
+        }
+        op
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
@@ -92,6 +103,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::StatRequest>,
     ) -> Result<Response<api::StatResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Viewer, "stat")?;
         self.telemetry
             .stat(req.get_ref(), std::time::Instant::now())
             .map(Response::new)
@@ -102,6 +114,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::TopRequest>,
     ) -> Result<Response<api::TopResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Viewer, "top")?;
         Ok(Response::new(
             self.telemetry.top(req.get_ref(), std::time::Instant::now()),
         ))
@@ -111,6 +124,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::EdgesRequest>,
     ) -> Result<Response<api::EdgesResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Viewer, "edges")?;
         Ok(Response::new(
             self.telemetry
                 .edges(req.get_ref(), std::time::Instant::now()),
@@ -118,6 +132,7 @@ impl Admin for AdminService {
     }
 
     async fn tap(&self, req: Request<api::TapRequest>) -> Result<Response<TapStream>, Status> {
+        let _caller = self.authorize(&req, Role::Operator, "tap")?;
         let filter = req.into_inner().filter.unwrap_or_default();
         let rx = self
             .telemetry
@@ -131,6 +146,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::ApplyRequest>,
     ) -> Result<Response<api::ApplyResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Operator, "apply")?;
         let req = req.into_inner();
         let sources = req.sources.into_iter().map(|s| (s.label, s.text)).collect();
         let out = self
@@ -158,6 +174,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::GetRequest>,
     ) -> Result<Response<api::GetResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Viewer, "get")?;
         let req = req.into_inner();
         let kind = canonical_kind(&req.kind)
             .ok_or_else(|| Status::invalid_argument(format!("unknown kind {:?}", req.kind)))?;
@@ -186,6 +203,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::DeleteRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Operator, "delete")?;
         let mut keys = Vec::new();
         for k in req.into_inner().keys {
             let kind = canonical_kind(&k.kind)
@@ -213,8 +231,9 @@ impl Admin for AdminService {
 
     async fn proxy_status(
         &self,
-        _: Request<api::ProxyStatusRequest>,
+        req: Request<api::ProxyStatusRequest>,
     ) -> Result<Response<api::ProxyStatusResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Viewer, "proxy-status")?;
         let records = self.ask(|reply| Command::Status { reply }).await?;
         let revision = self.state.borrow().revision;
         let proxies = records
@@ -246,8 +265,9 @@ impl Admin for AdminService {
 
     async fn health(
         &self,
-        _: Request<api::HealthRequest>,
+        req: Request<api::HealthRequest>,
     ) -> Result<Response<api::HealthResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Viewer, "health")?;
         let store = self.store.clone();
         let check = tokio::task::spawn_blocking(move || store.check())
             .await
@@ -283,6 +303,7 @@ impl Admin for AdminService {
         &self,
         req: Request<api::RotateCaRequest>,
     ) -> Result<Response<api::RotateCaResponse>, Status> {
+        let _caller = self.authorize(&req, Role::Admin, "ca rotate")?;
         let req = req.into_inner();
         let identity = self.identity.clone();
         let message = match req.phase.as_str() {
@@ -327,27 +348,167 @@ impl Admin for AdminService {
         &self,
         req: Request<api::CreateJoinTokenRequest>,
     ) -> Result<Response<api::JoinToken>, Status> {
+        let caller = self.authorize(&req, Role::Admin, "token create")?;
         let req = req.into_inner();
-        let ttl = match req.ttl_seconds {
-            0 => crate::identity::DEFAULT_TOKEN_TTL,
-            s => std::time::Duration::from_secs(s),
-        };
         let ns = if req.namespace.is_empty() {
             "default".to_owned()
         } else {
             req.namespace
         };
         let identity = self.identity.clone();
-        let (token, id, expires_unix) = tokio::task::spawn_blocking(move || {
-            identity.create_token(&ns, &req.service_account, ttl)
+        let ttl = std::time::Duration::from_secs(req.ttl_seconds);
+        let by = caller.name.clone();
+        let (token, stored, id) = tokio::task::spawn_blocking(move || {
+            identity.create_token(&ns, &req.service_account, ttl, req.uses, &by)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(Status::invalid_argument)?;
+        // The token itself is never logged: only its id.
+        tracing::info!(id = %stored.id, %id, uses = ?stored.uses_left, by = %caller.name, "join token created");
         Ok(Response::new(api::JoinToken {
             token,
             spiffe_id: id.to_string(),
-            expires_unix,
+            expires_unix: stored.expires_unix,
+            id: stored.id,
+            uses: stored.uses_left.unwrap_or(0),
         }))
     }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<api::ListJoinTokensRequest>,
+    ) -> Result<Response<api::ListJoinTokensResponse>, Status> {
+        self.authorize(&req, Role::Admin, "token list")?;
+        let store = self.store.clone();
+        let now = unix_now();
+        let tokens = tokio::task::spawn_blocking(move || store.tokens(now))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let td = self.identity.trust_domain().to_owned();
+        let mut tokens: Vec<api::JoinTokenInfo> = tokens
+            .into_iter()
+            .map(|(hash, t)| api::JoinTokenInfo {
+                id: if t.id.is_empty() {
+                    hash.get(..12).unwrap_or(&hash).to_owned()
+                } else {
+                    t.id
+                },
+                spiffe_id: sinew_tls::SpiffeId::workload(&td, &t.namespace, &t.service_account)
+                    .to_string(),
+                expires_unix: t.expires_unix,
+                uses_left: t.uses_left.unwrap_or(0),
+                created_unix: t.created_unix,
+                created_by: t.created_by,
+            })
+            .collect();
+        tokens.sort_by(|a, b| a.created_unix.cmp(&b.created_unix).then(a.id.cmp(&b.id)));
+        Ok(Response::new(api::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<api::RevokeJoinTokenRequest>,
+    ) -> Result<Response<api::RevokeJoinTokenResponse>, Status> {
+        let caller = self.authorize(&req, Role::Admin, "token revoke")?;
+        let id = req.into_inner().id;
+        let store = self.store.clone();
+        let now = unix_now();
+        let which = id.clone();
+        let n = tokio::task::spawn_blocking(move || store.revoke_token(&which, now))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if n == 0 {
+            return Err(Status::not_found(format!(
+                "no join token {id:?} (see `sinew token list`)"
+            )));
+        }
+        tracing::info!(%id, by = %caller.name, "join token revoked");
+        Ok(Response::new(api::RevokeJoinTokenResponse {}))
+    }
+
+    async fn create_credential(
+        &self,
+        req: Request<api::CreateCredentialRequest>,
+    ) -> Result<Response<api::Credential>, Status> {
+        let caller = self.authorize(&req, Role::Admin, "credentials create")?;
+        let req = req.into_inner();
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "role {:?}: expected viewer, operator or admin",
+                req.role
+            ))
+        })?;
+        let identity = self.identity.clone();
+        let ttl = std::time::Duration::from_secs(req.ttl_seconds);
+        let name = req.name.clone();
+        let (certificate_pem, expires_unix) = tokio::task::spawn_blocking(move || {
+            identity.issue_credential(&name, role, &req.csr_der, ttl)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::invalid_argument)?;
+        tracing::info!(name = %req.name, role = role.as_str(), by = %caller.name, "credential issued");
+        Ok(Response::new(api::Credential {
+            name: req.name,
+            role: role.as_str().to_owned(),
+            certificate_pem,
+            roots_pem: self.identity.roots_pem(),
+            expires_unix,
+            trust_domain: self.identity.trust_domain().to_owned(),
+        }))
+    }
+
+    async fn list_credentials(
+        &self,
+        req: Request<api::ListCredentialsRequest>,
+    ) -> Result<Response<api::ListCredentialsResponse>, Status> {
+        self.authorize(&req, Role::Admin, "credentials list")?;
+        let mut credentials: Vec<api::CredentialInfo> = self
+            .store
+            .credentials()
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .into_iter()
+            .map(|(fingerprint, c)| api::CredentialInfo {
+                name: c.name,
+                role: c.role,
+                expires_unix: c.expires_unix,
+                revoked: c.revoked,
+                fingerprint,
+                created_unix: c.created_unix,
+            })
+            .collect();
+        credentials.sort_by(|a, b| {
+            a.created_unix
+                .cmp(&b.created_unix)
+                .then(a.name.cmp(&b.name))
+        });
+        Ok(Response::new(api::ListCredentialsResponse { credentials }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        req: Request<api::RevokeCredentialRequest>,
+    ) -> Result<Response<api::RevokeCredentialResponse>, Status> {
+        let caller = self.authorize(&req, Role::Admin, "credentials revoke")?;
+        let name = req.into_inner().name;
+        let n = self
+            .store
+            .revoke_credentials(&name)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // The name is revoked as of now even with no record of it here (a
+        // credential issued by another replica sharing the CA).
+        tracing::warn!(%name, recorded = n, by = %caller.name, "credential revoked");
+        Ok(Response::new(api::RevokeCredentialResponse {
+            revoked: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }

@@ -36,6 +36,110 @@ pub struct DiscoveryService {
     identity: Arc<crate::identity::Identity>,
     quotas: Arc<crate::quota::Quotas>,
     telemetry: Arc<crate::telemetry::Telemetry>,
+    owners: Arc<Owners>,
+    /// Bootstraps in progress (each may call the Kubernetes TokenReview API): a flood
+    /// of them is refused rather than queued against the API server.
+    bootstraps: Arc<tokio::sync::Semaphore>,
+}
+
+/// Bootstraps handled at once; more are refused with `RESOURCE_EXHAUSTED`.
+const MAX_BOOTSTRAPS: usize = 32;
+
+/// Which identity owns each proxy name: the one that streamed under it last. Another
+/// identity may take the name only once the owner has been gone for the grace period
+/// (its workload is then deregistered too).
+#[derive(Debug, Default)]
+struct Owners {
+    names: std::sync::Mutex<std::collections::HashMap<String, Owner>>,
+    grace: std::time::Duration,
+}
+
+#[derive(Debug)]
+struct Owner {
+    id: sinew_tls::SpiffeId,
+    streams: usize,
+    left: Option<std::time::Instant>,
+}
+
+impl Owners {
+    /// Takes `proxy` for `id` (one more stream), or says who holds it.
+    fn take(&self, proxy: &str, id: &sinew_tls::SpiffeId) -> Result<(), Status> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        names.retain(|_, o| {
+            o.streams > 0 || o.left.is_none_or(|t| now.duration_since(t) < self.grace)
+        });
+        match names.get_mut(proxy) {
+            Some(o) if o.id != *id => Err(Status::permission_denied(format!(
+                "the proxy name {proxy} belongs to {}; {id} cannot take it",
+                o.id
+            ))),
+            Some(o) => {
+                o.streams += 1;
+                o.left = None;
+                Ok(())
+            }
+            None => {
+                names.insert(
+                    proxy.to_owned(),
+                    Owner {
+                        id: id.clone(),
+                        streams: 1,
+                        left: None,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// One stream of `proxy` ended.
+    fn release(&self, proxy: &str) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = names.get_mut(proxy) {
+            o.streams = o.streams.saturating_sub(1);
+            if o.streams == 0 {
+                o.left = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// `proxy` belongs to no authenticated identity now (for the migration
+    /// window's unauthenticated streams).
+    fn unowned(&self, proxy: &str) -> Result<(), Status> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        names.retain(|_, o| {
+            o.streams > 0 || o.left.is_none_or(|t| now.duration_since(t) < self.grace)
+        });
+        match names.get(proxy) {
+            Some(o) => Err(Status::permission_denied(format!(
+                "the proxy name {proxy} belongs to {}: a plaintext stream cannot take it",
+                o.id
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// `proxy` is streaming now, under `id`.
+    fn streaming(&self, proxy: &str, id: &sinew_tls::SpiffeId) -> bool {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .get(proxy)
+            .is_some_and(|o| o.streams > 0 && o.id == *id)
+    }
+}
+
+/// Ends a stream's ownership of its name when the stream task ends, however it ends.
+struct OwnedName {
+    owners: Arc<Owners>,
+    proxy: String,
+}
+
+impl Drop for OwnedName {
+    fn drop(&mut self) {
+        self.owners.release(&self.proxy);
+    }
 }
 
 impl DiscoveryService {
@@ -55,7 +159,22 @@ impl DiscoveryService {
             identity,
             quotas: Arc::new(crate::quota::Quotas::default()),
             telemetry: Arc::new(crate::telemetry::Telemetry::default()),
+            owners: Arc::new(Owners {
+                grace: std::time::Duration::from_secs(30),
+                ..Owners::default()
+            }),
+            bootstraps: Arc::new(tokio::sync::Semaphore::new(MAX_BOOTSTRAPS)),
         }
+    }
+
+    /// How long a proxy name stays its identity's after its last stream ended (the
+    /// registration grace period).
+    pub fn with_grace(mut self, grace: std::time::Duration) -> Self {
+        self.owners = Arc::new(Owners {
+            grace,
+            ..Owners::default()
+        });
+        self
     }
 
     /// The telemetry the proxies' streams feed (stats, taps), for the Admin API.
@@ -309,9 +428,20 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<PushStream>, Status> {
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        // A proxy of an earlier release on the plaintext migration window has no
+        // certificate: it is served as before, its claims unverified, and it may
+        // not take a name an authenticated proxy holds.
+        let legacy = crate::auth::peer(&req).is_some_and(|p| p.plaintext);
+        let caller = if legacy {
+            None
+        } else {
+            Some(crate::auth::workload(&req, self.identity.trust_domain())?)
+        };
+        let peer = crate::auth::peer(&req)
+            .map(|p| p.remote.to_string())
+            .unwrap_or_default();
         let mut inbound = req.into_inner();
-        let hello = match inbound.message().await? {
+        let mut hello = match inbound.message().await? {
             Some(ProxyMessage {
                 kind: Some(proxy_message::Kind::Hello(h)),
             }) => h,
@@ -322,12 +452,41 @@ impl Discovery for DiscoveryService {
             }
         };
         let (ns, proxy) = proxy_name(&hello.namespace, &hello.name)?;
+        let ns = ns.to_owned();
+        if let Some(caller) = &caller {
+            authorize_hello(caller, &ns, &proxy, hello.registration.as_mut())?;
+        }
+        let ns = ns.as_str();
         let capture = hello.capture.as_ref().map(capture_spec).transpose()?;
         let workload = hello
             .registration
             .as_ref()
             .map(|r| workload(ns, &hello.name, r).map(Box::new))
             .transpose()?;
+        // A workload registered earlier under this name (e.g. before a restart of
+        // the control plane) is its identity's.
+        let owned = match &caller {
+            Some(caller) => {
+                if let Some(r) = self.state.borrow().registrations.get(&proxy) {
+                    let account = r.workload.spec.service_account();
+                    if Some(account) != caller.workload_parts().map(|(_, sa)| sa) {
+                        return Err(Status::permission_denied(format!(
+                            "the proxy name {proxy} is registered for service account {account:?}; {caller} cannot take it"
+                        )));
+                    }
+                }
+                self.owners.take(&proxy, caller)?;
+                Some(OwnedName {
+                    owners: self.owners.clone(),
+                    proxy: proxy.clone(),
+                })
+            }
+            None => {
+                self.owners.unowned(&proxy)?;
+                tracing::warn!(%proxy, %peer, "a proxy streams on the plaintext migration window: its claims are not verified; upgrade it");
+                None
+            }
+        };
         let stream = self.streams.fetch_add(1, Ordering::Relaxed);
         let registered = workload.as_deref().cloned();
         let index = self.index.clone();
@@ -353,9 +512,10 @@ impl Discovery for DiscoveryService {
             .as_ref()
             .map(|r| r.service.clone())
             .unwrap_or_default();
-        let proxy_ns = ns.to_owned();
         let mut bundle = identity.bundle();
+        let proxy_ns = ns.to_owned();
         tokio::spawn(async move {
+            let _owned = owned;
             let telemetry = telemetry.connect(&proxy, &service, stream, tx.clone());
             let mut sent: Option<View> = None;
             let mut nonce = 0u64;
@@ -439,7 +599,13 @@ impl Discovery for DiscoveryService {
                             let _ = index.send(Command::Acked { proxy: proxy.clone(), version: ack.version, error }).await;
                         }
                         Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Csr(req)) })) => {
-                            let msg = match identity.authenticate_and_issue(&proxy_ns, &req.join_token, &req.csr_der).await {
+                            // A renewal is for the identity the stream proved; a
+                            // token in it is looked at only on the migration window.
+                            let issued = match &caller {
+                                Some(caller) => identity.renew(caller, &req.csr_der),
+                                None => identity.issue(&proxy_ns, &req.join_token, &req.csr_der),
+                            };
+                            let msg = match issued {
                                 Ok((chain_pem, id, not_after, signer)) => {
                                     tracing::info!(%proxy, %id, "certificate issued");
                                     let _ = index.send(Command::CertIssued { proxy: proxy.clone(), signer }).await;
@@ -490,8 +656,24 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<api::ReportRequest>,
     ) -> Result<Response<api::ReportReply>, Status> {
+        let legacy = crate::auth::peer(&req).is_some_and(|p| p.plaintext);
+        let caller = if legacy {
+            None
+        } else {
+            Some(crate::auth::workload(&req, self.identity.trust_domain())?)
+        };
         let req = req.into_inner();
         let (_, proxy) = proxy_name(&req.namespace, &req.name)?;
+        if let Some(caller) = &caller
+            && !self.owners.streaming(&proxy, caller)
+        {
+            return Err(Status::permission_denied(format!(
+                "{caller} has no stream as {proxy}: a proxy reports only its own traffic"
+            )));
+        }
+        if caller.is_none() {
+            self.owners.unowned(&proxy)?;
+        }
         let stats = req.stats.unwrap_or_default();
         if !self
             .telemetry
@@ -503,6 +685,88 @@ impl Discovery for DiscoveryService {
         }
         Ok(Response::new(api::ReportReply {}))
     }
+
+    async fn bootstrap(
+        &self,
+        req: Request<api::BootstrapRequest>,
+    ) -> Result<Response<api::Certificate>, Status> {
+        let Ok(_slot) = self.bootstraps.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(
+                "too many bootstraps in progress; retry shortly",
+            ));
+        };
+        let req = req.into_inner();
+        let (ns, proxy) = proxy_name(&req.namespace, &req.name)?;
+        let name = proxy.rsplit('/').next().unwrap_or_default().to_owned();
+        match self
+            .identity
+            .bootstrap(ns, &name, &req.token, &req.csr_der)
+            .await
+        {
+            Ok((chain_pem, id, not_after, signer)) => {
+                tracing::info!(%proxy, %id, "bootstrap certificate issued");
+                let _ = self
+                    .index
+                    .send(Command::CertIssued {
+                        proxy: proxy.clone(),
+                        signer,
+                    })
+                    .await;
+                Ok(Response::new(api::Certificate {
+                    chain_pem,
+                    roots_pem: self.identity.roots_pem(),
+                    not_after_unix: not_after
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                    error: String::new(),
+                }))
+            }
+            Err(error) => {
+                tracing::warn!(%proxy, %error, "bootstrap refused");
+                Err(Status::unauthenticated(error))
+            }
+        }
+    }
+}
+
+/// What a proxy's Hello may claim, given the identity its certificate proves: its
+/// own namespace, its own service account (filled in when the registration leaves it
+/// empty), and a service of that account's. A service is its account's when they
+/// share a name: the convention Kubernetes deployments follow, and the one rule that
+/// needs no second source of truth.
+fn authorize_hello(
+    caller: &sinew_tls::SpiffeId,
+    ns: &str,
+    proxy: &str,
+    registration: Option<&mut api::Registration>,
+) -> Result<(), Status> {
+    let Some((id_ns, id_sa)) = caller.workload_parts() else {
+        return Err(Status::permission_denied(format!(
+            "{caller} is not a workload identity"
+        )));
+    };
+    if id_ns != ns {
+        return Err(Status::permission_denied(format!(
+            "{caller} cannot be the proxy {proxy}: a proxy's namespace is its identity's ({id_ns})"
+        )));
+    }
+    if let Some(r) = registration {
+        if r.service_account.is_empty() {
+            r.service_account = id_sa.to_owned();
+        } else if r.service_account != id_sa {
+            return Err(Status::permission_denied(format!(
+                "{caller} cannot register a workload of service account {:?}",
+                r.service_account
+            )));
+        }
+        if !r.service.is_empty() && r.service != id_sa {
+            return Err(Status::permission_denied(format!(
+                "{caller} cannot register under the service {:?}: a workload serves the service named like its service account ({id_sa})",
+                r.service
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,8 +21,16 @@ use crate::store::{Store, StoredToken};
 
 /// Default certificate lifetime.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Default join-token lifetime.
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default join-token lifetime: a bootstrap credential is for starting a proxy now.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The longest a join token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most bootstraps one join token may allow.
+pub const MAX_TOKEN_USES: u32 = 10_000;
+/// Default lifetime of an operator credential.
+pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The longest an operator credential may live.
+pub const MAX_CREDENTIAL_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Trust-anchor rotation phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +58,10 @@ struct CaState {
     signing: Arc<Ca>,
     next: Option<Arc<Ca>>,
     previous_roots: Option<String>,
+    /// During a rotation: the new CA's certificate issued by the old root (PEM), so
+    /// that a client still holding only the old root verifies the control plane
+    /// once the new root signs.
+    cross: Option<String>,
 }
 
 impl CaState {
@@ -95,6 +107,9 @@ pub struct TokenSubject {
     pub namespace: String,
     /// Service account.
     pub service_account: String,
+    /// The Pod the token is bound to, if it is (a projected token names its Pod):
+    /// the proxy must then be named after it.
+    pub pod: Option<String>,
 }
 
 /// Checks bootstrap tokens that are not Sinew join tokens (e.g. Kubernetes
@@ -118,6 +133,8 @@ pub struct Identity {
     store: Store,
     issued: AtomicU64,
     bundle: tokio::sync::watch::Sender<BundleState>,
+    /// Where the admin credential lives and the server it names, once written.
+    admin_file: std::sync::Mutex<Option<(std::path::PathBuf, String)>>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -176,11 +193,13 @@ impl Identity {
             _ => None,
         };
         let previous_roots = read("previous-roots.pem");
+        let cross = read("cross.pem");
         Ok(Self::build(
             CaState {
                 signing: Arc::new(signing),
                 next,
                 previous_roots,
+                cross,
             },
             Some(dir.to_path_buf()),
             trust_domain,
@@ -196,6 +215,7 @@ impl Identity {
                 signing: Arc::new(ca),
                 next: None,
                 previous_roots: None,
+                cross: None,
             },
             None,
             trust_domain,
@@ -224,6 +244,7 @@ impl Identity {
             issued: AtomicU64::new(0),
             reviewer: std::sync::OnceLock::new(),
             bundle,
+            admin_file: std::sync::Mutex::new(None),
         }
     }
 
@@ -302,11 +323,17 @@ impl Identity {
                 (ca, key)
             }
         };
+        let cross = st
+            .signing
+            .cross_sign(&ca, Duration::from_secs(365 * 24 * 3600))
+            .map_err(|e| e.to_string())?;
         write_private(&dir.join("next-key.pem"), &key_pem)?;
         std::fs::write(dir.join("next.pem"), ca.cert_pem() + &ca.chain_pem())
             .map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("cross.pem"), &cross).map_err(|e| e.to_string())?;
         let fp = fingerprint(&ca);
         st.next = Some(Arc::new(ca));
+        st.cross = Some(cross);
         drop(st);
         self.publish(false);
         Ok(format!(
@@ -342,6 +369,9 @@ impl Identity {
         st.previous_roots = Some(previous);
         drop(st);
         self.publish(true);
+        // The admin credential's certificate comes from the retiring root: a new one
+        // from the new root, with both roots, before anyone is told to finish.
+        self.refresh_admin_credential()?;
         Ok("the new root signs; every proxy is renewing; run `sinew ca rotate finish` when `sinew check` shows all on the new root".into())
     }
 
@@ -356,19 +386,27 @@ impl Identity {
             ));
         }
         st.previous_roots = None;
+        st.cross = None;
         let _ = std::fs::remove_file(dir.join("previous-roots.pem"));
+        let _ = std::fs::remove_file(dir.join("cross.pem"));
         drop(st);
         self.publish(false);
+        self.refresh_admin_credential()?;
         Ok("the old root is retired".into())
     }
 
-    /// Creates a join token for `namespace`/`account`.
+    /// Creates a join token for `namespace`/`account`, good for `uses` bootstraps
+    /// (at least 1) until `ttl` (default 1 h, at most 7 days) passes. The token
+    /// names the signing root by its SHA-256, so the proxy can verify the control
+    /// plane before trusting it. Returns the token and what `sinew token list` shows.
     pub fn create_token(
         &self,
         namespace: &str,
         account: &str,
         ttl: Duration,
-    ) -> Result<(String, SpiffeId, i64), String> {
+        uses: u32,
+        created_by: &str,
+    ) -> Result<(String, crate::store::StoredToken, SpiffeId), String> {
         let valid = |s: &str| {
             !s.is_empty()
                 && s.len() <= 253
@@ -380,30 +418,223 @@ impl Identity {
                 "{namespace:?}/{account:?} is not a valid namespace/service account"
             ));
         }
+        if account == sinew_tls::api::CONTROL_ACCOUNT {
+            return Err(format!(
+                "{account:?} is the control plane's own service account: no proxy may take it"
+            ));
+        }
+        let ttl = if ttl.is_zero() {
+            DEFAULT_TOKEN_TTL
+        } else {
+            ttl
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(format!(
+                "a join token lives at most {} days",
+                MAX_TOKEN_TTL.as_secs() / 86_400
+            ));
+        }
+        let uses = uses.max(1);
+        if uses > MAX_TOKEN_USES {
+            return Err(format!("a join token allows at most {MAX_TOKEN_USES} uses"));
+        }
         let mut bytes = [0u8; 32];
         ring::rand::SystemRandom::new()
             .fill(&mut bytes)
             .map_err(|_| "the system random source failed".to_owned())?;
         let token = format!(
-            "sinew.{}",
+            "{JOIN_TOKEN_PREFIX}{}.{}",
+            self.signing_root_hash(),
             bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let expires = unix(SystemTime::now() + ttl);
+        let hash = sha256_hex(&token);
+        let now = SystemTime::now();
+        let stored = StoredToken {
+            namespace: namespace.to_owned(),
+            service_account: account.to_owned(),
+            expires_unix: unix(now + ttl),
+            uses_left: Some(uses),
+            id: hash[..12].to_owned(),
+            created_unix: unix(now),
+            created_by: created_by.to_owned(),
+        };
         self.store
-            .put_token(
-                &sha256_hex(&token),
-                &StoredToken {
-                    namespace: namespace.to_owned(),
-                    service_account: account.to_owned(),
-                    expires_unix: expires,
-                },
-            )
+            .put_token(&hash, &stored)
             .map_err(|e| e.to_string())?;
         Ok((
             token,
+            stored,
             SpiffeId::workload(&self.trust_domain, namespace, account),
-            expires,
         ))
+    }
+
+    /// Writes the admin credential to `path` (owner-only), for `server`, and
+    /// remembers where, so that a root rotation writes it again from the new root.
+    pub fn write_admin_credential(
+        &self,
+        path: &std::path::Path,
+        server: &str,
+    ) -> Result<(), String> {
+        let (key, csr) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
+        let (certificate, expires) =
+            self.issue_credential("admin", crate::auth::Role::Admin, &csr, MAX_CREDENTIAL_TTL)?;
+        crate::credentials::CredentialFile {
+            server: server.to_owned(),
+            name: "admin".into(),
+            role: crate::auth::Role::Admin.as_str().into(),
+            trust_domain: self.trust_domain.clone(),
+            expires: crate::auth::rfc3339(u64::try_from(expires).unwrap_or(0)),
+            certificate,
+            key,
+            roots: self.roots_pem(),
+        }
+        .write(path)
+        .map_err(|e| format!("cannot write the admin credential: {e}"))?;
+        *self.admin_file.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((path.to_path_buf(), server.to_owned()));
+        Ok(())
+    }
+
+    /// Where the admin credential was written, for `server`: remembered without
+    /// writing (an existing file is the operator's).
+    pub fn remember_admin_credential(&self, path: &std::path::Path, server: &str) {
+        *self.admin_file.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((path.to_path_buf(), server.to_owned()));
+    }
+
+    /// Writes the admin credential again (a root rotation moved on), if this control
+    /// plane wrote one and it is still there.
+    fn refresh_admin_credential(&self) -> Result<(), String> {
+        let known = self
+            .admin_file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match known {
+            Some((path, server)) if path.exists() => {
+                self.write_admin_credential(&path, &server)?;
+                tracing::info!(path = %path.display(), "admin credential rewritten for the new root");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// SHA-256 (hex) of the root the signing CA chains to: what join tokens carry.
+    pub fn signing_root_hash(&self) -> String {
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        st.signing
+            .roots()
+            .first()
+            .map(sinew_tls::api::cert_hash)
+            .unwrap_or_default()
+    }
+
+    /// A certificate for the control plane itself: `…/ns/<namespace>/sa/sinew-control`
+    /// with `dns` and `ips` beside it, server and client. Returns `(key PEM, chain PEM
+    /// ending with the roots, not_after)`: the roots go with the chain so that a
+    /// proxy holding only a join token's root hash finds the root to pin.
+    pub fn control_certificate(
+        &self,
+        namespace: &str,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String, SystemTime), String> {
+        let (key, csr) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
+        let id = SpiffeId::workload(
+            &self.trust_domain,
+            namespace,
+            sinew_tls::api::CONTROL_ACCOUNT,
+        );
+        let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let profile = sinew_tls::Profile {
+            server: true,
+            client: true,
+            dns_names: dns.to_vec(),
+            ips: ips.to_vec(),
+        };
+        let issued = st
+            .signing
+            .sign_csr_as(&csr, &id, self.cert_ttl, &profile)
+            .map_err(|e| e.to_string())?;
+        let mut chain = issued.chain_pem;
+        if st.next.is_none()
+            && let Some(cross) = &st.cross
+        {
+            // Reissuing: the new root signs; the cross-certificate links it to the
+            // old root for clients that hold only that.
+            chain.push_str(cross);
+        }
+        chain.push_str(&st.roots_pem());
+        Ok((key, chain, issued.not_after))
+    }
+
+    /// Issues an operator credential for `csr_der`:
+    /// `spiffe://<td>/operator/<role>/<name>`, client authentication only (no mesh
+    /// identity). The role is the CA's statement, so every replica sharing the CA
+    /// reads it alike; the record kept here lists it and marks it when revoked.
+    /// Returns `(certificate PEM, expiry)`.
+    pub fn issue_credential(
+        &self,
+        name: &str,
+        role: crate::auth::Role,
+        csr_der: &[u8],
+        ttl: Duration,
+    ) -> Result<(String, i64), String> {
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(format!(
+                "{name:?} is not a valid credential name (lowercase letters, digits, '-', '.')"
+            ));
+        }
+        let ttl = if ttl.is_zero() {
+            DEFAULT_CREDENTIAL_TTL
+        } else {
+            ttl
+        };
+        if ttl > MAX_CREDENTIAL_TTL {
+            return Err("a credential lives at most 366 days".into());
+        }
+        let id: SpiffeId = format!(
+            "spiffe://{}/operator/{}/{name}",
+            self.trust_domain,
+            role.as_str()
+        )
+        .parse()
+        .map_err(|e| format!("credential name {name:?}: {e}"))?;
+        let signing = self
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .signing
+            .clone();
+        let issued = signing
+            .sign_csr_as(csr_der, &id, ttl, &sinew_tls::Profile::operator())
+            .map_err(|e| format!("refused: {e}"))?;
+        let leaf = sinew_tls::certs_from_pem("certificate", &issued.chain_pem)
+            .map_err(|e| e.to_string())?;
+        let fp = leaf
+            .first()
+            .map(sinew_tls::api::cert_hash)
+            .ok_or("no certificate issued")?;
+        let expires = unix(issued.not_after);
+        self.store
+            .put_credential(
+                &fp,
+                &crate::store::StoredCredential {
+                    name: name.to_owned(),
+                    role: role.as_str().to_owned(),
+                    expires_unix: expires,
+                    created_unix: unix(SystemTime::now()),
+                    revoked: false,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        Ok((issued.chain_pem, expires))
     }
 
     /// Sets how tokens that are not join tokens are checked (once; later calls are
@@ -412,13 +643,14 @@ impl Identity {
         self.reviewer.set(reviewer).is_ok()
     }
 
-    /// Issues a certificate for the proxy in `proxy_namespace` that presents `token`
-    /// (a join token, or, with a [`TokenReviewer`], a token it accepts) and
-    /// `csr_der`. Returns `(chain PEM, SPIFFE id, not_after, signer)` or why it was
-    /// refused.
-    pub async fn authenticate_and_issue(
+    /// A proxy's bootstrap: issues a certificate for the proxy in `proxy_namespace`
+    /// that presents `token` (a join token, spent by this; or, with a
+    /// [`TokenReviewer`], a token it accepts) and `csr_der`. Returns `(chain PEM,
+    /// SPIFFE id, not_after, signer)` or why it was refused.
+    pub async fn bootstrap(
         &self,
         proxy_namespace: &str,
+        proxy_name: &str,
         token: &str,
         csr_der: &[u8],
     ) -> Result<(String, SpiffeId, SystemTime, String), String> {
@@ -431,42 +663,63 @@ impl Identity {
                         subject.namespace
                     ));
                 }
+                if let Some(pod) = subject.pod.as_deref().filter(|p| *p != proxy_name) {
+                    return Err(format!(
+                        "the service-account token is bound to the pod {pod:?}; the proxy is {proxy_name:?}"
+                    ));
+                }
                 self.sign(&subject.namespace, &subject.service_account, csr_der)
             }
             _ => self.issue(proxy_namespace, token, csr_der),
         }
     }
 
-    /// Issues a certificate for the proxy in `proxy_namespace` that presents the join
-    /// token `token` and `csr_der`. Returns `(chain PEM, SPIFFE id, not_after,
-    /// signer)` or why it was refused.
+    /// Spends one use of the join token `token` for a proxy in `proxy_namespace` and
+    /// issues a certificate for its identity and `csr_der`. Returns `(chain PEM,
+    /// SPIFFE id, not_after, signer)` or why it was refused.
     pub fn issue(
         &self,
         proxy_namespace: &str,
         token: &str,
         csr_der: &[u8],
     ) -> Result<(String, SpiffeId, SystemTime, String), String> {
+        use crate::store::SpendError;
         if token.is_empty() {
             return Err(
-                "no join token: start the proxy with --join-token (see `sinew token create`)"
+                "no join token: start the proxy with --join-token-file (see `sinew token create`)"
                     .into(),
             );
         }
+        // The CSR is checked before the token is spent: a malformed request does
+        // not cost a single-use token.
+        sinew_tls::Ca::check_csr(csr_der).map_err(|e| format!("refused: {e}"))?;
         let binding = self
             .store
-            .token(&sha256_hex(token))
-            .map_err(|e| e.to_string())?
-            .ok_or("unknown join token")?;
-        if binding.expires_unix < unix(SystemTime::now()) {
-            return Err("the join token has expired".into());
-        }
-        if binding.namespace != proxy_namespace {
-            return Err(format!(
-                "the join token is for namespace {:?}, the proxy is in {proxy_namespace:?}",
-                binding.namespace
-            ));
-        }
+            .spend_token(&sha256_hex(token), proxy_namespace, unix(SystemTime::now()))
+            .map_err(|e| match e {
+                SpendError::Unknown => {
+                    "unknown join token (never issued, already used up, or revoked)".to_owned()
+                }
+                SpendError::Expired => "the join token has expired".to_owned(),
+                SpendError::Namespace(ns) => format!(
+                    "the join token is for namespace {ns:?}, the proxy is in {proxy_namespace:?}"
+                ),
+                SpendError::Store(e) => e,
+            })?;
         self.sign(&binding.namespace, &binding.service_account, csr_der)
+    }
+
+    /// Renews the certificate of a proxy whose stream proved `id` (a workload id):
+    /// the new certificate is for the same identity, whatever the CSR asks.
+    pub fn renew(
+        &self,
+        id: &SpiffeId,
+        csr_der: &[u8],
+    ) -> Result<(String, SpiffeId, SystemTime, String), String> {
+        let (ns, sa) = id
+            .workload_parts()
+            .ok_or_else(|| format!("{id} is not a workload identity"))?;
+        self.sign(ns, sa, csr_der)
     }
 
     fn sign(

@@ -9,6 +9,8 @@
 //! the [`telemetry`]; the [`admin`] API serves the CLI.
 
 pub mod admin;
+pub mod auth;
+pub mod credentials;
 pub mod dir;
 pub mod discovery;
 pub mod identity;
@@ -57,6 +59,20 @@ pub struct ControlOptions {
     /// Where the CA lives (`ca.pem`, `ca-key.pem`, rotation state), generated on first
     /// start if empty; default `<data-dir>/ca`. Ignored with `ca_files`.
     pub ca_dir: Option<PathBuf>,
+    /// The control plane's namespace: its certificate is
+    /// `spiffe://<td>/ns/<namespace>/sa/sinew-control`. Default `sinew-system`.
+    pub namespace: String,
+    /// Names and addresses clients reach it by, besides `localhost`, the host's name,
+    /// the loopback addresses and the listen address: they go into its certificate.
+    pub server_names: Vec<String>,
+    /// Where the admin credential is written on first start (when no file is there);
+    /// default `<data-dir>/admin.credentials`.
+    pub admin_credentials: Option<PathBuf>,
+    /// The URL written into the admin credential; default `https://<listen>` (the
+    /// loopback address for an unspecified listen address).
+    pub advertise: Option<String>,
+    /// Caps on callers (handshakes, connections, streams, message sizes).
+    pub limits: auth::Limits,
 }
 
 impl ControlOptions {
@@ -73,6 +89,11 @@ impl ControlOptions {
             ca_files: None,
             cert_ttl: identity::DEFAULT_CERT_TTL,
             ca_dir: None,
+            namespace: "sinew-system".to_owned(),
+            server_names: Vec::new(),
+            admin_credentials: None,
+            advertise: None,
+            limits: auth::Limits::default(),
         }
     }
 }
@@ -86,6 +107,9 @@ pub enum StartError {
     /// The CA could not be loaded or created.
     #[error("certificate authority: {0}")]
     Ca(#[from] sinew_tls::TlsError),
+    /// The control plane's own certificate or the admin credential could not be made.
+    #[error("{0}")]
+    Credentials(String),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -164,26 +188,50 @@ impl ControlPlane {
         })?;
         let (stop, stopped) = oneshot::channel::<()>();
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        // The control plane's own certificate, rotated like a workload's.
+        let (dns, ips) = server_names(&opts, addr);
+        let own = sinew_tls::CertStore::new();
+        install_own_certificate(&identity, &own, &opts.namespace, &dns, &ips)
+            .map_err(StartError::Credentials)?;
+        tasks.push(tokio::spawn(rotate_own_certificate(
+            identity.clone(),
+            own.clone(),
+            opts.namespace.clone(),
+            dns,
+            ips,
+        )));
+        write_admin_credential(&opts, addr, &identity).map_err(StartError::Credentials)?;
+        let tls = sinew_tls::api::control_server_config(&own)
+            .map_err(|e| StartError::Credentials(e.to_string()))?;
+        let limits = opts.limits.clone();
+        let (incoming, accept) = auth::incoming(listener, tls, limits.clone());
+        tasks.push(accept);
         let discovery = discovery::DiscoveryService::new(
             index.clone(),
             state.clone(),
             stopping,
             identity.clone(),
-        );
+        )
+        .with_grace(opts.grace_period);
         let admin = admin::AdminService::new(index.clone(), state, store, identity.clone())
             .with_telemetry(discovery.telemetry());
         let server = tokio::spawn(async move {
-            // Nagle off on every accepted connection: pushes and answers are small
-            // writes, and with Nagle each could wait for the peer's delayed ACK
-            // (40 ms on Linux). `Server::tcp_nodelay` is ignored for an incoming
-            // stream of our own, so the incoming sets it.
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(DiscoveryServer::new(discovery))
-                .add_service(AdminServer::new(admin))
+                .max_concurrent_streams(Some(limits.streams_per_connection))
+                // A peer that opens and resets streams in a loop (CVE-2023-44487's
+                // rapid reset) is cut off, as is one that makes the server reset many.
+                .http2_max_pending_accept_reset_streams(Some(64))
+                .http2_max_local_error_reset_streams(Some(256))
+                .http2_max_header_list_size(Some(64 * 1024))
+                .add_service(
+                    DiscoveryServer::new(discovery)
+                        .max_decoding_message_size(limits.max_message_bytes),
+                )
+                .add_service(
+                    AdminServer::new(admin).max_decoding_message_size(limits.max_message_bytes),
+                )
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.await;
                     let _ = stopping_tx.send(true);
@@ -230,6 +278,108 @@ impl ControlPlane {
         }
         let _ = (&mut self.server).await;
     }
+}
+
+/// The DNS names and addresses that go into the control plane's certificate.
+fn server_names(opts: &ControlOptions, addr: SocketAddr) -> (Vec<String>, Vec<std::net::IpAddr>) {
+    let mut dns = vec!["localhost".to_owned()];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim().to_ascii_lowercase();
+        if !h.is_empty() && !dns.contains(&h) {
+            dns.push(h);
+        }
+    }
+    let mut ips: Vec<std::net::IpAddr> = vec![
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ];
+    if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+        ips.push(addr.ip());
+    }
+    for n in &opts.server_names {
+        match n.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !dns.contains(n) => dns.push(n.clone()),
+            Err(_) => {}
+        }
+    }
+    (dns, ips)
+}
+
+fn install_own_certificate(
+    identity: &identity::Identity,
+    own: &sinew_tls::CertStore,
+    namespace: &str,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> Result<std::time::SystemTime, String> {
+    let (key, chain, not_after) = identity.control_certificate(namespace, dns, ips)?;
+    own.set_trust_bundle(&identity.roots_pem())
+        .map_err(|e| format!("the control plane's trust bundle: {e}"))?;
+    own.install(&key, &chain)
+        .map_err(|e| format!("the control plane's certificate: {e}"))?;
+    Ok(not_after)
+}
+
+/// Renews the control plane's certificate at about 70% of its life, and at once
+/// when the roots change (a rotation: the new root must be in its chain, and the
+/// bundle it verifies clients with must be the new one).
+async fn rotate_own_certificate(
+    identity: std::sync::Arc<identity::Identity>,
+    own: std::sync::Arc<sinew_tls::CertStore>,
+    namespace: String,
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+) {
+    let mut bundle = identity.bundle();
+    bundle.borrow_and_update();
+    loop {
+        let left = own
+            .not_after()
+            .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+            .unwrap_or(Duration::ZERO);
+        let renew = left.mul_f64(0.7).max(Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(renew) => {}
+            changed = bundle.changed() => if changed.is_err() { return },
+        }
+        bundle.borrow_and_update();
+        match install_own_certificate(&identity, &own, &namespace, &dns, &ips) {
+            Ok(_) => tracing::info!("control plane certificate renewed"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew the control plane's certificate");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+/// Writes the admin credential on first start: when no file is where it goes.
+fn write_admin_credential(
+    opts: &ControlOptions,
+    addr: SocketAddr,
+    identity: &identity::Identity,
+) -> Result<(), String> {
+    let path = opts
+        .admin_credentials
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join(credentials::ADMIN_FILE));
+    let server = opts.advertise.clone().unwrap_or_else(|| {
+        let ip = if addr.ip().is_unspecified() {
+            std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            addr.ip()
+        };
+        format!("https://{}", SocketAddr::new(ip, addr.port()))
+    });
+    if path.exists() {
+        identity.remember_admin_credential(&path, &server);
+        return Ok(());
+    }
+    identity.write_admin_credential(&path, &server)?;
+    tracing::info!(path = %path.display(), "admin credential written (sinew --credentials, or SINEW_CREDENTIALS)");
+    Ok(())
 }
 
 impl Drop for ControlPlane {

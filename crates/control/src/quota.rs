@@ -113,7 +113,10 @@ impl Quotas {
                 .iter()
                 .filter(|(_, v)| v.is_finite() && **v > 0.0)
                 .take(MAX_KEYS)
-                .map(|(k, v)| (k.clone(), *v))
+                // A proxy's word is bounded: no key can arrive faster, as far as
+                // sharing goes, than the whole limit's rate (a demand of 1e300 would
+                // otherwise take every share from the honest proxies).
+                .map(|(k, v)| (k.clone(), v.min(rate)))
                 .collect();
             let reports = limits.entry(d.limit.clone()).or_default();
             reports.insert(proxy.to_owned(), Report { at: now, keys });
@@ -255,12 +258,19 @@ mod tests {
         assert_eq!(l.limits.len(), 1);
         assert_eq!(l.limits[0].proxies, 1);
         assert_eq!(l.limits[0].keys[""].requests_per_second, 90.0);
+        // Demand counts at most at the limit's rate (90): 200 and 100 weigh 90 each.
         let l = q.report("shop/b", &demand("shop/p/all", &[("", 100.0)]), &state, t);
         assert_eq!(l.limits[0].proxies, 2);
-        assert_eq!(l.limits[0].keys[""].requests_per_second, 30.0);
-        assert_eq!(l.limits[0].keys[""].burst, 10);
+        assert_eq!(l.limits[0].keys[""].requests_per_second, 45.0);
+        assert_eq!(l.limits[0].keys[""].burst, 15);
         let l = q.report("shop/a", &demand("shop/p/all", &[("", 200.0)]), &state, t);
-        assert_eq!(l.limits[0].keys[""].requests_per_second, 60.0);
+        assert_eq!(l.limits[0].keys[""].requests_per_second, 45.0);
+        // Below the rate, demand is taken as reported: 60 against 90 of 90.
+        let l = q.report("shop/b", &demand("shop/p/all", &[("", 60.0)]), &state, t);
+        assert_eq!(l.limits[0].keys[""].requests_per_second, 36.0);
+        // A demand of 1e300 takes no more than one of 90 would.
+        let l = q.report("shop/a", &demand("shop/p/all", &[("", 1e300)]), &state, t);
+        assert_eq!(l.limits[0].keys[""].requests_per_second, 54.0);
         // A proxy of another service cannot claim a share; nor can anyone of a
         // limit that does not exist.
         let l = q.report("shop/other", &demand("shop/p/all", &[("", 1e9)]), &state, t);

@@ -17,6 +17,11 @@ const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents"
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// Credential names revoked, with when (seconds since the epoch): a certificate of
+/// that name issued before then is refused, even one this store has no record of
+/// (issued by another replica sharing the CA).
+const REVOKED_NAMES: TableDefinition<&str, i64> = TableDefinition::new("revoked_credential_names");
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,48 @@ pub struct StoredToken {
     pub service_account: String,
     /// Expiry, seconds since the epoch.
     pub expires_unix: i64,
+    /// Bootstraps left; the token is removed when it reaches zero. `None` for a
+    /// token stored before tokens were counted (usable until it expires).
+    #[serde(default)]
+    pub uses_left: Option<u32>,
+    /// The id shown by `sinew token list` (a prefix of the hash, not a secret).
+    #[serde(default)]
+    pub id: String,
+    /// When it was created, seconds since the epoch.
+    #[serde(default)]
+    pub created_unix: i64,
+    /// The operator credential that created it.
+    #[serde(default)]
+    pub created_by: String,
+}
+
+/// Why a token could not be spent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpendError {
+    /// No such token (never issued, spent, or revoked).
+    Unknown,
+    /// It expired.
+    Expired,
+    /// It is for another namespace.
+    Namespace(String),
+    /// The store failed.
+    Store(String),
+}
+
+/// An operator credential, stored under the SHA-256 of its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCredential {
+    /// Who holds it.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_unix: i64,
+    /// Created, seconds since the epoch.
+    pub created_unix: i64,
+    /// Revoked: every call with it is refused.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// A workload registered by a proxy.
@@ -105,6 +152,8 @@ impl Store {
             txn.open_table(REGISTRATIONS)?;
             txn.open_table(META)?;
             txn.open_table(TOKENS)?;
+            txn.open_table(CREDENTIALS)?;
+            txn.open_table(REVOKED_NAMES)?;
             Ok(())
         })?;
         Ok(store)
@@ -230,6 +279,194 @@ impl Store {
         serde_json::from_slice(v.value())
             .map(Some)
             .map_err(|e| self.fail(format!("token binding is corrupt: {e}")))
+    }
+
+    /// Spends one use of the token with this hash, for a proxy in `namespace`:
+    /// checked and counted in one write transaction, so two proxies racing with a
+    /// single-use token cannot both win. A token whose uses run out is removed;
+    /// an expired one is removed too.
+    pub fn spend_token(
+        &self,
+        hash: &str,
+        namespace: &str,
+        now_unix: i64,
+    ) -> Result<StoredToken, SpendError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| SpendError::Store(e.to_string()))?;
+        let result = (|| {
+            let mut t = txn
+                .open_table(TOKENS)
+                .map_err(|e| SpendError::Store(e.to_string()))?;
+            let stored: StoredToken = {
+                let Some(v) = t.get(hash).map_err(|e| SpendError::Store(e.to_string()))? else {
+                    return Err(SpendError::Unknown);
+                };
+                serde_json::from_slice(v.value())
+                    .map_err(|e| SpendError::Store(format!("token binding is corrupt: {e}")))?
+            };
+            if stored.expires_unix < now_unix {
+                t.remove(hash)
+                    .map_err(|e| SpendError::Store(e.to_string()))?;
+                return Ok(Err(SpendError::Expired));
+            }
+            if stored.namespace != namespace {
+                return Err(SpendError::Namespace(stored.namespace));
+            }
+            match stored.uses_left {
+                Some(n) if n <= 1 => {
+                    t.remove(hash)
+                        .map_err(|e| SpendError::Store(e.to_string()))?;
+                }
+                Some(n) => {
+                    let mut next = stored.clone();
+                    next.uses_left = Some(n - 1);
+                    let bytes =
+                        serde_json::to_vec(&next).map_err(|e| SpendError::Store(e.to_string()))?;
+                    t.insert(hash, bytes.as_slice())
+                        .map_err(|e| SpendError::Store(e.to_string()))?;
+                }
+                None => {}
+            }
+            Ok(Ok(stored))
+        })();
+        match result {
+            // Committed: a use was spent, or an expired token was cleared away.
+            Ok(outcome) => {
+                txn.commit().map_err(|e| SpendError::Store(e.to_string()))?;
+                outcome
+            }
+            Err(e) => {
+                let _ = txn.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Every stored token binding (with its hash), expired ones removed first.
+    pub fn tokens(&self, now_unix: i64) -> Result<Vec<(String, StoredToken)>, StoreError> {
+        self.write(|txn| {
+            let mut t = txn.open_table(TOKENS)?;
+            let mut out = Vec::new();
+            let mut expired = Vec::new();
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let Ok(tok) = serde_json::from_slice::<StoredToken>(v.value()) else {
+                    continue;
+                };
+                if tok.expires_unix < now_unix {
+                    expired.push(k.value().to_owned());
+                } else {
+                    out.push((k.value().to_owned(), tok));
+                }
+            }
+            for k in expired {
+                t.remove(k.as_str())?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// Removes the tokens whose id or hash is `id`; returns how many.
+    pub fn revoke_token(&self, id: &str, now_unix: i64) -> Result<usize, StoreError> {
+        let hashes: Vec<String> = self
+            .tokens(now_unix)?
+            .into_iter()
+            .filter(|(h, t)| !id.is_empty() && (t.id == id || h == id))
+            .map(|(h, _)| h)
+            .collect();
+        self.write(|txn| {
+            let mut t = txn.open_table(TOKENS)?;
+            for h in &hashes {
+                t.remove(h.as_str())?;
+            }
+            Ok(hashes.len())
+        })
+    }
+
+    /// Stores an operator credential under its certificate's SHA-256.
+    pub fn put_credential(
+        &self,
+        fingerprint: &str,
+        c: &StoredCredential,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(c).map_err(|e| self.fail(e))?;
+        self.write(|txn| {
+            txn.open_table(CREDENTIALS)?
+                .insert(fingerprint, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The credential whose certificate has this SHA-256, if any.
+    pub fn credential(&self, fingerprint: &str) -> Result<Option<StoredCredential>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let t = txn.open_table(CREDENTIALS).map_err(|e| self.fail(e))?;
+        let Some(v) = t.get(fingerprint).map_err(|e| self.fail(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| self.fail(format!("credential record is corrupt: {e}")))
+    }
+
+    /// Every credential, with its fingerprint.
+    pub fn credentials(&self) -> Result<Vec<(String, StoredCredential)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
+        let t = txn.open_table(CREDENTIALS).map_err(|e| self.fail(e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| self.fail(e))? {
+            let (k, v) = entry.map_err(|e| self.fail(e))?;
+            if let Ok(c) = serde_json::from_slice::<StoredCredential>(v.value()) {
+                out.push((k.value().to_owned(), c));
+            }
+        }
+        Ok(out)
+    }
+
+    /// True when `name` was revoked after `cert` was issued (its notBefore).
+    pub fn name_revoked(&self, name: &str, cert: &rustls::pki_types::CertificateDer<'_>) -> bool {
+        let Ok(txn) = self.db.begin_read() else {
+            // Unreadable store: refuse rather than let a revoked name through.
+            return true;
+        };
+        let Ok(t) = txn.open_table(REVOKED_NAMES) else {
+            return true;
+        };
+        let Ok(Some(at)) = t.get(name) else {
+            return false;
+        };
+        let issued = x509_parser::parse_x509_certificate(cert)
+            .map(|(_, c)| c.validity().not_before.timestamp())
+            .unwrap_or(i64::MIN);
+        // notBefore is backdated a minute (clock slack): a certificate whose
+        // notBefore is before the revocation was issued before it, or just after.
+        issued + 60 <= at.value()
+    }
+
+    /// Marks every credential named `name` revoked, and the name as of now; returns
+    /// how many recorded credentials were.
+    pub fn revoke_credentials(&self, name: &str) -> Result<usize, StoreError> {
+        let all = self.credentials()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.write(|txn| {
+            txn.open_table(REVOKED_NAMES)?.insert(name, now)?;
+            let mut t = txn.open_table(CREDENTIALS)?;
+            let mut n = 0;
+            for (fp, mut c) in all {
+                if c.name == name && !c.revoked {
+                    c.revoked = true;
+                    let bytes = serde_json::to_vec(&c)
+                        .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+                    t.insert(fp.as_str(), bytes.as_slice())?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
     }
 
     /// A cheap health check: a read transaction succeeds.

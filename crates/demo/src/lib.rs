@@ -65,7 +65,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// What runs where: the object `sinew demo --json` prints on its first line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DemoInfo {
-    /// The control plane's Admin/Discovery gRPC URL, e.g. `http://127.0.0.1:41000`.
+    /// The control plane's Admin/Discovery gRPC URL (TLS), e.g. `https://127.0.0.1:41000`.
     pub control_plane: String,
     /// The entry point URL (the load generator's sidecar binding to `frontend:http`).
     pub entry: String,
@@ -73,6 +73,8 @@ pub struct DemoInfo {
     pub entry_grpc: String,
     /// The control plane's data directory (removed at exit).
     pub data_dir: String,
+    /// The admin credential the control plane wrote (`sinew --credentials FILE`).
+    pub credentials: String,
     /// Every sidecar: the five service instances, then `loadgen`.
     pub proxies: Vec<ProxyInfo>,
 }

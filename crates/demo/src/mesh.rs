@@ -148,11 +148,36 @@ async fn start_mesh(
             data_dir.display().to_string(),
         ],
     )?;
-    let channel = Endpoint::from_shared(cp_url.clone())?
+    // The control plane writes its admin credential on first start; the demo calls
+    // it with that, as an operator would.
+    let cred_path = data_dir.join(sinew_control::credentials::ADMIN_FILE);
+    let cred = wait_until(
+        "the control plane's admin credential",
+        deadline,
+        children,
+        true,
+        || {
+            let p = cred_path.clone();
+            async move {
+                if !p.exists() {
+                    return Err(format!("{} not written yet", p.display()));
+                }
+                sinew_control::credentials::CredentialFile::read(&p)
+            }
+        },
+    )
+    .await?;
+    let tls = sinew_tls::api::control_client_config(
+        sinew_tls::api::ControlTrust::from_pem("admin credential roots", &cred.roots)?,
+        sinew_tls::api::ClientAuth::Static {
+            chain_pem: cred.certificate.clone(),
+            key_pem: cred.key.clone(),
+        },
+    )?;
+    let endpoint = sinew_api::channel::endpoint(&cp_url)?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(PROBE_TIMEOUT)
-        .connect_lazy();
-    let admin = AdminClient::new(channel);
+        .timeout(PROBE_TIMEOUT);
+    let admin = AdminClient::new(sinew_api::channel::connect_lazy(endpoint, tls));
     wait_until(
         "the control plane's health (store_ok)",
         deadline,
@@ -202,7 +227,9 @@ async fn start_mesh(
                 .create_join_token(CreateJoinTokenRequest {
                     namespace: NAMESPACE.to_owned(),
                     service_account: account.clone(),
-                    ttl_seconds: 24 * 3600,
+                    // One proxy bootstraps with it, now.
+                    ttl_seconds: 3600,
+                    uses: 1,
                 })
                 .await
                 .map_err(|s| anyhow!("cannot create a join token for {account}: {}", s.message()))?
@@ -467,6 +494,10 @@ fn print_info(
         info.entry, info.entry_grpc
     ));
     out.push_str(&format!("  logs           {}\n", logs.display()));
+    out.push_str(&format!(
+        "  operator       SINEW_CREDENTIALS={} sinew stat -n demo   (admin credential)\n",
+        info.credentials
+    ));
     out.push_str(&format!(
         "  {:<13} {:<11} {:<8} {:<23} {:<23} {:<23} {}\n",
         "INSTANCE", "SERVICE", "VERSION", "APP HTTP", "APP GRPC", "PROXY ADMIN", "INBOUND"

@@ -161,7 +161,7 @@ impl Plan {
 
     /// The control plane's URL.
     pub(crate) fn control_plane_url(&self) -> String {
-        format!("http://{}", self.control_plane)
+        format!("https://{}", self.control_plane)
     }
 
     /// The entry point's URL.
@@ -302,6 +302,7 @@ impl Plan {
             entry: self.entry_url(),
             entry_grpc: format!("http://{}", self.entry_grpc),
             data_dir: data_dir.to_owned(),
+            credentials: format!("{data_dir}/{}", sinew_control::credentials::ADMIN_FILE),
             proxies,
         }
     }

@@ -111,7 +111,7 @@ impl Default for InjectConfig {
         InjectConfig {
             image: default_image(),
             image_pull_policy: None,
-            control_plane: "http://sinew-control.sinew-system.svc:15010".into(),
+            control_plane: "https://sinew-control.sinew-system.svc:15010".into(),
             token_audience: "sinew".into(),
             token_expiration_seconds: 3600,
             proxy_uid: 1337,

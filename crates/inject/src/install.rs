@@ -65,7 +65,7 @@ impl InstallOptions {
 
     /// The control plane's address as proxies in the cluster reach it.
     pub fn control_plane_url(namespace: &str) -> String {
-        format!("http://{CONTROL_NAME}.{namespace}.svc:{CONTROL_PORT}")
+        format!("https://{CONTROL_NAME}.{namespace}.svc:{CONTROL_PORT}")
     }
 
     /// Checks the options, naming the bad one.
@@ -274,6 +274,13 @@ fn deployment(o: &InstallOptions) -> Value {
                                 "--token-audience", i.token_audience,
                                 "--ca-cert", "/etc/sinew/ca/ca.pem",
                                 "--ca-key", "/etc/sinew/ca/ca-key.pem",
+                                // The names in its certificate (TLS only; clients
+                                // verify it as .../sa/sinew-control).
+                                "--server-name", CONTROL_NAME,
+                                "--server-name", format!("{CONTROL_NAME}.{ns}"),
+                                "--server-name", format!("{CONTROL_NAME}.{ns}.svc"),
+                                "--server-name", format!("{CONTROL_NAME}.{ns}.svc.cluster.local"),
+                                "--advertise", format!("https://{CONTROL_NAME}.{ns}.svc:{CONTROL_PORT}"),
                             ],
                             "env": [
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -289,6 +290,13 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
             env("SINEW_PROXY_NAME", "$(POD_NAMESPACE)/$(POD_NAME)"),
             env("SINEW_CONTROL_PLANE", c.control_plane.clone()),
             env("SINEW_TOKEN_AUDIENCE", c.token_audience.clone()),
+            // The mesh roots (the control plane's `sinew-root` ConfigMap, in the
+            // token's volume): the sidecar verifies the control plane with them
+            // before it shows its token.
+            env(
+                "SINEW_CONTROL_PLANE_CA",
+                format!("{TOKEN_DIR}/{ROOTS_FILE}"),
+            ),
             // Probes come from the kubelet, so the admin listener is on the pod's
             // address; capture leaves its port alone.
             env("SINEW_PROXY_ADMIN", format!("0.0.0.0:{}", c.admin_port)),
@@ -406,20 +414,39 @@ pub fn init_container(c: &InjectConfig) -> Container {
     }
 }
 
-/// The projected service-account token, minted for the control plane's audience.
+/// The mesh roots' file in the token's volume.
+pub const ROOTS_FILE: &str = "roots.pem";
+
+/// The projected service-account token, minted for the control plane's audience, and
+/// beside it the mesh roots from the ConfigMap `sinew-root` that the control plane
+/// keeps in every namespace.
 pub fn token_volume(c: &InjectConfig) -> Volume {
     Volume {
         name: TOKEN_VOLUME.into(),
         projected: Some(ProjectedVolumeSource {
             default_mode: Some(0o444),
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(c.token_audience.clone()),
-                    expiration_seconds: Some(c.token_expiration_seconds),
-                    path: TOKEN_FILE.into(),
-                }),
-                ..Default::default()
-            }]),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(c.token_audience.clone()),
+                        expiration_seconds: Some(c.token_expiration_seconds),
+                        path: TOKEN_FILE.into(),
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "sinew-root".into(),
+                        items: Some(vec![KeyToPath {
+                            key: "roots.pem".into(),
+                            path: ROOTS_FILE.into(),
+                            mode: None,
+                        }]),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                },
+            ]),
         }),
         ..Default::default()
     }

@@ -17,6 +17,7 @@ pub mod crd;
 pub mod leader;
 pub mod rbac;
 pub mod review;
+pub mod roots;
 pub mod schema;
 pub mod source;
 pub mod status;
@@ -64,6 +65,15 @@ pub struct KubernetesOptions {
     pub token_audience: Option<String>,
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Connects to the API server (`KUBECONFIG`, `~/.kube/config`, or the in-cluster service
 /// account), makes the control plane's CA accept service-account tokens (TokenReview), and
 /// starts the Kubernetes source feeding `control`. Returns the source's task; it ends
@@ -73,6 +83,7 @@ pub async fn start(
     opts: KubernetesOptions,
 ) -> Result<tokio::task::JoinHandle<Result<(), source::SourceError>>, kube::Error> {
     let client = Client::try_default().await?;
+    let control_index = control.index();
     let audience = opts
         .token_audience
         .unwrap_or_else(|| review::DEFAULT_AUDIENCE.to_owned());
@@ -82,5 +93,10 @@ pub async fn start(
             client.clone(),
             audience,
         )));
-    Ok(tokio::spawn(run(client, control.index(), opts.source)))
+    let roots = tokio::spawn(roots::publish(client.clone(), control.identity()));
+    Ok(tokio::spawn(async move {
+        // The roots' publisher lives as long as the source.
+        let _roots = AbortOnDrop(roots);
+        run(client, control_index, opts.source).await
+    }))
 }

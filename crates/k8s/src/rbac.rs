@@ -5,6 +5,7 @@
 //!   kinds it reads ([`crate::crd`]).
 //! - Write only the `status` subresource of those custom kinds, and create Events.
 //! - Create TokenReviews (proxies' service-account tokens).
+//! - Read namespaces and write the ConfigMap `sinew-root` (the mesh roots) in each.
 //! - Its Lease, in its own namespace only ([`lease_role`]).
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
@@ -39,6 +40,13 @@ pub fn cluster_role() -> ClusterRole {
             &["authentication.k8s.io"],
             vec!["tokenreviews".into()],
             &["create"],
+        ),
+        // The mesh roots, published in every namespace (`sinew-root`).
+        rule(&[""], vec!["namespaces".into()], READ),
+        rule(
+            &[""],
+            vec!["configmaps".into()],
+            &["get", "create", "patch"],
         ),
     ];
     let kinds: Vec<&Kind> = SINEW_KINDS

@@ -3,9 +3,11 @@
 //! The token must be valid for the audience the control plane expects (default `sinew`:
 //! a token meant for the API server itself is refused), and must belong to a service
 //! account (`system:serviceaccount:<namespace>:<name>`); the certificate is issued for that
-//! namespace and service account.
+//! namespace and service account. An answer that names no audiences is refused: an API
+//! server that ignored the requested audience would otherwise pass any of the
+//! account's tokens. A token bound to a Pod names it, and the proxy must be that Pod's.
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use sinew_control::identity::{ReviewFuture, TokenReviewer, TokenSubject};
@@ -37,7 +39,43 @@ pub fn service_account(username: &str) -> Option<TokenSubject> {
     (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then(|| TokenSubject {
         namespace: ns.to_owned(),
         service_account: sa.to_owned(),
+        pod: None,
     })
+}
+
+/// Who a TokenReview's answer says the token belongs to, for `audience`; or why it
+/// is refused.
+pub fn subject_of(status: TokenReviewStatus, audience: &str) -> Result<TokenSubject, String> {
+    if status.authenticated != Some(true) {
+        return Err(format!(
+            "the service-account token was refused by the API server{}",
+            status
+                .error
+                .filter(|e| !e.is_empty())
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    match &status.audiences {
+        Some(auds) if auds.iter().any(|a| a == audience) => {}
+        Some(_) => return Err(format!("the token is not meant for audience {audience:?}")),
+        None => {
+            return Err(format!(
+                "the API server's review names no audiences: cannot tell the token is meant for {audience:?}"
+            ));
+        }
+    }
+    let user = status.user.unwrap_or_default();
+    let name = user.username.clone().unwrap_or_default();
+    let mut subject =
+        service_account(&name).ok_or_else(|| format!("{name:?} is not a service account"))?;
+    subject.pod = user
+        .extra
+        .as_ref()
+        .and_then(|e| e.get("authentication.kubernetes.io/pod-name"))
+        .and_then(|v| v.first())
+        .cloned();
+    Ok(subject)
 }
 
 impl TokenReviewer for KubeTokenReviewer {
@@ -56,29 +94,13 @@ impl TokenReviewer for KubeTokenReviewer {
                 .create(&PostParams::default(), &review)
                 .await
                 .map_err(|e| format!("cannot review the service-account token: {e}"))?;
-            let status = answer.status.unwrap_or_default();
-            if status.authenticated != Some(true) {
-                return Err(format!(
-                    "the service-account token was refused by the API server{}",
-                    status
-                        .error
-                        .filter(|e| !e.is_empty())
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                ));
-            }
-            if let Some(auds) = &status.audiences
-                && !auds.contains(&audience)
-            {
-                return Err(format!("the token is not meant for audience {audience:?}"));
-            }
-            let user = status.user.and_then(|u| u.username).unwrap_or_default();
-            service_account(&user).ok_or_else(|| format!("{user:?} is not a service account"))
+            subject_of(answer.status.unwrap_or_default(), &audience)
         })
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -92,5 +114,43 @@ mod tests {
         );
         assert!(service_account("admin").is_none());
         assert!(service_account("system:serviceaccount:shop").is_none());
+    }
+
+    fn status(audiences: Option<Vec<&str>>, pod: Option<&str>) -> TokenReviewStatus {
+        use k8s_openapi::api::authentication::v1::UserInfo;
+        TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: audiences.map(|a| a.into_iter().map(str::to_owned).collect()),
+            user: Some(UserInfo {
+                username: Some("system:serviceaccount:shop:cart".into()),
+                extra: pod.map(|p| {
+                    [(
+                        "authentication.kubernetes.io/pod-name".to_owned(),
+                        vec![p.to_owned()],
+                    )]
+                    .into_iter()
+                    .collect()
+                }),
+                ..UserInfo::default()
+            }),
+            ..TokenReviewStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_review_must_name_the_audience_and_may_bind_a_pod() {
+        let ok = subject_of(status(Some(vec!["sinew"]), Some("cart-7d9")), "sinew")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.service_account, "cart");
+        assert_eq!(ok.pod.as_deref(), Some("cart-7d9"));
+        let none = subject_of(status(None, None), "sinew").unwrap_err();
+        assert!(none.contains("names no audiences"), "{none}");
+        let other = subject_of(status(Some(vec!["api"]), None), "sinew").unwrap_err();
+        assert!(other.contains("not meant for audience"), "{other}");
+        let mut refused = status(Some(vec!["sinew"]), None);
+        refused.authenticated = Some(false);
+        refused.error = Some("invalid bearer token".into());
+        let e = subject_of(refused, "sinew").unwrap_err();
+        assert!(e.contains("invalid bearer token"), "{e}");
     }
 }

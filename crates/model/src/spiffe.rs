@@ -117,6 +117,26 @@ impl SpiffeId {
         &self.path
     }
 
+    /// `(namespace, service account)` of a workload id, exactly
+    /// `/ns/<namespace>/sa/<account>`; `None` for any other path (e.g. an operator's).
+    pub fn workload_parts(&self) -> Option<(&str, &str)> {
+        let mut parts = self.path.split('/').skip(1);
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
+                if !ns.is_empty() && !sa.is_empty() =>
+            {
+                Some((ns, sa))
+            }
+            _ => None,
+        }
+    }
+
     /// The namespace of a `/ns/<ns>/sa/<sa>` id.
     pub fn namespace(&self) -> Option<&str> {
         let mut parts = self.path.split('/').skip(1);

@@ -49,7 +49,7 @@ const MAX_LEASE_TTL_MS: u64 = 10_000;
 /// Who the proxy is to the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlSettings {
-    /// The control plane, e.g. `http://127.0.0.1:15010`.
+    /// The control plane, e.g. `https://127.0.0.1:15010`.
     pub url: String,
     /// `namespace/name` of this proxy.
     pub proxy: String,
@@ -59,9 +59,13 @@ pub struct ControlSettings {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
-    /// The join token that proves this proxy's identity; with it the proxy gets a
-    /// certificate and speaks mTLS to its peers.
+    /// The bootstrap credential that proves this proxy's identity once (a join token,
+    /// or a Kubernetes service-account token): with it the proxy gets its first
+    /// certificate, and every stream after is authenticated by the certificate.
     pub join_token: Option<String>,
+    /// Roots (PEM file) that verify the control plane at bootstrap; without it, the
+    /// root hash a join token carries does.
+    pub control_plane_ca: Option<std::path::PathBuf>,
     /// Where the token lives, if it came from a file: it is read again before every
     /// certificate request, so a token that is replaced on disk (a Kubernetes projected
     /// service-account token, rotated by the kubelet) is the one presented.
@@ -96,6 +100,7 @@ impl ControlSettings {
             max_backoff: Duration::from_secs(5),
             join_token: None,
             join_token_file: None,
+            control_plane_ca: None,
             stats_interval: STATS_INTERVAL,
             capture: None,
         }
@@ -239,28 +244,126 @@ pub async fn run(settings: ControlSettings, applier: Applier) {
 }
 
 impl Client {
-    /// One stream. Returns whether a push was received (to reset the backoff).
-    async fn session(&mut self) -> Result<bool, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.settings.url.clone())
-            .map_err(|e| format!("invalid control-plane URL {:?}: {e}", self.settings.url))?
-            .connect_timeout(Duration::from_secs(2))
+    /// The endpoint of the control plane with this client's HTTP/2 settings.
+    fn endpoint(&self) -> Result<tonic::transport::Endpoint, String> {
+        Ok(sinew_api::channel::endpoint(&self.settings.url)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             // No HPACK dynamic table for what the control plane sends us: it would
             // hold one per proxy connection (up to 4 KiB each, filled by the `date`
             // of every report's answer) to save a few bytes on small answers.
-            .http2_header_table_size(0);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let mut client = DiscoveryClient::new(channel);
-        let (tx, rx) = mpsc::channel(16);
-        let (namespace, name) = self.settings.proxy.split_once('/').map_or(
+            .http2_header_table_size(0))
+    }
+
+    /// The proxy's `(namespace, name)`.
+    fn names(&self) -> (String, String) {
+        self.settings.proxy.split_once('/').map_or(
             ("default".to_owned(), self.settings.proxy.clone()),
             |(a, b)| (a.to_owned(), b.to_owned()),
-        );
+        )
+    }
+
+    /// Reads the token file again, if there is one: a token replaced on disk (a
+    /// projected service-account token the kubelet rotated) is the one presented.
+    async fn refresh_token(&mut self) {
+        if let Some(file) = &self.settings.join_token_file {
+            match tokio::fs::read_to_string(file).await {
+                Ok(t) if !t.trim().is_empty() => {
+                    self.settings.join_token = Some(t.trim().to_owned())
+                }
+                Ok(_) => {
+                    tracing::warn!(file = %file.display(), "the join-token file is empty; presenting the last token read")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot read the join-token file; presenting the last token read")
+                }
+            }
+        }
+    }
+
+    /// The proxy's first certificate: its bootstrap credential and a CSR, over TLS
+    /// that verifies the control plane by the roots it was given or by the root hash
+    /// in its join token (never trust on first use).
+    async fn bootstrap(&mut self) -> Result<(), String> {
+        self.refresh_token().await;
+        let Some(token) = self.settings.join_token.clone() else {
+            let msg = "no certificate and no join token: start the proxy with --join-token-file (see `sinew token create`)".to_owned();
+            self.applier.set_error(Some(msg.clone()));
+            return Err(msg);
+        };
+        let trust = match &self.settings.control_plane_ca {
+            Some(path) => {
+                let pem = tokio::fs::read_to_string(path).await.map_err(|e| {
+                    format!(
+                        "{}: cannot read the control plane's roots: {e}",
+                        path.display()
+                    )
+                })?;
+                sinew_tls::api::ControlTrust::from_pem("control-plane roots", &pem)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => match join_token_root(&token) {
+                Some(hash) => sinew_tls::api::ControlTrust::Pinned(hash.to_owned()),
+                None => {
+                    let msg = "the bootstrap token carries no root hash (not a `sinew token create` token): give --control-plane-ca with the mesh roots".to_owned();
+                    self.applier.set_error(Some(msg.clone()));
+                    return Err(msg);
+                }
+            },
+        };
+        let tls = sinew_tls::api::control_client_config(trust, sinew_tls::api::ClientAuth::None)
+            .map_err(|e| e.to_string())?;
+        let channel = sinew_api::channel::connect(self.endpoint()?, tls)
+            .await
+            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+        let (key, csr_der) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
+        let (namespace, name) = self.names();
+        let cert = DiscoveryClient::new(channel)
+            .bootstrap(sinew_api::v1::BootstrapRequest {
+                namespace,
+                name,
+                csr_der,
+                token,
+            })
+            .await
+            .map_err(|s| {
+                let msg = format!("bootstrap refused by the control plane: {}", s.message());
+                self.applier.set_error(Some(msg.clone()));
+                msg
+            })?
+            .into_inner();
+        self.pending_key = Some(key);
+        self.install_certificate(cert);
+        if self.applier.shared().certs.is_ready() {
+            Ok(())
+        } else {
+            Err("the bootstrap certificate was not installed".into())
+        }
+    }
+
+    /// One stream. Returns whether a push was received (to reset the backoff).
+    async fn session(&mut self) -> Result<bool, String> {
+        // A proxy without a certificate (or with one that expired while the control
+        // plane was away) bootstraps first; everything after rides the certificate.
+        let certs = self.applier.shared().certs.clone();
+        let expired = certs.not_after().is_none_or(|t| t <= SystemTime::now());
+        if !certs.is_ready() || expired {
+            self.bootstrap().await?;
+        }
+        let tls = sinew_tls::api::control_client_config(
+            sinew_tls::api::ControlTrust::Store(certs.clone()),
+            sinew_tls::api::ClientAuth::Store(certs),
+        )
+        .map_err(|e| e.to_string())?;
+        let channel = sinew_api::channel::connect(self.endpoint()?, tls)
+            .await
+            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+        let mut client = DiscoveryClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        let (namespace, name) = self.names();
         let reporter = Reporter {
             client: client.clone(),
             namespace: namespace.clone(),
@@ -307,12 +410,10 @@ impl Client {
         // The report in flight, if any (a JoinSet aborts it with the session).
         let mut reporting = tokio::task::JoinSet::new();
         let mut taps = Taps::default();
-        // A certificate is due when there is none, or when its renewal time passed
-        // while disconnected.
-        if self.settings.join_token.is_some()
-            && self
-                .renew_at
-                .is_none_or(|t| t <= tokio::time::Instant::now())
+        // A renewal is due when its time passed while disconnected.
+        if self
+            .renew_at
+            .is_none_or(|t| t <= tokio::time::Instant::now())
         {
             self.request_certificate(&tx).await?;
         }
@@ -371,7 +472,7 @@ impl Client {
                         Ok(n) => tracing::info!(roots = n, "trust bundle updated"),
                         Err(e) => tracing::error!(error = %e, "trust bundle refused"),
                     }
-                    if b.renew && self.settings.join_token.is_some() {
+                    if b.renew {
                         // A root rotation is re-issuing: renew now, with a little
                         // jitter so the fleet does not arrive at once.
                         let jitter = Duration::from_millis(fastrand::u64(0..200));
@@ -551,23 +652,8 @@ impl Client {
     }
 
     /// Sends a CSR for a fresh key; the key stays here until the certificate comes.
+    /// The stream is authenticated by the current certificate: no token goes along.
     async fn request_certificate(&mut self, tx: &mpsc::Sender<ProxyMessage>) -> Result<(), String> {
-        if let Some(file) = &self.settings.join_token_file {
-            match tokio::fs::read_to_string(file).await {
-                Ok(t) if !t.trim().is_empty() => {
-                    self.settings.join_token = Some(t.trim().to_owned())
-                }
-                Ok(_) => {
-                    tracing::warn!(file = %file.display(), "the join-token file is empty; presenting the last token read")
-                }
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, "cannot read the join-token file; presenting the last token read")
-                }
-            }
-        }
-        let Some(token) = self.settings.join_token.clone() else {
-            return Ok(());
-        };
         let (key, csr_der) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
         self.pending_key = Some(key);
         // If no answer comes, ask again after a while.
@@ -575,7 +661,7 @@ impl Client {
         let msg = ProxyMessage {
             kind: Some(proxy_message::Kind::Csr(CertificateRequest {
                 csr_der,
-                join_token: token,
+                join_token: String::new(),
             })),
         };
         tx.send(msg).await.map_err(|_| "stream closed".to_owned())
@@ -666,6 +752,30 @@ impl Client {
         self.applied = push.version;
         Ok(())
     }
+}
+
+/// The root hash in a join token `sinew.<sha256 hex>.<secret>`, if it has one.
+fn join_token_root(token: &str) -> Option<&str> {
+    let mut parts = token.strip_prefix("sinew.")?.split('.');
+    let (hash, secret) = (parts.next()?, parts.next()?);
+    (parts.next().is_none()
+        && hash.len() == 64
+        && hash.bytes().all(|b| b.is_ascii_hexdigit())
+        && !secret.is_empty())
+    .then_some(hash)
+}
+
+/// An error with its sources, which hold the useful part for a connection (a
+/// refused handshake, an unknown issuer).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

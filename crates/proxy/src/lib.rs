@@ -187,10 +187,11 @@ impl Proxy {
             }
             ConfigSource::ControlPlane(settings) => {
                 let settings = (**settings).clone();
-                shared.identity_required.store(
-                    settings.join_token.is_some(),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                // Every proxy of a control plane has a mesh identity: its streams
+                // are authenticated with it.
+                shared
+                    .identity_required
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 (
                     format!("control plane {}", settings.url),
                     Box::new(move || Box::pin(control::run(settings, applier))),

@@ -37,7 +37,7 @@ struct Args {
         conflicts_with = "control_plane"
     )]
     config: Option<PathBuf>,
-    /// Control-plane mode: the control plane's address, e.g. http://127.0.0.1:15010.
+    /// Control-plane mode: the control plane's address, e.g. https://127.0.0.1:15010.
     #[arg(long, env = "SINEW_CONTROL_PLANE", requires = "name")]
     control_plane: Option<String>,
     /// This proxy's name (`namespace/name`); with a file, which Proxy document to use
@@ -77,6 +77,11 @@ struct Args {
     /// service-account token) is picked up.
     #[arg(long, requires = "control_plane")]
     join_token_file: Option<PathBuf>,
+    /// Control-plane mode: roots (PEM) that verify the control plane at bootstrap.
+    /// Needed with a token that carries no root hash (a Kubernetes service-account
+    /// token: mount the `sinew-root` ConfigMap); a join token carries one.
+    #[arg(long, env = "SINEW_CONTROL_PLANE_CA", requires = "control_plane")]
+    control_plane_ca: Option<PathBuf>,
     /// Control-plane mode: milliseconds between traffic-stats reports to the control
     /// plane (for `sinew stat/top/edges`; sent only after traffic); 0 turns them off.
     #[arg(long, default_value_t = 2000, requires = "control_plane")]
@@ -196,6 +201,7 @@ fn main() -> anyhow::Result<()> {
                     (None, None) => None,
                 };
                 settings.join_token_file = args.join_token_file.clone();
+                settings.control_plane_ca = args.control_plane_ca.clone();
                 settings.registration = args.service.map(|service| Registration {
                     service,
                     address: args.address.clone(),

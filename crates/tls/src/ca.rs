@@ -111,9 +111,15 @@ impl Ca {
         let born = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // A random part too: two roots made in the same second (a rotation right
+        // after a start) must still have different names, or a verifier that finds
+        // an issuer by name tries the wrong key.
         dn.push(
             DnType::CommonName,
-            format!("Sinew root CA {trust_domain} {born}"),
+            format!(
+                "Sinew root CA {trust_domain} {born}-{:04x}",
+                u16::from_be_bytes([random_serial()[14], random_serial()[15]]) ^ (born as u16)
+            ),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -261,14 +267,80 @@ impl Ca {
         &self.roots
     }
 
-    /// Signs a CSR (DER) for `id`, valid for `ttl`. The CSR's signature is checked
-    /// (the requester holds the key); everything else in it is ignored: the identity,
-    /// usages and lifetime are the CA's decision.
+    /// Signs a CSR (DER) for `id`, valid for `ttl`, as a workload certificate (server
+    /// and client). The CSR's signature is checked (the requester holds the key);
+    /// everything else in it is ignored: the identity, usages and lifetime are the
+    /// CA's decision.
     pub fn sign_csr(
         &self,
         csr_der: &[u8],
         id: &SpiffeId,
         ttl: Duration,
+    ) -> Result<Issued, TlsError> {
+        self.sign_csr_as(csr_der, id, ttl, &Profile::workload())
+    }
+
+    /// A cross-certificate: `other`'s signing certificate (its name and key)
+    /// issued by this CA, PEM. During a root rotation it lets a client that trusts
+    /// only this CA's root verify what `other` signs.
+    pub fn cross_sign(&self, other: &Ca, validity: Duration) -> Result<String, TlsError> {
+        // The subject as `other` carries it: verifiers match an issuer by its name's
+        // encoding, and rcgen (which made Sinew's roots) writes these attributes as
+        // UTF-8 strings again. An operator's CA with other encodings gets a
+        // cross-certificate that matches nothing, and its operators refresh their
+        // credentials at the rotation.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&other.cert)
+            .map_err(|e| TlsError::invalid("CA certificate", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        for attr in parsed.subject().iter_attributes() {
+            let kind = match attr.attr_type().to_id_string().as_str() {
+                "2.5.4.3" => DnType::CommonName,
+                "2.5.4.10" => DnType::OrganizationName,
+                "2.5.4.11" => DnType::OrganizationalUnitName,
+                "2.5.4.6" => DnType::CountryName,
+                _ => continue,
+            };
+            if let Ok(v) = attr.as_str() {
+                dn.push(kind, v);
+            }
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = offset(now - Duration::from_secs(60));
+        params.not_after = offset(now + validity);
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)
+            .map_err(|e| TlsError::invalid("CA certificate", e))?;
+        let cert = params
+            .signed_by(&other.key, &issuer)
+            .map_err(|e| TlsError::invalid("cross-signing", e))?;
+        Ok(cert.pem())
+    }
+
+    /// Checks that `csr_der` is a well-formed CSR whose signature holds (its
+    /// requester has the key), without signing anything.
+    pub fn check_csr(csr_der: &[u8]) -> Result<(), TlsError> {
+        let csr_der = CertificateSigningRequestDer::from(csr_der.to_vec());
+        CertificateSigningRequestParams::from_der(&csr_der)
+            .map(|_| ())
+            .map_err(|e| TlsError::invalid("CSR", e))
+    }
+
+    /// Signs a CSR for `id` with the usages and extra names of `profile`.
+    pub fn sign_csr_as(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl: Duration,
+        profile: &Profile,
     ) -> Result<Issued, TlsError> {
         let csr_der = CertificateSigningRequestDer::from(csr_der.to_vec());
         let csr = CertificateSigningRequestParams::from_der(&csr_der)
@@ -280,15 +352,32 @@ impl Ca {
                 .try_into()
                 .map_err(|e| TlsError::invalid("SPIFFE id", e))?,
         )];
+        for d in &profile.dns_names {
+            params.subject_alt_names.push(SanType::DnsName(
+                d.clone()
+                    .try_into()
+                    .map_err(|e| TlsError::invalid("DNS name", format!("{d:?}: {e}")))?,
+            ));
+        }
+        for ip in &profile.ips {
+            params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyAgreement,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = Vec::new();
+        if profile.server {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        if profile.client {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         let now = SystemTime::now();
         let not_after = now + ttl;
         // A minute of slack for clocks that run a little behind.
@@ -312,6 +401,38 @@ impl Ca {
             chain_pem,
             not_after,
         })
+    }
+}
+
+/// What a certificate is for: its extended key usages and names beside its SPIFFE id.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    /// TLS server authentication.
+    pub server: bool,
+    /// TLS client authentication.
+    pub client: bool,
+    /// DNS names (the control plane's, for clients that verify by name).
+    pub dns_names: Vec<String>,
+    /// IP addresses.
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl Profile {
+    /// A workload's: server and client, the SPIFFE id alone.
+    pub fn workload() -> Profile {
+        Profile {
+            server: true,
+            client: true,
+            ..Profile::default()
+        }
+    }
+
+    /// An operator's credential: client only.
+    pub fn operator() -> Profile {
+        Profile {
+            client: true,
+            ..Profile::default()
+        }
     }
 }
 

@@ -13,10 +13,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod ca;
 pub mod store;
 
-pub use ca::{Ca, Issued, new_key_and_csr};
+pub use ca::{Ca, Issued, Profile, certs_from_pem, new_key_and_csr};
 pub use sinew_model::spiffe::SpiffeId;
 pub use store::{CertStore, MESH_ALPN, peer_identity};
 

@@ -164,7 +164,7 @@ impl CertStore {
         self.certified.load().is_some() && !self.bundle.load().anchors.is_empty()
     }
 
-    fn algs(&self) -> WebPkiSupportedAlgorithms {
+    pub(crate) fn algs(&self) -> WebPkiSupportedAlgorithms {
         self.provider.signature_verification_algorithms
     }
 
@@ -215,11 +215,35 @@ impl CertStore {
                 rustls::OtherError(Arc::new(other)),
             )),
         })?;
-        spiffe_of(end_entity).ok_or_else(|| {
-            Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-                Arc::new(NoSpiffe),
-            )))
-        })
+        // Only a workload's id (`/ns/<ns>/sa/<sa>`) speaks for a workload: an
+        // operator's credential, issued by the same CA, is no mesh identity.
+        spiffe_of(end_entity)
+            .filter(|id| id.workload_parts().is_some())
+            .ok_or_else(|| {
+                Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                    Arc::new(NoSpiffe),
+                )))
+            })
+    }
+
+    /// The trust anchors of the current bundle.
+    pub(crate) fn anchors(&self) -> Arc<Vec<TrustAnchor<'static>>> {
+        Arc::new(self.bundle.load().anchors.clone())
+    }
+
+    /// The crypto provider.
+    pub(crate) fn crypto(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+
+    /// Presents this store's current certificate (as a TLS client), rotated in place.
+    pub fn client_resolver(self: &Arc<Self>) -> Arc<dyn rustls::client::ResolvesClientCert> {
+        Arc::new(Resolver(self.clone()))
+    }
+
+    /// Presents this store's current certificate (as a TLS server), rotated in place.
+    pub fn server_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(Resolver(self.clone()))
     }
 
     /// The inbound's TLS config: client certificates required, verified against the
@@ -276,7 +300,7 @@ struct NoSpiffe;
 
 impl std::fmt::Display for NoSpiffe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the certificate carries no single SPIFFE id")
+        write!(f, "the certificate carries no single workload SPIFFE id")
     }
 }
 

@@ -296,3 +296,111 @@ fn a_tampered_csr_is_refused_and_the_ca_decides_the_identity() {
         .unwrap();
     assert!(left <= DAY && left > DAY - Duration::from_secs(120));
 }
+
+/// The control plane's TLS with a chain from `signing` (plus `extra` PEM after the
+/// leaf); a client trusting `trust` connects; returns whether it accepted.
+async fn control_handshake(
+    signing: &Ca,
+    extra: &str,
+    trust: sinew_tls::api::ControlTrust,
+) -> Result<(), String> {
+    let (key, csr) = new_key_and_csr().unwrap();
+    let profile = sinew_tls::Profile {
+        server: true,
+        client: true,
+        dns_names: vec!["localhost".into()],
+        ips: vec![],
+    };
+    let control = SpiffeId::workload("cluster.local", "sinew-system", "sinew-control");
+    let issued = signing.sign_csr_as(&csr, &control, DAY, &profile).unwrap();
+    let s = CertStore::new();
+    s.install(
+        &key,
+        &format!("{}{extra}{}", issued.chain_pem, signing.roots_pem()),
+    )
+    .unwrap();
+    s.set_trust_bundle(&signing.roots_pem()).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(sinew_tls::api::control_server_config(&s).unwrap());
+    tokio::spawn(async move {
+        if let Ok((tcp, _)) = l.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let cfg =
+        sinew_tls::api::control_client_config(trust, sinew_tls::api::ClientAuth::None).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn a_root_rotation_keeps_old_clients_verifying_the_control_plane_by_a_cross_certificate() {
+    let old = Ca::generate("cluster.local", DAY).unwrap();
+    let new = Ca::generate("cluster.local", DAY).unwrap();
+    let old_roots = || sinew_tls::api::ControlTrust::from_pem("old", &old.roots_pem()).unwrap();
+    // The new root signs; a client holding only the old root refuses it alone...
+    let e = control_handshake(&new, "", old_roots()).await.unwrap_err();
+    assert!(e.contains("UnknownIssuer") || e.contains("issuer"), "{e}");
+    // ...and accepts it with the cross-certificate (the new CA issued by the old).
+    let cross = old.cross_sign(&new, DAY).unwrap();
+    control_handshake(&new, &cross, old_roots()).await.unwrap();
+    // A client holding the new root needs no cross-certificate.
+    let new_roots = sinew_tls::api::ControlTrust::from_pem("new", &new.roots_pem()).unwrap();
+    control_handshake(&new, &cross, new_roots).await.unwrap();
+    // A join token's root hash pins the root: the right one is in the chain...
+    let pin = sinew_tls::api::cert_hash(&new.roots()[0]);
+    control_handshake(&new, "", sinew_tls::api::ControlTrust::Pinned(pin))
+        .await
+        .unwrap();
+    // ...another mesh's is not.
+    let stranger = Ca::generate("cluster.local", DAY).unwrap();
+    let e = control_handshake(
+        &new,
+        "",
+        sinew_tls::api::ControlTrust::Pinned(sinew_tls::api::cert_hash(&stranger.roots()[0])),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("join token's hash"), "{e}");
+}
+
+#[tokio::test]
+async fn only_the_control_plane_s_identity_is_the_control_plane() {
+    // A workload certificate from the same CA is not the control plane.
+    let ca = Ca::generate("cluster.local", DAY).unwrap();
+    let s = store(&ca, "web", &ca.roots_pem());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(sinew_tls::api::control_server_config(&s).unwrap());
+    tokio::spawn(async move {
+        if let Ok((tcp, _)) = l.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let cfg = sinew_tls::api::control_client_config(
+        sinew_tls::api::ControlTrust::from_pem("roots", &ca.roots_pem()).unwrap(),
+        sinew_tls::api::ClientAuth::None,
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let e = TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("spiffe://cluster.local/ns/shop/sa/web, not the control plane"),
+        "{e}"
+    );
+}

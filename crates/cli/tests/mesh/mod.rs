@@ -10,10 +10,16 @@ use std::time::Duration;
 
 use sinew_api::v1::Registration;
 use sinew_api::v1::admin_client::AdminClient;
-use sinew_api::v1::{HealthRequest, ProxyStatusRequest};
+use sinew_api::v1::discovery_client::DiscoveryClient;
+use sinew_api::v1::{
+    BootstrapRequest, CreateJoinTokenRequest, HealthRequest, ProxyMessage, ProxyStatusRequest,
+    proxy_message,
+};
+use sinew_control::credentials::CredentialFile;
 use sinew_proxy::control::ControlSettings;
 use sinew_proxy::{Proxy, ProxyOptions};
 use sinew_testkit::{client, wait};
+use tonic::transport::Channel;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -47,11 +53,33 @@ impl Drop for Scratch {
     }
 }
 
-/// A `sinew control` process.
+/// A `sinew control` process, and the admin credential it wrote on first start.
 pub struct Control {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// `https://<addr>`.
     pub url: String,
+    /// `<data-dir>/admin.credentials`.
+    pub credentials: PathBuf,
+}
+
+/// An Admin client of the control plane at `url`, with the credential in `file`.
+pub async fn admin_client(
+    url: &str,
+    file: &Path,
+) -> Result<AdminClient<Channel>, Box<dyn std::error::Error + Send + Sync>> {
+    let cred = CredentialFile::read(file)?;
+    let tls = sinew_tls::api::control_client_config(
+        sinew_tls::api::ControlTrust::from_pem("roots", &cred.roots)?,
+        sinew_tls::api::ClientAuth::Static {
+            chain_pem: cred.certificate,
+            key_pem: cred.key,
+        },
+    )?;
+    let endpoint = sinew_api::channel::endpoint(url)?.connect_timeout(Duration::from_secs(2));
+    Ok(AdminClient::new(
+        sinew_api::channel::connect(endpoint, tls).await?,
+    ))
 }
 
 impl Control {
@@ -81,12 +109,13 @@ impl Control {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let url = format!("http://{addr}");
-        let u = url.clone();
+        let url = format!("https://{addr}");
+        let credentials = data_dir.join("admin.credentials");
+        let (u, c) = (url.clone(), credentials.clone());
         wait::until("control plane healthy", TIMEOUT, || {
-            let u = u.clone();
+            let (u, c) = (u.clone(), c.clone());
             async move {
-                match AdminClient::connect(u).await {
+                match admin_client(&u, &c).await {
                     Ok(mut c) => c
                         .health(HealthRequest {})
                         .await
@@ -97,7 +126,25 @@ impl Control {
         })
         .await
         .unwrap();
-        Control { child, addr, url }
+        Control {
+            child,
+            addr,
+            url,
+            credentials,
+        }
+    }
+
+    /// An Admin client with the admin credential.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        admin_client(&self.url, &self.credentials).await.unwrap()
+    }
+
+    /// The mesh roots in a file (`<data-dir>/../roots.pem`), as a pod mounts them.
+    pub fn roots_file(&self) -> PathBuf {
+        let roots = CredentialFile::read(&self.credentials).unwrap().roots;
+        let path = self.credentials.with_file_name("test-roots.pem");
+        std::fs::write(&path, roots).unwrap();
+        path
     }
 
     /// `kill -9`.
@@ -105,12 +152,29 @@ impl Control {
         self.child.kill().await.unwrap();
     }
 
+    /// The CLI, as the admin.
     pub async fn sinew(&self, args: &[&str]) -> Output {
-        sinew_at(&self.url, args).await
+        sinew_as(&self.url, Some(&self.credentials), args).await
+    }
+
+    /// A join token for `ns`/`sa` (one use), made through the API.
+    pub async fn join_token(&self, ns: &str, sa: &str) -> String {
+        self.admin()
+            .await
+            .create_join_token(CreateJoinTokenRequest {
+                namespace: ns.to_owned(),
+                service_account: sa.to_owned(),
+                ttl_seconds: 600,
+                uses: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
     }
 
     pub async fn all_in_sync(&self, expected: usize) -> bool {
-        let Ok(mut c) = AdminClient::connect(self.url.clone()).await else {
+        let Ok(mut c) = admin_client(&self.url, &self.credentials).await else {
             return false;
         };
         let Ok(s) = c.proxy_status(ProxyStatusRequest {}).await else {
@@ -129,14 +193,26 @@ impl Control {
     }
 }
 
+/// The CLI with no credential (the commands that need no control plane).
 pub async fn sinew_at(url: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
-        .args(args)
+    sinew_as(url, None, args).await
+}
+
+/// The CLI with the credential in `credentials`, if any.
+pub async fn sinew_as(url: &str, credentials: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"));
+    cmd.args(args)
         .env("SINEW_SERVER", url)
         .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap()
+        .env_remove("SINEW_CREDENTIALS")
+        // No credential from the user's home or the working directory.
+        .env("HOME", "/nonexistent")
+        .env_remove("XDG_CONFIG_HOME")
+        .current_dir(std::env::temp_dir());
+    if let Some(c) = credentials {
+        cmd.env("SINEW_CREDENTIALS", c);
+    }
+    cmd.output().await.unwrap()
 }
 
 pub fn text(o: &Output) -> (String, String) {
@@ -146,28 +222,53 @@ pub fn text(o: &Output) -> (String, String) {
     )
 }
 
-/// Starts an in-process proxy driven by the control plane and waits until ready.
+/// The service account a test proxy gets when none is given: its registration's
+/// service (a workload serves the service named like its account), else the last
+/// part of its name (`shop/web` -> `web`).
+fn account_for(name: &str, registration: Option<&Registration>) -> String {
+    match registration {
+        Some(r) if !r.service_account.is_empty() => r.service_account.clone(),
+        Some(r) if !r.service.is_empty() => r.service.clone(),
+        _ => name.rsplit('/').next().unwrap_or(name).to_owned(),
+    }
+}
+
+/// Starts an in-process proxy driven by the control plane, bootstrapped with a join
+/// token for its own identity, and waits until ready.
 pub async fn proxy(
-    url: &str,
+    cp: &Control,
     name: &str,
     registration: Option<Registration>,
     min_backoff: Duration,
 ) -> Proxy {
-    proxy_with_token(url, name, registration, min_backoff, None).await
+    proxy_with_token(cp, name, registration, min_backoff, None).await
 }
 
-/// Like [`proxy`], with a join token: the proxy gets a certificate and speaks mTLS;
-/// ready means it has one.
+/// Like [`proxy`], with this join token (`None`: one made for its identity); ready
+/// means it holds a certificate.
 pub async fn proxy_with_token(
-    url: &str,
+    cp: &Control,
     name: &str,
     registration: Option<Registration>,
     min_backoff: Duration,
     token: Option<String>,
 ) -> Proxy {
-    let mut settings = ControlSettings::new(url, name);
+    let ns = name.split_once('/').map_or("default", |(a, _)| a);
+    let token = match token {
+        Some(t) => t,
+        None => {
+            cp.join_token(ns, &account_for(name, registration.as_ref()))
+                .await
+        }
+    };
+    let mut settings = ControlSettings::new(&cp.url, name);
     settings.registration = registration;
-    settings.join_token = token;
+    if !token.starts_with("sinew.") {
+        // A service-account token carries no root hash: the roots come from a file,
+        // as from the `sinew-root` ConfigMap in a pod.
+        settings.control_plane_ca = Some(cp.roots_file());
+    }
+    settings.join_token = Some(token);
     settings.min_backoff = min_backoff;
     settings.max_backoff = min_backoff.max(Duration::from_millis(500));
     start_proxy(settings).await
@@ -282,4 +383,136 @@ pub async fn s_client(addr: SocketAddr, args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), all)
+}
+
+/// A hand-made proxy identity: bootstrapped with `token` (verified by the root hash
+/// the token carries), then a Discovery client over mTLS with its certificate.
+pub struct Workload {
+    pub certs: std::sync::Arc<sinew_tls::CertStore>,
+    pub discovery: DiscoveryClient<Channel>,
+}
+
+/// The bootstrap call a proxy makes, by hand: `Err` is the control plane's answer.
+pub async fn bootstrap(
+    cp: &Control,
+    ns: &str,
+    name: &str,
+    token: &str,
+) -> Result<(String, sinew_api::v1::Certificate), tonic::Status> {
+    // A join token names its root; a service-account token does not, and the
+    // roots come from the admin credential then.
+    let trust = match token.strip_prefix("sinew.") {
+        Some(rest) => sinew_tls::api::ControlTrust::Pinned(
+            rest.split('.').next().unwrap_or_default().to_owned(),
+        ),
+        None => sinew_tls::api::ControlTrust::from_pem(
+            "roots",
+            &CredentialFile::read(&cp.credentials).unwrap().roots,
+        )
+        .unwrap(),
+    };
+    let tls =
+        sinew_tls::api::control_client_config(trust, sinew_tls::api::ClientAuth::None).unwrap();
+    let endpoint = sinew_api::channel::endpoint(&cp.url).unwrap();
+    let channel = sinew_api::channel::connect(endpoint, tls)
+        .await
+        .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
+    let (key, csr_der) = sinew_tls::new_key_and_csr().unwrap();
+    let cert = DiscoveryClient::new(channel)
+        .bootstrap(BootstrapRequest {
+            namespace: ns.into(),
+            name: name.into(),
+            csr_der,
+            token: token.into(),
+        })
+        .await?
+        .into_inner();
+    Ok((key, cert))
+}
+
+impl Workload {
+    /// Bootstraps `ns/name` with a fresh token for `ns/sa`.
+    pub async fn new(cp: &Control, ns: &str, name: &str, sa: &str) -> Workload {
+        let token = cp.join_token(ns, sa).await;
+        let (key, cert) = bootstrap(cp, ns, name, &token).await.unwrap();
+        let certs = sinew_tls::CertStore::new();
+        certs.set_trust_bundle(&cert.roots_pem).unwrap();
+        certs.install(&key, &cert.chain_pem).unwrap();
+        let tls = sinew_tls::api::control_client_config(
+            sinew_tls::api::ControlTrust::Store(certs.clone()),
+            sinew_tls::api::ClientAuth::Store(certs.clone()),
+        )
+        .unwrap();
+        let endpoint = sinew_api::channel::endpoint(&cp.url).unwrap();
+        let discovery =
+            DiscoveryClient::new(sinew_api::channel::connect(endpoint, tls).await.unwrap());
+        Workload { certs, discovery }
+    }
+
+    /// Opens a stream with `hello`; returns the control plane's refusal, or the
+    /// first message it sends, the sender of the proxy's messages and the rest of
+    /// the control plane's.
+    pub async fn hello(
+        &self,
+        hello: sinew_api::v1::Hello,
+    ) -> Result<
+        (
+            sinew_api::v1::ControlMessage,
+            tokio::sync::mpsc::Sender<ProxyMessage>,
+            tonic::Streaming<sinew_api::v1::ControlMessage>,
+        ),
+        tonic::Status,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(ProxyMessage {
+            kind: Some(proxy_message::Kind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut inbound = self
+            .discovery
+            .clone()
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::aborted("the stream ended"))?;
+        Ok((first, tx, inbound))
+    }
+}
+
+/// A TLS client (verifying the control plane) with no certificate of its own.
+async fn anonymous_channel(cp: &Control) -> Channel {
+    let cred = CredentialFile::read(&cp.credentials).unwrap();
+    let tls = sinew_tls::api::control_client_config(
+        sinew_tls::api::ControlTrust::from_pem("roots", &cred.roots).unwrap(),
+        sinew_tls::api::ClientAuth::None,
+    )
+    .unwrap();
+    let endpoint = sinew_api::channel::endpoint(&cp.url).unwrap();
+    sinew_api::channel::connect(endpoint, tls).await.unwrap()
+}
+
+/// A Discovery client with no certificate.
+pub async fn anonymous_discovery(cp: &Control) -> DiscoveryClient<Channel> {
+    DiscoveryClient::new(anonymous_channel(cp).await)
+}
+
+/// An Admin client with no certificate.
+pub async fn anonymous_admin(cp: &Control) -> AdminClient<Channel> {
+    AdminClient::new(anonymous_channel(cp).await)
+}
+
+/// An error and its sources, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
