@@ -33,7 +33,9 @@ pub struct Limits {
     /// TLS handshakes in progress at once (all peers); more wait for a slot until
     /// their deadline. Default 256.
     pub handshakes: usize,
-    /// Handshakes in progress from one address; more are closed at once. Default 64.
+    /// Handshakes in progress from one address; more wait (in their own queue, so
+    /// a flood from one address holds no more of the shared slots than this) until
+    /// their deadline. Default 64.
     pub handshakes_per_ip: usize,
     /// How long a handshake may take from accept. Default 10 s.
     pub handshake_timeout: Duration,
@@ -97,6 +99,23 @@ impl PerIp {
             table: self.clone(),
             ip,
         })
+    }
+}
+
+/// A semaphore per address, dropped from the table when nobody holds or awaits it.
+#[derive(Debug, Default)]
+struct PerIpQueue(Mutex<HashMap<IpAddr, Arc<Semaphore>>>);
+
+impl PerIpQueue {
+    fn of(&self, ip: IpAddr, permits: usize) -> Arc<Semaphore> {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() > 1024 {
+            // Only this table holds a reference: no handshake from there is pending.
+            t.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        t.entry(ip)
+            .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+            .clone()
     }
 }
 
@@ -208,7 +227,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshakes = Arc::new(Semaphore::new(limits.handshakes));
-    let pending = Arc::new(PerIp::default());
+    let per_ip = PerIpQueue::default();
     let open = Arc::new(PerIp::default());
     let task = tokio::spawn(async move {
         loop {
@@ -225,16 +244,15 @@ pub fn incoming(
                 tracing::debug!(%remote, "refused: too many connections from this address");
                 continue;
             };
-            let Some(pending_slot) = pending.take(remote.ip(), limits.handshakes_per_ip) else {
-                tracing::debug!(%remote, "refused: too many handshakes from this address");
-                continue;
-            };
+            let own = per_ip.of(remote.ip(), limits.handshakes_per_ip);
             let _ = tcp.set_nodelay(true);
             let (acceptor, handshakes, tx) = (acceptor.clone(), handshakes.clone(), tx.clone());
             let deadline = limits.handshake_timeout;
             let window = limits.plaintext_window;
             tokio::spawn(async move {
                 let done = tokio::time::timeout(deadline, async {
+                    // Its address's slot first, then a shared one.
+                    let _own = own.acquire().await.ok()?;
                     let _permit = handshakes.acquire().await.ok()?;
                     if window {
                         let mut first = [0u8; 1];
@@ -253,7 +271,7 @@ pub fn incoming(
                     Some((Io::Tls(Box::new(stream)), cert))
                 })
                 .await;
-                drop(pending_slot);
+                drop(own);
                 let Ok(Some((stream, cert))) = done else {
                     tracing::debug!(%remote, "TLS handshake failed or timed out");
                     return;
