@@ -248,6 +248,15 @@ impl Identity {
         }
     }
 
+    /// The CA that signs now.
+    fn signing(&self) -> Arc<Ca> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .signing
+            .clone()
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
@@ -606,12 +615,7 @@ impl Identity {
         )
         .parse()
         .map_err(|e| format!("credential name {name:?}: {e}"))?;
-        let signing = self
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .signing
-            .clone();
+        let signing = self.signing();
         let issued = signing
             .sign_csr_as(csr_der, &id, ttl, &sinew_tls::Profile::operator())
             .map_err(|e| format!("refused: {e}"))?;
@@ -729,12 +733,7 @@ impl Identity {
         csr_der: &[u8],
     ) -> Result<(String, SpiffeId, SystemTime, String), String> {
         let id = SpiffeId::workload(&self.trust_domain, namespace, service_account);
-        let signing = self
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .signing
-            .clone();
+        let signing = self.signing();
         let issued = signing
             .sign_csr(csr_der, &id, self.cert_ttl)
             .map_err(|e| format!("refused: {e}"))?;

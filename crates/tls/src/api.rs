@@ -131,7 +131,8 @@ fn other(msg: impl Into<String>) -> Error {
     )))
 }
 
-fn webpki_error(e: webpki::Error) -> Error {
+/// A webpki verdict as the rustls error that says it best.
+pub(crate) fn webpki_error(e: webpki::Error) -> Error {
     match e {
         webpki::Error::UnknownIssuer => {
             Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)

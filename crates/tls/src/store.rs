@@ -198,23 +198,7 @@ impl CertStore {
             None,
             None,
         )
-        .map_err(|e| match e {
-            webpki::Error::UnknownIssuer => {
-                Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
-            }
-            webpki::Error::CertExpired { .. } => {
-                Error::InvalidCertificate(rustls::CertificateError::Expired)
-            }
-            webpki::Error::CertNotValidYet { .. } => {
-                Error::InvalidCertificate(rustls::CertificateError::NotValidYet)
-            }
-            webpki::Error::InvalidSignatureForPublicKey => {
-                Error::InvalidCertificate(rustls::CertificateError::BadSignature)
-            }
-            other => Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(other)),
-            )),
-        })?;
+        .map_err(crate::api::webpki_error)?;
         // Only a workload's id (`/ns/<ns>/sa/<sa>`) speaks for a workload: an
         // operator's credential, issued by the same CA, is no mesh identity.
         spiffe_of(end_entity)
