@@ -852,3 +852,65 @@ async fn the_plaintext_window_serves_only_old_proxies_and_only_when_asked() {
     // TLS clients are served beside it.
     assert!(cp.sinew(&["get", "svc"]).await.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_goes_on_with_its_kept_identity_not_a_new_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let dir = scratch.0.join("identity");
+    let token = cp.join_token("shop", "web").await;
+    let settings = || {
+        let mut s = sinew_proxy::control::ControlSettings::new(&cp.url, "shop/web");
+        s.join_token = Some(token.clone());
+        s.identity_dir = Some(dir.clone());
+        s.min_backoff = Duration::from_millis(50);
+        s
+    };
+    let first = start_proxy(settings()).await;
+    let id = first.shared().certs.identity().unwrap();
+    first.shutdown().await;
+    assert_eq!(
+        std::fs::metadata(dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // The token is spent: only the kept identity can make the restart ready.
+    let e = bootstrap(&cp, "shop", "probe", &token).await.unwrap_err();
+    assert!(e.message().contains("unknown join token"), "{e:?}");
+    let again = start_proxy(settings()).await;
+    assert_eq!(again.shared().certs.identity(), Some(id));
+    wait::until("the restarted proxy is in sync", TIMEOUT, || async {
+        cp.all_in_sync(1).await
+    })
+    .await
+    .unwrap();
+    again.shutdown().await;
+    // Without the kept identity, the same restart has nothing to bootstrap with.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut s = settings();
+    s.max_backoff = Duration::from_millis(100);
+    let mut opts = sinew_proxy::ProxyOptions::control_plane(s);
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    let p = sinew_proxy::Proxy::start(opts).unwrap();
+    let admin = p.admin_addr();
+    wait::until(
+        "the proxy says why it is not ready",
+        TIMEOUT,
+        || async move {
+            sinew_testkit::client::get(admin, "admin", "/ready")
+                .await
+                .is_ok_and(|r| r.status == 503 && r.text().contains("unknown join token"))
+        },
+    )
+    .await
+    .unwrap();
+    p.shutdown().await;
+}

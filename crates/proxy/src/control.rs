@@ -66,6 +66,10 @@ pub struct ControlSettings {
     /// Roots (PEM file) that verify the control plane at bootstrap; without it, the
     /// root hash a join token carries does.
     pub control_plane_ca: Option<std::path::PathBuf>,
+    /// Where the proxy keeps its key, certificate and roots (owner-only), so that a
+    /// restarted proxy goes on with its identity instead of bootstrapping again
+    /// with a (single-use) token. None: kept in memory only.
+    pub identity_dir: Option<std::path::PathBuf>,
     /// Where the token lives, if it came from a file: it is read again before every
     /// certificate request, so a token that is replaced on disk (a Kubernetes projected
     /// service-account token, rotated by the kubelet) is the one presented.
@@ -101,6 +105,7 @@ impl ControlSettings {
             join_token: None,
             join_token_file: None,
             control_plane_ca: None,
+            identity_dir: None,
             stats_interval: STATS_INTERVAL,
             capture: None,
         }
@@ -220,6 +225,7 @@ pub async fn run(settings: ControlSettings, applier: Applier) {
         pending_key: None,
         renew_at: None,
     };
+    client.load_identity();
     let mut attempt: u32 = 0;
     loop {
         let result = client.session().await;
@@ -469,7 +475,10 @@ impl Client {
                 }
                 control_message::Kind::TrustBundle(b) => {
                     match self.applier.shared().certs.set_trust_bundle(&b.roots_pem) {
-                        Ok(n) => tracing::info!(roots = n, "trust bundle updated"),
+                        Ok(n) => {
+                            tracing::info!(roots = n, "trust bundle updated");
+                            self.keep(&[(ROOTS_FILE, &b.roots_pem)]);
+                        }
                         Err(e) => tracing::error!(error = %e, "trust bundle refused"),
                     }
                     if b.renew {
@@ -667,6 +676,73 @@ impl Client {
         tx.send(msg).await.map_err(|_| "stream closed".to_owned())
     }
 
+    /// Goes on with the identity kept in `identity_dir`, if there is one still
+    /// valid: no bootstrap, and no token spent, after a restart.
+    fn load_identity(&mut self) {
+        let Some(dir) = self.settings.identity_dir.clone() else {
+            return;
+        };
+        let read = |name: &str| std::fs::read_to_string(dir.join(name));
+        let (Ok(key), Ok(chain), Ok(roots)) = (read(KEY_FILE), read(CERT_FILE), read(ROOTS_FILE))
+        else {
+            return;
+        };
+        let certs = &self.applier.shared().certs;
+        let installed = certs
+            .set_trust_bundle(&roots)
+            .and_then(|_| certs.install(&key, &chain));
+        match (installed, certs.not_after()) {
+            (Ok(id), Some(not_after)) if not_after > SystemTime::now() => {
+                self.renew_at = Some(renewal_time(not_after));
+                self.applier.shared().metrics.certificate(not_after);
+                tracing::info!(%id, dir = %dir.display(), "identity loaded");
+            }
+            (Ok(_), _) => {
+                tracing::info!(dir = %dir.display(), "the kept certificate has expired; bootstrapping")
+            }
+            (Err(e), _) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "the kept identity is unusable; bootstrapping")
+            }
+        }
+    }
+
+    /// Keeps the identity in `identity_dir` (the directory 0700, the key 0600; each
+    /// file replaced whole), if one is set.
+    fn save_identity(&self, key: &str, chain: &str, roots: &str) {
+        self.keep(&[(KEY_FILE, key), (CERT_FILE, chain), (ROOTS_FILE, roots)]);
+    }
+
+    /// Writes `files` into `identity_dir`, if one is set.
+    fn keep(&self, files: &[(&str, &str)]) {
+        let Some(dir) = &self.settings.identity_dir else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            for (name, text) in files {
+                let tmp = dir.join(format!(".{name}.tmp"));
+                let _ = std::fs::remove_file(&tmp);
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, dir.join(name))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the identity; a restart will bootstrap again");
+        }
+    }
+
     fn install_certificate(&mut self, cert: sinew_api::v1::Certificate) {
         let certs = &self.applier.shared().certs;
         if !cert.error.is_empty() {
@@ -692,6 +768,7 @@ impl Client {
                 self.renew_at = Some(renewal_time(not_after));
                 self.applier.shared().metrics.certificate(not_after);
                 tracing::info!(%id, "certificate installed");
+                self.save_identity(&key, &cert.chain_pem, &cert.roots_pem);
             }
             Err(e) => {
                 tracing::error!(error = %e, "certificate refused by the proxy");
@@ -753,6 +830,11 @@ impl Client {
         Ok(())
     }
 }
+
+/// The files of a kept identity (`ControlSettings::identity_dir`).
+const KEY_FILE: &str = "key.pem";
+const CERT_FILE: &str = "cert.pem";
+const ROOTS_FILE: &str = "roots.pem";
 
 /// The root hash in a join token `sinew.<sha256 hex>.<secret>`, if it has one.
 fn join_token_root(token: &str) -> Option<&str> {

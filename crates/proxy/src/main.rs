@@ -82,6 +82,10 @@ struct Args {
     /// token: mount the `sinew-root` ConfigMap); a join token carries one.
     #[arg(long, env = "SINEW_CONTROL_PLANE_CA", requires = "control_plane")]
     control_plane_ca: Option<PathBuf>,
+    /// Control-plane mode: keep the key, certificate and roots here (owner-only), so a
+    /// restart goes on with the identity instead of spending another join token.
+    #[arg(long, env = "SINEW_IDENTITY_DIR", requires = "control_plane")]
+    identity_dir: Option<PathBuf>,
     /// Control-plane mode: milliseconds between traffic-stats reports to the control
     /// plane (for `sinew stat/top/edges`; sent only after traffic); 0 turns them off.
     #[arg(long, default_value_t = 2000, requires = "control_plane")]
@@ -202,6 +206,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 settings.join_token_file = args.join_token_file.clone();
                 settings.control_plane_ca = args.control_plane_ca.clone();
+                settings.identity_dir = args.identity_dir.clone();
                 settings.registration = args.service.map(|service| Registration {
                     service,
                     address: args.address.clone(),
