@@ -586,6 +586,21 @@ async fn a_proxy_is_only_what_its_certificate_says() {
             .contains("cannot register under the service \"web\""),
         "{e:?}"
     );
+    // A Service may name the other accounts that serve it.
+    let f2 = scratch.write(
+        "shared.yaml",
+        "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: search, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}]\n  serviceAccounts: [catalog]\n",
+    );
+    assert!(
+        cp.sinew(&["apply", "-f", f2.to_str().unwrap()])
+            .await
+            .status
+            .success()
+    );
+    let (_, _search_keep, _search_rx) = catalog
+        .hello(hello("shop", "search-1", Some(reg("search", ""))))
+        .await
+        .unwrap();
     // Another service account.
     let e = catalog
         .hello(hello("shop", "catalog-2", Some(reg("catalog", "web"))))
@@ -913,4 +928,49 @@ async fn a_restarted_proxy_goes_on_with_its_kept_identity_not_a_new_token() {
     .await
     .unwrap();
     p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_refused_and_the_api_goes_on() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let mut admin = cp.admin().await;
+    // 5 MiB of documents: past the 4 MiB cap, refused before it is parsed.
+    let text = "# padding\n".repeat(512 * 1024);
+    let e = admin
+        .apply(api::ApplyRequest {
+            sources: vec![api::Source {
+                label: "big.yaml".into(),
+                text,
+            }],
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    // An unauthenticated caller cannot make the server read one either.
+    let e = anonymous_admin(&cp)
+        .await
+        .apply(api::ApplyRequest {
+            sources: vec![api::Source {
+                label: "big.yaml".into(),
+                text: "# padding\n".repeat(512 * 1024),
+            }],
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Unauthenticated
+        ),
+        "{e:?}"
+    );
+    // The same connection and others go on.
+    assert!(admin.get(api::GetRequest::default()).await.is_ok());
+    assert!(cp.sinew(&["get", "svc"]).await.status.success());
 }

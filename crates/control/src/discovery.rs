@@ -454,7 +454,39 @@ impl Discovery for DiscoveryService {
         let (ns, proxy) = proxy_name(&hello.namespace, &hello.name)?;
         let ns = ns.to_owned();
         if let Some(caller) = &caller {
-            authorize_hello(caller, &ns, &proxy, hello.registration.as_mut())?;
+            // A Service that lists other accounts may have been applied a moment
+            // ago: for a registration under a service not named like the account,
+            // the index's current state counts, published or not.
+            let elsewhere = hello.registration.as_ref().is_some_and(|r| {
+                !r.service.is_empty()
+                    && Some(r.service.as_str()) != caller.workload_parts().map(|(_, sa)| sa)
+            });
+            let state = if elsewhere {
+                let (reply, current) = tokio::sync::oneshot::channel();
+                self.index
+                    .send(Command::Current { reply })
+                    .await
+                    .map_err(|_| Status::unavailable("control plane is shutting down"))?;
+                current
+                    .await
+                    .map_err(|_| Status::unavailable("control plane is shutting down"))?
+            } else {
+                self.state.borrow().clone()
+            };
+            let admits = |service: &str, account: &str| {
+                let key = ResourceKey {
+                    kind: "Service".into(),
+                    namespace: ns.clone(),
+                    name: service.to_owned(),
+                };
+                match state.docs.get(&key).map(|e| &e.resource) {
+                    Some(sinew_model::resource::Resource::Service(s)) => {
+                        s.spec.admits_account(service, account)
+                    }
+                    _ => service == account,
+                }
+            };
+            authorize_hello(caller, &ns, &proxy, hello.registration.as_mut(), admits)?;
         }
         let ns = ns.as_str();
         let capture = hello.capture.as_ref().map(capture_spec).transpose()?;
@@ -731,14 +763,15 @@ impl Discovery for DiscoveryService {
 
 /// What a proxy's Hello may claim, given the identity its certificate proves: its
 /// own namespace, its own service account (filled in when the registration leaves it
-/// empty), and a service of that account's. A service is its account's when they
-/// share a name: the convention Kubernetes deployments follow, and the one rule that
-/// needs no second source of truth.
+/// empty), and a service that `admits` that account: the one named like it (the
+/// convention Kubernetes deployments follow), or one whose `spec.serviceAccounts`
+/// lists it.
 fn authorize_hello(
     caller: &sinew_tls::SpiffeId,
     ns: &str,
     proxy: &str,
     registration: Option<&mut api::Registration>,
+    admits: impl Fn(&str, &str) -> bool,
 ) -> Result<(), Status> {
     let Some((id_ns, id_sa)) = caller.workload_parts() else {
         return Err(Status::permission_denied(format!(
@@ -759,9 +792,9 @@ fn authorize_hello(
                 r.service_account
             )));
         }
-        if !r.service.is_empty() && r.service != id_sa {
+        if !r.service.is_empty() && !admits(&r.service, id_sa) {
             return Err(Status::permission_denied(format!(
-                "{caller} cannot register under the service {:?}: a workload serves the service named like its service account ({id_sa})",
+                "{caller} cannot register under the service {:?}: a workload serves the service named like its service account ({id_sa}), or one whose spec.serviceAccounts lists it",
                 r.service
             )));
         }

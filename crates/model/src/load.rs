@@ -534,6 +534,14 @@ impl Resources {
             if svc.spec.ports.is_empty() {
                 c.fail("spec.ports", "a service needs at least one port");
             }
+            for (i, a) in svc.spec.service_accounts.iter().flatten().enumerate() {
+                if !valid_name(a) {
+                    c.fail(
+                        &format!("spec.serviceAccounts[{i}]"),
+                        format!("{a:?} is not a service account name"),
+                    );
+                }
+            }
             let mut names = HashSet::new();
             let mut numbers = HashSet::new();
             for (i, p) in svc.spec.ports.iter().enumerate() {

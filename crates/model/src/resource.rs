@@ -99,6 +99,22 @@ pub struct ServiceSpec {
     /// the control plane from `MeshConfig.spec.virtualIPRange`.
     #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
     pub virtual_ip: Option<String>,
+    /// The service accounts whose proxies may register workloads under this service
+    /// (the control plane checks a proxy's registration against its certificate).
+    /// Default: only the account named like the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Vec<String>>,
+}
+
+impl ServiceSpec {
+    /// True when a proxy of `account` may register a workload under this service.
+    pub fn admits_account(&self, service: &str, account: &str) -> bool {
+        account == service
+            || self
+                .service_accounts
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|x| x == account))
+    }
 }
 
 /// One port of a service.

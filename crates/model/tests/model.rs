@@ -222,6 +222,11 @@ spec:
 fn refuses_bad_references_regexes_weights_and_duplicates() {
     let cases: &[(&str, &str, &str)] = &[
         (
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: search, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}]\n  serviceAccounts: [catalog, Not_An_Account]\n",
+            "spec.serviceAccounts[1]",
+            "is not a service account name",
+        ),
+        (
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: ghost}]\n",
             "spec.parentRefs[0].name",
             "does not exist",
