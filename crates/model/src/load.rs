@@ -537,7 +537,7 @@ impl Resources {
             for (i, a) in svc.spec.service_accounts.iter().flatten().enumerate() {
                 if !valid_name(a) {
                     c.fail(
-                        &format!("spec.serviceAccounts[{i}]"),
+                        format!("spec.serviceAccounts[{i}]"),
                         format!("{a:?} is not a service account name"),
                     );
                 }
