@@ -37,11 +37,12 @@ pub struct RunArgs {
     /// plane from.
     #[arg(long)]
     address: Option<IpAddr>,
-    /// The workload's service account; default the service's name.
+    /// The workload's service account; default the service's name. Another account
+    /// must be listed in the Service's `spec.serviceAccounts`.
     #[arg(long)]
     service_account: Option<String>,
-    /// A join token file; default: a token is created with the control plane's
-    /// admin API (which needs operator access to it).
+    /// A join token file; default: a single-use token is created with the
+    /// credential in use (which needs the admin role).
     #[arg(long)]
     join_token_file: Option<PathBuf>,
     /// The proxy's uid (its traffic is never captured); it runs as this uid.
