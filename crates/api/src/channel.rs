@@ -65,6 +65,20 @@ fn server_name(uri: &Uri) -> Result<ServerName<'static>, std::io::Error> {
     })
 }
 
+/// An error with its sources, on one line: for a connection the useful part is in
+/// the sources (a refused handshake, an unknown issuer), not in tonic's "transport
+/// error".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Connects `endpoint` (from [`endpoint`], tuned by the caller) with `tls`, now.
 pub async fn connect(
     endpoint: Endpoint,

@@ -105,12 +105,7 @@ pub(crate) async fn connect_with(
     match sinew_api::channel::connect(endpoint, tls).await {
         Ok(ch) => Ok(AdminClient::new(ch)),
         Err(e) => {
-            let mut why = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                why = format!("{why}: {s}");
-                src = s.source();
-            }
+            let why = sinew_api::channel::error_chain(&e);
             bail!(
                 "cannot reach the control plane at {} ({why}; is `sinew control` running? set --server or SINEW_SERVER)",
                 server.url

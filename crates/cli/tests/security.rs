@@ -850,7 +850,7 @@ async fn the_plaintext_window_serves_only_old_proxies_and_only_when_asked() {
     assert!(cert.error.is_empty(), "{}", cert.error);
     let leaf = sinew_tls::certs_from_pem("chain", &cert.chain_pem).unwrap();
     assert_eq!(
-        sinew_tls::api::peer_spiffe(&leaf[0]).unwrap().to_string(),
+        sinew_tls::spiffe_of(&leaf[0]).unwrap().to_string(),
         "spiffe://cluster.local/ns/shop/sa/web"
     );
 

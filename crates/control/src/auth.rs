@@ -73,9 +73,40 @@ pub struct ApiPeer {
     pub remote: SocketAddr,
     /// The client certificate it presented (chain verified against the mesh roots,
     /// expiry not yet checked), if any.
-    pub cert: Option<Arc<CertificateDer<'static>>>,
+    pub cert: Option<Arc<PeerCert>>,
     /// A plaintext connection of the migration window ([`Limits::plaintext_window`]).
     pub plaintext: bool,
+}
+
+/// A client certificate, read once when its connection is accepted: every call on
+/// the connection decides from these fields without parsing it again.
+#[derive(Debug)]
+pub struct PeerCert {
+    /// Its SPIFFE id, if it has exactly one.
+    pub id: Option<SpiffeId>,
+    /// SHA-256 of its DER (how operator credentials are recorded).
+    pub fingerprint: String,
+    /// Its validity, seconds since the epoch (0 when unreadable).
+    pub not_before_unix: i64,
+    /// Its expiry, seconds since the epoch (0 when unreadable: then expired).
+    pub not_after_unix: i64,
+}
+
+impl PeerCert {
+    fn read(der: &CertificateDer<'_>) -> PeerCert {
+        let (not_before_unix, not_after_unix) = x509_parser::parse_x509_certificate(der)
+            .map(|(_, c)| {
+                let v = c.validity();
+                (v.not_before.timestamp(), v.not_after.timestamp())
+            })
+            .unwrap_or((0, 0));
+        PeerCert {
+            id: sinew_tls::spiffe_of(der),
+            fingerprint: sinew_tls::api::cert_hash(der),
+            not_before_unix,
+            not_after_unix,
+        }
+    }
 }
 
 /// Counts per address, released when the guard drops.
@@ -267,7 +298,7 @@ pub fn incoming(
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
-                        .map(|c| Arc::new(c.clone().into_owned()));
+                        .map(|c| Arc::new(PeerCert::read(c)));
                     Some((Io::Tls(Box::new(stream)), cert))
                 })
                 .await;
@@ -299,10 +330,7 @@ pub fn peer<T>(req: &Request<T>) -> Option<&ApiPeer> {
 }
 
 /// The caller's verified certificate, or `Unauthenticated` saying what is missing.
-fn caller_cert<T>(
-    req: &Request<T>,
-    for_what: &str,
-) -> Result<Arc<CertificateDer<'static>>, Status> {
+fn caller_cert<T>(req: &Request<T>, for_what: &str) -> Result<Arc<PeerCert>, Status> {
     if peer(req).is_some_and(|p| p.plaintext) {
         return Err(Status::unauthenticated(
             "plaintext: the control plane's migration window serves proxies of earlier releases only; use https:// and a credential",
@@ -311,11 +339,14 @@ fn caller_cert<T>(
     let cert = peer(req)
         .and_then(|p| p.cert.clone())
         .ok_or_else(|| Status::unauthenticated(format!("no client certificate: {for_what}")))?;
-    if sinew_tls::api::expired(&cert) {
-        let when = sinew_tls::api::not_after_unix(&cert).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if cert.not_after_unix < now {
+        let when = u64::try_from(cert.not_after_unix).unwrap_or(0);
         return Err(Status::unauthenticated(format!(
             "the client certificate expired at {} (unix {when})",
-            crate::auth::rfc3339(when)
+            rfc3339(when)
         )));
     }
     Ok(cert)
@@ -362,11 +393,6 @@ pub struct Operator {
     pub role: Role,
 }
 
-/// SHA-256 of a certificate, hex: how credentials are stored.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    sinew_tls::api::cert_hash(cert)
-}
-
 /// The role and name in an operator credential's id,
 /// `spiffe://<trust_domain>/operator/<role>/<name>`.
 pub fn operator_id(id: &SpiffeId, trust_domain: &str) -> Option<(Role, String)> {
@@ -395,19 +421,17 @@ pub fn operator<T>(
         req,
         "every operator call needs a credential (sinew --credentials FILE, or SINEW_CREDENTIALS)",
     )?;
-    let id = sinew_tls::api::peer_spiffe(&cert);
-    let Some((role, name)) = id.as_ref().and_then(|i| operator_id(i, trust_domain)) else {
-        let who = id
+    let Some((role, name)) = cert.id.as_ref().and_then(|i| operator_id(i, trust_domain)) else {
+        let who = cert
+            .id
+            .as_ref()
             .map(|i| i.to_string())
             .unwrap_or_else(|| "a certificate without a SPIFFE id".into());
         return Err(Status::unauthenticated(format!(
             "{who} is not an operator credential of this control plane"
         )));
     };
-    let stored = store
-        .credential(&fingerprint(&cert))
-        .map_err(|e| Status::unavailable(format!("cannot read credentials: {e}")))?;
-    if stored.as_ref().is_some_and(|c| c.revoked) || store.name_revoked(&name, &cert) {
+    if store.credential_revoked(&cert.fingerprint, &name, cert.not_before_unix) {
         return Err(Status::unauthenticated(format!(
             "the credential {name:?} was revoked"
         )));
@@ -428,7 +452,9 @@ pub fn workload<T>(req: &Request<T>, trust_domain: &str) -> Result<SpiffeId, Sta
         req,
         "a proxy streams with its workload certificate (bootstrap first with a join token)",
     )?;
-    let id = sinew_tls::api::peer_spiffe(&cert)
+    let id = cert
+        .id
+        .clone()
         .ok_or_else(|| Status::unauthenticated("the client certificate has no SPIFFE id"))?;
     if id.workload_parts().is_none() {
         return Err(Status::permission_denied(format!(

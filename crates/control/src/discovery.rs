@@ -62,13 +62,19 @@ struct Owner {
 }
 
 impl Owners {
-    /// Takes `proxy` for `id` (one more stream), or says who holds it.
-    fn take(&self, proxy: &str, id: &sinew_tls::SpiffeId) -> Result<(), Status> {
+    /// The table, without the names whose owner has been gone for the grace period.
+    fn current(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Owner>> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         names.retain(|_, o| {
             o.streams > 0 || o.left.is_none_or(|t| now.duration_since(t) < self.grace)
         });
+        names
+    }
+
+    /// Takes `proxy` for `id` (one more stream), or says who holds it.
+    fn take(&self, proxy: &str, id: &sinew_tls::SpiffeId) -> Result<(), Status> {
+        let mut names = self.current();
         match names.get_mut(proxy) {
             Some(o) if o.id != *id => Err(Status::permission_denied(format!(
                 "the proxy name {proxy} belongs to {}; {id} cannot take it",
@@ -107,11 +113,7 @@ impl Owners {
     /// `proxy` belongs to no authenticated identity now (for the migration
     /// window's unauthenticated streams).
     fn unowned(&self, proxy: &str) -> Result<(), Status> {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        names.retain(|_, o| {
-            o.streams > 0 || o.left.is_none_or(|t| now.duration_since(t) < self.grace)
-        });
+        let names = self.current();
         match names.get(proxy) {
             Some(o) => Err(Status::permission_denied(format!(
                 "the proxy name {proxy} belongs to {}: a plaintext stream cannot take it",
@@ -175,6 +177,15 @@ impl DiscoveryService {
             ..Owners::default()
         });
         self
+    }
+
+    /// The proxy calling: its verified workload identity, or `None` for a proxy of
+    /// an earlier release on the plaintext migration window.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<sinew_tls::SpiffeId>, Status> {
+        if crate::auth::peer(req).is_some_and(|p| p.plaintext) {
+            return Ok(None);
+        }
+        crate::auth::workload(req, self.identity.trust_domain()).map(Some)
     }
 
     /// The telemetry the proxies' streams feed (stats, taps), for the Admin API.
@@ -431,12 +442,7 @@ impl Discovery for DiscoveryService {
         // A proxy of an earlier release on the plaintext migration window has no
         // certificate: it is served as before, its claims unverified, and it may
         // not take a name an authenticated proxy holds.
-        let legacy = crate::auth::peer(&req).is_some_and(|p| p.plaintext);
-        let caller = if legacy {
-            None
-        } else {
-            Some(crate::auth::workload(&req, self.identity.trust_domain())?)
-        };
+        let caller = self.caller(&req)?;
         let peer = crate::auth::peer(&req)
             .map(|p| p.remote.to_string())
             .unwrap_or_default();
@@ -641,14 +647,7 @@ impl Discovery for DiscoveryService {
                                 Ok((chain_pem, id, not_after, signer)) => {
                                     tracing::info!(%proxy, %id, "certificate issued");
                                     let _ = index.send(Command::CertIssued { proxy: proxy.clone(), signer }).await;
-                                    api::Certificate {
-                                        chain_pem,
-                                        roots_pem: identity.roots_pem(),
-                                        not_after_unix: not_after
-                                            .duration_since(std::time::UNIX_EPOCH)
-                                            .map_or(0, |d| d.as_secs() as i64),
-                                        error: String::new(),
-                                    }
+                                    certificate(&identity, chain_pem, not_after)
                                 }
                                 Err(error) => {
                                     tracing::warn!(%proxy, %error, "certificate request refused");
@@ -688,12 +687,7 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<api::ReportRequest>,
     ) -> Result<Response<api::ReportReply>, Status> {
-        let legacy = crate::auth::peer(&req).is_some_and(|p| p.plaintext);
-        let caller = if legacy {
-            None
-        } else {
-            Some(crate::auth::workload(&req, self.identity.trust_domain())?)
-        };
+        let caller = self.caller(&req)?;
         let req = req.into_inner();
         let (_, proxy) = proxy_name(&req.namespace, &req.name)?;
         if let Some(caller) = &caller
@@ -744,20 +738,33 @@ impl Discovery for DiscoveryService {
                         signer,
                     })
                     .await;
-                Ok(Response::new(api::Certificate {
+                Ok(Response::new(certificate(
+                    &self.identity,
                     chain_pem,
-                    roots_pem: self.identity.roots_pem(),
-                    not_after_unix: not_after
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64),
-                    error: String::new(),
-                }))
+                    not_after,
+                )))
             }
             Err(error) => {
                 tracing::warn!(%proxy, %error, "bootstrap refused");
                 Err(Status::unauthenticated(error))
             }
         }
+    }
+}
+
+/// The answer carrying an issued certificate, with the roots to trust now.
+fn certificate(
+    identity: &crate::identity::Identity,
+    chain_pem: String,
+    not_after: std::time::SystemTime,
+) -> api::Certificate {
+    api::Certificate {
+        chain_pem,
+        roots_pem: identity.roots_pem(),
+        not_after_unix: not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+        error: String::new(),
     }
 }
 

@@ -146,11 +146,7 @@ impl std::fmt::Debug for Identity {
 }
 
 fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sinew_tls::api::sha256_hex(token.as_bytes())
 }
 
 fn unix(t: SystemTime) -> i64 {

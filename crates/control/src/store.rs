@@ -399,18 +399,6 @@ impl Store {
         })
     }
 
-    /// The credential whose certificate has this SHA-256, if any.
-    pub fn credential(&self, fingerprint: &str) -> Result<Option<StoredCredential>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let t = txn.open_table(CREDENTIALS).map_err(|e| self.fail(e))?;
-        let Some(v) = t.get(fingerprint).map_err(|e| self.fail(e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| self.fail(format!("credential record is corrupt: {e}")))
-    }
-
     /// Every credential, with its fingerprint.
     pub fn credentials(&self) -> Result<Vec<(String, StoredCredential)>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
@@ -425,24 +413,26 @@ impl Store {
         Ok(out)
     }
 
-    /// True when `name` was revoked after `cert` was issued (its notBefore).
-    pub fn name_revoked(&self, name: &str, cert: &rustls::pki_types::CertificateDer<'_>) -> bool {
-        let Ok(txn) = self.db.begin_read() else {
-            // Unreadable store: refuse rather than let a revoked name through.
-            return true;
+    /// True when the credential with this fingerprint was revoked, or its `name`
+    /// was revoked after it was issued (`not_before_unix`); read in one
+    /// transaction. An unreadable store counts as revoked: refuse rather than let a
+    /// revoked credential through.
+    pub fn credential_revoked(&self, fingerprint: &str, name: &str, not_before_unix: i64) -> bool {
+        let check = || -> Result<bool, redb::Error> {
+            let txn = self.db.begin_read()?;
+            if let Some(v) = txn.open_table(CREDENTIALS)?.get(fingerprint)?
+                && serde_json::from_slice::<StoredCredential>(v.value()).is_ok_and(|c| c.revoked)
+            {
+                return Ok(true);
+            }
+            // notBefore is backdated a minute (clock slack): a certificate whose
+            // notBefore is before the revocation was issued before it, or just after.
+            Ok(txn
+                .open_table(REVOKED_NAMES)?
+                .get(name)?
+                .is_some_and(|at| not_before_unix + 60 <= at.value()))
         };
-        let Ok(t) = txn.open_table(REVOKED_NAMES) else {
-            return true;
-        };
-        let Ok(Some(at)) = t.get(name) else {
-            return false;
-        };
-        let issued = x509_parser::parse_x509_certificate(cert)
-            .map(|(_, c)| c.validity().not_before.timestamp())
-            .unwrap_or(i64::MIN);
-        // notBefore is backdated a minute (clock slack): a certificate whose
-        // notBefore is before the revocation was issued before it, or just after.
-        issued + 60 <= at.value()
+        check().unwrap_or(true)
     }
 
     /// Marks every credential named `name` revoked, and the name as of now; returns

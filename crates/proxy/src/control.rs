@@ -324,7 +324,7 @@ impl Client {
             .map_err(|e| e.to_string())?;
         let channel = sinew_api::channel::connect(self.endpoint()?, tls)
             .await
-            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+            .map_err(|e| format!("cannot connect: {}", sinew_api::channel::error_chain(&e)))?;
         let (key, csr_der) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
         let (namespace, name) = self.names();
         let cert = DiscoveryClient::new(channel)
@@ -366,7 +366,7 @@ impl Client {
         .map_err(|e| e.to_string())?;
         let channel = sinew_api::channel::connect(self.endpoint()?, tls)
             .await
-            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+            .map_err(|e| format!("cannot connect: {}", sinew_api::channel::error_chain(&e)))?;
         let mut client = DiscoveryClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
         let (namespace, name) = self.names();
@@ -845,19 +845,6 @@ fn join_token_root(token: &str) -> Option<&str> {
         && hash.bytes().all(|b| b.is_ascii_hexdigit())
         && !secret.is_empty())
     .then_some(hash)
-}
-
-/// An error with its sources, which hold the useful part for a connection (a
-/// refused handshake, an unknown issuer).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -26,9 +26,9 @@ use rustls::{
 use rustls_pki_types::TrustAnchor;
 use rustls_pki_types::pem::PemObject;
 
+use crate::TlsError;
 use crate::ca::certs_from_pem;
-use crate::store::{CertStore, provider, spiffe_of};
-use crate::{SpiffeId, TlsError};
+use crate::store::{CertStore, not_after_of, provider, spiffe_of};
 
 /// The control plane's service account: its certificate is
 /// `spiffe://<td>/ns/<namespace>/sa/sinew-control`. No join token is issued for it.
@@ -37,14 +37,19 @@ pub const CONTROL_ACCOUNT: &str = "sinew-control";
 /// The ALPN of the API: gRPC over HTTP/2.
 pub const API_ALPN: &[u8] = b"h2";
 
-/// `sha256:<hex>` of a certificate's DER: how a join token names the root it was
-/// issued under.
-pub fn cert_hash(der: &CertificateDer<'_>) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der)
+/// SHA-256 of `data`, lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// SHA-256 (hex) of a certificate's DER: how a join token names the root it was
+/// issued under, and how operator credentials are recorded.
+pub fn cert_hash(der: &CertificateDer<'_>) -> String {
+    sha256_hex(der)
 }
 
 /// How a client decides that it talks to the real control plane.
@@ -327,11 +332,11 @@ impl ClientCertVerifier for OptionalClientVerifier {
             Err(webpki::Error::CertExpired { .. }) => {
                 // Verified as of its last second of validity: only its age is wrong,
                 // and the API refuses it by that (see above).
-                let last = not_after_secs(end_entity)
+                let last = not_after_of(end_entity)
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .ok_or_else(|| other("unreadable validity"))?
-                    .saturating_sub(1);
-                verify(UnixTime::since_unix_epoch(Duration::from_secs(last)))
-                    .map_err(webpki_error)?;
+                    .saturating_sub(Duration::from_secs(1));
+                verify(UnixTime::since_unix_epoch(last)).map_err(webpki_error)?;
                 Ok(ClientCertVerified::assertion())
             }
             Err(e) => Err(webpki_error(e)),
@@ -361,24 +366,6 @@ impl ClientCertVerifier for OptionalClientVerifier {
     }
 }
 
-fn not_after_secs(cert: &CertificateDer<'_>) -> Option<u64> {
-    let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
-    u64::try_from(c.validity().not_after.timestamp()).ok()
-}
-
-/// When a certificate expires (seconds since the epoch), if readable.
-pub fn not_after_unix(cert: &CertificateDer<'_>) -> Option<u64> {
-    not_after_secs(cert)
-}
-
-/// True when `cert` has expired at the current time.
-pub fn expired(cert: &CertificateDer<'_>) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    not_after_secs(cert).is_none_or(|t| t < now)
-}
-
 /// The control plane's TLS config: TLS 1.3 only, ALPN `h2`, its certificate from
 /// `store` (rotated in place), client certificates optional and verified against
 /// `store`'s roots.
@@ -394,9 +381,4 @@ pub fn control_server_config(store: &Arc<CertStore>) -> Result<Arc<ServerConfig>
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
-}
-
-/// The SPIFFE id in a peer's leaf certificate, if it has exactly one.
-pub fn peer_spiffe(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
-    spiffe_of(cert)
 }

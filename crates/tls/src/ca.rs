@@ -47,6 +47,23 @@ fn offset(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
 }
 
+/// A CA certificate's parameters: `dn`, any path length, signing usages, valid from
+/// a minute ago (clock slack) for `validity`.
+fn ca_params(dn: DistinguishedName, validity: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = offset(now - Duration::from_secs(60));
+    params.not_after = offset(now + validity);
+    params
+}
+
 fn is_self_signed(der: &CertificateDer<'_>) -> bool {
     x509_parser::parse_x509_certificate(der)
         .map(|(_, c)| c.subject() == c.issuer())
@@ -104,7 +121,6 @@ impl Ca {
     /// A new self-signed ECDSA P-256 root, valid for `validity`.
     pub fn generate(trust_domain: &str, validity: Duration) -> Result<Ca, TlsError> {
         let key = KeyPair::generate().map_err(|e| TlsError::invalid("CA key", e))?;
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Sinew");
         // A distinct name per root, so two roots (e.g. during a rotation) are told apart.
@@ -121,16 +137,7 @@ impl Ca {
                 u16::from_be_bytes([random_serial()[14], random_serial()[15]]) ^ (born as u16)
             ),
         );
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = SystemTime::now();
-        params.not_before = offset(now - Duration::from_secs(60));
-        params.not_after = offset(now + validity);
+        let params = ca_params(dn, validity);
         let cert = params
             .self_signed(&key)
             .map_err(|e| TlsError::invalid("CA certificate", e))?;
@@ -291,7 +298,6 @@ impl Ca {
         // credentials at the rotation.
         let (_, parsed) = x509_parser::parse_x509_certificate(&other.cert)
             .map_err(|e| TlsError::invalid("CA certificate", e))?;
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         for attr in parsed.subject().iter_attributes() {
             let kind = match attr.attr_type().to_id_string().as_str() {
@@ -305,16 +311,7 @@ impl Ca {
                 dn.push(kind, v);
             }
         }
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = SystemTime::now();
-        params.not_before = offset(now - Duration::from_secs(60));
-        params.not_after = offset(now + validity);
+        let mut params = ca_params(dn, validity);
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
         params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)

@@ -19,7 +19,7 @@ pub mod store;
 
 pub use ca::{Ca, Issued, Profile, certs_from_pem, new_key_and_csr};
 pub use sinew_model::spiffe::SpiffeId;
-pub use store::{CertStore, MESH_ALPN, peer_identity};
+pub use store::{CertStore, MESH_ALPN, not_after_of, peer_identity, spiffe_of};
 
 /// A TLS or certificate problem, with what went wrong.
 #[derive(Debug, thiserror::Error)]

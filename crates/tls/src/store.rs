@@ -59,7 +59,8 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     certs.and_then(|c| c.first()).and_then(spiffe_of)
 }
 
-fn not_after_of(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+/// When a certificate expires, if its validity is readable.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
     let secs = u64::try_from(c.validity().not_after.timestamp()).ok()?;
     Some(UNIX_EPOCH + Duration::from_secs(secs))

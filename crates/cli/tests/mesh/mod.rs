@@ -8,6 +8,7 @@ use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub use sinew_api::channel::error_chain;
 use sinew_api::v1::Registration;
 use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::discovery_client::DiscoveryClient;
@@ -503,16 +504,4 @@ pub async fn anonymous_discovery(cp: &Control) -> DiscoveryClient<Channel> {
 /// An Admin client with no certificate.
 pub async fn anonymous_admin(cp: &Control) -> AdminClient<Channel> {
     AdminClient::new(anonymous_channel(cp).await)
-}
-
-/// An error and its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
