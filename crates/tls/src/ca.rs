@@ -128,14 +128,11 @@ impl Ca {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         // A random part too: two roots made in the same second (a rotation right
-        // after a start) must still have different names, or a verifier that finds
-        // an issuer by name tries the wrong key.
+        // after a start, two meshes started together) must still have different
+        // names, or a verifier that finds an issuer by name tries the wrong key.
         dn.push(
             DnType::CommonName,
-            format!(
-                "Sinew root CA {trust_domain} {born}-{:04x}",
-                u16::from_be_bytes([random_serial()[14], random_serial()[15]]) ^ (born as u16)
-            ),
+            format!("Sinew root CA {trust_domain} {born}-{}", random_hex(4)?),
         );
         let params = ca_params(dn, validity);
         let cert = params
@@ -431,6 +428,16 @@ impl Profile {
             ..Profile::default()
         }
     }
+}
+
+/// `n` random bytes from the system's source, hex.
+fn random_hex(n: usize) -> Result<String, TlsError> {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; n];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| TlsError::invalid("CA name", "the system random source failed"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 fn random_serial() -> [u8; 16] {
