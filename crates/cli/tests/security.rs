@@ -974,3 +974,29 @@ async fn an_oversized_message_is_refused_and_the_api_goes_on() {
     assert!(admin.get(api::GetRequest::default()).await.is_ok());
     assert!(cp.sinew(&["get", "svc"]).await.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_credential_file_is_named_with_what_is_wrong() {
+    let scratch = Scratch::new();
+    let bad = scratch.write(
+        "bad.credentials",
+        "server: https://127.0.0.1:9\nname: [unclosed\n",
+    );
+    let out = sinew_as("https://127.0.0.1:9", Some(&bad), &["get", "svc"]).await;
+    assert!(!out.status.success());
+    let err = text(&out).1;
+    assert!(
+        err.contains(&format!("{}: not a Sinew credential file", bad.display())),
+        "{err}"
+    );
+    let no_pem = scratch.write(
+        "nopem.credentials",
+        "server: https://127.0.0.1:9\nname: x\nrole: admin\ntrustDomain: t\nexpires: e\ncertificate: c\nkey: k\nroots: r\n",
+    );
+    let out = sinew_as("https://127.0.0.1:9", Some(&no_pem), &["get", "svc"]).await;
+    assert!(
+        text(&out).1.contains("certificate: no PEM block"),
+        "{:?}",
+        text(&out)
+    );
+}
