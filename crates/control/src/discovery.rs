@@ -669,6 +669,22 @@ impl Discovery for DiscoveryService {
                         Ok(Some(ProxyMessage { kind: Some(k @ (proxy_message::Kind::Stats(_) | proxy_message::Kind::TapEvents(_))) })) => {
                             telemetry.receive(k);
                         }
+                        Ok(Some(ProxyMessage { kind: Some(proxy_message::Kind::Draining(_)) })) => {
+                            // A rolling restart: the workload leaves every view now,
+                            // and the proxy hears when that is published, so it stops
+                            // accepting only once its peers have stopped choosing it.
+                            tracing::info!(%proxy, stream, "proxy draining: deregistering its workload");
+                            let _ = index.send(Command::Deregister { proxy: proxy.clone(), stream }).await;
+                            let (mut published, tx, proxy) = (state.clone(), tx.clone(), proxy.clone());
+                            tokio::spawn(async move {
+                                let gone = published.wait_for(|s| !s.registrations.contains_key(&proxy));
+                                if tokio::time::timeout(REGISTRATION_WAIT, gone).await.is_err() {
+                                    tracing::warn!(%proxy, "deregistration not published in time");
+                                }
+                                let msg = ControlMessage { kind: Some(control_message::Kind::Drained(api::Drained {})) };
+                                let _ = tx.send(Ok(msg)).await;
+                            });
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => break,
                     },

@@ -225,6 +225,13 @@ pub enum Command {
         /// Stream id.
         stream: u64,
     },
+    /// A proxy is draining: its workload leaves at once, without a grace period.
+    Deregister {
+        /// `namespace/name`.
+        proxy: String,
+        /// Stream id: only the proxy's current stream may deregister it.
+        stream: u64,
+    },
     /// A stream computed a new version for its proxy.
     Computed {
         /// `namespace/name`.
@@ -794,6 +801,19 @@ impl Index {
                     if let Some((_, expiry)) = self.registry.get_mut(&proxy) {
                         *expiry = Some(Instant::now() + self.settings.grace_period);
                     }
+                }
+            }
+            Command::Deregister { proxy, stream } => {
+                if self
+                    .proxies
+                    .get(&proxy)
+                    .is_some_and(|rec| rec.stream == Some(stream))
+                    && self.registry.remove(&proxy).is_some()
+                {
+                    if let Err(e) = self.store.remove_registration(&proxy) {
+                        tracing::error!(error = %e, "cannot forget a registration");
+                    }
+                    self.mark();
                 }
             }
             Command::Computed {

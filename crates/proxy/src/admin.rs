@@ -18,32 +18,76 @@ use tokio::net::TcpListener;
 
 use crate::state::Shared;
 
-/// Serves the admin API until the listener fails.
+/// Admin connections open at once. At the cap, the oldest connection that has not
+/// sent a request yet is closed for a new one, so a flood of idle or slow clients
+/// never keeps a health prober out and never eats the proxy's descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 128;
+/// Time an admin client has to send a request head (and between requests).
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the admin API.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, source: String) {
     let source: Arc<str> = source.into();
+    let bind = listener
+        .local_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut errors = crate::accept::AcceptErrors::new("admin", bind);
+    let slots = Arc::new(crate::accept::Evictable::new(MAX_ADMIN_CONNECTIONS));
+    let mut http = http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+        .max_buf_size(16 * 1024);
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                continue;
-            }
+        let (stream, peer) = crate::accept::next(&listener, &mut errors).await;
+        let Some((slot, evicted)) = slots.admit() else {
+            // Every connection is busy: this one is closed at once.
+            continue;
         };
         let shared = shared.clone();
         let source = source.clone();
+        let http = http.clone();
         tokio::spawn(async move {
+            let slot = Arc::new(slot);
             let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = if req.uri().path() == "/tap" && req.method() == Method::GET {
-                    tap(shared.clone(), &req)
-                } else {
-                    route(&shared, &source, &req).map(BodyExt::boxed)
-                };
+                slot.busy();
+                let resp = admin_response(&shared, &source, peer, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = http.serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                // Told to make room (a dropped sender, once busy, is no signal).
+                Ok(()) = evicted => {}
+            }
         });
+    }
+}
+
+/// Endpoints that reveal traffic or configuration: served to loopback callers only
+/// (the sidecar's own pod or host), whatever address the admin listener is bound
+/// to; probes and `/metrics` may be exposed.
+fn private(path: &str) -> bool {
+    !matches!(path, "/live" | "/ready" | "/metrics")
+}
+
+fn admin_response(
+    shared: &Arc<Shared>,
+    source: &str,
+    peer: std::net::SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<AdminBody> {
+    let path = req.uri().path();
+    if private(path) && !peer.ip().is_loopback() {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("{path} is served to loopback callers only\n"),
+        )
+        .map(BodyExt::boxed);
+    }
+    if path == "/tap" && req.method() == Method::GET {
+        tap(shared.clone(), req)
+    } else {
+        route(shared, source, req).map(BodyExt::boxed)
     }
 }
 

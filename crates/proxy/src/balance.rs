@@ -24,6 +24,8 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const DECAY: Duration = Duration::from_secs(10);
 /// Latency charged for a failed request, so a fast failure never looks attractive.
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// The most a run of failures charges.
+const MAX_PENALTY: Duration = Duration::from_secs(60);
 
 /// One endpoint and what is known of it.
 #[derive(Debug)]
@@ -164,10 +166,22 @@ impl InFlight {
         self.done = true;
     }
 
-    /// Records a failure: charged at least [`FAILURE_PENALTY`].
+    /// Records a failure: charged at least [`FAILURE_PENALTY`], and twice what the
+    /// endpoint cost before (up to [`MAX_PENALTY`]), so failures in a row make it
+    /// costlier than any endpoint that answers, however slowly: a fast failure
+    /// never looks attractive.
     pub fn failure(mut self) {
-        self.endpoint
-            .observe(self.started.elapsed().max(FAILURE_PENALTY));
+        let before = {
+            let e = self.endpoint.ewma.lock().unwrap_or_else(|e| e.into_inner());
+            Duration::from_nanos(e.nanos as u64)
+        };
+        let charge = self
+            .started
+            .elapsed()
+            .max(FAILURE_PENALTY)
+            .max(before.saturating_mul(2))
+            .min(MAX_PENALTY);
+        self.endpoint.observe(charge);
         self.done = true;
     }
 }
@@ -194,6 +208,20 @@ pub struct Balancer {
     /// Counts outlier ejections (`sinew_outlier_ejections_total`), when attached.
     ejections: Option<prometheus_client::metrics::counter::Counter>,
 }
+
+/// Outlier detection for a service without a `TrafficPolicy`: an endpoint that
+/// refuses a connection (nothing listens: a restart, a killed process) is ejected at
+/// once, for 5 s, growing with each ejection; other failures eject nothing (only a
+/// policy says how many are too many). At most half the endpoints are out at once.
+const REFUSALS_ONLY: sinew_model::compile::OutlierConfig = sinew_model::compile::OutlierConfig {
+    consecutive_failures: u32::MAX,
+    consecutive_refusals: 1,
+    failure_percent: None,
+    minimum_requests: u32::MAX,
+    interval_ms: 10_000,
+    base_ejection_ms: 5_000,
+    max_ejection_percent: 50,
+};
 
 /// Points per endpoint on the ring (more: smoother shares).
 const VNODES: usize = 100;
@@ -265,6 +293,10 @@ impl Balancer {
                 }
             }
             ring.sort_unstable();
+        }
+        let mut traffic = traffic;
+        if traffic.outlier.is_none() {
+            traffic.outlier = Some(REFUSALS_ONLY);
         }
         Balancer {
             endpoints,
@@ -359,7 +391,7 @@ impl Balancer {
             st.window_ok += 1;
             return;
         }
-        st.consecutive += 1;
+        st.consecutive = st.consecutive.saturating_add(1);
         st.refused = if outcome == Outcome::Refused {
             st.refused + 1
         } else {
@@ -400,6 +432,28 @@ impl Balancer {
     /// The endpoints.
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
+    }
+
+    /// Another endpoint than `not`, for a retry or a resend: an available one when
+    /// there is one (chosen by the algorithm), else any other. `None` when `not` is
+    /// the only endpoint.
+    pub fn pick_other(&self, not: &Arc<Endpoint>) -> Option<&Arc<Endpoint>> {
+        let now = Instant::now();
+        let others: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| !Arc::ptr_eq(e, not))
+            .collect();
+        let usable: Vec<&Arc<Endpoint>> = others
+            .iter()
+            .copied()
+            .filter(|e| e.is_healthy() && !e.is_ejected(now))
+            .collect();
+        if usable.is_empty() {
+            self.pick_from(others)
+        } else {
+            self.pick_from(usable)
+        }
     }
 
     /// Picks an endpoint, skipping unavailable ones (unhealthy, ejected) unless every

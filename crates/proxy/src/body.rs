@@ -21,6 +21,10 @@ pub enum ReqBody {
     /// Streamed, with a copy kept (up to a limit) so a retry can send it again
     /// once it has ended: bodies of unknown length, such as gRPC calls.
     Captured(Incoming, Arc<Capture>),
+    /// Streamed from the downstream connection, noting in the flag whether it
+    /// failed there (malformed chunking, a client gone): a send that fails then is
+    /// the client's fault, not the endpoint's.
+    Watched(Incoming, Arc<std::sync::atomic::AtomicBool>),
 }
 
 /// The copy a [`ReqBody::Captured`] keeps.
@@ -97,6 +101,13 @@ impl Body for ReqBody {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Watched(b, failed) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &polled {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                polled
+            }
             ReqBody::Captured(b, capture) => {
                 let polled = Pin::new(&mut *b).poll_frame(cx);
                 match &polled {
@@ -111,7 +122,9 @@ impl Body for ReqBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Incoming(b) | ReqBody::Captured(b, _) => b.is_end_stream(),
+            ReqBody::Incoming(b) | ReqBody::Captured(b, _) | ReqBody::Watched(b, _) => {
+                b.is_end_stream()
+            }
             ReqBody::Empty => true,
             ReqBody::Buffered(b) => b.is_none(),
         }
@@ -119,7 +132,9 @@ impl Body for ReqBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Incoming(b) | ReqBody::Captured(b, _) => b.size_hint(),
+            ReqBody::Incoming(b) | ReqBody::Captured(b, _) | ReqBody::Watched(b, _) => {
+                b.size_hint()
+            }
             ReqBody::Empty => SizeHint::with_exact(0),
             ReqBody::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }

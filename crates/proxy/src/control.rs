@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::reload::Applier;
+use crate::state::Leave;
 
 /// How often the demand of mesh-wide rate limits is reported.
 pub const DEMAND_INTERVAL: Duration = Duration::from_millis(250);
@@ -423,10 +424,22 @@ impl Client {
         {
             self.request_certificate(&tx).await?;
         }
+        let mut leave = self.applier.shared().leave.subscribe();
+        let mut leaving_sent = false;
         loop {
             let renew = self.renew_at;
             let msg = tokio::select! {
                 msg = inbound.message() => msg.map_err(|s| format!("{}: {}", s.code(), s.message()))?,
+                _ = leave.wait_for(|l| *l == Leave::Asked), if !leaving_sent => {
+                    // Shutting down: the workload leaves every view before the
+                    // listeners close (answered with Drained).
+                    leaving_sent = true;
+                    let msg = ProxyMessage {
+                        kind: Some(proxy_message::Kind::Draining(sinew_api::v1::Draining {})),
+                    };
+                    tx.send(msg).await.map_err(|_| "stream closed".to_owned())?;
+                    continue;
+                }
                 _ = report.tick() => {
                     self.report_demand(&tx);
                     continue;
@@ -465,6 +478,11 @@ impl Client {
                 }
                 control_message::Kind::TapStart(start) => {
                     self.start_tap(&mut taps, &tx, start);
+                    continue;
+                }
+                control_message::Kind::Drained(_) => {
+                    tracing::info!("the control plane has taken this workload out of the mesh");
+                    self.applier.shared().leave.send_replace(Leave::Done);
                     continue;
                 }
                 control_message::Kind::TapStop(stop) => {

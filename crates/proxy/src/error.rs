@@ -17,6 +17,13 @@ pub enum ProxyError {
     /// The request was malformed (downstream's fault).
     #[error("malformed request: {0}")]
     Malformed(&'static str),
+    /// The request's headers are over the listener's limits (431).
+    #[error("request headers too large: {0}")]
+    HeadersTooLarge(String),
+    /// The request body broke while it was being forwarded (malformed chunked
+    /// encoding, a client that reset): the client's fault, not the endpoint's.
+    #[error("the request body could not be read: {0}")]
+    RequestBody(String),
     /// No service is known by the requested name.
     #[error("no service named {0:?}")]
     UnknownService(String),
@@ -82,7 +89,8 @@ impl ProxyError {
     /// The status a client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Malformed(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UnknownService(_) | ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::NoEndpoints(_) | ProxyError::ShuttingDown | ProxyError::Overflow(_) => {
@@ -102,6 +110,8 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::Malformed(_) => "malformed-request",
+            ProxyError::HeadersTooLarge(_) => "headers-too-large",
+            ProxyError::RequestBody(_) => "malformed-request-body",
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoRoute => "no-route",
             ProxyError::NoEndpoints(_) => "no-endpoints",
@@ -121,9 +131,10 @@ impl ProxyError {
     /// The gRPC status code for gRPC callers.
     fn grpc_status(&self) -> &'static str {
         match self {
-            ProxyError::Timeout(_) => "4",         // DEADLINE_EXCEEDED
-            ProxyError::Malformed(_) => "13",      // INTERNAL
-            ProxyError::PortNotAllowed(_) => "7",  // PERMISSION_DENIED
+            ProxyError::Timeout(_) => "4", // DEADLINE_EXCEEDED
+            ProxyError::Malformed(_) | ProxyError::RequestBody(_) => "13", // INTERNAL
+            ProxyError::HeadersTooLarge(_) => "8", // RESOURCE_EXHAUSTED
+            ProxyError::PortNotAllowed(_) => "7", // PERMISSION_DENIED
             ProxyError::RateLimited { .. } => "8", // RESOURCE_EXHAUSTED
             ProxyError::Policy(p) if p.status == StatusCode::UNAUTHORIZED => "16", // UNAUTHENTICATED
             ProxyError::Policy(_) => "7", // PERMISSION_DENIED
@@ -197,4 +208,16 @@ impl ProxyError {
         }
         HeaderValue::from_static(self.reason())
     }
+}
+
+/// An error and its sources, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

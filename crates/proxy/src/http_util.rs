@@ -16,6 +16,12 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("sinew-orig-proto");
 /// the inbound on every request, never taken from the client.
 pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("sinew-peer-identity");
 
+/// Mesh response header: the inbound could not reach its application (refused,
+/// timed out, shutting down), so the request was never seen and the client's sidecar
+/// may send it to another endpoint. Set only by the inbound on its own answers;
+/// removed from the application's responses and before the client sees the answer.
+pub const UNSENT: HeaderName = HeaderName::from_static("sinew-unsent");
+
 /// `grpc-status`, as a static name: looking a header up by string parses the name
 /// on every request.
 pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -165,4 +171,100 @@ pub fn set_target(
         parts.version = Version::HTTP_11;
     }
     Ok(())
+}
+
+/// Checks a request head where it enters the mesh, so that a bad request is
+/// answered here (431, 400) and never reaches a connection shared with other
+/// clients: the header limits (bytes counted as HTTP/2 does, name + value + 32), one
+/// `Host` at most. Headers whose names carry an underscore are dropped: servers
+/// behind CGI/WSGI conventions read `x_user` and `x-user` as the same header, so a
+/// client could forge one the mesh sets (e.g. `sinew_peer_identity`), as Envoy's
+/// `headers_with_underscores_action` guards against.
+pub fn check_request_head(
+    headers: &mut HeaderMap,
+    limits: &crate::state::HeadLimits,
+) -> Result<(), ProxyError> {
+    let mut bytes = 0usize;
+    let mut hosts = 0usize;
+    let mut underscored = false;
+    for (name, value) in headers.iter() {
+        bytes += name.as_str().len() + value.len() + 32;
+        if *name == header::HOST {
+            hosts += 1;
+        }
+        underscored |= name.as_str().as_bytes().contains(&b'_');
+    }
+    if headers.len() > limits.request_headers {
+        return Err(ProxyError::HeadersTooLarge(format!(
+            "{} headers; at most {} are accepted",
+            headers.len(),
+            limits.request_headers
+        )));
+    }
+    if bytes > limits.request_header_bytes {
+        return Err(ProxyError::HeadersTooLarge(format!(
+            "{bytes} bytes of headers; at most {} are accepted",
+            limits.request_header_bytes
+        )));
+    }
+    if hosts > 1 {
+        return Err(ProxyError::Malformed("more than one Host header"));
+    }
+    if underscored {
+        let names: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().as_bytes().contains(&b'_'))
+            .cloned()
+            .collect();
+        for n in names {
+            headers.remove(n);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod head_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn oversized_or_doubled_heads_are_refused_and_underscores_dropped() {
+        let limits = crate::state::HeadLimits {
+            request_header_bytes: 1024,
+            request_headers: 4,
+            ..Default::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("sinew_peer_identity", HeaderValue::from_static("forged"));
+        h.insert("x_user", HeaderValue::from_static("forged"));
+        check_request_head(&mut h, &limits).unwrap();
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-a"));
+
+        let mut big = HeaderMap::new();
+        big.insert("x-big", HeaderValue::from_str(&"a".repeat(1000)).unwrap());
+        let e = check_request_head(&mut big, &limits).unwrap_err();
+        assert_eq!(
+            e.status(),
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+
+        let mut many = HeaderMap::new();
+        for i in 0..5 {
+            many.insert(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        let e = check_request_head(&mut many, &limits).unwrap_err();
+        assert_eq!(e.reason(), "headers-too-large");
+
+        let mut hosts = HeaderMap::new();
+        hosts.append(header::HOST, HeaderValue::from_static("a"));
+        hosts.append(header::HOST, HeaderValue::from_static("b"));
+        let e = check_request_head(&mut hosts, &limits).unwrap_err();
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+    }
 }

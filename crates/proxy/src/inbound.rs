@@ -14,7 +14,7 @@ use sinew_model::compile::InboundConfig;
 
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
-use crate::http_util::{self, DST_PORT, ORIG_PROTO, PEER_IDENTITY};
+use crate::http_util::{self, DST_PORT, ORIG_PROTO, PEER_IDENTITY, UNSENT};
 use crate::listeners::ConnCtx;
 use crate::metrics::{Direction, RequestMeta};
 use crate::pool::Version as UpVersion;
@@ -32,7 +32,18 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
         Err(e) => {
             tracing::debug!(error = %e, peer = %ctx.peer, "inbound request failed");
             ctx.shared.metrics.error(Direction::Inbound, e.reason());
-            e.to_response(grpc)
+            let mut resp = e.to_response(grpc);
+            if matches!(
+                e,
+                ProxyError::Connect { .. }
+                    | ProxyError::ConnectTimeout(_)
+                    | ProxyError::ShuttingDown
+            ) {
+                // The app never saw it: the caller's sidecar may send it elsewhere.
+                resp.headers_mut()
+                    .insert(UNSENT, HeaderValue::from_static("1"));
+            }
+            resp
         }
     };
     crate::ending::respond(
@@ -142,6 +153,14 @@ async fn forward(
         .as_ref()
         .ok_or(ProxyError::ShuttingDown)?;
     meta.service = snap.inbound_service.clone();
+    // Room for what the caller's sidecar added on the mesh hop.
+    let limits = crate::state::HeadLimits {
+        request_header_bytes: ctx.shared.settings.limits.request_header_bytes
+            + crate::state::MESH_HEADER_ROOM,
+        request_headers: ctx.shared.settings.limits.request_headers + 16,
+        ..ctx.shared.settings.limits
+    };
+    http_util::check_request_head(req.headers_mut(), &limits)?;
 
     if req.method() == Method::CONNECT {
         let port = req
@@ -238,6 +257,9 @@ async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
+    // Only this sidecar says whether the app saw a request.
+    static APP_MUST_NOT_SET: [http::HeaderName; 1] = [UNSENT];
+    http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         // Upgrades travel through CONNECT tunnels, never as a plain request.
         return Err(ProxyError::Malformed("upgrade outside a tunnel"));

@@ -11,6 +11,7 @@
 //! each request reads one snapshot from start to end. Standalone, the proxy runs from
 //! a file of Kubernetes-shaped documents and reloads it when it changes.
 
+pub mod accept;
 pub mod access;
 pub mod admin;
 pub mod balance;
@@ -51,7 +52,10 @@ use crate::reload::{Applier, ConfigWatcher};
 /// The configuration source's task, built on the admin thread's runtime.
 type SourceTask =
     Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>;
-use crate::state::{DrainState, Settings, Shared};
+use crate::state::{DrainState, Leave, Settings, Shared};
+
+/// The longest wait for the control plane to confirm a deregistration at shutdown.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
@@ -76,10 +80,18 @@ pub struct ProxyOptions {
     pub reload_interval: Duration,
     /// How long in-flight work may take to finish on shutdown; default 30 s.
     pub drain_timeout: Duration,
+    /// With a control plane, at shutdown: how long peers get to apply the views
+    /// without this workload (after the control plane published them) before the
+    /// listeners close. Requests a late peer sends meanwhile are still served.
+    pub leave_delay: Duration,
     /// Time allowed to connect to an endpoint; default 5 s.
     pub connect_timeout: Duration,
     /// Time a client has to send request headers; default 30 s.
     pub header_read_timeout: Duration,
+    /// Message head limits (see [`state::HeadLimits`] for the defaults).
+    pub limits: state::HeadLimits,
+    /// Connections each listener holds open at once; default 16384.
+    pub max_connections: usize,
 }
 
 impl ProxyOptions {
@@ -100,8 +112,11 @@ impl ProxyOptions {
             admin: SocketAddr::from(([127, 0, 0, 1], 4191)),
             reload_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
+            leave_delay: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(30),
+            limits: state::HeadLimits::default(),
+            max_connections: 16 * 1024,
         }
     }
 }
@@ -142,6 +157,8 @@ pub struct Proxy {
     reload_tx: mpsc::Sender<()>,
     stop_admin: Option<oneshot::Sender<()>>,
     drain_timeout: Duration,
+    /// With a control plane: leave the mesh first, then wait this long for peers.
+    leave_first: Option<Duration>,
 }
 
 impl Proxy {
@@ -156,6 +173,8 @@ impl Proxy {
         let settings = Settings {
             connect_timeout: opts.connect_timeout,
             header_read_timeout: opts.header_read_timeout,
+            limits: opts.limits,
+            max_connections: opts.max_connections,
         };
         let shared = Arc::new(Shared::new(settings, drain_rx, track_tx));
         let admin = std::net::TcpListener::bind(opts.admin)
@@ -237,6 +256,8 @@ impl Proxy {
             reload_tx,
             stop_admin: Some(stop_tx),
             drain_timeout: opts.drain_timeout,
+            leave_first: matches!(opts.source, ConfigSource::ControlPlane(_))
+                .then_some(opts.leave_delay),
         })
     }
 
@@ -279,9 +300,30 @@ impl Proxy {
         let _ = self.reload_tx.try_send(());
     }
 
+    /// Takes this proxy's workload out of the mesh before anything stops: the
+    /// control plane publishes every view without it (bounded wait), then peers get
+    /// `delay` to apply theirs. Until then the proxy serves as usual (not ready), so
+    /// no peer's request meets a closed listener or a GOAWAY.
+    async fn leave(&self, delay: Duration) {
+        let leave = &self.shared.leave;
+        leave.send_replace(Leave::Asked);
+        let mut rx = leave.subscribe();
+        let done = rx.wait_for(|l| *l == Leave::Done);
+        match tokio::time::timeout(LEAVE_WAIT.min(self.drain_timeout), done).await {
+            Ok(_) => tracing::info!(?delay, "out of the mesh; peers are catching up"),
+            Err(_) => {
+                tracing::warn!("the control plane did not confirm the deregistration in time")
+            }
+        }
+        tokio::time::sleep(delay).await;
+    }
+
     /// Stops accepting, lets in-flight requests and connections finish for up to
     /// the drain timeout, then closes whatever is left.
     pub async fn shutdown(mut self) -> DrainOutcome {
+        if let Some(delay) = self.leave_first {
+            self.leave(delay).await;
+        }
         tracing::info!(deadline = ?self.drain_timeout, "draining");
         let _ = self.drain_tx.send(DrainState::Draining);
         self.shared

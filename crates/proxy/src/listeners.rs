@@ -280,25 +280,32 @@ async fn accept_loop(
     };
     tracing::info!(%bind, role = role.label(), "listening");
     let mut drain = shared.drain.clone();
+    let mut errors = crate::accept::AcceptErrors::new(role.label(), bind);
+    // The listener's connection cap: at it, accepting waits for a connection to
+    // close (new clients wait in the kernel's backlog), so a flood on one listener
+    // cannot take every descriptor the proxy has.
+    let cap = Arc::new(tokio::sync::Semaphore::new(shared.settings.max_connections));
     loop {
+        let permit = tokio::select! {
+            _ = &mut stop => break,
+            _ = reached(&mut drain, DrainState::Draining) => break,
+            p = cap.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             _ = &mut stop => break,
             _ = reached(&mut drain, DrainState::Draining) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Some(guard) = shared.track() else { break };
-                    let _ = stream.set_nodelay(true);
-                    let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, last_series: Default::default() });
-                    tokio::spawn(async move {
-                        connection(ctx, stream, opaque).await;
-                        drop(guard);
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%bind, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+            (stream, peer) = crate::accept::next(&listener, &mut errors) => {
+                let Some(guard) = shared.track() else { break };
+                let _ = stream.set_nodelay(true);
+                let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, last_series: Default::default() });
+                tokio::spawn(async move {
+                    connection(ctx, stream, opaque).await;
+                    drop(guard);
+                    drop(permit);
+                });
             }
         }
     }
@@ -747,6 +754,8 @@ spec:
         let settings = Settings {
             connect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(1),
+            limits: Default::default(),
+            max_connections: 16,
         };
         let shared = Arc::new(Shared::new(settings, drain_rx, track));
         let listener = TcpListener::bind("127.0.0.1:0")

@@ -125,6 +125,20 @@ struct Args {
     /// Milliseconds allowed to connect to an endpoint.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// Most bytes of request headers, in KiB (names, values and 32 bytes each, as
+    /// HTTP/2 counts them); a larger request is answered 431 where it arrives.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=8192))]
+    max_request_headers_kb: u32,
+    /// Most request headers; more is answered 431 where it arrives.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    max_request_headers: u32,
+    /// Most response headers accepted from an upstream (more: 502).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    max_response_headers: u32,
+    /// Connections each listener holds open at once (then it stops accepting until
+    /// one closes).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
     /// Validate the configuration, print a summary, and exit (non-zero if invalid).
     #[arg(long)]
     check: bool,
@@ -228,6 +242,13 @@ fn main() -> anyhow::Result<()> {
         opts.drain_timeout = Duration::from_secs(args.drain_timeout);
         opts.reload_interval = Duration::from_millis(args.reload_interval_ms.max(10));
         opts.connect_timeout = Duration::from_millis(args.connect_timeout_ms.max(1));
+        opts.limits = sinew_proxy::state::HeadLimits {
+            request_header_bytes: args.max_request_headers_kb as usize * 1024,
+            request_headers: args.max_request_headers as usize,
+            response_headers: args.max_response_headers as usize,
+            ..Default::default()
+        };
+        opts.max_connections = args.max_connections as usize;
         let proxy = Proxy::start(opts)?;
         wait_for_termination(&proxy).await?;
         let outcome = proxy.shutdown().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
 use crate::listeners::{ConnCtx, Role};
 use crate::metrics::{Direction, RequestMeta};
-use crate::pool::Version as UpVersion;
+use crate::pool::{Reached, SendError, Version as UpVersion};
 use crate::resilience;
 use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
@@ -120,6 +120,8 @@ async fn forward(
         .snapshot
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
+    // A bad head is answered here, before it can reach a shared connection.
+    http_util::check_request_head(req.headers_mut(), &ctx.shared.settings.limits)?;
     // Parsed once: routing by host and the filters below both need it.
     let parsed = http_util::authority(&req);
     let (svc, port) = target(ctx, &snap, parsed.as_ref())?;
@@ -173,8 +175,11 @@ async fn forward(
         return Box::pin(forward_upgrade(ctx, req, &endpoint, &authority, new_path)).await;
     }
 
-    let downstream_h2 = req.version() == Version::HTTP_2;
     let grpc = http_util::is_grpc(req.headers());
+    // The app's protocol comes from the app, not the caller: a port declared `HTTP`
+    // is spoken to in HTTP/1.1 (what every HTTP server understands), even to an
+    // HTTP/2 caller; `HTTP2`/`GRPC` ports, and gRPC calls (HTTP/2 only), in HTTP/2.
+    let app_h2 = app_speaks_h2(protocol, grpc);
     // The deadline: the route's timeout, or less if the caller arrived with one.
     let now = tokio::time::Instant::now();
     let deadline = [
@@ -213,6 +218,10 @@ async fn forward(
         }
     }
 
+    let safe = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
     let retry = rule.retry.as_ref().filter(|r| {
         r.non_idempotent
                 || resilience::idempotent(req.method())
@@ -233,6 +242,10 @@ async fn forward(
     let replayable = retry.is_some() || mirror.is_some();
     let mut payload = if replayable {
         buffer(body).await?
+    } else if http_body::Body::is_end_stream(&body) {
+        // No body (most GETs): sendable again at no cost, should the chosen
+        // endpoint turn out never to have seen it.
+        Payload::Bytes(None)
     } else {
         Payload::Stream(Some(body))
     };
@@ -252,17 +265,22 @@ async fn forward(
         b.request();
     }
 
-    // Without retries there is exactly one try (a hedge needs retries too): it takes
-    // the head itself. With them, every try gets a copy.
+    // A request with a streamed body and no retries has exactly one try (a hedge
+    // needs retries too): it takes the head itself. Otherwise every try gets a copy:
+    // a retry, or a resend after an endpoint that never saw the request, needs it.
+    let keep_head = retry.is_some() || matches!(payload, Payload::Bytes(_));
     let mut parts = Some(parts);
-    let head = |parts: &mut Option<http::request::Parts>| match retry {
-        None => parts
-            .take()
-            .ok_or(ProxyError::Malformed("request head already sent")),
-        Some(_) => parts
-            .as_ref()
-            .ok_or(ProxyError::Malformed("request head already sent"))
-            .map(copy_head),
+    let head = |parts: &mut Option<http::request::Parts>| {
+        if keep_head {
+            parts
+                .as_ref()
+                .ok_or(ProxyError::Malformed("request head already sent"))
+                .map(copy_head)
+        } else {
+            parts
+                .take()
+                .ok_or(ProxyError::Malformed("request head already sent"))
+        }
     };
 
     // One try's request, for any endpoint.
@@ -271,16 +289,17 @@ async fn forward(
                  body: ReqBody,
                  mut p: http::request::Parts|
      -> Result<(Request<ReqBody>, UpVersion, Option<Duration>), ProxyError> {
-        let upstream_h2 = endpoint.config.sidecar.is_some()
-            || downstream_h2
-            || matches!(protocol, Protocol::Http2 | Protocol::Grpc);
+        let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
         if endpoint.config.sidecar.is_some() {
             p.headers
                 .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-            if !downstream_h2 && protocol == Protocol::Http {
+            if !app_h2 {
                 p.headers
                     .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
             }
+        } else {
+            // A head built for a sidecar before (a resend elsewhere) loses its marks.
+            http_util::remove_headers(&mut p.headers, &MESH_HEADERS);
         }
         if attempt > 0 {
             p.headers.insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
@@ -311,13 +330,10 @@ async fn forward(
     };
     // Another endpoint than `not`, when there is one.
     let elsewhere = |not: &Arc<Endpoint>| {
-        let mut e = balancer.pick().cloned();
-        for _ in 0..2 {
-            if e.as_ref().is_some_and(|e| Arc::ptr_eq(e, not)) {
-                e = balancer.pick().cloned();
-            }
-        }
-        e
+        balancer
+            .pick_other(not)
+            .or_else(|| balancer.pick())
+            .cloned()
     };
     let hedge_after = retry
         .and_then(|r| r.hedge.as_ref())
@@ -332,26 +348,52 @@ async fn forward(
     let mut attempt: u32 = 0;
     let mut hedged = false;
     let mut previous: Option<Arc<Endpoint>> = None;
+    // A request an endpoint never saw (refused, GOAWAY), to send elsewhere: its
+    // endpoint and the request itself when it came back whole.
+    let mut resend: Option<Resend> = None;
+    // Set when a streamed request body failed on the client's side.
+    let mut body_failed: Option<Arc<std::sync::atomic::AtomicBool>> = None;
+    let mut resends = 0u32;
     let resp = loop {
-        let endpoint = if attempt == 0 {
+        let endpoint = if let Some((e, _)) = &resend {
+            e.clone()
+        } else if attempt == 0 {
             endpoint.clone()
         } else {
             // A retry goes elsewhere when there is anywhere else to go.
             let p = previous.clone().unwrap_or_else(|| endpoint.clone());
             elsewhere(&p).ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?
         };
-        let body = match &mut payload {
-            Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
-            Payload::Stream(s) => s.take().map_or(ReqBody::Empty, ReqBody::Incoming),
-            Payload::Captured(s, c) => s
-                .take()
-                .map_or(ReqBody::Empty, |b| ReqBody::Captured(b, c.clone())),
+        let (body, head_now) = match resend.take().and_then(|(_, r)| r) {
+            Some(back) => {
+                let (p, b) = back.into_parts();
+                (b, p)
+            }
+            None => {
+                let body = match &mut payload {
+                    Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
+                    Payload::Stream(s) => s.take().map_or(ReqBody::Empty, |b| {
+                        ReqBody::Watched(b, body_failed.get_or_insert_default().clone())
+                    }),
+                    Payload::Captured(s, c) => s
+                        .take()
+                        .map_or(ReqBody::Empty, |b| ReqBody::Captured(b, c.clone())),
+                };
+                (body, head(&mut parts)?)
+            }
         };
-        let (req, version, per_try) = build(&endpoint, attempt, body, head(&mut parts)?)?;
+        let (req, version, per_try) = build(&endpoint, attempt, body, head_now)?;
         let started = tokio::time::Instant::now();
         let result = {
             // One slot for this try, hedged or not, keeps the request's future small.
-            let first = send_attempt(balancer, &endpoint, req, version, per_try);
+            let first = send_attempt(
+                balancer,
+                &endpoint,
+                req,
+                version,
+                per_try,
+                body_failed.as_deref(),
+            );
             tokio::pin!(first);
             match (attempt, hedge_after, &payload) {
                 (0, Some(after), Payload::Bytes(bytes)) => {
@@ -378,9 +420,9 @@ async fn forward(
                                         Ok(x) => x,
                                         Err(_) => return (first.await, false),
                                     };
-                                let second = send_attempt(balancer, &ep2, req2, v2, t2);
+                                let second = send_attempt(balancer, &ep2, req2, v2, t2, None);
                                 tokio::pin!(second);
-                                let good = |r: &Result<Response<Incoming>, ProxyError>| {
+                                let good = |r: &Result<Response<Incoming>, SendError>| {
                                     matches!(r, Ok(resp) if !resp.status().is_server_error())
                                 };
                                 tokio::select! {
@@ -400,11 +442,64 @@ async fn forward(
         if let (Some(b), Ok(_)) = (budget, &result) {
             b.record_latency(started.elapsed());
         }
+        // Never seen by the endpoint: another one takes it, whatever the method and
+        // the route's retry policy (not a retry: the request was not tried).
+        let result = match result {
+            Err(e) if e.never_reached() && resends < MAX_RESENDS => {
+                let back = match e.reached {
+                    Reached::No(back) => back,
+                    Reached::Maybe => None,
+                };
+                let replayable = back.is_some() || matches!(payload, Payload::Bytes(_));
+                match elsewhere(&endpoint).filter(|e| !Arc::ptr_eq(e, &endpoint)) {
+                    Some(next) if replayable => {
+                        tracing::debug!(endpoint = %endpoint.config.address, error = %e.error, "not reached; sending elsewhere");
+                        ctx.shared
+                            .metrics
+                            .error(Direction::Outbound, "resent-unreached");
+                        resends += 1;
+                        resend = Some((next, back));
+                        continue;
+                    }
+                    other => {
+                        tracing::debug!(replayable, next = ?other.map(|e| e.config.address), "not reached; nowhere else to send it");
+                        Err(e.error)
+                    }
+                }
+            }
+            other => other.map_err(ProxyError::from),
+        };
         // A captured body becomes replayable once it has been sent whole.
         if let Payload::Captured(_, c) = &payload
             && let Some(bytes) = c.replay()
         {
             payload = Payload::Bytes(bytes);
+        }
+        // Without a retry policy, a safe request (GET, HEAD, OPTIONS, TRACE: RFC
+        // 9110 §9.2.2 lets a client repeat them) whose endpoint broke the connection
+        // before answering (a crash, a kill) is tried once more elsewhere: one
+        // instance dying costs its callers nothing.
+        let crashed = match &result {
+            Err(ProxyError::Upstream { .. }) => true,
+            Ok(r) => {
+                endpoint.config.sidecar.is_some()
+                    && r.status() == StatusCode::BAD_GATEWAY
+                    && r.headers()
+                        .get(crate::error::SINEW_ERROR)
+                        .is_some_and(|v| v.as_bytes() == b"upstream-failed")
+            }
+            _ => false,
+        };
+        if crashed
+            && retry.is_none()
+            && attempt == 0
+            && safe
+            && matches!(payload, Payload::Bytes(_))
+        {
+            attempt += 1;
+            ctx.shared.metrics.retry();
+            previous = Some(endpoint);
+            continue;
         }
         let should_retry = match (&result, retry) {
             (_, None) => false,
@@ -449,6 +544,8 @@ async fn forward(
 
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
+    static MESH_RESPONSE_HEADERS: [HeaderName; 1] = [http_util::UNSENT];
+    http_util::remove_headers(&mut parts.headers, &MESH_RESPONSE_HEADERS);
     for filters in [&rule.filters, &backend.filters] {
         if let Some(edits) = &filters.response_headers {
             edits.apply(&mut parts.headers);
@@ -465,6 +562,15 @@ async fn forward(
     Ok(Response::from_parts(parts, RespBody::Upstream(body)))
 }
 
+/// A request to send again elsewhere: the endpoint, and the request itself when it
+/// came back whole.
+type Resend = (Arc<Endpoint>, Option<Box<Request<ReqBody>>>);
+
+/// Whether the application behind a port of `protocol` is spoken to in HTTP/2.
+fn app_speaks_h2(protocol: Protocol, grpc: bool) -> bool {
+    grpc || matches!(protocol, Protocol::Http2 | Protocol::Grpc)
+}
+
 /// On a response answered by the hedge (the second try).
 const HEDGED: HeaderName = HeaderName::from_static("sinew-hedged");
 
@@ -476,27 +582,63 @@ async fn send_attempt(
     req: Request<ReqBody>,
     version: UpVersion,
     per_try: Option<Duration>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let admitted = balancer
-        .admit(endpoint)
-        .map_err(|o| ProxyError::Overflow(o.as_str()))?;
-    let result = send_timed(endpoint, req, version, per_try).await;
+    body_failed: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Response<Incoming>, SendError> {
+    let admitted = match balancer.admit(endpoint) {
+        Ok(a) => a,
+        Err(o) => {
+            return Err(SendError {
+                error: ProxyError::Overflow(o.as_str()),
+                reached: Reached::Maybe,
+            });
+        }
+    };
+    let mut result = send_timed(endpoint, req, version, per_try, body_failed).await;
     drop(admitted);
+    // The peer sidecar could not reach its application (killed, restarting): for
+    // this proxy that endpoint refused, and the request was never seen.
+    if let Ok(r) = &result
+        && endpoint.config.sidecar.is_some()
+        && r.headers().contains_key(http_util::UNSENT)
+    {
+        result = Err(SendError {
+            error: ProxyError::Connect {
+                addr: endpoint.config.address,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "the peer sidecar could not reach its application",
+                ),
+            },
+            reached: Reached::No(None),
+        });
+    }
     let outcome = match &result {
         Ok(r) if !r.status().is_server_error() => Outcome::Ok,
-        Err(ProxyError::Connect { source, .. })
-            if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-        {
-            Outcome::Refused
-        }
+        Err(SendError {
+            error: ProxyError::RequestBody(_),
+            ..
+        }) => return result,
+        Err(SendError {
+            error: ProxyError::Connect { source, .. },
+            ..
+        }) if source.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
         _ => Outcome::Failed,
     };
     balancer.report(endpoint, outcome);
-    if matches!(result, Err(ProxyError::Upstream { .. })) {
+    if matches!(
+        result,
+        Err(SendError {
+            error: ProxyError::Upstream { .. },
+            ..
+        })
+    ) {
         balancer.probe(endpoint);
     }
     result
 }
+
+/// Resends of a request no endpoint saw, before its failure is the answer.
+const MAX_RESENDS: u32 = 3;
 
 /// Retries so far: on the upstream request (which try this is) and on the response
 /// (how many retries it took).
@@ -573,11 +715,17 @@ fn send_mirror(
     let Ok(shadow) = Authority::try_from(format!("{}-shadow", authority.host())) else {
         return;
     };
-    let upstream_h2 = endpoint.config.sidecar.is_some() || parts.version == Version::HTTP_2;
+    let protocol = snap
+        .config
+        .service(&m.service)
+        .and_then(|s| s.port(m.port.unwrap_or(default_port)))
+        .map_or(Protocol::Http, |p| p.protocol);
+    let app_h2 = app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
+    let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
     if endpoint.config.sidecar.is_some() {
         p.headers
             .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-        if parts.version != Version::HTTP_2 {
+        if !app_h2 {
             p.headers
                 .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         }
@@ -664,17 +812,32 @@ async fn send_timed(
     req: Request<ReqBody>,
     version: UpVersion,
     timeout: Option<Duration>,
-) -> Result<Response<Incoming>, ProxyError> {
+    body_failed: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Response<Incoming>, SendError> {
     let inflight = endpoint.start();
     let fut = endpoint.pool.send(req, version);
-    let res = match timeout {
-        Some(t) => tokio::time::timeout(t, fut)
-            .await
-            .unwrap_or(Err(ProxyError::Timeout(t))),
+    let mut res = match timeout {
+        Some(t) => tokio::time::timeout(t, fut).await.unwrap_or(Err(SendError {
+            error: ProxyError::Timeout(t),
+            reached: Reached::Maybe,
+        })),
         None => fut.await,
     };
+    if let Err(e) = &mut res
+        && body_failed.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    {
+        // The client's body broke (malformed chunking, a client gone): whatever the
+        // upstream then said, that is the client's fault.
+        e.error = ProxyError::RequestBody(e.error.to_string());
+        e.reached = Reached::Maybe;
+    }
     match &res {
         Ok(r) if !r.status().is_server_error() => inflight.success(),
+        // The client's fault: says nothing about the endpoint.
+        Err(SendError {
+            error: ProxyError::RequestBody(_),
+            ..
+        }) => drop(inflight),
         _ => inflight.failure(),
     }
     res

@@ -25,6 +25,90 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle HTTP/1.1 connections kept per address.
 const MAX_IDLE: usize = 64;
 
+/// A try that failed, and whether the request may have reached the endpoint.
+pub struct SendError {
+    /// What went wrong.
+    pub error: ProxyError,
+    /// Whether the endpoint may have seen the request.
+    pub reached: Reached,
+}
+
+/// Whether a failed request may have reached the endpoint.
+pub enum Reached {
+    /// It may have: only a route's retry policy may send it again.
+    Maybe,
+    /// It never did (a refused or failed connect, a stream the peer refused or
+    /// never processed because of its GOAWAY): another endpoint may take it, whatever
+    /// the method. The request itself, when it came back whole.
+    No(Option<Box<Request<ReqBody>>>),
+}
+
+impl SendError {
+    fn unsent(error: ProxyError, req: Request<ReqBody>) -> SendError {
+        SendError {
+            error,
+            reached: Reached::No(Some(Box::new(req))),
+        }
+    }
+
+    /// A failure from the connection's HTTP layer: never reached when the peer
+    /// refused the stream or had announced (GOAWAY) that it would not process it.
+    fn from_http(addr: SocketAddr, source: hyper::Error) -> SendError {
+        if source.is_user() && std::error::Error::source(&source).is_some() {
+            // The request body failed (the client's malformed chunking, a client
+            // that went away): the client's fault, not the endpoint's.
+            return SendError {
+                error: ProxyError::RequestBody(crate::error::chain(&source)),
+                reached: Reached::Maybe,
+            };
+        }
+        let reached = if never_processed(&source) {
+            Reached::No(None)
+        } else {
+            Reached::Maybe
+        };
+        SendError {
+            error: ProxyError::Upstream { addr, source },
+            reached,
+        }
+    }
+
+    /// True when the endpoint certainly did not see the request.
+    pub fn never_reached(&self) -> bool {
+        matches!(self.reached, Reached::No(_))
+    }
+}
+
+impl From<SendError> for ProxyError {
+    fn from(e: SendError) -> ProxyError {
+        e.error
+    }
+}
+
+impl std::fmt::Debug for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendError")
+            .field("error", &self.error)
+            .field("never_reached", &self.never_reached())
+            .finish()
+    }
+}
+
+/// True when an HTTP/2 stream failed because the peer refused it (`REFUSED_STREAM`)
+/// or because its GOAWAY excluded it: RFC 9113 §8.7 guarantees such a stream was
+/// not processed, so it is safe to send again anywhere.
+fn never_processed(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Which HTTP version to speak to the address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -47,6 +131,8 @@ pub struct ConnPool {
     /// Requests waiting for a connection now, and the most allowed.
     pending: AtomicUsize,
     max_pending: AtomicUsize,
+    /// How large a response head may be.
+    limits: crate::state::HeadLimits,
 }
 
 /// Open connections, and a wake-up for a request waiting for one (a connection
@@ -104,7 +190,15 @@ impl ConnPool {
             max_open: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             max_pending: AtomicUsize::new(0),
+            limits: crate::state::HeadLimits::default(),
         }
+    }
+
+    /// This pool with these head limits (response headers accepted; request
+    /// headers sent to a peer sidecar).
+    pub fn with_limits(mut self, limits: crate::state::HeadLimits) -> ConnPool {
+        self.limits = limits;
+        self
     }
 
     /// Caps the connections this pool opens (`None`: no cap). A request that would
@@ -175,7 +269,7 @@ impl ConnPool {
         self: &Arc<Self>,
         req: Request<ReqBody>,
         version: Version,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendError> {
         match version {
             Version::Http1 => self.send_h1(req).await,
             Version::Http2 => self.send_h2(req).await,
@@ -232,6 +326,8 @@ impl ConnPool {
         let slot = self.open_slot()?;
         let io = TokioIo::new(self.connect().await?);
         let (tx, conn) = http1::Builder::new()
+            .max_headers(self.limits.response_headers)
+            .max_buf_size(self.limits.response_header_bytes.max(8192))
             .handshake(io)
             .await
             .map_err(|source| ProxyError::Upstream {
@@ -250,17 +346,19 @@ impl ConnPool {
     async fn send_h1(
         self: &Arc<Self>,
         mut req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendError> {
         // A pooled connection may have been closed by the server since it was parked;
         // when hyper hands the request back unsent, try once more on a new connection.
         let mut reused = true;
         let mut tx = match self.take_idle() {
             Some(tx) => tx,
-            None => {
-                let (tx, was_idle) = Box::pin(self.h1_or_wait()).await?;
-                reused = was_idle;
-                tx
-            }
+            None => match Box::pin(self.h1_or_wait()).await {
+                Ok((tx, was_idle)) => {
+                    reused = was_idle;
+                    tx
+                }
+                Err(e) => return Err(SendError::unsent(e, req)),
+            },
         };
         loop {
             match tx.try_send_request(req).await {
@@ -277,15 +375,21 @@ impl ConnPool {
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
                         req = back;
-                        let (next, was_idle) = Box::pin(self.h1_or_wait()).await?;
-                        (tx, reused) = (next, was_idle);
+                        match Box::pin(self.h1_or_wait()).await {
+                            Ok((next, was_idle)) => (tx, reused) = (next, was_idle),
+                            Err(e) => return Err(SendError::unsent(e, req)),
+                        }
                     }
-                    _ => {
-                        return Err(ProxyError::Upstream {
-                            addr: self.addr,
-                            source: e.into_error(),
-                        });
+                    Some(back) => {
+                        return Err(SendError::unsent(
+                            ProxyError::Upstream {
+                                addr: self.addr,
+                                source: e.into_error(),
+                            },
+                            back,
+                        ));
                     }
+                    None => return Err(SendError::from_http(self.addr, e.into_error())),
                 },
             }
         }
@@ -348,6 +452,9 @@ impl ConnPool {
     {
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_header_list_size(
+                (self.limits.response_header_bytes + crate::state::MESH_HEADER_ROOM) as u32,
+            )
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(io)
@@ -366,28 +473,52 @@ impl ConnPool {
         Ok(tx)
     }
 
-    async fn send_h2(&self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
-        let (mut tx, mut reused) = self.h2_sender().await?;
+    async fn send_h2(&self, mut req: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
+        let (mut tx, mut reused) = match self.h2_sender().await {
+            Ok(x) => x,
+            Err(e) => return Err(SendError::unsent(e, req)),
+        };
         loop {
             match tx.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
                         req = back;
-                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                        let (t, _) = self.h2_sender().await?;
-                        tx = t;
+                        self.forget_h2();
+                        match self.h2_sender().await {
+                            Ok((t, _)) => tx = t,
+                            Err(e) => return Err(SendError::unsent(e, req)),
+                        }
                         reused = false;
                     }
-                    _ => {
-                        return Err(ProxyError::Upstream {
-                            addr: self.addr,
-                            source: e.into_error(),
-                        });
+                    Some(back) => {
+                        return Err(SendError::unsent(
+                            ProxyError::Upstream {
+                                addr: self.addr,
+                                source: e.into_error(),
+                            },
+                            back,
+                        ));
+                    }
+                    None => {
+                        let e = SendError::from_http(self.addr, e.into_error());
+                        if e.never_reached() {
+                            // The peer is going away (GOAWAY): the next request
+                            // opens a new connection rather than fail here too.
+                            self.forget_h2();
+                        }
+                        return Err(e);
                     }
                 },
             }
         }
+    }
+
+    /// Drops the shared HTTP/2 connection (requests on it finish; new ones open
+    /// another). A connection another request opened meanwhile may go too: rare,
+    /// and only costs a connect.
+    fn forget_h2(&self) {
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Opens an HTTP/2 CONNECT tunnel through the peer sidecar at this address to
@@ -396,7 +527,7 @@ impl ConnPool {
         let req = Request::connect(target.to_string())
             .body(ReqBody::Empty)
             .map_err(|_| ProxyError::Malformed("tunnel target"))?;
-        let resp = self.send_h2(req).await?;
+        let resp = self.send_h2(req).await.map_err(ProxyError::from)?;
         if !resp.status().is_success() {
             return Err(tunnel_refused(self.addr, &resp));
         }

@@ -60,7 +60,7 @@ impl Applier {
         let snap = Arc::new(self.builder.build(
             config,
             version.clone(),
-            self.shared.settings.connect_timeout,
+            &self.shared.settings,
             &self.shared.certs,
         ));
         let generation = snap.generation;

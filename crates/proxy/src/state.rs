@@ -165,9 +165,10 @@ impl SnapshotBuilder {
         &mut self,
         config: ProxyConfig,
         version: String,
-        connect_timeout: Duration,
+        settings: &Settings,
         certs: &Arc<sinew_tls::CertStore>,
     ) -> Snapshot {
+        let (connect_timeout, limits) = (settings.connect_timeout, settings.limits);
         self.generation += 1;
         let mut endpoints = HashMap::new();
         let mut pools = HashMap::new();
@@ -178,10 +179,13 @@ impl SnapshotBuilder {
                     self.pools.get(&key).cloned().unwrap_or_else(|| {
                         let (addr, identity) = key;
                         match identity.and_then(|i| i.parse::<sinew_tls::SpiffeId>().ok()) {
-                            Some(id) => {
-                                Arc::new(ConnPool::mesh(addr, connect_timeout, certs.clone(), id))
+                            Some(id) => Arc::new(
+                                ConnPool::mesh(addr, connect_timeout, certs.clone(), id)
+                                    .with_limits(limits),
+                            ),
+                            None => {
+                                Arc::new(ConnPool::new(addr, connect_timeout).with_limits(limits))
                             }
-                            None => Arc::new(ConnPool::new(addr, connect_timeout)),
                         }
                     })
                 })
@@ -377,7 +381,43 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Time a client has to send request headers.
     pub header_read_timeout: Duration,
+    /// Request and response head limits, for every listener and upstream.
+    pub limits: HeadLimits,
+    /// Connections each listener holds open at once; at the cap it stops accepting
+    /// until one closes.
+    pub max_connections: usize,
 }
+
+/// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB
+/// of request headers (Envoy: 60), 100 headers (Envoy: 100), and responses up to
+/// 200 headers and 256 KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Most bytes of request headers (names, values, and 32 bytes of overhead each,
+    /// as HTTP/2 counts them); a larger request is answered 431 where it arrives.
+    pub request_header_bytes: usize,
+    /// Most request headers; more is answered 431 where it arrives.
+    pub request_headers: usize,
+    /// Most response headers accepted from an upstream.
+    pub response_headers: usize,
+    /// Most bytes of response headers accepted from an upstream.
+    pub response_header_bytes: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        HeadLimits {
+            request_header_bytes: 64 * 1024,
+            request_headers: 100,
+            response_headers: 200,
+            response_header_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Room, beyond a client's own headers, for what sidecars add on the mesh hop (the
+/// destination port, trace context, deadlines, identity).
+pub const MESH_HEADER_ROOM: usize = 8 * 1024;
 
 /// State shared by every listener and connection.
 pub struct Shared {
@@ -414,6 +454,20 @@ pub struct Shared {
     pub tap: crate::tap::Tap,
     /// Traffic stats for the control plane (on in control-plane mode).
     pub stats: crate::stats::Stats,
+    /// Leaving the mesh at shutdown: asked by the proxy, done when the control
+    /// plane has taken the workload out of every view.
+    pub leave: watch::Sender<Leave>,
+}
+
+/// Where a proxy is in leaving the mesh (see [`Shared::leave`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leave {
+    /// Serving as usual.
+    Staying,
+    /// Shutting down: the control plane is to take the workload out of every view.
+    Asked,
+    /// The control plane has published the views without it.
+    Done,
 }
 
 impl std::fmt::Debug for Shared {
@@ -429,14 +483,22 @@ impl Shared {
         drain: watch::Receiver<DrainState>,
         tracker: mpsc::Sender<()>,
     ) -> Shared {
+        let limits = settings.limits;
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
+            // A head over the limits is answered 431 by hyper itself, before any
+            // handler runs (the handler checks the exact byte count again).
+            .max_headers(limits.request_headers + 1)
+            .max_buf_size((limits.request_header_bytes + MESH_HEADER_ROOM).max(8192))
             .keep_alive(true);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
+            // Requests over it get a 431 on their own stream; the connection (shared
+            // by a peer sidecar's clients) lives on.
+            .max_header_list_size((limits.request_header_bytes + MESH_HEADER_ROOM) as u32)
             .enable_connect_protocol()
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
@@ -458,6 +520,7 @@ impl Shared {
             access_log: crate::access::AccessLog::default(),
             tap: crate::tap::Tap::default(),
             stats: crate::stats::Stats::default(),
+            leave: watch::Sender::new(Leave::Staying),
         }
     }
 
@@ -473,6 +536,7 @@ impl Shared {
             && self.snapshot.load().is_some()
             && self.listeners_ok.load(Ordering::Relaxed)
             && *self.drain.borrow() == DrainState::Running
+            && *self.leave.borrow() == Leave::Staying
     }
 
     /// The last configuration or listener error, if the latest attempt failed.

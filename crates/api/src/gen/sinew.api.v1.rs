@@ -31,7 +31,7 @@ pub struct ReportReply {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
-    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "proxy_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<proxy_message::Kind>,
 }
 /// Nested message and enum types in `ProxyMessage`.
@@ -52,8 +52,16 @@ pub mod proxy_message {
         Stats(super::StatsReport),
         #[prost(message, tag = "6")]
         TapEvents(super::TapEvents),
+        /// The proxy is shutting down: its workload is to leave every view now, before
+        /// it stops accepting. Answered with Drained.
+        #[prost(message, tag = "7")]
+        Draining(super::Draining),
     }
 }
+/// Sent by a proxy that received its stop signal.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Draining {}
 /// What the proxy's HTTP traffic did since its last report (deltas): sent every
 /// report interval (2 s by default) while there was traffic. The control plane keeps
 /// a short window of these for `sinew stat`, `top` and `edges`. Counts start with the
@@ -319,7 +327,7 @@ pub struct Ack {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "control_message::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<control_message::Kind>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -339,8 +347,16 @@ pub mod control_message {
         TapStart(super::TapStart),
         #[prost(message, tag = "6")]
         TapStop(super::TapStop),
+        /// The answer to Draining: the proxy's workload is out of every view published
+        /// to proxies (or it had none).
+        #[prost(message, tag = "7")]
+        Drained(super::Drained),
     }
 }
+/// See ControlMessage.drained.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Drained {}
 /// Start sending the requests that match `filter` as TapEvents with this `id`. Nothing
 /// is tapped until one arrives.
 #[allow(clippy::all)]
