@@ -1150,7 +1150,8 @@ pub struct RuleOperation {
     /// Exact paths (`paths` and `pathPrefixes` together form one condition).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    /// Path prefixes, compared as strings: `/api/` matches `/api/x`, not `/api`.
+    /// Path prefixes, by whole segments: `/api` matches `/api` and `/api/x`, never
+    /// `/apiadmin`; `/api/` matches `/api/x`, not `/api`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_prefixes: Vec<String>,
     /// HTTP methods, upper case.
