@@ -1254,6 +1254,84 @@ async fn authorization_allows_by_identity_and_deny_wins() {
     m.catalog.shutdown().await;
 }
 
+/// curl, sending `path` byte for byte (`--path-as-is`) to a sidecar's outbound
+/// binding for catalog: (status, the body as JSON when there is one).
+async fn curl_as_is(bind: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--path-as-is",
+            "--max-time",
+            "10",
+            "-H",
+            "host: catalog",
+        ])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("http://{bind}{path}"))
+        .output()
+        .await
+        .expect("curl is required for these tests (scripts/test installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "curl {path}: {out:?}");
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl {path}: {text}"));
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_judges_whole_segments_and_the_app_gets_the_judged_path() {
+    let m = identity_mesh(&[]).await;
+    let policy = policy_doc(
+        "api-only",
+        "  targetRef: {kind: Service, name: catalog}\n  action: ALLOW\n  rules:\n    - to: {pathPrefixes: [/api]}",
+    );
+    let f = m._scratch.write("p.yaml", &policy);
+    let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("policy in force", TIMEOUT, || async {
+        client::get(m.bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 403)
+    })
+    .await
+    .unwrap();
+    let served = m.app.requests();
+    // Outside /api by a segment, or by an encoded walk out of it: refused, and the
+    // app sees none of it.
+    for path in [
+        "/apiadmin",
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "/api%2F..%2Fadmin",
+        "/api%2f%2E%2E%2fadmin/users",
+    ] {
+        assert_eq!(curl_as_is(m.bind, path).await.0, 403, "{path}");
+    }
+    assert_eq!(m.app.requests(), served, "nothing refused reached the app");
+    // Inside /api: allowed, and the app gets the path that was judged (normalised),
+    // with the query as sent.
+    for (path, judged, query) in [
+        ("/api", "/api", None),
+        ("/api/x/./y//z?q=a/../b", "/api/x/y/z", Some("q=a/../b")),
+        ("/api%2Fitems", "/api/items", None),
+        ("/x/../api/ok", "/api/ok", None),
+        ("//%61pi/items", "/api/items", None),
+    ] {
+        let (status, seen) = curl_as_is(m.bind, path).await;
+        assert_eq!(status, 200, "{path}: {seen}");
+        assert_eq!(seen["path"], judged, "{path}");
+        assert_eq!(seen["query"].as_str(), query, "{path}");
+    }
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
 /// An ES256 key: (private PKCS#8 PEM, JWKS JSON with kid "k1").
 fn jwt_key() -> (String, String) {
     use ring::signature::KeyPair;
