@@ -1209,7 +1209,8 @@ pub struct JwtRule {
     /// verified).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_original_token: bool,
-    /// Tolerance for `exp` and `nbf` (Gateway API duration); default `60s`.
+    /// Tolerance for `exp` and `nbf` (Gateway API duration); default `60s`, at most
+    /// `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_skew: Option<String>,
     /// Claims the token must carry (with one of the values, when listed).
@@ -1225,7 +1226,8 @@ pub struct JwksSpec {
     /// A local file holding the JWKS JSON; re-read when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
-    /// An `https://` (or `http://`) URL serving the JWKS JSON.
+    /// An `https://` URL serving the JWKS JSON (`http://` is refused: keys fetched
+    /// in the clear could be replaced on the way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
     /// With `uri` over HTTPS: a PEM file of CA certificates to trust instead of the
