@@ -847,9 +847,9 @@ async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl
     let dir = m._scratch.0.join("openssl");
     std::fs::create_dir_all(&dir).unwrap();
     let ca = sinew_tls::Ca::load_or_generate(&m.data.join("ca"), "cluster.local").unwrap();
-    let issue = |ca: &sinew_tls::Ca, name: &str| {
+    let issue_in = |ca: &sinew_tls::Ca, td: &str, name: &str| {
         let (key, csr) = sinew_tls::new_key_and_csr().unwrap();
-        let id = sinew_tls::SpiffeId::workload("cluster.local", "shop", name);
+        let id = sinew_tls::SpiffeId::workload(td, "shop", name);
         let chain = ca
             .sign_csr(&csr, &id, Duration::from_secs(3600))
             .unwrap()
@@ -862,6 +862,7 @@ async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl
         std::fs::write(&c, chain).unwrap();
         (k, c)
     };
+    let issue = |ca: &sinew_tls::Ca, name: &str| issue_in(ca, "cluster.local", name);
     let roots = dir.join("roots.pem");
     std::fs::write(&roots, ca.roots_pem()).unwrap();
     let (k, c) = issue(&ca, "openssl");
@@ -913,11 +914,42 @@ async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl
         out.contains("alert") || out.contains("error"),
         "a foreign certificate must be refused: {out}"
     );
+    // The mesh CA's own signature on an id of another trust domain: the chain
+    // verifies, the trust domain does not, and the connection is closed with its
+    // own reason.
+    let (k3, c3) = issue_in(&ca, "evil.example", "web");
+    let (_, out) = s_client(
+        m.inbound,
+        &[
+            "-ign_eof",
+            "-cert",
+            c3.to_str().unwrap(),
+            "-key",
+            k3.to_str().unwrap(),
+            "-CAfile",
+            roots.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        out.contains("Verify return code: 0 (ok)"),
+        "the handshake itself is fine: {out}"
+    );
+    let metrics_text = || async {
+        sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    };
+    wait::until("the foreign trust domain is counted", TIMEOUT, || async {
+        metrics_text()
+            .await
+            .contains("reason=\"foreign-trust-domain\"} 1")
+    })
+    .await
+    .unwrap();
     assert_eq!(m.app.requests(), served, "nothing refused reached the app");
-    let metrics = sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
-        .await
-        .unwrap()
-        .text();
+    let metrics = metrics_text().await;
     assert!(
         metrics.contains("reason=\"plaintext-refused\"}"),
         "{metrics}"
