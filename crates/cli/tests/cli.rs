@@ -847,9 +847,9 @@ async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl
     let dir = m._scratch.0.join("openssl");
     std::fs::create_dir_all(&dir).unwrap();
     let ca = sinew_tls::Ca::load_or_generate(&m.data.join("ca"), "cluster.local").unwrap();
-    let issue = |ca: &sinew_tls::Ca, name: &str| {
+    let issue_in = |ca: &sinew_tls::Ca, td: &str, name: &str| {
         let (key, csr) = sinew_tls::new_key_and_csr().unwrap();
-        let id = sinew_tls::SpiffeId::workload("cluster.local", "shop", name);
+        let id = sinew_tls::SpiffeId::workload(td, "shop", name);
         let chain = ca
             .sign_csr(&csr, &id, Duration::from_secs(3600))
             .unwrap()
@@ -862,6 +862,7 @@ async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl
         std::fs::write(&c, chain).unwrap();
         (k, c)
     };
+    let issue = |ca: &sinew_tls::Ca, name: &str| issue_in(ca, "cluster.local", name);
     let roots = dir.join("roots.pem");
     std::fs::write(&roots, ca.roots_pem()).unwrap();
     let (k, c) = issue(&ca, "openssl");
@@ -913,11 +914,42 @@ async fn a_strict_inbound_refuses_plaintext_and_foreign_certificates_and_openssl
         out.contains("alert") || out.contains("error"),
         "a foreign certificate must be refused: {out}"
     );
+    // The mesh CA's own signature on an id of another trust domain: the chain
+    // verifies, the trust domain does not, and the connection is closed with its
+    // own reason.
+    let (k3, c3) = issue_in(&ca, "evil.example", "web");
+    let (_, out) = s_client(
+        m.inbound,
+        &[
+            "-ign_eof",
+            "-cert",
+            c3.to_str().unwrap(),
+            "-key",
+            k3.to_str().unwrap(),
+            "-CAfile",
+            roots.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        out.contains("Verify return code: 0 (ok)"),
+        "the handshake itself is fine: {out}"
+    );
+    let metrics_text = || async {
+        sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
+            .await
+            .map(|r| r.text())
+            .unwrap_or_default()
+    };
+    wait::until("the foreign trust domain is counted", TIMEOUT, || async {
+        metrics_text()
+            .await
+            .contains("reason=\"foreign-trust-domain\"} 1")
+    })
+    .await
+    .unwrap();
     assert_eq!(m.app.requests(), served, "nothing refused reached the app");
-    let metrics = sinew_testkit::client::get(m.catalog.admin_addr(), "admin", "/metrics")
-        .await
-        .unwrap()
-        .text();
+    let metrics = metrics_text().await;
     assert!(
         metrics.contains("reason=\"plaintext-refused\"}"),
         "{metrics}"
@@ -1250,6 +1282,84 @@ async fn authorization_allows_by_identity_and_deny_wins() {
         "{metrics}"
     );
     billing.shutdown().await;
+    m.web.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+/// curl, sending `path` byte for byte (`--path-as-is`) to a sidecar's outbound
+/// binding for catalog: (status, the body as JSON when there is one).
+async fn curl_as_is(bind: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--path-as-is",
+            "--max-time",
+            "10",
+            "-H",
+            "host: catalog",
+        ])
+        .args(["-w", "\n%{http_code}"])
+        .arg(format!("http://{bind}{path}"))
+        .output()
+        .await
+        .expect("curl is required for these tests (scripts/test installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "curl {path}: {out:?}");
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl {path}: {text}"));
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_judges_whole_segments_and_the_app_gets_the_judged_path() {
+    let m = identity_mesh(&[]).await;
+    let policy = policy_doc(
+        "api-only",
+        "  targetRef: {kind: Service, name: catalog}\n  action: ALLOW\n  rules:\n    - to: {pathPrefixes: [/api]}",
+    );
+    let f = m._scratch.write("p.yaml", &policy);
+    let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("policy in force", TIMEOUT, || async {
+        client::get(m.bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 403)
+    })
+    .await
+    .unwrap();
+    let served = m.app.requests();
+    // Outside /api by a segment, or by an encoded walk out of it: refused, and the
+    // app sees none of it.
+    for path in [
+        "/apiadmin",
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "/api%2F..%2Fadmin",
+        "/api%2f%2E%2E%2fadmin/users",
+    ] {
+        assert_eq!(curl_as_is(m.bind, path).await.0, 403, "{path}");
+    }
+    assert_eq!(m.app.requests(), served, "nothing refused reached the app");
+    // Inside /api: allowed, and the app gets the path that was judged (normalised),
+    // with the query as sent.
+    for (path, judged, query) in [
+        ("/api", "/api", None),
+        ("/api/x/./y//z?q=a/../b", "/api/x/y/z", Some("q=a/../b")),
+        ("/api%2Fitems", "/api/items", None),
+        ("/x/../api/ok", "/api/ok", None),
+        ("//%61pi/items", "/api/items", None),
+    ] {
+        let (status, seen) = curl_as_is(m.bind, path).await;
+        assert_eq!(status, 200, "{path}: {seen}");
+        assert_eq!(seen["path"], judged, "{path}");
+        assert_eq!(seen["query"].as_str(), query, "{path}");
+    }
     m.web.shutdown().await;
     m.catalog.shutdown().await;
 }

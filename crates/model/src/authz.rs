@@ -23,7 +23,7 @@
 //! | `from.namespaces` | the peer's SPIFFE id is `spiffe://<mesh trust domain>/ns/<one of them>/...` |
 //! | `from.requestPrincipals` | the verified JWT's `issuer/subject` equals one, or one is `*`, or one ends in `*` and is its prefix |
 //! | `to.ports` | the application port is listed |
-//! | `to.paths` + `to.pathPrefixes` (one part) | the normalised path equals a path or starts with a prefix (string prefix) |
+//! | `to.paths` + `to.pathPrefixes` (one part) | the normalised path equals a path or starts with a prefix by whole segments ([`path_prefix_matches`]) |
 //! | `to.methods` | the method is listed |
 //! | `to.headers` | every listed header is present with exactly that value |
 //! | `when` | every condition holds: the JWT claim is present and equals one of its values |
@@ -340,7 +340,7 @@ impl MatchCtx<'_> {
         if !(r.paths.is_empty() && r.path_prefixes.is_empty()) {
             let path = self.path.unwrap_or(h.path);
             if !(r.paths.iter().any(|p| p == path)
-                || r.path_prefixes.iter().any(|p| path.starts_with(p.as_str())))
+                || r.path_prefixes.iter().any(|p| path_prefix_matches(p, path)))
             {
                 return false;
             }
@@ -377,6 +377,18 @@ fn principal_matches(pattern: &str, principal: &str) -> bool {
 
 // ---------------------------------------------------------------------------------
 // Paths
+
+/// True when the (normalised) `prefix` covers `path` by whole segments: `/api`
+/// matches `/api`, `/api/` and `/api/x`, never `/apiadmin`. A prefix ending in `/`
+/// (`/api/`, `/`) matches every path that starts with it, so `/api/` does not match
+/// `/api` itself. A string prefix would let `/api` allow (or a DENY on `/admin` miss)
+/// a neighbouring route such as `/apiadmin` or `/admin-panel`.
+pub fn path_prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
 
 /// Normalises a request path for policy matching: drops the query, decodes
 /// percent-encoded unreserved characters and `%2F`/`%5C` (other escapes are kept, in
@@ -709,6 +721,87 @@ mod tests {
             evaluate(&a, &r.attrs(None, 8080)).allowed,
             "any value counts"
         );
+    }
+
+    #[test]
+    fn path_prefixes_match_whole_segments() {
+        for (prefix, path, want) in [
+            ("/api", "/api", true),
+            ("/api", "/api/", true),
+            ("/api", "/api/x", true),
+            ("/api", "/apiadmin", false),
+            ("/api", "/ap", false),
+            ("/api/", "/api/x", true),
+            ("/api/", "/api/", true),
+            ("/api/", "/api", false),
+            ("/", "/anything", true),
+            ("/a/b", "/a/bc", false),
+            ("/a/b", "/a/b/c", true),
+        ] {
+            assert_eq!(
+                path_prefix_matches(prefix, path),
+                want,
+                "{prefix} on {path}"
+            );
+        }
+        // ALLOW /api: the neighbouring /apiadmin and every encoded way out of /api
+        // are refused; encoded ways into it are allowed (judged as normalised).
+        let a = one_allow(AuthzRule {
+            path_prefixes: vec!["/api".into()],
+            ..Default::default()
+        });
+        for (path, want) in [
+            ("/api", true),
+            ("/api/", true),
+            ("/api/x?y=1", true),
+            ("//api//x", true),
+            ("/%61pi/x", true),
+            ("/api%2Fx", true),
+            ("/apiadmin", false),
+            ("/apiadmin/x", false),
+            ("/api/../admin", false),
+            ("/api/%2e%2e/admin", false),
+            ("/api%2F..%2Fadmin", false),
+            ("/api%2f%2E%2E%2fadmin", false),
+            ("/api\\..\\admin", false),
+        ] {
+            let r = Req::get(path);
+            assert_eq!(
+                evaluate(&a, &r.attrs(None, 80)).allowed,
+                want,
+                "ALLOW /api: {path}"
+            );
+        }
+        // DENY /admin under a default allow: every spelling of /admin is refused, a
+        // different segment that only starts with the same letters is not.
+        let d = authz(
+            vec![policy(
+                "shop/no-admin",
+                vec![AuthzRule {
+                    path_prefixes: vec!["/admin".into()],
+                    ..Default::default()
+                }],
+            )],
+            vec![],
+        );
+        for (path, denied) in [
+            ("/admin", true),
+            ("/admin/users", true),
+            ("//admin", true),
+            ("/x/../admin/users", true),
+            ("/%2e%2e/admin", true),
+            ("/public%2F..%2Fadmin", true),
+            ("/%61dmin/users", true),
+            ("/admin-panel", false),
+            ("/administrator", false),
+        ] {
+            let r = Req::get(path);
+            assert_eq!(
+                !evaluate(&d, &r.attrs(None, 80)).allowed,
+                denied,
+                "DENY /admin: {path}"
+            );
+        }
     }
 
     #[test]

@@ -1632,6 +1632,13 @@ spec:
     }
 
     #[test]
+    fn the_longest_clock_skew_allowed_compiles() {
+        let cfg = compile(&MESH.replace("clockSkew: 5s", "clockSkew: 5m"));
+        let skew = cfg.inbound.unwrap().jwt[0].clock_skew;
+        assert_eq!(skew, crate::load::MAX_CLOCK_SKEW);
+    }
+
+    #[test]
     fn compiles_identity_mtls_authz_and_jwt() {
         let cfg = compile(MESH);
         assert_eq!(cfg.trust_domain, "example.org");
@@ -1822,6 +1829,18 @@ spec: {ports: [{name: http, port: 80}]}
             (
                 "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"http://x/\", caFile: /ca.pem}}]}",
                 "caFile needs an https:// uri",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"http://issuer.example/jwks\"}}]}",
+                "spec.jwtRules[0].jwks.uri: \"http://issuer.example/jwks\": http:// is refused",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /j}, clockSkew: 301s}]}",
+                "spec.jwtRules[0].clockSkew: \"301s\" is too long: at most 300s",
+            ),
+            (
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /j}, clockSkew: 8760h}]}",
+                "spec.jwtRules[0].clockSkew",
             ),
             (
                 "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {inline: '{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}]}'}}]}",

@@ -1501,10 +1501,20 @@ impl Resources {
                         }
                     }
                 }
-                if let Some(skew) = &rule.clock_skew
-                    && let Err(e) = duration::parse(skew)
-                {
-                    c.fail(format!("{f}.clockSkew"), e);
+                if let Some(skew) = &rule.clock_skew {
+                    match duration::parse(skew) {
+                        Err(e) => c.fail(format!("{f}.clockSkew"), e),
+                        // A long skew turns an expired (or not yet valid) token into
+                        // a valid one: bounded like other verifiers' leeway.
+                        Ok(d) if d > MAX_CLOCK_SKEW => c.fail(
+                            format!("{f}.clockSkew"),
+                            format!(
+                                "{skew:?} is too long: at most {}s",
+                                MAX_CLOCK_SKEW.as_secs()
+                            ),
+                        ),
+                        Ok(_) => {}
+                    }
                 }
                 for (qi, q) in rule.required_claims.iter().enumerate() {
                     if q.name.is_empty() {
@@ -1663,6 +1673,9 @@ pub(crate) fn otlp_endpoint(endpoint: &str, protocol: OtlpProtocol) -> Result<St
     Ok(format!("http://{host}:{port}{path}"))
 }
 
+/// The longest `clockSkew` a JWT rule may set.
+pub const MAX_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
 fn check_jwks(c: &mut Checker<'_>, f: &str, j: &JwksSpec) {
     let set = [j.file.is_some(), j.uri.is_some(), j.inline.is_some()]
         .iter()
@@ -1676,19 +1689,27 @@ fn check_jwks(c: &mut Checker<'_>, f: &str, j: &JwksSpec) {
     {
         c.fail(format!("{f}.file"), "the path must not be empty");
     }
+    // Keys fetched over plain HTTP could be swapped by anyone on the path, and with
+    // them every token: only https:// (file and inline sources stay local).
     let https = match &j.uri {
         Some(u) => match u.parse::<http::Uri>() {
             Ok(uri)
-                if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                if uri.scheme_str() == Some("https")
                     && uri.host().is_some_and(|h| !h.is_empty()) =>
             {
-                uri.scheme_str() == Some("https")
+                true
             }
-            _ => {
+            Ok(uri) if uri.scheme_str() == Some("http") => {
                 c.fail(
                     format!("{f}.uri"),
-                    format!("{u:?} is not an http:// or https:// URL"),
+                    format!(
+                        "{u:?}: http:// is refused (keys could be tampered with on the way); use https://"
+                    ),
                 );
+                false
+            }
+            _ => {
+                c.fail(format!("{f}.uri"), format!("{u:?} is not an https:// URL"));
                 false
             }
         },

@@ -1150,7 +1150,8 @@ pub struct RuleOperation {
     /// Exact paths (`paths` and `pathPrefixes` together form one condition).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    /// Path prefixes, compared as strings: `/api/` matches `/api/x`, not `/api`.
+    /// Path prefixes, by whole segments: `/api` matches `/api` and `/api/x`, never
+    /// `/apiadmin`; `/api/` matches `/api/x`, not `/api`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_prefixes: Vec<String>,
     /// HTTP methods, upper case.
@@ -1208,7 +1209,8 @@ pub struct JwtRule {
     /// verified).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_original_token: bool,
-    /// Tolerance for `exp` and `nbf` (Gateway API duration); default `60s`.
+    /// Tolerance for `exp` and `nbf` (Gateway API duration); default `60s`, at most
+    /// `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_skew: Option<String>,
     /// Claims the token must carry (with one of the values, when listed).
@@ -1224,7 +1226,8 @@ pub struct JwksSpec {
     /// A local file holding the JWKS JSON; re-read when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
-    /// An `https://` (or `http://`) URL serving the JWKS JSON.
+    /// An `https://` URL serving the JWKS JSON (`http://` is refused: keys fetched
+    /// in the clear could be replaced on the way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
     /// With `uri` over HTTPS: a PEM file of CA certificates to trust instead of the

@@ -313,6 +313,13 @@ mod tests {
         assert!(m.matches("/foo/"));
         assert!(m.matches("/foo/bar"));
         assert!(!m.matches("/foobar"));
+        // Without the trailing slash too (Gateway API: `/api` never matches `/apiadmin`).
+        let api = PathMatcher::prefix("/api");
+        assert!(api.matches("/api"));
+        assert!(api.matches("/api/"));
+        assert!(api.matches("/api/x"));
+        assert!(!api.matches("/apiadmin"));
+        assert!(!api.matches("/ap"));
         let root = PathMatcher::prefix("/");
         assert!(root.matches("/"));
         assert!(root.matches("/anything"));

@@ -129,6 +129,31 @@ fn judge(
     }
 }
 
+/// Replaces the request's path by its normalised form
+/// ([`sinew_model::authz::normalize_path`], as authorization judges it), keeping the
+/// query as sent. Like Envoy's path normalisation with escaped slashes unescaped and
+/// forwarded. The asterisk form (`OPTIONS *`) names no path and is left alone.
+pub(crate) fn normalize_target(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    let path = parts.uri.path();
+    if path == "*" {
+        return Ok(());
+    }
+    let std::borrow::Cow::Owned(normalized) = sinew_model::authz::normalize_path(path) else {
+        return Ok(());
+    };
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let pq = http::uri::PathAndQuery::try_from(pq)
+        .map_err(|_| ProxyError::Malformed("invalid request path"))?;
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.path_and_query = Some(pq);
+    parts.uri =
+        http::Uri::from_parts(uri).map_err(|_| ProxyError::Malformed("invalid request target"))?;
+    Ok(())
+}
+
 fn allowed(inb: &InboundConfig, port: u16) -> Result<u16, ProxyError> {
     if inb.ports.contains(&port) {
         Ok(port)
@@ -218,6 +243,10 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(DST_PORT);
     parts.headers.remove(ORIG_PROTO);
+    // From here on (authorization, rate limits, the app) the path is the normalised
+    // one: the app must serve exactly the path that was judged, never a raw
+    // `/api/../admin` that policy saw as `/admin` (or the other way round).
+    normalize_target(&mut parts)?;
     // End-user authentication, then authorization; then only verified claims reach
     // the app (headers a client set for them are removed).
     let token = judge(ctx, inb, snap.jwt.as_ref(), port, Some(&parts))?;
@@ -265,4 +294,47 @@ async fn forward(
         return Err(ProxyError::Malformed("upgrade outside a tunnel"));
     }
     Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn normalized(target: &str) -> String {
+        let mut parts = Request::get(target).body(()).unwrap().into_parts().0;
+        normalize_target(&mut parts).unwrap();
+        parts.uri.to_string()
+    }
+
+    #[test]
+    fn the_forwarded_target_is_the_judged_path_with_the_query_kept() {
+        for (sent, forwarded) in [
+            ("/api/items?x=1", "/api/items?x=1"),
+            ("/api/../admin", "/admin"),
+            ("/api/%2e%2e/admin?q=/../x", "/admin?q=/../x"),
+            ("/api%2F..%2Fadmin", "/admin"),
+            ("//api//x/./y", "/api/x/y"),
+            ("/%61pi/x%20y", "/api/x%20y"),
+            ("/a%3fb?c", "/a%3Fb?c"),
+            ("*", "*"),
+        ] {
+            assert_eq!(normalized(sent), forwarded, "{sent}");
+        }
+        // The absolute form (HTTP/2's :scheme and :authority) keeps its authority.
+        assert_eq!(
+            normalized("http://catalog:80/x/../y?z"),
+            "http://catalog:80/y?z"
+        );
+        // What is forwarded is a fixed point: judging it again judges the same path.
+        for sent in ["/api/../admin", "/a%2fb/./c/", "/%2e%2e"] {
+            let once = normalized(sent);
+            assert_eq!(normalized(&once), once, "{sent}");
+            assert_eq!(
+                sinew_model::authz::normalize_path(&once),
+                once.split('?').next().unwrap()
+            );
+        }
+    }
 }

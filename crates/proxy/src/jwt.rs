@@ -249,6 +249,8 @@ fn parse_key(k: &Value) -> Result<Key, String> {
         AlgorithmParameters::OctetKey(_) => {
             return Err("symmetric (oct) keys are refused".into());
         }
+        // jsonwebtoken may learn key types: none is trusted before it is listed here.
+        _ => return Err("the key type is not supported".into()),
     };
     if let Some(a) = alg
         && !kind.fits(a)
@@ -624,8 +626,8 @@ fn verify_with(
                 jsonwebtoken::errors::ErrorKind::InvalidSignature
                 | jsonwebtoken::errors::ErrorKind::InvalidEcdsaKey
                 | jsonwebtoken::errors::ErrorKind::InvalidRsaKey(_)
-                | jsonwebtoken::errors::ErrorKind::InvalidKeyFormat
-                | jsonwebtoken::errors::ErrorKind::Crypto(_) => continue,
+                | jsonwebtoken::errors::ErrorKind::InvalidEddsaKey
+                | jsonwebtoken::errors::ErrorKind::InvalidKeyFormat => continue,
                 jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
                     return Err(JwtError::new(
                         "jwt-alg-not-allowed",
@@ -1325,6 +1327,9 @@ mod tests {
         assert_eq!(refused(&v, &t).reason, "jwt-missing-claim");
         let t = es256(K1_PEM, "k1", &with(claims(), "exp", json!("tomorrow")));
         assert_eq!(refused(&v, &t).reason, "jwt-malformed");
+        // GHSA-h395-gr6q-cpjc's token: a far-future nbf as a string never skips the check.
+        let t = es256(K1_PEM, "k1", &with(claims(), "nbf", json!("99999999999")));
+        assert_eq!(refused(&v, &t).reason, "jwt-malformed");
         // `now` is the caller's: the same token is fine an hour earlier.
         let t = es256(K1_PEM, "k1", &with(claims(), "exp", json!(secs() - 120)));
         let earlier = now() - Duration::from_secs(3600);
@@ -1385,6 +1390,32 @@ mod tests {
     }
 
     #[test]
+    fn eddsa_signatures_verify_with_the_crypto_backend() {
+        // RFC 8037's Ed25519 key (appendix A.1): its seed as PKCS#8, its public x.
+        let seed = b64url_decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A").unwrap();
+        let mut pkcs8 = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        pkcs8.extend(seed);
+        let okp = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
+        let v = JwtVerifier::new(&[rule(inline(&[okp]))]);
+        let mut h = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        h.kid = Some("ed".into());
+        let key = jsonwebtoken::EncodingKey::from_ed_der(&pkcs8);
+        let t = jsonwebtoken::encode(&h, &claims(), &key).unwrap();
+        let got = v.verify(&bearer(&t), now()).unwrap().unwrap();
+        assert_eq!(got.subject, "alice");
+        // One flipped byte of the signature: refused.
+        let (head, sig) = t.rsplit_once('.').unwrap();
+        let mut sig = b64url_decode(sig).unwrap();
+        sig[0] ^= 1;
+        let bad = format!("{head}.{}", b64url(&sig));
+        assert_eq!(refused(&v, &bad).reason, "jwt-bad-signature");
+    }
+
+    #[test]
     fn dangerous_algorithms_are_refused() {
         let v = verifier();
         // alg: none, any spelling.
@@ -1406,7 +1437,7 @@ mod tests {
                 let t = jsonwebtoken::encode(
                     &h,
                     &claims(),
-                    &jsonwebtoken::EncodingKey::from_secret(secret),
+                    &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
                 )
                 .unwrap();
                 let e = refused(&v, &t);

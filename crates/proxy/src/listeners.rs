@@ -396,8 +396,25 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
                 .error(crate::metrics::Direction::Inbound, "not-mesh-tls");
             return;
         }
-        let peer_identity = sinew_tls::peer_identity(tls.get_ref().1.peer_certificates())
-            .map(|id| Arc::<str>::from(id.to_string()));
+        // The peer must be of this mesh's trust domain (the configuration's; before
+        // one is applied, the proxy's own certificate's), not just chain to a root.
+        let mesh_td = shared
+            .snapshot
+            .load()
+            .as_ref()
+            .map(|s| s.config.trust_domain.clone())
+            .or_else(|| shared.certs.identity().map(|i| i.trust_domain().to_owned()));
+        let peer = sinew_tls::peer_identity(tls.get_ref().1.peer_certificates());
+        let peer_identity = match crate::policy::admit_peer(peer, mesh_td.as_deref()) {
+            Ok(id) => id.map(|id| Arc::<str>::from(id.to_string())),
+            Err(e) => {
+                shared
+                    .metrics
+                    .error(crate::metrics::Direction::Inbound, "foreign-trust-domain");
+                tracing::info!(peer = %ctx.peer, error = %e, "inbound mTLS peer refused");
+                return;
+            }
+        };
         let ctx = Arc::new(ConnCtx {
             shared: ctx.shared.clone(),
             role: ctx.role,

@@ -112,6 +112,33 @@ pub fn check_with_decision(
     }
 }
 
+/// Admits a mesh peer's verified identity at the inbound only if it is in the mesh's
+/// trust domain. A chain that verifies to a root of the bundle is not enough: a
+/// root may be shared with (or an operator's intermediate may sign for) another
+/// trust domain, whose `spiffe://other/ns/shop/sa/web` must not pass for this
+/// mesh's `shop/web` in `principals`, rate-limit keys or the app's
+/// `sinew-peer-identity`.
+///
+/// `mesh` is the mesh's trust domain (`None` before any configuration and
+/// certificate is known: then no identity can be judged, and is refused). A peer
+/// certificate without a SPIFFE id yields `Ok(None)`, as before. The error is one
+/// line naming the id and the trust domain expected.
+pub fn admit_peer(
+    id: Option<sinew_tls::SpiffeId>,
+    mesh: Option<&str>,
+) -> Result<Option<sinew_tls::SpiffeId>, String> {
+    match (id, mesh) {
+        (None, _) => Ok(None),
+        (Some(id), Some(td)) if id.trust_domain().eq_ignore_ascii_case(td) => Ok(Some(id)),
+        (Some(id), Some(td)) => Err(format!(
+            "peer {id} is not in the mesh's trust domain {td:?}"
+        )),
+        (Some(id), None) => Err(format!(
+            "peer {id}: the mesh's trust domain is not known yet"
+        )),
+    }
+}
+
 /// Prepares an allowed request's headers for the application: removes every header
 /// a forwarded claim may be written to (whatever the client sent), then sets the
 /// verified token's forwarded claims, and removes the token's header unless its rule
@@ -322,6 +349,45 @@ spec:
         );
         let e = check(&deny_all, Some(&v), Some(WEB), 8080, Some(&p)).unwrap_err();
         assert_eq!(e.detail, "default deny (namespace)");
+    }
+
+    #[test]
+    fn only_peers_of_the_mesh_trust_domain_are_admitted() {
+        // One CA signs for two trust domains (a shared or federated root): both
+        // chains verify, only the mesh's trust domain is admitted.
+        let ca =
+            sinew_tls::Ca::generate("cluster.local", std::time::Duration::from_secs(3600)).unwrap();
+        let leaf = |td: &str| {
+            let (_, csr) = sinew_tls::new_key_and_csr().unwrap();
+            let id = sinew_tls::SpiffeId::workload(td, "shop", "web");
+            let issued = ca
+                .sign_csr(&csr, &id, std::time::Duration::from_secs(600))
+                .unwrap();
+            let certs = sinew_tls::certs_from_pem("leaf", &issued.chain_pem).unwrap();
+            sinew_tls::peer_identity(Some(&certs))
+        };
+        let ours = leaf("cluster.local");
+        assert_eq!(
+            admit_peer(ours.clone(), Some("cluster.local"))
+                .unwrap()
+                .map(|i| i.to_string())
+                .as_deref(),
+            Some(WEB)
+        );
+        let foreign = leaf("evil.example");
+        assert_eq!(
+            foreign.as_ref().map(|i| i.trust_domain()),
+            Some("evil.example")
+        );
+        let e = admit_peer(foreign, Some("cluster.local")).unwrap_err();
+        assert_eq!(
+            e,
+            "peer spiffe://evil.example/ns/shop/sa/web is not in the mesh's trust domain \"cluster.local\""
+        );
+        // Nothing to judge against yet: refused, not waved through.
+        assert!(admit_peer(ours, None).is_err());
+        // No SPIFFE id at all is what it was: no identity.
+        assert_eq!(admit_peer(None, Some("cluster.local")), Ok(None));
     }
 
     #[test]
