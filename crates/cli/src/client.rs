@@ -571,7 +571,7 @@ pub async fn check(server: &Server, wait: Duration) -> anyhow::Result<i32> {
         if health.store_ok {
             "store healthy".to_owned()
         } else {
-            format!("store healthy: {}", health.store_error)
+            format!("store unhealthy: {}", health.store_error)
         },
     );
     match health.rotation_phase.as_str() {

@@ -459,6 +459,129 @@ async fn applied_resources_survive_kill_9() {
     assert_eq!(before, after);
 }
 
+/// A tmpfs mounted at a directory (we run as root), unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .expect("mount(8) is needed for this test");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (this test needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the killed control plane may still hold the database open a moment.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` with one file until a write fails with ENOSPC.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // Byte by byte the last partial chunk: not a byte is left.
+    while f.write_all(&[0]).is_ok() {}
+    path
+}
+
+/// The store survives a transient write error (a full disk) without a restart: the
+/// apply that hit it is refused whole, `sinew check` fails while writes fail, and
+/// once space is freed the next apply is stored; what was applied before is kept
+/// on disk, and the refused apply left nothing behind (the revision says so too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_heals_after_a_full_disk_without_a_restart() {
+    let scratch = Scratch::new();
+    let data = scratch.0.join("data");
+    let _tmpfs = Tmpfs::mount(&data, "24m");
+    let addr = free_addr();
+    let cp = Control::start(&data, addr, &[]).await;
+    let before = scratch.write("before.yaml", &service("shop", "before"));
+    let out = cp.sinew(&["apply", "-f", before.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    // Large enough to need fresh pages in the database file.
+    let mut yaml = String::new();
+    for i in 0..1500 {
+        yaml.push_str(&service("bulk", &format!("svc-{i}")));
+    }
+    let bulk = scratch.write("bulk.yaml", &yaml);
+
+    let filler = fill(&data);
+    let out = cp.sinew(&["apply", "-f", bulk.to_str().unwrap()]).await;
+    let (_, err) = text(&out);
+    assert!(!out.status.success(), "applied onto a full disk: {err}");
+    assert!(
+        err.contains("nothing was applied") && err.contains("No space left on device"),
+        "{err}"
+    );
+    let out = cp.sinew(&["check"]).await;
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("FAIL store") && stdout.contains("No space left on device"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("revision 1)"),
+        "the refused apply made no revision: {stdout}"
+    );
+
+    // The disk has room again: the same control plane takes the next apply.
+    std::fs::remove_file(&filler).unwrap();
+    let out = cp.sinew(&["check"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("PASS store healthy"),
+        "{:?}",
+        text(&out)
+    );
+    let out = cp.sinew(&["apply", "-f", bulk.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).1.contains("revision 2"), "{:?}", text(&out));
+
+    // On disk: the first document, the bulk, and nothing of the refused attempt.
+    cp.kill().await;
+    let cp = Control::start(&data, addr, &[]).await;
+    let all = text(&cp.sinew(&["get", "svc", "-A", "-o", "json"]).await).0;
+    let items: serde_json::Value = serde_json::from_str(&all).unwrap();
+    let names: std::collections::BTreeSet<String> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 1501, "one before, 1500 after");
+    assert!(names.contains("before") && names.contains("svc-1499"));
+    let out = cp.sinew(&["check"]).await;
+    assert!(text(&out).0.contains("revision 2)"), "{:?}", text(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_whole_with_file_line_field_and_reason() {
     let scratch = Scratch::new();
