@@ -459,6 +459,146 @@ async fn applied_resources_survive_kill_9() {
     assert_eq!(before, after);
 }
 
+/// `sinew-proxy` (built next to `sinew`), run with `args`.
+fn sinew_proxy(args: &[&str]) -> std::process::Output {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sinew")).with_file_name("sinew-proxy");
+    assert!(
+        binary.is_file(),
+        "this test runs the real sinew-proxy and needs {} (`cargo build --bins`)",
+        binary.display()
+    );
+    Command::new(binary).args(args).output().unwrap()
+}
+
+/// An apply of no documents is refused naming the file, by the CLI and by the API;
+/// one over the control plane's message limit is refused naming the file, its size
+/// and the limit, and `sinew-proxy --check` draws the line at the same byte: the
+/// largest file it passes, the control plane takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_oversized_apply_is_refused_naming_the_file_size_and_limit() {
+    use sinew_api::limits::{MAX_MESSAGE_BYTES, apply_bytes};
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+
+    let empty = scratch.write("empty.yaml", "# nothing here yet\n---\n");
+    let out = cp.sinew(&["apply", "-f", empty.to_str().unwrap()]).await;
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{}: no documents", empty.display())),
+        "{:?}",
+        text(&out)
+    );
+    // The control plane refuses it too, for callers other than the CLI.
+    let mut admin = cp.admin().await;
+    let e = admin
+        .apply(sinew_api::v1::ApplyRequest {
+            sources: vec![sinew_api::v1::Source {
+                label: "api.yaml".into(),
+                text: "\n".into(),
+            }],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("api.yaml: no documents"), "{e:?}");
+    let e = admin
+        .apply(sinew_api::v1::ApplyRequest::default())
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("nothing to apply"), "{e:?}");
+
+    // A valid mesh (so the check passes on content), padded with a comment.
+    let docs = format!(
+        "{}{}",
+        service("shop", "catalog"),
+        proxy_doc("shop", "load", &[(free_addr(), "catalog")])
+    );
+    let padded = |len: usize| {
+        let mut t = docs.clone();
+        t.push_str("# ");
+        t.push_str(&"p".repeat(len - t.len()));
+        t
+    };
+    let big = scratch.write("big.yaml", &padded(5 * 1024 * 1024));
+    let big_s = big.to_str().unwrap();
+    let out = cp.sinew(&["apply", "-f", big_s]).await;
+    assert!(!out.status.success());
+    let why = format!(
+        "{big_s}: 5242880 bytes, more than the control plane accepts in one apply ({MAX_MESSAGE_BYTES} bytes"
+    );
+    assert!(text(&out).1.contains(&why), "{:?}", text(&out));
+    let out = sinew_proxy(&["--check", "--config", big_s]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains(&why), "{:?}", text(&out));
+
+    // The boundary: the largest file whose apply fits, and one byte more.
+    let edge = scratch.0.join("edge.yaml");
+    let edge_s = edge.to_str().unwrap();
+    let mut len = MAX_MESSAGE_BYTES - 64;
+    while apply_bytes([(edge_s, padded(len + 1).as_str())]) <= MAX_MESSAGE_BYTES {
+        len += 1;
+    }
+    std::fs::write(&edge, padded(len)).unwrap();
+    let out = sinew_proxy(&["--check", "--config", edge_s]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = cp.sinew(&["apply", "--dry-run", "-f", edge_s]).await;
+    assert!(
+        out.status.success(),
+        "the control plane takes it: {:?}",
+        text(&out)
+    );
+    std::fs::write(&edge, padded(len + 1)).unwrap();
+    let out = sinew_proxy(&["--check", "--config", edge_s]);
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{edge_s}: {} bytes", len + 1))
+    );
+    let out = cp.sinew(&["apply", "--dry-run", "-f", edge_s]).await;
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{edge_s}: {} bytes", len + 1))
+    );
+    // And the control plane itself refuses that byte more.
+    let e = admin
+        .apply(sinew_api::v1::ApplyRequest {
+            sources: vec![sinew_api::v1::Source {
+                label: edge_s.into(),
+                text: padded(len + 1),
+            }],
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+
+    // Files that fit alone but not together: the apply says to split it.
+    let half = scratch.write("half.yaml", &padded(3 * 1024 * 1024));
+    let other = scratch.write("other.yaml", &padded(3 * 1024 * 1024));
+    let out = cp
+        .sinew(&[
+            "apply",
+            "-f",
+            half.to_str().unwrap(),
+            "-f",
+            other.to_str().unwrap(),
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("2 files together are")
+            && text(&out).1.contains("apply them in parts"),
+        "{:?}",
+        text(&out)
+    );
+}
+
 /// A tmpfs mounted at a directory (we run as root), unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
 
