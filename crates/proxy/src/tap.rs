@@ -67,6 +67,14 @@ pub const SHOWN_HEADERS: &[&str] = &[
     "x-b3-parentspanid",
     "x-b3-sampled",
     "x-b3-flags",
+    // Sinew's own (see `http_util`, `error`, `outbound`, `resilience`): no credential.
+    "sinew-dst-port",
+    "sinew-orig-proto",
+    "sinew-peer-identity",
+    "sinew-retry-attempt",
+    "sinew-hedged",
+    "sinew-timeout-ms",
+    "sinew-error",
 ];
 
 /// What a tap shows in place of a header value.
