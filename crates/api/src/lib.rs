@@ -18,6 +18,60 @@ pub mod demo {
     include!("gen/sinew.demo.v1.rs");
 }
 
+/// How large an apply may be: one limit for the control plane (its gRPC decoding
+/// limit), `sinew apply` (checked before sending, to name the file) and
+/// `sinew-proxy --check` (a file the control plane would refuse is not passed).
+pub mod limits {
+    use prost::Message;
+
+    /// The largest message the control plane accepts, in bytes (4 MiB).
+    pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+    /// The bytes an `ApplyRequest` with these `(label, text)` sources takes on the
+    /// wire: what the control plane holds against [`MAX_MESSAGE_BYTES`].
+    pub fn apply_bytes<'a>(sources: impl IntoIterator<Item = (&'a str, &'a str)>) -> usize {
+        crate::v1::ApplyRequest {
+            sources: sources
+                .into_iter()
+                .map(|(label, text)| crate::v1::Source {
+                    label: label.to_owned(),
+                    text: text.to_owned(),
+                })
+                .collect(),
+            // The flag costs two bytes when set: count it, as a dry run sends it.
+            dry_run: true,
+        }
+        .encoded_len()
+    }
+
+    /// Why `text` (from `label`) is too large to apply on its own, or `None`.
+    pub fn too_large(label: &str, text: &str) -> Option<String> {
+        let size = apply_bytes([(label, text)]);
+        (size > MAX_MESSAGE_BYTES).then(|| {
+            format!(
+                "{label}: {} bytes, more than the control plane accepts in one apply ({MAX_MESSAGE_BYTES} bytes, 4 MiB, with the file's name); split it into smaller files",
+                text.len()
+            )
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_limit_counts_the_whole_request() {
+            let fits = "x".repeat(MAX_MESSAGE_BYTES - 64);
+            assert_eq!(too_large("a.yaml", &fits), None);
+            let over = "x".repeat(MAX_MESSAGE_BYTES - 8);
+            let why = too_large("a.yaml", &over).unwrap_or_default();
+            assert!(why.starts_with("a.yaml: 4194296 bytes"), "{why}");
+            assert!(why.contains("4194304 bytes"), "{why}");
+            assert!(apply_bytes([("a", "b"), ("c", "d")]) > apply_bytes([("a", "b")]));
+        }
+    }
+}
+
 /// The latency buckets of `TrafficRow.latency`: the one scheme proxies and the control
 /// plane share, so histograms from any proxies can be added up.
 ///

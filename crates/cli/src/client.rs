@@ -11,7 +11,7 @@ use sinew_api::v1::{
     ProxyStatusRequest, ResourceKey, RotateCaRequest, Source,
 };
 use sinew_control::credentials::CredentialFile;
-use sinew_model::{Resources, parse_documents, parse_sources};
+use sinew_model::{Resources, parse_apply, parse_documents, parse_sources};
 use tonic::transport::Channel;
 
 /// The control plane a client command talks to, and the operator credential it
@@ -190,8 +190,27 @@ fn read_sources(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
 /// `sinew apply`.
 pub async fn apply(server: &Server, paths: &[PathBuf], dry_run: bool) -> anyhow::Result<i32> {
     let sources = read_sources(paths)?;
-    // Parse locally first: a syntax error is reported without a round trip.
-    let count = parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
+    // The control plane's size limit, checked here: its own refusal is a bare gRPC
+    // error that names neither the file nor the limit.
+    let size =
+        sinew_api::limits::apply_bytes(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())));
+    if size > sinew_api::limits::MAX_MESSAGE_BYTES {
+        let big: Vec<String> = sources
+            .iter()
+            .filter_map(|(l, t)| sinew_api::limits::too_large(l, t))
+            .collect();
+        if big.is_empty() {
+            bail!(
+                "refused; nothing was changed:\n{} files together are {size} bytes, more than the control plane accepts in one apply ({} bytes, 4 MiB); apply them in parts",
+                sources.len(),
+                sinew_api::limits::MAX_MESSAGE_BYTES
+            );
+        }
+        bail!("refused; nothing was changed:\n{}", big.join("\n"));
+    }
+    // Parse locally first: a syntax error or an empty file is reported without a
+    // round trip.
+    let count = parse_apply(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
         .map_err(|errors| anyhow::anyhow!("refused; nothing was changed:\n{errors}"))?
         .len();
     if count > 20 {
@@ -571,7 +590,7 @@ pub async fn check(server: &Server, wait: Duration) -> anyhow::Result<i32> {
         if health.store_ok {
             "store healthy".to_owned()
         } else {
-            format!("store healthy: {}", health.store_error)
+            format!("store unhealthy: {}", health.store_error)
         },
     );
     match health.rotation_phase.as_str() {

@@ -346,6 +346,11 @@ pub async fn tap(
     // No deadline: a tap lasts as long as the user wants.
     let mut client = connect_with(server, None).await?;
     let limit = filter.limit;
+    // Requests are counted as the control plane counts them for the limit.
+    let counting = TapFilter {
+        direction: filter.direction.clone(),
+        ..Default::default()
+    };
     let mut stream = client
         .tap(TapRequest {
             filter: Some(filter),
@@ -377,7 +382,7 @@ pub async fn tap(
                 eprintln!("({n} events missed: too many to relay)")
             }
             Some(tap_response::Kind::Event(e)) => {
-                seen += 1;
+                seen += u64::from(sinew_control::telemetry::tap::counts(&counting, &e));
                 if json {
                     println!("{}", tap_json(&e));
                 } else {

@@ -459,6 +459,269 @@ async fn applied_resources_survive_kill_9() {
     assert_eq!(before, after);
 }
 
+/// `sinew-proxy` (built next to `sinew`), run with `args`.
+fn sinew_proxy(args: &[&str]) -> std::process::Output {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sinew")).with_file_name("sinew-proxy");
+    assert!(
+        binary.is_file(),
+        "this test runs the real sinew-proxy and needs {} (`cargo build --bins`)",
+        binary.display()
+    );
+    Command::new(binary).args(args).output().unwrap()
+}
+
+/// An apply of no documents is refused naming the file, by the CLI and by the API;
+/// one over the control plane's message limit is refused naming the file, its size
+/// and the limit, and `sinew-proxy --check` draws the line at the same byte: the
+/// largest file it passes, the control plane takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_oversized_apply_is_refused_naming_the_file_size_and_limit() {
+    use sinew_api::limits::{MAX_MESSAGE_BYTES, apply_bytes};
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+
+    let empty = scratch.write("empty.yaml", "# nothing here yet\n---\n");
+    let out = cp.sinew(&["apply", "-f", empty.to_str().unwrap()]).await;
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{}: no documents", empty.display())),
+        "{:?}",
+        text(&out)
+    );
+    // The control plane refuses it too, for callers other than the CLI.
+    let mut admin = cp.admin().await;
+    let e = admin
+        .apply(sinew_api::v1::ApplyRequest {
+            sources: vec![sinew_api::v1::Source {
+                label: "api.yaml".into(),
+                text: "\n".into(),
+            }],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("api.yaml: no documents"), "{e:?}");
+    let e = admin
+        .apply(sinew_api::v1::ApplyRequest::default())
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("nothing to apply"), "{e:?}");
+
+    // A valid mesh (so the check passes on content), padded with a comment.
+    let docs = format!(
+        "{}{}",
+        service("shop", "catalog"),
+        proxy_doc("shop", "load", &[(free_addr(), "catalog")])
+    );
+    let padded = |len: usize| {
+        let mut t = docs.clone();
+        t.push_str("# ");
+        t.push_str(&"p".repeat(len - t.len()));
+        t
+    };
+    let big = scratch.write("big.yaml", &padded(5 * 1024 * 1024));
+    let big_s = big.to_str().unwrap();
+    let out = cp.sinew(&["apply", "-f", big_s]).await;
+    assert!(!out.status.success());
+    let why = format!(
+        "{big_s}: 5242880 bytes, more than the control plane accepts in one apply ({MAX_MESSAGE_BYTES} bytes"
+    );
+    assert!(text(&out).1.contains(&why), "{:?}", text(&out));
+    let out = sinew_proxy(&["--check", "--config", big_s]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains(&why), "{:?}", text(&out));
+
+    // The boundary: the largest file whose apply fits, and one byte more.
+    let edge = scratch.0.join("edge.yaml");
+    let edge_s = edge.to_str().unwrap();
+    let mut len = MAX_MESSAGE_BYTES - 64;
+    while apply_bytes([(edge_s, padded(len + 1).as_str())]) <= MAX_MESSAGE_BYTES {
+        len += 1;
+    }
+    std::fs::write(&edge, padded(len)).unwrap();
+    let out = sinew_proxy(&["--check", "--config", edge_s]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = cp.sinew(&["apply", "--dry-run", "-f", edge_s]).await;
+    assert!(
+        out.status.success(),
+        "the control plane takes it: {:?}",
+        text(&out)
+    );
+    std::fs::write(&edge, padded(len + 1)).unwrap();
+    let out = sinew_proxy(&["--check", "--config", edge_s]);
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{edge_s}: {} bytes", len + 1))
+    );
+    let out = cp.sinew(&["apply", "--dry-run", "-f", edge_s]).await;
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{edge_s}: {} bytes", len + 1))
+    );
+    // And the control plane itself refuses that byte more.
+    let e = admin
+        .apply(sinew_api::v1::ApplyRequest {
+            sources: vec![sinew_api::v1::Source {
+                label: edge_s.into(),
+                text: padded(len + 1),
+            }],
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+
+    // Files that fit alone but not together: the apply says to split it.
+    let half = scratch.write("half.yaml", &padded(3 * 1024 * 1024));
+    let other = scratch.write("other.yaml", &padded(3 * 1024 * 1024));
+    let out = cp
+        .sinew(&[
+            "apply",
+            "-f",
+            half.to_str().unwrap(),
+            "-f",
+            other.to_str().unwrap(),
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("2 files together are")
+            && text(&out).1.contains("apply them in parts"),
+        "{:?}",
+        text(&out)
+    );
+}
+
+/// A tmpfs mounted at a directory (we run as root), unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .expect("mount(8) is needed for this test");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} (this test needs root): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the killed control plane may still hold the database open a moment.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` with one file until a write fails with ENOSPC.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 64 * 1024];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // Byte by byte the last partial chunk: not a byte is left.
+    while f.write_all(&[0]).is_ok() {}
+    path
+}
+
+/// The store survives a transient write error (a full disk) without a restart: the
+/// apply that hit it is refused whole, `sinew check` fails while writes fail, and
+/// once space is freed the next apply is stored; what was applied before is kept
+/// on disk, and the refused apply left nothing behind (the revision says so too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_heals_after_a_full_disk_without_a_restart() {
+    let scratch = Scratch::new();
+    let data = scratch.0.join("data");
+    let _tmpfs = Tmpfs::mount(&data, "24m");
+    let addr = free_addr();
+    let cp = Control::start(&data, addr, &[]).await;
+    let before = scratch.write("before.yaml", &service("shop", "before"));
+    let out = cp.sinew(&["apply", "-f", before.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    // Large enough to need fresh pages in the database file.
+    let mut yaml = String::new();
+    for i in 0..1500 {
+        yaml.push_str(&service("bulk", &format!("svc-{i}")));
+    }
+    let bulk = scratch.write("bulk.yaml", &yaml);
+
+    let filler = fill(&data);
+    let out = cp.sinew(&["apply", "-f", bulk.to_str().unwrap()]).await;
+    let (_, err) = text(&out);
+    assert!(!out.status.success(), "applied onto a full disk: {err}");
+    assert!(
+        err.contains("nothing was applied") && err.contains("No space left on device"),
+        "{err}"
+    );
+    let out = cp.sinew(&["check"]).await;
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("FAIL store") && stdout.contains("No space left on device"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("revision 1)"),
+        "the refused apply made no revision: {stdout}"
+    );
+
+    // The disk has room again: the same control plane takes the next apply.
+    std::fs::remove_file(&filler).unwrap();
+    let out = cp.sinew(&["check"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("PASS store healthy"),
+        "{:?}",
+        text(&out)
+    );
+    let out = cp.sinew(&["apply", "-f", bulk.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).1.contains("revision 2"), "{:?}", text(&out));
+
+    // On disk: the first document, the bulk, and nothing of the refused attempt.
+    cp.kill().await;
+    let cp = Control::start(&data, addr, &[]).await;
+    let all = text(&cp.sinew(&["get", "svc", "-A", "-o", "json"]).await).0;
+    let items: serde_json::Value = serde_json::from_str(&all).unwrap();
+    let names: std::collections::BTreeSet<String> = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 1501, "one before, 1500 after");
+    assert!(names.contains("before") && names.contains("svc-1499"));
+    let out = cp.sinew(&["check"]).await;
+    assert!(text(&out).0.contains("revision 2)"), "{:?}", text(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_whole_with_file_line_field_and_reason() {
     let scratch = Scratch::new();

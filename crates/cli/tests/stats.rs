@@ -387,11 +387,14 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
     m.catalog.shutdown().await;
 }
 
-/// Reads a child's stderr in the background; `seen` waits for a line.
+/// Marks the end of what [`Lines`] read.
+const EOF: char = '\u{4}';
+
+/// Reads a child's output in the background; `seen` waits for a line.
 struct Lines(tokio::sync::watch::Receiver<String>);
 
 impl Lines {
-    fn new(stderr: tokio::process::ChildStderr) -> Lines {
+    fn new(stderr: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
         use tokio::io::AsyncBufReadExt;
         let (tx, rx) = tokio::sync::watch::channel(String::new());
         tokio::spawn(async move {
@@ -402,8 +405,18 @@ impl Lines {
                     all.push('\n');
                 });
             }
+            // The end of the output, for `until`.
+            tx.send_modify(|all| all.push(EOF));
         });
         Lines(rx)
+    }
+
+    /// Waits until what was read so far satisfies `done` (`what` says what for).
+    async fn until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let ok = tokio::time::timeout(TIMEOUT, self.0.wait_for(|all| done(all)))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        assert!(ok, "waited for {what}; got {:?}", self.0.borrow().clone());
     }
 
     async fn seen(&mut self, what: &str) {
@@ -450,6 +463,8 @@ async fn tap_during(
                     .uri(*path)
                     .header("host", "catalog")
                     .header("authorization", "Bearer secret-token")
+                    .header("x-auth-token", "secret-x-auth")
+                    .header("user-agent", "tap-load")
                     .body(client::empty())
                     .unwrap();
                 client::collect(c.send(req).await.unwrap()).await.unwrap();
@@ -474,12 +489,42 @@ async fn tap_during(
 }
 
 /// `sinew tap` shows live requests of a running load, only those its filters
-/// match, with credentials redacted, and exits after `--limit`; once it is gone,
-/// no proxy taps any more (an idle tap is one atomic load per request).
+/// match, with every header value not known to be safe redacted (an `authorization`
+/// a route injects, an `x-auth-token` the caller sends), and exits after `--limit`
+/// requests (each seen by two proxies, counted once); once it is gone, no proxy
+/// taps any more (an idle tap is one atomic load per request). Neither proxy's
+/// `/config` shows the injected credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
     let m = mesh().await;
     assert!(!m.load.shared().tap.active() && !m.catalog.shared().tap.active());
+    // A route that injects a credential on the way to catalog.
+    let f = m._scratch.write(
+        "inject.yaml",
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: inject, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: catalog}]\n  rules:\n    - filters:\n        - type: RequestHeaderModifier\n          requestHeaderModifier:\n            set: [{name: authorization, value: \"Bearer injected-secret\"}]\n      backendRefs: [{name: catalog}]\n",
+    );
+    let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let admin = m.load.admin_addr();
+    wait::until("the load proxy has the route", TIMEOUT, || async move {
+        client::get(admin, "admin", "/config")
+            .await
+            .is_ok_and(|r| r.text().contains("shop/inject"))
+    })
+    .await
+    .unwrap();
+    for p in [&m.load, &m.catalog] {
+        let config = client::get(p.admin_addr(), "admin", "/config")
+            .await
+            .unwrap()
+            .text();
+        assert!(!config.contains("injected-secret"), "{config}");
+    }
+    let load_config = client::get(admin, "admin", "/config").await.unwrap().text();
+    assert!(
+        load_config.contains(r#""authorization","#) && load_config.contains("<redacted>"),
+        "the injected header is named, its value redacted: {load_config}"
+    );
     let mixed = [
         ("GET", "/api/a"),
         ("GET", "/other"),
@@ -501,7 +546,23 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
         &mixed,
     )
     .await;
-    assert_eq!(events.len(), 6, "{events:#?}");
+    // Six requests: six callers' events, and at most six of the servers' (the
+    // relay stops at the sixth request; each side's events come in their own
+    // batches).
+    let outbound = events
+        .iter()
+        .filter(|e| e["direction"] == "outbound")
+        .count();
+    let inbound = events
+        .iter()
+        .filter(|e| e["direction"] == "inbound")
+        .count();
+    assert_eq!(outbound, 6, "{events:#?}");
+    assert!(inbound <= 6, "{events:#?}");
+    let all = serde_json::to_string(&events).unwrap();
+    for secret in ["secret-token", "secret-x-auth", "injected-secret"] {
+        assert!(!all.contains(secret), "{secret} in the tap: {all}");
+    }
     for e in &events {
         assert_eq!(
             (e["method"].as_str(), e["path"].as_str()),
@@ -511,6 +572,8 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
         assert_eq!(e["service"], "catalog.shop");
         assert_eq!(e["status"], 200);
         assert_eq!(e["headers"]["authorization"], "<redacted>", "{e:#}");
+        assert_eq!(e["headers"]["x-auth-token"], "<redacted>", "{e:#}");
+        assert_eq!(e["headers"]["user-agent"], "tap-load", "{e:#}");
         match e["proxy"].as_str() {
             Some("shop/catalog-1") => {
                 assert_eq!(e["direction"], "inbound");
@@ -551,6 +614,81 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
     let out = m.cp.sinew(&["tap", "--status", "5"]).await;
     assert!(!out.status.success());
     assert!(text(&out).1.contains("status \"5\""), "{:?}", text(&out));
+    m.load.shutdown().await;
+    m.catalog.shutdown().await;
+}
+
+/// `sinew tap --limit N` stops after N requests, not N events: each request here is
+/// seen by the caller's proxy and by the server's, and both its events are shown.
+/// One request at a time, each waited for on both sides: a limit counting events
+/// would end the tap within the second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_limit_counts_requests_not_the_two_proxies_that_saw_each() {
+    let m = mesh().await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args(["tap", "--path", "/api", "--limit", "3", "-o", "json"])
+        .env("SINEW_SERVER", &m.cp.url)
+        .env("SINEW_CREDENTIALS", &m.cp.credentials)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut err = Lines::new(child.stderr.take().unwrap());
+    let mut out = Lines::new(child.stdout.take().unwrap());
+    err.seen("tapping 2 proxies").await;
+    let (a, b) = (m.load.shared().clone(), m.catalog.shared().clone());
+    wait::until("both proxies tap", TIMEOUT, || {
+        let (a, b) = (a.clone(), b.clone());
+        async move { a.tap.active() && b.tap.active() }
+    })
+    .await
+    .unwrap();
+    let mut c = client::h1(m.bind).await.unwrap();
+    for i in 1..=3 {
+        let r = c.get("catalog", &format!("/api/{i}")).await.unwrap();
+        assert_eq!(r.status, 200);
+        if i < 3 {
+            let path = format!(r#""path":"/api/{i}""#);
+            out.until(&format!("both sides of /api/{i}"), |all| {
+                all.matches(&path).count() == 2
+            })
+            .await;
+        }
+    }
+    let status = tokio::time::timeout(TIMEOUT, child.wait())
+        .await
+        .expect("sinew tap exits after its third request")
+        .unwrap();
+    assert!(status.success(), "{:?}", err.0.borrow().clone());
+    // Everything printed has been read once the pipe closes.
+    out.until("the end of the output", |all| all.ends_with(EOF))
+        .await;
+    let events: Vec<serde_json::Value> = out
+        .0
+        .borrow()
+        .trim_end_matches(EOF)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let side = |d: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["direction"] == d)
+            .map(|e| e["path"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        side("outbound"),
+        ["/api/1", "/api/2", "/api/3"],
+        "{events:#?}"
+    );
+    let inbound = side("inbound");
+    assert!(
+        inbound.starts_with(&["/api/1".to_owned(), "/api/2".to_owned()]) && inbound.len() <= 3,
+        "{events:#?}"
+    );
     m.load.shutdown().await;
     m.catalog.shutdown().await;
 }

@@ -60,7 +60,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             connections_per_ip: 4096,
             streams_per_connection: 64,
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: sinew_api::limits::MAX_MESSAGE_BYTES,
             plaintext_window: false,
         }
     }

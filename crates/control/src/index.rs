@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sinew_model::load::Document;
 use sinew_model::resource::{Object, Resource, ResourceKey, WorkloadSpec};
-use sinew_model::{ConfigError, ConfigErrors, Origin, Resources, parse_sources};
+use sinew_model::{ConfigError, ConfigErrors, Origin, Resources, parse_apply};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::{Store, StoredDoc, StoredRegistration};
@@ -691,8 +691,7 @@ impl Index {
                 dry_run,
                 reply,
             } => {
-                let out = match parse_sources(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
-                {
+                let out = match parse_apply(sources.iter().map(|(l, t)| (l.as_str(), t.as_str()))) {
                     Ok(docs) => self.apply_docs(docs, "api", false, dry_run).await,
                     Err(e) => Err(e),
                 };

@@ -6,8 +6,8 @@
 //! control plane still knows endpoints while proxies reconnect), and metadata (the
 //! revision counter).
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -108,16 +108,56 @@ pub struct StoredRegistration {
     pub last_seen_ms: u64,
 }
 
-/// The database.
+/// The database, reopened after an I/O error.
+///
+/// redb poisons a `Database` after an I/O error (every later transaction fails with
+/// `PreviousIo`) even when the cause was transient (a full disk that was freed). The
+/// store then drops that handle and opens the file anew at its next use: redb's
+/// recovery on open goes back to the last commit that completed, so what an apply
+/// acknowledged is kept and a commit that failed is not half there.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The database file.
+    file: PathBuf,
+    /// The file's name, for messages.
     path: String,
+    /// The open database; `None` after an I/O error until it is reopened.
+    db: RwLock<Option<Arc<Database>>>,
+    /// The last write that failed with an I/O error and no write as large has
+    /// succeeded since: the health check reports it and probes with a write that size.
+    failed_write: Mutex<Option<FailedWrite>>,
+}
+
+/// A write that failed with an I/O error.
+#[derive(Debug, Clone)]
+struct FailedWrite {
+    /// Why.
+    message: String,
+    /// About how many bytes it wrote (the values' sizes).
+    bytes: usize,
+}
+
+/// The health probe's table: one row, written and removed by [`Store::check`].
+const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("health_probe");
+
+/// True for the errors after which redb refuses every later transaction (until the
+/// database is opened again).
+fn is_io(e: &redb::Error) -> bool {
+    matches!(
+        e,
+        redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
+    )
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -143,11 +183,15 @@ impl Store {
         }
         let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
         let store = Store {
-            db: Arc::new(db),
-            path: label,
+            inner: Arc::new(Inner {
+                file: path,
+                path: label,
+                db: RwLock::new(Some(Arc::new(db))),
+                failed_write: Mutex::new(None),
+            }),
         };
         // Make sure the tables exist, so reads never fail on a fresh database.
-        store.write(|txn| {
+        store.write(0, |txn| {
             txn.open_table(DOCUMENTS)?;
             txn.open_table(REGISTRATIONS)?;
             txn.open_table(META)?;
@@ -159,78 +203,176 @@ impl Store {
         Ok(store)
     }
 
-    fn fail(&self, e: impl std::fmt::Display) -> StoreError {
+    /// The open database, opening the file again when an I/O error closed it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = &*self.inner.db.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(db.clone());
+        }
+        let mut slot = self.inner.db.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = &*slot {
+            // Another caller reopened it meanwhile.
+            return Ok(db.clone());
+        }
+        // Fails with `DatabaseAlreadyOpen` while a transaction begun on the old
+        // handle is still running: the next use tries again.
+        let db = Database::create(&self.inner.file).map_err(|e| {
+            self.message(format!(
+                "cannot reopen the database after an I/O error: {e}"
+            ))
+        })?;
+        tracing::warn!(path = %self.inner.path, "store reopened after an I/O error");
+        let db = Arc::new(db);
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// A store error with this message.
+    fn message(&self, message: impl Into<String>) -> StoreError {
         StoreError {
-            path: self.path.clone(),
-            message: e.to_string(),
+            path: self.inner.path.clone(),
+            message: message.into(),
         }
     }
 
+    /// A redb failure; after an I/O error the database is dropped, to be opened
+    /// again at the next use (redb refuses everything on that handle from now on).
+    fn fail(&self, e: impl Into<redb::Error>) -> StoreError {
+        let e: redb::Error = e.into();
+        if is_io(&e) {
+            let old = self
+                .inner
+                .db
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if old.is_some() {
+                tracing::error!(path = %self.inner.path, error = %e, "store I/O error; the database will be reopened");
+            }
+        }
+        self.message(e.to_string())
+    }
+
+    /// Runs `f` in a write transaction and commits it (immediate durability).
+    /// `bytes` is about what it writes: a write that fails with an I/O error is
+    /// remembered with its size until a write as large succeeds.
     fn write<T>(
         &self,
+        bytes: usize,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.fail(e))?;
-        let out = f(&txn).map_err(|e| self.fail(e))?;
-        txn.commit().map_err(|e| self.fail(e))?;
-        Ok(out)
+        let result: Result<T, StoreError> = (|| {
+            let txn = self.db()?.begin_write().map_err(|e| self.fail(e))?;
+            let out = f(&txn).map_err(|e| self.fail(e))?;
+            txn.commit().map_err(|e| self.fail(e))?;
+            Ok(out)
+        })();
+        let mut failed = self
+            .inner
+            .failed_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => {
+                if failed.as_ref().is_some_and(|f| f.bytes <= bytes) {
+                    *failed = None;
+                }
+            }
+            Err(e) => {
+                // Closed after an I/O error: remember it for the health check.
+                let closed = self
+                    .inner
+                    .db
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_none();
+                if closed {
+                    let bytes = failed.as_ref().map_or(bytes, |f| f.bytes.max(bytes));
+                    *failed = Some(FailedWrite {
+                        message: e.message.clone(),
+                        bytes,
+                    });
+                }
+            }
+        }
+        result
+    }
+
+    /// Runs `f` in a read transaction.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db()?.begin_read().map_err(|e| self.fail(e))?;
+        f(&txn)
     }
 
     /// The current revision (0 for an empty store).
     pub fn revision(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let t = txn.open_table(META).map_err(|e| self.fail(e))?;
-        Ok(t.get("revision")
-            .map_err(|e| self.fail(e))?
-            .map(|v| v.value())
-            .unwrap_or(0))
+        self.read(|txn| {
+            let t = txn.open_table(META).map_err(|e| self.fail(e))?;
+            Ok(t.get("revision")
+                .map_err(|e| self.fail(e))?
+                .map(|v| v.value())
+                .unwrap_or(0))
+        })
     }
 
     /// Every stored document.
     pub fn documents(&self) -> Result<Vec<StoredDoc>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let t = txn.open_table(DOCUMENTS).map_err(|e| self.fail(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.fail(e))? {
-            let (k, v) = row.map_err(|e| self.fail(e))?;
-            let doc: StoredDoc = serde_json::from_slice(v.value())
-                .map_err(|e| self.fail(format!("document {} is corrupt: {e}", k.value())))?;
-            out.push(doc);
-        }
-        Ok(out)
+        self.read(|txn| {
+            let t = txn.open_table(DOCUMENTS).map_err(|e| self.fail(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.fail(e))? {
+                let (k, v) = row.map_err(|e| self.fail(e))?;
+                let doc: StoredDoc = serde_json::from_slice(v.value())
+                    .map_err(|e| self.message(format!("document {} is corrupt: {e}", k.value())))?;
+                out.push(doc);
+            }
+            Ok(out)
+        })
     }
 
     /// Every stored registration.
     pub fn registrations(&self) -> Result<Vec<StoredRegistration>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let t = txn.open_table(REGISTRATIONS).map_err(|e| self.fail(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.fail(e))? {
-            let (k, v) = row.map_err(|e| self.fail(e))?;
-            let r: StoredRegistration = serde_json::from_slice(v.value())
-                .map_err(|e| self.fail(format!("registration {} is corrupt: {e}", k.value())))?;
-            out.push(r);
-        }
-        Ok(out)
+        self.read(|txn| {
+            let t = txn.open_table(REGISTRATIONS).map_err(|e| self.fail(e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| self.fail(e))? {
+                let (k, v) = row.map_err(|e| self.fail(e))?;
+                let r: StoredRegistration = serde_json::from_slice(v.value()).map_err(|e| {
+                    self.message(format!("registration {} is corrupt: {e}", k.value()))
+                })?;
+                out.push(r);
+            }
+            Ok(out)
+        })
     }
 
     /// Stores `upserts` and removes `deletes` in one transaction; returns the new
     /// revision. The documents' `revision` fields are set to it.
+    ///
+    /// When the commit fails, the revision is read again (from the database opened
+    /// anew after an I/O error): a commit whose error came after it was durable
+    /// (a failed final sync) is reported as done, so the caller's view and the
+    /// file agree either way.
     pub fn commit(
         &self,
         upserts: &mut [StoredDoc],
         deletes: &[ResourceKey],
     ) -> Result<u64, StoreError> {
         let rev = self.revision()? + 1;
+        let mut rows = Vec::with_capacity(upserts.len());
         for d in upserts.iter_mut() {
             d.revision = rev;
+            let bytes = serde_json::to_vec(&*d)
+                .map_err(|e| self.message(format!("document {}: {e}", d.key)))?;
+            rows.push((key_str(&d.key), bytes));
         }
-        self.write(|txn| {
+        let size = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let written = self.write(size, |txn| {
             let mut docs = txn.open_table(DOCUMENTS)?;
-            for d in upserts.iter() {
-                let bytes =
-                    serde_json::to_vec(d).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-                docs.insert(key_str(&d.key).as_str(), bytes.as_slice())?;
+            for (k, v) in &rows {
+                docs.insert(k.as_str(), v.as_slice())?;
             }
             for k in deletes {
                 docs.remove(key_str(k).as_str())?;
@@ -238,14 +380,24 @@ impl Store {
             let mut meta = txn.open_table(META)?;
             meta.insert("revision", rev)?;
             Ok(())
-        })?;
-        Ok(rev)
+        });
+        match written {
+            Ok(()) => Ok(rev),
+            Err(e) => match self.revision() {
+                Ok(now) if now == rev => {
+                    tracing::warn!(path = %self.inner.path, error = %e, revision = rev, "a commit reported an error but is durable");
+                    Ok(rev)
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     /// Records (or refreshes) a registration.
     pub fn put_registration(&self, r: &StoredRegistration) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(r).map_err(|e| self.fail(e))?;
-        self.write(|txn| {
+        let bytes = serde_json::to_vec(r)
+            .map_err(|e| self.message(format!("registration {}: {e}", r.proxy)))?;
+        self.write(bytes.len(), |txn| {
             txn.open_table(REGISTRATIONS)?
                 .insert(r.proxy.as_str(), bytes.as_slice())?;
             Ok(())
@@ -254,7 +406,7 @@ impl Store {
 
     /// Forgets a registration.
     pub fn remove_registration(&self, proxy: &str) -> Result<(), StoreError> {
-        self.write(|txn| {
+        self.write(0, |txn| {
             txn.open_table(REGISTRATIONS)?.remove(proxy)?;
             Ok(())
         })
@@ -262,8 +414,9 @@ impl Store {
 
     /// Stores a token binding under its hash.
     pub fn put_token(&self, hash: &str, t: &StoredToken) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(t).map_err(|e| self.fail(e))?;
-        self.write(|txn| {
+        let bytes =
+            serde_json::to_vec(t).map_err(|e| self.message(format!("token binding: {e}")))?;
+        self.write(bytes.len(), |txn| {
             txn.open_table(TOKENS)?.insert(hash, bytes.as_slice())?;
             Ok(())
         })
@@ -271,14 +424,15 @@ impl Store {
 
     /// The binding of a token hash, if any.
     pub fn token(&self, hash: &str) -> Result<Option<StoredToken>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let t = txn.open_table(TOKENS).map_err(|e| self.fail(e))?;
-        let Some(v) = t.get(hash).map_err(|e| self.fail(e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| self.fail(format!("token binding is corrupt: {e}")))
+        self.read(|txn| {
+            let t = txn.open_table(TOKENS).map_err(|e| self.fail(e))?;
+            let Some(v) = t.get(hash).map_err(|e| self.fail(e))? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| self.message(format!("token binding is corrupt: {e}")))
+        })
     }
 
     /// Spends one use of the token with this hash, for a proxy in `namespace`:
@@ -291,24 +445,24 @@ impl Store {
         namespace: &str,
         now_unix: i64,
     ) -> Result<StoredToken, SpendError> {
+        // Store failures go through `fail`, so an I/O error reopens the database.
+        let store_err = |e: redb::Error| SpendError::Store(self.fail(e).to_string());
         let txn = self
-            .db
+            .db()
+            .map_err(|e| SpendError::Store(e.to_string()))?
             .begin_write()
-            .map_err(|e| SpendError::Store(e.to_string()))?;
+            .map_err(|e| store_err(e.into()))?;
         let result = (|| {
-            let mut t = txn
-                .open_table(TOKENS)
-                .map_err(|e| SpendError::Store(e.to_string()))?;
+            let mut t = txn.open_table(TOKENS).map_err(|e| store_err(e.into()))?;
             let stored: StoredToken = {
-                let Some(v) = t.get(hash).map_err(|e| SpendError::Store(e.to_string()))? else {
+                let Some(v) = t.get(hash).map_err(|e| store_err(e.into()))? else {
                     return Err(SpendError::Unknown);
                 };
                 serde_json::from_slice(v.value())
                     .map_err(|e| SpendError::Store(format!("token binding is corrupt: {e}")))?
             };
             if stored.expires_unix < now_unix {
-                t.remove(hash)
-                    .map_err(|e| SpendError::Store(e.to_string()))?;
+                t.remove(hash).map_err(|e| store_err(e.into()))?;
                 return Ok(Err(SpendError::Expired));
             }
             if stored.namespace != namespace {
@@ -316,16 +470,16 @@ impl Store {
             }
             match stored.uses_left {
                 Some(n) if n <= 1 => {
-                    t.remove(hash)
-                        .map_err(|e| SpendError::Store(e.to_string()))?;
+                    t.remove(hash).map_err(|e| store_err(e.into()))?;
                 }
                 Some(n) => {
                     let mut next = stored.clone();
                     next.uses_left = Some(n - 1);
-                    let bytes =
-                        serde_json::to_vec(&next).map_err(|e| SpendError::Store(e.to_string()))?;
+                    let bytes = serde_json::to_vec(&next).map_err(|e| {
+                        SpendError::Store(self.message(format!("token binding: {e}")).to_string())
+                    })?;
                     t.insert(hash, bytes.as_slice())
-                        .map_err(|e| SpendError::Store(e.to_string()))?;
+                        .map_err(|e| store_err(e.into()))?;
                 }
                 None => {}
             }
@@ -334,7 +488,7 @@ impl Store {
         match result {
             // Committed: a use was spent, or an expired token was cleared away.
             Ok(outcome) => {
-                txn.commit().map_err(|e| SpendError::Store(e.to_string()))?;
+                txn.commit().map_err(|e| store_err(e.into()))?;
                 outcome
             }
             Err(e) => {
@@ -346,7 +500,7 @@ impl Store {
 
     /// Every stored token binding (with its hash), expired ones removed first.
     pub fn tokens(&self, now_unix: i64) -> Result<Vec<(String, StoredToken)>, StoreError> {
-        self.write(|txn| {
+        self.write(0, |txn| {
             let mut t = txn.open_table(TOKENS)?;
             let mut out = Vec::new();
             let mut expired = Vec::new();
@@ -376,7 +530,7 @@ impl Store {
             .filter(|(h, t)| !id.is_empty() && (t.id == id || h == id))
             .map(|(h, _)| h)
             .collect();
-        self.write(|txn| {
+        self.write(0, |txn| {
             let mut t = txn.open_table(TOKENS)?;
             for h in &hashes {
                 t.remove(h.as_str())?;
@@ -391,8 +545,9 @@ impl Store {
         fingerprint: &str,
         c: &StoredCredential,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(c).map_err(|e| self.fail(e))?;
-        self.write(|txn| {
+        let bytes = serde_json::to_vec(c)
+            .map_err(|e| self.message(format!("credential {}: {e}", c.name)))?;
+        self.write(bytes.len(), |txn| {
             txn.open_table(CREDENTIALS)?
                 .insert(fingerprint, bytes.as_slice())?;
             Ok(())
@@ -401,16 +556,17 @@ impl Store {
 
     /// Every credential, with its fingerprint.
     pub fn credentials(&self) -> Result<Vec<(String, StoredCredential)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let t = txn.open_table(CREDENTIALS).map_err(|e| self.fail(e))?;
-        let mut out = Vec::new();
-        for entry in t.iter().map_err(|e| self.fail(e))? {
-            let (k, v) = entry.map_err(|e| self.fail(e))?;
-            if let Ok(c) = serde_json::from_slice::<StoredCredential>(v.value()) {
-                out.push((k.value().to_owned(), c));
+        self.read(|txn| {
+            let t = txn.open_table(CREDENTIALS).map_err(|e| self.fail(e))?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(|e| self.fail(e))? {
+                let (k, v) = entry.map_err(|e| self.fail(e))?;
+                if let Ok(c) = serde_json::from_slice::<StoredCredential>(v.value()) {
+                    out.push((k.value().to_owned(), c));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// True when the credential with this fingerprint was revoked, or its `name`
@@ -418,8 +574,7 @@ impl Store {
     /// transaction. An unreadable store counts as revoked: refuse rather than let a
     /// revoked credential through.
     pub fn credential_revoked(&self, fingerprint: &str, name: &str, not_before_unix: i64) -> bool {
-        let check = || -> Result<bool, redb::Error> {
-            let txn = self.db.begin_read()?;
+        let check = |txn: &redb::ReadTransaction| -> Result<bool, redb::Error> {
             if let Some(v) = txn.open_table(CREDENTIALS)?.get(fingerprint)?
                 && serde_json::from_slice::<StoredCredential>(v.value()).is_ok_and(|c| c.revoked)
             {
@@ -432,7 +587,8 @@ impl Store {
                 .get(name)?
                 .is_some_and(|at| not_before_unix + 60 <= at.value()))
         };
-        check().unwrap_or(true)
+        self.read(|txn| check(txn).map_err(|e| self.fail(e)))
+            .unwrap_or(true)
     }
 
     /// Marks every credential named `name` revoked, and the name as of now; returns
@@ -442,7 +598,7 @@ impl Store {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        self.write(|txn| {
+        self.write(0, |txn| {
             txn.open_table(REVOKED_NAMES)?.insert(name, now)?;
             let mut t = txn.open_table(CREDENTIALS)?;
             let mut n = 0;
@@ -459,8 +615,42 @@ impl Store {
         })
     }
 
-    /// A cheap health check: a read transaction succeeds.
+    /// The health check: the database opens (again, after an I/O error), a read
+    /// transaction succeeds, and so does a write. The write is a few bytes while
+    /// writes succeed; after one failed with an I/O error it is as large as that one
+    /// (written, then removed), so a store whose disk is still full is reported
+    /// broken until a write of that size fits again. Returns the revision.
     pub fn check(&self) -> Result<u64, StoreError> {
-        self.revision()
+        let revision = self.revision()?;
+        let failed = self
+            .inner
+            .failed_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let size = failed.as_ref().map_or(8, |f| f.bytes.max(8));
+        let probe = vec![0u8; size];
+        let probed = self
+            .write(size, |txn| {
+                txn.open_table(PROBE)?.insert("probe", probe.as_slice())?;
+                Ok(())
+            })
+            .and_then(|()| {
+                // Not kept: the probe's pages are free for the next write.
+                self.write(0, |txn| {
+                    txn.open_table(PROBE)?.remove("probe")?;
+                    Ok(())
+                })
+            });
+        match (probed, failed) {
+            (Ok(()), _) => Ok(revision),
+            (Err(e), Some(f)) => Err(self.message(format!(
+                "a write of {size} bytes fails: {}; the last write that failed: {}",
+                e.message, f.message
+            ))),
+            (Err(e), None) => {
+                Err(self.message(format!("a write of {size} bytes fails: {}", e.message)))
+            }
+        }
     }
 }

@@ -90,7 +90,9 @@ fn ser_duration_ms<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TracingConfig {
-    /// The collector URL, complete (`http://host:port`, plus the path for HTTP).
+    /// The collector URL, complete (`http://host:port`, plus the path for HTTP);
+    /// shown without user info or query.
+    #[serde(serialize_with = "ser_redacted_uri")]
     pub endpoint: String,
     /// gRPC or HTTP/protobuf.
     pub protocol: OtlpProtocol,
@@ -599,7 +601,8 @@ impl Filters {
     }
 }
 
-/// Header edits: set, then add, then remove.
+/// Header edits: set, then add, then remove. Serialized (for `/config`) with the
+/// values redacted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct HeaderEdits {
     /// Replace.
@@ -628,11 +631,13 @@ impl HeaderEdits {
     }
 }
 
+/// What `/config` shows in place of a header value.
+pub const REDACTED: &str = "<redacted>";
+
+/// Header edits as `/config` shows them: names, never values (a route may inject
+/// `authorization: Bearer …`, and `/config` is no place for a credential).
 fn ser_pairs<S: Serializer>(v: &[(HeaderName, HeaderValue)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(
-        v.iter()
-            .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes()))),
-    )
+    s.collect_seq(v.iter().map(|(n, _)| (n.as_str(), REDACTED)))
 }
 
 fn ser_names<S: Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {

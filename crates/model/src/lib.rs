@@ -19,5 +19,5 @@ pub mod vip;
 
 pub use compile::{ProxyConfig, compile_proxy};
 pub use error::{ConfigError, ConfigErrors};
-pub use load::{Document, Origin, parse_documents, parse_sources};
+pub use load::{Document, Origin, parse_apply, parse_documents, parse_sources};
 pub use resource::Resources;

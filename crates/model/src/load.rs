@@ -192,6 +192,35 @@ pub fn parse_sources<'a>(
     errors.into_result(docs)
 }
 
+/// Parses the sources of an apply: as [`parse_sources`], and a source with no
+/// documents (empty, or only comments) is an error naming it, as is an apply with
+/// no source at all: an apply that would change nothing is a mistake (a wrong
+/// file, a truncated one), not a success to report.
+pub fn parse_apply<'a>(
+    sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<Vec<Document>, ConfigErrors> {
+    let mut docs = Vec::new();
+    let mut errors = ConfigErrors::default();
+    let mut any = false;
+    for (label, text) in sources {
+        any = true;
+        match parse_documents(label, text) {
+            Ok(d) if d.is_empty() => errors.push(
+                ConfigError::new(
+                    "no documents: the file is empty or holds only comments; nothing to apply",
+                )
+                .at(label, None),
+            ),
+            Ok(d) => docs.extend(d),
+            Err(e) => errors.0.extend(e.0),
+        }
+    }
+    if !any {
+        errors.push(ConfigError::new("nothing to apply: no files were sent"));
+    }
+    errors.into_result(docs)
+}
+
 /// Where a document came from, for messages about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {

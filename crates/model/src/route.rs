@@ -133,7 +133,7 @@ pub struct RequestMatch {
     #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "ser_headers")]
     pub headers: Vec<(HeaderName, ValueMatcher)>,
     /// Query-parameter conditions (name, value).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", serialize_with = "ser_params")]
     pub query_params: Vec<(String, ValueMatcher)>,
 }
 
@@ -144,8 +144,30 @@ fn ser_method<S: Serializer>(m: &Option<Method>, s: S) -> Result<S::Ok, S::Error
     }
 }
 
+/// A value condition as `/config` shows it: its kind, not the value (a route may
+/// match on an API key or a token in a header or the query).
+struct Redacted<'a>(&'a ValueMatcher);
+
+impl Serialize for Redacted<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let kind = match self.0 {
+            ValueMatcher::Exact(_) => "Exact",
+            ValueMatcher::RegularExpression(_) => "RegularExpression",
+        };
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("type", kind)?;
+        m.serialize_entry("value", crate::compile::REDACTED)?;
+        m.end()
+    }
+}
+
 fn ser_headers<S: Serializer>(h: &[(HeaderName, ValueMatcher)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(h.iter().map(|(n, v)| (n.as_str(), v)))
+    s.collect_seq(h.iter().map(|(n, v)| (n.as_str(), Redacted(v))))
+}
+
+fn ser_params<S: Serializer>(q: &[(String, ValueMatcher)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(q.iter().map(|(n, v)| (n.as_str(), Redacted(v))))
 }
 
 impl RequestMatch {

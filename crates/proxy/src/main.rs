@@ -161,6 +161,11 @@ fn main() -> anyhow::Result<()> {
         let label = config.display().to_string();
         let text =
             std::fs::read_to_string(config).with_context(|| format!("{label}: cannot read"))?;
+        // The control plane's limit: a file it would refuse does not pass the check.
+        if let Some(why) = sinew_api::limits::too_large(&label, &text) {
+            eprintln!("{why}");
+            std::process::exit(1);
+        }
         match sinew_model::compile::compile_text(&label, &text, args.name.as_deref()) {
             Ok(cfg) => {
                 println!(

@@ -6,9 +6,9 @@
 //! filter could match it (direction, method, path: known at its arrival), and an
 //! event is made only when a whole filter matches at its end. Taps get the request
 //! head (method, authority, path, headers) and the answer (status, timing, bytes,
-//! where it went), never bodies, and header values that may be credentials are
-//! replaced with `<redacted>`. A slow tap misses events (a bounded broadcast queue)
-//! rather than slowing requests.
+//! where it went), never bodies, and only the values of headers known to carry no
+//! credential ([`SHOWN_HEADERS`]); every other header is listed with `<redacted>`.
+//! A slow tap misses events (a bounded broadcast queue) rather than slowing requests.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,14 +16,69 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-/// Headers whose values are never shown.
-const SECRET_HEADERS: [&str; 5] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-    "x-api-key",
+/// The headers whose values a tap shows; every other header's value is
+/// `<redacted>`. An allowlist, because credentials travel in headers of any name
+/// (`x-auth-token`, `x-amz-security-token`, `x-goog-iam-authorization-token`, …) and
+/// a list of secret names is never complete. These describe the request's shape,
+/// its content and its trace, and carry no credential; headers that may hold one
+/// in part (`referer` and `origin` with their query strings, `forwarded`) are left out.
+pub const SHOWN_HEADERS: &[&str] = &[
+    // The request and its content.
+    "host",
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "content-language",
+    "cache-control",
+    "pragma",
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "expect",
+    "te",
+    "upgrade",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "user-agent",
+    "via",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-host",
+    // gRPC.
+    "grpc-timeout",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "grpc-status",
+    "grpc-message",
+    // Request ids and trace context.
+    "x-request-id",
+    "x-correlation-id",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    // Sinew's own (see `http_util`, `error`, `outbound`, `resilience`): no credential.
+    "sinew-dst-port",
+    "sinew-orig-proto",
+    "sinew-peer-identity",
+    "sinew-retry-attempt",
+    "sinew-hedged",
+    "sinew-timeout-ms",
+    "sinew-error",
 ];
+
+/// What a tap shows in place of a header value.
+pub const REDACTED: &str = "<redacted>";
 
 /// Events queued per tap before a slow one starts missing them.
 const QUEUE: usize = 1024;
@@ -81,15 +136,16 @@ impl serde::Serialize for TapEvent {
     }
 }
 
-/// Request headers for a tap: values that may be credentials become `<redacted>`.
+/// Request headers for a tap: the values of [`SHOWN_HEADERS`] as they are, every
+/// other value `<redacted>` (header names are lower case in an `http::HeaderMap`).
 pub fn redacted(headers: &http::HeaderMap) -> BTreeMap<String, String> {
     headers
         .iter()
         .map(|(k, v)| {
-            let value = if SECRET_HEADERS.contains(&k.as_str()) {
-                "<redacted>".to_owned()
-            } else {
+            let value = if SHOWN_HEADERS.contains(&k.as_str()) {
                 String::from_utf8_lossy(v.as_bytes()).into_owned()
+            } else {
+                REDACTED.to_owned()
             };
             (k.as_str().to_owned(), value)
         })
@@ -328,6 +384,44 @@ mod tests {
         TapEvent {
             record: crate::access::tests::record(path, status),
             headers: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn only_listed_headers_show_their_values() {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in [
+            ("content-type", "application/json"),
+            ("user-agent", "curl/8"),
+            ("x-request-id", "req-1"),
+            ("authorization", "Bearer s3cret"),
+            ("x-auth-token", "s3cret"),
+            ("x-amz-security-token", "s3cret"),
+            ("cookie", "session=s3cret"),
+            ("x-made-up", "s3cret"),
+        ] {
+            h.append(
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let shown = redacted(&h);
+        assert_eq!(shown["content-type"], "application/json");
+        assert_eq!(shown["user-agent"], "curl/8");
+        assert_eq!(shown["x-request-id"], "req-1");
+        for k in [
+            "authorization",
+            "x-auth-token",
+            "x-amz-security-token",
+            "cookie",
+            "x-made-up",
+        ] {
+            assert_eq!(shown[k], REDACTED, "{k}");
+        }
+        assert!(!format!("{shown:?}").contains("s3cret"), "{shown:?}");
+        // The list is in the form the HeaderMap's names take.
+        for k in SHOWN_HEADERS {
+            assert_eq!(http::HeaderName::from_static(k).as_str(), *k);
         }
     }
 

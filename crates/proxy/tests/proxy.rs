@@ -2581,13 +2581,53 @@ async fn observers_see_grpc_trailers_and_the_bytes_sent() -> TestResult {
 async fn tap_streams_matching_requests_without_secrets() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
+    // A route that injects a credential, and one that matches on a header's value.
     let file = ConfigFile::new(&format!(
-        "{}{}{}",
+        "{}{}{}{}",
         client_proxy(bind, "catalog"),
         service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
+        workload("catalog-1", "catalog", app.addr(), None),
+        route(
+            "inject",
+            "catalog",
+            r#"    - matches: [{headers: [{name: x-tenant-key, value: match-s3cret}]}]
+    - filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: authorization, value: "Bearer injected-s3cret"}]
+            add: [{name: x-upstream-key, value: added-s3cret}]"#
+        )
     ));
     let proxy = start(&file, "client").await;
+    // /config names the injected and matched headers, never their values.
+    let config = admin(&proxy, "/config").await.text();
+    for secret in ["injected-s3cret", "added-s3cret", "match-s3cret"] {
+        assert!(!config.contains(secret), "{secret} in /config: {config}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&config)?;
+    // Wherever the rule sits in the config: the first `requestHeaders`.
+    fn find(v: &serde_json::Value, key: &str) -> Option<serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) => m
+                .get(key)
+                .cloned()
+                .or_else(|| m.values().find_map(|v| find(v, key))),
+            serde_json::Value::Array(a) => a.iter().find_map(|v| find(v, key)),
+            _ => None,
+        }
+    }
+    let edits = find(&cfg, "requestHeaders")
+        .ok_or_else(|| format!("no header edits in /config: {config}"))?;
+    assert_eq!(
+        edits["set"],
+        serde_json::json!([["authorization", "<redacted>"]]),
+        "{config}"
+    );
+    assert_eq!(
+        edits["add"],
+        serde_json::json!([["x-upstream-key", "<redacted>"]])
+    );
+    assert!(config.contains("x-tenant-key"), "{config}");
     // A bad filter is refused, naming what was wrong.
     let bad = admin(&proxy, "/tap?status=5").await;
     assert_eq!(bad.status, 400);
@@ -2630,7 +2670,11 @@ async fn tap_streams_matching_requests_without_secrets() -> TestResult {
         ("/a/1?q=secret", Some("Bearer s3cret")),
         ("/a/2", None),
     ] {
-        let mut req = Request::get(path).header("host", "catalog");
+        let mut req = Request::get(path)
+            .header("host", "catalog")
+            .header("user-agent", "tap-test")
+            .header("x-auth-token", "token-s3cret")
+            .header("x-amz-security-token", "amz-s3cret");
         if let Some(a) = auth {
             req = req.header("authorization", a);
         }
@@ -2648,6 +2692,13 @@ async fn tap_streams_matching_requests_without_secrets() -> TestResult {
         "only matching requests, no query strings"
     );
     assert_eq!(lines[1]["headers"]["authorization"], "<redacted>");
+    // Not only the well-known names: every header not known to be safe.
+    assert_eq!(lines[1]["headers"]["x-auth-token"], "<redacted>");
+    assert_eq!(lines[1]["headers"]["x-amz-security-token"], "<redacted>");
+    assert_eq!(lines[1]["headers"]["user-agent"], "tap-test");
+    assert_eq!(lines[1]["headers"]["host"], "catalog");
+    let all = serde_json::to_string(&lines)?;
+    assert!(!all.contains("s3cret"), "a secret in the tap: {all}");
     assert_eq!(lines[1]["status"], 200);
     assert_eq!(lines[1]["service"], "catalog.shop");
     assert_eq!(lines[1]["upstream"], app.addr().to_string());

@@ -216,7 +216,8 @@ pub struct TapFilter {
     /// An exact status (503) or a class (5xx).
     #[prost(string, tag = "5")]
     pub status: ::prost::alloc::string::String,
-    /// Stop after this many events; 0 for no limit.
+    /// Stop after this many requests (a request tapped on both sides counts once);
+    /// 0 for no limit. A proxy stops after this many events: it sees a request once.
     #[prost(uint64, tag = "6")]
     pub limit: u64,
 }

@@ -1,8 +1,12 @@
 //! The tap relay: a caller's filter goes out to every connected proxy (and to proxies
 //! that connect while it runs) as a `TapStart`; their batches of events come back
 //! over their streams and go out to the caller, each named with the proxy that saw
-//! it. When the caller goes away, or has its `limit`, every proxy gets a `TapStop`.
-//! A proxy that keeps sending for a tap that is over is told to stop again.
+//! it. When the caller goes away, or has its `limit` of requests, every proxy gets a
+//! `TapStop`. A proxy that keeps sending for a tap that is over is told to stop again.
+//!
+//! A request between two meshed workloads is seen twice, by the caller's sidecar
+//! (outbound) and by the server's (inbound, with the caller's verified identity):
+//! the limit counts it once, at the caller's side (see [`counts`]).
 //!
 //! Queues are bounded all the way: a slow caller makes events be dropped (and says
 //! how many), never the proxies' streams wait.
@@ -13,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sinew_api::v1::{
-    ControlMessage, TapEvents, TapFilter, TapResponse, TapStart, TapStop, control_message,
-    tap_response,
+    ControlMessage, TapEvent, TapEvents, TapFilter, TapResponse, TapStart, TapStop,
+    control_message, tap_response,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -102,6 +106,19 @@ pub fn check(f: &mut TapFilter) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `e` counts as a request of its own towards a tap's limit. A request
+/// from one meshed workload to another is tapped on both sides; it counts at the
+/// caller's sidecar (outbound), so its server-side event (inbound, carrying the
+/// caller's verified identity) does not. An inbound request from outside the mesh
+/// (no verified caller) has only that side and counts there; with a `direction`
+/// every event is the one side of its request that is tapped.
+///
+/// A limitation: a request rewritten on the way (a route's `URLRewrite`) can match
+/// a path filter on its server side only; it is then shown but not counted.
+pub fn counts(filter: &TapFilter, e: &TapEvent) -> bool {
+    !filter.direction.is_empty() || e.direction != "inbound" || e.peer_identity.is_empty()
+}
+
 impl Taps {
     /// The `TapStart` of every tap in progress (for a proxy that just connected).
     pub fn starts(&self) -> Vec<ControlMessage> {
@@ -138,7 +155,8 @@ impl Taps {
 impl Telemetry {
     /// Starts a tap: the caller's messages, first `started` (with the number of
     /// proxies asked), then events as they come, until it drops the receiver or
-    /// `filter.limit` events were sent.
+    /// the events of `filter.limit` requests were sent (each counted once, see
+    /// [`counts`]; server-side events not counted are sent up to the limit too).
     pub fn tap(
         self: &Arc<Self>,
         mut filter: TapFilter,
@@ -185,13 +203,16 @@ impl Telemetry {
         };
         tokio::spawn(async move {
             let msg = |kind| Ok(TapResponse { kind: Some(kind) });
-            let mut sent = 0u64;
+            // Requests counted, and server-side events of meshed requests sent: those
+            // are capped at the limit too, so a batch from the servers arriving
+            // before the callers' does not show more requests than asked for.
+            let (mut requests, mut server_side) = (0u64, 0u64);
             if out
                 .send(msg(tap_response::Kind::Started(asked)))
                 .await
                 .is_ok()
             {
-                'relay: while sent < limit {
+                'relay: while requests < limit {
                     let batch = tokio::select! {
                         _ = out.closed() => break,
                         b = events.recv() => b,
@@ -207,12 +228,20 @@ impl Telemetry {
                         break;
                     }
                     for mut e in batch.events {
+                        let counted = counts(&filter, &e);
+                        if !counted && server_side >= limit {
+                            continue;
+                        }
                         e.proxy.clone_from(&proxy);
                         if out.send(msg(tap_response::Kind::Event(e))).await.is_err() {
                             break 'relay;
                         }
-                        sent += 1;
-                        if sent >= limit {
+                        if counted {
+                            requests += 1;
+                        } else {
+                            server_side += 1;
+                        }
+                        if requests >= limit {
                             break 'relay;
                         }
                     }
@@ -336,6 +365,118 @@ mod tests {
             a_rx.recv().await.and_then(Result::ok).and_then(|m| m.kind),
             Some(control_message::Kind::TapStop(TapStop { id }))
         );
+    }
+
+    /// Runs a tap with `filter` over one proxy's `batch`; the events it relayed.
+    async fn run(
+        tel: &Arc<Telemetry>,
+        a: &super::super::Connection,
+        a_rx: &mut mpsc::Receiver<Result<ControlMessage, Status>>,
+        filter: TapFilter,
+        batch: Vec<sinew_api::v1::TapEvent>,
+    ) -> Vec<String> {
+        let mut caller = tel.tap(filter).unwrap_or_else(|e| panic!("{e}"));
+        let _started = caller.recv().await;
+        let id = match a_rx.recv().await.and_then(Result::ok).and_then(|m| m.kind) {
+            Some(control_message::Kind::TapStart(s)) => s.id,
+            other => panic!("expected TapStart, got {other:?}"),
+        };
+        a.receive(sinew_api::v1::proxy_message::Kind::TapEvents(TapEvents {
+            id,
+            events: batch,
+            missed: 0,
+        }));
+        let mut got = Vec::new();
+        while let Some(Ok(m)) = caller.recv().await {
+            if let Some(tap_response::Kind::Event(e)) = m.kind {
+                got.push(format!("{} {}", e.direction, e.path));
+            }
+        }
+        // The tap is over: its stop reaches the proxy.
+        assert!(matches!(
+            a_rx.recv().await.and_then(Result::ok).and_then(|m| m.kind),
+            Some(control_message::Kind::TapStop(_))
+        ));
+        got
+    }
+
+    #[tokio::test]
+    async fn the_limit_counts_requests_not_the_two_sides_of_one() {
+        let tel = Arc::new(Telemetry::default());
+        let (a_tx, mut a_rx) = mpsc::channel(8);
+        let a = tel.connect("shop/a", "a", 1, a_tx);
+        let ev = |direction: &str, peer: &str, path: &str| sinew_api::v1::TapEvent {
+            direction: direction.into(),
+            peer_identity: peer.into(),
+            path: path.into(),
+            ..Default::default()
+        };
+        let caller_id = "spiffe://cluster.local/ns/shop/sa/web";
+        // Server sides of meshed requests, their callers' sides, and a request from
+        // outside the mesh (inbound, no verified caller).
+        let batch = vec![
+            ev("inbound", caller_id, "/1"),
+            ev("outbound", "", "/1"),
+            ev("inbound", caller_id, "/2"),
+            ev("inbound", caller_id, "/3"),
+            ev("inbound", "", "/outside"),
+            ev("outbound", "", "/2"),
+            ev("outbound", "", "/3"),
+        ];
+        // Three requests: /1, /2 and the outside one; the server side of /3 is past
+        // the limit of server sides shown.
+        let got = run(
+            &tel,
+            &a,
+            &mut a_rx,
+            TapFilter {
+                limit: 3,
+                ..Default::default()
+            },
+            batch.clone(),
+        )
+        .await;
+        assert_eq!(
+            got,
+            [
+                "inbound /1",
+                "outbound /1",
+                "inbound /2",
+                "inbound /3",
+                "inbound /outside",
+                "outbound /2"
+            ]
+        );
+        let got = run(
+            &tel,
+            &a,
+            &mut a_rx,
+            TapFilter {
+                limit: 1,
+                ..Default::default()
+            },
+            batch.clone(),
+        )
+        .await;
+        assert_eq!(got, ["inbound /1", "outbound /1"]);
+        // One side only (the proxies send no other): each event is a request.
+        let inbound: Vec<_> = batch
+            .into_iter()
+            .filter(|e| e.direction == "inbound")
+            .collect();
+        let got = run(
+            &tel,
+            &a,
+            &mut a_rx,
+            TapFilter {
+                limit: 2,
+                direction: "inbound".into(),
+                ..Default::default()
+            },
+            inbound,
+        )
+        .await;
+        assert_eq!(got, ["inbound /1", "inbound /2"]);
     }
 
     #[tokio::test]
