@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod codec;
+pub mod memory;
 
 /// Control plane <-> proxy (`Discovery`) and the operator API (`Admin`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

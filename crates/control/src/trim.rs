@@ -40,11 +40,5 @@ pub async fn run() {
 
 /// Returns free heap pages to the system.
 fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)]
-    // SAFETY: malloc_trim only walks the allocator's own free lists under its locks;
-    // it takes no pointers from us.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    sinew_api::memory::trim();
 }

@@ -644,6 +644,17 @@ const MAX_RESENDS: u32 = 3;
 /// (how many retries it took).
 const RETRY_ATTEMPT: HeaderName = HeaderName::from_static("sinew-retry-attempt");
 
+/// How long a body held for retries and mirrors may take to arrive.
+const BUFFER_DEADLINE: Duration = Duration::from_secs(30);
+/// Mirror requests in flight at once, for the whole proxy; more are not sent (a
+/// mirror is best effort and must never cost the primary traffic memory).
+const MAX_MIRRORS: usize = 256;
+/// Most bytes of a mirror's response read (and dropped); past it the response is
+/// abandoned.
+const MAX_MIRROR_RESPONSE: usize = 1 << 20;
+/// How long a mirror request may take, answer included.
+const MIRROR_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Bodies up to this size are held for retries and mirrors.
 const MAX_REPLAY: u64 = 64 * 1024;
 
@@ -667,9 +678,15 @@ async fn buffer(body: Incoming) -> Result<Payload, ProxyError> {
     }
     match body.size_hint().exact() {
         Some(n) if n <= MAX_REPLAY => {
-            let bytes = body
-                .collect()
+            // Held whole before the first try: a client sending it slowly gets a
+            // deadline, not a task held open for as long as it likes.
+            let bytes = tokio::time::timeout(BUFFER_DEADLINE, body.collect())
                 .await
+                .map_err(|_| {
+                    ProxyError::RequestBody(format!(
+                        "the {n}-byte body did not arrive within {BUFFER_DEADLINE:?}"
+                    ))
+                })?
                 .map_err(|_| ProxyError::Malformed("the request body ended early"))?
                 .to_bytes();
             Ok(Payload::Bytes((!bytes.is_empty()).then_some(bytes)))
@@ -738,14 +755,30 @@ fn send_mirror(
     } else {
         UpVersion::Http1
     };
+    static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_MIRRORS {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!("mirror skipped: {MAX_MIRRORS} already in flight");
+        return;
+    }
     tokio::spawn(async move {
         let req = Request::from_parts(p, ReqBody::Buffered(body));
-        let sent =
-            tokio::time::timeout(Duration::from_secs(10), endpoint.pool.send(req, version)).await;
-        if let Ok(Ok(resp)) = sent {
-            // Drain so the connection can be reused.
-            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-        }
+        let _ = tokio::time::timeout(MIRROR_DEADLINE, async {
+            if let Ok(resp) = endpoint.pool.send(req, version).await {
+                // Read (and drop) the answer so the connection can be reused; never
+                // hold it, and give up on one that is too long.
+                let mut body = resp.into_body();
+                let mut read = 0usize;
+                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                    read += frame.data_ref().map_or(0, |d| d.len());
+                    if read > MAX_MIRROR_RESPONSE {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
 }
 

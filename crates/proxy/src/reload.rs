@@ -74,6 +74,15 @@ impl Applier {
         self.set_error((!failures.is_empty()).then(|| failures.join("; ")));
         self.shared.metrics.reload(true, generation);
         tracing::info!(%version, generation, "configuration applied");
+        // The previous configuration's memory (a large one reverted, say) goes back
+        // to the system once applies stop for a second and its last requests ended.
+        self.rt.spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if LAST_APPLY.load(std::sync::atomic::Ordering::Relaxed) == generation {
+                let _ = tokio::task::spawn_blocking(sinew_api::memory::trim).await;
+            }
+        });
+        LAST_APPLY.store(generation, std::sync::atomic::Ordering::Relaxed);
         Ok(generation)
     }
 
@@ -95,6 +104,9 @@ impl Applier {
             .unwrap_or_else(|p| p.into_inner()) = e;
     }
 }
+
+/// The latest applied generation, so a burst of applies trims memory once.
+static LAST_APPLY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Watches one configuration file.
 #[derive(Debug)]

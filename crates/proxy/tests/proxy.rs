@@ -291,11 +291,12 @@ async fn forward_proxy_routes_by_host_authority_and_absolute_form() -> TestResul
         Some("/list?x=1"),
         "origin-form upstream"
     );
-    // HTTP/2 prior knowledge: routed by :authority, spoken as HTTP/2 upstream.
+    // HTTP/2 prior knowledge: routed by :authority; the app behind a port declared
+    // `HTTP` is spoken to in HTTP/1.1, whatever the client spoke.
     let h2 = client::h2(hp).await?;
     let r = h2.get("orders", "/h2").await?;
     assert_eq!(r.header("x-backend"), Some("orders"));
-    assert_eq!(r.header("x-seen-version"), Some("HTTP/2.0"));
+    assert_eq!(r.header("x-seen-version"), Some("HTTP/1.1"));
     // Unknown host.
     let r = client::get(hp, "nowhere", "/").await?;
     assert_eq!(r.status, 404);
@@ -460,7 +461,7 @@ async fn mesh_pair(app: SocketAddr, protocol: &str) -> MeshPair {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mesh_hop_is_multiplexed_http2_and_preserves_the_client_protocol() -> TestResult {
+async fn mesh_hop_is_multiplexed_http2_and_speaks_the_apps_protocol() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let mesh = mesh_pair(app.addr(), "HTTP").await;
     let r = client::get(mesh.bind, "catalog", "/one").await?;
@@ -481,9 +482,16 @@ async fn mesh_hop_is_multiplexed_http2_and_preserves_the_client_protocol() -> Te
     let r = h2.get("catalog", "/two").await?;
     assert_eq!(
         r.header("x-seen-version"),
-        Some("HTTP/2.0"),
-        "and HTTP/2 when the client spoke it"
+        Some("HTTP/1.1"),
+        "a port declared HTTP is spoken to in HTTP/1.1, even for an HTTP/2 client"
     );
+    // A port declared HTTP2 is spoken to in HTTP/2, even for an HTTP/1.1 client.
+    let app2 = HttpBackend::start("app2").await?;
+    let mesh2 = mesh_pair(app2.addr(), "HTTP2").await;
+    let r = client::get(mesh2.bind, "catalog", "/three").await?;
+    assert_eq!(r.header("x-seen-version"), Some("HTTP/2.0"));
+    mesh2.client.shutdown().await;
+    mesh2.server.shutdown().await;
 
     // Fifty concurrent requests cross the hop on one multiplexed HTTP/2 connection.
     let mut tasks = Vec::new();
@@ -1461,6 +1469,49 @@ async fn faults_hit_the_configured_share_and_mirrors_get_copies() -> TestResult 
         shadow.requests() == 20
     })
     .await?;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_to_a_hanging_shadow_are_capped_and_never_slow_the_primary() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let shadow = HttpBackend::start("shadow").await?;
+    // Every mirrored request hangs (longer than the test).
+    shadow.slow(1, Duration::from_secs(120));
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("app", "catalog", app.addr(), None),
+        service("shadow", "HTTP"),
+        workload("shadow", "shadow", shadow.addr(), None),
+        route(
+            "copy",
+            "catalog",
+            r#"    - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]"#
+        ),
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    for i in 0..300 {
+        let r = c.get("catalog", &format!("/copy?i={i}")).await?;
+        assert_eq!(
+            r.status, 200,
+            "the primary is answered whatever the mirror does"
+        );
+    }
+    wait::until("256 mirrors in flight", TIMEOUT, || async {
+        shadow.requests() >= 256
+    })
+    .await?;
+    assert_eq!(
+        shadow.requests(),
+        256,
+        "mirrors past the cap are not sent while 256 hang"
+    );
     proxy.shutdown().await;
     Ok(())
 }

@@ -1,0 +1,231 @@
+//! A hostile caller against the real `sinew-proxy` binary: floods and descriptor
+//! exhaustion must not take the sidecar down for anyone else.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sinew_testkit::client;
+use sinew_testkit::http::HttpBackend;
+use sinew_testkit::wait;
+use support::*;
+
+/// CPU time (user + system) the process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces, in parentheses).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // Clock ticks are 100 a second on Linux (sysconf(_SC_CLK_TCK)).
+    Duration::from_millis(ticks * 10)
+}
+
+/// Holds `n` idle TCP connections to `addr` from a Python process (its own
+/// descriptor limit raised as far as allowed): the flood's sockets are in a
+/// process of their own, as an attacker's would be.
+fn flood(addr: SocketAddr, n: usize) -> std::process::Child {
+    let script = format!(
+        r#"
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+held = []
+for _ in range({n}):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("{ip}", {port}))
+    except OSError:
+        pass
+    held.append(s)
+print("holding", len(held), flush=True)
+sys.stdin.read()
+"#,
+        ip = addr.ip(),
+        port = addr.port()
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_past_the_descriptor_limit_leave_the_sidecar_ready_and_quiet() {
+    let app = HttpBackend::start("app").await.unwrap();
+    let bind = free_addr();
+    let admin = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        proxy_doc(
+            "client",
+            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"),
+        ),
+        service("catalog", "HTTP"),
+        workload("a", "catalog", app.addr(), None),
+    ));
+    let log = tempfile_path("proxy.log");
+    // The sidecar at a 1,024-descriptor limit (prlimit, util-linux).
+    let mut proxy = Command::new("prlimit")
+        .args(["--nofile=1024:1024", "--"])
+        .arg(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .args(["--config"])
+        .arg(&file.path)
+        .args(["--name", "shop/client", "--admin", &admin.to_string()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("prlimit (util-linux) and the sinew-proxy binary");
+    let pid = proxy.id();
+    wait::until("proxy ready", TIMEOUT, || async move {
+        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await
+    .unwrap();
+
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let mut attacker = flood(admin, 1100);
+    let mut line = String::new();
+    BufReader::new(attacker.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("holding 1100"), "{line}");
+    // While they are held: probes and traffic are answered.
+    for _ in 0..20 {
+        let ready = client::get(admin, "admin", "/ready").await.unwrap();
+        assert_eq!(ready.status, 200, "the sidecar stays ready");
+        let r = client::get(bind, "catalog", "/").await.unwrap();
+        assert_eq!(r.status, 200, "traffic still flows");
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_time(pid) - cpu_before;
+    // An accept loop spinning on EMFILE burns a whole core; a bounded one, little.
+    assert!(
+        cpu < wall / 2 + Duration::from_millis(200),
+        "the sidecar used {cpu:?} of CPU in {wall:?} under the flood"
+    );
+    attacker.stdin.take().unwrap().write_all(b"").unwrap();
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let accept_lines = text.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(
+        accept_lines <= 10,
+        "{accept_lines} accept-failure lines: logging is rate-limited"
+    );
+    assert!(
+        text.len() < 1 << 20,
+        "the log stays small: {} bytes",
+        text.len()
+    );
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sinew-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// Runs `cmd` and returns its output; panics naming it when it cannot run.
+fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"))
+}
+
+/// A network namespace with loopback up and `addr` on it, removed on drop: a
+/// host whose only non-loopback address is `addr` (no change to this machine).
+struct Netns(String);
+
+impl Netns {
+    fn new(addr: &str) -> Netns {
+        let name = format!("sinew-hostile-{}", std::process::id());
+        let out = sh("ip", &["netns", "add", &name]);
+        assert!(out.status.success(), "ip netns add (needs root): {out:?}");
+        let ns = Netns(name);
+        for args in [
+            vec!["-n", &ns.0, "link", "set", "lo", "up"],
+            vec!["-n", &ns.0, "addr", "add", addr, "dev", "lo"],
+        ] {
+            let out = sh("ip", &args);
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        }
+        ns
+    }
+
+    fn exec(&self, cmd: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, cmd]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "delete", &self.0]);
+    }
+}
+
+#[test]
+fn admin_endpoints_that_reveal_traffic_answer_loopback_callers_only() {
+    let ns = Netns::new("192.0.2.10/32");
+    let file = ConfigFile::new(&proxy_doc("client", "  outbound: {}"));
+    let mut proxy = ns
+        .exec(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .args(["--config"])
+        .arg(&file.path)
+        .args(["--name", "shop/client", "--admin", "0.0.0.0:4191"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let curl = |url: &str| {
+        let out = ns
+            .exec("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--retry-connrefused",
+                "--retry",
+                "50",
+                "--retry-delay",
+                "0",
+                "--retry-max-time",
+                "20",
+                url,
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Probes and metrics from another address: served.
+    assert_eq!(curl("http://192.0.2.10:4191/ready"), "200");
+    assert_eq!(curl("http://192.0.2.10:4191/metrics"), "200");
+    // Configuration and live traffic: refused to a caller that is not loopback...
+    for path in ["/config", "/tap", "/ratelimits"] {
+        assert_eq!(
+            curl(&format!("http://192.0.2.10:4191{path}")),
+            "403",
+            "{path}"
+        );
+    }
+    // ...and served on loopback.
+    assert_eq!(curl("http://127.0.0.1:4191/config"), "200");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
