@@ -301,3 +301,95 @@ async fn one_clients_bad_request_is_answered_at_its_sidecar_and_hurts_no_one_els
     web.shutdown().await;
     side.shutdown().await;
 }
+
+/// A Python HTTP/1.1 server on `addr` whose `/many` answers with 150 headers and
+/// `/trailers` answers chunked with a trailer: what an HTTP/2 client must still get.
+async fn python_wide_app(dir: &std::path::Path, addr: SocketAddr) -> tokio::process::Child {
+    let script = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        if self.path == "/many":
+            self.send_response(200)
+            for i in range(150):
+                self.send_header("x-h-%d" % i, "v%d" % i)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+        else:
+            self.send_response(200)
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("trailer", "x-checksum")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n0\r\nx-checksum: abc123\r\n\r\n")
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+    let child = tokio::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .current_dir(dir)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    listening(addr).await;
+    child
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wide_responses_and_trailers_cross_the_mesh_to_http2_clients() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let app = free_addr();
+    let _app = python_wide_app(&scratch.0, app).await;
+    let bind = free_addr();
+    apply(
+        &cp,
+        &scratch,
+        &format!(
+            "{}{}",
+            service("shop", "catalog"),
+            proxy_doc("shop", "web", &[(bind, "catalog")])
+        ),
+    )
+    .await;
+    let quick = Duration::from_millis(50);
+    let side = proxy(
+        &cp,
+        "shop/catalog-0",
+        Some(registration("catalog", app, free_addr(), "v1")),
+        quick,
+    )
+    .await;
+    let web = proxy(&cp, "shop/web", None, quick).await;
+    wait::until("in sync", TIMEOUT, || async { cp.all_in_sync(2).await })
+        .await
+        .unwrap();
+    listening(bind).await;
+    wait::until("path serves", TIMEOUT, || async move {
+        client::get(bind, "catalog", "/trailers")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+    // 150 response headers (hyper's default limit is 100): all of them reach curl.
+    let out = run("curl", &["-sS", "-D", "-", &format!("http://{bind}/many")]).await;
+    let head = String::from_utf8_lossy(&out.stdout);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(head.matches("x-h-").count(), 150, "{head}");
+    // An HTTP/1.1 chunked answer with a trailer reaches an HTTP/2 client whole, the
+    // trailer as an HTTP/2 trailer.
+    let h2 = client::h2(bind).await.unwrap();
+    let r = h2.get("catalog", "/trailers").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(&r.body[..], b"hello");
+    assert_eq!(r.trailer("x-checksum"), Some("abc123"));
+    web.shutdown().await;
+    side.shutdown().await;
+}
