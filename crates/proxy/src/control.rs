@@ -381,7 +381,13 @@ impl Client {
             kind: Some(proxy_message::Kind::Hello(Hello {
                 namespace,
                 name,
-                registration: self.settings.registration.clone(),
+                // A proxy leaving the mesh (reconnecting while it drains) does not
+                // register its workload again.
+                registration: self
+                    .settings
+                    .registration
+                    .clone()
+                    .filter(|_| *self.applier.shared().leave.borrow() == Leave::Staying),
                 applied_version: self.applied.clone(),
                 proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
                 capture: self.settings.capture.as_ref().map(capture_message),
@@ -430,7 +436,7 @@ impl Client {
             let renew = self.renew_at;
             let msg = tokio::select! {
                 msg = inbound.message() => msg.map_err(|s| format!("{}: {}", s.code(), s.message()))?,
-                _ = leave.wait_for(|l| *l == Leave::Asked), if !leaving_sent => {
+                _ = leave.wait_for(|l| *l != Leave::Staying), if !leaving_sent => {
                     // Shutting down: the workload leaves every view before the
                     // listeners close (answered with Drained).
                     leaving_sent = true;
