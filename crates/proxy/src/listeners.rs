@@ -332,8 +332,35 @@ async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
     } else if opaque {
         // Boxed: HTTP connections should not pay for the TCP path's state.
         Box::pin(outbound::tcp(ctx, stream)).await;
+    } else if ctx.role == Role::Upstream {
+        Box::pin(upstream_http(ctx, stream)).await;
     } else {
         serve_http(ctx, stream).await;
+    }
+}
+
+/// A connection to a binding declared HTTP. Detected as capture detects: a client
+/// that says nothing within the detection timeout is waiting for a server that
+/// speaks first (MySQL, SMTP), so the connection becomes opaque TCP to the service
+/// instead of waiting for a request head that never comes. A client that speaks
+/// first is served as HTTP, whatever it sends (not HTTP: hyper answers 400).
+async fn upstream_http(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let timeout = ctx
+        .shared
+        .snapshot
+        .load()
+        .as_ref()
+        .and_then(|s| s.config.capture.as_ref().map(|c| c.detect_timeout))
+        .unwrap_or(sinew_model::compile::DEFAULT_DETECT_TIMEOUT);
+    match crate::capture::detect(&stream, timeout).await {
+        crate::capture::Detected::Closed => {}
+        crate::capture::Detected::Timeout => {
+            ctx.shared.metrics.detect_timeouts.inc();
+            outbound::tcp(ctx, stream).await;
+        }
+        crate::capture::Detected::Http | crate::capture::Detected::Opaque => {
+            serve_http(ctx, stream).await;
+        }
     }
 }
 
