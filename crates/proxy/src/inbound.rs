@@ -4,6 +4,10 @@
 //! application port) and, when the client spoke HTTP/1.1, `sinew-orig-proto`, so the
 //! application gets the protocol its client used. `CONNECT <addr>:<port>` opens a byte
 //! tunnel (opaque TCP, WebSocket). Only the configured application ports are reachable.
+//!
+//! Plaintext redirected by capture rules (`PERMISSIVE` only) comes here too, as an
+//! unauthenticated caller: HTTP through [`handle`] (pinned to the port it was sent
+//! to), anything else through [`plaintext_tcp`].
 
 use std::sync::Arc;
 
@@ -55,6 +59,45 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
         started,
         resp,
     )
+}
+
+/// Captured plaintext that is not HTTP (or whose client said nothing): judged as a
+/// mesh tunnel is, on L4 fields (its port, no identity), then joined to the
+/// application's port. A port not declared, or a connection policy refuses, is
+/// closed (a TCP caller has no other way to hear it).
+pub(crate) async fn plaintext_tcp(ctx: &Arc<ConnCtx>, stream: tokio::net::TcpStream) {
+    let result = async {
+        let port = ctx
+            .plaintext_port
+            .ok_or(ProxyError::Malformed("captured plaintext without its port"))?;
+        let pool = {
+            let snap = ctx
+                .shared
+                .snapshot
+                .load_full()
+                .ok_or(ProxyError::ShuttingDown)?;
+            let inb = snap
+                .config
+                .inbound
+                .as_ref()
+                .ok_or(ProxyError::ShuttingDown)?;
+            let pool = snap
+                .app_pool(allowed(inb, port)?)
+                .ok_or(ProxyError::PortNotAllowed(port))?
+                .clone();
+            judge(ctx, inb, snap.jwt.as_ref(), port, None)?;
+            pool
+        };
+        pool.connect().await
+    }
+    .await;
+    match result {
+        Ok(app) => spawn_splice(&ctx.shared, stream, app),
+        Err(e) => {
+            ctx.shared.metrics.error(Direction::Inbound, e.reason());
+            tracing::debug!(peer = %ctx.peer, error = %e, "captured plaintext connection refused");
+        }
+    }
 }
 
 /// The service's rate limits, in order: the first empty bucket refuses with 429.
@@ -188,6 +231,11 @@ async fn forward(
     http_util::check_request_head(req.headers_mut(), &limits)?;
 
     if req.method() == Method::CONNECT {
+        if ctx.plaintext_port.is_some() {
+            // Tunnels are the mesh's (a peer sidecar's, over mTLS); a plaintext
+            // caller's CONNECT would otherwise open one to any declared port.
+            return Err(ProxyError::Malformed("CONNECT from a plaintext caller"));
+        }
         let port = req
             .uri()
             .authority()
@@ -210,13 +258,15 @@ async fn forward(
         return Ok(Response::new(RespBody::empty()));
     }
 
-    let port = match req.headers().get(DST_PORT) {
-        Some(v) => v
+    let port = match (ctx.plaintext_port, req.headers().get(DST_PORT)) {
+        // Captured plaintext goes to the port it was sent to, whatever it says.
+        (Some(port), _) => port,
+        (None, Some(v)) => v
             .to_str()
             .ok()
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or(ProxyError::Malformed("invalid sinew-dst-port"))?,
-        None => match inb.ports.as_slice() {
+        (None, None) => match inb.ports.as_slice() {
             [only] => *only,
             _ => {
                 return Err(ProxyError::Malformed(
@@ -233,10 +283,13 @@ async fn forward(
     let pool = snap
         .app_pool(port)
         .ok_or(ProxyError::PortNotAllowed(port))?;
-    let orig_h1 = req
-        .headers()
-        .get(ORIG_PROTO)
-        .is_some_and(|v| v == HeaderValue::from_static("HTTP/1.1"));
+    // Only a peer sidecar says which protocol its client spoke; a plaintext caller
+    // speaks for itself.
+    let orig_h1 = ctx.plaintext_port.is_none()
+        && req
+            .headers()
+            .get(ORIG_PROTO)
+            .is_some_and(|v| v == HeaderValue::from_static("HTTP/1.1"));
     let upstream_h2 = req.version() == Version::HTTP_2 && !orig_h1;
     let authority = http_util::authority(&req).ok_or(ProxyError::Malformed("no authority"))?;
 

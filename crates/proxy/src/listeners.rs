@@ -65,6 +65,10 @@ pub struct ConnCtx {
     pub peer_identity: Option<Arc<str>>,
     /// Where a captured connection was going before the capture rules redirected it.
     pub orig_dst: Option<SocketAddr>,
+    /// For plaintext redirected by the inbound capture rules: the application port
+    /// it was going to. Its requests go to that port alone (a plaintext caller's
+    /// `sinew-dst-port` or `CONNECT` target is not trusted to choose another one).
+    pub plaintext_port: Option<u16>,
     /// The metrics series this connection's last request was counted in.
     pub last_series: crate::metrics::LastSeries,
 }
@@ -300,7 +304,7 @@ async fn accept_loop(
             (stream, peer) = crate::accept::next(&listener, &mut errors) => {
                 let Some(guard) = shared.track() else { break };
                 let _ = stream.set_nodelay(true);
-                let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, last_series: Default::default() });
+                let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, plaintext_port: None, last_series: Default::default() });
                 tokio::spawn(async move {
                     connection(ctx, stream, opaque).await;
                     drop(guard);
@@ -449,6 +453,7 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
             peer: ctx.peer,
             peer_identity,
             orig_dst: ctx.orig_dst,
+            plaintext_port: None,
             last_series: Default::default(),
         });
         serve_http(ctx, tls).await;
@@ -817,6 +822,7 @@ spec:
             peer,
             peer_identity: None,
             orig_dst: None,
+            plaintext_port: None,
             last_series: Default::default(),
         });
         let conn = connection(ctx, stream, false);
