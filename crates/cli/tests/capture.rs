@@ -1154,8 +1154,66 @@ handler = functools.partial(H, directory=sys.argv[3])
 http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
 "#;
 
+/// An HTTP/1.1 server that switches to an echo protocol on `Upgrade: echo` (as a
+/// WebSocket server would), else answers 426.
+const UPGRADER: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+def serve(c):
+    try:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = c.recv(4096)
+            if not d:
+                return
+            head += d
+        if b"upgrade: echo" not in head.lower():
+            c.sendall(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            return
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+        while True:
+            d = c.recv(4096)
+            if not d:
+                break
+            c.sendall(d)
+    finally:
+        c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks for `Upgrade: echo`, then sends a line: "<status line>|<echoed line>".
+const UPGRADER_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(b"GET /ws HTTP/1.1\r\nhost: web\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    d = c.recv(4096)
+    if not d:
+        break
+    head += d
+status, _, rest = head.partition(b"\r\n")
+echo = head.partition(b"\r\n\r\n")[2]
+try:
+    c.sendall(b"PING\n")
+    while b"\n" not in echo:
+        d = c.recv(4096)
+        if not d:
+            break
+        echo += d
+except OSError:
+    pass
+print(status.decode() + "|" + echo.decode().strip())
+"#;
+
 /// One captured host's documents: its service (`mtls` override or none), workload
-/// and proxy (application ports 8080 and the greeters' 6379 and 6380), and `extra`.
+/// and proxy (application ports 8080, the upgrader's 8081 and the greeters' 6379 and
+/// 6380), and `extra`.
 fn plaintext_host_docs(ip: std::net::Ipv4Addr, mtls: Option<&str>, extra: &str) -> String {
     let mtls = mtls
         .map(|m| format!("  mtls: {{mode: {m}}}\n"))
@@ -1165,18 +1223,18 @@ fn plaintext_host_docs(ip: std::net::Ipv4Addr, mtls: Option<&str>, extra: &str) 
 kind: Service
 metadata: {{name: web, namespace: default}}
 spec:
-{mtls}  ports: [{{name: http, port: 8080}}, {{name: kv, port: 6379}}, {{name: kv2, port: 6380}}]
+{mtls}  ports: [{{name: http, port: 8080}}, {{name: ws, port: 8081}}, {{name: kv, port: 6379}}, {{name: kv2, port: 6380}}]
 ---
 apiVersion: sinew.dev/v1alpha1
 kind: Workload
 metadata: {{name: web, namespace: default}}
-spec: {{service: web, address: {ip}, ports: {{http: 8080, kv: 6379, kv2: 6380}}}}
+spec: {{service: web, address: {ip}, ports: {{http: 8080, ws: 8081, kv: 6379, kv2: 6380}}}}
 ---
 apiVersion: sinew.dev/v1alpha1
 kind: Proxy
 metadata: {{name: web, namespace: default}}
 spec:
-  inbound: {{bind: "{ip}:4143", ports: [8080, 6379, 6380]}}
+  inbound: {{bind: "{ip}:4143", ports: [8080, 8081, 6379, 6380]}}
   capture: {{}}
 {extra}"#
     )
@@ -1212,6 +1270,8 @@ async fn captured_plaintext_meets_the_inbound_rules() {
     let app = scratch.write("header_app.py", HEADER_APP);
     let greeter = scratch.write("greeter.py", GREETER);
     scratch.write("greeter_client.py", GREETER_CLIENT);
+    let upgrader = scratch.write("upgrader.py", UPGRADER);
+    let upgrader_client = scratch.write("upgrader_client.py", UPGRADER_CLIENT);
     let config = scratch.write("web.yaml", &plaintext_host_docs(ip, None, ""));
     let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
     let www = s(&scratch.path("www"));
@@ -1227,6 +1287,7 @@ async fn captured_plaintext_meets_the_inbound_rules() {
             vec!["python3", &s(&app), "127.0.0.1", "9090", &private],
             "private.log",
         ),
+        (vec!["python3", &s(&upgrader), "8081"], "upgrader.log"),
         (vec!["python3", &s(&greeter), "6379"], "kv.log"),
         (vec!["python3", &s(&greeter), "6380"], "kv2.log"),
         // On every address, on a port the workload does not declare.
@@ -1283,9 +1344,9 @@ async fn captured_plaintext_meets_the_inbound_rules() {
         &["curl", "-sf", "http://127.0.0.1:9090/"],
     )
     .await;
-    for port in [6379, 6380, 7000] {
+    for port in [8081, 6379, 6380, 7000] {
         until_ok(
-            "a greeter up",
+            "a raw TCP server up",
             ns,
             &[
                 "python3",
@@ -1406,6 +1467,14 @@ spec:
     // The caller cannot steer the request to another port either.
     let (ok, out) = curl(&["-H", "sinew-dst-port: 9090", &app_url]);
     assert!(ok && out.contains(&marker), "{out}");
+    // An upgrade (as WebSocket does) is the app's to answer, and then carries bytes.
+    let upgraded = hub.must(&["python3", &s(&upgrader_client), &ip.to_string(), "8081"]);
+    assert_eq!(
+        upgraded.trim(),
+        "HTTP/1.1 101 Switching Protocols|PING",
+        "{}",
+        logs(&procs)
+    );
 
     // Opaque TCP: an allowed port gets its greeting; the denied one is closed.
     assert_eq!(greet(6380), "+OK SINEW-GREETING PING", "{}", logs(&procs));

@@ -292,6 +292,10 @@ async fn forward(
             .is_some_and(|v| v == HeaderValue::from_static("HTTP/1.1"));
     let upstream_h2 = req.version() == Version::HTTP_2 && !orig_h1;
     let authority = http_util::authority(&req).ok_or(ProxyError::Malformed("no authority"))?;
+    // A captured plaintext caller's upgrade (WebSocket) is the app's to answer; mesh
+    // callers' upgrades come through CONNECT tunnels instead.
+    let downstream = (ctx.plaintext_port.is_some() && http_util::is_upgrade(&req))
+        .then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(DST_PORT);
@@ -319,8 +323,13 @@ async fn forward(
             http_util::remove_headers(&mut parts.headers, &NAMES);
         }
     }
-    http_util::strip_hop_by_hop(&mut parts.headers, false);
+    http_util::strip_hop_by_hop(&mut parts.headers, downstream.is_some());
     http_util::set_target(&mut parts, &authority, None, upstream_h2)?;
+    if let Some(downstream) = downstream {
+        let req = Request::from_parts(parts, ReqBody::Incoming(body));
+        // Boxed: upgrades are rare, and every request's future would hold room.
+        return Box::pin(upgrade(ctx, pool, req, downstream)).await;
+    }
     let version = if upstream_h2 {
         UpVersion::Http2
     } else {
@@ -347,6 +356,51 @@ async fn forward(
         return Err(ProxyError::Malformed("upgrade outside a tunnel"));
     }
     Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+}
+
+/// Forwards a captured plaintext caller's HTTP/1.1 upgrade to the app on a
+/// connection of its own (pooled connections never change protocol); after
+/// `101 Switching Protocols` the two sides are joined byte for byte.
+async fn upgrade(
+    ctx: &Arc<ConnCtx>,
+    pool: &crate::pool::ConnPool,
+    req: Request<ReqBody>,
+    downstream: hyper::upgrade::OnUpgrade,
+) -> Result<Response<RespBody>, ProxyError> {
+    let addr = pool.addr();
+    let app = pool.connect().await?;
+    let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(app))
+        .await
+        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "inbound upgrade connection ended");
+        }
+    });
+    let mut resp = tx
+        .send_request(req)
+        .await
+        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    static APP_MUST_NOT_SET: [http::HeaderName; 1] = [UNSENT];
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = resp.into_parts();
+        http_util::strip_hop_by_hop(&mut parts.headers, false);
+        http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);
+        return Ok(Response::from_parts(parts, RespBody::Upstream(body)));
+    }
+    let upstream = hyper::upgrade::on(&mut resp);
+    let shared = ctx.shared.clone();
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((d, u)) => spawn_splice(&shared, TokioIo::new(d), TokioIo::new(u)),
+            Err(e) => tracing::debug!(error = %e, "inbound upgrade did not complete"),
+        }
+    });
+    let (mut parts, _) = resp.into_parts();
+    http_util::strip_hop_by_hop(&mut parts.headers, true);
+    http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);
+    Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
 #[cfg(test)]
