@@ -711,8 +711,8 @@ async fn captured_traffic_crosses_hosts_over_mtls() {
     .unwrap();
 
     // Plaintext from outside the mesh to a captured server: refused while mTLS is
-    // STRICT (the greeting never comes), passed to the app's original port once
-    // PERMISSIVE. And with REGISTRY_ONLY egress, only mesh destinations are
+    // STRICT (the greeting never comes), passed to the app (6379 is a declared
+    // port) once PERMISSIVE. And with REGISTRY_ONLY egress, only mesh destinations are
     // reachable from the client.
     let kv_addr = mesh.lab.hosts[KV].ip.to_string();
     let (_, greeting, _) = mesh.greet_from(&mesh.lab.hub, &kv_addr, 6379);
@@ -1140,4 +1140,369 @@ async fn sinew_run_brings_an_unmodified_app_into_the_mesh_and_cleans_up() {
             .success(),
         "the app was stopped"
     );
+}
+
+/// An http.server that also says which `sinew-peer-identity` it received (in a
+/// response header, `-` for none), so a test can see what reached the app.
+const HEADER_APP: &str = r#"
+import functools, http.server, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    def end_headers(self):
+        self.send_header("x-seen-peer-identity", self.headers.get("sinew-peer-identity", "-"))
+        super().end_headers()
+handler = functools.partial(H, directory=sys.argv[3])
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), handler).serve_forever()
+"#;
+
+/// An HTTP/1.1 server that switches to an echo protocol on `Upgrade: echo` (as a
+/// WebSocket server would), else answers 426.
+const UPGRADER: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+def serve(c):
+    try:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            d = c.recv(4096)
+            if not d:
+                return
+            head += d
+        if b"upgrade: echo" not in head.lower():
+            c.sendall(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            return
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+        while True:
+            d = c.recv(4096)
+            if not d:
+                break
+            c.sendall(d)
+    finally:
+        c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks for `Upgrade: echo`, then sends a line: "<status line>|<echoed line>".
+const UPGRADER_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+c.sendall(b"GET /ws HTTP/1.1\r\nhost: web\r\nupgrade: echo\r\nconnection: upgrade\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    d = c.recv(4096)
+    if not d:
+        break
+    head += d
+status, _, rest = head.partition(b"\r\n")
+echo = head.partition(b"\r\n\r\n")[2]
+try:
+    c.sendall(b"PING\n")
+    while b"\n" not in echo:
+        d = c.recv(4096)
+        if not d:
+            break
+        echo += d
+except OSError:
+    pass
+print(status.decode() + "|" + echo.decode().strip())
+"#;
+
+/// One captured host's documents: its service (`mtls` override or none), workload
+/// and proxy (application ports 8080, the upgrader's 8081 and the greeters' 6379 and
+/// 6380), and `extra`.
+fn plaintext_host_docs(ip: std::net::Ipv4Addr, mtls: Option<&str>, extra: &str) -> String {
+    let mtls = mtls
+        .map(|m| format!("  mtls: {{mode: {m}}}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+{mtls}  ports: [{{name: http, port: 8080}}, {{name: ws, port: 8081}}, {{name: kv, port: 6379}}, {{name: kv2, port: 6380}}]
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Workload
+metadata: {{name: web, namespace: default}}
+spec: {{service: web, address: {ip}, ports: {{http: 8080, ws: 8081, kv: 6379, kv2: 6380}}}}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {{name: web, namespace: default}}
+spec:
+  inbound: {{bind: "{ip}:4143", ports: [8080, 8081, 6379, 6380]}}
+  capture: {{}}
+{extra}"#
+    )
+}
+
+/// Plaintext captured on its way to an app is held to the mesh's rules. A sidecar
+/// without an identity (standalone, from a file) under STRICT refuses it; under
+/// PERMISSIVE, HTTP meets authorization (a DENY policy answers 403 naming itself)
+/// and a forged `sinew-peer-identity` never reaches the app; opaque TCP meets L4
+/// authorization (a denied port's connection is closed, an allowed one's greeting
+/// comes); an undeclared port and a loopback-only service stay unreachable. Callers
+/// are curl and a socket client in the hub, outside the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_plaintext_meets_the_inbound_rules() {
+    require(&[
+        "ip",
+        "iptables-nft-restore",
+        "ip6tables-nft-restore",
+        "curl",
+        "python3",
+        "setpriv",
+    ]);
+    let scratch = Scratch::new("plain");
+    let proxy = scratch.path("sinew-proxy");
+    std::fs::copy(proxy_bin(), &proxy).unwrap();
+    let lab = Lab::new("plain", &["web"]);
+    let host = &lab.hosts[0];
+    let (ns, ip) = (&host.ns, host.ip);
+    let marker = format!("PLAIN-MARKER-{}", std::process::id());
+    scratch.write("www/index.html", &format!("{marker}\n"));
+    scratch.write("www/admin/index.html", "ADMIN-PAGE\n");
+    scratch.write("private/index.html", "LOOPBACK-ONLY\n");
+    let app = scratch.write("header_app.py", HEADER_APP);
+    let greeter = scratch.write("greeter.py", GREETER);
+    scratch.write("greeter_client.py", GREETER_CLIENT);
+    let upgrader = scratch.write("upgrader.py", UPGRADER);
+    let upgrader_client = scratch.write("upgrader_client.py", UPGRADER_CLIENT);
+    let config = scratch.write("web.yaml", &plaintext_host_docs(ip, None, ""));
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let www = s(&scratch.path("www"));
+    let private = s(&scratch.path("private"));
+    let mut procs = Vec::new();
+    for (args, log) in [
+        (
+            vec!["python3", &s(&app), "0.0.0.0", "8080", &www],
+            "app.log",
+        ),
+        // Loopback only, and on no declared port: never meant for other hosts.
+        (
+            vec!["python3", &s(&app), "127.0.0.1", "9090", &private],
+            "private.log",
+        ),
+        (vec!["python3", &s(&upgrader), "8081"], "upgrader.log"),
+        (vec!["python3", &s(&greeter), "6379"], "kv.log"),
+        (vec!["python3", &s(&greeter), "6380"], "kv2.log"),
+        // On every address, on a port the workload does not declare.
+        (vec!["python3", &s(&greeter), "7000"], "undeclared.log"),
+    ] {
+        procs.push(spawn(ns, None, &args, scratch.path(log)));
+    }
+    let uid = PROXY_UID.to_string();
+    let admin = ADMIN.to_string();
+    ns.must(&[
+        sinew(),
+        "init",
+        "--proxy-uid",
+        &uid,
+        "--inbound-port",
+        "15006",
+        "--outbound-port",
+        "15001",
+        "--exclude-inbound-ports",
+        &admin,
+    ]);
+    procs.push(spawn(
+        ns,
+        Some(PROXY_UID),
+        &[
+            &s(&proxy),
+            "--config",
+            &s(&config),
+            "--name",
+            "default/web",
+            "--admin",
+            &format!("127.0.0.1:{ADMIN}"),
+        ],
+        scratch.path("proxy.log"),
+    ));
+    let logs = |procs: &[Proc]| {
+        procs
+            .iter()
+            .map(|p| format!("--- {}\n{}", p.log.display(), p.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Everything is up, as seen from the host itself (not captured there).
+    until_ok(
+        "the sidecar ready",
+        ns,
+        &["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/ready")],
+    )
+    .await;
+    until_ok("the app up", ns, &["curl", "-sf", "http://127.0.0.1:8080/"]).await;
+    until_ok(
+        "the loopback-only service up",
+        ns,
+        &["curl", "-sf", "http://127.0.0.1:9090/"],
+    )
+    .await;
+    for port in [8081, 6379, 6380, 7000] {
+        until_ok(
+            "a raw TCP server up",
+            ns,
+            &[
+                "python3",
+                "-c",
+                &format!("import socket; socket.create_connection(('127.0.0.1', {port}))"),
+            ],
+        )
+        .await;
+    }
+    let hub = &lab.hub;
+    let curl = |args: &[&str]| {
+        let mut all = vec!["curl", "-sS", "--max-time", "10"];
+        all.extend_from_slice(args);
+        let out = hub.exec(&all);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let greet = |port: u16| {
+        let out = hub.must(&[
+            "python3",
+            &s(&scratch.path("greeter_client.py")),
+            &ip.to_string(),
+            &port.to_string(),
+        ]);
+        // "<seconds> <greeting> <echo>"; nothing after the seconds: closed unheard.
+        out.trim()
+            .split_once(' ')
+            .map_or("", |(_, rest)| rest.trim())
+            .to_owned()
+    };
+    let app_url = format!("http://{ip}:8080/");
+
+    // STRICT (the default) with no identity at all: plaintext is refused, HTTP and
+    // TCP alike (it used to pass as if permissive).
+    let (ok, out) = curl(&[&app_url]);
+    assert!(!ok, "plaintext reached the app under STRICT: {out}");
+    assert_eq!(
+        greet(6380),
+        "",
+        "plaintext TCP reached the app under STRICT"
+    );
+    assert!(
+        metric(
+            ns,
+            ADMIN,
+            "sinew_proxy_errors_total",
+            &["reason=\"plaintext-refused\""]
+        ) >= 2.0
+    );
+
+    // PERMISSIVE, with a DENY policy for /admin and one for the port 6379.
+    let policies = r#"---
+apiVersion: sinew.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: DENY
+  rules:
+    # On its port only: a DENY rule with HTTP fields refuses all TCP it covers.
+    - to: {ports: [8080], pathPrefixes: [/admin]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-kv, namespace: default}
+spec:
+  targetRef: {kind: Service, name: web}
+  action: DENY
+  rules:
+    - to: {ports: [6379]}
+"#;
+    let tmp = scratch.write(
+        "web.yaml.tmp",
+        &plaintext_host_docs(ip, Some("PERMISSIVE"), policies),
+    );
+    std::fs::rename(&tmp, &config).unwrap();
+    wait::until("PERMISSIVE applied", TIMEOUT, || {
+        let cfg = ns
+            .exec(&["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/config")])
+            .stdout;
+        let ok = serde_json::from_slice::<serde_json::Value>(&cfg)
+            .ok()
+            .and_then(|v| v.pointer("/config/inbound/mtls").cloned())
+            .is_some_and(|m| m == "PERMISSIVE");
+        async move { ok }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&procs)));
+
+    // HTTP: served, but a caller's claim to be a mesh identity is not passed on.
+    let (ok, out) = curl(&[
+        "-i",
+        "-H",
+        "sinew-peer-identity: spiffe://cluster.local/ns/default/sa/admin",
+        &app_url,
+    ]);
+    assert!(ok && out.contains(&marker), "{out}\n{}", logs(&procs));
+    assert!(
+        out.to_ascii_lowercase()
+            .contains("x-seen-peer-identity: -\r\n"),
+        "a forged sinew-peer-identity reached the app: {out}"
+    );
+    // A DENY policy applies to plaintext: 403, naming the policy and rule.
+    let (ok, out) = curl(&["-i", &format!("http://{ip}:8080/admin/")]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(
+        out.contains("sinew-error: forbidden: default/no-admin rule 0"),
+        "{out}"
+    );
+    assert!(!out.contains("ADMIN-PAGE"), "{out}");
+    // The caller cannot steer the request to another port either.
+    let (ok, out) = curl(&["-H", "sinew-dst-port: 9090", &app_url]);
+    assert!(ok && out.contains(&marker), "{out}");
+    // An upgrade (as WebSocket does) is the app's to answer, and then carries bytes.
+    let upgraded = hub.must(&["python3", &s(&upgrader_client), &ip.to_string(), "8081"]);
+    assert_eq!(
+        upgraded.trim(),
+        "HTTP/1.1 101 Switching Protocols|PING",
+        "{}",
+        logs(&procs)
+    );
+
+    // Opaque TCP: an allowed port gets its greeting; the denied one is closed.
+    assert_eq!(greet(6380), "+OK SINEW-GREETING PING", "{}", logs(&procs));
+    assert_eq!(greet(6379), "", "a port denied by policy was reached");
+    assert_eq!(
+        metric(
+            ns,
+            ADMIN,
+            "sinew_authz_decisions_total",
+            &["decision=\"deny\"", "policy=\"default/no-kv\""]
+        ),
+        1.0
+    );
+
+    // Neither an undeclared port nor a loopback-only service is reachable.
+    assert_eq!(greet(7000), "", "an undeclared port was reached");
+    let (ok, out) = curl(&[&format!("http://{ip}:9090/")]);
+    assert!(
+        !ok && !out.contains("LOOPBACK-ONLY"),
+        "a loopback-only service was reached: {out}"
+    );
+    assert!(
+        metric(
+            ns,
+            ADMIN,
+            "sinew_proxy_errors_total",
+            &["reason=\"port-not-allowed\""]
+        ) >= 2.0
+    );
+    drop(procs);
 }

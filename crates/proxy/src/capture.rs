@@ -9,9 +9,13 @@
 //! nothing (the server speaks first: MySQL, SMTP, Redis-style greetings) is treated
 //! as opaque TCP after the detection timeout, and declared opaque ports skip it.
 //!
-//! Inbound: mesh mTLS is terminated as on the inbound listener; plaintext (allowed
-//! only when mTLS is permissive, or the proxy has no identity) goes to the
-//! application's original port as plain TCP.
+//! Inbound: mesh mTLS is terminated as on the inbound listener. Plaintext is
+//! refused under `STRICT` (always: also before the proxy has its identity) and,
+//! under `PERMISSIVE`, held to the same rules as mesh traffic: only to a declared
+//! application port (the inbound's `ports`, at its `appAddress`), never to another
+//! port or a loopback-only service; HTTP (detected as outbound detects it) goes
+//! through the inbound's request path (authorization for an unauthenticated caller,
+//! `sinew-peer-identity` removed), anything else through its L4 authorization.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -154,6 +158,22 @@ fn with_dst(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
         peer: ctx.peer,
         peer_identity: None,
         orig_dst: Some(dst),
+        plaintext_port: None,
+        last_series: Default::default(),
+    })
+}
+
+/// The context of captured plaintext to the application's `port`: no identity, and
+/// its requests pinned to that port.
+fn plaintext(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx {
+        shared: ctx.shared.clone(),
+        role: ctx.role,
+        bind: ctx.bind,
+        peer: ctx.peer,
+        peer_identity: None,
+        orig_dst: Some(dst),
+        plaintext_port: Some(dst.port()),
         last_series: Default::default(),
     })
 }
@@ -313,53 +333,59 @@ pub async fn inbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
     let Some(snap) = shared.snapshot.load_full() else {
         return;
     };
-    let timeout = snap
+    let (timeout, opaque_port) = snap
         .config
         .capture
         .as_ref()
-        .map_or(sinew_model::compile::DEFAULT_DETECT_TIMEOUT, |c| {
-            c.detect_timeout
+        .map_or((sinew_model::compile::DEFAULT_DETECT_TIMEOUT, false), |c| {
+            (c.detect_timeout, c.opaque_ports.contains(&dst.port()))
         });
+    let started = tokio::time::Instant::now();
     // Mesh clients always speak first (a TLS ClientHello); a client that says
     // nothing is waiting for a server that speaks first.
     let mut first = [0u8; 1];
     let tls = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-        Ok(Ok(1)) => first[0] == 0x16,
+        Ok(Ok(1)) => Some(first[0] == 0x16),
         Ok(_) => return,
         Err(_) => {
             shared.metrics.detect_timeouts.inc();
-            false
+            None
         }
     };
-    if tls {
+    if tls == Some(true) {
         shared.metrics.captured(Direction::Inbound, "mtls");
         drop(snap);
         mesh_tls(with_dst(&ctx, dst), stream).await;
         return;
     }
-    let inbound = snap.config.inbound.as_ref();
-    let strict = shared.mtls_enforced() && inbound.is_none_or(|i| i.mtls == MtlsMode::Strict);
-    if strict || is_self(dst, local, ctx.bind.port()) {
+    // Plaintext: only under PERMISSIVE, and only to a declared port. STRICT refuses
+    // it whether or not the proxy has an identity yet: a sidecar waiting for its
+    // certificate must not serve unauthenticated callers meanwhile.
+    let refusal = match snap.config.inbound.as_ref() {
+        _ if is_self(dst, local, ctx.bind.port()) => Some("plaintext-refused"),
+        Some(inb) if inb.mtls == MtlsMode::Permissive => {
+            (!inb.ports.contains(&dst.port())).then_some("port-not-allowed")
+        }
+        _ => Some("plaintext-refused"),
+    };
+    drop(snap);
+    if let Some(reason) = refusal {
         shared.metrics.captured(Direction::Inbound, "refused");
-        shared
-            .metrics
-            .error(Direction::Inbound, "plaintext-refused");
-        tracing::debug!(peer = %ctx.peer, %dst, "captured plaintext refused");
+        shared.metrics.error(Direction::Inbound, reason);
+        tracing::debug!(peer = %ctx.peer, %dst, reason, "captured plaintext refused");
         return;
     }
-    let app = inbound.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |i| i.app_address);
-    let target = SocketAddr::new(app, dst.port());
-    let connect_timeout = shared.settings.connect_timeout;
-    drop(snap);
-    match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
-        Ok(Ok(up)) => {
-            let _ = up.set_nodelay(true);
-            shared.metrics.captured(Direction::Inbound, "plaintext");
-            spawn_splice(&shared, stream, up);
-        }
-        _ => {
-            shared.metrics.error(Direction::Inbound, "app-unreachable");
-            tracing::debug!(%target, "captured plaintext: the application is unreachable");
+    shared.metrics.captured(Direction::Inbound, "plaintext");
+    let kind = match tls {
+        None => Detected::Timeout,
+        Some(_) if opaque_port => Detected::Opaque,
+        Some(_) => detect(&stream, timeout.saturating_sub(started.elapsed())).await,
+    };
+    match kind {
+        Detected::Closed => {}
+        Detected::Http => serve_http(plaintext(&ctx, dst), stream).await,
+        Detected::Opaque | Detected::Timeout => {
+            crate::inbound::plaintext_tcp(&plaintext(&ctx, dst), stream).await;
         }
     }
 }

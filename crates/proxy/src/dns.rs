@@ -4,6 +4,13 @@
 //! IP, so an app that only knows names reaches it through capture; every other
 //! query is forwarded to the host's resolver (`/etc/resolv.conf`), or refused when
 //! there is none.
+//!
+//! A forwarded query's reply is relayed only when it is the reply to that query:
+//! same ID and same question (anything else arriving on its socket is dropped, and
+//! the wait goes on until the deadline). At most [`MAX_IN_FLIGHT`] forwarded queries
+//! are pending at once; past that a query is answered `SERVFAIL` at once, so a flood
+//! of queries costs neither unbounded tasks and sockets nor the host resolver's
+//! capacity, and the client learns immediately rather than after its timeout.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -13,6 +20,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
 
 use crate::state::Shared;
 
@@ -22,6 +30,8 @@ const TTL: u32 = 30;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest DNS message over UDP accepted.
 const MAX_UDP: usize = 4096;
+/// Forwarded queries pending at once, per responder socket.
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Binds the responder's sockets: 127.0.0.1 and ::1 (the IPv6 one is skipped on a
 /// host without IPv6).
@@ -51,7 +61,7 @@ pub fn upstream(text: &str) -> Option<SocketAddr> {
 /// Serves queries on `socket` until the task is aborted.
 pub async fn serve(socket: std::net::UdpSocket, shared: Arc<Shared>) {
     let socket = match UdpSocket::from_std(socket) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "DNS responder could not start");
             return;
@@ -60,6 +70,27 @@ pub async fn serve(socket: std::net::UdpSocket, shared: Arc<Shared>) {
     let upstream = std::fs::read_to_string("/etc/resolv.conf")
         .ok()
         .and_then(|t| upstream(&t));
+    let forwarder = Forwarder {
+        upstream,
+        timeout: FORWARD_TIMEOUT,
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+    };
+    serve_with(socket, shared, forwarder).await;
+}
+
+/// Where and how queries that are not about mesh names go.
+#[derive(Debug)]
+struct Forwarder {
+    /// The host's resolver; `None`: such queries are refused.
+    upstream: Option<SocketAddr>,
+    /// How long a forwarded query may take.
+    timeout: Duration,
+    /// One permit per forwarded query pending.
+    in_flight: Arc<Semaphore>,
+}
+
+async fn serve_with(socket: UdpSocket, shared: Arc<Shared>, fwd: Forwarder) {
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; MAX_UDP];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -75,27 +106,40 @@ pub async fn serve(socket: std::net::UdpSocket, shared: Arc<Shared>) {
                 let _ = socket.send_to(&bytes, from).await;
             }
             Answer::Forward(id) => {
+                let Some(up) = fwd.upstream else {
+                    send_error(&socket, id, ResponseCode::Refused, from).await;
+                    continue;
+                };
+                let Ok(permit) = fwd.in_flight.clone().try_acquire_owned() else {
+                    // Over the cap: answered now rather than queued, so the client
+                    // retries (or gives up) at once and nothing piles up here.
+                    tracing::debug!(%from, "DNS query refused: too many queries in flight");
+                    send_error(&socket, id, ResponseCode::ServFail, from).await;
+                    continue;
+                };
                 let socket = socket.clone();
+                let timeout = fwd.timeout;
                 tokio::spawn(async move {
-                    let reply = match upstream {
-                        Some(up) => forward(&query, up).await,
-                        None => None,
-                    };
-                    let bytes = reply.or_else(|| {
-                        let code = if upstream.is_some() {
-                            ResponseCode::ServFail
-                        } else {
-                            ResponseCode::Refused
-                        };
-                        Message::error_msg(id, OpCode::Query, code).to_vec().ok()
-                    });
-                    if let Some(b) = bytes {
-                        let _ = socket.send_to(&b, from).await;
+                    let reply = forward(&query, up, timeout).await;
+                    // The upstream is done with it: the slot is free before the client
+                    // hears back, so a client's next query finds it free.
+                    drop(permit);
+                    match reply {
+                        Some(reply) => {
+                            let _ = socket.send_to(&reply, from).await;
+                        }
+                        None => send_error(&socket, id, ResponseCode::ServFail, from).await,
                     }
                 });
             }
             Answer::Drop => {}
         }
+    }
+}
+
+async fn send_error(socket: &UdpSocket, id: u16, code: ResponseCode, to: SocketAddr) {
+    if let Ok(b) = Message::error_msg(id, OpCode::Query, code).to_vec() {
+        let _ = socket.send_to(&b, to).await;
     }
 }
 
@@ -153,8 +197,13 @@ pub fn answer(shared: &Shared, query: &[u8]) -> Answer {
     }
 }
 
-/// Sends `query` to `upstream` from a fresh socket and waits for its reply.
-async fn forward(query: &[u8], upstream: SocketAddr) -> Option<Vec<u8>> {
+/// Sends `query` to `upstream` from a fresh socket (a random source port, connected:
+/// only the upstream's address is heard) and waits up to `timeout` for its reply: a
+/// response with the query's ID and question. Anything else (a spoofed or stale
+/// packet, garbage) is dropped and the wait goes on.
+async fn forward(query: &[u8], upstream: SocketAddr, timeout: Duration) -> Option<Vec<u8>> {
+    let sent = Message::from_vec(query).ok()?;
+    let deadline = tokio::time::Instant::now() + timeout;
     let local: SocketAddr = if upstream.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -164,17 +213,180 @@ async fn forward(query: &[u8], upstream: SocketAddr) -> Option<Vec<u8>> {
     sock.connect(upstream).await.ok()?;
     sock.send(query).await.ok()?;
     let mut buf = vec![0u8; MAX_UDP];
-    let n = tokio::time::timeout(FORWARD_TIMEOUT, sock.recv(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    buf.truncate(n);
-    Some(buf)
+    loop {
+        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if is_reply_to(&sent, &buf[..n]) {
+            buf.truncate(n);
+            return Some(buf);
+        }
+        tracing::debug!(%upstream, "DNS reply dropped: not the reply to the query forwarded");
+    }
+}
+
+/// True when `reply` answers `query`: a response with its ID and its question.
+fn is_reply_to(query: &Message, reply: &[u8]) -> bool {
+    let Ok(reply) = Message::from_vec(reply) else {
+        return false;
+    };
+    reply.metadata.message_type == MessageType::Response
+        && reply.metadata.id == query.metadata.id
+        && reply.queries == query.queries
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    fn question(name: &str) -> Query {
+        Query::query(Name::from_ascii(name).unwrap(), RecordType::A)
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(question(name));
+        m.to_vec().unwrap()
+    }
+
+    fn reply(id: u16, name: &str, ip: [u8; 4]) -> Vec<u8> {
+        let mut m = Message::response(id, OpCode::Query);
+        m.add_query(question(name));
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii(name).unwrap(),
+            TTL,
+            RData::A(A(Ipv4Addr::from(ip))),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    /// (id, response code, first A record) of a reply.
+    fn read(bytes: &[u8]) -> (u16, ResponseCode, Option<Ipv4Addr>) {
+        let m = Message::from_vec(bytes).unwrap();
+        let a = m.answers.iter().find_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        });
+        (m.metadata.id, m.metadata.response_code, a)
+    }
+
+    /// A spoofed reply (another ID) and a reply to another question are dropped;
+    /// the real reply, arriving after them, is the one relayed.
+    #[tokio::test]
+    async fn only_the_reply_to_the_forwarded_query_is_relayed() {
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = upstream.local_addr().unwrap();
+        let q = query(0x1234, "elsewhere.example.");
+        let sent = q.clone();
+        let forwarded =
+            tokio::spawn(async move { forward(&sent, addr, Duration::from_secs(30)).await });
+        let mut buf = vec![0u8; MAX_UDP];
+        let (n, from) = upstream.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &q[..], "the query is forwarded as sent");
+        for spoof in [
+            reply(0x4321, "elsewhere.example.", [192, 0, 2, 66]),
+            reply(0x1234, "other.example.", [192, 0, 2, 77]),
+            b"not dns".to_vec(),
+        ] {
+            upstream.send_to(&spoof, from).await.unwrap();
+        }
+        upstream
+            .send_to(&reply(0x1234, "elsewhere.example.", [192, 0, 2, 1]), from)
+            .await
+            .unwrap();
+        let got = forwarded.await.unwrap().expect("the real reply is relayed");
+        assert_eq!(
+            read(&got),
+            (
+                0x1234,
+                ResponseCode::NoError,
+                Some(Ipv4Addr::new(192, 0, 2, 1))
+            )
+        );
+
+        // Only a spoofed reply: nothing is relayed (the deadline ends the wait).
+        let sent = query(0x5555, "elsewhere.example.");
+        let forwarded =
+            tokio::spawn(async move { forward(&sent, addr, Duration::from_millis(300)).await });
+        let (_, from) = upstream.recv_from(&mut buf).await.unwrap();
+        upstream
+            .send_to(&reply(0x5556, "elsewhere.example.", [192, 0, 2, 66]), from)
+            .await
+            .unwrap();
+        assert_eq!(forwarded.await.unwrap(), None);
+    }
+
+    /// With the cap at two, a third query while two wait on the upstream is answered
+    /// SERVFAIL at once (not forwarded); once they are answered, queries are
+    /// forwarded again.
+    #[tokio::test]
+    async fn queries_in_flight_are_capped() {
+        use crate::state::{DrainState, Settings};
+        let (_drain_tx, drain_rx) = tokio::sync::watch::channel(DrainState::Running);
+        let (track, _rx) = tokio::sync::mpsc::channel(1);
+        let settings = Settings {
+            connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            limits: Default::default(),
+            max_connections: 16,
+        };
+        // No configuration: every name is forwarded.
+        let shared = Arc::new(Shared::new(settings, drain_rx, track));
+        let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let responder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let responder_addr = responder.local_addr().unwrap();
+        let fwd = Forwarder {
+            upstream: Some(upstream.local_addr().unwrap()),
+            // Far beyond the test: an answer before it is not a timeout's.
+            timeout: Duration::from_secs(60),
+            in_flight: Arc::new(Semaphore::new(2)),
+        };
+        let server = tokio::spawn(serve_with(responder, shared, fwd));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(responder_addr).await.unwrap();
+        let mut buf = vec![0u8; MAX_UDP];
+
+        let mut pending = Vec::new();
+        for id in [1u16, 2] {
+            client.send(&query(id, "elsewhere.example.")).await.unwrap();
+            let (n, from) = upstream.recv_from(&mut buf).await.unwrap();
+            pending.push((read(&buf[..n]).0, from));
+        }
+        client.send(&query(3, "elsewhere.example.")).await.unwrap();
+        // Bounded, so that a forwarded (uncapped) third query fails the test rather
+        // than hanging it.
+        let n = tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buf))
+            .await
+            .expect("the query over the cap is answered at once")
+            .unwrap();
+        assert_eq!(read(&buf[..n]), (3, ResponseCode::ServFail, None));
+
+        for (id, from) in &pending {
+            upstream
+                .send_to(&reply(*id, "elsewhere.example.", [192, 0, 2, 1]), from)
+                .await
+                .unwrap();
+        }
+        let mut answered = Vec::new();
+        for _ in 0..2 {
+            let n = client.recv(&mut buf).await.unwrap();
+            answered.push(read(&buf[..n]));
+        }
+        answered.sort_by_key(|a| a.0);
+        let ok = |id| (id, ResponseCode::NoError, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(answered, [ok(1), ok(2)]);
+
+        client.send(&query(4, "elsewhere.example.")).await.unwrap();
+        let (n, _) = upstream.recv_from(&mut buf).await.unwrap();
+        assert_eq!(read(&buf[..n]).0, 4, "forwarded again once slots are free");
+        server.abort();
+    }
 
     #[test]
     fn the_upstream_is_the_first_nameserver() {

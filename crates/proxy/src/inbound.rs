@@ -4,6 +4,10 @@
 //! application port) and, when the client spoke HTTP/1.1, `sinew-orig-proto`, so the
 //! application gets the protocol its client used. `CONNECT <addr>:<port>` opens a byte
 //! tunnel (opaque TCP, WebSocket). Only the configured application ports are reachable.
+//!
+//! Plaintext redirected by capture rules (`PERMISSIVE` only) comes here too, as an
+//! unauthenticated caller: HTTP through [`handle`] (pinned to the port it was sent
+//! to), anything else through [`plaintext_tcp`].
 
 use std::sync::Arc;
 
@@ -55,6 +59,45 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
         started,
         resp,
     )
+}
+
+/// Captured plaintext that is not HTTP (or whose client said nothing): judged as a
+/// mesh tunnel is, on L4 fields (its port, no identity), then joined to the
+/// application's port. A port not declared, or a connection policy refuses, is
+/// closed (a TCP caller has no other way to hear it).
+pub(crate) async fn plaintext_tcp(ctx: &Arc<ConnCtx>, stream: tokio::net::TcpStream) {
+    let result = async {
+        let port = ctx
+            .plaintext_port
+            .ok_or(ProxyError::Malformed("captured plaintext without its port"))?;
+        let pool = {
+            let snap = ctx
+                .shared
+                .snapshot
+                .load_full()
+                .ok_or(ProxyError::ShuttingDown)?;
+            let inb = snap
+                .config
+                .inbound
+                .as_ref()
+                .ok_or(ProxyError::ShuttingDown)?;
+            let pool = snap
+                .app_pool(allowed(inb, port)?)
+                .ok_or(ProxyError::PortNotAllowed(port))?
+                .clone();
+            judge(ctx, inb, snap.jwt.as_ref(), port, None)?;
+            pool
+        };
+        pool.connect().await
+    }
+    .await;
+    match result {
+        Ok(app) => spawn_splice(&ctx.shared, stream, app),
+        Err(e) => {
+            ctx.shared.metrics.error(Direction::Inbound, e.reason());
+            tracing::debug!(peer = %ctx.peer, error = %e, "captured plaintext connection refused");
+        }
+    }
 }
 
 /// The service's rate limits, in order: the first empty bucket refuses with 429.
@@ -188,6 +231,11 @@ async fn forward(
     http_util::check_request_head(req.headers_mut(), &limits)?;
 
     if req.method() == Method::CONNECT {
+        if ctx.plaintext_port.is_some() {
+            // Tunnels are the mesh's (a peer sidecar's, over mTLS); a plaintext
+            // caller's CONNECT would otherwise open one to any declared port.
+            return Err(ProxyError::Malformed("CONNECT from a plaintext caller"));
+        }
         let port = req
             .uri()
             .authority()
@@ -210,13 +258,15 @@ async fn forward(
         return Ok(Response::new(RespBody::empty()));
     }
 
-    let port = match req.headers().get(DST_PORT) {
-        Some(v) => v
+    let port = match (ctx.plaintext_port, req.headers().get(DST_PORT)) {
+        // Captured plaintext goes to the port it was sent to, whatever it says.
+        (Some(port), _) => port,
+        (None, Some(v)) => v
             .to_str()
             .ok()
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or(ProxyError::Malformed("invalid sinew-dst-port"))?,
-        None => match inb.ports.as_slice() {
+        (None, None) => match inb.ports.as_slice() {
             [only] => *only,
             _ => {
                 return Err(ProxyError::Malformed(
@@ -233,12 +283,19 @@ async fn forward(
     let pool = snap
         .app_pool(port)
         .ok_or(ProxyError::PortNotAllowed(port))?;
-    let orig_h1 = req
-        .headers()
-        .get(ORIG_PROTO)
-        .is_some_and(|v| v == HeaderValue::from_static("HTTP/1.1"));
+    // Only a peer sidecar says which protocol its client spoke; a plaintext caller
+    // speaks for itself.
+    let orig_h1 = ctx.plaintext_port.is_none()
+        && req
+            .headers()
+            .get(ORIG_PROTO)
+            .is_some_and(|v| v == HeaderValue::from_static("HTTP/1.1"));
     let upstream_h2 = req.version() == Version::HTTP_2 && !orig_h1;
     let authority = http_util::authority(&req).ok_or(ProxyError::Malformed("no authority"))?;
+    // A captured plaintext caller's upgrade (WebSocket) is the app's to answer; mesh
+    // callers' upgrades come through CONNECT tunnels instead.
+    let downstream = (ctx.plaintext_port.is_some() && http_util::is_upgrade(&req))
+        .then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(DST_PORT);
@@ -266,8 +323,13 @@ async fn forward(
             http_util::remove_headers(&mut parts.headers, &NAMES);
         }
     }
-    http_util::strip_hop_by_hop(&mut parts.headers, false);
+    http_util::strip_hop_by_hop(&mut parts.headers, downstream.is_some());
     http_util::set_target(&mut parts, &authority, None, upstream_h2)?;
+    if let Some(downstream) = downstream {
+        let req = Request::from_parts(parts, ReqBody::Incoming(body));
+        // Boxed: upgrades are rare, and every request's future would hold room.
+        return Box::pin(upgrade(ctx, pool, req, downstream)).await;
+    }
     let version = if upstream_h2 {
         UpVersion::Http2
     } else {
@@ -294,6 +356,51 @@ async fn forward(
         return Err(ProxyError::Malformed("upgrade outside a tunnel"));
     }
     Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+}
+
+/// Forwards a captured plaintext caller's HTTP/1.1 upgrade to the app on a
+/// connection of its own (pooled connections never change protocol); after
+/// `101 Switching Protocols` the two sides are joined byte for byte.
+async fn upgrade(
+    ctx: &Arc<ConnCtx>,
+    pool: &crate::pool::ConnPool,
+    req: Request<ReqBody>,
+    downstream: hyper::upgrade::OnUpgrade,
+) -> Result<Response<RespBody>, ProxyError> {
+    let addr = pool.addr();
+    let app = pool.connect().await?;
+    let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(app))
+        .await
+        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "inbound upgrade connection ended");
+        }
+    });
+    let mut resp = tx
+        .send_request(req)
+        .await
+        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    static APP_MUST_NOT_SET: [http::HeaderName; 1] = [UNSENT];
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut parts, body) = resp.into_parts();
+        http_util::strip_hop_by_hop(&mut parts.headers, false);
+        http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);
+        return Ok(Response::from_parts(parts, RespBody::Upstream(body)));
+    }
+    let upstream = hyper::upgrade::on(&mut resp);
+    let shared = ctx.shared.clone();
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((d, u)) => spawn_splice(&shared, TokioIo::new(d), TokioIo::new(u)),
+            Err(e) => tracing::debug!(error = %e, "inbound upgrade did not complete"),
+        }
+    });
+    let (mut parts, _) = resp.into_parts();
+    http_util::strip_hop_by_hop(&mut parts.headers, true);
+    http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);
+    Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
 #[cfg(test)]

@@ -65,6 +65,10 @@ pub struct ConnCtx {
     pub peer_identity: Option<Arc<str>>,
     /// Where a captured connection was going before the capture rules redirected it.
     pub orig_dst: Option<SocketAddr>,
+    /// For plaintext redirected by the inbound capture rules: the application port
+    /// it was going to. Its requests go to that port alone (a plaintext caller's
+    /// `sinew-dst-port` or `CONNECT` target is not trusted to choose another one).
+    pub plaintext_port: Option<u16>,
     /// The metrics series this connection's last request was counted in.
     pub last_series: crate::metrics::LastSeries,
 }
@@ -300,7 +304,7 @@ async fn accept_loop(
             (stream, peer) = crate::accept::next(&listener, &mut errors) => {
                 let Some(guard) = shared.track() else { break };
                 let _ = stream.set_nodelay(true);
-                let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, last_series: Default::default() });
+                let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, plaintext_port: None, last_series: Default::default() });
                 tokio::spawn(async move {
                     connection(ctx, stream, opaque).await;
                     drop(guard);
@@ -332,8 +336,35 @@ async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
     } else if opaque {
         // Boxed: HTTP connections should not pay for the TCP path's state.
         Box::pin(outbound::tcp(ctx, stream)).await;
+    } else if ctx.role == Role::Upstream {
+        Box::pin(upstream_http(ctx, stream)).await;
     } else {
         serve_http(ctx, stream).await;
+    }
+}
+
+/// A connection to a binding declared HTTP. Detected as capture detects: a client
+/// that says nothing within the detection timeout is waiting for a server that
+/// speaks first (MySQL, SMTP), so the connection becomes opaque TCP to the service
+/// instead of waiting for a request head that never comes. A client that speaks
+/// first is served as HTTP, whatever it sends (not HTTP: hyper answers 400).
+async fn upstream_http(ctx: Arc<ConnCtx>, stream: TcpStream) {
+    let timeout = ctx
+        .shared
+        .snapshot
+        .load()
+        .as_ref()
+        .and_then(|s| s.config.capture.as_ref().map(|c| c.detect_timeout))
+        .unwrap_or(sinew_model::compile::DEFAULT_DETECT_TIMEOUT);
+    match crate::capture::detect(&stream, timeout).await {
+        crate::capture::Detected::Closed => {}
+        crate::capture::Detected::Timeout => {
+            ctx.shared.metrics.detect_timeouts.inc();
+            outbound::tcp(ctx, stream).await;
+        }
+        crate::capture::Detected::Http | crate::capture::Detected::Opaque => {
+            serve_http(ctx, stream).await;
+        }
     }
 }
 
@@ -422,6 +453,7 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
             peer: ctx.peer,
             peer_identity,
             orig_dst: ctx.orig_dst,
+            plaintext_port: None,
             last_series: Default::default(),
         });
         serve_http(ctx, tls).await;
@@ -790,6 +822,7 @@ spec:
             peer,
             peer_identity: None,
             orig_dst: None,
+            plaintext_port: None,
             last_series: Default::default(),
         });
         let conn = connection(ctx, stream, false);

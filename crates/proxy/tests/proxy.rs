@@ -705,6 +705,52 @@ async fn opaque_tcp_round_trips_including_server_first_protocols() -> TestResult
     Ok(())
 }
 
+/// A server-speaks-first protocol (an SMTP-style banner) behind a binding to a port
+/// declared `HTTP`: the client, which says nothing until greeted, gets the banner
+/// once detection gives up (not after the 30 s header-read timeout, nor never), both
+/// straight to the app and through its sidecar; and the bytes then flow both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_on_a_binding_declared_http_gets_its_greeting() -> TestResult {
+    let greeting = "220 smtp.example ready\r\n";
+    let banner = TcpEchoServer::start_server_first(greeting).await?;
+    let mesh = mesh_pair(banner.addr(), "HTTP").await;
+    let direct_bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(direct_bind, "smtp"),
+        service("smtp", "HTTP"),
+        workload("smtp-1", "smtp", banner.addr(), None)
+    ));
+    let direct = start(&file, "client").await;
+    for (proxy, bind) in [(&mesh.client, mesh.bind), (&direct, direct_bind)] {
+        let mut s = TcpStream::connect(bind).await?;
+        let mut buf = vec![0u8; greeting.len()];
+        // Well under the header-read timeout, far over the detection timeout.
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+            .await
+            .map_err(|_| "no greeting: the binding waited for an HTTP request")??;
+        assert_eq!(buf, greeting.as_bytes());
+        s.write_all(b"EHLO client\r\n").await?;
+        let mut line = vec![0u8; 13];
+        s.read_exact(&mut line).await?;
+        assert_eq!(line, b"EHLO client\r\n");
+        assert_eq!(
+            metric(proxy, "sinew_protocol_detect_timeouts_total").await,
+            Some(1.0),
+            "the fallback is counted"
+        );
+    }
+    // A client that speaks first is still served as HTTP: the banner server gets
+    // a request head, not an opaque stream (it echoes the banner and the head back,
+    // which is no HTTP response: the proxy answers 502).
+    let r = client::get(direct_bind, "smtp", "/").await?;
+    assert_eq!(r.status, 502);
+    direct.shutdown().await;
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_and_streaming_keep_trailers_through_the_mesh() -> TestResult {
     let server = grpc::EchoServer::start("echo-1").await?;
