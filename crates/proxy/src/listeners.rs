@@ -343,20 +343,22 @@ async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
     }
 }
 
+/// How long a connection to a binding declared HTTP may stay silent before it is
+/// taken for a server-speaks-first protocol (opaque TCP).
+pub const BINDING_DETECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A connection to a binding declared HTTP. Detected as capture detects: a client
 /// that says nothing within the detection timeout is waiting for a server that
 /// speaks first (MySQL, SMTP), so the connection becomes opaque TCP to the service
 /// instead of waiting for a request head that never comes. A client that speaks
 /// first is served as HTTP, whatever it sends (not HTTP: hyper answers 400).
+///
+/// The wait is longer than capture's (100 ms): the binding was declared HTTP, so a
+/// client that opens its connection a moment before using it (a pool warming up)
+/// keeps HTTP routing, retries and policy; a server-speaks-first client gets its
+/// greeting after [`BINDING_DETECT_TIMEOUT`] rather than never.
 async fn upstream_http(ctx: Arc<ConnCtx>, stream: TcpStream) {
-    let timeout = ctx
-        .shared
-        .snapshot
-        .load()
-        .as_ref()
-        .and_then(|s| s.config.capture.as_ref().map(|c| c.detect_timeout))
-        .unwrap_or(sinew_model::compile::DEFAULT_DETECT_TIMEOUT);
-    match crate::capture::detect(&stream, timeout).await {
+    match crate::capture::detect(&stream, BINDING_DETECT_TIMEOUT).await {
         crate::capture::Detected::Closed => {}
         crate::capture::Detected::Timeout => {
             ctx.shared.metrics.detect_timeouts.inc();
