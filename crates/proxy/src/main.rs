@@ -132,8 +132,9 @@ struct Args {
     /// Most request headers; more is answered 431 where it arrives.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
     max_request_headers: u32,
-    /// Most response headers accepted from an upstream (more: 502).
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    /// Most response headers accepted from an upstream (more: 502). Above 100 each
+    /// response costs a little more to parse.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
     max_response_headers: u32,
     /// Connections each listener holds open at once (then it stops accepting until
     /// one closes).

@@ -268,7 +268,9 @@ async fn forward(
     // A request with a streamed body and no retries has exactly one try (a hedge
     // needs retries too): it takes the head itself. Otherwise every try gets a copy:
     // a retry, or a resend after an endpoint that never saw the request, needs it.
-    let keep_head = retry.is_some() || matches!(payload, Payload::Bytes(_));
+    // (With one endpoint there is nowhere else to resend to: no copy.)
+    let keep_head =
+        retry.is_some() || (matches!(payload, Payload::Bytes(_)) && balancer.endpoints().len() > 1);
     let mut parts = Some(parts);
     let head = |parts: &mut Option<http::request::Parts>| {
         if keep_head {
@@ -494,6 +496,7 @@ async fn forward(
             && retry.is_none()
             && attempt == 0
             && safe
+            && keep_head
             && matches!(payload, Payload::Bytes(_))
         {
             attempt += 1;

@@ -325,9 +325,13 @@ impl ConnPool {
     async fn connect_h1(&self) -> Result<http1::SendRequest<ReqBody>, ProxyError> {
         let slot = self.open_slot()?;
         let io = TokioIo::new(self.connect().await?);
-        let (tx, conn) = http1::Builder::new()
-            .max_headers(self.limits.response_headers)
-            .max_buf_size(self.limits.response_header_bytes.max(8192))
+        let mut builder = http1::Builder::new();
+        builder.max_buf_size(self.limits.response_header_bytes.max(8192));
+        if self.limits.response_headers > crate::state::HYPER_MAX_HEADERS {
+            // Only when raised: a count costs an allocation per response parsed.
+            builder.max_headers(self.limits.response_headers);
+        }
+        let (tx, conn) = builder
             .handshake(io)
             .await
             .map_err(|source| ProxyError::Upstream {

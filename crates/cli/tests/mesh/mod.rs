@@ -254,6 +254,18 @@ pub async fn proxy_with_token(
     min_backoff: Duration,
     token: Option<String>,
 ) -> Proxy {
+    proxy_with(cp, name, registration, min_backoff, token, |_| {}).await
+}
+
+/// Like [`proxy_with_token`], with `tweak` applied to the proxy's options.
+pub async fn proxy_with(
+    cp: &Control,
+    name: &str,
+    registration: Option<Registration>,
+    min_backoff: Duration,
+    token: Option<String>,
+    tweak: impl FnOnce(&mut ProxyOptions),
+) -> Proxy {
     let ns = name.split_once('/').map_or("default", |(a, _)| a);
     let token = match token {
         Some(t) => t,
@@ -272,15 +284,24 @@ pub async fn proxy_with_token(
     settings.join_token = Some(token);
     settings.min_backoff = min_backoff;
     settings.max_backoff = min_backoff.max(Duration::from_millis(500));
-    start_proxy(settings).await
+    start_proxy_with(settings, tweak).await
 }
 
 /// Starts an in-process proxy with these control-plane settings; returns once it is
 /// ready.
 pub async fn start_proxy(settings: ControlSettings) -> Proxy {
+    start_proxy_with(settings, |_| {}).await
+}
+
+/// Like [`start_proxy`], with `tweak` applied to the proxy's options.
+pub async fn start_proxy_with(
+    settings: ControlSettings,
+    tweak: impl FnOnce(&mut ProxyOptions),
+) -> Proxy {
     let mut opts = ProxyOptions::control_plane(settings);
     opts.admin = "127.0.0.1:0".parse().unwrap();
     opts.drain_timeout = Duration::from_secs(5);
+    tweak(&mut opts);
     let p = Proxy::start(opts).unwrap();
     let admin = p.admin_addr();
     wait::until("proxy ready", TIMEOUT, || async move {
