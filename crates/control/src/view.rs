@@ -402,6 +402,7 @@ fn proxy_document(
             .to_string(),
             app_address: None,
             ports,
+            limits: None,
         });
     }
     if let Some(c) = add_capture {

@@ -51,6 +51,9 @@ pub struct ProxyConfig {
     pub tracing: Option<TracingConfig>,
     /// Access logs (`Proxy.spec.accessLog`); `None`: off.
     pub access_log: Option<crate::resource::AccessLogFormat>,
+    /// The proxy's own request limits (`spec.limits`), for listeners without their
+    /// own (the HTTP proxy port, capture).
+    pub limits: LimitsSpec,
     /// Transparent capture (`Proxy.spec.capture`); `None`: off.
     pub capture: Option<CaptureConfig>,
     /// What captured traffic to unknown destinations does
@@ -156,6 +159,9 @@ pub struct InboundConfig {
     /// JWT rules that apply here (targeted `RequestAuthentication`s first, then the
     /// namespace-wide ones). Empty: tokens are not looked at.
     pub jwt: Vec<JwtRuleConfig>,
+    /// Request limits of this listener (its own over the proxy's); unset fields:
+    /// the sidecar's flags.
+    pub limits: LimitsSpec,
 }
 
 /// How tokens of one issuer are verified at an inbound.
@@ -273,6 +279,8 @@ pub struct UpstreamConfig {
     pub port: u16,
     /// Protocol spoken on the binding.
     pub protocol: Protocol,
+    /// Request limits of this binding (its own over the proxy's).
+    pub limits: LimitsSpec,
 }
 
 /// One service.
@@ -788,6 +796,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         zone: zone_of(&w.metadata),
     });
     let own_services = workload.map(|w| own_services(res, w)).unwrap_or_default();
+    let proxy_limits = p.spec.limits.unwrap_or_default();
     let inbound = p.spec.inbound.as_ref().and_then(|i| {
         Some(InboundConfig {
             bind: i.bind.parse().ok()?,
@@ -799,6 +808,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
             mtls: inbound_mtls(res, &ns, &own_services),
             authz: compile_authz(res, &ns, &own_services, &trust_domain),
             jwt: compile_jwt(res, &ns, &own_services),
+            limits: i.limits.unwrap_or_default().or(proxy_limits),
         })
     });
     let mut upstreams = Vec::new();
@@ -814,6 +824,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
             service: format!("{}.{}", svc.metadata.name, svc.metadata.ns()),
             port: port.port,
             protocol: u.protocol.unwrap_or(port.protocol),
+            limits: u.limits.unwrap_or_default().or(proxy_limits),
         });
     }
     let http_proxy = p
@@ -842,6 +853,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         identity,
         tracing,
         access_log: p.spec.access_log.as_ref().map(|a| a.format),
+        limits: proxy_limits,
         capture: p.spec.capture.as_ref().map(|c| CaptureConfig {
             outbound_port: c.outbound_port,
             inbound_port: c.inbound_port,
@@ -1810,6 +1822,18 @@ spec: {ports: [{name: http, port: 80}]}
             (
                 "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {rules: [{to: {verbs: [GET]}}]}",
                 "unknown field `verbs`",
+            ),
+            (
+                "kind: Proxy\nmetadata: {name: p, namespace: shop}\nspec: {limits: {maxRequestHeadersKb: 0}}",
+                "spec.limits.maxRequestHeadersKb: must be 1-8192",
+            ),
+            (
+                "kind: Proxy\nmetadata: {name: p, namespace: shop}\nspec: {inbound: {bind: \"127.0.0.1:4143\", ports: [80], limits: {maxRequestHeaders: 20000}}}",
+                "spec.inbound.limits.maxRequestHeaders: must be 1-10000",
+            ),
+            (
+                "kind: Proxy\nmetadata: {name: p, namespace: shop}\nspec: {limits: {maxBody: 1}}",
+                "unknown field `maxBody`",
             ),
             (
                 "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {targetRef: {name: catalog}, defaultAction: DENY}",

@@ -914,8 +914,26 @@ impl Resources {
                 }
             }
         }
+        let limits = |c: &mut Checker<'_>, field: &str, l: &Option<LimitsSpec>| {
+            let Some(l) = l else { return };
+            if l.max_request_headers_kb
+                .is_some_and(|v| !(1..=8192).contains(&v))
+            {
+                c.fail(format!("{field}.maxRequestHeadersKb"), "must be 1-8192");
+            }
+            if l.max_request_headers
+                .is_some_and(|v| !(1..=10_000).contains(&v))
+            {
+                c.fail(format!("{field}.maxRequestHeaders"), "must be 1-10000");
+            }
+        };
+        limits(&mut c, "spec.limits", &p.spec.limits);
+        if let Some(inb) = &p.spec.inbound {
+            limits(&mut c, "spec.inbound.limits", &inb.limits);
+        }
         for (i, u) in p.spec.outbound.upstreams.iter().enumerate() {
             let f = format!("spec.outbound.upstreams[{i}]");
+            limits(&mut c, &format!("{f}.limits"), &u.limits);
             bind(&mut c, format!("{f}.bind"), &u.bind);
             let Some(svc) = self.find_service(k.0.as_str(), &u.service) else {
                 c.fail(

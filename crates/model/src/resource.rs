@@ -344,6 +344,40 @@ pub struct ProxySpec {
     /// packet-filter rules (`sinew init`), which listens on these ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureSpec>,
+    /// Request limits of every listener of this proxy (a listener's own `limits`
+    /// win); unset: the sidecar's flags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+}
+
+/// Request limits (`Proxy.spec.limits`, `spec.inbound.limits`,
+/// `spec.outbound.upstreams[].limits`). A request over them is answered by the
+/// listener it arrives at, never forwarded: 431 for headers, 413 for a body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Most KiB of request headers (names, values and 32 bytes each, as HTTP/2
+    /// counts them), 1 to 8192.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_headers_kb: Option<u32>,
+    /// Most request headers, 1 to 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_headers: Option<u32>,
+    /// Most bytes of a request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body_bytes: Option<u64>,
+}
+
+impl LimitsSpec {
+    /// These limits, with `outer`'s where these say nothing.
+    pub fn or(self, outer: LimitsSpec) -> LimitsSpec {
+        LimitsSpec {
+            max_request_headers_kb: self.max_request_headers_kb.or(outer.max_request_headers_kb),
+            max_request_headers: self.max_request_headers.or(outer.max_request_headers),
+            max_request_body_bytes: self.max_request_body_bytes.or(outer.max_request_body_bytes),
+        }
+    }
 }
 
 /// Transparent capture (`Proxy.spec.capture`). The ports must be those `sinew init`
@@ -414,6 +448,9 @@ pub struct InboundSpec {
     pub app_address: Option<String>,
     /// Application ports mesh traffic may reach; nothing else on the host is reachable.
     pub ports: Vec<u16>,
+    /// This listener's request limits (over the proxy's `spec.limits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
 }
 
 /// The outbound listeners.
@@ -444,6 +481,9 @@ pub struct UpstreamSpec {
     /// Override the service port's protocol for this binding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
+    /// This binding's request limits (over the proxy's `spec.limits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
 }
 
 /// A service port named or numbered.

@@ -21,11 +21,49 @@ pub enum ReqBody {
     /// Streamed, with a copy kept (up to a limit) so a retry can send it again
     /// once it has ended: bodies of unknown length, such as gRPC calls.
     Captured(Incoming, Arc<Capture>),
-    /// Streamed from the downstream connection, noting in the flag whether it
-    /// failed there (malformed chunking, a client gone): a send that fails then is
-    /// the client's fault, not the endpoint's.
-    Watched(Incoming, Arc<std::sync::atomic::AtomicBool>),
+    /// Streamed from the downstream connection, noting whether it failed there
+    /// (malformed chunking, a client gone) or went past the listener's body limit:
+    /// a send that fails then is the client's fault, not the endpoint's.
+    Watched(Incoming, Arc<Watch>),
 }
+
+/// What a [`ReqBody::Watched`] body saw.
+#[derive(Debug, Default)]
+pub struct Watch {
+    failed: std::sync::atomic::AtomicBool,
+    too_large: std::sync::atomic::AtomicBool,
+    seen: std::sync::atomic::AtomicU64,
+    limit: Option<u64>,
+}
+
+impl Watch {
+    /// A watch that stops the body past `limit` bytes.
+    pub fn new(limit: Option<u64>) -> Watch {
+        Watch {
+            limit,
+            ..Watch::default()
+        }
+    }
+
+    /// The body broke on the client's side.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The body went past the limit (and was stopped).
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The limit, if any.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+}
+
+/// Errors of a request body sent upstream: the downstream's, or the listener's
+/// body limit.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The copy a [`ReqBody::Captured`] keeps.
 #[derive(Debug)]
@@ -91,20 +129,35 @@ impl Capture {
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let polled = match self.get_mut() {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ReqBody::Watched(b, failed) => {
+            ReqBody::Watched(b, watch) => {
                 let polled = Pin::new(b).poll_frame(cx);
-                if let Poll::Ready(Some(Err(_))) = &polled {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                match &polled {
+                    Poll::Ready(Some(Err(_))) => watch.failed.store(true, Relaxed),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        let seen = watch.seen.fetch_add(n, Relaxed) + n;
+                        if let Some(limit) = watch.limit
+                            && seen > limit
+                        {
+                            watch.too_large.store(true, Relaxed);
+                            return Poll::Ready(Some(Err(format!(
+                                "the request body is over the listener's limit of {limit} bytes"
+                            )
+                            .into())));
+                        }
+                    }
+                    _ => {}
                 }
                 polled
             }
@@ -117,7 +170,8 @@ impl Body for ReqBody {
                 }
                 polled
             }
-        }
+        };
+        polled.map(|f| f.map(|r| r.map_err(BodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -20,6 +20,9 @@ pub enum ProxyError {
     /// The request's headers are over the listener's limits (431).
     #[error("request headers too large: {0}")]
     HeadersTooLarge(String),
+    /// The request body is over the listener's limit (413).
+    #[error("the request body is over this listener's limit of {0} bytes")]
+    BodyTooLarge(u64),
     /// The request body broke while it was being forwarded (malformed chunked
     /// encoding, a client that reset): the client's fault, not the endpoint's.
     #[error("the request body could not be read: {0}")]
@@ -91,6 +94,7 @@ impl ProxyError {
         match self {
             ProxyError::Malformed(_) | ProxyError::RequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UnknownService(_) | ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::PortNotAllowed(_) => StatusCode::FORBIDDEN,
             ProxyError::NoEndpoints(_) | ProxyError::ShuttingDown | ProxyError::Overflow(_) => {
@@ -111,6 +115,7 @@ impl ProxyError {
         match self {
             ProxyError::Malformed(_) => "malformed-request",
             ProxyError::HeadersTooLarge(_) => "headers-too-large",
+            ProxyError::BodyTooLarge(_) => "body-too-large",
             ProxyError::RequestBody(_) => "malformed-request-body",
             ProxyError::UnknownService(_) => "unknown-service",
             ProxyError::NoRoute => "no-route",
@@ -133,7 +138,7 @@ impl ProxyError {
         match self {
             ProxyError::Timeout(_) => "4", // DEADLINE_EXCEEDED
             ProxyError::Malformed(_) | ProxyError::RequestBody(_) => "13", // INTERNAL
-            ProxyError::HeadersTooLarge(_) => "8", // RESOURCE_EXHAUSTED
+            ProxyError::HeadersTooLarge(_) | ProxyError::BodyTooLarge(_) => "8", // RESOURCE_EXHAUSTED
             ProxyError::PortNotAllowed(_) => "7", // PERMISSION_DENIED
             ProxyError::RateLimited { .. } => "8", // RESOURCE_EXHAUSTED
             ProxyError::Policy(p) if p.status == StatusCode::UNAUTHORIZED => "16", // UNAUTHENTICATED

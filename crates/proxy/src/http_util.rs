@@ -223,6 +223,36 @@ pub fn check_request_head(
     Ok(())
 }
 
+/// A listener's limits: its configured `limits` over the sidecar's flags. Header
+/// limits can only be lowered per listener (hyper reads heads into a buffer sized
+/// by the flags); the body limit, if any, is the listener's.
+pub fn listener_limits(
+    flags: &crate::state::HeadLimits,
+    l: &sinew_model::resource::LimitsSpec,
+) -> (crate::state::HeadLimits, Option<u64>) {
+    let mut limits = *flags;
+    if let Some(kb) = l.max_request_headers_kb {
+        limits.request_header_bytes = limits.request_header_bytes.min(kb as usize * 1024);
+    }
+    if let Some(n) = l.max_request_headers {
+        limits.request_headers = limits.request_headers.min(n as usize);
+    }
+    (limits, l.max_request_body_bytes)
+}
+
+/// Refuses a request whose declared length (`content-length`) is over `limit`.
+pub fn check_declared_length(headers: &HeaderMap, limit: Option<u64>) -> Result<(), ProxyError> {
+    let Some(limit) = limit else { return Ok(()) };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit => Err(ProxyError::BodyTooLarge(limit)),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod head_tests {
     #![allow(clippy::unwrap_used)]

@@ -222,13 +222,14 @@ async fn forward(
         .ok_or(ProxyError::ShuttingDown)?;
     meta.service = snap.inbound_service.clone();
     // Room for what the caller's sidecar added on the mesh hop.
+    let (own, body_limit) = http_util::listener_limits(&ctx.shared.settings.limits, &inb.limits);
     let limits = crate::state::HeadLimits {
-        request_header_bytes: ctx.shared.settings.limits.request_header_bytes
-            + crate::state::MESH_HEADER_ROOM,
-        request_headers: ctx.shared.settings.limits.request_headers + 16,
-        ..ctx.shared.settings.limits
+        request_header_bytes: own.request_header_bytes + crate::state::MESH_HEADER_ROOM,
+        request_headers: own.request_headers + 16,
+        ..own
     };
     http_util::check_request_head(req.headers_mut(), &limits)?;
+    http_util::check_declared_length(req.headers(), body_limit)?;
 
     if req.method() == Method::CONNECT {
         if ctx.plaintext_port.is_some() {
@@ -339,12 +340,24 @@ async fn forward(
     // it (and dropping the request tells the app to stop), even if the caller's
     // sidecar never says it gave up.
     let deadline = crate::resilience::incoming_timeout(&parts.headers);
-    let send = pool.send(Request::from_parts(parts, ReqBody::Incoming(body)), version);
-    let resp = match deadline {
+    // With a body limit, the body is counted on its way (one allocation, only then).
+    let watch = body_limit.map(|l| Arc::new(crate::body::Watch::new(Some(l))));
+    let body = match &watch {
+        Some(w) => ReqBody::Watched(body, w.clone()),
+        None => ReqBody::Incoming(body),
+    };
+    let send = pool.send(Request::from_parts(parts, body), version);
+    let sent = match deadline {
         Some(d) => tokio::time::timeout(d, send)
             .await
-            .map_err(|_| ProxyError::Timeout(d))??,
-        None => send.await?,
+            .map_err(|_| ProxyError::Timeout(d))?,
+        None => send.await,
+    };
+    let resp = match (sent, &watch) {
+        (Err(_), Some(w)) if w.too_large() => {
+            return Err(ProxyError::BodyTooLarge(w.limit().unwrap_or(0)));
+        }
+        (r, _) => r?,
     };
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);

@@ -55,6 +55,20 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     )
 }
 
+/// The `limits` of the listener a connection arrived at: its binding's, else the
+/// proxy's.
+fn listener_limits(ctx: &ConnCtx, snap: &Snapshot) -> sinew_model::resource::LimitsSpec {
+    match ctx.role {
+        Role::Upstream => snap
+            .config
+            .upstreams
+            .iter()
+            .find(|u| u.bind == ctx.bind)
+            .map_or(snap.config.limits, |u| u.limits),
+        _ => snap.config.limits,
+    }
+}
+
 fn target<'s>(
     ctx: &ConnCtx,
     snap: &'s Snapshot,
@@ -121,7 +135,10 @@ async fn forward(
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
     // A bad head is answered here, before it can reach a shared connection.
-    http_util::check_request_head(req.headers_mut(), &ctx.shared.settings.limits)?;
+    let (limits, body_limit) =
+        http_util::listener_limits(&ctx.shared.settings.limits, &listener_limits(ctx, &snap));
+    http_util::check_request_head(req.headers_mut(), &limits)?;
+    http_util::check_declared_length(req.headers(), body_limit)?;
     // Parsed once: routing by host and the filters below both need it.
     let parsed = http_util::authority(&req);
     let (svc, port) = target(ctx, &snap, parsed.as_ref())?;
@@ -240,7 +257,11 @@ async fn forward(
     // Retries and mirrors need the body again: hold it when it is small and of known
     // length; anything else streams once (and is neither retried nor mirrored).
     let replayable = retry.is_some() || mirror.is_some();
-    let mut payload = if replayable {
+    let mut payload = if replayable
+        && (body_limit.is_none() || http_body::Body::size_hint(&body).exact().is_some())
+    {
+        // (A body of unknown length on a listener with a body limit streams once,
+        // watched for the limit, rather than being copied for a replay.)
         buffer(body).await?
     } else if http_body::Body::is_end_stream(&body) {
         // No body (most GETs): sendable again at no cost, should the chosen
@@ -354,7 +375,7 @@ async fn forward(
     // endpoint and the request itself when it came back whole.
     let mut resend: Option<Resend> = None;
     // Set when a streamed request body failed on the client's side.
-    let mut body_failed: Option<Arc<std::sync::atomic::AtomicBool>> = None;
+    let mut body_failed: Option<Arc<crate::body::Watch>> = None;
     let mut resends = 0u32;
     let resp = loop {
         let endpoint = if let Some((e, _)) = &resend {
@@ -375,7 +396,9 @@ async fn forward(
                 let body = match &mut payload {
                     Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
                     Payload::Stream(s) => s.take().map_or(ReqBody::Empty, |b| {
-                        ReqBody::Watched(b, body_failed.get_or_insert_default().clone())
+                        let watch = body_failed
+                            .get_or_insert_with(|| Arc::new(crate::body::Watch::new(body_limit)));
+                        ReqBody::Watched(b, watch.clone())
                     }),
                     Payload::Captured(s, c) => s
                         .take()
@@ -585,7 +608,7 @@ async fn send_attempt(
     req: Request<ReqBody>,
     version: UpVersion,
     per_try: Option<Duration>,
-    body_failed: Option<&std::sync::atomic::AtomicBool>,
+    body_failed: Option<&crate::body::Watch>,
 ) -> Result<Response<Incoming>, SendError> {
     let admitted = match balancer.admit(endpoint) {
         Ok(a) => a,
@@ -618,7 +641,7 @@ async fn send_attempt(
     let outcome = match &result {
         Ok(r) if !r.status().is_server_error() => Outcome::Ok,
         Err(SendError {
-            error: ProxyError::RequestBody(_),
+            error: ProxyError::RequestBody(_) | ProxyError::BodyTooLarge(_),
             ..
         }) => return result,
         Err(SendError {
@@ -848,7 +871,7 @@ async fn send_timed(
     req: Request<ReqBody>,
     version: UpVersion,
     timeout: Option<Duration>,
-    body_failed: Option<&std::sync::atomic::AtomicBool>,
+    body_failed: Option<&crate::body::Watch>,
 ) -> Result<Response<Incoming>, SendError> {
     let inflight = endpoint.start();
     let fut = endpoint.pool.send(req, version);
@@ -859,19 +882,22 @@ async fn send_timed(
         })),
         None => fut.await,
     };
-    if let Err(e) = &mut res
-        && body_failed.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-    {
-        // The client's body broke (malformed chunking, a client gone): whatever the
-        // upstream then said, that is the client's fault.
-        e.error = ProxyError::RequestBody(e.error.to_string());
-        e.reached = Reached::Maybe;
+    if let (Err(e), Some(watch)) = (&mut res, body_failed) {
+        // The client's body broke (malformed chunking, a client gone) or went past
+        // the listener's limit: whatever the upstream then said, that is the client's.
+        if watch.too_large() {
+            e.error = ProxyError::BodyTooLarge(watch.limit().unwrap_or(0));
+            e.reached = Reached::Maybe;
+        } else if watch.failed() {
+            e.error = ProxyError::RequestBody(e.error.to_string());
+            e.reached = Reached::Maybe;
+        }
     }
     match &res {
         Ok(r) if !r.status().is_server_error() => inflight.success(),
         // The client's fault: says nothing about the endpoint.
         Err(SendError {
-            error: ProxyError::RequestBody(_),
+            error: ProxyError::RequestBody(_) | ProxyError::BodyTooLarge(_),
             ..
         }) => drop(inflight),
         _ => inflight.failure(),

@@ -229,3 +229,88 @@ fn admin_endpoints_that_reveal_traffic_answer_loopback_callers_only() {
     let _ = proxy.kill();
     let _ = proxy.wait();
 }
+
+/// curl's status code for a request through `bind` (extra arguments first).
+async fn curl_status(args: &[&str], url: &str) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .await
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_listener_limits_answer_413_and_431_where_the_request_arrives() {
+    let app = HttpBackend::start("app").await.unwrap();
+    let (strict, roomy) = (free_addr(), free_addr());
+    // The proxy: bodies up to 1 KiB, 20 headers; the strict binding also caps
+    // headers at 4 KiB.
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        proxy_doc(
+            "client",
+            &format!(
+                "  limits: {{maxRequestBodyBytes: 1024, maxRequestHeaders: 20}}\n  outbound:\n    upstreams:\n      - {{bind: \"{strict}\", service: catalog, limits: {{maxRequestHeadersKb: 4}}}}\n      - {{bind: \"{roomy}\", service: catalog}}"
+            ),
+        ),
+        service("catalog", "HTTP"),
+        workload("a", "catalog", app.addr(), None),
+    ));
+    let proxy = start(&file, "client").await;
+    let dir = std::env::temp_dir().join(format!("sinew-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let five_kib = dir.join("five-kib-header");
+    std::fs::write(&five_kib, format!("x-big: {}\n", "a".repeat(5 * 1024))).unwrap();
+    let big_body = dir.join("body-2000");
+    std::fs::write(&big_body, vec![b'x'; 2000]).unwrap();
+    let small_body = dir.join("body-500");
+    std::fs::write(&small_body, vec![b'x'; 500]).unwrap();
+    let header = format!("@{}", five_kib.display());
+    let url = |b: SocketAddr| format!("http://{b}/upload");
+
+    // Headers: the binding's own limit, then the proxy's.
+    assert_eq!(curl_status(&["-H", &header], &url(strict)).await, "431");
+    assert_eq!(curl_status(&["-H", &header], &url(roomy)).await, "200");
+    let many: Vec<String> = (0..25).map(|i| format!("x-h{i}: v")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for h in &many {
+        args.extend(["-H", h]);
+    }
+    assert_eq!(curl_status(&args, &url(roomy)).await, "431");
+    let before = app.requests();
+    // Bodies: declared too long, streamed (chunked) too long, and within the limit.
+    let big = format!("@{}", big_body.display());
+    let small = format!("@{}", small_body.display());
+    for b in [strict, roomy] {
+        assert_eq!(curl_status(&["--data-binary", &big], &url(b)).await, "413");
+        assert_eq!(
+            curl_status(
+                &["-H", "transfer-encoding: chunked", "--data-binary", &big],
+                &url(b)
+            )
+            .await,
+            "413"
+        );
+        assert_eq!(
+            curl_status(
+                &["-H", "transfer-encoding: chunked", "--data-binary", &small],
+                &url(b)
+            )
+            .await,
+            "200"
+        );
+    }
+    // The declared-too-long ones never reached the app.
+    assert!(app.requests() - before <= 4, "{}", app.requests() - before);
+    // Nothing counted against the endpoint.
+    let m = admin(&proxy, "/metrics").await.text();
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("sinew_outlier_ejections_total") && !l.ends_with(" 0")),
+        "{m}"
+    );
+    proxy.shutdown().await;
+}
