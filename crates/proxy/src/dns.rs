@@ -335,6 +335,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(1),
             limits: Default::default(),
             max_connections: 16,
+            idle_timeout: Duration::from_secs(300),
         };
         // No configuration: every name is forwarded.
         let shared = Arc::new(Shared::new(settings, drain_rx, track));

@@ -92,6 +92,8 @@ pub struct ProxyOptions {
     pub limits: state::HeadLimits,
     /// Connections each listener holds open at once; default 16384.
     pub max_connections: usize,
+    /// An HTTP/2 connection idle this long is closed gracefully; default 5 min.
+    pub idle_timeout: Duration,
 }
 
 impl ProxyOptions {
@@ -117,6 +119,7 @@ impl ProxyOptions {
             header_read_timeout: Duration::from_secs(30),
             limits: state::HeadLimits::default(),
             max_connections: 16 * 1024,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -175,6 +178,7 @@ impl Proxy {
             header_read_timeout: opts.header_read_timeout,
             limits: opts.limits,
             max_connections: opts.max_connections,
+            idle_timeout: opts.idle_timeout,
         };
         let shared = Arc::new(Shared::new(settings, drain_rx, track_tx));
         let admin = std::net::TcpListener::bind(opts.admin)

@@ -468,35 +468,92 @@ where
 {
     let shared = ctx.shared.clone();
     let role = ctx.role;
-    // hyper keeps a slot the size of this future for the connection's whole life;
-    // boxing it per request keeps idle keep-alive connections small (one allocation
-    // per request instead of ~5 KB per idle connection).
-    let svc = service_fn(move |req| -> HandlerFuture {
-        let ctx = ctx.clone();
-        match role {
-            Role::Inbound | Role::InboundCapture => {
-                Box::pin(async move { Ok(inbound::handle(ctx, req).await) })
-            }
-            Role::Upstream | Role::HttpProxy | Role::OutboundCapture => {
-                Box::pin(async move { Ok(outbound::handle(ctx, req).await) })
-            }
-        }
-    });
     let mut stream = stream;
     let Some((prefix, h2)) = http_version(&mut stream, shared.settings.header_read_timeout).await
     else {
         return;
     };
+    // HTTP/2 connections are closed (gracefully) once idle; HTTP/1.1 ones by hyper's
+    // header-read timer, which also runs between requests.
+    let activity = h2.then(|| Arc::new(Activity::new()));
+    let seen = activity.clone();
+    // hyper keeps a slot the size of this future for the connection's whole life;
+    // boxing it per request keeps idle keep-alive connections small (one allocation
+    // per request instead of ~5 KB per idle connection).
+    let svc = service_fn(move |req| -> HandlerFuture {
+        let ctx = ctx.clone();
+        let busy = seen.as_ref().map(|a| a.start());
+        match role {
+            Role::Inbound | Role::InboundCapture => Box::pin(async move {
+                let _busy = busy;
+                Ok(inbound::handle(ctx, req).await)
+            }),
+            Role::Upstream | Role::HttpProxy | Role::OutboundCapture => Box::pin(async move {
+                let _busy = busy;
+                Ok(outbound::handle(ctx, req).await)
+            }),
+        }
+    });
     let io = TokioIo::new(Prefixed::new(prefix, stream));
     let drain = shared.drain.clone();
-    if h2 {
+    if let Some(activity) = activity {
         // Boxed: HTTP/2 connections are the few, and an HTTP/1.1 connection's task
         // would otherwise hold room for one for its whole life.
         let conn = shared.http2.serve_connection(io, svc);
-        Box::pin(drive(conn, drain)).await;
+        let idle = activity.idle(shared.settings.idle_timeout);
+        Box::pin(drive(conn, drain, idle)).await;
     } else {
         let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        drive(conn, drain).await;
+        drive(conn, drain, std::future::pending()).await;
+    }
+}
+
+/// Requests of one HTTP/2 connection: how many are being handled, and when the
+/// last one started.
+struct Activity {
+    busy: std::sync::atomic::AtomicUsize,
+    born: tokio::time::Instant,
+    /// Milliseconds from `born` to the last request's start.
+    last: std::sync::atomic::AtomicU64,
+}
+
+/// A request being handled (until its response head): the connection is busy.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            busy: Default::default(),
+            born: tokio::time::Instant::now(),
+            last: Default::default(),
+        }
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has started for `timeout` and none is being
+    /// handled. (A response still streaming its body then finishes: the close is
+    /// graceful.)
+    async fn idle(self: Arc<Self>, timeout: Duration) {
+        loop {
+            let last = self.born + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let due = last + timeout;
+            if tokio::time::Instant::now() >= due && self.busy.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(due.max(tokio::time::Instant::now() + timeout / 8)).await;
+        }
     }
 }
 
@@ -533,14 +590,25 @@ where
     }
 }
 
-/// Serves `conn` until it ends, or until the proxy drains: then gracefully, until it
-/// ends or the proxy closes.
-async fn drive<C: Graceful>(conn: C, mut drain: watch::Receiver<DrainState>) {
+/// Serves `conn` until it ends, or until the proxy drains or `idle` resolves: then
+/// gracefully, until it ends or the proxy closes.
+async fn drive<C: Graceful>(
+    conn: C,
+    mut drain: watch::Receiver<DrainState>,
+    idle: impl Future<Output = ()>,
+) {
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = idle => {
+            conn.as_mut().graceful();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = reached(&mut drain, DrainState::Closing) => {}
             }
         }
         _ = reached(&mut drain, DrainState::Draining) => {
@@ -807,6 +875,7 @@ spec:
             header_read_timeout: Duration::from_secs(1),
             limits: Default::default(),
             max_connections: 16,
+            idle_timeout: Duration::from_secs(300),
         };
         let shared = Arc::new(Shared::new(settings, drain_rx, track));
         let listener = TcpListener::bind("127.0.0.1:0")

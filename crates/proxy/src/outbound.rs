@@ -289,9 +289,12 @@ async fn forward(
     // A request with a streamed body and no retries has exactly one try (a hedge
     // needs retries too): it takes the head itself. Otherwise every try gets a copy:
     // a retry, or a resend after an endpoint that never saw the request, needs it.
-    // (With one endpoint there is nowhere else to resend to: no copy.)
-    let keep_head =
-        retry.is_some() || (matches!(payload, Payload::Bytes(_)) && balancer.endpoints().len() > 1);
+    // (With one endpoint without a sidecar there is nowhere to resend to: no copy.
+    // A sidecar's HTTP/2 connection may announce GOAWAY: then a new connection to
+    // the same one takes the request.)
+    let keep_head = retry.is_some()
+        || (matches!(payload, Payload::Bytes(_))
+            && (balancer.endpoints().len() > 1 || endpoint.config.sidecar.is_some()));
     let mut parts = Some(parts);
     let head = |parts: &mut Option<http::request::Parts>| {
         if keep_head {
@@ -475,8 +478,17 @@ async fn forward(
                     Reached::No(back) => back,
                     Reached::Maybe => None,
                 };
-                let replayable = back.is_some() || matches!(payload, Payload::Bytes(_));
-                match elsewhere(&endpoint).filter(|e| !Arc::ptr_eq(e, &endpoint)) {
+                let replayable =
+                    back.is_some() || (keep_head && matches!(payload, Payload::Bytes(_)));
+                // A stream the peer refused or excluded by its GOAWAY (an HTTP/2
+                // error, not a failed connect) may go to the same endpoint again, on
+                // a new connection, when there is no other.
+                let again =
+                    matches!(e.error, ProxyError::Upstream { .. }).then(|| endpoint.clone());
+                match elsewhere(&endpoint)
+                    .filter(|e| !Arc::ptr_eq(e, &endpoint))
+                    .or(again)
+                {
                     Some(next) if replayable => {
                         tracing::debug!(endpoint = %endpoint.config.address, error = %e.error, "not reached; sending elsewhere");
                         ctx.shared

@@ -386,6 +386,9 @@ pub struct Settings {
     /// Connections each listener holds open at once; at the cap it stops accepting
     /// until one closes.
     pub max_connections: usize,
+    /// An HTTP/2 connection with no request for this long is closed gracefully
+    /// (HTTP/1.1 ones close after `header_read_timeout` between requests).
+    pub idle_timeout: Duration,
 }
 
 /// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB

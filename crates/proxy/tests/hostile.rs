@@ -314,3 +314,66 @@ async fn per_listener_limits_answer_413_and_431_where_the_request_arrives() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_and_the_mesh_hop_reconnects_without_a_failure() {
+    let app = HttpBackend::start("app").await.unwrap();
+    let (bind, inbound) = (free_addr(), free_addr());
+    let file = ConfigFile::new(&format!(
+        "{}{}{}{}",
+        proxy_doc(
+            "client",
+            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"),
+        ),
+        proxy_doc(
+            "server",
+            &format!(
+                "  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
+                app.addr().port()
+            ),
+        ),
+        service("catalog", "HTTP"),
+        workload("catalog-1", "catalog", app.addr(), Some(inbound.port())),
+    ));
+    // Both sidecars close HTTP/2 connections idle for 300 ms.
+    let quick = |name: &str| {
+        let mut o = options(&file.path, name);
+        o.idle_timeout = Duration::from_millis(300);
+        o
+    };
+    let server = start_with(quick("server")).await;
+    let client_side = start_with(quick("client")).await;
+    // A client's own HTTP/2 connection, idle: closed by its sidecar.
+    let h2 = client::h2(bind).await.unwrap();
+    assert_eq!(h2.get("catalog", "/").await.unwrap().status, 200);
+    wait::until("the idle HTTP/2 connection is closed", TIMEOUT, || async {
+        h2.is_closed()
+    })
+    .await
+    .unwrap();
+    // The sidecar-to-sidecar connection goes idle and is closed too (GOAWAY): every
+    // request after that still succeeds, on a new connection.
+    let conns = app.connections();
+    let mut c = client::h1(bind).await.unwrap();
+    for round in 0..5 {
+        for _ in 0..20 {
+            let r = c.get("catalog", "/").await.unwrap();
+            assert_eq!(
+                r.status,
+                200,
+                "round {round}: {:?}",
+                r.header("sinew-error")
+            );
+        }
+        // The server sidecar closes the idle HTTP/2 hop (its inbound holds no
+        // connection any more) before the next round.
+        wait::until("the idle mesh hop is closed", TIMEOUT, || async {
+            metric(&server, "sinew_tcp_connections_open{listener=\"inbound\"}").await == Some(0.0)
+        })
+        .await
+        .unwrap();
+    }
+    assert!(app.connections() >= conns, "the app was reached");
+    client_side.shutdown().await;
+    server.shutdown().await;
+}
