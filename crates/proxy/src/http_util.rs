@@ -51,6 +51,13 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|v| has_token(v, "upgrade"))
 }
 
+/// True for an HTTP/2 extended CONNECT (RFC 8441: `:protocol`, e.g. a WebSocket an
+/// HTTP/2 client opens), which becomes an HTTP/1.1 upgrade toward an app.
+pub fn is_extended_connect<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req.extensions().get::<hyper::ext::Protocol>().is_some()
+}
+
 fn has_token(v: &HeaderValue, token: &str) -> bool {
     v.to_str()
         .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))

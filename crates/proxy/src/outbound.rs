@@ -145,7 +145,7 @@ async fn forward(
     crate::trace::note_service(req.extensions(), svc);
     meta.service = Some(svc.key.clone());
 
-    if req.method() == Method::CONNECT {
+    if req.method() == Method::CONNECT && !http_util::is_extended_connect(&req) {
         // Rare branches are boxed so the common request future stays small.
         return Box::pin(connect_tunnel(ctx, &snap, svc, port, req)).await;
     }
@@ -188,7 +188,7 @@ async fn forward(
         apply_request_filters(filters, &mut req, &mut authority, &mut new_path, prefix_len)?;
     }
 
-    if http_util::is_upgrade(&req) {
+    if http_util::is_upgrade(&req) || http_util::is_extended_connect(&req) {
         return Box::pin(forward_upgrade(ctx, req, &endpoint, &authority, new_path)).await;
     }
 
@@ -964,10 +964,40 @@ async fn forward_upgrade(
     new_path: Option<PathAndQuery>,
 ) -> Result<Response<RespBody>, ProxyError> {
     let downstream = hyper::upgrade::on(&mut req);
+    // An HTTP/2 client's extended CONNECT (RFC 8441) becomes the HTTP/1.1 upgrade
+    // the app expects (RFC 6455 §4.1); its answer, a 101, goes back as a 200.
+    let h2_connect = http_util::is_extended_connect(&req);
     let (mut parts, body) = req.into_parts();
+    let body = if h2_connect {
+        let protocol = parts
+            .extensions
+            .remove::<hyper::ext::Protocol>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        let upgrade = HeaderValue::from_str(&protocol)
+            .map_err(|_| ProxyError::Malformed("invalid :protocol"))?;
+        parts.method = Method::GET;
+        parts.headers.insert(header::UPGRADE, upgrade);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if protocol.eq_ignore_ascii_case("websocket") {
+            use base64::Engine as _;
+            let key: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                parts.headers.insert(header::SEC_WEBSOCKET_KEY, v);
+            }
+        }
+        // The stream's bytes are the tunnel's, after the answer: no request body.
+        drop(body);
+        ReqBody::Empty
+    } else {
+        ReqBody::Incoming(body)
+    };
     http_util::strip_hop_by_hop(&mut parts.headers, true);
     http_util::set_target(&mut parts, authority, new_path, false)?;
-    let up_req = Request::from_parts(parts, ReqBody::Incoming(body));
+    let up_req = Request::from_parts(parts, body);
     let addr = endpoint.config.address;
     let io = UpstreamIo::open(endpoint).await?;
     let (mut tx, conn) = http1::Builder::new()
@@ -997,7 +1027,14 @@ async fn forward_upgrade(
         }
     });
     let (mut parts, _) = resp.into_parts();
-    http_util::strip_hop_by_hop(&mut parts.headers, true);
+    if h2_connect {
+        http_util::strip_hop_by_hop(&mut parts.headers, false);
+        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        parts.status = StatusCode::OK;
+        parts.version = http::Version::HTTP_2;
+    } else {
+        http_util::strip_hop_by_hop(&mut parts.headers, true);
+    }
     Ok(Response::from_parts(parts, RespBody::empty()))
 }
 

@@ -628,6 +628,51 @@ async fn bodies_stream_both_ways_without_buffering() -> TestResult {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_clients_websocket_reaches_an_http1_app_directly_and_through_the_mesh()
+-> TestResult {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let ws = WsEchoServer::start().await?;
+    let mesh = mesh_pair(ws.addr(), "HTTP").await;
+    let direct_bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        client_proxy(direct_bind, "ws"),
+        service("ws", "HTTP"),
+        workload("ws-1", "ws", ws.addr(), None)
+    ));
+    let direct = start(&file, "client").await;
+    for bind in [mesh.bind, direct_bind] {
+        // RFC 8441: a WebSocket over an HTTP/2 stream (extended CONNECT).
+        let h2 = client::h2(bind).await?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("http://catalog/chat")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .header("sec-websocket-version", "13")
+            .body(empty())?;
+        let resp = h2.send(req).await?;
+        assert_eq!(resp.status(), 200, "the app's 101 is an HTTP/2 200");
+        let upgraded = hyper::upgrade::on(resp).await?;
+        let mut socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            Role::Client,
+            None,
+        )
+        .await;
+        for i in 0..3 {
+            socket.send(Message::text(format!("over h2 {i}"))).await?;
+            let echoed = socket.next().await.unwrap()?;
+            assert_eq!(echoed, Message::text(format!("over h2 {i}")));
+        }
+        socket.close(None).await?;
+    }
+    direct.shutdown().await;
+    mesh.client.shutdown().await;
+    mesh.server.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_round_trips_directly_and_through_the_mesh() -> TestResult {
     let ws = WsEchoServer::start().await?;
     // Through two sidecars (CONNECT tunnel on the hop).
