@@ -336,6 +336,7 @@ mod tests {
             limits: Default::default(),
             max_connections: 16,
             idle_timeout: Duration::from_secs(300),
+            tcp_idle_timeout: Duration::from_secs(3600),
         };
         // No configuration: every name is forwarded.
         let shared = Arc::new(Shared::new(settings, drain_rx, track));

@@ -94,6 +94,9 @@ pub struct ProxyOptions {
     pub max_connections: usize,
     /// An HTTP/2 connection idle this long is closed gracefully; default 5 min.
     pub idle_timeout: Duration,
+    /// A TCP stream with no byte either way this long is closed; default 1 h
+    /// (Envoy's `tcp_proxy` default).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl ProxyOptions {
@@ -120,6 +123,7 @@ impl ProxyOptions {
             limits: state::HeadLimits::default(),
             max_connections: 16 * 1024,
             idle_timeout: Duration::from_secs(300),
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -179,6 +183,7 @@ impl Proxy {
             limits: opts.limits,
             max_connections: opts.max_connections,
             idle_timeout: opts.idle_timeout,
+            tcp_idle_timeout: opts.tcp_idle_timeout,
         };
         let shared = Arc::new(Shared::new(settings, drain_rx, track_tx));
         let admin = std::net::TcpListener::bind(opts.admin)

@@ -876,6 +876,7 @@ spec:
             limits: Default::default(),
             max_connections: 16,
             idle_timeout: Duration::from_secs(300),
+            tcp_idle_timeout: Duration::from_secs(3600),
         };
         let shared = Arc::new(Shared::new(settings, drain_rx, track));
         let listener = TcpListener::bind("127.0.0.1:0")

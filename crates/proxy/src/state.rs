@@ -389,6 +389,9 @@ pub struct Settings {
     /// An HTTP/2 connection with no request for this long is closed gracefully
     /// (HTTP/1.1 ones close after `header_read_timeout` between requests).
     pub idle_timeout: Duration,
+    /// A TCP stream (opaque, tunnelled, upgraded) with no byte either way for this
+    /// long is closed.
+    pub tcp_idle_timeout: Duration,
 }
 
 /// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB

@@ -90,6 +90,33 @@ struct Counted<T> {
     io: T,
     read: prometheus_client::metrics::counter::Counter,
     written: prometheus_client::metrics::counter::Counter,
+    /// When a byte last passed, for the idle timeout.
+    active: Arc<Active>,
+}
+
+/// When a splice last moved a byte (milliseconds from its start).
+struct Active {
+    born: tokio::time::Instant,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Active {
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Resolves once no byte has passed for `timeout`.
+    async fn idle(&self, timeout: std::time::Duration) {
+        loop {
+            let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+            let due = self.born + std::time::Duration::from_millis(last) + timeout;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -103,6 +130,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
             self.read.inc_by(n as u64);
+            self.active.touch();
         }
         r
     }
@@ -117,6 +145,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         let r = Pin::new(&mut self.io).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = &r {
             self.written.inc_by(*n as u64);
+            self.active.touch();
         }
         r
     }
@@ -130,8 +159,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     }
 }
 
-/// Copies both ways until both sides close, or until the drain deadline passes.
-/// Runs as its own task, counted by the drain tracker. `a` is the downstream side.
+/// Copies both ways until both sides close, no byte has passed either way for the
+/// TCP idle timeout, or the drain deadline passes. Runs as its own task, counted by
+/// the drain tracker. `a` is the downstream side.
 pub fn spawn_splice<A, B>(shared: &Arc<Shared>, a: A, mut b: B)
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -140,18 +170,27 @@ where
     let Some(guard) = shared.track() else {
         return;
     };
+    let active = Arc::new(Active {
+        born: tokio::time::Instant::now(),
+        last: Default::default(),
+    });
     let mut a = Counted {
         io: a,
         read: shared.metrics.bytes_in.clone(),
         written: shared.metrics.bytes_out.clone(),
+        active: active.clone(),
     };
     let mut drain = shared.drain.clone();
+    let idle_timeout = shared.settings.tcp_idle_timeout;
     tokio::spawn(async move {
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "stream ended with an error");
                 }
+            }
+            _ = active.idle(idle_timeout) => {
+                tracing::debug!(?idle_timeout, "stream closed: idle");
             }
             _ = closing(&mut drain) => {}
         }

@@ -377,3 +377,39 @@ async fn idle_http2_connections_are_closed_and_the_mesh_hop_reconnects_without_a
     client_side.shutdown().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_stream_is_closed_after_its_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = sinew_testkit::tcp::TcpEchoServer::start().await.unwrap();
+    let bind = free_addr();
+    let file = ConfigFile::new(&format!(
+        "{}{}{}",
+        proxy_doc(
+            "client",
+            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: db}}]"),
+        ),
+        service("db", "TCP"),
+        workload("db-1", "db", echo.addr(), None),
+    ));
+    let mut o = options(&file.path, "client");
+    o.tcp_idle_timeout = Duration::from_millis(300);
+    let proxy = start_with(o).await;
+    let mut s = tokio::net::TcpStream::connect(bind).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    // Then nothing either way: the proxy closes the stream (read returns 0).
+    let started = Instant::now();
+    let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, not data");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+    proxy.shutdown().await;
+}
