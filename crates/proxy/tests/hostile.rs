@@ -413,3 +413,101 @@ async fn an_idle_tcp_stream_is_closed_after_its_idle_timeout() {
     );
     proxy.shutdown().await;
 }
+
+/// Resident memory of the process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_goes_back_after_a_large_configuration_is_reverted() {
+    let app = HttpBackend::start("app").await.unwrap();
+    let bind = free_addr();
+    let admin = free_addr();
+    let small = format!(
+        "{}{}{}",
+        proxy_doc(
+            "client",
+            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"),
+        ),
+        service("catalog", "HTTP"),
+        workload("a", "catalog", app.addr(), None),
+    );
+    let mut large = small.clone();
+    for i in 0..5000 {
+        large.push_str(&service(&format!("svc-{i}"), "HTTP"));
+        large.push_str(&workload(
+            &format!("w-{i}"),
+            &format!("svc-{i}"),
+            app.addr(),
+            None,
+        ));
+    }
+    let file = ConfigFile::new(&small);
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
+        .args(["--config"])
+        .arg(&file.path)
+        .args([
+            "--name",
+            "shop/client",
+            "--admin",
+            &admin.to_string(),
+            "--reload-interval-ms",
+            "50",
+            "--workers",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = proxy.id();
+    let generation = || async move {
+        let m = client::get(admin, "admin", "/metrics").await.ok()?.text();
+        m.lines()
+            .find(|l| l.starts_with("sinew_config_generation"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait::until("ready", TIMEOUT, || async move {
+        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await
+    .unwrap();
+    let first = generation().await.unwrap();
+    let base = rss_kib(pid);
+    file.replace(&large);
+    wait::until(
+        "the large configuration is applied",
+        TIMEOUT,
+        || async move { generation().await.is_some_and(|g| g > first) },
+    )
+    .await
+    .unwrap();
+    let peak = rss_kib(pid);
+    let second = generation().await.unwrap();
+    file.replace(&small);
+    wait::until(
+        "the small configuration is applied",
+        TIMEOUT,
+        || async move { generation().await.is_some_and(|g| g > second) },
+    )
+    .await
+    .unwrap();
+    // Freed memory goes back to the system (glibc keeps it in its arenas otherwise).
+    let result = wait::until("memory goes back", TIMEOUT, || async move {
+        rss_kib(pid) < base + (peak - base) / 2
+    })
+    .await;
+    let now = rss_kib(pid);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(
+        result.is_ok(),
+        "RSS {base} KiB before, {peak} KiB with 10,000 documents, {now} KiB after the revert"
+    );
+}
