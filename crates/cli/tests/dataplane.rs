@@ -5,38 +5,10 @@
 mod mesh;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use mesh::*;
 use sinew_testkit::{client, wait};
-
-/// A Python `http.server` (HTTP/1.x only, a third-party server) on `addr`.
-async fn python_app(dir: &std::path::Path, addr: SocketAddr) -> tokio::process::Child {
-    std::fs::write(dir.join("hello.txt"), "hello from an HTTP/1.1 app\n").unwrap();
-    let child = tokio::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-        ])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3");
-    listening(addr).await;
-    child
-}
-
-async fn apply(cp: &Control, scratch: &Scratch, yaml: &str) {
-    let f = scratch.write("mesh.yaml", yaml);
-    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
-    assert!(out.status.success(), "{:?}", text(&out));
-}
 
 async fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(cmd)

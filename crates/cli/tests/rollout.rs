@@ -60,12 +60,6 @@ fn h2load_result(out: &std::process::Output) -> (u64, u64, String) {
     (ok, total, text)
 }
 
-async fn apply(cp: &Control, scratch: &Scratch, yaml: &str) {
-    let f = scratch.write("mesh.yaml", yaml);
-    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
-    assert!(out.status.success(), "{:?}", text(&out));
-}
-
 /// Waits until a request through `bind` gets a 200.
 async fn serving(bind: SocketAddr, path: &str) {
     listening(bind).await;
@@ -160,26 +154,6 @@ async fn a_rolling_restart_of_server_sidecars_under_load_fails_no_request() {
     );
     web.shutdown().await;
     side1.shutdown().await;
-}
-
-/// A Python `http.server` (a third-party server) on `addr`, in `dir`.
-async fn python_app(dir: &std::path::Path, addr: SocketAddr) -> tokio::process::Child {
-    let child = tokio::process::Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-        ])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3");
-    listening(addr).await;
-    child
 }
 
 /// Steady HTTP/1.1 load through `bind`, counting answers by status.

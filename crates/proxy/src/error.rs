@@ -214,15 +214,3 @@ impl ProxyError {
         HeaderValue::from_static(self.reason())
     }
 }
-
-/// An error and its sources, `: `-separated.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}

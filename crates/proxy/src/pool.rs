@@ -58,7 +58,7 @@ impl SendError {
             // The request body failed (the client's malformed chunking, a client
             // that went away): the client's fault, not the endpoint's.
             return SendError {
-                error: ProxyError::RequestBody(crate::error::chain(&source)),
+                error: ProxyError::RequestBody(sinew_api::channel::error_chain(&source)),
                 reached: Reached::Maybe,
             };
         }

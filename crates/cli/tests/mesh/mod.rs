@@ -526,3 +526,32 @@ pub async fn anonymous_discovery(cp: &Control) -> DiscoveryClient<Channel> {
 pub async fn anonymous_admin(cp: &Control) -> AdminClient<Channel> {
     AdminClient::new(anonymous_channel(cp).await)
 }
+
+/// Applies `yaml` through the real CLI (written to `mesh.yaml` in `scratch`).
+pub async fn apply(cp: &Control, scratch: &Scratch, yaml: &str) {
+    let f = scratch.write("mesh.yaml", yaml);
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+}
+
+/// A Python `http.server` (HTTP/1.x only, a third-party server) on `addr`, serving
+/// `dir` (with a `hello.txt` in it); ready when this returns.
+pub async fn python_app(dir: &Path, addr: SocketAddr) -> tokio::process::Child {
+    std::fs::write(dir.join("hello.txt"), "hello from an HTTP/1.1 app\n").unwrap();
+    let child = tokio::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    listening(addr).await;
+    child
+}
