@@ -12,6 +12,7 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
+use sinew_model::ProxyConfig;
 use tokio::net::UdpSocket;
 
 use crate::state::Shared;
@@ -112,6 +113,13 @@ pub enum Answer {
 
 /// Answers a query about a mesh service from the applied configuration.
 pub fn answer(shared: &Shared, query: &[u8]) -> Answer {
+    let snap = shared.snapshot.load_full();
+    answer_from(snap.as_ref().map(|s| &s.config), query)
+}
+
+/// [`answer`] from a configuration (`None`: none applied yet). Separate so that it
+/// can be exercised without a running proxy's shared state (fuzz/, tests).
+pub fn answer_from(config: Option<&ProxyConfig>, query: &[u8]) -> Answer {
     let Ok(msg) = Message::from_vec(query) else {
         return Answer::Drop;
     };
@@ -122,15 +130,11 @@ pub fn answer(shared: &Shared, query: &[u8]) -> Answer {
     let [q] = msg.queries.as_slice() else {
         return Answer::Forward(id);
     };
-    let Some(snap) = shared.snapshot.load_full() else {
+    let Some(config) = config else {
         return Answer::Forward(id);
     };
     let name = q.name().to_ascii();
-    let Some(vip) = snap
-        .config
-        .resolve_service(&name)
-        .and_then(|svc| svc.virtual_ip)
-    else {
+    let Some(vip) = config.resolve_service(&name).and_then(|svc| svc.virtual_ip) else {
         return Answer::Forward(id);
     };
     let mut reply = Message::response(id, msg.metadata.op_code);
