@@ -41,7 +41,9 @@
 //! Paths are normalised before matching ([`normalize_path`]): the query is dropped,
 //! percent-encoded unreserved characters, `%2F` and `%5C` are decoded, backslashes
 //! become slashes, repeated slashes merge, and `.`/`..` segments are resolved. So
-//! `/api/../admin` and `/%61dmin` are both judged as `/admin`.
+//! `/api/../admin` and `/%61dmin` are both judged as `/admin`. A `%` that starts no
+//! escape becomes `%25`, so the result is a fixed point (`/%%361dmin` is judged, and
+//! forwarded, as `/%2561dmin`, never as something that decodes to `/admin`).
 //!
 //! JWT claims (`when`, and `requiredClaims` of `RequestAuthentication`): a claim name
 //! is looked up at the top level, or, when absent there and the name contains dots, as
