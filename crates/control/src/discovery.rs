@@ -203,7 +203,7 @@ fn valid_name(s: &str) -> bool {
 
 /// A proxy's namespace (`default` when empty) and `namespace/name`, as its Hello or
 /// a report names it; a malformed name is refused, naming it.
-fn proxy_name<'a>(namespace: &'a str, name: &str) -> Result<(&'a str, String), Status> {
+pub(crate) fn proxy_name<'a>(namespace: &'a str, name: &str) -> Result<(&'a str, String), Status> {
     let ns = if namespace.is_empty() {
         "default"
     } else {
@@ -218,7 +218,7 @@ fn proxy_name<'a>(namespace: &'a str, name: &str) -> Result<(&'a str, String), S
 }
 
 /// The `Proxy.spec.capture` a Hello asks for, checked as the model checks documents.
-fn capture_spec(c: &api::Capture) -> Result<sinew_model::resource::CaptureSpec, Status> {
+pub(crate) fn capture_spec(c: &api::Capture) -> Result<sinew_model::resource::CaptureSpec, Status> {
     let port = |field: &str, v: u32| {
         u16::try_from(v)
             .ok()
@@ -264,7 +264,11 @@ fn capture_spec(c: &api::Capture) -> Result<sinew_model::resource::CaptureSpec, 
 }
 
 /// Turns a registration into the Workload it stands for (named after the proxy).
-fn workload(ns: &str, name: &str, r: &api::Registration) -> Result<Object<WorkloadSpec>, Status> {
+pub(crate) fn workload(
+    ns: &str,
+    name: &str,
+    r: &api::Registration,
+) -> Result<Object<WorkloadSpec>, Status> {
     if r.address.parse::<std::net::IpAddr>().is_err() {
         return Err(Status::invalid_argument(format!(
             "registration.address {:?} is not an IP address",
@@ -479,19 +483,7 @@ impl Discovery for DiscoveryService {
             } else {
                 self.state.borrow().clone()
             };
-            let admits = |service: &str, account: &str| {
-                let key = ResourceKey {
-                    kind: "Service".into(),
-                    namespace: ns.clone(),
-                    name: service.to_owned(),
-                };
-                match state.docs.get(&key).map(|e| &e.resource) {
-                    Some(sinew_model::resource::Resource::Service(s)) => {
-                        s.spec.admits_account(service, account)
-                    }
-                    _ => service == account,
-                }
-            };
+            let admits = |service: &str, account: &str| admits(&state, &ns, service, account);
             authorize_hello(caller, &ns, &proxy, hello.registration.as_mut(), admits)?;
         }
         let ns = ns.as_str();
@@ -784,12 +776,28 @@ fn certificate(
     }
 }
 
+/// Whether the service `service` of namespace `ns` admits workloads of `account`:
+/// as its `spec.serviceAccounts` says, or (no such Service) when named like it.
+pub(crate) fn admits(state: &MeshState, ns: &str, service: &str, account: &str) -> bool {
+    let key = ResourceKey {
+        kind: "Service".into(),
+        namespace: ns.to_owned(),
+        name: service.to_owned(),
+    };
+    match state.docs.get(&key).map(|e| &e.resource) {
+        Some(sinew_model::resource::Resource::Service(s)) => {
+            s.spec.admits_account(service, account)
+        }
+        _ => service == account,
+    }
+}
+
 /// What a proxy's Hello may claim, given the identity its certificate proves: its
 /// own namespace, its own service account (filled in when the registration leaves it
 /// empty), and a service that `admits` that account: the one named like it (the
 /// convention Kubernetes deployments follow), or one whose `spec.serviceAccounts`
 /// lists it.
-fn authorize_hello(
+pub(crate) fn authorize_hello(
     caller: &sinew_tls::SpiffeId,
     ns: &str,
     proxy: &str,

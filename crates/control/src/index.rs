@@ -141,6 +141,43 @@ impl MeshState {
     }
 }
 
+/// The state proxies are computed from: the documents in force, plus each registered
+/// workload whose name no stored Workload has and whose service (if it names one)
+/// exists. A free function so that the fuzz targets (fuzz/) build states as the index
+/// does.
+pub(crate) fn mesh_state<'a>(
+    revision: u64,
+    docs: &BTreeMap<ResourceKey, Arc<DocEntry>>,
+    registry: impl Iterator<Item = (&'a String, &'a Registration)>,
+    trust_domain: &str,
+) -> MeshState {
+    let mut docs = docs.clone();
+    let mut registrations = BTreeMap::new();
+    for (proxy, reg) in registry {
+        let w = &reg.workload;
+        let key = reg.entry.key.clone();
+        let service_ok = w.spec.service.as_ref().is_none_or(|s| {
+            docs.contains_key(&ResourceKey {
+                kind: "Service".into(),
+                namespace: w.metadata.ns().to_owned(),
+                name: s.clone(),
+            })
+        });
+        match docs.entry(key) {
+            std::collections::btree_map::Entry::Occupied(e) => {
+                let key = e.key();
+                tracing::warn!(%proxy, %key, "a stored Workload has the registered workload's name; the stored one wins");
+            }
+            std::collections::btree_map::Entry::Vacant(v) if service_ok => {
+                v.insert(reg.entry.clone());
+            }
+            std::collections::btree_map::Entry::Vacant(_) => {}
+        }
+        registrations.insert(proxy.clone(), reg.clone());
+    }
+    MeshState::new(revision, docs, registrations, trust_domain.to_owned())
+}
+
 /// What an apply did, per document.
 #[derive(Debug, Clone)]
 pub struct ApplyOutcome {
@@ -442,35 +479,11 @@ impl Index {
 
     /// The state: stored documents, plus registered workloads that fit.
     fn build_state(&self) -> MeshState {
-        let mut docs = self.docs.clone();
-        let mut registrations = BTreeMap::new();
-        for (proxy, (reg, _)) in &self.registry {
-            let w = &reg.workload;
-            let key = reg.entry.key.clone();
-            let service_ok = w.spec.service.as_ref().is_none_or(|s| {
-                docs.contains_key(&ResourceKey {
-                    kind: "Service".into(),
-                    namespace: w.metadata.ns().to_owned(),
-                    name: s.clone(),
-                })
-            });
-            match docs.entry(key) {
-                std::collections::btree_map::Entry::Occupied(e) => {
-                    let key = e.key();
-                    tracing::warn!(%proxy, %key, "a stored Workload has the registered workload's name; the stored one wins");
-                }
-                std::collections::btree_map::Entry::Vacant(v) if service_ok => {
-                    v.insert(reg.entry.clone());
-                }
-                std::collections::btree_map::Entry::Vacant(_) => {}
-            }
-            registrations.insert(proxy.clone(), reg.clone());
-        }
-        MeshState::new(
+        mesh_state(
             self.revision,
-            docs,
-            registrations,
-            self.settings.trust_domain.clone(),
+            &self.docs,
+            self.registry.iter().map(|(p, (r, _))| (p, r)),
+            &self.settings.trust_domain,
         )
     }
 

@@ -13,6 +13,8 @@ pub mod auth;
 pub mod credentials;
 pub mod dir;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod index;
 pub mod quota;

@@ -41,7 +41,9 @@
 //! Paths are normalised before matching ([`normalize_path`]): the query is dropped,
 //! percent-encoded unreserved characters, `%2F` and `%5C` are decoded, backslashes
 //! become slashes, repeated slashes merge, and `.`/`..` segments are resolved. So
-//! `/api/../admin` and `/%61dmin` are both judged as `/admin`.
+//! `/api/../admin` and `/%61dmin` are both judged as `/admin`. A `%` that starts no
+//! escape becomes `%25`, so the result is a fixed point (`/%%361dmin` is judged, and
+//! forwarded, as `/%2561dmin`, never as something that decodes to `/admin`).
 //!
 //! JWT claims (`when`, and `requiredClaims` of `RequestAuthentication`): a claim name
 //! is looked up at the top level, or, when absent there and the name contains dots, as
@@ -394,6 +396,12 @@ pub fn path_prefix_matches(prefix: &str, path: &str) -> bool {
 /// percent-encoded unreserved characters and `%2F`/`%5C` (other escapes are kept, in
 /// upper case), turns backslashes into slashes, merges repeated slashes and resolves
 /// `.` and `..` segments (never above the root). A trailing slash is kept.
+///
+/// A `%` that starts no escape becomes `%25`. Kept as it was, decoding next to it
+/// could make a new escape (`/%%361dmin` would become `/%61dmin`), which the
+/// application, receiving the normalised path, would decode to a path authorization
+/// never judged (`/admin`). So the result is a fixed point: normalising it again
+/// changes nothing.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     let simple = path.starts_with('/')
@@ -432,6 +440,11 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
                 decoded.push(bytes[i + 2].to_ascii_uppercase());
             }
             i += 3;
+            continue;
+        }
+        if b == b'%' {
+            decoded.extend_from_slice(b"%25");
+            i += 1;
             continue;
         }
         decoded.push(if b == b'\\' { b'/' } else { b });
@@ -1030,9 +1043,17 @@ mod tests {
             ("/a?q=/../x", "/a"),
             ("a", "/a"),
             ("", "/"),
-            ("/%zz", "/%zz"),
+            ("/%zz", "/%25zz"),
+            ("/a%", "/a%25"),
+            // Found by fuzzing (fuzz/corpus/normalize_path/crash-*): decoding next to
+            // a lone `%` made a new escape, so a second decoding (the application's)
+            // saw another path: `/%%361dmin` was judged as `/%61dmin`, and the
+            // application, decoding what it was sent, served `/admin`.
+            ("/%%361dmin", "/%2561dmin"),
+            ("/%a%361%", "/%25a61%25"),
         ] {
             assert_eq!(normalize_path(input), want, "{input}");
+            assert_eq!(normalize_path(want), want, "{want} is not a fixed point");
         }
     }
 

@@ -16,9 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use sinew_model::ProxyConfig;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
@@ -156,30 +158,33 @@ pub enum Answer {
 
 /// Answers a query about a mesh service from the applied configuration.
 pub fn answer(shared: &Shared, query: &[u8]) -> Answer {
-    let Ok(msg) = Message::from_vec(query) else {
+    let snap = shared.snapshot.load_full();
+    answer_from(snap.as_ref().map(|s| &s.config), query)
+}
+
+/// [`answer`] from a configuration (`None`: none applied yet). Separate so that it
+/// can be exercised without a running proxy's shared state (fuzz/, tests).
+pub fn answer_from(config: Option<&ProxyConfig>, query: &[u8]) -> Answer {
+    let Some((metadata, queries)) = read_query(query) else {
         return Answer::Drop;
     };
-    if msg.metadata.message_type != MessageType::Query {
+    if metadata.message_type != MessageType::Query {
         return Answer::Drop;
     }
-    let id = msg.metadata.id;
-    let [q] = msg.queries.as_slice() else {
+    let id = metadata.id;
+    let [q] = queries.as_slice() else {
         return Answer::Forward(id);
     };
-    let Some(snap) = shared.snapshot.load_full() else {
+    let Some(config) = config else {
         return Answer::Forward(id);
     };
     let name = q.name().to_ascii();
-    let Some(vip) = snap
-        .config
-        .resolve_service(&name)
-        .and_then(|svc| svc.virtual_ip)
-    else {
+    let Some(vip) = config.resolve_service(&name).and_then(|svc| svc.virtual_ip) else {
         return Answer::Forward(id);
     };
-    let mut reply = Message::response(id, msg.metadata.op_code);
+    let mut reply = Message::response(id, metadata.op_code);
     reply.metadata.authoritative = true;
-    reply.metadata.recursion_desired = msg.metadata.recursion_desired;
+    reply.metadata.recursion_desired = metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.add_query(q.clone());
     let rdata = match (q.query_type(), vip) {
@@ -197,12 +202,27 @@ pub fn answer(shared: &Shared, query: &[u8]) -> Answer {
     }
 }
 
+/// The header and the questions of a message: all an answer needs. The records that
+/// may follow (EDNS, TSIG, ...) are not read: an answer uses none of them, a
+/// forwarded query goes upstream as it came, and hickory-proto 0.26.1's TSIG reader
+/// subtracts past a short record's end (an overflow panic wherever overflow checks
+/// are on; found by fuzzing, fuzz/corpus/dns/crash-*).
+fn read_query(bytes: &[u8]) -> Option<(Metadata, Vec<Query>)> {
+    let mut decoder = BinDecoder::new(bytes);
+    let Header { metadata, counts } = Header::read(&mut decoder).ok()?;
+    let mut queries = Vec::new();
+    for _ in 0..counts.queries {
+        queries.push(Query::read(&mut decoder).ok()?);
+    }
+    Some((metadata, queries))
+}
+
 /// Sends `query` to `upstream` from a fresh socket (a random source port, connected:
 /// only the upstream's address is heard) and waits up to `timeout` for its reply: a
 /// response with the query's ID and question. Anything else (a spoofed or stale
 /// packet, garbage) is dropped and the wait goes on.
 async fn forward(query: &[u8], upstream: SocketAddr, timeout: Duration) -> Option<Vec<u8>> {
-    let sent = Message::from_vec(query).ok()?;
+    let sent = read_query(query)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let local: SocketAddr = if upstream.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -226,14 +246,13 @@ async fn forward(query: &[u8], upstream: SocketAddr, timeout: Duration) -> Optio
     }
 }
 
-/// True when `reply` answers `query`: a response with its ID and its question.
-fn is_reply_to(query: &Message, reply: &[u8]) -> bool {
-    let Ok(reply) = Message::from_vec(reply) else {
+/// True when `reply` answers `query`: a response with its ID and its question
+/// (read as [`read_query`] reads: the records after the question are the client's).
+fn is_reply_to((metadata, queries): &(Metadata, Vec<Query>), reply: &[u8]) -> bool {
+    let Some((reply, answered)) = read_query(reply) else {
         return false;
     };
-    reply.metadata.message_type == MessageType::Response
-        && reply.metadata.id == query.metadata.id
-        && reply.queries == query.queries
+    reply.message_type == MessageType::Response && reply.id == metadata.id && answered == *queries
 }
 
 #[cfg(test)]
@@ -388,6 +407,78 @@ mod tests {
         let (n, _) = upstream.recv_from(&mut buf).await.unwrap();
         assert_eq!(read(&buf[..n]).0, 4, "forwarded again once slots are free");
         server.abort();
+    }
+
+    const MESH: &str = "
+apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {name: catalog, namespace: shop}
+spec: {virtualIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {name: client, namespace: shop}
+spec: {capture: {dnsPort: 15053}}
+";
+
+    /// A query for `name` (type A), with `extra` after the question section.
+    fn raw_query(id: u16, name: &str, additionals: u16, extra: &[u8]) -> Vec<u8> {
+        let mut q = Vec::new();
+        for n in [id, 0x0100, 1, 0, 0, additionals] {
+            q.extend_from_slice(&n.to_be_bytes());
+        }
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q.extend_from_slice(extra);
+        q
+    }
+
+    #[test]
+    fn mesh_names_are_answered_and_others_forwarded() {
+        let config = sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Answer::Reply(reply) =
+            answer_from(Some(&config), &raw_query(7, "catalog.shop", 0, &[]))
+        else {
+            panic!("not answered");
+        };
+        let reply = Message::from_vec(&reply).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reply.metadata.id, 7);
+        assert_eq!(
+            reply.answers[0].data,
+            RData::A(A("10.96.0.10".parse().unwrap_or_else(|e| panic!("{e}"))))
+        );
+        let q = raw_query(8, "example.com", 0, &[]);
+        assert_eq!(answer_from(Some(&config), &q), Answer::Forward(8));
+        assert_eq!(answer_from(None, &q), Answer::Forward(8));
+        assert_eq!(answer_from(Some(&config), b"\x12"), Answer::Drop);
+    }
+
+    #[test]
+    fn records_after_the_question_are_not_read() {
+        // Found by fuzzing (fuzz/corpus/dns/crash-*): a message whose records
+        // include a short TSIG made hickory-proto's reader overflow, a panic with
+        // overflow checks on. Only the header and the question are read now.
+        let crash: Vec<u8> = concat!(
+            "12c901000000230a00000a060000fafffffff1fff7000a05de0000de00000000000001e1e1e1e1e1",
+            "e1e1e1e1e1d7e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1",
+            "e1e1e1e1e1e1e1e1e1e1e1e1e137010000200100",
+        )
+        .as_bytes()
+        .chunks(2)
+        .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap_or_default(), 16).unwrap_or(0))
+        .collect();
+        assert_eq!(answer_from(None, &crash), Answer::Forward(0x12c9));
+        // A TSIG-like additional record too short for what it claims, after a
+        // question for a mesh name: the question is answered all the same.
+        let config = sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let tsig = [0, 0, 250, 0, 255, 0, 0, 0, 0, 0, 2, 0, 0];
+        let q = raw_query(9, "catalog", 1, &tsig);
+        assert!(matches!(answer_from(Some(&config), &q), Answer::Reply(_)));
     }
 
     #[test]

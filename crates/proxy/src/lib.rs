@@ -21,6 +21,8 @@ pub mod control;
 pub mod dns;
 pub mod ending;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod http_util;
 pub mod inbound;

@@ -627,7 +627,7 @@ pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Reads the client's first bytes, up to the HTTP/2 preface's length or until they
 /// cannot be it, within `timeout`: the bytes read, and whether it is HTTP/2 (prior
 /// knowledge). `None` when the client closed, failed or said nothing in time.
-async fn http_version<IO>(stream: &mut IO, timeout: Duration) -> Option<(Prefix, bool)>
+pub(crate) async fn http_version<IO>(stream: &mut IO, timeout: Duration) -> Option<(Prefix, bool)>
 where
     IO: tokio::io::AsyncRead + Unpin,
 {
@@ -651,7 +651,7 @@ where
 
 /// Bytes read ahead of hyper.
 #[derive(Debug, Default)]
-struct Prefix {
+pub(crate) struct Prefix {
     buf: [u8; 24],
     start: usize,
     end: usize,
@@ -663,13 +663,13 @@ struct Prefix {
 /// hyper asks for a whole 8 KiB of room on every read of a request head, so a head
 /// arriving in two reads (the prefix, then the rest) would grow its buffer to 16 KiB
 /// for the connection's life. In one read it stays 8 KiB.
-struct Prefixed<IO> {
+pub(crate) struct Prefixed<IO> {
     prefix: Prefix,
     inner: IO,
 }
 
 impl<IO> Prefixed<IO> {
-    fn new(prefix: Prefix, inner: IO) -> Self {
+    pub(crate) fn new(prefix: Prefix, inner: IO) -> Self {
         Prefixed { prefix, inner }
     }
 }

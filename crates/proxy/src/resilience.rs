@@ -176,7 +176,10 @@ pub fn incoming_timeout(headers: &HeaderMap) -> Option<Duration> {
 
 /// Parses a gRPC timeout: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
-    if s.len() < 2 || s.len() > 9 {
+    // ASCII only: the unit is the last byte, and splitting before a multi-byte last
+    // character would panic (found by fuzzing; header values reach here as visible
+    // ASCII, but the function takes any text).
+    if s.len() < 2 || s.len() > 9 || !s.is_ascii() {
         return None;
     }
     let (n, unit) = s.split_at(s.len() - 1);
@@ -224,6 +227,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("123456789m"), None);
+        // Found by fuzzing (fuzz/corpus/grpc_timeout/crash-*): a multi-byte last
+        // character panicked instead of being refused.
+        assert_eq!(parse_grpc_timeout("\u{2ce}"), None);
+        assert_eq!(parse_grpc_timeout("10\u{2ce}"), None);
         assert_eq!(format_grpc_timeout(Duration::from_micros(10)), "1m");
     }
 
