@@ -382,19 +382,7 @@ async fn upgrade(
 ) -> Result<Response<RespBody>, ProxyError> {
     let addr = pool.addr();
     let app = pool.connect().await?;
-    let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(app))
-        .await
-        .map_err(|source| ProxyError::Upstream { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "inbound upgrade connection ended");
-        }
-    });
-    let mut resp = tx
-        .send_request(req)
-        .await
-        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    let mut resp = crate::stream::http1_upgrade(app, addr, req).await?;
     static APP_MUST_NOT_SET: [http::HeaderName; 1] = [UNSENT];
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = resp.into_parts();

@@ -12,7 +12,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use sinew_model::compile::{Filters, PortConfig, ServiceConfig};
 use sinew_model::resource::Protocol;
@@ -1000,19 +999,7 @@ async fn forward_upgrade(
     let up_req = Request::from_parts(parts, body);
     let addr = endpoint.config.address;
     let io = UpstreamIo::open(endpoint).await?;
-    let (mut tx, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|source| ProxyError::Upstream { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgrade connection ended");
-        }
-    });
-    let mut resp = tx
-        .send_request(up_req)
-        .await
-        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    let mut resp = crate::stream::http1_upgrade(io, addr, up_req).await?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut parts, body) = resp.into_parts();
         http_util::strip_hop_by_hop(&mut parts.headers, false);

@@ -84,6 +84,31 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
+/// Sends an HTTP/1.1 upgrade request over `io` (a connection of its own: pooled
+/// connections never change protocol) and returns the answer; after a `101` its
+/// upgraded stream comes from `hyper::upgrade::on`. `addr` names the peer in errors.
+pub async fn http1_upgrade<IO>(
+    io: IO,
+    addr: std::net::SocketAddr,
+    req: http::Request<crate::body::ReqBody>,
+) -> Result<http::Response<hyper::body::Incoming>, ProxyError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| ProxyError::Upstream { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgrade connection ended");
+        }
+    });
+    tx.send_request(req)
+        .await
+        .map_err(|source| ProxyError::Upstream { addr, source })
+}
+
 /// Counts the bytes read from and written to the downstream side of a splice, as
 /// they pass (a long-lived stream shows up while it lasts, not when it ends).
 struct Counted<T> {
