@@ -1,0 +1,354 @@
+//! The container image (image/Containerfile, built by scripts/image): built with
+//! buildah from the binaries this test run already has (`sinew` and `sinew-proxy` of
+//! the suite's build, no release build), mounted, and checked from its root
+//! filesystem with `chroot`, as a container runtime would run it: no shell, a
+//! non-root user, and every container that `sinew install` and `sinew inject` put in
+//! a cluster starts from it — the control plane, the webhook and the sidecar as the
+//! image's user, the init container as root in a network namespace of its own, where
+//! it really installs the capture rules with both iptables backends. Needs root,
+//! buildah, iptables and util-linux (chroot, unshare); fails loudly without them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod netns;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use netns::{Netns, Scratch, require};
+use serde_json::Value;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The image's user (image/Containerfile's `USER`).
+const USER: &str = "65532:65532";
+
+fn bin_dir() -> PathBuf {
+    let sinew = Path::new(env!("CARGO_BIN_EXE_sinew"));
+    let dir = sinew.parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("sinew-proxy").is_file(),
+        "\n\nthis test builds the image from the proxy binary next to sinew in {}: \
+         `cargo build --bins` (a workspace-wide `cargo test` builds it)\n\n",
+        dir.display()
+    );
+    dir
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/image")
+}
+
+/// A program of this machine by absolute path (the commands run in the image get
+/// the image's environment, whose PATH is not this machine's).
+fn host_tool(name: &str) -> PathBuf {
+    let dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    dirs.into_iter()
+        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/bin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` not found"))
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn check(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        stdout(out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// buildah on a storage of the test's own (vfs, under its scratch directory), and
+/// what it made there, removed on drop (even when the test fails).
+struct Buildah {
+    storage: PathBuf,
+    images: Vec<String>,
+    containers: Vec<String>,
+}
+
+impl Buildah {
+    fn command(&self) -> Command {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(self.storage.join("root"))
+            .arg("--runroot")
+            .arg(self.storage.join("run"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    }
+
+    fn must(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().expect("cannot run buildah");
+        check(&format!("buildah {}", args.join(" ")), &out);
+        stdout(&out).trim().to_owned()
+    }
+}
+
+impl Drop for Buildah {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = self.command().args(["rm", c]).output();
+        }
+        for i in &self.images {
+            let _ = self.command().args(["rmi", "--force", i]).output();
+        }
+    }
+}
+
+/// The documents of a multi-document YAML text.
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// Every container (and init container) of every pod and pod template in `docs`.
+fn containers(docs: &[Value]) -> Vec<Value> {
+    let mut found = Vec::new();
+    for d in docs {
+        for spec in [&d["spec"], &d["spec"]["template"]["spec"]] {
+            for list in ["initContainers", "containers"] {
+                if let Some(cs) = spec[list].as_array() {
+                    found.extend(cs.iter().cloned());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// `chroot` into the image's root filesystem as `user`, with the image's environment
+/// and nothing of this machine's.
+fn in_image(rootfs: &Path, env: &[String], user: &str, argv: &[String]) -> Command {
+    let mut c = Command::new(host_tool("chroot"));
+    c.env_clear()
+        .envs(env.iter().filter_map(|kv| kv.split_once('=')))
+        .arg(format!("--userspec={user}"))
+        .arg(rootfs)
+        .args(argv)
+        .stdin(Stdio::null());
+    c
+}
+
+/// The `nat` table of a namespace as this machine's iptables of one backend prints it.
+fn nat(ns: &Netns, program: &str) -> String {
+    let out = ns.exec(&[program, "-t", "nat"]);
+    check(program, &out);
+    stdout(&out)
+}
+
+/// The image builds from the suite's binaries, has no shell and a non-root user, and
+/// every container Sinew's manifests and injector define starts from it.
+#[test]
+fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defines() {
+    require(&[
+        "buildah",
+        "chroot",
+        "unshare",
+        "iptables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-nft-save",
+    ]);
+    let scratch = Scratch::new("image");
+    let mut buildah = Buildah {
+        storage: scratch.path("storage"),
+        images: Vec::new(),
+        containers: Vec::new(),
+    };
+
+    // The containers Sinew puts in a cluster: the control plane and webhook of
+    // `sinew install`, the sidecar and init container of `sinew inject`. All name the
+    // image of this release; `--image` overrides it.
+    let sinew = env!("CARGO_BIN_EXE_sinew");
+    let out = Command::new(sinew)
+        .args(["install", "--kubernetes"])
+        .output()
+        .unwrap();
+    check("sinew install --kubernetes", &out);
+    let installed = containers(&docs(&stdout(&out)));
+    let out = Command::new(sinew)
+        .args(["install", "--kubernetes", "--image", "registry.example/sinew:test"])
+        .output()
+        .unwrap();
+    check("sinew install --kubernetes --image", &out);
+    let overridden = containers(&docs(&stdout(&out)));
+    assert!(!overridden.is_empty());
+    for c in &overridden {
+        assert_eq!(c["image"], "registry.example/sinew:test", "{c}");
+    }
+    let mut child = Command::new(sinew)
+        .args(["inject", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\n\
+          spec: {containers: [{name: app, image: nginx}]}\n",
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    check("sinew inject", &out);
+    let injected: Vec<Value> = containers(&docs(&stdout(&out)))
+        .into_iter()
+        .filter(|c| c["name"] != "app")
+        .collect();
+    let release = format!("ghcr.io/sinew-mesh/sinew:{VERSION}");
+    let ours: Vec<&Value> = installed.iter().chain(&injected).collect();
+    for c in &ours {
+        assert_eq!(c["image"], release.as_str(), "{c}");
+    }
+    let init: Vec<&&Value> = ours
+        .iter()
+        .filter(|c| strings(&c["args"]).first().map(String::as_str) == Some("init"))
+        .collect();
+    assert_eq!(init.len(), 1, "one init container runs `sinew init`: {ours:?}");
+    assert!(
+        ours.iter().any(|c| strings(&c["command"]) == ["sinew-proxy"]),
+        "{ours:?}"
+    );
+
+    // Build it (its default name: this release's) and open it as a container would.
+    let out = Command::new(script())
+        .arg("--binaries")
+        .arg(bin_dir())
+        .arg("--storage")
+        .arg(&buildah.storage)
+        .output()
+        .expect("cannot run scripts/image");
+    check("scripts/image", &out);
+    assert!(stdout(&out).contains(&format!("built {release} ")), "{}", stdout(&out));
+    buildah.images.push(release.clone());
+    let inspect: Value =
+        serde_json::from_str(&buildah.must(&["inspect", "--type", "image", &release])).unwrap();
+    let config = &inspect["OCIv1"]["config"];
+    assert_eq!(config["User"], USER, "{config}");
+    assert_eq!(config["Entrypoint"], serde_json::json!(["/usr/local/bin/sinew"]));
+    assert_eq!(config["Labels"]["org.opencontainers.image.version"], VERSION);
+    let env = strings(&config["Env"]);
+    let path: Vec<String> = env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .expect("the image sets PATH")
+        .split(':')
+        .map(str::to_owned)
+        .collect();
+    let container = buildah.must(&["from", &release]);
+    buildah.containers.push(container.clone());
+    let rootfs = PathBuf::from(buildah.must(&["mount", &container]));
+
+    // No shell, no package manager: nothing to exec into.
+    assert!(!rootfs.join("bin/sh").exists());
+    let mut stack = vec![rootfs.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(
+                !["sh", "bash", "dash", "ash", "busybox", "apt", "dpkg"].contains(&name.as_str()),
+                "the image holds {}",
+                e.path().display()
+            );
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+
+    // Both binaries start as the image's user, the version this release's.
+    let run = |user: &str, argv: &[&str]| {
+        let argv: Vec<String> = argv.iter().map(|s| (*s).to_owned()).collect();
+        let out = in_image(&rootfs, &env, user, &argv).output().unwrap();
+        check(&format!("{} in the image as {user}", argv.join(" ")), &out);
+        stdout(&out)
+    };
+    assert_eq!(run(USER, &["sinew", "--version"]).trim(), format!("sinew {VERSION}"));
+    assert!(run(USER, &["sinew-proxy", "--help"]).contains("Usage: sinew-proxy"));
+
+    // Every container's command is on the image's PATH and starts (as `--help` of its
+    // subcommand) as the user it runs as there: its own `runAsUser`, else the image's.
+    for c in &ours {
+        let command = strings(&c["command"]);
+        assert_eq!(command.len(), 1, "{c}");
+        assert!(
+            path.iter()
+                .any(|d| rootfs.join(d.trim_start_matches('/')).join(&command[0]).is_file()),
+            "{} is not on the image's PATH {path:?}",
+            command[0]
+        );
+        let user = match c["securityContext"]["runAsUser"].as_u64() {
+            Some(uid) => format!("{uid}:{uid}"),
+            None => USER.to_owned(),
+        };
+        let mut argv = command.clone();
+        argv.extend(strings(&c["args"]).into_iter().take_while(|a| !a.starts_with('-')));
+        argv.push("--help".into());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run(&user, &argv);
+    }
+
+    // The init container, as root in a network namespace of its own (a pod's), with
+    // /dev and /proc mounted as a runtime does, installs the capture rules with the
+    // image's iptables: the default (nft) and the legacy backend.
+    let mut init_args = strings(&init[0]["args"]);
+    for (backend, save) in [
+        (None, ["iptables-nft-save", "ip6tables-nft-save"]),
+        (Some("legacy"), ["iptables-legacy-save", "ip6tables-legacy-save"]),
+    ] {
+        let ns = Netns::new(format!(
+            "sinew-image-{}-{}",
+            backend.unwrap_or("auto"),
+            std::process::id()
+        ));
+        if let Some(b) = backend {
+            init_args.extend(["--backend".into(), b.into()]);
+        }
+        let argv = [vec!["sinew".to_owned()], init_args.clone()].concat();
+        let chroot = in_image(&rootfs, &env, "0:0", &argv);
+        let mount = host_tool("mount");
+        let script = format!(
+            "{m} --rbind /dev \"$0/dev\" && {m} -t proc proc \"$0/proc\" && exec {}",
+            std::iter::once(chroot.get_program())
+                .chain(chroot.get_args())
+                .map(|a| format!("'{}'", a.to_string_lossy()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            m = mount.display()
+        );
+        for d in ["dev", "proc"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        // A private mount namespace: the mounts vanish with it, never seen here.
+        let mut c = Command::new(host_tool("ip"));
+        c.args(["netns", "exec", &ns.0])
+            .arg(host_tool("unshare"))
+            .args(["--mount", "--propagation", "private", "/bin/sh", "-c", &script])
+            .arg(&rootfs)
+            .env_clear()
+            .envs(env.iter().filter_map(|kv| kv.split_once('=')));
+        let out = c.output().unwrap();
+        check(&format!("{} in the image as root", argv.join(" ")), &out);
+        for program in save {
+            let rules = nat(&ns, program);
+            assert!(
+                rules.contains("-A SINEW_OUTPUT -m owner --uid-owner 1337 -j RETURN")
+                    && rules.contains("-j REDIRECT --to-ports 15001"),
+                "{program} after `sinew init` from the image:\n{rules}"
+            );
+        }
+    }
+}
