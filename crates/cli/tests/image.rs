@@ -84,7 +84,11 @@ impl Buildah {
     }
 
     fn must(&self, args: &[&str]) -> String {
-        let out = self.command().args(args).output().expect("cannot run buildah");
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .expect("cannot run buildah");
         check(&format!("buildah {}", args.join(" ")), &out);
         stdout(&out).trim().to_owned()
     }
@@ -179,7 +183,12 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
     check("sinew install --kubernetes", &out);
     let installed = containers(&docs(&stdout(&out)));
     let out = Command::new(sinew)
-        .args(["install", "--kubernetes", "--image", "registry.example/sinew:test"])
+        .args([
+            "install",
+            "--kubernetes",
+            "--image",
+            "registry.example/sinew:test",
+        ])
         .output()
         .unwrap();
     check("sinew install --kubernetes --image", &out);
@@ -216,9 +225,14 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         .iter()
         .filter(|c| strings(&c["args"]).first().map(String::as_str) == Some("init"))
         .collect();
-    assert_eq!(init.len(), 1, "one init container runs `sinew init`: {ours:?}");
+    assert_eq!(
+        init.len(),
+        1,
+        "one init container runs `sinew init`: {ours:?}"
+    );
     assert!(
-        ours.iter().any(|c| strings(&c["command"]) == ["sinew-proxy"]),
+        ours.iter()
+            .any(|c| strings(&c["command"]) == ["sinew-proxy"]),
         "{ours:?}"
     );
 
@@ -231,14 +245,24 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         .output()
         .expect("cannot run scripts/image");
     check("scripts/image", &out);
-    assert!(stdout(&out).contains(&format!("built {release} ")), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("built {release} ")),
+        "{}",
+        stdout(&out)
+    );
     buildah.images.push(release.clone());
     let inspect: Value =
         serde_json::from_str(&buildah.must(&["inspect", "--type", "image", &release])).unwrap();
     let config = &inspect["OCIv1"]["config"];
     assert_eq!(config["User"], USER, "{config}");
-    assert_eq!(config["Entrypoint"], serde_json::json!(["/usr/local/bin/sinew"]));
-    assert_eq!(config["Labels"]["org.opencontainers.image.version"], VERSION);
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/sinew"])
+    );
+    assert_eq!(
+        config["Labels"]["org.opencontainers.image.version"],
+        VERSION
+    );
     let env = strings(&config["Env"]);
     let path: Vec<String> = env
         .iter()
@@ -276,7 +300,10 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         check(&format!("{} in the image as {user}", argv.join(" ")), &out);
         stdout(&out)
     };
-    assert_eq!(run(USER, &["sinew", "--version"]).trim(), format!("sinew {VERSION}"));
+    assert_eq!(
+        run(USER, &["sinew", "--version"]).trim(),
+        format!("sinew {VERSION}")
+    );
     assert!(run(USER, &["sinew-proxy", "--help"]).contains("Usage: sinew-proxy"));
 
     // Every container's command is on the image's PATH and starts (as `--help` of its
@@ -285,8 +312,10 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         let command = strings(&c["command"]);
         assert_eq!(command.len(), 1, "{c}");
         assert!(
-            path.iter()
-                .any(|d| rootfs.join(d.trim_start_matches('/')).join(&command[0]).is_file()),
+            path.iter().any(|d| rootfs
+                .join(d.trim_start_matches('/'))
+                .join(&command[0])
+                .is_file()),
             "{} is not on the image's PATH {path:?}",
             command[0]
         );
@@ -295,7 +324,11 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
             None => USER.to_owned(),
         };
         let mut argv = command.clone();
-        argv.extend(strings(&c["args"]).into_iter().take_while(|a| !a.starts_with('-')));
+        argv.extend(
+            strings(&c["args"])
+                .into_iter()
+                .take_while(|a| !a.starts_with('-')),
+        );
         argv.push("--help".into());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         run(&user, &argv);
@@ -307,7 +340,10 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
     let mut init_args = strings(&init[0]["args"]);
     for (backend, save) in [
         (None, ["iptables-nft-save", "ip6tables-nft-save"]),
-        (Some("legacy"), ["iptables-legacy-save", "ip6tables-legacy-save"]),
+        (
+            Some("legacy"),
+            ["iptables-legacy-save", "ip6tables-legacy-save"],
+        ),
     ] {
         let ns = Netns::new(format!(
             "sinew-image-{}-{}",
@@ -336,7 +372,14 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         let mut c = Command::new(host_tool("ip"));
         c.args(["netns", "exec", &ns.0])
             .arg(host_tool("unshare"))
-            .args(["--mount", "--propagation", "private", "/bin/sh", "-c", &script])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                &script,
+            ])
             .arg(&rootfs)
             .env_clear()
             .envs(env.iter().filter_map(|kv| kv.split_once('=')));
