@@ -1,12 +1,13 @@
 //! The container image (image/Containerfile, built by scripts/image): built with
 //! buildah from the binaries this test run already has (`sinew` and `sinew-proxy` of
-//! the suite's build, no release build), mounted, and checked from its root
-//! filesystem with `chroot`, as a container runtime would run it: no shell, a
-//! non-root user, and every container that `sinew install` and `sinew inject` put in
-//! a cluster starts from it — the control plane, the webhook and the sidecar as the
-//! image's user, the init container as root in a network namespace of its own, where
-//! it really installs the capture rules with both iptables backends. Needs root,
-//! buildah, iptables and util-linux (chroot, unshare); fails loudly without them.
+//! the suite's build, no release build), mounted, and run from its root filesystem
+//! with `chroot` as a container runtime would run it. It has no shell and a non-root
+//! user; every container that `sinew install` and `sinew inject` define starts from it
+//! as the user it runs as there; the control plane serves (writing its data as the
+//! image's user) and a sidecar joins it and becomes ready; the init container, as
+//! root in a network namespace of its own, installs the capture rules with both
+//! iptables backends. Needs root, buildah, iptables, curl and util-linux (chroot,
+//! unshare); fails loudly without them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod netns;
@@ -16,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 
 use netns::{Netns, Scratch, require};
 use serde_json::Value;
+use sinew_testkit::free_addr;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The image's user (image/Containerfile's `USER`).
@@ -133,17 +135,78 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `chroot` into the image's root filesystem as `user`, with the image's environment
-/// and nothing of this machine's.
-fn in_image(rootfs: &Path, env: &[String], user: &str, argv: &[String]) -> Command {
-    let mut c = Command::new(host_tool("chroot"));
+/// A process of the image, run as a container runtime runs one: in a mount namespace
+/// of its own with /dev and /proc mounted, `chroot` into the image's root filesystem
+/// as `user`, with the image's environment and nothing of this machine's. `netns`: in
+/// that network namespace (a pod's) instead of this machine's.
+fn container(
+    rootfs: &Path,
+    env: &[String],
+    user: &str,
+    netns: Option<&str>,
+    argv: &[&str],
+) -> Command {
+    for d in ["dev", "proc"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    // `--propagation private`: the mounts vanish with the namespace, never seen here.
+    let script = format!(
+        "r=$0 u=$1; shift; {m} --rbind /dev \"$r/dev\" && {m} -t proc proc \"$r/proc\" && \
+         exec {chroot} --userspec=\"$u\" \"$r\" \"$@\"",
+        m = host_tool("mount").display(),
+        chroot = host_tool("chroot").display(),
+    );
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new(host_tool("ip"));
+            c.args(["netns", "exec", ns]).arg(host_tool("unshare"));
+            c
+        }
+        None => Command::new(host_tool("unshare")),
+    };
     c.env_clear()
         .envs(env.iter().filter_map(|kv| kv.split_once('=')))
-        .arg(format!("--userspec={user}"))
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "/bin/sh",
+            "-c",
+            &script,
+        ])
         .arg(rootfs)
+        .arg(user)
         .args(argv)
         .stdin(Stdio::null());
     c
+}
+
+/// A long-running process, killed on drop (even when the test fails).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `ready` until it holds; panics, with the process's `log`, when the process
+/// exits first or after [`netns::TIMEOUT`].
+fn until(what: &str, process: &mut Running, log: &Path, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + netns::TIMEOUT;
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    while !ready() {
+        if let Ok(Some(status)) = process.0.try_wait() {
+            panic!("{what}: exited ({status}); its log:\n{}", log());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; its log:\n{}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// The `nat` table of a namespace as this machine's iptables of one backend prints it.
@@ -159,6 +222,7 @@ fn nat(ns: &Netns, program: &str) -> String {
 fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defines() {
     require(&[
         "buildah",
+        "curl",
         "chroot",
         "unshare",
         "iptables-nft-save",
@@ -271,9 +335,9 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         .split(':')
         .map(str::to_owned)
         .collect();
-    let container = buildah.must(&["from", &release]);
-    buildah.containers.push(container.clone());
-    let rootfs = PathBuf::from(buildah.must(&["mount", &container]));
+    let working = buildah.must(&["from", &release]);
+    buildah.containers.push(working.clone());
+    let rootfs = PathBuf::from(buildah.must(&["mount", &working]));
 
     // No shell, no package manager: nothing to exec into.
     assert!(!rootfs.join("bin/sh").exists());
@@ -295,8 +359,9 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
 
     // Both binaries start as the image's user, the version this release's.
     let run = |user: &str, argv: &[&str]| {
-        let argv: Vec<String> = argv.iter().map(|s| (*s).to_owned()).collect();
-        let out = in_image(&rootfs, &env, user, &argv).output().unwrap();
+        let out = container(&rootfs, &env, user, None, &argv)
+            .output()
+            .unwrap();
         check(&format!("{} in the image as {user}", argv.join(" ")), &out);
         stdout(&out)
     };
@@ -334,6 +399,93 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         run(&user, &argv);
     }
 
+    // The control plane as the image's user, on the manifests' data directory (the
+    // image's, writable by that user), and a sidecar as the injector's uid joining it
+    // with a token: both serve from the image.
+    let control = free_addr().to_string();
+    let url = format!("https://{control}");
+    let log = scratch.path("control.log");
+    let mut control_plane = Running(
+        container(
+            &rootfs,
+            &env,
+            USER,
+            None,
+            &[
+                "sinew",
+                "control",
+                "--listen",
+                &control,
+                "--data-dir",
+                "/var/lib/sinew",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let credentials = rootfs.join("var/lib/sinew/admin.credentials");
+    let sinew_cli = |args: &[&str]| {
+        Command::new(sinew)
+            .args(args)
+            .env("SINEW_SERVER", &url)
+            .env("SINEW_CREDENTIALS", &credentials)
+            .env("HOME", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    until(
+        "the control plane in the image",
+        &mut control_plane,
+        &log,
+        || credentials.exists() && sinew_cli(&["check", "--wait", "0"]).status.success(),
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&credentials).unwrap()),
+        65532,
+        "the control plane wrote its data as the image's user"
+    );
+    let out = sinew_cli(&["token", "create", "-n", "shop", "--service-account", "web"]);
+    check("sinew token create", &out);
+    std::fs::write(rootfs.join("tmp/web.token"), stdout(&out).trim()).unwrap();
+    let admin = free_addr().to_string();
+    let proxy_uid = injected
+        .iter()
+        .find(|c| strings(&c["command"]) == ["sinew-proxy"])
+        .and_then(|c| c["securityContext"]["runAsUser"].as_u64())
+        .expect("the sidecar's runAsUser");
+    let log = scratch.path("proxy.log");
+    let mut proxy = Running(
+        container(
+            &rootfs,
+            &env,
+            &format!("{proxy_uid}:{proxy_uid}"),
+            None,
+            &[
+                "sinew-proxy",
+                "--control-plane",
+                &url,
+                "--name",
+                "shop/web",
+                "--join-token-file",
+                "/tmp/web.token",
+                "--admin",
+                &admin,
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    until("the sidecar in the image", &mut proxy, &log, || {
+        Command::new("curl")
+            .args(["-fsS", "-o", "/dev/null", &format!("http://{admin}/ready")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+
     // The init container, as root in a network namespace of its own (a pod's), with
     // /dev and /proc mounted as a runtime does, installs the capture rules with the
     // image's iptables: the default (nft) and the legacy backend.
@@ -354,36 +506,10 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
             init_args.extend(["--backend".into(), b.into()]);
         }
         let argv = [vec!["sinew".to_owned()], init_args.clone()].concat();
-        let chroot = in_image(&rootfs, &env, "0:0", &argv);
-        let mount = host_tool("mount");
-        let script = format!(
-            "{m} --rbind /dev \"$0/dev\" && {m} -t proc proc \"$0/proc\" && exec {}",
-            std::iter::once(chroot.get_program())
-                .chain(chroot.get_args())
-                .map(|a| format!("'{}'", a.to_string_lossy()))
-                .collect::<Vec<_>>()
-                .join(" "),
-            m = mount.display()
-        );
-        for d in ["dev", "proc"] {
-            std::fs::create_dir_all(rootfs.join(d)).unwrap();
-        }
-        // A private mount namespace: the mounts vanish with it, never seen here.
-        let mut c = Command::new(host_tool("ip"));
-        c.args(["netns", "exec", &ns.0])
-            .arg(host_tool("unshare"))
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "/bin/sh",
-                "-c",
-                &script,
-            ])
-            .arg(&rootfs)
-            .env_clear()
-            .envs(env.iter().filter_map(|kv| kv.split_once('=')));
-        let out = c.output().unwrap();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = container(&rootfs, &env, "0:0", Some(&ns.0), &argv)
+            .output()
+            .unwrap();
         check(&format!("{} in the image as root", argv.join(" ")), &out);
         for program in save {
             let rules = nat(&ns, program);
