@@ -359,9 +359,7 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
 
     // Both binaries start as the image's user, the version this release's.
     let run = |user: &str, argv: &[&str]| {
-        let out = container(&rootfs, &env, user, None, &argv)
-            .output()
-            .unwrap();
+        let out = container(&rootfs, &env, user, None, argv).output().unwrap();
         check(&format!("{} in the image as {user}", argv.join(" ")), &out);
         stdout(&out)
     };
