@@ -135,6 +135,15 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Who a container runs as: its `runAsUser` (the group of that name in the image's
+/// /etc/group has the same id), else the image's user.
+fn user_of(c: &Value) -> String {
+    match c["securityContext"]["runAsUser"].as_u64() {
+        Some(uid) => format!("{uid}:{uid}"),
+        None => USER.to_owned(),
+    }
+}
+
 /// A process of the image, run as a container runtime runs one: in a mount namespace
 /// of its own with /dev and /proc mounted, `chroot` into the image's root filesystem
 /// as `user`, with the image's environment and nothing of this machine's. `netns`: in
@@ -382,10 +391,7 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
             "{} is not on the image's PATH {path:?}",
             command[0]
         );
-        let user = match c["securityContext"]["runAsUser"].as_u64() {
-            Some(uid) => format!("{uid}:{uid}"),
-            None => USER.to_owned(),
-        };
+        let user = user_of(c);
         let mut argv = command.clone();
         argv.extend(
             strings(&c["args"])
@@ -484,9 +490,9 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
             .is_ok_and(|o| o.status.success())
     });
 
-    // The init container, as root in a network namespace of its own (a pod's), with
-    // /dev and /proc mounted as a runtime does, installs the capture rules with the
-    // image's iptables: the default (nft) and the legacy backend.
+    // The init container, as its user (root) in a network namespace of its own (a
+    // pod's), installs the capture rules with the image's iptables: the default (nft)
+    // and the legacy backend.
     let mut init_args = strings(&init[0]["args"]);
     for (backend, save) in [
         (None, ["iptables-nft-save", "ip6tables-nft-save"]),
@@ -503,17 +509,19 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         if let Some(b) = backend {
             init_args.extend(["--backend".into(), b.into()]);
         }
-        let argv = [vec!["sinew".to_owned()], init_args.clone()].concat();
+        let argv = [strings(&init[0]["command"]), init_args.clone()].concat();
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = container(&rootfs, &env, "0:0", Some(&ns.0), &argv)
+        let user = user_of(init[0]);
+        let out = container(&rootfs, &env, &user, Some(&ns.0), &argv)
             .output()
             .unwrap();
-        check(&format!("{} in the image as root", argv.join(" ")), &out);
+        check(&format!("{} in the image as {user}", argv.join(" ")), &out);
         for program in save {
             let rules = nat(&ns, program);
             assert!(
-                rules.contains("-A SINEW_OUTPUT -m owner --uid-owner 1337 -j RETURN")
-                    && rules.contains("-j REDIRECT --to-ports 15001"),
+                rules.contains(&format!(
+                    "-A SINEW_OUTPUT -m owner --uid-owner {proxy_uid} -j RETURN"
+                )) && rules.contains("-j REDIRECT --to-ports 15001"),
                 "{program} after `sinew init` from the image:\n{rules}"
             );
         }
