@@ -135,37 +135,71 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Who a container runs as: its `runAsUser` (the group of that name in the image's
-/// /etc/group has the same id), else the image's user.
-fn user_of(c: &Value) -> String {
-    match c["securityContext"]["runAsUser"].as_u64() {
-        Some(uid) => format!("{uid}:{uid}"),
-        None => USER.to_owned(),
+/// How a container of the manifests runs: as its `runAsUser` (the group of that
+/// name in the image's /etc/group has the same id), else the image's user; on a
+/// read-only root when it says so; with these volumes (this machine's directory,
+/// where it is mounted) and in this network namespace (a pod's; default: this
+/// machine's).
+struct Run {
+    user: String,
+    read_only: bool,
+    volumes: Vec<(PathBuf, String)>,
+    netns: Option<String>,
+}
+
+impl Run {
+    fn of(c: &Value) -> Run {
+        let security = &c["securityContext"];
+        Run {
+            user: match security["runAsUser"].as_u64() {
+                Some(uid) => format!("{uid}:{uid}"),
+                None => USER.to_owned(),
+            },
+            read_only: security["readOnlyRootFilesystem"].as_bool() == Some(true),
+            volumes: Vec::new(),
+            netns: None,
+        }
     }
 }
 
+/// Quoted for the shell.
+fn quote(s: &std::ffi::OsStr) -> String {
+    format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"))
+}
+
 /// A process of the image, run as a container runtime runs one: in a mount namespace
-/// of its own with /dev and /proc mounted, `chroot` into the image's root filesystem
-/// as `user`, with the image's environment and nothing of this machine's. `netns`: in
-/// that network namespace (a pod's) instead of this machine's.
-fn container(
-    rootfs: &Path,
-    env: &[String],
-    user: &str,
-    netns: Option<&str>,
-    argv: &[&str],
-) -> Command {
+/// of its own with /dev, /proc and the volumes mounted, the root read-only if asked,
+/// `chroot` into the image's root filesystem as the user, with the image's
+/// environment and nothing of this machine's.
+fn container(rootfs: &Path, env: &[String], run: &Run, argv: &[&str]) -> Command {
+    let mount = quote(host_tool("mount").as_os_str());
+    let r = |d: &str| quote(rootfs.join(d.trim_start_matches('/')).as_os_str());
+    // The mount points, made here as a runtime makes them.
+    let mut script = vec![format!("{mount} --bind {root} {root}", root = r(""))];
     for d in ["dev", "proc"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
-    // `--propagation private`: the mounts vanish with the namespace, never seen here.
-    let script = format!(
-        "r=$0 u=$1; shift; {m} --rbind /dev \"$r/dev\" && {m} -t proc proc \"$r/proc\" && \
-         exec {chroot} --userspec=\"$u\" \"$r\" \"$@\"",
-        m = host_tool("mount").display(),
-        chroot = host_tool("chroot").display(),
-    );
-    let mut c = match netns {
+    script.push(format!("{mount} --rbind /dev {}", r("dev")));
+    script.push(format!("{mount} -t proc proc {}", r("proc")));
+    for (host, dest) in &run.volumes {
+        std::fs::create_dir_all(rootfs.join(dest.trim_start_matches('/'))).unwrap();
+        script.push(format!(
+            "{mount} --bind {} {}",
+            quote(host.as_os_str()),
+            r(dest)
+        ));
+    }
+    if run.read_only {
+        // Only the root: the mounts on it stay writable.
+        script.push(format!("{mount} -o remount,bind,ro {}", r("")));
+    }
+    script.push(format!(
+        "exec {} --userspec={} {} \"$@\"",
+        quote(host_tool("chroot").as_os_str()),
+        run.user,
+        r("")
+    ));
+    let mut c = match &run.netns {
         Some(ns) => {
             let mut c = Command::new(host_tool("ip"));
             c.args(["netns", "exec", ns]).arg(host_tool("unshare"));
@@ -173,18 +207,12 @@ fn container(
         }
         None => Command::new(host_tool("unshare")),
     };
+    // `--propagation private`: the mounts vanish with the namespace, never seen here.
     c.env_clear()
         .envs(env.iter().filter_map(|kv| kv.split_once('=')))
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "/bin/sh",
-            "-c",
-            &script,
-        ])
-        .arg(rootfs)
-        .arg(user)
+        .args(["--mount", "--propagation", "private", "/bin/sh", "-ec"])
+        .arg(script.join("\n"))
+        .arg("sh")
         .args(argv)
         .stdin(Stdio::null());
     c
@@ -366,20 +394,31 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         }
     }
 
-    // Both binaries start as the image's user, the version this release's.
-    let run = |user: &str, argv: &[&str]| {
-        let out = container(&rootfs, &env, user, None, argv).output().unwrap();
-        check(&format!("{} in the image as {user}", argv.join(" ")), &out);
+    // Both binaries start as the image's user (a runtime's defaults), the version this
+    // release's; the image's data directory is that user's.
+    let run = |how: &Run, argv: &[&str]| {
+        let out = container(&rootfs, &env, how, argv).output().unwrap();
+        check(
+            &format!("{} in the image as {}", argv.join(" "), how.user),
+            &out,
+        );
         stdout(&out)
     };
+    let plain = Run::of(&Value::Null);
     assert_eq!(
-        run(USER, &["sinew", "--version"]).trim(),
+        run(&plain, &["sinew", "--version"]).trim(),
         format!("sinew {VERSION}")
     );
-    assert!(run(USER, &["sinew-proxy", "--help"]).contains("Usage: sinew-proxy"));
+    assert!(run(&plain, &["sinew-proxy", "--help"]).contains("Usage: sinew-proxy"));
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(rootfs.join("var/lib/sinew")).unwrap()
+        ),
+        65532
+    );
 
     // Every container's command is on the image's PATH and starts (as `--help` of its
-    // subcommand) as the user it runs as there: its own `runAsUser`, else the image's.
+    // subcommand) as its securityContext has it (user, read-only root).
     for c in &ours {
         let command = strings(&c["command"]);
         assert_eq!(command.len(), 1, "{c}");
@@ -391,7 +430,6 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
             "{} is not on the image's PATH {path:?}",
             command[0]
         );
-        let user = user_of(c);
         let mut argv = command.clone();
         argv.extend(
             strings(&c["args"])
@@ -400,12 +438,29 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         );
         argv.push("--help".into());
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        run(&user, &argv);
+        run(&Run::of(c), &argv);
     }
 
-    // The control plane as the image's user, on the manifests' data directory (the
-    // image's, writable by that user), and a sidecar as the injector's uid joining it
-    // with a token: both serve from the image.
+    // The control plane as the manifests run it (its user, its root, its data
+    // directory an emptyDir: a directory of this machine, mode 0777 as the kubelet
+    // makes one), and a sidecar as the injector runs it (its uid, its root, the token
+    // in its projected volume) joining it with a token: both serve from the image.
+    let arg_after = |c: &Value, flag: &str| {
+        let args = strings(&c["args"]);
+        let i = args.iter().position(|a| a == flag);
+        i.and_then(|i| args.get(i + 1).cloned())
+            .unwrap_or_else(|| panic!("no {flag} in {c}"))
+    };
+    let control_container = installed
+        .iter()
+        .find(|c| strings(&c["args"]).first().map(String::as_str) == Some("control"))
+        .expect("a container runs `sinew control`");
+    let data_dir = arg_after(control_container, "--data-dir");
+    let data = scratch.path("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut how = Run::of(control_container);
+    how.volumes.push((data.clone(), data_dir.clone()));
     let control = free_addr().to_string();
     let url = format!("https://{control}");
     let log = scratch.path("control.log");
@@ -413,15 +468,14 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         container(
             &rootfs,
             &env,
-            USER,
-            None,
+            &how,
             &[
                 "sinew",
                 "control",
                 "--listen",
                 &control,
                 "--data-dir",
-                "/var/lib/sinew",
+                &data_dir,
             ],
         )
         .stdout(Stdio::null())
@@ -429,7 +483,7 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         .spawn()
         .unwrap(),
     );
-    let credentials = rootfs.join("var/lib/sinew/admin.credentials");
+    let credentials = data.join("admin.credentials");
     let sinew_cli = |args: &[&str]| {
         Command::new(sinew)
             .args(args)
@@ -452,20 +506,31 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
     );
     let out = sinew_cli(&["token", "create", "-n", "shop", "--service-account", "web"]);
     check("sinew token create", &out);
-    std::fs::write(rootfs.join("tmp/web.token"), stdout(&out).trim()).unwrap();
-    let admin = free_addr().to_string();
-    let proxy_uid = injected
+    let sidecar = injected
         .iter()
         .find(|c| strings(&c["command"]) == ["sinew-proxy"])
-        .and_then(|c| c["securityContext"]["runAsUser"].as_u64())
+        .unwrap();
+    let token_file = PathBuf::from(arg_after(sidecar, "--join-token-file"));
+    let identity = scratch.path("identity");
+    std::fs::create_dir(&identity).unwrap();
+    let token = identity.join(token_file.file_name().unwrap());
+    std::fs::write(&token, stdout(&out).trim()).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    let mut how = Run::of(sidecar);
+    how.volumes.push((
+        identity,
+        token_file.parent().unwrap().to_string_lossy().into_owned(),
+    ));
+    let proxy_uid = sidecar["securityContext"]["runAsUser"]
+        .as_u64()
         .expect("the sidecar's runAsUser");
+    let admin = free_addr().to_string();
     let log = scratch.path("proxy.log");
     let mut proxy = Running(
         container(
             &rootfs,
             &env,
-            &format!("{proxy_uid}:{proxy_uid}"),
-            None,
+            &how,
             &[
                 "sinew-proxy",
                 "--control-plane",
@@ -473,7 +538,7 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
                 "--name",
                 "shop/web",
                 "--join-token-file",
-                "/tmp/web.token",
+                &token_file.to_string_lossy(),
                 "--admin",
                 &admin,
             ],
@@ -490,9 +555,9 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
             .is_ok_and(|o| o.status.success())
     });
 
-    // The init container, as its user (root) in a network namespace of its own (a
-    // pod's), installs the capture rules with the image's iptables: the default (nft)
-    // and the legacy backend.
+    // The init container, as its securityContext has it (root) in a network namespace
+    // of its own (a pod's), installs the capture rules with the image's iptables: the
+    // default (nft) and the legacy backend.
     let mut init_args = strings(&init[0]["args"]);
     for (backend, save) in [
         (None, ["iptables-nft-save", "ip6tables-nft-save"]),
@@ -511,11 +576,9 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         }
         let argv = [strings(&init[0]["command"]), init_args.clone()].concat();
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let user = user_of(init[0]);
-        let out = container(&rootfs, &env, &user, Some(&ns.0), &argv)
-            .output()
-            .unwrap();
-        check(&format!("{} in the image as {user}", argv.join(" ")), &out);
+        let mut how = Run::of(init[0]);
+        how.netns = Some(ns.0.clone());
+        run(&how, &argv);
         for program in save {
             let rules = nat(&ns, program);
             assert!(
