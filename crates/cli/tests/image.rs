@@ -3,11 +3,11 @@
 //! the suite's build, no release build), mounted, and run from its root filesystem
 //! with `chroot` as a container runtime would run it. It has no shell and a non-root
 //! user; every container that `sinew install` and `sinew inject` define starts from it
-//! as the user it runs as there; the control plane serves (writing its data as the
-//! image's user) and a sidecar joins it and becomes ready; the init container, as
-//! root in a network namespace of its own, installs the capture rules with both
-//! iptables backends. Needs root, buildah, iptables, curl and util-linux (chroot,
-//! unshare); fails loudly without them.
+//! as its securityContext has it (user, read-only root); the control plane serves
+//! (writing its data as the image's user) and a sidecar joins it and becomes ready;
+//! the init container, as root in a network namespace of its own, installs the
+//! capture rules with both iptables backends. Needs root, buildah, iptables, curl and
+//! util-linux (chroot, unshare); fails loudly without them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod netns;
