@@ -455,7 +455,13 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         .iter()
         .find(|c| strings(&c["args"]).first().map(String::as_str) == Some("control"))
         .expect("a container runs `sinew control`");
-    let data_dir = arg_after(control_container, "--data-dir");
+    // Its data directory: the manifests', else the image's.
+    let data_dir = strings(&control_container["args"])
+        .iter()
+        .position(|a| a == "--data-dir")
+        .map_or("/var/lib/sinew".to_owned(), |_| {
+            arg_after(control_container, "--data-dir")
+        });
     let data = scratch.path("data");
     std::fs::create_dir(&data).unwrap();
     std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
