@@ -45,6 +45,15 @@ pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "sinew.dev/exclude-outbound-
 pub const PROXY_CONTAINER: &str = "sinew-proxy";
 /// The name of the injected capture init container.
 pub const INIT_CONTAINER: &str = "sinew-init";
+/// The name of the `emptyDir` mounted at `/run` in the init container: iptables
+/// takes its lock (`/run/xtables.lock`) there while the root filesystem is read-only.
+pub const XTABLES_VOLUME: &str = "sinew-xtables-lock";
+/// The first Kubernetes minor version (1.x) whose API server keeps native sidecars
+/// (`initContainers[].restartPolicy: Always`) by default. 1.28 has the field behind the
+/// alpha `SidecarContainers` gate, off by default: there the API server drops it, and
+/// the proxy would be an init container that never ends, so the pod would never start.
+/// 1.29 turned the gate on (beta).
+pub const NATIVE_SIDECAR_MINOR: u32 = 29;
 /// The name of the projected token volume.
 pub const TOKEN_VOLUME: &str = "sinew-identity-token";
 /// Where the proxy finds its service-account token.
@@ -104,6 +113,33 @@ pub struct InjectConfig {
     pub exclude_outbound_ports: Vec<String>,
     /// Outbound networks never captured, for every pod.
     pub exclude_outbound_cidrs: Vec<String>,
+    /// The proxy is a native sidecar (an init container with `restartPolicy: Always`,
+    /// Kubernetes >= 1.29): it starts, and is ready, before the init containers after
+    /// it and the app, and Jobs complete when their containers do. Off: the proxy is
+    /// the first regular container, and a Job ends it with `POST /shutdown` on the
+    /// admin port (loopback). Chosen from the API server's version
+    /// ([`native_sidecars`]).
+    pub native_sidecar: bool,
+}
+
+/// Whether a cluster of this version (`/version`'s `gitVersion`, e.g. `v1.29.3`,
+/// `v1.30.1-eks-1234`, or `major.minor` such as `1.28`, `1.29+`) keeps native sidecars;
+/// an unreadable version is an error naming it.
+pub fn native_sidecars(version: &str) -> Result<bool, String> {
+    let v = version.trim().trim_start_matches('v');
+    let mut parts = v.splitn(3, '.');
+    let number = |p: Option<&str>| -> Option<u32> {
+        let p = p?;
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    match (number(parts.next()), number(parts.next())) {
+        (Some(1), Some(minor)) => Ok(minor >= NATIVE_SIDECAR_MINOR),
+        (Some(major), Some(_)) if major > 1 => Ok(true),
+        _ => Err(format!(
+            "{version:?} is not a Kubernetes version (expected e.g. v1.29.3 or 1.29)"
+        )),
+    }
 }
 
 impl Default for InjectConfig {
@@ -128,6 +164,7 @@ impl Default for InjectConfig {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            native_sidecar: false,
         }
     }
 }
@@ -374,6 +411,23 @@ mod tests {
         assert!(check_cidr("169.254.169.254").is_ok());
         assert!(check_cidr("10.0.0.0/33").is_err());
         assert!(check_cidr("ten/8").is_err());
+    }
+
+    #[test]
+    fn native_sidecars_from_1_29() {
+        for (v, native) in [
+            ("v1.20.15", false),
+            ("1.28", false),
+            ("v1.28.9", false),
+            ("v1.29.0", true),
+            ("1.29+", true),
+            ("v1.30.1-eks-1234", true),
+            ("v1.31.0+k3s1", true),
+        ] {
+            assert_eq!(native_sidecars(v), Ok(native), "{v}");
+        }
+        assert!(native_sidecars("latest").unwrap_err().contains("\"latest\""));
+        assert!(native_sidecars("v1").is_err());
     }
 
     #[test]
