@@ -54,6 +54,10 @@ pub const XTABLES_VOLUME: &str = "sinew-xtables-lock";
 /// the proxy would be an init container that never ends, so the pod would never start.
 /// 1.29 turned the gate on (beta).
 pub const NATIVE_SIDECAR_MINOR: u32 = 29;
+/// Namespaces never injected, whatever their labels say: the system's own. The
+/// webhook configuration's selector leaves them out too, but by the label
+/// `kubernetes.io/metadata.name`, which exists only from Kubernetes 1.21.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 /// The name of the projected token volume.
 pub const TOKEN_VOLUME: &str = "sinew-identity-token";
 /// Where the proxy finds its service-account token.
@@ -120,6 +124,9 @@ pub struct InjectConfig {
     /// admin port (loopback). Chosen from the API server's version
     /// ([`native_sidecars`]).
     pub native_sidecar: bool,
+    /// Namespaces whose pods the webhook never injects (the system's, the control
+    /// plane's), whatever their labels and the pods' annotations say.
+    pub excluded_namespaces: Vec<String>,
 }
 
 /// Whether a cluster of this version (`/version`'s `gitVersion`, e.g. `v1.29.3`,
@@ -165,6 +172,7 @@ impl Default for InjectConfig {
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
             native_sidecar: false,
+            excluded_namespaces: SYSTEM_NAMESPACES.iter().map(|s| (*s).to_owned()).collect(),
         }
     }
 }
