@@ -209,10 +209,8 @@ async fn certificate_from_secret(
         "kubernetes.io/tls",
         &["tls.crt", "tls.key", "ca.crt"],
         || {
-            let c = sinew_inject::cert::generate(
-                &names,
-                Duration::from_secs(10 * 365 * 24 * 3600),
-            )?;
+            let c =
+                sinew_inject::cert::generate(&names, Duration::from_secs(10 * 365 * 24 * 3600))?;
             Ok([
                 ("tls.crt".to_owned(), c.cert_pem),
                 ("tls.key".to_owned(), c.key_pem),
@@ -287,9 +285,9 @@ pub async fn webhook(args: WebhookArgs) -> anyhow::Result<Webhook> {
         None
     };
     if let (Some(client), None) = (&client, &args.inject.kubernetes_version) {
-        let version = sinew_k8s::ca::server_version(client)
-            .await
-            .context("--kubernetes: cannot read the API server's version (or give --kubernetes-version)")?;
+        let version = sinew_k8s::ca::server_version(client).await.context(
+            "--kubernetes: cannot read the API server's version (or give --kubernetes-version)",
+        )?;
         config.native_sidecar = sinew_inject::config::native_sidecars(&version)
             .map_err(|e| anyhow::anyhow!("the API server's version: {e}"))?;
         tracing::info!(

@@ -115,8 +115,7 @@ fn options(args: &InstallArgs, version: Option<&str>) -> anyhow::Result<InstallO
     // sidecars without a re-install): the flag only shapes these manifests.
     let mut inject_args = args.inject.clone();
     inject_args.kubernetes_version = None;
-    let inject =
-        inject_args.config(&image, &InstallOptions::control_plane_url(&args.namespace))?;
+    let inject = inject_args.config(&image, &InstallOptions::control_plane_url(&args.namespace))?;
     let pdb_api_version = match version {
         Some(v) if !policy_v1(v)? => "policy/v1beta1",
         _ => "policy/v1",
@@ -151,7 +150,9 @@ fn policy_v1(version: &str) -> anyhow::Result<bool> {
 /// API (created, never printed; a Secret already there is kept and must match).
 async fn store_given_keys(client: &kube::Client, args: &InstallArgs) -> anyhow::Result<()> {
     let ns = &args.namespace;
-    let mut given: Vec<(&str, &str, Vec<(&str, String)>)> = Vec::new();
+    // (Secret name, its type, its keys and values)
+    type Given<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+    let mut given: Vec<Given> = Vec::new();
     if let (Some(c), Some(k)) = (&args.ca_cert, &args.ca_key) {
         let (c, k) = (read(c)?, read(k)?);
         sinew_tls::Ca::from_pem(&c, &k).map_err(|e| anyhow::anyhow!("--ca-cert/--ca-key: {e}"))?;
@@ -184,8 +185,8 @@ async fn store_given_keys(client: &kube::Client, args: &InstallArgs) -> anyhow::
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect();
         let w = wanted.clone();
-        let stored = sinew_k8s::ca::load_or_create(client, ns, name, type_, &keys, move || Ok(w))
-            .await?;
+        let stored =
+            sinew_k8s::ca::load_or_create(client, ns, name, type_, &keys, move || Ok(w)).await?;
         if stored != wanted {
             bail!(
                 "Secret {ns}/{name} already holds other keys; it is kept (delete it first to replace it: every proxy's certificate then changes)"

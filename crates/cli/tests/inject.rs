@@ -218,7 +218,10 @@ fn inject_adds_the_sidecar_to_every_workload_and_nothing_else() {
         names(&tpl["initContainers"]),
         ["sinew-init", "sinew-proxy", "migrate"]
     );
-    let bad = sinew(&["inject", "-f", "-", "--kubernetes-version", "new"], Some(APP));
+    let bad = sinew(
+        &["inject", "-f", "-", "--kubernetes-version", "new"],
+        Some(APP),
+    );
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("--kubernetes-version"),

@@ -1309,10 +1309,12 @@ async fn the_published_least_privilege_rbac_is_enough() {
             }],
         }))
         .unwrap();
-    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(c.clone())
-        .create(&pp, &mwc)
-        .await
-        .unwrap();
+    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+        c.clone(),
+    )
+    .create(&pp, &mwc)
+    .await
+    .unwrap();
     let tls = sinew_k8s::ca::load_or_create(
         &restricted,
         "sinew-system",
@@ -1323,9 +1325,14 @@ async fn the_published_least_privilege_rbac_is_enough() {
     )
     .await
     .unwrap();
-    sinew_k8s::ca::set_ca_bundle(&restricted, "sinew-injector", "inject.sinew.dev", &tls["ca.crt"])
-        .await
-        .unwrap();
+    sinew_k8s::ca::set_ca_bundle(
+        &restricted,
+        "sinew-injector",
+        "inject.sinew.dev",
+        &tls["ca.crt"],
+    )
+    .await
+    .unwrap();
 
     let v1 = HttpBackend::start("v1").await.unwrap();
     service(&c, "web").await;

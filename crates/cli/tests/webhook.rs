@@ -281,13 +281,15 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     let kube_system = Api::<Pod>::namespaced(client.clone(), "kube-system");
     kube_system.create(&pp, &pod("sys", &[])).await.unwrap();
     let sys = kube_system.get("sys").await.unwrap();
-    assert_eq!(container_names(Some(&sys.spec.unwrap().containers)), ["app"]);
+    assert_eq!(
+        container_names(Some(&sys.spec.unwrap().containers)),
+        ["app"]
+    );
     assert!(
-        sys.metadata
+        !sys.metadata
             .annotations
             .unwrap_or_default()
-            .get("sinew.dev/injected")
-            .is_none()
+            .contains_key("sinew.dev/injected")
     );
 
     // A namespace that did not opt in: untouched.
@@ -355,10 +357,13 @@ fn assert_no_private_key(yaml: &str, docs: &[Value]) {
     for s in all {
         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(s.trim()) {
             let text = String::from_utf8_lossy(&bytes);
-            assert!(!text.contains("PRIVATE KEY"), "a base64 private key: {s:.40}...");
+            assert!(
+                !text.contains("PRIVATE KEY"),
+                "a base64 private key: {s:.40}..."
+            );
         }
     }
-    for d in docs.iter().filter(|d| d["kind"] == "Secret") {
+    if let Some(d) = docs.iter().find(|d| d["kind"] == "Secret") {
         panic!("a Secret is printed: {}", d["metadata"]["name"]);
     }
 }
@@ -444,7 +449,10 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
     }
     // No key: the CA and the webhook's certificate are made in the cluster.
     assert_no_private_key(&yaml, &docs);
-    let pdb = docs.iter().find(|d| d["kind"] == "PodDisruptionBudget").unwrap();
+    let pdb = docs
+        .iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .unwrap();
     assert_eq!(pdb["apiVersion"], "policy/v1beta1");
     assert_eq!(pdb["spec"]["minAvailable"], 1);
     // Default printing (no version) is for current clusters.
@@ -542,7 +550,13 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
     // webhook first start (the next test), and the caBundle with them.
     let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
     assert!(secrets.get_opt("sinew-ca").await.unwrap().is_none());
-    assert!(secrets.get_opt("sinew-webhook-tls").await.unwrap().is_none());
+    assert!(
+        secrets
+            .get_opt("sinew-webhook-tls")
+            .await
+            .unwrap()
+            .is_none()
+    );
     let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .get("sinew-injector")
         .await
@@ -888,29 +902,37 @@ async fn installed_control_ready(
     volumes: &BTreeMap<String, PathBuf>,
 ) {
     let health = ports["15014"];
-    wait::until("the installed control plane is ready (/ready)", TIMEOUT, || async move {
-        let out = tokio::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-            .arg(format!("http://{health}/ready"))
-            .output()
-            .await
-            .expect("curl");
-        out.stdout == b"200"
-    })
+    wait::until(
+        "the installed control plane is ready (/ready)",
+        TIMEOUT,
+        || async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{health}/ready"))
+                .output()
+                .await
+                .expect("curl");
+            out.stdout == b"200"
+        },
+    )
     .await
     .unwrap();
     let control = ports["15010"];
     let cred = volumes["data"].join("admin.credentials");
     let cred = &cred;
-    wait::until("the installed control plane is healthy", TIMEOUT, || async move {
-        match mesh::admin_client(&format!("https://{control}"), cred).await {
-            Ok(mut c) => c
-                .health(sinew_api::v1::HealthRequest {})
-                .await
-                .is_ok_and(|h| h.into_inner().store_ok),
-            Err(_) => false,
-        }
-    })
+    wait::until(
+        "the installed control plane is healthy",
+        TIMEOUT,
+        || async move {
+            match mesh::admin_client(&format!("https://{control}"), cred).await {
+                Ok(mut c) => c
+                    .health(sinew_api::v1::HealthRequest {})
+                    .await
+                    .is_ok_and(|h| h.into_inner().store_ok),
+                Err(_) => false,
+            }
+        },
+    )
     .await
     .unwrap();
 }

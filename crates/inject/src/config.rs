@@ -434,7 +434,11 @@ mod tests {
         ] {
             assert_eq!(native_sidecars(v), Ok(native), "{v}");
         }
-        assert!(native_sidecars("latest").unwrap_err().contains("\"latest\""));
+        assert!(
+            native_sidecars("latest")
+                .unwrap_err()
+                .contains("\"latest\"")
+        );
         assert!(native_sidecars("v1").is_err());
     }
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -355,7 +355,9 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
         // and certificate (up to two minutes). Kept for the whole pod's life, and ended
         // after the app's containers, so a Job completes.
         restart_policy: c.native_sidecar.then(|| "Always".to_owned()),
-        startup_probe: c.native_sidecar.then(|| probe("/ready", c.admin_port, 1, 120)),
+        startup_probe: c
+            .native_sidecar
+            .then(|| probe("/ready", c.admin_port, 1, 120)),
         resources: Some(ResourceRequirements {
             requests: quantities(&[
                 ("cpu", &c.resources.cpu_request),

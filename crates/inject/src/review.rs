@@ -212,7 +212,10 @@ mod tests {
         v["request"]["namespace"] = json!("kube-system");
         sys = serde_json::to_vec(&v).unwrap();
         let (out, d) = review(&sys, &InjectConfig::default()).unwrap();
-        assert!(matches!(d, Decision::Skipped(ref why) if why.contains("kube-system")), "{d:?}");
+        assert!(
+            matches!(d, Decision::Skipped(ref why) if why.contains("kube-system")),
+            "{d:?}"
+        );
         let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(out["response"]["allowed"], true);
         assert!(out["response"].get("patch").is_none());

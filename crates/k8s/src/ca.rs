@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
@@ -173,9 +173,7 @@ pub async fn set_ca_bundle(
     )
     .await
     .map(|_| ())
-    .map_err(|e| {
-        format!("MutatingWebhookConfiguration {configuration}: caBundle not set: {e}")
-    })
+    .map_err(|e| format!("MutatingWebhookConfiguration {configuration}: caBundle not set: {e}"))
 }
 
 /// The API server's version (`/version`'s `gitVersion`, e.g. `v1.29.3`).

@@ -232,15 +232,31 @@ fn admin_endpoints_that_reveal_traffic_answer_loopback_callers_only() {
     let post = |url: &str| {
         let out = ns
             .exec("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", url])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                url,
+            ])
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(post("http://192.0.2.10:4191/shutdown"), "403");
     assert_eq!(curl("http://192.0.2.10:4191/live"), "200");
-    assert!(proxy.try_wait().unwrap().is_none(), "exited on a refused /shutdown");
-    assert_eq!(curl("http://127.0.0.1:4191/shutdown"), "405", "GET /shutdown");
+    assert!(
+        proxy.try_wait().unwrap().is_none(),
+        "exited on a refused /shutdown"
+    );
+    assert_eq!(
+        curl("http://127.0.0.1:4191/shutdown"),
+        "405",
+        "GET /shutdown"
+    );
     assert_eq!(post("http://127.0.0.1:4191/shutdown"), "200");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let status = loop {
