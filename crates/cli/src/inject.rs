@@ -225,7 +225,7 @@ async fn certificate_from_secret(
 }
 
 /// Keeps the webhook configuration's caBundle equal to `ca`: at start, and again
-/// every minute (the configuration may be applied after the webhook starts, or
+/// every ten seconds (the configuration may be applied after the webhook starts, or
 /// re-applied).
 async fn keep_ca_bundle(client: kube::Client, configuration: String, ca: String) {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -265,8 +265,9 @@ async fn keep_ca_bundle(client: kube::Client, configuration: String, ca: String)
             }
             Err(_) => {}
         }
-        // Soon while it is missing, then once a minute.
-        let wait = if warned { 2 } else { 60 };
+        // Soon while it is missing, then every ten seconds (a re-applied
+        // configuration may have dropped it).
+        let wait = if warned { 2 } else { 10 };
         tokio::time::sleep(Duration::from_secs(wait)).await;
     }
 }

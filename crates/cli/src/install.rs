@@ -265,6 +265,31 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
     };
     store_given_keys(&client, &args).await?;
     apply(&client, &manifests).await?;
+    // An upgrade from an installation that applied the caBundle itself drops it
+    // (server-side apply removes what its manager no longer sets): put the webhook's
+    // back at once rather than when the webhook next checks.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &args.namespace);
+    if let Some(ca) = secrets
+        .get_opt(WEBHOOK_SECRET)
+        .await
+        .with_context(|| format!("cannot read Secret {}/{WEBHOOK_SECRET}", args.namespace))?
+        .and_then(|s| s.data?.remove("ca.crt"))
+        .and_then(|b| String::from_utf8(b.0).ok())
+    {
+        sinew_k8s::ca::set_ca_bundle(
+            &client,
+            sinew_inject::install::WEBHOOK_CONFIGURATION,
+            sinew_inject::install::WEBHOOK_NAME,
+            &ca,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "MutatingWebhookConfiguration {}: caBundle kept",
+            sinew_inject::install::WEBHOOK_CONFIGURATION
+        );
+    }
     Ok(0)
 }
 

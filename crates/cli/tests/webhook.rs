@@ -561,7 +561,7 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         .get("sinew-injector")
         .await
         .unwrap();
-    let hook = &mwc.webhooks.unwrap()[0];
+    let hook = &mwc.webhooks.as_ref().unwrap()[0];
     assert!(hook.client_config.ca_bundle.is_none());
     assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
     assert_eq!(
@@ -610,6 +610,61 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         lease.rules,
         sinew_k8s::rbac::lease_role("sinew-system").rules
     );
+
+    // An upgrade from a release that printed the webhook's Secret and applied its
+    // caBundle (its field manager owned the field, and now leaves it out): the
+    // caBundle stays that of the Secret, which is kept.
+    let certs = sinew_inject::cert::generate(
+        &sinew_inject::install::InstallOptions::webhook_names("sinew-system"),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    apply(
+        &client,
+        &json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "sinew-webhook-tls", "namespace": "sinew-system"},
+            "data": {"tls.crt": b64(&certs.cert_pem), "tls.key": b64(&certs.key_pem), "ca.crt": b64(&certs.ca_pem)},
+        }),
+    )
+    .await
+    .unwrap();
+    let mut old = serde_json::to_value(&mwc).unwrap();
+    old["metadata"] = json!({"name": "sinew-injector"});
+    old["apiVersion"] = json!("admissionregistration.k8s.io/v1");
+    old["kind"] = json!("MutatingWebhookConfiguration");
+    old["webhooks"][0]["clientConfig"]["caBundle"] = json!(b64(&certs.ca_pem));
+    let mwcs = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    mwcs.patch(
+        "sinew-injector",
+        &PatchParams::apply("sinew-install").force(),
+        &Patch::Apply(&old),
+    )
+    .await
+    .unwrap();
+    let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("caBundle kept"), "{err}");
+    let upgraded = mwcs.get("sinew-injector").await.unwrap();
+    assert_eq!(
+        upgraded.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .map(|b| b.0.clone()),
+        Some(certs.ca_pem.clone().into_bytes())
+    );
+    let kept = secrets
+        .get("sinew-webhook-tls")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(kept["tls.key"].0, certs.key_pem.as_bytes());
 
     // In its namespace: its Lease, and reading only the two Secrets by name
     // (creating cannot be limited by name in RBAC).
@@ -1131,6 +1186,7 @@ async fn the_installed_control_plane_and_webhook_start_as_configured() {
     );
     let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
     assert!(ok, "{err}");
+    assert!(err.contains("caBundle kept"), "{err}");
     let after = (
         secrets.get("sinew-ca").await.unwrap().data,
         secrets.get("sinew-webhook-tls").await.unwrap().data,
