@@ -3,8 +3,9 @@
 //!
 //! - `GET /live`: 200 while the process serves.
 //! - `GET /ready`: 200 once the control plane serves with its CA (and, with
-//!   `--kubernetes`, its Kubernetes source runs); 503 before, and while stopping, so
-//!   the Service stops sending new callers to a replica on its way out.
+//!   `--kubernetes`, once its Kubernetes source has listed the cluster and synced);
+//!   503 before, and while stopping, so the Service sends proxies only to a replica
+//!   that knows the mesh, and stops sending them to one on its way out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +51,12 @@ impl Health {
     /// Marks the control plane ready (or not).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The readiness flag itself, for what decides it (the Kubernetes source sets it
+    /// after its first sync).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
     }
 }
 

@@ -56,8 +56,11 @@ pub struct InjectArgs {
     /// The cluster's Kubernetes version (e.g. v1.29.3): from 1.29 the proxy is a
     /// native sidecar (an init container with restartPolicy Always), before that a
     /// regular container (Jobs end it with POST /shutdown on its admin port).
-    /// Default: `sinew webhook --kubernetes` and `sinew install --apply` ask the API
-    /// server; otherwise the layout for every version (regular container).
+    /// Default: `sinew webhook --kubernetes` asks the API server; otherwise the layout
+    /// for every version (regular container). Nodes must run kubelets of that version
+    /// too (give 1.28 while older kubelets remain). For `sinew install` it chooses the
+    /// PodDisruptionBudget's API (`--apply` asks the server); the installed webhook
+    /// asks the API server itself.
     #[arg(long)]
     pub kubernetes_version: Option<String>,
     /// Namespaces never injected (repeatable), besides kube-system, kube-public and

@@ -559,13 +559,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 k.source.trust_domain = trust_domain;
                 k.source.lease_duration = Duration::from_secs(lease_duration_secs.max(1));
                 k.token_audience = Some(token_audience);
+                // Ready once the cluster's state is in (not merely once serving).
+                k.source.synced = health.as_ref().map(health::Health::flag);
                 source = Some(
                     sinew_k8s::start(&cp, k)
                         .await
                         .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
                 );
             }
-            if let Some(h) = &health {
+            if let (Some(h), None) = (&health, &source) {
                 h.set_ready(true);
             }
             match source {

@@ -318,8 +318,8 @@ fn deployment(o: &InstallOptions) -> Value {
                                 {"name": "grpc", "containerPort": CONTROL_PORT, "protocol": "TCP"},
                                 {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
                             ],
-                            // Ready once it serves with the cluster's CA and its
-                            // Kubernetes source runs; live while its listener answers.
+                            // Ready once it serves with the cluster's CA and has
+                            // listed and synced the cluster; live while it answers.
                             "readinessProbe": {"httpGet": {"path": "/ready", "port": "health"}, "periodSeconds": 5},
                             "livenessProbe": {"httpGet": {"path": "/live", "port": "health"}, "periodSeconds": 10, "failureThreshold": 6},
                             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
