@@ -10,6 +10,12 @@ use crate::InjectError;
 /// `sinew.dev/inject=enabled` on a Namespace opts every Pod in it in (the webhook's
 /// namespace selector).
 pub const ANNOTATION_INJECT: &str = "sinew.dev/inject";
+/// `sinew.dev/capture: disabled` on a Pod: no `sinew-init` (no iptables, no root, no
+/// NET_ADMIN, so the pod passes Pod Security `baseline` and `restricted`). The sidecar
+/// still serves the pod's inbound mesh traffic (mTLS, authorization) on its inbound
+/// port, which discovery sends peers to; the app's own outbound calls are not
+/// captured.
+pub const ANNOTATION_CAPTURE: &str = "sinew.dev/capture";
 /// Set on every injected Pod, so injection is recognised and never repeated.
 pub const ANNOTATION_INJECTED: &str = "sinew.dev/injected";
 /// Overrides the proxy (and init) image.
@@ -127,6 +133,8 @@ pub struct InjectConfig {
     /// Namespaces whose pods the webhook never injects (the system's, the control
     /// plane's), whatever their labels and the pods' annotations say.
     pub excluded_namespaces: Vec<String>,
+    /// Transparent capture (`sinew-init`); off with `sinew.dev/capture: disabled`.
+    pub capture: bool,
 }
 
 /// Whether a cluster of this version (`/version`'s `gitVersion`, e.g. `v1.29.3`,
@@ -173,6 +181,7 @@ impl Default for InjectConfig {
             exclude_outbound_cidrs: Vec::new(),
             native_sidecar: false,
             excluded_namespaces: SYSTEM_NAMESPACES.iter().map(|s| (*s).to_owned()).collect(),
+            capture: true,
         }
     }
 }
@@ -285,6 +294,16 @@ impl InjectConfig {
                 ));
             }
             c.image = v.to_owned();
+        }
+        match get(ANNOTATION_CAPTURE) {
+            None | Some("enabled") => {}
+            Some("disabled") => c.capture = false,
+            Some(other) => {
+                return Err(InjectError::new(
+                    field(ANNOTATION_CAPTURE),
+                    format!("{other:?}: must be enabled or disabled"),
+                ));
+            }
         }
         if let Some(v) = get(ANNOTATION_LOG_LEVEL) {
             if v.is_empty() {

@@ -198,7 +198,7 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
     // sidecar) the proxy, so the proxy is up before the user's init containers and the
     // app, whose traffic the rules already send to it.
     let mut first_inits = Vec::new();
-    if !init_containers.iter().any(|n| n == INIT_CONTAINER) {
+    if c.capture && !init_containers.iter().any(|n| n == INIT_CONTAINER) {
         first_inits.push(to_value(
             INIT_CONTAINER,
             serde_json::to_value(init_container(&c)),
@@ -235,7 +235,7 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
             serde_json::to_value(token_volume(&c)),
         )?);
     }
-    if !volumes.iter().any(|n| n == XTABLES_VOLUME) {
+    if c.capture && !volumes.iter().any(|n| n == XTABLES_VOLUME) {
         new_volumes.push(json!({"name": XTABLES_VOLUME, "emptyDir": {}}));
     }
     if spec.get("volumes").is_some_and(Value::is_array) {
@@ -292,6 +292,25 @@ fn probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
+fn proxy_args(c: &InjectConfig) -> Vec<String> {
+    let mut args = vec![
+        "--join-token-file".into(),
+        format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+    ];
+    // Without capture, the inbound listener comes from discovery alone (the pod's
+    // `sinew.dev/inbound-port`), and nothing is redirected to the proxy.
+    if c.capture {
+        args.extend([
+            "--capture".into(),
+            "--capture-inbound-port".into(),
+            c.inbound_port.to_string(),
+            "--capture-outbound-port".into(),
+            c.outbound_port.to_string(),
+        ]);
+    }
+    args
+}
+
 /// The `sinew-proxy` sidecar for these settings.
 pub fn proxy_container(c: &InjectConfig) -> Container {
     Container {
@@ -302,15 +321,7 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
         // The init container's rules send the pod's traffic to these ports; the
         // inbound one is also the sidecar port peers reach (the pod's
         // `sinew.dev/inbound-port`), served by the capture listener.
-        args: Some(vec![
-            "--join-token-file".into(),
-            format!("{TOKEN_DIR}/{TOKEN_FILE}"),
-            "--capture".into(),
-            "--capture-inbound-port".into(),
-            c.inbound_port.to_string(),
-            "--capture-outbound-port".into(),
-            c.outbound_port.to_string(),
-        ]),
+        args: Some(proxy_args(c)),
         env: Some(vec![
             env_field("POD_NAME", "metadata.name"),
             env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -712,6 +723,40 @@ mod tests {
             json!({"prometheus.io/scrape": "true", "prometheus.io/port": "8080"});
         let own = injected(own);
         assert_eq!(own["metadata"]["annotations"]["prometheus.io/port"], "8080");
+    }
+
+    #[test]
+    fn without_capture_nothing_needs_privileges() {
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({ANNOTATION_CAPTURE: "disabled"});
+        let p = injected(p);
+        // No init container, no capture flags: only the restricted proxy.
+        assert!(p["spec"].get("initContainers").is_none(), "{p}");
+        assert_eq!(names(&p["spec"]["containers"]), [PROXY_CONTAINER, "app"]);
+        assert_eq!(names(&p["spec"]["volumes"]), [TOKEN_VOLUME]);
+        let proxy = &p["spec"]["containers"][0];
+        assert!(!proxy["args"].to_string().contains("--capture"), "{proxy}");
+        assert_eq!(
+            proxy["securityContext"]["capabilities"],
+            json!({"drop": ["ALL"]})
+        );
+        assert_eq!(
+            p["metadata"]["annotations"][ANNOTATION_INBOUND_PORT],
+            "15006"
+        );
+        // Natively too: the proxy alone in initContainers.
+        let mut n = pod();
+        n["metadata"]["annotations"] = json!({ANNOTATION_CAPTURE: "disabled"});
+        let config = InjectConfig {
+            native_sidecar: true,
+            ..InjectConfig::default()
+        };
+        let n = injected_with(n, &config);
+        assert_eq!(names(&n["spec"]["initContainers"]), [PROXY_CONTAINER]);
+        let mut bad = pod();
+        bad["metadata"]["annotations"] = json!({ANNOTATION_CAPTURE: "off"});
+        let e = inject_pod(&bad, &[], &InjectConfig::default()).unwrap_err();
+        assert!(e.field.contains(ANNOTATION_CAPTURE), "{e}");
     }
 
     #[test]
