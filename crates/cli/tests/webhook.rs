@@ -259,6 +259,29 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     assert_eq!(container_names(Some(&legacy.containers)), ["app"]);
     assert!(legacy.init_containers.is_none());
 
+    // Capture off: the proxy alone, nothing privileged in the pod.
+    shop.create(
+        &pp,
+        &pod("unprivileged", &[("sinew.dev/capture", "disabled")]),
+    )
+    .await
+    .unwrap();
+    let unprivileged = shop.get("unprivileged").await.unwrap().spec.unwrap();
+    assert_eq!(
+        container_names(Some(&unprivileged.containers)),
+        ["sinew-proxy", "app"]
+    );
+    assert!(unprivileged.init_containers.is_none());
+    for c in &unprivileged.containers {
+        let added = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default();
+        assert!(added.is_empty(), "{}: {added:?}", c.name);
+    }
+
     // Host network: untouched.
     let mut host = pod("host", &[]);
     host.spec.as_mut().unwrap().host_network = Some(true);
