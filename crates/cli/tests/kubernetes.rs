@@ -1280,11 +1280,59 @@ async fn the_published_least_privilege_rbac_is_enough() {
     // The service account really is restricted: it cannot read Secrets.
     let restricted = api.client_for("control", &token).await.unwrap();
     assert!(
-        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted)
+        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted.clone())
             .list(&Default::default())
             .await
             .is_err()
     );
+    // Only its own two Secrets by name: another one in its namespace is refused.
+    let other: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(json!({"metadata": {"name": "other", "namespace": "sinew-system"}}))
+            .unwrap();
+    let own_ns = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system");
+    own_ns.create(&pp, &other).await.unwrap();
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(restricted.clone(), "sinew-system")
+            .get("other")
+            .await
+            .is_err()
+    );
+    // The webhook's part: its certificate's Secret made, and the caBundle of its own
+    // configuration set, with that role.
+    let mwc: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration =
+        serde_json::from_value(json!({
+            "metadata": {"name": "sinew-injector"},
+            "webhooks": [{
+                "name": "inject.sinew.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "clientConfig": {"service": {"name": "sinew-control", "namespace": "sinew-system"}},
+                "namespaceSelector": {"matchLabels": {"sinew.dev/inject": "enabled"}},
+            }],
+        }))
+        .unwrap();
+    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+        c.clone(),
+    )
+    .create(&pp, &mwc)
+    .await
+    .unwrap();
+    let tls = sinew_k8s::ca::load_or_create(
+        &restricted,
+        "sinew-system",
+        "sinew-webhook-tls",
+        "Opaque",
+        &["ca.crt"],
+        || Ok([("ca.crt".to_owned(), "a CA".to_owned())].into()),
+    )
+    .await
+    .unwrap();
+    sinew_k8s::ca::set_ca_bundle(
+        &restricted,
+        "sinew-injector",
+        "inject.sinew.dev",
+        &tls["ca.crt"],
+    )
+    .await
+    .unwrap();
 
     let v1 = HttpBackend::start("v1").await.unwrap();
     service(&c, "web").await;
@@ -1306,10 +1354,24 @@ async fn the_published_least_privilege_rbac_is_enough() {
     let cp = Control::start_env(
         &dir.0.join("data"),
         free_addr(),
-        &["--kubernetes", "--lease-namespace", "sinew-system"],
+        &[
+            "--kubernetes",
+            "--lease-namespace",
+            "sinew-system",
+            "--namespace",
+            "sinew-system",
+            "--ca-secret",
+            "sinew-ca",
+        ],
         &[("KUBECONFIG", kubeconfig.as_os_str())],
     )
     .await;
+    // The CA Secret was made with that role, and is the CA it serves with.
+    let ca = own_ns.get("sinew-ca").await.unwrap().data.unwrap();
+    assert!(
+        String::from_utf8_lossy(&ca["ca.pem"].0).contains("BEGIN CERTIFICATE"),
+        "{ca:?}"
+    );
     // Discovery, TokenReview, the Lease, status and Events all work with that role.
     let _proxy = mesh::proxy_with_token(
         &cp,
