@@ -584,6 +584,15 @@ fn the_image_builds_from_the_suites_binaries_and_runs_every_container_sinew_defi
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let mut how = Run::of(init[0]);
         how.netns = Some(ns.0.clone());
+        // Its volumes (an emptyDir for the iptables lock under a read-only root): a
+        // fresh directory of this machine each, as the kubelet makes them.
+        for m in init[0]["volumeMounts"].as_array().into_iter().flatten() {
+            let name = m["name"].as_str().unwrap();
+            let dir = scratch.path(&format!("{name}-{}", backend.unwrap_or("auto")));
+            std::fs::create_dir(&dir).unwrap();
+            how.volumes
+                .push((dir, m["mountPath"].as_str().unwrap().to_owned()));
+        }
         run(&how, &argv);
         for program in save {
             let rules = nat(&ns, program);
