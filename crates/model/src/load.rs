@@ -1111,9 +1111,11 @@ impl Resources {
                         .filter_map(|&pp| crate::compile::backend_port(self, &k.0, b, pp).err())
                         .collect();
                     if served.is_empty() {
-                        problems.extend(b.port.and_then(|pp| {
-                            crate::compile::backend_port(self, &k.0, b, pp).err()
-                        }));
+                        problems.extend(
+                            b.port.and_then(|pp| {
+                                crate::compile::backend_port(self, &k.0, b, pp).err()
+                            }),
+                        );
                     }
                     problems.dedup();
                     for reason in problems {

@@ -400,8 +400,10 @@ fn an_invalid_traffic_policy_claims_nothing() {
     };
     let bad = "  circuitBreaker: {maxRequests: 0}\n";
     let good = "  circuitBreaker: {maxRequests: 100}\n";
-    for (first, second) in [(("a-bad", bad), ("b-good", good)), (("a-good", good), ("b-bad", bad))]
-    {
+    for (first, second) in [
+        (("a-bad", bad), ("b-good", good)),
+        (("a-good", good), ("b-bad", bad)),
+    ] {
         let text = format!(
             "{BASE}{}{}",
             policy(first.0, first.1),
@@ -423,9 +425,7 @@ fn an_invalid_traffic_policy_claims_nothing() {
     assert_eq!(err.0.len(), 1, "{err}");
     assert_eq!(err.0[0].resource.as_deref(), Some("TrafficPolicy shop/b"));
     assert!(
-        err.0[0]
-            .reason
-            .contains("already has TrafficPolicy a"),
+        err.0[0].reason.contains("already has TrafficPolicy a"),
         "{err}"
     );
 }
