@@ -800,18 +800,6 @@ async fn a_proxy_that_refused_its_first_config_heals_when_it_is_fixed() {
     web.shutdown().await;
 }
 
-/// How many pushes the proxy has refused (its `/metrics`).
-async fn nacked(p: &sinew_proxy::Proxy) -> u64 {
-    let m = client::get(p.admin_addr(), "admin", "/metrics")
-        .await
-        .map(|r| r.text())
-        .unwrap_or_default();
-    m.lines()
-        .find(|l| l.contains("control_plane_pushes_total{") && l.contains("result=\"nacked\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// What every proxy would refuse is refused at `sinew apply`, naming the document,
 /// the field and the reason: a backend port the Service does not have (given, or
 /// defaulted from the parent's), and a change to a Service that would leave a route

@@ -302,6 +302,18 @@ pub async fn proxy_unready(cp: &Control, name: &str, min_backoff: Duration) -> P
     Proxy::start(opts).unwrap()
 }
 
+/// How many pushes the proxy has refused (its `/metrics`).
+pub async fn nacked(p: &Proxy) -> u64 {
+    let m = client::get(p.admin_addr(), "admin", "/metrics")
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
+    m.lines()
+        .find(|l| l.contains("control_plane_pushes_total{") && l.contains("result=\"nacked\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The proxy's `/ready` answer: status and body.
 pub async fn ready(p: &Proxy) -> (u16, String) {
     match client::get(p.admin_addr(), "admin", "/ready").await {
