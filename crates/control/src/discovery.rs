@@ -403,12 +403,37 @@ impl Checked {
     /// refuse, a few rounds (leaving one out can make another fail).
     fn new(raw: View, proxy: &str) -> Checked {
         let version = raw.version.clone();
+        let (ns, name) = proxy.split_once('/').unwrap_or(("default", proxy));
+        // A capturing or forward proxy's view is every Service, Workload, route and
+        // TrafficPolicy: each Workload and route is then checked against the same
+        // Services as in the whole set, which the index has checked already. Only
+        // what is this proxy's own is checked here (its Proxy document and Workload,
+        // its namespace's inbound policies), against every Service: the whole view
+        // would cost a compile of the mesh per proxy per change.
+        let own_workload = raw.entries.iter().find_map(|e| match &e.resource {
+            sinew_model::resource::Resource::Proxy(p)
+                if e.key.namespace == ns && e.key.name == name =>
+            {
+                let everything = p.spec.outbound.http_proxy.is_some() || p.spec.capture.is_some();
+                everything.then(|| p.spec.workload.clone().unwrap_or_else(|| name.to_owned()))
+            }
+            _ => None,
+        });
+        let checked = |e: &DocEntry| match &own_workload {
+            None => true,
+            Some(w) => match e.key.kind.as_str() {
+                "HTTPRoute" => false,
+                "Workload" => e.key.namespace == ns && e.key.name == *w,
+                _ => true,
+            },
+        };
         let mut view = raw;
         let mut problems = Vec::new();
         for _round in 0..8 {
             let docs = view
                 .entries
                 .iter()
+                .filter(|e| checked(e))
                 .map(|e| sinew_model::load::Document {
                     resource: e.resource.clone(),
                     file: "control-plane".into(),
@@ -979,6 +1004,60 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    fn entry(kind: &str, json: &str) -> Arc<DocEntry> {
+        let r = sinew_model::resource::Resource::from_json(kind, json)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(DocEntry::new(r, "api", 1))
+    }
+
+    /// A view holding what the proxy would refuse is sent without it, and says why;
+    /// a view whose own Proxy document the proxy would refuse is not sent at all.
+    #[test]
+    fn a_view_is_checked_as_the_proxy_checks_it() {
+        let proxy = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Proxy","metadata":{"name":"web","namespace":"shop"},"spec":{"outbound":{"upstreams":[{"bind":"127.0.0.1:9001","service":"catalog"}]}}}"#;
+        let catalog = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"catalog","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80}]}}"#;
+        let other = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"other","namespace":"shop"},"spec":{"ports":[{"name":"http","port":9090}]}}"#;
+        // Its backend has no port 80, the parent's port it defaults to.
+        let route = r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"r","namespace":"shop"},"spec":{"parentRefs":[{"name":"catalog"}],"rules":[{"backendRefs":[{"name":"other"}]}]}}"#;
+        let good = View::new(vec![
+            entry("Proxy", proxy),
+            entry("Service", catalog),
+            entry("Service", other),
+        ]);
+        let mut entries = good.entries.clone();
+        entries.push(entry("HTTPRoute", route));
+        let raw = View::new(entries);
+        let c = Checked::new(raw.clone(), "shop/web");
+        assert_eq!(c.raw, raw.version);
+        assert_eq!(
+            c.view.as_ref().map(|v| v.version.clone()),
+            Some(good.version.clone()),
+            "the rest is sent, without the route"
+        );
+        assert!(
+            c.problems.iter().any(|p| p.contains("HTTPRoute shop/r")
+                && p.contains("spec.rules[0].backendRefs[0].port")),
+            "{:?}",
+            c.problems
+        );
+        let c = Checked::new(good.clone(), "shop/web");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!(c.view.map(|v| v.version), Some(good.version));
+
+        // Its own document names a service it cannot have: nothing to send.
+        let lost = proxy.replace("\"catalog\"}", "\"ghost\"}");
+        let c = Checked::new(
+            View::new(vec![entry("Proxy", &lost), entry("Service", catalog)]),
+            "shop/web",
+        );
+        assert!(c.view.is_none());
+        assert!(
+            c.problems.iter().any(|p| p.contains("ghost")),
+            "{:?}",
+            c.problems
+        );
     }
 
     #[test]
