@@ -544,22 +544,20 @@ impl Resources {
         let mut vips: BTreeMap<IpAddr, &Key> = BTreeMap::new();
         for (k, svc) in &self.services {
             let mut c = self.checker(errors, "Service", k);
-            if let Some(v) = &svc.spec.virtual_ip {
-                match v.parse::<IpAddr>() {
-                    Err(_) => c.fail("spec.virtualIP", format!("{v:?} is not an IP address")),
-                    Ok(ip) => {
-                        if let Some(prev) = vips.insert(ip, k) {
-                            c.fail(
-                                "spec.virtualIP",
-                                format!(
-                                    "{ip} is already the virtual IP of service {}/{}",
-                                    prev.0, prev.1
-                                ),
-                            );
-                        }
-                    }
+            let before = c.errors.0.len();
+            let vip = match svc
+                .spec
+                .virtual_ip
+                .as_deref()
+                .map(|v| (v, v.parse::<IpAddr>()))
+            {
+                Some((v, Err(_))) => {
+                    c.fail("spec.virtualIP", format!("{v:?} is not an IP address"));
+                    None
                 }
-            }
+                Some((_, Ok(ip))) => Some(ip),
+                None => None,
+            };
             if svc.spec.ports.is_empty() {
                 c.fail("spec.ports", "a service needs at least one port");
             }
@@ -600,6 +598,21 @@ impl Resources {
                         "port must be 1-65535",
                     );
                 }
+            }
+            // A virtual IP is the first valid service's that claims it: an invalid
+            // one claims nothing, so it never pushes a valid one out.
+            if let Some(ip) = vip.filter(|_| c.errors.0.len() == before)
+                && let Some(prev) = vips.get(&ip)
+            {
+                c.fail(
+                    "spec.virtualIP",
+                    format!(
+                        "{ip} is already the virtual IP of service {}/{}",
+                        prev.0, prev.1
+                    ),
+                );
+            } else if let Some(ip) = vip.filter(|_| c.errors.0.len() == before) {
+                vips.insert(ip, k);
             }
         }
         for (k, w) in &self.workloads {

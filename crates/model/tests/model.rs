@@ -429,3 +429,36 @@ fn an_invalid_traffic_policy_claims_nothing() {
         "{err}"
     );
 }
+
+/// An invalid Service claims no virtual IP: a valid one with the same address stands.
+#[test]
+fn an_invalid_service_claims_no_virtual_ip() {
+    let svc = |name: &str, ports: &str| {
+        format!(
+            "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  virtualIP: 10.96.0.10\n  ports: {ports}\n"
+        )
+    };
+    let text = format!(
+        "{BASE}{}{}",
+        svc("a-bad", "[]"),
+        svc("b-good", "[{name: http, port: 80}]")
+    );
+    let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+    let err = sinew_model::Resources::from_documents(docs).unwrap_err();
+    let blamed: Vec<_> = err.0.iter().filter_map(|e| e.resource.clone()).collect();
+    assert_eq!(blamed, vec!["Service shop/a-bad".to_owned()], "{err}");
+    let text = format!(
+        "{BASE}{}{}",
+        svc("a", "[{name: http, port: 80}]"),
+        svc("b", "[{name: http, port: 80}]")
+    );
+    let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+    let err = sinew_model::Resources::from_documents(docs).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert!(
+        err.0[0]
+            .reason
+            .contains("10.96.0.10 is already the virtual IP of service shop/a"),
+        "{err}"
+    );
+}
