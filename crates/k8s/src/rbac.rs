@@ -3,10 +3,12 @@
 //!
 //! - Read (get, list, watch) Services, Pods, Endpoints, EndpointSlices, and the custom
 //!   kinds it reads ([`crate::crd`]).
-//! - Write only the `status` subresource of those custom kinds, and create Events.
+//! - Write the custom resources `sinew apply` makes (Sinew's kinds, HTTPRoutes) and the
+//!   `status` subresource of every custom kind it reads; create Events.
 //! - Create TokenReviews (proxies' service-account tokens).
 //! - Read namespaces and write the ConfigMap `sinew-root` (the mesh roots) in each.
-//! - Its Lease, in its own namespace only ([`lease_role`]).
+//! - In its own namespace only ([`lease_role`]): its Lease, the join-token Secrets and
+//!   the operator credentials ConfigMap ([`crate::state`]).
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -73,6 +75,25 @@ pub fn cluster_role() -> ClusterRole {
             &["get", "patch", "update"],
         ));
     }
+    // What `sinew apply` and `sinew delete` write (crate::state).
+    let written: Vec<&Kind> = kinds
+        .iter()
+        .copied()
+        .filter(|k| crate::state::kind_of(k.kind) == Some(*k))
+        .collect();
+    let mut groups: Vec<&str> = written.iter().map(|k| k.group).collect();
+    groups.dedup();
+    for g in groups {
+        rules.push(rule(
+            &[g],
+            written
+                .iter()
+                .filter(|k| k.group == g)
+                .map(|k| k.plural.to_owned())
+                .collect(),
+            &["create", "update", "patch", "delete"],
+        ));
+    }
     ClusterRole {
         metadata: ObjectMeta {
             name: Some(ROLE_NAME.to_owned()),
@@ -84,7 +105,9 @@ pub fn cluster_role() -> ClusterRole {
     }
 }
 
-/// The permissions on the status writer's Lease, in `namespace` (the control plane's own).
+/// The permissions in `namespace` (the control plane's own): the status writer's Lease,
+/// the join-token Secrets and the operator credentials ConfigMap ([`crate::state`]).
+/// Secrets are granted here only, never cluster-wide.
 pub fn lease_role(namespace: &str) -> Role {
     Role {
         metadata: ObjectMeta {
@@ -93,10 +116,17 @@ pub fn lease_role(namespace: &str) -> Role {
             labels: Some([("app.kubernetes.io/part-of".to_owned(), "sinew".to_owned())].into()),
             ..ObjectMeta::default()
         },
-        rules: Some(vec![rule(
-            &["coordination.k8s.io"],
-            vec!["leases".into()],
-            &["get", "create", "update"],
-        )]),
+        rules: Some(vec![
+            rule(
+                &["coordination.k8s.io"],
+                vec!["leases".into()],
+                &["get", "create", "update"],
+            ),
+            rule(
+                &[""],
+                vec!["secrets".into(), "configmaps".into()],
+                &["get", "list", "watch", "create", "update", "delete"],
+            ),
+        ]),
     }
 }
