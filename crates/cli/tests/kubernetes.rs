@@ -1390,3 +1390,242 @@ async fn renewals_ride_the_certificate_not_the_token() {
     );
     proxy.shutdown().await;
 }
+
+/// `sinew <args>` against `cp` with the credential in `cred`: (success, stdout, stderr).
+async fn sinew_on(cp: &Control, cred: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = mesh::sinew_as(&cp.url, Some(cred), args).await;
+    let (o, e) = mesh::text(&out);
+    (out.status.success(), o, e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_server() {
+    use k8s_openapi::api::core::v1::Secret;
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    service(&c, "web-v2").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    slice(&c, "web-v2-a", "web-v2", "web-v2", v2.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+
+    // Two replicas with fresh data directories and one CA (the CA's Secret is not this
+    // test's subject).
+    let dir = Scratch::new();
+    let ca = dir.0.join("ca");
+    let extra = ["--ca-dir", ca.to_str().unwrap()];
+    let a = control(&api, &dir, &extra).await;
+    let b = control(&api, &dir, &extra).await;
+
+    // A join token made on a (the real CLI) bootstraps a proxy through b.
+    let token = mesh::token(&a, "shop", "web").await;
+    let proxy = mesh::proxy_with_token(
+        &b,
+        "shop/client",
+        None,
+        Duration::from_millis(100),
+        Some(token),
+    )
+    .await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    // The token's Secret holds its hash and binding, never the token.
+    let secrets = Api::<Secret>::namespaced(c.clone(), "default")
+        .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
+        .await
+        .unwrap();
+    assert!(
+        secrets.items.is_empty(),
+        "a single-use token is gone once spent: {:?}",
+        secrets.items
+    );
+
+    // A route applied on a is a custom resource in the API, and b serves it.
+    let route = dir.write("route.yaml", &mesh::route_to("shop", "web", "web-v2"));
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &["apply", "-f", route.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("created"), "{out}");
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    let cr = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+        .get("web")
+        .await
+        .expect("the applied route is a custom resource");
+    assert!(
+        cr.metadata
+            .managed_fields
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("sinew")),
+        "written by server-side apply as the field manager sinew"
+    );
+    assert_eq!(
+        cr.data["spec"]["rules"][0]["backendRefs"][0]["name"],
+        "web-v2"
+    );
+    until_served_by(bind, "v2").await;
+    assert!(config_has(&proxy, v2.addr()).await);
+    let (ok, out, err) = sinew_on(&b, &b.credentials, &["get", "httproutes", "-n", "shop"]).await;
+    assert!(ok && out.contains("web"), "{out}{err}");
+    // Applying it again changes nothing.
+    let (ok, out, err) = sinew_on(
+        &b,
+        &b.credentials,
+        &["apply", "-f", route.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok && out.contains("unchanged"), "{out}{err}");
+
+    // A route that does not validate is refused, with the reason, and never written.
+    let bad = dir.write(
+        "bad.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: bad, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: nowhere}]\n  rules:\n    - backendRefs: [{name: web}]\n",
+    );
+    let (ok, out, err) =
+        sinew_on(&a, &a.credentials, &["apply", "-f", bad.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("nowhere"), "{out}{err}");
+    assert!(
+        Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+            .get_opt("bad")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A single-use token cannot be spent twice across replicas, even at once.
+    for _ in 0..3 {
+        let t = a.join_token("shop", "web").await;
+        let (on_a, on_b) = tokio::join!(
+            mesh::bootstrap(&a, "shop", "x", &t),
+            mesh::bootstrap(&b, "shop", "y", &t)
+        );
+        let spent = usize::from(on_a.is_ok()) + usize::from(on_b.is_ok());
+        assert_eq!(spent, 1, "{on_a:?} / {on_b:?}");
+        let refused = on_a.err().or(on_b.err()).unwrap();
+        assert!(
+            refused.message().contains("unknown join token"),
+            "{refused:?}"
+        );
+    }
+    // A token for two proxies, made on b, kept for the restart below.
+    let (ok, two, err) = sinew_on(
+        &b,
+        &b.credentials,
+        &[
+            "token",
+            "create",
+            "-n",
+            "shop",
+            "--service-account",
+            "web",
+            "--uses",
+            "2",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let two = two.trim().to_owned();
+    mesh::bootstrap(&a, "shop", "z", &two).await.unwrap();
+
+    // A credential revoked on a is refused by b.
+    let vera = dir.0.join("vera.credentials");
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &[
+            "credentials",
+            "create",
+            "vera",
+            "--role",
+            "viewer",
+            "-o",
+            vera.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = sinew_on(&b, &vera, &["get", "httproutes", "-n", "shop"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = sinew_on(&a, &a.credentials, &["credentials", "revoke", "vera"]).await;
+    assert!(ok, "{out}{err}");
+    let (bv, vv) = (&b, &vera);
+    wait::until("b refuses the revoked credential", TIMEOUT, || async move {
+        let (ok, _, err) = sinew_on(bv, vv, &["get", "httproutes", "-n", "shop"]).await;
+        !ok && err.contains("\"vera\" was revoked")
+    })
+    .await
+    .unwrap();
+
+    // a restarts with an empty data directory: the route, the token and the
+    // revocation are all still there.
+    a.kill().await;
+    let a = control(&api, &dir, &extra).await;
+    let a_at = &a;
+    wait::until(
+        "the restarted replica has the route",
+        TIMEOUT,
+        || async move {
+            let (ok, out, _) = sinew_on(
+                a_at,
+                &a_at.credentials,
+                &["get", "httproutes", "-n", "shop"],
+            )
+            .await;
+            ok && out.contains("web")
+        },
+    )
+    .await
+    .unwrap();
+    let (ok, list, err) = sinew_on(&a, &a.credentials, &["token", "list"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        list.contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "{list}"
+    );
+    mesh::bootstrap(&a, "shop", "w", &two).await.unwrap();
+    let e = mesh::bootstrap(&b, "shop", "v", &two).await.unwrap_err();
+    assert!(e.message().contains("unknown join token"), "{e:?}");
+    let (ok, _, err) = sinew_on(&a, &vera, &["get", "httproutes", "-n", "shop"]).await;
+    assert!(!ok && err.contains("\"vera\" was revoked"), "{err}");
+    let (ok, list, err) = sinew_on(&a, &a.credentials, &["credentials", "list"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("vera ") && l.contains("revoked")),
+        "{list}"
+    );
+
+    // Deleted on the restarted a: gone from the API and from b's proxy.
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &["delete", "httproute", "web", "-n", "shop"],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+            .get_opt("web")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    until_served_by(bind, "v1").await;
+    // A document that stands for a Kubernetes object is not Sinew's to delete.
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &["delete", "service", "web-v2", "-n", "shop"],
+    )
+    .await;
+    assert!(!ok && err.contains("web-v2"), "{out}{err}");
+}
