@@ -1329,6 +1329,23 @@ async fn the_published_least_privilege_rbac_is_enough() {
     .await
     .unwrap();
     warning_event(&c, "bad", "targetRef").await;
+
+    // `sinew apply`, join tokens and credentials work with that role too: the custom
+    // resource is written, the token is a Secret in its namespace.
+    mesh::apply(&cp, &dir, &mesh::route_to("shop", "web", "web")).await;
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+        .get("web")
+        .await
+        .unwrap();
+    mesh::token(&cp, "shop", "web").await;
+    let tokens = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system")
+        .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
+        .await
+        .unwrap();
+    assert_eq!(tokens.items.len(), 1);
+    let out = cp.sinew(&["credentials", "revoke", "nobody"]).await;
+    assert!(out.status.success(), "{:?}", mesh::text(&out));
 }
 
 /// Waits for a Warning Event about `shop/<name>` whose message contains `text`.

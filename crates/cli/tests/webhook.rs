@@ -444,13 +444,19 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
 
     // Least privilege: exactly sinew-k8s's rules (proven sufficient by its own
     // test against an RBAC-enforcing API server), which write nothing but statuses,
-    // events, token reviews and the mesh roots' ConfigMaps, and never touch Secrets.
+    // events, token reviews, the mesh roots' ConfigMaps and the custom resources
+    // `sinew apply` makes, and never touch Secrets cluster-wide (only in its namespace).
     let role = Api::<ClusterRole>::all(client.clone())
         .get("sinew-control")
         .await
         .unwrap();
     let rules = role.rules.unwrap();
     assert_eq!(Some(&rules), sinew_k8s::rbac::cluster_role().rules.as_ref());
+    let applied: Vec<&str> = sinew_k8s::crd::SINEW_KINDS
+        .iter()
+        .map(|k| k.plural)
+        .chain(["httproutes"])
+        .collect();
     for rule in &rules {
         let resources = rule.resources.clone().unwrap_or_default();
         assert!(
@@ -464,6 +470,7 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
                     || r == "events"
                     || r == "tokenreviews"
                     || (r == "configmaps" && verb != "delete")
+                    || applied.contains(&r.as_str())
             });
             assert!(!write || may_write, "{verb} on {resources:?}");
         }
