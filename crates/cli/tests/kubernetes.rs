@@ -1533,6 +1533,46 @@ async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_se
             "{refused:?}"
         );
     }
+    // Three uses, six proxies at once across both replicas: exactly three get in (each
+    // use is spent by an update conditioned on the Secret's resourceVersion).
+    let (ok, three, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &[
+            "token",
+            "create",
+            "-n",
+            "shop",
+            "--service-account",
+            "web",
+            "--uses",
+            "3",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let three = three.trim();
+    let results = tokio::join!(
+        mesh::bootstrap(&a, "shop", "r0", three),
+        mesh::bootstrap(&b, "shop", "r1", three),
+        mesh::bootstrap(&a, "shop", "r2", three),
+        mesh::bootstrap(&b, "shop", "r3", three),
+        mesh::bootstrap(&a, "shop", "r4", three),
+        mesh::bootstrap(&b, "shop", "r5", three),
+    );
+    let results = [
+        results.0, results.1, results.2, results.3, results.4, results.5,
+    ];
+    let outcomes: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().map(|_| ()).map_err(|e| e.message().to_owned()))
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|r| r.is_ok()).count(),
+        3,
+        "{outcomes:?}"
+    );
+
     // A token for two proxies, made on b, kept for the restart below.
     let (ok, two, err) = sinew_on(
         &b,
