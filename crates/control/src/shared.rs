@@ -354,21 +354,40 @@ pub(crate) async fn delete(
         .await
         .map_err(|_| Status::internal("the index did not answer"))?
         .map_err(|e| Status::failed_precondition(e.to_string()))?;
-    let deleted = shared
+    let mut deleted = shared
         .delete_documents(present.clone())
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let elsewhere: Vec<String> = {
+    // Documents applied before the state was shared (source `api`, in the local
+    // store) are deleted there.
+    let (local, elsewhere): (Vec<ResourceKey>, Vec<String>) = {
         let s = state.borrow();
-        present
-            .iter()
-            .filter(|k| !deleted.contains(k))
-            .map(|k| {
-                let from = s.docs.get(k).map_or("", |e| e.source.as_str());
-                format!("{k} (from {from})")
-            })
-            .collect()
+        let mut local = Vec::new();
+        let mut elsewhere = Vec::new();
+        for k in present.iter().filter(|k| !deleted.contains(k)) {
+            match s.docs.get(k).map(|e| e.source.as_str()) {
+                Some("api") => local.push(k.clone()),
+                from => elsewhere.push(format!("{k} (from {})", from.unwrap_or("nowhere"))),
+            }
+        }
+        (local, elsewhere)
     };
+    if !local.is_empty() {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        index
+            .send(crate::index::Command::Delete {
+                keys: local,
+                dry_run: false,
+                reply,
+            })
+            .await
+            .map_err(|_| Status::unavailable("control plane is shutting down"))?;
+        let (_, gone) = answer
+            .await
+            .map_err(|_| Status::internal("the index did not answer"))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        deleted.extend(gone);
+    }
     let revision = until_seen(&mut state, |s| {
         deleted
             .iter()

@@ -110,6 +110,23 @@ fn token_of(s: &Secret) -> Option<(String, StoredToken)> {
     Some((hash, binding))
 }
 
+/// How often expired join tokens are deleted (they are also deleted when met).
+const SWEEP: Duration = Duration::from_secs(300);
+
+/// Deletes expired join-token Secrets every [`SWEEP`], while the state lives (every
+/// replica does it; a Secret already gone is no error).
+async fn sweep(state: std::sync::Weak<KubeState>) {
+    loop {
+        tokio::time::sleep(SWEEP).await;
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        if let Err(e) = state.tokens(unix_now()).await {
+            tracing::warn!(error = %e, "cannot sweep expired join tokens");
+        }
+    }
+}
+
 impl KubeState {
     /// Shared state in `namespace` (the control plane's own), through `client`. Returns
     /// once the credentials ConfigMap has been read (until then no operator call could
@@ -149,6 +166,7 @@ impl KubeState {
             revoked_here: Mutex::new(BTreeMap::new()),
             watch,
         });
+        tokio::spawn(sweep(Arc::downgrade(&state)));
         tokio::time::timeout(LIST_TIMEOUT, state.credentials.wait_until_ready())
             .await
             .map_err(|_| {
@@ -439,7 +457,16 @@ impl KubeState {
 
     async fn put_credential(&self, fp: String, c: StoredCredential) -> Result<(), StateError> {
         let json = serde_json::to_string(&c).map_err(|e| err(&c.name, e))?;
+        let now = unix_now();
         self.update_credentials(|data| {
+            // Records of expired credentials are dropped (the ConfigMap stays small:
+            // every replica started on a fresh disk records a new admin credential);
+            // revocations by name are kept.
+            data.retain(|k, v| {
+                !k.starts_with("credential.")
+                    || serde_json::from_str::<StoredCredential>(v)
+                        .map_or(true, |c| c.expires_unix >= now)
+            });
             data.insert(format!("credential.{fp}"), json.clone());
         })
         .await
