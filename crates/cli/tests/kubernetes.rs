@@ -1592,6 +1592,40 @@ async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_se
     assert!(ok, "{err}");
     let two = two.trim().to_owned();
     mesh::bootstrap(&a, "shop", "z", &two).await.unwrap();
+    // Its Secret holds the token's SHA-256 and binding (one use left), never the token.
+    let secrets = Api::<Secret>::namespaced(c.clone(), "default")
+        .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
+        .await
+        .unwrap();
+    assert_eq!(secrets.items.len(), 1);
+    let data = secrets.items[0].data.clone().unwrap();
+    assert_eq!(
+        data.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["binding", "sha256"]
+    );
+    let binding: Value = serde_json::from_slice(&data["binding"].0).unwrap();
+    assert_eq!(binding["uses_left"], 1, "{binding}");
+    assert_eq!(binding["namespace"], "shop", "{binding}");
+    assert_eq!(
+        data["sha256"].0,
+        sinew_tls::api::sha256_hex(two.as_bytes()).into_bytes()
+    );
+    let random = two.rsplit('.').next().unwrap();
+    assert!(!String::from_utf8_lossy(&data["binding"].0).contains(random));
+
+    // A token revoked on a is refused by b.
+    let (ok, _, err) = sinew_on(
+        &b,
+        &b.credentials,
+        &["token", "create", "-n", "shop", "--service-account", "web"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let id = err.split_whitespace().nth(2).unwrap().to_owned();
+    let (ok, out, err) = sinew_on(&a, &a.credentials, &["token", "revoke", &id]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, list, _) = sinew_on(&b, &b.credentials, &["token", "list"]).await;
+    assert!(ok && !list.contains(&id), "{list}");
 
     // A credential revoked on a is refused by b.
     let vera = dir.0.join("vera.credentials");
