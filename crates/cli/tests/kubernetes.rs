@@ -1338,12 +1338,15 @@ async fn the_published_least_privilege_rbac_is_enough() {
         .get("web")
         .await
         .unwrap();
-    mesh::token(&cp, "shop", "web").await;
+    let t = mesh::token(&cp, "shop", "web").await;
     let tokens = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system")
         .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
         .await
         .unwrap();
     assert_eq!(tokens.items.len(), 1);
+    let out = cp.sinew(&["token", "list"]).await;
+    assert!(out.status.success(), "{:?}", mesh::text(&out));
+    mesh::bootstrap(&cp, "shop", "spent", &t).await.unwrap();
     let out = cp.sinew(&["credentials", "revoke", "nobody"]).await;
     assert!(out.status.success(), "{:?}", mesh::text(&out));
 }

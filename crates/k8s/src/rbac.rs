@@ -91,7 +91,8 @@ pub fn cluster_role() -> ClusterRole {
                 .filter(|k| k.group == g)
                 .map(|k| k.plural.to_owned())
                 .collect(),
-            &["create", "update", "patch", "delete"],
+            // Server-side apply is a patch, and a create when the object is new.
+            &["create", "patch", "delete"],
         ));
     }
     ClusterRole {
@@ -122,10 +123,17 @@ pub fn lease_role(namespace: &str) -> Role {
                 vec!["leases".into()],
                 &["get", "create", "update"],
             ),
+            // Join tokens: created, spent (updated, or deleted at the last use), listed.
             rule(
                 &[""],
-                vec!["secrets".into(), "configmaps".into()],
-                &["get", "list", "watch", "create", "update", "delete"],
+                vec!["secrets".into()],
+                &["get", "list", "create", "update", "delete"],
+            ),
+            // Operator credentials and revocations: watched by every replica.
+            rule(
+                &[""],
+                vec!["configmaps".into()],
+                &["get", "list", "watch", "create", "update"],
             ),
         ]),
     }
