@@ -225,6 +225,20 @@ fn comparable(json: &str) -> Option<serde_json::Value> {
     Some(v)
 }
 
+/// The index's documents now, published or not (as `sinew get` reads them).
+async fn current(
+    index: &tokio::sync::mpsc::Sender<crate::index::Command>,
+) -> Result<std::sync::Arc<crate::index::MeshState>, tonic::Status> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    index
+        .send(crate::index::Command::Current { reply })
+        .await
+        .map_err(|_| tonic::Status::unavailable("control plane is shutting down"))?;
+    answer
+        .await
+        .map_err(|_| tonic::Status::internal("the index did not answer"))
+}
+
 /// Waits until the published state satisfies `seen` (or [`SEEN_TIMEOUT`] passes);
 /// returns its revision, or what is still missing.
 async fn until_seen(
@@ -277,7 +291,7 @@ pub(crate) async fn apply(
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     // The index compares with documents of the source `api`; these come back from
     // another one, so whether one changes is decided here, by content.
-    let before = state.borrow().clone();
+    let before = current(index).await?;
     let mut results = Vec::new();
     let mut writes = Vec::new();
     for d in docs {
@@ -361,7 +375,7 @@ pub(crate) async fn delete(
     // Documents applied before the state was shared (source `api`, in the local
     // store) are deleted there.
     let (local, elsewhere): (Vec<ResourceKey>, Vec<String>) = {
-        let s = state.borrow();
+        let s = current(index).await?;
         let mut local = Vec::new();
         let mut elsewhere = Vec::new();
         for k in present.iter().filter(|k| !deleted.contains(k)) {
@@ -422,4 +436,304 @@ pub(crate) async fn delete(
         )));
     }
     Ok((revision, deleted))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use sinew_model::load::Document;
+    use sinew_model::resource::Resource;
+    use tokio::sync::{mpsc, oneshot, watch};
+
+    use super::*;
+    use crate::index::{Command, IndexSettings, MeshState};
+
+    /// A scratch directory, removed when dropped.
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Documents kept in memory and fed back to the index as the source `fake`, as the
+    /// Kubernetes source feeds back custom resources.
+    #[derive(Debug)]
+    struct Fake {
+        docs: Mutex<BTreeMap<ResourceKey, String>>,
+        writes: Mutex<usize>,
+        index: mpsc::Sender<Command>,
+    }
+
+    impl Fake {
+        async fn sync(&self) -> Result<(), StateError> {
+            let docs: Vec<Document> = self
+                .docs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(k, json)| Document {
+                    resource: Resource::from_json(&k.kind, json)
+                        .unwrap_or_else(|e| panic!("{k}: {e}")),
+                    file: k.to_string(),
+                    line: 0,
+                })
+                .collect();
+            let (reply, answer) = oneshot::channel();
+            self.index
+                .send(Command::SyncSource {
+                    source: "fake".into(),
+                    docs,
+                    reply,
+                })
+                .await
+                .map_err(|_| StateError("index gone".into()))?;
+            answer
+                .await
+                .map_err(|_| StateError("no answer".into()))?
+                .map(|_| ())
+                .map_err(|e| StateError(e.to_string()))
+        }
+    }
+
+    fn unused<T: Send + 'static>() -> Pending<'static, Result<T, StateError>> {
+        Box::pin(async { Err(StateError("not used by these tests".into())) })
+    }
+
+    impl SharedState for Fake {
+        fn owns_documents(&self) -> bool {
+            true
+        }
+        fn write_documents(&self, docs: Vec<DocumentWrite>) -> Pending<'_, Result<(), StateError>> {
+            Box::pin(async move {
+                *self.writes.lock().unwrap_or_else(|e| e.into_inner()) += docs.len();
+                for d in docs {
+                    self.docs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(d.key, d.json);
+                }
+                self.sync().await
+            })
+        }
+        fn delete_documents(
+            &self,
+            keys: Vec<ResourceKey>,
+        ) -> Pending<'_, Result<Vec<ResourceKey>, StateError>> {
+            Box::pin(async move {
+                let gone: Vec<ResourceKey> = keys
+                    .into_iter()
+                    .filter(|k| {
+                        self.docs
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(k)
+                            .is_some()
+                    })
+                    .collect();
+                self.sync().await?;
+                Ok(gone)
+            })
+        }
+        fn put_token(&self, _: String, _: StoredToken) -> Pending<'_, Result<(), StateError>> {
+            unused()
+        }
+        fn spend_token(
+            &self,
+            _: String,
+            _: String,
+            _: i64,
+        ) -> Pending<'_, Result<StoredToken, SpendError>> {
+            Box::pin(async { Err(SpendError::Unknown) })
+        }
+        fn tokens(&self, _: i64) -> Pending<'_, Result<Vec<(String, StoredToken)>, StateError>> {
+            unused()
+        }
+        fn revoke_token(&self, _: String, _: i64) -> Pending<'_, Result<usize, StateError>> {
+            unused()
+        }
+        fn put_credential(
+            &self,
+            _: String,
+            _: StoredCredential,
+        ) -> Pending<'_, Result<(), StateError>> {
+            unused()
+        }
+        fn credentials(&self) -> Pending<'_, Result<Vec<(String, StoredCredential)>, StateError>> {
+            unused()
+        }
+        fn credential_revoked(&self, _: &str, _: &str, _: i64) -> bool {
+            true
+        }
+        fn revoke_credentials(&self, _: String) -> Pending<'_, Result<usize, StateError>> {
+            unused()
+        }
+    }
+
+    fn setup() -> (
+        Scratch,
+        mpsc::Sender<Command>,
+        watch::Receiver<Arc<MeshState>>,
+        Fake,
+    ) {
+        let dir = std::env::temp_dir().join(format!(
+            "sinew-shared-{}-{}",
+            std::process::id(),
+            fastrand_id()
+        ));
+        let store = Store::open(&dir).unwrap_or_else(|e| panic!("store: {e}"));
+        let (index, state) = crate::index::spawn(
+            store,
+            IndexSettings {
+                grace_period: Duration::from_secs(60),
+                debounce: Duration::from_millis(1),
+                trust_domain: "cluster.local".into(),
+            },
+        )
+        .unwrap_or_else(|e| panic!("index: {e}"));
+        let fake = Fake {
+            docs: Mutex::default(),
+            writes: Mutex::new(0),
+            index: index.clone(),
+        };
+        (Scratch(dir), index, state, fake)
+    }
+
+    fn fastrand_id() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    }
+
+    fn service(name: &str) -> String {
+        format!(
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  ports: [{{name: http, port: 80}}]\n"
+        )
+    }
+
+    fn key(name: &str) -> ResourceKey {
+        ResourceKey {
+            kind: "Service".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    fn actions(out: &crate::index::ApplyOutcome) -> Vec<&'static str> {
+        out.results.iter().map(|(_, a)| *a).collect()
+    }
+
+    #[tokio::test]
+    async fn apply_validates_before_writing_and_returns_once_the_source_brought_it_back() {
+        let (_dir, index, state, fake) = setup();
+        let src = |t: &str| vec![("mesh.yaml".to_owned(), t.to_owned())];
+
+        // Refused with the reason; nothing written.
+        let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: nowhere}]\n  rules:\n    - backendRefs: [{name: web}]\n";
+        let e = apply(&index, state.clone(), &fake, src(bad), false)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("an invalid route was applied"));
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("nowhere"), "{e:?}");
+        assert_eq!(*fake.writes.lock().unwrap_or_else(|e| e.into_inner()), 0);
+
+        // A dry run writes nothing either.
+        let out = apply(&index, state.clone(), &fake, src(&service("web")), true)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(actions(&out), ["created"]);
+        assert_eq!(*fake.writes.lock().unwrap_or_else(|e| e.into_inner()), 0);
+
+        // Written, and in force (from the source) when the call returns.
+        let out = apply(&index, state.clone(), &fake, src(&service("web")), false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(actions(&out), ["created"]);
+        assert_eq!(
+            state
+                .borrow()
+                .docs
+                .get(&key("web"))
+                .map(|e| e.source.clone()),
+            Some("fake".to_owned())
+        );
+        let out = apply(&index, state.clone(), &fake, src(&service("web")), false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(actions(&out), ["unchanged"]);
+    }
+
+    #[tokio::test]
+    async fn delete_removes_from_the_shared_state_and_leftovers_from_the_store() {
+        let (_dir, index, state, fake) = setup();
+        let src = |t: &str| vec![("mesh.yaml".to_owned(), t.to_owned())];
+        apply(&index, state.clone(), &fake, src(&service("web")), false)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        // Applied before the state was shared: in the local store, source `api`.
+        let (reply, answer) = oneshot::channel();
+        index
+            .send(Command::Apply {
+                sources: src(&service("old")),
+                dry_run: false,
+                reply,
+            })
+            .await
+            .unwrap_or_else(|_| panic!("index gone"));
+        answer
+            .await
+            .unwrap_or_else(|_| panic!("no answer"))
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        let (_, deleted) = delete(&index, state.clone(), &fake, vec![key("web"), key("old")])
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(deleted, [key("web"), key("old")]);
+        let s = state.borrow().clone();
+        assert!(!s.docs.contains_key(&key("web")) && !s.docs.contains_key(&key("old")));
+        assert!(
+            fake.docs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        );
+
+        // Another source's document is not this state's to delete.
+        let (reply, answer) = oneshot::channel();
+        let resource = Resource::from_json(
+            "Service",
+            r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"core","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80}]}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        index
+            .send(Command::SyncSource {
+                source: "kubernetes".into(),
+                docs: vec![Document {
+                    resource,
+                    file: "core".into(),
+                    line: 0,
+                }],
+                reply,
+            })
+            .await
+            .unwrap_or_else(|_| panic!("index gone"));
+        answer
+            .await
+            .unwrap_or_else(|_| panic!("no answer"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = delete(&index, state.clone(), &fake, vec![key("core")])
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a document of another source was deleted"));
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            e.message().contains("Service shop/core (from kubernetes)"),
+            "{e:?}"
+        );
+    }
 }
