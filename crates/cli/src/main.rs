@@ -145,7 +145,10 @@ enum Command {
         cert_ttl: Duration,
         /// Take Services, endpoints, Pods and Sinew/Gateway API/SMI custom resources from
         /// the Kubernetes API (KUBECONFIG, ~/.kube/config, or in-cluster), and accept
-        /// proxies' service-account tokens (checked with TokenReview).
+        /// proxies' service-account tokens (checked with TokenReview). What `sinew
+        /// apply` writes becomes custom resources, and join tokens and operator
+        /// credentials live in the control plane's namespace there: every replica
+        /// shares them.
         #[arg(long)]
         kubernetes: bool,
         /// The control plane's namespace in the cluster: where the Lease that elects the

@@ -9,7 +9,8 @@
 //! - [`review`]: service-account tokens checked with TokenReview, for the CA.
 //! - [`state`]: the state replicas share (applied documents as custom resources, join
 //!   tokens as Secrets, operator credentials), kept in the API server.
-//! - [`rbac`]: the least privilege it needs (ClusterRole, and a Role for its Lease).
+//! - [`rbac`]: the least privilege it needs (ClusterRole, and a Role in its namespace for
+//!   its Lease, join-token Secrets and credentials ConfigMap).
 //!
 //! Kept in a crate of its own so the heavy Kubernetes code (kube-rs, k8s-openapi) is built
 //! only by what needs it: the proxy never depends on it.
