@@ -148,10 +148,15 @@ enum Command {
         cert_ttl: Duration,
         /// Take Services, endpoints, Pods and Sinew/Gateway API/SMI custom resources from
         /// the Kubernetes API (KUBECONFIG, ~/.kube/config, or in-cluster), and accept
-        /// proxies' service-account tokens (checked with TokenReview).
+        /// proxies' service-account tokens (checked with TokenReview). What `sinew
+        /// apply` writes becomes custom resources, and join tokens and operator
+        /// credentials live in the control plane's namespace there: every replica
+        /// shares them.
         #[arg(long)]
         kubernetes: bool,
-        /// Namespace of the Lease that elects the replica writing resource statuses.
+        /// The control plane's namespace in the cluster: where the Lease that elects the
+        /// replica writing resource statuses is, and the join-token Secrets and the
+        /// operator credentials ConfigMap.
         #[arg(
             long,
             env = "POD_NAMESPACE",
@@ -550,6 +555,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 tracing::warn!(
                     "--plaintext-window: proxies of earlier releases are served over plaintext, unauthenticated; upgrade them and restart without it"
                 );
+            }
+            if kubernetes {
+                // Applied documents, join tokens and operator credentials live in the
+                // API server, beside the Lease: every replica serves the same, and one
+                // with a fresh disk loses nothing.
+                let shared = sinew_k8s::shared_state(&lease_namespace)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?;
+                opts.shared = Some(shared);
             }
             let cp = sinew_control::ControlPlane::start(opts).await?;
             let mut source = None;

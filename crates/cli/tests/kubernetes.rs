@@ -1285,14 +1285,17 @@ async fn the_published_least_privilege_rbac_is_enough() {
             .await
             .is_err()
     );
-    // Only its own two Secrets by name: another one in its namespace is refused.
+    // Secrets only in its own namespace (the CA's, the webhook's and the join tokens'):
+    // one in another namespace is refused.
     let other: k8s_openapi::api::core::v1::Secret =
-        serde_json::from_value(json!({"metadata": {"name": "other", "namespace": "sinew-system"}}))
+        serde_json::from_value(json!({"metadata": {"name": "other", "namespace": "shop"}}))
             .unwrap();
-    let own_ns = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system");
-    own_ns.create(&pp, &other).await.unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "shop")
+        .create(&pp, &other)
+        .await
+        .unwrap();
     assert!(
-        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(restricted.clone(), "sinew-system")
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(restricted.clone(), "shop")
             .get("other")
             .await
             .is_err()
@@ -1367,6 +1370,7 @@ async fn the_published_least_privilege_rbac_is_enough() {
     )
     .await;
     // The CA Secret was made with that role, and is the CA it serves with.
+    let own_ns = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system");
     let ca = own_ns.get("sinew-ca").await.unwrap().data.unwrap();
     assert!(
         String::from_utf8_lossy(&ca["ca.pem"].0).contains("BEGIN CERTIFICATE"),
@@ -1391,6 +1395,26 @@ async fn the_published_least_privilege_rbac_is_enough() {
     .await
     .unwrap();
     warning_event(&c, "bad", "targetRef").await;
+
+    // `sinew apply`, join tokens and credentials work with that role too: the custom
+    // resource is written, the token is a Secret in its namespace.
+    mesh::apply(&cp, &dir, &mesh::route_to("shop", "web", "web")).await;
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+        .get("web")
+        .await
+        .unwrap();
+    let t = mesh::token(&cp, "shop", "web").await;
+    let tokens = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system")
+        .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
+        .await
+        .unwrap();
+    assert_eq!(tokens.items.len(), 1);
+    let out = cp.sinew(&["token", "list"]).await;
+    assert!(out.status.success(), "{:?}", mesh::text(&out));
+    mesh::bootstrap(&cp, "shop", "spent", &t).await.unwrap();
+    let out = cp.sinew(&["credentials", "revoke", "nobody"]).await;
+    assert!(out.status.success(), "{:?}", mesh::text(&out));
 }
 
 /// Waits for a Warning Event about `shop/<name>` whose message contains `text`.
@@ -1661,4 +1685,317 @@ async fn a_proxy_that_refused_its_first_config_heals_when_the_resource_is_fixed(
     .await
     .unwrap();
     proxy.shutdown().await;
+}
+
+/// `sinew <args>` against `cp` with the credential in `cred`: (success, stdout, stderr).
+async fn sinew_on(cp: &Control, cred: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = mesh::sinew_as(&cp.url, Some(cred), args).await;
+    let (o, e) = mesh::text(&out);
+    (out.status.success(), o, e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_server() {
+    use k8s_openapi::api::core::v1::Secret;
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let v2 = HttpBackend::start("v2").await.unwrap();
+    service(&c, "web").await;
+    service(&c, "web-v2").await;
+    pod(&c, "web-v1", "v1", "web").await;
+    pod(&c, "web-v2", "v2", "web").await;
+    slice(&c, "web-a", "web", "web-v1", v1.addr(), true).await;
+    slice(&c, "web-v2-a", "web-v2", "web-v2", v2.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+
+    // Two replicas with fresh data directories and one CA (the CA's Secret is not this
+    // test's subject).
+    let dir = Scratch::new();
+    let ca = dir.0.join("ca");
+    let extra = ["--ca-dir", ca.to_str().unwrap()];
+    let a = control(&api, &dir, &extra).await;
+    let b = control(&api, &dir, &extra).await;
+
+    // A join token made on a (the real CLI) bootstraps a proxy through b.
+    let token = mesh::token(&a, "shop", "web").await;
+    let proxy = mesh::proxy_with_token(
+        &b,
+        "shop/client",
+        None,
+        Duration::from_millis(100),
+        Some(token),
+    )
+    .await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    // The token's Secret holds its hash and binding, never the token.
+    let secrets = Api::<Secret>::namespaced(c.clone(), "default")
+        .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
+        .await
+        .unwrap();
+    assert!(
+        secrets.items.is_empty(),
+        "a single-use token is gone once spent: {:?}",
+        secrets.items
+    );
+
+    // A route applied on a is a custom resource in the API, and b serves it.
+    let route = dir.write("route.yaml", &mesh::route_to("shop", "web", "web-v2"));
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &["apply", "-f", route.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("created"), "{out}");
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    let cr = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+        .get("web")
+        .await
+        .expect("the applied route is a custom resource");
+    assert!(
+        cr.metadata
+            .managed_fields
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("sinew")),
+        "written by server-side apply as the field manager sinew"
+    );
+    assert_eq!(
+        cr.data["spec"]["rules"][0]["backendRefs"][0]["name"],
+        "web-v2"
+    );
+    until_served_by(bind, "v2").await;
+    assert!(config_has(&proxy, v2.addr()).await);
+    let (ok, out, err) = sinew_on(&b, &b.credentials, &["get", "httproutes", "-n", "shop"]).await;
+    assert!(ok && out.contains("web"), "{out}{err}");
+    // Applying it again changes nothing.
+    let (ok, out, err) = sinew_on(
+        &b,
+        &b.credentials,
+        &["apply", "-f", route.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok && out.contains("unchanged"), "{out}{err}");
+
+    // A route that does not validate is refused, with the reason, and never written.
+    let bad = dir.write(
+        "bad.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: bad, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: nowhere}]\n  rules:\n    - backendRefs: [{name: web}]\n",
+    );
+    let (ok, out, err) =
+        sinew_on(&a, &a.credentials, &["apply", "-f", bad.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("nowhere"), "{out}{err}");
+    assert!(
+        Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+            .get_opt("bad")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A single-use token cannot be spent twice across replicas, even at once.
+    for _ in 0..3 {
+        let t = a.join_token("shop", "web").await;
+        let (on_a, on_b) = tokio::join!(
+            mesh::bootstrap(&a, "shop", "x", &t),
+            mesh::bootstrap(&b, "shop", "y", &t)
+        );
+        let spent = usize::from(on_a.is_ok()) + usize::from(on_b.is_ok());
+        assert_eq!(spent, 1, "{on_a:?} / {on_b:?}");
+        let refused = on_a.err().or(on_b.err()).unwrap();
+        assert!(
+            refused.message().contains("unknown join token"),
+            "{refused:?}"
+        );
+    }
+    // Three uses, six proxies at once across both replicas: exactly three get in (each
+    // use is spent by an update conditioned on the Secret's resourceVersion).
+    let (ok, three, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &[
+            "token",
+            "create",
+            "-n",
+            "shop",
+            "--service-account",
+            "web",
+            "--uses",
+            "3",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let three = three.trim();
+    let results = tokio::join!(
+        mesh::bootstrap(&a, "shop", "r0", three),
+        mesh::bootstrap(&b, "shop", "r1", three),
+        mesh::bootstrap(&a, "shop", "r2", three),
+        mesh::bootstrap(&b, "shop", "r3", three),
+        mesh::bootstrap(&a, "shop", "r4", three),
+        mesh::bootstrap(&b, "shop", "r5", three),
+    );
+    let results = [
+        results.0, results.1, results.2, results.3, results.4, results.5,
+    ];
+    let outcomes: Vec<_> = results
+        .iter()
+        .map(|r| r.as_ref().map(|_| ()).map_err(|e| e.message().to_owned()))
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|r| r.is_ok()).count(),
+        3,
+        "{outcomes:?}"
+    );
+
+    // A token for two proxies, made on b, kept for the restart below.
+    let (ok, two, err) = sinew_on(
+        &b,
+        &b.credentials,
+        &[
+            "token",
+            "create",
+            "-n",
+            "shop",
+            "--service-account",
+            "web",
+            "--uses",
+            "2",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let two = two.trim().to_owned();
+    mesh::bootstrap(&a, "shop", "z", &two).await.unwrap();
+    // Its Secret holds the token's SHA-256 and binding (one use left), never the token.
+    let secrets = Api::<Secret>::namespaced(c.clone(), "default")
+        .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
+        .await
+        .unwrap();
+    assert_eq!(secrets.items.len(), 1);
+    let data = secrets.items[0].data.clone().unwrap();
+    assert_eq!(
+        data.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["binding", "sha256"]
+    );
+    let binding: Value = serde_json::from_slice(&data["binding"].0).unwrap();
+    assert_eq!(binding["uses_left"], 1, "{binding}");
+    assert_eq!(binding["namespace"], "shop", "{binding}");
+    assert_eq!(
+        data["sha256"].0,
+        sinew_tls::api::sha256_hex(two.as_bytes()).into_bytes()
+    );
+    let random = two.rsplit('.').next().unwrap();
+    assert!(!String::from_utf8_lossy(&data["binding"].0).contains(random));
+
+    // A token revoked on a is refused by b.
+    let (ok, _, err) = sinew_on(
+        &b,
+        &b.credentials,
+        &["token", "create", "-n", "shop", "--service-account", "web"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let id = err.split_whitespace().nth(2).unwrap().to_owned();
+    let (ok, out, err) = sinew_on(&a, &a.credentials, &["token", "revoke", &id]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, list, _) = sinew_on(&b, &b.credentials, &["token", "list"]).await;
+    assert!(ok && !list.contains(&id), "{list}");
+
+    // A credential revoked on a is refused by b.
+    let vera = dir.0.join("vera.credentials");
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &[
+            "credentials",
+            "create",
+            "vera",
+            "--role",
+            "viewer",
+            "-o",
+            vera.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = sinew_on(&b, &vera, &["get", "httproutes", "-n", "shop"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = sinew_on(&a, &a.credentials, &["credentials", "revoke", "vera"]).await;
+    assert!(ok, "{out}{err}");
+    let (bv, vv) = (&b, &vera);
+    wait::until("b refuses the revoked credential", TIMEOUT, || async move {
+        let (ok, _, err) = sinew_on(bv, vv, &["get", "httproutes", "-n", "shop"]).await;
+        !ok && err.contains("\"vera\" was revoked")
+    })
+    .await
+    .unwrap();
+
+    // a restarts with an empty data directory: the route, the token and the
+    // revocation are all still there.
+    a.kill().await;
+    let a = control(&api, &dir, &extra).await;
+    let a_at = &a;
+    wait::until(
+        "the restarted replica has the route",
+        TIMEOUT,
+        || async move {
+            let (ok, out, _) = sinew_on(
+                a_at,
+                &a_at.credentials,
+                &["get", "httproutes", "-n", "shop"],
+            )
+            .await;
+            ok && out.contains("web")
+        },
+    )
+    .await
+    .unwrap();
+    let (ok, list, err) = sinew_on(&a, &a.credentials, &["token", "list"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        list.contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "{list}"
+    );
+    mesh::bootstrap(&a, "shop", "w", &two).await.unwrap();
+    let e = mesh::bootstrap(&b, "shop", "v", &two).await.unwrap_err();
+    assert!(e.message().contains("unknown join token"), "{e:?}");
+    let (ok, _, err) = sinew_on(&a, &vera, &["get", "httproutes", "-n", "shop"]).await;
+    assert!(!ok && err.contains("\"vera\" was revoked"), "{err}");
+    let (ok, list, err) = sinew_on(&a, &a.credentials, &["credentials", "list"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("vera ") && l.contains("revoked")),
+        "{list}"
+    );
+
+    // Deleted on the restarted a: gone from the API and from b's proxy.
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &["delete", "httproute", "web", "-n", "shop"],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes)
+            .get_opt("web")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    until_served_by(bind, "v1").await;
+    // A document that stands for a Kubernetes object is not Sinew's to delete.
+    let (ok, out, err) = sinew_on(
+        &a,
+        &a.credentials,
+        &["delete", "service", "web-v2", "-n", "shop"],
+    )
+    .await;
+    assert!(!ok && err.contains("web-v2"), "{out}{err}");
 }

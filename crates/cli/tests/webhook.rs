@@ -597,14 +597,20 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
 
     // Least privilege: exactly sinew-k8s's rules (proven sufficient by its own
     // test against an RBAC-enforcing API server), which write nothing but statuses,
-    // events, token reviews, the mesh roots' ConfigMaps and the caBundle of its own
-    // webhook configuration (by name), and never touch Secrets cluster-wide.
+    // events, token reviews, the mesh roots' ConfigMaps, the caBundle of its own
+    // webhook configuration (by name) and the custom resources `sinew apply` makes,
+    // and never touch Secrets cluster-wide (only in its namespace).
     let role = Api::<ClusterRole>::all(client.clone())
         .get("sinew-control")
         .await
         .unwrap();
     let rules = role.rules.unwrap();
     assert_eq!(Some(&rules), sinew_k8s::rbac::cluster_role().rules.as_ref());
+    let applied: Vec<&str> = sinew_k8s::crd::SINEW_KINDS
+        .iter()
+        .map(|k| k.plural)
+        .chain(["httproutes"])
+        .collect();
     for rule in &rules {
         let resources = rule.resources.clone().unwrap_or_default();
         assert!(
@@ -621,6 +627,7 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
                     || (r == "mutatingwebhookconfigurations"
                         && verb == "patch"
                         && rule.resource_names.as_deref() == Some(&["sinew-injector".to_owned()]))
+                    || applied.contains(&r.as_str())
             });
             assert!(!write || may_write, "{verb} on {resources:?}");
         }

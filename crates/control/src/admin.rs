@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Operator, Role};
 use crate::index::{Command, MeshState};
+use crate::shared::SharedState;
 use crate::store::Store;
 
 /// The `Admin` gRPC service.
@@ -19,6 +20,8 @@ pub struct AdminService {
     index: mpsc::Sender<Command>,
     state: watch::Receiver<Arc<MeshState>>,
     store: Store,
+    /// Applied documents, tokens and credentials (default: `store`).
+    shared: Arc<dyn SharedState>,
     identity: Arc<crate::identity::Identity>,
     telemetry: Arc<crate::telemetry::Telemetry>,
 }
@@ -34,6 +37,7 @@ impl AdminService {
         AdminService {
             index,
             state,
+            shared: Arc::new(store.clone()),
             store,
             identity,
             telemetry: Arc::new(crate::telemetry::Telemetry::default()),
@@ -47,10 +51,18 @@ impl AdminService {
         self
     }
 
+    /// Keeps applied documents, join tokens and operator credentials in `shared`
+    /// (state replicas share) rather than in the local store.
+    pub fn with_shared(mut self, shared: Arc<dyn SharedState>) -> Self {
+        self.shared = shared;
+        self
+    }
+
     /// The operator making `req`, if its credential allows `what` (see
     /// [`crate::auth::operator`]).
     fn authorize<T>(&self, req: &Request<T>, need: Role, what: &str) -> Result<Operator, Status> {
-        let op = crate::auth::operator(req, &self.store, self.identity.trust_domain(), need, what);
+        let op =
+            crate::auth::operator(req, &*self.shared, self.identity.trust_domain(), need, what);
         if let Err(e) = &op {
             tracing::info!(call = what, reason = e.message(), "operator call refused");
         }
@@ -149,14 +161,25 @@ impl Admin for AdminService {
         let _caller = self.authorize(&req, Role::Operator, "apply")?;
         let req = req.into_inner();
         let sources = req.sources.into_iter().map(|s| (s.label, s.text)).collect();
-        let out = self
-            .ask(|reply| Command::Apply {
+        let out = if self.shared.owns_documents() {
+            // Written where every replica reads them; back through a source.
+            crate::shared::apply(
+                &self.index,
+                self.state.clone(),
+                &*self.shared,
+                sources,
+                req.dry_run,
+            )
+            .await?
+        } else {
+            self.ask(|reply| Command::Apply {
                 sources,
                 dry_run: req.dry_run,
                 reply,
             })
             .await?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
         Ok(Response::new(api::ApplyResponse {
             revision: out.revision,
             results: out
@@ -219,10 +242,17 @@ impl Admin for AdminService {
                 name: k.name,
             });
         }
-        let (revision, deleted) = self
-            .ask(|reply| Command::Delete { keys, reply })
+        let (revision, deleted) = if self.shared.owns_documents() {
+            crate::shared::delete(&self.index, self.state.clone(), &*self.shared, keys).await?
+        } else {
+            self.ask(|reply| Command::Delete {
+                keys,
+                dry_run: false,
+                reply,
+            })
             .await?
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?
+        };
         Ok(Response::new(api::DeleteResponse {
             revision,
             deleted: deleted.iter().map(key_msg).collect(),
@@ -315,7 +345,7 @@ impl Admin for AdminService {
                     .await
                     .map_err(|e| Status::internal(e.to_string()))?
             }
-            "reissue" => self.identity.rotate_reissue(),
+            "reissue" => self.identity.rotate_reissue().await,
             "finish" => {
                 if !req.force {
                     let records = self.ask(|reply| Command::Status { reply }).await?;
@@ -333,7 +363,7 @@ impl Admin for AdminService {
                         )));
                     }
                 }
-                self.identity.rotate_finish()
+                self.identity.rotate_finish().await
             }
             other => return Err(Status::invalid_argument(format!("unknown phase {other:?}: use start, reissue or finish"))),
         }
@@ -358,12 +388,10 @@ impl Admin for AdminService {
         let identity = self.identity.clone();
         let ttl = std::time::Duration::from_secs(req.ttl_seconds);
         let by = caller.name.clone();
-        let (token, stored, id) = tokio::task::spawn_blocking(move || {
-            identity.create_token(&ns, &req.service_account, ttl, req.uses, &by)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::invalid_argument)?;
+        let (token, stored, id) = identity
+            .create_token(&ns, &req.service_account, ttl, req.uses, &by)
+            .await
+            .map_err(Status::invalid_argument)?;
         // The token itself is never logged: only its id.
         tracing::info!(id = %stored.id, %id, uses = ?stored.uses_left, by = %caller.name, "join token created");
         Ok(Response::new(api::JoinToken {
@@ -380,11 +408,10 @@ impl Admin for AdminService {
         req: Request<api::ListJoinTokensRequest>,
     ) -> Result<Response<api::ListJoinTokensResponse>, Status> {
         self.authorize(&req, Role::Admin, "token list")?;
-        let store = self.store.clone();
-        let now = unix_now();
-        let tokens = tokio::task::spawn_blocking(move || store.tokens(now))
+        let tokens = self
+            .shared
+            .tokens(unix_now())
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let td = self.identity.trust_domain().to_owned();
         let mut tokens: Vec<api::JoinTokenInfo> = tokens
@@ -413,12 +440,10 @@ impl Admin for AdminService {
     ) -> Result<Response<api::RevokeJoinTokenResponse>, Status> {
         let caller = self.authorize(&req, Role::Admin, "token revoke")?;
         let id = req.into_inner().id;
-        let store = self.store.clone();
-        let now = unix_now();
-        let which = id.clone();
-        let n = tokio::task::spawn_blocking(move || store.revoke_token(&which, now))
+        let n = self
+            .shared
+            .revoke_token(id.clone(), unix_now())
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
         if n == 0 {
             return Err(Status::not_found(format!(
@@ -444,12 +469,10 @@ impl Admin for AdminService {
         let identity = self.identity.clone();
         let ttl = std::time::Duration::from_secs(req.ttl_seconds);
         let name = req.name.clone();
-        let (certificate_pem, expires_unix) = tokio::task::spawn_blocking(move || {
-            identity.issue_credential(&name, role, &req.csr_der, ttl)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(Status::invalid_argument)?;
+        let (certificate_pem, expires_unix) = identity
+            .issue_credential(&name, role, &req.csr_der, ttl)
+            .await
+            .map_err(Status::invalid_argument)?;
         tracing::info!(name = %req.name, role = role.as_str(), by = %caller.name, "credential issued");
         Ok(Response::new(api::Credential {
             name: req.name,
@@ -467,8 +490,9 @@ impl Admin for AdminService {
     ) -> Result<Response<api::ListCredentialsResponse>, Status> {
         self.authorize(&req, Role::Admin, "credentials list")?;
         let mut credentials: Vec<api::CredentialInfo> = self
-            .store
+            .shared
             .credentials()
+            .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .into_iter()
             .map(|(fingerprint, c)| api::CredentialInfo {
@@ -495,8 +519,9 @@ impl Admin for AdminService {
         let caller = self.authorize(&req, Role::Admin, "credentials revoke")?;
         let name = req.into_inner().name;
         let n = self
-            .store
-            .revoke_credentials(&name)
+            .shared
+            .revoke_credentials(name.clone())
+            .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         // The name is revoked as of now even with no record of it here (a
         // credential issued by another replica sharing the CA).

@@ -25,8 +25,6 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::server::Connected;
 use tonic::{Request, Status};
 
-use crate::store::Store;
-
 /// Caps on what callers may hold before and after they are authenticated.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -412,7 +410,7 @@ pub fn operator_id(id: &SpiffeId, trust_domain: &str) -> Option<(Role, String)> 
 /// least `need`; otherwise `Unauthenticated` or `PermissionDenied` with the reason.
 pub fn operator<T>(
     req: &Request<T>,
-    store: &Store,
+    shared: &dyn crate::shared::SharedState,
     trust_domain: &str,
     need: Role,
     what: &str,
@@ -431,7 +429,7 @@ pub fn operator<T>(
             "{who} is not an operator credential of this control plane"
         )));
     };
-    if store.credential_revoked(&cert.fingerprint, &name, cert.not_before_unix) {
+    if shared.credential_revoked(&cert.fingerprint, &name, cert.not_before_unix) {
         return Err(Status::unauthenticated(format!(
             "the credential {name:?} was revoked"
         )));

@@ -786,7 +786,7 @@ impl Discovery for DiscoveryService {
                             // token in it is looked at only on the migration window.
                             let issued = match &caller {
                                 Some(caller) => identity.renew(caller, &req.csr_der),
-                                None => identity.issue(&proxy_ns, &req.join_token, &req.csr_der),
+                                None => identity.issue(&proxy_ns, &req.join_token, &req.csr_der).await,
                             };
                             let msg = match issued {
                                 Ok((chain_pem, id, not_after, signer)) => {

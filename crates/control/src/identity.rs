@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::rand::SecureRandom;
 use sinew_tls::{Ca, SpiffeId};
 
-use crate::store::{Store, StoredToken};
+use crate::shared::SharedState;
+use crate::store::StoredToken;
 
 /// Default certificate lifetime.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -130,7 +131,8 @@ pub struct Identity {
     dir: Option<std::path::PathBuf>,
     trust_domain: String,
     cert_ttl: Duration,
-    store: Store,
+    /// Tokens and credentials: the local store, or state shared by replicas.
+    shared: Arc<dyn SharedState>,
     issued: AtomicU64,
     bundle: tokio::sync::watch::Sender<BundleState>,
     /// Where the admin credential lives and the server it names, once written.
@@ -180,7 +182,7 @@ impl Identity {
         dir: &std::path::Path,
         trust_domain: String,
         cert_ttl: Duration,
-        store: Store,
+        shared: Arc<dyn SharedState>,
     ) -> Result<Identity, sinew_tls::TlsError> {
         let signing = Ca::load_or_generate(dir, &trust_domain)?;
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
@@ -200,12 +202,17 @@ impl Identity {
             Some(dir.to_path_buf()),
             trust_domain,
             cert_ttl,
-            store,
+            shared,
         ))
     }
 
     /// Identity service over an operator's CA (no rotation through the API).
-    pub fn new(ca: Ca, trust_domain: String, cert_ttl: Duration, store: Store) -> Identity {
+    pub fn new(
+        ca: Ca,
+        trust_domain: String,
+        cert_ttl: Duration,
+        shared: Arc<dyn SharedState>,
+    ) -> Identity {
         Self::build(
             CaState {
                 signing: Arc::new(ca),
@@ -216,7 +223,7 @@ impl Identity {
             None,
             trust_domain,
             cert_ttl,
-            store,
+            shared,
         )
     }
 
@@ -225,7 +232,7 @@ impl Identity {
         dir: Option<std::path::PathBuf>,
         trust_domain: String,
         cert_ttl: Duration,
-        store: Store,
+        shared: Arc<dyn SharedState>,
     ) -> Identity {
         let (bundle, _) = tokio::sync::watch::channel(BundleState {
             roots_pem: state.roots_pem(),
@@ -236,7 +243,7 @@ impl Identity {
             dir,
             trust_domain,
             cert_ttl,
-            store,
+            shared,
             issued: AtomicU64::new(0),
             reviewer: std::sync::OnceLock::new(),
             bundle,
@@ -347,13 +354,25 @@ impl Identity {
     }
 
     /// Rotation step 2: the new root signs; every proxy renews now.
-    pub fn rotate_reissue(&self) -> Result<String, String> {
+    pub async fn rotate_reissue(&self) -> Result<String, String> {
+        if let Some(again) = self.reissue_step()? {
+            return Ok(again);
+        }
+        // The admin credential's certificate comes from the retiring root: a new one
+        // from the new root, with both roots, before anyone is told to finish.
+        self.refresh_admin_credential().await?;
+        Ok("the new root signs; every proxy is renewing; run `sinew ca rotate finish` when `sinew check` shows all on the new root".into())
+    }
+
+    /// [`Identity::rotate_reissue`]'s change of signer (no await while the state is
+    /// locked); `Some` when it was done already and proxies were only asked again.
+    fn reissue_step(&self) -> Result<Option<String>, String> {
         let dir = self.dir.as_ref().ok_or("no rotation in progress")?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         if st.phase() == Phase::Reissuing {
             drop(st);
             self.publish(true);
-            return Ok("asked every proxy to renew again".into());
+            return Ok(Some("asked every proxy to renew again".into()));
         }
         let next = st
             .next
@@ -374,14 +393,19 @@ impl Identity {
         st.previous_roots = Some(previous);
         drop(st);
         self.publish(true);
-        // The admin credential's certificate comes from the retiring root: a new one
-        // from the new root, with both roots, before anyone is told to finish.
-        self.refresh_admin_credential()?;
-        Ok("the new root signs; every proxy is renewing; run `sinew ca rotate finish` when `sinew check` shows all on the new root".into())
+        Ok(None)
     }
 
     /// Rotation step 3: retire the old root.
-    pub fn rotate_finish(&self) -> Result<String, String> {
+    pub async fn rotate_finish(&self) -> Result<String, String> {
+        self.finish_step()?;
+        self.refresh_admin_credential().await?;
+        Ok("the old root is retired".into())
+    }
+
+    /// [`Identity::rotate_finish`]'s change of roots (no await while the state is
+    /// locked).
+    fn finish_step(&self) -> Result<(), String> {
         let dir = self.dir.as_ref().ok_or("no rotation in progress")?;
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         if st.phase() != Phase::Reissuing {
@@ -396,15 +420,14 @@ impl Identity {
         let _ = std::fs::remove_file(dir.join("cross.pem"));
         drop(st);
         self.publish(false);
-        self.refresh_admin_credential()?;
-        Ok("the old root is retired".into())
+        Ok(())
     }
 
     /// Creates a join token for `namespace`/`account`, good for `uses` bootstraps
     /// (at least 1) until `ttl` (default 1 h, at most 7 days) passes. The token
     /// names the signing root by its SHA-256, so the proxy can verify the control
     /// plane before trusting it. Returns the token and what `sinew token list` shows.
-    pub fn create_token(
+    pub async fn create_token(
         &self,
         namespace: &str,
         account: &str,
@@ -463,8 +486,9 @@ impl Identity {
             created_unix: unix(now),
             created_by: created_by.to_owned(),
         };
-        self.store
-            .put_token(&hash, &stored)
+        self.shared
+            .put_token(hash, stored.clone())
+            .await
             .map_err(|e| e.to_string())?;
         Ok((
             token,
@@ -475,14 +499,15 @@ impl Identity {
 
     /// Writes the admin credential to `path` (owner-only), for `server`, and
     /// remembers where, so that a root rotation writes it again from the new root.
-    pub fn write_admin_credential(
+    pub async fn write_admin_credential(
         &self,
         path: &std::path::Path,
         server: &str,
     ) -> Result<(), String> {
         let (key, csr) = sinew_tls::new_key_and_csr().map_err(|e| e.to_string())?;
-        let (certificate, expires) =
-            self.issue_credential("admin", crate::auth::Role::Admin, &csr, MAX_CREDENTIAL_TTL)?;
+        let (certificate, expires) = self
+            .issue_credential("admin", crate::auth::Role::Admin, &csr, MAX_CREDENTIAL_TTL)
+            .await?;
         crate::credentials::CredentialFile {
             server: server.to_owned(),
             name: "admin".into(),
@@ -509,7 +534,7 @@ impl Identity {
 
     /// Writes the admin credential again (a root rotation moved on), if this control
     /// plane wrote one and it is still there.
-    fn refresh_admin_credential(&self) -> Result<(), String> {
+    async fn refresh_admin_credential(&self) -> Result<(), String> {
         let known = self
             .admin_file
             .lock()
@@ -517,7 +542,7 @@ impl Identity {
             .clone();
         match known {
             Some((path, server)) if path.exists() => {
-                self.write_admin_credential(&path, &server)?;
+                self.write_admin_credential(&path, &server).await?;
                 tracing::info!(path = %path.display(), "admin credential rewritten for the new root");
                 Ok(())
             }
@@ -579,7 +604,7 @@ impl Identity {
     /// identity). The role is the CA's statement, so every replica sharing the CA
     /// reads it alike; the record kept here lists it and marks it when revoked.
     /// Returns `(certificate PEM, expiry)`.
-    pub fn issue_credential(
+    pub async fn issue_credential(
         &self,
         name: &str,
         role: crate::auth::Role,
@@ -622,10 +647,10 @@ impl Identity {
             .map(sinew_tls::api::cert_hash)
             .ok_or("no certificate issued")?;
         let expires = unix(issued.not_after);
-        self.store
+        self.shared
             .put_credential(
-                &fp,
-                &crate::store::StoredCredential {
+                fp,
+                crate::store::StoredCredential {
                     name: name.to_owned(),
                     role: role.as_str().to_owned(),
                     expires_unix: expires,
@@ -633,6 +658,7 @@ impl Identity {
                     revoked: false,
                 },
             )
+            .await
             .map_err(|e| e.to_string())?;
         Ok((issued.chain_pem, expires))
     }
@@ -670,14 +696,14 @@ impl Identity {
                 }
                 self.sign(&subject.namespace, &subject.service_account, csr_der)
             }
-            _ => self.issue(proxy_namespace, token, csr_der),
+            _ => self.issue(proxy_namespace, token, csr_der).await,
         }
     }
 
     /// Spends one use of the join token `token` for a proxy in `proxy_namespace` and
     /// issues a certificate for its identity and `csr_der`. Returns `(chain PEM,
     /// SPIFFE id, not_after, signer)` or why it was refused.
-    pub fn issue(
+    pub async fn issue(
         &self,
         proxy_namespace: &str,
         token: &str,
@@ -694,8 +720,13 @@ impl Identity {
         // not cost a single-use token.
         sinew_tls::Ca::check_csr(csr_der).map_err(|e| format!("refused: {e}"))?;
         let binding = self
-            .store
-            .spend_token(&sha256_hex(token), proxy_namespace, unix(SystemTime::now()))
+            .shared
+            .spend_token(
+                sha256_hex(token),
+                proxy_namespace.to_owned(),
+                unix(SystemTime::now()),
+            )
+            .await
             .map_err(|e| match e {
                 SpendError::Unknown => {
                     "unknown join token (never issued, already used up, or revoked)".to_owned()

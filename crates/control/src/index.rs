@@ -226,6 +226,8 @@ pub enum Command {
     Delete {
         /// What to delete.
         keys: Vec<ResourceKey>,
+        /// Check only: answer what would be deleted, change nothing.
+        dry_run: bool,
         /// The answer: the revision and what was deleted.
         reply: oneshot::Sender<Result<(u64, Vec<ResourceKey>), ConfigErrors>>,
     },
@@ -718,7 +720,11 @@ impl Index {
                 };
                 let _ = reply.send(out);
             }
-            Command::Delete { keys, reply } => {
+            Command::Delete {
+                keys,
+                dry_run,
+                reply,
+            } => {
                 let mut undo = Undo::new();
                 let mut deleted = Vec::new();
                 for k in keys {
@@ -730,7 +736,7 @@ impl Index {
                 }
                 let out = match self.check(ConfigErrors::default()) {
                     Err(e) => Err(e),
-                    Ok(_) if deleted.is_empty() => Ok((self.revision, deleted)),
+                    Ok(_) if deleted.is_empty() || dry_run => Ok((self.revision, deleted)),
                     Ok(_) => match self.persist(Vec::new(), deleted.clone()).await {
                         Ok(rev) => {
                             self.revision = rev;
@@ -740,7 +746,7 @@ impl Index {
                         Err(e) => Err(e),
                     },
                 };
-                if out.is_err() {
+                if out.is_err() || dry_run {
                     self.undo(undo);
                 }
                 let _ = reply.send(out);
@@ -949,6 +955,7 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Delete {
             keys: vec![key],
+            dry_run: false,
             reply,
         };
         tx.send(cmd).await.unwrap_or_else(|_| panic!("index gone"));

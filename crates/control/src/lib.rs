@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod index;
 pub mod quota;
+pub mod shared;
 pub mod store;
 pub mod telemetry;
 pub mod trim;
@@ -75,6 +76,10 @@ pub struct ControlOptions {
     pub advertise: Option<String>,
     /// Caps on callers (handshakes, connections, streams, message sizes).
     pub limits: auth::Limits,
+    /// Where applied documents, join tokens and operator credentials live when
+    /// replicas share them (e.g. the Kubernetes API server); default `None`: the
+    /// local store under `data_dir`.
+    pub shared: Option<std::sync::Arc<dyn shared::SharedState>>,
 }
 
 impl ControlOptions {
@@ -96,6 +101,7 @@ impl ControlOptions {
             admin_credentials: None,
             advertise: None,
             limits: auth::Limits::default(),
+            shared: None,
         }
     }
 }
@@ -137,6 +143,10 @@ impl ControlPlane {
     /// Opens the store, loads what it holds, and starts serving.
     pub async fn start(opts: ControlOptions) -> Result<ControlPlane, StartError> {
         let store = Store::open(&opts.data_dir)?;
+        let shared: std::sync::Arc<dyn shared::SharedState> = match &opts.shared {
+            Some(s) => s.clone(),
+            None => std::sync::Arc::new(store.clone()),
+        };
         let identity = std::sync::Arc::new(match &opts.ca_files {
             Some((cert, key)) => {
                 let read = |p: &PathBuf| {
@@ -149,7 +159,7 @@ impl ControlPlane {
                     sinew_tls::Ca::from_pem(&read(cert)?, &read(key)?)?,
                     opts.trust_domain.clone(),
                     opts.cert_ttl,
-                    store.clone(),
+                    shared.clone(),
                 )
             }
             None => identity::Identity::from_dir(
@@ -159,7 +169,7 @@ impl ControlPlane {
                     .unwrap_or_else(|| opts.data_dir.join("ca")),
                 opts.trust_domain.clone(),
                 opts.cert_ttl,
-                store.clone(),
+                shared.clone(),
             )?,
         });
         let (index, state) = index::spawn(
@@ -202,7 +212,9 @@ impl ControlPlane {
             dns,
             ips,
         )));
-        write_admin_credential(&opts, addr, &identity).map_err(StartError::Credentials)?;
+        write_admin_credential(&opts, addr, &identity)
+            .await
+            .map_err(StartError::Credentials)?;
         let tls = sinew_tls::api::control_server_config(&own)
             .map_err(|e| StartError::Credentials(e.to_string()))?;
         let limits = opts.limits.clone();
@@ -216,6 +228,7 @@ impl ControlPlane {
         )
         .with_grace(opts.grace_period);
         let admin = admin::AdminService::new(index.clone(), state, store, identity.clone())
+            .with_shared(shared)
             .with_telemetry(discovery.telemetry());
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
@@ -358,7 +371,7 @@ async fn rotate_own_certificate(
 }
 
 /// Writes the admin credential on first start: when no file is where it goes.
-fn write_admin_credential(
+async fn write_admin_credential(
     opts: &ControlOptions,
     addr: SocketAddr,
     identity: &identity::Identity,
@@ -379,7 +392,7 @@ fn write_admin_credential(
         identity.remember_admin_credential(&path, &server);
         return Ok(());
     }
-    identity.write_admin_credential(&path, &server)?;
+    identity.write_admin_credential(&path, &server).await?;
     tracing::info!(path = %path.display(), "admin credential written (sinew --credentials, or SINEW_CREDENTIALS)");
     Ok(())
 }

@@ -580,12 +580,10 @@ impl Store {
             {
                 return Ok(true);
             }
-            // notBefore is backdated a minute (clock slack): a certificate whose
-            // notBefore is before the revocation was issued before it, or just after.
             Ok(txn
                 .open_table(REVOKED_NAMES)?
                 .get(name)?
-                .is_some_and(|at| not_before_unix + 60 <= at.value()))
+                .is_some_and(|at| crate::shared::revoked_since(not_before_unix, at.value())))
         };
         self.read(|txn| check(txn).map_err(|e| self.fail(e)))
             .unwrap_or(true)

@@ -9,7 +9,10 @@
 //! - [`review`]: service-account tokens checked with TokenReview, for the CA.
 //! - [`ca`]: the mesh CA and the webhook's certificate, kept in Secrets (made in the
 //!   cluster on first start, never printed by `sinew install`).
-//! - [`rbac`]: the least privilege it needs (ClusterRole, and a Role for its Lease).
+//! - [`state`]: the state replicas share (applied documents as custom resources, join
+//!   tokens as Secrets, operator credentials), kept in the API server.
+//! - [`rbac`]: the least privilege it needs (ClusterRole, and a Role in its namespace for
+//!   its Lease, join-token Secrets and credentials ConfigMap).
 //!
 //! Kept in a crate of its own so the heavy Kubernetes code (kube-rs, k8s-openapi) is built
 //! only by what needs it: the proxy never depends on it.
@@ -23,11 +26,13 @@ pub mod review;
 pub mod roots;
 pub mod schema;
 pub mod source;
+pub mod state;
 pub mod status;
 
 pub use crd::crds;
 pub use review::KubeTokenReviewer;
 pub use source::{SourceOptions, run};
+pub use state::KubeState;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
@@ -56,6 +61,18 @@ pub async fn install_crds(
             .map_err(|e| kube::Error::Service(Box::new(e)))?;
     }
     Ok(())
+}
+
+/// Connects to the API server (as [`start`] does) and opens the control plane's shared
+/// state in `namespace` (its own: where its Lease is), to pass to the control plane in
+/// [`sinew_control::ControlOptions::shared`] before it starts.
+pub async fn shared_state(namespace: &str) -> Result<std::sync::Arc<KubeState>, String> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
+    KubeState::start(client, namespace)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// How `sinew control --kubernetes` runs.

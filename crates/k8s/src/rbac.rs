@@ -3,14 +3,16 @@
 //!
 //! - Read (get, list, watch) Services, Pods, Endpoints, EndpointSlices, and the custom
 //!   kinds it reads ([`crate::crd`]).
-//! - Write only the `status` subresource of those custom kinds, and create Events.
+//! - Write the custom resources `sinew apply` makes (Sinew's kinds, HTTPRoutes) and the
+//!   `status` subresource of every custom kind it reads; create Events.
 //! - Create TokenReviews (proxies' service-account tokens).
 //! - Read namespaces and write the ConfigMap `sinew-root` (the mesh roots) in each.
-//! - Its Lease, in its own namespace only ([`lease_role`]).
-//! - In its own namespace too: read the Secrets of the mesh CA and of the webhook's
-//!   certificate (by name), and create Secrets (RBAC cannot restrict `create` by name:
-//!   the object has no name when the request is authorised). It never lists, updates
-//!   or deletes Secrets.
+//! - In its own namespace only ([`lease_role`]): its Lease, the Secrets of the mesh CA
+//!   and of the webhook's certificate, the join-token Secrets and the operator
+//!   credentials ConfigMap ([`crate::state`]). Secrets are read and written there
+//!   only, never cluster-wide: join tokens are Secrets with generated names, found by
+//!   label, so RBAC cannot narrow them to names (nor `create` at all: the object has
+//!   no name when the request is authorised).
 //! - Read and patch its MutatingWebhookConfiguration `sinew-injector` (by name): the
 //!   webhook writes the caBundle of the certificate it made.
 
@@ -92,6 +94,26 @@ pub fn cluster_role() -> ClusterRole {
             &["get", "patch", "update"],
         ));
     }
+    // What `sinew apply` and `sinew delete` write (crate::state).
+    let written: Vec<&Kind> = kinds
+        .iter()
+        .copied()
+        .filter(|k| crate::state::kind_of(k.kind) == Some(*k))
+        .collect();
+    let mut groups: Vec<&str> = written.iter().map(|k| k.group).collect();
+    groups.dedup();
+    for g in groups {
+        rules.push(rule(
+            &[g],
+            written
+                .iter()
+                .filter(|k| k.group == g)
+                .map(|k| k.plural.to_owned())
+                .collect(),
+            // Server-side apply is a patch, and a create when the object is new.
+            &["create", "patch", "delete"],
+        ));
+    }
     ClusterRole {
         metadata: ObjectMeta {
             name: Some(ROLE_NAME.to_owned()),
@@ -103,8 +125,10 @@ pub fn cluster_role() -> ClusterRole {
     }
 }
 
-/// The permissions in `namespace` (the control plane's own): the status writer's
-/// Lease, and the Secrets of the mesh CA and the webhook's certificate.
+/// The permissions in `namespace` (the control plane's own): the status writer's Lease,
+/// the Secrets of the mesh CA and the webhook's certificate, the join-token Secrets and
+/// the operator credentials ConfigMap ([`crate::state`]). Secrets are granted here only,
+/// never cluster-wide.
 pub fn lease_role(namespace: &str) -> Role {
     Role {
         metadata: ObjectMeta {
@@ -119,12 +143,18 @@ pub fn lease_role(namespace: &str) -> Role {
                 vec!["leases".into()],
                 &["get", "create", "update"],
             ),
-            PolicyRule {
-                resource_names: Some(SECRETS.iter().map(|s| (*s).to_owned()).collect()),
-                ..rule(&[""], vec!["secrets".into()], &["get"])
-            },
-            // `create` cannot be limited to names (see the module's docs).
-            rule(&[""], vec!["secrets".into()], &["create"]),
+            // Join tokens: created, spent (updated, or deleted at the last use), listed.
+            rule(
+                &[""],
+                vec!["secrets".into()],
+                &["get", "list", "create", "update", "delete"],
+            ),
+            // Operator credentials and revocations: watched by every replica.
+            rule(
+                &[""],
+                vec!["configmaps".into()],
+                &["get", "list", "watch", "create", "update"],
+            ),
         ]),
     }
 }
