@@ -280,6 +280,20 @@ fn summary(kind: &str, v: &serde_json::Value) -> String {
                 .unwrap_or_default(),
             spec["rules"].as_array().map_or(0, Vec::len)
         ),
+        "RoutePolicy" => format!(
+            "target={}/{}{}{}",
+            spec["targetRef"]["kind"].as_str().unwrap_or("-"),
+            spec["targetRef"]["name"].as_str().unwrap_or("-"),
+            spec["targetRef"]["sectionName"]
+                .as_str()
+                .map(|s| format!("#{s}"))
+                .unwrap_or_default(),
+            ["retry", "fault", "timeouts"]
+                .iter()
+                .filter(|f| spec[**f].is_object())
+                .map(|f| format!(" {f}"))
+                .collect::<String>()
+        ),
         "Proxy" => format!(
             "upstreams={}{}{}",
             spec["outbound"]["upstreams"].as_array().map_or(0, Vec::len),
