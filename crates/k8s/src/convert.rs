@@ -24,6 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
 use sinew_model::load::{Document, parse_documents};
+use sinew_model::policy::GRPC_ROUTE_PREFIX;
 use sinew_model::resource::{GATEWAY_GROUP, SINEW_API_VERSION};
 
 use crate::crd::Kind;
@@ -428,6 +429,10 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
         // Read through the TrafficTargets that name them.
         "HTTPRouteGroup" => return Ok(Vec::new()),
         "HTTPRoute" => {
+            let problems = unsupported_rule_fields(spec);
+            if !problems.is_empty() {
+                return Err(problems);
+            }
             let mut spec = spec.clone();
             spec.insert("parentRefs".into(), service_parents(&spec));
             json!({
@@ -447,13 +452,28 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
     parse(&l, &doc)
 }
 
+/// Upstream route fields Sinew does not implement, each a problem saying so: the route is
+/// then refused (`Accepted=False`), never accepted without them.
+fn unsupported_rule_fields(spec: &Map<String, Value>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let rules = spec.get("rules").and_then(Value::as_array);
+    for (i, rule) in rules.into_iter().flatten().enumerate() {
+        if rule.get("sessionPersistence").is_some() {
+            problems.push(format!(
+                "spec.rules[{i}].sessionPersistence: not supported by Sinew; for sticky sessions give the backend Service a TrafficPolicy with ringHash (a header or a cookie)"
+            ));
+        }
+    }
+    problems
+}
+
 /// A GRPCRoute as an HTTPRoute: gRPC calls are HTTP/2 requests to `/<service>/<method>`.
 fn grpc_route(
     obj: &DynamicObject,
     name: &str,
     spec: &Map<String, Value>,
 ) -> Result<Value, Vec<String>> {
-    let mut problems = Vec::new();
+    let mut problems = unsupported_rule_fields(spec);
     let mut rules = Vec::new();
     let empty = Vec::new();
     for (i, rule) in spec
@@ -515,6 +535,10 @@ fn grpc_route(
         if !matches.is_empty() {
             r["matches"] = json!(matches);
         }
+        // The rule's name: a RoutePolicy's `sectionName` selects the rule by it.
+        if let Some(n) = rule.get("name") {
+            r["name"] = n.clone();
+        }
         rules.push(r);
     }
     if !problems.is_empty() {
@@ -523,7 +547,7 @@ fn grpc_route(
     Ok(json!({
         "apiVersion": format!("{GATEWAY_GROUP}/v1"),
         "kind": "HTTPRoute",
-        "metadata": object_metadata(obj, &format!("grpcroute.{name}")),
+        "metadata": object_metadata(obj, &format!("{GRPC_ROUTE_PREFIX}{name}")),
         "spec": {
             "parentRefs": service_parents(spec),
             "rules": rules,
