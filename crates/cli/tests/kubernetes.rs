@@ -1546,6 +1546,25 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
                         "fault": {"abort": {"httpStatus": 418, "percent": 100}}}}),
     )
     .await;
+    // A GRPCRoute's rule, by name, takes a policy too.
+    let grpc_routes = ar("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes");
+    apply(
+        &c,
+        &grpc_routes,
+        json!({"metadata": {"name": "catalog-rpc"},
+               "spec": {"parentRefs": parent,
+                        "rules": [{"name": "list", "matches": [{"method": {"service": "shop.Catalog", "method": "List"}}],
+                                   "backendRefs": [{"name": "web-v1", "port": 80}]}]}}),
+    )
+    .await;
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "rpc-list"},
+               "spec": {"targetRef": {"kind": "GRPCRoute", "name": "catalog-rpc", "sectionName": "list"},
+                        "fault": {"abort": {"httpStatus": 451, "percent": 100}}}}),
+    )
+    .await;
     apply(
         &c,
         &policies,
@@ -1634,6 +1653,10 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
     .unwrap();
     // Only there: the other rules are untouched.
     assert_eq!(who(bind).await.as_deref(), Some("v1"));
+    let r = client::get(bind, "web", "/shop.Catalog/List")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 451, "the GRPCRoute rule's policy");
     // The proxy's running config carries the policy's retry (budget and hedge) on the
     // `api` rule, the route's own timeouts on `chaos`.
     let config: Value = serde_json::from_str(
@@ -1655,7 +1678,9 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
     // The retries rescue the flaky backend: each of its first tries fails with 503.
     let before = flaky_requests.load(std::sync::atomic::Ordering::SeqCst);
     for i in 0..10 {
-        let r = client::get(bind, "web", &format!("/api/{i}")).await.unwrap();
+        let r = client::get(bind, "web", &format!("/api/{i}"))
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "request {i}");
         assert_eq!(r.headers.get("x-backend").unwrap(), "flaky");
     }
@@ -1672,6 +1697,7 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
             matches!(accepted(&c, &r, "web").await, Some((st, _)) if st == "True")
                 && matches!(accepted(&c, &p, "web-api").await, Some((st, _)) if st == "True")
                 && matches!(accepted(&c, &p, "web-chaos").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &p, "rpc-list").await, Some((st, _)) if st == "True")
                 && matches!(accepted(&c, &p, "orphan").await, Some((st, _)) if st == "False")
                 && matches!(accepted(&c, &r, "sticky").await, Some((st, _)) if st == "False")
         }

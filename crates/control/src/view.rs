@@ -204,10 +204,7 @@ impl Lookups {
                 }
                 Resource::RoutePolicy(p) => {
                     route_policies
-                        .entry((
-                            p.metadata.ns().to_owned(),
-                            p.spec.target_ref.route_name(),
-                        ))
+                        .entry((p.metadata.ns().to_owned(), p.spec.target_ref.route_name()))
                         .or_default()
                         .push(ord);
                 }
@@ -217,8 +214,7 @@ impl Lookups {
         if !route_policies.is_empty() {
             for r in &mut l.routes {
                 let key = &all[r.ord as usize].key;
-                if let Some(ps) =
-                    route_policies.remove(&(key.namespace.clone(), key.name.clone()))
+                if let Some(ps) = route_policies.remove(&(key.namespace.clone(), key.name.clone()))
                 {
                     r.policies = ps;
                 }

@@ -357,7 +357,11 @@ mod tests {
             // Not Sinew's: `sinew install` must never take them for its own.
             assert!(!made_by_sinew(crd.metadata.labels.as_ref()));
         }
-        assert!(crds().iter().all(|c| made_by_sinew(c.metadata.labels.as_ref())));
+        assert!(
+            crds()
+                .iter()
+                .all(|c| made_by_sinew(c.metadata.labels.as_ref()))
+        );
     }
 
     #[test]

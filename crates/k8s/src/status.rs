@@ -43,9 +43,11 @@ impl Outcome {
             )
         } else {
             // A policy whose target is missing says so in its reason (GEP-713).
-            let reason = if self.problems.iter().all(|p| {
-                p.contains(sinew_model::policy::TARGET_NOT_FOUND)
-            }) {
+            let reason = if self
+                .problems
+                .iter()
+                .all(|p| p.contains(sinew_model::policy::TARGET_NOT_FOUND))
+            {
                 sinew_model::policy::TARGET_NOT_FOUND
             } else {
                 "Invalid"

@@ -1230,7 +1230,12 @@ fn core_group(g: Option<&str>) -> bool {
     matches!(g, None | Some("") | Some("core"))
 }
 
-pub(crate) fn check_filter(c: &mut Checker<'_>, f: &str, filter: &HttpRouteFilter, all_prefix: bool) {
+pub(crate) fn check_filter(
+    c: &mut Checker<'_>,
+    f: &str,
+    filter: &HttpRouteFilter,
+    all_prefix: bool,
+) {
     let present = [
         (
             FilterType::RequestHeaderModifier,

@@ -155,7 +155,10 @@ impl Resources {
             }
             let s = &p.spec;
             if s.retry.is_none() && s.fault.is_none() && s.timeouts.is_none() {
-                c.fail("spec", "give retry, fault or timeouts: the policy does nothing");
+                c.fail(
+                    "spec",
+                    "give retry, fault or timeouts: the policy does nothing",
+                );
             }
             if let Some(r) = &s.retry {
                 check_retry(&mut c, "spec.retry", r);
@@ -201,7 +204,10 @@ fn overlay_retry(base: Option<&RetrySpec>, over: &RetrySpec) -> RetrySpec {
     }
 }
 
-fn overlay_timeouts(base: Option<&HttpRouteTimeouts>, over: &HttpRouteTimeouts) -> HttpRouteTimeouts {
+fn overlay_timeouts(
+    base: Option<&HttpRouteTimeouts>,
+    over: &HttpRouteTimeouts,
+) -> HttpRouteTimeouts {
     HttpRouteTimeouts {
         request: over
             .request
@@ -371,7 +377,10 @@ spec:
 "#,
         );
         assert!(e.contains("spec.targetRef.name"), "{e}");
-        assert!(e.contains("TargetNotFound: HTTPRoute shop/gone does not exist"), "{e}");
+        assert!(
+            e.contains("TargetNotFound: HTTPRoute shop/gone does not exist"),
+            "{e}"
+        );
         let e = errors(
             r#"
 apiVersion: sinew.dev/v1alpha1

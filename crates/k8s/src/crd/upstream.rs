@@ -180,8 +180,7 @@ fn grpc_filter() -> Value {
 
 fn backend_ref(filter: Value) -> Value {
     let mut props = backend_object_ref();
-    props["weight"] =
-        json!({"type": "integer", "format": "int32", "minimum": 0, "maximum": 1_000_000, "default": 1});
+    props["weight"] = json!({"type": "integer", "format": "int32", "minimum": 0, "maximum": 1_000_000, "default": 1});
     props["filters"] = array(filter, 16);
     object(props, &["name"])
 }
