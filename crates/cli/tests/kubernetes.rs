@@ -1411,7 +1411,7 @@ async fn flaky_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomi
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..end + 4);
                         let n = counter.fetch_add(1, Ordering::SeqCst);
-                        let reply: &[u8] = if n % 2 == 0 {
+                        let reply: &[u8] = if n.is_multiple_of(2) {
                             b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
                         } else {
                             b"HTTP/1.1 200 OK\r\nx-backend: flaky\r\ncontent-length: 2\r\n\r\nok"
