@@ -327,7 +327,7 @@ pub async fn get(
     };
     if sinew_control::admin::canonical_kind(kind).is_none() {
         bail!(
-            "unknown kind {kind:?}: use service, workload, httproute, proxy, meshconfig, authorizationpolicy, requestauthentication or all"
+            "unknown kind {kind:?}: use service, workload, httproute, routepolicy, trafficpolicy, proxy, meshconfig, authorizationpolicy, requestauthentication or all"
         );
     }
     let mut client = connect(server).await?;
@@ -431,7 +431,7 @@ pub async fn delete(
                 .filter(|k| !k.is_empty())
                 .ok_or_else(|| {
                     anyhow::anyhow!(
-                        "unknown kind {k:?}: use service, workload, httproute, proxy or meshconfig"
+                        "unknown kind {k:?}: use service, workload, httproute, routepolicy, trafficpolicy, proxy, meshconfig, authorizationpolicy or requestauthentication"
                     )
                 })?;
             keys.push(ResourceKey {

@@ -1494,14 +1494,25 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
     );
 
     let v1 = HttpBackend::start("v1").await.unwrap();
+    let shadow = HttpBackend::start("shadow").await.unwrap();
     let (flaky, flaky_requests) = flaky_backend().await;
-    for s in ["web", "web-v1", "web-flaky", "other"] {
+    for s in ["web", "web-v1", "web-flaky", "web-shadow", "other"] {
         service(&c, s).await;
     }
     pod(&c, "web-1", "v1", "web").await;
     pod(&c, "web-2", "v2", "web").await;
+    pod(&c, "web-3", "v3", "web").await;
     slice(&c, "web-v1-a", "web-v1", "web-1", v1.addr(), true).await;
     slice(&c, "web-flaky-a", "web-flaky", "web-2", flaky, true).await;
+    slice(
+        &c,
+        "web-shadow-a",
+        "web-shadow",
+        "web-3",
+        shadow.addr(),
+        true,
+    )
+    .await;
     let bind = free_addr();
     client_proxy(&c, bind, "web").await;
 
@@ -1520,7 +1531,10 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
                 {"name": "chaos", "matches": [{"path": {"type": "PathPrefix", "value": "/chaos"}}],
                  "backendRefs": [{"name": "web-v1", "port": 80}],
                  "timeouts": {"request": "5s", "backendRequest": "2s"}},
-                {"name": "plain", "backendRefs": [{"name": "web-v1", "port": 80}]}
+                {"name": "plain", "backendRefs": [{"name": "web-v1", "port": 80}],
+                 "filters": [{"type": "RequestMirror", "requestMirror": {
+                     "backendRef": {"name": "web-shadow", "port": 80},
+                     "fraction": {"numerator": 1, "denominator": 1}}}]}
             ]}
         }),
     )
@@ -1653,6 +1667,14 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
     .unwrap();
     // Only there: the other rules are untouched.
     assert_eq!(who(bind).await.as_deref(), Some("v1"));
+    // The upstream RequestMirror (its `fraction`, 1/1) copies the `plain` rule's
+    // requests to web-shadow.
+    let sh = &shadow;
+    wait::until("the mirror gets copies", TIMEOUT, || async move {
+        sh.requests() > 0
+    })
+    .await
+    .unwrap();
     let r = client::get(bind, "web", "/shop.Catalog/List")
         .await
         .unwrap();

@@ -160,6 +160,11 @@ impl Lookups {
                     for b in r.spec.rules.iter().flat_map(|rule| &rule.backend_refs) {
                         services.push(l.svc(b.namespace.as_deref().unwrap_or(rns), &b.name));
                     }
+                    // A RequestMirror's Service too: the proxy validates the route
+                    // against it, and sends it the copies.
+                    for b in mirror_backends(&r.spec) {
+                        services.push(l.svc(b.namespace.as_deref().unwrap_or(rns), &b.name));
+                    }
                     l.routes.push(RouteRefs {
                         ord,
                         services,
@@ -262,6 +267,20 @@ impl Lookups {
     fn svc_number(&self, namespace: &str, name: &str) -> Option<Svc> {
         self.svc_numbers.get(namespace)?.get(name).copied()
     }
+}
+
+/// The backends of a route's `RequestMirror` filters (of its rules and their backends).
+fn mirror_backends(
+    spec: &sinew_model::resource::HttpRouteSpec,
+) -> impl Iterator<Item = &sinew_model::resource::HttpBackendRef> {
+    spec.rules
+        .iter()
+        .flat_map(|rule| {
+            rule.filters
+                .iter()
+                .chain(rule.backend_refs.iter().flat_map(|b| &b.filters))
+        })
+        .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref))
 }
 
 /// Gives every Service without `spec.virtualIP` one from the mesh's range
@@ -828,6 +847,9 @@ spec:
                     for b in r.spec.rules.iter().flat_map(|r| &r.backend_refs) {
                         services.insert(svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name));
                     }
+                    for b in mirror_backends(&r.spec) {
+                        services.insert(svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name));
+                    }
                 }
             }
             if services.len() + routes.len() == before {
@@ -911,7 +933,7 @@ spec:
                 );
             }
             yaml += &format!(
-                "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: loose, namespace: {ns}}}\nspec: {{address: 10.0.1.1, ports: {{http: 80}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: a-to-b, namespace: {ns}}}\nspec: {{parentRefs: [{{name: a}}], rules: [{{backendRefs: [{{name: b}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-to-c, namespace: {ns}}}\nspec: {{parentRefs: [{{name: b}}], rules: [{{backendRefs: [{{name: c, namespace: pay}}]}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: all, namespace: {ns}}}\nspec: {{action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: only-d, namespace: {ns}}}\nspec: {{targetRef: {{kind: Service, name: d}}, action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n"
+                "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: loose, namespace: {ns}}}\nspec: {{address: 10.0.1.1, ports: {{http: 80}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: a-to-b, namespace: {ns}}}\nspec: {{parentRefs: [{{name: a}}], rules: [{{backendRefs: [{{name: b}}], filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: d}}}}}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-to-c, namespace: {ns}}}\nspec: {{parentRefs: [{{name: b}}], rules: [{{backendRefs: [{{name: c, namespace: pay}}]}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: all, namespace: {ns}}}\nspec: {{action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: only-d, namespace: {ns}}}\nspec: {{targetRef: {{kind: Service, name: d}}, action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n"
             );
             // RoutePolicies travel with the route they target.
             yaml += &format!(
