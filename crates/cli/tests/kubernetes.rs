@@ -1620,7 +1620,11 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
         .await
         .unwrap_err()
         .to_string();
-    assert!(refused.contains("retry.budget"), "{refused}");
+    assert!(
+        refused.contains("field not declared in schema")
+            && refused.contains(".spec.rules[0].retry."),
+        "{refused}"
+    );
     let inline = routes_api.get("inline").await.unwrap();
     assert_eq!(
         inline.data.pointer("/spec/rules/0/retry"),
@@ -1648,6 +1652,17 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
                      "rules": [{"name": "all", "backendRefs": [{"name": "web-v1", "port": 80}],
                                 "sessionPersistence": {"type": "Header", "sessionName": "x-session"}}]}
         }),
+    )
+    .await;
+
+    // A Service parent written without `group: ""` is defaulted to the Gateway API's
+    // group: refused, saying so, rather than ignored.
+    apply(
+        &c,
+        &routes,
+        json!({"metadata": {"name": "ungrouped"},
+               "spec": {"parentRefs": [{"kind": "Service", "name": "other"}],
+                        "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}]}}),
     )
     .await;
 
@@ -1722,6 +1737,7 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
                 && matches!(accepted(&c, &p, "rpc-list").await, Some((st, _)) if st == "True")
                 && matches!(accepted(&c, &p, "orphan").await, Some((st, _)) if st == "False")
                 && matches!(accepted(&c, &r, "sticky").await, Some((st, _)) if st == "False")
+                && matches!(accepted(&c, &r, "ungrouped").await, Some((st, _)) if st == "False")
         }
     })
     .await
@@ -1745,5 +1761,7 @@ async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy()
     );
     let (_, msg) = accepted(&c, &routes, "sticky").await.unwrap();
     assert!(msg.contains("sessionPersistence"), "{msg}");
+    let (_, msg) = accepted(&c, &routes, "ungrouped").await.unwrap();
+    assert!(msg.contains("group \"\""), "{msg}");
     proxy.shutdown().await;
 }

@@ -363,12 +363,15 @@ fn spec_of(obj: &DynamicObject) -> Result<&Map<String, Value>, Vec<String>> {
 }
 
 /// Whether a Gateway API `parentRef` is a Service (GAMMA: the mesh's business), not a
-/// Gateway (an ingress implementation's).
+/// Gateway (an ingress implementation's). A `kind: Service` parent in the Gateway API's
+/// own group counts too: that is what the upstream CRDs' default makes of a parent
+/// written without `group: ""`, and only the mesh can tell its author (the model
+/// refuses it, so the route's status says a Service parent needs group "").
 pub fn is_service_parent(p: &Value) -> bool {
     p.get("kind").and_then(Value::as_str) == Some("Service")
         && p.get("group")
             .and_then(Value::as_str)
-            .is_none_or(|g| g.is_empty() || g == "core")
+            .is_none_or(|g| g.is_empty() || g == "core" || g == GATEWAY_GROUP)
 }
 
 /// A route's Service parents (its Gateway parents are an ingress implementation's).
