@@ -1,16 +1,16 @@
 //! `sinew install --kubernetes`: prints the installation's manifests, or applies them
 //! with server-side apply.
 //!
-//! Certificates: the mesh CA and the webhook's serving certificate are generated,
-//! unless given as files, or (with `--apply`) unless the cluster already has them: a
-//! second `install --apply` (an upgrade) keeps the mesh's root and the webhook's
-//! certificate, so nothing in the mesh has to be re-issued.
+//! Keys: none is ever printed or applied from a render. The mesh CA (Secret
+//! `sinew-ca`) and the webhook's serving certificate (Secret `sinew-webhook-tls`) are
+//! made in the cluster by the first control-plane replica that starts, and kept by
+//! every later install (an upgrade re-issues nothing). An operator's own CA goes into
+//! the Secret with `--apply --ca-cert --ca-key` (created through the API, never
+//! printed), or with `kubectl create secret generic sinew-ca --from-file=...`.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
@@ -42,10 +42,12 @@ pub struct InstallArgs {
     /// ever runs outside the mesh by accident).
     #[arg(long, default_value = "Ignore", value_parser = ["Ignore", "Fail"])]
     pub webhook_failure_policy: String,
-    /// A directory with the webhook's tls.crt, tls.key and ca.crt (default: generated).
+    /// With --apply: a directory with the webhook's tls.crt, tls.key and ca.crt, stored
+    /// in its Secret (default: made in the cluster by the webhook).
     #[arg(long)]
     pub webhook_tls_dir: Option<PathBuf>,
-    /// The mesh CA certificate (PEM; default: generated).
+    /// With --apply: the mesh CA certificate (PEM), stored in the Secret sinew-ca
+    /// (default: a root made in the cluster by the control plane on first start).
     #[arg(long, requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
     /// The mesh CA key (PEM).
@@ -103,81 +105,21 @@ pub async fn client(
     kube::Client::try_from(config).context("cannot build a Kubernetes client")
 }
 
-fn secret_text(s: &Secret, key: &str) -> Option<String> {
-    let bytes = s.data.as_ref()?.get(key)?;
-    String::from_utf8(bytes.0.clone()).ok()
-}
-
-/// The options: flags, files, what the cluster already has, or generated.
-async fn options(
-    args: &InstallArgs,
-    existing: Option<&kube::Client>,
-) -> anyhow::Result<InstallOptions> {
+/// The options from the flags; `version` is the cluster's (chooses the
+/// PodDisruptionBudget's API).
+fn options(args: &InstallArgs, version: Option<&str>) -> anyhow::Result<InstallOptions> {
     let image = args
         .image
         .clone()
         .unwrap_or_else(sinew_inject::config::default_image);
-    let inject = args
-        .inject
-        .config(&image, &InstallOptions::control_plane_url(&args.namespace))?;
-    let (mut ca, mut webhook) = (None, None);
-    if let Some(client) = existing {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
-        let get = |name: &'static str| {
-            let secrets = secrets.clone();
-            async move {
-                secrets
-                    .get_opt(name)
-                    .await
-                    .with_context(|| format!("cannot read Secret {}/{name}", args.namespace))
-            }
-        };
-        if let Some(s) = get(CA_SECRET).await? {
-            ca = secret_text(&s, "ca.pem").zip(secret_text(&s, "ca-key.pem"));
-        }
-        if let Some(s) = get(WEBHOOK_SECRET).await?
-            && let (Some(c), Some(k), Some(a)) = (
-                secret_text(&s, "tls.crt"),
-                secret_text(&s, "tls.key"),
-                secret_text(&s, "ca.crt"),
-            )
-        {
-            webhook = Some((c, k, a));
-        }
-    }
-    if let (Some(c), Some(k)) = (&args.ca_cert, &args.ca_key) {
-        let (c, k) = (read(c)?, read(k)?);
-        sinew_tls::Ca::from_pem(&c, &k).map_err(|e| anyhow::anyhow!("--ca-cert/--ca-key: {e}"))?;
-        ca = Some((c, k));
-    }
-    let (mesh_ca_pem, mesh_ca_key_pem) = match ca {
-        Some(pair) => pair,
-        None => {
-            let ca = sinew_tls::Ca::generate(
-                &args.trust_domain,
-                Duration::from_secs(10 * 365 * 24 * 3600),
-            )
-            .map_err(|e| anyhow::anyhow!("mesh CA: {e}"))?;
-            (ca.cert_pem(), ca.key_pem())
-        }
-    };
-    if let Some(dir) = &args.webhook_tls_dir {
-        webhook = Some((
-            read(&dir.join("tls.crt"))?,
-            read(&dir.join("tls.key"))?,
-            read(&dir.join("ca.crt"))?,
-        ));
-    }
-    let (webhook_cert_pem, webhook_key_pem, webhook_ca_pem) = match webhook {
-        Some(t) => t,
-        None => {
-            let c = sinew_inject::cert::generate(
-                &InstallOptions::webhook_names(&args.namespace),
-                Duration::from_secs(10 * 365 * 24 * 3600),
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-            (c.cert_pem, c.key_pem, c.ca_pem)
-        }
+    // The webhook reads the cluster's version itself (an upgraded cluster gets native
+    // sidecars without a re-install): the flag only shapes these manifests.
+    let mut inject_args = args.inject.clone();
+    inject_args.kubernetes_version = None;
+    let inject = inject_args.config(&image, &InstallOptions::control_plane_url(&args.namespace))?;
+    let pdb_api_version = match version {
+        Some(v) if !policy_v1(v)? => "policy/v1beta1",
+        _ => "policy/v1",
     };
     Ok(InstallOptions {
         namespace: args.namespace.clone(),
@@ -186,12 +128,74 @@ async fn options(
         trust_domain: args.trust_domain.clone(),
         failure_policy: args.webhook_failure_policy.clone(),
         inject,
-        webhook_cert_pem,
-        webhook_key_pem,
-        webhook_ca_pem,
-        mesh_ca_pem,
-        mesh_ca_key_pem,
+        pdb_api_version: pdb_api_version.to_owned(),
     })
+}
+
+/// Whether a cluster of this version serves `policy/v1` PodDisruptionBudgets (1.21+).
+fn policy_v1(version: &str) -> anyhow::Result<bool> {
+    let v = version.trim().trim_start_matches('v');
+    let mut parts = v.split('.');
+    let number = |p: Option<&str>| -> Option<u32> {
+        let digits: String = p?.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    match (number(parts.next()), number(parts.next())) {
+        (Some(1), Some(minor)) => Ok(minor >= 21),
+        (Some(major), Some(_)) if major > 1 => Ok(true),
+        _ => bail!("--kubernetes-version {version:?}: not a Kubernetes version (e.g. v1.29.3)"),
+    }
+}
+
+/// `--ca-cert/--ca-key` and `--webhook-tls-dir`, stored in their Secrets through the
+/// API (created, never printed; a Secret already there is kept and must match).
+async fn store_given_keys(client: &kube::Client, args: &InstallArgs) -> anyhow::Result<()> {
+    let ns = &args.namespace;
+    // (Secret name, its type, its keys and values)
+    type Given<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+    let mut given: Vec<Given> = Vec::new();
+    if let (Some(c), Some(k)) = (&args.ca_cert, &args.ca_key) {
+        let (c, k) = (read(c)?, read(k)?);
+        sinew_tls::Ca::from_pem(&c, &k).map_err(|e| anyhow::anyhow!("--ca-cert/--ca-key: {e}"))?;
+        given.push((CA_SECRET, "Opaque", vec![("ca.pem", c), ("ca-key.pem", k)]));
+    }
+    if let Some(dir) = &args.webhook_tls_dir {
+        given.push((
+            WEBHOOK_SECRET,
+            "kubernetes.io/tls",
+            vec![
+                ("tls.crt", read(&dir.join("tls.crt"))?),
+                ("tls.key", read(&dir.join("tls.key"))?),
+                ("ca.crt", read(&dir.join("ca.crt"))?),
+            ],
+        ));
+    }
+    if given.is_empty() {
+        return Ok(());
+    }
+    // The namespace first: the Secrets live in it.
+    apply(
+        client,
+        &[serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})],
+    )
+    .await?;
+    for (name, type_, values) in given {
+        let keys: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
+        let wanted: std::collections::BTreeMap<String, String> = values
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let w = wanted.clone();
+        let stored =
+            sinew_k8s::ca::load_or_create(client, ns, name, type_, &keys, move || Ok(w)).await?;
+        if stored != wanted {
+            bail!(
+                "Secret {ns}/{name} already holds other keys; it is kept (delete it first to replace it: every proxy's certificate then changes)"
+            );
+        }
+        eprintln!("Secret {name}: stored");
+    }
+    Ok(())
 }
 
 /// Sinew's CustomResourceDefinitions (and, if asked, minimal Gateway API and SMI
@@ -233,7 +237,24 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
     } else {
         None
     };
-    let opts = options(&args, client.as_ref()).await?;
+    if client.is_none() && (args.ca_cert.is_some() || args.webhook_tls_dir.is_some()) {
+        bail!(
+            "--ca-cert/--ca-key and --webhook-tls-dir need --apply: keys are never printed. \
+             Without --apply, create the Secrets yourself, e.g. `kubectl -n {ns} create secret generic {CA_SECRET} --from-file=ca.pem=CERT --from-file=ca-key.pem=KEY` \
+             and `kubectl -n {ns} create secret generic {WEBHOOK_SECRET} --type=kubernetes.io/tls --from-file=tls.crt --from-file=tls.key --from-file=ca.crt`",
+            ns = args.namespace
+        );
+    }
+    let version = match (&args.inject.kubernetes_version, &client) {
+        (Some(v), _) => Some(v.clone()),
+        (None, Some(c)) => Some(
+            sinew_k8s::ca::server_version(c)
+                .await
+                .context("cannot read the API server's version")?,
+        ),
+        (None, None) => None,
+    };
+    let opts = options(&args, version.as_deref())?;
     let manifests = sinew_inject::install::manifests(&opts, &definitions(&args)?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(client) = client else {
@@ -243,7 +264,33 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
         );
         return Ok(0);
     };
+    store_given_keys(&client, &args).await?;
     apply(&client, &manifests).await?;
+    // An upgrade from an installation that applied the caBundle itself drops it
+    // (server-side apply removes what its manager no longer sets): put the webhook's
+    // back at once rather than when the webhook next checks.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &args.namespace);
+    if let Some(ca) = secrets
+        .get_opt(WEBHOOK_SECRET)
+        .await
+        .with_context(|| format!("cannot read Secret {}/{WEBHOOK_SECRET}", args.namespace))?
+        .and_then(|s| s.data?.remove("ca.crt"))
+        .and_then(|b| String::from_utf8(b.0).ok())
+    {
+        sinew_k8s::ca::set_ca_bundle(
+            &client,
+            sinew_inject::install::WEBHOOK_CONFIGURATION,
+            sinew_inject::install::WEBHOOK_NAME,
+            &ca,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "MutatingWebhookConfiguration {}: caBundle kept",
+            sinew_inject::install::WEBHOOK_CONFIGURATION
+        );
+    }
     Ok(0)
 }
 

@@ -7,14 +7,17 @@
 //! non-zero exit.
 
 mod client;
+mod health;
 mod inject;
 mod install;
 mod run;
 mod telemetry;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// Sinew service mesh.
@@ -183,6 +186,15 @@ enum Command {
         /// Off by default; for the upgrade window only.
         #[arg(long)]
         plaintext_window: bool,
+        /// With --kubernetes: the Secret (in --namespace) holding the mesh CA (ca.pem,
+        /// ca-key.pem), as `sinew install` sets it up (sinew-ca). Every replica reads
+        /// it; the first to start with none generates a root and creates it, so all
+        /// replicas, and any replica restarted on a fresh disk, share one CA.
+        #[arg(long, requires = "kubernetes", conflicts_with_all = ["ca_cert", "ca_dir"])]
+        ca_secret: Option<String>,
+        /// Serve plain-HTTP /live and /ready here, for the kubelet's probes.
+        #[arg(long)]
+        health_listen: Option<SocketAddr>,
     },
     /// The certificate authority.
     Ca {
@@ -502,7 +514,25 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             admin_credentials,
             advertise,
             plaintext_window,
+            ca_secret,
+            health_listen,
         } => {
+            let health = match health_listen {
+                Some(addr) => Some(health::Health::start(addr).await?),
+                None => None,
+            };
+            // On Kubernetes the CA lives in its Secret (shared by every replica, kept
+            // when a pod's disk is not); it is copied into the CA directory the
+            // control plane loads, which keeps rotation working there.
+            if let Some(ca_secret) = &ca_secret {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("--kubernetes: no usable kubeconfig or in-cluster account")?;
+                let (cert, key) =
+                    sinew_k8s::ca::load_or_create_ca(&client, &namespace, ca_secret, &trust_domain)
+                        .await?;
+                write_ca(&data_dir.join("ca"), &cert, &key)?;
+            }
             let mut opts = sinew_control::ControlOptions::new(data_dir);
             opts.trust_domain = trust_domain.clone();
             opts.ca_files = ca_cert.zip(ca_key);
@@ -530,11 +560,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 k.source.trust_domain = trust_domain;
                 k.source.lease_duration = Duration::from_secs(lease_duration_secs.max(1));
                 k.token_audience = Some(token_audience);
+                // Ready once the cluster's state is in (not merely once serving).
+                k.source.synced = health.as_ref().map(health::Health::flag);
                 source = Some(
                     sinew_k8s::start(&cp, k)
                         .await
                         .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
                 );
+            }
+            if let (Some(h), None) = (&health, &source) {
+                h.set_ready(true);
             }
             match source {
                 Some(mut task) => tokio::select! {
@@ -548,6 +583,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => wait_for_signal().await?,
             }
             tracing::info!("stopping");
+            if let Some(h) = &health {
+                h.set_ready(false);
+            }
             cp.shutdown().await;
             Ok(0)
         }
@@ -717,6 +755,37 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Puts the CA from its Secret into `dir` (`ca.pem`, `ca-key.pem` owner-only), where
+/// the control plane loads it. The Secret wins over what a reused disk holds.
+fn write_ca(dir: &std::path::Path, cert: &str, key: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("{}: cannot restrict", dir.display()))?;
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let same = std::fs::read_to_string(&cert_path).is_ok_and(|c| c == cert)
+        && std::fs::read_to_string(&key_path).is_ok_and(|k| k == key);
+    if same {
+        return Ok(());
+    }
+    if cert_path.exists() {
+        tracing::warn!(dir = %dir.display(), "the CA on disk differs from its Secret's: using the Secret's");
+    }
+    let _ = std::fs::remove_file(&key_path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("{}: cannot write", key_path.display()))?;
+    std::io::Write::write_all(&mut f, key.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("{}: cannot write", key_path.display()))?;
+    std::fs::write(&cert_path, cert)
+        .with_context(|| format!("{}: cannot write", cert_path.display()))?;
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -722,6 +722,149 @@ async fn the_store_heals_after_a_full_disk_without_a_restart() {
     assert!(text(&out).0.contains("revision 2)"), "{:?}", text(&out));
 }
 
+/// A proxy whose first configuration is refused (one of its bindings is on a port
+/// that is taken: only the proxy can know) stays unready and keeps asking for a
+/// full configuration; once the document is fixed it gets one, whole, and is ready.
+/// Deltas built on the refused push would be applied to nothing and refused forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_refused_its_first_config_heals_when_it_is_fixed() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let app = HttpBackend::start("app").await.unwrap();
+    let (bind, busy) = (free_addr(), app.addr());
+    let base = format!(
+        "{}{}{}",
+        service("shop", "catalog"),
+        service("shop", "other"),
+        static_workload("shop", "c1", "catalog", app.addr())
+    );
+    let bad = proxy_doc("shop", "web", &[(bind, "catalog"), (busy, "catalog")]);
+    let f = scratch.write("a.yaml", &format!("{base}{bad}"));
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let web = proxy_unready(&cp, "shop/web", Duration::from_millis(50)).await;
+    wait::until("the first push is refused", TIMEOUT, || async {
+        text(&cp.sinew(&["proxy-status"]).await)
+            .0
+            .contains(&format!("cannot listen on {busy}"))
+    })
+    .await
+    .unwrap();
+    let (status, body) = ready(&web).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&format!("cannot listen on {busy}")), "{body}");
+
+    // A change elsewhere in its view (another upstream's service) while it is still
+    // refused: still refused for the same reason, never for a missing base.
+    let f = scratch.write(
+        "a.yaml",
+        &format!(
+            "{base}{}",
+            proxy_doc(
+                "shop",
+                "web",
+                &[(bind, "catalog"), (busy, "catalog"), (free_addr(), "other")]
+            )
+        ),
+    );
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("the changed push is refused too", TIMEOUT, || async {
+        nacked(&web).await == 2
+    })
+    .await
+    .unwrap();
+    let (status, body) = ready(&web).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!("cannot listen on {busy}")),
+        "refused for what it holds, not for a missing base: {body}"
+    );
+
+    // Fixed: the next push is full, the proxy takes it and is ready; traffic flows.
+    let f = scratch.write(
+        "a.yaml",
+        &format!("{base}{}", proxy_doc("shop", "web", &[(bind, "catalog")])),
+    );
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait::until("the proxy is ready", TIMEOUT, || async {
+        ready(&web).await.0 == 200
+    })
+    .await
+    .unwrap();
+    let r = client::get(bind, "catalog", "/").await.unwrap();
+    assert_eq!(r.status, 200);
+    let check = cp.sinew(&["check", "--wait", "10"]).await;
+    assert!(check.status.success(), "{:?}", text(&check));
+    web.shutdown().await;
+}
+
+/// What every proxy would refuse is refused at `sinew apply`, naming the document,
+/// the field and the reason: a backend port the Service does not have (given, or
+/// defaulted from the parent's), and a change to a Service that would leave a route
+/// on a port it no longer has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_refuses_a_route_every_proxy_would_refuse() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    let svc = |name: &str, port: u16| {
+        format!(
+            "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  ports: [{{name: http, port: {port}}}]\n"
+        )
+    };
+    let good = scratch.write(
+        "good.yaml",
+        &format!("{}{}", svc("catalog", 8080), svc("catalog-v2", 8080)),
+    );
+    let out = cp.sinew(&["apply", "-f", good.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let route = |backend: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - backendRefs: [{backend}]\n"
+        )
+    };
+    for (file, body, expected) in [
+        (
+            "port.yaml",
+            route("{name: catalog-v2, port: 9999}"),
+            "port.yaml:1: HTTPRoute shop/r: spec.rules[0].backendRefs[0].port: service shop/catalog-v2 has no port 9999",
+        ),
+        (
+            "other.yaml",
+            format!("{}---\n{}", svc("other", 9090), route("{name: other}")),
+            "HTTPRoute shop/r: spec.rules[0].backendRefs[0].port: service shop/other has no port 8080 (the port defaults to the parent's port 8080",
+        ),
+    ] {
+        let f = scratch.write(file, &body);
+        let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+        let (_, err) = text(&out);
+        assert!(!out.status.success(), "{file} was accepted");
+        assert!(
+            err.contains(expected),
+            "{file}: expected {expected:?} in:\n{err}"
+        );
+    }
+    let (all, _) = text(&cp.sinew(&["get", "all", "-A"]).await);
+    assert!(
+        !all.contains("other"),
+        "nothing of a refused apply is kept:\n{all}"
+    );
+
+    // A good route, then a change of its backend's port that would break it.
+    let f = scratch.write("route.yaml", &route("{name: catalog-v2}"));
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let f = scratch.write("v2.yaml", &svc("catalog-v2", 9090));
+    let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
+    assert!(!out.status.success(), "the Service change was accepted");
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("HTTPRoute shop/r: spec.rules[0].backendRefs[0].port: service shop/catalog-v2 has no port 8080"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_whole_with_file_line_field_and_reason() {
     let scratch = Scratch::new();

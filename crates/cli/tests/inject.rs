@@ -147,7 +147,7 @@ fn inject_adds_the_sidecar_to_every_workload_and_nothing_else() {
     );
     assert_eq!(
         names(&tpl["spec"]["volumes"]),
-        ["cache", "sinew-identity-token"]
+        ["cache", "sinew-identity-token", "sinew-xtables-lock"]
     );
     assert_eq!(tpl["spec"]["serviceAccountName"], "web");
     assert_eq!(tpl["metadata"]["annotations"]["sinew.dev/injected"], "true");
@@ -197,6 +197,37 @@ fn inject_adds_the_sidecar_to_every_workload_and_nothing_else() {
     let again = sinew(&["inject", "-f", "-"], Some(&stdout));
     assert!(again.status.success());
     assert_eq!(String::from_utf8(again.stdout).unwrap(), stdout);
+
+    // For a 1.29 cluster: the proxy is a native sidecar, so the CronJob's Jobs
+    // complete when their container does.
+    let native = sinew(
+        &["inject", "-f", "-", "--kubernetes-version", "v1.29.1"],
+        Some(APP),
+    );
+    assert!(native.status.success());
+    let n = docs(&String::from_utf8(native.stdout).unwrap());
+    let cron = &n[2]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    assert_eq!(names(&cron["containers"]), ["report"]);
+    assert_eq!(
+        names(&cron["initContainers"]),
+        ["sinew-init", "sinew-proxy"]
+    );
+    assert_eq!(cron["initContainers"][1]["restartPolicy"], "Always");
+    let tpl = &n[0]["spec"]["template"]["spec"];
+    assert_eq!(
+        names(&tpl["initContainers"]),
+        ["sinew-init", "sinew-proxy", "migrate"]
+    );
+    let bad = sinew(
+        &["inject", "-f", "-", "--kubernetes-version", "new"],
+        Some(APP),
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--kubernetes-version"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 }
 
 #[test]

@@ -1280,11 +1280,59 @@ async fn the_published_least_privilege_rbac_is_enough() {
     // The service account really is restricted: it cannot read Secrets.
     let restricted = api.client_for("control", &token).await.unwrap();
     assert!(
-        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted)
+        Api::<k8s_openapi::api::core::v1::Secret>::all(restricted.clone())
             .list(&Default::default())
             .await
             .is_err()
     );
+    // Only its own two Secrets by name: another one in its namespace is refused.
+    let other: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(json!({"metadata": {"name": "other", "namespace": "sinew-system"}}))
+            .unwrap();
+    let own_ns = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(c.clone(), "sinew-system");
+    own_ns.create(&pp, &other).await.unwrap();
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(restricted.clone(), "sinew-system")
+            .get("other")
+            .await
+            .is_err()
+    );
+    // The webhook's part: its certificate's Secret made, and the caBundle of its own
+    // configuration set, with that role.
+    let mwc: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration =
+        serde_json::from_value(json!({
+            "metadata": {"name": "sinew-injector"},
+            "webhooks": [{
+                "name": "inject.sinew.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "clientConfig": {"service": {"name": "sinew-control", "namespace": "sinew-system"}},
+                "namespaceSelector": {"matchLabels": {"sinew.dev/inject": "enabled"}},
+            }],
+        }))
+        .unwrap();
+    Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+        c.clone(),
+    )
+    .create(&pp, &mwc)
+    .await
+    .unwrap();
+    let tls = sinew_k8s::ca::load_or_create(
+        &restricted,
+        "sinew-system",
+        "sinew-webhook-tls",
+        "Opaque",
+        &["ca.crt"],
+        || Ok([("ca.crt".to_owned(), "a CA".to_owned())].into()),
+    )
+    .await
+    .unwrap();
+    sinew_k8s::ca::set_ca_bundle(
+        &restricted,
+        "sinew-injector",
+        "inject.sinew.dev",
+        &tls["ca.crt"],
+    )
+    .await
+    .unwrap();
 
     let v1 = HttpBackend::start("v1").await.unwrap();
     service(&c, "web").await;
@@ -1306,10 +1354,24 @@ async fn the_published_least_privilege_rbac_is_enough() {
     let cp = Control::start_env(
         &dir.0.join("data"),
         free_addr(),
-        &["--kubernetes", "--lease-namespace", "sinew-system"],
+        &[
+            "--kubernetes",
+            "--lease-namespace",
+            "sinew-system",
+            "--namespace",
+            "sinew-system",
+            "--ca-secret",
+            "sinew-ca",
+        ],
         &[("KUBECONFIG", kubeconfig.as_os_str())],
     )
     .await;
+    // The CA Secret was made with that role, and is the CA it serves with.
+    let ca = own_ns.get("sinew-ca").await.unwrap().data.unwrap();
+    assert!(
+        String::from_utf8_lossy(&ca["ca.pem"].0).contains("BEGIN CERTIFICATE"),
+        "{ca:?}"
+    );
     // Discovery, TokenReview, the Lease, status and Events all work with that role.
     let _proxy = mesh::proxy_with_token(
         &cp,
@@ -1388,6 +1450,216 @@ async fn renewals_ride_the_certificate_not_the_token() {
         id(&proxy).as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/web")
     );
+    proxy.shutdown().await;
+}
+
+/// The `lastNack` of every proxy the control plane serves that has one, from
+/// `sinew proxy-status -o json`.
+async fn nacks(cp: &Control) -> Vec<String> {
+    let (out, _) = mesh::text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let items: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
+    items
+        .iter()
+        .filter_map(|p| p["lastNack"].as_str().filter(|s| !s.is_empty()))
+        .map(|s| format!("{}: {s}", p_name(&items, s)))
+        .collect()
+}
+
+fn p_name(items: &[Value], nack: &str) -> String {
+    items
+        .iter()
+        .find(|p| p["lastNack"] == nack)
+        .and_then(|p| p["proxy"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn until_accepted(c: &Client, r: &ApiResource, name: &str, status: &str, text: &str) {
+    let what = format!("{} {name} Accepted={status} mentioning {text:?}", r.kind);
+    wait::until(&what, TIMEOUT, || async {
+        matches!(accepted(c, r, name).await, Some((st, msg)) if st == status && msg.contains(text))
+    })
+    .await
+    .unwrap();
+}
+
+/// An HTTPRoute whose backend port the Service does not have is refused with status,
+/// naming the port, and never reaches a proxy: a proxy started after it is ready, and
+/// no proxy refuses anything. When a Service changes so that a good route goes bad,
+/// the route is taken out (with status), not sent. Of two TrafficPolicies for one
+/// Service, the valid one applies and the invalid one is refused, whatever their names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_every_proxy_would_refuse_is_refused_with_status_and_no_proxy_goes_unready() {
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    for s in ["web", "web-v1"] {
+        service(&c, s).await;
+    }
+    pod(&c, "web-1", "v1", "web").await;
+    slice(&c, "web-v1-a", "web-v1", "web-1", v1.addr(), true).await;
+    slice(&c, "web-a", "web", "web-1", v1.addr(), true).await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    let route = |port: u16| {
+        json!({
+            "metadata": {"name": "web"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "web"}],
+                     "rules": [{"backendRefs": [{"name": "web-v1", "port": port}]}]}
+        })
+    };
+    apply(&c, &routes, route(9999)).await;
+    // The invalid policy sorts first: it must not claim web.
+    let policies = sinew_kind("TrafficPolicy", "trafficpolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "a-bad"},
+               "spec": {"targetRef": {"kind": "Service", "name": "web"}, "ringHash": {}}}),
+    )
+    .await;
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "b-good"},
+               "spec": {"targetRef": {"kind": "Service", "name": "web"},
+                        "circuitBreaker": {"maxRequests": 100}}}),
+    )
+    .await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    // Started after the bad route: ready (this waits for it), and traffic flows.
+    let proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+    until_accepted(
+        &c,
+        &routes,
+        "web",
+        "False",
+        "spec.rules[0].backendRefs[0].port: service shop/web-v1 has no port 9999",
+    )
+    .await;
+    until_accepted(&c, &policies, "b-good", "True", "").await;
+    until_accepted(&c, &policies, "a-bad", "False", "spec.ringHash").await;
+    let (_, msg) = accepted(&c, &policies, "a-bad").await.unwrap();
+    assert!(!msg.contains("already has"), "{msg}");
+    // The valid policy is what the proxy runs.
+    let config = client::get(proxy.admin_addr(), "admin", "/config")
+        .await
+        .unwrap()
+        .text()
+        .replace(char::is_whitespace, "");
+    assert!(config.contains("\"maxRequests\":100"), "{config}");
+    assert_eq!(nacks(&cp).await, Vec::<String>::new());
+
+    // Fixed: accepted, and it applies.
+    apply(&c, &routes, route(80)).await;
+    until_accepted(&c, &routes, "web", "True", "").await;
+
+    // The backend Service changes its port: the route goes bad, and is taken out with
+    // status rather than sent; the proxy stays ready and refuses nothing.
+    Api::<Service>::namespaced(c.clone(), "shop")
+        .patch(
+            "web-v1",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    until_accepted(
+        &c,
+        &routes,
+        "web",
+        "False",
+        "service shop/web-v1 has no port 80",
+    )
+    .await;
+    let (status, body) = mesh::ready(&proxy).await;
+    assert_eq!(status, 200, "{body}");
+    // A proxy started now is ready too.
+    let bind2 = free_addr();
+    apply(
+        &c,
+        &sinew_kind("Proxy", "proxies"),
+        json!({"metadata": {"name": "late"},
+               "spec": {"outbound": {"upstreams": [{"bind": bind2.to_string(), "service": "web"}]}}}),
+    )
+    .await;
+    let late = mesh::proxy(&cp, "shop/late", None, Duration::from_millis(100)).await;
+    mesh::listening(bind2).await;
+    assert_eq!(who(bind2).await.as_deref(), Some("v1"));
+    assert_eq!(nacks(&cp).await, Vec::<String>::new());
+    late.shutdown().await;
+    proxy.shutdown().await;
+}
+
+/// A proxy that refused its first configuration (a binding on a port that is taken:
+/// only the proxy can know) is not ready and keeps asking for a full configuration;
+/// when the resource is fixed it gets one and is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proxy_that_refused_its_first_config_heals_when_the_resource_is_fixed() {
+    let (api, c) = cluster().await;
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    service(&c, "web").await;
+    pod(&c, "web-1", "v1", "web").await;
+    slice(&c, "web-a", "web", "web-1", v1.addr(), true).await;
+    let (bind, busy) = (free_addr(), v1.addr());
+    let proxies = sinew_kind("Proxy", "proxies");
+    let client = |binds: &[SocketAddr]| {
+        let ups: Vec<Value> = binds
+            .iter()
+            .map(|b| json!({"bind": b.to_string(), "service": "web"}))
+            .collect();
+        json!({"metadata": {"name": "client"}, "spec": {"outbound": {"upstreams": ups}}})
+    };
+    apply(&c, &proxies, client(&[bind, busy])).await;
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    // The proxy's first view holds the taken port: the control plane has the
+    // cluster's state (it wrote the status) before the proxy connects.
+    until_accepted(&c, &proxies, "client", "True", "").await;
+    let proxy = mesh::proxy_unready(&cp, "shop/client", Duration::from_millis(100)).await;
+    let busy_text = format!("cannot listen on {busy}");
+    let cp_ref = &cp;
+    wait::until("the first push is refused", TIMEOUT, || async {
+        nacks(cp_ref).await.iter().any(|n| n.contains(&busy_text))
+    })
+    .await
+    .unwrap();
+    let (status, body) = mesh::ready(&proxy).await;
+    assert_eq!(status, 503, "{body}");
+
+    // Something else in its view changes meanwhile: refused again for what it holds.
+    slice(&c, "web-b", "web", "web-1", free_addr(), true).await;
+    let p = &proxy;
+    wait::until("the changed view is refused too", TIMEOUT, || async {
+        mesh::nacked(p).await >= 2
+    })
+    .await
+    .unwrap();
+    let (status, body) = mesh::ready(&proxy).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&busy_text),
+        "refused for what it holds, not for a missing base: {body}"
+    );
+
+    apply(&c, &proxies, client(&[bind])).await;
+    wait::until("the proxy is ready", TIMEOUT, || async {
+        mesh::ready(p).await.0 == 200
+    })
+    .await
+    .unwrap();
+    until_served_by(bind, "v1").await;
+    wait::until("no refusal left", TIMEOUT, || async {
+        nacks(cp_ref).await.is_empty()
+    })
+    .await
+    .unwrap();
     proxy.shutdown().await;
 }
 

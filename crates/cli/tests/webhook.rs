@@ -40,9 +40,13 @@ impl Drop for Scratch {
     }
 }
 
-/// `sinew webhook` on loopback with a self-signed certificate for 127.0.0.1; returns
-/// the process and the caBundle (PEM).
-async fn start_webhook(dir: &Path) -> (tokio::process::Child, String, std::net::SocketAddr) {
+/// `sinew webhook --kubernetes` (the sidecar layout from the API server's version) on
+/// loopback with a self-signed certificate for 127.0.0.1; returns the process and the
+/// caBundle (PEM).
+async fn start_webhook(
+    dir: &Path,
+    kubeconfig: &Path,
+) -> (tokio::process::Child, String, std::net::SocketAddr) {
     let addr = free_addr();
     let ca = dir.join("ca.pem");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
@@ -59,7 +63,8 @@ async fn start_webhook(dir: &Path) -> (tokio::process::Child, String, std::net::
             "--control-plane-address",
             "https://sinew-control.sinew-system.svc:15010",
         ])
-        .args(["--proxy-image", "example.test/sinew:dev"])
+        .args(["--proxy-image", "example.test/sinew:dev", "--kubernetes"])
+        .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -101,7 +106,7 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     let server = ApiServer::start().await.expect("a real kube-apiserver");
     let client = server.client().await.unwrap();
     let dir = Scratch::new("inject");
-    let (_hook, ca, addr) = start_webhook(&dir.0).await;
+    let (_hook, ca, addr) = start_webhook(&dir.0, &server.kubeconfig()).await;
     let pp = PostParams::default();
 
     let namespaces = Api::<Namespace>::all(client.clone());
@@ -180,6 +185,21 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     );
     let proxy = &spec.containers[0];
     assert_eq!(proxy.image.as_deref(), Some("example.test/sinew:dev"));
+    // 1.20: the layout for clusters without native sidecars (the webhook read the
+    // version from the API server), and the security contexts as stored.
+    assert!(
+        server_version(&client).await.starts_with("v1.20"),
+        "this test expects a 1.20 API server"
+    );
+    assert!(proxy.restart_policy.is_none());
+    assert!(proxy.startup_probe.is_none());
+    let psc = proxy.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
     let limits = proxy.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["memory"].0, "512Mi");
     let env: BTreeMap<_, _> = proxy
@@ -210,6 +230,11 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
         .as_ref()
         .unwrap();
     assert_eq!(caps.add.as_deref().unwrap(), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
+    let isc = init.security_context.as_ref().unwrap();
+    assert_eq!(isc.read_only_root_filesystem, Some(true));
+    assert_eq!(isc.allow_privilege_escalation, Some(false));
+    assert_eq!(init.volume_mounts.as_ref().unwrap()[0].mount_path, "/run");
     assert_eq!(init.args.as_ref().unwrap()[0], "init");
     let token = spec
         .volumes
@@ -234,12 +259,61 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     assert_eq!(container_names(Some(&legacy.containers)), ["app"]);
     assert!(legacy.init_containers.is_none());
 
+    // Capture off: the proxy alone, nothing privileged in the pod.
+    shop.create(
+        &pp,
+        &pod("unprivileged", &[("sinew.dev/capture", "disabled")]),
+    )
+    .await
+    .unwrap();
+    let unprivileged = shop.get("unprivileged").await.unwrap().spec.unwrap();
+    assert_eq!(
+        container_names(Some(&unprivileged.containers)),
+        ["sinew-proxy", "app"]
+    );
+    assert!(unprivileged.init_containers.is_none());
+    for c in &unprivileged.containers {
+        let added = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default();
+        assert!(added.is_empty(), "{}: {added:?}", c.name);
+    }
+
     // Host network: untouched.
     let mut host = pod("host", &[]);
     host.spec.as_mut().unwrap().host_network = Some(true);
     shop.create(&pp, &host).await.unwrap();
     let host = shop.get("host").await.unwrap().spec.unwrap();
     assert_eq!(container_names(Some(&host.containers)), ["app"]);
+
+    // kube-system, even labelled in: never injected (the webhook refuses it itself,
+    // as 1.20 has no kubernetes.io/metadata.name label to select it out).
+    let mut system = namespaces.get("kube-system").await.unwrap();
+    system
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("sinew.dev/inject".into(), "enabled".into());
+    namespaces
+        .replace("kube-system", &pp, &system)
+        .await
+        .unwrap();
+    let kube_system = Api::<Pod>::namespaced(client.clone(), "kube-system");
+    kube_system.create(&pp, &pod("sys", &[])).await.unwrap();
+    let sys = kube_system.get("sys").await.unwrap();
+    assert_eq!(
+        container_names(Some(&sys.spec.unwrap().containers)),
+        ["app"]
+    );
+    assert!(
+        !sys.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("sinew.dev/injected")
+    );
 
     // A namespace that did not opt in: untouched.
     let plain = Api::<Pod>::namespaced(client.clone(), "plain");
@@ -284,6 +358,39 @@ async fn the_api_server_injects_through_the_webhook_and_respects_opt_out() {
     assert!(shop.get_opt("bad").await.unwrap().is_none());
 }
 
+async fn server_version(client: &kube::Client) -> String {
+    client.apiserver_version().await.unwrap().git_version
+}
+
+/// No private key in `yaml`, plain or base64 (every string value of every document
+/// that decodes as base64 is decoded and checked, Secrets' data included).
+fn assert_no_private_key(yaml: &str, docs: &[Value]) {
+    use base64::Engine;
+    assert!(!yaml.contains("PRIVATE KEY"), "a private key is printed");
+    fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::String(s) => out.push(s),
+            Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            Value::Object(o) => o.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    docs.iter().for_each(|d| strings(d, &mut all));
+    for s in all {
+        if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(s.trim()) {
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("PRIVATE KEY"),
+                "a base64 private key: {s:.40}..."
+            );
+        }
+    }
+    if let Some(d) = docs.iter().find(|d| d["kind"] == "Secret") {
+        panic!("a Secret is printed: {}", d["metadata"]["name"]);
+    }
+}
+
 async fn sinew(args: &[&str]) -> (bool, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
         .args(args)
@@ -325,17 +432,26 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
     let server = ApiServer::start().await.expect("a real kube-apiserver");
     let client = server.client().await.unwrap();
 
-    // Printed: every document parses back into its Kubernetes type.
-    let (ok, yaml, err) = sinew(&[
+    // Printed for this cluster's version (1.20: policy/v1beta1 for the
+    // PodDisruptionBudget): every document parses back into its Kubernetes type.
+    let version = server_version(&client).await;
+    let print = [
         "install",
         "--kubernetes",
         "--namespace",
         "mesh-printed",
         "--gateway-api-crds",
         "--smi-crds",
-    ])
-    .await;
+        "--kubernetes-version",
+        &version,
+    ];
+    let (ok, yaml, err) = sinew(&print).await;
     assert!(ok, "{err}");
+    // Rendered again: the same bytes (nothing generated, so a GitOps re-render
+    // rotates nothing).
+    let (ok, again, err) = sinew(&print).await;
+    assert!(ok, "{err}");
+    assert_eq!(yaml, again);
     let docs: Vec<Value> = serde_norway::Deserializer::from_str(&yaml)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect();
@@ -347,13 +463,40 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         "ClusterRoleBinding",
         "Role",
         "RoleBinding",
-        "Secret",
         "Service",
         "Deployment",
+        "PodDisruptionBudget",
         "MutatingWebhookConfiguration",
     ] {
         assert!(kinds.contains(&k), "no {k} in {kinds:?}");
     }
+    // No key: the CA and the webhook's certificate are made in the cluster.
+    assert_no_private_key(&yaml, &docs);
+    let pdb = docs
+        .iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .unwrap();
+    assert_eq!(pdb["apiVersion"], "policy/v1beta1");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    // Default printing (no version) is for current clusters.
+    let (ok, current, err) = sinew(&["install", "--kubernetes"]).await;
+    assert!(ok, "{err}");
+    assert!(current.contains("apiVersion: policy/v1\n"), "{current}");
+    // An operator's CA is never printed either: refused, with the way to do it.
+    let key = Scratch::new("given-ca");
+    let ca = sinew_tls_ca(&key.0);
+    let (ok, out, err) = sinew(&[
+        "install",
+        "--kubernetes",
+        "--ca-cert",
+        ca.0.to_str().unwrap(),
+        "--ca-key",
+        ca.1.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("kubectl") && err.contains("sinew-ca"), "{err}");
     assert_eq!(kinds.last(), Some(&"MutatingWebhookConfiguration"));
     // Sinew's kinds, then the Gateway API and SMI ones asked for, before anything else.
     let crds = kinds
@@ -370,7 +513,9 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
             "ClusterRoleBinding" => drop(serde_json::from_value::<ClusterRoleBinding>(v).unwrap()),
             "Role" => drop(serde_json::from_value::<Role>(v).unwrap()),
             "RoleBinding" => drop(serde_json::from_value::<RoleBinding>(v).unwrap()),
-            "Secret" => drop(serde_json::from_value::<Secret>(v).unwrap()),
+            // policy/v1beta1 here, which k8s-openapi no longer has: the API server
+            // checks it below.
+            "PodDisruptionBudget" => drop(v),
             "Service" => drop(serde_json::from_value::<Service>(v).unwrap()),
             "Deployment" => drop(serde_json::from_value::<Deployment>(v).unwrap()),
             "MutatingWebhookConfiguration" => {
@@ -402,6 +547,10 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         err.contains("MutatingWebhookConfiguration sinew-injector: applied"),
         "{err}"
     );
+    assert!(
+        err.contains("PodDisruptionBudget sinew-control: applied"),
+        "{err}"
+    );
 
     let deploy = Api::<Deployment>::namespaced(client.clone(), "sinew-system")
         .get("sinew-control")
@@ -420,20 +569,24 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         .collect();
     assert_eq!(names, ["control", "webhook"]);
 
-    // The webhook's caBundle is the CA in the certificate Secret, and it signed the
-    // serving certificate for the Service's name.
+    // No key applied either: the Secrets appear when the control plane and the
+    // webhook first start (the next test), and the caBundle with them.
     let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
-    let tls = secrets.get("sinew-webhook-tls").await.unwrap();
-    let data = tls.data.unwrap();
+    assert!(secrets.get_opt("sinew-ca").await.unwrap().is_none());
+    assert!(
+        secrets
+            .get_opt("sinew-webhook-tls")
+            .await
+            .unwrap()
+            .is_none()
+    );
     let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .get("sinew-injector")
         .await
         .unwrap();
-    let hook = &mwc.webhooks.unwrap()[0];
-    assert_eq!(
-        hook.client_config.ca_bundle.as_ref().unwrap().0,
-        data["ca.crt"].0
-    );
+    let hook = &mwc.webhooks.as_ref().unwrap()[0];
+    assert!(hook.client_config.ca_bundle.is_none());
+    assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
     assert_eq!(
         hook.client_config.service.as_ref().unwrap().name,
         "sinew-control"
@@ -444,7 +597,8 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
 
     // Least privilege: exactly sinew-k8s's rules (proven sufficient by its own
     // test against an RBAC-enforcing API server), which write nothing but statuses,
-    // events, token reviews and the mesh roots' ConfigMaps, and never touch Secrets.
+    // events, token reviews, the mesh roots' ConfigMaps and the caBundle of its own
+    // webhook configuration (by name), and never touch Secrets cluster-wide.
     let role = Api::<ClusterRole>::all(client.clone())
         .get("sinew-control")
         .await
@@ -464,6 +618,9 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
                     || r == "events"
                     || r == "tokenreviews"
                     || (r == "configmaps" && verb != "delete")
+                    || (r == "mutatingwebhookconfigurations"
+                        && verb == "patch"
+                        && rule.resource_names.as_deref() == Some(&["sinew-injector".to_owned()]))
             });
             assert!(!write || may_write, "{verb} on {resources:?}");
         }
@@ -477,19 +634,86 @@ async fn install_manifests_parse_back_and_the_api_server_accepts_them() {
         sinew_k8s::rbac::lease_role("sinew-system").rules
     );
 
-    // A second --apply (an upgrade) keeps the mesh CA and the webhook certificate.
-    let ca_before = secrets.get("sinew-ca").await.unwrap().data.unwrap();
+    // An upgrade from a release that printed the webhook's Secret and applied its
+    // caBundle (its field manager owned the field, and now leaves it out): the
+    // caBundle stays that of the Secret, which is kept.
+    let certs = sinew_inject::cert::generate(
+        &sinew_inject::install::InstallOptions::webhook_names("sinew-system"),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    apply(
+        &client,
+        &json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "sinew-webhook-tls", "namespace": "sinew-system"},
+            "data": {"tls.crt": b64(&certs.cert_pem), "tls.key": b64(&certs.key_pem), "ca.crt": b64(&certs.ca_pem)},
+        }),
+    )
+    .await
+    .unwrap();
+    let mut old = serde_json::to_value(&mwc).unwrap();
+    old["metadata"] = json!({"name": "sinew-injector"});
+    old["apiVersion"] = json!("admissionregistration.k8s.io/v1");
+    old["kind"] = json!("MutatingWebhookConfiguration");
+    old["webhooks"][0]["clientConfig"]["caBundle"] = json!(b64(&certs.ca_pem));
+    let mwcs = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    mwcs.patch(
+        "sinew-injector",
+        &PatchParams::apply("sinew-install").force(),
+        &Patch::Apply(&old),
+    )
+    .await
+    .unwrap();
     let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
     assert!(ok, "{err}");
-    let ca_after = secrets.get("sinew-ca").await.unwrap().data.unwrap();
-    assert_eq!(ca_before, ca_after);
-    let tls_after = secrets
+    assert!(err.contains("caBundle kept"), "{err}");
+    let upgraded = mwcs.get("sinew-injector").await.unwrap();
+    assert_eq!(
+        upgraded.webhooks.unwrap()[0]
+            .client_config
+            .ca_bundle
+            .as_ref()
+            .map(|b| b.0.clone()),
+        Some(certs.ca_pem.clone().into_bytes())
+    );
+    let kept = secrets
         .get("sinew-webhook-tls")
         .await
         .unwrap()
         .data
         .unwrap();
-    assert_eq!(tls_after, data);
+    assert_eq!(kept["tls.key"].0, certs.key_pem.as_bytes());
+
+    // In its namespace: its Lease, and reading only the two Secrets by name
+    // (creating cannot be limited by name in RBAC).
+    for rule in lease.rules.as_ref().unwrap() {
+        let resources = rule.resources.clone().unwrap_or_default();
+        if resources.iter().any(|r| r == "secrets") {
+            let verbs: Vec<&str> = rule.verbs.iter().map(String::as_str).collect();
+            match verbs.as_slice() {
+                ["get"] => assert_eq!(
+                    rule.resource_names.as_deref().unwrap(),
+                    ["sinew-ca", "sinew-webhook-tls"]
+                ),
+                ["create"] => {}
+                other => panic!("secrets: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A CA's certificate and key files in `dir` (an operator's own).
+fn sinew_tls_ca(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = sinew_tls::Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+    let (c, k) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    std::fs::write(&c, ca.cert_pem()).unwrap();
+    std::fs::write(&k, ca.key_pem()).unwrap();
+    (c, k)
 }
 
 /// The injected sidecar, started as the kubelet would start it (its environment, the
@@ -748,11 +972,78 @@ async fn https(
     Some((status, out[at..].to_vec()))
 }
 
+/// Waits until an installed control-plane replica is ready: its HTTP `/ready` (what
+/// the kubelet probes; asked with curl) and its gRPC health with the admin credential
+/// it wrote in its data volume.
+async fn installed_control_ready(
+    ports: &BTreeMap<String, std::net::SocketAddr>,
+    volumes: &BTreeMap<String, PathBuf>,
+) {
+    let health = ports["15014"];
+    wait::until(
+        "the installed control plane is ready (/ready)",
+        TIMEOUT,
+        || async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{health}/ready"))
+                .output()
+                .await
+                .expect("curl");
+            out.stdout == b"200"
+        },
+    )
+    .await
+    .unwrap();
+    let control = ports["15010"];
+    let cred = volumes["data"].join("admin.credentials");
+    let cred = &cred;
+    wait::until(
+        "the installed control plane is healthy",
+        TIMEOUT,
+        || async move {
+            match mesh::admin_client(&format!("https://{control}"), cred).await {
+                Ok(mut c) => c
+                    .health(sinew_api::v1::HealthRequest {})
+                    .await
+                    .is_ok_and(|h| h.into_inner().store_ok),
+                Err(_) => false,
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Whether the TLS server at `addr` presents, for the control plane's Service name, a
+/// certificate that chains to `ca_pem` alone.
+async fn chains_to(addr: std::net::SocketAddr, ca_pem: &str) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("sinew-control.sinew-system.svc").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .is_ok()
+}
+
 /// The installed Deployment's two containers, run as the kubelet would run them (their
-/// command, arguments and environment; the Secrets' data where their volumes are
-/// mounted; loopback ports), start and serve: the control plane against the API server
-/// with the installed CA, and the webhook with the installed certificate, which the
-/// installed caBundle trusts for the Service's name.
+/// command, arguments and environment; empty directories for their volumes; loopback
+/// ports), start and serve: two control-plane replicas on fresh disks make and share
+/// one CA through its Secret (and a restarted one keeps it), the webhook makes its
+/// certificate's Secret and sets the caBundle, which then trusts it for the Service's
+/// name; a re-install keeps all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_installed_control_plane_and_webhook_start_as_configured() {
     use k8s_openapi::api::core::v1::Container;
@@ -782,24 +1073,28 @@ async fn the_installed_control_plane_and_webhook_start_as_configured() {
     let secrets = Api::<Secret>::namespaced(client.clone(), "sinew-system");
     let dir = Scratch::new("installed");
 
-    // Each volume as a directory: a Secret's keys as files, an emptyDir empty.
-    let mut volumes = BTreeMap::new();
-    for v in pod.volumes.as_ref().unwrap() {
-        let path = dir.0.join(&v.name);
-        std::fs::create_dir_all(&path).unwrap();
-        if let Some(s) = &v.secret {
-            let secret = secrets.get(s.secret_name.as_ref().unwrap()).await.unwrap();
-            for (k, b) in secret.data.unwrap() {
-                std::fs::write(path.join(k), b.0).unwrap();
-            }
-        }
-        volumes.insert(v.name.clone(), path);
-    }
-    let mut ports = BTreeMap::new();
-    let run = |c: &Container, ports: &mut BTreeMap<String, std::net::SocketAddr>| {
+    // Each replica's volumes as fresh directories (an emptyDir each; no Secret is
+    // mounted: the keys come through the API).
+    let volumes_of = |replica: &str| -> BTreeMap<String, PathBuf> {
+        pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                assert!(v.secret.is_none(), "a Secret volume: {}", v.name);
+                let path = dir.0.join(replica).join(&v.name);
+                let _ = std::fs::remove_dir_all(&path);
+                std::fs::create_dir_all(&path).unwrap();
+                (v.name.clone(), path)
+            })
+            .collect()
+    };
+    let run = |c: &Container,
+               volumes: &BTreeMap<String, PathBuf>,
+               ports: &mut BTreeMap<String, std::net::SocketAddr>| {
         let mut args = c.args.clone().unwrap();
         for a in args.iter_mut() {
-            for m in c.volume_mounts.as_ref().unwrap() {
+            for m in c.volume_mounts.as_ref().into_iter().flatten() {
                 if a.starts_with(&m.mount_path) {
                     *a = a.replacen(&m.mount_path, volumes[&m.name].to_str().unwrap(), 1);
                 }
@@ -831,42 +1126,63 @@ async fn the_installed_control_plane_and_webhook_start_as_configured() {
         .iter()
         .map(|c| (c.name.as_str(), c))
         .collect();
-    let _control = run(containers["control"], &mut ports);
-    let control = ports["15010"];
-    let data_volume = &volumes["data"];
-    wait::until(
-        "the installed control plane is healthy",
-        TIMEOUT,
-        || async move {
-            // The admin credential it wrote on first start, in its data volume.
-            let cred = data_volume.join("admin.credentials");
-            match mesh::admin_client(&format!("https://{control}"), &cred).await {
-                Ok(mut c) => c
-                    .health(sinew_api::v1::HealthRequest {})
-                    .await
-                    .is_ok_and(|h| h.into_inner().store_ok),
-                Err(_) => false,
-            }
-        },
-    )
+
+    // Two replicas start together on empty disks, with no CA Secret yet: both
+    // race to create it, and end up serving with the one that won.
+    let (mut ports_a, mut ports_b) = (BTreeMap::new(), BTreeMap::new());
+    let (vol_a, vol_b) = (volumes_of("a"), volumes_of("b"));
+    let mut control_a = run(containers["control"], &vol_a, &mut ports_a);
+    let _control_b = run(containers["control"], &vol_b, &mut ports_b);
+    for (ports, volumes) in [(&ports_a, &vol_a), (&ports_b, &vol_b)] {
+        installed_control_ready(ports, volumes).await;
+    }
+    let ca = secrets.get("sinew-ca").await.unwrap();
+    let ca_pem = String::from_utf8(ca.data.as_ref().unwrap()["ca.pem"].0.clone()).unwrap();
+    for ports in [&ports_a, &ports_b] {
+        assert!(
+            chains_to(ports["15010"], &ca_pem).await,
+            "a replica's certificate is not from the CA in its Secret"
+        );
+    }
+    // Restarted on a fresh disk: the same CA, the Secret untouched.
+    control_a.kill().await.unwrap();
+    let _ = control_a.wait().await;
+    let mut ports_a = BTreeMap::new();
+    let vol_a = volumes_of("a");
+    assert!(!vol_a["data"].join("ca").exists());
+    let _control_a = run(containers["control"], &vol_a, &mut ports_a);
+    installed_control_ready(&ports_a, &vol_a).await;
+    assert!(chains_to(ports_a["15010"], &ca_pem).await);
+    assert_eq!(
+        secrets.get("sinew-ca").await.unwrap().data,
+        ca.data,
+        "the CA Secret changed"
+    );
+
+    // The webhook makes its certificate's Secret and sets the caBundle to it.
+    let mut ports = BTreeMap::new();
+    let _webhook = run(containers["webhook"], &volumes_of("a-webhook"), &mut ports);
+    let hook = ports["9443"];
+    let mwcs = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let bundle = || {
+        let mwcs = mwcs.clone();
+        async move {
+            mwcs.get("sinew-injector").await.ok()?.webhooks?[0]
+                .client_config
+                .ca_bundle
+                .clone()
+                .map(|b| String::from_utf8(b.0).unwrap())
+        }
+    };
+    wait::until("the webhook sets its caBundle", TIMEOUT, || async {
+        bundle().await.is_some()
+    })
     .await
     .unwrap();
-
-    let _webhook = run(containers["webhook"], &mut ports);
-    let hook = ports["9443"];
-    let mwc = Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .get("sinew-injector")
-        .await
-        .unwrap();
-    let ca = String::from_utf8(
-        mwc.webhooks.unwrap()[0]
-            .client_config
-            .ca_bundle
-            .clone()
-            .unwrap()
-            .0,
-    )
-    .unwrap();
+    let ca = bundle().await.unwrap();
+    let tls = secrets.get("sinew-webhook-tls").await.unwrap();
+    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(tls.data.as_ref().unwrap()["ca.crt"].0, ca.as_bytes());
     let ca2 = ca.clone();
     wait::until("the installed webhook serves", TIMEOUT, || {
         let ca = ca2.clone();
@@ -885,6 +1201,22 @@ async fn the_installed_control_plane_and_webhook_start_as_configured() {
     })
     .await
     .unwrap();
+
+    // An upgrade (install --apply again) keeps both Secrets and the caBundle.
+    let before = (
+        secrets.get("sinew-ca").await.unwrap().data,
+        secrets.get("sinew-webhook-tls").await.unwrap().data,
+    );
+    let (ok, _, err) = sinew(&["install", "--kubernetes", "--apply", "--kubeconfig", kc]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("caBundle kept"), "{err}");
+    let after = (
+        secrets.get("sinew-ca").await.unwrap().data,
+        secrets.get("sinew-webhook-tls").await.unwrap().data,
+    );
+    assert_eq!(before, after);
+    assert_eq!(bundle().await.as_deref(), Some(ca.as_str()));
+
     // It injects what the installation says: its image, its control plane.
     let review = serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",

@@ -380,6 +380,104 @@ fn push(sent: Option<&View>, view: &View, nonce: u64) -> Push {
     }
 }
 
+/// A push awaiting the proxy's answer.
+struct InFlight {
+    nonce: String,
+    view: View,
+    full: bool,
+}
+
+/// A proxy's computed view after the proxy's own acceptance check
+/// ([`sinew_model::compile::accept`]): what it would refuse is left out.
+struct Checked {
+    /// Version of the view as computed.
+    raw: String,
+    /// What may be sent (`None`: nothing, the proxy would refuse its own document).
+    view: Option<View>,
+    /// Why documents were left out.
+    problems: Vec<String>,
+}
+
+impl Checked {
+    /// Runs the check on `raw`, leaving out the documents the proxy `proxy` would
+    /// refuse, a few rounds (leaving one out can make another fail).
+    fn new(raw: View, proxy: &str) -> Checked {
+        let version = raw.version.clone();
+        let (ns, name) = proxy.split_once('/').unwrap_or(("default", proxy));
+        // A capturing or forward proxy's view is every Service, Workload, route and
+        // TrafficPolicy (and RoutePolicy): each Workload and route (with its policies)
+        // is then checked against the same Services as in the whole set, which the
+        // index has checked already. Only
+        // what is this proxy's own is checked here (its Proxy document and Workload,
+        // its namespace's inbound policies), against every Service: the whole view
+        // would cost a compile of the mesh per proxy per change.
+        let own_workload = raw.entries.iter().find_map(|e| match &e.resource {
+            sinew_model::resource::Resource::Proxy(p)
+                if e.key.namespace == ns && e.key.name == name =>
+            {
+                let everything = p.spec.outbound.http_proxy.is_some() || p.spec.capture.is_some();
+                everything.then(|| p.spec.workload.clone().unwrap_or_else(|| name.to_owned()))
+            }
+            _ => None,
+        });
+        let checked = |e: &DocEntry| match &own_workload {
+            None => true,
+            Some(w) => match e.key.kind.as_str() {
+                // A RoutePolicy goes with its route (checked without it, it would
+                // name a route that is not there).
+                "HTTPRoute" | "RoutePolicy" => false,
+                "Workload" => e.key.namespace == ns && e.key.name == *w,
+                _ => true,
+            },
+        };
+        let mut view = raw;
+        let mut problems = Vec::new();
+        for _round in 0..8 {
+            let docs = view
+                .entries
+                .iter()
+                .filter(|e| checked(e))
+                .map(|e| sinew_model::load::Document {
+                    resource: e.resource.clone(),
+                    file: "control-plane".into(),
+                    line: 0,
+                })
+                .collect();
+            let errors = match sinew_model::compile::accept(docs, proxy) {
+                Ok(_) => {
+                    return Checked {
+                        raw: version,
+                        view: Some(view),
+                        problems,
+                    };
+                }
+                Err(errors) => errors,
+            };
+            let blamed: std::collections::BTreeSet<&str> = errors
+                .0
+                .iter()
+                .filter_map(|e| e.resource.as_deref())
+                .collect();
+            let own = |e: &DocEntry| e.key.kind == "Proxy";
+            let (out, keep): (Vec<_>, Vec<_>) = view
+                .entries
+                .iter()
+                .cloned()
+                .partition(|e| blamed.contains(e.resource.label().as_str()));
+            problems.extend(errors.0.iter().map(|e| e.to_string()));
+            if out.is_empty() || out.iter().any(|e| own(e)) {
+                break;
+            }
+            view = View::new(keep);
+        }
+        Checked {
+            raw: version,
+            view: None,
+            problems,
+        }
+    }
+}
+
 /// How long a registering proxy's first push waits for its registration to be
 /// published (a debounce period, at most ten under churn, in the normal case).
 const REGISTRATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -547,7 +645,21 @@ impl Discovery for DiscoveryService {
         tokio::spawn(async move {
             let _owned = owned;
             let telemetry = telemetry.connect(&proxy, &service, stream, tx.clone());
-            let mut sent: Option<View> = None;
+            // What the proxy runs: the view it last ACKed on this stream. Deltas are
+            // built on it, never on a push it has not accepted (yet, or ever).
+            let mut acked: Option<View> = None;
+            // The push awaiting its answer: one at a time, so the base of the next
+            // one is known.
+            let mut inflight: Option<InFlight> = None;
+            // After a refused push the next is full, until one is accepted.
+            let mut need_full = false;
+            // The version last sent, whatever the answer: a view is sent when it
+            // differs (a refused full view is not sent again until the view changes;
+            // going back to what the proxy runs is sent too, so it hears it is in
+            // sync again).
+            let mut sent: Option<String> = None;
+            // The proxy's acceptance check on its latest computed view.
+            let mut checked: Option<Checked> = None;
             let mut nonce = 0u64;
             // Every new stream starts with the roots to trust: a proxy that was away
             // during a rotation catches up before anything else.
@@ -578,18 +690,43 @@ impl Discovery for DiscoveryService {
             }
             loop {
                 let current = state.borrow_and_update().clone();
-                let view = view::compute_with(&current, &proxy, capture.as_ref());
-                if sent.as_ref().is_none_or(|s| s.version != view.version) {
+                if inflight.is_none() {
+                    let raw = view::compute_with(&current, &proxy, capture.as_ref());
+                    if checked.as_ref().is_none_or(|c| c.raw != raw.version) {
+                        let c = Checked::new(raw, &proxy);
+                        if !c.problems.is_empty() {
+                            for p in &c.problems {
+                                tracing::warn!(%proxy, problem = %p, "held back from the proxy: it would refuse it");
+                            }
+                            let _ = index
+                                .send(Command::Withheld {
+                                    proxy: proxy.clone(),
+                                    problems: c.problems.clone(),
+                                })
+                                .await;
+                        }
+                        checked = Some(c);
+                    }
+                }
+                let to_send = checked
+                    .as_ref()
+                    .and_then(|c| c.view.as_ref())
+                    .filter(|v| inflight.is_none() && sent.as_ref() != Some(&v.version));
+                if let Some(view) = to_send {
+                    let view = view.clone();
                     nonce += 1;
-                    let push = push(sent.as_ref(), &view, nonce);
+                    let base = acked.as_ref().filter(|_| !need_full);
+                    let push = push(base, &view, nonce);
                     let _ = index
                         .send(Command::Computed {
                             proxy: proxy.clone(),
                             version: view.version.clone(),
                             // A proxy's first view is not a change reaching it.
-                            changed_at: sent.as_ref().and(current.changed_at),
+                            changed_at: acked.as_ref().and(current.changed_at),
                         })
                         .await;
+                    let full = push.full;
+                    sent = Some(view.version.clone());
                     let mut closed = false;
                     for part in parts(push, PART_BYTES) {
                         let msg = ControlMessage {
@@ -603,7 +740,11 @@ impl Discovery for DiscoveryService {
                     if closed {
                         break;
                     }
-                    sent = Some(view);
+                    inflight = Some(InFlight {
+                        nonce: nonce.to_string(),
+                        view,
+                        full,
+                    });
                 }
                 tokio::select! {
                     _ = stopped(&mut stopping) => break,
@@ -625,6 +766,21 @@ impl Discovery for DiscoveryService {
                             let error = (!ack.error.is_empty()).then_some(ack.error);
                             if let Some(e) = &error {
                                 tracing::warn!(%proxy, version = %ack.version, reason = %e, "proxy refused a push");
+                            }
+                            if let Some(f) = inflight.take_if(|f| f.nonce == ack.nonce) {
+                                if error.is_none() {
+                                    acked = Some(f.view);
+                                    need_full = false;
+                                } else {
+                                    // The proxy keeps what it ran; whatever it ran, a
+                                    // full push is next. A refused delta is retried
+                                    // at once as a full push; a refused full push
+                                    // waits for the view to change.
+                                    need_full = true;
+                                    if !f.full {
+                                        sent = None;
+                                    }
+                                }
                             }
                             let _ = index.send(Command::Acked { proxy: proxy.clone(), version: ack.version, error }).await;
                         }
@@ -851,6 +1007,80 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    fn entry(kind: &str, json: &str) -> Arc<DocEntry> {
+        let r = sinew_model::resource::Resource::from_json(kind, json)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Arc::new(DocEntry::new(r, "api", 1))
+    }
+
+    /// A view holding what the proxy would refuse is sent without it, and says why;
+    /// a view whose own Proxy document the proxy would refuse is not sent at all.
+    #[test]
+    fn a_view_is_checked_as_the_proxy_checks_it() {
+        let proxy = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Proxy","metadata":{"name":"web","namespace":"shop"},"spec":{"outbound":{"upstreams":[{"bind":"127.0.0.1:9001","service":"catalog"}]}}}"#;
+        let catalog = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"catalog","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80}]}}"#;
+        let other = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"other","namespace":"shop"},"spec":{"ports":[{"name":"http","port":9090}]}}"#;
+        // Its backend has no port 80, the parent's port it defaults to.
+        let route = r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"r","namespace":"shop"},"spec":{"parentRefs":[{"name":"catalog"}],"rules":[{"backendRefs":[{"name":"other"}]}]}}"#;
+        let good = View::new(vec![
+            entry("Proxy", proxy),
+            entry("Service", catalog),
+            entry("Service", other),
+        ]);
+        let mut entries = good.entries.clone();
+        entries.push(entry("HTTPRoute", route));
+        let raw = View::new(entries);
+        let c = Checked::new(raw.clone(), "shop/web");
+        assert_eq!(c.raw, raw.version);
+        assert_eq!(
+            c.view.as_ref().map(|v| v.version.clone()),
+            Some(good.version.clone()),
+            "the rest is sent, without the route"
+        );
+        assert!(
+            c.problems.iter().any(|p| p.contains("HTTPRoute shop/r")
+                && p.contains("spec.rules[0].backendRefs[0].port")),
+            "{:?}",
+            c.problems
+        );
+        let c = Checked::new(good.clone(), "shop/web");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!(c.view.map(|v| v.version), Some(good.version));
+
+        // Its own document names a service it cannot have: nothing to send.
+        let lost = proxy.replace("\"catalog\"}", "\"ghost\"}");
+        let c = Checked::new(
+            View::new(vec![entry("Proxy", &lost), entry("Service", catalog)]),
+            "shop/web",
+        );
+        assert!(c.view.is_none());
+        assert!(
+            c.problems.iter().any(|p| p.contains("ghost")),
+            "{:?}",
+            c.problems
+        );
+    }
+
+    /// A capturing proxy's view is checked without its routes (the index checked them):
+    /// a RoutePolicy goes with its route, so it is not left out for naming a route the
+    /// check did not see.
+    #[test]
+    fn a_capturing_proxys_route_policies_stay_with_their_routes() {
+        let proxy = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Proxy","metadata":{"name":"web","namespace":"shop"},"spec":{"capture":{}}}"#;
+        let catalog = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"catalog","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80}]}}"#;
+        let route = r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"r","namespace":"shop"},"spec":{"parentRefs":[{"name":"catalog"}],"rules":[{"name":"all"}]}}"#;
+        let policy = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"RoutePolicy","metadata":{"name":"p","namespace":"shop"},"spec":{"targetRef":{"kind":"HTTPRoute","name":"r","sectionName":"all"},"fault":{"abort":{"httpStatus":418,"percent":100}}}}"#;
+        let raw = View::new(vec![
+            entry("Proxy", proxy),
+            entry("Service", catalog),
+            entry("HTTPRoute", route),
+            entry("RoutePolicy", policy),
+        ]);
+        let c = Checked::new(raw.clone(), "shop/web");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!(c.view.map(|v| v.version), Some(raw.version));
     }
 
     #[test]

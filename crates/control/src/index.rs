@@ -287,6 +287,14 @@ pub enum Command {
         /// NACK reason.
         error: Option<String>,
     },
+    /// A proxy's view held documents the proxy would refuse: they were left out
+    /// (or, when its own document was refused, nothing was sent).
+    Withheld {
+        /// `namespace/name`.
+        proxy: String,
+        /// Why.
+        problems: Vec<String>,
+    },
     /// A certificate was issued to a proxy.
     CertIssued {
         /// `namespace/name`.
@@ -856,6 +864,12 @@ impl Index {
                         }
                     }
                 }
+            }
+            Command::Withheld { proxy, problems } => {
+                self.proxies.entry(proxy).or_default().last_nack = format!(
+                    "not sent (the proxy would refuse it): {}",
+                    problems.join("; ")
+                );
             }
             Command::CertIssued { proxy, signer } => {
                 self.proxies.entry(proxy).or_default().signer = signer;

@@ -54,6 +54,18 @@ impl View {
     }
 }
 
+/// The backends a route's request mirrors copy to (rule and backend filters).
+fn mirrors(
+    r: &Object<sinew_model::resource::HttpRouteSpec>,
+) -> impl Iterator<Item = &sinew_model::resource::HttpBackendRef> {
+    r.spec.rules.iter().flat_map(|rule| {
+        rule.filters
+            .iter()
+            .chain(rule.backend_refs.iter().flat_map(|b| &b.filters))
+            .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref))
+    })
+}
+
 fn svc_key(ns: &str, name: &str) -> ResourceKey {
     ResourceKey {
         kind: "Service".into(),
@@ -121,8 +133,10 @@ pub struct Lookups {
     svcs: Vec<SvcRefs>,
     /// Service numbers by namespace, then name.
     svc_numbers: HashMap<String, HashMap<String, Svc>>,
-    /// Workloads by namespace (a Service with a selector may pick any of them).
-    workloads_by_namespace: HashMap<String, Vec<Ord>>,
+    /// Workloads by namespace (a Service with a selector may pick any of them), each
+    /// with the service it names: that Service comes with it, or the proxy would
+    /// refuse the Workload as naming a service that does not exist.
+    workloads_by_namespace: HashMap<String, Vec<(Ord, Option<Svc>)>>,
     /// AuthorizationPolicies and RequestAuthentications by namespace, with the
     /// Service they target (`None`: the whole namespace).
     inbound_policies: HashMap<String, Vec<(Option<Svc>, Ord)>>,
@@ -160,10 +174,10 @@ impl Lookups {
                     for b in r.spec.rules.iter().flat_map(|rule| &rule.backend_refs) {
                         services.push(l.svc(b.namespace.as_deref().unwrap_or(rns), &b.name));
                     }
-                    // A RequestMirror's Service too: the proxy validates the route
-                    // against it, and sends it the copies.
-                    for b in mirror_backends(&r.spec) {
-                        services.push(l.svc(b.namespace.as_deref().unwrap_or(rns), &b.name));
+                    // Mirrors' services too: the proxy checks they exist, and sends
+                    // the copies to their endpoints.
+                    for m in mirrors(r) {
+                        services.push(l.svc(m.namespace.as_deref().unwrap_or(rns), &m.name));
                     }
                     l.routes.push(RouteRefs {
                         ord,
@@ -173,14 +187,14 @@ impl Lookups {
                 }
                 Resource::Workload(w) => {
                     let ns = w.metadata.ns();
-                    if let Some(s) = &w.spec.service {
-                        let s = l.svc(ns, s);
+                    let svc = w.spec.service.as_ref().map(|s| l.svc(ns, s));
+                    if let Some(s) = svc {
                         l.svcs[s as usize].workloads.push(ord);
                     }
                     l.workloads_by_namespace
                         .entry(ns.to_owned())
                         .or_default()
-                        .push(ord);
+                        .push((ord, svc));
                 }
                 Resource::TrafficPolicy(p) => {
                     let s = l.svc(p.metadata.ns(), &p.spec.target_ref.name);
@@ -267,20 +281,6 @@ impl Lookups {
     fn svc_number(&self, namespace: &str, name: &str) -> Option<Svc> {
         self.svc_numbers.get(namespace)?.get(name).copied()
     }
-}
-
-/// The backends of a route's `RequestMirror` filters (of its rules and their backends).
-fn mirror_backends(
-    spec: &sinew_model::resource::HttpRouteSpec,
-) -> impl Iterator<Item = &sinew_model::resource::HttpBackendRef> {
-    spec.rules
-        .iter()
-        .flat_map(|rule| {
-            rule.filters
-                .iter()
-                .chain(rule.backend_refs.iter().flat_map(|b| &b.filters))
-        })
-        .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref))
 }
 
 /// Gives every Service without `spec.virtualIP` one from the mesh's range
@@ -579,7 +579,10 @@ pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec
     }
     for sns in selector_namespaces {
         if let Some(ws) = l.workloads_by_namespace.get(sns) {
-            ords.extend(ws);
+            for &(w, svc) in ws {
+                ords.push(w);
+                ords.extend(svc.and_then(|s| l.svcs[s as usize].ord));
+            }
         }
     }
     if let Some(ps) = l.inbound_policies.get(ns) {
@@ -847,8 +850,8 @@ spec:
                     for b in r.spec.rules.iter().flat_map(|r| &r.backend_refs) {
                         services.insert(svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name));
                     }
-                    for b in mirror_backends(&r.spec) {
-                        services.insert(svc_key(b.namespace.as_deref().unwrap_or(rns), &b.name));
+                    for m in mirrors(r) {
+                        services.insert(svc_key(m.namespace.as_deref().unwrap_or(rns), &m.name));
                     }
                 }
             }
@@ -877,7 +880,16 @@ spec:
             let include = own_workload.is_some_and(|w| &w.key == k)
                 || match &e.resource {
                     Resource::MeshConfig(_) | Resource::Proxy(_) => false,
-                    Resource::Service(_) => everything || services.contains(k),
+                    Resource::Service(_) => {
+                        everything
+                            || services.contains(k)
+                            || (selector_ns.contains(&k.namespace)
+                                && state.docs.values().any(|w| {
+                                    matches!(&w.resource, Resource::Workload(w)
+                                        if w.metadata.ns() == k.namespace
+                                            && w.spec.service.as_deref() == Some(k.name.as_str()))
+                                }))
+                    }
                     Resource::HttpRoute(_) => routes.contains(k),
                     Resource::Workload(w) => {
                         everything
@@ -940,6 +952,8 @@ spec:
                 "---\napiVersion: sinew.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: rp-b-to-c, namespace: {ns}}}\nspec: {{targetRef: {{kind: HTTPRoute, name: b-to-c}}, retry: {{attempts: 1}}}}\n"
             );
         }
+        // A mirror to a service nothing else brings.
+        yaml += "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: copy, namespace: shop}\nspec: {parentRefs: [{name: a}], rules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: d, namespace: ops, port: 80}}}]}]}\n";
         yaml += "---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: web, namespace: shop}\nspec: {outbound: {upstreams: [{bind: \"127.0.0.1:9001\", service: a}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: fwd, namespace: ops}\nspec: {outbound: {httpProxy: {bind: \"127.0.0.1:9002\"}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: d-0, namespace: pay}\nspec: {outbound: {upstreams: [{bind: \"127.0.0.1:9003\", service: b.shop}]}}\n";
         let s = state(&yaml);
         for proxy in ["shop/web", "ops/fwd", "pay/d-0", "shop/nobody", "ops/b-1"] {
@@ -953,6 +967,19 @@ spec:
             sorted.sort();
             assert_eq!(got, sorted, "{proxy}: entries sorted by key");
             assert_eq!(got, reference(&s, proxy), "{proxy}");
+            // Closed over references: the proxy accepts its view as it is.
+            let docs = v
+                .entries
+                .iter()
+                .map(|e| sinew_model::load::Document {
+                    resource: e.resource.clone(),
+                    file: "control-plane".into(),
+                    line: 0,
+                })
+                .collect();
+            if let Err(e) = sinew_model::compile::accept(docs, proxy) {
+                panic!("{proxy} would refuse its view: {e}");
+            }
             assert_eq!(
                 v.version,
                 View::new(v.entries.clone()).version,

@@ -10,6 +10,12 @@ use crate::InjectError;
 /// `sinew.dev/inject=enabled` on a Namespace opts every Pod in it in (the webhook's
 /// namespace selector).
 pub const ANNOTATION_INJECT: &str = "sinew.dev/inject";
+/// `sinew.dev/capture: disabled` on a Pod: no `sinew-init` (no iptables, no root, no
+/// NET_ADMIN, so the pod passes Pod Security `baseline` and `restricted`). The sidecar
+/// still serves the pod's inbound mesh traffic (mTLS, authorization) on its inbound
+/// port, which discovery sends peers to; the app's own outbound calls are not
+/// captured.
+pub const ANNOTATION_CAPTURE: &str = "sinew.dev/capture";
 /// Set on every injected Pod, so injection is recognised and never repeated.
 pub const ANNOTATION_INJECTED: &str = "sinew.dev/injected";
 /// Overrides the proxy (and init) image.
@@ -45,6 +51,19 @@ pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "sinew.dev/exclude-outbound-
 pub const PROXY_CONTAINER: &str = "sinew-proxy";
 /// The name of the injected capture init container.
 pub const INIT_CONTAINER: &str = "sinew-init";
+/// The name of the `emptyDir` mounted at `/run` in the init container: iptables
+/// takes its lock (`/run/xtables.lock`) there while the root filesystem is read-only.
+pub const XTABLES_VOLUME: &str = "sinew-xtables-lock";
+/// The first Kubernetes minor version (1.x) whose API server keeps native sidecars
+/// (`initContainers[].restartPolicy: Always`) by default. 1.28 has the field behind the
+/// alpha `SidecarContainers` gate, off by default: there the API server drops it, and
+/// the proxy would be an init container that never ends, so the pod would never start.
+/// 1.29 turned the gate on (beta).
+pub const NATIVE_SIDECAR_MINOR: u32 = 29;
+/// Namespaces never injected, whatever their labels say: the system's own. The
+/// webhook configuration's selector leaves them out too, but by the label
+/// `kubernetes.io/metadata.name`, which exists only from Kubernetes 1.21.
+pub const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 /// The name of the projected token volume.
 pub const TOKEN_VOLUME: &str = "sinew-identity-token";
 /// Where the proxy finds its service-account token.
@@ -104,6 +123,38 @@ pub struct InjectConfig {
     pub exclude_outbound_ports: Vec<String>,
     /// Outbound networks never captured, for every pod.
     pub exclude_outbound_cidrs: Vec<String>,
+    /// The proxy is a native sidecar (an init container with `restartPolicy: Always`,
+    /// Kubernetes >= 1.29): it starts, and is ready, before the init containers after
+    /// it and the app, and Jobs complete when their containers do. Off: the proxy is
+    /// the first regular container, and a Job ends it with `POST /shutdown` on the
+    /// admin port (loopback). Chosen from the API server's version
+    /// ([`native_sidecars`]).
+    pub native_sidecar: bool,
+    /// Namespaces whose pods the webhook never injects (the system's, the control
+    /// plane's), whatever their labels and the pods' annotations say.
+    pub excluded_namespaces: Vec<String>,
+    /// Transparent capture (`sinew-init`); off with `sinew.dev/capture: disabled`.
+    pub capture: bool,
+}
+
+/// Whether a cluster of this version (`/version`'s `gitVersion`, e.g. `v1.29.3`,
+/// `v1.30.1-eks-1234`, or `major.minor` such as `1.28`, `1.29+`) keeps native sidecars;
+/// an unreadable version is an error naming it.
+pub fn native_sidecars(version: &str) -> Result<bool, String> {
+    let v = version.trim().trim_start_matches('v');
+    let mut parts = v.splitn(3, '.');
+    let number = |p: Option<&str>| -> Option<u32> {
+        let p = p?;
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    match (number(parts.next()), number(parts.next())) {
+        (Some(1), Some(minor)) => Ok(minor >= NATIVE_SIDECAR_MINOR),
+        (Some(major), Some(_)) if major > 1 => Ok(true),
+        _ => Err(format!(
+            "{version:?} is not a Kubernetes version (expected e.g. v1.29.3 or 1.29)"
+        )),
+    }
 }
 
 impl Default for InjectConfig {
@@ -128,6 +179,9 @@ impl Default for InjectConfig {
             exclude_inbound_ports: Vec::new(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            native_sidecar: false,
+            excluded_namespaces: SYSTEM_NAMESPACES.iter().map(|s| (*s).to_owned()).collect(),
+            capture: true,
         }
     }
 }
@@ -240,6 +294,16 @@ impl InjectConfig {
                 ));
             }
             c.image = v.to_owned();
+        }
+        match get(ANNOTATION_CAPTURE) {
+            None | Some("enabled") => {}
+            Some("disabled") => c.capture = false,
+            Some(other) => {
+                return Err(InjectError::new(
+                    field(ANNOTATION_CAPTURE),
+                    format!("{other:?}: must be enabled or disabled"),
+                ));
+            }
         }
         if let Some(v) = get(ANNOTATION_LOG_LEVEL) {
             if v.is_empty() {
@@ -374,6 +438,27 @@ mod tests {
         assert!(check_cidr("169.254.169.254").is_ok());
         assert!(check_cidr("10.0.0.0/33").is_err());
         assert!(check_cidr("ten/8").is_err());
+    }
+
+    #[test]
+    fn native_sidecars_from_1_29() {
+        for (v, native) in [
+            ("v1.20.15", false),
+            ("1.28", false),
+            ("v1.28.9", false),
+            ("v1.29.0", true),
+            ("1.29+", true),
+            ("v1.30.1-eks-1234", true),
+            ("v1.31.0+k3s1", true),
+        ] {
+            assert_eq!(native_sidecars(v), Ok(native), "{v}");
+        }
+        assert!(
+            native_sidecars("latest")
+                .unwrap_err()
+                .contains("\"latest\"")
+        );
+        assert!(native_sidecars("v1").is_err());
     }
 
     #[test]

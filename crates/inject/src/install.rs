@@ -2,14 +2,18 @@
 //!
 //! In apply order: the CustomResourceDefinitions (given by the caller: they come from
 //! sinew-k8s), the Namespace, the control plane's ServiceAccount, least-privilege RBAC,
-//! the mesh CA and webhook certificate Secrets, the Service, the control-plane
-//! Deployment (two or more replicas; the webhook runs as a second container in each
-//! pod), and last the MutatingWebhookConfiguration, so nothing is sent to a webhook
-//! before it can exist.
+//! the Service, the control-plane Deployment (two or more replicas; the webhook runs as
+//! a second container in each pod) and its PodDisruptionBudget, and last the
+//! MutatingWebhookConfiguration, so nothing is sent to a webhook before it can exist.
+//!
+//! No key is ever in them: the mesh CA (Secret `sinew-ca`) and the webhook's serving
+//! certificate (Secret `sinew-webhook-tls`) are made in the cluster by the first
+//! replica that starts (`sinew_k8s::ca`), and the webhook sets its own `caBundle`. So a
+//! printed installation can be kept in Git, and rendering it again changes nothing.
 
 use serde_json::{Value, json};
 
-use crate::config::{ANNOTATION_INJECT, InjectConfig};
+use crate::config::{ANNOTATION_INJECT, InjectConfig, SYSTEM_NAMESPACES};
 
 /// The name of the control plane's Deployment, Service, ServiceAccount and RBAC.
 pub const CONTROL_NAME: &str = "sinew-control";
@@ -19,6 +23,11 @@ pub const WEBHOOK_CONFIGURATION: &str = "sinew-injector";
 pub const WEBHOOK_SECRET: &str = "sinew-webhook-tls";
 /// The mesh CA Secret (`ca.pem`, `ca-key.pem`), shared by every control-plane replica.
 pub const CA_SECRET: &str = "sinew-ca";
+/// The webhook's name inside [`WEBHOOK_CONFIGURATION`].
+pub const WEBHOOK_NAME: &str = "inject.sinew.dev";
+/// The control plane's plain-HTTP health port (`/ready`, `/live`), for the kubelet.
+pub const HEALTH_PORT: u16 = 15014;
+
 /// The control plane's gRPC port (proxies and the CLI).
 pub const CONTROL_PORT: u16 = 15010;
 /// The webhook container's HTTPS port.
@@ -40,26 +49,24 @@ pub struct InstallOptions {
     pub failure_policy: String,
     /// The settings the webhook injects with (its image, audience, resources).
     pub inject: InjectConfig,
-    /// The webhook's serving certificate chain (PEM).
-    pub webhook_cert_pem: String,
-    /// Its key (PEM).
-    pub webhook_key_pem: String,
-    /// The CA that signed it: the `caBundle`.
-    pub webhook_ca_pem: String,
-    /// The mesh CA certificate (PEM).
-    pub mesh_ca_pem: String,
-    /// The mesh CA key (PEM).
-    pub mesh_ca_key_pem: String,
+    /// The PodDisruptionBudget's API: `policy/v1` (Kubernetes >= 1.21, the default) or
+    /// `policy/v1beta1` (older clusters).
+    pub pdb_api_version: String,
 }
 
 impl InstallOptions {
     /// The names the webhook's certificate must carry (the Service's DNS names).
     pub fn webhook_names(namespace: &str) -> Vec<String> {
+        Self::webhook_names_for(CONTROL_NAME, namespace)
+    }
+
+    /// The DNS names of the Service `service` in `namespace`.
+    pub fn webhook_names_for(service: &str, namespace: &str) -> Vec<String> {
         vec![
-            format!("{CONTROL_NAME}.{namespace}.svc"),
-            format!("{CONTROL_NAME}.{namespace}.svc.cluster.local"),
-            format!("{CONTROL_NAME}.{namespace}"),
-            CONTROL_NAME.to_owned(),
+            format!("{service}.{namespace}.svc"),
+            format!("{service}.{namespace}.svc.cluster.local"),
+            format!("{service}.{namespace}"),
+            service.to_owned(),
         ]
     }
 
@@ -96,9 +103,8 @@ impl InstallOptions {
     }
 }
 
-fn b64(s: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(s.as_bytes())
+fn selector() -> Value {
+    json!({"app.kubernetes.io/name": "sinew", "app.kubernetes.io/component": "control-plane"})
 }
 
 fn labels() -> Value {
@@ -155,16 +161,6 @@ pub fn manifests(o: &InstallOptions, defs: &Definitions) -> Result<Vec<Value>, S
         "subjects": [{"kind": "ServiceAccount", "name": CONTROL_NAME, "namespace": ns}],
     }));
     out.push(json!({
-        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": meta(CA_SECRET),
-        "data": {"ca.pem": b64(&o.mesh_ca_pem), "ca-key.pem": b64(&o.mesh_ca_key_pem)},
-    }));
-    out.push(json!({
-        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-        "metadata": meta(WEBHOOK_SECRET),
-        "data": {"tls.crt": b64(&o.webhook_cert_pem), "tls.key": b64(&o.webhook_key_pem), "ca.crt": b64(&o.webhook_ca_pem)},
-    }));
-    out.push(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": meta(CONTROL_NAME),
         "spec": {
@@ -176,26 +172,49 @@ pub fn manifests(o: &InstallOptions, defs: &Definitions) -> Result<Vec<Value>, S
         },
     }));
     out.push(deployment(o));
+    // Voluntary disruptions (node drains, upgrades) leave one replica serving
+    // certificates, configuration and injection.
+    out.push(json!({
+        "apiVersion": o.pdb_api_version, "kind": "PodDisruptionBudget",
+        "metadata": meta(CONTROL_NAME),
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": selector()}},
+    }));
+    let mut excluded: Vec<&str> = vec![ns];
+    excluded.extend(SYSTEM_NAMESPACES);
     out.push(json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": WEBHOOK_CONFIGURATION, "labels": labels()},
         "webhooks": [{
-            "name": "inject.sinew.dev",
+            "name": WEBHOOK_NAME,
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
+            // Ignore by default, as Istio and Linkerd do: while no replica of the
+            // webhook answers, pods in opted-in namespaces start without a sidecar
+            // (visible: no `sinew.dev/injected`; a rollout restart meshes them) rather
+            // than not at all; with Fail, a control-plane outage stops every
+            // deployment, scale-up and reschedule in those namespaces, including the
+            // control plane's own recovery if it ever runs there. The namespace
+            // selector keeps the system's and the control plane's namespaces out, so
+            // Fail never blocks them. `--webhook-failure-policy Fail` is for meshes
+            // where an unmeshed pod is worse than a pod that waits.
             "failurePolicy": o.failure_policy,
             "timeoutSeconds": 10,
             // Injection is idempotent, so a second call after other webhooks is harmless.
             "reinvocationPolicy": "IfNeeded",
+            // No caBundle: the webhook's certificate is made in the cluster, and the
+            // webhook writes the caBundle itself (sinew_k8s::ca::set_ca_bundle).
             "clientConfig": {
                 "service": {"name": CONTROL_NAME, "namespace": ns, "path": "/mutate", "port": 443},
-                "caBundle": b64(&o.webhook_ca_pem),
             },
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
             // Opt in per namespace; never the control plane's own or the system's.
+            // `kubernetes.io/metadata.name` exists from 1.21 (before, NotIn matches
+            // every namespace, so it excludes nothing there): the installed Namespace
+            // is labelled disabled, and the webhook itself refuses these namespaces
+            // (`--exclude-namespace`), on every version.
             "namespaceSelector": {"matchExpressions": [
                 {"key": ANNOTATION_INJECT, "operator": "In", "values": ["enabled"]},
-                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [ns, "kube-system"]},
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": excluded},
             ]},
             // A pod labelled sinew.dev/inject=disabled is never even sent.
             "objectSelector": {"matchExpressions": [
@@ -213,10 +232,18 @@ fn deployment(o: &InstallOptions) -> Value {
         "webhook".to_owned(),
         "--listen".into(),
         format!("0.0.0.0:{WEBHOOK_PORT}"),
-        "--tls-cert".into(),
-        "/etc/sinew/webhook/tls.crt".into(),
-        "--tls-key".into(),
-        "/etc/sinew/webhook/tls.key".into(),
+        // Its certificate from the Secret (made there by the first replica), and the
+        // caBundle of its configuration set to match; the cluster's version (from the
+        // API server) chooses the sidecar layout.
+        "--kubernetes".into(),
+        "--tls-secret".into(),
+        WEBHOOK_SECRET.into(),
+        "--webhook-configuration".into(),
+        WEBHOOK_CONFIGURATION.into(),
+        "--service".into(),
+        CONTROL_NAME.into(),
+        "--exclude-namespace".into(),
+        ns.to_owned(),
         "--proxy-image".into(),
         i.image.clone(),
         "--control-plane-address".into(),
@@ -241,8 +268,7 @@ fn deployment(o: &InstallOptions) -> Value {
         "runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]},
     });
-    let selector =
-        json!({"app.kubernetes.io/name": "sinew", "app.kubernetes.io/component": "control-plane"});
+    let selector = selector();
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": CONTROL_NAME, "namespace": ns, "labels": labels()},
@@ -272,8 +298,10 @@ fn deployment(o: &InstallOptions) -> Value {
                                 "--data-dir", "/var/lib/sinew",
                                 "--trust-domain", o.trust_domain,
                                 "--token-audience", i.token_audience,
-                                "--ca-cert", "/etc/sinew/ca/ca.pem",
-                                "--ca-key", "/etc/sinew/ca/ca-key.pem",
+                                // The mesh CA: read from this Secret, or made and
+                                // stored there by the first replica.
+                                "--ca-secret", CA_SECRET,
+                                "--health-listen", format!("0.0.0.0:{HEALTH_PORT}"),
                                 // The names in its certificate (TLS only; clients
                                 // verify it as .../sa/sinew-control).
                                 "--server-name", CONTROL_NAME,
@@ -286,14 +314,18 @@ fn deployment(o: &InstallOptions) -> Value {
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                             ],
-                            "ports": [{"name": "grpc", "containerPort": CONTROL_PORT, "protocol": "TCP"}],
-                            "readinessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 5},
-                            "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "failureThreshold": 6},
+                            "ports": [
+                                {"name": "grpc", "containerPort": CONTROL_PORT, "protocol": "TCP"},
+                                {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+                            ],
+                            // Ready once it serves with the cluster's CA and has
+                            // listed and synced the cluster; live while it answers.
+                            "readinessProbe": {"httpGet": {"path": "/ready", "port": "health"}, "periodSeconds": 5},
+                            "livenessProbe": {"httpGet": {"path": "/live", "port": "health"}, "periodSeconds": 10, "failureThreshold": 6},
                             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
                             "securityContext": secure,
                             "volumeMounts": [
                                 {"name": "data", "mountPath": "/var/lib/sinew"},
-                                {"name": "ca", "mountPath": "/etc/sinew/ca", "readOnly": true},
                             ],
                         },
                         {
@@ -305,14 +337,14 @@ fn deployment(o: &InstallOptions) -> Value {
                             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "webhook", "scheme": "HTTPS"}, "periodSeconds": 5},
                             "livenessProbe": {"httpGet": {"path": "/healthz", "port": "webhook", "scheme": "HTTPS"}, "periodSeconds": 10},
                             "resources": {"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+                            "env": [
+                                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            ],
                             "securityContext": secure,
-                            "volumeMounts": [{"name": "webhook-tls", "mountPath": "/etc/sinew/webhook", "readOnly": true}],
                         },
                     ],
                     "volumes": [
                         {"name": "data", "emptyDir": {}},
-                        {"name": "ca", "secret": {"secretName": CA_SECRET, "defaultMode": 0o440}},
-                        {"name": "webhook-tls", "secret": {"secretName": WEBHOOK_SECRET, "defaultMode": 0o440}},
                     ],
                 },
             },
@@ -330,4 +362,67 @@ pub fn to_yaml(manifests: &[Value]) -> Result<String, String> {
         out.push_str(&serde_norway::to_string(m).map_err(|e| format!("manifest {i}: {e}"))?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn options() -> InstallOptions {
+        InstallOptions {
+            namespace: "mesh".into(),
+            image: "example.test/sinew:1".into(),
+            replicas: 2,
+            trust_domain: "cluster.local".into(),
+            failure_policy: "Ignore".into(),
+            inject: InjectConfig::default(),
+            pdb_api_version: "policy/v1".into(),
+        }
+    }
+
+    #[test]
+    fn no_keys_nothing_random_and_production_settings() {
+        let a = to_yaml(&manifests(&options(), &Definitions::default()).unwrap()).unwrap();
+        let b = to_yaml(&manifests(&options(), &Definitions::default()).unwrap()).unwrap();
+        // Rendering twice gives the same bytes: nothing generated, no key, no Secret.
+        assert_eq!(a, b);
+        assert!(!a.contains("PRIVATE KEY"));
+        assert!(!a.contains("kind: Secret"), "{a}");
+        assert!(!a.contains("caBundle"), "{a}");
+
+        let docs = manifests(&options(), &Definitions::default()).unwrap();
+        let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap();
+        let pdb = kind("PodDisruptionBudget");
+        assert_eq!(pdb["apiVersion"], "policy/v1");
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"],
+            kind("Deployment")["spec"]["selector"]["matchLabels"]
+        );
+        let pod = &kind("Deployment")["spec"]["template"]["spec"];
+        for c in pod["containers"].as_array().unwrap() {
+            assert!(c["readinessProbe"]["httpGet"]["path"].is_string(), "{c}");
+            assert!(c["livenessProbe"]["httpGet"]["path"].is_string(), "{c}");
+            assert!(c["resources"]["requests"]["cpu"].is_string(), "{c}");
+            assert!(c["resources"]["requests"]["memory"].is_string(), "{c}");
+            assert!(c["resources"]["limits"]["memory"].is_string(), "{c}");
+        }
+        assert_eq!(
+            pod["containers"][0]["readinessProbe"]["httpGet"]["path"],
+            "/ready"
+        );
+        let args = pod["containers"][1]["args"].to_string();
+        assert!(args.contains(r#""--exclude-namespace","mesh""#), "{args}");
+        let hook = &kind("MutatingWebhookConfiguration")["webhooks"][0];
+        assert_eq!(hook["failurePolicy"], "Ignore");
+        let names = hook["namespaceSelector"]["matchExpressions"][1]["values"].to_string();
+        for ns in ["mesh", "kube-system", "kube-public", "kube-node-lease"] {
+            assert!(names.contains(ns), "{names}");
+        }
+        assert_eq!(
+            kind("Namespace")["metadata"]["labels"][ANNOTATION_INJECT],
+            "disabled"
+        );
+    }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -156,6 +156,13 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
     if !ann.contains_key(ANNOTATION_INBOUND_PORT) {
         new_ann.push((ANNOTATION_INBOUND_PORT, json!(c.inbound_port.to_string())));
     }
+    // Prometheus' conventional pod annotations point at the proxy's /metrics on the
+    // admin port (served to the pod's address), unless the app uses them already.
+    if !ann.contains_key("prometheus.io/scrape") {
+        new_ann.push(("prometheus.io/scrape", json!("true")));
+        new_ann.push(("prometheus.io/port", json!(c.admin_port.to_string())));
+        new_ann.push(("prometheus.io/path", json!("/metrics")));
+    }
     if !ann.contains_key("kubectl.kubernetes.io/default-container") {
         new_ann.push((
             "kubectl.kubernetes.io/default-container",
@@ -183,17 +190,31 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
     let to_value = |what: &str, v: Result<Value, serde_json::Error>| {
         v.map_err(|e| InjectError::new(what, format!("cannot be built: {e}")))
     };
-    ops.push(add(
-        &["spec", "containers", "0"],
-        to_value(PROXY_CONTAINER, serde_json::to_value(proxy_container(&c)))?,
-    ));
-    if !init_containers.iter().any(|n| n == INIT_CONTAINER) {
-        let init = to_value(INIT_CONTAINER, serde_json::to_value(init_container(&c)))?;
-        if spec.get("initContainers").is_some_and(Value::is_array) {
-            ops.push(add(&["spec", "initContainers", "0"], init));
-        } else {
-            ops.push(add(&["spec", "initContainers"], json!([init])));
+    if init_containers.iter().any(|n| n == PROXY_CONTAINER) {
+        return Ok(Outcome::Skipped("already injected".into()));
+    }
+    let proxy = to_value(PROXY_CONTAINER, serde_json::to_value(proxy_container(&c)))?;
+    // In order, at the head of initContainers: the capture step, then (native
+    // sidecar) the proxy, so the proxy is up before the user's init containers and the
+    // app, whose traffic the rules already send to it.
+    let mut first_inits = Vec::new();
+    if c.capture && !init_containers.iter().any(|n| n == INIT_CONTAINER) {
+        first_inits.push(to_value(
+            INIT_CONTAINER,
+            serde_json::to_value(init_container(&c)),
+        )?);
+    }
+    if c.native_sidecar {
+        first_inits.push(proxy);
+    } else {
+        ops.push(add(&["spec", "containers", "0"], proxy));
+    }
+    if spec.get("initContainers").is_some_and(Value::is_array) {
+        for (i, init) in first_inits.into_iter().enumerate() {
+            ops.push(add(&["spec", "initContainers", &i.to_string()], init));
         }
+    } else if !first_inits.is_empty() {
+        ops.push(add(&["spec", "initContainers"], Value::Array(first_inits)));
     }
     // A projected service-account token needs a service account named. The API
     // server's ServiceAccount admission names `default` before webhooks run; where it
@@ -207,13 +228,22 @@ pub fn inject_pod(pod: &Value, at: &[&str], config: &InjectConfig) -> Result<Out
         let account = named("serviceAccount").unwrap_or("default");
         ops.push(add(&["spec", "serviceAccountName"], json!(account)));
     }
+    let mut new_volumes = Vec::new();
     if !volumes.iter().any(|n| n == TOKEN_VOLUME) {
-        let vol = to_value(TOKEN_VOLUME, serde_json::to_value(token_volume(&c)))?;
-        if spec.get("volumes").is_some_and(Value::is_array) {
+        new_volumes.push(to_value(
+            TOKEN_VOLUME,
+            serde_json::to_value(token_volume(&c)),
+        )?);
+    }
+    if c.capture && !volumes.iter().any(|n| n == XTABLES_VOLUME) {
+        new_volumes.push(json!({"name": XTABLES_VOLUME, "emptyDir": {}}));
+    }
+    if spec.get("volumes").is_some_and(Value::is_array) {
+        for vol in new_volumes {
             ops.push(add(&["spec", "volumes", "-"], vol));
-        } else {
-            ops.push(add(&["spec", "volumes"], json!([vol])));
         }
+    } else if !new_volumes.is_empty() {
+        ops.push(add(&["spec", "volumes"], Value::Array(new_volumes)));
     }
     Ok(Outcome::Injected(ops))
 }
@@ -262,6 +292,25 @@ fn probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
+fn proxy_args(c: &InjectConfig) -> Vec<String> {
+    let mut args = vec![
+        "--join-token-file".into(),
+        format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+    ];
+    // Without capture, the inbound listener comes from discovery alone (the pod's
+    // `sinew.dev/inbound-port`), and nothing is redirected to the proxy.
+    if c.capture {
+        args.extend([
+            "--capture".into(),
+            "--capture-inbound-port".into(),
+            c.inbound_port.to_string(),
+            "--capture-outbound-port".into(),
+            c.outbound_port.to_string(),
+        ]);
+    }
+    args
+}
+
 /// The `sinew-proxy` sidecar for these settings.
 pub fn proxy_container(c: &InjectConfig) -> Container {
     Container {
@@ -272,15 +321,7 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
         // The init container's rules send the pod's traffic to these ports; the
         // inbound one is also the sidecar port peers reach (the pod's
         // `sinew.dev/inbound-port`), served by the capture listener.
-        args: Some(vec![
-            "--join-token-file".into(),
-            format!("{TOKEN_DIR}/{TOKEN_FILE}"),
-            "--capture".into(),
-            "--capture-inbound-port".into(),
-            c.inbound_port.to_string(),
-            "--capture-outbound-port".into(),
-            c.outbound_port.to_string(),
-        ]),
+        args: Some(proxy_args(c)),
         env: Some(vec![
             env_field("POD_NAME", "metadata.name"),
             env_field("POD_NAMESPACE", "metadata.namespace"),
@@ -297,8 +338,10 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
                 "SINEW_CONTROL_PLANE_CA",
                 format!("{TOKEN_DIR}/{ROOTS_FILE}"),
             ),
-            // Probes come from the kubelet, so the admin listener is on the pod's
-            // address; capture leaves its port alone.
+            // Probes come from the kubelet and scrapes from Prometheus, so the admin
+            // listener is on the pod's address (capture leaves its port alone); it
+            // serves only /live, /ready and /metrics to callers that are not
+            // loopback (/config, /tap, /shutdown are the pod's own).
             env("SINEW_PROXY_ADMIN", format!("0.0.0.0:{}", c.admin_port)),
             env("RUST_LOG", c.log_level.clone()),
         ]),
@@ -318,6 +361,14 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
         ]),
         readiness_probe: Some(probe("/ready", c.admin_port, 2, 3)),
         liveness_probe: Some(probe("/live", c.admin_port, 10, 3)),
+        // A native sidecar: the kubelet starts the next init container (and then
+        // the app) once this probe passes, i.e. once the proxy has its configuration
+        // and certificate (up to two minutes). Kept for the whole pod's life, and ended
+        // after the app's containers, so a Job completes.
+        restart_policy: c.native_sidecar.then(|| "Always".to_owned()),
+        startup_probe: c
+            .native_sidecar
+            .then(|| probe("/ready", c.admin_port, 1, 120)),
         resources: Some(ResourceRequirements {
             requests: quantities(&[
                 ("cpu", &c.resources.cpu_request),
@@ -329,14 +380,22 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
             ]),
             ..Default::default()
         }),
+        // Pod Security `restricted`: non-root, no capabilities, no escalation,
+        // the runtime's seccomp profile, nothing written outside its volumes.
         security_context: Some(SecurityContext {
             run_as_user: Some(c.proxy_uid),
+            run_as_group: Some(c.proxy_uid),
             run_as_non_root: Some(true),
             allow_privilege_escalation: Some(false),
+            privileged: Some(false),
             read_only_root_filesystem: Some(true),
             capabilities: Some(Capabilities {
                 drop: Some(vec!["ALL".into()]),
                 add: None,
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
             }),
             ..Default::default()
         }),
@@ -398,17 +457,34 @@ pub fn init_container(c: &InjectConfig) -> Container {
             limits: quantities(&[("memory", &Some("64Mi".into()))]),
             ..Default::default()
         }),
+        // Only what writing the pod's own netfilter rules needs: root (iptables
+        // refuses otherwise) with NET_ADMIN and NET_RAW, every other capability
+        // dropped, no escalation, the runtime's seccomp profile, a read-only root (the
+        // iptables lock goes to its own emptyDir at /run). NET_ADMIN is what Pod
+        // Security `baseline` forbids: such namespaces need a CNI plugin doing capture
+        // instead (docs/kubernetes.md says so); the proxy itself is `restricted`.
         security_context: Some(SecurityContext {
             run_as_user: Some(0),
+            run_as_group: Some(0),
             run_as_non_root: Some(false),
             privileged: Some(false),
             allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
             capabilities: Some(Capabilities {
                 add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
                 drop: Some(vec!["ALL".into()]),
             }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
             ..Default::default()
         }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: XTABLES_VOLUME.into(),
+            mount_path: "/run".into(),
+            ..Default::default()
+        }]),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     }
@@ -524,6 +600,165 @@ mod tests {
         );
     }
 
+    fn injected_with(mut p: Value, c: &InjectConfig) -> Value {
+        let Outcome::Injected(ops) = inject_pod(&p, &[], c).unwrap() else {
+            panic!("not injected");
+        };
+        apply_json(&mut p, &ops).unwrap();
+        p
+    }
+
+    fn names(list: &Value) -> Vec<&str> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_layout_follows_the_cluster_version() {
+        let config = |version: &str| InjectConfig {
+            native_sidecar: crate::config::native_sidecars(version).unwrap(),
+            ..InjectConfig::default()
+        };
+        let mut with_init = pod();
+        with_init["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m"}]);
+
+        // 1.20: the proxy is the first regular container; no restartPolicy, no
+        // startup probe (an old API server would refuse the field... or drop it).
+        let old = injected_with(with_init.clone(), &config("v1.20.15"));
+        assert_eq!(names(&old["spec"]["containers"]), [PROXY_CONTAINER, "app"]);
+        assert_eq!(
+            names(&old["spec"]["initContainers"]),
+            [INIT_CONTAINER, "migrate"]
+        );
+        let proxy = &old["spec"]["containers"][0];
+        assert!(proxy.get("restartPolicy").is_none(), "{proxy}");
+        assert!(proxy.get("startupProbe").is_none(), "{proxy}");
+
+        // 1.29: capture, then the proxy as a native sidecar, then the user's init
+        // containers; the app's containers are untouched.
+        let native = injected_with(with_init, &config("v1.29.2"));
+        assert_eq!(names(&native["spec"]["containers"]), ["app"]);
+        assert_eq!(
+            names(&native["spec"]["initContainers"]),
+            [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]
+        );
+        let proxy = &native["spec"]["initContainers"][1];
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+        assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 4191);
+        assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+        assert_eq!(
+            native["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+            "app"
+        );
+        // Without init containers of its own, the pod gets both.
+        let bare = injected_with(pod(), &config("1.30"));
+        assert_eq!(
+            names(&bare["spec"]["initContainers"]),
+            [INIT_CONTAINER, PROXY_CONTAINER]
+        );
+        // Injecting an injected native pod again changes nothing.
+        assert_eq!(
+            inject_pod(&native, &[], &config("v1.29.2")).unwrap(),
+            Outcome::Skipped("already injected".into())
+        );
+    }
+
+    #[test]
+    fn security_contexts_are_least_privilege() {
+        let p = injected(pod());
+        let proxy = &p["spec"]["containers"][0]["securityContext"];
+        assert_eq!(proxy["runAsNonRoot"], true);
+        assert_eq!(proxy["runAsUser"], 1337);
+        assert_eq!(proxy["allowPrivilegeEscalation"], false);
+        assert_eq!(proxy["privileged"], false);
+        assert_eq!(proxy["readOnlyRootFilesystem"], true);
+        assert_eq!(proxy["capabilities"], json!({"drop": ["ALL"]}));
+        assert_eq!(proxy["seccompProfile"]["type"], "RuntimeDefault");
+
+        let init = &p["spec"]["initContainers"][0];
+        let sc = &init["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], false);
+        assert_eq!(sc["runAsUser"], 0);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            sc["capabilities"],
+            json!({"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]})
+        );
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+        // The iptables lock's writable /run.
+        assert_eq!(init["volumeMounts"][0]["name"], XTABLES_VOLUME);
+        assert_eq!(init["volumeMounts"][0]["mountPath"], "/run");
+        assert!(
+            p["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == XTABLES_VOLUME && v["emptyDir"].is_object())
+        );
+        // Every injected container has requests and a memory limit.
+        for c in [&p["spec"]["containers"][0], init] {
+            assert!(c["resources"]["requests"]["cpu"].is_string(), "{c}");
+            assert!(c["resources"]["requests"]["memory"].is_string(), "{c}");
+            assert!(c["resources"]["limits"]["memory"].is_string(), "{c}");
+        }
+        // Prometheus is pointed at the admin port's /metrics, the probes at its
+        // /ready and /live: the paths it serves to other addresses.
+        let ann = &p["metadata"]["annotations"];
+        assert_eq!(ann["prometheus.io/scrape"], "true");
+        assert_eq!(ann["prometheus.io/port"], "4191");
+        assert_eq!(ann["prometheus.io/path"], "/metrics");
+        assert_eq!(
+            p["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"],
+            "/live"
+        );
+        // An app that has its own scrape annotations keeps them.
+        let mut own = pod();
+        own["metadata"]["annotations"] =
+            json!({"prometheus.io/scrape": "true", "prometheus.io/port": "8080"});
+        let own = injected(own);
+        assert_eq!(own["metadata"]["annotations"]["prometheus.io/port"], "8080");
+    }
+
+    #[test]
+    fn without_capture_nothing_needs_privileges() {
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({ANNOTATION_CAPTURE: "disabled"});
+        let p = injected(p);
+        // No init container, no capture flags: only the restricted proxy.
+        assert!(p["spec"].get("initContainers").is_none(), "{p}");
+        assert_eq!(names(&p["spec"]["containers"]), [PROXY_CONTAINER, "app"]);
+        assert_eq!(names(&p["spec"]["volumes"]), [TOKEN_VOLUME]);
+        let proxy = &p["spec"]["containers"][0];
+        assert!(!proxy["args"].to_string().contains("--capture"), "{proxy}");
+        assert_eq!(
+            proxy["securityContext"]["capabilities"],
+            json!({"drop": ["ALL"]})
+        );
+        assert_eq!(
+            p["metadata"]["annotations"][ANNOTATION_INBOUND_PORT],
+            "15006"
+        );
+        // Natively too: the proxy alone in initContainers.
+        let mut n = pod();
+        n["metadata"]["annotations"] = json!({ANNOTATION_CAPTURE: "disabled"});
+        let config = InjectConfig {
+            native_sidecar: true,
+            ..InjectConfig::default()
+        };
+        let n = injected_with(n, &config);
+        assert_eq!(names(&n["spec"]["initContainers"]), [PROXY_CONTAINER]);
+        let mut bad = pod();
+        bad["metadata"]["annotations"] = json!({ANNOTATION_CAPTURE: "off"});
+        let e = inject_pod(&bad, &[], &InjectConfig::default()).unwrap_err();
+        assert!(e.field.contains(ANNOTATION_CAPTURE), "{e}");
+    }
+
     #[test]
     fn twice_is_once_and_opt_out_and_host_network_are_left_alone() {
         let once = injected(pod());
@@ -570,6 +805,7 @@ mod tests {
         assert_eq!(spec["initContainers"][1]["name"], "migrate");
         assert_eq!(spec["volumes"][0]["name"], "data");
         assert_eq!(spec["volumes"][1]["name"], TOKEN_VOLUME);
+        assert_eq!(spec["volumes"][2]["name"], XTABLES_VOLUME);
         let args = spec["initContainers"][0]["args"].to_string();
         assert!(
             args.contains(r#""--exclude-inbound-ports","5191,9090""#),

@@ -86,6 +86,17 @@ pub fn review(body: &[u8], config: &InjectConfig) -> Result<(Vec<u8>, Decision),
         &req.object,
         is_pod && sub.is_empty() && req.operation == "CREATE",
     ) {
+        (Some(_), true)
+            if req
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| config.excluded_namespaces.contains(ns)) =>
+        {
+            Decision::Skipped(format!(
+                "namespace {} is never injected",
+                req.namespace.as_deref().unwrap_or("")
+            ))
+        }
         (Some(pod), true) => match inject_pod(pod, &[], config) {
             Ok(Outcome::Injected(ops)) => {
                 let patch = serde_json::to_vec(&ops)
@@ -190,6 +201,24 @@ mod tests {
             msg.contains("Pod shop/p: metadata.annotations[\"sinew.dev/proxy-uid\"]"),
             "{msg}"
         );
+
+        // The system's namespaces are refused by the webhook itself (on 1.20 the
+        // configuration's selector cannot name them).
+        let mut sys = request(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}}),
+            "CREATE",
+        );
+        let mut v: Value = serde_json::from_slice(&sys).unwrap();
+        v["request"]["namespace"] = json!("kube-system");
+        sys = serde_json::to_vec(&v).unwrap();
+        let (out, d) = review(&sys, &InjectConfig::default()).unwrap();
+        assert!(
+            matches!(d, Decision::Skipped(ref why) if why.contains("kube-system")),
+            "{d:?}"
+        );
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(out["response"]["allowed"], true);
+        assert!(out["response"].get("patch").is_none());
 
         assert!(review(b"{", &InjectConfig::default()).is_err());
         assert!(

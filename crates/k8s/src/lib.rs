@@ -7,11 +7,14 @@
 //! - [`status`]: validation results in each resource's status, and Events.
 //! - [`leader`]: a Lease, so only one replica writes statuses.
 //! - [`review`]: service-account tokens checked with TokenReview, for the CA.
+//! - [`ca`]: the mesh CA and the webhook's certificate, kept in Secrets (made in the
+//!   cluster on first start, never printed by `sinew install`).
 //! - [`rbac`]: the least privilege it needs (ClusterRole, and a Role for its Lease).
 //!
 //! Kept in a crate of its own so the heavy Kubernetes code (kube-rs, k8s-openapi) is built
 //! only by what needs it: the proxy never depends on it.
 
+pub mod ca;
 pub mod convert;
 pub mod crd;
 pub mod leader;

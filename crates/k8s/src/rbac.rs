@@ -7,6 +7,12 @@
 //! - Create TokenReviews (proxies' service-account tokens).
 //! - Read namespaces and write the ConfigMap `sinew-root` (the mesh roots) in each.
 //! - Its Lease, in its own namespace only ([`lease_role`]).
+//! - In its own namespace too: read the Secrets of the mesh CA and of the webhook's
+//!   certificate (by name), and create Secrets (RBAC cannot restrict `create` by name:
+//!   the object has no name when the request is authorised). It never lists, updates
+//!   or deletes Secrets.
+//! - Read and patch its MutatingWebhookConfiguration `sinew-injector` (by name): the
+//!   webhook writes the caBundle of the certificate it made.
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -15,6 +21,11 @@ use crate::crd::{GATEWAY_KINDS, Kind, SINEW_KINDS, SMI_KINDS};
 
 /// The name of the ClusterRole and of the Role.
 pub const ROLE_NAME: &str = "sinew-control";
+
+/// The Secrets the control plane and its webhook read (by name).
+pub const SECRETS: [&str; 2] = ["sinew-ca", "sinew-webhook-tls"];
+/// The webhook configuration whose caBundle the webhook sets.
+pub const WEBHOOK_CONFIGURATION: &str = "sinew-injector";
 
 fn rule(groups: &[&str], resources: Vec<String>, verbs: &[&str]) -> PolicyRule {
     PolicyRule {
@@ -48,6 +59,14 @@ pub fn cluster_role() -> ClusterRole {
             vec!["configmaps".into()],
             &["get", "create", "patch"],
         ),
+        PolicyRule {
+            resource_names: Some(vec![WEBHOOK_CONFIGURATION.to_owned()]),
+            ..rule(
+                &["admissionregistration.k8s.io"],
+                vec!["mutatingwebhookconfigurations".into()],
+                &["get", "patch"],
+            )
+        },
     ];
     let kinds: Vec<&Kind> = SINEW_KINDS
         .iter()
@@ -84,7 +103,8 @@ pub fn cluster_role() -> ClusterRole {
     }
 }
 
-/// The permissions on the status writer's Lease, in `namespace` (the control plane's own).
+/// The permissions in `namespace` (the control plane's own): the status writer's
+/// Lease, and the Secrets of the mesh CA and the webhook's certificate.
 pub fn lease_role(namespace: &str) -> Role {
     Role {
         metadata: ObjectMeta {
@@ -93,10 +113,18 @@ pub fn lease_role(namespace: &str) -> Role {
             labels: Some([("app.kubernetes.io/part-of".to_owned(), "sinew".to_owned())].into()),
             ..ObjectMeta::default()
         },
-        rules: Some(vec![rule(
-            &["coordination.k8s.io"],
-            vec!["leases".into()],
-            &["get", "create", "update"],
-        )]),
+        rules: Some(vec![
+            rule(
+                &["coordination.k8s.io"],
+                vec!["leases".into()],
+                &["get", "create", "update"],
+            ),
+            PolicyRule {
+                resource_names: Some(SECRETS.iter().map(|s| (*s).to_owned()).collect()),
+                ..rule(&[""], vec!["secrets".into()], &["get"])
+            },
+            // `create` cannot be limited to names (see the module's docs).
+            rule(&[""], vec!["secrets".into()], &["create"]),
+        ]),
     }
 }

@@ -54,6 +54,9 @@ pub struct SourceOptions {
     /// The mesh's SPIFFE trust domain (SMI TrafficTargets name service accounts, Sinew
     /// policies SPIFFE ids); default `cluster.local`.
     pub trust_domain: String,
+    /// Set once every cache has been listed and the control plane has the cluster's
+    /// state (its `/ready`: a replica that would serve proxies an empty mesh is not).
+    pub synced: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for SourceOptions {
@@ -68,6 +71,7 @@ impl Default for SourceOptions {
             ),
             lease_duration: Duration::from_secs(15),
             trust_domain: "cluster.local".to_owned(),
+            synced: None,
         }
     }
 }
@@ -438,6 +442,9 @@ pub async fn run(
         let mut others = BTreeMap::new();
         if !sync(&index, docs, &mut objects, &mut others).await {
             return Ok(());
+        }
+        if let Some(synced) = &opts.synced {
+            synced.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         for (label, problems) in &others {
             if logged.get(label) != Some(problems) {

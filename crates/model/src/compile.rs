@@ -1223,6 +1223,32 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
     }
 }
 
+/// The port a route's backend is reached on when the route serves its parent's port
+/// `parent_port`: the backend's own `port`, else the parent's. Validation
+/// ([`Resources::check`]) and compilation both ask this, so a control plane refuses
+/// exactly the routes a proxy would.
+pub(crate) fn backend_port(
+    res: &Resources,
+    route_ns: &str,
+    b: &HttpBackendRef,
+    parent_port: u16,
+) -> Result<u16, String> {
+    let bns = b.namespace.as_deref().unwrap_or(route_ns);
+    let bport = b.port.unwrap_or(parent_port);
+    let exists = res
+        .services
+        .get(&(bns.to_owned(), b.name.clone()))
+        .is_some_and(|s| s.spec.ports.iter().any(|p| p.port == bport));
+    match (exists, b.port) {
+        (true, _) => Ok(bport),
+        (false, Some(_)) => Err(format!("service {bns}/{} has no port {bport}", b.name)),
+        (false, None) => Err(format!(
+            "service {bns}/{} has no port {bport} (the port defaults to the parent's port {parent_port}; set backendRefs[].port)",
+            b.name
+        )),
+    }
+}
+
 fn compile_routes(
     res: &Resources,
     (ns, name): (&str, &str),
@@ -1266,21 +1292,13 @@ fn compile_routes(
                 let mut out = Vec::new();
                 for (bi, b) in rule.backend_refs.iter().enumerate() {
                     let bns = b.namespace.as_deref().unwrap_or(rns);
-                    let bport = b.port.unwrap_or(port.port);
-                    let exists = res
-                        .services
-                        .get(&(bns.to_owned(), b.name.clone()))
-                        .is_some_and(|s| s.spec.ports.iter().any(|p| p.port == bport));
-                    if !exists {
-                        fail(
-                            format!("spec.rules[{ri}].backendRefs[{bi}].port"),
-                            format!(
-                                "service {bns}/{} has no port {bport} (the port defaults to the parent's port {})",
-                                b.name, port.port
-                            ),
-                        );
-                        continue;
-                    }
+                    let bport = match backend_port(res, rns, b, port.port) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            fail(format!("spec.rules[{ri}].backendRefs[{bi}].port"), reason);
+                            continue;
+                        }
+                    };
                     out.push(BackendConfig {
                         service: format!("{}.{bns}", b.name),
                         port: bport,
@@ -1526,6 +1544,15 @@ fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
         }
     }
     out
+}
+
+/// What a proxy accepts from its control plane: `docs` validated as one set and
+/// compiled for the proxy named `proxy`. The proxy runs this on every push, and the
+/// control plane runs it on every proxy's view before sending it, so a view the
+/// proxy would refuse for what it holds is never sent.
+pub fn accept(docs: Vec<crate::load::Document>, proxy: &str) -> Result<ProxyConfig, ConfigErrors> {
+    let res = Resources::from_documents(docs)?;
+    compile_proxy(&res, Some(proxy))
 }
 
 /// Parses, validates and compiles one YAML stream for one proxy.

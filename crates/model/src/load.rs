@@ -557,22 +557,20 @@ impl Resources {
         let mut vips: BTreeMap<IpAddr, &Key> = BTreeMap::new();
         for (k, svc) in &self.services {
             let mut c = self.checker(errors, "Service", k);
-            if let Some(v) = &svc.spec.virtual_ip {
-                match v.parse::<IpAddr>() {
-                    Err(_) => c.fail("spec.virtualIP", format!("{v:?} is not an IP address")),
-                    Ok(ip) => {
-                        if let Some(prev) = vips.insert(ip, k) {
-                            c.fail(
-                                "spec.virtualIP",
-                                format!(
-                                    "{ip} is already the virtual IP of service {}/{}",
-                                    prev.0, prev.1
-                                ),
-                            );
-                        }
-                    }
+            let before = c.errors.0.len();
+            let vip = match svc
+                .spec
+                .virtual_ip
+                .as_deref()
+                .map(|v| (v, v.parse::<IpAddr>()))
+            {
+                Some((v, Err(_))) => {
+                    c.fail("spec.virtualIP", format!("{v:?} is not an IP address"));
+                    None
                 }
-            }
+                Some((_, Ok(ip))) => Some(ip),
+                None => None,
+            };
             if svc.spec.ports.is_empty() {
                 c.fail("spec.ports", "a service needs at least one port");
             }
@@ -613,6 +611,21 @@ impl Resources {
                         "port must be 1-65535",
                     );
                 }
+            }
+            // A virtual IP is the first valid service's that claims it: an invalid
+            // one claims nothing, so it never pushes a valid one out.
+            if let Some(ip) = vip.filter(|_| c.errors.0.len() == before)
+                && let Some(prev) = vips.get(&ip)
+            {
+                c.fail(
+                    "spec.virtualIP",
+                    format!(
+                        "{ip} is already the virtual IP of service {}/{}",
+                        prev.0, prev.1
+                    ),
+                );
+            } else if let Some(ip) = vip.filter(|_| c.errors.0.len() == before) {
+                vips.insert(ip, k);
             }
         }
         for (k, w) in &self.workloads {
@@ -655,9 +668,12 @@ impl Resources {
             self.validate_route(errors, k, r);
         }
         self.validate_route_policies(errors);
+        // A Service has one TrafficPolicy: the first valid one in name order. An
+        // invalid policy claims nothing, so it never pushes a valid one out.
         let mut targeted: BTreeMap<(String, String), String> = BTreeMap::new();
         for (k, p) in &self.traffic_policies {
             let mut c = self.checker(errors, "TrafficPolicy", k);
+            let before = c.errors.0.len();
             let t = &p.spec.target_ref;
             if t.kind.as_deref().is_some_and(|kind| kind != "Service") {
                 c.fail("spec.targetRef.kind", "only Service targets are supported");
@@ -665,15 +681,6 @@ impl Resources {
                 c.fail(
                     "spec.targetRef.name",
                     format!("service {}/{} does not exist", k.0, t.name),
-                );
-            } else if let Some(other) = targeted.insert((k.0.clone(), t.name.clone()), k.1.clone())
-            {
-                c.fail(
-                    "spec.targetRef",
-                    format!(
-                        "service {}/{} already has TrafficPolicy {other}",
-                        k.0, t.name
-                    ),
                 );
             }
             if let Some(b) = &p.spec.circuit_breaker {
@@ -818,6 +825,22 @@ impl Resources {
                             format!("spec.outlierDetection.{field}"),
                             "must be at least 1",
                         );
+                    }
+                }
+            }
+            if c.errors.0.len() == before {
+                match targeted.entry((k.0.clone(), t.name.clone())) {
+                    std::collections::btree_map::Entry::Occupied(other) => c.fail(
+                        "spec.targetRef",
+                        format!(
+                            "service {}/{} already has TrafficPolicy {}",
+                            k.0,
+                            t.name,
+                            other.get()
+                        ),
+                    ),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(k.1.clone());
                     }
                 }
             }
@@ -1006,6 +1029,23 @@ impl Resources {
                 }
             }
         }
+        // The HTTP ports of its parents the route serves: a proxy compiles it once
+        // for each.
+        let mut served: Vec<u16> = Vec::new();
+        for p in &r.spec.parent_refs {
+            let ns = p.namespace.as_deref().unwrap_or(&k.0);
+            if let Some(svc) = self.services.get(&(ns.to_owned(), p.name.clone())) {
+                served.extend(
+                    svc.spec
+                        .ports
+                        .iter()
+                        .filter(|sp| sp.protocol.is_http() && p.port.is_none_or(|n| n == sp.port))
+                        .map(|sp| sp.port),
+                );
+            }
+        }
+        served.sort_unstable();
+        served.dedup();
         for (ri, rule) in r.spec.rules.iter().enumerate() {
             let f = format!("spec.rules[{ri}]");
             for (mi, m) in rule.matches.iter().enumerate() {
@@ -1090,21 +1130,29 @@ impl Resources {
                     c.fail(format!("{bf}.weight"), "weight must be at most 1000000");
                 }
                 let ns = b.namespace.as_deref().unwrap_or(&k.0);
-                match self.services.get(&(ns.to_owned(), b.name.clone())) {
-                    None => c.fail(
+                if self.services.contains_key(&(ns.to_owned(), b.name.clone())) {
+                    // The port on every parent port the route serves, as the proxy
+                    // compiles it (a backend without a port takes the parent's).
+                    let mut problems: Vec<String> = served
+                        .iter()
+                        .filter_map(|&pp| crate::compile::backend_port(self, &k.0, b, pp).err())
+                        .collect();
+                    if served.is_empty() {
+                        problems.extend(
+                            b.port.and_then(|pp| {
+                                crate::compile::backend_port(self, &k.0, b, pp).err()
+                            }),
+                        );
+                    }
+                    problems.dedup();
+                    for reason in problems {
+                        c.fail(format!("{bf}.port"), reason);
+                    }
+                } else {
+                    c.fail(
                         format!("{bf}.name"),
                         format!("service {ns}/{} does not exist", b.name),
-                    ),
-                    Some(svc) => {
-                        if let Some(port) = b.port
-                            && !svc.spec.ports.iter().any(|sp| sp.port == port)
-                        {
-                            c.fail(
-                                format!("{bf}.port"),
-                                format!("service {ns}/{} has no port {port}", b.name),
-                            );
-                        }
-                    }
+                    );
                 }
                 for (fi, filter) in b.filters.iter().enumerate() {
                     check_filter(&mut c, &format!("{bf}.filters[{fi}]"), filter, all_prefix);

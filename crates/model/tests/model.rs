@@ -355,3 +355,110 @@ fn capture_and_virtual_ips_are_validated() {
         assert!(e.reason.contains(reason), "{field}: {}", e.reason);
     }
 }
+
+/// What a proxy refuses when it compiles (a backend without a port takes its parent's
+/// port, which the backend may not have) is refused by validation alone, which is
+/// what a control plane runs on every apply: it never accepts what proxies NACK.
+#[test]
+fn validation_refuses_what_compilation_would() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            // catalog serves 80; the backend has only 9090.
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: other, namespace: shop}\nspec:\n  ports: [{name: http, port: 9090}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: catalog}]\n  rules:\n    - backendRefs: [{name: other}]\n",
+            "spec.rules[0].backendRefs[0].port",
+            "service shop/other has no port 80 (the port defaults to the parent's port 80",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: catalog}]\n  rules:\n    - backendRefs: [{name: catalog-v2, port: 9999}]\n",
+            "spec.rules[0].backendRefs[0].port",
+            "service shop/catalog-v2 has no port 9999",
+        ),
+    ];
+    for (doc, field, reason) in cases {
+        let text = format!("{BASE}---\n{doc}");
+        let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+        // Not compiled: the set's own check must find it.
+        let err = sinew_model::Resources::from_documents(docs).expect_err(doc);
+        let e = err
+            .0
+            .iter()
+            .find(|e| e.field.as_deref() == Some(*field))
+            .unwrap_or_else(|| panic!("expected an error at {field}, got: {err}"));
+        assert!(e.reason.contains(reason), "{field}: {}", e.reason);
+        assert_eq!(e.resource.as_deref(), Some("HTTPRoute shop/r"), "{err}");
+    }
+}
+
+/// An invalid TrafficPolicy claims no Service: the valid one for the same Service
+/// stands, whatever the names' order; of two valid ones the first by name wins.
+#[test]
+fn an_invalid_traffic_policy_claims_nothing() {
+    let policy = |name: &str, extra: &str| {
+        format!(
+            "---\napiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: catalog}}\n{extra}"
+        )
+    };
+    let bad = "  circuitBreaker: {maxRequests: 0}\n";
+    let good = "  circuitBreaker: {maxRequests: 100}\n";
+    for (first, second) in [
+        (("a-bad", bad), ("b-good", good)),
+        (("a-good", good), ("b-bad", bad)),
+    ] {
+        let text = format!(
+            "{BASE}{}{}",
+            policy(first.0, first.1),
+            policy(second.0, second.1)
+        );
+        let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+        let err = sinew_model::Resources::from_documents(docs).unwrap_err();
+        let blamed: Vec<_> = err.0.iter().filter_map(|e| e.resource.clone()).collect();
+        let bad_name = if first.1 == bad { first.0 } else { second.0 };
+        assert_eq!(
+            blamed,
+            vec![format!("TrafficPolicy shop/{bad_name}")],
+            "only the invalid one is blamed: {err}"
+        );
+    }
+    let text = format!("{BASE}{}{}", policy("a", good), policy("b", good));
+    let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+    let err = sinew_model::Resources::from_documents(docs).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert_eq!(err.0[0].resource.as_deref(), Some("TrafficPolicy shop/b"));
+    assert!(
+        err.0[0].reason.contains("already has TrafficPolicy a"),
+        "{err}"
+    );
+}
+
+/// An invalid Service claims no virtual IP: a valid one with the same address stands.
+#[test]
+fn an_invalid_service_claims_no_virtual_ip() {
+    let svc = |name: &str, ports: &str| {
+        format!(
+            "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  virtualIP: 10.96.0.10\n  ports: {ports}\n"
+        )
+    };
+    let text = format!(
+        "{BASE}{}{}",
+        svc("a-bad", "[]"),
+        svc("b-good", "[{name: http, port: 80}]")
+    );
+    let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+    let err = sinew_model::Resources::from_documents(docs).unwrap_err();
+    let blamed: Vec<_> = err.0.iter().filter_map(|e| e.resource.clone()).collect();
+    assert_eq!(blamed, vec!["Service shop/a-bad".to_owned()], "{err}");
+    let text = format!(
+        "{BASE}{}{}",
+        svc("a", "[{name: http, port: 80}]"),
+        svc("b", "[{name: http, port: 80}]")
+    );
+    let docs = sinew_model::parse_documents("mesh.yaml", &text).unwrap();
+    let err = sinew_model::Resources::from_documents(docs).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert!(
+        err.0[0]
+            .reason
+            .contains("10.96.0.10 is already the virtual IP of service shop/a"),
+        "{err}"
+    );
+}

@@ -1,6 +1,12 @@
 //! The admin listener (loopback by default): `/live`, `/ready`, `/metrics`, `/config`,
-//! `/ratelimits` (the inbound's limits and, for mesh-wide ones, the shares in force).
+//! `/ratelimits` (the inbound's limits and, for mesh-wide ones, the shares in force),
+//! `/tap`, and `POST /shutdown` (the proxy exits as on SIGTERM: what a Job runs when
+//! its work is done, where the sidecar is a regular container).
 //! It runs on its own single-threaded runtime, off the data-plane workers.
+//!
+//! Bound to the pod's address on Kubernetes (the kubelet probes it, Prometheus scrapes
+//! it), so everything but `/live`, `/ready` and `/metrics` answers loopback callers
+//! only: another pod reaching the port gets 403 for `/config`, `/tap`, `/shutdown`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -83,6 +89,13 @@ fn admin_response(
             format!("{path} is served to loopback callers only\n"),
         )
         .map(BodyExt::boxed);
+    }
+    if path == "/shutdown" {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n").map(BodyExt::boxed);
+        }
+        shared.shutdown_requested.send_replace(true);
+        return text(StatusCode::OK, "shutting down\n").map(BodyExt::boxed);
     }
     if path == "/tap" && req.method() == Method::GET {
         tap(shared.clone(), req)
@@ -255,7 +268,7 @@ fn route(shared: &Shared, source: &str, req: &Request<Incoming>) -> Response<Ful
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics, /config, /ratelimits, /tap\n",
+            "not found: try /live, /ready, /metrics, /config, /ratelimits, /tap, POST /shutdown\n",
         ),
     }
 }

@@ -19,7 +19,6 @@ use sinew_api::v1::{
 };
 use sinew_model::load::Document;
 use sinew_model::resource::{Resource, ResourceKey};
-use sinew_model::{Resources, compile_proxy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -802,6 +801,15 @@ impl Client {
     }
 
     fn apply(&mut self, push: Push) -> Result<(), String> {
+        if !push.full && self.applied.is_empty() {
+            // A delta is built on a configuration this proxy never accepted (its
+            // first full one was refused): applying it to nothing would run a part of
+            // the mesh as if it were all of it. Refused, so the control plane sends
+            // a full configuration.
+            return Err(
+                "a delta arrived before any full configuration was accepted: a full configuration is needed".into(),
+            );
+        }
         let mut next = if push.full {
             BTreeMap::new()
         } else {
@@ -845,8 +853,9 @@ impl Client {
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        let res = Resources::from_documents(docs).map_err(|e| e.to_string())?;
-        let config = compile_proxy(&res, Some(&self.settings.proxy)).map_err(|e| e.to_string())?;
+        // The check the control plane also runs on this proxy's view before sending it.
+        let config =
+            sinew_model::compile::accept(docs, &self.settings.proxy).map_err(|e| e.to_string())?;
         self.applier.apply(config, push.version.clone())?;
         self.applier.set_error(None);
         self.resources = next;

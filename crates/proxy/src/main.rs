@@ -270,9 +270,15 @@ async fn wait_for_termination(proxy: &Proxy) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    // `POST /shutdown` on the admin API (loopback only): a Job's last step.
+    let mut asked = proxy.shared().shutdown_requested.subscribe();
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
+            Ok(_) = asked.wait_for(|asked| *asked) => {
+                tracing::info!("shutdown asked through the admin API");
+                return Ok(());
+            }
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading configuration");

@@ -467,6 +467,10 @@ pub struct Shared {
     /// Leaving the mesh at shutdown: asked by the proxy, done when the control
     /// plane has taken the workload out of every view.
     pub leave: watch::Sender<Leave>,
+    /// Set by the admin API's `POST /shutdown` (loopback callers only): the proxy
+    /// exits as on SIGTERM. A Job's command calls it when its work is done, so the
+    /// pod completes where the proxy cannot be a native sidecar (Kubernetes < 1.29).
+    pub shutdown_requested: watch::Sender<bool>,
 }
 
 /// Where a proxy is in leaving the mesh (see [`Shared::leave`]).
@@ -536,6 +540,7 @@ impl Shared {
             tap: crate::tap::Tap::default(),
             stats: crate::stats::Stats::default(),
             leave: watch::Sender::new(Leave::Staying),
+            shutdown_requested: watch::Sender::new(false),
         }
     }
 

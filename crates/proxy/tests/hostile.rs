@@ -226,8 +226,50 @@ fn admin_endpoints_that_reveal_traffic_answer_loopback_callers_only() {
     }
     // ...and served on loopback.
     assert_eq!(curl("http://127.0.0.1:4191/config"), "200");
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+
+    // `POST /shutdown` (a Job's last step): refused from another address, the proxy
+    // stays up; from loopback the proxy exits, cleanly.
+    let post = |url: &str| {
+        let out = ns
+            .exec("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                url,
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(post("http://192.0.2.10:4191/shutdown"), "403");
+    assert_eq!(curl("http://192.0.2.10:4191/live"), "200");
+    assert!(
+        proxy.try_wait().unwrap().is_none(),
+        "exited on a refused /shutdown"
+    );
+    assert_eq!(
+        curl("http://127.0.0.1:4191/shutdown"),
+        "405",
+        "GET /shutdown"
+    );
+    assert_eq!(post("http://127.0.0.1:4191/shutdown"), "200");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = proxy.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy did not exit after POST /shutdown"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
 }
 
 /// curl's status code for a request through `bind` (extra arguments first).

@@ -287,6 +287,41 @@ pub async fn proxy_with(
     start_proxy_with(settings, tweak).await
 }
 
+/// Like [`proxy`], but returns at once, ready or not: for a proxy that may refuse
+/// what it is sent.
+pub async fn proxy_unready(cp: &Control, name: &str, min_backoff: Duration) -> Proxy {
+    let ns = name.split_once('/').map_or("default", |(a, _)| a);
+    let token = cp.join_token(ns, &account_for(name, None)).await;
+    let mut settings = ControlSettings::new(&cp.url, name);
+    settings.join_token = Some(token);
+    settings.min_backoff = min_backoff;
+    settings.max_backoff = min_backoff.max(Duration::from_millis(500));
+    let mut opts = ProxyOptions::control_plane(settings);
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    opts.drain_timeout = Duration::from_secs(5);
+    Proxy::start(opts).unwrap()
+}
+
+/// How many pushes the proxy has refused (its `/metrics`).
+pub async fn nacked(p: &Proxy) -> u64 {
+    let m = client::get(p.admin_addr(), "admin", "/metrics")
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
+    m.lines()
+        .find(|l| l.contains("control_plane_pushes_total{") && l.contains("result=\"nacked\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The proxy's `/ready` answer: status and body.
+pub async fn ready(p: &Proxy) -> (u16, String) {
+    match client::get(p.admin_addr(), "admin", "/ready").await {
+        Ok(r) => (r.status.as_u16(), r.text()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
 /// Starts an in-process proxy with these control-plane settings; returns once it is
 /// ready.
 pub async fn start_proxy(settings: ControlSettings) -> Proxy {
