@@ -118,7 +118,9 @@ impl Resources {
                     None => c.fail(
                         "spec.targetRef.name",
                         format!(
-                            "{TARGET_NOT_FOUND}: {kind} {}/{} does not exist",
+                            // On Kubernetes a refused route is left out: it is
+                            // then missing here too.
+                            "{TARGET_NOT_FOUND}: {kind} {}/{} does not exist (or is not accepted)",
                             k.0, t.name
                         ),
                     ),
