@@ -280,6 +280,20 @@ fn summary(kind: &str, v: &serde_json::Value) -> String {
                 .unwrap_or_default(),
             spec["rules"].as_array().map_or(0, Vec::len)
         ),
+        "RoutePolicy" => format!(
+            "target={}/{}{}{}",
+            spec["targetRef"]["kind"].as_str().unwrap_or("-"),
+            spec["targetRef"]["name"].as_str().unwrap_or("-"),
+            spec["targetRef"]["sectionName"]
+                .as_str()
+                .map(|s| format!("#{s}"))
+                .unwrap_or_default(),
+            ["retry", "fault", "timeouts"]
+                .iter()
+                .filter(|f| spec[**f].is_object())
+                .map(|f| format!(" {f}"))
+                .collect::<String>()
+        ),
         "Proxy" => format!(
             "upstreams={}{}{}",
             spec["outbound"]["upstreams"].as_array().map_or(0, Vec::len),
@@ -313,7 +327,7 @@ pub async fn get(
     };
     if sinew_control::admin::canonical_kind(kind).is_none() {
         bail!(
-            "unknown kind {kind:?}: use service, workload, httproute, proxy, meshconfig, authorizationpolicy, requestauthentication or all"
+            "unknown kind {kind:?}: use service, workload, httproute, routepolicy, trafficpolicy, proxy, meshconfig, authorizationpolicy, requestauthentication or all"
         );
     }
     let mut client = connect(server).await?;
@@ -417,7 +431,7 @@ pub async fn delete(
                 .filter(|k| !k.is_empty())
                 .ok_or_else(|| {
                     anyhow::anyhow!(
-                        "unknown kind {k:?}: use service, workload, httproute, proxy or meshconfig"
+                        "unknown kind {k:?}: use service, workload, httproute, routepolicy, trafficpolicy, proxy, meshconfig, authorizationpolicy or requestauthentication"
                     )
                 })?;
             keys.push(ResourceKey {

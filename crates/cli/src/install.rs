@@ -54,7 +54,8 @@ pub struct InstallArgs {
     #[arg(long, requires = "ca_cert")]
     pub ca_key: Option<PathBuf>,
     /// Also install minimal Gateway API HTTPRoute/GRPCRoute CRDs (for clusters without
-    /// the Gateway API; never over the upstream ones).
+    /// the Gateway API). With --apply, a CRD that exists without Sinew's
+    /// `app.kubernetes.io/managed-by: sinew` label (e.g. the upstream one) is left alone.
     #[arg(long)]
     pub gateway_api_crds: bool,
     /// Also install minimal SMI TrafficSplit/TrafficTarget/HTTPRouteGroup CRDs.
@@ -314,6 +315,21 @@ pub async fn apply(client: &kube::Client, manifests: &[Value]) -> anyhow::Result
             }
             Scope::Cluster => Api::all_with(client.clone(), &resource),
         };
+        // A CRD another installer made (the upstream Gateway API's, say) is theirs:
+        // replacing it would swap its schema for Sinew's stand-in.
+        if kind == "CustomResourceDefinition"
+            && let Some(existing) = api
+                .get_opt(name)
+                .await
+                .with_context(|| format!("{what}: cannot read the existing one"))?
+            && !sinew_k8s::crd::made_by_sinew(existing.metadata.labels.as_ref())
+        {
+            eprintln!(
+                "{what}: exists and was not installed by Sinew (no {}: sinew label); left alone",
+                sinew_k8s::crd::MANAGED_BY
+            );
+            continue;
+        }
         api.patch(name, &params, &Patch::Apply(m))
             .await
             .with_context(|| format!("{what}: not applied"))?;

@@ -227,7 +227,8 @@ enum Command {
     },
     /// Show resources.
     Get {
-        /// Kind: service, workload, httproute, proxy, meshconfig, or all.
+        /// Kind: service, workload, httproute, routepolicy, trafficpolicy, proxy,
+        /// meshconfig, or all.
         kind: String,
         /// A name (optional).
         name: Option<String>,

@@ -1999,3 +1999,378 @@ async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_se
     .await;
     assert!(!ok && err.contains("web-v2"), "{out}{err}");
 }
+
+/// A backend on loopback that answers every other request with 503 (the first one
+/// included) and the rest with 200 `x-backend: flaky`: HTTP/1.1 with keep-alive, for
+/// requests without a body. With a retry of 503, every request succeeds.
+async fn flaky_backend() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        let reply: &[u8] = if n.is_multiple_of(2) {
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nx-backend: flaky\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// With the strict upstream-shaped Gateway API CRDs (what a cluster with the Gateway
+/// API installed serves, not Sinew's open stand-ins): `sinew install
+/// --gateway-api-crds --apply` leaves them alone; Sinew's extensions written inline in an
+/// HTTPRoute are pruned (a `Fault` filter refused) by the API server, while a
+/// `RoutePolicy` attached to the route's rules carries them to the proxy, where real
+/// traffic shows them; unsupported upstream fields and a policy without its target get
+/// `Accepted=False`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_gateway_api_routes_take_sinew_extensions_from_a_route_policy() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api = ApiServer::start()
+        .await
+        .expect("a real kube-apiserver (scripts/kube-envtest build)");
+    let c = api.client().await.unwrap();
+    let crds = [
+        sinew_k8s::crds(),
+        sinew_k8s::crd::upstream_gateway_api_crds(),
+    ]
+    .concat();
+    sinew_k8s::install_crds(&c, &crds).await.unwrap();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(c.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+
+    // `install --gateway-api-crds --apply` does not replace the upstream CRDs.
+    let kubeconfig = api.kubeconfig();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args(["install", "--kubernetes", "--gateway-api-crds", "--apply"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for crd in [
+        "httproutes.gateway.networking.k8s.io",
+        "grpcroutes.gateway.networking.k8s.io",
+    ] {
+        assert!(
+            err.contains(&format!(
+                "CustomResourceDefinition {crd}: exists and was not installed by Sinew"
+            )),
+            "{err}"
+        );
+        let got = Api::<CustomResourceDefinition>::all(c.clone())
+            .get(crd)
+            .await
+            .unwrap();
+        let text = serde_json::to_string(&got.spec).unwrap();
+        assert!(
+            !text.contains("x-kubernetes-preserve-unknown-fields"),
+            "{crd} was replaced: {text}"
+        );
+    }
+    assert!(
+        err.contains("CustomResourceDefinition routepolicies.sinew.dev: applied"),
+        "{err}"
+    );
+
+    let v1 = HttpBackend::start("v1").await.unwrap();
+    let shadow = HttpBackend::start("shadow").await.unwrap();
+    let (flaky, flaky_requests) = flaky_backend().await;
+    for s in ["web", "web-v1", "web-flaky", "web-shadow", "other"] {
+        service(&c, s).await;
+    }
+    pod(&c, "web-1", "v1", "web").await;
+    pod(&c, "web-2", "v2", "web").await;
+    pod(&c, "web-3", "v3", "web").await;
+    slice(&c, "web-v1-a", "web-v1", "web-1", v1.addr(), true).await;
+    slice(&c, "web-flaky-a", "web-flaky", "web-2", flaky, true).await;
+    slice(
+        &c,
+        "web-shadow-a",
+        "web-shadow",
+        "web-3",
+        shadow.addr(),
+        true,
+    )
+    .await;
+    let bind = free_addr();
+    client_proxy(&c, bind, "web").await;
+
+    let routes = ar("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+    // Upstream defaults make an unqualified parent a Gateway: a Service parent says
+    // `group: ""`, as GAMMA requires on a real cluster.
+    let parent = json!([{"group": "", "kind": "Service", "name": "web", "port": 80}]);
+    apply(
+        &c,
+        &routes,
+        json!({
+            "metadata": {"name": "web"},
+            "spec": {"parentRefs": parent, "rules": [
+                {"name": "api", "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                 "backendRefs": [{"name": "web-flaky", "port": 80}]},
+                {"name": "chaos", "matches": [{"path": {"type": "PathPrefix", "value": "/chaos"}}],
+                 "backendRefs": [{"name": "web-v1", "port": 80}],
+                 "timeouts": {"request": "5s", "backendRequest": "2s"}},
+                {"name": "plain", "backendRefs": [{"name": "web-v1", "port": 80}],
+                 "filters": [{"type": "RequestMirror", "requestMirror": {
+                     "backendRef": {"name": "web-shadow", "port": 80},
+                     "fraction": {"numerator": 1, "denominator": 1}}}]}
+            ]}
+        }),
+    )
+    .await;
+    let policies = sinew_kind("RoutePolicy", "routepolicies");
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "web-api"},
+               "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                      "name": "web", "sectionName": "api"},
+                        "retry": {"attempts": 2, "codes": [503], "backoff": "5ms",
+                                  "budget": {"ratio": 1.0, "minPerSecond": 1000},
+                                  "hedge": {"delay": "7s"}}}}),
+    )
+    .await;
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "web-chaos"},
+               "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                      "name": "web", "sectionName": "chaos"},
+                        "fault": {"abort": {"httpStatus": 418, "percent": 100}}}}),
+    )
+    .await;
+    // A GRPCRoute's rule, by name, takes a policy too.
+    let grpc_routes = ar("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes");
+    apply(
+        &c,
+        &grpc_routes,
+        json!({"metadata": {"name": "catalog-rpc"},
+               "spec": {"parentRefs": parent,
+                        "rules": [{"name": "list", "matches": [{"method": {"service": "shop.Catalog", "method": "List"}}],
+                                   "backendRefs": [{"name": "web-v1", "port": 80}]}]}}),
+    )
+    .await;
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "rpc-list"},
+               "spec": {"targetRef": {"kind": "GRPCRoute", "name": "catalog-rpc", "sectionName": "list"},
+                        "fault": {"abort": {"httpStatus": 451, "percent": 100}}}}),
+    )
+    .await;
+    apply(
+        &c,
+        &policies,
+        json!({"metadata": {"name": "orphan"},
+               "spec": {"targetRef": {"kind": "HTTPRoute", "name": "gone"},
+                        "fault": {"abort": {"httpStatus": 503, "percent": 10}}}}),
+    )
+    .await;
+
+    // Inline, Sinew's extensions do not survive the upstream schema: created (as
+    // client-side `kubectl apply` does), the budget and the hedge are pruned and the
+    // upstream retry fields stay; a server-side apply is refused outright; a Fault
+    // filter is refused.
+    let routes_api = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &routes);
+    let route_object = |name: &str, rules: Value| -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "other"}], "rules": rules}
+        }))
+        .unwrap()
+    };
+    let inline = route_object(
+        "inline",
+        json!([{"backendRefs": [{"name": "web-v1", "port": 80}],
+                "retry": {"attempts": 2, "codes": [503], "budget": {"ratio": 0.5},
+                          "hedge": {"delay": "50ms"}}}]),
+    );
+    routes_api
+        .create(&PostParams::default(), &inline)
+        .await
+        .unwrap();
+    let refused = routes_api
+        .patch(
+            "inline",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&inline),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("field not declared in schema")
+            && refused.contains(".spec.rules[0].retry."),
+        "{refused}"
+    );
+    let inline = routes_api.get("inline").await.unwrap();
+    assert_eq!(
+        inline.data.pointer("/spec/rules/0/retry"),
+        Some(&json!({"attempts": 2, "codes": [503]})),
+        "{:?}",
+        inline.data
+    );
+    let faulty = route_object(
+        "faulty",
+        json!([{"filters": [{"type": "Fault", "fault": {"abort": {"httpStatus": 503, "percent": 10}}}]}]),
+    );
+    let refused = routes_api
+        .create(&PostParams::default(), &faulty)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("Fault"), "{refused}");
+    // An upstream field Sinew does not implement is refused, not silently dropped.
+    apply(
+        &c,
+        &routes,
+        json!({
+            "metadata": {"name": "sticky"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "other"}],
+                     "rules": [{"name": "all", "backendRefs": [{"name": "web-v1", "port": 80}],
+                                "sessionPersistence": {"type": "Header", "sessionName": "x-session"}}]}
+        }),
+    )
+    .await;
+
+    // A Service parent written without `group: ""` is defaulted to the Gateway API's
+    // group: refused, saying so, rather than ignored.
+    apply(
+        &c,
+        &routes,
+        json!({"metadata": {"name": "ungrouped"},
+               "spec": {"parentRefs": [{"kind": "Service", "name": "other"}],
+                        "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}]}}),
+    )
+    .await;
+
+    let dir = Scratch::new();
+    let cp = control(&api, &dir, &[]).await;
+    let proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    until_served_by(bind, "v1").await;
+
+    // The fault of the policy: every request of the `chaos` rule is aborted with 418.
+    wait::until("the policy's fault applies", TIMEOUT, || async move {
+        client::get(bind, "web", "/chaos/x")
+            .await
+            .is_ok_and(|r| r.status == 418)
+    })
+    .await
+    .unwrap();
+    // Only there: the other rules are untouched.
+    assert_eq!(who(bind).await.as_deref(), Some("v1"));
+    // The upstream RequestMirror (its `fraction`, 1/1) copies the `plain` rule's
+    // requests to web-shadow.
+    let sh = &shadow;
+    wait::until("the mirror gets copies", TIMEOUT, || async move {
+        sh.requests() > 0
+    })
+    .await
+    .unwrap();
+    let r = client::get(bind, "web", "/shop.Catalog/List")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 451, "the GRPCRoute rule's policy");
+    // The proxy's running config carries the policy's retry (budget and hedge) on the
+    // `api` rule, the route's own timeouts on `chaos`.
+    let config: Value = serde_json::from_str(
+        &client::get(proxy.admin_addr(), "admin", "/config")
+            .await
+            .unwrap()
+            .text(),
+    )
+    .unwrap();
+    let config = config.to_string();
+    for want in [
+        "\"budgetRatio\":1.0",
+        "\"budgetMinPerSecond\":1000",
+        "\"delayMs\":7000",
+        "418",
+    ] {
+        assert!(config.contains(want), "{want} in {config}");
+    }
+    // The retries rescue the flaky backend: each of its first tries fails with 503.
+    let before = flaky_requests.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..10 {
+        let r = client::get(bind, "web", &format!("/api/{i}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.headers.get("x-backend").unwrap(), "flaky");
+    }
+    let tries = flaky_requests.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(tries, 20, "every request needed its retry");
+
+    // Statuses: the route and its policies accepted; the orphan policy's target is not
+    // found; the sticky route is refused, saying why.
+    let cc = c.clone();
+    let (r, p) = (routes.clone(), policies.clone());
+    wait::until("statuses written", TIMEOUT, || {
+        let (c, r, p) = (cc.clone(), r.clone(), p.clone());
+        async move {
+            matches!(accepted(&c, &r, "web").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &p, "web-api").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &p, "web-chaos").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &p, "rpc-list").await, Some((st, _)) if st == "True")
+                && matches!(accepted(&c, &p, "orphan").await, Some((st, _)) if st == "False")
+                && matches!(accepted(&c, &r, "sticky").await, Some((st, _)) if st == "False")
+                && matches!(accepted(&c, &r, "ungrouped").await, Some((st, _)) if st == "False")
+        }
+    })
+    .await
+    .unwrap();
+    let orphan = Api::<DynamicObject>::namespaced_with(c.clone(), "shop", &policies)
+        .get("orphan")
+        .await
+        .unwrap();
+    let cond = orphan
+        .data
+        .pointer("/status/conditions/0")
+        .cloned()
+        .unwrap();
+    assert_eq!(cond["reason"], "TargetNotFound", "{cond}");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("HTTPRoute shop/gone does not exist"),
+        "{cond}"
+    );
+    let (_, msg) = accepted(&c, &routes, "sticky").await.unwrap();
+    assert!(msg.contains("sessionPersistence"), "{msg}");
+    let (_, msg) = accepted(&c, &routes, "ungrouped").await.unwrap();
+    assert!(msg.contains("group \"\""), "{msg}");
+    proxy.shutdown().await;
+}

@@ -100,6 +100,7 @@ pub fn canonical_kind(k: &str) -> Option<&'static str> {
         "authorizationpolicy" | "authorizationpolicies" | "authz" => "AuthorizationPolicy",
         "requestauthentication" | "requestauthentications" | "jwt" => "RequestAuthentication",
         "trafficpolicy" | "trafficpolicies" | "tp" => "TrafficPolicy",
+        "routepolicy" | "routepolicies" | "rp" => "RoutePolicy",
         _ => return None,
     })
 }

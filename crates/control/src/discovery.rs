@@ -405,8 +405,9 @@ impl Checked {
         let version = raw.version.clone();
         let (ns, name) = proxy.split_once('/').unwrap_or(("default", proxy));
         // A capturing or forward proxy's view is every Service, Workload, route and
-        // TrafficPolicy: each Workload and route is then checked against the same
-        // Services as in the whole set, which the index has checked already. Only
+        // TrafficPolicy (and RoutePolicy): each Workload and route (with its policies)
+        // is then checked against the same Services as in the whole set, which the
+        // index has checked already. Only
         // what is this proxy's own is checked here (its Proxy document and Workload,
         // its namespace's inbound policies), against every Service: the whole view
         // would cost a compile of the mesh per proxy per change.
@@ -422,7 +423,9 @@ impl Checked {
         let checked = |e: &DocEntry| match &own_workload {
             None => true,
             Some(w) => match e.key.kind.as_str() {
-                "HTTPRoute" => false,
+                // A RoutePolicy goes with its route (checked without it, it would
+                // name a route that is not there).
+                "HTTPRoute" | "RoutePolicy" => false,
                 "Workload" => e.key.namespace == ns && e.key.name == *w,
                 _ => true,
             },
@@ -1058,6 +1061,26 @@ mod tests {
             "{:?}",
             c.problems
         );
+    }
+
+    /// A capturing proxy's view is checked without its routes (the index checked them):
+    /// a RoutePolicy goes with its route, so it is not left out for naming a route the
+    /// check did not see.
+    #[test]
+    fn a_capturing_proxys_route_policies_stay_with_their_routes() {
+        let proxy = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Proxy","metadata":{"name":"web","namespace":"shop"},"spec":{"capture":{}}}"#;
+        let catalog = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"catalog","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80}]}}"#;
+        let route = r#"{"apiVersion":"gateway.networking.k8s.io/v1","kind":"HTTPRoute","metadata":{"name":"r","namespace":"shop"},"spec":{"parentRefs":[{"name":"catalog"}],"rules":[{"name":"all"}]}}"#;
+        let policy = r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"RoutePolicy","metadata":{"name":"p","namespace":"shop"},"spec":{"targetRef":{"kind":"HTTPRoute","name":"r","sectionName":"all"},"fault":{"abort":{"httpStatus":418,"percent":100}}}}"#;
+        let raw = View::new(vec![
+            entry("Proxy", proxy),
+            entry("Service", catalog),
+            entry("HTTPRoute", route),
+            entry("RoutePolicy", policy),
+        ]);
+        let c = Checked::new(raw.clone(), "shop/web");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!(c.view.map(|v| v.version), Some(raw.version));
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct RouteRefs {
     ord: Ord,
     /// Parents and backends: a chosen route brings them all.
     services: Vec<Svc>,
+    /// RoutePolicies that target it: a chosen route brings them too (and only a
+    /// chosen one: a policy without its route would not validate at the proxy).
+    policies: Vec<Ord>,
 }
 
 /// What selects by one service key.
@@ -149,6 +152,8 @@ impl Lookups {
         allocate_vips(&mut l.all);
         let all = std::mem::take(&mut l.all);
         let mut mesh = None;
+        // RoutePolicies by the (namespace, name) of the route they target.
+        let mut route_policies: HashMap<(String, String), Vec<Ord>> = HashMap::new();
         for (i, e) in all.iter().enumerate() {
             let ord = i as Ord;
             match &e.resource {
@@ -174,7 +179,11 @@ impl Lookups {
                     for m in mirrors(r) {
                         services.push(l.svc(m.namespace.as_deref().unwrap_or(rns), &m.name));
                     }
-                    l.routes.push(RouteRefs { ord, services });
+                    l.routes.push(RouteRefs {
+                        ord,
+                        services,
+                        policies: Vec::new(),
+                    });
                 }
                 Resource::Workload(w) => {
                     let ns = w.metadata.ns();
@@ -212,7 +221,22 @@ impl Lookups {
                     l.svcs[n].ord = Some(ord);
                     l.svcs[n].selector = s.spec.selector.is_some();
                 }
+                Resource::RoutePolicy(p) => {
+                    route_policies
+                        .entry((p.metadata.ns().to_owned(), p.spec.target_ref.route_name()))
+                        .or_default()
+                        .push(ord);
+                }
                 Resource::Proxy(_) => {}
+            }
+        }
+        if !route_policies.is_empty() {
+            for r in &mut l.routes {
+                let key = &all[r.ord as usize].key;
+                if let Some(ps) = route_policies.remove(&(key.namespace.clone(), key.name.clone()))
+                {
+                    r.policies = ps;
+                }
             }
         }
         l.all = all;
@@ -540,7 +564,7 @@ pub fn compute_with(state: &MeshState, proxy: &str, capture: Option<&CaptureSpec
             .iter()
             .zip(&chosen)
             .filter(|(_, c)| **c)
-            .map(|(r, _)| r.ord),
+            .flat_map(|(r, _)| std::iter::once(r.ord).chain(r.policies.iter().copied())),
     );
     let mut selector_namespaces = BTreeSet::new();
     for svc in walk.iter().map(|&n| &l.svcs[n as usize]) {
@@ -885,6 +909,11 @@ spec:
                         everything
                             || services.contains(&svc_key(p.metadata.ns(), &p.spec.target_ref.name))
                     }
+                    Resource::RoutePolicy(p) => routes.contains(&ResourceKey {
+                        kind: "HTTPRoute".into(),
+                        namespace: p.metadata.ns().to_owned(),
+                        name: p.spec.target_ref.route_name(),
+                    }),
                 };
             if include {
                 out.push(format!("{} {}/{}", k.kind, k.namespace, k.name));
@@ -916,7 +945,11 @@ spec:
                 );
             }
             yaml += &format!(
-                "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: loose, namespace: {ns}}}\nspec: {{address: 10.0.1.1, ports: {{http: 80}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: a-to-b, namespace: {ns}}}\nspec: {{parentRefs: [{{name: a}}], rules: [{{backendRefs: [{{name: b}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-to-c, namespace: {ns}}}\nspec: {{parentRefs: [{{name: b}}], rules: [{{backendRefs: [{{name: c, namespace: pay}}]}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: all, namespace: {ns}}}\nspec: {{action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: only-d, namespace: {ns}}}\nspec: {{targetRef: {{kind: Service, name: d}}, action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n"
+                "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: loose, namespace: {ns}}}\nspec: {{address: 10.0.1.1, ports: {{http: 80}}}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: a-to-b, namespace: {ns}}}\nspec: {{parentRefs: [{{name: a}}], rules: [{{backendRefs: [{{name: b}}], filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: d}}}}}}]}}]}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: b-to-c, namespace: {ns}}}\nspec: {{parentRefs: [{{name: b}}], rules: [{{backendRefs: [{{name: c, namespace: pay}}]}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: all, namespace: {ns}}}\nspec: {{action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: only-d, namespace: {ns}}}\nspec: {{targetRef: {{kind: Service, name: d}}, action: ALLOW, rules: [{{from: {{namespaces: [{ns}]}}}}]}}\n"
+            );
+            // RoutePolicies travel with the route they target.
+            yaml += &format!(
+                "---\napiVersion: sinew.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{name: rp-b-to-c, namespace: {ns}}}\nspec: {{targetRef: {{kind: HTTPRoute, name: b-to-c}}, retry: {{attempts: 1}}}}\n"
             );
         }
         // A mirror to a service nothing else brings.

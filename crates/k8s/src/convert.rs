@@ -24,6 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
 use sinew_model::load::{Document, parse_documents};
+use sinew_model::policy::GRPC_ROUTE_PREFIX;
 use sinew_model::resource::{GATEWAY_GROUP, SINEW_API_VERSION};
 
 use crate::crd::Kind;
@@ -362,12 +363,15 @@ fn spec_of(obj: &DynamicObject) -> Result<&Map<String, Value>, Vec<String>> {
 }
 
 /// Whether a Gateway API `parentRef` is a Service (GAMMA: the mesh's business), not a
-/// Gateway (an ingress implementation's).
+/// Gateway (an ingress implementation's). A `kind: Service` parent in the Gateway API's
+/// own group counts too: that is what the upstream CRDs' default makes of a parent
+/// written without `group: ""`, and only the mesh can tell its author (the model
+/// refuses it, so the route's status says a Service parent needs group "").
 pub fn is_service_parent(p: &Value) -> bool {
     p.get("kind").and_then(Value::as_str) == Some("Service")
         && p.get("group")
             .and_then(Value::as_str)
-            .is_none_or(|g| g.is_empty() || g == "core")
+            .is_none_or(|g| g.is_empty() || g == "core" || g == GATEWAY_GROUP)
 }
 
 /// A route's Service parents (its Gateway parents are an ingress implementation's).
@@ -428,7 +432,14 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
         // Read through the TrafficTargets that name them.
         "HTTPRouteGroup" => return Ok(Vec::new()),
         "HTTPRoute" => {
+            let mut problems = unsupported_rule_fields(spec);
             let mut spec = spec.clone();
+            if let Some(rules) = spec.get_mut("rules") {
+                mirror_fractions(rules, &mut problems);
+            }
+            if !problems.is_empty() {
+                return Err(problems);
+            }
             spec.insert("parentRefs".into(), service_parents(&spec));
             json!({
                 "apiVersion": format!("{GATEWAY_GROUP}/v1"),
@@ -447,13 +458,83 @@ pub fn custom(kind: &Kind, obj: &DynamicObject, ctx: &Context) -> Converted {
     parse(&l, &doc)
 }
 
+/// Upstream route fields Sinew does not implement, each a problem saying so: the route is
+/// then refused (`Accepted=False`), never accepted without them.
+fn unsupported_rule_fields(spec: &Map<String, Value>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let rules = spec.get("rules").and_then(Value::as_array);
+    for (i, rule) in rules.into_iter().flatten().enumerate() {
+        if rule.get("sessionPersistence").is_some() {
+            problems.push(format!(
+                "spec.rules[{i}].sessionPersistence: not supported by Sinew; for sticky sessions give the backend Service a TrafficPolicy with ringHash (a header or a cookie)"
+            ));
+        }
+    }
+    problems
+}
+
+/// Upstream `requestMirror.fraction` as Sinew's whole `percent`, in the filters of every
+/// rule and backend of `rules`; a fraction that is not a whole percentage (Sinew mirrors
+/// by whole percent) is a problem, not rounded silently.
+fn mirror_fractions(rules: &mut Value, problems: &mut Vec<String>) {
+    fn fix(path: &str, filters: Option<&mut Value>, problems: &mut Vec<String>) {
+        let Some(filters) = filters.and_then(Value::as_array_mut) else {
+            return;
+        };
+        for (j, f) in filters.iter_mut().enumerate() {
+            let Some(m) = f.get_mut("requestMirror").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            let Some(fraction) = m.remove("fraction") else {
+                continue;
+            };
+            let at = format!("{path}[{j}].requestMirror");
+            let num = fraction.get("numerator").and_then(Value::as_u64);
+            let den = fraction
+                .get("denominator")
+                .and_then(Value::as_u64)
+                .unwrap_or(100);
+            match num {
+                _ if m.contains_key("percent") => {
+                    problems.push(format!("{at}: give percent or fraction, not both"));
+                }
+                Some(n) if den > 0 && n <= den && (n * 100) % den == 0 => {
+                    m.insert("percent".into(), json!(n * 100 / den));
+                }
+                _ => problems.push(format!(
+                    "{at}.fraction: {fraction} is not a whole percentage (0-100); Sinew mirrors by whole percent"
+                )),
+            }
+        }
+    }
+    let Some(rules) = rules.as_array_mut() else {
+        return;
+    };
+    for (i, rule) in rules.iter_mut().enumerate() {
+        fix(
+            &format!("spec.rules[{i}].filters"),
+            rule.get_mut("filters"),
+            problems,
+        );
+        if let Some(backends) = rule.get_mut("backendRefs").and_then(Value::as_array_mut) {
+            for (b, backend) in backends.iter_mut().enumerate() {
+                fix(
+                    &format!("spec.rules[{i}].backendRefs[{b}].filters"),
+                    backend.get_mut("filters"),
+                    problems,
+                );
+            }
+        }
+    }
+}
+
 /// A GRPCRoute as an HTTPRoute: gRPC calls are HTTP/2 requests to `/<service>/<method>`.
 fn grpc_route(
     obj: &DynamicObject,
     name: &str,
     spec: &Map<String, Value>,
 ) -> Result<Value, Vec<String>> {
-    let mut problems = Vec::new();
+    let mut problems = unsupported_rule_fields(spec);
     let mut rules = Vec::new();
     let empty = Vec::new();
     for (i, rule) in spec
@@ -463,15 +544,6 @@ fn grpc_route(
         .iter()
         .enumerate()
     {
-        if rule
-            .get("filters")
-            .and_then(Value::as_array)
-            .is_some_and(|f| !f.is_empty())
-        {
-            problems.push(format!(
-                "spec.rules[{i}].filters: GRPCRoute filters are not supported"
-            ));
-        }
         let mut matches = Vec::new();
         for (j, m) in rule
             .get("matches")
@@ -515,15 +587,26 @@ fn grpc_route(
         if !matches.is_empty() {
             r["matches"] = json!(matches);
         }
+        // The rule's name: a RoutePolicy's `sectionName` selects the rule by it.
+        if let Some(n) = rule.get("name") {
+            r["name"] = n.clone();
+        }
+        // GRPCRoute filters have HTTPRoute's shape (header modifiers, RequestMirror); the
+        // model refuses the types it does not implement (ExtensionRef).
+        if let Some(f) = rule.get("filters") {
+            r["filters"] = f.clone();
+        }
         rules.push(r);
     }
+    let mut rules = Value::Array(rules);
+    mirror_fractions(&mut rules, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok(json!({
         "apiVersion": format!("{GATEWAY_GROUP}/v1"),
         "kind": "HTTPRoute",
-        "metadata": object_metadata(obj, &format!("grpcroute.{name}")),
+        "metadata": object_metadata(obj, &format!("{GRPC_ROUTE_PREFIX}{name}")),
         "spec": {
             "parentRefs": service_parents(spec),
             "rules": rules,
@@ -910,6 +993,31 @@ mod tests {
         );
         assert_eq!(path_regex(".*"), Ok((vec![], vec![])));
         assert!(path_regex("/users/[0-9]+").is_err());
+    }
+
+    #[test]
+    fn mirror_fractions_become_whole_percents_or_problems() {
+        let mut rules = json!([
+            {"filters": [{"type": "RequestMirror",
+                          "requestMirror": {"backendRef": {"name": "a"}, "fraction": {"numerator": 1, "denominator": 4}}}],
+             "backendRefs": [{"name": "b", "filters": [{"type": "RequestMirror",
+                          "requestMirror": {"backendRef": {"name": "a"}, "fraction": {"numerator": 1, "denominator": 3}}}]}]},
+            {"filters": [{"type": "RequestMirror",
+                          "requestMirror": {"backendRef": {"name": "a"}, "percent": 5, "fraction": {"numerator": 5}}}]}
+        ]);
+        let mut problems = Vec::new();
+        mirror_fractions(&mut rules, &mut problems);
+        assert_eq!(
+            rules[0]["filters"][0]["requestMirror"],
+            json!({"backendRef": {"name": "a"}, "percent": 25})
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0]
+                .starts_with("spec.rules[0].backendRefs[0].filters[0].requestMirror.fraction"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("not both"), "{problems:?}");
     }
 
     #[test]

@@ -9,12 +9,32 @@
 //! resource's `status.conditions` (cross-resource problems, value rules). As for any CRD
 //! with a schema, the API server prunes fields it does not know (`kubectl` refuses them).
 //! The Gateway API and SMI definitions here keep an open `spec`: they are stand-ins for the
-//! upstream CRDs. `status` is a subresource the control plane writes.
+//! upstream CRDs, for clusters without them (`sinew install` never replaces a CRD it did
+//! not make: [`made_by_sinew`]). [`upstream_gateway_api_crds`] are strict, upstream-shaped
+//! Gateway API CRDs for tests. `status` is a subresource the control plane writes.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::{Value, json};
 
 use crate::schema::spec_schema;
+
+mod upstream;
+pub use upstream::upstream_gateway_api_crds;
+
+/// The label every CRD Sinew defines carries (`sinew`): `sinew install` replaces only
+/// CRDs with it (or the older `app.kubernetes.io/part-of: sinew`), never one another
+/// installer made, such as the upstream Gateway API's.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Whether an existing CRD is one Sinew made (it has [`MANAGED_BY`] or
+/// `app.kubernetes.io/part-of` set to `sinew`), so `sinew install` may replace it.
+pub fn made_by_sinew(labels: Option<&std::collections::BTreeMap<String, String>>) -> bool {
+    labels.is_some_and(|l| {
+        [MANAGED_BY, "app.kubernetes.io/part-of"]
+            .iter()
+            .any(|k| l.get(*k).is_some_and(|v| v == "sinew"))
+    })
+}
 
 /// Sinew's API group.
 pub const SINEW_GROUP: &str = "sinew.dev";
@@ -54,7 +74,7 @@ const fn sinew(kind: &'static str, plural: &'static str, short: &'static [&'stat
 }
 
 /// Sinew's own kinds, served as custom resources.
-pub const SINEW_KINDS: [Kind; 7] = [
+pub const SINEW_KINDS: [Kind; 8] = [
     sinew("Proxy", "proxies", &["sproxy"]),
     sinew("Service", "services", &["ssvc"]),
     sinew("Workload", "workloads", &["swl"]),
@@ -66,6 +86,7 @@ pub const SINEW_KINDS: [Kind; 7] = [
         "requestauthentications",
         &["reqauthn"],
     ),
+    sinew("RoutePolicy", "routepolicies", &["rp"]),
 ];
 
 /// Gateway API route kinds (GAMMA: routes whose parent is a Service).
@@ -123,6 +144,7 @@ pub fn sinew_spec_schema(kind: &str) -> Option<Value> {
         "TrafficPolicy" => spec_schema::<r::TrafficPolicySpec>(),
         "AuthorizationPolicy" => spec_schema::<r::AuthorizationPolicySpec>(),
         "RequestAuthentication" => spec_schema::<r::RequestAuthenticationSpec>(),
+        "RoutePolicy" => spec_schema::<r::RoutePolicySpec>(),
         _ => return None,
     })
 }
@@ -175,7 +197,7 @@ fn definition(
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": format!("{}.{}", k.plural, k.group),
-            "labels": {"app.kubernetes.io/part-of": "sinew"},
+            "labels": {"app.kubernetes.io/part-of": "sinew", MANAGED_BY: "sinew"},
             "annotations": annotations
         },
         "spec": {
@@ -317,6 +339,29 @@ mod tests {
                 problems(&format!("{path}[{key}]"), s, out);
             }
         }
+    }
+
+    #[test]
+    fn upstream_gateway_api_schemas_are_closed() {
+        let upstream = upstream_gateway_api_crds();
+        assert_eq!(upstream.len(), 2);
+        for crd in upstream {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            let text = schema.to_string();
+            assert!(!text.contains("preserve-unknown-fields"), "{text}");
+            let mut found = Vec::new();
+            problems("root", &schema["openAPIV3Schema"], &mut found);
+            // Upstream's defaults are kept on purpose (a Service parent needs `group: ""`).
+            found.retain(|p| !p.ends_with("has default"));
+            assert!(found.is_empty(), "{found:#?}");
+            // Not Sinew's: `sinew install` must never take them for its own.
+            assert!(!made_by_sinew(crd.metadata.labels.as_ref()));
+        }
+        assert!(
+            crds()
+                .iter()
+                .all(|c| made_by_sinew(c.metadata.labels.as_ref()))
+        );
     }
 
     #[test]

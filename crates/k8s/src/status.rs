@@ -42,7 +42,17 @@ impl Outcome {
                 "accepted by the Sinew control plane".to_owned(),
             )
         } else {
-            ("False", "Invalid", self.problems.join("; "))
+            // A policy whose target is missing says so in its reason (GEP-713).
+            let reason = if self
+                .problems
+                .iter()
+                .all(|p| p.contains(sinew_model::policy::TARGET_NOT_FOUND))
+            {
+                sinew_model::policy::TARGET_NOT_FOUND
+            } else {
+                "Invalid"
+            };
+            ("False", reason, self.problems.join("; "))
         }
     }
 }

@@ -168,6 +168,20 @@ fn valid_specs() -> Vec<(&'static str, Value)> {
                 }]
             }),
         ),
+        (
+            "RoutePolicy",
+            json!({
+                "targetRef": {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute",
+                              "name": "catalog", "sectionName": "list"},
+                "retry": {"attempts": 2, "codes": [503], "grpcCodes": ["UNAVAILABLE"],
+                          "backoff": "25ms", "nonIdempotent": true,
+                          "budget": {"ratio": 0.2, "minPerSecond": 10},
+                          "hedge": {"percentile": 95.5}},
+                "fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percent": 10.5},
+                          "delay": {"fixedDelay": "2s", "percent": 5.5}},
+                "timeouts": {"request": "5s", "backendRequest": "1s"}
+            }),
+        ),
     ]
 }
 
@@ -268,6 +282,12 @@ async fn sinew_crds_check_field_types_on_the_api_server() {
             json!({"jwtRules": [{"issuer": "i", "jwks": "https://i/jwks"}]}),
             "spec.jwtRules[0].jwks",
             "object",
+        ),
+        (
+            "RoutePolicy",
+            json!({"targetRef": {"kind": "TCPRoute", "name": "web"}}),
+            "spec.targetRef.kind",
+            "Unsupported value",
         ),
     ];
     for (i, (kind, spec, field, why)) in bad.iter().enumerate() {

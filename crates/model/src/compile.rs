@@ -1265,6 +1265,8 @@ fn compile_routes(
         if !attached {
             continue;
         }
+        // With the RoutePolicies that target it (retry budgets, hedging, faults).
+        let route = crate::policy::effective_route(res, &(rns.clone(), rname.clone()), route);
         let label = format!("{rns}/{rname}");
         let mut fail = |field: String, reason: String| {
             let origin = res

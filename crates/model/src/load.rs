@@ -163,6 +163,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Document>, ConfigEr
                 parse_typed(file, start, &doc).map(Resource::RequestAuthentication)
             }
             "TrafficPolicy" => parse_typed(file, start, &doc).map(Resource::TrafficPolicy),
+            "RoutePolicy" => parse_typed(file, start, &doc).map(Resource::RoutePolicy),
             _ => parse_typed(file, start, &doc).map(Resource::HttpRoute),
         };
         match parsed {
@@ -252,6 +253,8 @@ pub struct Resources {
     pub request_authentications: BTreeMap<Key, Object<RequestAuthenticationSpec>>,
     /// `TrafficPolicy` documents.
     pub traffic_policies: BTreeMap<Key, Object<TrafficPolicySpec>>,
+    /// `RoutePolicy` documents ([`crate::policy`]).
+    pub route_policies: BTreeMap<Key, Object<RoutePolicySpec>>,
     /// Where each `(kind, namespace, name)` came from.
     pub origins: BTreeMap<(String, String, String), Origin>,
 }
@@ -273,7 +276,7 @@ fn valid_name(s: &str) -> bool {
             .is_some_and(|b| b.is_ascii_alphanumeric())
 }
 
-struct Checker<'a> {
+pub(crate) struct Checker<'a> {
     errors: &'a mut ConfigErrors,
     at: At<'a>,
 }
@@ -294,7 +297,7 @@ enum At<'a> {
 }
 
 impl Checker<'_> {
-    fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
         let (origin, label) = match &self.at {
             At::Known { origin, label } => (origin.clone(), label.clone()),
             At::Lookup { origins, kind, key } => (
@@ -343,6 +346,12 @@ impl Resources {
                 .values()
                 .cloned()
                 .map(Resource::TrafficPolicy),
+        );
+        out.extend(
+            self.route_policies
+                .values()
+                .cloned()
+                .map(Resource::RoutePolicy),
         );
         out
     }
@@ -451,6 +460,9 @@ impl Resources {
             Resource::TrafficPolicy(o) => {
                 self.traffic_policies.insert(key(&o.metadata), o);
             }
+            Resource::RoutePolicy(o) => {
+                self.route_policies.insert(key(&o.metadata), o);
+            }
             Resource::MeshConfig(o) => {
                 self.mesh = Some(o);
             }
@@ -481,6 +493,7 @@ impl Resources {
                 .traffic_policies
                 .remove(&k)
                 .map(Resource::TrafficPolicy),
+            "RoutePolicy" => self.route_policies.remove(&k).map(Resource::RoutePolicy),
             "MeshConfig" => self
                 .mesh
                 .take_if(|m| m.metadata.ns() == k.0 && m.metadata.name == k.1)
@@ -515,7 +528,7 @@ impl Resources {
         errors.into_result(())
     }
 
-    fn checker<'a>(
+    pub(crate) fn checker<'a>(
         &'a self,
         errors: &'a mut ConfigErrors,
         kind: &'static str,
@@ -654,6 +667,7 @@ impl Resources {
         for (k, r) in &self.routes {
             self.validate_route(errors, k, r);
         }
+        self.validate_route_policies(errors);
         // A Service has one TrafficPolicy: the first valid one in name order. An
         // invalid policy claims nothing, so it never pushes a valid one out.
         let mut targeted: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -1167,78 +1181,88 @@ impl Resources {
                 }
             }
             if let Some(r) = &rule.retry {
-                for (i, code) in r.codes.iter().flatten().enumerate() {
-                    if !(100..=599).contains(code) {
-                        c.fail(
-                            format!("{f}.retry.codes[{i}]"),
-                            format!("{code} is not an HTTP status"),
-                        );
-                    }
-                }
-                for (i, g) in r.grpc_codes.iter().enumerate() {
-                    if crate::resource::grpc_code(g).is_none() {
-                        c.fail(
-                            format!("{f}.retry.grpcCodes[{i}]"),
-                            format!("{g:?} is not a gRPC status name"),
-                        );
-                    }
-                }
-                if let Some(b) = &r.backoff
-                    && let Err(e) = duration::parse(b)
-                {
-                    c.fail(format!("{f}.retry.backoff"), e);
-                }
-                if let Some(h) = &r.hedge {
-                    if h.delay.is_some() == h.percentile.is_some() {
-                        c.fail(
-                            format!("{f}.retry.hedge"),
-                            "give exactly one of delay or percentile",
-                        );
-                    }
-                    if let Some(d) = &h.delay
-                        && let Err(e) = duration::parse(d)
-                    {
-                        c.fail(format!("{f}.retry.hedge.delay"), e);
-                    }
-                    if h.percentile.is_some_and(|p| !(50.0..100.0).contains(&p)) {
-                        c.fail(
-                            format!("{f}.retry.hedge.percentile"),
-                            "must be at least 50 and below 100",
-                        );
-                    }
-                }
-                if r.attempts.is_some_and(|a| a > 10) {
-                    c.fail(format!("{f}.retry.attempts"), "at most 10 retries");
-                }
-                if let Some(ratio) = r.budget.as_ref().and_then(|b| b.ratio)
-                    && !(0.0..=1.0).contains(&ratio)
-                {
-                    c.fail(format!("{f}.retry.budget.ratio"), "must be between 0 and 1");
-                }
+                check_retry(&mut c, &format!("{f}.retry"), r);
             }
             if let Some(t) = &rule.timeouts {
-                let req = t.request.as_deref().map(|s| (s, duration::parse(s)));
-                let be = t
-                    .backend_request
-                    .as_deref()
-                    .map(|s| (s, duration::parse(s)));
-                if let Some((_, Err(e))) = &req {
-                    c.fail(format!("{f}.timeouts.request"), e.clone());
-                }
-                if let Some((_, Err(e))) = &be {
-                    c.fail(format!("{f}.timeouts.backendRequest"), e.clone());
-                }
-                if let (Some((_, Ok(r))), Some((_, Ok(b)))) = (&req, &be)
-                    && !r.is_zero()
-                    && (b.is_zero() || b > r)
-                {
-                    c.fail(
-                        format!("{f}.timeouts.backendRequest"),
-                        "must not exceed timeouts.request",
-                    );
-                }
+                check_timeouts(&mut c, &format!("{f}.timeouts"), t);
             }
         }
+    }
+}
+
+/// Checks a `retry` block (of a route rule or a `RoutePolicy`) at field path `f`.
+pub(crate) fn check_retry(c: &mut Checker<'_>, f: &str, r: &RetrySpec) {
+    for (i, code) in r.codes.iter().flatten().enumerate() {
+        if !(100..=599).contains(code) {
+            c.fail(
+                format!("{f}.codes[{i}]"),
+                format!("{code} is not an HTTP status"),
+            );
+        }
+    }
+    for (i, g) in r.grpc_codes.iter().enumerate() {
+        if crate::resource::grpc_code(g).is_none() {
+            c.fail(
+                format!("{f}.grpcCodes[{i}]"),
+                format!("{g:?} is not a gRPC status name"),
+            );
+        }
+    }
+    if let Some(b) = &r.backoff
+        && let Err(e) = duration::parse(b)
+    {
+        c.fail(format!("{f}.backoff"), e);
+    }
+    if let Some(h) = &r.hedge {
+        if h.delay.is_some() == h.percentile.is_some() {
+            c.fail(
+                format!("{f}.hedge"),
+                "give exactly one of delay or percentile",
+            );
+        }
+        if let Some(d) = &h.delay
+            && let Err(e) = duration::parse(d)
+        {
+            c.fail(format!("{f}.hedge.delay"), e);
+        }
+        if h.percentile.is_some_and(|p| !(50.0..100.0).contains(&p)) {
+            c.fail(
+                format!("{f}.hedge.percentile"),
+                "must be at least 50 and below 100",
+            );
+        }
+    }
+    if r.attempts.is_some_and(|a| a > 10) {
+        c.fail(format!("{f}.attempts"), "at most 10 retries");
+    }
+    if let Some(ratio) = r.budget.as_ref().and_then(|b| b.ratio)
+        && !(0.0..=1.0).contains(&ratio)
+    {
+        c.fail(format!("{f}.budget.ratio"), "must be between 0 and 1");
+    }
+}
+
+/// Checks a `timeouts` block (of a route rule or a `RoutePolicy`) at field path `f`.
+pub(crate) fn check_timeouts(c: &mut Checker<'_>, f: &str, t: &HttpRouteTimeouts) {
+    let req = t.request.as_deref().map(|s| (s, duration::parse(s)));
+    let be = t
+        .backend_request
+        .as_deref()
+        .map(|s| (s, duration::parse(s)));
+    if let Some((_, Err(e))) = &req {
+        c.fail(format!("{f}.request"), e.clone());
+    }
+    if let Some((_, Err(e))) = &be {
+        c.fail(format!("{f}.backendRequest"), e.clone());
+    }
+    if let (Some((_, Ok(r))), Some((_, Ok(b)))) = (&req, &be)
+        && !r.is_zero()
+        && (b.is_zero() || b > r)
+    {
+        c.fail(
+            format!("{f}.backendRequest"),
+            "must not exceed timeouts.request",
+        );
     }
 }
 
@@ -1254,7 +1278,12 @@ fn core_group(g: Option<&str>) -> bool {
     matches!(g, None | Some("") | Some("core"))
 }
 
-fn check_filter(c: &mut Checker<'_>, f: &str, filter: &HttpRouteFilter, all_prefix: bool) {
+pub(crate) fn check_filter(
+    c: &mut Checker<'_>,
+    f: &str,
+    filter: &HttpRouteFilter,
+    all_prefix: bool,
+) {
     let present = [
         (
             FilterType::RequestHeaderModifier,

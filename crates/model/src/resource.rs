@@ -1336,10 +1336,12 @@ pub enum Resource {
     RequestAuthentication(Object<RequestAuthenticationSpec>),
     /// `kind: TrafficPolicy`.
     TrafficPolicy(Object<TrafficPolicySpec>),
+    /// `kind: RoutePolicy` ([`crate::policy`]).
+    RoutePolicy(Object<RoutePolicySpec>),
 }
 
 /// The kinds, as written in documents.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "TrafficPolicy",
     "Proxy",
     "Service",
@@ -1348,6 +1350,7 @@ pub const KINDS: [&str; 8] = [
     "MeshConfig",
     "AuthorizationPolicy",
     "RequestAuthentication",
+    "RoutePolicy",
 ];
 
 /// Identifies a document: kind, namespace, name.
@@ -1379,6 +1382,7 @@ impl Resource {
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::RequestAuthentication(_) => "RequestAuthentication",
             Resource::TrafficPolicy(_) => "TrafficPolicy",
+            Resource::RoutePolicy(_) => "RoutePolicy",
         }
     }
 
@@ -1405,6 +1409,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => serde_json::to_string(o),
             Resource::RequestAuthentication(o) => serde_json::to_string(o),
             Resource::TrafficPolicy(o) => serde_json::to_string(o),
+            Resource::RoutePolicy(o) => serde_json::to_string(o),
         };
         // Serialising plain data to JSON cannot fail; an empty object is never used.
         out.unwrap_or_default()
@@ -1429,6 +1434,7 @@ impl Resource {
             "AuthorizationPolicy" => parse(json).map(Resource::AuthorizationPolicy),
             "RequestAuthentication" => parse(json).map(Resource::RequestAuthentication),
             "TrafficPolicy" => parse(json).map(Resource::TrafficPolicy),
+            "RoutePolicy" => parse(json).map(Resource::RoutePolicy),
             other => Err(crate::ConfigError::new(format!("unknown kind {other:?}")).field("kind")),
         }
     }
@@ -1443,6 +1449,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
             Resource::RequestAuthentication(o) => &mut o.metadata,
             Resource::TrafficPolicy(o) => &mut o.metadata,
+            Resource::RoutePolicy(o) => &mut o.metadata,
         }
     }
 
@@ -1457,6 +1464,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => &o.metadata,
             Resource::RequestAuthentication(o) => &o.metadata,
             Resource::TrafficPolicy(o) => &o.metadata,
+            Resource::RoutePolicy(o) => &o.metadata,
         }
     }
 
@@ -1482,3 +1490,4 @@ pub struct Object<S> {
 }
 
 pub use crate::load::Resources;
+pub use crate::policy::{RouteKind, RoutePolicySpec, RouteTargetRef};

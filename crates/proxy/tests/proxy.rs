@@ -1505,6 +1505,70 @@ async fn the_retry_budget_caps_amplification_during_an_outage() -> TestResult {
     Ok(())
 }
 
+/// Files mode: a `RoutePolicy` attached to one named rule of an HTTPRoute gives that
+/// rule its fault and its retries (what the upstream HTTPRoute schema cannot carry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_policy_gives_its_rule_a_fault_and_retries() -> TestResult {
+    let app = HttpBackend::start("app").await?;
+    let bind = free_addr();
+    let yaml = format!(
+        "{}{}{}{}{}",
+        client_proxy(bind, "catalog"),
+        service("catalog", "HTTP"),
+        workload("app", "catalog", app.addr(), None),
+        route(
+            "catalog",
+            "catalog",
+            r#"    - name: chaos
+      matches: [{path: {value: /chaos}}]
+    - name: rest"#
+        ),
+        r#"---
+apiVersion: sinew.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: chaos, namespace: shop}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: catalog, sectionName: chaos}
+  fault: {abort: {httpStatus: 418, percent: 100}}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: RoutePolicy
+metadata: {name: all, namespace: shop}
+spec:
+  targetRef: {kind: HTTPRoute, name: catalog}
+  retry: {attempts: 3, codes: [503], budget: {ratio: 1.0, minPerSecond: 100}}
+"#,
+    );
+    let file = ConfigFile::new(&yaml);
+    let proxy = start(&file, "client").await;
+    let mut c = client::h1(bind).await?;
+    let r = c.get("catalog", "/chaos/x").await?;
+    assert_eq!(r.status, 418);
+    assert_eq!(r.header("sinew-error"), Some("fault-injected"));
+    assert_eq!(
+        app.requests(),
+        0,
+        "an aborted request never reaches the app"
+    );
+    let r = c.get("catalog", "/other").await?;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-backend")),
+        (200, Some("app"))
+    );
+    // The whole-route policy's retries: a failing app is tried 1 + 3 times.
+    app.fail_with(Some(503));
+    let before = app.requests();
+    let r = c.get("catalog", "/other").await?;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        app.requests() - before,
+        4,
+        "the first try and three retries"
+    );
+    proxy.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_hit_the_configured_share_and_mirrors_get_copies() -> TestResult {
     let app = HttpBackend::start("app").await?;
