@@ -240,7 +240,8 @@ impl Lookups {
     }
 }
 
-/// Gives every Service without `spec.virtualIP` one from the mesh's range
+/// Gives every Service without `spec.virtualIP`/`virtualIPs` (e.g. a Kubernetes
+/// Service's ClusterIPs) one from the mesh's range
 /// (`MeshConfig.spec.virtualIPRange`, default `240.240.0.0/16`), in the
 /// documents proxies get: deterministic (a hash of the service's key, collisions
 /// moved to the next free address), so a service keeps its address across
@@ -268,19 +269,14 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
     let mut taken = BTreeSet::new();
     for e in all.iter() {
         if let Resource::Service(s) = &e.resource {
-            match s
-                .spec
-                .virtual_ip
-                .as_deref()
-                .map(str::parse::<std::net::IpAddr>)
-            {
-                Some(Ok(ip)) => {
-                    taken.insert(ip);
-                }
-                Some(Err(_)) => {}
-                None => {
-                    wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
-                }
+            if s.spec.names_virtual_ips() {
+                taken.extend(
+                    s.spec
+                        .virtual_ip_list()
+                        .filter_map(|v| v.parse::<std::net::IpAddr>().ok()),
+                );
+            } else {
+                wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
             }
         }
     }
@@ -297,7 +293,7 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
         let Resource::Service(s) = &e.resource else {
             continue;
         };
-        if s.spec.virtual_ip.is_some() {
+        if s.spec.names_virtual_ips() {
             continue;
         }
         let key = format!("{}.{}", s.metadata.name, s.metadata.ns());

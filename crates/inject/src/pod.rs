@@ -262,6 +262,9 @@ fn probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The sidecar's DNS responder port: `sinew init` redirects the pod's DNS (UDP 53) there.
+pub const DNS_PORT: u16 = 15053;
+
 /// The `sinew-proxy` sidecar for these settings.
 pub fn proxy_container(c: &InjectConfig) -> Container {
     Container {
@@ -280,6 +283,11 @@ pub fn proxy_container(c: &InjectConfig) -> Container {
             c.inbound_port.to_string(),
             "--capture-outbound-port".into(),
             c.outbound_port.to_string(),
+            // The pod's DNS queries come here (the init container's rules): Services'
+            // names are answered with their ClusterIPs, as kube-dns would, the rest
+            // forwarded to the pod's resolver.
+            "--capture-dns-port".into(),
+            DNS_PORT.to_string(),
         ]),
         env: Some(vec![
             env_field("POD_NAME", "metadata.name"),
@@ -362,6 +370,8 @@ pub fn init_container(c: &InjectConfig) -> Container {
         c.inbound_port.to_string(),
         "--outbound-port".into(),
         c.outbound_port.to_string(),
+        "--dns-port".into(),
+        DNS_PORT.to_string(),
     ];
     // The admin port is never captured: the kubelet's probes must reach the proxy itself.
     let mut inbound = vec![c.admin_port.to_string()];

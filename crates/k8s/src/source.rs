@@ -2,7 +2,7 @@
 //! `kubernetes` documents equal to what it holds.
 //!
 //! One reflector (a watch with a local cache, re-listed after a lost watch) per kind:
-//! Services, Pods, the endpoints (EndpointSlice `discovery.k8s.io/v1`, else `v1beta1`, else
+//! Services, Pods, Nodes (their topology labels), the endpoints (EndpointSlice `discovery.k8s.io/v1`, else `v1beta1`, else
 //! core `Endpoints`, whichever the server serves, found by API discovery at start), and
 //! every custom kind that is served (Sinew's, Gateway API routes, SMI). Any change wakes
 //! the sync, which (after a short quiet period) turns the caches into documents
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
@@ -237,13 +237,8 @@ impl EndpointCache {
                 .state()
                 .iter()
                 .filter_map(|o| {
-                    // v1beta1 has the same shape as v1 where Sinew reads it (addresses,
-                    // conditions, targetRef, ports); read it as v1.
-                    let mut v = serde_json::to_value(o.as_ref()).ok()?;
-                    v["apiVersion"] = "discovery.k8s.io/v1".into();
-                    v["kind"] = "EndpointSlice".into();
-                    let slice: EndpointSlice = serde_json::from_value(v).ok()?;
-                    convert::from_slice(&slice)
+                    let v = serde_json::to_value(o.as_ref()).ok()?;
+                    convert::from_slice(&convert::slice_from_v1beta1(v)?)
                 })
                 .collect(),
             EndpointCache::Endpoints(s) => s
@@ -271,6 +266,8 @@ impl EndpointCache {
 struct Caches {
     services: Store<Service>,
     pods: Store<Pod>,
+    /// Nodes, for their topology labels (workloads' zones and regions).
+    nodes: Store<Node>,
     endpoints: EndpointCache,
     custom: Vec<(Kind, Store<DynamicObject>)>,
 }
@@ -279,6 +276,7 @@ impl Caches {
     async fn ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
+        let _ = self.nodes.wait_until_ready().await;
         let _ = match &self.endpoints {
             EndpointCache::SliceV1(s) => s.wait_until_ready().await,
             EndpointCache::SliceV1beta1(s) => s.wait_until_ready().await,
@@ -313,9 +311,15 @@ impl Caches {
             .into_iter()
             .filter_map(|p| Some(((p.metadata.namespace.clone()?, p.metadata.name.clone()?), p)))
             .collect();
+        let nodes: HashMap<String, Arc<Node>> = self
+            .nodes
+            .state()
+            .into_iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n)))
+            .collect();
         let mut used = std::collections::BTreeSet::new();
         for set in self.endpoints.sets() {
-            out.extend(convert::workloads(&set, &pods, &mut used));
+            out.extend(convert::workloads(&set, &pods, &nodes, &mut used));
         }
         let mut ctx = convert::Context {
             trust_domain: trust_domain.to_owned(),
@@ -414,9 +418,11 @@ pub async fn run(
     }
     let services = reflect(&client, notify.clone(), "services");
     let pods = reflect(&client, notify.clone(), "pods");
+    let nodes = reflect(&client, notify.clone(), "nodes");
     let caches = Caches {
         services,
         pods,
+        nodes,
         endpoints,
         custom,
     };

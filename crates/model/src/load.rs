@@ -544,20 +544,28 @@ impl Resources {
         let mut vips: BTreeMap<IpAddr, &Key> = BTreeMap::new();
         for (k, svc) in &self.services {
             let mut c = self.checker(errors, "Service", k);
-            if let Some(v) = &svc.spec.virtual_ip {
+            for (i, v) in svc.spec.virtual_ip_list().enumerate() {
+                // `virtualIP` is the first address, `virtualIPs[n]` the others.
+                let field = match (&svc.spec.virtual_ip, i) {
+                    (Some(_), 0) => "spec.virtualIP".to_owned(),
+                    (Some(_), n) => format!("spec.virtualIPs[{}]", n - 1),
+                    (None, n) => format!("spec.virtualIPs[{n}]"),
+                };
                 match v.parse::<IpAddr>() {
-                    Err(_) => c.fail("spec.virtualIP", format!("{v:?} is not an IP address")),
-                    Ok(ip) => {
-                        if let Some(prev) = vips.insert(ip, k) {
+                    Err(_) => c.fail(field, format!("{v:?} is not an IP address")),
+                    Ok(ip) => match vips.insert(ip, k) {
+                        // The same address written twice in one service is harmless.
+                        Some(prev) if prev != k => {
                             c.fail(
-                                "spec.virtualIP",
+                                field,
                                 format!(
                                     "{ip} is already the virtual IP of service {}/{}",
                                     prev.0, prev.1
                                 ),
                             );
                         }
-                    }
+                        _ => {}
+                    },
                 }
             }
             if svc.spec.ports.is_empty() {

@@ -243,7 +243,12 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
             };
             drop(snap);
             shared.metrics.captured(Direction::Outbound, "tcp");
-            tcp_with_failover(&ctx, stream, &balancer).await;
+            let ctx = with_dst(&ctx, dst);
+            match crate::outbound::pinned_endpoint(&ctx, &balancer) {
+                // To a workload's own address: that workload, nowhere else.
+                Some(ep) => tcp_to(&ctx, stream, &balancer, &ep).await,
+                None => tcp_with_failover(&ctx, stream, &balancer).await,
+            }
         }
     }
 }
@@ -293,6 +298,27 @@ async fn tcp_with_failover(
                 tracing::debug!(error = %e, "captured TCP: endpoint unreachable");
                 tried = Some(ep);
             }
+        }
+    }
+}
+
+/// Opaque TCP to one endpoint of a service (the one the app addressed).
+async fn tcp_to(
+    ctx: &ConnCtx,
+    stream: TcpStream,
+    balancer: &Arc<crate::balance::Balancer>,
+    ep: &Arc<crate::balance::Endpoint>,
+) {
+    use crate::balance::Outcome;
+    match crate::stream::UpstreamIo::open(ep).await {
+        Ok(io) => {
+            balancer.report(ep, Outcome::Ok);
+            spawn_splice(&ctx.shared, stream, io);
+        }
+        Err(e) => {
+            balancer.report(ep, Outcome::Failed);
+            ctx.shared.metrics.error(Direction::Outbound, e.reason());
+            tracing::debug!(error = %e, "captured TCP: the addressed endpoint is unreachable");
         }
     }
 }

@@ -77,8 +77,8 @@ impl CaptureTargets {
     fn new(config: &ProxyConfig) -> CaptureTargets {
         let mut t = CaptureTargets::default();
         for (key, svc) in &config.services {
-            if let Some(ip) = svc.virtual_ip {
-                t.vips.entry(ip).or_insert_with(|| key.clone());
+            for ip in svc.virtual_ip.iter().chain(&svc.virtual_ips) {
+                t.vips.entry(*ip).or_insert_with(|| key.clone());
             }
             for port in &svc.ports {
                 for ep in &port.endpoints {
