@@ -520,10 +520,15 @@ mod tests {
                 "15006",
                 "--outbound-port",
                 "15001",
+                "--dns-port",
+                "15053",
                 "--exclude-inbound-ports",
                 "4191"
             ]
         );
+        // The sidecar answers the DNS the init container's rules send it.
+        let pargs = proxy["args"].to_string();
+        assert!(pargs.contains(r#""--capture-dns-port","15053""#), "{pargs}");
         let tok = &spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
         assert_eq!(tok["audience"], "sinew");
         assert_eq!(tok["path"], TOKEN_FILE);
