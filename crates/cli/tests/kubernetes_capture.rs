@@ -97,8 +97,7 @@ async fn pod(c: &Client, name: &str, sa: &str, inbound: Option<u16>, node: Optio
     if let Some(p) = inbound {
         meta["annotations"] = json!({"sinew.dev/inbound-port": p.to_string()});
     }
-    let mut spec =
-        json!({"serviceAccountName": sa, "containers": [{"name": "app", "image": "example.invalid/app"}]});
+    let mut spec = json!({"serviceAccountName": sa, "containers": [{"name": "app", "image": "example.invalid/app"}]});
     if let Some(n) = node {
         spec["nodeName"] = json!(n);
     }
@@ -107,7 +106,14 @@ async fn pod(c: &Client, name: &str, sa: &str, inbound: Option<u16>, node: Optio
 
 /// An EndpointSlice of `service` with one ready endpoint for `pod` at `addr`, with this
 /// v1beta1 `topology`.
-async fn slice(c: &Client, name: &str, service: &str, pod: &str, addr: SocketAddr, topology: Value) {
+async fn slice(
+    c: &Client,
+    name: &str,
+    service: &str,
+    pod: &str,
+    addr: SocketAddr,
+    topology: Value,
+) {
     apply(
         c,
         &slices(),
@@ -236,7 +242,8 @@ async fn host_sidecar(
 ) -> tokio::process::Child {
     let token_file = scratch.write(&format!("{}.token", name.replace('/', "-")), token);
     let admin = mesh::free_addr();
-    let log = std::fs::File::create(scratch.path(&format!("{}.log", name.replace('/', "-")))).unwrap();
+    let log =
+        std::fs::File::create(scratch.path(&format!("{}.log", name.replace('/', "-")))).unwrap();
     let child = tokio::process::Command::new(proxy)
         .args(["--control-plane", control, "--name", name])
         .arg("--control-plane-ca")
@@ -270,8 +277,12 @@ fn curl(ns: &netns::Netns, args: &[&str]) -> Result<Value, String> {
             String::from_utf8_lossy(&out.stdout)
         ));
     }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("curl {args:?}: not the echo ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "curl {args:?}: not the echo ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// An unmodified app in a pod with `sinew init` rules and an injected-style sidecar
@@ -354,13 +365,24 @@ async fn a_pod_calling_a_service_by_name_is_routed_over_mtls_by_cluster_ip() {
         &[("KUBECONFIG", kubeconfig.as_os_str())],
     )
     .await;
-    let roots = scratch.write("roots.pem", &std::fs::read_to_string(cp.roots_file()).unwrap());
+    let roots = scratch.write(
+        "roots.pem",
+        &std::fs::read_to_string(cp.roots_file()).unwrap(),
+    );
     let control = format!("https://{cp_addr}");
     let mut sidecars = Vec::new();
     for (name, sa) in [("catalog-0", "catalog"), ("db-0", "db"), ("db-1", "db")] {
         let token = sa_token(&c, sa).await;
         sidecars.push(
-            host_sidecar(&scratch, &proxy, &control, &roots, &format!("shop/{name}"), &token).await,
+            host_sidecar(
+                &scratch,
+                &proxy,
+                &control,
+                &roots,
+                &format!("shop/{name}"),
+                &token,
+            )
+            .await,
         );
     }
 
@@ -419,19 +441,23 @@ async fn a_pod_calling_a_service_by_name_is_routed_over_mtls_by_cluster_ip() {
         }
         s
     };
-    let ready = wait::until("the pod's sidecar knows the ClusterIP and every endpoint", netns::TIMEOUT, || {
-        let cfg = pod_ns
-            .exec(&["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/config")])
-            .stdout;
-        let cfg = String::from_utf8_lossy(&cfg).into_owned();
-        let want = [
-            format!("\"{cluster_ip}\""),
-            format!("\"{ep_cat}\""),
-            format!("\"{ep_db0}\""),
-            format!("\"{ep_db1}\""),
-        ];
-        async move { want.iter().all(|w| cfg.contains(w.as_str())) }
-    })
+    let ready = wait::until(
+        "the pod's sidecar knows the ClusterIP and every endpoint",
+        netns::TIMEOUT,
+        || {
+            let cfg = pod_ns
+                .exec(&["curl", "-sf", &format!("http://127.0.0.1:{ADMIN}/config")])
+                .stdout;
+            let cfg = String::from_utf8_lossy(&cfg).into_owned();
+            let want = [
+                format!("\"{cluster_ip}\""),
+                format!("\"{ep_cat}\""),
+                format!("\"{ep_db0}\""),
+                format!("\"{ep_db1}\""),
+            ];
+            async move { want.iter().all(|w| cfg.contains(w.as_str())) }
+        },
+    )
     .await;
     if let Err(e) = ready {
         panic!("{e}\n{}", logs());
@@ -514,8 +540,24 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
     pod(&c, "cat-b", "catalog", None, None).await;
     slice(&c, "web-client", "web", "client", web_app.addr(), json!({})).await;
     // cat-a's zone from its node's labels, cat-b's from the slice itself.
-    slice(&c, "cat-a", "catalog", "cat-a", a.addr(), json!({"kubernetes.io/hostname": "node-a"})).await;
-    slice(&c, "cat-b", "catalog", "cat-b", b.addr(), json!({"topology.kubernetes.io/zone": "zone-b"})).await;
+    slice(
+        &c,
+        "cat-a",
+        "catalog",
+        "cat-a",
+        a.addr(),
+        json!({"kubernetes.io/hostname": "node-a"}),
+    )
+    .await;
+    slice(
+        &c,
+        "cat-b",
+        "catalog",
+        "cat-b",
+        b.addr(),
+        json!({"topology.kubernetes.io/zone": "zone-b"}),
+    )
+    .await;
     let sinew = |kind: &str, plural: &str| ar("sinew.dev", "v1alpha1", kind, plural);
     apply(
         &c,
@@ -524,14 +566,37 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
                "spec": {"targetRef": {"kind": "Service", "name": "catalog"}, "localityPreference": true}}),
     )
     .await;
-    let bind = mesh::free_addr();
-    apply(
+    // A second client, meshed (injected: the annotation) on node-b and no Service's
+    // endpoint: its zone comes from its Pod's Node alone.
+    let inbound2 = mesh::free_addr();
+    pod(
         &c,
-        &sinew("Proxy", "proxies"),
-        json!({"metadata": {"name": "client"},
-               "spec": {"outbound": {"upstreams": [{"bind": bind.to_string(), "service": "catalog"}]}}}),
+        "client-2",
+        "client-2",
+        Some(inbound2.port()),
+        Some("node-b"),
     )
     .await;
+    Api::<Pod>::namespaced(c.clone(), "shop")
+        .patch_status(
+            "client-2",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"podIP": inbound2.ip().to_string(), "phase": "Running"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let (bind, bind2) = (mesh::free_addr(), mesh::free_addr());
+    for (name, bind) in [("client", bind), ("client-2", bind2)] {
+        apply(
+            &c,
+            &sinew("Proxy", "proxies"),
+            json!({"metadata": {"name": name},
+                   "spec": {"outbound": {"upstreams": [{"bind": bind.to_string(), "service": "catalog"}]}}}),
+        )
+        .await;
+    }
 
     let dir = mesh::Scratch::new();
     let kubeconfig = api.kubeconfig();
@@ -543,7 +608,9 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
     )
     .await;
     let proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
+    let proxy2 = mesh::proxy(&cp, "shop/client-2", None, Duration::from_millis(100)).await;
     mesh::listening(bind).await;
+    mesh::listening(bind2).await;
 
     // The workloads' zones and regions, as the control plane made them.
     let out = mesh::sinew_as(
@@ -554,7 +621,11 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
     .await;
     let text = mesh::text(&out).0;
     let docs: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
-    let items = docs.as_array().cloned().or_else(|| docs["items"].as_array().cloned()).unwrap_or_else(|| panic!("{text}"));
+    let items = docs
+        .as_array()
+        .cloned()
+        .or_else(|| docs["items"].as_array().cloned())
+        .unwrap_or_else(|| panic!("{text}"));
     let zone_of = |name: &str| {
         items
             .iter()
@@ -568,6 +639,7 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
             .unwrap_or_else(|| panic!("no workload {name}: {text}"))
     };
     assert_eq!(zone_of("client"), (json!("zone-a"), json!("region-1")));
+    assert_eq!(zone_of("client-2"), (json!("zone-b"), json!("region-1")));
     assert_eq!(zone_of("cat-a"), (json!("zone-a"), json!("region-1")));
     assert_eq!(zone_of("cat-b"), (json!("zone-b"), Value::Null));
 
@@ -583,15 +655,51 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
     .unwrap();
     let before = b.requests();
     for _ in 0..30 {
-        assert_eq!(who(bind).await.as_deref(), Some("a"), "the client's zone first");
+        assert_eq!(
+            who(bind).await.as_deref(),
+            Some("a"),
+            "the client's zone first"
+        );
     }
     assert_eq!(b.requests(), before, "nothing crossed to zone-b");
+    // And client-2, in zone-b, to cat-b.
+    wait::until(
+        "client-2's requests reach cat-b",
+        mesh::TIMEOUT,
+        || async move { who(bind2).await.as_deref() == Some("b") },
+    )
+    .await
+    .unwrap();
+    let before = a.requests();
+    for _ in 0..30 {
+        assert_eq!(
+            who(bind2).await.as_deref(),
+            Some("b"),
+            "client-2's zone first"
+        );
+    }
+    assert_eq!(a.requests(), before, "nothing crossed to zone-a");
 
     // The slices move: cat-a's own zone (zone-b) overrides its node's, cat-b's is zone-a
     // now. Traffic follows.
-    slice(&c, "cat-a", "catalog", "cat-a", a.addr(),
-        json!({"kubernetes.io/hostname": "node-a", "topology.kubernetes.io/zone": "zone-b"})).await;
-    slice(&c, "cat-b", "catalog", "cat-b", b.addr(), json!({"topology.kubernetes.io/zone": "zone-a"})).await;
+    slice(
+        &c,
+        "cat-a",
+        "catalog",
+        "cat-a",
+        a.addr(),
+        json!({"kubernetes.io/hostname": "node-a", "topology.kubernetes.io/zone": "zone-b"}),
+    )
+    .await;
+    slice(
+        &c,
+        "cat-b",
+        "catalog",
+        "cat-b",
+        b.addr(),
+        json!({"topology.kubernetes.io/zone": "zone-a"}),
+    )
+    .await;
     wait::until("requests move to cat-b", mesh::TIMEOUT, || async move {
         let mut all = true;
         for _ in 0..10 {
@@ -601,5 +709,18 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
     })
     .await
     .unwrap();
-    drop(proxy);
+    wait::until(
+        "client-2's requests move to cat-a",
+        mesh::TIMEOUT,
+        || async move {
+            let mut all = true;
+            for _ in 0..10 {
+                all &= who(bind2).await.as_deref() == Some("a");
+            }
+            all
+        },
+    )
+    .await
+    .unwrap();
+    drop((proxy, proxy2));
 }

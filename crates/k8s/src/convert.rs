@@ -9,6 +9,8 @@
 //!   [`SIDECAR_PORT_ANNOTATION`], the sidecar's inbound port; its zone and region from
 //!   the EndpointSlice and its Node (see [`workloads`]). Endpoints that are not ready
 //!   (or whose Pod is not ready or is terminating) are left out.
+//! - A meshed Pod that is no Service's endpoint (a client) is a `Workload` without a
+//!   service ([`pod_workload`]): its sidecar's identity and zone.
 //! - Sinew custom resources are the documents themselves; Gateway API `HTTPRoute` too.
 //! - `GRPCRoute` becomes an `HTTPRoute` over gRPC paths (`/<service>/<method>`), and SMI
 //!   `TrafficSplit` an `HTTPRoute` with weighted backends on the root service (only for
@@ -425,6 +427,54 @@ pub fn workloads(
         out.push((l, parsed));
     }
     out
+}
+
+/// The Workload of a meshed Pod (one with [`SIDECAR_PORT_ANNOTATION`]) that is no
+/// Service's endpoint (`used` does not hold its name yet), such as a client: named like
+/// the Pod, so its sidecar finds its own workload, with no service and no inbound; it
+/// carries the Pod's address, labels, service account and locality (its Node's zone and
+/// region), which its sidecar's identity and locality preference read. None for other Pods, and for a
+/// Pod without an address yet or not running.
+pub fn pod_workload(
+    pod: &Pod,
+    nodes: &HashMap<String, Arc<Node>>,
+    used: &mut std::collections::BTreeSet<(String, String)>,
+) -> Option<(String, Converted)> {
+    let ns = pod.metadata.namespace.clone()?;
+    let name = pod.metadata.name.clone()?;
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(SIDECAR_PORT_ANNOTATION)?;
+    let status = pod.status.as_ref()?;
+    if pod.metadata.deletion_timestamp.is_some()
+        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let ip = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
+    if !used.insert((ns.clone(), name.clone())) {
+        return None;
+    }
+    let spec = pod.spec.as_ref();
+    let sa = spec
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let node = spec
+        .and_then(|s| s.node_name.as_ref())
+        .and_then(|n| nodes.get(n));
+    let labels = locality_labels(pod.metadata.labels.as_ref(), None, node.map(AsRef::as_ref));
+    let doc = json!({
+        "apiVersion": SINEW_API_VERSION,
+        "kind": "Workload",
+        "metadata": metadata(&name, &ns, Some(&labels)),
+        // No `sidecar`: an inbound would be derived from it, and no Service names the
+        // application ports it could serve.
+        "spec": {"address": ip, "serviceAccount": sa},
+    });
+    let l = label("Workload", &ns, &name);
+    let parsed = parse(&l, &doc);
+    Some((l, parsed))
 }
 
 /// Node label: the zone a Node is in.
@@ -1153,6 +1203,51 @@ mod tests {
         assert_eq!(got["p3"], want("c", Some("r1")), "then its node's");
         assert_eq!(got["p4"], want("c", Some("r1")), "the Pod's node");
         assert_eq!(got["p5"], want("d", None), "then the Pod's label");
+    }
+
+    /// A meshed Pod that no Service selects is a Workload without a service, with its
+    /// Node's zone; an unmeshed Pod, or one without an address, is none; an endpoint's
+    /// Pod keeps its endpoint's Workload.
+    #[test]
+    fn meshed_pods_outside_services_are_service_less_workloads() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
+            "topology.kubernetes.io/zone": "c"}}}))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let nodes = [("n1".to_owned(), Arc::new(node))].into_iter().collect();
+        let pod = |name: &str, annotated: bool, ip: Option<&str>| -> Pod {
+            let mut meta = json!({"name": name, "namespace": "shop", "labels": {"app": "web"}});
+            if annotated {
+                meta["annotations"] = json!({SIDECAR_PORT_ANNOTATION: "15006"});
+            }
+            serde_json::from_value(json!({
+                "metadata": meta,
+                "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [{"name": "app"}]},
+                "status": {"podIP": ip, "phase": "Running"}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let mut used = std::collections::BTreeSet::new();
+        let (_, made) = pod_workload(&pod("c1", true, Some("10.1.0.9")), &nodes, &mut used)
+            .unwrap_or_else(|| panic!("no workload"));
+        let docs = made.unwrap_or_else(|e| panic!("{e:?}"));
+        let sinew_model::resource::Resource::Workload(w) = &docs[0].resource else {
+            panic!("not a workload");
+        };
+        assert_eq!(w.spec.service, None);
+        assert_eq!(w.spec.address, "10.1.0.9");
+        assert_eq!(w.spec.service_account(), "web");
+        assert_eq!(
+            w.spec.sidecar, None,
+            "no inbound derived: it serves no Service"
+        );
+        assert_eq!(
+            sinew_model::compile::zone_of(&w.metadata).as_deref(),
+            Some("c")
+        );
+        assert!(pod_workload(&pod("c2", false, Some("10.1.0.8")), &nodes, &mut used).is_none());
+        assert!(pod_workload(&pod("c3", true, None), &nodes, &mut used).is_none());
+        used.insert(("shop".to_owned(), "c4".to_owned()));
+        assert!(pod_workload(&pod("c4", true, Some("10.1.0.7")), &nodes, &mut used).is_none());
     }
 
     /// Kubernetes 1.20 serves EndpointSlices as v1beta1 only, with the zone and the

@@ -201,6 +201,32 @@ where
     store
 }
 
+/// The Nodes' reflector: only their labels matter (topology), so only a change of labels
+/// (or a Node coming or going) wakes the sync, not the status updates every node makes.
+fn reflect_nodes(client: &Client, notify: Arc<Notify>) -> Store<Node> {
+    let (store, writer) = reflector::store();
+    let mut seen: HashMap<String, Option<BTreeMap<String, String>>> = HashMap::new();
+    let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .backoff(quick())
+        .reflect(writer)
+        .filter(move |ev| {
+            let wake = match ev {
+                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    seen.insert(name, n.metadata.labels.clone()) != Some(n.metadata.labels.clone())
+                }
+                Ok(watcher::Event::Delete(n)) => {
+                    seen.remove(n.metadata.name.as_deref().unwrap_or_default());
+                    true
+                }
+                _ => true,
+            };
+            std::future::ready(wake)
+        });
+    drive(stream, notify, "nodes".to_owned());
+    store
+}
+
 /// Like [`reflect`], for an untyped kind.
 fn reflect_dynamic(client: &Client, ar: ApiResource, notify: Arc<Notify>) -> Store<DynamicObject> {
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
@@ -321,6 +347,10 @@ impl Caches {
         for set in self.endpoints.sets() {
             out.extend(convert::workloads(&set, &pods, &nodes, &mut used));
         }
+        // Meshed Pods no Service selects (clients): their sidecars' identity and zone.
+        for pod in pods.values() {
+            out.extend(convert::pod_workload(pod, &nodes, &mut used));
+        }
         let mut ctx = convert::Context {
             trust_domain: trust_domain.to_owned(),
             ..convert::Context::default()
@@ -418,7 +448,7 @@ pub async fn run(
     }
     let services = reflect(&client, notify.clone(), "services");
     let pods = reflect(&client, notify.clone(), "pods");
-    let nodes = reflect(&client, notify.clone(), "nodes");
+    let nodes = reflect_nodes(&client, notify.clone());
     let caches = Caches {
         services,
         pods,

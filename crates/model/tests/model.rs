@@ -313,7 +313,9 @@ fn capture_and_virtual_ips_are_validated() {
     // Dual-stack: both addresses, the first one as `virtual_ip`; the same address
     // written twice in one service is one address.
     let dual = "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: d, namespace: shop}\nspec:\n  virtualIP: 10.96.0.9\n  virtualIPs: [10.96.0.9, 'fd00::9']\n  ports: [{name: http, port: 80}]\n";
-    let dual = format!("{dual}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec: {{capture: {{}}}}\n");
+    let dual = format!(
+        "{dual}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec: {{capture: {{}}}}\n"
+    );
     let cfg = compile_text("dual.yaml", &dual, None).unwrap_or_else(|e| panic!("{e}"));
     let d = cfg.service("d.shop").unwrap();
     assert_eq!(d.virtual_ip, "10.96.0.9".parse().ok());
