@@ -710,6 +710,36 @@ spec:
         );
     }
 
+    /// A service that lists its virtual IPs (a Kubernetes Service's ClusterIPs) keeps
+    /// them, and a headless one (`virtualIPs: []`) gets none allocated.
+    #[test]
+    fn listed_virtual_ips_are_kept_and_headless_services_get_none() {
+        let text = format!(
+            "{MESH}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: cap, namespace: ops}}\nspec: {{capture: {{}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: dual, namespace: ops}}\nspec: {{virtualIPs: [10.0.0.5, 'fd00::5'], ports: [{{name: http, port: 80}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: headless, namespace: ops}}\nspec: {{virtualIPs: [], ports: [{{name: http, port: 80}}]}}\n"
+        );
+        let v = compute(&state(&text), "ops/cap");
+        let spec = |name: &str| {
+            v.entries
+                .iter()
+                .find_map(|e| match &e.resource {
+                    Resource::Service(s) if s.metadata.name == name => Some(s.spec.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no service {name}"))
+        };
+        let dual = spec("dual");
+        assert_eq!(dual.virtual_ip, None);
+        assert_eq!(
+            dual.virtual_ips,
+            Some(vec!["10.0.0.5".to_owned(), "fd00::5".to_owned()])
+        );
+        let headless = spec("headless");
+        assert_eq!(
+            (headless.virtual_ip, headless.virtual_ips),
+            (None, Some(vec![]))
+        );
+    }
+
     #[test]
     fn a_proxy_gets_what_it_can_reach_and_nothing_else() {
         let s = state(MESH);
