@@ -265,6 +265,27 @@ async fn host_sidecar(
     child
 }
 
+/// The cluster's DNS as the pod's resolver sees it (kube-dns' stand-in): answers every
+/// A query with one address (argv[2]), bound at argv[1]:53.
+const CLUSTER_DNS: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, peer = s.recvfrom(4096)
+    i = 12
+    while q[i] != 0:
+        i += q[i] + 1
+    question = q[12:i + 5]
+    qtype = q[i + 1:i + 3]
+    head = q[:2] + b"\x81\x80" + b"\x00\x01"
+    if qtype == b"\x00\x01":
+        answer = b"\xc0\x0c\x00\x01\x00\x01" + struct.pack(">I", 30) + b"\x00\x04" + socket.inet_aton(sys.argv[2])
+        s.sendto(head + b"\x00\x01\x00\x00\x00\x00" + question + answer, peer)
+    else:
+        s.sendto(head + b"\x00\x00\x00\x00\x00\x00" + question, peer)
+"#;
+
 /// `curl` in the pod: the echo's JSON, or why it failed.
 fn curl(ns: &netns::Netns, args: &[&str]) -> Result<Value, String> {
     let mut all = vec!["curl", "-sS", "--max-time", "10"];
@@ -292,11 +313,18 @@ fn curl(ns: &netns::Netns, args: &[&str]) -> Result<Value, String> {
 /// routes it (the HTTPRoute's header filter applies) over mTLS (the server's sidecar
 /// hands the app the client's SPIFFE identity). The sidecar's own DNS answers the
 /// Service's name with the same ClusterIP. A headless Service's pods, called at their
-/// own addresses (what `db-1.db.shop.svc.cluster.local` resolves to), are each reached
-/// over mTLS, the addressed one every time.
+/// own addresses, and by a StatefulSet pod's DNS name (forwarded by the sidecar's DNS to
+/// a kube-dns stand-in), are each reached over mTLS, the addressed one every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_calling_a_service_by_name_is_routed_over_mtls_by_cluster_ip() {
-    netns::require(&["ip", "iptables-nft-restore", "curl", "setpriv", "getent"]);
+    netns::require(&[
+        "ip",
+        "iptables-nft-restore",
+        "curl",
+        "setpriv",
+        "getent",
+        "python3",
+    ]);
     let scratch = netns::Scratch::new("k8s");
     let proxy = scratch.path("sinew-proxy");
     std::fs::copy(proxy_bin(), &proxy).unwrap();
@@ -386,6 +414,15 @@ async fn a_pod_calling_a_service_by_name_is_routed_over_mtls_by_cluster_ip() {
         );
     }
 
+    // The cluster's DNS, on the node: it answers a StatefulSet pod's name
+    // (`db-1.db.shop.svc.cluster.local`) with that pod's address, as kube-dns does.
+    let dns_script = scratch.write("cluster_dns.py", CLUSTER_DNS);
+    let mut cluster_dns = tokio::process::Command::new("python3")
+        .arg(&dns_script)
+        .args([net.host.to_string(), net.host2.to_string()])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     // The client pod: capture first (the init container), then its sidecar as the
     // proxy's uid, as the injector sets them up.
     let pod_ns = &net.ns;
@@ -502,6 +539,24 @@ async fn a_pod_calling_a_service_by_name_is_routed_over_mtls_by_cluster_ip() {
             );
         }
     }
+    // A StatefulSet pod's DNS name: not a mesh name, so the sidecar's DNS forwards it to
+    // the cluster's resolver, which answers the pod's address; the call is the mesh's.
+    netns::until_ok(
+        "the pod resolves a StatefulSet pod's name through its sidecar",
+        pod_ns,
+        &["getent", "ahostsv4", "db-1.db.shop.svc.cluster.local"],
+    )
+    .await;
+    let hosts = pod_ns.must(&["getent", "ahostsv4", "db-1.db.shop.svc.cluster.local"]);
+    assert!(hosts.starts_with(&net.host2.to_string()), "{hosts}");
+    let url = format!("http://db-1.db.shop.svc.cluster.local:{}/", ep_db1.port());
+    let echo = curl(pod_ns, &[&url]).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_eq!(echo["backend"], "db-1", "{echo}");
+    assert_eq!(
+        echo["headers"]["sinew-peer-identity"], "spiffe://cluster.local/ns/shop/sa/web",
+        "{echo}"
+    );
+    let _ = cluster_dns.start_kill();
     drop(sidecars);
     drop(client);
     drop(cp);
