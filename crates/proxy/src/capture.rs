@@ -1,9 +1,11 @@
 //! Transparent capture: connections redirected to the proxy by packet-filter rules
 //! (`sinew init`), routed by their original destination (`SO_ORIGINAL_DST`).
 //!
-//! Outbound: a service's virtual IP or a workload's address:port names a mesh
-//! service; its traffic is then detected (HTTP, else opaque TCP) and goes the usual
-//! way (routes, balancing, mTLS to the peer sidecar). Anything else passes through
+//! Outbound: a service's virtual IP (on Kubernetes, a ClusterIP) or a workload's
+//! address:port names a mesh service; its traffic is then detected (HTTP, else opaque
+//! TCP) and goes the usual way (routes, balancing, mTLS to the peer sidecar), except
+//! that a connection to a workload's own address (a headless Service's pod) goes to
+//! that workload only. Anything else passes through
 //! as plain TCP, or is refused when `MeshConfig.spec.outboundTrafficPolicy` is
 //! `REGISTRY_ONLY`. Detection is bounded by bytes and time: a client that sends
 //! nothing (the server speaks first: MySQL, SMTP, Redis-style greetings) is treated
