@@ -2,8 +2,9 @@
 //! `kubernetes` documents equal to what it holds.
 //!
 //! One reflector (a watch with a local cache, re-listed after a lost watch) per kind:
-//! Services, Pods, Nodes (their topology labels), the endpoints (EndpointSlice `discovery.k8s.io/v1`, else `v1beta1`, else
-//! core `Endpoints`, whichever the server serves, found by API discovery at start), and
+//! Services, Pods, Nodes (their topology labels), the endpoints (EndpointSlice
+//! `discovery.k8s.io/v1`, else `v1beta1`, else core `Endpoints`, whichever the server
+//! serves, found by API discovery at start), and
 //! every custom kind that is served (Sinew's, Gateway API routes, SMI). Any change wakes
 //! the sync, which (after a short quiet period) turns the caches into documents
 //! ([`crate::convert`]) and replaces the source's documents in the index in one validated

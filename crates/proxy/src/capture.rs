@@ -243,10 +243,11 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
             let Some(balancer) = snap.balancer(key, port).cloned() else {
                 return;
             };
+            let ctx = with_dst(&ctx, dst);
+            let pinned = crate::outbound::pinned_endpoint(&ctx, &snap, &balancer);
             drop(snap);
             shared.metrics.captured(Direction::Outbound, "tcp");
-            let ctx = with_dst(&ctx, dst);
-            match crate::outbound::pinned_endpoint(&ctx, &balancer) {
+            match pinned {
                 // To a workload's own address: that workload, nowhere else.
                 Some(ep) => tcp_to(&ctx, stream, &balancer, &ep).await,
                 None => tcp_with_failover(&ctx, stream, &balancer).await,

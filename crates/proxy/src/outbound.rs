@@ -125,11 +125,19 @@ fn target<'s>(
 
 /// The endpoint a captured connection was addressed to, when its original
 /// destination is one of `balancer`'s endpoints (not a service's virtual IP).
-pub(crate) fn pinned_endpoint(ctx: &ConnCtx, balancer: &Balancer) -> Option<Arc<Endpoint>> {
+pub(crate) fn pinned_endpoint(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    balancer: &Balancer,
+) -> Option<Arc<Endpoint>> {
     if ctx.role != Role::OutboundCapture {
         return None;
     }
     let dst = ctx.orig_dst?;
+    // A hash lookup first: calls to virtual IPs (the common case) never scan.
+    if !snap.addresses_workload(dst) {
+        return None;
+    }
     balancer
         .endpoints()
         .iter()
@@ -180,7 +188,7 @@ async fn forward(
     // A captured connection to a workload's own address (a headless Service's
     // endpoint, a StatefulSet pod's DNS name) is for that workload: every try goes
     // there, over mTLS to its sidecar as to any endpoint.
-    let pinned = pinned_endpoint(ctx, balancer);
+    let pinned = pinned_endpoint(ctx, &snap, balancer);
     let endpoint = match &pinned {
         Some(e) => e.clone(),
         None => balancer

@@ -122,6 +122,14 @@ impl Snapshot {
         t.endpoints.get(&dst).map(|(k, p)| (k.as_str(), *p))
     }
 
+    /// True when a captured connection to `dst` was addressed to a workload itself
+    /// (its address:port), not to a service's virtual IP.
+    pub fn addresses_workload(&self, dst: SocketAddr) -> bool {
+        self.capture
+            .as_deref()
+            .is_some_and(|t| !t.vips.contains_key(&dst.ip()) && t.endpoints.contains_key(&dst))
+    }
+
     /// The connection pool for a local application port (inbound).
     pub fn app_pool(&self, port: u16) -> Option<&Arc<ConnPool>> {
         self.app_pools
