@@ -293,8 +293,9 @@ impl EndpointCache {
 struct Caches {
     services: Store<Service>,
     pods: Store<Pod>,
-    /// Nodes, for their topology labels (workloads' zones and regions).
-    nodes: Store<Node>,
+    /// Nodes, for their topology labels (workloads' zones and regions); `None` when the
+    /// control plane may not read them (a ClusterRole from before it did).
+    nodes: Option<Store<Node>>,
     endpoints: EndpointCache,
     custom: Vec<(Kind, Store<DynamicObject>)>,
 }
@@ -303,7 +304,9 @@ impl Caches {
     async fn ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
-        let _ = self.nodes.wait_until_ready().await;
+        if let Some(nodes) = &self.nodes {
+            let _ = nodes.wait_until_ready().await;
+        }
         let _ = match &self.endpoints {
             EndpointCache::SliceV1(s) => s.wait_until_ready().await,
             EndpointCache::SliceV1beta1(s) => s.wait_until_ready().await,
@@ -340,8 +343,8 @@ impl Caches {
             .collect();
         let nodes: HashMap<String, Arc<Node>> = self
             .nodes
-            .state()
-            .into_iter()
+            .iter()
+            .flat_map(Store::state)
             .filter_map(|n| Some((n.metadata.name.clone()?, n)))
             .collect();
         let mut used = std::collections::BTreeSet::new();
@@ -449,7 +452,20 @@ pub async fn run(
     }
     let services = reflect(&client, notify.clone(), "services");
     let pods = reflect(&client, notify.clone(), "pods");
-    let nodes = reflect_nodes(&client, notify.clone());
+    // Nodes only add zones: without the permission to read them (an installation whose
+    // ClusterRole predates it) the rest of the cluster is still the mesh's.
+    let nodes = match Api::<Node>::all(client.clone())
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            tracing::warn!(
+                "no permission to read Nodes: workloads' zones come from EndpointSlices and Pods only (grant get/list/watch on nodes: sinew install prints the ClusterRole)"
+            );
+            None
+        }
+        _ => Some(reflect_nodes(&client, notify.clone())),
+    };
     let caches = Caches {
         services,
         pods,
