@@ -779,3 +779,135 @@ async fn locality_comes_from_endpoint_slices_and_nodes() {
     .unwrap();
     drop((proxy, proxy2));
 }
+
+/// A control plane whose ClusterRole predates Nodes (an upgrade that kept the old role)
+/// still serves the mesh: the source does not wait for a Node watch it may not open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_permission_on_nodes_the_rest_still_syncs() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let api = ApiServer::start_with_args(&["--authorization-mode=RBAC"])
+        .await
+        .expect("a real kube-apiserver (scripts/kube-envtest build)");
+    let c = api.client().await.unwrap();
+    sinew_k8s::install_crds(&c, &sinew_k8s::crds())
+        .await
+        .unwrap();
+    let pp = PostParams::default();
+    for ns in ["shop", "sinew-system"] {
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+        Api::<Namespace>::all(c.clone())
+            .create(&pp, &ns)
+            .await
+            .unwrap();
+    }
+    let sa: ServiceAccount = serde_json::from_value(
+        json!({"metadata": {"name": "sinew-control", "namespace": "sinew-system"}}),
+    )
+    .unwrap();
+    let sas = Api::<ServiceAccount>::namespaced(c.clone(), "sinew-system");
+    sas.create(&pp, &sa).await.unwrap();
+    // The published role without `nodes`.
+    let mut role = sinew_k8s::rbac::cluster_role();
+    for rule in role.rules.iter_mut().flatten() {
+        if let Some(r) = rule.resources.as_mut() {
+            r.retain(|r| r != "nodes");
+        }
+    }
+    Api::<ClusterRole>::all(c.clone())
+        .create(&pp, &role)
+        .await
+        .unwrap();
+    Api::<Role>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &sinew_k8s::rbac::lease_role("sinew-system"))
+        .await
+        .unwrap();
+    let subject =
+        json!([{"kind": "ServiceAccount", "name": "sinew-control", "namespace": "sinew-system"}]);
+    let crb: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(c.clone())
+        .create(&pp, &crb)
+        .await
+        .unwrap();
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "sinew-control", "namespace": "sinew-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sinew-control"},
+        "subjects": subject
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(c.clone(), "sinew-system")
+        .create(&pp, &rb)
+        .await
+        .unwrap();
+    let req = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            audiences: vec![sinew_testkit::kube::API_AUDIENCE.to_owned()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let token = sas
+        .create_token_request("sinew-control", &pp, &req)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let restricted = api.client_for("control", &token).await.unwrap();
+    assert!(
+        Api::<Node>::all(restricted)
+            .list(&Default::default())
+            .await
+            .is_err(),
+        "the role really cannot read Nodes"
+    );
+
+    let app = HttpBackend::start("catalog").await.unwrap();
+    create::<Service>(
+        &c,
+        json!({"metadata": {"name": "catalog", "namespace": "shop"},
+               "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+    )
+    .await;
+    pod(&c, "catalog-0", "catalog", None, Some("node-a")).await;
+    slice(
+        &c,
+        "catalog-0",
+        "catalog",
+        "catalog-0",
+        app.addr(),
+        json!({}),
+    )
+    .await;
+    let bind = mesh::free_addr();
+    apply(
+        &c,
+        &ar("sinew.dev", "v1alpha1", "Proxy", "proxies"),
+        json!({"metadata": {"name": "client"},
+               "spec": {"outbound": {"upstreams": [{"bind": bind.to_string(), "service": "catalog"}]}}}),
+    )
+    .await;
+    let dir = mesh::Scratch::new();
+    let kubeconfig = api.kubeconfig_for_token("control", &token).unwrap();
+    let cp = mesh::Control::start_env(
+        &dir.0.join("data"),
+        mesh::free_addr(),
+        &["--kubernetes", "--lease-namespace", "sinew-system"],
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
+    let _proxy = mesh::proxy(&cp, "shop/client", None, Duration::from_millis(100)).await;
+    mesh::listening(bind).await;
+    wait::until("the endpoint serves", mesh::TIMEOUT, || async move {
+        client::get(bind, "catalog", "/")
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await
+    .unwrap();
+}
