@@ -283,7 +283,8 @@ impl Lookups {
     }
 }
 
-/// Gives every Service without `spec.virtualIP` one from the mesh's range
+/// Gives every Service without `spec.virtualIP`/`virtualIPs` (e.g. a Kubernetes
+/// Service's ClusterIPs) one from the mesh's range
 /// (`MeshConfig.spec.virtualIPRange`, default `240.240.0.0/16`), in the
 /// documents proxies get: deterministic (a hash of the service's key, collisions
 /// moved to the next free address), so a service keeps its address across
@@ -311,19 +312,14 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
     let mut taken = BTreeSet::new();
     for e in all.iter() {
         if let Resource::Service(s) = &e.resource {
-            match s
-                .spec
-                .virtual_ip
-                .as_deref()
-                .map(str::parse::<std::net::IpAddr>)
-            {
-                Some(Ok(ip)) => {
-                    taken.insert(ip);
-                }
-                Some(Err(_)) => {}
-                None => {
-                    wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
-                }
+            if s.spec.names_virtual_ips() {
+                taken.extend(
+                    s.spec
+                        .virtual_ip_list()
+                        .filter_map(|v| v.parse::<std::net::IpAddr>().ok()),
+                );
+            } else {
+                wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
             }
         }
     }
@@ -340,7 +336,7 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
         let Resource::Service(s) = &e.resource else {
             continue;
         };
-        if s.spec.virtual_ip.is_some() {
+        if s.spec.names_virtual_ips() {
             continue;
         }
         let key = format!("{}.{}", s.metadata.name, s.metadata.ns());
@@ -757,6 +753,36 @@ spec:
             vips(&compute(&state(&capture), "ops/cap")),
             got,
             "stable across publications"
+        );
+    }
+
+    /// A service that lists its virtual IPs (a Kubernetes Service's ClusterIPs) keeps
+    /// them, and a headless one (`virtualIPs: []`) gets none allocated.
+    #[test]
+    fn listed_virtual_ips_are_kept_and_headless_services_get_none() {
+        let text = format!(
+            "{MESH}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: cap, namespace: ops}}\nspec: {{capture: {{}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: dual, namespace: ops}}\nspec: {{virtualIPs: [10.0.0.5, 'fd00::5'], ports: [{{name: http, port: 80}}]}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: headless, namespace: ops}}\nspec: {{virtualIPs: [], ports: [{{name: http, port: 80}}]}}\n"
+        );
+        let v = compute(&state(&text), "ops/cap");
+        let spec = |name: &str| {
+            v.entries
+                .iter()
+                .find_map(|e| match &e.resource {
+                    Resource::Service(s) if s.metadata.name == name => Some(s.spec.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no service {name}"))
+        };
+        let dual = spec("dual");
+        assert_eq!(dual.virtual_ip, None);
+        assert_eq!(
+            dual.virtual_ips,
+            Some(vec!["10.0.0.5".to_owned(), "fd00::5".to_owned()])
+        );
+        let headless = spec("headless");
+        assert_eq!(
+            (headless.virtual_ip, headless.virtual_ips),
+            (None, Some(vec![]))
         );
     }
 

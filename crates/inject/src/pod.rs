@@ -292,6 +292,9 @@ fn probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The sidecar's DNS responder port: `sinew init` redirects the pod's DNS (UDP 53) there.
+pub const DNS_PORT: u16 = 15053;
+
 fn proxy_args(c: &InjectConfig) -> Vec<String> {
     let mut args = vec![
         "--join-token-file".into(),
@@ -306,6 +309,11 @@ fn proxy_args(c: &InjectConfig) -> Vec<String> {
             c.inbound_port.to_string(),
             "--capture-outbound-port".into(),
             c.outbound_port.to_string(),
+            // The pod's DNS queries come here (the init container's rules): Services'
+            // names are answered with their ClusterIPs, as kube-dns would, the rest
+            // forwarded to the pod's resolver.
+            "--capture-dns-port".into(),
+            DNS_PORT.to_string(),
         ]);
     }
     args
@@ -421,6 +429,8 @@ pub fn init_container(c: &InjectConfig) -> Container {
         c.inbound_port.to_string(),
         "--outbound-port".into(),
         c.outbound_port.to_string(),
+        "--dns-port".into(),
+        DNS_PORT.to_string(),
     ];
     // The admin port is never captured: the kubelet's probes must reach the proxy itself.
     let mut inbound = vec![c.admin_port.to_string()];
@@ -586,10 +596,15 @@ mod tests {
                 "15006",
                 "--outbound-port",
                 "15001",
+                "--dns-port",
+                "15053",
                 "--exclude-inbound-ports",
                 "4191"
             ]
         );
+        // The sidecar answers the DNS the init container's rules send it.
+        let pargs = proxy["args"].to_string();
+        assert!(pargs.contains(r#""--capture-dns-port","15053""#), "{pargs}");
         let tok = &spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
         assert_eq!(tok["audience"], "sinew");
         assert_eq!(tok["path"], TOKEN_FILE);

@@ -1,11 +1,16 @@
 //! Kubernetes objects to Sinew documents.
 //!
-//! - A `Service` becomes a Sinew `Service` with the same name and ports.
+//! - A `Service` becomes a Sinew `Service` with the same name and ports, and its
+//!   ClusterIPs (all of them: dual-stack) as its virtual IPs, so captured calls through
+//!   kube-dns are the mesh's; a headless Service has none.
 //! - Each ready endpoint of a Service (from EndpointSlices, or Endpoints on old clusters)
 //!   becomes a `Workload` of that service: its address and ports, and from its Pod the
 //!   labels, the service account (its SPIFFE identity) and, when the Pod carries
-//!   [`SIDECAR_PORT_ANNOTATION`], the sidecar's inbound port. Endpoints that are not ready
+//!   [`SIDECAR_PORT_ANNOTATION`], the sidecar's inbound port; its zone and region from
+//!   the EndpointSlice and its Node (see [`workloads`]). Endpoints that are not ready
 //!   (or whose Pod is not ready or is terminating) are left out.
+//! - A meshed Pod that is no Service's endpoint (a client) is a `Workload` without a
+//!   service ([`pod_workload`]): its sidecar's identity and zone.
 //! - Sinew custom resources are the documents themselves; Gateway API `HTTPRoute` too.
 //! - `GRPCRoute` becomes an `HTTPRoute` over gRPC paths (`/<service>/<method>`), and SMI
 //!   `TrafficSplit` an `HTTPRoute` with weighted backends on the root service (only for
@@ -19,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
@@ -53,6 +58,13 @@ pub struct Endpoint {
     /// Port numbers by port name (`""` for a service's single unnamed port); a slice's
     /// ports apply to all its endpoints.
     pub ports: BTreeMap<String, u16>,
+    /// The zone the endpoint serves, for locality preference: the first zone of its
+    /// topology hints (`hints.forZones`: the EndpointSlice controller assigns each
+    /// endpoint to one zone), else its own `zone` (v1; `topology` in v1beta1).
+    pub zone: Option<String>,
+    /// The Node it runs on (`nodeName`), whose topology labels tell its zone and
+    /// region when the slice does not.
+    pub node: Option<String>,
 }
 
 /// The endpoints of one service, from however many slices.
@@ -103,11 +115,22 @@ pub fn from_slice(s: &EndpointSlice) -> Option<EndpointSet> {
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| r.name.clone());
             let ports = ports.clone();
+            let zone = e
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .and_then(|z| z.first())
+                .map(|z| z.name.clone())
+                .or_else(|| e.zone.clone())
+                .filter(|z| !z.is_empty());
+            let node = e.node_name.clone().filter(|n| !n.is_empty());
             e.addresses.iter().map(move |ip| Endpoint {
                 ip: ip.clone(),
                 ready,
                 pod: pod.clone(),
                 ports: ports.clone(),
+                zone: zone.clone(),
+                node: node.clone(),
             })
         })
         .collect();
@@ -116,6 +139,31 @@ pub fn from_slice(s: &EndpointSlice) -> Option<EndpointSet> {
         service: service.clone(),
         endpoints,
     })
+}
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice (what Kubernetes 1.20 serves) read as v1:
+/// the same shape where Sinew reads it (addresses, conditions, targetRef, ports,
+/// nodeName, hints) except the zone, which v1beta1 keeps in `topology`
+/// (`topology.kubernetes.io/zone`, and the node in `kubernetes.io/hostname`).
+pub fn slice_from_v1beta1(mut v: Value) -> Option<EndpointSlice> {
+    v["apiVersion"] = "discovery.k8s.io/v1".into();
+    v["kind"] = "EndpointSlice".into();
+    if let Some(eps) = v.get_mut("endpoints").and_then(Value::as_array_mut) {
+        for e in eps.iter_mut().filter_map(Value::as_object_mut) {
+            let topology = e.remove("topology").unwrap_or(Value::Null);
+            if !e.contains_key("zone")
+                && let Some(z) = topology.get("topology.kubernetes.io/zone")
+            {
+                e.insert("zone".into(), z.clone());
+            }
+            if !e.contains_key("nodeName")
+                && let Some(n) = topology.get("kubernetes.io/hostname")
+            {
+                e.insert("nodeName".into(), n.clone());
+            }
+        }
+    }
+    serde_json::from_value(v).ok()
 }
 
 /// The endpoints a core `Endpoints` object holds (clusters without EndpointSlices).
@@ -147,6 +195,8 @@ pub fn from_endpoints(e: &Endpoints) -> EndpointSet {
                         .filter(|r| r.kind.as_deref() == Some("Pod"))
                         .and_then(|r| r.name.clone()),
                     ports: ports.clone(),
+                    zone: None,
+                    node: a.node_name.clone().filter(|n| !n.is_empty()),
                 });
             }
         };
@@ -232,13 +282,35 @@ pub fn service(svc: &Service) -> Option<Converted> {
             v
         })
         .collect();
+    let mut sspec = json!({"ports": ports});
+    if let Some(vips) = virtual_ips(spec) {
+        sspec["virtualIPs"] = json!(vips);
+    }
     let doc = json!({
         "apiVersion": SINEW_API_VERSION,
         "kind": "Service",
         "metadata": metadata(name, ns, svc.metadata.labels.as_ref()),
-        "spec": {"ports": ports},
+        "spec": sspec,
     });
     Some(parse(&label("Service", ns, name), &doc))
+}
+
+/// A Service's ClusterIPs as the mesh service's virtual IPs, so that an app calling it
+/// through kube-dns (which answers with them) is captured as a call to the mesh
+/// service: `spec.clusterIPs` (every family of a dual-stack service), or `clusterIP` on
+/// objects from before dual-stack. A headless Service (`None`) has none: `Some(empty)`,
+/// so that none is allocated either (its clients reach each Pod at its own address).
+/// `None` when the API server has not allocated one yet.
+fn virtual_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Option<Vec<String>> {
+    let ips: Vec<String> = match spec.cluster_ips.as_ref().filter(|v| !v.is_empty()) {
+        Some(all) => all.clone(),
+        None => spec.cluster_ip.iter().cloned().collect(),
+    };
+    if ips.iter().any(|ip| ip == "None") {
+        return Some(Vec::new());
+    }
+    let ips: Vec<String> = ips.into_iter().filter(|ip| !ip.is_empty()).collect();
+    (!ips.is_empty()).then_some(ips)
 }
 
 fn pod_ready(pod: &Pod) -> bool {
@@ -273,9 +345,15 @@ fn dns_safe(s: &str) -> String {
 /// `<namespace>/<pod>`) finds its own workload; a Pod behind several services gets
 /// `<pod>.<service>` for the later ones (`used` holds the names taken so far). An endpoint
 /// without a Pod is `<service>-<address>-<port>`.
+///
+/// Each Workload's locality is in its labels `topology.kubernetes.io/zone` and
+/// `…/region` (what the model reads): the zone from the EndpointSlice (its hints, else
+/// the endpoint's zone), else from the labels of its Node (the endpoint's `nodeName`,
+/// else the Pod's `spec.nodeName`), else the Pod's own labels; the region from the Node.
 pub fn workloads(
     set: &EndpointSet,
     pods: &HashMap<(String, String), Arc<Pod>>,
+    nodes: &HashMap<String, Arc<Node>>,
     used: &mut std::collections::BTreeSet<(String, String)>,
 ) -> Vec<(String, Converted)> {
     let mut out = Vec::new();
@@ -310,6 +388,11 @@ pub fn workloads(
             "ports": ports,
         });
         let mut labels = None;
+        let node = ep
+            .node
+            .clone()
+            .or_else(|| pod.and_then(|p| p.spec.as_ref()?.node_name.clone()))
+            .and_then(|n| nodes.get(&n));
         if let Some(pod) = pod {
             labels = pod.metadata.labels.as_ref();
             let sa = pod
@@ -333,10 +416,11 @@ pub fn workloads(
                 }
             }
         }
+        let labels = locality_labels(labels, ep.zone.as_deref(), node.map(AsRef::as_ref));
         let doc = json!({
             "apiVersion": SINEW_API_VERSION,
             "kind": "Workload",
-            "metadata": metadata(&name, &set.namespace, labels),
+            "metadata": metadata(&name, &set.namespace, Some(&labels)),
             "spec": spec,
         });
         let l = label("Workload", &set.namespace, &name);
@@ -344,6 +428,84 @@ pub fn workloads(
         out.push((l, parsed));
     }
     out
+}
+
+/// The Workload of a meshed Pod (one with [`SIDECAR_PORT_ANNOTATION`]) that is no
+/// Service's endpoint (`used` does not hold its name yet), such as a client: named like
+/// the Pod, so its sidecar finds its own workload, with no service and no inbound; it
+/// carries the Pod's address, labels, service account and locality (its Node's zone and
+/// region), which its sidecar's identity and locality preference read. None for other Pods, and for a
+/// Pod without an address yet or not running.
+pub fn pod_workload(
+    pod: &Pod,
+    nodes: &HashMap<String, Arc<Node>>,
+    used: &mut std::collections::BTreeSet<(String, String)>,
+) -> Option<(String, Converted)> {
+    let ns = pod.metadata.namespace.clone()?;
+    let name = pod.metadata.name.clone()?;
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(SIDECAR_PORT_ANNOTATION)?;
+    let status = pod.status.as_ref()?;
+    if pod.metadata.deletion_timestamp.is_some()
+        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return None;
+    }
+    let ip = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
+    if !used.insert((ns.clone(), name.clone())) {
+        return None;
+    }
+    let spec = pod.spec.as_ref();
+    let sa = spec
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let node = spec
+        .and_then(|s| s.node_name.as_ref())
+        .and_then(|n| nodes.get(n));
+    let labels = locality_labels(pod.metadata.labels.as_ref(), None, node.map(AsRef::as_ref));
+    let doc = json!({
+        "apiVersion": SINEW_API_VERSION,
+        "kind": "Workload",
+        "metadata": metadata(&name, &ns, Some(&labels)),
+        // No `sidecar`: an inbound would be derived from it, and no Service names the
+        // application ports it could serve.
+        "spec": {"address": ip, "serviceAccount": sa},
+    });
+    let l = label("Workload", &ns, &name);
+    let parsed = parse(&l, &doc);
+    Some((l, parsed))
+}
+
+/// Node label: the zone a Node is in.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Node label: the region a Node is in.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// A workload's labels with its locality: `zone` (from the EndpointSlice) before the
+/// Node's zone label before the Pod's own; the region from the Node.
+fn locality_labels(
+    pod_labels: Option<&BTreeMap<String, String>>,
+    zone: Option<&str>,
+    node: Option<&Node>,
+) -> BTreeMap<String, String> {
+    let mut labels = pod_labels.cloned().unwrap_or_default();
+    let node_labels = node.and_then(|n| n.metadata.labels.as_ref());
+    let node_label = |key: &str| {
+        node_labels
+            .and_then(|l| l.get(key))
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(z) = zone {
+        labels.insert(ZONE_LABEL.to_owned(), z.to_owned());
+    } else if let Some(z) = node_label(ZONE_LABEL) {
+        labels.insert(ZONE_LABEL.to_owned(), z.clone());
+    }
+    if let Some(r) = node_label(REGION_LABEL) {
+        labels.insert(REGION_LABEL.to_owned(), r.clone());
+    }
+    labels
 }
 
 fn object_metadata(obj: &DynamicObject, name: &str) -> Value {
@@ -993,6 +1155,203 @@ mod tests {
         );
         assert_eq!(path_regex(".*"), Ok((vec![], vec![])));
         assert!(path_regex("/users/[0-9]+").is_err());
+    }
+
+    fn svc(spec: Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "catalog", "namespace": "shop"},
+            "spec": spec,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn vips_of(s: &Service) -> Option<Vec<String>> {
+        let docs = service(s)
+            .unwrap_or_else(|| panic!("no document"))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        match &docs[0].resource {
+            sinew_model::resource::Resource::Service(o) => o.spec.virtual_ips.clone(),
+            r => panic!("not a service: {r:?}"),
+        }
+    }
+
+    /// ClusterIPs are the virtual IPs: every family of a dual-stack Service, the single
+    /// `clusterIP` of an object from before dual-stack; a headless Service says it has
+    /// none (so none is allocated); one not allocated yet says nothing.
+    #[test]
+    fn cluster_ips_are_the_virtual_ips() {
+        let ports = json!([{"name": "http", "port": 80}]);
+        let dual = svc(json!({"ports": ports, "clusterIP": "10.0.0.5",
+                              "clusterIPs": ["10.0.0.5", "fd00::5"]}));
+        assert_eq!(
+            vips_of(&dual),
+            Some(vec!["10.0.0.5".to_owned(), "fd00::5".to_owned()])
+        );
+        let old = svc(json!({"ports": ports, "clusterIP": "10.0.0.6"}));
+        assert_eq!(vips_of(&old), Some(vec!["10.0.0.6".to_owned()]));
+        let headless = svc(json!({"ports": ports, "clusterIP": "None", "clusterIPs": ["None"]}));
+        assert_eq!(vips_of(&headless), Some(vec![]));
+        let pending = svc(json!({"ports": ports}));
+        assert_eq!(vips_of(&pending), None);
+    }
+
+    fn zones(
+        set: &EndpointSet,
+        pods: &[Pod],
+        nodes: &[Node],
+    ) -> BTreeMap<String, (Option<String>, Option<String>)> {
+        let pods = pods
+            .iter()
+            .map(|p| {
+                (
+                    (
+                        "shop".to_owned(),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    Arc::new(p.clone()),
+                )
+            })
+            .collect();
+        let nodes = nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    Arc::new(n.clone()),
+                )
+            })
+            .collect();
+        let mut used = std::collections::BTreeSet::new();
+        workloads(set, &pods, &nodes, &mut used)
+            .into_iter()
+            .map(|(_, r)| {
+                let docs = r.unwrap_or_else(|e| panic!("{e:?}"));
+                match &docs[0].resource {
+                    sinew_model::resource::Resource::Workload(w) => (
+                        w.metadata.name.clone(),
+                        (
+                            sinew_model::compile::zone_of(&w.metadata),
+                            w.metadata.labels.get(REGION_LABEL).cloned(),
+                        ),
+                    ),
+                    r => panic!("not a workload: {r:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// A workload's zone: the slice's hint, else the endpoint's zone, else its Node's
+    /// label (the endpoint's node, else the Pod's), else the Pod's own label; its region
+    /// from the Node.
+    #[test]
+    fn zones_come_from_slices_then_nodes_then_pods() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "catalog-x", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "catalog"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "zone": "a", "nodeName": "n1",
+                 "hints": {"forZones": [{"name": "b"}]}, "targetRef": {"kind": "Pod", "name": "p1"}},
+                {"addresses": ["10.1.0.2"], "zone": "a", "nodeName": "n1",
+                 "targetRef": {"kind": "Pod", "name": "p2"}},
+                {"addresses": ["10.1.0.3"], "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "p3"}},
+                {"addresses": ["10.1.0.4"], "targetRef": {"kind": "Pod", "name": "p4"}},
+                {"addresses": ["10.1.0.5"], "targetRef": {"kind": "Pod", "name": "p5"}},
+            ]
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let set = from_slice(&slice).unwrap_or_else(|| panic!("no set"));
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
+            "topology.kubernetes.io/zone": "c", "topology.kubernetes.io/region": "r1"}}}))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pod = |name: &str, labels: Value, node: Option<&str>| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop", "labels": labels},
+                "spec": {"nodeName": node, "containers": [{"name": "app"}]}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let pods = [
+            pod("p1", json!({}), None),
+            pod("p2", json!({}), None),
+            pod("p3", json!({}), None),
+            pod("p4", json!({}), Some("n1")),
+            pod("p5", json!({"topology.kubernetes.io/zone": "d"}), None),
+        ];
+        let got = zones(&set, &pods, &[node]);
+        let want = |z: &str, r: Option<&str>| (Some(z.to_owned()), r.map(str::to_owned));
+        assert_eq!(got["p1"], want("b", Some("r1")), "the hint first");
+        assert_eq!(got["p2"], want("a", Some("r1")), "then the endpoint's zone");
+        assert_eq!(got["p3"], want("c", Some("r1")), "then its node's");
+        assert_eq!(got["p4"], want("c", Some("r1")), "the Pod's node");
+        assert_eq!(got["p5"], want("d", None), "then the Pod's label");
+    }
+
+    /// A meshed Pod that no Service selects is a Workload without a service, with its
+    /// Node's zone; an unmeshed Pod, or one without an address, is none; an endpoint's
+    /// Pod keeps its endpoint's Workload.
+    #[test]
+    fn meshed_pods_outside_services_are_service_less_workloads() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
+            "topology.kubernetes.io/zone": "c"}}}))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let nodes = [("n1".to_owned(), Arc::new(node))].into_iter().collect();
+        let pod = |name: &str, annotated: bool, ip: Option<&str>| -> Pod {
+            let mut meta = json!({"name": name, "namespace": "shop", "labels": {"app": "web"}});
+            if annotated {
+                meta["annotations"] = json!({SIDECAR_PORT_ANNOTATION: "15006"});
+            }
+            serde_json::from_value(json!({
+                "metadata": meta,
+                "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [{"name": "app"}]},
+                "status": {"podIP": ip, "phase": "Running"}
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let mut used = std::collections::BTreeSet::new();
+        let (_, made) = pod_workload(&pod("c1", true, Some("10.1.0.9")), &nodes, &mut used)
+            .unwrap_or_else(|| panic!("no workload"));
+        let docs = made.unwrap_or_else(|e| panic!("{e:?}"));
+        let sinew_model::resource::Resource::Workload(w) = &docs[0].resource else {
+            panic!("not a workload");
+        };
+        assert_eq!(w.spec.service, None);
+        assert_eq!(w.spec.address, "10.1.0.9");
+        assert_eq!(w.spec.service_account(), "web");
+        assert_eq!(
+            w.spec.sidecar, None,
+            "no inbound derived: it serves no Service"
+        );
+        assert_eq!(
+            sinew_model::compile::zone_of(&w.metadata).as_deref(),
+            Some("c")
+        );
+        assert!(pod_workload(&pod("c2", false, Some("10.1.0.8")), &nodes, &mut used).is_none());
+        assert!(pod_workload(&pod("c3", true, None), &nodes, &mut used).is_none());
+        used.insert(("shop".to_owned(), "c4".to_owned()));
+        assert!(pod_workload(&pod("c4", true, Some("10.1.0.7")), &nodes, &mut used).is_none());
+    }
+
+    /// Kubernetes 1.20 serves EndpointSlices as v1beta1 only, with the zone and the
+    /// node in `topology`.
+    #[test]
+    fn v1beta1_topology_is_read_as_zone_and_node() {
+        let slice = slice_from_v1beta1(json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "catalog-x", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "catalog"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.1.0.1"],
+                           "topology": {"topology.kubernetes.io/zone": "z1",
+                                        "kubernetes.io/hostname": "n1"}}]
+        }))
+        .unwrap_or_else(|| panic!("not read"));
+        let set = from_slice(&slice).unwrap_or_else(|| panic!("no set"));
+        assert_eq!(set.endpoints[0].zone.as_deref(), Some("z1"));
+        assert_eq!(set.endpoints[0].node.as_deref(), Some("n1"));
     }
 
     #[test]

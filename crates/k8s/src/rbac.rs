@@ -1,7 +1,7 @@
 //! The least privilege `sinew control --kubernetes` needs, for installers to grant
 //! (`sinew install --kubernetes` prints these).
 //!
-//! - Read (get, list, watch) Services, Pods, Endpoints, EndpointSlices, and the custom
+//! - Read (get, list, watch) Services, Pods, Nodes, Endpoints, EndpointSlices, and the custom
 //!   kinds it reads ([`crate::crd`]).
 //! - Write the custom resources `sinew apply` makes (Sinew's kinds, HTTPRoutes) and the
 //!   `status` subresource of every custom kind it reads; create Events.
@@ -44,7 +44,13 @@ pub fn cluster_role() -> ClusterRole {
     let mut rules = vec![
         rule(
             &[""],
-            vec!["services".into(), "pods".into(), "endpoints".into()],
+            vec![
+                "services".into(),
+                "pods".into(),
+                "endpoints".into(),
+                // Their topology labels: workloads' zones and regions.
+                "nodes".into(),
+            ],
             READ,
         ),
         rule(&["discovery.k8s.io"], vec!["endpointslices".into()], READ),

@@ -2,8 +2,9 @@
 //! `kubernetes` documents equal to what it holds.
 //!
 //! One reflector (a watch with a local cache, re-listed after a lost watch) per kind:
-//! Services, Pods, the endpoints (EndpointSlice `discovery.k8s.io/v1`, else `v1beta1`, else
-//! core `Endpoints`, whichever the server serves, found by API discovery at start), and
+//! Services, Pods, Nodes (their topology labels), the endpoints (EndpointSlice
+//! `discovery.k8s.io/v1`, else `v1beta1`, else core `Endpoints`, whichever the server
+//! serves, found by API discovery at start), and
 //! every custom kind that is served (Sinew's, Gateway API routes, SMI). Any change wakes
 //! the sync, which (after a short quiet period) turns the caches into documents
 //! ([`crate::convert`]) and replaces the source's documents in the index in one validated
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
@@ -205,6 +206,32 @@ where
     store
 }
 
+/// The Nodes' reflector: only their labels matter (topology), so only a change of labels
+/// (or a Node coming or going) wakes the sync, not the status updates every node makes.
+fn reflect_nodes(client: &Client, notify: Arc<Notify>) -> Store<Node> {
+    let (store, writer) = reflector::store();
+    let mut seen: HashMap<String, Option<BTreeMap<String, String>>> = HashMap::new();
+    let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .backoff(quick())
+        .reflect(writer)
+        .filter(move |ev| {
+            let wake = match ev {
+                Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                    let name = n.metadata.name.clone().unwrap_or_default();
+                    seen.insert(name, n.metadata.labels.clone()) != Some(n.metadata.labels.clone())
+                }
+                Ok(watcher::Event::Delete(n)) => {
+                    seen.remove(n.metadata.name.as_deref().unwrap_or_default());
+                    true
+                }
+                _ => true,
+            };
+            std::future::ready(wake)
+        });
+    drive(stream, notify, "nodes".to_owned());
+    store
+}
+
 /// Like [`reflect`], for an untyped kind.
 fn reflect_dynamic(client: &Client, ar: ApiResource, notify: Arc<Notify>) -> Store<DynamicObject> {
     let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
@@ -241,13 +268,8 @@ impl EndpointCache {
                 .state()
                 .iter()
                 .filter_map(|o| {
-                    // v1beta1 has the same shape as v1 where Sinew reads it (addresses,
-                    // conditions, targetRef, ports); read it as v1.
-                    let mut v = serde_json::to_value(o.as_ref()).ok()?;
-                    v["apiVersion"] = "discovery.k8s.io/v1".into();
-                    v["kind"] = "EndpointSlice".into();
-                    let slice: EndpointSlice = serde_json::from_value(v).ok()?;
-                    convert::from_slice(&slice)
+                    let v = serde_json::to_value(o.as_ref()).ok()?;
+                    convert::from_slice(&convert::slice_from_v1beta1(v)?)
                 })
                 .collect(),
             EndpointCache::Endpoints(s) => s
@@ -275,6 +297,9 @@ impl EndpointCache {
 struct Caches {
     services: Store<Service>,
     pods: Store<Pod>,
+    /// Nodes, for their topology labels (workloads' zones and regions); `None` when the
+    /// control plane may not read them (a ClusterRole from before it did).
+    nodes: Option<Store<Node>>,
     endpoints: EndpointCache,
     custom: Vec<(Kind, Store<DynamicObject>)>,
 }
@@ -283,6 +308,9 @@ impl Caches {
     async fn ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
+        if let Some(nodes) = &self.nodes {
+            let _ = nodes.wait_until_ready().await;
+        }
         let _ = match &self.endpoints {
             EndpointCache::SliceV1(s) => s.wait_until_ready().await,
             EndpointCache::SliceV1beta1(s) => s.wait_until_ready().await,
@@ -317,9 +345,19 @@ impl Caches {
             .into_iter()
             .filter_map(|p| Some(((p.metadata.namespace.clone()?, p.metadata.name.clone()?), p)))
             .collect();
+        let nodes: HashMap<String, Arc<Node>> = self
+            .nodes
+            .iter()
+            .flat_map(Store::state)
+            .filter_map(|n| Some((n.metadata.name.clone()?, n)))
+            .collect();
         let mut used = std::collections::BTreeSet::new();
         for set in self.endpoints.sets() {
-            out.extend(convert::workloads(&set, &pods, &mut used));
+            out.extend(convert::workloads(&set, &pods, &nodes, &mut used));
+        }
+        // Meshed Pods no Service selects (clients): their sidecars' identity and zone.
+        for pod in pods.values() {
+            out.extend(convert::pod_workload(pod, &nodes, &mut used));
         }
         let mut ctx = convert::Context {
             trust_domain: trust_domain.to_owned(),
@@ -418,9 +456,24 @@ pub async fn run(
     }
     let services = reflect(&client, notify.clone(), "services");
     let pods = reflect(&client, notify.clone(), "pods");
+    // Nodes only add zones: without the permission to read them (an installation whose
+    // ClusterRole predates it) the rest of the cluster is still the mesh's.
+    let nodes = match Api::<Node>::all(client.clone())
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            tracing::warn!(
+                "no permission to read Nodes: workloads' zones come from EndpointSlices and Pods only (grant get/list/watch on nodes: sinew install prints the ClusterRole)"
+            );
+            None
+        }
+        _ => Some(reflect_nodes(&client, notify.clone())),
+    };
     let caches = Caches {
         services,
         pods,
+        nodes,
         endpoints,
         custom,
     };

@@ -300,8 +300,12 @@ pub struct ServiceConfig {
     pub ports: Vec<PortConfig>,
     /// Circuit breaking and outlier detection.
     pub traffic: TrafficConfig,
-    /// The service's virtual IP (`spec.virtualIP`), if it has one.
+    /// The service's first virtual IP (`spec.virtualIP`, else the first of
+    /// `spec.virtualIPs`), if it has one.
     pub virtual_ip: Option<IpAddr>,
+    /// All of the service's virtual IPs (a dual-stack service has one per family).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtual_ips: Vec<IpAddr>,
 }
 
 impl ServiceConfig {
@@ -1142,6 +1146,12 @@ fn compile_service(
             }
         })
         .collect();
+    let mut virtual_ips: Vec<IpAddr> = Vec::new();
+    for ip in svc.spec.virtual_ip_list().filter_map(|v| v.parse().ok()) {
+        if !virtual_ips.contains(&ip) {
+            virtual_ips.push(ip);
+        }
+    }
     ServiceConfig {
         name: name.to_owned(),
         namespace: ns.to_owned(),
@@ -1153,7 +1163,8 @@ fn compile_service(
             .unwrap_or_default(),
         ports,
         traffic: traffic_config(res, ns, name),
-        virtual_ip: svc.spec.virtual_ip.as_deref().and_then(|v| v.parse().ok()),
+        virtual_ip: virtual_ips.first().copied(),
+        virtual_ips,
     }
 }
 

@@ -558,19 +558,19 @@ impl Resources {
         for (k, svc) in &self.services {
             let mut c = self.checker(errors, "Service", k);
             let before = c.errors.0.len();
-            let vip = match svc
-                .spec
-                .virtual_ip
-                .as_deref()
-                .map(|v| (v, v.parse::<IpAddr>()))
-            {
-                Some((v, Err(_))) => {
-                    c.fail("spec.virtualIP", format!("{v:?} is not an IP address"));
-                    None
+            let mut claims = Vec::new();
+            for (i, v) in svc.spec.virtual_ip_list().enumerate() {
+                // `virtualIP` is the first address, `virtualIPs[n]` the others.
+                let field = match (&svc.spec.virtual_ip, i) {
+                    (Some(_), 0) => "spec.virtualIP".to_owned(),
+                    (Some(_), n) => format!("spec.virtualIPs[{}]", n - 1),
+                    (None, n) => format!("spec.virtualIPs[{n}]"),
+                };
+                match v.parse::<IpAddr>() {
+                    Err(_) => c.fail(field, format!("{v:?} is not an IP address")),
+                    Ok(ip) => claims.push((field, ip)),
                 }
-                Some((_, Ok(ip))) => Some(ip),
-                None => None,
-            };
+            }
             if svc.spec.ports.is_empty() {
                 c.fail("spec.ports", "a service needs at least one port");
             }
@@ -613,19 +613,23 @@ impl Resources {
                 }
             }
             // A virtual IP is the first valid service's that claims it: an invalid
-            // one claims nothing, so it never pushes a valid one out.
-            if let Some(ip) = vip.filter(|_| c.errors.0.len() == before)
-                && let Some(prev) = vips.get(&ip)
-            {
-                c.fail(
-                    "spec.virtualIP",
-                    format!(
-                        "{ip} is already the virtual IP of service {}/{}",
-                        prev.0, prev.1
-                    ),
-                );
-            } else if let Some(ip) = vip.filter(|_| c.errors.0.len() == before) {
-                vips.insert(ip, k);
+            // one claims nothing, so it never pushes a valid one out. The same address
+            // written twice in one service is harmless.
+            if c.errors.0.len() == before {
+                for (field, ip) in claims {
+                    match vips.get(&ip) {
+                        Some(prev) if *prev != k => c.fail(
+                            field,
+                            format!(
+                                "{ip} is already the virtual IP of service {}/{}",
+                                prev.0, prev.1
+                            ),
+                        ),
+                        _ => {
+                            vips.insert(ip, k);
+                        }
+                    }
+                }
             }
         }
         for (k, w) in &self.workloads {

@@ -99,6 +99,17 @@ pub struct ServiceSpec {
     /// the control plane from `MeshConfig.spec.virtualIPRange`.
     #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
     pub virtual_ip: Option<String>,
+    /// More virtual IPs of the service, e.g. one IPv4 and one IPv6 address for a
+    /// dual-stack service (on Kubernetes: the Service's `spec.clusterIPs`). The
+    /// service's addresses are `virtualIP` followed by these; with either field the
+    /// control plane allocates none. An empty list says the service has no virtual IP
+    /// (a headless service: its clients reach each workload at its own address).
+    #[serde(
+        default,
+        rename = "virtualIPs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub virtual_ips: Option<Vec<String>>,
     /// The service accounts whose proxies may register workloads under this service
     /// (the control plane checks a proxy's registration against its certificate).
     /// Default: only the account named like the service.
@@ -107,6 +118,20 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// The service's explicit virtual IPs as written: `virtualIP`, then `virtualIPs`.
+    pub fn virtual_ip_list(&self) -> impl Iterator<Item = &str> {
+        self.virtual_ip
+            .iter()
+            .chain(self.virtual_ips.iter().flatten())
+            .map(String::as_str)
+    }
+
+    /// True when the service says what its virtual IPs are, possibly none (the
+    /// control plane allocates none then).
+    pub fn names_virtual_ips(&self) -> bool {
+        self.virtual_ip.is_some() || self.virtual_ips.is_some()
+    }
+
     /// True when a proxy of `account` may register a workload under this service.
     pub fn admits_account(&self, service: &str, account: &str) -> bool {
         account == service

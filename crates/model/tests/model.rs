@@ -310,6 +310,18 @@ fn capture_and_virtual_ips_are_validated() {
         cfg.service("a.shop").and_then(|s| s.virtual_ip),
         "10.96.0.1".parse().ok()
     );
+    // Dual-stack: both addresses, the first one as `virtual_ip`; the same address
+    // written twice in one service is one address.
+    let dual = "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: d, namespace: shop}\nspec:\n  virtualIP: 10.96.0.9\n  virtualIPs: [10.96.0.9, 'fd00::9']\n  ports: [{name: http, port: 80}]\n";
+    let dual = format!(
+        "{dual}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec: {{capture: {{}}}}\n"
+    );
+    let cfg = compile_text("dual.yaml", &dual, None).unwrap_or_else(|e| panic!("{e}"));
+    let d = cfg.service("d.shop").unwrap();
+    assert_eq!(d.virtual_ip, "10.96.0.9".parse().ok());
+    let both: Vec<std::net::IpAddr> =
+        vec!["10.96.0.9".parse().unwrap(), "fd00::9".parse().unwrap()];
+    assert_eq!(d.virtual_ips, both);
 
     let proxy = |capture: &str| {
         format!(
@@ -325,6 +337,17 @@ fn capture_and_virtual_ips_are_validated() {
         (
             "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec:\n  virtualIP: ten.0.0.1\n  ports: [{name: http, port: 80}]\n".into(),
             "spec.virtualIP",
+            "not an IP address",
+        ),
+        // A dual-stack service's second address, claimed by another service.
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec:\n  virtualIPs: ['fd00::1', 10.96.0.1]\n  ports: [{name: http, port: 80}]\n".into(),
+            "spec.virtualIPs[1]",
+            "10.96.0.1 is already the virtual IP of service shop/a",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: b, namespace: shop}\nspec:\n  virtualIP: 10.96.0.2\n  virtualIPs: [nope]\n  ports: [{name: http, port: 80}]\n".into(),
+            "spec.virtualIPs[0]",
             "not an IP address",
         ),
         (proxy("{detectTimeout: soon}"), "spec.capture.detectTimeout", "invalid duration"),

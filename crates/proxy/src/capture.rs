@@ -1,9 +1,11 @@
 //! Transparent capture: connections redirected to the proxy by packet-filter rules
 //! (`sinew init`), routed by their original destination (`SO_ORIGINAL_DST`).
 //!
-//! Outbound: a service's virtual IP or a workload's address:port names a mesh
-//! service; its traffic is then detected (HTTP, else opaque TCP) and goes the usual
-//! way (routes, balancing, mTLS to the peer sidecar). Anything else passes through
+//! Outbound: a service's virtual IP (on Kubernetes, a ClusterIP) or a workload's
+//! address:port names a mesh service; its traffic is then detected (HTTP, else opaque
+//! TCP) and goes the usual way (routes, balancing, mTLS to the peer sidecar), except
+//! that a connection to a workload's own address (a headless Service's pod) goes to
+//! that workload only. Anything else passes through
 //! as plain TCP, or is refused when `MeshConfig.spec.outboundTrafficPolicy` is
 //! `REGISTRY_ONLY`. Detection is bounded by bytes and time: a client that sends
 //! nothing (the server speaks first: MySQL, SMTP, Redis-style greetings) is treated
@@ -241,9 +243,15 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
             let Some(balancer) = snap.balancer(key, port).cloned() else {
                 return;
             };
+            let ctx = with_dst(&ctx, dst);
+            let pinned = crate::outbound::pinned_endpoint(&ctx, &snap, &balancer);
             drop(snap);
             shared.metrics.captured(Direction::Outbound, "tcp");
-            tcp_with_failover(&ctx, stream, &balancer).await;
+            match pinned {
+                // To a workload's own address: that workload, nowhere else.
+                Some(ep) => tcp_to(&ctx, stream, &balancer, &ep).await,
+                None => tcp_with_failover(&ctx, stream, &balancer).await,
+            }
         }
     }
 }
@@ -293,6 +301,27 @@ async fn tcp_with_failover(
                 tracing::debug!(error = %e, "captured TCP: endpoint unreachable");
                 tried = Some(ep);
             }
+        }
+    }
+}
+
+/// Opaque TCP to one endpoint of a service (the one the app addressed).
+async fn tcp_to(
+    ctx: &ConnCtx,
+    stream: TcpStream,
+    balancer: &Arc<crate::balance::Balancer>,
+    ep: &Arc<crate::balance::Endpoint>,
+) {
+    use crate::balance::Outcome;
+    match crate::stream::UpstreamIo::open(ep).await {
+        Ok(io) => {
+            balancer.report(ep, Outcome::Ok);
+            spawn_splice(&ctx.shared, stream, io);
+        }
+        Err(e) => {
+            balancer.report(ep, Outcome::Failed);
+            ctx.shared.metrics.error(Direction::Outbound, e.reason());
+            tracing::debug!(error = %e, "captured TCP: the addressed endpoint is unreachable");
         }
     }
 }

@@ -179,7 +179,12 @@ pub fn answer_from(config: Option<&ProxyConfig>, query: &[u8]) -> Answer {
         return Answer::Forward(id);
     };
     let name = q.name().to_ascii();
-    let Some(vip) = config.resolve_service(&name).and_then(|svc| svc.virtual_ip) else {
+    let Some(svc) = config
+        .resolve_service(&name)
+        .filter(|svc| svc.virtual_ip.is_some())
+    else {
+        // Not a mesh service, or one without a virtual IP (a headless Service:
+        // the cluster's resolver knows its workloads' addresses).
         return Answer::Forward(id);
     };
     let mut reply = Message::response(id, metadata.op_code);
@@ -187,14 +192,18 @@ pub fn answer_from(config: Option<&ProxyConfig>, query: &[u8]) -> Answer {
     reply.metadata.recursion_desired = metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.add_query(q.clone());
-    let rdata = match (q.query_type(), vip) {
-        (RecordType::A, IpAddr::V4(v4)) => Some(RData::A(A(v4))),
-        (RecordType::AAAA, IpAddr::V6(v6)) => Some(RData::AAAA(AAAA(v6))),
-        // The name exists without an address of this type: an empty answer.
-        _ => None,
-    };
-    if let Some(rdata) = rdata {
-        reply.add_answer(Record::from_rdata(q.name().clone(), TTL, rdata));
+    // Every address of the asked type (a dual-stack service has one per family); none
+    // of it: the name exists without an address of this type, an empty answer.
+    for vip in svc.virtual_ip.iter().chain(&svc.virtual_ips) {
+        let rdata = match (q.query_type(), *vip) {
+            (RecordType::A, IpAddr::V4(v4)) => RData::A(A(v4)),
+            (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(v6)),
+            _ => continue,
+        };
+        let record = Record::from_rdata(q.name().clone(), TTL, rdata);
+        if !reply.answers.contains(&record) {
+            reply.add_answer(record);
+        }
     }
     match reply.to_vec() {
         Ok(b) => Answer::Reply(b),
@@ -455,6 +464,51 @@ spec: {capture: {dnsPort: 15053}}
         assert_eq!(answer_from(Some(&config), &q), Answer::Forward(8));
         assert_eq!(answer_from(None, &q), Answer::Forward(8));
         assert_eq!(answer_from(Some(&config), b"\x12"), Answer::Drop);
+    }
+
+    /// A dual-stack service (on Kubernetes: its `clusterIPs`) is answered with the
+    /// address of the asked family; a headless one (`virtualIPs: []`) is left to the
+    /// cluster's resolver, which knows its workloads' addresses.
+    #[test]
+    fn dual_stack_services_answer_per_family_and_headless_ones_are_forwarded() {
+        let mesh = "
+apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {name: catalog, namespace: shop}
+spec: {virtualIPs: [10.0.0.20, 'fd00::20'], ports: [{name: http, port: 80}]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {virtualIPs: [], ports: [{name: pg, port: 5432}]}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {name: client, namespace: shop}
+spec: {capture: {dnsPort: 15053}}
+";
+        let config = sinew_model::compile::compile_text("m.yaml", mesh, Some("shop/client"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ask = |id: u16, name: &str, qtype: u8| {
+            let mut q = raw_query(id, name, 0, &[]);
+            let n = q.len();
+            q[n - 3] = qtype;
+            match answer_from(Some(&config), &q) {
+                Answer::Reply(r) => {
+                    let m = Message::from_vec(&r).unwrap_or_else(|e| panic!("{e}"));
+                    Some(m.answers.iter().map(|a| a.data.clone()).collect::<Vec<_>>())
+                }
+                _ => None,
+            }
+        };
+        let v4 = "10.0.0.20".parse().unwrap_or_else(|e| panic!("{e}"));
+        let v6 = "fd00::20".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            ask(1, "catalog.shop.svc.cluster.local", 1),
+            Some(vec![RData::A(A(v4))])
+        );
+        assert_eq!(ask(2, "catalog", 28), Some(vec![RData::AAAA(AAAA(v6))]));
+        assert_eq!(ask(3, "db.shop", 1), None, "headless: forwarded");
     }
 
     #[test]

@@ -123,6 +123,28 @@ fn target<'s>(
     }
 }
 
+/// The endpoint a captured connection was addressed to, when its original
+/// destination is one of `balancer`'s endpoints (not a service's virtual IP).
+pub(crate) fn pinned_endpoint(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    balancer: &Balancer,
+) -> Option<Arc<Endpoint>> {
+    if ctx.role != Role::OutboundCapture {
+        return None;
+    }
+    let dst = ctx.orig_dst?;
+    // A hash lookup first: calls to virtual IPs (the common case) never scan.
+    if !snap.addresses_workload(dst) {
+        return None;
+    }
+    balancer
+        .endpoints()
+        .iter()
+        .find(|e| e.config.address == dst)
+        .cloned()
+}
+
 async fn forward(
     ctx: &Arc<ConnCtx>,
     mut req: Request<Incoming>,
@@ -163,10 +185,19 @@ async fn forward(
     let balancer = snap
         .balancer(&backend.service, backend.port)
         .ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?;
-    let endpoint = balancer
-        .pick_for(ring_key(balancer, &req, ctx.peer))
-        .ok_or_else(|| ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port)))?
-        .clone();
+    // A captured connection to a workload's own address (a headless Service's
+    // endpoint, a StatefulSet pod's DNS name) is for that workload: every try goes
+    // there, over mTLS to its sidecar as to any endpoint.
+    let pinned = pinned_endpoint(ctx, &snap, balancer);
+    let endpoint = match &pinned {
+        Some(e) => e.clone(),
+        None => balancer
+            .pick_for(ring_key(balancer, &req, ctx.peer))
+            .ok_or_else(|| {
+                ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port))
+            })?
+            .clone(),
+    };
     meta.upstream = Some(endpoint.config.address);
     meta.endpoint = Some(endpoint.clone());
     crate::trace::note_outbound(req.extensions(), &rule, &backend.service, &endpoint.config);
@@ -355,6 +386,9 @@ async fn forward(
     };
     // Another endpoint than `not`, when there is one.
     let elsewhere = |not: &Arc<Endpoint>| {
+        if pinned.is_some() {
+            return pinned.clone();
+        }
         balancer
             .pick_other(not)
             .or_else(|| balancer.pick())

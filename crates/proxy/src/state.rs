@@ -77,8 +77,8 @@ impl CaptureTargets {
     fn new(config: &ProxyConfig) -> CaptureTargets {
         let mut t = CaptureTargets::default();
         for (key, svc) in &config.services {
-            if let Some(ip) = svc.virtual_ip {
-                t.vips.entry(ip).or_insert_with(|| key.clone());
+            for ip in svc.virtual_ip.iter().chain(&svc.virtual_ips) {
+                t.vips.entry(*ip).or_insert_with(|| key.clone());
             }
             for port in &svc.ports {
                 for ep in &port.endpoints {
@@ -120,6 +120,14 @@ impl Snapshot {
             return svc.port(dst.port()).map(|p| (key.as_str(), p.port));
         }
         t.endpoints.get(&dst).map(|(k, p)| (k.as_str(), *p))
+    }
+
+    /// True when a captured connection to `dst` was addressed to a workload itself
+    /// (its address:port), not to a service's virtual IP.
+    pub fn addresses_workload(&self, dst: SocketAddr) -> bool {
+        self.capture
+            .as_deref()
+            .is_some_and(|t| !t.vips.contains_key(&dst.ip()) && t.endpoints.contains_key(&dst))
     }
 
     /// The connection pool for a local application port (inbound).
