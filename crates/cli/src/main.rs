@@ -538,6 +538,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         .await?;
                 write_ca(&data_dir.join("ca"), &cert, &key)?;
             }
+            let admin_file = admin_credentials
+                .clone()
+                .unwrap_or_else(|| data_dir.join(sinew_control::credentials::ADMIN_FILE));
             let mut opts = sinew_control::ControlOptions::new(data_dir);
             opts.trust_domain = trust_domain.clone();
             opts.ca_files = ca_cert.zip(ca_key);
@@ -569,6 +572,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let cp = sinew_control::ControlPlane::start(opts).await?;
             let mut source = None;
             if kubernetes {
+                // The operator's first credential, where kubectl can read it (the image
+                // has no shell to `cat` a file): the first replica's, in a Secret of its
+                // namespace; RBAC on Secrets guards it, as Argo CD's initial admin secret.
+                let file = std::fs::read_to_string(&admin_file)
+                    .with_context(|| format!("the admin credential {}", admin_file.display()))?;
+                let client = kube::Client::try_default()
+                    .await
+                    .context("--kubernetes: no usable kubeconfig or in-cluster account")?;
+                sinew_k8s::ca::load_or_create(
+                    &client,
+                    &lease_namespace,
+                    sinew_k8s::ca::ADMIN_CREDENTIAL_SECRET,
+                    "Opaque",
+                    &[sinew_k8s::ca::ADMIN_CREDENTIAL_KEY],
+                    || Ok([(sinew_k8s::ca::ADMIN_CREDENTIAL_KEY.to_owned(), file)].into()),
+                )
+                .await?;
                 let mut k = sinew_k8s::KubernetesOptions::default();
                 k.source.lease_namespace = lease_namespace;
                 k.source.trust_domain = trust_domain;

@@ -1717,6 +1717,23 @@ async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_se
     let a = control(&api, &dir, &extra).await;
     let b = control(&api, &dir, &extra).await;
 
+    // The operator's first credential is in a Secret (the image has no shell to read a
+    // file with), made once, and it works on either replica.
+    let secrets = Api::<Secret>::namespaced(c.clone(), "default");
+    let first = secrets
+        .get("sinew-admin-credential")
+        .await
+        .expect("the admin credential's Secret");
+    let file = first.data.unwrap()["admin.credentials"].0.clone();
+    let from_secret = dir.write(
+        "from-secret.credentials",
+        std::str::from_utf8(&file).unwrap(),
+    );
+    for cp in [&a, &b] {
+        let (ok, out, err) = sinew_on(cp, &from_secret, &["get", "services", "-n", "shop"]).await;
+        assert!(ok && out.contains("web"), "{out}{err}");
+    }
+
     // A join token made on a (the real CLI) bootstraps a proxy through b.
     let token = mesh::token(&a, "shop", "web").await;
     let proxy = mesh::proxy_with_token(
@@ -1731,7 +1748,7 @@ async fn replicas_share_applied_routes_tokens_and_revocations_through_the_api_se
     until_served_by(bind, "v1").await;
 
     // The token's Secret holds its hash and binding, never the token.
-    let secrets = Api::<Secret>::namespaced(c.clone(), "default")
+    let secrets = secrets
         .list(&kube::api::ListParams::default().labels("sinew.dev/join-token"))
         .await
         .unwrap();

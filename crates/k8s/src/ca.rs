@@ -21,6 +21,12 @@ pub const CA_CERT_KEY: &str = "ca.pem";
 /// The CA private key's key in it (PEM).
 pub const CA_KEY_KEY: &str = "ca-key.pem";
 
+/// The Secret holding the operator's first admin credential (a `sinew --credentials`
+/// file), created by the first replica to start; `kubectl get secret` reads it.
+pub const ADMIN_CREDENTIAL_SECRET: &str = "sinew-admin-credential";
+/// The credential file's key in it.
+pub const ADMIN_CREDENTIAL_KEY: &str = "admin.credentials";
+
 /// A Secret that could not be read, created or used, naming it.
 #[derive(Debug, thiserror::Error)]
 #[error("Secret {namespace}/{name}: {reason}")]
