@@ -550,7 +550,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             opts.config_dir = config_dir;
             opts.grace_period = Duration::from_secs(grace_period);
             opts.debounce = Duration::from_millis(debounce_ms);
-            opts.namespace = namespace;
+            opts.namespace = namespace.clone();
             opts.server_names = server_names;
             opts.admin_credentials = admin_credentials;
             opts.advertise = advertise;
@@ -570,6 +570,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 opts.shared = Some(shared);
             }
             let cp = sinew_control::ControlPlane::start(opts).await?;
+            if let Some(ca_secret) = &ca_secret {
+                // Every replica signs with the Secret's CA; a rotation through one
+                // would move that replica alone. Not supported yet: said, not done.
+                cp.identity().refuse_rotation(format!(
+                    "the CA comes from the Secret {namespace}/{ca_secret}, shared by every replica: rotating it through one replica is not supported yet"
+                ));
+            }
             let mut source = None;
             if kubernetes {
                 // The operator's first credential, where kubectl can read it (the image

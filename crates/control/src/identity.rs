@@ -137,6 +137,9 @@ pub struct Identity {
     bundle: tokio::sync::watch::Sender<BundleState>,
     /// Where the admin credential lives and the server it names, once written.
     admin_file: std::sync::Mutex<Option<(std::path::PathBuf, String)>>,
+    /// Why a rotation through the API is refused, when it is (the CA is shared with
+    /// other replicas that this one cannot rotate).
+    rotation_refused: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -248,7 +251,15 @@ impl Identity {
             reviewer: std::sync::OnceLock::new(),
             bundle,
             admin_file: std::sync::Mutex::new(None),
+            rotation_refused: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Refuses rotations through the API from now on, saying `why`: the CA is shared
+    /// (a Kubernetes Secret every replica reads), and rotating one replica's copy would
+    /// leave the others signing with the old root.
+    pub fn refuse_rotation(&self, why: impl Into<String>) {
+        let _ = self.rotation_refused.set(why.into());
     }
 
     /// The CA that signs now.
@@ -309,6 +320,9 @@ impl Identity {
         &self,
         files: Option<(std::path::PathBuf, std::path::PathBuf)>,
     ) -> Result<String, String> {
+        if let Some(why) = self.rotation_refused.get() {
+            return Err(why.clone());
+        }
         let dir = self
             .dir
             .as_ref()

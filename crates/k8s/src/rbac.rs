@@ -7,12 +7,12 @@
 //!   `status` subresource of every custom kind it reads; create Events.
 //! - Create TokenReviews (proxies' service-account tokens).
 //! - Read namespaces and write the ConfigMap `sinew-root` (the mesh roots) in each.
-//! - In its own namespace only ([`lease_role`]): its Lease, the Secrets of the mesh CA
-//!   and of the webhook's certificate, the join-token Secrets and the operator
-//!   credentials ConfigMap ([`crate::state`]). Secrets are read and written there
-//!   only, never cluster-wide: join tokens are Secrets with generated names, found by
-//!   label, so RBAC cannot narrow them to names (nor `create` at all: the object has
-//!   no name when the request is authorised).
+//! - In its own namespace only ([`lease_role`]): its Lease, the Secrets of the mesh CA,
+//!   of the webhook's certificate and of the first admin credential, the join-token
+//!   Secrets and the operator credentials ConfigMap ([`crate::state`]). Secrets are
+//!   read and written there only, never cluster-wide: join tokens are Secrets with
+//!   generated names, found by label, so RBAC cannot narrow them to names (nor
+//!   `create` at all: the object has no name when the request is authorised).
 //! - Read and patch its MutatingWebhookConfiguration `sinew-injector` (by name): the
 //!   webhook writes the caBundle of the certificate it made.
 
