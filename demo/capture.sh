@@ -15,7 +15,7 @@
 # without it the mesh stays up until Ctrl-C. Namespaces, rules and processes are
 # removed at exit, on failure and on Ctrl-C.
 # Environment: SINEW_BIN_DIR (where sinew and sinew-proxy are; default: build them
-# with cargo into target/debug), SINEW_DEMO_PREFIX (namespace names; default sinew-demo).
+# with cargo into its target directory), SINEW_DEMO_PREFIX (namespace names; default sinew-demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 once=false
@@ -37,13 +37,13 @@ done
 if [[ -n "${SINEW_BIN_DIR:-}" ]]; then
   bin=$SINEW_BIN_DIR
 elif command -v cargo >/dev/null; then
-  echo "building sinew and sinew-proxy…" >&2
-  cargo build --quiet --bins
-  bin=target/debug
+  echo "building sinew and sinew-proxy (a few minutes the first time)…" >&2
+  cargo build --bins
+  bin=$(scripts/target-dir)/debug
 elif [[ -x target/debug/sinew && -x target/debug/sinew-proxy ]]; then
   bin=target/debug
 else
-  die "cargo is not on root's PATH and target/debug has no sinew: build with \`cargo build --bins\` first"
+  die "cargo is not on root's PATH and target/debug has no sinew: build with \`cargo build --bins\` first, or say where the binaries are with SINEW_BIN_DIR"
 fi
 bin=$(cd "$bin" && pwd)
 sinew=$bin/sinew

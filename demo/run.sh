@@ -10,6 +10,6 @@ for arg in "$@"; do
   [[ $arg == --capture ]] && exec demo/capture.sh "$@"
 done
 command -v cargo >/dev/null || { echo "demo: cargo is required (Rust $(sed -n 's/channel = "\(.*\)"/\1/p' rust-toolchain.toml))" >&2; exit 1; }
-echo "building sinew and sinew-proxy…" >&2
-cargo build --quiet --bins
-exec target/debug/sinew demo "$@"
+echo "building sinew and sinew-proxy (a few minutes the first time)…" >&2
+cargo build --bins
+exec "$(scripts/target-dir)/debug/sinew" demo "$@"

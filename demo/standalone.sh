@@ -10,8 +10,9 @@ once=false
 for tool in cargo python3 curl; do
   command -v "$tool" >/dev/null || { echo "demo: $tool is required (scripts/test installs it)" >&2; exit 1; }
 done
-cargo build --quiet -p sinew-proxy
-proxy=target/debug/sinew-proxy
+echo "building sinew-proxy (a few minutes the first time)…" >&2
+cargo build -p sinew-proxy
+proxy=$(scripts/target-dir)/debug/sinew-proxy
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

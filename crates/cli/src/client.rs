@@ -231,7 +231,7 @@ pub async fn apply(server: &Server, paths: &[PathBuf], dry_run: bool) -> anyhow:
     for r in &resp.results {
         if let Some(k) = &r.key {
             let suffix = if dry_run { " (dry run)" } else { "" };
-            println!("{} {}/{} {}{suffix}", k.kind, k.namespace, k.name, r.action);
+            outln!("{} {}/{} {}{suffix}", k.kind, k.namespace, k.name, r.action)?;
         }
     }
     if !dry_run {
@@ -358,11 +358,11 @@ pub async fn get(
     match output {
         "json" => {
             let items: Vec<&serde_json::Value> = docs.iter().map(|(_, v, _, _)| v).collect();
-            println!("{}", serde_json::to_string_pretty(&items)?);
+            outln!("{}", serde_json::to_string_pretty(&items)?)?;
         }
         "yaml" => {
             for (_, v, _, _) in &docs {
-                println!("---\n{}", serde_norway::to_string(v)?.trim_end());
+                outln!("---\n{}", serde_norway::to_string(v)?.trim_end())?;
             }
         }
         _ => {
@@ -389,13 +389,13 @@ pub async fn get(
             print_table(
                 &["KIND", "NAMESPACE", "NAME", "SOURCE", "REVISION", "SUMMARY"],
                 &rows,
-            );
+            )?;
         }
     }
     Ok(0)
 }
 
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> std::io::Result<()> {
     let mut widths = header.map(str::len);
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -408,12 +408,13 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        line(r.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 /// `sinew delete`.
@@ -464,7 +465,7 @@ pub async fn delete(
     for k in &keys {
         let gone = resp.deleted.iter().any(|d| d == k);
         let what = if gone { "deleted" } else { "not found" };
-        println!("{} {}/{} {what}", k.kind, k.namespace, k.name);
+        outln!("{} {}/{} {what}", k.kind, k.namespace, k.name)?;
     }
     Ok(if resp.deleted.len() == keys.len() {
         0
@@ -498,7 +499,7 @@ pub async fn proxy_status(server: &Server, output: &str) -> anyhow::Result<i32> 
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        outln!("{}", serde_json::to_string_pretty(&items)?)?;
         return Ok(0);
     }
     let rows: Vec<[String; 7]> = resp
@@ -556,7 +557,7 @@ pub async fn proxy_status(server: &Server, output: &str) -> anyhow::Result<i32> 
             "LAST NACK",
         ],
         &rows,
-    );
+    )?;
     Ok(0)
 }
 
@@ -572,7 +573,9 @@ fn short(v: &str) -> &str {
 pub async fn check(server: &Server, wait: Duration) -> anyhow::Result<i32> {
     let mut failed = false;
     let mut line = |ok: bool, what: String| {
-        println!("{} {what}", if ok { "PASS" } else { "FAIL" });
+        // A closed stdout is no failed check: the lines are few, the verdict is the
+        // exit status.
+        let _ = outln!("{} {what}", if ok { "PASS" } else { "FAIL" });
         failed |= !ok;
     };
     let mut client = match connect(server).await {
@@ -692,7 +695,7 @@ pub fn validate(paths: &[PathBuf]) -> anyhow::Result<i32> {
     let n = docs.len();
     match Resources::from_documents(docs) {
         Ok(_) => {
-            println!("{n} documents valid");
+            outln!("{n} documents valid")?;
             Ok(0)
         }
         Err(e) => {
@@ -722,7 +725,7 @@ pub async fn create_token(
         .await
         .map_err(status)?
         .into_inner();
-    println!("{}", t.token);
+    outln!("{}", t.token)?;
     eprintln!(
         "join token {} for {} ({} use{}, until {}); give it to sinew-proxy --join-token-file",
         t.id,
@@ -747,12 +750,15 @@ pub async fn list_tokens(server: &Server) -> anyhow::Result<i32> {
         .map_err(status)?
         .into_inner()
         .tokens;
-    println!(
+    outln!(
         "{:<14} {:<52} {:>5} {:<22} CREATED BY",
-        "ID", "IDENTITY", "USES", "EXPIRES"
-    );
+        "ID",
+        "IDENTITY",
+        "USES",
+        "EXPIRES"
+    )?;
     for t in tokens {
-        println!(
+        outln!(
             "{:<14} {:<52} {:>5} {:<22} {}",
             t.id,
             t.spiffe_id,
@@ -763,7 +769,7 @@ pub async fn list_tokens(server: &Server) -> anyhow::Result<i32> {
             } else {
                 &t.created_by
             }
-        );
+        )?;
     }
     Ok(0)
 }
@@ -835,19 +841,22 @@ pub async fn list_credentials(server: &Server) -> anyhow::Result<i32> {
         .map_err(status)?
         .into_inner()
         .credentials;
-    println!(
+    outln!(
         "{:<24} {:<9} {:<22} {:<8} FINGERPRINT",
-        "NAME", "ROLE", "EXPIRES", "STATE"
-    );
+        "NAME",
+        "ROLE",
+        "EXPIRES",
+        "STATE"
+    )?;
     for c in list {
-        println!(
+        outln!(
             "{:<24} {:<9} {:<22} {:<8} {}",
             c.name,
             c.role,
             unix_time(c.expires_unix),
             if c.revoked { "revoked" } else { "valid" },
             c.fingerprint.get(..16).unwrap_or(&c.fingerprint)
-        );
+        )?;
     }
     Ok(0)
 }
@@ -894,6 +903,6 @@ pub async fn rotate_ca(
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
         .into_inner();
-    println!("{} (phase: {})", resp.message, resp.phase);
+    outln!("{} (phase: {})", resp.message, resp.phase)?;
     Ok(0)
 }

@@ -146,7 +146,7 @@ pub fn inject(files: &[PathBuf], args: &InjectArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    print!("{}", outputs.join("---\n"));
+    out!("{}", outputs.join("---\n"))?;
     Ok(0)
 }
 

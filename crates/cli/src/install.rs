@@ -258,10 +258,10 @@ pub async fn install(args: InstallArgs) -> anyhow::Result<i32> {
     let manifests = sinew_inject::install::manifests(&opts, &definitions(&args)?)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(client) = client else {
-        print!(
+        out!(
             "{}",
             sinew_inject::install::to_yaml(&manifests).map_err(|e| anyhow::anyhow!("{e}"))?
-        );
+        )?;
         return Ok(0);
     };
     store_given_keys(&client, &args).await?;

@@ -4,7 +4,26 @@
 //! the credential's server, else `https://127.0.0.1:15010`), with an operator
 //! credential (`--credentials`, `SINEW_CREDENTIALS`, `~/.config/sinew/credentials`,
 //! or `sinew-data/admin.credentials`). Every failure is one sentence on stderr and a
-//! non-zero exit.
+//! non-zero exit. Output to a reader that went away (`sinew get pods | head -1`) ends
+//! the command quietly with success, never with a panic.
+
+/// `println!` that returns the write's `io::Result` instead of panicking: every
+/// command's output goes through it (or [`out!`]), and `main` takes a broken pipe for
+/// the reader being done.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// `print!` that returns the write's `io::Result` (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
 
 mod client;
 mod health;
@@ -446,20 +465,22 @@ impl InitArgs {
 fn init(args: &InitArgs) -> anyhow::Result<i32> {
     if args.uninstall {
         let removed = sinew_capture::uninstall(args.backend, !args.no_ipv6)?;
-        println!(
+        outln!(
             "{}",
             if removed {
                 "capture rules removed"
             } else {
                 "no capture rules were installed"
             }
-        );
+        )?;
     } else {
         sinew_capture::install(&args.options())?;
-        println!(
+        outln!(
             "capture rules installed: inbound TCP -> :{}, outbound TCP -> :{}, uid {} exempt",
-            args.inbound_port, args.outbound_port, args.proxy_uid
-        );
+            args.inbound_port,
+            args.outbound_port,
+            args.proxy_uid
+        )?;
     }
     Ok(0)
 }
@@ -489,11 +510,21 @@ fn main() {
     };
     match result {
         Ok(code) => std::process::exit(code),
+        // The reader of our output is done (`| head`): so are we.
+        Err(e) if broken_pipe(&e) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }
     }
+}
+
+/// Whether `e` is, or was caused by, a write to a pipe whose reader has gone.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -785,14 +816,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Init(args) => init(&args),
         Command::Run(args) => run::run(&server, args).await,
         Command::Version => {
-            println!("sinew {}", env!("CARGO_PKG_VERSION"));
+            outln!("sinew {}", env!("CARGO_PKG_VERSION"))?;
             if let Ok(v) = client::server_version(&server).await {
-                println!("control plane {v} at {server}");
+                outln!("control plane {v} at {server}")?;
             }
             Ok(0)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "sinew", &mut std::io::stdout());
+            // Generated into memory first: clap_complete panics when a write fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sinew", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
             Ok(0)
         }
     }

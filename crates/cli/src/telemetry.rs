@@ -23,7 +23,7 @@ fn window_secs(w: Duration) -> anyhow::Result<u32> {
 }
 
 /// Prints a table: left-aligned columns two spaces apart, like `kubectl`.
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+fn print_table(header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -36,12 +36,13 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        line(r.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 /// `12ms`, `3.1ms`, `0.42ms`, `1.20s`; `-` when unknown.
@@ -119,7 +120,7 @@ pub async fn stat(
             "proxies": resp.proxies,
             "rows": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?)?;
         return Ok(0);
     }
     let route = by == "route";
@@ -165,7 +166,7 @@ pub async fn stat(
             row
         })
         .collect();
-    print_table(&header, &rows);
+    print_table(&header, &rows)?;
     if rows.is_empty() {
         eprintln!(
             "no traffic reported in the last {}s{} (proxies report every 2s while they have traffic)",
@@ -236,16 +237,17 @@ pub async fn top(
         if json {
             let rows: Vec<serde_json::Value> = resp.rows.iter().map(top_json).collect();
             let doc = serde_json::json!({"windowSeconds": resp.window_seconds, "rows": rows});
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            outln!("{}", serde_json::to_string_pretty(&doc)?)?;
             return Ok(0);
         }
         if tty && !once {
             // Clear the screen and go home, like top(1).
-            print!("\x1b[2J\x1b[H");
-            println!(
+            out!("\x1b[2J\x1b[H")?;
+            outln!(
                 "busiest paths over the last {}s (every {:?}; Ctrl-C to stop)\n",
-                resp.window_seconds, every
-            );
+                resp.window_seconds,
+                every
+            )?;
         }
         let rows: Vec<Vec<String>> = resp
             .rows
@@ -268,7 +270,7 @@ pub async fn top(
                 "SERVICE", "METHOD", "PATH", "COUNT", "RPS", "SUCCESS", "MEAN", "MAX",
             ],
             &rows,
-        );
+        )?;
         if rows.is_empty() {
             eprintln!("no requests in the last {}s", resp.window_seconds);
         }
@@ -276,7 +278,7 @@ pub async fn top(
             return Ok(0);
         }
         if !tty {
-            println!();
+            outln!()?;
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -384,9 +386,9 @@ pub async fn tap(
             Some(tap_response::Kind::Event(e)) => {
                 seen += u64::from(sinew_control::telemetry::tap::counts(&counting, &e));
                 if json {
-                    println!("{}", tap_json(&e));
+                    outln!("{}", tap_json(&e))?;
                 } else {
-                    println!("{}", tap_line(&e));
+                    outln!("{}", tap_line(&e))?;
                 }
             }
             None => {}
@@ -431,7 +433,7 @@ pub async fn edges(
     if output == "json" {
         let edges: Vec<serde_json::Value> = resp.edges.iter().map(edge_json).collect();
         let doc = serde_json::json!({"windowSeconds": resp.window_seconds, "edges": edges});
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        outln!("{}", serde_json::to_string_pretty(&doc)?)?;
         return Ok(0);
     }
     let dash = |s: &str| {
@@ -476,7 +478,7 @@ pub async fn edges(
             "SUCCESS",
         ],
         &rows,
-    );
+    )?;
     if rows.is_empty() {
         eprintln!("no traffic reported in the last {}s", resp.window_seconds);
     }

@@ -1070,6 +1070,117 @@ async fn the_config_directory_is_watched_and_owns_its_documents() {
     );
 }
 
+/// The README's scripts find the binaries where cargo puts them: `scripts/target-dir`
+/// (what demo/run.sh, demo/standalone.sh and demo/capture.sh use) follows
+/// `CARGO_TARGET_DIR`, and no script names `target/debug` as where its build went.
+#[test]
+fn the_demo_scripts_find_binaries_wherever_cargo_builds_them() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let elsewhere = std::env::temp_dir().join(format!("sinew-target-{}", std::process::id()));
+    let out = Command::new(root.join("scripts/target-dir"))
+        .env("CARGO_TARGET_DIR", &elsewhere)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        elsewhere.to_string_lossy()
+    );
+    let out = Command::new(root.join("scripts/target-dir"))
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    let default = std::fs::canonicalize(root.join("target")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        default.to_string_lossy(),
+        "{out:?}"
+    );
+    for script in ["demo/run.sh", "demo/standalone.sh", "demo/capture.sh"] {
+        let text = std::fs::read_to_string(root.join(script)).unwrap();
+        assert!(text.contains("scripts/target-dir"), "{script}");
+        for line in text.lines().filter(|l| l.contains("cargo build")) {
+            assert!(
+                !line.contains("--quiet"),
+                "{script}: the build shows its progress: {line}"
+            );
+        }
+    }
+}
+
+/// `sinew-proxy` with neither mode names both, and its help is grouped by mode.
+#[test]
+fn sinew_proxy_without_a_mode_names_both_and_groups_its_help_by_mode() {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sinew")).with_file_name("sinew-proxy");
+    let out = Command::new(&binary)
+        .env_remove("SINEW_PROXY_CONFIG")
+        .env_remove("SINEW_CONTROL_PLANE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--config") && err.contains("--control-plane"),
+        "{err}"
+    );
+    let help = Command::new(&binary).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let at = |h: &str| {
+        help.find(h)
+            .unwrap_or_else(|| panic!("no {h:?} in\n{help}"))
+    };
+    // Each flag under its mode's heading.
+    assert!(
+        at("Standalone mode") < at("-c, --config") && at("-c, --config") < at("Control-plane mode")
+    );
+    assert!(at("Control-plane mode") < at("--join-token-file"));
+    assert!(at("Transparent capture") < at("--capture-dns-port"));
+    assert!(at("Every mode") < at("--max-connections"));
+}
+
+/// Output to a reader that is already gone (`sinew completions bash | head -1`, the
+/// reader closed before the first write) ends the command quietly with success: no
+/// panic, no message. The read end is closed before the child can write, so every
+/// write fails with EPIPE.
+#[test]
+fn output_to_a_closed_pipe_ends_quietly_never_with_a_panic() {
+    for args in [
+        &["completions", "bash"][..],
+        &["completions", "zsh"][..],
+        &["install", "--kubernetes"][..],
+        &["version"][..],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sinew"))
+            .args(args)
+            .env("SINEW_SERVER", "https://127.0.0.1:9")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "sinew {}: {:?}\n{err}",
+            args.join(" "),
+            out.status
+        );
+    }
+    // Through a real `head -1`, as a user types it.
+    let sh = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; '{}' completions bash | head -1",
+            env!("CARGO_BIN_EXE_sinew")
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        sh.status.success() && !String::from_utf8_lossy(&sh.stderr).contains("panicked"),
+        "{sh:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_basics_version_completions_and_unreachable_server() {
     let out = sinew_at("https://127.0.0.1:9", &["version"]).await;

@@ -25,46 +25,79 @@ where
 
 /// Sinew's data-plane proxy.
 #[derive(Debug, Parser)]
-#[command(name = "sinew-proxy", version, about)]
+#[command(
+    name = "sinew-proxy",
+    version,
+    about,
+    // One of the two modes, named together when neither is given.
+    group(clap::ArgGroup::new("mode").required(true).args(["config", "control_plane"])),
+    after_help = "Examples:\n  sinew-proxy --config proxy.yaml\n  sinew-proxy --control-plane https://127.0.0.1:15010 --name shop/web --join-token-file token"
+)]
 struct Args {
     /// Standalone mode: a file of Kubernetes-shaped documents (Proxy, Service,
     /// Workload, HTTPRoute), reloaded when it changes.
     #[arg(
+        help_heading = "Standalone mode (--config FILE)",
         long,
         short = 'c',
-        env = "SINEW_PROXY_CONFIG",
-        required_unless_present = "control_plane",
-        conflicts_with = "control_plane"
+        env = "SINEW_PROXY_CONFIG"
     )]
     config: Option<PathBuf>,
     /// Control-plane mode: the control plane's address, e.g. https://127.0.0.1:15010.
-    #[arg(long, env = "SINEW_CONTROL_PLANE", requires = "name")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        env = "SINEW_CONTROL_PLANE",
+        requires = "name"
+    )]
     control_plane: Option<String>,
     /// This proxy's name (`namespace/name`); with a file, which Proxy document to use
     /// when it holds several.
-    #[arg(long, env = "SINEW_PROXY_NAME")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        env = "SINEW_PROXY_NAME"
+    )]
     name: Option<String>,
     /// Control-plane mode: register this proxy's workload as an instance of SERVICE.
-    #[arg(long, requires = "control_plane")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        requires = "control_plane"
+    )]
     service: Option<String>,
     /// The workload's address.
-    #[arg(long, default_value = "127.0.0.1", requires = "service")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        default_value = "127.0.0.1",
+        requires = "service"
+    )]
     address: String,
     /// A workload port, `name=number` (repeatable), e.g. `http=8080`.
-    #[arg(long = "port", value_parser = parse_pair::<u16>, requires = "service")]
+    #[arg(help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)", long = "port", value_parser = parse_pair::<u16>, requires = "service")]
     ports: Vec<(String, u16)>,
     /// A workload label, `key=value` (repeatable), e.g. `version=v2`.
-    #[arg(long = "label", value_parser = parse_pair::<String>, requires = "service")]
+    #[arg(help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)", long = "label", value_parser = parse_pair::<String>, requires = "service")]
     labels: Vec<(String, String)>,
     /// The workload's service account: its identity (default: the service's name).
-    #[arg(long, requires = "service")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        requires = "service"
+    )]
     service_account: Option<String>,
     /// The sidecar's inbound listener; mesh traffic to the workload arrives here.
-    #[arg(long, requires = "service")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        requires = "service"
+    )]
     inbound: Option<SocketAddr>,
     /// Control-plane mode: the join token proving this proxy's identity (from `sinew
     /// token create`); with it the proxy gets a certificate and speaks mTLS.
     #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
         long,
         env = "SINEW_JOIN_TOKEN",
         hide_env_values = true,
@@ -75,73 +108,128 @@ struct Args {
     /// A file holding the join token (kept out of the process list); read again before
     /// every certificate request, so a rotated token (e.g. a Kubernetes projected
     /// service-account token) is picked up.
-    #[arg(long, requires = "control_plane")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        requires = "control_plane"
+    )]
     join_token_file: Option<PathBuf>,
     /// Control-plane mode: roots (PEM) that verify the control plane at bootstrap.
     /// Needed with a token that carries no root hash (a Kubernetes service-account
     /// token: mount the `sinew-root` ConfigMap); a join token carries one.
-    #[arg(long, env = "SINEW_CONTROL_PLANE_CA", requires = "control_plane")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        env = "SINEW_CONTROL_PLANE_CA",
+        requires = "control_plane"
+    )]
     control_plane_ca: Option<PathBuf>,
     /// Control-plane mode: keep the key, certificate and roots here (owner-only), so a
     /// restart goes on with the identity instead of spending another join token.
-    #[arg(long, env = "SINEW_IDENTITY_DIR", requires = "control_plane")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        env = "SINEW_IDENTITY_DIR",
+        requires = "control_plane"
+    )]
     identity_dir: Option<PathBuf>,
     /// Control-plane mode: milliseconds between traffic-stats reports to the control
     /// plane (for `sinew stat/top/edges`; sent only after traffic); 0 turns them off.
-    #[arg(long, default_value_t = 2000, requires = "control_plane")]
+    #[arg(
+        help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
+        long,
+        default_value_t = 2000,
+        requires = "control_plane"
+    )]
     stats_interval_ms: u64,
     /// Control-plane mode: this host's traffic is captured (`sinew init` rules): the
     /// proxy listens for it and gets every service. A stored Proxy document's own
     /// `spec.capture` takes precedence.
-    #[arg(long, requires = "control_plane")]
+    #[arg(
+        help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
+        long,
+        requires = "control_plane"
+    )]
     capture: bool,
     /// Where `sinew init` redirects outbound TCP.
-    #[arg(long, default_value_t = 15001, requires = "capture")]
+    #[arg(
+        help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
+        long,
+        default_value_t = 15001,
+        requires = "capture"
+    )]
     capture_outbound_port: u16,
     /// Where `sinew init` redirects inbound TCP.
-    #[arg(long, default_value_t = 15006, requires = "capture")]
+    #[arg(
+        help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
+        long,
+        default_value_t = 15006,
+        requires = "capture"
+    )]
     capture_inbound_port: u16,
     /// Where `sinew init --dns-port` redirects DNS; default no DNS responder.
-    #[arg(long, requires = "capture")]
+    #[arg(
+        help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
+        long,
+        requires = "capture"
+    )]
     capture_dns_port: Option<u16>,
     /// Destination ports never inspected (server-speaks-first protocols), e.g. 3306.
-    #[arg(long, value_delimiter = ',', requires = "capture")]
+    #[arg(
+        help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
+        long,
+        value_delimiter = ',',
+        requires = "capture"
+    )]
     opaque_ports: Vec<u16>,
     /// How long protocol detection waits for a client's first bytes, e.g. 100ms.
-    #[arg(long, requires = "capture")]
+    #[arg(
+        help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
+        long,
+        requires = "capture"
+    )]
     detect_timeout: Option<String>,
     /// Admin listener (/live, /ready, /metrics, /config).
-    #[arg(long, default_value = "127.0.0.1:4191", env = "SINEW_PROXY_ADMIN")]
+    #[arg(
+        help_heading = "Every mode",
+        long,
+        default_value = "127.0.0.1:4191",
+        env = "SINEW_PROXY_ADMIN"
+    )]
     admin: SocketAddr,
     /// Data-plane worker threads (default: one per core).
-    #[arg(long)]
+    #[arg(help_heading = "Every mode", long)]
     workers: Option<usize>,
     /// Seconds in-flight work may take to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
+    #[arg(help_heading = "Every mode", long, default_value_t = 30)]
     drain_timeout: u64,
     /// Milliseconds between checks of the configuration file.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(
+        help_heading = "Standalone mode (--config FILE)",
+        long,
+        default_value_t = 1000
+    )]
     reload_interval_ms: u64,
     /// Milliseconds allowed to connect to an endpoint.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(help_heading = "Every mode", long, default_value_t = 5000)]
     connect_timeout_ms: u64,
     /// Most bytes of request headers, in KiB (names, values and 32 bytes each, as
     /// HTTP/2 counts them); a larger request is answered 431 where it arrives.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=8192))]
+    #[arg(help_heading = "Every mode", long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=8192))]
     max_request_headers_kb: u32,
     /// Most request headers; more is answered 431 where it arrives.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(help_heading = "Every mode", long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
     max_request_headers: u32,
     /// Most response headers accepted from an upstream (more: 502). Above 100 each
     /// response costs a little more to parse.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    #[arg(help_heading = "Every mode", long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000))]
     max_response_headers: u32,
     /// Connections each listener holds open at once (then it stops accepting until
     /// one closes).
-    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(help_heading = "Every mode", long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
     /// Validate the configuration, print a summary, and exit (non-zero if invalid).
-    #[arg(long)]
+    #[arg(help_heading = "Standalone mode (--config FILE)", long)]
     check: bool,
 }
 
