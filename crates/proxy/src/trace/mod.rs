@@ -19,7 +19,7 @@
 //! exports run as tasks on the Tokio runtime the configuration was applied on (see
 //! `OnRuntime`), so a slow or dead collector costs the request path nothing.
 //!
-//! Modules: [`propagation`] reads and writes context headers, `sample` decides,
+//! Modules: `propagation` reads and writes context headers, `sample` decides,
 //! `export` ships ended spans, and `hooks` are what request handling calls.
 
 mod export;
