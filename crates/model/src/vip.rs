@@ -2,6 +2,7 @@
 //! plane uses for services that do not name one.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hasher as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Where virtual IPs are allocated when `MeshConfig.spec.virtualIPRange` is absent
@@ -85,10 +86,12 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// FNV-1a 64 of the key's bytes (`Hasher::write`, not `Hash::hash`, which would
+/// add a terminator): fixed by the addresses already handed out.
 fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    let mut h = fnv::FnvHasher::default();
+    h.write(s.as_bytes());
+    h.finish()
 }
 
 /// Allocates a virtual IP to each service key of `wanted` (`name.namespace`) that
@@ -178,5 +181,41 @@ mod tests {
         let taken: BTreeSet<IpAddr> = ips.iter().take(2).copied().collect();
         let c = allocate(range, &keys.iter().take(4).cloned().collect(), &taken);
         assert!(c.values().all(|v| v.is_some_and(|ip| !taken.contains(&ip))));
+    }
+
+    /// The hash is FNV-1a 64 (the published test vectors), and the addresses it
+    /// gives are the ones earlier releases gave: a changed hash would move every
+    /// service's virtual IP on upgrade.
+    #[test]
+    fn addresses_come_from_fnv1a_and_stay_where_they_were() {
+        assert_eq!(fnv(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv("foobar"), 0x8594_4171_f739_67e8);
+        let keys: BTreeSet<String> = ["catalog.default", "reviews.shop", "ratings.shop"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for (range, want) in [
+            (
+                "10.96.0.0/12",
+                ["10.107.1.140", "10.96.103.174", "10.104.219.181"],
+            ),
+            (
+                "fd00::/64",
+                [
+                    "fd00::15c:effa:c3e6:3550",
+                    "fd00::835e:c9c0:945a:d9ba",
+                    "fd00::c04a:c454:2b7d:2ad5",
+                ],
+            ),
+        ] {
+            let range = Cidr::parse(range).unwrap_or_else(|e| panic!("{e}"));
+            let got = allocate(range, &keys, &BTreeSet::new());
+            let got: Vec<String> = got
+                .values()
+                .map(|ip| ip.map_or_else(|| "none".to_owned(), |ip| ip.to_string()))
+                .collect();
+            assert_eq!(got, want, "{range}");
+        }
     }
 }

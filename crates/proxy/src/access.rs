@@ -647,28 +647,14 @@ pub fn finish(
     }
 }
 
-/// RFC 3339 in UTC with milliseconds, without a date library.
+/// RFC 3339 in UTC with milliseconds (`2026-11-21T22:17:35.466Z`), by `humantime`.
+/// A time before 1970 reads as 1970 and one after 9999 as the end of 9999: the
+/// formatter covers only that range (it panics before, fails after), and a clock
+/// outside it is wrong anyway.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil-from-days (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    const LAST: Duration = Duration::from_millis(253_402_300_799_999);
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + since.min(LAST)).to_string()
 }
 
 /// The trace id of a W3C `traceparent` value, if well formed.
@@ -688,6 +674,36 @@ pub(crate) mod tests {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    /// The bytes the hand-written formatter (civil-from-days) produced before
+    /// `humantime` replaced it: leap days, a non-leap century, 2038, the range's
+    /// ends; sub-millisecond digits are cut, not rounded.
+    #[test]
+    fn dates_keep_the_bytes_of_the_former_formatter() {
+        for (ms, text) in [
+            (0_u64, "1970-01-01T00:00:00.000Z"),
+            (999, "1970-01-01T00:00:00.999Z"),
+            (1_795_299_455_466, "2026-11-21T22:17:35.466Z"),
+            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
+            (951_868_799_999, "2000-02-29T23:59:59.999Z"),
+            (4_107_542_399_000, "2100-02-28T23:59:59.000Z"),
+            (4_107_542_400_000, "2100-03-01T00:00:00.000Z"),
+            (2_147_483_647_123, "2038-01-19T03:14:07.123Z"),
+            (1_767_225_600_000, "2026-01-01T00:00:00.000Z"),
+            (1_796_428_799_001, "2026-12-04T23:59:59.001Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+        ] {
+            let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+            assert_eq!(rfc3339(t), text, "{ms} ms");
+        }
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1, 999_999_999);
+        assert_eq!(rfc3339(t), "1970-01-01T00:00:01.999Z");
+        // Outside the formatter's range: clamped, never a panic.
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00.000Z");
+        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert_eq!(rfc3339(after), "9999-12-31T23:59:59.999Z");
     }
 
     pub(crate) fn record(path: &str, status: u16) -> Record {

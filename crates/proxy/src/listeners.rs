@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 
 use std::time::Duration;
 
+use hyper::server::conn::http1::UpgradeableConnection as Http1Conn;
+use hyper::server::conn::http2::Connection as Http2Conn;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sinew_model::ProxyConfig;
@@ -501,10 +503,16 @@ where
         // would otherwise hold room for one for its whole life.
         let conn = shared.http2.serve_connection(io, svc);
         let idle = activity.idle(shared.settings.idle_timeout);
-        Box::pin(drive(conn, drain, idle)).await;
+        Box::pin(drive(conn, Http2Conn::graceful_shutdown, drain, idle)).await;
     } else {
         let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        drive(conn, drain, std::future::pending()).await;
+        drive(
+            conn,
+            Http1Conn::graceful_shutdown,
+            drain,
+            std::future::pending(),
+        )
+        .await;
     }
 }
 
@@ -557,46 +565,28 @@ impl Activity {
     }
 }
 
-/// A served connection that can finish gracefully: in-flight requests complete,
-/// new ones are refused, and it closes once idle.
-trait Graceful: Future<Output = Result<(), hyper::Error>> {
-    fn graceful(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 /// Serves `conn` until it ends, or until the proxy drains or `idle` resolves: then
-/// gracefully, until it ends or the proxy closes.
-async fn drive<C: Graceful>(
+/// gracefully (`graceful`: in-flight requests complete, new ones are refused, it
+/// closes once idle), until it ends or the proxy closes.
+///
+/// The connection's own `graceful_shutdown` is passed in rather than taken through
+/// hyper-util's `server::graceful` (`GracefulConnection`, `GracefulShutdown::watch`).
+/// Measured/observed with hyper-util 0.1.21: `GracefulConnection` is sealed and
+/// implemented for hyper's `http1::Connection` but not for the
+/// `http1::UpgradeableConnection` served here (WebSocket and CONNECT need upgrades):
+/// the bound fails to compile (E0277). Its `auto::UpgradeableConnection`, which does
+/// implement it, is 1,584 bytes against 704 for the HTTP/1.1 connection (`size_of`
+/// with this file's IO and service), held inline by every keep-alive connection's
+/// task. And `watch` only reacts to one shutdown of all connections, while this also
+/// closes an idle HTTP/2 connection on its own and cuts everything at `Closing`.
+async fn drive<C>(
     conn: C,
+    graceful: fn(std::pin::Pin<&mut C>),
     mut drain: watch::Receiver<DrainState>,
     idle: impl Future<Output = ()>,
-) {
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
@@ -605,14 +595,14 @@ async fn drive<C: Graceful>(
             }
         }
         _ = idle => {
-            conn.as_mut().graceful();
+            graceful(conn.as_mut());
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = reached(&mut drain, DrainState::Closing) => {}
             }
         }
         _ = reached(&mut drain, DrainState::Draining) => {
-            conn.as_mut().graceful();
+            graceful(conn.as_mut());
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = reached(&mut drain, DrainState::Closing) => {}

@@ -19,9 +19,9 @@ use crate::state::{Shared, SnapshotBuilder};
 
 /// FNV-1a, 64 bit: a stable content hash for the configuration version.
 fn fnv64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, data);
+    std::hash::Hasher::finish(&h)
 }
 
 /// Applies compiled configurations: binds what is new, swaps the snapshot, then

@@ -52,9 +52,6 @@ use crate::server::{ServerTask, accept_loop, bind};
 /// FNV-1a 64-bit offset basis: the initial `state` for [`fnv1a64`].
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// FNV-1a 64-bit prime.
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
 /// Size of each `/gated-download` chunk (16 KiB).
 pub const GATED_CHUNK_SIZE: usize = 16 * 1024;
 
@@ -69,12 +66,10 @@ pub const BACKEND_HEADER: &str = "x-backend";
 /// Start with [`FNV_OFFSET`] and feed the bytes in any chunking: the result
 /// is the same as hashing them in one go, which is what `/upload` reports.
 #[must_use]
-pub fn fnv1a64(mut state: u64, data: &[u8]) -> u64 {
-    for &byte in data {
-        state ^= u64::from(byte);
-        state = state.wrapping_mul(FNV_PRIME);
-    }
-    state
+pub fn fnv1a64(state: u64, data: &[u8]) -> u64 {
+    let mut h = fnv::FnvHasher::with_key(state);
+    std::hash::Hasher::write(&mut h, data);
+    std::hash::Hasher::finish(&h)
 }
 
 /// The byte at offset `i` of a `/bytes/{n}` response body.

@@ -88,4 +88,17 @@ mod tests {
             Some(10_000 + (21_800 + 399) % 22_000)
         );
     }
+
+    /// `/upload`'s checksum is FNV-1a 64 (published vectors), in any chunking.
+    #[test]
+    fn upload_checksums_are_fnv1a_64() {
+        use crate::http::{FNV_OFFSET, fnv1a64};
+        assert_eq!(fnv1a64(FNV_OFFSET, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(FNV_OFFSET, b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(
+            fnv1a64(fnv1a64(FNV_OFFSET, b"foo"), b"bar"),
+            0x8594_4171_f739_67e8
+        );
+    }
 }
