@@ -329,7 +329,10 @@ pub(crate) fn hint_elsewhere(
     }
     // The fullest namespace first: the likeliest to be meant.
     others.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    let list: Vec<String> = others.iter().map(|(ns, n)| format!("{n} in {ns}")).collect();
+    let list: Vec<String> = others
+        .iter()
+        .map(|(ns, n)| format!("{n} in {ns}"))
+        .collect();
     eprintln!(
         "no {what} in namespace {namespace}; {}: try -n {} or -A",
         list.join(", "),
@@ -468,7 +471,10 @@ fn plural(kind: &str) -> String {
 }
 
 /// Prints a table: left-aligned columns two spaces apart, like `kubectl`.
-pub(crate) fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> std::io::Result<()> {
+pub(crate) fn print_table<const N: usize>(
+    header: &[&str; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
     let mut widths = header.map(str::len);
     for r in rows {
         for (i, c) in r.iter().enumerate() {

@@ -90,7 +90,9 @@ impl Config {
                     };
                     for (name, c) in contexts {
                         let serde_json::Value::Object(fields) = c else {
-                            bail!("contexts.{name}: expected a mapping (server, credentials, namespace)");
+                            bail!(
+                                "contexts.{name}: expected a mapping (server, credentials, namespace)"
+                            );
                         };
                         let mut ctx = Context::default();
                         for (field, v) in fields {
@@ -340,10 +342,15 @@ mod tests {
         };
         assert_eq!(c.current.as_deref(), Some("demo"));
         assert_eq!(c.contexts["demo"].namespace.as_deref(), Some("demo"));
-        let again = c.to_yaml().map(|y| Config::parse(&y).map_err(|e| e.to_string()));
+        let again = c
+            .to_yaml()
+            .map(|y| Config::parse(&y).map_err(|e| e.to_string()));
         assert_eq!(again.ok().and_then(Result::ok), Some(c));
         for (bad, why) in [
-            ("contexts:\n  demo:\n    namespace: 3\n", "contexts.demo.namespace"),
+            (
+                "contexts:\n  demo:\n    namespace: 3\n",
+                "contexts.demo.namespace",
+            ),
             ("contexts:\n  demo:\n    sever: x\n", "contexts.demo.sever"),
             ("current-context: x\ncontexts: {}\n", "current-context"),
             ("contexts: [a]\n", "contexts"),

@@ -369,7 +369,9 @@ enum Command {
         client: ClientArgs,
     },
     /// Show resources.
-    #[command(after_help = "Examples:\n  sinew get services              (in the context's namespace, else default)\n  sinew get httproute catalog -n demo -o yaml\n  sinew get all -A")]
+    #[command(
+        after_help = "Examples:\n  sinew get services              (in the context's namespace, else default)\n  sinew get httproute catalog -n demo -o yaml\n  sinew get all -A"
+    )]
     Get {
         /// Kind: service, workload, httproute, routepolicy, trafficpolicy,
         /// authorizationpolicy, requestauthentication, proxy, meshconfig, or all.
@@ -407,7 +409,9 @@ enum Command {
     ///
     /// Each proxy's workload, whether it is connected, the configuration version it
     /// applied against the latest, and its last refusal (NACK).
-    #[command(after_help = "Examples:\n  sinew proxy-status -n demo\n  sinew proxy-status -A -o json")]
+    #[command(
+        after_help = "Examples:\n  sinew proxy-status -n demo\n  sinew proxy-status -A -o json"
+    )]
     ProxyStatus {
         #[command(flatten)]
         ns: NamespaceArgs,
@@ -421,7 +425,9 @@ enum Command {
     ///
     /// Golden signals (success rate, requests/s, latency percentiles) as the proxies
     /// report them: no Prometheus needed.
-    #[command(after_help = "Examples:\n  sinew stat -n demo\n  sinew stat -A --by workload --window 30s\n  sinew stat -n demo --by route -o json")]
+    #[command(
+        after_help = "Examples:\n  sinew stat -n demo\n  sinew stat -A --by workload --window 30s\n  sinew stat -n demo --by route -o json"
+    )]
     Stat {
         /// Group by service, workload or route.
         #[arg(long, default_value = "service", value_parser = ["service", "workload", "route"])]
@@ -442,7 +448,9 @@ enum Command {
         client: ClientArgs,
     },
     /// The busiest paths right now (the last 10 to 20 s), refreshed until Ctrl-C.
-    #[command(after_help = "Examples:\n  sinew top -n demo\n  sinew top --service catalog -n demo --interval 5s")]
+    #[command(
+        after_help = "Examples:\n  sinew top -n demo\n  sinew top --service catalog -n demo --interval 5s"
+    )]
     Top {
         /// Only this service (`name` or `name.namespace`).
         #[arg(long)]
@@ -471,7 +479,9 @@ enum Command {
     ///
     /// Requests from the proxies of the namespace (or every one, -A), as they happen
     /// (no bodies; credentials redacted).
-    #[command(after_help = "Examples:\n  sinew tap -n demo --service catalog --status 5xx\n  sinew tap -A --path /api --limit 10 -o json")]
+    #[command(
+        after_help = "Examples:\n  sinew tap -n demo --service catalog --status 5xx\n  sinew tap -A --path /api --limit 10 -o json"
+    )]
     Tap {
         /// Only requests to this service (`name` or `name.namespace`).
         #[arg(long)]
@@ -587,7 +597,9 @@ enum Command {
     /// credentials and namespace from its flag, else SINEW_SERVER, SINEW_CREDENTIALS,
     /// SINEW_NAMESPACE, else the context (--context, SINEW_CONTEXT, else the current
     /// one), else the default.
-    #[command(after_help = "Examples:\n  sinew context set demo --server https://127.0.0.1:15010 --credentials sinew-data/admin.credentials --namespace demo --use\n  sinew context list\n  sinew context use prod\n  sinew get services --context demo")]
+    #[command(
+        after_help = "Examples:\n  sinew context set demo --server https://127.0.0.1:15010 --credentials sinew-data/admin.credentials --namespace demo --use\n  sinew context list\n  sinew context use prod\n  sinew get services --context demo"
+    )]
     Context {
         #[command(subcommand)]
         command: context::ContextCommand,
@@ -870,9 +882,8 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
         }
     };
     // Set for exactly the commands `client_args` names.
-    let target = move || {
-        target.ok_or_else(|| anyhow::anyhow!("`sinew {name}`: no control plane resolved"))
-    };
+    let target =
+        move || target.ok_or_else(|| anyhow::anyhow!("`sinew {name}`: no control plane resolved"));
     match cli.command {
         Command::Control {
             listen,
@@ -1056,8 +1067,7 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
                     ..
                 },
         } => {
-            client::create_credential(&target()?.server, &name, &role, ttl, output.as_deref())
-                .await
+            client::create_credential(&target()?.server, &name, &role, ttl, output.as_deref()).await
         }
         Command::Credentials {
             command: CredentialsCommand::List { .. },
@@ -1250,4 +1260,96 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every visible command is listed under exactly one topic of `sinew --help`, and
+    /// every name listed there is a command.
+    #[test]
+    fn help_groups_cover_every_command_once() {
+        let cmd = command();
+        let listed: Vec<&str> = GROUPS
+            .iter()
+            .flat_map(|(_, names)| names.iter().copied())
+            .collect();
+        for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let n = listed.iter().filter(|l| **l == sub.get_name()).count();
+            assert_eq!(n, 1, "{} is listed {n} times in GROUPS", sub.get_name());
+        }
+        for name in &listed {
+            assert!(
+                *name == "help" || cmd.find_subcommand(name).is_some_and(|c| !c.is_hide_set()),
+                "GROUPS lists {name}, which is no visible command"
+            );
+        }
+        let help = cmd.clone().render_help().to_string();
+        assert!(!help.contains("Other:"), "{help}");
+        for (group, _) in GROUPS {
+            assert!(help.contains(&format!("\n{group}:\n")), "{help}");
+        }
+    }
+
+    /// clap's own consistency checks (ids, conflicts, flattened duplicates).
+    #[test]
+    fn the_command_line_is_consistent() {
+        command().debug_assert();
+    }
+
+    /// The hidden spellings before the command are taken by client commands only;
+    /// the control-plane flags exist exactly on the commands that call it.
+    #[test]
+    fn control_plane_flags_only_where_they_apply() {
+        let cmd = command();
+        let has = |path: &[&str]| {
+            let mut c = &cmd;
+            for p in path {
+                c = c.find_subcommand(p).unwrap_or_else(|| panic!("{p}"));
+            }
+            c.get_arguments().any(|a| a.get_long() == Some("server"))
+        };
+        for path in [
+            &["get"][..],
+            &["apply"],
+            &["delete"],
+            &["stat"],
+            &["top"],
+            &["tap"],
+            &["edges"],
+            &["proxy-status"],
+            &["check"],
+            &["version"],
+            &["run"],
+            &["ca", "rotate"],
+            &["token", "create"],
+            &["credentials", "list"],
+        ] {
+            assert!(has(path), "{path:?} lacks --server");
+        }
+        for path in [
+            &["control"][..],
+            &["validate"],
+            &["completions"],
+            &["demo"],
+            &["inject"],
+            &["install"],
+            &["init"],
+            &["webhook"],
+            &["context", "list"],
+        ] {
+            assert!(!has(path), "{path:?} has --server");
+        }
+        let parse = |args: &[&str]| {
+            let m = command()
+                .try_get_matches_from(args)
+                .map_err(|e| e.to_string())?;
+            Cli::from_arg_matches(&m).map_err(|e| e.to_string())
+        };
+        let cli = parse(&["sinew", "--server", "https://a:1", "get", "svc"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.client.server.as_deref(), Some("https://a:1"));
+        assert!(parse(&["sinew", "validate", "--server", "x", "-f", "a"]).is_err());
+    }
 }

@@ -201,7 +201,7 @@ async fn apply_moves_traffic_with_no_failed_request_in_flight() {
     assert!(out.status.success(), "{:?}", text(&out));
     // proxy-status tells how long the change took to be ACKed: from the apply, so
     // at least the debounce.
-    let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let (s, _) = text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
     let web_status = v
         .as_array()
@@ -271,7 +271,7 @@ async fn a_push_sent_in_parts_arrives_whole_full_and_as_a_delta() {
     })
     .await
     .unwrap();
-    let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let (s, _) = text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
     assert_eq!(v[0]["inSync"], true, "{s}");
     let (ok, failed) = load.finish().await;
@@ -319,13 +319,13 @@ async fn a_nacked_push_leaves_traffic_alone_and_check_reports_it() {
             .success()
     );
     wait::until("NACK recorded", TIMEOUT, || async {
-        text(&cp.sinew(&["proxy-status"]).await)
+        text(&cp.sinew(&["proxy-status", "-A"]).await)
             .0
             .contains("NACKED")
     })
     .await
     .unwrap();
-    let (status, _) = text(&cp.sinew(&["proxy-status"]).await);
+    let (status, _) = text(&cp.sinew(&["proxy-status", "-A"]).await);
     assert!(
         status.contains(&format!("cannot listen on {busy}")),
         "{status}"
@@ -401,7 +401,7 @@ async fn control_plane_down_fails_no_request_and_a_restart_resyncs_without_dropp
 
     let cp = Control::start(&data, cp_addr, &[]).await;
     wait::until("web resynced", TIMEOUT, || async {
-        let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+        let (s, _) = text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
         serde_json::from_str::<serde_json::Value>(&s).is_ok_and(|v| {
             v.as_array().is_some_and(|a| {
                 a.iter()
@@ -747,7 +747,7 @@ async fn a_proxy_that_refused_its_first_config_heals_when_it_is_fixed() {
     assert!(out.status.success(), "{:?}", text(&out));
     let web = proxy_unready(&cp, "shop/web", Duration::from_millis(50)).await;
     wait::until("the first push is refused", TIMEOUT, || async {
-        text(&cp.sinew(&["proxy-status"]).await)
+        text(&cp.sinew(&["proxy-status", "-A"]).await)
             .0
             .contains(&format!("cannot listen on {busy}"))
     })
@@ -1010,7 +1010,7 @@ async fn a_gone_proxy_is_unregistered_after_the_grace_period() {
         wl.contains("version: v2") && wl.contains("service: catalog"),
         "{wl}"
     );
-    let (status, _) = text(&cp.sinew(&["proxy-status"]).await);
+    let (status, _) = text(&cp.sinew(&["proxy-status", "-A"]).await);
     assert!(
         status.contains("shop/catalog-1") && status.contains("yes"),
         "{status}"

@@ -59,8 +59,14 @@ pub fn parse_flag(s: &str, bare: Duration) -> Result<Duration, String> {
         return Ok(bare * n);
     }
     parse(t).map_err(|_| {
-        format!("invalid duration {s:?}: expected e.g. 30s, 100ms, 24h, 1m30s, or a number of {}",
-            if bare == Duration::from_millis(1) { "milliseconds" } else { "seconds" })
+        format!(
+            "invalid duration {s:?}: expected e.g. 30s, 100ms, 24h, 1m30s, or a number of {}",
+            if bare == Duration::from_millis(1) {
+                "milliseconds"
+            } else {
+                "seconds"
+            }
+        )
     })
 }
 
