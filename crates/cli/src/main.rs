@@ -189,7 +189,7 @@ enum TokenCommand {
         #[arg(long)]
         service_account: String,
         /// How long the token is valid, e.g. 30m, 24h (at most 7 days).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
         /// How many proxies may bootstrap with it (e.g. an autoscaling group).
         #[arg(long, default_value_t = 1)]
@@ -222,7 +222,7 @@ enum CredentialsCommand {
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
         role: String,
         /// How long it is valid, e.g. 720h (at most 366 days).
-        #[arg(long, default_value = "720h", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "720h", value_parser = parse_duration)]
         ttl: Duration,
         /// Where to write it; default `<name>.credentials`.
         #[arg(short, long)]
