@@ -2682,14 +2682,16 @@ fn listed_commands(help: &str) -> Vec<String> {
         if line.is_empty() {
             continue;
         }
+        // A command's line: two spaces, its name (a flag or a wrapped line is not).
         if in_list
+            && !line.starts_with("   ")
             && let Some(name) = line
                 .strip_prefix("  ")
                 .and_then(|l| l.split_whitespace().next())
+            && !name.starts_with('-')
+            && name != "help"
         {
-            if !line.starts_with("   ") && !name.starts_with('-') && name != "help" {
-                out.push(name.to_owned());
-            }
+            out.push(name.to_owned());
         }
     }
     out
