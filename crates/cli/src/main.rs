@@ -869,8 +869,10 @@ fn client_args(command: &Command) -> Option<&ClientArgs> {
 async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
     // The control plane, for the commands that call it; the others refuse the
     // hidden before-the-command spellings rather than ignore them.
+    // An error resolving it is reported by the command that needs it (`version`
+    // prints its own first).
     let target = match client_args(&cli.command) {
-        Some(args) => Some(resolve(&cli.client, args)?),
+        Some(args) => Some(resolve(&cli.client, args)),
         None => {
             let t = &cli.client;
             if t.server.is_some() || t.credentials.is_some() || t.context.is_some() {
@@ -882,8 +884,9 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
         }
     };
     // Set for exactly the commands `client_args` names.
-    let target =
-        move || target.ok_or_else(|| anyhow::anyhow!("`sinew {name}`: no control plane resolved"));
+    let target = move || {
+        target.ok_or_else(|| anyhow::anyhow!("`sinew {name}`: no control plane resolved"))?
+    };
     match cli.command {
         Command::Control {
             listen,
@@ -1200,7 +1203,10 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
         Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
         Command::Init(args) => init(&args),
-        Command::Run { args, .. } => run::run(&target()?.server, args).await,
+        Command::Run { args, .. } => {
+            let t = target()?;
+            run::run(&t.server, args, &t.namespace).await
+        }
         Command::Version { .. } => {
             outln!("sinew {}", env!("CARGO_PKG_VERSION"))?;
             let server = target()?.server;

@@ -428,7 +428,6 @@ pub async fn tap(
         let msg = match msg {
             Ok(Some(m)) => m,
             Ok(None) if limit > 0 && seen >= limit => return Ok(0),
-            Ok(None) if namespace.is_some() && limit > 0 => return Ok(0),
             Ok(None) => bail!("the control plane ended the tap"),
             Err(e) => return Err(status(e)),
         };
@@ -436,9 +435,12 @@ pub async fn tap(
             Some(tap_response::Kind::Started(0)) => {
                 eprintln!("tapping: no proxies connected yet; proxies that connect will be tapped")
             }
-            Some(tap_response::Kind::Started(n)) => {
-                eprintln!("tapping {n} proxies (Ctrl-C to stop)")
-            }
+            Some(tap_response::Kind::Started(n)) => match namespace {
+                Some(ns) => eprintln!(
+                    "tapping {n} proxies, showing those in namespace {ns} (Ctrl-C to stop)"
+                ),
+                None => eprintln!("tapping {n} proxies (Ctrl-C to stop)"),
+            },
             Some(tap_response::Kind::Missed(n)) => {
                 eprintln!("({n} events missed: too many to relay)")
             }
