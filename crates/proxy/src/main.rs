@@ -376,13 +376,34 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// A flag's duration as a resource spells it (`CaptureSpec.detectTimeout`): whole
-/// seconds as `Ns`, else milliseconds.
+/// A flag's duration as a resource spells it (`CaptureSpec.detectTimeout`, at most
+/// five digits a part): whole seconds as `Ns`, else milliseconds, else both.
 fn resource_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 && d.as_secs() > 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
+    let (secs, millis) = (d.as_secs(), d.subsec_millis());
+    match d.as_millis() {
+        _ if millis == 0 && secs > 0 => format!("{secs}s"),
+        ms @ 0..=99_999 => format!("{ms}ms"),
+        _ => format!("{secs}s{millis}ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_durations_are_spelled_as_resources_take_them() {
+        for (flag, want) in [
+            ("100ms", "100ms"),
+            ("2s", "2s"),
+            ("1500ms", "1500ms"),
+            ("100s500ms", "100s500ms"),
+        ] {
+            let d = flag_secs(flag).unwrap_or_default();
+            let spelled = resource_duration(d);
+            assert_eq!(spelled, want);
+            assert_eq!(sinew_model::duration::parse(&spelled), Ok(d));
+        }
     }
 }
 
