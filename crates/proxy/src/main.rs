@@ -387,26 +387,6 @@ fn resource_duration(d: Duration) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flag_durations_are_spelled_as_resources_take_them() {
-        for (flag, want) in [
-            ("100ms", "100ms"),
-            ("2s", "2s"),
-            ("1500ms", "1500ms"),
-            ("100s500ms", "100s500ms"),
-        ] {
-            let d = flag_secs(flag).unwrap_or_default();
-            let spelled = resource_duration(d);
-            assert_eq!(spelled, want);
-            assert_eq!(sinew_model::duration::parse(&spelled), Ok(d));
-        }
-    }
-}
-
 async fn wait_for_termination(proxy: &Proxy) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -426,6 +406,26 @@ async fn wait_for_termination(proxy: &Proxy) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: reloading configuration");
                 proxy.reload();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_durations_are_spelled_as_resources_take_them() {
+        for (flag, want) in [
+            ("100ms", "100ms"),
+            ("2s", "2s"),
+            ("1500ms", "1500ms"),
+            ("100s500ms", "100s500ms"),
+        ] {
+            let d = flag_secs(flag).unwrap_or_default();
+            let spelled = resource_duration(d);
+            assert_eq!(spelled, want);
+            assert_eq!(sinew_model::duration::parse(&spelled), Ok(d));
         }
     }
 }
