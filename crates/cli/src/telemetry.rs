@@ -319,7 +319,7 @@ pub async fn top(
                     .into_inner();
                 let counts = count(all.rows.iter().map(|r| service_namespace(&r.service)));
                 hinted = counts.keys().any(|n| n != ns);
-                hint_elsewhere("requests", ns, &counts);
+                hint_elsewhere("paths with traffic", ns, &counts);
             }
             if !hinted {
                 eprintln!("no requests in the last {}s", resp.window_seconds);
