@@ -312,12 +312,40 @@ fn summary(kind: &str, v: &serde_json::Value) -> String {
     }
 }
 
-/// `sinew get`.
+/// Says on stderr where else there is something, when a table in `namespace` came
+/// out empty: `no services in namespace default; 6 in demo: try -n demo or -A`.
+/// `counts` are per namespace, over every namespace.
+pub(crate) fn hint_elsewhere(
+    what: &str,
+    namespace: &str,
+    counts: &std::collections::BTreeMap<String, usize>,
+) {
+    let mut others: Vec<(&String, &usize)> = counts
+        .iter()
+        .filter(|(ns, n)| ns.as_str() != namespace && **n > 0)
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    // The fullest namespace first: the likeliest to be meant.
+    others.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let list: Vec<String> = others
+        .iter()
+        .map(|(ns, n)| format!("{n} in {ns}"))
+        .collect();
+    eprintln!(
+        "no {what} in namespace {namespace}; {}: try -n {} or -A",
+        list.join(", "),
+        others[0].0
+    );
+}
+
+/// `sinew get`: `namespace` `None` for every namespace.
 pub async fn get(
     server: &Server,
     kind: &str,
     name: Option<&str>,
-    namespace: &str,
+    namespace: Option<&str>,
     output: &str,
 ) -> anyhow::Result<i32> {
     let kind = if kind.eq_ignore_ascii_case("all") {
@@ -331,19 +359,49 @@ pub async fn get(
         );
     }
     let mut client = connect(server).await?;
+    let request = |namespace: Option<&str>| GetRequest {
+        kind: kind.to_owned(),
+        namespace: namespace.unwrap_or_default().to_owned(),
+        name: name.unwrap_or("").to_owned(),
+    };
     let resp = client
-        .get(GetRequest {
-            kind: kind.to_owned(),
-            namespace: namespace.to_owned(),
-            name: name.unwrap_or("").to_owned(),
-        })
+        .get(request(namespace))
         .await
         .map_err(status)?
         .into_inner();
-    if resp.resources.is_empty()
-        && let Some(n) = name
+    // Nothing here: look in every namespace, to say where there is something.
+    let elsewhere = match (resp.resources.is_empty(), namespace) {
+        (true, Some(ns)) => {
+            let all = client
+                .get(request(None))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut counts = std::collections::BTreeMap::<String, usize>::new();
+            for r in &all.resources {
+                if let Some(k) = r.resource.as_ref().and_then(|r| r.key.as_ref()) {
+                    *counts.entry(k.namespace.clone()).or_default() += 1;
+                }
+            }
+            Some((ns, counts))
+        }
+        _ => None,
+    };
+    if let Some(n) = name
+        && resp.resources.is_empty()
     {
-        bail!("{kind} {namespace}/{n} not found");
+        let kind = if kind.is_empty() { "resource" } else { kind };
+        match &elsewhere {
+            Some((ns, counts)) if !counts.is_empty() => bail!(
+                "{kind} {ns}/{n} not found; there is one in {}: try -n {} or -A",
+                counts.keys().cloned().collect::<Vec<_>>().join(", "),
+                counts.keys().next().map_or("", String::as_str)
+            ),
+            _ => bail!(
+                "{kind} {}/{n} not found",
+                namespace.unwrap_or("(every namespace)")
+            ),
+        }
     }
     let docs: Vec<(String, serde_json::Value, String, u64)> = resp
         .resources
@@ -392,10 +450,31 @@ pub async fn get(
             )?;
         }
     }
+    if let Some((ns, counts)) = &elsewhere {
+        let what = match sinew_control::admin::canonical_kind(kind) {
+            Some("") | None => "resources".to_owned(),
+            Some(k) => plural(k),
+        };
+        hint_elsewhere(&what, ns, counts);
+    }
     Ok(0)
 }
 
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> std::io::Result<()> {
+/// `Service` -> `services`, `RoutePolicy` -> `routepolicies`, `Proxy` -> `proxies`.
+fn plural(kind: &str) -> String {
+    let k = kind.to_ascii_lowercase();
+    if let Some(stem) = k.strip_suffix('y') {
+        format!("{stem}ies")
+    } else {
+        format!("{k}s")
+    }
+}
+
+/// Prints a table: left-aligned columns two spaces apart, like `kubectl`.
+pub(crate) fn print_table<const N: usize>(
+    header: &[&str; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
     let mut widths = header.map(str::len);
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -474,14 +553,33 @@ pub async fn delete(
     })
 }
 
-/// `sinew proxy-status`.
-pub async fn proxy_status(server: &Server, output: &str) -> anyhow::Result<i32> {
+/// `sinew proxy-status`: the proxies of `namespace` (`None`: of every namespace).
+pub async fn proxy_status(
+    server: &Server,
+    namespace: Option<&str>,
+    output: &str,
+) -> anyhow::Result<i32> {
     let mut client = connect(server).await?;
-    let resp = client
+    let mut resp = client
         .proxy_status(ProxyStatusRequest {})
         .await
         .map_err(status)?
         .into_inner();
+    // The API lists every proxy (they are few); the namespace is chosen here.
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for p in &resp.proxies {
+        *counts.entry(p.namespace.clone()).or_default() += 1;
+    }
+    if let Some(ns) = namespace {
+        resp.proxies.retain(|p| p.namespace == ns);
+    }
+    let hint = || {
+        if let Some(ns) = namespace
+            && resp.proxies.is_empty()
+        {
+            hint_elsewhere("proxies", ns, &counts);
+        }
+    };
     if output == "json" {
         let items: Vec<serde_json::Value> = resp
             .proxies
@@ -500,6 +598,7 @@ pub async fn proxy_status(server: &Server, output: &str) -> anyhow::Result<i32> 
             })
             .collect();
         outln!("{}", serde_json::to_string_pretty(&items)?)?;
+        hint();
         return Ok(0);
     }
     let rows: Vec<[String; 7]> = resp
@@ -558,6 +657,7 @@ pub async fn proxy_status(server: &Server, output: &str) -> anyhow::Result<i32> 
         ],
         &rows,
     )?;
+    hint();
     Ok(0)
 }
 

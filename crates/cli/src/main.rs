@@ -26,6 +26,7 @@ macro_rules! out {
 }
 
 mod client;
+mod context;
 mod health;
 mod inject;
 mod install;
@@ -37,22 +38,120 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use sinew_model::duration::{flag_millis, flag_secs};
 
 /// Sinew service mesh.
 #[derive(Debug, Parser)]
 #[command(name = "sinew", version, about)]
 struct Cli {
-    /// The control plane's address (https://host:port); default: the credential's,
-    /// else https://127.0.0.1:15010.
-    #[arg(long, global = true, env = "SINEW_SERVER")]
-    server: Option<String>,
-    /// The operator credential file (written by `sinew control` on first start as
-    /// <data-dir>/admin.credentials, or by `sinew credentials create`).
-    #[arg(long, global = true, env = "SINEW_CREDENTIALS")]
-    credentials: Option<PathBuf>,
+    /// Where a client command's control plane is, given before the command
+    /// (`sinew --server URL get ...`), as earlier releases took it: kept, hidden, and
+    /// refused for commands that do not call the control plane. After the command
+    /// is where they are documented.
+    #[command(flatten)]
+    client: TopClientArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The hidden spellings of [`ClientArgs`] before the command.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct TopClientArgs {
+    #[arg(long, hide = true)]
+    server: Option<String>,
+    #[arg(long, hide = true)]
+    credentials: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    context: Option<String>,
+}
+
+/// Which control plane a client command calls, and as whom: on every command that
+/// calls it (and only there). Each is its flag, else its environment variable, else
+/// the context's, else the default.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Control plane")]
+struct ClientArgs {
+    /// The control plane's URL, https://host:port [env: SINEW_SERVER; default: the
+    /// context's, else the credential's, else https://127.0.0.1:15010].
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// The operator credential file [env: SINEW_CREDENTIALS; default: the context's,
+    /// else ~/.config/sinew/credentials, else ./sinew-data/admin.credentials].
+    #[arg(long, value_name = "FILE")]
+    credentials: Option<PathBuf>,
+    /// The context to use (`sinew context list`) [env: SINEW_CONTEXT; default: the
+    /// current context].
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+}
+
+/// The namespace a namespaced command looks at: one, or all.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct NamespaceArgs {
+    /// The namespace [env: SINEW_NAMESPACE; default: the context's, else `default`].
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
+}
+
+impl NamespaceArgs {
+    /// The namespace asked for, `None` for every namespace.
+    fn scope(&self, target: &Target) -> Option<String> {
+        if self.all_namespaces {
+            None
+        } else {
+            Some(
+                self.namespace
+                    .clone()
+                    .unwrap_or_else(|| target.namespace.clone()),
+            )
+        }
+    }
+}
+
+/// A client command's resolved control plane and default namespace.
+struct Target {
+    server: client::Server,
+    namespace: String,
+}
+
+/// Resolves the target field by field: flag (after the command, then before it),
+/// environment, context, default. The context file is read only here, so a bad
+/// one stops client commands only, with its path and field named.
+fn resolve(top: &TopClientArgs, args: &ClientArgs) -> anyhow::Result<Target> {
+    let file = context::path();
+    let config = context::Config::load(&file)?;
+    let name = args
+        .context
+        .clone()
+        .or_else(|| top.context.clone())
+        .or_else(|| context::env("SINEW_CONTEXT"));
+    let ctx = config
+        .select(name.as_deref(), &file)?
+        .cloned()
+        .unwrap_or_default();
+    let server = args
+        .server
+        .clone()
+        .or_else(|| top.server.clone())
+        .or_else(|| context::env("SINEW_SERVER"))
+        .or(ctx.server);
+    let credentials = args
+        .credentials
+        .clone()
+        .or_else(|| top.credentials.clone())
+        .or_else(|| context::env("SINEW_CREDENTIALS").map(PathBuf::from))
+        .or(ctx.credentials);
+    let namespace = context::env("SINEW_NAMESPACE")
+        .or(ctx.namespace)
+        .unwrap_or_else(|| "default".to_owned());
+    Ok(Target {
+        server: client::Server::resolve(server, credentials)?,
+        namespace,
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +172,8 @@ enum CaCommand {
         /// For finish: retire the old root even if proxies still use it.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -80,25 +181,33 @@ enum CaCommand {
 enum TokenCommand {
     /// Create a token for spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
     Create {
-        /// Namespace of the identity (and of the proxies that may use the token).
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
+        /// Namespace of the identity (and of the proxies that may use the token)
+        /// [env: SINEW_NAMESPACE; default: the context's, else `default`].
+        #[arg(short, long)]
+        namespace: Option<String>,
         /// Service account of the identity.
         #[arg(long)]
         service_account: String,
-        /// How long the token is valid (at most 7 days).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        /// How long the token is valid, e.g. 30m, 24h (at most 7 days).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
         /// How many proxies may bootstrap with it (e.g. an autoscaling group).
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// List the tokens not yet used up or expired (never the tokens themselves).
-    List,
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Revoke a token by its id (from `list` or `create`).
     Revoke {
         /// The token's id.
         id: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -112,19 +221,26 @@ enum CredentialsCommand {
         /// CA rotation, credentials).
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
         role: String,
-        /// How long it is valid (at most 366 days).
-        #[arg(long, default_value = "720h", value_parser = parse_duration)]
+        /// How long it is valid, e.g. 720h (at most 366 days).
+        #[arg(long, value_name = "DURATION", default_value = "720h", value_parser = parse_duration)]
         ttl: Duration,
         /// Where to write it; default `<name>.credentials`.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// List every credential issued, with its role and state.
-    List,
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Revoke every credential of this name: its calls are refused from now on.
     Revoke {
         /// The credential's name.
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -141,12 +257,15 @@ enum Command {
         /// A directory of YAML documents to watch and apply.
         #[arg(long)]
         config_dir: Option<PathBuf>,
-        /// Seconds a disconnected proxy's workload stays registered.
-        #[arg(long, default_value_t = 30)]
-        grace_period: u64,
-        /// Milliseconds changes are gathered before proxies are told.
-        #[arg(long, default_value_t = 20)]
-        debounce_ms: u64,
+        /// How long a disconnected proxy's workload stays registered, e.g. 30s.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = flag_secs)]
+        grace_period: Duration,
+        /// How long changes are gathered before proxies are told, e.g. 20ms.
+        #[arg(long, value_name = "DURATION", default_value = "20ms", value_parser = flag_secs)]
+        debounce: Duration,
+        /// The old spelling of --debounce, in milliseconds.
+        #[arg(long, hide = true, value_parser = flag_millis, conflicts_with = "debounce")]
+        debounce_ms: Option<Duration>,
         /// SPIFFE trust domain of the mesh.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
@@ -163,7 +282,7 @@ enum Command {
         ca_dir: Option<PathBuf>,
         /// How long a workload certificate is valid (e.g. 24h, 1h30m); proxies renew
         /// at about 70% of it.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
         cert_ttl: Duration,
         /// Take Services, endpoints, Pods and Sinew/Gateway API/SMI custom resources from
         /// the Kubernetes API (KUBECONFIG, ~/.kube/config, or in-cluster), and accept
@@ -186,10 +305,13 @@ enum Command {
         /// The audience proxies' service-account tokens must be issued for.
         #[arg(long, default_value = "sinew", requires = "kubernetes")]
         token_audience: String,
-        /// Seconds the status-writer's Lease lasts without renewal (another replica
-        /// takes over after that).
-        #[arg(long, default_value_t = 15, requires = "kubernetes")]
-        lease_duration_secs: u64,
+        /// How long the status-writer's Lease lasts without renewal (another replica
+        /// takes over after that), e.g. 15s.
+        #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration, requires = "kubernetes")]
+        lease_duration: Duration,
+        /// The old spelling of --lease-duration, in seconds.
+        #[arg(long, hide = true, value_parser = parse_duration, requires = "kubernetes", conflicts_with = "lease_duration")]
+        lease_duration_secs: Option<Duration>,
         /// The control plane's namespace: its certificate is
         /// spiffe://<trust-domain>/ns/<namespace>/sa/sinew-control.
         #[arg(long, env = "POD_NAMESPACE", default_value = "sinew-system")]
@@ -243,23 +365,26 @@ enum Command {
         /// Validate against what is stored, but store nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Show resources.
+    #[command(
+        after_help = "Examples:\n  sinew get services              (in the context's namespace, else default)\n  sinew get httproute catalog -n demo -o yaml\n  sinew get all -A"
+    )]
     Get {
-        /// Kind: service, workload, httproute, routepolicy, trafficpolicy, proxy,
-        /// meshconfig, or all.
+        /// Kind: service, workload, httproute, routepolicy, trafficpolicy,
+        /// authorizationpolicy, requestauthentication, proxy, meshconfig, or all.
         kind: String,
         /// A name (optional).
         name: Option<String>,
-        /// Namespace.
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
-        /// Every namespace.
-        #[arg(short = 'A', long)]
-        all_namespaces: bool,
+        #[command(flatten)]
+        ns: NamespaceArgs,
         /// Output format.
         #[arg(short, long, default_value = "table", value_parser = ["table", "yaml", "json"])]
         output: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Delete resources, by kind and name or by the documents in files.
     Delete {
@@ -267,31 +392,50 @@ enum Command {
         kind: Option<String>,
         /// Name.
         name: Option<String>,
-        /// Namespace.
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
+        /// The namespace of KIND NAME [env: SINEW_NAMESPACE; default: the context's,
+        /// else `default`]. Documents in files name their own.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Refused, as kubectl does: a name is deleted in one namespace at a time.
+        #[arg(short = 'A', long, hide = true)]
+        all_namespaces: bool,
         /// Delete what these files define.
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Every proxy: workload, connected or not, applied version against the latest,
-    /// last refusal.
+    /// Every proxy: connected, in sync, last refusal.
+    ///
+    /// Each proxy's workload, whether it is connected, the configuration version it
+    /// applied against the latest, and its last refusal (NACK).
+    #[command(
+        after_help = "Examples:\n  sinew proxy-status -n demo\n  sinew proxy-status -A -o json"
+    )]
     ProxyStatus {
+        #[command(flatten)]
+        ns: NamespaceArgs,
         /// Output format.
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Golden signals (success rate, requests/s, latency percentiles) per service,
-    /// workload or route, as the proxies report them: no Prometheus needed.
+    /// Success rate, requests/s and latency per service, workload or route.
+    ///
+    /// Golden signals (success rate, requests/s, latency percentiles) as the proxies
+    /// report them: no Prometheus needed.
+    #[command(
+        after_help = "Examples:\n  sinew stat -n demo\n  sinew stat -A --by workload --window 30s\n  sinew stat -n demo --by route -o json"
+    )]
     Stat {
         /// Group by service, workload or route.
         #[arg(long, default_value = "service", value_parser = ["service", "workload", "route"])]
         by: String,
-        /// Only this namespace (default: every namespace).
-        #[arg(short, long)]
-        namespace: Option<String>,
+        #[command(flatten)]
+        ns: NamespaceArgs,
         /// How far back to look, e.g. 30s (at most 60s).
-        #[arg(short, long, default_value = "60s", value_parser = parse_duration)]
+        #[arg(short, long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
         window: Duration,
         /// Read the servers' proxies (inbound) or the callers' (outbound); default:
         /// each group's servers when they have sidecars, else its callers.
@@ -300,19 +444,27 @@ enum Command {
         /// Output format.
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// The busiest paths right now (the last 10 to 20 s), refreshed until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  sinew top -n demo\n  sinew top --service catalog -n demo --interval 5s"
+    )]
     Top {
         /// Only this service (`name` or `name.namespace`).
+        #[arg(long)]
         service: Option<String>,
-        /// Only this namespace.
-        #[arg(short, long)]
-        namespace: Option<String>,
+        /// The old spelling of --service (a positional SERVICE).
+        #[arg(hide = true, conflicts_with = "service")]
+        service_positional: Option<String>,
+        #[command(flatten)]
+        ns: NamespaceArgs,
         /// Rows to show.
         #[arg(long, default_value_t = 20)]
         limit: u32,
         /// How often to refresh, e.g. 2s.
-        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
         interval: Duration,
         /// Print once and exit (implied by -o json).
         #[arg(long)]
@@ -320,13 +472,23 @@ enum Command {
         /// Output format.
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Live requests from every proxy, as they happen (no bodies; credentials
-    /// redacted), until Ctrl-C or --limit.
+    /// Live requests as the proxies see them, until Ctrl-C or --limit.
+    ///
+    /// Requests from the proxies of the namespace (or every one, -A), as they happen
+    /// (no bodies; credentials redacted).
+    #[command(
+        after_help = "Examples:\n  sinew tap -n demo --service catalog --status 5xx\n  sinew tap -A --path /api --limit 10 -o json"
+    )]
     Tap {
         /// Only requests to this service (`name` or `name.namespace`).
         #[arg(long)]
         service: Option<String>,
+        // Only requests seen by the proxies of this namespace (or of every one, -A).
+        #[command(flatten)]
+        ns: NamespaceArgs,
         /// Only paths starting with this.
         #[arg(long)]
         path: Option<String>,
@@ -345,24 +507,33 @@ enum Command {
         /// Output format: one line, or one JSON object, per request.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Who calls whom: callers, services, identities, mTLS, request counts.
+    #[command(after_help = "Examples:\n  sinew edges -n demo\n  sinew edges -A --window 30s")]
     Edges {
-        /// Only edges from or to this namespace.
-        #[arg(short, long)]
-        namespace: Option<String>,
+        // Edges from or to this namespace's workloads.
+        #[command(flatten)]
+        ns: NamespaceArgs,
         /// How far back to look, e.g. 30s (at most 60s).
-        #[arg(short, long, default_value = "60s", value_parser = parse_duration)]
+        #[arg(short, long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
         window: Duration,
         /// Output format.
         #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Check the installation: one pass/fail line per check; non-zero if any fails.
+    /// Check the installation: a pass/fail line per check; non-zero if any fails.
+    #[command(after_help = "Examples:\n  sinew check\n  sinew check --wait 30s")]
     Check {
-        /// Seconds to wait for proxies to catch up before calling them out of sync.
-        #[arg(long, default_value_t = 5)]
-        wait: u64,
+        /// How long to wait for proxies to catch up before calling them out of sync,
+        /// e.g. 5s, 1m.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = flag_secs)]
+        wait: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Validate documents locally, without a control plane.
     Validate {
@@ -370,10 +541,11 @@ enum Command {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// Add the sidecar to Kubernetes workloads (Pods, Deployments, StatefulSets,
-    /// DaemonSets, ReplicaSets, Jobs, CronJobs) in YAML files, offline: prints every
-    /// document, injected where it is a workload, e.g. `sinew inject -f app.yaml |
-    /// kubectl apply -f -`.
+    /// Add the sidecar to Kubernetes workloads in YAML files, offline.
+    ///
+    /// Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs:
+    /// prints every document, injected where it is a workload, e.g. `sinew inject -f
+    /// app.yaml | kubectl apply -f -`.
     Inject {
         /// YAML files (multi-document); `-` reads standard input.
         #[arg(short = 'f', long = "filename", required = true)]
@@ -381,28 +553,57 @@ enum Command {
         #[command(flatten)]
         inject: inject::InjectArgs,
     },
-    /// Run the sidecar-injection admission webhook (HTTPS; `sinew install
-    /// --kubernetes` runs it beside the control plane).
+    /// Run the sidecar-injection admission webhook.
+    ///
+    /// HTTPS; `sinew install --kubernetes` runs it beside the control plane.
     Webhook(inject::WebhookArgs),
-    /// Print (or --apply) the manifests that install Sinew: CRDs, RBAC, the control
-    /// plane, the injection webhook and their certificates.
+    /// Print (or --apply) the manifests that install Sinew on Kubernetes.
+    ///
+    /// CRDs, RBAC, the control plane, the injection webhook and their certificates.
     Install(install::InstallArgs),
-    /// Run the demo mesh on loopback: a control plane, four services (one in two
-    /// versions) each behind its own sinew-proxy, a 90/10 canary and steady load.
+    /// Run the demo mesh on loopback.
+    ///
+    /// A control plane, four services (one in two versions) each behind its own
+    /// sinew-proxy, a 90/10 canary and steady load.
     Demo(sinew_demo::DemoArgs),
     /// The demo's sample workload: serves HTTP and gRPC and calls its downstreams.
     DemoApp(sinew_demo::app::AppArgs),
-    /// Install transparent capture rules (iptables, ip6tables) in the current network
-    /// namespace: the workload's inbound and outbound TCP go to its sidecar, with no
-    /// change to the application. Needs root (CAP_NET_ADMIN).
+    /// Install transparent capture (iptables) here, for a sidecar. Needs root.
+    ///
+    /// Rules (iptables, ip6tables) in the current network namespace: the workload's
+    /// inbound and outbound TCP go to its sidecar, with no change to the application.
+    /// Needs CAP_NET_ADMIN.
     Init(InitArgs),
-    /// Run an unmodified app in the mesh on this Linux host: installs capture in the
-    /// current network namespace, starts the sidecar as the proxy uid, then the app
-    /// (`sinew run --service catalog --port http=8080 -- ./app args`); when the app
-    /// exits, stops the sidecar and removes the rules. Needs root.
-    Run(run::RunArgs),
+    /// Run an unmodified app in the mesh on this Linux host. Needs root.
+    ///
+    /// Installs capture in the current network namespace, starts the sidecar as the
+    /// proxy uid, then the app (`sinew run --service catalog --port http=8080 --
+    /// ./app args`); when the app exits, stops the sidecar and removes the rules.
+    Run {
+        #[command(flatten)]
+        args: run::RunArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print the version (and the control plane's, if reachable).
-    Version,
+    Version {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Named control planes, credentials and namespaces; pick one with `use`.
+    ///
+    /// Kept in $SINEW_CONFIG, else $XDG_CONFIG_HOME/sinew/config.yaml, else
+    /// ~/.config/sinew/config.yaml. A client command takes each of server,
+    /// credentials and namespace from its flag, else SINEW_SERVER, SINEW_CREDENTIALS,
+    /// SINEW_NAMESPACE, else the context (--context, SINEW_CONTEXT, else the current
+    /// one), else the default.
+    #[command(
+        after_help = "Examples:\n  sinew context set demo --server https://127.0.0.1:15010 --credentials sinew-data/admin.credentials --namespace demo --use\n  sinew context list\n  sinew context use prod\n  sinew get services --context demo"
+    )]
+    Context {
+        #[command(subcommand)]
+        command: context::ContextCommand,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -485,15 +686,111 @@ fn init(args: &InitArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A duration flag that must be more than zero: the one grammar of duration flags
+/// ([`flag_secs`]: `30s`, `100ms`, `24h`, `1m30s`, or a number of seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    match sinew_model::duration::parse(s)? {
+    match flag_secs(s)? {
         d if d.is_zero() => Err("must be more than zero".into()),
         d => Ok(d),
     }
 }
 
+/// The topics of `sinew --help`, in order; every visible command is in exactly one
+/// (a test checks), so the list cannot go stale.
+const GROUPS: &[(&str, &[&str])] = &[
+    (
+        "Mesh",
+        &[
+            "apply",
+            "get",
+            "delete",
+            "validate",
+            "check",
+            "proxy-status",
+            "version",
+        ],
+    ),
+    ("Traffic", &["stat", "top", "tap", "edges"]),
+    ("Identity", &["ca", "token", "credentials"]),
+    ("Kubernetes", &["install", "inject", "webhook"]),
+    ("Hosts", &["control", "run", "init", "demo", "demo-app"]),
+    ("Setup", &["context", "completions", "help"]),
+];
+
+const EXAMPLES: &str = "\
+Examples:
+  sinew demo                                   a whole mesh on loopback
+  sinew context set demo --server https://127.0.0.1:15010 \\
+      --credentials sinew-data/admin.credentials --namespace demo --use
+  sinew get services                           in the context's namespace
+  sinew get all -A                             in every namespace
+  sinew stat -n demo --by route --window 30s
+  sinew top --service frontend -n demo
+  sinew tap --service catalog -n demo --limit 10
+  sinew apply -f route.yaml
+
+Each client command's control plane, credential and namespace: its flag, else
+SINEW_SERVER, SINEW_CREDENTIALS, SINEW_NAMESPACE, else the context (--context,
+SINEW_CONTEXT, else the current one in $SINEW_CONFIG or ~/.config/sinew/config.yaml),
+else https://127.0.0.1:15010 and namespace `default`. Durations take units: 30s, 100ms,
+24h, 1m30s.";
+
+/// The commands, listed by topic for the top-level help.
+fn grouped_commands(cmd: &clap::Command) -> String {
+    let about = |name: &str| -> Option<String> {
+        if name == "help" {
+            return Some("Print this message or the help of the given command".into());
+        }
+        let sub = cmd.find_subcommand(name)?;
+        Some(sub.get_about().map(|a| a.to_string()).unwrap_or_default())
+    };
+    let mut out = String::new();
+    let mut listed: Vec<&str> = Vec::new();
+    for (group, names) in GROUPS {
+        out.push_str(&format!("{group}:\n"));
+        for name in *names {
+            if let Some(a) = about(name) {
+                out.push_str(&format!("  {name:<14} {a}\n"));
+                listed.push(name);
+            }
+        }
+        out.push('\n');
+    }
+    // A command left out of GROUPS still shows (and the test fails).
+    let rest: Vec<String> = cmd
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set() && !listed.contains(&c.get_name()))
+        .map(|c| {
+            format!(
+                "  {:<14} {}\n",
+                c.get_name(),
+                c.get_about().map(|a| a.to_string()).unwrap_or_default()
+            )
+        })
+        .collect();
+    if !rest.is_empty() {
+        out.push_str(&format!("Other:\n{}\n", rest.concat()));
+    }
+    out
+}
+
+/// `sinew`'s command line: the derived one, its help grouped by topic.
+fn command() -> clap::Command {
+    let cmd = Cli::command();
+    let commands = grouped_commands(&cmd);
+    cmd.help_template(format!(
+        "{{about-with-newline}}\n{{usage-heading}} {{usage}}\n\n{commands}Options:\n{{options}}{{after-help}}"
+    ))
+    .after_help(EXAMPLES)
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let matches = command().get_matches();
+    let name = matches.subcommand_name().unwrap_or_default().to_owned();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -505,7 +802,7 @@ fn main() {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(run(cli)),
+        Ok(rt) => rt.block_on(run(cli, name)),
         Err(e) => Err(anyhow::anyhow!("cannot start the runtime: {e}")),
     };
     match result {
@@ -527,14 +824,76 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let server = client::Server::resolve(cli.server, cli.credentials)?;
+/// The control-plane flags of `command`, when it calls the control plane.
+fn client_args(command: &Command) -> Option<&ClientArgs> {
+    match command {
+        Command::Ca {
+            command: CaCommand::Rotate { client, .. },
+        }
+        | Command::Token {
+            command:
+                TokenCommand::Create { client, .. }
+                | TokenCommand::List { client }
+                | TokenCommand::Revoke { client, .. },
+        }
+        | Command::Credentials {
+            command:
+                CredentialsCommand::Create { client, .. }
+                | CredentialsCommand::List { client }
+                | CredentialsCommand::Revoke { client, .. },
+        }
+        | Command::Apply { client, .. }
+        | Command::Get { client, .. }
+        | Command::Delete { client, .. }
+        | Command::ProxyStatus { client, .. }
+        | Command::Stat { client, .. }
+        | Command::Top { client, .. }
+        | Command::Tap { client, .. }
+        | Command::Edges { client, .. }
+        | Command::Check { client, .. }
+        | Command::Run { client, .. }
+        | Command::Version { client } => Some(client),
+        Command::Control { .. }
+        | Command::Validate { .. }
+        | Command::Inject { .. }
+        | Command::Webhook(_)
+        | Command::Install(_)
+        | Command::Demo(_)
+        | Command::DemoApp(_)
+        | Command::Init(_)
+        | Command::Context { .. }
+        | Command::Completions { .. } => None,
+    }
+}
+
+async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
+    // The control plane, for the commands that call it; the others refuse the
+    // hidden before-the-command spellings rather than ignore them.
+    // An error resolving it is reported by the command that needs it (`version`
+    // prints its own first).
+    let target = match client_args(&cli.command) {
+        Some(args) => Some(resolve(&cli.client, args)),
+        None => {
+            let t = &cli.client;
+            if t.server.is_some() || t.credentials.is_some() || t.context.is_some() {
+                anyhow::bail!(
+                    "`sinew {name}` does not call the control plane: --server, --credentials and --context do not apply to it"
+                );
+            }
+            None
+        }
+    };
+    // Set for exactly the commands `client_args` names.
+    let target = move || {
+        target.ok_or_else(|| anyhow::anyhow!("`sinew {name}`: no control plane resolved"))?
+    };
     match cli.command {
         Command::Control {
             listen,
             data_dir,
             config_dir,
             grace_period,
+            debounce,
             debounce_ms,
             trust_domain,
             ca_cert,
@@ -544,6 +903,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             kubernetes,
             lease_namespace,
             token_audience,
+            lease_duration,
             lease_duration_secs,
             namespace,
             server_names,
@@ -579,8 +939,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             opts.cert_ttl = cert_ttl;
             opts.listen = listen;
             opts.config_dir = config_dir;
-            opts.grace_period = Duration::from_secs(grace_period);
-            opts.debounce = Duration::from_millis(debounce_ms);
+            opts.grace_period = grace_period;
+            opts.debounce = debounce_ms.unwrap_or(debounce);
             opts.namespace = namespace.clone();
             opts.server_names = server_names;
             opts.admin_credentials = admin_credentials;
@@ -630,7 +990,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 let mut k = sinew_k8s::KubernetesOptions::default();
                 k.source.lease_namespace = lease_namespace;
                 k.source.trust_domain = trust_domain;
-                k.source.lease_duration = Duration::from_secs(lease_duration_secs.max(1));
+                k.source.lease_duration = lease_duration_secs.unwrap_or(lease_duration);
                 k.token_audience = Some(token_audience);
                 // Ready once the cluster's state is in (not merely once serving).
                 k.source.synced = health.as_ref().map(health::Health::flag);
@@ -668,10 +1028,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     ca_cert,
                     ca_key,
                     force,
+                    ..
                 },
         } => {
             client::rotate_ca(
-                &server,
+                &target()?.server,
                 &phase,
                 ca_cert.as_deref(),
                 ca_key.as_deref(),
@@ -686,14 +1047,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     service_account,
                     ttl,
                     uses,
+                    ..
                 },
-        } => client::create_token(&server, &namespace, &service_account, ttl, uses).await,
+        } => {
+            let t = target()?;
+            let namespace = namespace.unwrap_or(t.namespace);
+            client::create_token(&t.server, &namespace, &service_account, ttl, uses).await
+        }
         Command::Token {
-            command: TokenCommand::List,
-        } => client::list_tokens(&server).await,
+            command: TokenCommand::List { .. },
+        } => client::list_tokens(&target()?.server).await,
         Command::Token {
-            command: TokenCommand::Revoke { id },
-        } => client::revoke_token(&server, &id).await,
+            command: TokenCommand::Revoke { id, .. },
+        } => client::revoke_token(&target()?.server, &id).await,
         Command::Credentials {
             command:
                 CredentialsCommand::Create {
@@ -701,37 +1067,48 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     role,
                     ttl,
                     output,
+                    ..
                 },
-        } => client::create_credential(&server, &name, &role, ttl, output.as_deref()).await,
+        } => {
+            client::create_credential(&target()?.server, &name, &role, ttl, output.as_deref()).await
+        }
         Command::Credentials {
-            command: CredentialsCommand::List,
-        } => client::list_credentials(&server).await,
+            command: CredentialsCommand::List { .. },
+        } => client::list_credentials(&target()?.server).await,
         Command::Credentials {
-            command: CredentialsCommand::Revoke { name },
-        } => client::revoke_credential(&server, &name).await,
-        Command::Apply { files, dry_run } => client::apply(&server, &files, dry_run).await,
+            command: CredentialsCommand::Revoke { name, .. },
+        } => client::revoke_credential(&target()?.server, &name).await,
+        Command::Apply { files, dry_run, .. } => {
+            client::apply(&target()?.server, &files, dry_run).await
+        }
         Command::Get {
             kind,
             name,
-            namespace,
-            all_namespaces,
+            ns,
             output,
+            ..
         } => {
-            let ns = if all_namespaces {
-                String::new()
-            } else {
-                namespace
-            };
-            client::get(&server, &kind, name.as_deref(), &ns, &output).await
+            let t = target()?;
+            let scope = ns.scope(&t);
+            client::get(&t.server, &kind, name.as_deref(), scope.as_deref(), &output).await
         }
         Command::Delete {
             kind,
             name,
             namespace,
+            all_namespaces,
             files,
+            ..
         } => {
+            if all_namespaces {
+                anyhow::bail!(
+                    "delete: -A is refused (as by kubectl): a name is deleted in one namespace at a time; give -n NAMESPACE"
+                );
+            }
+            let t = target()?;
+            let namespace = namespace.unwrap_or(t.namespace);
             client::delete(
-                &server,
+                &t.server,
                 kind.as_deref(),
                 name.as_deref(),
                 &namespace,
@@ -739,18 +1116,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
-        Command::ProxyStatus { output } => client::proxy_status(&server, &output).await,
+        Command::ProxyStatus { ns, output, .. } => {
+            let t = target()?;
+            client::proxy_status(&t.server, ns.scope(&t).as_deref(), &output).await
+        }
         Command::Stat {
             by,
-            namespace,
+            ns,
             window,
             direction,
             output,
+            ..
         } => {
+            let t = target()?;
             telemetry::stat(
-                &server,
+                &t.server,
                 &by,
-                namespace.as_deref(),
+                ns.scope(&t).as_deref(),
                 window,
                 direction.as_deref(),
                 &output,
@@ -759,16 +1141,19 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Top {
             service,
-            namespace,
+            service_positional,
+            ns,
             limit,
             interval,
             once,
             output,
+            ..
         } => {
+            let t = target()?;
             telemetry::top(
-                &server,
-                namespace.as_deref(),
-                service.as_deref(),
+                &t.server,
+                ns.scope(&t).as_deref(),
+                service.or(service_positional).as_deref(),
                 limit,
                 interval,
                 once,
@@ -778,13 +1163,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Tap {
             service,
+            ns,
             path,
             method,
             status,
             direction,
             limit,
             output,
+            ..
         } => {
+            let t = target()?;
             let filter = sinew_api::v1::TapFilter {
                 direction: direction.unwrap_or_default(),
                 service: service.unwrap_or_default(),
@@ -793,14 +1181,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 status: status.unwrap_or_default(),
                 limit: limit.unwrap_or(0),
             };
-            telemetry::tap(&server, filter, &output).await
+            telemetry::tap(&t.server, filter, ns.scope(&t).as_deref(), &output).await
         }
         Command::Edges {
-            namespace,
-            window,
-            output,
-        } => telemetry::edges(&server, namespace.as_deref(), window, &output).await,
-        Command::Check { wait } => client::check(&server, Duration::from_secs(wait)).await,
+            ns, window, output, ..
+        } => {
+            let t = target()?;
+            telemetry::edges(&t.server, ns.scope(&t).as_deref(), window, &output).await
+        }
+        Command::Check { wait, .. } => client::check(&target()?.server, wait).await,
         Command::Validate { files } => client::validate(&files),
         Command::Inject { files, inject } => inject::inject(&files, &inject),
         Command::Webhook(args) => {
@@ -814,18 +1203,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Demo(args) => sinew_demo::run(args).await.map(|()| 0),
         Command::DemoApp(args) => sinew_demo::app::run(args).await.map(|()| 0),
         Command::Init(args) => init(&args),
-        Command::Run(args) => run::run(&server, args).await,
-        Command::Version => {
+        Command::Run { args, .. } => {
+            let t = target()?;
+            run::run(&t.server, args, &t.namespace).await
+        }
+        Command::Version { .. } => {
             outln!("sinew {}", env!("CARGO_PKG_VERSION"))?;
+            let server = target()?.server;
             if let Ok(v) = client::server_version(&server).await {
                 outln!("control plane {v} at {server}")?;
             }
             Ok(0)
         }
+        Command::Context { command } => context::run(command),
         Command::Completions { shell } => {
             // Generated into memory first: clap_complete panics when a write fails.
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "sinew", &mut script);
+            clap_complete::generate(shell, &mut command(), "sinew", &mut script);
             std::io::Write::write_all(&mut std::io::stdout().lock(), &script)?;
             Ok(0)
         }
@@ -872,4 +1266,96 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every visible command is listed under exactly one topic of `sinew --help`, and
+    /// every name listed there is a command.
+    #[test]
+    fn help_groups_cover_every_command_once() {
+        let cmd = command();
+        let listed: Vec<&str> = GROUPS
+            .iter()
+            .flat_map(|(_, names)| names.iter().copied())
+            .collect();
+        for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let n = listed.iter().filter(|l| **l == sub.get_name()).count();
+            assert_eq!(n, 1, "{} is listed {n} times in GROUPS", sub.get_name());
+        }
+        for name in &listed {
+            assert!(
+                *name == "help" || cmd.find_subcommand(name).is_some_and(|c| !c.is_hide_set()),
+                "GROUPS lists {name}, which is no visible command"
+            );
+        }
+        let help = cmd.clone().render_help().to_string();
+        assert!(!help.contains("Other:"), "{help}");
+        for (group, _) in GROUPS {
+            assert!(help.contains(&format!("\n{group}:\n")), "{help}");
+        }
+    }
+
+    /// clap's own consistency checks (ids, conflicts, flattened duplicates).
+    #[test]
+    fn the_command_line_is_consistent() {
+        command().debug_assert();
+    }
+
+    /// The hidden spellings before the command are taken by client commands only;
+    /// the control-plane flags exist exactly on the commands that call it.
+    #[test]
+    fn control_plane_flags_only_where_they_apply() {
+        let cmd = command();
+        let has = |path: &[&str]| {
+            let mut c = &cmd;
+            for p in path {
+                c = c.find_subcommand(p).unwrap_or_else(|| panic!("{p}"));
+            }
+            c.get_arguments().any(|a| a.get_long() == Some("server"))
+        };
+        for path in [
+            &["get"][..],
+            &["apply"],
+            &["delete"],
+            &["stat"],
+            &["top"],
+            &["tap"],
+            &["edges"],
+            &["proxy-status"],
+            &["check"],
+            &["version"],
+            &["run"],
+            &["ca", "rotate"],
+            &["token", "create"],
+            &["credentials", "list"],
+        ] {
+            assert!(has(path), "{path:?} lacks --server");
+        }
+        for path in [
+            &["control"][..],
+            &["validate"],
+            &["completions"],
+            &["demo"],
+            &["inject"],
+            &["install"],
+            &["init"],
+            &["webhook"],
+            &["context", "list"],
+        ] {
+            assert!(!has(path), "{path:?} has --server");
+        }
+        let parse = |args: &[&str]| {
+            let m = command()
+                .try_get_matches_from(args)
+                .map_err(|e| e.to_string())?;
+            Cli::from_arg_matches(&m).map_err(|e| e.to_string())
+        };
+        let cli = parse(&["sinew", "--server", "https://a:1", "get", "svc"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.client.server.as_deref(), Some("https://a:1"));
+        assert!(parse(&["sinew", "validate", "--server", "x", "-f", "a"]).is_err());
+    }
 }

@@ -18,6 +18,15 @@ use tokio::process::{Child, Command};
 
 use crate::client::{connect, status};
 
+impl RunArgs {
+    /// The namespace, once [`run`] has settled it.
+    fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned())
+    }
+}
+
 /// `sinew run`'s flags.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -27,9 +36,10 @@ pub struct RunArgs {
     /// A port the app serves, `name=number` (repeatable), e.g. `http=8080`.
     #[arg(long = "port", value_parser = parse_port)]
     ports: Vec<(String, u16)>,
-    /// Namespace of the service and proxy.
-    #[arg(short, long, default_value = "default")]
-    namespace: String,
+    /// Namespace of the service and proxy [env: SINEW_NAMESPACE; default: the
+    /// context's, else `default`].
+    #[arg(short, long)]
+    namespace: Option<String>,
     /// This sidecar's name; default `<service>-<hostname>`.
     #[arg(long)]
     name: Option<String>,
@@ -179,7 +189,14 @@ async fn ready(admin: SocketAddr, inbound: bool) -> bool {
 }
 
 /// `sinew run`.
-pub async fn run(server: &crate::client::Server, args: RunArgs) -> anyhow::Result<i32> {
+///
+/// `namespace` is the one to use when `-n` is not given (the context's).
+pub async fn run(
+    server: &crate::client::Server,
+    mut args: RunArgs,
+    namespace: &str,
+) -> anyhow::Result<i32> {
+    args.namespace.get_or_insert_with(|| namespace.to_owned());
     let proxy_bin = match &args.proxy_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -199,7 +216,7 @@ pub async fn run(server: &crate::client::Server, args: RunArgs) -> anyhow::Resul
         .name
         .clone()
         .unwrap_or_else(|| format!("{}-{host}", args.service));
-    let ns = &args.namespace;
+    let ns = &args.namespace();
     let address = match args.address {
         Some(a) => a,
         None => local_address(&server.url)?,
@@ -291,7 +308,7 @@ async fn supervise(
         .arg("--control-plane")
         .arg(&server.url)
         .arg("--name")
-        .arg(format!("{}/{name}", args.namespace))
+        .arg(format!("{}/{name}", args.namespace()))
         .arg("--service")
         .arg(&args.service)
         .arg("--address")

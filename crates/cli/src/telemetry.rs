@@ -10,7 +10,9 @@ use sinew_api::v1::{
     tap_response,
 };
 
-use crate::client::{connect, connect_with, status};
+use std::collections::BTreeMap;
+
+use crate::client::{connect, connect_with, hint_elsewhere, status};
 
 /// The longest window the control plane keeps.
 const MAX_WINDOW: Duration = Duration::from_secs(60);
@@ -102,13 +104,14 @@ pub async fn stat(
 ) -> anyhow::Result<i32> {
     let window_seconds = window_secs(window)?;
     let mut client = connect(server).await?;
+    let request = |namespace: Option<&str>| StatRequest {
+        by: by.to_owned(),
+        namespace: namespace.unwrap_or_default().to_owned(),
+        window_seconds,
+        direction: direction.unwrap_or_default().to_owned(),
+    };
     let resp = client
-        .stat(StatRequest {
-            by: by.to_owned(),
-            namespace: namespace.unwrap_or_default().to_owned(),
-            window_seconds,
-            direction: direction.unwrap_or_default().to_owned(),
-        })
+        .stat(request(namespace))
         .await
         .map_err(status)?
         .into_inner();
@@ -168,13 +171,29 @@ pub async fn stat(
         .collect();
     print_table(&header, &rows)?;
     if rows.is_empty() {
-        eprintln!(
-            "no traffic reported in the last {}s{} (proxies report every 2s while they have traffic)",
-            resp.window_seconds,
-            namespace
-                .map(|n| format!(" in namespace {n}"))
-                .unwrap_or_default()
-        );
+        let elsewhere = match namespace {
+            Some(ns) => {
+                let all = client
+                    .stat(request(None))
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Some((ns, count(all.rows.iter().map(|r| r.namespace.clone()))))
+            }
+            None => None,
+        };
+        match elsewhere {
+            Some((ns, counts)) if counts.keys().any(|n| n != ns) => {
+                hint_elsewhere(&format!("{by}s with traffic"), ns, &counts)
+            }
+            _ => eprintln!(
+                "no traffic reported in the last {}s{} (proxies report every 2s while they have traffic)",
+                resp.window_seconds,
+                namespace
+                    .map(|n| format!(" in namespace {n}"))
+                    .unwrap_or_default()
+            ),
+        }
     }
     Ok(0)
 }
@@ -210,6 +229,24 @@ fn top_json(r: &TopRow) -> serde_json::Value {
     })
 }
 
+/// How many of each namespace.
+fn count(namespaces: impl Iterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for ns in namespaces {
+        *counts.entry(ns).or_default() += 1;
+    }
+    counts
+}
+
+/// The namespace of `name.namespace`.
+fn service_namespace(service: &str) -> String {
+    service
+        .rsplit_once('.')
+        .map(|(_, ns)| ns)
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// `sinew top`: the busiest paths, refreshed every `every` until Ctrl-C (or once).
 pub async fn top(
     server: &crate::client::Server,
@@ -223,14 +260,15 @@ pub async fn top(
     let mut client = connect(server).await?;
     let json = output == "json";
     let tty = std::io::stdout().is_terminal();
+    let request = |namespace: Option<&str>| TopRequest {
+        namespace: namespace.unwrap_or_default().to_owned(),
+        service: service.unwrap_or_default().to_owned(),
+        window_seconds: 0,
+        limit,
+    };
     loop {
         let resp = client
-            .top(TopRequest {
-                namespace: namespace.unwrap_or_default().to_owned(),
-                service: service.unwrap_or_default().to_owned(),
-                window_seconds: 0,
-                limit,
-            })
+            .top(request(namespace))
             .await
             .map_err(status)?
             .into_inner();
@@ -272,7 +310,20 @@ pub async fn top(
             &rows,
         )?;
         if rows.is_empty() {
-            eprintln!("no requests in the last {}s", resp.window_seconds);
+            let mut hinted = false;
+            if let Some(ns) = namespace {
+                let all = client
+                    .top(request(None))
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                let counts = count(all.rows.iter().map(|r| service_namespace(&r.service)));
+                hinted = counts.keys().any(|n| n != ns);
+                hint_elsewhere("paths with traffic", ns, &counts);
+            }
+            if !hinted {
+                eprintln!("no requests in the last {}s", resp.window_seconds);
+            }
         }
         if once {
             return Ok(0);
@@ -340,14 +391,21 @@ fn tap_json(e: &TapEvent) -> serde_json::Value {
 }
 
 /// `sinew tap`: live requests until Ctrl-C or `filter.limit` of them.
+///
+/// With a `namespace`, only the events of that namespace's proxies are shown; the
+/// control plane taps every proxy, so the limit is counted here.
 pub async fn tap(
     server: &crate::client::Server,
-    filter: TapFilter,
+    mut filter: TapFilter,
+    namespace: Option<&str>,
     output: &str,
 ) -> anyhow::Result<i32> {
     // No deadline: a tap lasts as long as the user wants.
     let mut client = connect_with(server, None).await?;
     let limit = filter.limit;
+    if namespace.is_some() {
+        filter.limit = 0;
+    }
     // Requests are counted as the control plane counts them for the limit.
     let counting = TapFilter {
         direction: filter.direction.clone(),
@@ -377,23 +435,48 @@ pub async fn tap(
             Some(tap_response::Kind::Started(0)) => {
                 eprintln!("tapping: no proxies connected yet; proxies that connect will be tapped")
             }
-            Some(tap_response::Kind::Started(n)) => {
-                eprintln!("tapping {n} proxies (Ctrl-C to stop)")
-            }
+            Some(tap_response::Kind::Started(n)) => match namespace {
+                Some(ns) => eprintln!(
+                    "tapping {n} proxies, showing those in namespace {ns} (Ctrl-C to stop)"
+                ),
+                None => eprintln!("tapping {n} proxies (Ctrl-C to stop)"),
+            },
             Some(tap_response::Kind::Missed(n)) => {
                 eprintln!("({n} events missed: too many to relay)")
             }
             Some(tap_response::Kind::Event(e)) => {
-                seen += u64::from(sinew_control::telemetry::tap::counts(&counting, &e));
+                let mut counted = sinew_control::telemetry::tap::counts(&counting, &e);
+                if let Some(ns) = namespace {
+                    if proxy_namespace(&e.proxy) != ns {
+                        continue;
+                    }
+                    // The caller's side is shown only when its proxy is here too.
+                    counted |= identity_namespace(&e.peer_identity) != Some(ns);
+                }
                 if json {
                     outln!("{}", tap_json(&e))?;
                 } else {
                     outln!("{}", tap_line(&e))?;
                 }
+                seen += u64::from(counted);
+                if namespace.is_some() && limit > 0 && seen >= limit {
+                    return Ok(0);
+                }
             }
             None => {}
         }
     }
+}
+
+/// The namespace of a proxy's `namespace/name`.
+fn proxy_namespace(proxy: &str) -> &str {
+    proxy.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+/// The namespace of `spiffe://<trust-domain>/ns/<namespace>/sa/<account>`.
+fn identity_namespace(id: &str) -> Option<&str> {
+    let rest = id.split_once("/ns/")?.1;
+    Some(rest.split_once('/').map_or(rest, |(ns, _)| ns))
 }
 
 fn edge_json(e: &Edge) -> serde_json::Value {
@@ -422,11 +505,12 @@ pub async fn edges(
 ) -> anyhow::Result<i32> {
     let window_seconds = window_secs(window)?;
     let mut client = connect(server).await?;
+    let request = |namespace: Option<&str>| EdgesRequest {
+        namespace: namespace.unwrap_or_default().to_owned(),
+        window_seconds,
+    };
     let resp = client
-        .edges(EdgesRequest {
-            namespace: namespace.unwrap_or_default().to_owned(),
-            window_seconds,
-        })
+        .edges(request(namespace))
         .await
         .map_err(status)?
         .into_inner();
@@ -480,7 +564,31 @@ pub async fn edges(
         &rows,
     )?;
     if rows.is_empty() {
-        eprintln!("no traffic reported in the last {}s", resp.window_seconds);
+        let mut hinted = false;
+        if let Some(ns) = namespace {
+            let all = client
+                .edges(request(None))
+                .await
+                .map_err(status)?
+                .into_inner();
+            // An edge counts for the namespaces of both of its ends.
+            let counts = count(all.edges.iter().flat_map(|e| {
+                let (src, dst) = (
+                    proxy_namespace(&e.src).to_owned(),
+                    service_namespace(&e.dst),
+                );
+                if src == dst || src.is_empty() {
+                    vec![dst]
+                } else {
+                    vec![src, dst]
+                }
+            }));
+            hinted = counts.keys().any(|n| n != ns);
+            hint_elsewhere("edges", ns, &counts);
+        }
+        if !hinted {
+            eprintln!("no traffic reported in the last {}s", resp.window_seconds);
+        }
     }
     Ok(0)
 }

@@ -201,7 +201,7 @@ async fn apply_moves_traffic_with_no_failed_request_in_flight() {
     assert!(out.status.success(), "{:?}", text(&out));
     // proxy-status tells how long the change took to be ACKed: from the apply, so
     // at least the debounce.
-    let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let (s, _) = text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
     let web_status = v
         .as_array()
@@ -271,7 +271,7 @@ async fn a_push_sent_in_parts_arrives_whole_full_and_as_a_delta() {
     })
     .await
     .unwrap();
-    let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let (s, _) = text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
     assert_eq!(v[0]["inSync"], true, "{s}");
     let (ok, failed) = load.finish().await;
@@ -319,13 +319,13 @@ async fn a_nacked_push_leaves_traffic_alone_and_check_reports_it() {
             .success()
     );
     wait::until("NACK recorded", TIMEOUT, || async {
-        text(&cp.sinew(&["proxy-status"]).await)
+        text(&cp.sinew(&["proxy-status", "-A"]).await)
             .0
             .contains("NACKED")
     })
     .await
     .unwrap();
-    let (status, _) = text(&cp.sinew(&["proxy-status"]).await);
+    let (status, _) = text(&cp.sinew(&["proxy-status", "-A"]).await);
     assert!(
         status.contains(&format!("cannot listen on {busy}")),
         "{status}"
@@ -401,7 +401,7 @@ async fn control_plane_down_fails_no_request_and_a_restart_resyncs_without_dropp
 
     let cp = Control::start(&data, cp_addr, &[]).await;
     wait::until("web resynced", TIMEOUT, || async {
-        let (s, _) = text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+        let (s, _) = text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
         serde_json::from_str::<serde_json::Value>(&s).is_ok_and(|v| {
             v.as_array().is_some_and(|a| {
                 a.iter()
@@ -747,7 +747,7 @@ async fn a_proxy_that_refused_its_first_config_heals_when_it_is_fixed() {
     assert!(out.status.success(), "{:?}", text(&out));
     let web = proxy_unready(&cp, "shop/web", Duration::from_millis(50)).await;
     wait::until("the first push is refused", TIMEOUT, || async {
-        text(&cp.sinew(&["proxy-status"]).await)
+        text(&cp.sinew(&["proxy-status", "-A"]).await)
             .0
             .contains(&format!("cannot listen on {busy}"))
     })
@@ -1010,7 +1010,7 @@ async fn a_gone_proxy_is_unregistered_after_the_grace_period() {
         wl.contains("version: v2") && wl.contains("service: catalog"),
         "{wl}"
     );
-    let (status, _) = text(&cp.sinew(&["proxy-status"]).await);
+    let (status, _) = text(&cp.sinew(&["proxy-status", "-A"]).await);
     assert!(
         status.contains("shop/catalog-1") && status.contains("yes"),
         "{status}"
@@ -2300,4 +2300,614 @@ async fn a_mesh_wide_rate_limit_holds_across_three_proxies_and_fails_safe_to_a_t
     for p in proxies {
         p.shutdown().await;
     }
+}
+
+// One CLI grammar (issue 22): namespaces, contexts, durations, help by topic.
+
+/// `sinew` as a user with none of Sinew's environment variables and no home (so no
+/// context file or credential of the machine's), plus `env`.
+fn sinew_clean(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sinew"));
+    cmd.args(args)
+        .env("HOME", "/nonexistent")
+        .env("RUST_LOG", "warn")
+        .env_remove("XDG_CONFIG_HOME")
+        .current_dir(std::env::temp_dir());
+    for v in [
+        "SINEW_SERVER",
+        "SINEW_CREDENTIALS",
+        "SINEW_NAMESPACE",
+        "SINEW_CONTEXT",
+        "SINEW_CONFIG",
+    ] {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn out_err(o: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Every namespaced command takes `-n NS` and `-A` (none is refused by the command
+/// line), with one default, the context's namespace (here none: `default`); an empty
+/// table in the namespace asked for says where there is something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_commands_take_n_and_a_and_an_empty_namespace_says_where_to_look() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    apply(
+        &cp,
+        &scratch,
+        &format!(
+            "{}{}",
+            service("demo", "catalog"),
+            service("demo", "reviews")
+        ),
+    )
+    .await;
+    let web = proxy(&cp, "demo/web", None, Duration::from_millis(50)).await;
+
+    for cmd in [
+        &["get", "services"][..],
+        &["stat"],
+        &["stat", "--by", "route"],
+        &["top", "--once"],
+        &["edges"],
+        &["proxy-status"],
+    ] {
+        for scope in [
+            &["-n", "demo"][..],
+            &["-A"],
+            &["--namespace", "demo"],
+            &["--all-namespaces"],
+        ] {
+            let args: Vec<&str> = cmd.iter().chain(scope).copied().collect();
+            let out = cp.sinew(&args).await;
+            assert!(out.status.success(), "sinew {args:?}: {:?}", text(&out));
+        }
+    }
+    // delete: -n (a name is deleted in one namespace at a time, as with kubectl).
+    let out = cp
+        .sinew(&["delete", "service", "nothing", "-n", "demo"])
+        .await;
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("Service demo/nothing not found"),
+        "{:?}",
+        text(&out)
+    );
+    let out = cp.sinew(&["delete", "service", "catalog", "-A"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("give -n NAMESPACE"),
+        "{:?}",
+        text(&out)
+    );
+    // token create: -n is the identity's namespace.
+    let out = cp
+        .sinew(&["token", "create", "-n", "demo", "--service-account", "web"])
+        .await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).1.contains("/ns/demo/sa/web"), "{:?}", text(&out));
+    // tap: -n and -A start a tap (the one proxy is asked either way).
+    for scope in [["-n", "demo"], ["-A", "--limit=1"]] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
+            .arg("tap")
+            .args(scope)
+            .env("SINEW_SERVER", &cp.url)
+            .env("SINEW_CREDENTIALS", &cp.credentials)
+            .env("HOME", "/nonexistent")
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stderr.take().unwrap(),
+        ));
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("tap said nothing")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(
+            first.starts_with("tapping 1 proxies"),
+            "tap {scope:?}: {first}"
+        );
+        child.kill().await.unwrap();
+    }
+
+    // The default namespace is empty: each table says where things are.
+    let out = cp.sinew(&["get", "services"]).await;
+    let (table, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(table.lines().count(), 1, "only the header: {table}");
+    assert_eq!(
+        err.trim(),
+        "no services in namespace default; 2 in demo: try -n demo or -A"
+    );
+    let (_, err) = text(&cp.sinew(&["get", "all"]).await);
+    assert!(
+        err.contains("no resources in namespace default;")
+            && err.contains("in demo: try -n demo or -A"),
+        "{err}"
+    );
+    let (_, err) = text(&cp.sinew(&["proxy-status"]).await);
+    assert_eq!(
+        err.trim(),
+        "no proxies in namespace default; 1 in demo: try -n demo or -A"
+    );
+    let out = cp.sinew(&["get", "service", "catalog"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out)
+            .1
+            .contains("service default/catalog not found; there is one in demo: try -n demo or -A"),
+        "{:?}",
+        text(&out)
+    );
+    // Where there is something: no hint.
+    let (table, err) = text(&cp.sinew(&["get", "services", "-n", "demo"]).await);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(err.is_empty(), "{err}");
+    let (table, _) = text(&cp.sinew(&["get", "services", "-A"]).await);
+    assert!(
+        table.contains("catalog") && table.contains("reviews"),
+        "{table}"
+    );
+    let (table, _) = text(&cp.sinew(&["proxy-status", "-n", "demo"]).await);
+    assert!(table.contains("demo/web"), "{table}");
+    web.shutdown().await;
+}
+
+/// Each of server, credentials and namespace: flag, then environment, then context,
+/// then the default; the context file's errors name the file and the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contexts_and_their_precedence_flag_env_context_default() {
+    let scratch = Scratch::new();
+    let cp = Control::start(&scratch.0.join("data"), free_addr(), &[]).await;
+    apply(&cp, &scratch, &service("demo", "catalog")).await;
+    let config = scratch.0.join("config.yaml");
+    let cfg = config.as_os_str();
+    let creds = cp.credentials.to_str().unwrap();
+    let dead = "https://127.0.0.1:9";
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all: Vec<(&str, &std::ffi::OsStr)> = vec![("SINEW_CONFIG", cfg)];
+        all.extend(env.iter().map(|(k, v)| (*k, std::ffi::OsStr::new(*v))));
+        sinew_clean(args, &all)
+    };
+    let lists_catalog =
+        |o: &std::process::Output| o.status.success() && out_err(o).0.contains("catalog");
+    let unreachable = |o: &std::process::Output| {
+        !o.status.success()
+            && out_err(o)
+                .1
+                .contains("cannot reach the control plane at https://127.0.0.1:9")
+    };
+
+    // Made through the CLI.
+    let out = run(
+        &[
+            "context",
+            "set",
+            "good",
+            "--server",
+            &cp.url,
+            "--credentials",
+            creds,
+            "-n",
+            "demo",
+            "--use",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{:?}", out_err(&out));
+    let out = run(
+        &[
+            "context",
+            "set",
+            "dead",
+            "--server",
+            dead,
+            "--credentials",
+            creds,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{:?}", out_err(&out));
+    assert_eq!(out_err(&run(&["context", "current"], &[])).0.trim(), "good");
+    let (list, _) = out_err(&run(&["context", "list"], &[]));
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("*") && l.contains("good") && l.contains("demo")),
+        "{list}"
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("current-context: good"), "{text}");
+
+    // The context alone: its server, credential and namespace.
+    let out = run(&["get", "services"], &[]);
+    assert!(lists_catalog(&out), "{:?}", out_err(&out));
+    // Environment over context; flag over environment (after or before the command).
+    assert!(unreachable(&run(
+        &["get", "services"],
+        &[("SINEW_SERVER", dead)]
+    )));
+    let out = run(
+        &["get", "services", "--server", &cp.url],
+        &[("SINEW_SERVER", dead)],
+    );
+    assert!(lists_catalog(&out), "{:?}", out_err(&out));
+    let out = run(
+        &["--server", &cp.url, "get", "services"],
+        &[("SINEW_SERVER", dead)],
+    );
+    assert!(lists_catalog(&out), "{:?}", out_err(&out));
+    // The namespace the same way.
+    let out = run(&["get", "services"], &[("SINEW_NAMESPACE", "default")]);
+    assert!(
+        out.status.success() && !out_err(&out).0.contains("catalog"),
+        "{:?}",
+        out_err(&out)
+    );
+    assert!(
+        out_err(&out).1.contains("try -n demo or -A"),
+        "{:?}",
+        out_err(&out)
+    );
+    let out = run(
+        &["get", "services", "-n", "demo"],
+        &[("SINEW_NAMESPACE", "default")],
+    );
+    assert!(lists_catalog(&out), "{:?}", out_err(&out));
+    // The context chosen: --context over SINEW_CONTEXT over the current one.
+    assert!(unreachable(&run(
+        &["get", "services", "--context", "dead"],
+        &[]
+    )));
+    assert!(unreachable(&run(
+        &["get", "services"],
+        &[("SINEW_CONTEXT", "dead")]
+    )));
+    let out = run(
+        &["get", "services", "--context", "good"],
+        &[("SINEW_CONTEXT", "dead")],
+    );
+    assert!(lists_catalog(&out), "{:?}", out_err(&out));
+    let out = run(&["get", "services", "--context", "nope"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        out_err(&out).1.contains(&format!(
+            "no context named \"nope\" in {}",
+            config.display()
+        )),
+        "{:?}",
+        out_err(&out)
+    );
+    // `use` switches; `delete` removes (and the current one with it).
+    assert!(run(&["context", "use", "dead"], &[]).status.success());
+    assert!(unreachable(&run(&["get", "services"], &[])));
+    assert!(run(&["context", "delete", "dead"], &[]).status.success());
+    assert!(!run(&["context", "current"], &[]).status.success());
+    // No context: the built-in defaults (the dead server is named by the flag only).
+    let out = run(
+        &[
+            "get",
+            "services",
+            "--server",
+            &cp.url,
+            "--credentials",
+            creds,
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success() && !out_err(&out).0.contains("catalog"),
+        "{:?}",
+        out_err(&out)
+    );
+
+    // A bad file: its path and the field.
+    std::fs::write(&config, "contexts:\n  good:\n    namespace: [demo]\n").unwrap();
+    let out = run(&["get", "services"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        out_err(&out).1.contains(&format!(
+            "{}: contexts.good.namespace: expected a string",
+            config.display()
+        )),
+        "{:?}",
+        out_err(&out)
+    );
+    std::fs::write(&config, "contexts:\n  good:\n    sever: x\n").unwrap();
+    assert!(
+        out_err(&run(&["context", "list"], &[]))
+            .1
+            .contains("contexts.good.sever: unknown field")
+    );
+
+    // The control-plane flags are refused where they do not apply.
+    let out = sinew_clean(&["--server", &cp.url, "validate", "-f", "x.yaml"], &[]);
+    assert!(
+        !out.status.success() && out_err(&out).1.contains("does not call the control plane"),
+        "{:?}",
+        out_err(&out)
+    );
+    for args in [
+        &["validate", "--server", "x", "-f", "x.yaml"][..],
+        &["completions", "bash", "--server", "x"],
+        &["control", "--credentials", "x"],
+    ] {
+        let out = sinew_clean(args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {:?}", out_err(&out));
+        assert!(
+            out_err(&out).1.contains("unexpected argument"),
+            "{:?}",
+            out_err(&out)
+        );
+    }
+}
+
+/// A command's `--help`, which must succeed.
+fn help_of(bin: &str, path: &[&str]) -> String {
+    let out = Command::new(bin).args(path).arg("--help").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{bin} {path:?} --help: {:?}",
+        out_err(&out)
+    );
+    out_err(&out).0
+}
+
+/// The subcommands a help text lists (under a `Name:` heading, two-space indented),
+/// without `help`.
+fn listed_commands(help: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_list = false;
+    for line in help.lines() {
+        if line.ends_with(':') && !line.starts_with(' ') {
+            in_list = !matches!(line, "Options:" | "Arguments:" | "Examples:")
+                && !line.contains("mode")
+                && !line.contains("capture")
+                && line != "Control plane:";
+            continue;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        // A command's line: two spaces, its name (a flag or a wrapped line is not).
+        if in_list
+            && !line.starts_with("   ")
+            && let Some(name) = line
+                .strip_prefix("  ")
+                .and_then(|l| l.split_whitespace().next())
+            && !name.starts_with('-')
+            && name != "help"
+        {
+            out.push(name.to_owned());
+        }
+    }
+    out
+}
+
+/// The flags of a help text that take a duration: (flag, value name, help line),
+/// by name, value name or description (duration, timeout, interval, ttl, wait,
+/// period, debounce, latency, seconds, milliseconds).
+fn duration_flags(help: &str) -> Vec<(String, String, String)> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim_start();
+        if !t.starts_with('-') {
+            continue;
+        }
+        let Some(long) = t.split_whitespace().find(|w| w.starts_with("--")) else {
+            continue;
+        };
+        let long = long.trim_end_matches(',').to_owned();
+        let Some(value) = t
+            .split_once('<')
+            .and_then(|(_, v)| v.split_once('>'))
+            .map(|(v, _)| v.to_owned())
+        else {
+            continue;
+        };
+        // The description: the rest of the line, or the next line (long help).
+        let mut desc = t.to_owned();
+        if let Some(next) = lines.get(i + 1).filter(|n| n.starts_with("          ")) {
+            desc.push(' ');
+            desc.push_str(next.trim());
+        }
+        let d = desc.to_ascii_lowercase();
+        let in_name = [
+            "duration", "timeout", "interval", "ttl", "wait", "period", "debounce", "latency",
+            "jitter", "window", "-ms", "-secs",
+        ];
+        let in_help = [
+            "how long",
+            "how often",
+            "duration",
+            "timeout",
+            "interval",
+            "seconds",
+            "milliseconds",
+        ];
+        if in_name.iter().any(|w| long.contains(w))
+            || in_help.iter().any(|w| d.contains(w))
+            || ["MS", "SECS", "SECONDS"].contains(&value.as_str())
+        {
+            out.push((long, value, desc));
+        }
+    }
+    out
+}
+
+/// Every duration flag of `sinew` (every command and subcommand, found from the help
+/// itself, so a new one cannot be missed) and of `sinew-proxy` says DURATION and
+/// takes units; a bad one is refused; the old spellings still parse, unlisted.
+#[test]
+fn every_duration_flag_takes_units_and_old_spellings_still_parse() {
+    let sinew = env!("CARGO_BIN_EXE_sinew");
+    // sinew-proxy is another package's binary: built beside sinew by `cargo build
+    // --bins` (or a workspace-wide `cargo test`).
+    let proxy_path = std::path::Path::new(sinew).with_file_name("sinew-proxy");
+    assert!(
+        proxy_path.is_file(),
+        "needs {} (cargo build --bins)",
+        proxy_path.display()
+    );
+    let proxy = proxy_path.to_str().unwrap();
+    let mut paths: Vec<Vec<String>> = Vec::new();
+    for c in listed_commands(&help_of(sinew, &[])) {
+        let help = help_of(sinew, &[c.as_str()]);
+        let subs = if help.contains("\nCommands:\n") {
+            listed_commands(&help)
+        } else {
+            Vec::new()
+        };
+        paths.push(vec![c.clone()]);
+        paths.extend(subs.into_iter().map(|s| vec![c.clone(), s]));
+    }
+    assert!(paths.len() > 30, "{paths:?}");
+    let mut found = Vec::new();
+    for (bin, path) in paths
+        .iter()
+        .map(|p| (sinew, p.clone()))
+        .chain([(proxy, Vec::new())])
+    {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        for (flag, value, desc) in duration_flags(&help_of(bin, &path)) {
+            assert_eq!(value, "DURATION", "{bin} {path:?} {flag}: {desc}");
+            for good in ["1m30s", "100ms", "24h", "2s"] {
+                let out = Command::new(bin)
+                    .args(&path)
+                    .args([flag.as_str(), good, "--help"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{bin} {path:?} {flag} {good}: {:?}",
+                    out_err(&out)
+                );
+            }
+            let out = Command::new(bin)
+                .args(&path)
+                .args([flag.as_str(), "1x", "--help"])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{bin} {path:?} {flag} 1x was taken");
+            assert!(
+                out_err(&out).1.contains("invalid duration \"1x\""),
+                "{:?}",
+                out_err(&out)
+            );
+            found.push(format!(
+                "{} {flag}",
+                path.first().copied().unwrap_or("sinew-proxy")
+            ));
+        }
+    }
+    for known in [
+        "control --grace-period",
+        "control --debounce",
+        "control --cert-ttl",
+        "control --lease-duration",
+        "check --wait",
+        "stat --window",
+        "top --interval",
+        "edges --window",
+        "token --ttl",
+        "credentials --ttl",
+        "demo --duration",
+        "demo-app --latency",
+        "sinew-proxy --drain-timeout",
+        "sinew-proxy --stats-interval",
+        "sinew-proxy --reload-interval",
+        "sinew-proxy --connect-timeout",
+        "sinew-proxy --detect-timeout",
+    ] {
+        assert!(
+            found.iter().any(|f| f == known),
+            "{known} not found among {found:?}"
+        );
+    }
+    // The old spellings, in their old units, hidden.
+    for (bin, path, flag, value) in [
+        (sinew, &["control"][..], "--debounce-ms", "20"),
+        (sinew, &["control"], "--lease-duration-secs", "15"),
+        (sinew, &["demo-app"], "--latency-ms", "5"),
+        (proxy, &[], "--stats-interval-ms", "2000"),
+        (proxy, &[], "--reload-interval-ms", "1000"),
+        (proxy, &[], "--connect-timeout-ms", "5000"),
+    ] {
+        let out = Command::new(bin)
+            .args(path)
+            .args([flag, value, "--help"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{bin} {path:?} {flag} {value}: {:?}",
+            out_err(&out)
+        );
+        assert!(
+            !out_err(&out).0.contains(flag),
+            "{flag} is listed in {path:?} --help"
+        );
+    }
+    // A bare number on the new spellings is seconds (as the old seconds flags were).
+    let out = Command::new(sinew)
+        .args(["check", "--wait", "5", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+/// `sinew --help` lists the commands by topic, each once; `top` takes `--service`
+/// as `tap` does (the positional of earlier releases still parses).
+#[test]
+fn help_is_grouped_by_topic_and_service_is_one_flag() {
+    let sinew = env!("CARGO_BIN_EXE_sinew");
+    let help = help_of(sinew, &[]);
+    let mut at = 0;
+    for group in ["Mesh:", "Traffic:", "Identity:", "Kubernetes:", "Hosts:"] {
+        let i = help
+            .find(&format!("\n{group}\n"))
+            .unwrap_or_else(|| panic!("{group}: {help}"));
+        assert!(i > at, "{group} out of order: {help}");
+        at = i;
+    }
+    assert!(
+        !help.contains("Other:"),
+        "a command outside every topic: {help}"
+    );
+    let commands = listed_commands(&help);
+    let mut unique = commands.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), commands.len(), "{commands:?}");
+    for c in [
+        "get", "stat", "tap", "token", "install", "control", "context",
+    ] {
+        assert!(commands.iter().any(|x| x == c), "{c}: {commands:?}");
+    }
+    assert!(help.contains("Examples:"), "{help}");
+    for cmd in ["top", "tap"] {
+        assert!(
+            help_of(sinew, &[cmd]).contains("--service <SERVICE>"),
+            "{cmd}"
+        );
+    }
+    let out = Command::new(sinew)
+        .args(["top", "catalog", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out_err(&out));
 }

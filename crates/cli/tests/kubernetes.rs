@@ -1488,7 +1488,7 @@ async fn renewals_ride_the_certificate_not_the_token() {
 /// The `lastNack` of every proxy the control plane serves that has one, from
 /// `sinew proxy-status -o json`.
 async fn nacks(cp: &Control) -> Vec<String> {
-    let (out, _) = mesh::text(&cp.sinew(&["proxy-status", "-o", "json"]).await);
+    let (out, _) = mesh::text(&cp.sinew(&["proxy-status", "-A", "-o", "json"]).await);
     let items: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
     items
         .iter()

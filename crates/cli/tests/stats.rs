@@ -226,7 +226,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
         let asked = &asked;
         async move {
             let at = Instant::now();
-            let doc = json(cp, &["stat", "-o", "json"]).await;
+            let doc = json(cp, &["stat", "-A", "-o", "json"]).await;
             let ok = row(&doc, "catalog.shop").is_some_and(|r| {
                 (r["requests"].as_u64(), r["failures"].as_u64()) == (Some(expect.0), Some(expect.1))
             });
@@ -277,7 +277,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
     let total = tally.total;
     let wl = until_json(
         cp,
-        &["stat", "--by", "workload"],
+        &["stat", "-A", "--by", "workload"],
         "the load's report",
         |d| row(d, "shop/load").is_some_and(|r| r["requests"].as_u64() == Some(total)),
     )
@@ -289,7 +289,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
     let cat = row(&wl, "shop/catalog-1").expect("the catalog workload");
     assert_eq!(cat["requests"].as_u64(), Some(tally.backend));
     // By route: the implicit route of catalog, as the caller chose it.
-    let routes = json(cp, &["stat", "--by", "route", "-o", "json"]).await;
+    let routes = json(cp, &["stat", "-A", "--by", "route", "-o", "json"]).await;
     let rt = &routes["rows"][0];
     assert_eq!(
         (rt["name"].as_str(), rt["service"].as_str()),
@@ -320,15 +320,18 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
         line.contains("85.00%") && line.contains("100%") && line.contains("server"),
         "{line}"
     );
+    // An empty namespace says where the traffic is.
     let out = cp.sinew(&["stat", "-n", "elsewhere"]).await;
     assert!(
-        text(&out).1.contains("no traffic reported"),
+        text(&out).1.contains(
+            "no services with traffic in namespace elsewhere; 1 in shop: try -n shop or -A"
+        ),
         "{:?}",
         text(&out)
     );
 
     // Edges: load → catalog, with both identities, over mTLS, confirmed by catalog.
-    let edges = json(cp, &["edges", "-o", "json"]).await;
+    let edges = json(cp, &["edges", "-A", "-o", "json"]).await;
     let e = edges["edges"]
         .as_array()
         .and_then(|a| a.iter().find(|e| e["src"] == "shop/load"))
@@ -347,7 +350,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
         Some(1),
         "{edges:#}"
     );
-    let (table, _) = text(&cp.sinew(&["edges"]).await);
+    let (table, _) = text(&cp.sinew(&["edges", "-n", "shop"]).await);
     let line = table
         .lines()
         .find(|l| l.starts_with("shop/load"))
@@ -358,7 +361,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
     );
 
     // Top: the busiest paths, counted once (the server's side).
-    let top = json(cp, &["top", "--once", "-o", "json"]).await;
+    let top = json(cp, &["top", "-A", "--once", "-o", "json"]).await;
     let rows = top["rows"].as_array().unwrap();
     assert_eq!(rows[0]["path"], "/api/items", "{top:#}");
     assert_eq!(rows[0]["requests"].as_u64(), Some(180));
@@ -366,7 +369,7 @@ async fn stat_agrees_with_the_load_and_sees_failures_latency_and_edges() {
     assert_eq!(rows[0]["direction"], "inbound");
     assert_eq!(rows[1]["path"], "/delay/150");
     assert!(rows[1]["meanMs"].as_f64().unwrap() >= 150.0, "{top:#}");
-    let (table, _) = text(&cp.sinew(&["top", "catalog", "--once"]).await);
+    let (table, _) = text(&cp.sinew(&["top", "catalog", "-n", "shop", "--once"]).await);
     assert!(
         table
             .lines()
@@ -534,6 +537,7 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
     let events = tap_during(
         &m,
         &[
+            "-A",
             "--service",
             "catalog",
             "--path",
@@ -586,7 +590,17 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
     // A status class, on the servers' side only.
     let events = tap_during(
         &m,
-        &["--status", "5xx", "--direction", "inbound", "--limit", "3"],
+        // The namespace's proxies (both here): filtered and counted by the CLI.
+        &[
+            "-n",
+            "shop",
+            "--status",
+            "5xx",
+            "--direction",
+            "inbound",
+            "--limit",
+            "3",
+        ],
         &mixed,
     )
     .await;
@@ -626,7 +640,7 @@ async fn tap_shows_only_matching_live_requests_and_stops_at_its_limit() {
 async fn tap_limit_counts_requests_not_the_two_proxies_that_saw_each() {
     let m = mesh().await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew"))
-        .args(["tap", "--path", "/api", "--limit", "3", "-o", "json"])
+        .args(["tap", "-A", "--path", "/api", "--limit", "3", "-o", "json"])
         .env("SINEW_SERVER", &m.cp.url)
         .env("SINEW_CREDENTIALS", &m.cp.credentials)
         .env("RUST_LOG", "warn")
@@ -748,7 +762,7 @@ async fn a_report_counts_only_for_a_proxy_with_a_stream() {
     })
     .await
     .unwrap();
-    let doc = until_json(&cp, &["stat"], "the report in stat", |d| {
+    let doc = until_json(&cp, &["stat", "-A"], "the report in stat", |d| {
         row(d, "hand.shop").is_some()
     })
     .await;

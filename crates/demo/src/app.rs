@@ -59,12 +59,18 @@ pub struct AppArgs {
     /// sidecar's outbound binding `http://127.0.0.1:19002`.
     #[arg(long = "call", value_name = "URL")]
     pub calls: Vec<String>,
-    /// Latency added to every request, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    pub latency_ms: u64,
-    /// Random extra latency per request, uniform in 0..=MS milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 5)]
-    pub jitter_ms: u64,
+    /// Latency added to every request, e.g. 5ms.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = sinew_model::duration::flag_secs)]
+    pub latency: std::time::Duration,
+    /// The old spelling of --latency, in milliseconds.
+    #[arg(long, hide = true, value_parser = sinew_model::duration::flag_millis, conflicts_with = "latency")]
+    pub latency_ms: Option<std::time::Duration>,
+    /// Random extra latency per request, uniform in 0..=DURATION, e.g. 5ms.
+    #[arg(long, value_name = "DURATION", default_value = "5ms", value_parser = sinew_model::duration::flag_secs)]
+    pub jitter: std::time::Duration,
+    /// The old spelling of --jitter, in milliseconds.
+    #[arg(long, hide = true, value_parser = sinew_model::duration::flag_millis, conflicts_with = "jitter")]
+    pub jitter_ms: Option<std::time::Duration>,
     /// Fraction of requests (0 to 1) answered with an error (HTTP 500, gRPC INTERNAL).
     #[arg(long, value_name = "F", default_value_t = 0.0)]
     pub error_rate: f64,
@@ -238,8 +244,8 @@ impl AppState {
             version: args.version.clone(),
             instance,
             calls,
-            latency_ms: args.latency_ms,
-            jitter_ms: args.jitter_ms,
+            latency_ms: millis(args.latency_ms.unwrap_or(args.latency)),
+            jitter_ms: millis(args.jitter_ms.unwrap_or(args.jitter)),
             error_rate: args.error_rate,
             recorder: Recorder::new(),
             client: new_client(),
@@ -292,6 +298,11 @@ impl AppState {
 }
 
 /// Checks a `--call` base URL and returns the URL to `GET` (`<base>/`).
+/// A flag's duration as the whole milliseconds the app sleeps.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn parse_call(base: &str) -> anyhow::Result<Uri> {
     let full = format!("{}/", base.trim_end_matches('/'));
     let uri: Uri = full

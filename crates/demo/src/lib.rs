@@ -105,36 +105,10 @@ impl DemoInfo {
     }
 }
 
-/// Parses `30s`, `2m`, `1m30s`, `500ms`, `1h` or a plain number of seconds.
+/// Parses `30s`, `2m`, `1m30s`, `500ms`, `1h` or a plain number of seconds: the
+/// grammar of every duration flag ([`sinew_model::duration::flag_secs`]).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?}: expected e.g. 30s, 2m, 1m30s, 500ms");
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return nonzero(Duration::from_secs(secs), text);
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let part = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(value),
-            "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value.saturating_mul(60)),
-            "h" => Duration::from_secs(value.saturating_mul(3600)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(part);
-        rest = &rest[unit_len..];
-    }
-    nonzero(total, text)
+    nonzero(sinew_model::duration::flag_secs(text)?, text)
 }
 
 fn nonzero(d: Duration, text: &str) -> Result<Duration, String> {

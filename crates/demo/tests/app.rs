@@ -22,8 +22,10 @@ fn args(service: &str, calls: &[String]) -> AppArgs {
         http: Some("127.0.0.1:0".parse().unwrap()),
         grpc: Some("127.0.0.1:0".parse().unwrap()),
         calls: calls.to_vec(),
-        latency_ms: 0,
-        jitter_ms: 0,
+        latency: std::time::Duration::ZERO,
+        latency_ms: None,
+        jitter: std::time::Duration::ZERO,
+        jitter_ms: None,
         error_rate: 0.0,
     }
 }
@@ -226,7 +228,7 @@ async fn error_rate_answers_that_fraction_with_500() {
 #[tokio::test]
 async fn latency_is_added_and_shows_in_the_histogram() {
     let mut a = args("slow", &[]);
-    a.latency_ms = 30;
+    a.latency = std::time::Duration::from_millis(30);
     let app = start(&a).await.unwrap();
     let started = std::time::Instant::now();
     let (status, _) = get(&format!("{}/", base(&app))).await;

@@ -44,6 +44,44 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Parses a command-line duration, the one grammar of every duration flag of `sinew`
+/// and `sinew-proxy`: the resources' units (`30s`, `100ms`, `24h`, `1m30s`; see
+/// [`parse`]) or a bare number, taken in `bare` units (seconds for the flags named
+/// without a unit; milliseconds for the old `--*-ms` spellings, so `2000` keeps its
+/// meaning there). Surrounding spaces are ignored; zero is allowed (callers refuse it
+/// where it means nothing).
+pub fn parse_flag(s: &str, bare: Duration) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        let n: u32 = t
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: too large"))?;
+        return Ok(bare * n);
+    }
+    parse(t).map_err(|_| {
+        format!(
+            "invalid duration {s:?}: expected e.g. 30s, 100ms, 24h, 1m30s, or a number of {}",
+            if bare == Duration::from_millis(1) {
+                "milliseconds"
+            } else {
+                "seconds"
+            }
+        )
+    })
+}
+
+/// [`parse_flag`] with bare numbers in seconds: the value parser of every duration flag
+/// named without a unit (`--drain-timeout 30s`, `--drain-timeout 30`).
+pub fn flag_secs(s: &str) -> Result<Duration, String> {
+    parse_flag(s, Duration::from_secs(1))
+}
+
+/// [`parse_flag`] with bare numbers in milliseconds: the value parser of the old
+/// `--*-ms` spellings, kept as hidden aliases (`--connect-timeout-ms 500`).
+pub fn flag_millis(s: &str) -> Result<Duration, String> {
+    parse_flag(s, Duration::from_millis(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +99,22 @@ mod tests {
     fn refuses_malformed_durations() {
         for bad in ["", "10", "s", "1.5s", "10x", "123456s", "1h1h1h1h1h", "-1s"] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn flags_take_units_or_bare_numbers_in_their_old_unit() {
+        assert_eq!(flag_secs("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(flag_secs(" 1m30s "), Ok(Duration::from_secs(90)));
+        assert_eq!(flag_secs("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(flag_secs("0"), Ok(Duration::ZERO));
+        assert_eq!(flag_millis("2000"), Ok(Duration::from_secs(2)));
+        assert_eq!(flag_millis("2s"), Ok(Duration::from_secs(2)));
+        for bad in ["", "1.5s", "-1", "10x", "99999999999"] {
+            match flag_secs(bad) {
+                Err(e) => assert!(e.contains(&format!("{bad:?}")), "{e}"),
+                Ok(d) => panic!("{bad:?} parsed as {d:?}"),
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use sinew_api::v1::Registration;
+use sinew_model::duration::{flag_millis, flag_secs};
 use sinew_proxy::control::ControlSettings;
 use sinew_proxy::{Proxy, ProxyOptions};
 
@@ -133,15 +134,21 @@ struct Args {
         requires = "control_plane"
     )]
     identity_dir: Option<PathBuf>,
-    /// Control-plane mode: milliseconds between traffic-stats reports to the control
-    /// plane (for `sinew stat/top/edges`; sent only after traffic); 0 turns them off.
+    /// Control-plane mode: how often traffic stats are reported to the control plane
+    /// (for `sinew stat/top/edges`; sent only after traffic), e.g. 2s; 0 turns them
+    /// off.
     #[arg(
         help_heading = "Control-plane mode (--control-plane URL --name NS/NAME)",
         long,
-        default_value_t = 2000,
+        value_name = "DURATION",
+        default_value = "2s",
+        value_parser = flag_secs,
         requires = "control_plane"
     )]
-    stats_interval_ms: u64,
+    stats_interval: Duration,
+    /// The old spelling of --stats-interval, in milliseconds.
+    #[arg(long, hide = true, value_parser = flag_millis, requires = "control_plane", conflicts_with = "stats_interval")]
+    stats_interval_ms: Option<Duration>,
     /// Control-plane mode: this host's traffic is captured (`sinew init` rules): the
     /// proxy listens for it and gets every service. A stored Proxy document's own
     /// `spec.capture` takes precedence.
@@ -186,9 +193,11 @@ struct Args {
     #[arg(
         help_heading = "Transparent capture (control-plane mode, after `sinew init`)",
         long,
+        value_name = "DURATION",
+        value_parser = flag_secs,
         requires = "capture"
     )]
-    detect_timeout: Option<String>,
+    detect_timeout: Option<Duration>,
     /// Admin listener (/live, /ready, /metrics, /config).
     #[arg(
         help_heading = "Every mode",
@@ -200,19 +209,27 @@ struct Args {
     /// Data-plane worker threads (default: one per core).
     #[arg(help_heading = "Every mode", long)]
     workers: Option<usize>,
-    /// Seconds in-flight work may take to finish after SIGTERM.
-    #[arg(help_heading = "Every mode", long, default_value_t = 30)]
-    drain_timeout: u64,
-    /// Milliseconds between checks of the configuration file.
+    /// How long in-flight work may take to finish after SIGTERM, e.g. 30s.
+    #[arg(help_heading = "Every mode", long, value_name = "DURATION", default_value = "30s", value_parser = flag_secs)]
+    drain_timeout: Duration,
+    /// How often the configuration file is checked for changes, e.g. 1s.
     #[arg(
         help_heading = "Standalone mode (--config FILE)",
         long,
-        default_value_t = 1000
+        value_name = "DURATION",
+        default_value = "1s",
+        value_parser = flag_secs
     )]
-    reload_interval_ms: u64,
-    /// Milliseconds allowed to connect to an endpoint.
-    #[arg(help_heading = "Every mode", long, default_value_t = 5000)]
-    connect_timeout_ms: u64,
+    reload_interval: Duration,
+    /// The old spelling of --reload-interval, in milliseconds.
+    #[arg(long, hide = true, value_parser = flag_millis, conflicts_with = "reload_interval")]
+    reload_interval_ms: Option<Duration>,
+    /// How long connecting to an endpoint may take, e.g. 5s.
+    #[arg(help_heading = "Every mode", long, value_name = "DURATION", default_value = "5s", value_parser = flag_secs)]
+    connect_timeout: Duration,
+    /// The old spelling of --connect-timeout, in milliseconds.
+    #[arg(long, hide = true, value_parser = flag_millis, conflicts_with = "connect_timeout")]
+    connect_timeout_ms: Option<Duration>,
     /// Most bytes of request headers, in KiB (names, values and 32 bytes each, as
     /// HTTP/2 counts them); a larger request is answered 431 where it arrives.
     #[arg(help_heading = "Every mode", long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=8192))]
@@ -290,13 +307,13 @@ fn main() -> anyhow::Result<()> {
                     format!("default/{name}")
                 };
                 let mut settings = ControlSettings::new(url, proxy);
-                settings.stats_interval = Duration::from_millis(args.stats_interval_ms);
+                settings.stats_interval = args.stats_interval_ms.unwrap_or(args.stats_interval);
                 if args.capture {
                     settings.capture = Some(sinew_model::resource::CaptureSpec {
                         outbound_port: args.capture_outbound_port,
                         inbound_port: args.capture_inbound_port,
                         opaque_ports: args.opaque_ports.clone(),
-                        detect_timeout: args.detect_timeout.clone(),
+                        detect_timeout: args.detect_timeout.map(resource_duration),
                         dns_port: args.capture_dns_port,
                     });
                 }
@@ -333,9 +350,15 @@ fn main() -> anyhow::Result<()> {
         };
         opts.name = args.name;
         opts.admin = args.admin;
-        opts.drain_timeout = Duration::from_secs(args.drain_timeout);
-        opts.reload_interval = Duration::from_millis(args.reload_interval_ms.max(10));
-        opts.connect_timeout = Duration::from_millis(args.connect_timeout_ms.max(1));
+        opts.drain_timeout = args.drain_timeout;
+        opts.reload_interval = args
+            .reload_interval_ms
+            .unwrap_or(args.reload_interval)
+            .max(Duration::from_millis(10));
+        opts.connect_timeout = args
+            .connect_timeout_ms
+            .unwrap_or(args.connect_timeout)
+            .max(Duration::from_millis(1));
         opts.limits = sinew_proxy::state::HeadLimits {
             request_header_bytes: args.max_request_headers_kb as usize * 1024,
             request_headers: args.max_request_headers as usize,
@@ -351,6 +374,17 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// A flag's duration as a resource spells it (`CaptureSpec.detectTimeout`, at most
+/// five digits a part): whole seconds as `Ns`, else milliseconds, else both.
+fn resource_duration(d: Duration) -> String {
+    let (secs, millis) = (d.as_secs(), d.subsec_millis());
+    match d.as_millis() {
+        _ if millis == 0 && secs > 0 => format!("{secs}s"),
+        ms @ 0..=99_999 => format!("{ms}ms"),
+        _ => format!("{secs}s{millis}ms"),
+    }
 }
 
 async fn wait_for_termination(proxy: &Proxy) -> anyhow::Result<()> {
@@ -372,6 +406,26 @@ async fn wait_for_termination(proxy: &Proxy) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: reloading configuration");
                 proxy.reload();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_durations_are_spelled_as_resources_take_them() {
+        for (flag, want) in [
+            ("100ms", "100ms"),
+            ("2s", "2s"),
+            ("1500ms", "1500ms"),
+            ("100s500ms", "100s500ms"),
+        ] {
+            let d = flag_secs(flag).unwrap_or_default();
+            let spelled = resource_duration(d);
+            assert_eq!(spelled, want);
+            assert_eq!(sinew_model::duration::parse(&spelled), Ok(d));
         }
     }
 }
