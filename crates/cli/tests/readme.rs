@@ -577,3 +577,54 @@ fn the_readmes_commands_run_what_cargo_built_in_another_target_dir() {
     }
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+/// The words between `open` and the next `close` in `text`, at every `open`.
+fn lists_after<'a>(text: &'a str, open: &str, close: char) -> Vec<&'a str> {
+    text.split(open)
+        .skip(1)
+        .filter_map(|rest| rest.split(close).next())
+        .flat_map(|list| list.split([' ', ',', '"', '\'']))
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// What the README says the test command installs names every package the scripts
+/// install: `scripts/test`'s apt and pip lists, `scripts/kube-envtest`'s etcd, and the
+/// benchmark harness's apt packages.
+#[test]
+fn the_readmes_list_of_installs_names_what_the_scripts_install() {
+    let text = readme();
+    let said = text
+        .split_once("What the second command installs")
+        .expect("the README says what the test command installs")
+        .1
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
+    let test = read("scripts/test");
+    let mut packages = lists_after(&test, "missing+=(", ')');
+    packages.extend(lists_after(&test, "python_packages=(", ')'));
+    assert!(packages.len() >= 10, "{packages:?}");
+    let envtest = read("scripts/kube-envtest");
+    packages.extend(lists_after(&envtest, "apt-get install -y -qq ", '>'));
+    let tools = read("bench/harness/tools.py");
+    let apt = tools
+        .split_once("APT = {")
+        .expect("the bench harness's APT table")
+        .1
+        .split('}')
+        .next()
+        .unwrap();
+    packages.extend(apt.split(',').filter_map(|kv| {
+        kv.split_once(':')
+            .map(|(_, pkg)| pkg.trim().trim_matches('"'))
+    }));
+    packages.extend(lists_after(&tools, "_apt_optional(tools, \"", '"'));
+    let unsaid: Vec<&str> = packages.into_iter().filter(|p| !said.contains(p)).collect();
+    assert!(
+        unsaid.is_empty(),
+        "the README does not say the test command installs {unsaid:?}:\n{said}"
+    );
+}
