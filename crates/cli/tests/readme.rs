@@ -512,68 +512,75 @@ fn the_readmes_commands_run_what_cargo_built_in_another_target_dir() {
         );
     }
     let path = format!("{}:{}", shim.display(), std::env::var("PATH").unwrap());
-    let run = |cmd: &mut Command| {
-        let out = cmd
-            .current_dir(root())
-            .env("PATH", &path)
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("SINEW_PROXY_BIN")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    // CARGO_TARGET_DIR, and the same set as cargo's configuration
+    // (build.target-dir, here as its environment form): cargo's own knowledge counts.
+    for var in ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"] {
+        let _ = std::fs::remove_file(&log);
+        let run = |cmd: &mut Command| {
+            let out = cmd
+                .current_dir(root())
+                .env("PATH", &path)
+                .env_remove("CARGO_TARGET_DIR")
+                .env_remove("CARGO_BUILD_TARGET_DIR")
+                .env(var, &target)
+                .env_remove("SINEW_PROXY_BIN")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
 
-    // The tour, when there is one, is the demo's own tests' business: here, only where
-    // the binaries come from.
-    let help = sinew(&["demo", "--help"]);
-    let mut demo_args = vec!["--duration", "2s"];
-    if String::from_utf8_lossy(&help.stdout).contains("--no-tour") {
-        demo_args.push("--no-tour");
-    }
-    let demo = run(Command::new("demo/run.sh").args(&demo_args));
-    assert!(demo.contains("Sinew demo mesh is up"), "{demo}");
-    let standalone = run(Command::new("demo/standalone.sh").arg("--once"));
-    // The bench harness's lookup, as `bench/run --smoke` makes it (profile dev).
-    let bench = run(Command::new("python3").args([
-        "-c",
-        "import sys; sys.path.insert(0, 'bench')\n\
-         from harness.tools import Tools, build_sinew\n\
-         t = Tools(); build_sinew(t, False, 'dev')\n\
-         print(t.sinew); print(t.sinew_proxy); print(t.backend)",
-    ]));
+        // The tour, when there is one, is the demo's own tests' business: here, only where
+        // the binaries come from.
+        let help = sinew(&["demo", "--help"]);
+        let mut demo_args = vec!["--duration", "2s"];
+        if String::from_utf8_lossy(&help.stdout).contains("--no-tour") {
+            demo_args.push("--no-tour");
+        }
+        let demo = run(Command::new("demo/run.sh").args(&demo_args));
+        assert!(demo.contains("Sinew demo mesh is up"), "{demo}");
+        let standalone = run(Command::new("demo/standalone.sh").arg("--once"));
+        // The bench harness's lookup, as `bench/run --smoke` makes it (profile dev).
+        let bench = run(Command::new("python3").args([
+            "-c",
+            "import sys; sys.path.insert(0, 'bench')\n\
+             from harness.tools import Tools, build_sinew\n\
+             t = Tools(); build_sinew(t, False, 'dev')\n\
+             print(t.sinew); print(t.sinew_proxy); print(t.backend)",
+        ]));
 
-    let calls = std::fs::read_to_string(&log).unwrap();
-    let calls: Vec<&str> = calls.lines().collect();
-    let called = |prefix: &str| calls.iter().any(|c| c.starts_with(prefix));
-    assert!(
-        called("cargo build --bins"),
-        "demo/run.sh builds: {calls:#?}"
-    );
-    assert!(
-        called("sinew demo --duration 2s"),
-        "demo/run.sh runs the sinew in CARGO_TARGET_DIR: {calls:#?}\n{demo}"
-    );
-    assert!(called("cargo build -p sinew-proxy"), "{calls:#?}");
-    assert!(
-        called("sinew-proxy --config demo/mesh.yaml"),
-        "demo/standalone.sh runs the sinew-proxy in CARGO_TARGET_DIR: {calls:#?}\n{standalone}"
-    );
-    assert!(
-        called("cargo build --quiet --profile dev --bins"),
-        "{calls:#?}"
-    );
-    for bin in ["sinew", "sinew-proxy", "bench-backend"] {
-        let expected = debug.join(bin).display().to_string();
+        let calls = std::fs::read_to_string(&log).unwrap();
+        let calls: Vec<&str> = calls.lines().collect();
+        let called = |prefix: &str| calls.iter().any(|c| c.starts_with(prefix));
         assert!(
-            bench.lines().any(|l| l == expected),
-            "the bench harness finds {expected}: {bench}"
+            called("cargo build --bins"),
+            "demo/run.sh builds: {calls:#?}"
         );
+        assert!(
+            called("sinew demo --duration 2s"),
+            "demo/run.sh runs the sinew in {var}: {calls:#?}\n{demo}"
+        );
+        assert!(called("cargo build -p sinew-proxy"), "{calls:#?}");
+        assert!(
+            called("sinew-proxy --config demo/mesh.yaml"),
+            "demo/standalone.sh runs the sinew-proxy in {var}: {calls:#?}\n{standalone}"
+        );
+        assert!(
+            called("cargo build --quiet --profile dev --bins"),
+            "{calls:#?}"
+        );
+        for bin in ["sinew", "sinew-proxy", "bench-backend"] {
+            let expected = debug.join(bin).display().to_string();
+            assert!(
+                bench.lines().any(|l| l == expected),
+                "with {var}, the bench harness finds {expected}: {bench}"
+            );
+        }
     }
     std::fs::remove_dir_all(&work).unwrap();
 }
