@@ -16,7 +16,7 @@ from .procs import HarnessError, cpu_seconds, settled_rss
 from .report import ms
 from .scenarios import Ctx, _latency_rows, _ratios, busy_rounds, measured, warm
 from .stats import alternate, median, pct_list, spread
-from .tools import BENCH, ROOT, log
+from .tools import BENCH, log, target_dir
 
 VARIANTS = ["direct", "sinew plain", "envoy plain", "sinew mTLS", "envoy mTLS"]
 
@@ -181,7 +181,7 @@ def control_plane_on_proxy_cpu(env, tag: str) -> P.ControlPlane:
 
 def build_cpsim(ctx: Ctx) -> str:
     """Builds bench/cpsim (its own workspace) into the shared target directory."""
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    target = target_dir()
     env = dict(os.environ, CARGO_TARGET_DIR=str(target))
     profile = ctx.env.tools.profile
     done = subprocess.run(["cargo", "build", "--quiet", "--profile", profile, "--locked",

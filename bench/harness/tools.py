@@ -191,8 +191,18 @@ def ensure_envoy(tools: Tools) -> None:
     tools.envoy = path
 
 
+def target_dir() -> Path:
+    """Cargo's target directory for the workspace, as cargo itself says it
+    (`scripts/target-dir`: CARGO_TARGET_DIR, build.target-dir, or target/)."""
+    done = subprocess.run([str(ROOT / "scripts" / "target-dir")], capture_output=True,
+                          text=True, cwd=ROOT)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise HarnessError(f"scripts/target-dir: {(done.stdout + done.stderr).strip()[:300]}")
+    return Path(done.stdout.strip())
+
+
 def build_sinew(tools: Tools, skip: bool, profile: str) -> None:
-    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    target = target_dir()
     out = target / ("debug" if profile == "dev" else profile)
     if not skip:
         log(f"building Sinew (cargo build --profile {profile} --bins --locked)")

@@ -347,7 +347,7 @@ mod tests {
         assert!(bytes <= 1_000_000, "{bytes} bytes for 100 proxies");
         // The worst case the caps allow (64 rows, 32 paths, every string at its
         // limit and different from every other proxy's, so none is shared) is
-        // larger but bounded: stated in the README.
+        // larger but bounded: stated in docs/observability.md.
         let worst = Telemetry::new(t0);
         for p in 0..100 {
             let name = format!("shop/p{p}");
