@@ -5,6 +5,9 @@ pub(super) mod verify;
 
 use std::str::FromStr;
 
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use http::{HeaderMap, HeaderName};
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
@@ -170,35 +173,20 @@ fn strip_prefix<'a>(value: &'a [u8], prefix: &str) -> Option<&'a [u8]> {
     (value.len() >= p.len() && value[..p.len()].eq_ignore_ascii_case(p)).then(|| &value[p.len()..])
 }
 
+/// Unpadded base64url (RFC 7515 §2), as the old hand-written decoder read it:
+/// padding refused, and non-canonical trailing bits accepted (`decode_allow_trailing_bits`).
+/// Accepting them here only keeps the reasons of early refusals (`jwt-alg-none`,
+/// `jwt-unknown-kid`, ...) as they were: jsonwebtoken decodes the whole token again
+/// with a strict engine before anything is accepted.
+const B64URL: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
+
 /// Decodes unpadded base64url (RFC 7515); `None` for anything else.
 pub(super) fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let bytes = s.as_bytes();
-    if bytes.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= val(*c)? << (18 - 6 * i);
-        }
-        out.push((n >> 16) as u8);
-        if chunk.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if chunk.len() > 3 {
-            out.push(n as u8);
-        }
-    }
-    Some(out)
+    B64URL.decode(s).ok()
 }
