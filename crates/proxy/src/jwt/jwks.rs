@@ -23,14 +23,6 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Longest retry delay after failed fetches (never longer than the refresh interval).
 const MAX_RETRY: Duration = Duration::from_secs(30);
-/// CA bundles tried, in order, for HTTPS without a `caFile`.
-const SYSTEM_CA_FILES: [&str; 4] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-    "/etc/ssl/ca-bundle.pem",
-];
-
 /// What tells a changed file: modification time, size and (on Unix) inode.
 pub(super) type FileSig = (Option<SystemTime>, u64, u64);
 
@@ -246,32 +238,26 @@ where
     result
 }
 
-/// TLS client settings trusting `ca_file`, else the system's CA bundle.
+/// TLS client settings trusting `ca_file`, else the system's CAs. Both are read on
+/// every fetch, so a renewed bundle counts from the next refresh.
 async fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
-    let pem = match ca_file {
-        Some(path) => tokio::fs::read(path)
-            .await
-            .map_err(|e| format!("caFile {path}: {e}"))?,
-        None => {
-            let mut found = None;
-            for path in SYSTEM_CA_FILES {
-                if let Ok(b) = tokio::fs::read(path).await {
-                    found = Some(b);
-                    break;
-                }
-            }
-            found.ok_or("no caFile given and no system CA bundle found")?
+    let certs = match ca_file {
+        Some(path) => {
+            let pem = tokio::fs::read(path)
+                .await
+                .map_err(|e| format!("caFile {path}: {e}"))?;
+            CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("CA certificates: {e}"))?
         }
+        None => system_roots().await?,
     };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("CA certificates: {e}"))?;
-        // A bundle may hold certificates rustls cannot use; skip those.
-        let _ = roots.add(cert);
-    }
+    // A bundle may hold certificates rustls cannot use; those are skipped.
+    roots.add_parsable_certificates(certs);
     if roots.is_empty() {
         return Err("no usable CA certificate".into());
     }
@@ -283,4 +269,28 @@ async fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, 
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The system's CA certificates, found by rustls-native-certs: `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR` when set, else the platform's bundle and certificate directory.
+async fn system_roots() -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    // Blocking file reads (a bundle of ~200 certificates, or a directory of them).
+    let found = tokio::task::spawn_blocking(rustls_native_certs::load_native_certs)
+        .await
+        .map_err(|e| format!("loading the system CA certificates: {e}"))?;
+    if found.certs.is_empty() {
+        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+        return Err(if errors.is_empty() {
+            "no caFile given and no system CA bundle found".to_owned()
+        } else {
+            format!(
+                "no caFile given and no system CA bundle found ({})",
+                errors.join("; ")
+            )
+        });
+    }
+    if !found.errors.is_empty() {
+        tracing::debug!(errors = ?found.errors, "some system CA certificates unreadable");
+    }
+    Ok(found.certs)
 }

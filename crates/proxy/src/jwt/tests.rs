@@ -540,8 +540,8 @@ async fn jwks_over_http_is_refreshed_and_survives_failures() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwks_over_https_trusts_the_ca_file_only() {
+/// TLS for [`serve_jwks`]: the test server certificate, signed by the test CA.
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -554,7 +554,12 @@ async fn jwks_over_https_trusts_the_ca_file_only() {
             PrivateKeyDer::from_pem_slice(SERVER_KEY_PEM.as_bytes()).unwrap(),
         )
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    tokio_rustls::TlsAcceptor::from(Arc::new(server))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_over_https_trusts_the_ca_file_only() {
+    let acceptor = tls_acceptor();
     let body = Arc::new(Mutex::new(jwks(&[jwk("k1", K1_X, K1_Y)])));
     let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let addr = serve_jwks(body, hits, Some(acceptor)).await;
@@ -581,6 +586,53 @@ async fn jwks_over_https_trusts_the_ca_file_only() {
         "jwks-unavailable"
     );
     let _ = std::fs::remove_file(&ca);
+}
+
+/// Set (with `SSL_CERT_FILE`) in the process that
+/// `jwks_over_https_without_a_ca_file_trusts_the_system_cas` starts.
+const SYSTEM_CA_CHILD: &str = "SINEW_JWT_TEST_SYSTEM_CA_CHILD";
+
+/// Without a caFile, the system's CAs are trusted. rustls-native-certs reads
+/// `SSL_CERT_FILE` first, so the test runs itself again with it naming the test CA:
+/// setting it in this process would race the other tests' threads.
+#[test]
+fn jwks_over_https_without_a_ca_file_trusts_the_system_cas() {
+    if std::env::var_os(SYSTEM_CA_CHILD).is_some() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let body = Arc::new(Mutex::new(jwks(&[jwk("k1", K1_X, K1_Y)])));
+            let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let addr = serve_jwks(body, hits, Some(tls_acceptor())).await;
+            let v = JwtVerifier::new(&[rule(JwksSource::Uri {
+                uri: format!("https://localhost:{}/jwks", addr.port()),
+                ca_file: None,
+                refresh: Duration::from_secs(60),
+            })]);
+            assert_eq!(v.refresh_now().await, Vec::<String>::new());
+            let t1 = bearer(&es256(K1_PEM, "k1", &claims()));
+            assert!(v.verify(&t1, now()).is_ok());
+        });
+        println!("system CAs trusted");
+        return;
+    }
+    let ca = temp_path("system-ca.pem");
+    std::fs::write(&ca, CA_PEM).unwrap();
+    let name = "jwt::tests::jwks_over_https_without_a_ca_file_trusts_the_system_cas";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("SSL_CERT_DIR")
+        .env(SYSTEM_CA_CHILD, "1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&ca);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("system CAs trusted"),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
