@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 
 use super::Inner;
 use super::keys::{KeySet, parse_jwks};
+use crate::http_client;
 
 /// How often key files are checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(1);
@@ -176,16 +176,18 @@ async fn fetch(uri: &str, ca_file: Option<&str>) -> Result<String, String> {
         Some("http") => false,
         _ => return Err("the URL must be http:// or https://".into()),
     };
-    let host = u.host().ok_or("the URL has no host")?;
-    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = u.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let authority = match u.port_u16() {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_owned(),
+    if u.host().is_none() {
+        return Err("the URL has no host".into());
+    }
+    let roots = if https {
+        ca_roots(ca_file).await?
+    } else {
+        // Never used: the URL is plain HTTP.
+        rustls::RootCertStore::empty()
     };
-    let path = u.path_and_query().map_or("/", |p| p.as_str());
-    let req = http::Request::get(path)
-        .header(http::header::HOST, authority)
+    let tls = http_client::tls_config(roots).map_err(|e| format!("TLS: {e}"))?;
+    let client = http_client::client(tls);
+    let req = http::Request::get(u)
         .header(
             http::header::ACCEPT,
             "application/json, application/jwk-set+json",
@@ -193,54 +195,24 @@ async fn fetch(uri: &str, ca_file: Option<&str>) -> Result<String, String> {
         .header(http::header::USER_AGENT, "sinew-proxy")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("cannot build the request: {e}"))?;
-    let tcp = tokio::net::TcpStream::connect((bare_host, port))
+    let resp = client
+        .request(req)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
-    if https {
-        let config = tls_config(ca_file).await?;
-        let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
-            .map_err(|e| format!("invalid server name: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        send(TokioIo::new(tls), req).await
-    } else {
-        send(TokioIo::new(tcp), req).await
+        .map_err(|e| http_client::error_text(&e))?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(format!("HTTP status {}", resp.status()));
     }
+    let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?
+        .to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_owned())
 }
 
-async fn send<I>(io: I, req: http::Request<Empty<Bytes>>) -> Result<String, String>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let result = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        if resp.status() != http::StatusCode::OK {
-            return Err(format!("HTTP status {}", resp.status()));
-        }
-        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body: {e}"))?
-            .to_bytes();
-        String::from_utf8(body.to_vec()).map_err(|_| "the body is not UTF-8".to_owned())
-    }
-    .await;
-    conn.abort();
-    result
-}
-
-/// TLS client settings trusting `ca_file`, else the system's CAs. Both are read on
-/// every fetch, so a renewed bundle counts from the next refresh.
-async fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+/// The CAs trusted for a JWKS over HTTPS: `ca_file`, else the system's. Both are read
+/// on every fetch, so a renewed bundle counts from the next refresh.
+async fn ca_roots(ca_file: Option<&str>) -> Result<rustls::RootCertStore, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
@@ -253,7 +225,9 @@ async fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, 
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("CA certificates: {e}"))?
         }
-        None => system_roots().await?,
+        None => http_client::system_roots()
+            .await
+            .map_err(|e| format!("no caFile given and {e}"))?,
     };
     let mut roots = rustls::RootCertStore::empty();
     // A bundle may hold certificates rustls cannot use; those are skipped.
@@ -261,36 +235,5 @@ async fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, 
     if roots.is_empty() {
         return Err("no usable CA certificate".into());
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// The system's CA certificates, found by rustls-native-certs: `SSL_CERT_FILE` /
-/// `SSL_CERT_DIR` when set, else the platform's bundle and certificate directory.
-async fn system_roots() -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    // Blocking file reads (a bundle of ~200 certificates, or a directory of them).
-    let found = tokio::task::spawn_blocking(rustls_native_certs::load_native_certs)
-        .await
-        .map_err(|e| format!("loading the system CA certificates: {e}"))?;
-    if found.certs.is_empty() {
-        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
-        return Err(if errors.is_empty() {
-            "no caFile given and no system CA bundle found".to_owned()
-        } else {
-            format!(
-                "no caFile given and no system CA bundle found ({})",
-                errors.join("; ")
-            )
-        });
-    }
-    if !found.errors.is_empty() {
-        tracing::debug!(errors = ?found.errors, "some system CA certificates unreadable");
-    }
-    Ok(found.certs)
+    Ok(roots)
 }

@@ -474,14 +474,17 @@ async fn serve_jwks(
                         hits.fetch_add(1, Ordering::SeqCst);
                         async move {
                             let text = body.lock().unwrap().clone();
-                            let status = if req.uri().path() == "/jwks" {
-                                200
-                            } else {
-                                404
+                            // `/moved` redirects to `/jwks`, `/big` is over the size cap.
+                            let (status, text) = match req.uri().path() {
+                                "/jwks" => (200, text),
+                                "/moved" => (302, text),
+                                "/big" => (200, " ".repeat((1 << 20) + 1)),
+                                _ => (404, text),
                             };
                             Ok::<_, Infallible>(
                                 http::Response::builder()
                                     .status(status)
+                                    .header(http::header::LOCATION, "/jwks")
                                     .body(http_body_util::Full::new(Bytes::from(text)))
                                     .unwrap(),
                             )
@@ -586,6 +589,54 @@ async fn jwks_over_https_trusts_the_ca_file_only() {
         "jwks-unavailable"
     );
     let _ = std::fs::remove_file(&ca);
+}
+
+/// Each failed fetch says why, in the verifier's problems; nothing is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_fetch_failures_say_why() {
+    let body = Arc::new(Mutex::new(jwks(&[jwk("k1", K1_X, K1_Y)])));
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let plain = serve_jwks(body.clone(), hits.clone(), None).await;
+    let tls = serve_jwks(body, hits, Some(tls_acceptor())).await;
+    let problem = |uri: String| async move {
+        let v = JwtVerifier::new(&[rule(JwksSource::Uri {
+            uri,
+            ca_file: None,
+            refresh: Duration::from_secs(60),
+        })]);
+        let mut problems = v.refresh_now().await;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.remove(0)
+    };
+    let p = problem(format!("http://{plain}/moved")).await;
+    assert!(
+        p.ends_with(": HTTP status 302 Found"),
+        "redirects are not followed: {p}"
+    );
+    let p = problem(format!("http://{plain}/missing")).await;
+    assert!(p.ends_with(": HTTP status 404 Not Found"), "{p}");
+    let p = problem(format!("http://{plain}/big")).await;
+    assert!(
+        p.contains(": reading the body: length limit exceeded"),
+        "{p}"
+    );
+    let p = problem("http://127.0.0.1:1/jwks".into()).await;
+    assert!(p.contains(": connect: "), "{p}");
+    let p = problem(format!("https://127.0.0.1:{}/jwks", tls.port())).await;
+    assert!(p.contains(": TLS: invalid peer certificate"), "{p}");
+    let p = problem("ftp://issuer.example/jwks".into()).await;
+    assert!(p.ends_with(": the URL must be http:// or https://"), "{p}");
+    // A caFile that cannot be read is named.
+    let v = JwtVerifier::new(&[rule(JwksSource::Uri {
+        uri: format!("https://127.0.0.1:{}/jwks", tls.port()),
+        ca_file: Some("/nonexistent/sinew/ca.pem".into()),
+        refresh: Duration::from_secs(60),
+    })]);
+    let problems = v.refresh_now().await;
+    assert!(
+        problems.len() == 1 && problems[0].contains("caFile /nonexistent/sinew/ca.pem: "),
+        "{problems:?}"
+    );
 }
 
 /// Set (with `SSL_CERT_FILE`) in the process that
