@@ -23,9 +23,11 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Longest retry delay after failed fetches (never longer than the refresh interval).
 const MAX_RETRY: Duration = Duration::from_secs(30);
+
 /// What tells a changed file: modification time, size and (on Unix) inode.
 pub(super) type FileSig = (Option<SystemTime>, u64, u64);
 
+/// The signature of a file with this metadata.
 pub(super) fn file_sig(m: &std::fs::Metadata) -> FileSig {
     #[cfg(unix)]
     let ino = std::os::unix::fs::MetadataExt::ino(m);

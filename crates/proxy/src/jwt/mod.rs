@@ -16,12 +16,13 @@
 //! Key sets live in an [`ArcSwapOption`] per rule, so verification takes no lock and
 //! does no I/O. Inline keys and key files are loaded when the verifier is built.
 //! [`JwtVerifier::spawn_refresh`] starts background work: key files are re-read when
-//! they change, and `uri` key sets are fetched over HTTP or HTTPS (rustls, ring) every
-//! `refresh` interval. A failed refresh keeps the last good set. The background tasks
-//! end when the last clone of the verifier is dropped.
+//! they change, and `uri` key sets are fetched over HTTP or HTTPS every `refresh`
+//! interval (`crate::http_client`: hyper-util's client over hyper-rustls, ring). A
+//! failed refresh keeps the last good set. The background tasks end when the last
+//! clone of the verifier is dropped.
 //!
-//! Modules: [`token`] finds the token and reads it ([`token::verify`] checks its
-//! signature and claims), [`keys`] parses key sets, [`jwks`] keeps them fresh.
+//! Modules: `token` finds the token and reads it (`token::verify` checks its
+//! signature and claims), `keys` parses key sets, `jwks` keeps them fresh.
 
 mod jwks;
 mod keys;
