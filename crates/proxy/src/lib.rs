@@ -24,6 +24,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+mod http_client;
 pub mod http_util;
 pub mod inbound;
 pub mod jwt;
