@@ -130,6 +130,13 @@ impl Screen {
     }
 
     fn draw(&mut self, data: &Frame) -> io::Result<()> {
+        // The panic hook restored the terminal (a panic on another thread or task):
+        // drawing now would scribble over the panic message on the normal screen.
+        if !ACTIVE.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "the demo's view ended: the terminal was restored after a panic",
+            ));
+        }
         self.terminal
             .draw(|screen| draw(screen, data))
             .map(drop)
@@ -793,6 +800,148 @@ mod tests {
         let mut release = press(KeyCode::Char('q'), KeyModifiers::NONE);
         release.kind = KeyEventKind::Release;
         assert!(!is_quit(&release));
+    }
+
+    /// Drives `run` in a real pseudo-terminal (Python's `pty`, as the test binary's
+    /// stdout must be a terminal): the view starts, then ends by the way `mode` says,
+    /// and afterwards the terminal is back in cooked mode with echo, on the normal
+    /// screen, with the cursor shown.
+    fn run_in_pty(mode: &str) -> serde_json::Value {
+        const DRIVER: &str = r#"
+import fcntl, json, os, pty, select, struct, sys, termios, time
+exe, mode = sys.argv[1], sys.argv[2]
+pid, fd = pty.fork()
+if pid == 0:
+    # A new pty is 0x0; give it a screen's size before the view reads it.
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    os.environ["SINEW_TUI_PTY_CHILD"] = mode
+    os.environ["TERM"] = "xterm-256color"
+    os.execv(exe, [exe, "tui::tests::pty_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+out, sent, deadline = b"", False, time.time() + 30
+while time.time() < deadline:
+    if select.select([fd], [], [], 0.1)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    # The first frame is on the alternate screen, so raw mode is on: a key is a key.
+    if not sent and b"\x1b[?1049h" in out and b"Sinew demo" in out:
+        if mode == "q":
+            os.write(fd, b"q")
+        elif mode == "ctrl-c":
+            os.write(fd, b"\x03")
+        sent = True
+lflag = termios.tcgetattr(fd)[3]
+# The pty reports end of output a moment before the process is reaped.
+finished = False
+while not finished and time.time() < deadline:
+    finished = os.waitpid(pid, os.WNOHANG)[0] == pid
+    time.sleep(0.01)
+if not finished:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+leave = out.rfind(b"\x1b[?1049l")
+print(json.dumps({
+    "finished": finished,
+    "cooked": bool(lflag & termios.ICANON) and bool(lflag & termios.ECHO),
+    "drew": sent,
+    "after": out[leave:].decode("utf-8", "replace") if leave >= 0 else None,
+    "tail": out[-2000:].decode("utf-8", "replace"),
+}))
+"#;
+        let exe = std::env::current_exe().unwrap();
+        let output = std::process::Command::new("python3")
+            .args(["-c", DRIVER])
+            .arg(&exe)
+            .arg(mode)
+            .output()
+            .expect(
+                "python3 (with its pty module) is needed to drive the view in a pseudo-terminal",
+            );
+        assert!(
+            output.status.success(),
+            "the pty driver failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            report["finished"], true,
+            "{mode}: the view did not end: {report}"
+        );
+        assert_eq!(
+            report["drew"], true,
+            "{mode}: the view never drew: {report}"
+        );
+        assert_eq!(
+            report["cooked"], true,
+            "{mode}: raw mode was left on: {report}"
+        );
+        let after = report["after"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{mode}: the alternate screen was never left: {report}"));
+        assert!(
+            after.contains("\x1b[?25h"),
+            "{mode}: cursor left hidden: {report}"
+        );
+        report
+    }
+
+    #[test]
+    fn q_ctrl_c_and_stop_end_the_view_and_restore_the_terminal() {
+        for mode in ["q", "ctrl-c", "stop"] {
+            let report = run_in_pty(mode);
+            let after = report["after"].as_str().unwrap();
+            assert!(after.contains("run returned Ok(())"), "{mode}: {report}");
+        }
+    }
+
+    #[test]
+    fn a_panic_elsewhere_restores_the_terminal_and_ends_the_view() {
+        let report = run_in_pty("panic");
+        let after = report["after"].as_str().unwrap();
+        // The panic message lands on the normal screen, and the view stops drawing.
+        assert!(after.contains("boom in the tour"), "{report}");
+        assert!(after.contains("restored after a panic"), "{report}");
+        assert!(!after.contains("\x1b[2J"), "drew after the panic: {report}");
+    }
+
+    /// The demo side of the pty tests above: shows the view with frames arriving and
+    /// ends it as `SINEW_TUI_PTY_CHILD` says. Run only by them, in a pseudo-terminal.
+    #[tokio::test]
+    #[ignore = "run by the pty tests above, in a pseudo-terminal"]
+    async fn pty_child() {
+        let mode = std::env::var("SINEW_TUI_PTY_CHILD").unwrap();
+        let (tx, rx) = watch::channel(sample());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let producer_mode = mode.clone();
+        // Frames keep coming, as from the tour; "stop" ends the view after a few, "panic"
+        // panics on another thread once the view has drawn.
+        tokio::spawn(async move {
+            let mut stop_tx = Some(stop_tx);
+            for i in 1u64.. {
+                let mut frame = sample();
+                frame.elapsed_secs = i;
+                if tx.send(frame).is_err() {
+                    return;
+                }
+                if i == 3 {
+                    match producer_mode.as_str() {
+                        "stop" => drop(stop_tx.take().map(|stop| stop.send(()))),
+                        "panic" => drop(std::thread::spawn(|| panic!("boom in the tour"))),
+                        _ => {}
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        });
+        let result = run(rx, async move {
+            let _ = stop_rx.await;
+        })
+        .await;
+        println!("run returned {result:?}");
     }
 
     #[test]
