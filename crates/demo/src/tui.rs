@@ -63,6 +63,7 @@ pub async fn run(mut rx: watch::Receiver<Frame>, stop: impl Future<Output = ()>)
     let mut events = EventStream::new();
     let mut data = rx.borrow_and_update().clone();
     let mut tour_over = false;
+    let mut input_over = false;
     tokio::pin!(stop);
     screen.draw(&data)?;
     loop {
@@ -76,7 +77,7 @@ pub async fn run(mut rx: watch::Receiver<Frame>, stop: impl Future<Output = ()>)
                     tour_over = true;
                 }
             }
-            event = events.next() => match event {
+            event = events.next(), if !input_over => match event {
                 Some(Ok(Event::Key(key))) if is_quit(&key) => return Ok(()),
                 // Drawing resizes ratatui's buffers to the new size and clears the screen.
                 Some(Ok(Event::Resize(..))) => screen.draw(&data)?,
@@ -87,9 +88,9 @@ pub async fn run(mut rx: watch::Receiver<Frame>, stop: impl Future<Output = ()>)
                         format!("reading the terminal's key events: {e}"),
                     ));
                 }
-                // No more input (the terminal went away): nothing can quit the view but
-                // `stop`, and frames keep coming.
-                None => std::future::pending::<()>().await,
+                // No more input (the terminal went away): only `stop` ends the view now,
+                // and frames keep coming.
+                None => input_over = true,
             },
         }
     }
