@@ -216,8 +216,9 @@ pub fn draw(screen: &mut ratatui::Frame, data: &Frame) {
         );
     }
 
-    // Events and commands side by side when there is room for both, else stacked with
-    // the commands first (they are what the reader acts on).
+    // Events and commands side by side when there is room for both, else stacked, the
+    // commands at the bottom and given their room first (they are what the reader acts
+    // on); the events get what is left, newest kept.
     if rest.width >= 120 {
         let events_wanted = u16::try_from(data.events.len().saturating_add(2)).unwrap_or(u16::MAX);
         let wanted = events_wanted.max(try_next_height(data, rest.width / 2));
