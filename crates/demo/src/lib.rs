@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod app;
 mod client;
+mod frame;
 mod load;
 mod mesh;
 mod process;
@@ -30,6 +31,7 @@ mod report;
 mod signal;
 pub mod stats;
 mod topology;
+mod tui;
 
 /// `sinew demo`: run the demo mesh on loopback.
 #[derive(Debug, Clone, clap::Args)]
