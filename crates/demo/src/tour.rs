@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use http::Uri;
-use sinew_api::v1::{ApplyRequest, DeleteRequest, ResourceKey, Source};
+use sinew_api::v1::{ApplyRequest, DeleteRequest, ProxyStatusRequest, ResourceKey, Source};
 use tokio::time::Instant;
 
 use crate::client::{HttpClient, get};
@@ -52,6 +52,8 @@ const MAX_EVENTS: usize = 12;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// The instance the ejection act kills.
 const VICTIM: &str = "catalog-v2-1";
+/// Between two acts: longer than a frame of the live view.
+const PAUSE: Duration = Duration::from_millis(1200);
 /// The share of calls to ratings the fault aborts, percent.
 const FAULT_PERCENT: f64 = 20.0;
 
@@ -116,13 +118,19 @@ impl Tour<'_> {
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create {}", self.dir.display()))?;
         self.canary(90, 10).await.context("tour act canary 90/10")?;
+        self.pause().await?;
         self.canary(50, 50).await.context("tour act canary 50/50")?;
+        self.pause().await?;
         self.canary(0, 100).await.context("tour act canary 0/100")?;
+        self.pause().await?;
         self.retries().await.context("tour act retries")?;
+        self.pause().await?;
         self.ejection().await.context("tour act ejection")?;
+        self.pause().await?;
         self.authorization()
             .await
             .context("tour act authorization")?;
+        self.pause().await?;
         let mut live = lock(&self.live);
         live.act = "tour done".to_owned();
         live.caption =
@@ -130,6 +138,11 @@ impl Tour<'_> {
                 .to_owned();
         live.event("tour: every act done".to_owned());
         Ok(())
+    }
+
+    /// Gives the view a frame with an act's result before the next act begins.
+    async fn pause(&mut self) -> anyhow::Result<()> {
+        self.hold(PAUSE).await
     }
 
     /// Starts act `title`.
@@ -146,11 +159,15 @@ impl Tour<'_> {
 
     /// Writes `text` to `<dir>/<file>` and applies it through the Admin API, as
     /// `sinew apply -f <that file>` would; the event shows the command and document.
-    async fn apply(&mut self, file: &str, text: &str) -> anyhow::Result<String> {
+    /// `affects`: the sidecars whose configuration the change alters; the act goes on
+    /// once they run it.
+    async fn apply(&mut self, file: &str, text: &str, affects: &[&str]) -> anyhow::Result<String> {
         let path = self.dir.join(file);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         let command = format!("sinew apply -f {}", path.display());
-        self.admin
+        let before = self.versions().await?;
+        let applied = self
+            .admin
             .clone()
             .apply(ApplyRequest {
                 sources: vec![Source {
@@ -167,19 +184,40 @@ impl Tour<'_> {
                     s.code(),
                     s.message()
                 )
-            })?;
+            })?
+            .into_inner();
         self.event(format!("$ {command}\n{}", text.trim_end()));
-        self.sync().await?;
+        self.sync(&before, applied.revision, affects).await?;
         Ok(command)
     }
 
+    /// The published revision and every sidecar's latest configuration version.
+    async fn versions(&self) -> anyhow::Result<(u64, BTreeMap<String, String>)> {
+        let status = self
+            .admin
+            .clone()
+            .proxy_status(ProxyStatusRequest {})
+            .await
+            .map_err(|s| anyhow!("ProxyStatus: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let latest = status
+            .proxies
+            .into_iter()
+            .filter(|p| p.namespace == NAMESPACE)
+            .map(|p| (p.name, p.latest_version))
+            .collect();
+        Ok((status.revision, latest))
+    }
+
     /// `sinew delete KIND NAME -n demo`, through the Admin API.
-    async fn delete(&mut self, kind: &str, name: &str) -> anyhow::Result<String> {
+    async fn delete(&mut self, kind: &str, name: &str, affects: &[&str]) -> anyhow::Result<String> {
         let command = format!(
             "sinew delete {} {name} -n {NAMESPACE}",
             kind.to_ascii_lowercase()
         );
-        self.admin
+        let before = self.versions().await?;
+        let deleted = self
+            .admin
             .clone()
             .delete(DeleteRequest {
                 keys: vec![ResourceKey {
@@ -189,18 +227,52 @@ impl Tour<'_> {
                 }],
             })
             .await
-            .map_err(|s| anyhow!("cannot delete {kind} {name}: {}", s.message()))?;
+            .map_err(|s| anyhow!("cannot delete {kind} {name}: {}", s.message()))?
+            .into_inner();
         self.event(format!("$ {command}"));
-        self.sync().await?;
+        self.sync(&before, deleted.revision, affects).await?;
         Ok(command)
     }
 
-    /// Waits until every live sidecar applied the latest configuration.
-    async fn sync(&mut self) -> anyhow::Result<()> {
+    /// Waits until the control plane published `revision`, the sidecars in `affects`
+    /// got a new configuration (when the revision is new: re-applying the same
+    /// document changes nothing), and every live sidecar applied its latest. A proxy's
+    /// version moves only once the control plane computed it, a debounce after the
+    /// change: "in sync" alone could still be the old configuration.
+    async fn sync(
+        &mut self,
+        before: &(u64, BTreeMap<String, String>),
+        revision: u64,
+        affects: &[&str],
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + SYNC_TIMEOUT;
         loop {
             self.children.check_running()?;
-            match proxies_in_sync(self.admin.clone(), self.plan, &self.killed).await {
+            let moved = if revision > before.0 {
+                let (published, now) = self.versions().await?;
+                let stale: Vec<&str> = affects
+                    .iter()
+                    .copied()
+                    .filter(|name| now.get(*name) == before.1.get(*name))
+                    .collect();
+                if published < revision {
+                    Err(format!("revision {revision} not published yet"))
+                } else if !stale.is_empty() {
+                    Err(format!(
+                        "no new configuration yet for {}",
+                        stale.join(", ")
+                    ))
+                } else {
+                    Ok(())
+                }
+            } else {
+                Ok(())
+            };
+            let state = match moved {
+                Ok(()) => proxies_in_sync(self.admin.clone(), self.plan, &self.killed).await,
+                Err(e) => Err(e),
+            };
+            match state {
                 Ok(()) => return Ok(()),
                 Err(why) if Instant::now() >= deadline => {
                     bail!(
@@ -283,7 +355,11 @@ impl Tour<'_> {
             ),
         );
         let command = self
-            .apply(&format!("catalog-{v1}-{v2}.yaml"), &catalog_route(v1, v2))
+            .apply(
+                &format!("catalog-{v1}-{v2}.yaml"),
+                &catalog_route(v1, v2),
+                &["frontend-0"],
+            )
             .await?;
         let inbound = |m: &BTreeMap<&str, Vec<Sample>>, service: &str, mtls_only: bool| -> f64 {
             m.iter()
@@ -364,8 +440,12 @@ impl Tour<'_> {
                fault: {{abort: {{httpStatus: 503, percent: {FAULT_PERCENT}}}}}\n"
         );
         // The safety net first: a fault before the retries would reach the client.
-        let retry_cmd = self.apply("reviews-retry.yaml", &retry).await?;
-        let fault_cmd = self.apply("ratings-fault.yaml", &fault).await?;
+        let retry_cmd = self
+            .apply("reviews-retry.yaml", &retry, &["frontend-0"])
+            .await?;
+        let fault_cmd = self
+            .apply("ratings-fault.yaml", &fault, &["reviews-0"])
+            .await?;
         let route = format!("{NAMESPACE}/ratings");
         let injected = |m: &BTreeMap<&str, Vec<Sample>>| -> f64 {
             m.values()
@@ -415,7 +495,9 @@ impl Tour<'_> {
              the client never saw them)",
             row.failures, row.requests
         ));
-        let delete_cmd = self.delete("RoutePolicy", "ratings-fault").await?;
+        let delete_cmd = self
+            .delete("RoutePolicy", "ratings-fault", &["reviews-0"])
+            .await?;
         let figures = RetryFigures {
             fault_route: route.clone(),
             fault_percent: FAULT_PERCENT,
@@ -461,7 +543,9 @@ impl Tour<'_> {
                targetRef: {{kind: Service, name: catalog-v2}}\n  \
                outlierDetection: {{consecutiveFailures: 3, consecutiveRefusals: 1, baseEjectionTime: 30s}}\n"
         );
-        let apply_cmd = self.apply("catalog-v2-outliers.yaml", &policy).await?;
+        let apply_cmd = self
+            .apply("catalog-v2-outliers.yaml", &policy, &["frontend-0"])
+            .await?;
         // Both replicas serve for a while first.
         self.hold(self.act_duration / 2).await?;
         let ejections = |m: &BTreeMap<&str, Vec<Sample>>| -> f64 {
@@ -552,7 +636,9 @@ impl Tour<'_> {
                rules:\n    \
                  - from: {{principals: [\"{reviews}\"]}}\n"
         );
-        let apply_cmd = self.apply("ratings-callers.yaml", &policy).await?;
+        let apply_cmd = self
+            .apply("ratings-callers.yaml", &policy, &["ratings-0"])
+            .await?;
         let mark = self.mark();
         let uri: Uri = format!("http://{}/", self.plan.loadgen_ratings).parse()?;
         let curl = format!("curl -i http://{}/", self.plan.loadgen_ratings);
