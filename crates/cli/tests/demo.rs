@@ -104,6 +104,16 @@ fn summary_rows(stdout: &[String]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// One demo at a time: each picks free loopback ports and releases them for its
+/// children to bind, so two starting at once could pick the same.
+static ONE_DEMO: Mutex<()> = Mutex::new(());
+
+fn one_demo() -> std::sync::MutexGuard<'static, ()> {
+    ONE_DEMO
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A fresh directory for `XDG_RUNTIME_DIR`, so the demo's env file is this test's.
 fn runtime_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sinew-demo-test-{name}-{}", std::process::id()));
@@ -114,6 +124,7 @@ fn runtime_dir(name: &str) -> PathBuf {
 
 #[test]
 fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
+    let _one = one_demo();
     let proxy = proxy_next_to_sinew();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sinew"))
         .args([
@@ -339,6 +350,7 @@ fn check_demo_env(dir: &Path, context: &dyn Fn() -> String) {
 #[test]
 fn the_tour_plays_every_act_with_figures_from_the_mesh() {
     use sinew_demo::ActReport;
+    let _one = one_demo();
     let proxy = proxy_next_to_sinew();
     let dir = runtime_dir("tour");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sinew"))
