@@ -304,7 +304,8 @@ fn check_demo_env(dir: &Path, context: &dyn Fn() -> String) {
     );
     for var in ["SINEW_SERVER", "SINEW_CREDENTIALS", "SINEW_NAMESPACE"] {
         assert!(
-            text.lines().any(|l| l.starts_with(&format!("export {var}="))),
+            text.lines()
+                .any(|l| l.starts_with(&format!("export {var}="))),
             "no {var} in:\n{text}"
         );
     }
@@ -392,7 +393,10 @@ fn the_tour_plays_every_act_with_figures_from_the_mesh() {
             context()
         );
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("sinew demo exited ({status}) before writing its env{}", context());
+            panic!(
+                "sinew demo exited ({status}) before writing its env{}",
+                context()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -411,14 +415,21 @@ fn the_tour_plays_every_act_with_figures_from_the_mesh() {
     );
 
     // The env file went with the demo, and `sinew demo env` says no demo runs.
-    assert!(!env_file.exists(), "{} is still there{context}", env_file.display());
+    assert!(
+        !env_file.exists(),
+        "{} is still there{context}",
+        env_file.display()
+    );
     let env = Command::new(env!("CARGO_BIN_EXE_sinew"))
         .args(["demo", "env"])
         .env("XDG_RUNTIME_DIR", &dir)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&env.stderr);
-    assert!(!env.status.success(), "sinew demo env succeeded without a demo");
+    assert!(
+        !env.status.success(),
+        "sinew demo env succeeded without a demo"
+    );
     assert!(err.contains("no sinew demo is running"), "{err}");
 
     // One JSON line per act, after the DemoInfo line.
@@ -447,11 +458,11 @@ fn the_tour_plays_every_act_with_figures_from_the_mesh() {
     for a in &acts {
         assert!(a.client.requests > 0, "{a:?}{context}");
         let success = a.client.success_rate.unwrap();
-        assert!(success >= 0.99, "client success {success} in {a:?}{context}");
         assert!(
-            a.commands.iter().any(|c| c.starts_with("sinew ")),
-            "{a:?}"
+            success >= 0.99,
+            "client success {success} in {a:?}{context}"
         );
+        assert!(a.commands.iter().any(|c| c.starts_with("sinew ")), "{a:?}");
     }
 
     // The split moved, as the catalog versions' sidecars counted it, over mTLS.
@@ -477,12 +488,17 @@ fn the_tour_plays_every_act_with_figures_from_the_mesh() {
     assert!(r.retries_sent >= r.injected_failures / 2, "{r:?}{context}");
     assert!(r.route_stat_failures > 0, "{r:?}{context}");
     assert!(
-        acts[3].commands.iter().any(|c| c == "sinew stat --by route"),
+        acts[3]
+            .commands
+            .iter()
+            .any(|c| c == "sinew stat --by route"),
         "{:?}",
         acts[3].commands
     );
     assert!(
-        stdout.iter().any(|l| l.contains("$ sinew stat --by route: route ratings")),
+        stdout
+            .iter()
+            .any(|l| l.contains("$ sinew stat --by route: route ratings")),
         "the route stat is not shown{context}"
     );
 

@@ -318,6 +318,14 @@ mod tests {
         assert_eq!(cli.demo.rate, 40);
         assert_eq!(cli.demo.startup_timeout, Duration::from_secs(60));
 
+        let cli = Cli::try_parse_from(["sinew", "--no-tour", "--act-duration", "3s"]).unwrap();
+        assert!(cli.demo.no_tour);
+        assert_eq!(cli.demo.act_duration, Duration::from_secs(3));
+        let cli = Cli::try_parse_from(["sinew", "env"]).unwrap();
+        assert!(matches!(cli.demo.command, Some(DemoCommand::Env)));
+        // The demo's flags do not go with `env`.
+        assert!(Cli::try_parse_from(["sinew", "--json", "env"]).is_err());
+
         #[derive(Parser)]
         struct AppCli {
             #[command(flatten)]

@@ -720,7 +720,9 @@ async fn watch_stats(client: HttpClient, plan: Plan, seen: Arc<std::sync::Mutex<
     loop {
         ticker.tick().await;
         let now = fetch_all(&client, &plan).await;
-        let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (slot, result) in seen.iter_mut().zip(now) {
             if let Ok(counters) = result {
                 *slot = counters;
@@ -840,12 +842,8 @@ async fn run_load(
         version: "-",
         summary: Some(entry_summary),
     });
-    for (((instance, result), last), base) in plan
-        .instances
-        .iter()
-        .zip(finals)
-        .zip(&seen)
-        .zip(&baseline)
+    for (((instance, result), last), base) in
+        plan.instances.iter().zip(finals).zip(&seen).zip(&baseline)
     {
         let counters = result.unwrap_or_else(|_| last.clone());
         let total = counters.since(base);
@@ -938,6 +936,42 @@ mod tests {
             err.contains("sinew-proxy not found at /nonexistent/sinew-proxy"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn frame_rows_come_from_stat_with_the_catalog_split() {
+        let row = |name: &str, rps: f64, requests: u64, failures: u64, mtls: u64| {
+            sinew_api::v1::StatRow {
+                name: format!("{name}.demo"),
+                namespace: "demo".into(),
+                rps,
+                requests,
+                failures,
+                mtls_requests: mtls,
+                p50_ms: 2.0,
+                p99_ms: 0.0,
+                ..Default::default()
+            }
+        };
+        let rows = frame_rows(&[
+            row("frontend", 50.0, 100, 1, 100),
+            row("catalog-v2", 5.0, 10, 0, 10),
+            row("catalog", 50.0, 100, 0, 50),
+            row("catalog-v1", 45.0, 90, 0, 90),
+            row("idle", 0.0, 0, 0, 0),
+        ]);
+        let names: Vec<&str> = rows.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(
+            names,
+            ["catalog", "catalog-v1", "catalog-v2", "frontend", "idle"]
+        );
+        assert_eq!(rows[0].split, "v1 90% · v2 10%");
+        assert_eq!(rows[0].mtls, Some(0.5));
+        assert!(rows[1].split.is_empty());
+        assert_eq!(rows[3].success, Some(0.99));
+        assert_eq!(rows[3].p50_ms, Some(2.0));
+        assert_eq!(rows[3].p99_ms, None);
+        assert_eq!((rows[4].success, rows[4].mtls), (None, None));
     }
 
     #[tokio::test]

@@ -145,8 +145,14 @@ mod tests {
             try_next: strings(&["eval \"$(sinew demo env)\"", "sinew stat"]),
         };
         let text = p.render(&frame, true);
-        assert!(text.starts_with("Try from a second shell:\n  eval"), "{text}");
-        assert!(text.contains("== 1/6 canary: 90/10\n   watch the split\n"), "{text}");
+        assert!(
+            text.starts_with("Try from a second shell:\n  eval"),
+            "{text}"
+        );
+        assert!(
+            text.contains("== 1/6 canary: 90/10\n   watch the split\n"),
+            "{text}"
+        );
         assert!(text.contains("   * a\n   * b\n       line two\n"), "{text}");
         assert!(
             text.contains("-- 3s catalog 50.0/s 100.00% p99 9.5ms mTLS 100% [v1 90% · v2 10%]"),
@@ -157,6 +163,9 @@ mod tests {
         // The window slid: only the new event.
         frame.events = strings(&["b\nline two", "c"]);
         assert_eq!(p.render(&frame, false), "   * c\n");
-        assert_eq!(new_events(&strings(&["x"]), &strings(&["y"])), strings(&["y"]));
+        assert_eq!(
+            new_events(&strings(&["x"]), &strings(&["y"])),
+            strings(&["y"])
+        );
     }
 }

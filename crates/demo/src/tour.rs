@@ -40,9 +40,7 @@ use crate::observe::{self, EJECTIONS, REQUESTS, RETRIES, Sample};
 use crate::process::Children;
 use crate::stats::Counters;
 use crate::topology::{NAMESPACE, Plan, catalog_route};
-use crate::{
-    ActReport, ClientFigures, DeniedFigures, EjectionFigures, RetryFigures, SplitFigures,
-};
+use crate::{ActReport, ClientFigures, DeniedFigures, EjectionFigures, RetryFigures, SplitFigures};
 
 /// Acts in the tour (the canary counts three).
 const ACTS: usize = 6;
@@ -258,10 +256,7 @@ impl Tour<'_> {
                 if published < revision {
                     Err(format!("revision {revision} not published yet"))
                 } else if !stale.is_empty() {
-                    Err(format!(
-                        "no new configuration yet for {}",
-                        stale.join(", ")
-                    ))
+                    Err(format!("no new configuration yet for {}", stale.join(", ")))
                 } else {
                     Ok(())
                 }
@@ -395,10 +390,7 @@ impl Tour<'_> {
                 act: "canary".to_owned(),
                 step: format!("{v1}/{v2}"),
                 seconds: mark.at.elapsed().as_secs_f64(),
-                commands: vec![
-                    command,
-                    "sinew stat --by workload".to_owned(),
-                ],
+                commands: vec![command, "sinew stat --by workload".to_owned()],
                 client,
                 split: Some(SplitFigures {
                     weights: [v1, v2],
@@ -423,22 +415,7 @@ impl Tour<'_> {
                  frontend's sidecar retries reviews within a budget: the client sees no failure"
             ),
         );
-        let retry = format!(
-            "apiVersion: sinew.dev/v1alpha1\n\
-             kind: RoutePolicy\n\
-             metadata: {{name: reviews-retry, namespace: {NAMESPACE}}}\n\
-             spec:\n  \
-               targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: reviews}}\n  \
-               retry: {{attempts: 4, codes: [502, 503], backoff: 10ms, budget: {{ratio: 0.5, minPerSecond: 20}}}}\n"
-        );
-        let fault = format!(
-            "apiVersion: sinew.dev/v1alpha1\n\
-             kind: RoutePolicy\n\
-             metadata: {{name: ratings-fault, namespace: {NAMESPACE}}}\n\
-             spec:\n  \
-               targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: ratings}}\n  \
-               fault: {{abort: {{httpStatus: 503, percent: {FAULT_PERCENT}}}}}\n"
-        );
+        let (retry, fault) = (retry_policy(), fault_policy());
         // The safety net first: a fault before the retries would reach the client.
         let retry_cmd = self
             .apply("reviews-retry.yaml", &retry, &["frontend-0"])
@@ -535,21 +512,16 @@ impl Tour<'_> {
                  elsewhere and eject it, and no client request fails"
             ),
         );
-        let policy = format!(
-            "apiVersion: sinew.dev/v1alpha1\n\
-             kind: TrafficPolicy\n\
-             metadata: {{name: catalog-v2, namespace: {NAMESPACE}}}\n\
-             spec:\n  \
-               targetRef: {{kind: Service, name: catalog-v2}}\n  \
-               outlierDetection: {{consecutiveFailures: 3, consecutiveRefusals: 1, baseEjectionTime: 30s}}\n"
-        );
+        let policy = outlier_policy();
         let apply_cmd = self
             .apply("catalog-v2-outliers.yaml", &policy, &["frontend-0"])
             .await?;
         // Both replicas serve for a while first.
         self.hold(self.act_duration / 2).await?;
         let ejections = |m: &BTreeMap<&str, Vec<Sample>>| -> f64 {
-            m.values().map(|s| observe::sum(s, EJECTIONS, |_| true)).sum()
+            m.values()
+                .map(|s| observe::sum(s, EJECTIONS, |_| true))
+                .sum()
         };
         let survivor = |m: &BTreeMap<&str, Vec<Sample>>| -> f64 {
             m.get("catalog-v2-0").map_or(0.0, |s| {
@@ -596,11 +568,7 @@ impl Tour<'_> {
                 act: "ejection".to_owned(),
                 step: String::new(),
                 seconds: mark.at.elapsed().as_secs_f64(),
-                commands: vec![
-                    apply_cmd,
-                    kill_cmd,
-                    "sinew stat --by workload".to_owned(),
-                ],
+                commands: vec![apply_cmd, kill_cmd, "sinew stat --by workload".to_owned()],
                 client,
                 split: None,
                 retries: None,
@@ -627,15 +595,7 @@ impl Tour<'_> {
             .get(crate::topology::LOADGEN)
             .cloned()
             .unwrap_or_default();
-        let policy = format!(
-            "apiVersion: sinew.dev/v1alpha1\n\
-             kind: AuthorizationPolicy\n\
-             metadata: {{name: ratings-callers, namespace: {NAMESPACE}}}\n\
-             spec:\n  \
-               targetRef: {{kind: Service, name: ratings}}\n  \
-               rules:\n    \
-                 - from: {{principals: [\"{reviews}\"]}}\n"
-        );
+        let policy = authorization_policy(&reviews);
         let apply_cmd = self
             .apply("ratings-callers.yaml", &policy, &["ratings-0"])
             .await?;
@@ -711,7 +671,86 @@ impl Tour<'_> {
     }
 }
 
+/// The act 2 safety net: retries for the route to reviews, within a budget.
+pub(crate) fn retry_policy() -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\n\
+         kind: RoutePolicy\n\
+         metadata: {{name: reviews-retry, namespace: {NAMESPACE}}}\n\
+         spec:\n  \
+           targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: reviews}}\n  \
+           retry: {{attempts: 4, codes: [502, 503], backoff: 10ms, budget: {{ratio: 0.5, minPerSecond: 20}}}}\n"
+    )
+}
+
+/// The act 2 fault: reviews' sidecar aborts a share of its calls to ratings.
+pub(crate) fn fault_policy() -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\n\
+         kind: RoutePolicy\n\
+         metadata: {{name: ratings-fault, namespace: {NAMESPACE}}}\n\
+         spec:\n  \
+           targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: ratings}}\n  \
+           fault: {{abort: {{httpStatus: 503, percent: {FAULT_PERCENT}}}}}\n"
+    )
+}
+
+/// The act 3 outlier detection for catalog-v2's endpoints.
+pub(crate) fn outlier_policy() -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\n\
+         kind: TrafficPolicy\n\
+         metadata: {{name: catalog-v2, namespace: {NAMESPACE}}}\n\
+         spec:\n  \
+           targetRef: {{kind: Service, name: catalog-v2}}\n  \
+           outlierDetection: {{consecutiveFailures: 3, consecutiveRefusals: 1, baseEjectionTime: 30s}}\n"
+    )
+}
+
+/// The act 4 policy: only `reviews` (a SPIFFE id) may call ratings.
+pub(crate) fn authorization_policy(reviews: &str) -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\n\
+         kind: AuthorizationPolicy\n\
+         metadata: {{name: ratings-callers, namespace: {NAMESPACE}}}\n\
+         spec:\n  \
+           targetRef: {{kind: Service, name: ratings}}\n  \
+           rules:\n    \
+             - from: {{principals: [\"{reviews}\"]}}\n"
+    )
+}
+
 /// `12.34%`, or `-`.
 fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{:.2}%", v * 100.0))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn every_act_document_is_valid_with_the_demo_mesh() {
+        let plan = Plan::allocate().unwrap();
+        // The canary's route replaces the one the mesh starts with.
+        let mut text = plan
+            .documents()
+            .replace(&catalog_route(90, 10), &catalog_route(50, 50));
+        assert!(text.contains("weight: 50"), "{text}");
+        for doc in [
+            retry_policy(),
+            fault_policy(),
+            outlier_policy(),
+            authorization_policy("spiffe://cluster.local/ns/demo/sa/reviews"),
+        ] {
+            text.push_str("---\n");
+            text.push_str(&doc);
+        }
+        let docs = sinew_model::parse_documents("tour.yaml", &text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(docs.len(), 20, "{text}");
+        sinew_model::Resources::from_documents(docs).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(fault_policy().contains("httpStatus: 503, percent: 20"));
+    }
 }
