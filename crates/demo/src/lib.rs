@@ -13,7 +13,7 @@
 //!
 //! It applies the Services, Proxies and the `HTTPRoute`s through the Admin API, waits
 //! until every sidecar is in sync and the entry point answers, then sends steady load
-//! and plays the tour ([`tour`](crate::tour)): the canary shifting 90/10 → 50/50 →
+//! and plays the tour (see the `tour` module): the canary shifting 90/10 → 50/50 →
 //! 0/100, a fault injected and rescued by retries, an instance killed and ejected, a
 //! call denied by an `AuthorizationPolicy`; each act applied as `sinew apply` would and
 //! measured from the mesh's own telemetry. A live view ([`frame::Frame`], once a
