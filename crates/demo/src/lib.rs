@@ -56,9 +56,8 @@ pub struct DemoArgs {
     /// SIGTERM.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Print what runs where as one JSON object on the first line of standard output
-    /// ([`DemoInfo`]), then one JSON object per finished act of the tour
-    /// ([`ActReport`], lines starting `{"act":`).
+    /// Print what runs where as one JSON object on the first line of standard output,
+    /// then one JSON object per finished act of the tour (lines starting `{"act":`).
     #[arg(long)]
     pub json: bool,
     /// Load generator requests per second.
