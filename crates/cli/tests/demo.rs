@@ -218,7 +218,10 @@ fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
     assert!(
         stdout
             .iter()
-            .any(|l| l.starts_with("-- ") && l.contains("frontend")),
+            .any(|l| l.starts_with("-- ") && l.contains("every service"))
+            && stdout
+                .iter()
+                .any(|l| l.starts_with("   frontend ") && l.contains("mTLS 100%")),
         "no live view{context}"
     );
 

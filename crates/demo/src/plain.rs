@@ -90,29 +90,49 @@ fn new_events<'a>(before: &[String], now: &'a [String]) -> &'a [String] {
     now
 }
 
-/// `-- 12s  frontend 50.0/s 100.00% p99 9.1ms mTLS 100% | catalog ... [v1 90% · v2 10%]`
+/// A header line `-- 12s`, then one aligned line per service:
+/// `   catalog      36.0/s  100.00%  p99 31.8ms  mTLS 100%  v1 71% · v2 29%`.
 fn service_line(frame: &Frame) -> String {
-    let mut line = format!("-- {}s ", frame.elapsed_secs);
-    let cells: Vec<String> = frame.rows.iter().map(cell).collect();
-    line.push_str(&cells.join(" | "));
-    line
+    let width = frame
+        .rows
+        .iter()
+        .map(|r| r.service.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = format!(
+        "-- {}s: every service as its sidecars report it (the last 10-20 s)",
+        frame.elapsed_secs
+    );
+    for r in &frame.rows {
+        let _ = write!(out, "\n   {:<width$}  {}", r.service, cell(r));
+    }
+    out
 }
 
 fn cell(r: &Row) -> String {
-    let mut c = format!("{} {:.1}/s", r.service, r.rps);
-    if let Some(s) = r.success {
-        let _ = write!(c, " {:.2}%", s * 100.0);
-    }
-    if let Some(p) = r.p99_ms {
-        let _ = write!(c, " p99 {p:.1}ms");
-    }
-    if let Some(m) = r.mtls {
-        let _ = write!(c, " mTLS {:.0}%", m * 100.0);
-    }
+    let mut c = format!("{:>6.1}/s", r.rps);
+    let _ = write!(
+        c,
+        "  {:>7}",
+        r.success
+            .map_or_else(|| "-".to_owned(), |s| format!("{:.2}%", s * 100.0))
+    );
+    let _ = write!(
+        c,
+        "  p99 {:>7}",
+        r.p99_ms
+            .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}ms"))
+    );
+    let _ = write!(
+        c,
+        "  mTLS {:>4}",
+        r.mtls
+            .map_or_else(|| "-".to_owned(), |m| format!("{:.0}%", m * 100.0))
+    );
     if !r.split.is_empty() {
-        let _ = write!(c, " [{}]", r.split);
+        let _ = write!(c, "  {}", r.split);
     }
-    c
+    c.trim_end().to_owned()
 }
 
 #[cfg(test)]
@@ -154,8 +174,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("   * a\n   * b\n       line two\n"), "{text}");
+        assert!(text.contains("-- 3s: every service"), "{text}");
         assert!(
-            text.contains("-- 3s catalog 50.0/s 100.00% p99 9.5ms mTLS 100% [v1 90% · v2 10%]"),
+            text.contains(
+                "\n   catalog    50.0/s  100.00%  p99   9.5ms  mTLS 100%  v1 90% · v2 10%\n"
+            ),
             "{text}"
         );
         // The same frame again, no line due: nothing.
