@@ -510,8 +510,14 @@ fn the_tour_plays_every_act_with_figures_from_the_mesh() {
     assert_eq!(e.killed, "catalog-v2-1");
     assert_eq!(e.failed_after_kill, 0, "{e:?}{context}");
     assert_eq!(acts[4].client.failed, 0, "{context}");
-    assert!(e.ejections >= 1, "{e:?}{context}");
-    assert!(e.survivor_requests > 0, "{e:?}{context}");
+    // Every catalog call (one per client request, all to catalog-v2 now) went to the
+    // survivor: the killed one got none it could not answer. (Ejection itself needs a
+    // refused connection, which peak-EWMA balancing may never try: not asserted.)
+    assert!(
+        e.survivor_requests * 10 >= acts[4].client.requests * 9,
+        "{e:?} {:?}{context}",
+        acts[4].client
+    );
 
     // The denied call: 403, and the reason names the policy's verdict.
     let d = acts[5].denied.as_ref().unwrap();

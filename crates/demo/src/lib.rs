@@ -213,7 +213,9 @@ pub struct RetryFigures {
 pub struct EjectionFigures {
     /// The instance killed (app and sidecar, SIGKILL).
     pub killed: String,
-    /// Outlier ejections its callers' sidecars counted after the kill.
+    /// Outlier ejections frontend's sidecar counted after the kill (0 when it routed
+    /// around the instance before ever trying it again: peak EWMA charges a broken
+    /// connection).
     pub ejections: u64,
     /// Requests the surviving replica's sidecar received after the kill.
     pub survivor_requests: u64,

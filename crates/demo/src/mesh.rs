@@ -80,8 +80,22 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         // `sinew demo env` reads it; removed when this returns.
         let env = EnvFile::write(&info.control_plane, &info.credentials)?;
         eprintln!("demo: wrote {} (for `sinew demo env`)", env.path().display());
+        let restart = Restart {
+            sinew: sinew.clone(),
+            proxy: proxy.clone(),
+            tokens: data_dir.join("tokens"),
+        };
         let tour_dir = tmp.path().join("tour");
-        run_load(&args, &plan, &client, &mut children, &mut signals, started, tour_dir).await
+        run_load(
+            &args,
+            &plan,
+            &client,
+            &mut children,
+            &mut signals,
+            started,
+            (tour_dir, restart),
+        )
+        .await
     }
     .await;
 
@@ -124,7 +138,7 @@ fn binaries(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((sinew, proxy))
 }
 
-fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
+pub(crate) fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -134,6 +148,14 @@ fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     std::io::Write::write_all(&mut f, data.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// What the tour needs to start an instance again: the executables and where join
+/// tokens go.
+pub(crate) struct Restart {
+    pub(crate) sinew: PathBuf,
+    pub(crate) proxy: PathBuf,
+    pub(crate) tokens: PathBuf,
 }
 
 /// What startup learned.
@@ -683,7 +705,7 @@ fn frame_rows(stat: &[sinew_api::v1::StatRow]) -> Vec<FrameRow> {
         .map(|r| {
             let service = short(&r.name).to_owned();
             let split = if service == "catalog" {
-                let (v1, v2) = (rps_of("catalog-v1"), rps_of("catalog-v2"));
+                let (v1, v2) = (rps_of("catalog-v1").max(0.0), rps_of("catalog-v2").max(0.0));
                 if v1 + v2 > 0.0 {
                     format!(
                         "v1 {:.0}% · v2 {:.0}%",
@@ -714,7 +736,9 @@ fn frame_rows(stat: &[sinew_api::v1::StatRow]) -> Vec<FrameRow> {
 }
 
 /// Reads every app's `/stats` every [`REPORT_INTERVAL`] into `seen`, so the summary
-/// has the last counters of an instance the tour killed.
+/// has the last counters of an instance the tour killed. Counters that went back (the
+/// instance was started again) are not taken: the summary counts an instance up to
+/// its kill.
 async fn watch_stats(client: HttpClient, plan: Plan, seen: Arc<std::sync::Mutex<Vec<Counters>>>) {
     let mut ticker = tokio::time::interval(REPORT_INTERVAL);
     loop {
@@ -724,7 +748,9 @@ async fn watch_stats(client: HttpClient, plan: Plan, seen: Arc<std::sync::Mutex<
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (slot, result) in seen.iter_mut().zip(now) {
-            if let Ok(counters) = result {
+            if let Ok(counters) = result
+                && counters.requests >= slot.requests
+            {
                 *slot = counters;
             }
         }
@@ -741,7 +767,7 @@ async fn run_load(
     children: &mut Children,
     signals: &mut Signals,
     started: Started,
-    tour_dir: PathBuf,
+    (tour_dir, restart): (PathBuf, Restart),
 ) -> anyhow::Result<()> {
     let mut baseline = Vec::new();
     for (instance, result) in plan.instances.iter().zip(fetch_all(client, plan).await) {
@@ -776,6 +802,7 @@ async fn run_load(
             load: &load,
             children: &mut *children,
             dir: tour_dir,
+            restart,
             json: args.json,
             act_duration: args.act_duration,
             live: live.clone(),
@@ -845,7 +872,10 @@ async fn run_load(
     for (((instance, result), last), base) in
         plan.instances.iter().zip(finals).zip(&seen).zip(&baseline)
     {
-        let counters = result.unwrap_or_else(|_| last.clone());
+        let counters = match result {
+            Ok(c) if c.requests >= last.requests => c,
+            _ => last.clone(),
+        };
         let total = counters.since(base);
         if total.requests == 0 {
             problems.push(format!("{} saw no traffic", instance.name));

@@ -14,7 +14,10 @@
 //!    ratings route.
 //! 3. **ejection**: catalog-v2 runs two replicas; with outlier detection on, one is
 //!    killed (SIGKILL to its app and sidecar). Its callers resend what it never
-//!    answered and eject it: no client request fails.
+//!    answered and route around it: peak-EWMA balancing charges the broken connection,
+//!    and a refused connection ejects it (whether a refusal happens depends on timing,
+//!    so the ejection count may be 0). No client request fails. It is then started
+//!    again (a new join token), so the mesh is whole for what follows.
 //! 4. **authorization**: an `AuthorizationPolicy` lets only reviews (by its mTLS
 //!    identity) call ratings; the load generator's sidecar calling ratings directly
 //!    gets 403 and the reason (`sinew-error`).
@@ -30,12 +33,14 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use http::Uri;
-use sinew_api::v1::{ApplyRequest, DeleteRequest, ProxyStatusRequest, ResourceKey, Source};
+use sinew_api::v1::{
+    ApplyRequest, CreateJoinTokenRequest, DeleteRequest, ProxyStatusRequest, ResourceKey, Source,
+};
 use tokio::time::Instant;
 
 use crate::client::{HttpClient, get};
 use crate::load::LoadGen;
-use crate::mesh::{Admin, proxies_in_sync};
+use crate::mesh::{Admin, Restart, proxies_in_sync};
 use crate::observe::{self, EJECTIONS, REQUESTS, RETRIES, Sample};
 use crate::process::Children;
 use crate::stats::Counters;
@@ -92,6 +97,8 @@ pub(crate) struct Tour<'a> {
     pub(crate) children: &'a mut Children,
     /// Where the acts' documents are written (for the printed `sinew apply -f`).
     pub(crate) dir: PathBuf,
+    /// How to start the killed instance again.
+    pub(crate) restart: Restart,
     /// Print each act's report as a JSON line.
     pub(crate) json: bool,
     pub(crate) act_duration: Duration,
@@ -508,8 +515,9 @@ impl Tour<'_> {
         self.begin(
             "ejection: an instance killed",
             &format!(
-                "catalog-v2 runs two replicas; {VICTIM} is killed: its callers resend \
-                 elsewhere and eject it, and no client request fails"
+                "catalog-v2 runs two replicas; {VICTIM} is killed: its callers resend what it \
+                 never answered and route around it (ejected at a refused connection): no \
+                 client request fails"
             ),
         );
         let policy = outlier_policy();
@@ -553,6 +561,8 @@ impl Tour<'_> {
         let after_frontend = self.scrape("frontend-").await?;
         let after_v2 = self.scrape("catalog-v2-0").await?;
         let client = self.client_since(&mark);
+        let seconds = mark.at.elapsed().as_secs_f64();
+        self.start_again(VICTIM).await?;
         let figures = EjectionFigures {
             killed: VICTIM.to_owned(),
             ejections: (ejections(&after_frontend) - ejections(&before_frontend)).max(0.0) as u64,
@@ -560,14 +570,15 @@ impl Tour<'_> {
             failed_after_kill: client.failed,
         };
         let summary = format!(
-            "{} ejection(s) by frontend's sidecar, catalog-v2-0 served {} requests alone",
-            figures.ejections, figures.survivor_requests
+            "catalog-v2-0 served {} requests alone, {} ejection(s) of {VICTIM} by \
+             frontend's sidecar; {VICTIM} started again",
+            figures.survivor_requests, figures.ejections
         );
         self.finish(
             ActReport {
                 act: "ejection".to_owned(),
                 step: String::new(),
-                seconds: mark.at.elapsed().as_secs_f64(),
+                seconds,
                 commands: vec![apply_cmd, kill_cmd, "sinew stat --by workload".to_owned()],
                 client,
                 split: None,
@@ -577,6 +588,48 @@ impl Tour<'_> {
             },
             summary,
         )
+    }
+
+    /// Starts a killed instance again (its app, and its sidecar with a new join
+    /// token) and waits until its sidecar is in sync.
+    async fn start_again(&mut self, name: &'static str) -> anyhow::Result<()> {
+        let instance = self
+            .plan
+            .instances
+            .iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| anyhow!("no instance {name}"))?
+            .clone();
+        let token = self
+            .admin
+            .clone()
+            .create_join_token(CreateJoinTokenRequest {
+                namespace: NAMESPACE.to_owned(),
+                service_account: instance.service.to_owned(),
+                ttl_seconds: 3600,
+                uses: 1,
+            })
+            .await
+            .map_err(|s| anyhow!("cannot create a join token for {name}: {}", s.message()))?
+            .into_inner();
+        let path = self.restart.tokens.join(format!("{name}.again"));
+        crate::mesh::write_owner_only(&path, &token.token)?;
+        let app = self.plan.app_args(&instance);
+        let mut proxy = self.plan.proxy_args(&instance);
+        proxy.push("--join-token-file".to_owned());
+        proxy.push(path.display().to_string());
+        let sinew = self.restart.sinew.clone();
+        let proxy_bin = self.restart.proxy.clone();
+        self.children
+            .spawn(&format!("{name}.app-again"), &sinew, &app)?;
+        self.children
+            .spawn(&format!("{name}.proxy-again"), &proxy_bin, &proxy)?;
+        self.killed.retain(|k| *k != name);
+        self.event(format!(
+            "started {name} again (app and sidecar, a new join token); it rejoins when its ejection ends"
+        ));
+        let before = self.versions().await?;
+        self.sync(&before, 0, &[]).await
     }
 
     async fn authorization(&mut self) -> anyhow::Result<()> {
@@ -703,7 +756,7 @@ pub(crate) fn outlier_policy() -> String {
          metadata: {{name: catalog-v2, namespace: {NAMESPACE}}}\n\
          spec:\n  \
            targetRef: {{kind: Service, name: catalog-v2}}\n  \
-           outlierDetection: {{consecutiveFailures: 3, consecutiveRefusals: 1, baseEjectionTime: 30s}}\n"
+           outlierDetection: {{consecutiveFailures: 3, consecutiveRefusals: 1, baseEjectionTime: 5s}}\n"
     )
 }
 
