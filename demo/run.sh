@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The demo mesh in one command: builds `sinew` and `sinew-proxy`, then runs
-# `sinew demo`: a control plane, four services (catalog in two versions) each behind
-# its own sinew-proxy, a 90/10 canary, steady load and a live per-service summary.
-# Arguments go to `sinew demo` (e.g. --duration 30s, --json, --rate 100).
+# `sinew demo`: a control plane, six demo apps (catalog in two versions, v2 twice) each
+# behind its own sinew-proxy plus a load generator's sidecar, steady load, a guided tour
+# (canary, retries rescuing a fault, an instance killed, a call denied) and a live
+# per-service view. Arguments go to `sinew demo` (e.g. --no-tour, --act-duration 5s,
+# --duration 30s, --json, --rate 100).
 # `--capture` (as root) runs it with transparent capture instead: demo/capture.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -563,8 +563,10 @@ enum Command {
     Install(install::InstallArgs),
     /// Run the demo mesh on loopback.
     ///
-    /// A control plane, four services (one in two versions) each behind its own
-    /// sinew-proxy, a 90/10 canary and steady load.
+    /// A control plane, six demo apps behind seven sidecars and steady load, then a
+    /// tour: a canary shifting, retries rescuing a fault, an instance killed with no
+    /// failed request, a call denied by policy. `sinew demo env` points a second shell
+    /// at it.
     Demo(sinew_demo::DemoArgs),
     /// The demo's sample workload: serves HTTP and gRPC and calls its downstreams.
     DemoApp(sinew_demo::app::AppArgs),

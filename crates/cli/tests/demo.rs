@@ -1,5 +1,7 @@
-//! `sinew demo` end to end: the control plane, five demo apps behind their sidecars and
-//! a load generator, all real processes on loopback.
+//! `sinew demo` end to end: the control plane, six demo apps behind their sidecars and
+//! a load generator, all real processes on loopback; with `--no-tour` (steady load),
+//! and with the tour, whose every act is checked from its JSON line; and
+//! `sinew demo env` driving the real CLI.
 //!
 //! Needs `sinew-proxy` next to `sinew` (`cargo build --bins`, or a workspace-wide
 //! `cargo test`, builds it). Without it the test fails and says so; it never skips.
@@ -15,7 +17,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// Startup (up to the demo's own 60 s limit) + 20 s of load + shutdown, with room.
+/// Startup (up to the demo's own 60 s limit) + the tour or 20 s of load + shutdown,
+/// with room.
 const DEADLINE: Duration = Duration::from_secs(240);
 const SERVICES: [&str; 5] = ["frontend", "catalog-v1", "catalog-v2", "reviews", "ratings"];
 
@@ -51,6 +54,10 @@ fn collect(stream: impl Read + Send + 'static) -> (Arc<Mutex<Vec<String>>>, Join
 /// cleans up its own children), and finally kills it. A thread waits on the child,
 /// so its exit ends the wait at once.
 fn wait_with_deadline(child: Child) -> Result<ExitStatus, String> {
+    wait_until(child, DEADLINE)
+}
+
+fn wait_until(child: Child, deadline: Duration) -> Result<ExitStatus, String> {
     let pid = child.id().to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     let mut child = child;
@@ -62,7 +69,7 @@ fn wait_with_deadline(child: Child) -> Result<ExitStatus, String> {
         Ok(Err(e)) => Some(Err(format!("waiting for sinew demo: {e}"))),
         Err(_) => None,
     };
-    if let Some(r) = exited(DEADLINE) {
+    if let Some(r) = exited(deadline) {
         return r;
     }
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -72,7 +79,7 @@ fn wait_with_deadline(child: Child) -> Result<ExitStatus, String> {
     }
     Err(format!(
         "sinew demo did not finish within {}s",
-        DEADLINE.as_secs()
+        deadline.as_secs()
     ))
 }
 
@@ -97,12 +104,40 @@ fn summary_rows(stdout: &[String]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// One demo at a time: each picks free loopback ports and releases them for its
+/// children to bind, so two starting at once could pick the same.
+static ONE_DEMO: Mutex<()> = Mutex::new(());
+
+fn one_demo() -> std::sync::MutexGuard<'static, ()> {
+    ONE_DEMO
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A fresh directory for `XDG_RUNTIME_DIR`, so the demo's env file is this test's.
+fn runtime_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sinew-demo-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[test]
 fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
+    let _one = one_demo();
     let proxy = proxy_next_to_sinew();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sinew"))
-        .args(["demo", "--duration", "20s", "--json", "--rate", "40"])
+        .args([
+            "demo",
+            "--no-tour",
+            "--duration",
+            "20s",
+            "--json",
+            "--rate",
+            "40",
+        ])
         .env("SINEW_PROXY_BIN", &proxy)
+        .env("XDG_RUNTIME_DIR", runtime_dir("steady"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -179,10 +214,15 @@ fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
         "v2"
     );
 
-    // Live tables came every 2 s.
+    // The live view's service lines came.
     assert!(
-        stdout.iter().any(|l| l.starts_with("-- ")),
-        "no live table{context}"
+        stdout
+            .iter()
+            .any(|l| l.starts_with("-- ") && l.contains("every service"))
+            && stdout
+                .iter()
+                .any(|l| l.starts_with("   frontend ") && l.contains("mTLS 100%")),
+        "no live view{context}"
     );
 
     // The final summary: every service saw traffic, the entry point stayed healthy,
@@ -208,8 +248,20 @@ fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
     }
     let entry_row = row("entry");
     assert!(number(&entry_row, 4) >= 99.0, "{entry_row:?}{context}");
-    let v1 = number(&row("catalog-v1"), 2);
-    let v2 = number(&row("catalog-v2"), 2);
+    // catalog-v2 runs two replicas: a row each.
+    let requests_of = |name: &str| -> f64 {
+        rows.iter()
+            .filter(|r| r[0] == name)
+            .map(|r| number(r, 2))
+            .sum()
+    };
+    assert_eq!(
+        rows.iter().filter(|r| r[0] == "catalog-v2").count(),
+        2,
+        "{rows:?}"
+    );
+    let v1 = requests_of("catalog-v1");
+    let v2 = requests_of("catalog-v2");
     let share = v2 / (v1 + v2);
     assert!(
         (0.03..=0.25).contains(&share),
@@ -235,4 +287,246 @@ fn the_demo_mesh_comes_up_serves_every_service_and_cleans_up() {
             "{addr} still accepts connections after the demo ended{context}"
         );
     }
+}
+
+/// `sinew demo env` against the demo running with `XDG_RUNTIME_DIR=dir`: its
+/// `export` lines, evaluated by a shell, make the real `sinew stat` work.
+fn check_demo_env(dir: &Path, context: &dyn Fn() -> String) {
+    let sinew = env!("CARGO_BIN_EXE_sinew");
+    let env = Command::new(sinew)
+        .args(["demo", "env"])
+        .env("XDG_RUNTIME_DIR", dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&env.stdout).into_owned();
+    assert!(
+        env.status.success(),
+        "sinew demo env failed: {}{}",
+        String::from_utf8_lossy(&env.stderr),
+        context()
+    );
+    for var in ["SINEW_SERVER", "SINEW_CREDENTIALS", "SINEW_NAMESPACE"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("export {var}="))),
+            "no {var} in:\n{text}"
+        );
+    }
+    assert!(text.contains("export SINEW_NAMESPACE='demo'"), "{text}");
+    // Exactly as the demo says: eval "$(sinew demo env)", then sinew stat. No other
+    // credential is within reach (HOME is empty).
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let script = format!("eval \"$('{sinew}' demo env)\" && '{sinew}' stat --window 60s");
+    // The load starts as the env file is written; the proxies report every 2 s.
+    let started = std::time::Instant::now();
+    loop {
+        let stat = Command::new("sh")
+            .args(["-c", &script])
+            .env("XDG_RUNTIME_DIR", dir)
+            .env("HOME", &home)
+            .env_remove("SINEW_SERVER")
+            .env_remove("SINEW_CREDENTIALS")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&stat.stdout).into_owned();
+        assert!(
+            stat.status.success(),
+            "sinew stat with the demo's env failed: {}{out}{}",
+            String::from_utf8_lossy(&stat.stderr),
+            context()
+        );
+        if out
+            .lines()
+            .any(|l| l.starts_with("frontend") && l.contains("demo"))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "sinew stat shows no frontend row 30s into the demo:\n{out}{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn the_tour_plays_every_act_with_figures_from_the_mesh() {
+    use sinew_demo::ActReport;
+    let _one = one_demo();
+    let proxy = proxy_next_to_sinew();
+    let dir = runtime_dir("tour");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args([
+            "demo",
+            "--json",
+            "--act-duration",
+            "4s",
+            "--duration",
+            "1s",
+            "--rate",
+            "40",
+        ])
+        .env("SINEW_PROXY_BIN", &proxy)
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (stdout, out_thread) = collect(child.stdout.take().unwrap());
+    let (stderr, err_thread) = collect(child.stderr.take().unwrap());
+    let context = || {
+        format!(
+            "\n--- stdout\n{}\n--- stderr\n{}\n",
+            stdout.lock().unwrap().join("\n"),
+            stderr.lock().unwrap().join("\n")
+        )
+    };
+
+    // While the tour plays: `sinew demo env` works with the real CLI.
+    let env_file = dir.join("sinew-demo").join("env");
+    let started = std::time::Instant::now();
+    while !env_file.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the demo never wrote {}{}",
+            env_file.display(),
+            context()
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "sinew demo exited ({status}) before writing its env{}",
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check_demo_env(&dir, &context);
+
+    let status = wait_until(child, Duration::from_secs(200));
+    out_thread.join().unwrap();
+    err_thread.join().unwrap();
+    let context = context();
+    let status = status.unwrap_or_else(|e| panic!("{e}{context}"));
+    assert!(status.success(), "sinew demo failed: {status}{context}");
+    let stdout = stdout.lock().unwrap().clone();
+    assert!(
+        stdout.iter().any(|l| l == "demo: ok"),
+        "no `demo: ok`{context}"
+    );
+
+    // The env file went with the demo, and `sinew demo env` says no demo runs.
+    assert!(
+        !env_file.exists(),
+        "{} is still there{context}",
+        env_file.display()
+    );
+    let env = Command::new(env!("CARGO_BIN_EXE_sinew"))
+        .args(["demo", "env"])
+        .env("XDG_RUNTIME_DIR", &dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&env.stderr);
+    assert!(
+        !env.status.success(),
+        "sinew demo env succeeded without a demo"
+    );
+    assert!(err.contains("no sinew demo is running"), "{err}");
+
+    // One JSON line per act, after the DemoInfo line.
+    sinew_demo::DemoInfo::parse(&stdout[0]).unwrap_or_else(|e| panic!("{e}{context}"));
+    let acts: Vec<ActReport> = stdout[1..]
+        .iter()
+        .filter(|l| l.starts_with("{\"act\""))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}{context}")))
+        .collect();
+    let names: Vec<(&str, &str)> = acts
+        .iter()
+        .map(|a| (a.act.as_str(), a.step.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("canary", "90/10"),
+            ("canary", "50/50"),
+            ("canary", "0/100"),
+            ("retries", ""),
+            ("ejection", ""),
+            ("authorization", "")
+        ],
+        "{context}"
+    );
+    for a in &acts {
+        assert!(a.client.requests > 0, "{a:?}{context}");
+        let success = a.client.success_rate.unwrap();
+        assert!(
+            success >= 0.99,
+            "client success {success} in {a:?}{context}"
+        );
+        assert!(a.commands.iter().any(|c| c.starts_with("sinew ")), "{a:?}");
+    }
+
+    // The split moved, as the catalog versions' sidecars counted it, over mTLS.
+    for (a, (low, high)) in acts[..3].iter().zip([(0.0, 0.25), (0.3, 0.7), (0.97, 1.0)]) {
+        let split = a.split.as_ref().unwrap_or_else(|| panic!("{a:?}"));
+        let share = split.v2_share.unwrap();
+        assert!(
+            (low..=high).contains(&share),
+            "{}: catalog-v2 got {share:.3} (v1 {}, v2 {}){context}",
+            a.step,
+            split.v1_requests,
+            split.v2_requests
+        );
+        assert!(split.v1_requests + split.v2_requests >= 50, "{split:?}");
+        assert_eq!(split.mtls_share, Some(1.0), "{split:?}");
+        assert!(a.commands[0].starts_with("sinew apply -f "), "{a:?}");
+    }
+
+    // Injected failures were retried: the client saw none, the route stat saw them.
+    let r = acts[3].retries.as_ref().unwrap();
+    assert_eq!(r.fault_route, "demo/ratings");
+    assert!(r.injected_failures > 0, "{r:?}{context}");
+    assert!(r.retries_sent >= r.injected_failures / 2, "{r:?}{context}");
+    assert!(r.route_stat_failures > 0, "{r:?}{context}");
+    assert!(
+        acts[3]
+            .commands
+            .iter()
+            .any(|c| c == "sinew stat --by route"),
+        "{:?}",
+        acts[3].commands
+    );
+    assert!(
+        stdout
+            .iter()
+            .any(|l| l.contains("$ sinew stat --by route: route ratings")),
+        "the route stat is not shown{context}"
+    );
+
+    // An instance killed and ejected: no failed request.
+    let e = acts[4].ejection.as_ref().unwrap();
+    assert_eq!(e.killed, "catalog-v2-1");
+    assert_eq!(e.failed_after_kill, 0, "{e:?}{context}");
+    assert_eq!(acts[4].client.failed, 0, "{context}");
+    // Every catalog call (one per client request, all to catalog-v2 now) went to the
+    // survivor: the killed one got none it could not answer. (Ejection itself needs a
+    // refused connection, which peak-EWMA balancing may never try: not asserted.)
+    assert!(
+        e.survivor_requests * 10 >= acts[4].client.requests * 9,
+        "{e:?} {:?}{context}",
+        acts[4].client
+    );
+
+    // The denied call: 403, and the reason names the policy's verdict.
+    let d = acts[5].denied.as_ref().unwrap();
+    assert_eq!(d.status, 403, "{d:?}{context}");
+    assert!(d.reason.starts_with("forbidden"), "{d:?}");
+    assert!(d.body.contains("demo/ratings-callers"), "{d:?}");
+    assert!(d.from.ends_with("/ns/demo/sa/loadgen"), "{d:?}");
+    assert!(
+        stdout.iter().any(|l| l.contains("sinew-error: forbidden")),
+        "the denial's reason is not shown{context}"
+    );
 }

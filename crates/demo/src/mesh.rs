@@ -1,11 +1,14 @@
 //! `sinew demo`: start the mesh, wait until it is ready, load it, report, clean up.
 //!
 //! Progress goes to standard error; standard output carries the `--json` line (first),
-//! the description of what runs where, the live tables, the summary and the verdict.
+//! the description of what runs where, the live view (see [`show`]), each act's JSON
+//! line with `--json`, the summary and the verdict.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -16,28 +19,39 @@ use sinew_api::v1::admin_client::AdminClient;
 use sinew_api::v1::{
     ApplyRequest, CreateJoinTokenRequest, HealthRequest, ProxyStatusRequest, Source,
 };
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::DemoArgs;
 use crate::client::{HttpClient, get, new_client};
+use crate::envfile::EnvFile;
+use crate::frame::{Frame, Row as FrameRow};
 use crate::load::{Failures, LoadGen};
 use crate::process::{Children, TempDir};
 use crate::report::{Row, table};
 use crate::signal::Signals;
 use crate::stats::{Counters, Stats};
 use crate::topology::{LOADGEN, NAMESPACE, Plan};
+use crate::tour::{Live, SharedLive, Tour, lock};
 
 /// How often a readiness condition is checked again.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest single readiness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the live table is printed.
+/// How often the processes are checked once the tour is over.
 const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a frame of the live view is built.
+const FRAME_INTERVAL: Duration = Duration::from_secs(1);
+/// The window of the control plane's `Stat` behind the live view (its slots are 10 s).
+const FRAME_WINDOW: Duration = Duration::from_secs(10);
+/// The least time between two service lines of the plain view.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
 /// The entry point's success rate a healthy run needs (percent).
 const MIN_SUCCESS_PCT: f64 = 99.0;
 
-type Admin = AdminClient<Channel>;
+/// The Admin API client the demo (and its tour) calls, as an operator would.
+pub(crate) type Admin = AdminClient<Channel>;
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !(1..=10_000).contains(&args.rate) {
@@ -61,8 +75,27 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
         };
-        print_info(&args, &plan, &data_dir, children.log_dir(), started.grpc_hello)?;
-        run_load(&args, &plan, &client, &mut children, &mut signals).await
+        print_info(&args, &plan, &data_dir, children.log_dir(), &started.grpc_hello)?;
+        let info = plan.info(&data_dir.display().to_string());
+        // `sinew demo env` reads it; removed when this returns.
+        let env = EnvFile::write(&info.control_plane, &info.credentials)?;
+        eprintln!("demo: wrote {} (for `sinew demo env`)", env.path().display());
+        let restart = Restart {
+            sinew: sinew.clone(),
+            proxy: proxy.clone(),
+            tokens: data_dir.join("tokens"),
+        };
+        let tour_dir = tmp.path().join("tour");
+        run_load(
+            &args,
+            &plan,
+            &client,
+            &mut children,
+            &mut signals,
+            started,
+            (tour_dir, restart),
+        )
+        .await
     }
     .await;
 
@@ -105,7 +138,7 @@ fn binaries(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((sinew, proxy))
 }
 
-fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
+pub(crate) fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -117,10 +150,22 @@ fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// What the tour needs to start an instance again: the executables and where join
+/// tokens go.
+pub(crate) struct Restart {
+    pub(crate) sinew: PathBuf,
+    pub(crate) proxy: PathBuf,
+    pub(crate) tokens: PathBuf,
+}
+
 /// What startup learned.
 struct Started {
     /// The gRPC `Hello` through the entry point: the reply, or why it failed.
     grpc_hello: Result<String, String>,
+    /// The Admin API, with the control plane's admin credential.
+    admin: Admin,
+    /// Service account → SPIFFE id, from the join tokens.
+    identities: BTreeMap<String, String>,
 }
 
 /// Starts every process and waits until the mesh serves the entry point.
@@ -217,10 +262,13 @@ async fn start_mesh(
     let tokens = data_dir.join("tokens");
     std::fs::create_dir_all(&tokens)
         .with_context(|| format!("cannot create {}", tokens.display()))?;
-    let token_file = |account: &str| {
+    let identities = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    // One token per instance (its file named after it); replicas share an account.
+    let token_file = |account: &str, instance: &str| {
         let admin = admin.clone();
-        let path = tokens.join(account);
+        let path = tokens.join(instance);
         let account = account.to_owned();
+        let identities = identities.clone();
         async move {
             let t = admin
                 .clone()
@@ -235,6 +283,10 @@ async fn start_mesh(
                 .map_err(|s| anyhow!("cannot create a join token for {account}: {}", s.message()))?
                 .into_inner();
             write_owner_only(&path, &t.token)?;
+            identities
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(account, t.spiffe_id);
             anyhow::Ok(path)
         }
     };
@@ -246,12 +298,17 @@ async fn start_mesh(
         )?;
         let mut args = plan.proxy_args(instance);
         args.push("--join-token-file".to_owned());
-        args.push(token_file(instance.service).await?.display().to_string());
+        args.push(
+            token_file(instance.service, instance.name)
+                .await?
+                .display()
+                .to_string(),
+        );
         children.spawn(&format!("{}.proxy", instance.name), proxy, &args)?;
     }
     let mut args = plan.loadgen_proxy_args();
     args.push("--join-token-file".to_owned());
-    args.push(token_file(LOADGEN).await?.display().to_string());
+    args.push(token_file(LOADGEN, LOADGEN).await?.display().to_string());
     children.spawn(&format!("{LOADGEN}.proxy"), proxy, &args)?;
     eprintln!(
         "demo: started {} demo apps and {} sidecars",
@@ -270,7 +327,7 @@ async fn start_mesh(
         deadline,
         children,
         true,
-        || proxies_in_sync(admin.clone(), plan),
+        || proxies_in_sync(admin.clone(), plan, &[]),
     )
     .await?;
     eprintln!("demo: every sidecar is connected and in sync");
@@ -308,7 +365,15 @@ async fn start_mesh(
     )
     .await
     .map_err(|e| e.to_string());
-    Ok(Started { grpc_hello })
+    let identities = identities
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Ok(Started {
+        grpc_hello,
+        admin,
+        identities,
+    })
 }
 
 /// Polls `probe` until it succeeds, `deadline` passes, or a child exits. With
@@ -392,7 +457,13 @@ async fn apps_healthy(client: &HttpClient, plan: &Plan) -> Result<(), String> {
     }
 }
 
-async fn proxies_in_sync(mut admin: Admin, plan: &Plan) -> Result<(), String> {
+/// Whether every sidecar (but those of the instances in `ignore`: killed) is
+/// connected, registered and has applied the latest configuration; else who is not.
+pub(crate) async fn proxies_in_sync(
+    mut admin: Admin,
+    plan: &Plan,
+    ignore: &[&str],
+) -> Result<(), String> {
     let status = admin
         .proxy_status(ProxyStatusRequest {})
         .await
@@ -401,6 +472,7 @@ async fn proxies_in_sync(mut admin: Admin, plan: &Plan) -> Result<(), String> {
     let expected = plan
         .instances
         .iter()
+        .filter(|i| !ignore.contains(&i.name))
         .map(|i| (i.name, true))
         .chain([(LOADGEN, false)]);
     let mut total = 0;
@@ -477,7 +549,7 @@ fn print_info(
     plan: &Plan,
     data_dir: &Path,
     logs: &Path,
-    grpc_hello: Result<String, String>,
+    grpc_hello: &Result<String, String>,
 ) -> anyhow::Result<()> {
     let info = plan.info(&data_dir.display().to_string());
     if args.json {
@@ -495,8 +567,8 @@ fn print_info(
     ));
     out.push_str(&format!("  logs           {}\n", logs.display()));
     out.push_str(&format!(
-        "  operator       SINEW_CREDENTIALS={} sinew stat -n demo   (admin credential)\n",
-        info.credentials
+        "  operator       eval \"$(sinew demo env)\"   (SINEW_SERVER={} SINEW_CREDENTIALS={} SINEW_NAMESPACE=demo)\n",
+        info.control_plane, info.credentials
     ));
     out.push_str(&format!(
         "  {:<13} {:<11} {:<8} {:<23} {:<23} {:<23} {}\n",
@@ -516,7 +588,7 @@ fn print_info(
         ));
     }
     out.push_str(
-        "  calls: frontend -> catalog (HTTPRoute: 90% catalog-v1, 10% catalog-v2), frontend -> reviews -> ratings\n",
+        "  calls: frontend -> catalog (HTTPRoute: 90% catalog-v1, 10% catalog-v2 (two replicas)), frontend -> reviews -> ratings\n",
     );
     match grpc_hello {
         Ok(reply) => out.push_str(&format!("  gRPC Hello via the entry point: {reply}\n")),
@@ -527,11 +599,13 @@ fn print_info(
     out.push_str(&format!(
         "  load: {} req/s to the entry point {}\n",
         args.rate,
-        match args.duration {
-            Some(d) => format!("for {}s", d.as_secs_f64()),
-            None => "until Ctrl-C".to_owned(),
+        match (args.duration, args.no_tour) {
+            (Some(d), true) => format!("for {}s", d.as_secs_f64()),
+            (Some(d), false) => format!("through the tour, then for {}s", d.as_secs_f64()),
+            (None, _) => "until Ctrl-C".to_owned(),
         }
     ));
+
     print!("{out}");
     Ok(())
 }
@@ -560,20 +634,180 @@ async fn fetch_all(client: &HttpClient, plan: &Plan) -> Vec<Result<Counters, Str
     .await
 }
 
-/// One service's numbers as last read.
-struct Seen {
-    counters: Counters,
-    at: Instant,
+/// The commands the demo suggests trying from a second shell.
+pub(crate) fn try_next() -> Vec<String> {
+    [
+        "eval \"$(sinew demo env)\"",
+        "sinew stat",
+        "sinew stat --by route",
+        "sinew top",
+        "sinew tap",
+        "sinew edges",
+        "sinew get httproutes",
+        "sinew proxy-status",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
-/// Sends load until the duration ends or a signal comes, printing a table every 2 s;
-/// then prints the summary and the verdict.
+/// The live view while it runs: [`View::quit`] fires when the user ends it ('q' or
+/// Ctrl-C in the terminal view, where raw mode turns Ctrl-C into a key, not SIGINT).
+struct View {
+    task: tokio::task::JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    quit: Arc<tokio::sync::Notify>,
+}
+
+impl View {
+    /// Ends the view and waits (briefly) for it to give the terminal back, so the
+    /// summary prints on the normal screen.
+    async fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// Draws the live view. This is where the view is chosen: the in-place terminal view
+/// ([`crate::tui`]) when standard output is a terminal, plain lines ([`crate::plain`])
+/// otherwise and always with `--json`, whose lines must stay parseable.
+fn show(rx: watch::Receiver<Frame>, json: bool) -> View {
+    let quit = Arc::new(tokio::sync::Notify::new());
+    if json || !crate::tui::is_terminal() {
+        return View {
+            task: tokio::spawn(crate::plain::run(rx, PLAIN_EVERY)),
+            stop: None,
+            quit,
+        };
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let quitter = quit.clone();
+    let task = tokio::spawn(async move {
+        let ended = crate::tui::run(rx, async move {
+            let _ = stopped.await;
+        })
+        .await;
+        if let Err(e) = ended {
+            eprintln!("demo: the live view failed: {e}; the demo goes on without it");
+            return;
+        }
+        // Ended by the user, or by `close` (then nobody listens any more).
+        quitter.notify_one();
+    });
+    View {
+        task,
+        stop: Some(stop),
+        quit,
+    }
+}
+
+/// Builds a frame every [`FRAME_INTERVAL`] from the control plane's `Stat` (the
+/// proxies' reports) and the tour's live state, until the view goes away.
+async fn frames(admin: Admin, live: SharedLive, started: Instant, tx: watch::Sender<Frame>) {
+    let mut ticker = tokio::time::interval(FRAME_INTERVAL);
+    let mut rows = Vec::new();
+    loop {
+        ticker.tick().await;
+        // A failed read keeps the last rows: the view goes on.
+        if let Ok(stat) = crate::observe::stat(&admin, "service", NAMESPACE, FRAME_WINDOW).await {
+            rows = frame_rows(&stat);
+        }
+        let frame = {
+            let l = lock(&live);
+            Frame {
+                elapsed_secs: started.elapsed().as_secs(),
+                act: l.act.clone(),
+                caption: l.caption.clone(),
+                rows: rows.clone(),
+                events: l.events.iter().cloned().collect(),
+                try_next: l.try_next.clone(),
+            }
+        };
+        if tx.send(frame).is_err() {
+            return;
+        }
+    }
+}
+
+/// The view's rows from `Stat` rows by service; the catalog row carries the split
+/// between catalog-v1 and catalog-v2.
+fn frame_rows(stat: &[sinew_api::v1::StatRow]) -> Vec<FrameRow> {
+    use crate::observe::short;
+    let rps_of = |service: &str| {
+        stat.iter()
+            .filter(|r| short(&r.name) == service)
+            .map(|r| r.rps)
+            .sum::<f64>()
+    };
+    let mut rows: Vec<FrameRow> = stat
+        .iter()
+        .map(|r| {
+            let service = short(&r.name).to_owned();
+            let split = if service == "catalog" {
+                let (v1, v2) = (rps_of("catalog-v1").max(0.0), rps_of("catalog-v2").max(0.0));
+                if v1 + v2 > 0.0 {
+                    format!(
+                        "v1 {:.0}% · v2 {:.0}%",
+                        100.0 * v1 / (v1 + v2),
+                        100.0 * v2 / (v1 + v2)
+                    )
+                } else {
+                    String::new()
+                }
+            } else {
+                String::new()
+            };
+            let of_requests = |n: u64| (r.requests > 0).then(|| n as f64 / r.requests as f64);
+            FrameRow {
+                service,
+                namespace: r.namespace.clone(),
+                rps: r.rps,
+                success: of_requests(r.requests.saturating_sub(r.failures)),
+                p50_ms: (r.p50_ms > 0.0).then_some(r.p50_ms),
+                p99_ms: (r.p99_ms > 0.0).then_some(r.p99_ms),
+                mtls: of_requests(r.mtls_requests),
+                split,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
+    rows
+}
+
+/// Reads every app's `/stats` every [`REPORT_INTERVAL`] into `seen`, so the summary
+/// has the last counters of an instance the tour killed. Counters that went back (the
+/// instance was started again) are not taken: the summary counts an instance up to
+/// its kill.
+async fn watch_stats(client: HttpClient, plan: Plan, seen: Arc<std::sync::Mutex<Vec<Counters>>>) {
+    let mut ticker = tokio::time::interval(REPORT_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let now = fetch_all(&client, &plan).await;
+        let mut seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (slot, result) in seen.iter_mut().zip(now) {
+            if let Ok(counters) = result
+                && counters.requests >= slot.requests
+            {
+                *slot = counters;
+            }
+        }
+    }
+}
+
+/// Sends load, plays the tour (unless `--no-tour`), then keeps the load going until
+/// the duration ends or a signal comes, with the live view drawn meanwhile; then
+/// prints the summary and the verdict.
 async fn run_load(
     args: &DemoArgs,
     plan: &Plan,
     client: &HttpClient,
     children: &mut Children,
     signals: &mut Signals,
+    started: Started,
+    (tour_dir, restart): (PathBuf, Restart),
 ) -> anyhow::Result<()> {
     let mut baseline = Vec::new();
     for (instance, result) in plan.instances.iter().zip(fetch_all(client, plan).await) {
@@ -581,85 +815,112 @@ async fn run_load(
             result.map_err(|e| anyhow!("cannot read the stats of {}: {e}", instance.name))?;
         baseline.push(counters);
     }
+    let seen = Arc::new(std::sync::Mutex::new(baseline.clone()));
+    let stats_task = tokio::spawn(watch_stats(client.clone(), plan.clone(), seen.clone()));
     let load = LoadGen::start(entry_uri(plan)?, args.rate);
-    let started = Instant::now();
-    let end = args.duration.map(|d| started + d);
-    let mut previous: Vec<Seen> = baseline
-        .iter()
-        .map(|c| Seen {
-            counters: c.clone(),
-            at: started,
-        })
-        .collect();
-    let mut previous_entry = Seen {
-        counters: Counters::default(),
-        at: started,
-    };
-    let mut ticker = tokio::time::interval_at(started + REPORT_INTERVAL, REPORT_INTERVAL);
-    let mut died = None;
-    let stopped_by = loop {
+    let load_started = Instant::now();
+    let live: SharedLive = Arc::new(std::sync::Mutex::new(Live {
+        try_next: try_next(),
+        ..Live::default()
+    }));
+    let (tx, rx) = watch::channel(Frame::default());
+    let producer = tokio::spawn(frames(
+        started.admin.clone(),
+        live.clone(),
+        load_started,
+        tx,
+    ));
+    let view = show(rx, args.json);
+
+    let mut problems = Vec::new();
+    let mut stopped_by = None;
+    if !args.no_tour {
+        let mut tour = Tour {
+            admin: started.admin.clone(),
+            plan,
+            client,
+            load: &load,
+            children: &mut *children,
+            dir: tour_dir,
+            restart,
+            json: args.json,
+            act_duration: args.act_duration,
+            live: live.clone(),
+            identities: started.identities.clone(),
+            killed: Vec::new(),
+            act: 0,
+            reports: Vec::new(),
+        };
         tokio::select! {
-            _ = ticker.tick() => {
-                let now_stats = fetch_all(client, plan).await;
-                let now = Instant::now();
-                let entry_now = load.snapshot();
-                let mut rows = vec![Row {
-                    name: "entry",
-                    version: "-",
-                    summary: Some(entry_now.since(&previous_entry.counters).summarize(now - previous_entry.at)),
-                }];
-                previous_entry = Seen { counters: entry_now, at: now };
-                for ((instance, result), seen) in plan.instances.iter().zip(now_stats).zip(previous.iter_mut()) {
-                    let summary = match result {
-                        Ok(counters) => {
-                            let summary = counters.since(&seen.counters).summarize(now - seen.at);
-                            *seen = Seen { counters, at: now };
-                            Some(summary)
-                        }
-                        Err(_) => None,
-                    };
-                    rows.push(Row { name: instance.service, version: instance.version, summary });
-                }
-                println!("-- {:.0}s\n{}", (now - started).as_secs_f64(), table(&rows));
-                if let Err(e) = children.check_running() {
-                    died = Some(e);
-                    break "a process exited";
+            played = tour.play() => {
+                if let Err(e) = played {
+                    eprintln!("demo: the tour stopped: {e:#}");
+                    problems.push(format!("{e:#}"));
                 }
             }
-            _ = sleep_until_opt(end) => break "the duration ended",
             signal = signals.recv() => {
-                eprintln!("demo: {signal}; stopping the load");
-                break signal;
+                eprintln!("demo: {signal}; stopping the tour and the load");
+                stopped_by = Some(signal);
+            }
+            () = view.quit.notified() => stopped_by = Some("quit from the live view"),
+        }
+    }
+
+    let end = args.duration.map(|d| Instant::now() + d);
+    let stopped_by = match stopped_by {
+        Some(signal) => signal,
+        None if !problems.is_empty() => "the tour failed",
+        None => {
+            let mut ticker = tokio::time::interval(REPORT_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {
+                        if let Err(e) = children.check_running() {
+                            problems.push(format!("{e:#}"));
+                            break "a process exited";
+                        }
+                    }
+                    _ = sleep_until_opt(end) => break "the duration ended",
+                    signal = signals.recv() => {
+                        eprintln!("demo: {signal}; stopping the load");
+                        break signal;
+                    }
+                    () = view.quit.notified() => break "quit from the live view",
+                }
             }
         }
     };
-    let load_time = started.elapsed();
+    let load_time = load_started.elapsed();
     let (entry, failures) = load.stop().await;
+    // The last frame is drawn, then the view ends with the frames.
+    tokio::time::sleep(FRAME_INTERVAL).await;
+    producer.abort();
+    stats_task.abort();
+    view.close().await;
 
     // Final numbers: read now, or (if an app is gone) as last seen.
     let finals = fetch_all(client, plan).await;
+    let seen = seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let mut rows = Vec::new();
-    let mut problems = Vec::new();
-    if let Some(e) = died {
-        problems.push(format!("{e:#}"));
-    }
     let entry_summary = entry.summarize(load_time);
     rows.push(Row {
         name: "entry",
         version: "-",
         summary: Some(entry_summary),
     });
-    for (((instance, result), seen), base) in plan
-        .instances
-        .iter()
-        .zip(finals)
-        .zip(&previous)
-        .zip(&baseline)
+    for (((instance, result), last), base) in
+        plan.instances.iter().zip(finals).zip(&seen).zip(&baseline)
     {
-        let counters = result.unwrap_or_else(|_| seen.counters.clone());
+        let counters = match result {
+            Ok(c) if c.requests >= last.requests => c,
+            _ => last.clone(),
+        };
         let total = counters.since(base);
         if total.requests == 0 {
-            problems.push(format!("{} saw no traffic", instance.service));
+            problems.push(format!("{} saw no traffic", instance.name));
         }
         rows.push(Row {
             name: instance.service,
@@ -719,6 +980,9 @@ mod tests {
 
     fn demo_args(proxy_bin: Option<PathBuf>) -> DemoArgs {
         DemoArgs {
+            command: None,
+            no_tour: false,
+            act_duration: Duration::from_secs(15),
             duration: None,
             json: false,
             rate: 50,
@@ -744,6 +1008,42 @@ mod tests {
             err.contains("sinew-proxy not found at /nonexistent/sinew-proxy"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn frame_rows_come_from_stat_with_the_catalog_split() {
+        let row = |name: &str, rps: f64, requests: u64, failures: u64, mtls: u64| {
+            sinew_api::v1::StatRow {
+                name: format!("{name}.demo"),
+                namespace: "demo".into(),
+                rps,
+                requests,
+                failures,
+                mtls_requests: mtls,
+                p50_ms: 2.0,
+                p99_ms: 0.0,
+                ..Default::default()
+            }
+        };
+        let rows = frame_rows(&[
+            row("frontend", 50.0, 100, 1, 100),
+            row("catalog-v2", 5.0, 10, 0, 10),
+            row("catalog", 50.0, 100, 0, 50),
+            row("catalog-v1", 45.0, 90, 0, 90),
+            row("idle", 0.0, 0, 0, 0),
+        ]);
+        let names: Vec<&str> = rows.iter().map(|r| r.service.as_str()).collect();
+        assert_eq!(
+            names,
+            ["catalog", "catalog-v1", "catalog-v2", "frontend", "idle"]
+        );
+        assert_eq!(rows[0].split, "v1 90% · v2 10%");
+        assert_eq!(rows[0].mtls, Some(0.5));
+        assert!(rows[1].split.is_empty());
+        assert_eq!(rows[3].success, Some(0.99));
+        assert_eq!(rows[3].p50_ms, Some(2.0));
+        assert_eq!(rows[3].p99_ms, None);
+        assert_eq!((rows[4].success, rows[4].mtls), (None, None));
     }
 
     #[tokio::test]

@@ -142,6 +142,38 @@ impl Children {
         Ok(())
     }
 
+    /// Kills (SIGKILL) every child whose name starts with `prefix` and reaps it; they
+    /// are no longer watched, so [`Children::check_running`] does not count them as
+    /// having died. Returns their names and process ids.
+    pub(crate) async fn kill(&mut self, prefix: &str) -> Vec<(String, Option<u32>)> {
+        let (mut doomed, kept): (Vec<Managed>, Vec<Managed>) = std::mem::take(&mut self.list)
+            .into_iter()
+            .partition(|m| m.name.starts_with(prefix));
+        self.list = kept;
+        // Last started first (the sidecar before its app), all at once: callers see
+        // the instance vanish, not a sidecar whose app is gone.
+        let pids: Vec<Option<u32>> = doomed.iter().map(|m| m.child.id()).collect();
+        for m in doomed.iter_mut().rev() {
+            // Fails only if it already exited; reaped below either way.
+            let _ = m.child.start_kill();
+        }
+        let mut killed = Vec::new();
+        for (mut m, pid) in doomed.into_iter().zip(pids) {
+            if tokio::time::timeout(REAP_TIMEOUT, m.child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!(
+                    "demo: {} did not exit within {}s of SIGKILL",
+                    m.name,
+                    REAP_TIMEOUT.as_secs()
+                );
+            }
+            killed.push((m.name, pid));
+        }
+        killed
+    }
+
     /// The last lines of every non-empty log, for a failure report.
     pub(crate) fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

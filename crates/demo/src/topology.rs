@@ -30,7 +30,7 @@ struct Spec {
     calls: &'static [&'static str],
 }
 
-const SPECS: [Spec; 5] = [
+const SPECS: [Spec; 6] = [
     Spec {
         instance: "frontend-0",
         service: "frontend",
@@ -47,6 +47,14 @@ const SPECS: [Spec; 5] = [
     },
     Spec {
         instance: "catalog-v2-0",
+        service: "catalog-v2",
+        version: "v2",
+        latency_ms: 12,
+        calls: &[],
+    },
+    // A second replica: the tour kills one to show ejection.
+    Spec {
+        instance: "catalog-v2-1",
         service: "catalog-v2",
         version: "v2",
         latency_ms: 12,
@@ -95,6 +103,9 @@ pub(crate) struct Plan {
     pub(crate) entry: SocketAddr,
     /// The loadgen sidecar's binding to `frontend:grpc`.
     pub(crate) entry_grpc: SocketAddr,
+    /// The loadgen sidecar's binding to `ratings:http`: the call the tour's
+    /// authorization act sees denied.
+    pub(crate) loadgen_ratings: SocketAddr,
 }
 
 /// Hands out addresses from a list of free ports.
@@ -124,7 +135,7 @@ impl Plan {
     /// Picks free loopback ports for everything.
     pub(crate) fn allocate() -> std::io::Result<Plan> {
         let upstreams: usize = SPECS.iter().map(|s| s.calls.len()).sum();
-        let needed = 1 + SPECS.len() * 4 + upstreams + 3;
+        let needed = 1 + SPECS.len() * 4 + upstreams + 4;
         let mut ports = Ports(free_ports(needed)?.into_iter());
         let control_plane = ports.next()?;
         let mut instances = Vec::new();
@@ -156,6 +167,7 @@ impl Plan {
             loadgen_admin: ports.next()?,
             entry: ports.next()?,
             entry_grpc: ports.next()?,
+            loadgen_ratings: ports.next()?,
         })
     }
 
@@ -258,18 +270,25 @@ impl Plan {
             &[
                 ("frontend", self.entry, "http"),
                 ("frontend", self.entry_grpc, "grpc"),
+                ("ratings", self.loadgen_ratings, "http"),
             ],
         );
-        let _ = write!(
-            out,
-            "apiVersion: gateway.networking.k8s.io/v1\n\
-             kind: HTTPRoute\n\
-             metadata: {{name: catalog, namespace: {NAMESPACE}}}\n\
-             spec:\n  \
-               parentRefs: [{{kind: Service, name: catalog}}]\n  \
-               rules:\n    \
-                 - backendRefs: [{{name: catalog-v1, weight: 90}}, {{name: catalog-v2, weight: 10}}]\n"
-        );
+        // Routes of their own for reviews and ratings, so that the tour's
+        // RoutePolicies (retries, a fault) have something to target.
+        for service in ["reviews", "ratings"] {
+            let _ = write!(
+                out,
+                "apiVersion: gateway.networking.k8s.io/v1\n\
+                 kind: HTTPRoute\n\
+                 metadata: {{name: {service}, namespace: {NAMESPACE}}}\n\
+                 spec:\n  \
+                   parentRefs: [{{kind: Service, name: {service}}}]\n  \
+                   rules:\n    \
+                     - backendRefs: [{{name: {service}}}]\n\
+                 ---\n"
+            );
+        }
+        out.push_str(&catalog_route(90, 10));
         out
     }
 
@@ -308,6 +327,19 @@ impl Plan {
     }
 }
 
+/// The catalog `HTTPRoute`: `v1`% to catalog-v1, `v2`% to catalog-v2.
+pub(crate) fn catalog_route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\n\
+         kind: HTTPRoute\n\
+         metadata: {{name: catalog, namespace: {NAMESPACE}}}\n\
+         spec:\n  \
+           parentRefs: [{{kind: Service, name: catalog}}]\n  \
+           rules:\n    \
+             - backendRefs: [{{name: catalog-v1, weight: {v1}}}, {{name: catalog-v2, weight: {v2}}}]\n"
+    )
+}
+
 /// A `Proxy` document with outbound bindings `(service, bind, port name)` and no
 /// inbound (the control plane derives it from the sidecar's registration).
 fn proxy_document(out: &mut String, name: &str, upstreams: &[(&str, SocketAddr, &str)]) {
@@ -344,6 +376,7 @@ mod tests {
             plan.loadgen_admin,
             plan.entry,
             plan.entry_grpc,
+            plan.loadgen_ratings,
         ];
         for i in &plan.instances {
             all.extend([i.app_http, i.app_grpc, i.admin, i.inbound]);
@@ -389,8 +422,8 @@ mod tests {
         let text = plan.documents();
         let docs = sinew_model::parse_documents("demo.yaml", &text)
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
-        // 6 Services + 6 Proxies + 1 HTTPRoute.
-        assert_eq!(docs.len(), 13, "{text}");
+        // 6 Services + 7 Proxies + 3 HTTPRoutes.
+        assert_eq!(docs.len(), 16, "{text}");
         let resources =
             sinew_model::Resources::from_documents(docs).unwrap_or_else(|e| panic!("{e}\n{text}"));
         for service in SERVICES {

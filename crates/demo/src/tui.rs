@@ -32,7 +32,6 @@ use crate::frame::{Frame, Row};
 /// Whether the demo should show the live view: standard output is a terminal and
 /// `TERM` is not `dumb` (a terminal that cannot move the cursor). Otherwise the caller
 /// prints plain lines.
-#[allow(dead_code)] // Called by `sinew demo` once the tour wires the view in (issue 22).
 pub fn is_terminal() -> bool {
     terminal_capable(
         io::stdout().is_terminal(),
@@ -57,7 +56,6 @@ fn terminal_capable(stdout_is_tty: bool, term: Option<&std::ffi::OsStr>) -> bool
 ///
 /// Errors: the terminal could not be put in raw mode or the alternate screen, or
 /// writing to it or reading its events failed (the terminal is restored first).
-#[allow(dead_code)] // Wired into `sinew demo` by the tour (issue 22); tested through `draw`.
 pub async fn run(mut rx: watch::Receiver<Frame>, stop: impl Future<Output = ()>) -> io::Result<()> {
     let mut screen = Screen::enter()?;
     let mut events = EventStream::new();
