@@ -1,7 +1,8 @@
 //! `sinew demo` end to end: the control plane, six demo apps behind their sidecars and
 //! a load generator, all real processes on loopback; with `--no-tour` (steady load),
 //! and with the tour, whose every act is checked from its JSON line; and
-//! `sinew demo env` driving the real CLI.
+//! `sinew demo env` driving the real CLI; and at a terminal (a pseudo-terminal), the
+//! in-place view and `q`.
 //!
 //! Needs `sinew-proxy` next to `sinew` (`cargo build --bins`, or a workspace-wide
 //! `cargo test`, builds it). Without it the test fails and says so; it never skips.
@@ -529,4 +530,107 @@ fn the_tour_plays_every_act_with_figures_from_the_mesh() {
         stdout.iter().any(|l| l.contains("sinew-error: forbidden")),
         "the denial's reason is not shown{context}"
     );
+}
+
+/// Runs `sinew demo` in a pseudo-terminal, as a user at a terminal would: the view
+/// draws in place (alternate screen) with the mesh's rows, `q` ends the demo cleanly,
+/// and the terminal is given back before the summary prints.
+const PTY_DRIVER: &str = r#"
+import os, pty, sys, time, select, struct, fcntl, termios
+sinew, out_path, deadline = sys.argv[1], sys.argv[2], time.time() + float(sys.argv[3])
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ["TERM"] = "xterm-256color"
+    os.execv(sinew, [sinew, "demo", "--no-tour", "--rate", "20"])
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 130, 0, 0))
+buf, sent = b"", False
+while time.time() < deadline:
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if r:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        buf += data
+    # q once the mesh's own rows are on screen (a rate and a success share).
+    if not sent and b"frontend" in buf and b"100.0%" in buf:
+        os.write(fd, b"q")
+        sent = True
+code = None
+while code is None and time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        code = os.waitstatus_to_exitcode(status)
+    else:
+        time.sleep(0.1)
+if code is None:
+    os.kill(pid, 9)
+open(out_path, "wb").write(buf)
+print(f"exit={code} sent_q={sent}")
+"#;
+
+#[test]
+fn at_a_terminal_the_view_draws_in_place_and_q_ends_the_demo() {
+    let _one = one_demo();
+    proxy_next_to_sinew();
+    let dir = runtime_dir("pty");
+    let out_path = dir.join("screen.raw");
+    let run = Command::new("python3")
+        .args(["-c", PTY_DRIVER])
+        .arg(env!("CARGO_BIN_EXE_sinew"))
+        .arg(&out_path)
+        .arg(DEADLINE.as_secs().to_string())
+        .env("XDG_RUNTIME_DIR", &dir)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs python3 (its pty module): {e}"));
+    let report = String::from_utf8_lossy(&run.stdout).trim().to_owned();
+    let raw = std::fs::read(&out_path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&raw);
+    let tail: String = text
+        .chars()
+        .rev()
+        .take(3000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    assert!(
+        run.status.success() && report == "exit=0 sent_q=True",
+        "the demo at a terminal: {report} {}; the end of its screen:\n{tail}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let enter = text
+        .find("\x1b[?1049h")
+        .unwrap_or_else(|| panic!("no alternate screen:\n{tail}"));
+    let leave = text
+        .rfind("\x1b[?1049l")
+        .unwrap_or_else(|| panic!("the terminal was not given back:\n{tail}"));
+    assert!(enter < leave);
+    let screen = &text[enter..leave];
+    for want in [
+        "Sinew demo",
+        "frontend",
+        "catalog",
+        "ratings",
+        "MTLS",
+        "sinew demo env",
+    ] {
+        assert!(
+            screen.contains(want),
+            "the live view lacks {want:?}:\n{tail}"
+        );
+    }
+    // The summary comes after the screen is given back, and names why the demo ended.
+    let after = &text[leave..];
+    assert!(
+        after.contains("quit from the live view") && after.contains("demo: ok"),
+        "after the view:\n{tail}"
+    );
+    assert!(
+        !dir.join("sinew-demo").join("env").exists(),
+        "the env file outlived the demo"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
