@@ -225,18 +225,26 @@ fn comparable(json: &str) -> Option<serde_json::Value> {
     Some(v)
 }
 
-/// The index's documents now, published or not (as `sinew get` reads them).
-async fn current(
+/// Sends one command to the index (the single writer) and waits for its answer.
+async fn ask<T>(
     index: &tokio::sync::mpsc::Sender<crate::index::Command>,
-) -> Result<std::sync::Arc<crate::index::MeshState>, tonic::Status> {
+    command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> crate::index::Command,
+) -> Result<T, tonic::Status> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     index
-        .send(crate::index::Command::Current { reply })
+        .send(command(reply))
         .await
         .map_err(|_| tonic::Status::unavailable("control plane is shutting down"))?;
     answer
         .await
         .map_err(|_| tonic::Status::internal("the index did not answer"))
+}
+
+/// The index's documents now, published or not (as `sinew get` reads them).
+async fn current(
+    index: &tokio::sync::mpsc::Sender<crate::index::Command>,
+) -> Result<std::sync::Arc<crate::index::MeshState>, tonic::Status> {
+    ask(index, |reply| crate::index::Command::Current { reply }).await
 }
 
 /// Waits until the published state satisfies `seen` (or [`SEEN_TIMEOUT`] passes);
@@ -276,19 +284,13 @@ pub(crate) async fn apply(
     let docs =
         sinew_model::load::parse_apply(sources.iter().map(|(l, t)| (l.as_str(), t.as_str())))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    index
-        .send(crate::index::Command::Apply {
-            sources,
-            dry_run: true,
-            reply,
-        })
-        .await
-        .map_err(|_| Status::unavailable("control plane is shutting down"))?;
-    let checked = answer
-        .await
-        .map_err(|_| Status::internal("the index did not answer"))?
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let checked = ask(index, |reply| crate::index::Command::Apply {
+        sources,
+        dry_run: true,
+        reply,
+    })
+    .await?
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
     // The index compares with documents of the source `api`; these come back from
     // another one, so whether one changes is decided here, by content.
     let before = current(index).await?;
@@ -355,19 +357,13 @@ pub(crate) async fn delete(
     keys: Vec<ResourceKey>,
 ) -> Result<(u64, Vec<ResourceKey>), tonic::Status> {
     use tonic::Status;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    index
-        .send(crate::index::Command::Delete {
-            keys,
-            dry_run: true,
-            reply,
-        })
-        .await
-        .map_err(|_| Status::unavailable("control plane is shutting down"))?;
-    let (_, present) = answer
-        .await
-        .map_err(|_| Status::internal("the index did not answer"))?
-        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    let (_, present) = ask(index, |reply| crate::index::Command::Delete {
+        keys,
+        dry_run: true,
+        reply,
+    })
+    .await?
+    .map_err(|e| Status::failed_precondition(e.to_string()))?;
     let mut deleted = shared
         .delete_documents(present.clone())
         .await
@@ -387,19 +383,13 @@ pub(crate) async fn delete(
         (local, elsewhere)
     };
     if !local.is_empty() {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        index
-            .send(crate::index::Command::Delete {
-                keys: local,
-                dry_run: false,
-                reply,
-            })
-            .await
-            .map_err(|_| Status::unavailable("control plane is shutting down"))?;
-        let (_, gone) = answer
-            .await
-            .map_err(|_| Status::internal("the index did not answer"))?
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let (_, gone) = ask(index, |reply| crate::index::Command::Delete {
+            keys: local,
+            dry_run: false,
+            reply,
+        })
+        .await?
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
         deleted.extend(gone);
     }
     let revision = until_seen(&mut state, |s| {
