@@ -825,6 +825,37 @@ pub(crate) mod tests {
         }
     }
 
+    /// `end` is logged as it always was, whichever way the record is written, and a
+    /// response the upstream broke off counts as failed.
+    #[test]
+    fn ends_are_logged_as_their_strings() {
+        let mut lines = Lines::default();
+        for (end, text) in [
+            (End::Complete, "complete"),
+            (End::Failed, "failed"),
+            (End::Aborted, "aborted"),
+        ] {
+            let mut r = record("/", 200);
+            r.end = end;
+            let mut fast = Vec::new();
+            lines.write(AccessLogFormat::Json, &r, &mut fast);
+            let fast: serde_json::Value = serde_json::from_slice(&fast).unwrap_or_default();
+            assert_eq!(fast["end"], text);
+            let slow = serde_json::to_value(r.fields()).unwrap_or_default();
+            assert_eq!(slow["end"], text);
+            let outcome = Outcome {
+                status: http::StatusCode::OK,
+                grpc_status: None,
+                error: None,
+                duration: Duration::ZERO,
+                head: Duration::ZERO,
+                response_bytes: 0,
+                end,
+            };
+            assert_eq!(outcome.failed(), end == End::Failed, "{text}");
+        }
+    }
+
     #[test]
     fn trace_ids_come_from_traceparent() {
         assert_eq!(
