@@ -38,7 +38,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     let resp = match forward(&ctx, req, &mut meta).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(error = %e, side = e.side().as_str(), peer = %ctx.peer, "outbound request failed");
+            let side = e.side().as_str();
+            tracing::debug!(error = %e, side, peer = %ctx.peer, "outbound request failed");
             ctx.shared.metrics.error(Direction::Outbound, e.reason());
             e.to_response(grpc)
         }
@@ -923,6 +924,7 @@ async fn send_timed(
             e.error = ProxyError::BodyTooLarge(watch.limit().unwrap_or(0));
             e.reached = Reached::Maybe;
         } else if watch.failed() {
+            // Taken out to become the source (the placeholder is overwritten at once).
             let upstream = std::mem::replace(&mut e.error, ProxyError::ShuttingDown);
             e.error = ProxyError::RequestBody {
                 detail: upstream.to_string(),
