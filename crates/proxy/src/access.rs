@@ -55,7 +55,7 @@ pub struct Record {
     pub response_bytes: u64,
     /// How the response ended: `complete`, `failed` (the upstream broke off) or
     /// `aborted` (the client went away first).
-    pub end: &'static str,
+    pub end: End,
     /// The service (`name.namespace`).
     pub service: Option<Arc<str>>,
     /// The route (`namespace/name`).
@@ -154,7 +154,7 @@ impl Record {
             head_ms: self.head.as_secs_f64() * 1000.0,
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
-            end: self.end,
+            end: self.end.as_str(),
             service: self.service.as_deref(),
             route: self.route.as_deref(),
             upstream: self.upstream.map(|a| a.to_string()),
@@ -366,7 +366,7 @@ impl Lines {
         out.extend_from_slice(n.format(r.response_bytes).as_bytes());
         key!(12);
         q(out);
-        out.extend_from_slice(r.end.as_bytes());
+        out.extend_from_slice(r.end.as_str().as_bytes());
         q(out);
         key!(13);
         text(json, r.service.as_deref().map(str::as_bytes), out);
@@ -542,6 +542,28 @@ pub fn observe(
     })
 }
 
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Sent in full.
+    Complete,
+    /// The upstream broke it off.
+    Failed,
+    /// Dropped unfinished: the client went away (or the connection closed) first.
+    Aborted,
+}
+
+impl End {
+    /// As logged: `complete`, `failed` or `aborted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::Failed => "failed",
+            End::Aborted => "aborted",
+        }
+    }
+}
+
 /// How a request ended, for its observers.
 #[derive(Debug)]
 pub struct Outcome {
@@ -557,8 +579,8 @@ pub struct Outcome {
     pub head: Duration,
     /// Response body bytes sent.
     pub response_bytes: u64,
-    /// `complete`, `failed` or `aborted`.
-    pub end: &'static str,
+    /// How the response ended.
+    pub end: End,
 }
 
 impl Outcome {
@@ -566,7 +588,7 @@ impl Outcome {
     /// upstream.
     pub fn failed(&self) -> bool {
         self.status.is_server_error()
-            || self.end == "failed"
+            || self.end == End::Failed
             || self
                 .grpc_status
                 .as_ref()
@@ -720,7 +742,7 @@ pub(crate) mod tests {
             head: Duration::from_micros(1000),
             request_bytes: None,
             response_bytes: 3,
-            end: "complete",
+            end: End::Complete,
             service: Some("catalog.shop".into()),
             route: None,
             upstream: None,
@@ -800,6 +822,37 @@ pub(crate) mod tests {
                 slow[k] = serde_json::Value::Null;
             }
             assert_eq!(fast, slow);
+        }
+    }
+
+    /// `end` is logged as it always was, whichever way the record is written, and a
+    /// response the upstream broke off counts as failed.
+    #[test]
+    fn ends_are_logged_as_their_strings() {
+        let mut lines = Lines::default();
+        for (end, text) in [
+            (End::Complete, "complete"),
+            (End::Failed, "failed"),
+            (End::Aborted, "aborted"),
+        ] {
+            let mut r = record("/", 200);
+            r.end = end;
+            let mut fast = Vec::new();
+            lines.write(AccessLogFormat::Json, &r, &mut fast);
+            let fast: serde_json::Value = serde_json::from_slice(&fast).unwrap_or_default();
+            assert_eq!(fast["end"], text);
+            let slow = serde_json::to_value(r.fields()).unwrap_or_default();
+            assert_eq!(slow["end"], text);
+            let outcome = Outcome {
+                status: http::StatusCode::OK,
+                grpc_status: None,
+                error: None,
+                duration: Duration::ZERO,
+                head: Duration::ZERO,
+                response_bytes: 0,
+                end,
+            };
+            assert_eq!(outcome.failed(), end == End::Failed, "{text}");
         }
     }
 

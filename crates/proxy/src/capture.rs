@@ -27,6 +27,7 @@ use std::time::Duration;
 use sinew_model::resource::{EgressMode, MtlsMode};
 use tokio::net::TcpStream;
 
+use crate::error::Reason;
 use crate::listeners::{ConnCtx, mesh_tls, serve_http};
 use crate::metrics::Direction;
 use crate::stream::spawn_splice;
@@ -206,7 +207,9 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
     let Some((key, port)) = snap.captured(dst) else {
         if snap.config.egress == EgressMode::RegistryOnly {
             shared.metrics.captured(Direction::Outbound, "refused");
-            shared.metrics.error(Direction::Outbound, "egress-refused");
+            shared
+                .metrics
+                .error(Direction::Outbound, Reason::EgressRefused);
             tracing::debug!(%dst, "refused: not a mesh destination and egress is REGISTRY_ONLY");
             return;
         }
@@ -278,7 +281,7 @@ async fn tcp_with_failover(
         let Some(ep) = pick else {
             ctx.shared
                 .metrics
-                .error(Direction::Outbound, "no-endpoints");
+                .error(Direction::Outbound, Reason::NoEndpoints);
             return;
         };
         match crate::stream::UpstreamIo::open(&ep).await {
@@ -288,13 +291,10 @@ async fn tcp_with_failover(
                 return;
             }
             Err(e) => {
-                let outcome = match &e {
-                    crate::error::ProxyError::Connect { source, .. }
-                        if source.kind() == io::ErrorKind::ConnectionRefused =>
-                    {
-                        Outcome::Refused
-                    }
-                    _ => Outcome::Failed,
+                let outcome = if e.connection_refused() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Failed
                 };
                 balancer.report(&ep, outcome);
                 ctx.shared.metrics.error(Direction::Outbound, e.reason());
@@ -340,13 +340,13 @@ async fn passthrough(ctx: &ConnCtx, stream: TcpStream, dst: SocketAddr, timeout:
         Ok(Err(e)) => {
             ctx.shared
                 .metrics
-                .error(Direction::Outbound, "passthrough-failed");
+                .error(Direction::Outbound, Reason::PassthroughFailed);
             tracing::debug!(%dst, error = %e, "passthrough connection failed");
         }
         Err(_) => {
             ctx.shared
                 .metrics
-                .error(Direction::Outbound, "passthrough-failed");
+                .error(Direction::Outbound, Reason::PassthroughFailed);
             tracing::debug!(%dst, "passthrough connection timed out");
         }
     }
@@ -391,17 +391,17 @@ pub async fn inbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
     // it whether or not the proxy has an identity yet: a sidecar waiting for its
     // certificate must not serve unauthenticated callers meanwhile.
     let refusal = match snap.config.inbound.as_ref() {
-        _ if is_self(dst, local, ctx.bind.port()) => Some("plaintext-refused"),
+        _ if is_self(dst, local, ctx.bind.port()) => Some(Reason::PlaintextRefused),
         Some(inb) if inb.mtls == MtlsMode::Permissive => {
-            (!inb.ports.contains(&dst.port())).then_some("port-not-allowed")
+            (!inb.ports.contains(&dst.port())).then_some(Reason::PortNotAllowed)
         }
-        _ => Some("plaintext-refused"),
+        _ => Some(Reason::PlaintextRefused),
     };
     drop(snap);
     if let Some(reason) = refusal {
         shared.metrics.captured(Direction::Inbound, "refused");
         shared.metrics.error(Direction::Inbound, reason);
-        tracing::debug!(peer = %ctx.peer, %dst, reason, "captured plaintext refused");
+        tracing::debug!(peer = %ctx.peer, %dst, %reason, "captured plaintext refused");
         return;
     }
     shared.metrics.captured(Direction::Inbound, "plaintext");

@@ -20,27 +20,7 @@ use crate::listeners::ConnCtx;
 use crate::metrics::{Direction, RequestMeta};
 use crate::trace::Hop;
 
-/// How a response body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Sent in full.
-    Complete,
-    /// The upstream broke it off.
-    Failed,
-    /// Dropped unfinished: the client went away (or the connection closed) first.
-    Aborted,
-}
-
-impl End {
-    /// As logged.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            End::Complete => "complete",
-            End::Failed => "failed",
-            End::Aborted => "aborted",
-        }
-    }
-}
+pub use crate::access::End;
 
 /// What a request's observers need once its response has ended.
 #[derive(Debug)]
@@ -113,7 +93,7 @@ impl Ending {
             duration: started.elapsed(),
             head,
             response_bytes: bytes,
-            end: end.as_str(),
+            end,
         };
         let peer = match dir {
             Direction::Inbound => ctx.peer_identity.as_ref(),

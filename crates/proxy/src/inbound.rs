@@ -34,7 +34,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     let resp = match forward(&ctx, req, &mut meta).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(error = %e, peer = %ctx.peer, "inbound request failed");
+            let side = e.side().as_str();
+            tracing::debug!(error = %e, side, peer = %ctx.peer, "inbound request failed");
             ctx.shared.metrics.error(Direction::Inbound, e.reason());
             let mut resp = e.to_response(grpc);
             if matches!(

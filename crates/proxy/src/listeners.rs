@@ -394,9 +394,10 @@ async fn inbound_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
             .and_then(|s| s.config.inbound.as_ref().map(|i| i.mtls))
             .is_none_or(|m| m == sinew_model::resource::MtlsMode::Strict);
     if strict {
-        shared
-            .metrics
-            .error(crate::metrics::Direction::Inbound, "plaintext-refused");
+        shared.metrics.error(
+            crate::metrics::Direction::Inbound,
+            crate::error::Reason::PlaintextRefused,
+        );
         tracing::debug!(peer = %ctx.peer, "plaintext refused: mTLS is strict");
         return;
     }
@@ -417,18 +418,20 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                shared
-                    .metrics
-                    .error(crate::metrics::Direction::Inbound, "tls-failed");
+                shared.metrics.error(
+                    crate::metrics::Direction::Inbound,
+                    crate::error::Reason::TlsFailed,
+                );
                 tracing::debug!(peer = %ctx.peer, error = %e, "inbound TLS handshake failed");
                 return;
             }
             Err(_) => return,
         };
         if tls.get_ref().1.alpn_protocol() != Some(sinew_tls::MESH_ALPN) {
-            shared
-                .metrics
-                .error(crate::metrics::Direction::Inbound, "not-mesh-tls");
+            shared.metrics.error(
+                crate::metrics::Direction::Inbound,
+                crate::error::Reason::NotMeshTls,
+            );
             return;
         }
         // The peer must be of this mesh's trust domain (the configuration's; before
@@ -443,9 +446,10 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
         let peer_identity = match crate::policy::admit_peer(peer, mesh_td.as_deref()) {
             Ok(id) => id.map(|id| Arc::<str>::from(id.to_string())),
             Err(e) => {
-                shared
-                    .metrics
-                    .error(crate::metrics::Direction::Inbound, "foreign-trust-domain");
+                shared.metrics.error(
+                    crate::metrics::Direction::Inbound,
+                    crate::error::Reason::ForeignTrustDomain,
+                );
                 tracing::info!(peer = %ctx.peer, error = %e, "inbound mTLS peer refused");
                 return;
             }

@@ -464,11 +464,11 @@ impl Metrics {
     }
 
     /// Counts a proxy-made error.
-    pub fn error(&self, dir: Direction, reason: &'static str) {
+    pub fn error(&self, dir: Direction, reason: crate::error::Reason) {
         self.errors
             .get_or_create(&ErrorLabels {
                 direction: dir.as_str(),
-                reason,
+                reason: reason.as_str(),
             })
             .inc();
     }
@@ -616,7 +616,7 @@ mod tests {
             duration: Duration::from_millis(3),
             head: Duration::from_millis(1),
             response_bytes: 0,
-            end: "complete",
+            end: crate::access::End::Complete,
         }
     }
 

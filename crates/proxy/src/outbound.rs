@@ -19,7 +19,7 @@ use sinew_model::route::RequestView;
 
 use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Reason};
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
 use crate::listeners::{ConnCtx, Role};
 use crate::metrics::{Direction, RequestMeta};
@@ -38,7 +38,8 @@ pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<R
     let resp = match forward(&ctx, req, &mut meta).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::debug!(error = %e, peer = %ctx.peer, "outbound request failed");
+            let side = e.side().as_str();
+            tracing::debug!(error = %e, side, peer = %ctx.peer, "outbound request failed");
             ctx.shared.metrics.error(Direction::Outbound, e.reason());
             e.to_response(grpc)
         }
@@ -260,7 +261,7 @@ async fn forward(
         {
             ctx.shared
                 .metrics
-                .error(Direction::Outbound, "fault-injected");
+                .error(Direction::Outbound, Reason::FaultInjected);
             return Ok(fault_response(status, grpc_code, grpc));
         }
     }
@@ -526,7 +527,7 @@ async fn forward(
                         tracing::debug!(endpoint = %endpoint.config.address, error = %e.error, "not reached; sending elsewhere");
                         ctx.shared
                             .metrics
-                            .error(Direction::Outbound, "resent-unreached");
+                            .error(Direction::Outbound, Reason::ResentUnreached);
                         resends += 1;
                         resend = Some((next, back));
                         continue;
@@ -556,7 +557,7 @@ async fn forward(
                     && r.status() == StatusCode::BAD_GATEWAY
                     && r.headers()
                         .get(crate::error::SINEW_ERROR)
-                        .is_some_and(|v| v.as_bytes() == b"upstream-failed")
+                        .is_some_and(|v| v.as_bytes() == Reason::UpstreamFailed.as_str().as_bytes())
             }
             _ => false,
         };
@@ -577,14 +578,7 @@ async fn forward(
             _ if !matches!(payload, Payload::Bytes(_)) => false,
             (_, Some(cfg)) if attempt >= cfg.retries => false,
             (Ok(r), Some(cfg)) => resilience::retryable_response(r, cfg),
-            (Err(e), Some(_)) => matches!(
-                e,
-                ProxyError::Connect { .. }
-                    | ProxyError::ConnectTimeout(_)
-                    | ProxyError::Tls { .. }
-                    | ProxyError::Upstream { .. }
-                    | ProxyError::Timeout(_)
-            ),
+            (Err(e), Some(_)) => e.retryable(),
         };
         if should_retry && budget.is_none_or(|b| b.try_retry()) {
             attempt += 1;
@@ -598,7 +592,7 @@ async fn forward(
         if should_retry {
             ctx.shared
                 .metrics
-                .error(Direction::Outbound, "retry-budget-exhausted");
+                .error(Direction::Outbound, Reason::RetryBudgetExhausted);
         }
         break result;
     };
@@ -686,13 +680,10 @@ async fn send_attempt(
     let outcome = match &result {
         Ok(r) if !r.status().is_server_error() => Outcome::Ok,
         Err(SendError {
-            error: ProxyError::RequestBody(_) | ProxyError::BodyTooLarge(_),
+            error: ProxyError::RequestBody { .. } | ProxyError::BodyTooLarge(_),
             ..
         }) => return result,
-        Err(SendError {
-            error: ProxyError::Connect { source, .. },
-            ..
-        }) if source.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        Err(e) if e.error.connection_refused() => Outcome::Refused,
         _ => Outcome::Failed,
     };
     balancer.report(endpoint, outcome);
@@ -753,10 +744,9 @@ async fn buffer(body: Incoming) -> Result<Payload, ProxyError> {
             // deadline, not a task held open for as long as it likes.
             let bytes = tokio::time::timeout(BUFFER_DEADLINE, body.collect())
                 .await
-                .map_err(|_| {
-                    ProxyError::RequestBody(format!(
-                        "the {n}-byte body did not arrive within {BUFFER_DEADLINE:?}"
-                    ))
+                .map_err(|_| ProxyError::RequestBody {
+                    detail: format!("the {n}-byte body did not arrive within {BUFFER_DEADLINE:?}"),
+                    source: None,
                 })?
                 .map_err(|_| ProxyError::Malformed("the request body ended early"))?
                 .to_bytes();
@@ -934,7 +924,12 @@ async fn send_timed(
             e.error = ProxyError::BodyTooLarge(watch.limit().unwrap_or(0));
             e.reached = Reached::Maybe;
         } else if watch.failed() {
-            e.error = ProxyError::RequestBody(e.error.to_string());
+            // Taken out to become the source (the placeholder is overwritten at once).
+            let upstream = std::mem::replace(&mut e.error, ProxyError::ShuttingDown);
+            e.error = ProxyError::RequestBody {
+                detail: upstream.to_string(),
+                source: Some(Box::new(upstream)),
+            };
             e.reached = Reached::Maybe;
         }
     }
@@ -942,7 +937,7 @@ async fn send_timed(
         Ok(r) if !r.status().is_server_error() => inflight.success(),
         // The client's fault: says nothing about the endpoint.
         Err(SendError {
-            error: ProxyError::RequestBody(_) | ProxyError::BodyTooLarge(_),
+            error: ProxyError::RequestBody { .. } | ProxyError::BodyTooLarge(_),
             ..
         }) => drop(inflight),
         _ => inflight.failure(),
@@ -1115,7 +1110,7 @@ pub(crate) fn pick_tcp(
         None => {
             ctx.shared
                 .metrics
-                .error(Direction::Outbound, "no-endpoints");
+                .error(Direction::Outbound, Reason::NoEndpoints);
             tracing::warn!(%service, "TCP connection closed: no endpoints");
             None
         }

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::ReqBody;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Reason};
 
 /// How long an idle HTTP/1.1 connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,7 +58,7 @@ impl SendError {
             // The request body failed (the client's malformed chunking, a client
             // that went away): the client's fault, not the endpoint's.
             return SendError {
-                error: ProxyError::RequestBody(sinew_api::channel::error_chain(&source)),
+                error: ProxyError::request_body(Box::new(source)),
                 reached: Reached::Maybe,
             };
         }
@@ -421,14 +421,11 @@ impl ConnPool {
                 )
                 .await
                 .map_err(|_| ProxyError::ConnectTimeout(self.addr))?
-                .map_err(|e| ProxyError::Tls {
-                    addr: self.addr,
-                    detail: e.to_string(),
-                })?;
+                .map_err(|e| ProxyError::tls(self.addr, e))?;
                 if stream.get_ref().1.alpn_protocol() != Some(sinew_tls::MESH_ALPN) {
                     return Err(ProxyError::Tls {
                         addr: self.addr,
-                        detail: "the peer did not agree to the mesh protocol (ALPN)".into(),
+                        source: "the peer did not agree to the mesh protocol (ALPN)".into(),
                     });
                 }
                 self.h2_handshake(TokioIo::new(stream), slot).await?
@@ -551,7 +548,7 @@ fn tunnel_refused(addr: SocketAddr, resp: &Response<Incoming>) -> ProxyError {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     match reason {
-        "port-not-allowed" => ProxyError::PortNotAllowed(0),
+        r if r == Reason::PortNotAllowed.as_str() => ProxyError::PortNotAllowed(0),
         _ => ProxyError::Connect {
             addr,
             source: std::io::Error::other(format!(

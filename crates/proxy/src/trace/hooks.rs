@@ -171,9 +171,9 @@ pub fn end(hop: Option<Hop>, outcome: &crate::access::Outcome) {
         "http.response.body.size",
         i64::try_from(outcome.response_bytes).unwrap_or(i64::MAX),
     ));
-    if outcome.end != "complete" {
-        span.set_attribute(KeyValue::new("sinew.end", outcome.end));
-        if outcome.end == "failed" {
+    if outcome.end != crate::access::End::Complete {
+        span.set_attribute(KeyValue::new("sinew.end", outcome.end.as_str()));
+        if outcome.end == crate::access::End::Failed {
             span.set_status(Status::error("response broken off upstream"));
         }
     }
