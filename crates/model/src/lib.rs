@@ -3,8 +3,8 @@
 //!
 //! Everything here is pure: no I/O, no async runtime. The proxy and the control plane
 //! both read documents through [`load::parse_documents`], validate them into a
-//! [`resource::Resources`] set, and compile that into a [`compile::ProxyConfig`] for one
-//! proxy. Route matching ([`route`]) lives here too, so precedence rules are tested
+//! [`set::Resources`] set (the checks, one module per kind family, are in
+//! [`validate`]), and compile that into a [`compile::ProxyConfig`] for one proxy. Route matching ([`route`]) lives here too, so precedence rules are tested
 //! without a network, and so does the authorization engine ([`authz`]).
 
 pub mod authz;
@@ -15,7 +15,9 @@ pub mod load;
 pub mod policy;
 pub mod resource;
 pub mod route;
+pub mod set;
 pub mod spiffe;
+pub mod validate;
 pub mod vip;
 
 pub use compile::{ProxyConfig, compile_proxy};

@@ -21,11 +21,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigErrors;
-use crate::load::{Key, Resources, check_filter, check_retry, check_timeouts};
 use crate::resource::{
     FaultSpec, FilterType, GATEWAY_GROUP, HttpRouteFilter, HttpRouteSpec, HttpRouteTimeouts,
     Object, RetrySpec,
 };
+use crate::set::{Key, Resources};
+use crate::validate::{check_filter, check_retry, check_timeouts};
 
 /// The name a `GRPCRoute` has once read as an `HTTPRoute` (gRPC calls are HTTP/2
 /// requests): `grpcroute.<name>`. A policy targeting `GRPCRoute` `x` applies to it.

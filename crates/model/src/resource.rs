@@ -1514,5 +1514,5 @@ pub struct Object<S> {
     pub spec: S,
 }
 
-pub use crate::load::Resources;
 pub use crate::policy::{RouteKind, RoutePolicySpec, RouteTargetRef};
+pub use crate::set::Resources;
