@@ -188,7 +188,7 @@ struct Args {
         long,
         requires = "capture"
     )]
-    detect_timeout: Option<String>,
+    detect_timeout: Option<sinew_model::resource::Parsed<Duration>>,
     /// Admin listener (/live, /ready, /metrics, /config).
     #[arg(
         help_heading = "Every mode",

@@ -10,10 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::HeaderName;
 
 use crate::authz::{AuthzPolicy, AuthzRule, DEFAULT_TRUST_DOMAIN, DefaultSource, InboundAuthz};
-use crate::duration;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::resource::*;
 use crate::route::{
@@ -102,50 +101,66 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
     });
     let own_services = workload.map(|w| own_services(res, w)).unwrap_or_default();
     let proxy_limits = p.spec.limits.unwrap_or_default();
-    let inbound = p.spec.inbound.as_ref().and_then(|i| {
-        Some(InboundConfig {
-            bind: i.bind.parse().ok()?,
-            app_address: match &i.app_address {
-                Some(a) => a.parse().ok()?,
-                None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            },
-            ports: i.ports.clone(),
-            mtls: inbound_mtls(res, &ns, &own_services),
-            authz: compile_authz(res, &ns, &own_services, &trust_domain),
-            jwt: compile_jwt(res, &ns, &own_services),
-            limits: i.limits.unwrap_or_default().or(proxy_limits),
-        })
+    let inbound = p.spec.inbound.as_ref().map(|i| InboundConfig {
+        bind: i.bind.value(),
+        app_address: i
+            .app_address
+            .as_ref()
+            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), Parsed::value),
+        ports: i.ports.clone(),
+        mtls: inbound_mtls(res, &ns, &own_services),
+        authz: compile_authz(res, &ns, &own_services, &trust_domain),
+        jwt: compile_jwt(res, &ns, &own_services),
+        limits: i.limits.unwrap_or_default().or(proxy_limits),
     });
     let mut upstreams = Vec::new();
-    for u in &p.spec.outbound.upstreams {
-        let (Ok(bind), Some(svc)) = (u.bind.parse(), res.find_service(&ns, &u.service)) else {
+    for (i, u) in p.spec.outbound.upstreams.iter().enumerate() {
+        // Validation refuses an upstream whose service or port is missing; a set
+        // that was not validated is refused here, never half-compiled.
+        let field = format!("spec.outbound.upstreams[{i}]");
+        let Some(svc) = res.find_service(&ns, &u.service) else {
+            errors.push(unvalidated(
+                p,
+                format!("{field}.service"),
+                format!("service {:?} does not exist", u.service),
+            ));
             continue;
         };
-        let Ok(port) = resolve_port(svc, u.port.as_ref()) else {
-            continue;
+        let port = match resolve_port(svc, u.port.as_ref()) {
+            Ok(port) => port,
+            Err(reason) => {
+                errors.push(unvalidated(p, format!("{field}.port"), reason));
+                continue;
+            }
         };
         upstreams.push(UpstreamConfig {
-            bind,
+            bind: u.bind.value(),
             service: format!("{}.{}", svc.metadata.name, svc.metadata.ns()),
             port: port.port,
             protocol: u.protocol.unwrap_or(port.protocol),
             limits: u.limits.unwrap_or_default().or(proxy_limits),
         });
     }
-    let http_proxy = p
-        .spec
-        .outbound
-        .http_proxy
-        .as_ref()
-        .and_then(|h| h.bind.parse().ok());
-    let tracing = mesh.and_then(|m| m.tracing.as_ref()).and_then(|t| {
-        Some(TracingConfig {
-            endpoint: crate::validate::otlp_endpoint(&t.endpoint, t.protocol).ok()?,
-            protocol: t.protocol,
-            sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
-            always_sample_errors: t.always_sample_errors.unwrap_or(true),
-        })
-    });
+    let http_proxy = p.spec.outbound.http_proxy.as_ref().map(|h| h.bind.value());
+    let tracing = match mesh.and_then(|m| m.tracing.as_ref()) {
+        None => None,
+        Some(t) => match crate::validate::otlp_endpoint(&t.endpoint, t.protocol) {
+            Ok(endpoint) => Some(TracingConfig {
+                endpoint,
+                protocol: t.protocol,
+                sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
+                always_sample_errors: t.always_sample_errors.unwrap_or(true),
+            }),
+            Err(reason) => {
+                errors.push(
+                    ConfigError::new(reason)
+                        .field("spec.tracing.endpoint")
+                        .resource("MeshConfig"),
+                );
+                None
+            }
+        },
+    };
     errors.into_result(ProxyConfig {
         name: p.metadata.name.clone(),
         namespace: ns,
@@ -165,8 +180,8 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
             opaque_ports: c.opaque_ports.clone(),
             detect_timeout: c
                 .detect_timeout
-                .as_deref()
-                .and_then(|d| duration::parse(d).ok())
+                .as_ref()
+                .map(Parsed::value)
                 .filter(|d| !d.is_zero())
                 .unwrap_or(DEFAULT_DETECT_TIMEOUT),
             dns_port: c.dns_port,
@@ -280,20 +295,11 @@ fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
         ports: to.ports,
         paths: norm(&to.paths),
         path_prefixes: norm(&to.path_prefixes),
-        methods: to
-            .methods
-            .iter()
-            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-            .collect(),
+        methods: to.methods.iter().map(|m| m.get().clone()).collect(),
         headers: to
             .headers
             .iter()
-            .filter_map(|h| {
-                Some((
-                    HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                    HeaderValue::from_str(&h.value).ok()?,
-                ))
-            })
+            .map(|h| (h.name.get().clone(), h.value.get().clone()))
             .collect(),
         when: r.when.clone(),
     }
@@ -328,11 +334,9 @@ fn compile_jwt(res: &Resources, ns: &str, own: &[String]) -> Vec<JwtRuleConfig> 
             } else {
                 rule.from_headers
                     .iter()
-                    .filter_map(|h| {
-                        Some(TokenLocation {
-                            header: HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                            prefix: h.prefix.clone(),
-                        })
+                    .map(|h| TokenLocation {
+                        header: h.name.get().clone(),
+                        prefix: h.prefix.clone(),
                     })
                     .collect()
             };
@@ -345,19 +349,16 @@ fn compile_jwt(res: &Resources, ns: &str, own: &[String]) -> Vec<JwtRuleConfig> 
                 forward_claims: rule
                     .forward_claims
                     .iter()
-                    .filter_map(|f| {
-                        Some(ForwardClaim {
-                            claim: f.claim.clone(),
-                            header: HeaderName::from_bytes(f.header.as_bytes()).ok()?,
-                        })
+                    .map(|f| ForwardClaim {
+                        claim: f.claim.clone(),
+                        header: f.header.get().clone(),
                     })
                     .collect(),
                 forward_original_token: rule.forward_original_token,
                 clock_skew: rule
                     .clock_skew
-                    .as_deref()
-                    .and_then(|s| duration::parse(s).ok())
-                    .unwrap_or(DEFAULT_CLOCK_SKEW),
+                    .as_ref()
+                    .map_or(DEFAULT_CLOCK_SKEW, Parsed::value),
                 required_claims: rule.required_claims.clone(),
             });
         }
@@ -376,9 +377,8 @@ fn compile_jwks(j: &JwksSpec) -> Option<JwksSource> {
             ca_file: j.ca_file.clone(),
             refresh: j
                 .refresh
-                .as_deref()
-                .and_then(|s| duration::parse(s).ok())
-                .unwrap_or(DEFAULT_JWKS_REFRESH),
+                .as_ref()
+                .map_or(DEFAULT_JWKS_REFRESH, Parsed::value),
         });
     }
     let jwks = crate::authz::public_jwks(j.inline.as_deref()?).ok()?;
@@ -411,8 +411,8 @@ fn compile_service(
         .map(|sp| {
             let endpoints = members
                 .iter()
-                .filter_map(|w| {
-                    let ip: IpAddr = w.spec.address.parse().ok()?;
+                .map(|w| {
+                    let ip = w.spec.address.value();
                     let port = w
                         .spec
                         .ports
@@ -420,7 +420,7 @@ fn compile_service(
                         .copied()
                         .or(sp.target_port)
                         .unwrap_or(sp.port);
-                    Some(EndpointConfig {
+                    EndpointConfig {
                         workload: format!("{}/{}", w.metadata.ns(), w.metadata.name),
                         address: SocketAddr::new(ip, port),
                         sidecar: w.spec.sidecar.as_ref().map(|s| SocketAddr::new(ip, s.port)),
@@ -430,7 +430,7 @@ fn compile_service(
                             w.metadata.ns(),
                             w.spec.service_account(),
                         )),
-                    })
+                    }
                 })
                 .collect();
             let routes = if sp.protocol.is_http() {
@@ -448,7 +448,7 @@ fn compile_service(
         })
         .collect();
     let mut virtual_ips: Vec<IpAddr> = Vec::new();
-    for ip in svc.spec.virtual_ip_list().filter_map(|v| v.parse().ok()) {
+    for ip in svc.spec.virtual_ip_list().map(Parsed::value) {
         if !virtual_ips.contains(&ip) {
             virtual_ips.push(ip);
         }
@@ -478,12 +478,8 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
     else {
         return TrafficConfig::default();
     };
-    let ms = |s: &Option<String>, default: u64| {
-        s.as_deref()
-            .and_then(|s| duration::parse(s).ok())
-            .map_or(default, |d| {
-                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-            })
+    let ms = |s: &Option<Parsed<Duration>>, default: u64| {
+        s.as_ref().map_or(default, |d| millis(d.value()))
     };
     let b = p.circuit_breaker.clone().unwrap_or_default();
     TrafficConfig {
@@ -504,7 +500,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             .ring_hash
             .as_ref()
             .and_then(|r| match (&r.header, &r.cookie, r.source_ip) {
-                (Some(h), _, _) => Some(HashKey::Header(h.to_ascii_lowercase())),
+                (Some(h), _, _) => Some(HashKey::Header(h.get().as_str().to_owned())),
                 (None, Some(c), _) => Some(HashKey::Cookie(c.clone())),
                 (None, None, true) => Some(HashKey::SourceIp),
                 _ => None,
@@ -524,7 +520,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
                 name: format!("{ns}/{}/{}", policy_name, r.name),
                 matches: r.matches.iter().filter_map(compile_match).collect(),
                 key: r.key.as_ref().map(|k| match &k.header {
-                    Some(h) => RateKey::Header(h.to_ascii_lowercase()),
+                    Some(h) => RateKey::Header(h.get().as_str().to_owned()),
                     None => RateKey::Identity,
                 }),
                 requests_per_second: r.requests_per_second,
@@ -533,6 +529,11 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             })
             .collect(),
     }
+}
+
+/// Whole milliseconds, saturating (a duration is at most 99999h: it always fits).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The port a route's backend is reached on when the route serves its parent's port
@@ -624,10 +625,9 @@ fn compile_routes(
                 continue;
             }
             let timeouts = rule.timeouts.clone().unwrap_or_default();
-            let dur = |s: &Option<String>| {
-                s.as_deref()
-                    .and_then(|s| duration::parse(s).ok())
-                    .filter(|d| !d.is_zero())
+            // `0s` is no timeout.
+            let dur = |s: &Option<Parsed<Duration>>| {
+                s.as_ref().map(Parsed::value).filter(|d| !d.is_zero())
             };
             let rc = Arc::new(RuleConfig {
                 route: label.as_str().into(),
@@ -647,9 +647,8 @@ fn compile_routes(
                         .collect(),
                     backoff: r
                         .backoff
-                        .as_deref()
-                        .and_then(|b| duration::parse(b).ok())
-                        .unwrap_or(Duration::from_millis(25)),
+                        .as_ref()
+                        .map_or(Duration::from_millis(25), Parsed::value),
                     non_idempotent: r.non_idempotent,
                     budget_ratio: r.budget.as_ref().and_then(|b| b.ratio).unwrap_or(0.2),
                     budget_min_per_second: r
@@ -661,11 +660,7 @@ fn compile_routes(
                         .hedge
                         .as_ref()
                         .and_then(|h| match (&h.delay, h.percentile) {
-                            (Some(d), _) => duration::parse(d).ok().map(|d| {
-                                HedgeConfig::DelayMs(
-                                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-                                )
-                            }),
+                            (Some(d), _) => Some(HedgeConfig::DelayMs(millis(d.value()))),
                             (None, Some(p)) => Some(HedgeConfig::Percentile(p)),
                             (None, None) => None,
                         }),
@@ -767,10 +762,7 @@ fn compile_match(m: &HttpRouteMatch) -> Option<RequestMatch> {
             query_params.push((q.name.clone(), value(q.kind, &q.value)?));
         }
     }
-    let method = match &m.method {
-        Some(s) => Some(Method::from_bytes(s.as_bytes()).ok()?),
-        None => None,
-    };
+    let method = m.method.as_ref().map(|s| s.get().clone());
     Some(RequestMatch {
         path,
         method,
@@ -782,22 +774,13 @@ fn compile_match(m: &HttpRouteMatch) -> Option<RequestMatch> {
 fn compile_edits(m: &HeaderModifier) -> HeaderEdits {
     let pairs = |v: &[HeaderValuePair]| {
         v.iter()
-            .filter_map(|p| {
-                Some((
-                    HeaderName::from_bytes(p.name.as_bytes()).ok()?,
-                    HeaderValue::from_str(&p.value).ok()?,
-                ))
-            })
+            .map(|p| (p.name.get().clone(), p.value.get().clone()))
             .collect()
     };
     HeaderEdits {
         set: pairs(&m.set),
         add: pairs(&m.add),
-        remove: m
-            .remove
-            .iter()
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect(),
+        remove: m.remove.iter().map(|n| n.get().clone()).collect(),
     }
 }
 
@@ -826,11 +809,10 @@ fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
                         a.percent,
                     )
                 }),
-                delay: fault.delay.as_ref().and_then(|d| {
-                    duration::parse(&d.fixed_delay)
-                        .ok()
-                        .map(|t| (u64::try_from(t.as_millis()).unwrap_or(u64::MAX), d.percent))
-                }),
+                delay: fault
+                    .delay
+                    .as_ref()
+                    .map(|d| (millis(d.fixed_delay.value()), d.percent)),
             });
         }
         if let Some(m) = &f.request_header_modifier {
@@ -856,6 +838,16 @@ fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
         }
     }
     out
+}
+
+/// An error about a reference validation checks (a missing service or port): only a
+/// set that skipped [`Resources::check`] gets here.
+fn unvalidated(p: &Object<ProxySpec>, field: String, reason: String) -> ConfigError {
+    ConfigError::new(reason).field(field).resource(format!(
+        "Proxy {}/{}",
+        p.metadata.ns(),
+        p.metadata.name
+    ))
 }
 
 /// What a proxy accepts from its control plane: `docs` validated as one set and

@@ -5,6 +5,7 @@ mod security_tests {
 
     use super::super::*;
     use crate::authz::{HttpAttributes, RequestAttributes, evaluate};
+    use http::Method;
 
     const MESH: &str = r#"
 apiVersion: sinew.dev/v1alpha1

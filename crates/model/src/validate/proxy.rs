@@ -1,7 +1,7 @@
 //! `Proxy` documents: listeners, capture, limits and upstreams.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use super::resolve_port;
 use crate::error::ConfigErrors;
@@ -19,24 +19,13 @@ impl Resources {
             );
         }
         let mut binds: BTreeMap<SocketAddr, String> = BTreeMap::new();
-        let mut bind = |c: &mut Checker<'_>, field: String, s: &str| match s.parse::<SocketAddr>() {
-            Ok(a) => {
-                if let Some(prev) = binds.insert(a, field.clone()) {
-                    c.fail(field, format!("address {a} is already used by {prev}"));
-                }
+        let mut bind = |c: &mut Checker<'_>, field: String, a: SocketAddr| {
+            if let Some(prev) = binds.insert(a, field.clone()) {
+                c.fail(field, format!("address {a} is already used by {prev}"));
             }
-            Err(_) => c.fail(field, format!("{s:?} is not an address:port")),
         };
         if let Some(inb) = &p.spec.inbound {
-            bind(&mut c, "spec.inbound.bind".into(), &inb.bind);
-            if let Some(a) = &inb.app_address
-                && a.parse::<IpAddr>().is_err()
-            {
-                c.fail(
-                    "spec.inbound.appAddress",
-                    format!("{a:?} is not an IP address"),
-                );
-            }
+            bind(&mut c, "spec.inbound.bind".into(), inb.bind.value());
             if inb.ports.is_empty() {
                 c.fail(
                     "spec.inbound.ports",
@@ -48,7 +37,11 @@ impl Resources {
             }
         }
         if let Some(hp) = &p.spec.outbound.http_proxy {
-            bind(&mut c, "spec.outbound.httpProxy.bind".into(), &hp.bind);
+            bind(
+                &mut c,
+                "spec.outbound.httpProxy.bind".into(),
+                hp.bind.value(),
+            );
         }
         if let Some(cap) = &p.spec.capture {
             for (field, port) in [
@@ -63,7 +56,7 @@ impl Resources {
             bind(
                 &mut c,
                 "spec.capture.outboundPort".into(),
-                &format!("127.0.0.1:{}", cap.outbound_port),
+                SocketAddr::from(([127, 0, 0, 1], cap.outbound_port)),
             );
             if cap.outbound_port == cap.inbound_port {
                 c.fail(
@@ -77,14 +70,8 @@ impl Resources {
             if cap.opaque_ports.contains(&0) {
                 c.fail("spec.capture.opaquePorts", "port must be 1-65535");
             }
-            if let Some(d) = &cap.detect_timeout {
-                match crate::duration::parse(d) {
-                    Err(e) => c.fail("spec.capture.detectTimeout", e),
-                    Ok(t) if t.is_zero() => {
-                        c.fail("spec.capture.detectTimeout", "must be more than zero")
-                    }
-                    Ok(_) => {}
-                }
+            if cap.detect_timeout.as_ref().is_some_and(|d| d.is_zero()) {
+                c.fail("spec.capture.detectTimeout", "must be more than zero");
             }
         }
         let limits = |c: &mut Checker<'_>, field: &str, l: &Option<LimitsSpec>| {
@@ -107,7 +94,7 @@ impl Resources {
         for (i, u) in p.spec.outbound.upstreams.iter().enumerate() {
             let f = format!("spec.outbound.upstreams[{i}]");
             limits(&mut c, &format!("{f}.limits"), &u.limits);
-            bind(&mut c, format!("{f}.bind"), &u.bind);
+            bind(&mut c, format!("{f}.bind"), u.bind.value());
             let Some(svc) = self.find_service(k.0.as_str(), &u.service) else {
                 c.fail(
                     format!("{f}.service"),

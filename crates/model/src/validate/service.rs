@@ -20,10 +20,7 @@ impl Resources {
                     (Some(_), n) => format!("spec.virtualIPs[{}]", n - 1),
                     (None, n) => format!("spec.virtualIPs[{n}]"),
                 };
-                match v.parse::<IpAddr>() {
-                    Err(_) => c.fail(field, format!("{v:?} is not an IP address")),
-                    Ok(ip) => claims.push((field, ip)),
-                }
+                claims.push((field, v.value()));
             }
             if svc.spec.ports.is_empty() {
                 c.fail("spec.ports", "a service needs at least one port");
@@ -91,12 +88,6 @@ impl Resources {
     pub(super) fn validate_workloads(&self, errors: &mut ConfigErrors) {
         for (k, w) in &self.workloads {
             let mut c = self.checker(errors, "Workload", k);
-            if w.spec.address.parse::<IpAddr>().is_err() {
-                c.fail(
-                    "spec.address",
-                    format!("{:?} is not an IP address", w.spec.address),
-                );
-            }
             if let Some(s) = &w.spec.service
                 && !self.services.contains_key(&(k.0.clone(), s.clone()))
             {
