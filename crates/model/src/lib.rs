@@ -12,6 +12,7 @@ pub mod compile;
 pub mod duration;
 pub mod error;
 pub mod load;
+pub mod matching;
 pub mod parsed;
 pub mod policy;
 pub mod resource;

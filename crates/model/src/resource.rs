@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
+pub use crate::matching::{HttpHeaderMatch, HttpPathMatch};
 pub use crate::parsed::Parsed;
 use crate::vip::Cidr;
 
@@ -691,23 +692,6 @@ pub enum PathMatchType {
     RegularExpression,
 }
 
-/// Path condition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpPathMatch {
-    /// Match type; default `PathPrefix`.
-    #[serde(rename = "type", default)]
-    pub kind: PathMatchType,
-    /// The path, prefix or pattern; default `/`.
-    #[serde(default = "slash")]
-    pub value: String,
-}
-
-fn slash() -> String {
-    "/".to_owned()
-}
-
 /// Header or query-parameter value match type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -717,20 +701,6 @@ pub enum StringMatchType {
     Exact,
     /// Regular expression over the whole value.
     RegularExpression,
-}
-
-/// Header (or query-parameter) condition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpHeaderMatch {
-    /// Match type; default `Exact`.
-    #[serde(rename = "type", default)]
-    pub kind: StringMatchType,
-    /// Header (case-insensitive) or parameter (case-sensitive) name.
-    pub name: String,
-    /// Value or pattern.
-    pub value: String,
 }
 
 /// Filter type.

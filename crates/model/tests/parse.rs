@@ -107,6 +107,31 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "fixedDelay: 2x",
         ),
         (
+            route("    - matches:\n        - path: {type: RegularExpression, value: \"/(a\"}\n"),
+            "spec.rules[0].matches[0].path.value",
+            "invalid regular expression: unclosed group",
+            "/(a",
+        ),
+        (
+            // Anchoring would make this one compile; as written it is unbalanced.
+            route("    - matches:\n        - headers:\n            - {type: RegularExpression, name: x-v, value: \"a)|(b\"}\n"),
+            "spec.rules[0].matches[0].headers[0].value",
+            "invalid regular expression: unopened group",
+            "x-v",
+        ),
+        (
+            route("    - matches:\n        - queryParams:\n            - type: RegularExpression\n              name: q\n              value: \"[z-a]\"\n"),
+            "spec.rules[0].matches[0].queryParams[0].value",
+            "invalid regular expression",
+            "[z-a]",
+        ),
+        (
+            traffic("  rateLimits:\n    - name: a\n      requestsPerSecond: 1\n      matches: [{path: {type: RegularExpression, value: \"(\"}}]\n"),
+            "spec.rateLimits[0].matches[0].path.value",
+            "invalid regular expression",
+            "matches:",
+        ),
+        (
             route("    - matches:\n        - method: get\n"),
             "spec.rules[0].matches[0].method",
             "\"get\" is not an HTTP method (use upper case, e.g. GET)",
@@ -202,6 +227,41 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "{err}"
         );
     }
+}
+
+/// A pattern written before its `type` is refused as well; the error then names
+/// the condition (its value was read before it was known to be a pattern).
+#[test]
+fn a_pattern_before_its_type_is_refused_too() {
+    let text = format!(
+        "{SERVICE}---\n{}",
+        route("    - matches:\n        - path: {value: \"/(a\", type: RegularExpression}\n")
+    );
+    let err = parse_documents("typed.yaml", &text).unwrap_err();
+    assert_eq!(
+        err.0[0].field.as_deref(),
+        Some("spec.rules[0].matches[0].path"),
+        "{err}"
+    );
+    assert!(
+        err.0[0]
+            .reason
+            .contains("invalid regular expression: unclosed group"),
+        "{err}"
+    );
+    // Written the other way round, and read back from the store: the same match.
+    let ok = format!(
+        "{SERVICE}---\n{}",
+        route("    - matches:\n        - path: {value: \"/v[0-9]+\", type: RegularExpression}\n")
+    );
+    let docs = parse_documents("typed.yaml", &ok).unwrap_or_else(|e| panic!("{e}"));
+    let json = docs[1].resource.to_json();
+    assert!(
+        json.contains(r#""path":{"type":"RegularExpression","value":"/v[0-9]+"}"#),
+        "{json}"
+    );
+    let back = Resource::from_json("HTTPRoute", &json).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, docs[1].resource);
 }
 
 /// The documents in the repository: the demo's mesh and the loader's fuzz corpus.

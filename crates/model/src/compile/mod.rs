@@ -15,9 +15,7 @@ use http::HeaderName;
 use crate::authz::{AuthzPolicy, AuthzRule, DEFAULT_TRUST_DOMAIN, DefaultSource, InboundAuthz};
 use crate::error::{ConfigError, ConfigErrors};
 use crate::resource::*;
-use crate::route::{
-    PathMatcher, Pattern, RequestMatch, RouteEntry, RouteOrder, RouteTable, ValueMatcher,
-};
+use crate::route::{PathMatcher, RequestMatch, RouteEntry, RouteOrder, RouteTable, ValueMatcher};
 use crate::validate::resolve_port;
 
 #[cfg(test)]
@@ -463,13 +461,18 @@ fn compile_service(
             .or_else(|| res.mesh.as_ref().and_then(|m| m.spec.default_load_balancer))
             .unwrap_or_default(),
         ports,
-        traffic: traffic_config(res, ns, name),
+        traffic: traffic_config(res, ns, name, errors),
         virtual_ip: virtual_ips.first().copied(),
         virtual_ips,
     }
 }
 
-fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
+fn traffic_config(
+    res: &Resources,
+    ns: &str,
+    name: &str,
+    errors: &mut ConfigErrors,
+) -> TrafficConfig {
     let Some((policy_name, p)) = res
         .traffic_policies
         .iter()
@@ -516,9 +519,28 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
         rate_limits: p
             .rate_limits
             .iter()
-            .map(|r| RateLimitConfig {
+            .enumerate()
+            .map(|(ri, r)| RateLimitConfig {
                 name: format!("{ns}/{}/{}", policy_name, r.name),
-                matches: r.matches.iter().filter_map(compile_match).collect(),
+                matches: r
+                    .matches
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(mi, m)| {
+                        compile_match(m)
+                            .map_err(|(field, reason)| {
+                                // Refused by validation: only an unchecked set gets here.
+                                errors.push(
+                                    ConfigError::new(reason)
+                                        .field(format!(
+                                            "spec.rateLimits[{ri}].matches[{mi}].{field}"
+                                        ))
+                                        .resource(format!("TrafficPolicy {ns}/{policy_name}")),
+                                );
+                            })
+                            .ok()
+                    })
+                    .collect(),
                 key: r.key.as_ref().map(|k| match &k.header {
                     Some(h) => RateKey::Header(h.get().as_str().to_owned()),
                     None => RateKey::Identity,
@@ -673,8 +695,13 @@ fn compile_routes(
                 &rule.matches
             };
             for (mi, m) in matches.iter().enumerate() {
-                let Some(matcher) = compile_match(m) else {
-                    continue; // refused by validation already
+                let matcher = match compile_match(m) {
+                    Ok(matcher) => matcher,
+                    // Refused by validation: only an unchecked set gets here.
+                    Err((field, reason)) => {
+                        fail(format!("spec.rules[{ri}].matches[{mi}].{field}"), reason);
+                        continue;
+                    }
                 };
                 entries.push((
                     RouteEntry {
@@ -729,41 +756,44 @@ fn compile_routes(
     RouteTable::new(entries)
 }
 
-fn compile_match(m: &HttpRouteMatch) -> Option<RequestMatch> {
+/// A match's matcher; patterns were compiled when the document was read. The one
+/// thing left to parse is a header condition's name (the type is shared with query
+/// parameters, which any name may be): its field and reason when it is not a header
+/// name, which validation refuses first.
+fn compile_match(m: &HttpRouteMatch) -> Result<RequestMatch, (String, String)> {
     let path = match &m.path {
         None => PathMatcher::prefix("/"),
-        Some(p) => match p.kind {
-            PathMatchType::Exact => PathMatcher::Exact(p.value.clone()),
-            PathMatchType::PathPrefix => PathMatcher::prefix(&p.value),
-            PathMatchType::RegularExpression => {
-                PathMatcher::RegularExpression(Pattern::new(&p.value).ok()?)
-            }
+        Some(p) => match (p.kind(), p.pattern()) {
+            (_, Some(pattern)) => PathMatcher::RegularExpression(pattern.clone()),
+            (PathMatchType::Exact, None) => PathMatcher::Exact(p.value().to_owned()),
+            (_, None) => PathMatcher::prefix(p.value()),
         },
     };
-    let value = |kind: StringMatchType, v: &str| -> Option<ValueMatcher> {
-        Some(match kind {
-            StringMatchType::Exact => ValueMatcher::Exact(v.to_owned()),
-            StringMatchType::RegularExpression => {
-                ValueMatcher::RegularExpression(Pattern::new(v).ok()?)
-            }
-        })
+    let value = |h: &HttpHeaderMatch| match h.pattern() {
+        Some(pattern) => ValueMatcher::RegularExpression(pattern.clone()),
+        None => ValueMatcher::Exact(h.value().to_owned()),
     };
     // Gateway API: of several entries with an equivalent name, only the first counts.
     let mut headers: Vec<(HeaderName, ValueMatcher)> = Vec::new();
-    for h in &m.headers {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+    for (i, h) in m.headers.iter().enumerate() {
+        let name = HeaderName::from_bytes(h.name().as_bytes()).map_err(|_| {
+            (
+                format!("headers[{i}].name"),
+                format!("{:?} is not a valid header name", h.name()),
+            )
+        })?;
         if headers.iter().all(|(n, _)| *n != name) {
-            headers.push((name, value(h.kind, &h.value)?));
+            headers.push((name, value(h)));
         }
     }
     let mut query_params: Vec<(String, ValueMatcher)> = Vec::new();
     for q in &m.query_params {
-        if query_params.iter().all(|(n, _)| *n != q.name) {
-            query_params.push((q.name.clone(), value(q.kind, &q.value)?));
+        if query_params.iter().all(|(n, _)| n != q.name()) {
+            query_params.push((q.name().to_owned(), value(q)));
         }
     }
     let method = m.method.as_ref().map(|s| s.get().clone());
-    Some(RequestMatch {
+    Ok(RequestMatch {
         path,
         method,
         headers,

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use crate::error::ConfigErrors;
-use crate::resource::*;
 use crate::set::Resources;
 
 impl Resources {
@@ -105,15 +104,17 @@ impl Resources {
                         format!("duplicate rate limit name {:?}", r.name),
                     );
                 }
+                // Compiled as a route match is: a header condition whose name is not
+                // a header name would match nothing, and dropping it would widen the
+                // limit.
                 for (mi, m) in r.matches.iter().enumerate() {
-                    if let Some(path) = &m.path
-                        && path.kind == PathMatchType::RegularExpression
-                        && regex::Regex::new(&path.value).is_err()
-                    {
-                        c.fail(
-                            format!("{f}.matches[{mi}].path.value"),
-                            "invalid regular expression",
-                        );
+                    for (hi, h) in m.headers.iter().enumerate() {
+                        if http::HeaderName::from_bytes(h.name().as_bytes()).is_err() {
+                            c.fail(
+                                format!("{f}.matches[{mi}].headers[{hi}].name"),
+                                format!("{:?} is not a valid header name", h.name()),
+                            );
+                        }
                     }
                 }
             }
