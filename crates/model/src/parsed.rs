@@ -222,6 +222,28 @@ impl Parse for Method {
     }
 }
 
+/// A gRPC status by its canonical name (`UNAVAILABLE`): the status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcCode(pub u8);
+
+impl Parse for GrpcCode {
+    fn parse(text: &str) -> Result<Self, String> {
+        crate::resource::grpc_code(text)
+            .map(GrpcCode)
+            .ok_or_else(|| format!("{text:?} is not a gRPC status name (e.g. UNAVAILABLE)"))
+    }
+}
+
+/// A JWKS document with public keys only ([`crate::authz::public_jwks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublicJwks(pub serde_json::Value);
+
+impl Parse for PublicJwks {
+    fn parse(text: &str) -> Result<Self, String> {
+        crate::authz::public_jwks(text).map(PublicJwks)
+    }
+}
+
 impl Parse for Cidr {
     fn parse(text: &str) -> Result<Self, String> {
         Cidr::parse(text)
@@ -267,5 +289,32 @@ mod tests {
             let e = got.expect_err(text);
             assert!(e.contains(want), "{text}: {e}");
         }
+    }
+}
+
+/// A CRD's schema is unchanged by parsing: a typed field is the string it was.
+#[cfg(all(test, feature = "schema"))]
+mod schema_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_parsed_field_has_the_schema_of_a_string() {
+        let same = |a: schemars::Schema, b: schemars::Schema| {
+            assert_eq!(a.to_value(), b.to_value());
+        };
+        same(
+            schemars::schema_for!(Option<Parsed<Duration>>),
+            schemars::schema_for!(Option<String>),
+        );
+        same(
+            schemars::schema_for!(Vec<Parsed<HeaderName>>),
+            schemars::schema_for!(Vec<String>),
+        );
+        same(
+            schemars::schema_for!(Parsed<SocketAddr>),
+            schemars::schema_for!(String),
+        );
     }
 }

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
 pub use crate::matching::{HttpHeaderMatch, HttpPathMatch};
-pub use crate::parsed::Parsed;
+pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
 use crate::vip::Cidr;
 
 /// API group and version of Sinew's own kinds.
@@ -617,7 +617,7 @@ pub struct RetrySpec {
     /// Naming any makes gRPC calls retryable (they are all POSTs), so name only
     /// statuses that mean the call was not carried out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub grpc_codes: Vec<String>,
+    pub grpc_codes: Vec<Parsed<GrpcCode>>,
     /// First backoff, doubled per retry with full jitter; default `25ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Parsed<Duration>>,
@@ -755,7 +755,7 @@ pub struct FaultAbort {
     pub http_status: Option<u16>,
     /// gRPC status name (e.g. `UNAVAILABLE`), for gRPC requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grpc_status: Option<String>,
+    pub grpc_status: Option<Parsed<GrpcCode>>,
     /// Share of matching requests, 0-100.
     pub percent: f64,
 }
@@ -1279,7 +1279,7 @@ pub struct JwksSpec {
     pub refresh: Option<Parsed<Duration>>,
     /// The JWKS JSON itself (public keys only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inline: Option<String>,
+    pub inline: Option<Parsed<PublicJwks>>,
 }
 
 /// A header that may carry a token.

@@ -180,6 +180,24 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "key:",
         ),
         (
+            route("    - retry:\n        grpcCodes: [UNAVAILABLE, unavailable]\n"),
+            "spec.rules[0].retry.grpcCodes[1]",
+            "\"unavailable\" is not a gRPC status name",
+            "grpcCodes",
+        ),
+        (
+            route("    - filters:\n        - type: Fault\n          fault:\n            abort: {grpcStatus: NOPE, percent: 1}\n"),
+            "spec.rules[0].filters[0].fault.abort.grpcStatus",
+            "\"NOPE\" is not a gRPC status name (e.g. UNAVAILABLE)",
+            "NOPE",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: j, namespace: shop}\nspec:\n  jwtRules:\n    - issuer: https://issuer\n      jwks:\n        inline: '{\"keys\": 5}'\n".into(),
+            "spec.jwtRules[0].jwks.inline",
+            "not a JWKS",
+            "inline",
+        ),
+        (
             jwt("      clockSkew: 1 minute\n"),
             "spec.jwtRules[0].clockSkew",
             "invalid duration \"1 minute\"",

@@ -108,7 +108,7 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         ports: i.ports.clone(),
         mtls: inbound_mtls(res, &ns, &own_services),
         authz: compile_authz(res, &ns, &own_services, &trust_domain),
-        jwt: compile_jwt(res, &ns, &own_services),
+        jwt: compile_jwt(res, &ns, &own_services, &mut errors),
         limits: i.limits.unwrap_or_default().or(proxy_limits),
     });
     let mut upstreams = Vec::new();
@@ -308,7 +308,12 @@ pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 /// Default tolerance for `exp` and `nbf`.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
 
-fn compile_jwt(res: &Resources, ns: &str, own: &[String]) -> Vec<JwtRuleConfig> {
+fn compile_jwt(
+    res: &Resources,
+    ns: &str,
+    own: &[String],
+    errors: &mut ConfigErrors,
+) -> Vec<JwtRuleConfig> {
     let mut targeted = Vec::new();
     let mut wide = Vec::new();
     for ((rns, rname), ra) in &res.request_authentications {
@@ -320,9 +325,16 @@ fn compile_jwt(res: &Resources, ns: &str, own: &[String]) -> Vec<JwtRuleConfig> 
         } else {
             &mut wide
         };
-        for rule in &ra.spec.jwt_rules {
+        for (ri, rule) in ra.spec.jwt_rules.iter().enumerate() {
             let Some(jwks) = compile_jwks(&rule.jwks) else {
-                continue; // refused by validation already
+                // Validation refuses a rule without keys; an unchecked set gets here,
+                // and its rule is refused rather than left out.
+                errors.push(
+                    ConfigError::new("set exactly one of file, uri, inline")
+                        .field(format!("spec.jwtRules[{ri}].jwks"))
+                        .resource(format!("RequestAuthentication {rns}/{rname}")),
+                );
+                continue;
             };
             let from_headers = if rule.from_headers.is_empty() {
                 vec![TokenLocation {
@@ -379,7 +391,7 @@ fn compile_jwks(j: &JwksSpec) -> Option<JwksSource> {
                 .map_or(DEFAULT_JWKS_REFRESH, Parsed::value),
         });
     }
-    let jwks = crate::authz::public_jwks(j.inline.as_deref()?).ok()?;
+    let jwks = j.inline.as_ref()?.get().0.clone();
     Some(JwksSource::Inline { jwks })
 }
 
@@ -662,11 +674,7 @@ fn compile_routes(
                 retry: rule.retry.as_ref().map(|r| RetryConfig {
                     retries: r.attempts.unwrap_or(2),
                     codes: r.codes.clone().unwrap_or_else(|| vec![502, 503, 504]),
-                    grpc_codes: r
-                        .grpc_codes
-                        .iter()
-                        .filter_map(|g| crate::resource::grpc_code(g))
-                        .collect(),
+                    grpc_codes: r.grpc_codes.iter().map(|g| g.value().0).collect(),
                     backoff: r
                         .backoff
                         .as_ref()
@@ -833,9 +841,7 @@ fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
                 abort: fault.abort.as_ref().map(|a| {
                     (
                         a.http_status,
-                        a.grpc_status
-                            .as_deref()
-                            .and_then(crate::resource::grpc_code),
+                        a.grpc_status.as_ref().map(|g| g.value().0),
                         a.percent,
                     )
                 }),

@@ -199,14 +199,6 @@ pub(crate) fn check_retry(c: &mut Checker<'_>, f: &str, r: &RetrySpec) {
             );
         }
     }
-    for (i, g) in r.grpc_codes.iter().enumerate() {
-        if crate::resource::grpc_code(g).is_none() {
-            c.fail(
-                format!("{f}.grpcCodes[{i}]"),
-                format!("{g:?} is not a gRPC status name"),
-            );
-        }
-    }
     if let Some(h) = &r.hedge {
         if h.delay.is_some() == h.percentile.is_some() {
             c.fail(
@@ -298,10 +290,6 @@ pub(crate) fn check_filter(
                 (Some(s), _) if !(200..=599).contains(&s) => c.fail(
                     format!("{f}.fault.abort.httpStatus"),
                     format!("{s} is not an HTTP status (200-599)"),
-                ),
-                (_, Some(g)) if crate::resource::grpc_code(g).is_none() => c.fail(
-                    format!("{f}.fault.abort.grpcStatus"),
-                    format!("{g:?} is not a gRPC status name (e.g. UNAVAILABLE)"),
                 ),
                 _ => {}
             }
