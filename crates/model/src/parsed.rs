@@ -244,6 +244,12 @@ impl Parse for PublicJwks {
     }
 }
 
+impl Parse for crate::spiffe::SpiffeId {
+    fn parse(text: &str) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
 impl Parse for Cidr {
     fn parse(text: &str) -> Result<Self, String> {
         Cidr::parse(text)

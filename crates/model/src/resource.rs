@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::matching::{HttpHeaderMatch, HttpPathMatch};
 pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
+use crate::spiffe::SpiffeId;
 use crate::vip::Cidr;
 
 /// API group and version of Sinew's own kinds.
@@ -1166,7 +1167,7 @@ pub struct RuleSource {
     /// Exact SPIFFE ids of the peer (`principals` and `principalPrefixes` together
     /// form one condition: either may match).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub principals: Vec<String>,
+    pub principals: Vec<Parsed<SpiffeId>>,
     /// Prefixes of the peer's SPIFFE id, e.g. `spiffe://cluster.local/ns/shop/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principal_prefixes: Vec<String>,

@@ -216,6 +216,12 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "forwardClaims",
         ),
         (
+            "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n    - from:\n        principals:\n          - spiffe://example.org/ns/shop/sa/web\n          - spiffe://Example.org/ns/shop/sa/web\n".into(),
+            "spec.rules[0].from.principals[1]",
+            "is not a SPIFFE id: invalid trust domain",
+            "Example.org",
+        ),
+        (
             "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n    - to:\n        methods: [GET, delete]\n".into(),
             "spec.rules[0].to.methods[1]",
             "\"delete\" is not an HTTP method",

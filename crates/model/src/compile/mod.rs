@@ -286,7 +286,12 @@ fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
             .collect()
     };
     AuthzRule {
-        principals: from.principals,
+        // Matched as written (a peer's id is compared as text).
+        principals: from
+            .principals
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
         principal_prefixes: from.principal_prefixes,
         namespaces: from.namespaces,
         request_principals: from.request_principals,

@@ -294,10 +294,10 @@ pub(crate) fn check_filter(
                 _ => {}
             }
         }
-        if let Some(d) = &fault.delay {
-            if !(0.0..=100.0).contains(&d.percent) {
-                c.fail(format!("{f}.fault.delay.percent"), "must be 0-100");
-            }
+        if let Some(d) = &fault.delay
+            && !(0.0..=100.0).contains(&d.percent)
+        {
+            c.fail(format!("{f}.fault.delay.percent"), "must be 0-100");
         }
     }
     for (kind, is_set, field) in present {

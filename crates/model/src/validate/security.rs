@@ -168,11 +168,6 @@ impl Resources {
 
 fn check_authz_rule(c: &mut Checker<'_>, f: &str, rule: &AuthorizationRule) {
     if let Some(from) = &rule.from {
-        for (i, p) in from.principals.iter().enumerate() {
-            if let Err(e) = crate::authz::parse_spiffe(p) {
-                c.fail(format!("{f}.from.principals[{i}]"), e);
-            }
-        }
         for (i, p) in from.principal_prefixes.iter().enumerate() {
             match p.strip_prefix("spiffe://") {
                 Some(rest)

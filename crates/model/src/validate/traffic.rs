@@ -84,13 +84,13 @@ impl Resources {
                 if r.burst == Some(0) {
                     c.fail(format!("{f}.burst"), "must be at least 1");
                 }
-                if let Some(k) = &r.key {
-                    if k.header.is_some() == k.identity {
-                        c.fail(
-                            format!("{f}.key"),
-                            "give exactly one of header or identity: true",
-                        );
-                    }
+                if let Some(k) = &r.key
+                    && k.header.is_some() == k.identity
+                {
+                    c.fail(
+                        format!("{f}.key"),
+                        "give exactly one of header or identity: true",
+                    );
                 }
                 if p.spec
                     .rate_limits
