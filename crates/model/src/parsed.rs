@@ -33,8 +33,8 @@ pub trait Parse: Sized {
 
 /// A value parsed from a document, with the text it was parsed from.
 ///
-/// Equality, ordering of output and serialization use the text: two spellings of the
-/// same value (`60s`, `1m`) are different documents, as the user wrote them.
+/// Equality and serialization use the text: two spellings of the same value (`60s`,
+/// `1m`) are different documents, as the user wrote them.
 #[derive(Clone)]
 pub struct Parsed<T> {
     text: String,
@@ -209,8 +209,8 @@ impl Parse for HeaderValue {
     }
 }
 
-/// An HTTP method in upper case (`GET`): a lower-case one would be a different,
-/// extension method that no client sends by mistake on purpose.
+/// An HTTP method in upper case (`GET`): methods are case-sensitive, and a lower-case
+/// `get` would be an extension method no client sends.
 impl Parse for Method {
     fn parse(text: &str) -> Result<Self, String> {
         match Method::from_bytes(text.as_bytes()) {
