@@ -12,6 +12,9 @@ use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use http::HeaderName;
+
+use crate::parsed::Parsed;
 use crate::resource::{PathMatchType, StringMatchType};
 use crate::route::Pattern;
 
@@ -79,12 +82,19 @@ impl HttpPathMatch {
     }
 }
 
-/// Header (or query-parameter) condition.
+/// A condition on a named value: a header ([`HttpHeaderMatch`], the name parsed as
+/// a header name) or a query parameter ([`HttpQueryParamMatch`], any name).
 #[derive(Debug, Clone, PartialEq)]
-pub struct HttpHeaderMatch {
-    name: String,
+pub struct ValueMatch<N> {
+    name: N,
     value: StringValue,
 }
+
+/// Header condition.
+pub type HttpHeaderMatch = ValueMatch<Parsed<HeaderName>>;
+
+/// Query-parameter condition.
+pub type HttpQueryParamMatch = ValueMatch<String>;
 
 #[derive(Debug, Clone, PartialEq)]
 enum StringValue {
@@ -101,16 +111,12 @@ impl StringValue {
     }
 }
 
-impl HttpHeaderMatch {
+impl<N: AsRef<str>> ValueMatch<N> {
     /// A condition on `name` of type `kind`; the reason when `value` is not a valid
     /// regular expression for a `RegularExpression` match.
-    pub fn new(
-        kind: StringMatchType,
-        name: impl Into<String>,
-        value: impl Into<String>,
-    ) -> Result<Self, String> {
-        Ok(HttpHeaderMatch {
-            name: name.into(),
+    pub fn new(kind: StringMatchType, name: N, value: impl Into<String>) -> Result<Self, String> {
+        Ok(ValueMatch {
+            name,
             value: StringValue::new(kind, value.into())?,
         })
     }
@@ -123,9 +129,9 @@ impl HttpHeaderMatch {
         }
     }
 
-    /// Header (case-insensitive) or parameter (case-sensitive) name.
+    /// Header (case-insensitive) or parameter (case-sensitive) name, as written.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_ref()
     }
 
     /// Value or pattern as written.
@@ -154,11 +160,18 @@ impl Serialize for HttpPathMatch {
     }
 }
 
-impl Serialize for HttpHeaderMatch {
+impl HttpHeaderMatch {
+    /// The header's name, parsed.
+    pub fn header(&self) -> &HeaderName {
+        self.name.get()
+    }
+}
+
+impl<N: AsRef<str>> Serialize for ValueMatch<N> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("HttpHeaderMatch", 3)?;
         st.serialize_field("type", &self.kind())?;
-        st.serialize_field("name", &self.name)?;
+        st.serialize_field("name", self.name())?;
         st.serialize_field("value", self.value())?;
         st.end()
     }
@@ -242,19 +255,19 @@ impl<'de> Deserialize<'de> for HttpPathMatch {
     }
 }
 
-impl<'de> Deserialize<'de> for HttpHeaderMatch {
+impl<'de, N: Deserialize<'de>> Deserialize<'de> for ValueMatch<N> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = HttpHeaderMatch;
+        struct V<N>(std::marker::PhantomData<N>);
+        impl<'de, N: Deserialize<'de>> Visitor<'de> for V<N> {
+            type Value = ValueMatch<N>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("struct HttpHeaderMatch")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<HttpHeaderMatch, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueMatch<N>, A::Error> {
                 let mut kind: Option<StringMatchType> = None;
-                let mut name: Option<String> = None;
+                let mut name: Option<N> = None;
                 let mut value: Option<Pending<StringValue>> = None;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
@@ -283,10 +296,14 @@ impl<'de> Deserialize<'de> for HttpHeaderMatch {
                         StringValue::new(kind.unwrap_or_default(), v).map_err(de::Error::custom)?
                     }
                 };
-                Ok(HttpHeaderMatch { name, value })
+                Ok(ValueMatch { name, value })
             }
         }
-        d.deserialize_struct("HttpHeaderMatch", HEADER_FIELDS, V)
+        d.deserialize_struct(
+            "HttpHeaderMatch",
+            HEADER_FIELDS,
+            V(std::marker::PhantomData),
+        )
     }
 }
 
@@ -349,5 +366,23 @@ mod schema {
         };
     }
     same_schema!(HttpPathMatch);
-    same_schema!(HttpHeaderMatch);
+
+    /// A header and a query-parameter condition have one shape in the schema.
+    impl<N> schemars::JsonSchema for super::ValueMatch<N> {
+        fn schema_name() -> std::borrow::Cow<'static, str> {
+            HttpHeaderMatch::schema_name()
+        }
+
+        fn schema_id() -> std::borrow::Cow<'static, str> {
+            HttpHeaderMatch::schema_id()
+        }
+
+        fn inline_schema() -> bool {
+            HttpHeaderMatch::inline_schema()
+        }
+
+        fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            HttpHeaderMatch::json_schema(g)
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
-pub use crate::matching::{HttpHeaderMatch, HttpPathMatch};
+pub use crate::matching::{HttpHeaderMatch, HttpPathMatch, HttpQueryParamMatch};
 pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
 use crate::spiffe::SpiffeId;
 use crate::vip::Cidr;
@@ -674,7 +674,7 @@ pub struct HttpRouteMatch {
     pub headers: Vec<HttpHeaderMatch>,
     /// Query parameter conditions.
     #[serde(default)]
-    pub query_params: Vec<HttpHeaderMatch>,
+    pub query_params: Vec<HttpQueryParamMatch>,
     /// HTTP method, e.g. `GET`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<Parsed<Method>>,

@@ -132,6 +132,18 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "matches:",
         ),
         (
+            route("    - matches:\n        - headers:\n            - {name: \"x version\", value: v2}\n"),
+            "spec.rules[0].matches[0].headers[0].name",
+            "\"x version\" is not a valid header name",
+            "x version",
+        ),
+        (
+            traffic("  rateLimits:\n    - name: a\n      requestsPerSecond: 1\n      matches:\n        - headers: [{name: \"a:b\", value: c}]\n"),
+            "spec.rateLimits[0].matches[0].headers[0].name",
+            "\"a:b\" is not a valid header name",
+            "a:b",
+        ),
+        (
             route("    - matches:\n        - method: get\n"),
             "spec.rules[0].matches[0].method",
             "\"get\" is not an HTTP method (use upper case, e.g. GET)",

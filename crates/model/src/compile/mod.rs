@@ -478,18 +478,13 @@ fn compile_service(
             .or_else(|| res.mesh.as_ref().and_then(|m| m.spec.default_load_balancer))
             .unwrap_or_default(),
         ports,
-        traffic: traffic_config(res, ns, name, errors),
+        traffic: traffic_config(res, ns, name),
         virtual_ip: virtual_ips.first().copied(),
         virtual_ips,
     }
 }
 
-fn traffic_config(
-    res: &Resources,
-    ns: &str,
-    name: &str,
-    errors: &mut ConfigErrors,
-) -> TrafficConfig {
+fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
     let Some((policy_name, p)) = res
         .traffic_policies
         .iter()
@@ -536,28 +531,9 @@ fn traffic_config(
         rate_limits: p
             .rate_limits
             .iter()
-            .enumerate()
-            .map(|(ri, r)| RateLimitConfig {
+            .map(|r| RateLimitConfig {
                 name: format!("{ns}/{}/{}", policy_name, r.name),
-                matches: r
-                    .matches
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(mi, m)| {
-                        compile_match(m)
-                            .map_err(|(field, reason)| {
-                                // Refused by validation: only an unchecked set gets here.
-                                errors.push(
-                                    ConfigError::new(reason)
-                                        .field(format!(
-                                            "spec.rateLimits[{ri}].matches[{mi}].{field}"
-                                        ))
-                                        .resource(format!("TrafficPolicy {ns}/{policy_name}")),
-                                );
-                            })
-                            .ok()
-                    })
-                    .collect(),
+                matches: r.matches.iter().map(compile_match).collect(),
                 key: r.key.as_ref().map(|k| match &k.header {
                     Some(h) => RateKey::Header(h.get().as_str().to_owned()),
                     None => RateKey::Identity,
@@ -708,14 +684,7 @@ fn compile_routes(
                 &rule.matches
             };
             for (mi, m) in matches.iter().enumerate() {
-                let matcher = match compile_match(m) {
-                    Ok(matcher) => matcher,
-                    // Refused by validation: only an unchecked set gets here.
-                    Err((field, reason)) => {
-                        fail(format!("spec.rules[{ri}].matches[{mi}].{field}"), reason);
-                        continue;
-                    }
-                };
+                let matcher = compile_match(m);
                 entries.push((
                     RouteEntry {
                         matcher,
@@ -769,11 +738,8 @@ fn compile_routes(
     RouteTable::new(entries)
 }
 
-/// A match's matcher; patterns were compiled when the document was read. The one
-/// thing left to parse is a header condition's name (the type is shared with query
-/// parameters, which any name may be): its field and reason when it is not a header
-/// name, which validation refuses first.
-fn compile_match(m: &HttpRouteMatch) -> Result<RequestMatch, (String, String)> {
+/// A match's matcher: every value in it was parsed when the document was read.
+fn compile_match(m: &HttpRouteMatch) -> RequestMatch {
     let path = match &m.path {
         None => PathMatcher::prefix("/"),
         Some(p) => match (p.kind(), p.pattern()) {
@@ -782,21 +748,17 @@ fn compile_match(m: &HttpRouteMatch) -> Result<RequestMatch, (String, String)> {
             (_, None) => PathMatcher::prefix(p.value()),
         },
     };
-    let value = |h: &HttpHeaderMatch| match h.pattern() {
-        Some(pattern) => ValueMatcher::RegularExpression(pattern.clone()),
-        None => ValueMatcher::Exact(h.value().to_owned()),
-    };
+    fn value<N: AsRef<str>>(h: &crate::matching::ValueMatch<N>) -> ValueMatcher {
+        match h.pattern() {
+            Some(pattern) => ValueMatcher::RegularExpression(pattern.clone()),
+            None => ValueMatcher::Exact(h.value().to_owned()),
+        }
+    }
     // Gateway API: of several entries with an equivalent name, only the first counts.
     let mut headers: Vec<(HeaderName, ValueMatcher)> = Vec::new();
-    for (i, h) in m.headers.iter().enumerate() {
-        let name = HeaderName::from_bytes(h.name().as_bytes()).map_err(|_| {
-            (
-                format!("headers[{i}].name"),
-                format!("{:?} is not a valid header name", h.name()),
-            )
-        })?;
-        if headers.iter().all(|(n, _)| *n != name) {
-            headers.push((name, value(h)));
+    for h in &m.headers {
+        if headers.iter().all(|(n, _)| n != h.header()) {
+            headers.push((h.header().clone(), value(h)));
         }
     }
     let mut query_params: Vec<(String, ValueMatcher)> = Vec::new();
@@ -806,12 +768,12 @@ fn compile_match(m: &HttpRouteMatch) -> Result<RequestMatch, (String, String)> {
         }
     }
     let method = m.method.as_ref().map(|s| s.get().clone());
-    Ok(RequestMatch {
+    RequestMatch {
         path,
         method,
         headers,
         query_params,
-    })
+    }
 }
 
 fn compile_edits(m: &HeaderModifier) -> HeaderEdits {

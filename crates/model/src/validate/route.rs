@@ -85,14 +85,6 @@ impl Resources {
                         format!("{:?} must start with '/'", path.value()),
                     );
                 }
-                for (hi, h) in m.headers.iter().enumerate() {
-                    if http::HeaderName::from_bytes(h.name().as_bytes()).is_err() {
-                        c.fail(
-                            format!("{mf}.headers[{hi}].name"),
-                            format!("{:?} is not a valid header name", h.name()),
-                        );
-                    }
-                }
                 for (qi, q) in m.query_params.iter().enumerate() {
                     if q.name().is_empty() {
                         c.fail(

@@ -104,19 +104,6 @@ impl Resources {
                         format!("duplicate rate limit name {:?}", r.name),
                     );
                 }
-                // Compiled as a route match is: a header condition whose name is not
-                // a header name would match nothing, and dropping it would widen the
-                // limit.
-                for (mi, m) in r.matches.iter().enumerate() {
-                    for (hi, h) in m.headers.iter().enumerate() {
-                        if http::HeaderName::from_bytes(h.name().as_bytes()).is_err() {
-                            c.fail(
-                                format!("{f}.matches[{mi}].headers[{hi}].name"),
-                                format!("{:?} is not a valid header name", h.name()),
-                            );
-                        }
-                    }
-                }
             }
             if let Some(o) = &p.spec.outlier_detection {
                 for (field, v) in [
