@@ -225,21 +225,22 @@ pub(crate) fn capture_spec(c: &api::Capture) -> Result<sinew_model::resource::Ca
             .filter(|p| *p > 0)
             .ok_or_else(|| Status::invalid_argument(format!("capture.{field}: {v} is not a port")))
     };
-    let detect_timeout = (!c.detect_timeout.is_empty()).then(|| c.detect_timeout.clone());
-    if let Some(d) = &detect_timeout {
-        match sinew_model::duration::parse(d) {
-            Ok(t) if !t.is_zero() => {}
-            Ok(_) => {
-                return Err(Status::invalid_argument(
-                    "capture.detect_timeout: must be more than zero",
-                ));
-            }
-            Err(e) => {
-                return Err(Status::invalid_argument(format!(
-                    "capture.detect_timeout: {e}"
-                )));
-            }
-        }
+    let detect_timeout: Option<sinew_model::resource::Parsed<std::time::Duration>> =
+        match c.detect_timeout.as_str() {
+            "" => None,
+            d => match d.parse() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    return Err(Status::invalid_argument(format!(
+                        "capture.detect_timeout: {e}"
+                    )));
+                }
+            },
+        };
+    if detect_timeout.as_ref().is_some_and(|d| d.is_zero()) {
+        return Err(Status::invalid_argument(
+            "capture.detect_timeout: must be more than zero",
+        ));
     }
     let spec = sinew_model::resource::CaptureSpec {
         outbound_port: port("outbound_port", c.outbound_port)?,
@@ -269,12 +270,12 @@ pub(crate) fn workload(
     name: &str,
     r: &api::Registration,
 ) -> Result<Object<WorkloadSpec>, Status> {
-    if r.address.parse::<std::net::IpAddr>().is_err() {
+    let Ok(address) = r.address.parse() else {
         return Err(Status::invalid_argument(format!(
             "registration.address {:?} is not an IP address",
             r.address
         )));
-    }
+    };
     let mut ports = BTreeMap::new();
     for (k, v) in &r.ports {
         let port = u16::try_from(*v).ok().filter(|p| *p != 0).ok_or_else(|| {
@@ -300,7 +301,7 @@ pub(crate) fn workload(
         },
         spec: WorkloadSpec {
             service: (!r.service.is_empty()).then(|| r.service.clone()),
-            address: r.address.clone(),
+            address,
             ports,
             sidecar,
             service_account: (!r.service_account.is_empty()).then(|| r.service_account.clone()),

@@ -300,12 +300,15 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
     let range = all
         .iter()
         .find_map(|e| match &e.resource {
-            Resource::MeshConfig(m) => m.spec.virtual_ip_range.clone(),
+            Resource::MeshConfig(m) => m.spec.virtual_ip_range.as_ref().map(|r| r.value()),
             _ => None,
         })
-        .unwrap_or_else(|| DEFAULT_VIP_RANGE.to_owned());
-    let Ok(range) = Cidr::parse(&range) else {
-        tracing::warn!(%range, "MeshConfig.spec.virtualIPRange is not a CIDR; no virtual IPs allocated");
+        .map_or_else(|| Cidr::parse(DEFAULT_VIP_RANGE), Ok);
+    let Ok(range) = range else {
+        tracing::warn!(
+            range = DEFAULT_VIP_RANGE,
+            "the default virtual IP range is not a CIDR; no virtual IPs allocated"
+        );
         return;
     };
     let mut wanted = BTreeSet::new();
@@ -313,11 +316,7 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
     for e in all.iter() {
         if let Resource::Service(s) = &e.resource {
             if s.spec.names_virtual_ips() {
-                taken.extend(
-                    s.spec
-                        .virtual_ip_list()
-                        .filter_map(|v| v.parse::<std::net::IpAddr>().ok()),
-                );
+                taken.extend(s.spec.virtual_ip_list().map(|v| v.value()));
             } else {
                 wanted.insert(format!("{}.{}", s.metadata.name, s.metadata.ns()));
             }
@@ -345,7 +344,7 @@ fn allocate_vips(all: &mut [Arc<DocEntry>]) {
                 let id = (e.id, *ip);
                 let entry = made.remove(&id).unwrap_or_else(|| {
                     let mut s = s.clone();
-                    s.spec.virtual_ip = Some(ip.to_string());
+                    s.spec.virtual_ip = Some((*ip).into());
                     Arc::new(DocEntry::new(Resource::Service(s), &e.source, e.revision))
                 });
                 kept.insert(id, entry.clone());
@@ -432,13 +431,7 @@ fn proxy_document(
         ports.sort_unstable();
         ports.dedup();
         proxy.spec.inbound = Some(InboundSpec {
-            bind: std::net::SocketAddr::new(
-                w.address
-                    .parse()
-                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
-                sc.port,
-            )
-            .to_string(),
+            bind: std::net::SocketAddr::new(w.address.value(), sc.port).into(),
             app_address: None,
             ports,
             limits: None,
@@ -690,7 +683,10 @@ spec:
         v.entries
             .iter()
             .filter_map(|e| match &e.resource {
-                Resource::Service(s) => Some((s.metadata.name.clone(), s.spec.virtual_ip.clone())),
+                Resource::Service(s) => Some((
+                    s.metadata.name.clone(),
+                    s.spec.virtual_ip.as_ref().map(ToString::to_string),
+                )),
                 _ => None,
             })
             .collect()
@@ -776,7 +772,8 @@ spec:
         let dual = spec("dual");
         assert_eq!(dual.virtual_ip, None);
         assert_eq!(
-            dual.virtual_ips,
+            dual.virtual_ips
+                .map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>()),
             Some(vec!["10.0.0.5".to_owned(), "fd00::5".to_owned()])
         );
         let headless = spec("headless");

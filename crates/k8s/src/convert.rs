@@ -1170,7 +1170,11 @@ mod tests {
             .unwrap_or_else(|| panic!("no document"))
             .unwrap_or_else(|e| panic!("{e:?}"));
         match &docs[0].resource {
-            sinew_model::resource::Resource::Service(o) => o.spec.virtual_ips.clone(),
+            sinew_model::resource::Resource::Service(o) => o
+                .spec
+                .virtual_ips
+                .as_ref()
+                .map(|v| v.iter().map(|ip| ip.as_str().to_owned()).collect()),
             r => panic!("not a service: {r:?}"),
         }
     }

@@ -21,11 +21,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigErrors;
-use crate::load::{Key, Resources, check_filter, check_retry, check_timeouts};
 use crate::resource::{
     FaultSpec, FilterType, GATEWAY_GROUP, HttpRouteFilter, HttpRouteSpec, HttpRouteTimeouts,
     Object, RetrySpec,
 };
+use crate::set::{Key, Resources};
+use crate::validate::{check_filter, check_retry, check_timeouts};
 
 /// The name a `GRPCRoute` has once read as an `HTTPRoute` (gRPC calls are HTTP/2
 /// requests): `grpcroute.<name>`. A policy targeting `GRPCRoute` `x` applies to it.
@@ -268,6 +269,7 @@ pub fn effective_route<'a>(
 mod tests {
     use super::*;
     use crate::load::parse_documents;
+    use crate::parsed::Parsed;
 
     const BASE: &str = r#"
 apiVersion: sinew.dev/v1alpha1
@@ -319,10 +321,22 @@ spec:
         assert_eq!(retry.attempts, Some(3), "the route's own fields stay");
         assert_eq!(retry.codes, Some(vec![503]));
         assert_eq!(retry.budget.as_ref().unwrap().ratio, Some(0.1));
-        assert_eq!(retry.hedge.as_ref().unwrap().delay.as_deref(), Some("50ms"));
+        assert_eq!(
+            retry
+                .hedge
+                .as_ref()
+                .unwrap()
+                .delay
+                .as_ref()
+                .map(Parsed::as_str),
+            Some("50ms")
+        );
         let t = api.timeouts.as_ref().unwrap();
         assert_eq!(
-            (t.request.as_deref(), t.backend_request.as_deref()),
+            (
+                t.request.as_ref().map(Parsed::as_str),
+                t.backend_request.as_ref().map(Parsed::as_str)
+            ),
             (Some("5s"), Some("1s"))
         );
         assert_eq!(api.filters.len(), 1);

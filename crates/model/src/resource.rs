@@ -2,8 +2,16 @@
 //! `spec`), with unknown fields refused so a typo is an error, not a silent default.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
+use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
+
+pub use crate::matching::{HttpHeaderMatch, HttpPathMatch, HttpQueryParamMatch};
+pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
+use crate::spiffe::SpiffeId;
+use crate::vip::Cidr;
 
 /// API group and version of Sinew's own kinds.
 pub const SINEW_API_VERSION: &str = "sinew.dev/v1alpha1";
@@ -98,7 +106,7 @@ pub struct ServiceSpec {
     /// `virtualIP:port` and the sidecar maps it to this service. Default: allocated by
     /// the control plane from `MeshConfig.spec.virtualIPRange`.
     #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
-    pub virtual_ip: Option<String>,
+    pub virtual_ip: Option<Parsed<IpAddr>>,
     /// More virtual IPs of the service, e.g. one IPv4 and one IPv6 address for a
     /// dual-stack service (on Kubernetes: the Service's `spec.clusterIPs`). The
     /// service's addresses are `virtualIP` followed by these; with either field the
@@ -109,7 +117,7 @@ pub struct ServiceSpec {
         rename = "virtualIPs",
         skip_serializing_if = "Option::is_none"
     )]
-    pub virtual_ips: Option<Vec<String>>,
+    pub virtual_ips: Option<Vec<Parsed<IpAddr>>>,
     /// The service accounts whose proxies may register workloads under this service
     /// (the control plane checks a proxy's registration against its certificate).
     /// Default: only the account named like the service.
@@ -119,11 +127,10 @@ pub struct ServiceSpec {
 
 impl ServiceSpec {
     /// The service's explicit virtual IPs as written: `virtualIP`, then `virtualIPs`.
-    pub fn virtual_ip_list(&self) -> impl Iterator<Item = &str> {
+    pub fn virtual_ip_list(&self) -> impl Iterator<Item = &Parsed<IpAddr>> {
         self.virtual_ip
             .iter()
             .chain(self.virtual_ips.iter().flatten())
-            .map(String::as_str)
     }
 
     /// True when the service says what its virtual IPs are, possibly none (the
@@ -168,7 +175,7 @@ pub struct WorkloadSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// IP address of the instance.
-    pub address: String,
+    pub address: Parsed<IpAddr>,
     /// Port numbers by service port name, e.g. `http: 8080`.
     #[serde(default)]
     pub ports: BTreeMap<String, u16>,
@@ -243,7 +250,7 @@ pub struct MeshConfigSpec {
         rename = "virtualIPRange",
         skip_serializing_if = "Option::is_none"
     )]
-    pub virtual_ip_range: Option<String>,
+    pub virtual_ip_range: Option<Parsed<Cidr>>,
 }
 
 /// `MeshConfig.spec.outboundTrafficPolicy`.
@@ -424,7 +431,7 @@ pub struct CaptureSpec {
     /// How long protocol detection waits for the client's first bytes before it
     /// treats the connection as opaque TCP, e.g. `100ms`; default 100 ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detect_timeout: Option<String>,
+    pub detect_timeout: Option<Parsed<Duration>>,
     /// The DNS responder's UDP port on loopback (answers services' names with their
     /// virtual IPs); absent: no DNS responder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -467,10 +474,10 @@ pub enum AccessLogFormat {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct InboundSpec {
     /// Listen address, e.g. `0.0.0.0:4143`.
-    pub bind: String,
+    pub bind: Parsed<SocketAddr>,
     /// Where the application listens; default `127.0.0.1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_address: Option<String>,
+    pub app_address: Option<Parsed<IpAddr>>,
     /// Application ports mesh traffic may reach; nothing else on the host is reachable.
     pub ports: Vec<u16>,
     /// This listener's request limits (over the proxy's `spec.limits`).
@@ -497,7 +504,7 @@ pub struct OutboundSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct UpstreamSpec {
     /// Local listen address, e.g. `127.0.0.1:9001`.
-    pub bind: String,
+    pub bind: Parsed<SocketAddr>,
     /// Logical service name: `catalog` or `catalog.shop`.
     pub service: String,
     /// Service port, by name (`http`) or number (`80`); default the service's only port.
@@ -528,7 +535,7 @@ pub enum PortRef {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HttpProxySpec {
     /// Local listen address, e.g. `127.0.0.1:4140`.
-    pub bind: String,
+    pub bind: Parsed<SocketAddr>,
 }
 
 /// `kind: HTTPRoute` (Gateway API), attached to a Service as in GAMMA.
@@ -611,10 +618,10 @@ pub struct RetrySpec {
     /// Naming any makes gRPC calls retryable (they are all POSTs), so name only
     /// statuses that mean the call was not carried out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub grpc_codes: Vec<String>,
+    pub grpc_codes: Vec<Parsed<GrpcCode>>,
     /// First backoff, doubled per retry with full jitter; default `25ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backoff: Option<String>,
+    pub backoff: Option<Parsed<Duration>>,
     /// Retry methods that are not idempotent (POST, PATCH) too; default false.
     #[serde(default)]
     pub non_idempotent: bool,
@@ -635,7 +642,7 @@ pub struct RetrySpec {
 pub struct HedgeSpec {
     /// A fixed delay, e.g. `50ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delay: Option<String>,
+    pub delay: Option<Parsed<Duration>>,
     /// A latency percentile of the rule's recent requests, e.g. 95.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentile: Option<f64>,
@@ -667,10 +674,10 @@ pub struct HttpRouteMatch {
     pub headers: Vec<HttpHeaderMatch>,
     /// Query parameter conditions.
     #[serde(default)]
-    pub query_params: Vec<HttpHeaderMatch>,
+    pub query_params: Vec<HttpQueryParamMatch>,
     /// HTTP method, e.g. `GET`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<Parsed<Method>>,
 }
 
 /// Path match type.
@@ -686,23 +693,6 @@ pub enum PathMatchType {
     RegularExpression,
 }
 
-/// Path condition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpPathMatch {
-    /// Match type; default `PathPrefix`.
-    #[serde(rename = "type", default)]
-    pub kind: PathMatchType,
-    /// The path, prefix or pattern; default `/`.
-    #[serde(default = "slash")]
-    pub value: String,
-}
-
-fn slash() -> String {
-    "/".to_owned()
-}
-
 /// Header or query-parameter value match type.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -712,20 +702,6 @@ pub enum StringMatchType {
     Exact,
     /// Regular expression over the whole value.
     RegularExpression,
-}
-
-/// Header (or query-parameter) condition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpHeaderMatch {
-    /// Match type; default `Exact`.
-    #[serde(rename = "type", default)]
-    pub kind: StringMatchType,
-    /// Header (case-insensitive) or parameter (case-sensitive) name.
-    pub name: String,
-    /// Value or pattern.
-    pub value: String,
 }
 
 /// Filter type.
@@ -780,7 +756,7 @@ pub struct FaultAbort {
     pub http_status: Option<u16>,
     /// gRPC status name (e.g. `UNAVAILABLE`), for gRPC requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grpc_status: Option<String>,
+    pub grpc_status: Option<Parsed<GrpcCode>>,
     /// Share of matching requests, 0-100.
     pub percent: f64,
 }
@@ -791,7 +767,7 @@ pub struct FaultAbort {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultDelay {
     /// How long (Gateway API duration).
-    pub fixed_delay: String,
+    pub fixed_delay: Parsed<Duration>,
     /// Share of matching requests, 0-100.
     pub percent: f64,
 }
@@ -863,7 +839,7 @@ pub struct HeaderModifier {
     pub add: Vec<HeaderValuePair>,
     /// Header names to remove.
     #[serde(default)]
-    pub remove: Vec<String>,
+    pub remove: Vec<Parsed<HeaderName>>,
 }
 
 /// A header name and value.
@@ -872,9 +848,9 @@ pub struct HeaderModifier {
 #[serde(deny_unknown_fields)]
 pub struct HeaderValuePair {
     /// Header name.
-    pub name: String,
+    pub name: Parsed<HeaderName>,
     /// Header value.
-    pub value: String,
+    pub value: Parsed<HeaderValue>,
 }
 
 /// URL rewrite.
@@ -954,10 +930,10 @@ fn one() -> u32 {
 pub struct HttpRouteTimeouts {
     /// Time allowed until the response headers reach the client; `0s` disables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
+    pub request: Option<Parsed<Duration>>,
     /// Time allowed for one backend attempt; `0s` disables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_request: Option<String>,
+    pub backend_request: Option<Parsed<Duration>>,
 }
 
 /// A policy's target: a Service in the policy's namespace.
@@ -1013,7 +989,7 @@ pub struct TrafficPolicySpec {
 pub struct RingHashSpec {
     /// A request header's value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub header: Option<String>,
+    pub header: Option<Parsed<HeaderName>>,
     /// A cookie's value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
@@ -1033,10 +1009,10 @@ pub struct HealthCheckSpec {
     pub path: Option<String>,
     /// Time between checks; default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<String>,
+    pub interval: Option<Parsed<Duration>>,
     /// Time a check may take; default `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<Parsed<Duration>>,
     /// Failed checks in a row that mark an endpoint unhealthy; default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_threshold: Option<u32>,
@@ -1086,7 +1062,7 @@ impl RateLimitSpec {
 pub struct RateLimitKey {
     /// The value of this request header (requests without it share one bucket).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub header: Option<String>,
+    pub header: Option<Parsed<HeaderName>>,
     /// The caller's verified SPIFFE id (plaintext callers share one bucket).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub identity: bool,
@@ -1136,10 +1112,10 @@ pub struct OutlierDetectionSpec {
     pub minimum_requests: Option<u32>,
     /// The failure-rate window; default `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<String>,
+    pub interval: Option<Parsed<Duration>>,
     /// First ejection time, multiplied by the number of ejections; default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_ejection_time: Option<String>,
+    pub base_ejection_time: Option<Parsed<Duration>>,
     /// Never eject more than this share (percent) of the endpoints; default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
@@ -1191,7 +1167,7 @@ pub struct RuleSource {
     /// Exact SPIFFE ids of the peer (`principals` and `principalPrefixes` together
     /// form one condition: either may match).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub principals: Vec<String>,
+    pub principals: Vec<Parsed<SpiffeId>>,
     /// Prefixes of the peer's SPIFFE id, e.g. `spiffe://cluster.local/ns/shop/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principal_prefixes: Vec<String>,
@@ -1221,7 +1197,7 @@ pub struct RuleOperation {
     pub path_prefixes: Vec<String>,
     /// HTTP methods, upper case.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub methods: Vec<String>,
+    pub methods: Vec<Parsed<Method>>,
     /// Request headers, each of which must be present with this exact value.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderValuePair>,
@@ -1277,7 +1253,7 @@ pub struct JwtRule {
     /// Tolerance for `exp` and `nbf` (Gateway API duration); default `60s`, at most
     /// `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clock_skew: Option<String>,
+    pub clock_skew: Option<Parsed<Duration>>,
     /// Claims the token must carry (with one of the values, when listed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub required_claims: Vec<RequiredClaim>,
@@ -1301,10 +1277,10 @@ pub struct JwksSpec {
     pub ca_file: Option<String>,
     /// With `uri`: how often the keys are fetched again; default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refresh: Option<String>,
+    pub refresh: Option<Parsed<Duration>>,
     /// The JWKS JSON itself (public keys only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inline: Option<String>,
+    pub inline: Option<Parsed<PublicJwks>>,
 }
 
 /// A header that may carry a token.
@@ -1313,7 +1289,7 @@ pub struct JwksSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JwtHeader {
     /// Header name.
-    pub name: String,
+    pub name: Parsed<HeaderName>,
     /// Text before the token (compared case-insensitively), e.g. `Bearer `.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prefix: String,
@@ -1327,7 +1303,7 @@ pub struct ClaimToHeader {
     /// The claim (a dotted path reaches nested claims).
     pub claim: String,
     /// The header set for the application (any copy sent by the client is removed).
-    pub header: String,
+    pub header: Parsed<HeaderName>,
 }
 
 /// A claim a token must carry.
@@ -1514,5 +1490,5 @@ pub struct Object<S> {
     pub spec: S,
 }
 
-pub use crate::load::Resources;
 pub use crate::policy::{RouteKind, RoutePolicySpec, RouteTargetRef};
+pub use crate::set::Resources;

@@ -36,6 +36,11 @@ impl Pattern {
         })
     }
 
+    /// The pattern as written (unanchored).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// True when the whole of `s` matches.
     pub fn is_match(&self, s: &str) -> bool {
         self.re.is_match(s)

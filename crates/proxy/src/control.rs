@@ -88,7 +88,11 @@ fn capture_message(c: &sinew_model::resource::CaptureSpec) -> sinew_api::v1::Cap
         outbound_port: u32::from(c.outbound_port),
         inbound_port: u32::from(c.inbound_port),
         opaque_ports: c.opaque_ports.iter().map(|p| u32::from(*p)).collect(),
-        detect_timeout: c.detect_timeout.clone().unwrap_or_default(),
+        detect_timeout: c
+            .detect_timeout
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         dns_port: c.dns_port.map_or(0, u32::from),
     }
 }

@@ -313,7 +313,11 @@ fn main() -> anyhow::Result<()> {
                         outbound_port: args.capture_outbound_port,
                         inbound_port: args.capture_inbound_port,
                         opaque_ports: args.opaque_ports.clone(),
-                        detect_timeout: args.detect_timeout.map(resource_duration),
+                        detect_timeout: args
+                            .detect_timeout
+                            .map(|d| sinew_model::resource::Parsed::new(resource_duration(d)))
+                            .transpose()
+                            .map_err(|e| anyhow::anyhow!("--detect-timeout: {e}"))?,
                         dns_port: args.capture_dns_port,
                     });
                 }
