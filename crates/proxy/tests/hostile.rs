@@ -511,9 +511,7 @@ async fn memory_goes_back_after_a_large_configuration_is_reverted() {
     let pid = proxy.id();
     let generation = || async move {
         let m = client::get(admin, "admin", "/metrics").await.ok()?.text();
-        m.lines()
-            .find(|l| l.starts_with("sinew_config_generation"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        sinew_testkit::metrics::value(&m, "sinew_config_generation")
     };
     wait::until("ready", TIMEOUT, || async move {
         matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)

@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use sinew_testkit::client::{self, body_channel, empty};
 use sinew_testkit::grpc::{self, EchoRequest, StreamRequest};
 use sinew_testkit::http::{Event, FNV_OFFSET, Failure, HttpBackend, fnv1a64};
+use sinew_testkit::mesh::{self, Mesh, Service, Workload};
 use sinew_testkit::tcp::TcpEchoServer;
 use sinew_testkit::wait;
 use sinew_testkit::ws::WsEchoServer;
@@ -35,14 +36,11 @@ fn client_proxy(bind: SocketAddr, svc: &str) -> String {
 async fn admin_reports_live_ready_config_and_metrics() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    );
-    let file = ConfigFile::new(&yaml);
-    let proxy = start(&file, "client").await;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("catalog-1", "catalog", app.addr()));
+    let proxy = start_docs(&docs, "client").await;
     assert_eq!(admin(&proxy, "/live").await.status, 200);
     assert_eq!(admin(&proxy, "/ready").await.status, 200);
     let r = client::get(bind, "catalog", "/hello").await?;
@@ -425,7 +423,6 @@ async fn header_modifiers_and_url_rewrites() -> TestResult {
 
 /// Two sidecars: `client` (outbound binding) and `server` (inbound, in front of app).
 struct MeshPair {
-    file: ConfigFile,
     client: sinew_proxy::Proxy,
     server: sinew_proxy::Proxy,
     bind: SocketAddr,
@@ -435,24 +432,14 @@ struct MeshPair {
 async fn mesh_pair(app: SocketAddr, protocol: &str) -> MeshPair {
     let bind = free_addr();
     let inbound = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        proxy_doc(
-            "server",
-            &format!(
-                "  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
-                app.port()
-            )
-        ),
-        service("catalog", protocol),
-        workload("catalog-1", "catalog", app, Some(inbound.port())),
-    );
-    let file = ConfigFile::new(&yaml);
-    let server = start(&file, "server").await;
-    let client = start(&file, "client").await;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(mesh::Proxy::new("server").inbound(inbound, &[app.port()]))
+        .with(Service::new("catalog", protocol))
+        .with(Workload::new("catalog-1", "catalog", app).sidecar(inbound.port()));
+    let server = start_docs(&docs, "server").await;
+    let client = start_docs(&docs, "client").await;
     MeshPair {
-        file,
         client,
         server,
         bind,
@@ -547,7 +534,6 @@ async fn mesh_hop_is_multiplexed_http2_and_speaks_the_apps_protocol() -> TestRes
     let r = client::collect(direct.send(req).await?).await?;
     assert_eq!(r.status, 403);
     assert_eq!(r.header("sinew-error"), Some("port-not-allowed"));
-    drop(mesh.file);
     mesh.client.shutdown().await;
     mesh.server.shutdown().await;
     Ok(())

@@ -17,7 +17,8 @@
 //! `shutdown`) stops it accepting.
 //!
 //! [`client`] has small hyper clients, [`wait`] a polling helper, [`mesh`] typed
-//! builders for the mesh's documents, and [`jwt`] signed test tokens. With the `kube`
+//! builders for the mesh's documents, [`jwt`] signed test tokens, and [`metrics`]
+//! samples read from a `/metrics` page. With the `kube`
 //! feature, `kube::ApiServer` runs a real etcd + kube-apiserver (see that module).
 
 pub mod client;
@@ -27,6 +28,7 @@ pub mod jwt;
 #[cfg(feature = "kube")]
 pub mod kube;
 pub mod mesh;
+pub mod metrics;
 pub mod tcp;
 pub mod wait;
 pub mod ws;
