@@ -28,7 +28,8 @@ fn spiffe(sa: &str) -> String {
 
 /// A workload identity for service account `sa`, issued by `ca`.
 fn identity(ca: &Ca, sa: &str) -> Arc<CertStore> {
-    let id: SpiffeId = spiffe(sa).parse().unwrap();
+    let id = SpiffeId::workload("cluster.local", "shop", sa);
+    assert_eq!(id.to_string(), spiffe(sa));
     let (key, issued) = ca.issue(&id, Duration::from_secs(3600)).unwrap();
     CertStore::with_identity(&key, &issued.chain_pem, &ca.roots_pem()).unwrap()
 }

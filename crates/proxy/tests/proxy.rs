@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use sinew_testkit::client::{self, body_channel, empty};
 use sinew_testkit::grpc::{self, EchoRequest, StreamRequest};
 use sinew_testkit::http::{Event, FNV_OFFSET, Failure, HttpBackend, fnv1a64};
-use sinew_testkit::mesh::{self, Mesh, Service, Workload};
+use sinew_testkit::mesh::{self, HttpRoute, Mesh, Service, Workload};
 use sinew_testkit::tcp::TcpEchoServer;
 use sinew_testkit::wait;
 use sinew_testkit::ws::WsEchoServer;
@@ -308,22 +308,20 @@ async fn weighted_split_holds_within_statistical_bounds() -> TestResult {
     let v1 = HttpBackend::start("v1").await?;
     let v2 = HttpBackend::start("v2").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        service("catalog-v1", "HTTP"),
-        service("catalog-v2", "HTTP"),
-        workload("v1", "catalog-v1", v1.addr(), None),
-        workload("v2", "catalog-v2", v2.addr(), None),
-        route(
-            "canary",
-            "catalog",
-            "    - backendRefs: [{name: catalog-v1, weight: 80}, {name: catalog-v2, weight: 20}]"
-        ),
-    );
-    let file = ConfigFile::new(&yaml);
-    let proxy = start(&file, "client").await;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Service::http("catalog-v1"))
+        .with(Service::http("catalog-v2"))
+        .with(Workload::new("v1", "catalog-v1", v1.addr()))
+        .with(Workload::new("v2", "catalog-v2", v2.addr()))
+        .with(HttpRoute::new("canary", "catalog").rule(serde_json::json!({
+            "backendRefs": [
+                {"name": "catalog-v1", "weight": 80},
+                {"name": "catalog-v2", "weight": 20},
+            ]
+        })));
+    let proxy = start_docs(&docs, "client").await;
     let n = 2000u32;
     let mut conns = Vec::new();
     for _ in 0..4 {
@@ -921,15 +919,17 @@ async fn proxy_made_errors_carry_status_and_reason() -> TestResult {
 async fn route_timeout_answers_504_in_virtual_time() -> TestResult {
     let app = HttpBackend::start("slow").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None),
-        route("t", "catalog", "    - timeouts: {request: 5s}"),
-    );
-    let file = ConfigFile::new(&yaml);
-    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("catalog-1", "catalog", app.addr()))
+        .with(
+            HttpRoute::new("t", "catalog").rule(serde_json::json!({"timeouts": {"request": "5s"}})),
+        );
+    // In process: applied before `start` returns, with no file to poll.
+    let proxy = sinew_proxy::Proxy::builder()
+        .documents(&docs.yaml(), "client")
+        .start()?;
     assert!(proxy.shared().is_ready());
     let start = tokio::time::Instant::now();
     let r = client::get(bind, "catalog", "/never").await?;
