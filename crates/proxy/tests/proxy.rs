@@ -141,10 +141,7 @@ async fn starts_unready_on_a_bad_file_and_applies_the_fix() -> TestResult {
 
     file.replace(&good);
     let admin_addr = proxy.admin_addr();
-    wait::until("ready after the fix", TIMEOUT, || async move {
-        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await?;
+    wait::ready("ready after the fix", admin_addr, TIMEOUT).await?;
     assert_eq!(client::get(bind, "catalog", "/").await?.status, 200);
 
     // A later bad edit is refused whole; the running config stays.
@@ -1181,10 +1178,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() -> TestResult {
         .arg("20")
         .kill_on_drop(true)
         .spawn()?;
-    wait::until("proxy process ready", TIMEOUT, || async move {
-        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await?;
+    wait::ready("proxy process ready", admin_addr, TIMEOUT).await?;
     // Requests in flight when SIGTERM arrives: each takes 1.5 s at the app.
     let mut inflight = Vec::new();
     for _ in 0..3 {
@@ -2643,10 +2637,7 @@ impl LoggingProxy {
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let lines = tokio::io::BufReader::new(stdout).lines();
-        wait::until("proxy process ready", TIMEOUT, || async move {
-            matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-        })
-        .await?;
+        wait::ready("proxy process ready", admin, TIMEOUT).await?;
         Ok((
             bind,
             LoggingProxy {

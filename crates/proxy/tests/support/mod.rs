@@ -71,11 +71,7 @@ pub async fn start_docs(mesh: &sinew_testkit::mesh::Mesh, name: &str) -> Proxy {
 pub async fn start_with(opts: ProxyOptions) -> Proxy {
     let proxy = Proxy::start(opts).unwrap();
     let admin = proxy.admin_addr();
-    wait::until("proxy ready", TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready("proxy ready", admin, TIMEOUT).await.unwrap();
     proxy
 }
 
