@@ -352,19 +352,29 @@ impl Proxy {
                 let config = (**config).clone();
                 let json = serde_json::to_vec(&config).unwrap_or_default();
                 let version = format!("{:016x}", reload::fnv64(&json));
-                if let Err(e) = applier.apply(config, version) {
-                    // Listeners that cannot be bound: reported as for a file.
-                    applier.refuse(&e);
-                }
+                // Refused only for listeners that cannot be bound (reported as for a
+                // file): kept, and applied again on `reload`, when a port may be free.
+                let mut pending = match applier.apply(config.clone(), version.clone()) {
+                    Ok(_) => None,
+                    Err(e) => {
+                        applier.refuse(&e);
+                        Some((config, version))
+                    }
+                };
                 (
                     "in-process configuration".to_owned(),
                     Box::new(move || {
                         Box::pin(async move {
-                            // The applier owns the listeners: kept until the proxy
-                            // goes. A reload has nothing to re-read.
-                            let _applier = applier;
+                            // The applier owns the listeners: kept until the proxy goes.
                             let mut reload_rx = reload_rx;
-                            while reload_rx.recv().await.is_some() {}
+                            while reload_rx.recv().await.is_some() {
+                                if let Some((config, version)) = pending.take()
+                                    && let Err(e) = applier.apply(config.clone(), version.clone())
+                                {
+                                    applier.refuse(&e);
+                                    pending = Some((config, version));
+                                }
+                            }
                         })
                     }),
                 )
@@ -448,7 +458,9 @@ impl Proxy {
         }
     }
 
-    /// Asks for the configuration file to be re-read now (SIGHUP).
+    /// Asks for the configuration file to be re-read now (SIGHUP). With an
+    /// in-process configuration: applies it again if its listeners could not all
+    /// be bound.
     pub fn reload(&self) {
         let _ = self.reload_tx.try_send(());
     }

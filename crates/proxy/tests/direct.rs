@@ -300,3 +300,28 @@ async fn a_builder_without_configuration_or_with_bad_documents_does_not_start() 
     assert!(msg.contains("configuration refused"), "{msg}");
     assert!(msg.contains("protocol"), "the problem is named: {msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_leaves_the_proxy_unready_until_a_reload_finds_it_free() -> TestResult {
+    let app = HttpBackend::start("catalog").await?;
+    let busy = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let bind = busy.local_addr()?;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("catalog-1", "catalog", app.addr()));
+    let proxy = Proxy::builder().documents(&docs.yaml(), "client").start()?;
+    assert_eq!(admin(&proxy, "/ready").await.status, 503);
+    let err = admin(&proxy, "/config").await.json()?["lastError"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(err.contains(&bind.to_string()), "the port is named: {err}");
+
+    drop(busy);
+    proxy.reload();
+    sinew_testkit::wait::ready("ready once the port is free", proxy.admin_addr(), TIMEOUT).await?;
+    assert_eq!(client::get(bind, "catalog", "/").await?.status, 200);
+    proxy.shutdown().await;
+    Ok(())
+}
