@@ -1885,78 +1885,16 @@ async fn authorization_judges_whole_segments_and_the_app_gets_the_judged_path() 
     m.catalog.shutdown().await;
 }
 
-/// An ES256 key: (private PKCS#8 PEM, JWKS JSON with kid "k1").
-fn jwt_key() -> (String, String) {
-    use ring::signature::KeyPair;
-    let (pem, _) = sinew_tls::new_key_and_csr().unwrap();
-    let der: Vec<u8> = {
-        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        base64_decode(&b64)
-    };
-    let rng = ring::rand::SystemRandom::new();
-    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
-        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-        &der,
-        &rng,
-    )
-    .unwrap();
-    let point = kp.public_key().as_ref();
-    let (x, y) = (b64url(&point[1..33]), b64url(&point[33..65]));
-    let jwks = format!(
-        r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","use":"sig","x":"{x}","y":"{y}"}}]}}"#
-    );
-    (pem, jwks)
-}
-
+/// Unpadded base64url, as JWTs spell their parts.
 fn b64url(d: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for c in d.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        if c.len() > 1 {
-            out.push(T[(n >> 6) as usize & 63] as char);
-        }
-        if c.len() > 2 {
-            out.push(T[n as usize & 63] as char);
-        }
-    }
-    out
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let val = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        _ => 63,
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|c| *c != b'=').map(val).collect();
-    let mut out = Vec::new();
-    for c in bytes.chunks(4) {
-        let n = c
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
-        out.push((n >> 16) as u8);
-        if c.len() > 2 {
-            out.push((n >> 8) as u8);
-        }
-        if c.len() > 3 {
-            out.push(n as u8);
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_tokens_are_verified_at_the_inbound_and_claims_reach_the_app() {
     let m = identity_mesh(&[]).await;
-    let (key_pem, jwks) = jwt_key();
+    let jwks = sinew_testkit::jwt::jwks(&[&sinew_testkit::jwt::K1]);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1974,16 +1912,7 @@ async fn jwt_tokens_are_verified_at_the_inbound_and_claims_reach_the_app() {
     let f = m._scratch.write("jwt.yaml", &docs);
     let out = m.cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
     assert!(out.status.success(), "{:?}", text(&out));
-    let sign = |claims: serde_json::Value| {
-        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        h.kid = Some("k1".into());
-        jsonwebtoken::encode(
-            &h,
-            &claims,
-            &jsonwebtoken::EncodingKey::from_ec_pem(key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap()
-    };
+    let sign = |claims: serde_json::Value| sinew_testkit::jwt::K1.sign(&claims).unwrap();
     let get = |path: &'static str, token: Option<String>| async move {
         let mut c = client::h1(m.bind).await.unwrap();
         let mut b = http::Request::get(path)

@@ -109,10 +109,7 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sinew_testkit::metrics::sum(text, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

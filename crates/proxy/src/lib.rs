@@ -10,6 +10,10 @@
 //! Configuration is one immutable [`state::Snapshot`], swapped atomically on reload;
 //! each request reads one snapshot from start to end. Standalone, the proxy runs from
 //! a file of Kubernetes-shaped documents and reloads it when it changes.
+//!
+//! Embedded (and in tests), [`Proxy::builder`] starts one from a configuration
+//! compiled in process ([`ConfigSource::Static`]) with an identity given directly
+//! (a [`sinew_tls::CertStore`]): no file, no control plane.
 
 pub mod accept;
 pub mod access;
@@ -67,6 +71,9 @@ pub enum ConfigSource {
     File(PathBuf),
     /// The control plane.
     ControlPlane(Box<control::ControlSettings>),
+    /// A compiled configuration given in process (an embedding program, a test):
+    /// applied once at start, never reloaded.
+    Static(Box<sinew_model::ProxyConfig>),
 }
 
 /// How to run a proxy.
@@ -100,6 +107,11 @@ pub struct ProxyOptions {
     /// A TCP stream with no byte either way this long is closed; default 1 h
     /// (Envoy's `tcp_proxy` default).
     pub tcp_idle_timeout: Duration,
+    /// The workload identity (certificate chain, key, trust roots), given directly
+    /// instead of issued by a control plane. With one, the proxy speaks mTLS to peer
+    /// sidecars and is ready only while the store holds a certificate and roots.
+    /// `None`: an empty store (a control plane fills it; a file source runs without).
+    pub identity: Option<Arc<sinew_tls::CertStore>>,
 }
 
 impl ProxyOptions {
@@ -127,7 +139,85 @@ impl ProxyOptions {
             max_connections: 16 * 1024,
             idle_timeout: Duration::from_secs(300),
             tcp_idle_timeout: Duration::from_secs(3600),
+            identity: None,
         }
+    }
+
+    /// Defaults for a proxy running `config`, compiled in process.
+    pub fn from_config(config: sinew_model::ProxyConfig) -> ProxyOptions {
+        Self::with_source(ConfigSource::Static(Box::new(config)))
+    }
+}
+
+/// Starts a proxy from values rather than a command line: a compiled
+/// configuration (or documents to compile) and, optionally, an identity.
+///
+/// ```no_run
+/// # async fn demo(cfg: sinew_model::ProxyConfig, store: std::sync::Arc<sinew_tls::CertStore>)
+/// # -> Result<(), sinew_proxy::StartError> {
+/// let proxy = sinew_proxy::Proxy::builder()
+///     .config(cfg)
+///     .identity(store)
+///     .start()?;
+/// # drop(proxy); Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ProxyBuilder {
+    /// The configuration, or why the documents given did not compile.
+    config: Result<sinew_model::ProxyConfig, String>,
+    identity: Option<Arc<sinew_tls::CertStore>>,
+    admin: SocketAddr,
+    drain_timeout: Option<Duration>,
+}
+
+impl ProxyBuilder {
+    /// Runs `config`. Replaces any configuration set before.
+    pub fn config(mut self, config: sinew_model::ProxyConfig) -> ProxyBuilder {
+        self.config = Ok(config);
+        self
+    }
+
+    /// Runs what YAML (or JSON) `documents` compile to for the `Proxy` document
+    /// `proxy` (`name` or `namespace/name`). Documents that do not validate make
+    /// `start` fail with every problem.
+    pub fn documents(mut self, documents: &str, proxy: &str) -> ProxyBuilder {
+        self.config = sinew_model::compile::compile_text("documents", documents, Some(proxy))
+            .map_err(|e| e.to_string());
+        self
+    }
+
+    /// Uses `store` as the workload identity (see [`ProxyOptions::identity`]).
+    pub fn identity(mut self, store: Arc<sinew_tls::CertStore>) -> ProxyBuilder {
+        self.identity = Some(store);
+        self
+    }
+
+    /// The admin listener's address (default `127.0.0.1:0`: any free port).
+    pub fn admin(mut self, addr: SocketAddr) -> ProxyBuilder {
+        self.admin = addr;
+        self
+    }
+
+    /// How long in-flight work may take to finish on shutdown (default 30 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> ProxyBuilder {
+        self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// The options `start` runs with; for the settings the builder does not name.
+    pub fn into_options(self) -> Result<ProxyOptions, StartError> {
+        let mut opts = ProxyOptions::from_config(self.config.map_err(StartError::Config)?);
+        opts.identity = self.identity;
+        opts.admin = self.admin;
+        if let Some(t) = self.drain_timeout {
+            opts.drain_timeout = t;
+        }
+        Ok(opts)
+    }
+
+    /// Starts the proxy on the current Tokio runtime (see [`Proxy::start`]).
+    pub fn start(self) -> Result<Proxy, StartError> {
+        Proxy::start(self.into_options()?)
     }
 }
 
@@ -148,6 +238,9 @@ pub enum StartError {
     /// The admin thread could not be started.
     #[error("cannot start the admin thread: {0}")]
     Thread(std::io::Error),
+    /// The configuration given in process was refused (every problem, one a line).
+    #[error("configuration refused:\n{0}")]
+    Config(String),
 }
 
 /// How a shutdown went.
@@ -172,6 +265,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A builder for a proxy run from values: no configuration yet, no identity,
+    /// the admin listener on any free loopback port.
+    pub fn builder() -> ProxyBuilder {
+        ProxyBuilder {
+            config: Err("no configuration given (ProxyBuilder::config or ::documents)".into()),
+            identity: None,
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            drain_timeout: None,
+        }
+    }
+
     /// Starts the proxy on the current Tokio runtime (which becomes the data plane).
     /// The configuration is loaded before this returns: when it is valid, every
     /// listener is bound and accepting. When it is not, the proxy still starts, not
@@ -188,7 +292,22 @@ impl Proxy {
             idle_timeout: opts.idle_timeout,
             tcp_idle_timeout: opts.tcp_idle_timeout,
         };
-        let shared = Arc::new(Shared::new(settings, drain_rx, track_tx));
+        let given_identity = opts.identity.is_some();
+        let certs = opts
+            .identity
+            .clone()
+            .unwrap_or_else(sinew_tls::CertStore::new);
+        let shared = Arc::new(Shared::with_certs(settings, drain_rx, track_tx, certs));
+        if given_identity {
+            // As with a control plane: streams are authenticated with this identity,
+            // and the proxy is not ready without it.
+            shared
+                .identity_required
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(not_after) = shared.certs.not_after() {
+                shared.metrics.certificate(not_after);
+            }
+        }
         let admin = std::net::TcpListener::bind(opts.admin)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| StartError::Admin {
@@ -226,6 +345,38 @@ impl Proxy {
                 (
                     format!("control plane {}", settings.url),
                     Box::new(move || Box::pin(control::run(settings, applier))),
+                )
+            }
+            ConfigSource::Static(config) => {
+                let mut applier = applier;
+                let config = (**config).clone();
+                let json = serde_json::to_vec(&config).unwrap_or_default();
+                let version = format!("{:016x}", reload::fnv64(&json));
+                // Refused only for listeners that cannot be bound (reported as for a
+                // file): kept, and applied again on `reload`, when a port may be free.
+                let mut pending = match applier.apply(config.clone(), version.clone()) {
+                    Ok(_) => None,
+                    Err(e) => {
+                        applier.refuse(&e);
+                        Some((config, version))
+                    }
+                };
+                (
+                    "in-process configuration".to_owned(),
+                    Box::new(move || {
+                        Box::pin(async move {
+                            // The applier owns the listeners: kept until the proxy goes.
+                            let mut reload_rx = reload_rx;
+                            while reload_rx.recv().await.is_some() {
+                                if let Some((config, version)) = pending.take()
+                                    && let Err(e) = applier.apply(config.clone(), version.clone())
+                                {
+                                    applier.refuse(&e);
+                                    pending = Some((config, version));
+                                }
+                            }
+                        })
+                    }),
                 )
             }
         };
@@ -307,7 +458,9 @@ impl Proxy {
         }
     }
 
-    /// Asks for the configuration file to be re-read now (SIGHUP).
+    /// Asks for the configuration file to be re-read now (SIGHUP). With an
+    /// in-process configuration: applies it again if its listeners could not all
+    /// be bound.
     pub fn reload(&self) {
         let _ = self.reload_tx.try_send(());
     }

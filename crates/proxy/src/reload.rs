@@ -18,7 +18,7 @@ use crate::listeners::Listeners;
 use crate::state::{Shared, SnapshotBuilder};
 
 /// FNV-1a, 64 bit: a stable content hash for the configuration version.
-fn fnv64(data: &[u8]) -> u64 {
+pub(crate) fn fnv64(data: &[u8]) -> u64 {
     let mut h = fnv::FnvHasher::default();
     std::hash::Hasher::write(&mut h, data);
     std::hash::Hasher::finish(&h)

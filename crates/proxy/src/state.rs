@@ -499,11 +499,22 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// New shared state.
+    /// New shared state, with an empty certificate store (a control plane fills it).
     pub fn new(
         settings: Settings,
         drain: watch::Receiver<DrainState>,
         tracker: mpsc::Sender<()>,
+    ) -> Shared {
+        Self::with_certs(settings, drain, tracker, sinew_tls::CertStore::new())
+    }
+
+    /// New shared state whose identity is `certs`: given in process (an embedding
+    /// program, or a test with its own CA) instead of issued by a control plane.
+    pub fn with_certs(
+        settings: Settings,
+        drain: watch::Receiver<DrainState>,
+        tracker: mpsc::Sender<()>,
+        certs: Arc<sinew_tls::CertStore>,
     ) -> Shared {
         let limits = settings.limits;
         let mut http1 = http1::Builder::new();
@@ -529,7 +540,6 @@ impl Shared {
             .enable_connect_protocol()
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
-        let certs = sinew_tls::CertStore::new();
         Shared {
             snapshot: ArcSwapOption::empty(),
             metrics: Metrics::new(),

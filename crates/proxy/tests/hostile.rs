@@ -85,11 +85,7 @@ async fn idle_connections_past_the_descriptor_limit_leave_the_sidecar_ready_and_
         .spawn()
         .expect("prlimit (util-linux) and the sinew-proxy binary");
     let pid = proxy.id();
-    wait::until("proxy ready", TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready("proxy ready", admin, TIMEOUT).await.unwrap();
 
     let cpu_before = cpu_time(pid);
     let started = Instant::now();
@@ -511,15 +507,9 @@ async fn memory_goes_back_after_a_large_configuration_is_reverted() {
     let pid = proxy.id();
     let generation = || async move {
         let m = client::get(admin, "admin", "/metrics").await.ok()?.text();
-        m.lines()
-            .find(|l| l.starts_with("sinew_config_generation"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        sinew_testkit::metrics::value(&m, "sinew_config_generation")
     };
-    wait::until("ready", TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready("ready", admin, TIMEOUT).await.unwrap();
     let first = generation().await.unwrap();
     let base = rss_kib(pid);
     file.replace(&large);

@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use sinew_testkit::client::{self, body_channel, empty};
 use sinew_testkit::grpc::{self, EchoRequest, StreamRequest};
 use sinew_testkit::http::{Event, FNV_OFFSET, Failure, HttpBackend, fnv1a64};
+use sinew_testkit::mesh::{self, HttpRoute, Mesh, Service, Workload};
 use sinew_testkit::tcp::TcpEchoServer;
 use sinew_testkit::wait;
 use sinew_testkit::ws::WsEchoServer;
@@ -35,14 +36,11 @@ fn client_proxy(bind: SocketAddr, svc: &str) -> String {
 async fn admin_reports_live_ready_config_and_metrics() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    );
-    let file = ConfigFile::new(&yaml);
-    let proxy = start(&file, "client").await;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("catalog-1", "catalog", app.addr()));
+    let proxy = start_docs(&docs, "client").await;
     assert_eq!(admin(&proxy, "/live").await.status, 200);
     assert_eq!(admin(&proxy, "/ready").await.status, 200);
     let r = client::get(bind, "catalog", "/hello").await?;
@@ -143,10 +141,7 @@ async fn starts_unready_on_a_bad_file_and_applies_the_fix() -> TestResult {
 
     file.replace(&good);
     let admin_addr = proxy.admin_addr();
-    wait::until("ready after the fix", TIMEOUT, || async move {
-        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await?;
+    wait::ready("ready after the fix", admin_addr, TIMEOUT).await?;
     assert_eq!(client::get(bind, "catalog", "/").await?.status, 200);
 
     // A later bad edit is refused whole; the running config stays.
@@ -310,22 +305,20 @@ async fn weighted_split_holds_within_statistical_bounds() -> TestResult {
     let v1 = HttpBackend::start("v1").await?;
     let v2 = HttpBackend::start("v2").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        service("catalog-v1", "HTTP"),
-        service("catalog-v2", "HTTP"),
-        workload("v1", "catalog-v1", v1.addr(), None),
-        workload("v2", "catalog-v2", v2.addr(), None),
-        route(
-            "canary",
-            "catalog",
-            "    - backendRefs: [{name: catalog-v1, weight: 80}, {name: catalog-v2, weight: 20}]"
-        ),
-    );
-    let file = ConfigFile::new(&yaml);
-    let proxy = start(&file, "client").await;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Service::http("catalog-v1"))
+        .with(Service::http("catalog-v2"))
+        .with(Workload::new("v1", "catalog-v1", v1.addr()))
+        .with(Workload::new("v2", "catalog-v2", v2.addr()))
+        .with(HttpRoute::new("canary", "catalog").rule(serde_json::json!({
+            "backendRefs": [
+                {"name": "catalog-v1", "weight": 80},
+                {"name": "catalog-v2", "weight": 20},
+            ]
+        })));
+    let proxy = start_docs(&docs, "client").await;
     let n = 2000u32;
     let mut conns = Vec::new();
     for _ in 0..4 {
@@ -425,7 +418,6 @@ async fn header_modifiers_and_url_rewrites() -> TestResult {
 
 /// Two sidecars: `client` (outbound binding) and `server` (inbound, in front of app).
 struct MeshPair {
-    file: ConfigFile,
     client: sinew_proxy::Proxy,
     server: sinew_proxy::Proxy,
     bind: SocketAddr,
@@ -435,24 +427,14 @@ struct MeshPair {
 async fn mesh_pair(app: SocketAddr, protocol: &str) -> MeshPair {
     let bind = free_addr();
     let inbound = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        proxy_doc(
-            "server",
-            &format!(
-                "  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
-                app.port()
-            )
-        ),
-        service("catalog", protocol),
-        workload("catalog-1", "catalog", app, Some(inbound.port())),
-    );
-    let file = ConfigFile::new(&yaml);
-    let server = start(&file, "server").await;
-    let client = start(&file, "client").await;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(mesh::Proxy::new("server").inbound(inbound, &[app.port()]))
+        .with(Service::new("catalog", protocol))
+        .with(Workload::new("catalog-1", "catalog", app).sidecar(inbound.port()));
+    let server = start_docs(&docs, "server").await;
+    let client = start_docs(&docs, "client").await;
     MeshPair {
-        file,
         client,
         server,
         bind,
@@ -547,7 +529,6 @@ async fn mesh_hop_is_multiplexed_http2_and_speaks_the_apps_protocol() -> TestRes
     let r = client::collect(direct.send(req).await?).await?;
     assert_eq!(r.status, 403);
     assert_eq!(r.header("sinew-error"), Some("port-not-allowed"));
-    drop(mesh.file);
     mesh.client.shutdown().await;
     mesh.server.shutdown().await;
     Ok(())
@@ -935,15 +916,17 @@ async fn proxy_made_errors_carry_status_and_reason() -> TestResult {
 async fn route_timeout_answers_504_in_virtual_time() -> TestResult {
     let app = HttpBackend::start("slow").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None),
-        route("t", "catalog", "    - timeouts: {request: 5s}"),
-    );
-    let file = ConfigFile::new(&yaml);
-    let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
+    let docs = Mesh::new("shop")
+        .with(mesh::Proxy::new("client").upstream(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("catalog-1", "catalog", app.addr()))
+        .with(
+            HttpRoute::new("t", "catalog").rule(serde_json::json!({"timeouts": {"request": "5s"}})),
+        );
+    // In process: applied before `start` returns, with no file to poll.
+    let proxy = sinew_proxy::Proxy::builder()
+        .documents(&docs.yaml(), "client")
+        .start()?;
     assert!(proxy.shared().is_ready());
     let start = tokio::time::Instant::now();
     let r = client::get(bind, "catalog", "/never").await?;
@@ -1195,10 +1178,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() -> TestResult {
         .arg("20")
         .kill_on_drop(true)
         .spawn()?;
-    wait::until("proxy process ready", TIMEOUT, || async move {
-        matches!(client::get(admin_addr, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await?;
+    wait::ready("proxy process ready", admin_addr, TIMEOUT).await?;
     // Requests in flight when SIGTERM arrives: each takes 1.5 s at the app.
     let mut inflight = Vec::new();
     for _ in 0..3 {
@@ -2657,10 +2637,7 @@ impl LoggingProxy {
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let lines = tokio::io::BufReader::new(stdout).lines();
-        wait::until("proxy process ready", TIMEOUT, || async move {
-            matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-        })
-        .await?;
+        wait::ready("proxy process ready", admin, TIMEOUT).await?;
         Ok((
             bind,
             LoggingProxy {

@@ -16,14 +16,19 @@
 //! server runs in a spawned tokio task; dropping its handle (or calling its
 //! `shutdown`) stops it accepting.
 //!
-//! [`client`] has small hyper clients and [`wait`] a polling helper. With the `kube`
+//! [`client`] has small hyper clients, [`wait`] a polling helper, [`mesh`] typed
+//! builders for the mesh's documents, [`jwt`] signed test tokens, and [`metrics`]
+//! samples read from a `/metrics` page. With the `kube`
 //! feature, `kube::ApiServer` runs a real etcd + kube-apiserver (see that module).
 
 pub mod client;
 pub mod grpc;
 pub mod http;
+pub mod jwt;
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod mesh;
+pub mod metrics;
 pub mod tcp;
 pub mod wait;
 pub mod ws;

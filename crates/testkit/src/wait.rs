@@ -43,3 +43,17 @@ where
         .await
         .map_err(|_| format!("timed out after {timeout:?} waiting for {what}").into())
 }
+
+/// Polls the admin listener at `admin` until `/ready` answers 200 (a proxy's, or
+/// anything serving Sinew's admin API). Returns an error naming `what` after
+/// `timeout`.
+pub async fn ready(
+    what: &str,
+    admin: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<(), BoxError> {
+    until(what, timeout, || async move {
+        matches!(crate::client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
+    })
+    .await
+}

@@ -284,6 +284,14 @@ impl Ca {
         self.sign_csr_as(csr_der, id, ttl, &Profile::workload())
     }
 
+    /// A new key and a workload certificate for `id`, valid for `ttl`: `(key PEM,
+    /// certificate)`. For identities made in process (an embedding program, a test
+    /// with its own CA) rather than requested over the control plane's API.
+    pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<(String, Issued), TlsError> {
+        let (key_pem, csr) = new_key_and_csr()?;
+        Ok((key_pem, self.sign_csr(&csr, id, ttl)?))
+    }
+
     /// A cross-certificate: `other`'s signing certificate (its name and key)
     /// issued by this CA, PEM. During a root rotation it lets a client that trusts
     /// only this CA's root verify what `other` signs.

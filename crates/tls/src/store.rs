@@ -96,6 +96,19 @@ impl CertStore {
         })
     }
 
+    /// A store holding an identity from the start: trust `roots_pem`, present
+    /// `chain_pem` (leaf first) with `key_pem`.
+    pub fn with_identity(
+        key_pem: &str,
+        chain_pem: &str,
+        roots_pem: &str,
+    ) -> Result<Arc<CertStore>, TlsError> {
+        let store = CertStore::new();
+        store.set_trust_bundle(roots_pem)?;
+        store.install(key_pem, chain_pem)?;
+        Ok(store)
+    }
+
     /// Installs a key (PEM) and its certificate chain (leaf first, PEM). New
     /// handshakes use it; established connections keep theirs.
     pub fn install(&self, key_pem: &str, chain_pem: &str) -> Result<SpiffeId, TlsError> {

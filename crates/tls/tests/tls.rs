@@ -404,3 +404,28 @@ async fn only_the_control_plane_s_identity_is_the_control_plane() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn an_identity_issued_in_process_makes_a_ready_store_that_speaks_mtls() {
+    let ca = Ca::generate("cluster.local", DAY).unwrap();
+    let given = |sa: &str| {
+        let (key, issued) = ca.issue(&id(sa), DAY).unwrap();
+        assert!(issued.not_after > std::time::SystemTime::now());
+        CertStore::with_identity(&key, &issued.chain_pem, &ca.roots_pem()).unwrap()
+    };
+    let (web, catalog) = (given("web"), given("catalog"));
+    assert!(web.is_ready() && catalog.is_ready());
+    assert_eq!(web.identity(), Some(id("web")));
+    let (addr, seen) = server(catalog).await;
+    let tls = connect(&web, id("catalog"), addr).await.unwrap();
+    drop(tls);
+    assert_eq!(seen.await.unwrap().unwrap(), Some(id("web")));
+
+    // A key that is not the certificate's is refused, and the error says so.
+    let (other_key, _) = new_key_and_csr().unwrap();
+    let (_, issued) = ca.issue(&id("web"), DAY).unwrap();
+    let err = CertStore::with_identity(&other_key, &issued.chain_pem, &ca.roots_pem())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not match the key"), "{err}");
+}

@@ -339,11 +339,7 @@ pub async fn start_proxy_with(
     tweak(&mut opts);
     let p = Proxy::start(opts).unwrap();
     let admin = p.admin_addr();
-    wait::until("proxy ready", TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready("proxy ready", admin, TIMEOUT).await.unwrap();
     p
 }
 

@@ -57,14 +57,21 @@ pub async fn start(file: &ConfigFile, name: &str) -> Proxy {
     start_with(options(&file.path, name)).await
 }
 
+/// Starts the proxy `name` of `mesh` in process (no file) and waits until it
+/// reports ready.
+pub async fn start_docs(mesh: &sinew_testkit::mesh::Mesh, name: &str) -> Proxy {
+    let opts = Proxy::builder()
+        .documents(&mesh.yaml(), name)
+        .drain_timeout(Duration::from_secs(10))
+        .into_options()
+        .unwrap();
+    start_with(opts).await
+}
+
 pub async fn start_with(opts: ProxyOptions) -> Proxy {
     let proxy = Proxy::start(opts).unwrap();
     let admin = proxy.admin_addr();
-    wait::until("proxy ready", TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready("proxy ready", admin, TIMEOUT).await.unwrap();
     proxy
 }
 
@@ -81,11 +88,7 @@ pub async fn generation(proxy: &Proxy) -> u64 {
 
 /// The value of a metric line that starts with `prefix` (name and labels).
 pub async fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
-    let text = admin(proxy, "/metrics").await.text();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    sinew_testkit::metrics::value(&admin(proxy, "/metrics").await.text(), prefix)
 }
 
 pub fn proxy_doc(name: &str, spec: &str) -> String {
