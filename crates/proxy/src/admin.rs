@@ -54,16 +54,29 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, source: String) {
         let http = http.clone();
         tokio::spawn(async move {
             let slot = Arc::new(slot);
-            let svc = service_fn(move |req: Request<Incoming>| {
-                slot.busy();
-                let resp = admin_response(&shared, &source, peer, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
+            // `POST /shutdown` takes effect once its answer is written (the response
+            // closes the connection): a shutdown begun at once could end the process
+            // before the caller, a Job's last step, hears 200.
+            let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let svc = {
+                let (shared, asked) = (shared.clone(), asked.clone());
+                service_fn(move |req: Request<Incoming>| {
+                    slot.busy();
+                    let resp = admin_response(&shared, &source, peer, &req);
+                    if req.uri().path() == "/shutdown" && resp.status() == StatusCode::OK {
+                        asked.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    async move { Ok::<_, Infallible>(resp) }
+                })
+            };
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 // Told to make room (a dropped sender, once busy, is no signal).
                 Ok(()) = evicted => {}
+            }
+            if asked.load(std::sync::atomic::Ordering::Relaxed) {
+                shared.shutdown_requested.send_replace(true);
             }
         });
     }
@@ -94,8 +107,11 @@ fn admin_response(
         if req.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n").map(BodyExt::boxed);
         }
-        shared.shutdown_requested.send_replace(true);
-        return text(StatusCode::OK, "shutting down\n").map(BodyExt::boxed);
+        // Acted on by the connection once this answer is written (see `serve`).
+        let mut resp = text(StatusCode::OK, "shutting down\n");
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return resp.map(BodyExt::boxed);
     }
     if path == "/tap" && req.method() == Method::GET {
         tap(shared.clone(), req)
