@@ -195,8 +195,20 @@ fn claims(text: &str, noun: &str) -> Vec<usize> {
 /// The quick start's counts of the demo's sidecars and services are what `sinew demo`
 /// runs: the proxies its `--json` line lists, and the Services its control plane
 /// holds (`sinew get services -n demo`).
+/// One mesh at a time: the demo picks free loopback ports and releases them for its
+/// children to bind, so two demos starting at once (or one beside standalone.sh's
+/// fixed ports) could collide.
+static ONE_MESH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_mesh() -> std::sync::MutexGuard<'static, ()> {
+    ONE_MESH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn the_readmes_demo_counts_are_what_the_demo_runs() {
+    let _one = one_mesh();
     // The quick start's claims: the guides describe other meshes (standalone.sh's).
     let text = readme();
     let text = text
@@ -485,6 +497,7 @@ fn script(path: &Path, body: &str) {
 /// checks `scripts/target-dir` itself.
 #[test]
 fn the_readmes_commands_run_what_cargo_built_in_another_target_dir() {
+    let _one = one_mesh();
     let work = std::env::temp_dir().join(format!("sinew-readme-target-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let (shim, target) = (work.join("bin"), work.join("elsewhere"));
