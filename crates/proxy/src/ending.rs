@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::access::{Observed, Outcome};
+use crate::access::Observed;
 use crate::body::RespBody;
-use crate::listeners::ConnCtx;
-use crate::metrics::{Direction, RequestMeta};
 use crate::trace::Hop;
+use crate::types::{ConnCtx, Direction, Outcome, RequestMeta};
 
-pub use crate::access::End;
+pub use crate::types::End;
 
 /// What a request's observers need once its response has ended.
 #[derive(Debug)]

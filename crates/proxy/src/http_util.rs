@@ -189,7 +189,7 @@ pub fn set_target(
 /// `headers_with_underscores_action` guards against.
 pub fn check_request_head(
     headers: &mut HeaderMap,
-    limits: &crate::state::HeadLimits,
+    limits: &crate::types::HeadLimits,
 ) -> Result<(), ProxyError> {
     let mut bytes = 0usize;
     let mut hosts = 0usize;
@@ -234,9 +234,9 @@ pub fn check_request_head(
 /// limits can only be lowered per listener (hyper reads heads into a buffer sized
 /// by the flags); the body limit, if any, is the listener's.
 pub fn listener_limits(
-    flags: &crate::state::HeadLimits,
+    flags: &crate::types::HeadLimits,
     l: &sinew_model::resource::LimitsSpec,
-) -> (crate::state::HeadLimits, Option<u64>) {
+) -> (crate::types::HeadLimits, Option<u64>) {
     let mut limits = *flags;
     if let Some(kb) = l.max_request_headers_kb {
         limits.request_header_bytes = limits.request_header_bytes.min(kb as usize * 1024);
@@ -267,7 +267,7 @@ mod head_tests {
 
     #[test]
     fn oversized_or_doubled_heads_are_refused_and_underscores_dropped() {
-        let limits = crate::state::HeadLimits {
+        let limits = crate::types::HeadLimits {
             request_header_bytes: 1024,
             request_headers: 4,
             ..Default::default()

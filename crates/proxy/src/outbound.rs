@@ -21,12 +21,11 @@ use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
 use crate::error::{ProxyError, Reason};
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
-use crate::listeners::{ConnCtx, Role};
-use crate::metrics::{Direction, RequestMeta};
 use crate::pool::{Reached, SendError, Version as UpVersion};
 use crate::resilience;
 use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
+use crate::types::{ConnCtx, Direction, RequestMeta, Role};
 
 /// Handles one request from the local application.
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
