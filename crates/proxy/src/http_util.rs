@@ -5,6 +5,7 @@ use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Version};
 
 use crate::error::ProxyError;
+pub use crate::types::{GRPC_STATUS, TRACEPARENT};
 
 /// Mesh header: the application port the peer sidecar forwards to.
 pub const DST_PORT: HeaderName = HeaderName::from_static("sinew-dst-port");
@@ -21,13 +22,6 @@ pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("sinew-peer-identi
 /// may send it to another endpoint. Set only by the inbound on its own answers;
 /// removed from the application's responses and before the client sees the answer.
 pub const UNSENT: HeaderName = HeaderName::from_static("sinew-unsent");
-
-/// `grpc-status`, as a static name: looking a header up by string parses the name
-/// on every request.
-pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-
-/// `traceparent` (W3C trace context), as a static name.
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 use crate::metrics::LastSeries;
 use crate::state::Shared;
@@ -226,3 +226,13 @@ pub async fn reached(drain: &mut tokio::sync::watch::Receiver<DrainState>, state
 pub async fn closing(drain: &mut tokio::sync::watch::Receiver<DrainState>) {
     reached(drain, DrainState::Closing).await
 }
+
+/// The header naming why the proxy answered itself.
+pub const SINEW_ERROR: http::HeaderName = http::HeaderName::from_static("sinew-error");
+
+/// `grpc-status`, as a static name: looking a header up by string parses the name
+/// on every request.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// `traceparent` (W3C trace context), as a static name.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

@@ -139,7 +139,7 @@ pub fn head<B>(hop: Option<&Hop>, resp: &Response<B>) {
     {
         span.set_attribute(KeyValue::new("sinew.retries", n));
     }
-    let reason = header(h, &crate::error::SINEW_ERROR);
+    let reason = header(h, &crate::types::SINEW_ERROR);
     if let Some(r) = reason {
         span.set_attribute(KeyValue::new("sinew.error", r.to_owned()));
     }
