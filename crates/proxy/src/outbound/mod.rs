@@ -13,9 +13,8 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use sinew_model::compile::{Filters, PortConfig, ServiceConfig};
+use sinew_model::compile::{PortConfig, ServiceConfig};
 use sinew_model::resource::Protocol;
-use sinew_model::route::RequestView;
 
 use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
@@ -26,6 +25,10 @@ use crate::resilience;
 use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
 use crate::types::{ConnCtx, Direction, RequestMeta, Role};
+
+mod plan;
+
+use plan::{MESH_HEADERS, Plan};
 
 /// Handles one request from the local application.
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -171,17 +174,9 @@ async fn forward(
         return Box::pin(connect_tunnel(ctx, &snap, svc, port, req)).await;
     }
 
-    let view = RequestView {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-    };
-    let entry = port.routes.select(&view).ok_or(ProxyError::NoRoute)?;
-    let rule = entry.rule.clone();
+    let route = plan::route(port, &req, |total| fastrand::u64(..total))?;
+    let (rule, backend) = (route.rule, route.backend);
     meta.route = Some(rule.route.clone());
-    let prefix_len = entry.matcher.path.prefix_len();
-    let backend = rule.pick_backend(fastrand::u64(..rule.total_weight.max(1)));
     let balancer = snap
         .balancer(&backend.service, backend.port)
         .ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?;
@@ -200,49 +195,23 @@ async fn forward(
     };
     meta.upstream = Some(endpoint.config.address);
     meta.endpoint = Some(endpoint.clone());
-    crate::trace::note_outbound(req.extensions(), &rule, &backend.service, &endpoint.config);
-    let protocol = snap
-        .config
-        .service(&backend.service)
-        .and_then(|s| s.port(backend.port))
-        .map_or(port.protocol, |p| p.protocol);
-
-    // A client must not be able to steer the peer sidecar.
-    static MESH_HEADERS: [HeaderName; 2] = [DST_PORT, ORIG_PROTO];
-    http_util::remove_headers(req.headers_mut(), &MESH_HEADERS);
-
-    // Filters: the rule's, then the backend's.
-    let mut authority = parsed.ok_or(ProxyError::Malformed("no Host header or absolute URI"))?;
-    let mut new_path: Option<PathAndQuery> = None;
-    for filters in [&rule.filters, &backend.filters] {
-        apply_request_filters(filters, &mut req, &mut authority, &mut new_path, prefix_len)?;
-    }
-
-    if http_util::is_upgrade(&req) || http_util::is_extended_connect(&req) {
+    crate::trace::note_outbound(req.extensions(), rule, &backend.service, &endpoint.config);
+    let plan = plan::plan(&snap.config, port, &route, &mut req, parsed)?;
+    if plan.upgrade {
+        let Plan {
+            authority,
+            new_path,
+            ..
+        } = plan;
         return Box::pin(forward_upgrade(ctx, req, &endpoint, &authority, new_path)).await;
     }
-
-    let grpc = http_util::is_grpc(req.headers());
-    // The app's protocol comes from the app, not the caller: a port declared `HTTP`
-    // is spoken to in HTTP/1.1 (what every HTTP server understands), even to an
-    // HTTP/2 caller; `HTTP2`/`GRPC` ports, and gRPC calls (HTTP/2 only), in HTTP/2.
-    let app_h2 = app_speaks_h2(protocol, grpc);
+    let grpc = plan.grpc;
     // The deadline: the route's timeout, or less if the caller arrived with one.
     let now = tokio::time::Instant::now();
-    let deadline = [
-        rule.request_timeout,
-        resilience::incoming_timeout(req.headers()),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .map(|d| now + d);
+    let deadline = plan.timeout.map(|d| now + d);
 
     // Fault injection (chaos testing): delays, then aborts.
-    for filters in [&rule.filters, &backend.filters] {
-        let Some(fault) = &filters.fault else {
-            continue;
-        };
+    for fault in plan.faults.into_iter().flatten() {
         if let Some((ms, pct)) = fault.delay
             && fastrand::f64() * 100.0 < pct
         {
@@ -265,20 +234,16 @@ async fn forward(
         }
     }
 
-    let safe = matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    );
-    let retry = rule.retry.as_ref().filter(|r| {
-        r.non_idempotent
-                || resilience::idempotent(req.method())
-                // gRPC calls are all POSTs: naming gRPC statuses opts them in.
-                || (!r.grpc_codes.is_empty() && grpc)
-    });
-    let mirror = [&rule.filters, &backend.filters]
-        .into_iter()
-        .find_map(|f| f.mirror.as_ref())
-        .filter(|m| fastrand::u32(0..100) < m.percent);
+    let Plan {
+        app_h2,
+        authority,
+        new_path,
+        safe,
+        retry,
+        mirror,
+        ..
+    } = plan;
+    let mirror = mirror.filter(|m| fastrand::u32(0..100) < m.percent);
     let (mut parts, body) = req.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
     // The upstream request starts with no extensions; these (the trace note among
@@ -311,7 +276,7 @@ async fn forward(
             bytes.clone(),
         );
     }
-    let budget = retry.and_then(|_| snap.budget(&rule));
+    let budget = retry.and_then(|_| snap.budget(rule));
     if let Some(b) = budget {
         b.request();
     }
@@ -630,11 +595,6 @@ async fn forward(
 /// came back whole.
 type Resend = (Arc<Endpoint>, Option<Box<Request<ReqBody>>>);
 
-/// Whether the application behind a port of `protocol` is spoken to in HTTP/2.
-fn app_speaks_h2(protocol: Protocol, grpc: bool) -> bool {
-    grpc || matches!(protocol, Protocol::Http2 | Protocol::Grpc)
-}
-
 /// On a response answered by the hedge (the second try).
 const HEDGED: HeaderName = HeaderName::from_static("sinew-hedged");
 
@@ -797,7 +757,7 @@ fn send_mirror(
         .service(&m.service)
         .and_then(|s| s.port(m.port.unwrap_or(default_port)))
         .map_or(Protocol::Http, |p| p.protocol);
-    let app_h2 = app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
+    let app_h2 = plan::app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
     let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
     if endpoint.config.sidecar.is_some() {
         p.headers
@@ -942,42 +902,6 @@ async fn send_timed(
         _ => inflight.failure(),
     }
     res
-}
-
-fn apply_request_filters(
-    filters: &Filters,
-    req: &mut Request<Incoming>,
-    authority: &mut Authority,
-    new_path: &mut Option<PathAndQuery>,
-    prefix_len: Option<usize>,
-) -> Result<(), ProxyError> {
-    if filters.is_empty() {
-        return Ok(());
-    }
-    if let Some(edits) = &filters.request_headers {
-        edits.apply(req.headers_mut());
-    }
-    if let Some(rw) = &filters.rewrite {
-        if let Some(h) = &rw.hostname {
-            *authority = Authority::try_from(h.as_str())
-                .map_err(|_| ProxyError::Malformed("invalid rewrite hostname"))?;
-        }
-        if let Some(p) = &rw.path {
-            let current = new_path
-                .as_ref()
-                .map_or_else(|| req.uri().path().to_owned(), |p| p.path().to_owned());
-            let mut rewritten = p.apply(&current, prefix_len);
-            if let Some(q) = req.uri().query() {
-                rewritten.push('?');
-                rewritten.push_str(q);
-            }
-            *new_path = Some(
-                PathAndQuery::try_from(rewritten)
-                    .map_err(|_| ProxyError::Malformed("rewritten path is invalid"))?,
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Forwards an HTTP/1.1 upgrade (e.g. WebSocket) on a dedicated connection: the
