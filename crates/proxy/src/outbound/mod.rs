@@ -13,7 +13,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use sinew_model::compile::{PortConfig, ServiceConfig};
+use sinew_model::compile::{BackendConfig, PortConfig, RuleConfig, ServiceConfig};
 use sinew_model::resource::Protocol;
 
 use crate::balance::{Balancer, Endpoint, Outcome};
@@ -21,14 +21,15 @@ use crate::body::{ReqBody, RespBody};
 use crate::error::{ProxyError, Reason};
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
 use crate::pool::{Reached, SendError, Version as UpVersion};
-use crate::resilience;
+
 use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
 use crate::types::{ConnCtx, Direction, RequestMeta, Role};
 
 mod plan;
+mod send;
 
-use plan::{MESH_HEADERS, Plan};
+use plan::Plan;
 
 /// Handles one request from the local application.
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -180,19 +181,7 @@ async fn forward(
     let balancer = snap
         .balancer(&backend.service, backend.port)
         .ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?;
-    // A captured connection to a workload's own address (a headless Service's
-    // endpoint, a StatefulSet pod's DNS name) is for that workload: every try goes
-    // there, over mTLS to its sidecar as to any endpoint.
-    let pinned = pinned_endpoint(ctx, &snap, balancer);
-    let endpoint = match &pinned {
-        Some(e) => e.clone(),
-        None => balancer
-            .pick_for(ring_key(balancer, &req, ctx.peer))
-            .ok_or_else(|| {
-                ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port))
-            })?
-            .clone(),
-    };
+    let (pinned, endpoint) = first_endpoint(ctx, &snap, balancer, backend, &req)?;
     meta.upstream = Some(endpoint.config.address);
     meta.endpoint = Some(endpoint.clone());
     crate::trace::note_outbound(req.extensions(), rule, &backend.service, &endpoint.config);
@@ -211,27 +200,8 @@ async fn forward(
     let deadline = plan.timeout.map(|d| now + d);
 
     // Fault injection (chaos testing): delays, then aborts.
-    for fault in plan.faults.into_iter().flatten() {
-        if let Some((ms, pct)) = fault.delay
-            && fastrand::f64() * 100.0 < pct
-        {
-            let until = now + Duration::from_millis(ms);
-            match deadline {
-                Some(d) if d < until => {
-                    tokio::time::sleep_until(d).await;
-                    return Err(ProxyError::Timeout(d - now));
-                }
-                _ => tokio::time::sleep_until(until).await,
-            }
-        }
-        if let Some((status, grpc_code, pct)) = fault.abort
-            && fastrand::f64() * 100.0 < pct
-        {
-            ctx.shared
-                .metrics
-                .error(Direction::Outbound, Reason::FaultInjected);
-            return Ok(fault_response(status, grpc_code, grpc));
-        }
+    if let Some(aborted) = inject_faults(ctx, &plan, now, deadline).await? {
+        return Ok(aborted);
     }
 
     let Plan {
@@ -249,22 +219,8 @@ async fn forward(
     // The upstream request starts with no extensions; these (the trace note among
     // them) live until the answer is built, as the request itself did.
     let _extensions = std::mem::take(&mut parts.extensions);
-    // Retries and mirrors need the body again: hold it when it is small and of known
-    // length; anything else streams once (and is neither retried nor mirrored).
     let replayable = retry.is_some() || mirror.is_some();
-    let mut payload = if replayable
-        && (body_limit.is_none() || http_body::Body::size_hint(&body).exact().is_some())
-    {
-        // (A body of unknown length on a listener with a body limit streams once,
-        // watched for the limit, rather than being copied for a replay.)
-        buffer(body).await?
-    } else if http_body::Body::is_end_stream(&body) {
-        // No body (most GETs): sendable again at no cost, should the chosen
-        // endpoint turn out never to have seen it.
-        Payload::Bytes(None)
-    } else {
-        Payload::Stream(Some(body))
-    };
+    let mut payload = payload(body, replayable, body_limit).await?;
     if let (Some(m), Payload::Bytes(bytes)) = (mirror, &payload) {
         send_mirror(
             &snap,
@@ -290,277 +246,31 @@ async fn forward(
     let keep_head = retry.is_some()
         || (matches!(payload, Payload::Bytes(_))
             && (balancer.endpoints().len() > 1 || endpoint.config.sidecar.is_some()));
-    let mut parts = Some(parts);
-    let head = |parts: &mut Option<http::request::Parts>| {
-        if keep_head {
-            parts
-                .as_ref()
-                .ok_or(ProxyError::Malformed("request head already sent"))
-                .map(copy_head)
-        } else {
-            parts
-                .take()
-                .ok_or(ProxyError::Malformed("request head already sent"))
-        }
+    let tries = send::Tries {
+        ctx,
+        rule,
+        service: &backend.service,
+        balancer,
+        pinned,
+        retry,
+        budget: budget.map(|b| &**b),
+        authority: &authority,
+        new_path: &new_path,
+        app_h2,
+        grpc,
+        safe,
+        now,
+        deadline,
+        keep_head,
+        body_limit,
     };
-
-    // One try's request, for any endpoint.
-    let build = |endpoint: &Arc<Endpoint>,
-                 attempt: u32,
-                 body: ReqBody,
-                 mut p: http::request::Parts|
-     -> Result<(Request<ReqBody>, UpVersion, Option<Duration>), ProxyError> {
-        let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
-        if endpoint.config.sidecar.is_some() {
-            p.headers
-                .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-            if !app_h2 {
-                p.headers
-                    .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-            }
-        } else {
-            // A head built for a sidecar before (a resend elsewhere) loses its marks.
-            http_util::remove_headers(&mut p.headers, &MESH_HEADERS);
-        }
-        if attempt > 0 {
-            p.headers.insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
-        }
-        let mut per_try = rule.backend_timeout;
-        if let Some(d) = deadline {
-            let left = d.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return Err(ProxyError::Timeout(d - now));
-            }
-            // The callee learns how long it has, and never works past it.
-            p.headers.insert(
-                resilience::TIMEOUT_HEADER,
-                HeaderValue::from(left.as_millis() as u64),
-            );
-            if grpc && let Ok(v) = HeaderValue::from_str(&resilience::format_grpc_timeout(left)) {
-                p.headers.insert(resilience::GRPC_TIMEOUT, v);
-            }
-            per_try = Some(per_try.map_or(left, |t| t.min(left)));
-        }
-        http_util::set_target(&mut p, &authority, new_path.clone(), upstream_h2)?;
-        let version = if upstream_h2 {
-            UpVersion::Http2
-        } else {
-            UpVersion::Http1
-        };
-        Ok((Request::from_parts(p, body), version, per_try))
-    };
-    // Another endpoint than `not`, when there is one.
-    let elsewhere = |not: &Arc<Endpoint>| {
-        if pinned.is_some() {
-            return pinned.clone();
-        }
-        balancer
-            .pick_other(not)
-            .or_else(|| balancer.pick())
-            .cloned()
-    };
-    let hedge_after = retry
-        .and_then(|r| r.hedge.as_ref())
-        .filter(|_| matches!(payload, Payload::Bytes(_)))
-        .and_then(|h| match h {
-            sinew_model::compile::HedgeConfig::DelayMs(ms) => Some(Duration::from_millis(*ms)),
-            sinew_model::compile::HedgeConfig::Percentile(p) => {
-                budget.and_then(|b| b.latency_percentile(*p))
-            }
-        });
-
-    let mut attempt: u32 = 0;
-    let mut hedged = false;
-    let mut previous: Option<Arc<Endpoint>> = None;
-    // A request an endpoint never saw (refused, GOAWAY), to send elsewhere: its
-    // endpoint and the request itself when it came back whole.
-    let mut resend: Option<Resend> = None;
-    // Set when a streamed request body failed on the client's side.
-    let mut body_failed: Option<Arc<crate::body::Watch>> = None;
-    let mut resends = 0u32;
-    let resp = loop {
-        let endpoint = if let Some((e, _)) = &resend {
-            e.clone()
-        } else if attempt == 0 {
-            endpoint.clone()
-        } else {
-            // A retry goes elsewhere when there is anywhere else to go.
-            let p = previous.clone().unwrap_or_else(|| endpoint.clone());
-            elsewhere(&p).ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?
-        };
-        let (body, head_now) = match resend.take().and_then(|(_, r)| r) {
-            Some(back) => {
-                let (p, b) = back.into_parts();
-                (b, p)
-            }
-            None => {
-                let body = match &mut payload {
-                    Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
-                    Payload::Stream(s) => s.take().map_or(ReqBody::Empty, |b| {
-                        let watch = body_failed
-                            .get_or_insert_with(|| Arc::new(crate::body::Watch::new(body_limit)));
-                        ReqBody::Watched(b, watch.clone())
-                    }),
-                    Payload::Captured(s, c) => s
-                        .take()
-                        .map_or(ReqBody::Empty, |b| ReqBody::Captured(b, c.clone())),
-                };
-                (body, head(&mut parts)?)
-            }
-        };
-        let (req, version, per_try) = build(&endpoint, attempt, body, head_now)?;
-        let started = tokio::time::Instant::now();
-        let result = {
-            // One slot for this try, hedged or not, keeps the request's future small.
-            let first = send_attempt(
-                balancer,
-                &endpoint,
-                req,
-                version,
-                per_try,
-                body_failed.as_deref(),
-            );
-            tokio::pin!(first);
-            match (attempt, hedge_after, &payload) {
-                (0, Some(after), Payload::Bytes(bytes)) => {
-                    // Hedging: if the first try is slow, a second goes elsewhere; the
-                    // first good answer wins and the other is dropped (cancelled). Every
-                    // request waits on the timer; the hedge itself is the rare path, boxed
-                    // so the common future stays small.
-                    let bytes = bytes.clone();
-                    match tokio::time::timeout(after, &mut first).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            let (r, by_hedge) = Box::pin(async {
-                                let second = elsewhere(&endpoint)
-                                    .filter(|_| budget.is_none_or(|b| b.try_retry()));
-                                let Some(ep2) = second else {
-                                    return (first.await, false);
-                                };
-                                ctx.shared.metrics.hedge();
-                                let Ok(head2) = head(&mut parts) else {
-                                    return (first.await, false);
-                                };
-                                let (req2, v2, t2) =
-                                    match build(&ep2, 1, ReqBody::Buffered(bytes), head2) {
-                                        Ok(x) => x,
-                                        Err(_) => return (first.await, false),
-                                    };
-                                let second = send_attempt(balancer, &ep2, req2, v2, t2, None);
-                                tokio::pin!(second);
-                                let good = |r: &Result<Response<Incoming>, SendError>| {
-                                    matches!(r, Ok(resp) if !resp.status().is_server_error())
-                                };
-                                tokio::select! {
-                                    r = &mut first => if good(&r) { (r, false) } else { (second.await, true) },
-                                    r = &mut second => if good(&r) { (r, true) } else { (first.await, false) },
-                                }
-                            })
-                            .await;
-                            hedged = by_hedge;
-                            r
-                        }
-                    }
-                }
-                _ => first.await,
-            }
-        };
-        if let (Some(b), Ok(_)) = (budget, &result) {
-            b.record_latency(started.elapsed());
-        }
-        // Never seen by the endpoint: another one takes it, whatever the method and
-        // the route's retry policy (not a retry: the request was not tried).
-        let result = match result {
-            Err(e) if e.never_reached() && resends < MAX_RESENDS => {
-                let back = match e.reached {
-                    Reached::No(back) => back,
-                    Reached::Maybe => None,
-                };
-                let replayable =
-                    back.is_some() || (keep_head && matches!(payload, Payload::Bytes(_)));
-                // A stream the peer refused or excluded by its GOAWAY (an HTTP/2
-                // error, not a failed connect) may go to the same endpoint again, on
-                // a new connection, when there is no other.
-                let again =
-                    matches!(e.error, ProxyError::Upstream { .. }).then(|| endpoint.clone());
-                match elsewhere(&endpoint)
-                    .filter(|e| !Arc::ptr_eq(e, &endpoint))
-                    .or(again)
-                {
-                    Some(next) if replayable => {
-                        tracing::debug!(endpoint = %endpoint.config.address, error = %e.error, "not reached; sending elsewhere");
-                        ctx.shared
-                            .metrics
-                            .error(Direction::Outbound, Reason::ResentUnreached);
-                        resends += 1;
-                        resend = Some((next, back));
-                        continue;
-                    }
-                    other => {
-                        tracing::debug!(replayable, next = ?other.map(|e| e.config.address), "not reached; nowhere else to send it");
-                        Err(e.error)
-                    }
-                }
-            }
-            other => other.map_err(ProxyError::from),
-        };
-        // A captured body becomes replayable once it has been sent whole.
-        if let Payload::Captured(_, c) = &payload
-            && let Some(bytes) = c.replay()
-        {
-            payload = Payload::Bytes(bytes);
-        }
-        // Without a retry policy, a safe request (GET, HEAD, OPTIONS, TRACE: RFC
-        // 9110 §9.2.2 lets a client repeat them) whose endpoint broke the connection
-        // before answering (a crash, a kill) is tried once more elsewhere: one
-        // instance dying costs its callers nothing.
-        let crashed = match &result {
-            Err(ProxyError::Upstream { .. }) => true,
-            Ok(r) => {
-                endpoint.config.sidecar.is_some()
-                    && r.status() == StatusCode::BAD_GATEWAY
-                    && r.headers()
-                        .get(crate::error::SINEW_ERROR)
-                        .is_some_and(|v| v.as_bytes() == Reason::UpstreamFailed.as_str().as_bytes())
-            }
-            _ => false,
-        };
-        if crashed
-            && retry.is_none()
-            && attempt == 0
-            && safe
-            && keep_head
-            && matches!(payload, Payload::Bytes(_))
-        {
-            attempt += 1;
-            ctx.shared.metrics.retry();
-            previous = Some(endpoint);
-            continue;
-        }
-        let should_retry = match (&result, retry) {
-            (_, None) => false,
-            _ if !matches!(payload, Payload::Bytes(_)) => false,
-            (_, Some(cfg)) if attempt >= cfg.retries => false,
-            (Ok(r), Some(cfg)) => resilience::retryable_response(r, cfg),
-            (Err(e), Some(_)) => e.retryable(),
-        };
-        if should_retry && budget.is_none_or(|b| b.try_retry()) {
-            attempt += 1;
-            ctx.shared.metrics.retry();
-            let pause = retry.map_or(Duration::ZERO, |r| resilience::backoff(r.backoff, attempt));
-            let until = tokio::time::Instant::now() + pause;
-            tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
-            previous = Some(endpoint);
-            continue;
-        }
-        if should_retry {
-            ctx.shared
-                .metrics
-                .error(Direction::Outbound, Reason::RetryBudgetExhausted);
-        }
-        break result;
-    };
+    let send::Sent {
+        result: resp,
+        attempt,
+        hedged,
+    } = tries.run(endpoint, &mut payload, parts).await;
     let resp = match resp {
+        // Past the deadline: the whole request's time, whichever try ran out.
         Err(ProxyError::Timeout(_))
             if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) =>
         {
@@ -570,7 +280,99 @@ async fn forward(
         }
         other => other?,
     };
+    Ok(response(resp, rule, backend, attempt, hedged))
+}
 
+/// The endpoint of the first try, and the one every try goes to when the request
+/// is pinned: a captured connection to a workload's own address (a headless
+/// Service's endpoint, a StatefulSet pod's DNS name) is for that workload, over
+/// mTLS to its sidecar as to any endpoint. Otherwise the balancer picks, by the
+/// head as it arrived when it hashes.
+fn first_endpoint(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    balancer: &Balancer,
+    backend: &BackendConfig,
+    req: &Request<Incoming>,
+) -> Result<(Option<Arc<Endpoint>>, Arc<Endpoint>), ProxyError> {
+    let pinned = pinned_endpoint(ctx, snap, balancer);
+    let endpoint = match &pinned {
+        Some(e) => e.clone(),
+        None => balancer
+            .pick_for(ring_key(balancer, req, ctx.peer))
+            .ok_or_else(|| {
+                ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port))
+            })?
+            .clone(),
+    };
+    Ok((pinned, endpoint))
+}
+
+/// Injects the plan's faults (chaos testing), each drawn for on its own: a delay
+/// (cut short by the deadline, which then answers), then an abort, which is the
+/// answer.
+async fn inject_faults(
+    ctx: &ConnCtx,
+    plan: &Plan<'_>,
+    now: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Option<Response<RespBody>>, ProxyError> {
+    for fault in plan.faults.into_iter().flatten() {
+        if let Some((ms, pct)) = fault.delay
+            && fastrand::f64() * 100.0 < pct
+        {
+            let until = now + Duration::from_millis(ms);
+            match deadline {
+                Some(d) if d < until => {
+                    tokio::time::sleep_until(d).await;
+                    return Err(ProxyError::Timeout(d - now));
+                }
+                _ => tokio::time::sleep_until(until).await,
+            }
+        }
+        if let Some((status, grpc_code, pct)) = fault.abort
+            && fastrand::f64() * 100.0 < pct
+        {
+            ctx.shared
+                .metrics
+                .error(Direction::Outbound, Reason::FaultInjected);
+            return Ok(Some(fault_response(status, grpc_code, plan.grpc)));
+        }
+    }
+    Ok(None)
+}
+
+/// The request body as the tries will send it.
+async fn payload(
+    body: Incoming,
+    replayable: bool,
+    body_limit: Option<u64>,
+) -> Result<Payload, ProxyError> {
+    // Retries and mirrors need the body again: hold it when it is small and of known
+    // length; anything else streams once (and is neither retried nor mirrored).
+    if replayable && (body_limit.is_none() || http_body::Body::size_hint(&body).exact().is_some()) {
+        // (A body of unknown length on a listener with a body limit streams once,
+        // watched for the limit, rather than being copied for a replay.)
+        buffer(body).await
+    } else if http_body::Body::is_end_stream(&body) {
+        // No body (most GETs): sendable again at no cost, should the chosen
+        // endpoint turn out never to have seen it.
+        Ok(Payload::Bytes(None))
+    } else {
+        Ok(Payload::Stream(Some(body)))
+    }
+}
+
+/// The upstream's response as the client gets it: hop-by-hop and mesh headers
+/// dropped, the rule's then the backend's response edits applied, and the retries
+/// and the hedge noted.
+fn response(
+    resp: Response<Incoming>,
+    rule: &RuleConfig,
+    backend: &BackendConfig,
+    attempt: u32,
+    hedged: bool,
+) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
     static MESH_RESPONSE_HEADERS: [HeaderName; 1] = [http_util::UNSENT];
@@ -588,7 +390,7 @@ async fn forward(
     if hedged {
         parts.headers.insert(HEDGED, HeaderValue::from_static("1"));
     }
-    Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+    Response::from_parts(parts, RespBody::Upstream(body))
 }
 
 /// A request to send again elsewhere: the endpoint, and the request itself when it
