@@ -28,7 +28,7 @@ use crate::types::{Direction, RequestMeta};
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Inbound, &mut req);
-    let observed = crate::ending::observe(&ctx, Direction::Inbound, &req);
+    let observed = crate::access::observe(&ctx, Direction::Inbound, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {

@@ -35,7 +35,7 @@ use plan::Plan;
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let grpc = http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
-    let observed = crate::ending::observe(&ctx, Direction::Outbound, &req);
+    let observed = crate::access::observe(&ctx, Direction::Outbound, &req);
     let started = std::time::Instant::now();
     let mut meta = RequestMeta::default();
     let resp = match forward(&ctx, req, &mut meta).await {
