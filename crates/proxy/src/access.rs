@@ -20,6 +20,8 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 use sinew_model::resource::AccessLogFormat;
 
+use crate::types::{End, Outcome};
+
 /// Records waiting for the writer; past this, new ones are dropped.
 const QUEUE: usize = 16 * 1024;
 
@@ -497,8 +499,8 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
 /// Starts observing a request, if this proxy logs requests, a tap may want it, or
 /// it reports stats.
 pub fn observe(
-    ctx: &crate::listeners::ConnCtx,
-    dir: crate::metrics::Direction,
+    ctx: &crate::types::ConnCtx,
+    dir: crate::types::Direction,
     req: &http::Request<hyper::body::Incoming>,
 ) -> Option<Observed> {
     let format = ctx
@@ -529,7 +531,7 @@ pub fn observe(
                 "HTTP/1.1"
             },
             request_bytes: content_length(req.headers()),
-            traceparent: req.headers().get(crate::http_util::TRACEPARENT).cloned(),
+            traceparent: req.headers().get(crate::types::TRACEPARENT).cloned(),
         })
     });
     if head.is_none() && !ctx.shared.stats.on() {
@@ -542,72 +544,18 @@ pub fn observe(
     })
 }
 
-/// How a response body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Sent in full.
-    Complete,
-    /// The upstream broke it off.
-    Failed,
-    /// Dropped unfinished: the client went away (or the connection closed) first.
-    Aborted,
-}
-
-impl End {
-    /// As logged: `complete`, `failed` or `aborted`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            End::Complete => "complete",
-            End::Failed => "failed",
-            End::Aborted => "aborted",
-        }
-    }
-}
-
-/// How a request ended, for its observers.
-#[derive(Debug)]
-pub struct Outcome {
-    /// The response status.
-    pub status: http::StatusCode,
-    /// The gRPC status (trailers, else head).
-    pub grpc_status: Option<HeaderValue>,
-    /// `sinew-error` from the response head.
-    pub error: Option<HeaderValue>,
-    /// To the end of the response.
-    pub duration: Duration,
-    /// To the response head.
-    pub head: Duration,
-    /// Response body bytes sent.
-    pub response_bytes: u64,
-    /// How the response ended.
-    pub end: End,
-}
-
-impl Outcome {
-    /// A server error, a gRPC status other than OK, or a response broken off
-    /// upstream.
-    pub fn failed(&self) -> bool {
-        self.status.is_server_error()
-            || self.end == End::Failed
-            || self
-                .grpc_status
-                .as_ref()
-                .is_some_and(|v| v.as_bytes() != b"0")
-    }
-}
-
 /// Finishes an observed request: one record, to the access log and to the taps that
 /// want it, and its counts to the stats.
 pub fn finish(
-    ctx: &crate::listeners::ConnCtx,
+    ctx: &crate::types::ConnCtx,
     observed: Option<Observed>,
-    dir: crate::metrics::Direction,
-    meta: crate::metrics::RequestMeta,
+    dir: crate::types::Direction,
+    meta: crate::types::RequestMeta,
     outcome: &Outcome,
 ) {
     let Some(o) = observed else { return };
     if ctx.shared.stats.on() {
-        let inbound = dir == crate::metrics::Direction::Inbound;
+        let inbound = dir == crate::types::Direction::Inbound;
         // Inbound: only mTLS yields a caller identity. Outbound: the callee's identity
         // when the request went to a sidecar that must present one, over TLS.
         let peer = if inbound {

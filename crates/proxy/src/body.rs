@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::types::End;
+
 /// A request body sent upstream: the downstream body as it arrives, or nothing.
 #[derive(Debug)]
 pub enum ReqBody {
@@ -207,38 +209,46 @@ pub enum RespBody {
     Tracked(Box<Tracked>),
 }
 
+/// Told once how a tracked body ended. The request's observers ([`crate::ending`])
+/// implement it; a trait, so that the body type does not depend on them. Called
+/// through the vtable once per response, at its end.
+pub trait OnEnd: std::fmt::Debug + Send + Sync {
+    /// `bytes` of body were sent, `trailer_grpc` is a gRPC status from the trailers.
+    /// Called at most once with a value to report; later calls do nothing.
+    fn end(&mut self, bytes: u64, trailer_grpc: Option<http::HeaderValue>, end: End);
+}
+
 /// A body on its way to the client, counted, whose end is reported once: when it
-/// ends, fails, or is dropped unfinished.
+/// ends, fails, or is dropped unfinished. Boxed in [`RespBody::Tracked`] as
+/// `Tracked<dyn OnEnd>` (the box was there before; the ending moves in unboxed).
 #[derive(Debug)]
-pub struct Tracked {
+pub struct Tracked<E: ?Sized + OnEnd = dyn OnEnd> {
     body: RespBody,
     bytes: u64,
     grpc_status: Option<http::HeaderValue>,
-    ending: Option<crate::ending::Ending>,
+    ending: E,
 }
 
-impl Tracked {
-    fn end(&mut self, end: crate::ending::End) {
-        if let Some(ending) = self.ending.take() {
-            ending.end(self.bytes, self.grpc_status.take(), end);
-        }
+impl<E: ?Sized + OnEnd> Tracked<E> {
+    fn end(&mut self, end: End) {
+        self.ending.end(self.bytes, self.grpc_status.take(), end);
     }
 }
 
-impl Drop for Tracked {
+impl<E: ?Sized + OnEnd> Drop for Tracked<E> {
     fn drop(&mut self) {
-        self.end(crate::ending::End::Aborted);
+        self.end(End::Aborted);
     }
 }
 
 impl RespBody {
     /// `body`, reporting its end to `ending`.
-    pub fn tracked(body: RespBody, ending: crate::ending::Ending) -> RespBody {
+    pub fn tracked(body: RespBody, ending: impl OnEnd + 'static) -> RespBody {
         RespBody::Tracked(Box::new(Tracked {
             body,
             bytes: 0,
             grpc_status: None,
-            ending: Some(ending),
+            ending,
         }))
     }
 
@@ -266,14 +276,13 @@ impl Body for RespBody {
             RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RespBody::Tracked(t) => {
-                use crate::ending::End;
                 let polled = Pin::new(&mut t.body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(d) = frame.data_ref() {
                             t.bytes += d.len() as u64;
                         } else if let Some(trailers) = frame.trailers_ref() {
-                            t.grpc_status = trailers.get(crate::http_util::GRPC_STATUS).cloned();
+                            t.grpc_status = trailers.get(crate::types::GRPC_STATUS).cloned();
                         }
                         // The server stops polling once the body says it has ended.
                         if t.body.is_end_stream() {

@@ -28,9 +28,10 @@ use sinew_model::resource::{EgressMode, MtlsMode};
 use tokio::net::TcpStream;
 
 use crate::error::Reason;
-use crate::listeners::{ConnCtx, mesh_tls, serve_http};
-use crate::metrics::Direction;
+use crate::serve::{mesh_tls, serve_http};
 use crate::stream::spawn_splice;
+use crate::types::ConnCtx;
+use crate::types::Direction;
 
 /// The addresses a capture listener binds: loopback for outbound (the OUTPUT
 /// chain's REDIRECT sends there), every address for inbound (PREROUTING's REDIRECT
@@ -82,7 +83,7 @@ pub enum Detected {
 }
 
 /// The HTTP/2 preface's request line: enough to tell HTTP/2.
-const H2_PREFACE: &[u8] = crate::listeners::H2_PREFACE.split_at(16).0;
+const H2_PREFACE: &[u8] = crate::serve::H2_PREFACE.split_at(16).0;
 const METHODS: [&[u8]; 9] = [
     b"GET ",
     b"POST ",

@@ -355,7 +355,8 @@ mod tests {
     /// forwarded again.
     #[tokio::test]
     async fn queries_in_flight_are_capped() {
-        use crate::state::{DrainState, Settings};
+        use crate::state::Settings;
+        use crate::types::DrainState;
         let (_drain_tx, drain_rx) = tokio::sync::watch::channel(DrainState::Running);
         let (track, _rx) = tokio::sync::mpsc::channel(1);
         let settings = Settings {

@@ -6,21 +6,21 @@
 //!
 //! [`respond`] takes what they need from the request and the response head into an
 //! [`Ending`]; a response without a body ends there, any other carries its ending in
-//! its body ([`crate::body::RespBody::Tracked`]), which reports when the body ends,
-//! fails, or is dropped unfinished because the client went away.
+//! its body ([`crate::body::RespBody::Tracked`], told through [`crate::body::OnEnd`]),
+//! which reports when the body ends, fails, or is dropped unfinished because the
+//! client went away.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::access::{Observed, Outcome};
+use crate::access::Observed;
 use crate::body::RespBody;
-use crate::listeners::ConnCtx;
-use crate::metrics::{Direction, RequestMeta};
 use crate::trace::Hop;
+use crate::types::{ConnCtx, Direction, Outcome, RequestMeta};
 
-pub use crate::access::End;
+pub use crate::types::End;
 
 /// What a request's observers need once its response has ended.
 #[derive(Debug)]
@@ -60,14 +60,22 @@ pub fn respond(
         started,
         head: started.elapsed(),
         status: resp.status(),
-        grpc_status: h.get(crate::http_util::GRPC_STATUS).cloned(),
-        error: h.get(crate::error::SINEW_ERROR).cloned(),
+        grpc_status: h.get(crate::types::GRPC_STATUS).cloned(),
+        error: h.get(crate::types::SINEW_ERROR).cloned(),
     };
     if resp.body().is_end_stream() {
         ending.end(0, None, End::Complete);
         return resp;
     }
-    resp.map(|body| RespBody::tracked(body, ending))
+    resp.map(|body| RespBody::tracked(body, Some(ending)))
+}
+
+impl crate::body::OnEnd for Option<Ending> {
+    fn end(&mut self, bytes: u64, trailer_grpc: Option<HeaderValue>, end: End) {
+        if let Some(ending) = self.take() {
+            ending.end(bytes, trailer_grpc, end);
+        }
+    }
 }
 
 impl Ending {

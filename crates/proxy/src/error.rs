@@ -12,9 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::RespBody;
-
-/// The header naming why the proxy answered itself.
-pub const SINEW_ERROR: http::HeaderName = http::HeaderName::from_static("sinew-error");
+pub use crate::types::SINEW_ERROR;
 
 /// An error value kept as a source (a TLS library's error, a body's error).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

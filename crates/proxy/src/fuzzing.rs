@@ -39,8 +39,8 @@ impl AsyncRead for Chunks {
 /// nothing and the connection is dropped.
 pub async fn sniff_inbound(chunks: Vec<Vec<u8>>, read_size: usize) -> Option<(bool, Vec<u8>)> {
     let mut stream = Chunks(chunks.into());
-    let (prefix, h2) = crate::listeners::http_version(&mut stream, Duration::from_secs(5)).await?;
-    let mut replay = crate::listeners::Prefixed::new(prefix, stream);
+    let (prefix, h2) = crate::serve::http_version(&mut stream, Duration::from_secs(5)).await?;
+    let mut replay = crate::serve::Prefixed::new(prefix, stream);
     let mut out = Vec::new();
     let mut buf = vec![0u8; read_size.max(1)];
     loop {

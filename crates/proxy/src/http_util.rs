@@ -5,6 +5,7 @@ use http::uri::{Authority, PathAndQuery, Uri};
 use http::{Request, Version};
 
 use crate::error::ProxyError;
+pub use crate::types::{GRPC_STATUS, TRACEPARENT};
 
 /// Mesh header: the application port the peer sidecar forwards to.
 pub const DST_PORT: HeaderName = HeaderName::from_static("sinew-dst-port");
@@ -21,13 +22,6 @@ pub const PEER_IDENTITY: HeaderName = HeaderName::from_static("sinew-peer-identi
 /// may send it to another endpoint. Set only by the inbound on its own answers;
 /// removed from the application's responses and before the client sees the answer.
 pub const UNSENT: HeaderName = HeaderName::from_static("sinew-unsent");
-
-/// `grpc-status`, as a static name: looking a header up by string parses the name
-/// on every request.
-pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-
-/// `traceparent` (W3C trace context), as a static name.
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -189,7 +183,7 @@ pub fn set_target(
 /// `headers_with_underscores_action` guards against.
 pub fn check_request_head(
     headers: &mut HeaderMap,
-    limits: &crate::state::HeadLimits,
+    limits: &crate::types::HeadLimits,
 ) -> Result<(), ProxyError> {
     let mut bytes = 0usize;
     let mut hosts = 0usize;
@@ -234,9 +228,9 @@ pub fn check_request_head(
 /// limits can only be lowered per listener (hyper reads heads into a buffer sized
 /// by the flags); the body limit, if any, is the listener's.
 pub fn listener_limits(
-    flags: &crate::state::HeadLimits,
+    flags: &crate::types::HeadLimits,
     l: &sinew_model::resource::LimitsSpec,
-) -> (crate::state::HeadLimits, Option<u64>) {
+) -> (crate::types::HeadLimits, Option<u64>) {
     let mut limits = *flags;
     if let Some(kb) = l.max_request_headers_kb {
         limits.request_header_bytes = limits.request_header_bytes.min(kb as usize * 1024);
@@ -267,7 +261,7 @@ mod head_tests {
 
     #[test]
     fn oversized_or_doubled_heads_are_refused_and_underscores_dropped() {
-        let limits = crate::state::HeadLimits {
+        let limits = crate::types::HeadLimits {
             request_header_bytes: 1024,
             request_headers: 4,
             ..Default::default()

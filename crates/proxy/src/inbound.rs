@@ -19,10 +19,10 @@ use sinew_model::compile::InboundConfig;
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::http_util::{self, DST_PORT, ORIG_PROTO, PEER_IDENTITY, UNSENT};
-use crate::listeners::ConnCtx;
-use crate::metrics::{Direction, RequestMeta};
 use crate::pool::Version as UpVersion;
 use crate::stream::spawn_splice;
+use crate::types::ConnCtx;
+use crate::types::{Direction, RequestMeta};
 
 /// Handles one request arriving from the mesh.
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -224,8 +224,8 @@ async fn forward(
     meta.service = snap.inbound_service.clone();
     // Room for what the caller's sidecar added on the mesh hop.
     let (own, body_limit) = http_util::listener_limits(&ctx.shared.settings.limits, &inb.limits);
-    let limits = crate::state::HeadLimits {
-        request_header_bytes: own.request_header_bytes + crate::state::MESH_HEADER_ROOM,
+    let limits = crate::types::HeadLimits {
+        request_header_bytes: own.request_header_bytes + crate::types::MESH_HEADER_ROOM,
         request_headers: own.request_headers + 16,
         ..own
     };

@@ -40,11 +40,13 @@ pub mod pool;
 pub mod ratelimit;
 pub mod reload;
 pub mod resilience;
+pub mod serve;
 pub mod state;
 pub mod stats;
 pub mod stream;
 pub mod tap;
 pub mod trace;
+pub mod types;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,7 +61,8 @@ use crate::reload::{Applier, ConfigWatcher};
 /// The configuration source's task, built on the admin thread's runtime.
 type SourceTask =
     Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>;
-use crate::state::{DrainState, Leave, Settings, Shared};
+use crate::state::{Leave, Settings, Shared};
+use crate::types::DrainState;
 
 /// The longest wait for the control plane to confirm a deregistration at shutdown.
 const LEAVE_WAIT: Duration = Duration::from_secs(5);
@@ -98,8 +101,8 @@ pub struct ProxyOptions {
     pub connect_timeout: Duration,
     /// Time a client has to send request headers; default 30 s.
     pub header_read_timeout: Duration,
-    /// Message head limits (see [`state::HeadLimits`] for the defaults).
-    pub limits: state::HeadLimits,
+    /// Message head limits (see [`types::HeadLimits`] for the defaults).
+    pub limits: types::HeadLimits,
     /// Connections each listener holds open at once; default 16384.
     pub max_connections: usize,
     /// An HTTP/2 connection idle this long is closed gracefully; default 5 min.
@@ -135,7 +138,7 @@ impl ProxyOptions {
             leave_delay: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(30),
-            limits: state::HeadLimits::default(),
+            limits: types::HeadLimits::default(),
             max_connections: 16 * 1024,
             idle_timeout: Duration::from_secs(300),
             tcp_idle_timeout: Duration::from_secs(3600),

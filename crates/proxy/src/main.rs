@@ -363,7 +363,7 @@ fn main() -> anyhow::Result<()> {
             .connect_timeout_ms
             .unwrap_or(args.connect_timeout)
             .max(Duration::from_millis(1));
-        opts.limits = sinew_proxy::state::HeadLimits {
+        opts.limits = sinew_proxy::types::HeadLimits {
             request_header_bytes: args.max_request_headers_kb as usize * 1024,
             request_headers: args.max_request_headers as usize,
             response_headers: args.max_response_headers as usize,

@@ -13,24 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Which side of the proxy handled a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Mesh traffic to the local application.
-    Inbound,
-    /// Local application traffic to the mesh.
-    Outbound,
-}
-
-impl Direction {
-    /// `inbound` or `outbound`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
+use crate::types::{Direction, RequestMeta};
 
 /// The golden-signal series a connection's last request was counted in.
 ///
@@ -109,31 +92,6 @@ struct LatencyLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FlowLabels {
     flow: &'static str,
-}
-
-/// What a request was routed to, for its metrics.
-#[derive(Debug, Default, Clone)]
-pub struct RequestMeta {
-    /// The service (`name.namespace`).
-    pub service: Option<Arc<str>>,
-    /// The route (`namespace/name`).
-    pub route: Option<Arc<str>>,
-    /// The endpoint it went to (outbound).
-    pub upstream: Option<std::net::SocketAddr>,
-    /// That endpoint, for the identity its sidecar must present (outbound).
-    pub endpoint: Option<std::sync::Arc<crate::balance::Endpoint>>,
-}
-
-impl RequestMeta {
-    /// The callee's SPIFFE id when the request went over mesh mTLS (outbound): its
-    /// endpoint has a sidecar that must present an identity, and this proxy holds a
-    /// certificate, which is when the connection pool speaks TLS.
-    pub fn mtls_peer(&self, shared: &crate::state::Shared) -> Option<&str> {
-        let ep = self.endpoint.as_ref()?;
-        ep.config.sidecar?;
-        let id = ep.config.identity.as_deref()?;
-        shared.certs.is_ready().then_some(id)
-    }
 }
 
 /// The empty label value.
@@ -387,7 +345,7 @@ impl Metrics {
         dir: Direction,
         meta: &RequestMeta,
         peer_identity: Option<&Arc<str>>,
-        outcome: &crate::access::Outcome,
+        outcome: &crate::types::Outcome,
         last: &LastSeries,
     ) {
         let status = outcome.status;
@@ -608,15 +566,15 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn outcome(status: u16) -> crate::access::Outcome {
-        crate::access::Outcome {
+    fn outcome(status: u16) -> crate::types::Outcome {
+        crate::types::Outcome {
             status: http::StatusCode::from_u16(status).unwrap_or_else(|e| panic!("{e}")),
             grpc_status: None,
             error: None,
             duration: Duration::from_millis(3),
             head: Duration::from_millis(1),
             response_bytes: 0,
-            end: crate::access::End::Complete,
+            end: crate::types::End::Complete,
         }
     }
 

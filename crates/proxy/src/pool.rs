@@ -132,7 +132,7 @@ pub struct ConnPool {
     pending: AtomicUsize,
     max_pending: AtomicUsize,
     /// How large a response head may be.
-    limits: crate::state::HeadLimits,
+    limits: crate::types::HeadLimits,
 }
 
 /// Open connections, and a wake-up for a request waiting for one (a connection
@@ -190,13 +190,13 @@ impl ConnPool {
             max_open: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             max_pending: AtomicUsize::new(0),
-            limits: crate::state::HeadLimits::default(),
+            limits: crate::types::HeadLimits::default(),
         }
     }
 
     /// This pool with these head limits (response headers accepted; request
     /// headers sent to a peer sidecar).
-    pub fn with_limits(mut self, limits: crate::state::HeadLimits) -> ConnPool {
+    pub fn with_limits(mut self, limits: crate::types::HeadLimits) -> ConnPool {
         self.limits = limits;
         self
     }
@@ -327,7 +327,7 @@ impl ConnPool {
         let io = TokioIo::new(self.connect().await?);
         let mut builder = http1::Builder::new();
         builder.max_buf_size(self.limits.response_header_bytes.max(8192));
-        if self.limits.response_headers > crate::state::HYPER_MAX_HEADERS {
+        if self.limits.response_headers > crate::types::HYPER_MAX_HEADERS {
             // Only when raised: a count costs an allocation per response parsed.
             builder.max_headers(self.limits.response_headers);
         }
@@ -454,7 +454,7 @@ impl ConnPool {
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(
-                (self.limits.response_header_bytes + crate::state::MESH_HEADER_ROOM) as u32,
+                (self.limits.response_header_bytes + crate::types::MESH_HEADER_ROOM) as u32,
             )
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))

@@ -15,17 +15,7 @@ use tokio::sync::{mpsc, watch};
 use crate::balance::{Balancer, Endpoint};
 use crate::metrics::Metrics;
 use crate::pool::ConnPool;
-
-/// Where the proxy is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DrainState {
-    /// Serving.
-    Running,
-    /// Not accepting; finishing in-flight work.
-    Draining,
-    /// Past the drain deadline: close everything now.
-    Closing,
-}
+use crate::types::{DrainState, HYPER_MAX_HEADERS, HeadLimits, MESH_HEADER_ROOM};
 
 /// One applied configuration, immutable. A request loads it once and uses it from
 /// start to end; a reload swaps in a new one without touching requests in flight.
@@ -402,41 +392,6 @@ pub struct Settings {
     pub tcp_idle_timeout: Duration,
 }
 
-/// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB
-/// of request headers (Envoy: 60), 100 headers (Envoy: 100), and responses up to
-/// 100 headers (Envoy: 100) and 256 KiB. Counts can be raised (flags).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadLimits {
-    /// Most bytes of request headers (names, values, and 32 bytes of overhead each,
-    /// as HTTP/2 counts them); a larger request is answered 431 where it arrives.
-    pub request_header_bytes: usize,
-    /// Most request headers; more is answered 431 where it arrives.
-    pub request_headers: usize,
-    /// Most response headers accepted from an upstream.
-    pub response_headers: usize,
-    /// Most bytes of response headers accepted from an upstream.
-    pub response_header_bytes: usize,
-}
-
-impl Default for HeadLimits {
-    fn default() -> Self {
-        HeadLimits {
-            request_header_bytes: 64 * 1024,
-            request_headers: 100,
-            response_headers: 100,
-            response_header_bytes: 256 * 1024,
-        }
-    }
-}
-
-/// The header count hyper parses into a stack array; a limit above it costs an
-/// allocation per message, so it is only set when raised.
-pub const HYPER_MAX_HEADERS: usize = 100;
-
-/// Room, beyond a client's own headers, for what sidecars add on the mesh hop (the
-/// destination port, trace context, deadlines, identity).
-pub const MESH_HEADER_ROOM: usize = 8 * 1024;
-
 /// State shared by every listener and connection.
 pub struct Shared {
     /// The applied configuration; `None` until the first load succeeds.
@@ -456,7 +411,7 @@ pub struct Shared {
     /// Configured listener address → the address actually bound.
     pub bound: Mutex<HashMap<SocketAddr, SocketAddr>>,
     /// The HTTP/1.1 server (a connection's protocol is detected by
-    /// `listeners::serve_http`).
+    /// `serve::serve_http`).
     pub http1: http1::Builder,
     /// The HTTP/2 server (h2c by prior knowledge, and h2 inside the mesh's TLS).
     pub http2: http2::Builder<TokioExecutor>,

@@ -13,7 +13,8 @@ use tokio::net::TcpStream;
 
 use crate::balance::Endpoint;
 use crate::error::ProxyError;
-use crate::state::{DrainState, Shared};
+use crate::state::Shared;
+use crate::types::closing;
 
 /// A stream to an endpoint.
 #[derive(Debug)]
@@ -221,21 +222,4 @@ where
         }
         drop(guard);
     });
-}
-
-/// Resolves when the drain state reaches `state` (or the sender is gone).
-pub async fn reached(drain: &mut tokio::sync::watch::Receiver<DrainState>, state: DrainState) {
-    let _ = drain
-        .wait_for(|s| match state {
-            DrainState::Running => true,
-            DrainState::Draining => *s != DrainState::Running,
-            DrainState::Closing => *s == DrainState::Closing,
-        })
-        .await
-        .map(|_| ());
-}
-
-/// Resolves once the proxy is past its drain deadline.
-pub async fn closing(drain: &mut tokio::sync::watch::Receiver<DrainState>) {
-    reached(drain, DrainState::Closing).await
 }

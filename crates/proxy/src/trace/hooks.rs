@@ -14,8 +14,8 @@ use sinew_model::compile::{EndpointConfig, RuleConfig, ServiceConfig};
 
 use super::Tracing;
 use super::propagation::{extract, header, inject};
-use crate::listeners::ConnCtx;
-use crate::metrics::Direction;
+use crate::types::ConnCtx;
+use crate::types::Direction;
 
 /// One hop's span, from the request's arrival to the end of its response.
 pub struct Hop {
@@ -139,7 +139,7 @@ pub fn head<B>(hop: Option<&Hop>, resp: &Response<B>) {
     {
         span.set_attribute(KeyValue::new("sinew.retries", n));
     }
-    let reason = header(h, &crate::error::SINEW_ERROR);
+    let reason = header(h, &crate::types::SINEW_ERROR);
     if let Some(r) = reason {
         span.set_attribute(KeyValue::new("sinew.error", r.to_owned()));
     }
@@ -154,7 +154,7 @@ pub fn head<B>(hop: Option<&Hop>, resp: &Response<B>) {
 /// Ends the hop's span when its response has ended: the gRPC status (from the
 /// trailers, where a call that returned messages has it), bytes sent, and an error
 /// status when the response was broken off.
-pub fn end(hop: Option<Hop>, outcome: &crate::access::Outcome) {
+pub fn end(hop: Option<Hop>, outcome: &crate::types::Outcome) {
     let Some(span) = hop.as_ref().and_then(|h| h.span.as_ref()) else {
         return;
     };
@@ -171,9 +171,9 @@ pub fn end(hop: Option<Hop>, outcome: &crate::access::Outcome) {
         "http.response.body.size",
         i64::try_from(outcome.response_bytes).unwrap_or(i64::MAX),
     ));
-    if outcome.end != crate::access::End::Complete {
+    if outcome.end != crate::types::End::Complete {
         span.set_attribute(KeyValue::new("sinew.end", outcome.end.as_str()));
-        if outcome.end == crate::access::End::Failed {
+        if outcome.end == crate::types::End::Failed {
             span.set_status(Status::error("response broken off upstream"));
         }
     }

@@ -13,20 +13,23 @@ use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use sinew_model::compile::{Filters, PortConfig, ServiceConfig};
+use sinew_model::compile::{BackendConfig, PortConfig, RuleConfig, ServiceConfig};
 use sinew_model::resource::Protocol;
-use sinew_model::route::RequestView;
 
 use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
 use crate::error::{ProxyError, Reason};
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
-use crate::listeners::{ConnCtx, Role};
-use crate::metrics::{Direction, RequestMeta};
 use crate::pool::{Reached, SendError, Version as UpVersion};
-use crate::resilience;
+
 use crate::state::Snapshot;
 use crate::stream::{UpstreamIo, spawn_splice};
+use crate::types::{ConnCtx, Direction, RequestMeta, Role};
+
+mod plan;
+mod send;
+
+use plan::Plan;
 
 /// Handles one request from the local application.
 pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -172,78 +175,149 @@ async fn forward(
         return Box::pin(connect_tunnel(ctx, &snap, svc, port, req)).await;
     }
 
-    let view = RequestView {
-        method: req.method(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        headers: req.headers(),
-    };
-    let entry = port.routes.select(&view).ok_or(ProxyError::NoRoute)?;
-    let rule = entry.rule.clone();
+    let route = plan::route(port, &req, |total| fastrand::u64(..total))?;
+    let (rule, backend) = (route.rule, route.backend);
     meta.route = Some(rule.route.clone());
-    let prefix_len = entry.matcher.path.prefix_len();
-    let backend = rule.pick_backend(fastrand::u64(..rule.total_weight.max(1)));
     let balancer = snap
         .balancer(&backend.service, backend.port)
         .ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?;
-    // A captured connection to a workload's own address (a headless Service's
-    // endpoint, a StatefulSet pod's DNS name) is for that workload: every try goes
-    // there, over mTLS to its sidecar as to any endpoint.
-    let pinned = pinned_endpoint(ctx, &snap, balancer);
+    let (pinned, endpoint) = first_endpoint(ctx, &snap, balancer, backend, &req)?;
+    meta.upstream = Some(endpoint.config.address);
+    meta.endpoint = Some(endpoint.clone());
+    crate::trace::note_outbound(req.extensions(), rule, &backend.service, &endpoint.config);
+    let plan = plan::plan(&snap.config, port, &route, &mut req, parsed)?;
+    if plan.upgrade {
+        let Plan {
+            authority,
+            new_path,
+            ..
+        } = plan;
+        return Box::pin(forward_upgrade(ctx, req, &endpoint, &authority, new_path)).await;
+    }
+    let grpc = plan.grpc;
+    // The deadline: the route's timeout, or less if the caller arrived with one.
+    let now = tokio::time::Instant::now();
+    let deadline = plan.timeout.map(|d| now + d);
+
+    // Fault injection (chaos testing): delays, then aborts.
+    if let Some(aborted) = inject_faults(ctx, &plan, now, deadline).await? {
+        return Ok(aborted);
+    }
+
+    let Plan {
+        app_h2,
+        authority,
+        new_path,
+        safe,
+        retry,
+        mirror,
+        ..
+    } = plan;
+    let mirror = mirror.filter(|m| fastrand::u32(0..100) < m.percent);
+    let (mut parts, body) = req.into_parts();
+    http_util::strip_hop_by_hop(&mut parts.headers, false);
+    // The upstream request starts with no extensions; these (the trace note among
+    // them) live until the answer is built, as the request itself did.
+    let _extensions = std::mem::take(&mut parts.extensions);
+    let replayable = retry.is_some() || mirror.is_some();
+    let mut payload = payload(body, replayable, body_limit).await?;
+    if let (Some(m), Payload::Bytes(bytes)) = (mirror, &payload) {
+        send_mirror(
+            &snap,
+            m,
+            backend.port,
+            &parts,
+            &authority,
+            &new_path,
+            bytes.clone(),
+        );
+    }
+    let budget = retry.and_then(|_| snap.budget(rule));
+    if let Some(b) = budget {
+        b.request();
+    }
+
+    // A request with a streamed body and no retries has exactly one try (a hedge
+    // needs retries too): it takes the head itself. Otherwise every try gets a copy:
+    // a retry, or a resend after an endpoint that never saw the request, needs it.
+    // (With one endpoint without a sidecar there is nowhere to resend to: no copy.
+    // A sidecar's HTTP/2 connection may announce GOAWAY: then a new connection to
+    // the same one takes the request.)
+    let keep_head = retry.is_some()
+        || (matches!(payload, Payload::Bytes(_))
+            && (balancer.endpoints().len() > 1 || endpoint.config.sidecar.is_some()));
+    let tries = send::Tries {
+        ctx,
+        rule,
+        service: &backend.service,
+        balancer,
+        pinned,
+        retry,
+        budget: budget.map(|b| &**b),
+        authority: &authority,
+        new_path: &new_path,
+        app_h2,
+        grpc,
+        safe,
+        now,
+        deadline,
+        keep_head,
+        body_limit,
+    };
+    let send::Sent {
+        result: resp,
+        attempt,
+        hedged,
+    } = tries.run(endpoint, &mut payload, parts).await;
+    let resp = match resp {
+        // Past the deadline: the whole request's time, whichever try ran out.
+        Err(ProxyError::Timeout(_))
+            if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) =>
+        {
+            return Err(ProxyError::Timeout(
+                deadline.map_or(Duration::ZERO, |d| d - now),
+            ));
+        }
+        other => other?,
+    };
+    Ok(response(resp, rule, backend, attempt, hedged))
+}
+
+/// The endpoint of the first try, and the one every try goes to when the request
+/// is pinned: a captured connection to a workload's own address (a headless
+/// Service's endpoint, a StatefulSet pod's DNS name) is for that workload, over
+/// mTLS to its sidecar as to any endpoint. Otherwise the balancer picks, by the
+/// head as it arrived when it hashes.
+fn first_endpoint(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    balancer: &Balancer,
+    backend: &BackendConfig,
+    req: &Request<Incoming>,
+) -> Result<(Option<Arc<Endpoint>>, Arc<Endpoint>), ProxyError> {
+    let pinned = pinned_endpoint(ctx, snap, balancer);
     let endpoint = match &pinned {
         Some(e) => e.clone(),
         None => balancer
-            .pick_for(ring_key(balancer, &req, ctx.peer))
+            .pick_for(ring_key(balancer, req, ctx.peer))
             .ok_or_else(|| {
                 ProxyError::NoEndpoints(format!("{}:{}", backend.service, backend.port))
             })?
             .clone(),
     };
-    meta.upstream = Some(endpoint.config.address);
-    meta.endpoint = Some(endpoint.clone());
-    crate::trace::note_outbound(req.extensions(), &rule, &backend.service, &endpoint.config);
-    let protocol = snap
-        .config
-        .service(&backend.service)
-        .and_then(|s| s.port(backend.port))
-        .map_or(port.protocol, |p| p.protocol);
+    Ok((pinned, endpoint))
+}
 
-    // A client must not be able to steer the peer sidecar.
-    static MESH_HEADERS: [HeaderName; 2] = [DST_PORT, ORIG_PROTO];
-    http_util::remove_headers(req.headers_mut(), &MESH_HEADERS);
-
-    // Filters: the rule's, then the backend's.
-    let mut authority = parsed.ok_or(ProxyError::Malformed("no Host header or absolute URI"))?;
-    let mut new_path: Option<PathAndQuery> = None;
-    for filters in [&rule.filters, &backend.filters] {
-        apply_request_filters(filters, &mut req, &mut authority, &mut new_path, prefix_len)?;
-    }
-
-    if http_util::is_upgrade(&req) || http_util::is_extended_connect(&req) {
-        return Box::pin(forward_upgrade(ctx, req, &endpoint, &authority, new_path)).await;
-    }
-
-    let grpc = http_util::is_grpc(req.headers());
-    // The app's protocol comes from the app, not the caller: a port declared `HTTP`
-    // is spoken to in HTTP/1.1 (what every HTTP server understands), even to an
-    // HTTP/2 caller; `HTTP2`/`GRPC` ports, and gRPC calls (HTTP/2 only), in HTTP/2.
-    let app_h2 = app_speaks_h2(protocol, grpc);
-    // The deadline: the route's timeout, or less if the caller arrived with one.
-    let now = tokio::time::Instant::now();
-    let deadline = [
-        rule.request_timeout,
-        resilience::incoming_timeout(req.headers()),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .map(|d| now + d);
-
-    // Fault injection (chaos testing): delays, then aborts.
-    for filters in [&rule.filters, &backend.filters] {
-        let Some(fault) = &filters.fault else {
-            continue;
-        };
+/// Injects the plan's faults (chaos testing), each drawn for on its own: a delay
+/// (cut short by the deadline, which then answers), then an abort, which is the
+/// answer.
+async fn inject_faults(
+    ctx: &ConnCtx,
+    plan: &Plan<'_>,
+    now: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Option<Response<RespBody>>, ProxyError> {
+    for fault in plan.faults.into_iter().flatten() {
         if let Some((ms, pct)) = fault.delay
             && fastrand::f64() * 100.0 < pct
         {
@@ -262,351 +336,43 @@ async fn forward(
             ctx.shared
                 .metrics
                 .error(Direction::Outbound, Reason::FaultInjected);
-            return Ok(fault_response(status, grpc_code, grpc));
+            return Ok(Some(fault_response(status, grpc_code, plan.grpc)));
         }
     }
+    Ok(None)
+}
 
-    let safe = matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    );
-    let retry = rule.retry.as_ref().filter(|r| {
-        r.non_idempotent
-                || resilience::idempotent(req.method())
-                // gRPC calls are all POSTs: naming gRPC statuses opts them in.
-                || (!r.grpc_codes.is_empty() && grpc)
-    });
-    let mirror = [&rule.filters, &backend.filters]
-        .into_iter()
-        .find_map(|f| f.mirror.as_ref())
-        .filter(|m| fastrand::u32(0..100) < m.percent);
-    let (mut parts, body) = req.into_parts();
-    http_util::strip_hop_by_hop(&mut parts.headers, false);
-    // The upstream request starts with no extensions; these (the trace note among
-    // them) live until the answer is built, as the request itself did.
-    let _extensions = std::mem::take(&mut parts.extensions);
+/// The request body as the tries will send it.
+async fn payload(
+    body: Incoming,
+    replayable: bool,
+    body_limit: Option<u64>,
+) -> Result<Payload, ProxyError> {
     // Retries and mirrors need the body again: hold it when it is small and of known
     // length; anything else streams once (and is neither retried nor mirrored).
-    let replayable = retry.is_some() || mirror.is_some();
-    let mut payload = if replayable
-        && (body_limit.is_none() || http_body::Body::size_hint(&body).exact().is_some())
-    {
+    if replayable && (body_limit.is_none() || http_body::Body::size_hint(&body).exact().is_some()) {
         // (A body of unknown length on a listener with a body limit streams once,
         // watched for the limit, rather than being copied for a replay.)
-        buffer(body).await?
+        buffer(body).await
     } else if http_body::Body::is_end_stream(&body) {
         // No body (most GETs): sendable again at no cost, should the chosen
         // endpoint turn out never to have seen it.
-        Payload::Bytes(None)
+        Ok(Payload::Bytes(None))
     } else {
-        Payload::Stream(Some(body))
-    };
-    if let (Some(m), Payload::Bytes(bytes)) = (mirror, &payload) {
-        send_mirror(
-            &snap,
-            m,
-            backend.port,
-            &parts,
-            &authority,
-            &new_path,
-            bytes.clone(),
-        );
+        Ok(Payload::Stream(Some(body)))
     }
-    let budget = retry.and_then(|_| snap.budget(&rule));
-    if let Some(b) = budget {
-        b.request();
-    }
+}
 
-    // A request with a streamed body and no retries has exactly one try (a hedge
-    // needs retries too): it takes the head itself. Otherwise every try gets a copy:
-    // a retry, or a resend after an endpoint that never saw the request, needs it.
-    // (With one endpoint without a sidecar there is nowhere to resend to: no copy.
-    // A sidecar's HTTP/2 connection may announce GOAWAY: then a new connection to
-    // the same one takes the request.)
-    let keep_head = retry.is_some()
-        || (matches!(payload, Payload::Bytes(_))
-            && (balancer.endpoints().len() > 1 || endpoint.config.sidecar.is_some()));
-    let mut parts = Some(parts);
-    let head = |parts: &mut Option<http::request::Parts>| {
-        if keep_head {
-            parts
-                .as_ref()
-                .ok_or(ProxyError::Malformed("request head already sent"))
-                .map(copy_head)
-        } else {
-            parts
-                .take()
-                .ok_or(ProxyError::Malformed("request head already sent"))
-        }
-    };
-
-    // One try's request, for any endpoint.
-    let build = |endpoint: &Arc<Endpoint>,
-                 attempt: u32,
-                 body: ReqBody,
-                 mut p: http::request::Parts|
-     -> Result<(Request<ReqBody>, UpVersion, Option<Duration>), ProxyError> {
-        let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
-        if endpoint.config.sidecar.is_some() {
-            p.headers
-                .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-            if !app_h2 {
-                p.headers
-                    .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-            }
-        } else {
-            // A head built for a sidecar before (a resend elsewhere) loses its marks.
-            http_util::remove_headers(&mut p.headers, &MESH_HEADERS);
-        }
-        if attempt > 0 {
-            p.headers.insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
-        }
-        let mut per_try = rule.backend_timeout;
-        if let Some(d) = deadline {
-            let left = d.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return Err(ProxyError::Timeout(d - now));
-            }
-            // The callee learns how long it has, and never works past it.
-            p.headers.insert(
-                resilience::TIMEOUT_HEADER,
-                HeaderValue::from(left.as_millis() as u64),
-            );
-            if grpc && let Ok(v) = HeaderValue::from_str(&resilience::format_grpc_timeout(left)) {
-                p.headers.insert(resilience::GRPC_TIMEOUT, v);
-            }
-            per_try = Some(per_try.map_or(left, |t| t.min(left)));
-        }
-        http_util::set_target(&mut p, &authority, new_path.clone(), upstream_h2)?;
-        let version = if upstream_h2 {
-            UpVersion::Http2
-        } else {
-            UpVersion::Http1
-        };
-        Ok((Request::from_parts(p, body), version, per_try))
-    };
-    // Another endpoint than `not`, when there is one.
-    let elsewhere = |not: &Arc<Endpoint>| {
-        if pinned.is_some() {
-            return pinned.clone();
-        }
-        balancer
-            .pick_other(not)
-            .or_else(|| balancer.pick())
-            .cloned()
-    };
-    let hedge_after = retry
-        .and_then(|r| r.hedge.as_ref())
-        .filter(|_| matches!(payload, Payload::Bytes(_)))
-        .and_then(|h| match h {
-            sinew_model::compile::HedgeConfig::DelayMs(ms) => Some(Duration::from_millis(*ms)),
-            sinew_model::compile::HedgeConfig::Percentile(p) => {
-                budget.and_then(|b| b.latency_percentile(*p))
-            }
-        });
-
-    let mut attempt: u32 = 0;
-    let mut hedged = false;
-    let mut previous: Option<Arc<Endpoint>> = None;
-    // A request an endpoint never saw (refused, GOAWAY), to send elsewhere: its
-    // endpoint and the request itself when it came back whole.
-    let mut resend: Option<Resend> = None;
-    // Set when a streamed request body failed on the client's side.
-    let mut body_failed: Option<Arc<crate::body::Watch>> = None;
-    let mut resends = 0u32;
-    let resp = loop {
-        let endpoint = if let Some((e, _)) = &resend {
-            e.clone()
-        } else if attempt == 0 {
-            endpoint.clone()
-        } else {
-            // A retry goes elsewhere when there is anywhere else to go.
-            let p = previous.clone().unwrap_or_else(|| endpoint.clone());
-            elsewhere(&p).ok_or_else(|| ProxyError::NoEndpoints(backend.service.clone()))?
-        };
-        let (body, head_now) = match resend.take().and_then(|(_, r)| r) {
-            Some(back) => {
-                let (p, b) = back.into_parts();
-                (b, p)
-            }
-            None => {
-                let body = match &mut payload {
-                    Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
-                    Payload::Stream(s) => s.take().map_or(ReqBody::Empty, |b| {
-                        let watch = body_failed
-                            .get_or_insert_with(|| Arc::new(crate::body::Watch::new(body_limit)));
-                        ReqBody::Watched(b, watch.clone())
-                    }),
-                    Payload::Captured(s, c) => s
-                        .take()
-                        .map_or(ReqBody::Empty, |b| ReqBody::Captured(b, c.clone())),
-                };
-                (body, head(&mut parts)?)
-            }
-        };
-        let (req, version, per_try) = build(&endpoint, attempt, body, head_now)?;
-        let started = tokio::time::Instant::now();
-        let result = {
-            // One slot for this try, hedged or not, keeps the request's future small.
-            let first = send_attempt(
-                balancer,
-                &endpoint,
-                req,
-                version,
-                per_try,
-                body_failed.as_deref(),
-            );
-            tokio::pin!(first);
-            match (attempt, hedge_after, &payload) {
-                (0, Some(after), Payload::Bytes(bytes)) => {
-                    // Hedging: if the first try is slow, a second goes elsewhere; the
-                    // first good answer wins and the other is dropped (cancelled). Every
-                    // request waits on the timer; the hedge itself is the rare path, boxed
-                    // so the common future stays small.
-                    let bytes = bytes.clone();
-                    match tokio::time::timeout(after, &mut first).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            let (r, by_hedge) = Box::pin(async {
-                                let second = elsewhere(&endpoint)
-                                    .filter(|_| budget.is_none_or(|b| b.try_retry()));
-                                let Some(ep2) = second else {
-                                    return (first.await, false);
-                                };
-                                ctx.shared.metrics.hedge();
-                                let Ok(head2) = head(&mut parts) else {
-                                    return (first.await, false);
-                                };
-                                let (req2, v2, t2) =
-                                    match build(&ep2, 1, ReqBody::Buffered(bytes), head2) {
-                                        Ok(x) => x,
-                                        Err(_) => return (first.await, false),
-                                    };
-                                let second = send_attempt(balancer, &ep2, req2, v2, t2, None);
-                                tokio::pin!(second);
-                                let good = |r: &Result<Response<Incoming>, SendError>| {
-                                    matches!(r, Ok(resp) if !resp.status().is_server_error())
-                                };
-                                tokio::select! {
-                                    r = &mut first => if good(&r) { (r, false) } else { (second.await, true) },
-                                    r = &mut second => if good(&r) { (r, true) } else { (first.await, false) },
-                                }
-                            })
-                            .await;
-                            hedged = by_hedge;
-                            r
-                        }
-                    }
-                }
-                _ => first.await,
-            }
-        };
-        if let (Some(b), Ok(_)) = (budget, &result) {
-            b.record_latency(started.elapsed());
-        }
-        // Never seen by the endpoint: another one takes it, whatever the method and
-        // the route's retry policy (not a retry: the request was not tried).
-        let result = match result {
-            Err(e) if e.never_reached() && resends < MAX_RESENDS => {
-                let back = match e.reached {
-                    Reached::No(back) => back,
-                    Reached::Maybe => None,
-                };
-                let replayable =
-                    back.is_some() || (keep_head && matches!(payload, Payload::Bytes(_)));
-                // A stream the peer refused or excluded by its GOAWAY (an HTTP/2
-                // error, not a failed connect) may go to the same endpoint again, on
-                // a new connection, when there is no other.
-                let again =
-                    matches!(e.error, ProxyError::Upstream { .. }).then(|| endpoint.clone());
-                match elsewhere(&endpoint)
-                    .filter(|e| !Arc::ptr_eq(e, &endpoint))
-                    .or(again)
-                {
-                    Some(next) if replayable => {
-                        tracing::debug!(endpoint = %endpoint.config.address, error = %e.error, "not reached; sending elsewhere");
-                        ctx.shared
-                            .metrics
-                            .error(Direction::Outbound, Reason::ResentUnreached);
-                        resends += 1;
-                        resend = Some((next, back));
-                        continue;
-                    }
-                    other => {
-                        tracing::debug!(replayable, next = ?other.map(|e| e.config.address), "not reached; nowhere else to send it");
-                        Err(e.error)
-                    }
-                }
-            }
-            other => other.map_err(ProxyError::from),
-        };
-        // A captured body becomes replayable once it has been sent whole.
-        if let Payload::Captured(_, c) = &payload
-            && let Some(bytes) = c.replay()
-        {
-            payload = Payload::Bytes(bytes);
-        }
-        // Without a retry policy, a safe request (GET, HEAD, OPTIONS, TRACE: RFC
-        // 9110 §9.2.2 lets a client repeat them) whose endpoint broke the connection
-        // before answering (a crash, a kill) is tried once more elsewhere: one
-        // instance dying costs its callers nothing.
-        let crashed = match &result {
-            Err(ProxyError::Upstream { .. }) => true,
-            Ok(r) => {
-                endpoint.config.sidecar.is_some()
-                    && r.status() == StatusCode::BAD_GATEWAY
-                    && r.headers()
-                        .get(crate::error::SINEW_ERROR)
-                        .is_some_and(|v| v.as_bytes() == Reason::UpstreamFailed.as_str().as_bytes())
-            }
-            _ => false,
-        };
-        if crashed
-            && retry.is_none()
-            && attempt == 0
-            && safe
-            && keep_head
-            && matches!(payload, Payload::Bytes(_))
-        {
-            attempt += 1;
-            ctx.shared.metrics.retry();
-            previous = Some(endpoint);
-            continue;
-        }
-        let should_retry = match (&result, retry) {
-            (_, None) => false,
-            _ if !matches!(payload, Payload::Bytes(_)) => false,
-            (_, Some(cfg)) if attempt >= cfg.retries => false,
-            (Ok(r), Some(cfg)) => resilience::retryable_response(r, cfg),
-            (Err(e), Some(_)) => e.retryable(),
-        };
-        if should_retry && budget.is_none_or(|b| b.try_retry()) {
-            attempt += 1;
-            ctx.shared.metrics.retry();
-            let pause = retry.map_or(Duration::ZERO, |r| resilience::backoff(r.backoff, attempt));
-            let until = tokio::time::Instant::now() + pause;
-            tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
-            previous = Some(endpoint);
-            continue;
-        }
-        if should_retry {
-            ctx.shared
-                .metrics
-                .error(Direction::Outbound, Reason::RetryBudgetExhausted);
-        }
-        break result;
-    };
-    let resp = match resp {
-        Err(ProxyError::Timeout(_))
-            if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) =>
-        {
-            return Err(ProxyError::Timeout(
-                deadline.map_or(Duration::ZERO, |d| d - now),
-            ));
-        }
-        other => other?,
-    };
-
+/// The upstream's response as the client gets it: hop-by-hop and mesh headers
+/// dropped, the rule's then the backend's response edits applied, and the retries
+/// and the hedge noted.
+fn response(
+    resp: Response<Incoming>,
+    rule: &RuleConfig,
+    backend: &BackendConfig,
+    attempt: u32,
+    hedged: bool,
+) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
     static MESH_RESPONSE_HEADERS: [HeaderName; 1] = [http_util::UNSENT];
@@ -624,17 +390,12 @@ async fn forward(
     if hedged {
         parts.headers.insert(HEDGED, HeaderValue::from_static("1"));
     }
-    Ok(Response::from_parts(parts, RespBody::Upstream(body)))
+    Response::from_parts(parts, RespBody::Upstream(body))
 }
 
 /// A request to send again elsewhere: the endpoint, and the request itself when it
 /// came back whole.
 type Resend = (Arc<Endpoint>, Option<Box<Request<ReqBody>>>);
-
-/// Whether the application behind a port of `protocol` is spoken to in HTTP/2.
-fn app_speaks_h2(protocol: Protocol, grpc: bool) -> bool {
-    grpc || matches!(protocol, Protocol::Http2 | Protocol::Grpc)
-}
 
 /// On a response answered by the hedge (the second try).
 const HEDGED: HeaderName = HeaderName::from_static("sinew-hedged");
@@ -798,7 +559,7 @@ fn send_mirror(
         .service(&m.service)
         .and_then(|s| s.port(m.port.unwrap_or(default_port)))
         .map_or(Protocol::Http, |p| p.protocol);
-    let app_h2 = app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
+    let app_h2 = plan::app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
     let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
     if endpoint.config.sidecar.is_some() {
         p.headers
@@ -943,42 +704,6 @@ async fn send_timed(
         _ => inflight.failure(),
     }
     res
-}
-
-fn apply_request_filters(
-    filters: &Filters,
-    req: &mut Request<Incoming>,
-    authority: &mut Authority,
-    new_path: &mut Option<PathAndQuery>,
-    prefix_len: Option<usize>,
-) -> Result<(), ProxyError> {
-    if filters.is_empty() {
-        return Ok(());
-    }
-    if let Some(edits) = &filters.request_headers {
-        edits.apply(req.headers_mut());
-    }
-    if let Some(rw) = &filters.rewrite {
-        if let Some(h) = &rw.hostname {
-            *authority = Authority::try_from(h.as_str())
-                .map_err(|_| ProxyError::Malformed("invalid rewrite hostname"))?;
-        }
-        if let Some(p) = &rw.path {
-            let current = new_path
-                .as_ref()
-                .map_or_else(|| req.uri().path().to_owned(), |p| p.path().to_owned());
-            let mut rewritten = p.apply(&current, prefix_len);
-            if let Some(q) = req.uri().query() {
-                rewritten.push('?');
-                rewritten.push_str(q);
-            }
-            *new_path = Some(
-                PathAndQuery::try_from(rewritten)
-                    .map_err(|_| ProxyError::Malformed("rewritten path is invalid"))?,
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Forwards an HTTP/1.1 upgrade (e.g. WebSocket) on a dedicated connection: the
