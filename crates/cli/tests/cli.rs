@@ -745,6 +745,16 @@ async fn a_proxy_that_refused_its_first_config_heals_when_it_is_fixed() {
     let f = scratch.write("a.yaml", &format!("{base}{bad}"));
     let out = cp.sinew(&["apply", "-f", f.to_str().unwrap()]).await;
     assert!(out.status.success(), "{:?}", text(&out));
+    // Its first push must be the refused one: connecting before the apply is
+    // published, it would get (and accept) the empty mesh before it.
+    let revision: u64 = text(&out)
+        .1
+        .split_whitespace()
+        .skip_while(|w| *w != "revision")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {:?}", text(&out)));
+    cp.published(revision).await;
     let web = proxy_unready(&cp, "shop/web", Duration::from_millis(50)).await;
     wait::until("the first push is refused", TIMEOUT, || async {
         text(&cp.sinew(&["proxy-status", "-A"]).await)

@@ -140,6 +140,25 @@ impl Control {
         admin_client(&self.url, &self.credentials).await.unwrap()
     }
 
+    /// Waits until the control plane has published `revision` (what it sends to a
+    /// proxy that connects now): an apply returns once committed, and publication
+    /// follows after the debounce, so a proxy connecting in between gets the state
+    /// before it.
+    pub async fn published(&self, revision: u64) {
+        let admin = self.admin().await;
+        wait::until(&format!("revision {revision} published"), TIMEOUT, || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .proxy_status(sinew_api::v1::ProxyStatusRequest::default())
+                    .await
+                    .is_ok_and(|r| r.into_inner().revision >= revision)
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     /// The mesh roots in a file (`<data-dir>/../roots.pem`), as a pod mounts them.
     pub fn roots_file(&self) -> PathBuf {
         let roots = CredentialFile::read(&self.credentials).unwrap().roots;

@@ -4,8 +4,8 @@
 //! [`route`] picks the rule and the backend; the caller then picks the endpoint
 //! (from the head as it arrived: a hash key must not see the filters' edits), and
 //! [`plan`] applies the filters to the head and picks the app protocol, the
-//! timeout, the faults, the retry policy and the mirror. The send loop in the
-//! parent module carries the plan out. Everything is borrowed from the snapshot
+//! timeout, the faults, the retry policy and the mirror. The send loop
+//! ([`super::send`]) carries the plan out. Everything is borrowed from the snapshot
 //! the request holds: a plan allocates only what the filters rewrite.
 
 use std::sync::Arc;
