@@ -70,38 +70,12 @@ fn is_self_signed(der: &CertificateDer<'_>) -> bool {
         .unwrap_or(false)
 }
 
+/// PEM text of one certificate, with `\n` line ends (the `pem` crate's default is `\r\n`).
 fn pem_of(der: &CertificateDer<'_>) -> String {
-    let b64 = base64_encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or(""));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if c.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.as_ref()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// Parses every certificate in a PEM text.
@@ -473,4 +447,29 @@ pub fn new_key_and_csr() -> Result<(String, Vec<u8>), TlsError> {
         .serialize_request(&key)
         .map_err(|e| TlsError::invalid("CSR", e))?;
     Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CA's PEM is what openssl and every PEM reader expect: `\n` line ends, 64
+    /// base64 characters a line, and it parses back to the same DER.
+    #[test]
+    fn pem_text_has_lf_lines_of_64_and_round_trips() -> Result<(), TlsError> {
+        let ca = Ca::generate("pem.test", Duration::from_secs(3600))?;
+        let pem = ca.cert_pem();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"), "{pem}");
+        assert!(pem.ends_with("-----END CERTIFICATE-----\n"), "{pem}");
+        assert!(!pem.contains('\r'), "{pem:?}");
+        let body: Vec<&str> = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let (last, full) = body
+            .split_last()
+            .ok_or_else(|| TlsError::invalid("test", "empty PEM"))?;
+        assert!(full.iter().all(|l| l.len() == 64), "{pem}");
+        assert!(!last.is_empty() && last.len() <= 64, "{pem}");
+        let back = certs_from_pem("test PEM", &pem)?;
+        assert_eq!(back, vec![ca.cert.clone()]);
+        Ok(())
+    }
 }
