@@ -146,25 +146,12 @@ impl Config {
 
     /// Writes the file (creating its directory), owner-only: it names credentials.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("{}: cannot create", dir.display()))?;
         }
         let text = self.to_yaml()?;
-        let tmp = path.with_extension("yaml.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
-        std::io::Write::write_all(&mut f, text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
-        // Renamed into place: a reader never sees half a file.
-        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+        Ok(sinew_tls::private_file::write(path, text.as_bytes())?)
     }
 
     /// The context a command uses: `name` (from `--context` or `SINEW_CONTEXT`), which

@@ -1231,7 +1231,7 @@ async fn run(cli: Cli, name: String) -> anyhow::Result<i32> {
 /// Puts the CA from its Secret into `dir` (`ca.pem`, `ca-key.pem` owner-only), where
 /// the control plane loads it. The Secret wins over what a reused disk holds.
 fn write_ca(dir: &std::path::Path, cert: &str, key: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("{}: cannot restrict", dir.display()))?;
@@ -1244,16 +1244,7 @@ fn write_ca(dir: &std::path::Path, cert: &str, key: &str) -> anyhow::Result<()> 
     if cert_path.exists() {
         tracing::warn!(dir = %dir.display(), "the CA on disk differs from its Secret's: using the Secret's");
     }
-    let _ = std::fs::remove_file(&key_path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .with_context(|| format!("{}: cannot write", key_path.display()))?;
-    std::io::Write::write_all(&mut f, key.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("{}: cannot write", key_path.display()))?;
+    sinew_tls::private_file::write(&key_path, key.as_bytes())?;
     std::fs::write(&cert_path, cert)
         .with_context(|| format!("{}: cannot write", cert_path.display()))?;
     Ok(())

@@ -277,15 +277,7 @@ pub async fn run(
 }
 
 fn write_token(path: &std::path::Path, token: &str, uid: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(token.as_bytes())?;
+    sinew_tls::private_file::write(path, token.as_bytes())?;
     // Readable by the proxy's uid only.
     std::os::unix::fs::chown(path, Some(uid), Some(uid))
         .with_context(|| format!("cannot give {} to uid {uid}", path.display()))?;

@@ -53,8 +53,7 @@ impl CredentialFile {
     /// Writes the file owner-only (0600), replacing any file there; creates the
     /// directory (0700) if needed.
     pub fn write(&self, path: &Path) -> Result<(), String> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let text = serde_norway::to_string(self).map_err(|e| e.to_string())?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -63,27 +62,11 @@ impl CredentialFile {
                 .create(dir)
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        // Written beside and renamed: a reader never sees half a file, and the key
-        // is never in a file with wider permissions.
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all(
-            format!(
-                "# Sinew operator credential ({} role). Keep it private.\n",
-                self.role
-            )
-            .as_bytes(),
-        )
-        .and_then(|_| f.write_all(text.as_bytes()))
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        let text = format!(
+            "# Sinew operator credential ({} role). Keep it private.\n{text}",
+            self.role
+        );
+        sinew_tls::private_file::write(path, text.as_bytes()).map_err(|e| e.to_string())
     }
 }
 

@@ -165,17 +165,7 @@ fn fingerprint(ca: &Ca) -> String {
 }
 
 fn write_private(path: &std::path::Path, data: &str) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    std::io::Write::write_all(&mut f, data.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.sync_all().map_err(|e| format!("{}: {e}", path.display()))
+    sinew_tls::private_file::write(path, data.as_bytes()).map_err(|e| e.to_string())
 }
 
 impl Identity {

@@ -73,7 +73,6 @@ pub(crate) struct EnvFile {
 impl EnvFile {
     /// Writes the file (owner-only: it names the admin credential).
     pub(crate) fn write(server: &str, credentials: &str) -> anyhow::Result<EnvFile> {
-        use std::os::unix::fs::OpenOptionsExt;
         let path = path()?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -81,18 +80,7 @@ impl EnvFile {
         }
         let text = render(std::process::id(), server, credentials);
         // Replaced whole: a file left by a killed demo is stale.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        std::io::Write::write_all(&mut f, text.as_bytes())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+        sinew_tls::private_file::write(&path, text.as_bytes())?;
         Ok(EnvFile { path, text })
     }
 

@@ -139,15 +139,7 @@ fn binaries(args: &DemoArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
 }
 
 pub(crate) fn write_owner_only(path: &Path, data: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    std::io::Write::write_all(&mut f, data.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    Ok(sinew_tls::private_file::write(path, data.as_bytes())?)
 }
 
 /// What the tour needs to start an instance again: the executables and where join

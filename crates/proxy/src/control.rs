@@ -744,24 +744,16 @@ impl Client {
         let Some(dir) = &self.settings.identity_dir else {
             return;
         };
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let write = || -> Result<(), String> {
+            use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(dir)?;
+                .create(dir)
+                .map_err(|e| e.to_string())?;
             for (name, text) in files {
-                let tmp = dir.join(format!(".{name}.tmp"));
-                let _ = std::fs::remove_file(&tmp);
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(text.as_bytes())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, dir.join(name))?;
+                sinew_tls::private_file::write(&dir.join(name), text.as_bytes())
+                    .map_err(|e| e.to_string())?;
             }
             Ok(())
         };

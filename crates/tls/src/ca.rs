@@ -173,7 +173,7 @@ impl Ca {
     /// Loads `ca.pem` and `ca-key.pem` from `dir`, or generates a root there on first
     /// start. The directory is owner-only (0700) and the key file 0600.
     pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Ca, TlsError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         let io = |path: &Path, source| TlsError::Io {
             path: path.display().to_string(),
             source,
@@ -202,15 +202,7 @@ impl Ca {
             return Ca::from_pem(&cert, &key);
         }
         let ca = Ca::generate(trust_domain, Duration::from_secs(10 * 365 * 24 * 3600))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key_path)
-            .map_err(|e| io(&key_path, e))?;
-        std::io::Write::write_all(&mut f, ca.key.serialize_pem().as_bytes())
-            .map_err(|e| io(&key_path, e))?;
-        f.sync_all().map_err(|e| io(&key_path, e))?;
+        crate::private_file::write(&key_path, ca.key.serialize_pem().as_bytes())?;
         std::fs::write(&cert_path, ca.cert_pem()).map_err(|e| io(&cert_path, e))?;
         tracing::info!(path = %cert_path.display(), "generated a new root CA");
         Ok(ca)

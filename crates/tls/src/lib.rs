@@ -9,12 +9,15 @@
 //!   handshake, so rotating a certificate or a root needs no new config and drops no
 //!   connection.
 //!
+//! - [`private_file`]: owner-only files (keys, credentials, tokens), written whole.
+//!
 //! One crypto provider: rustls with ring (rcgen and webpki use ring too).
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod ca;
+pub mod private_file;
 pub mod store;
 
 pub use ca::{Ca, Issued, Profile, certs_from_pem, new_key_and_csr};
