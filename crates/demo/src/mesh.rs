@@ -43,6 +43,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 /// How often a frame of the live view is built.
 const FRAME_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the exit waits for the last frame.
+const LAST_FRAME_WAIT: Duration = Duration::from_secs(3);
 /// The window of the control plane's `Stat` behind the live view (its slots are 10 s).
 const FRAME_WINDOW: Duration = Duration::from_secs(10);
 /// The least time between two service lines of the plain view.
@@ -695,12 +697,23 @@ fn show(rx: watch::Receiver<Frame>, json: bool) -> View {
 }
 
 /// Builds a frame every [`FRAME_INTERVAL`] from the control plane's `Stat` (the
-/// proxies' reports) and the tour's live state, until the view goes away.
-async fn frames(admin: Admin, live: SharedLive, started: Instant, tx: watch::Sender<Frame>) {
+/// proxies' reports) and the tour's live state, until the view goes away or `finish`
+/// fires; then it builds one last frame and returns, which ends the frames (the
+/// plain view prints what is new in it, then ends).
+async fn frames(
+    admin: Admin,
+    live: SharedLive,
+    started: Instant,
+    tx: watch::Sender<Frame>,
+    mut finish: tokio::sync::oneshot::Receiver<()>,
+) {
     let mut ticker = tokio::time::interval(FRAME_INTERVAL);
     let mut rows = Vec::new();
     loop {
-        ticker.tick().await;
+        let last = tokio::select! {
+            _ = ticker.tick() => false,
+            _ = &mut finish => true,
+        };
         // A failed read keeps the last rows: the view goes on.
         if let Ok(stat) = crate::observe::stat(&admin, "service", NAMESPACE, FRAME_WINDOW).await {
             rows = frame_rows(&stat);
@@ -716,7 +729,7 @@ async fn frames(admin: Admin, live: SharedLive, started: Instant, tx: watch::Sen
                 try_next: l.try_next.clone(),
             }
         };
-        if tx.send(frame).is_err() {
+        if tx.send(frame).is_err() || last {
             return;
         }
     }
@@ -816,11 +829,13 @@ async fn run_load(
         ..Live::default()
     }));
     let (tx, rx) = watch::channel(Frame::default());
-    let producer = tokio::spawn(frames(
+    let (finish, finished) = tokio::sync::oneshot::channel();
+    let mut producer = tokio::spawn(frames(
         started.admin.clone(),
         live.clone(),
         load_started,
         tx,
+        finished,
     ));
     let view = show(rx, args.json);
 
@@ -888,9 +903,16 @@ async fn run_load(
     );
     let load_time = load_started.elapsed();
     let (entry, failures) = load.stop().await;
-    // The last frame is drawn, then the view ends with the frames.
-    tokio::time::sleep(FRAME_INTERVAL).await;
-    producer.abort();
+    // One last frame, from the numbers as the load stopped; then the view ends. The
+    // frame's `Stat` call is bounded: a control plane gone quiet does not hold the exit.
+    let _ = finish.send(());
+    if tokio::time::timeout(LAST_FRAME_WAIT, &mut producer)
+        .await
+        .is_err()
+    {
+        producer.abort();
+        eprintln!("demo: the last frame took over {LAST_FRAME_WAIT:?}; ending without it");
+    }
     stats_task.abort();
     view.close().await;
 

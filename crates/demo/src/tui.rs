@@ -66,7 +66,8 @@ pub async fn run(mut rx: watch::Receiver<Frame>, stop: impl Future<Output = ()>)
     screen.draw(&data)?;
     loop {
         tokio::select! {
-            () = &mut stop => return Ok(()),
+            // A frame first: the last one, sent just before `stop`, is drawn.
+            biased;
             changed = rx.changed(), if !tour_over => {
                 if changed.is_ok() {
                     data = rx.borrow_and_update().clone();
@@ -75,6 +76,7 @@ pub async fn run(mut rx: watch::Receiver<Frame>, stop: impl Future<Output = ()>)
                     tour_over = true;
                 }
             }
+            () = &mut stop => return Ok(()),
             event = events.next(), if !input_over => match event {
                 Some(Ok(Event::Key(key))) if is_quit(&key) => return Ok(()),
                 // Drawing resizes ratatui's buffers to the new size and clears the screen.
