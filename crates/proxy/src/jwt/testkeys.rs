@@ -1,30 +1,24 @@
-//! Fixed test keys (generated once with openssl; used only by tests).
+//! Fixed test keys and certificates (generated once with openssl; used only by tests).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{Value, json};
 
+// The signing keys are the shared test keys (`sinew_testkit::jwt`), named as these
+// tests have always named them.
+use sinew_testkit::jwt::{K1, K2};
+
 /// EC P-256 private key `k1` (PKCS#8).
-pub const K1_PEM: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgUwW7dieNq0x2tyZi
-TB9MqgBUiiQZLdscqi77QvvivhahRANCAASDnKg0nXdUKypLF0RxeQOIB5tKG4YQ
-bm5ORWMOLf/HqLA9eoRx4/3tCZatRVFx+ohP+/2yD4436bqxbCn826IV
------END PRIVATE KEY-----
-";
+pub const K1_PEM: &str = K1.pem;
 /// `k1`'s public point.
-pub const K1_X: &str = "g5yoNJ13VCsqSxdEcXkDiAebShuGEG5uTkVjDi3_x6g";
+pub const K1_X: &str = K1.x;
 /// `k1`'s public point.
-pub const K1_Y: &str = "sD16hHHj_e0Jlq1FUXH6iE_7_bIPjjfpurFsKfzbohU";
+pub const K1_Y: &str = K1.y;
 /// EC P-256 private key `k2` (PKCS#8).
-pub const K2_PEM: &str = "-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgp0/4JcXcecg3aDmC
-2ydPEQ8cOl8hco/cRHYsIOUNkqOhRANCAAQCGE5dPsrnWBtSSBI1BDDJSzHIH44t
-srbW8AHFjJGoa5wsI+yShcpMFMgCHMFUYpfThpkMxhPwL14Jyt73HKgD
------END PRIVATE KEY-----
-";
+pub const K2_PEM: &str = K2.pem;
 /// `k2`'s public point.
-pub const K2_X: &str = "AhhOXT7K51gbUkgSNQQwyUsxyB-OLbK21vABxYyRqGs";
+pub const K2_X: &str = K2.x;
 /// `k2`'s public point.
-pub const K2_Y: &str = "nCwj7JKFykwUyAIcwVRil9OGmQzGE_AvXgnK3vccqAM";
+pub const K2_Y: &str = K2.y;
 
 /// A test CA (valid 2000-2100) ...
 pub const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
