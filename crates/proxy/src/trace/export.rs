@@ -27,37 +27,29 @@ pub(super) fn processor(cfg: &TracingConfig) -> Result<ExportErrors<BatchSpanPro
     let rt = Handle::try_current().map_err(|_| "no Tokio runtime to export on".to_owned())?;
     // The gRPC channel spawns its worker where it is built.
     let _on_rt = rt.enter();
-    let exporter = opentelemetry_otlp::SpanExporter::builder();
-    let batch = match cfg.protocol {
-        OtlpProtocol::Grpc => BatchSpanProcessor::builder(OnRuntime::new(
-            exporter
-                .with_tonic()
-                .with_endpoint(cfg.endpoint.clone())
-                .with_protocol(opentelemetry_otlp::Protocol::Grpc)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()
-                .map_err(|e| e.to_string())?,
-            rt.clone(),
-            cfg.endpoint.clone(),
-        ))
-        .build(),
-        OtlpProtocol::HttpProtobuf => BatchSpanProcessor::builder(OnRuntime::new(
-            exporter
-                .with_http()
-                // hyper-util's pooled client (plain http://: the model refuses
-                // https for a collector). Exports run on `rt` (see `OnRuntime`),
-                // where the client spawns its connection tasks.
-                .with_http_client(HyperClient::with_default_connector(EXPORT_TIMEOUT, None))
-                .with_endpoint(cfg.endpoint.clone())
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()
-                .map_err(|e| e.to_string())?,
-            rt.clone(),
-            cfg.endpoint.clone(),
-        ))
-        .build(),
-    };
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let exporter = match cfg.protocol {
+        OtlpProtocol::Grpc => builder
+            .with_tonic()
+            .with_endpoint(cfg.endpoint.clone())
+            .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build(),
+        OtlpProtocol::HttpProtobuf => builder
+            .with_http()
+            // hyper-util's pooled client (plain http://: the model refuses https for
+            // a collector). Exports run on `rt` (see `OnRuntime`), where the client
+            // spawns its connection tasks.
+            .with_http_client(HyperClient::with_default_connector(EXPORT_TIMEOUT, None))
+            .with_endpoint(cfg.endpoint.clone())
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build(),
+    }
+    .map_err(|e| e.to_string())?;
+    let batch =
+        BatchSpanProcessor::builder(OnRuntime::new(exporter, rt.clone(), cfg.endpoint.clone()))
+            .build();
     Ok(ExportErrors { next: batch })
 }
 
