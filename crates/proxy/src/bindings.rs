@@ -3,7 +3,7 @@
 //! catalog:http`), HTTP or opaque TCP as the service port is declared; the HTTP
 //! forward-proxy port routes by Host, for `HTTP_PROXY`. Each has its accept loop
 //! here, beside its connection handler; the request path goes on in
-//! [`crate::serve::serve_http`] and [`crate::outbound`].
+//! `serve::serve_http` and [`crate::outbound`].
 //!
 //! (Captured outbound connections, redirected by packet-filter rules, are accepted
 //! in [`crate::capture`].)
@@ -22,7 +22,7 @@ use crate::types::ConnCtx;
 /// The accept loop of a binding declared HTTP: each connection is detected
 /// ([`http_connection`]) and served as HTTP, or as opaque TCP when the client
 /// waits for the server to speak first.
-pub(crate) async fn http_binding(mut listener: Acceptor) {
+pub async fn http_binding(mut listener: Acceptor) {
     while let Some(conn) = listener.next().await {
         tokio::spawn(conn.serve(http_connection));
     }
@@ -30,7 +30,7 @@ pub(crate) async fn http_binding(mut listener: Acceptor) {
 
 /// The accept loop of a binding declared opaque TCP: each connection is relayed
 /// to an endpoint of the service ([`outbound::tcp`]).
-pub(crate) async fn tcp_binding(mut listener: Acceptor) {
+pub async fn tcp_binding(mut listener: Acceptor) {
     while let Some(conn) = listener.next().await {
         tokio::spawn(conn.serve(outbound::tcp));
     }
@@ -38,7 +38,7 @@ pub(crate) async fn tcp_binding(mut listener: Acceptor) {
 
 /// The accept loop of the HTTP forward-proxy port: each connection is HTTP,
 /// routed by each request's Host (or `CONNECT` target).
-pub(crate) async fn http_proxy(mut listener: Acceptor) {
+pub async fn http_proxy(mut listener: Acceptor) {
     while let Some(conn) = listener.next().await {
         tokio::spawn(conn.serve(serve_http::<TcpStream>));
     }
@@ -58,7 +58,7 @@ pub const BINDING_DETECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// client that opens its connection a moment before using it (a pool warming up)
 /// keeps HTTP routing, retries and policy; a server-speaks-first client gets its
 /// greeting after [`BINDING_DETECT_TIMEOUT`] rather than never.
-pub(crate) async fn http_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
+pub async fn http_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
     match detect(&stream, BINDING_DETECT_TIMEOUT).await {
         Detected::Closed => {}
         Detected::Timeout => {

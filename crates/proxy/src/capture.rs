@@ -185,7 +185,7 @@ fn plaintext(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
 
 /// The accept loop of an outbound capture listener: each connection the
 /// application opened, redirected by the OUTPUT chain, is served by [`outbound`].
-pub(crate) async fn accept_outbound(mut listener: Acceptor) {
+pub async fn accept_outbound(mut listener: Acceptor) {
     while let Some(conn) = listener.next().await {
         tokio::spawn(conn.serve(outbound));
     }
@@ -193,7 +193,7 @@ pub(crate) async fn accept_outbound(mut listener: Acceptor) {
 
 /// The accept loop of an inbound capture listener: each connection redirected by
 /// the PREROUTING chain is served by [`inbound`].
-pub(crate) async fn accept_inbound(mut listener: Acceptor) {
+pub async fn accept_inbound(mut listener: Acceptor) {
     while let Some(conn) = listener.next().await {
         tokio::spawn(conn.serve(inbound));
     }

@@ -108,7 +108,7 @@ impl Drain {
 
     /// Drains: signals draining, waits up to `deadline` for every guard to be
     /// dropped, then signals closing (always: nothing may outlive shutdown) and
-    /// gives what was cut [`AFTER_CLOSING`] to end. True when everything ended
+    /// gives what was cut a moment (`AFTER_CLOSING`) to end. True when everything ended
     /// before the deadline.
     pub async fn shutdown(&self, deadline: Duration) -> bool {
         self.draining.cancel();

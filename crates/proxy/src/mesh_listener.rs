@@ -1,6 +1,6 @@
 //! The inbound mesh listener: where peer sidecars' connections (mesh mTLS) are
 //! accepted, and plaintext is refused or served as the inbound's mTLS mode says.
-//! The request path goes on in [`crate::serve::mesh_tls`] and [`crate::inbound`].
+//! The request path goes on in `serve::mesh_tls` and [`crate::inbound`].
 //!
 //! (Inbound connections redirected by packet-filter rules are accepted in
 //! [`crate::capture`].)
@@ -15,7 +15,7 @@ use crate::types::ConnCtx;
 
 /// The accept loop of the inbound listener: each connection is served by
 /// [`connection`].
-pub(crate) async fn accept_loop(mut listener: Acceptor) {
+pub async fn accept_loop(mut listener: Acceptor) {
     while let Some(conn) = listener.next().await {
         tokio::spawn(conn.serve(connection));
     }
@@ -23,7 +23,7 @@ pub(crate) async fn accept_loop(mut listener: Acceptor) {
 
 /// Mesh TLS (first byte 0x16, the TLS handshake record) or plaintext. With an
 /// identity, plaintext is refused in strict mode; TLS must negotiate the mesh ALPN.
-pub(crate) async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
+pub async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
     let shared = ctx.shared.clone();
     let mut first = [0u8; 1];
     let peeked =
