@@ -277,6 +277,36 @@ mod tests {
         assert!(drain.guard().is_none());
     }
 
+    /// `/ready` (`Shared::is_ready`) answers not ready from the drain's start on.
+    #[tokio::test]
+    async fn readiness_goes_once_draining() {
+        let shared = crate::state::Shared::new(crate::state::Settings::for_tests());
+        let yaml = r#"
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {name: web-0, namespace: shop}
+spec:
+  inbound: {bind: "127.0.0.1:4143", ports: [8080]}
+"#;
+        let config = sinew_model::compile::compile_text("t.yaml", yaml, None).unwrap();
+        let snap = crate::state::SnapshotBuilder::default().build(
+            config,
+            "v1".into(),
+            &shared.settings,
+            &shared.certs,
+        );
+        shared.snapshot.store(Some(Arc::new(snap)));
+        assert!(shared.is_ready(), "configured and running: ready");
+        let drain = shared.drain.clone();
+        let (hold, done) = (drain.guard().unwrap(), drain.clone());
+        let shutdown = tokio::spawn(async move { done.shutdown(Duration::from_secs(30)).await });
+        drain.draining().await;
+        assert!(!shared.is_ready(), "draining: not ready");
+        drop(hold);
+        assert!(shutdown.await.unwrap());
+        assert!(!shared.is_ready(), "drained: still not ready");
+    }
+
     /// Through a real listener: a connection accepted before the drain is served
     /// to its end; once draining, the listener accepts nothing more.
     #[tokio::test]
@@ -316,7 +346,10 @@ mod tests {
         let drain = shared.drain.clone();
         let shutdown = tokio::spawn(async move { drain.shutdown(Duration::from_secs(30)).await });
         shared.drain.draining().await;
-        accepting.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), accepting)
+            .await
+            .expect("the accept loop ends once draining")
+            .unwrap();
         // The accept loop ended (its listener is closed): new clients are refused.
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
         // The connection in flight is still served.

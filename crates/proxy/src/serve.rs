@@ -2,8 +2,8 @@
 //! HTTP/2 read ahead from the first bytes ([`http_version`]) and served with the
 //! request handler of the connection's direction ([`serve_http`]).
 //!
-//! The listeners ([`crate::listeners`]) and the capture ports ([`crate::capture`])
-//! both hand their connections here, so neither calls into the other.
+//! Every listener kind's accept loop (see [`crate::listeners`]) hands its
+//! connections here, so no listener calls into another.
 
 use std::convert::Infallible;
 use std::sync::Arc;
