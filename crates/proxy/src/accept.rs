@@ -1,6 +1,10 @@
 //! Accepting connections without letting a flood take the proxy down: accept
 //! errors back off (out of descriptors, `EMFILE`/`ENFILE`, is answered by waiting,
 //! not by spinning) with rate-limited logging, and listeners cap their connections.
+//!
+//! The small parts every listener kind's accept loop shares: [`Acceptor`] (accept
+//! with backoff, the connection cap, stop and drain) and [`Accepted`]. The loops
+//! themselves live next to their kind's handler (see [`crate::listeners`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -9,6 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::drain;
+use crate::state::Shared;
+use crate::types::{ConnCtx, Role};
 
 /// The longest pause after repeated accept failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -92,6 +101,119 @@ pub async fn next(listener: &TcpListener, errors: &mut AcceptErrors) -> (TcpStre
             }
             Err(e) => errors.failed(&e).await,
         }
+    }
+}
+
+/// A data-plane listener's accept side: its socket, its connection cap, its stop
+/// signal (the listener was removed from the configuration) and the drain.
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: TcpListener,
+    bind: SocketAddr,
+    role: Role,
+    shared: std::sync::Arc<Shared>,
+    errors: AcceptErrors,
+    /// The listener's connection cap: at it, accepting waits for a connection to
+    /// close (new clients wait in the kernel's backlog), so a flood on one listener
+    /// cannot take every descriptor the proxy has.
+    cap: std::sync::Arc<Semaphore>,
+    stop: oneshot::Receiver<()>,
+}
+
+/// An accepted connection: its context, its stream, and what it holds until it
+/// ends (a slot of its listener's cap, the drain's guard).
+#[derive(Debug)]
+pub struct Accepted {
+    /// The connection's context (role, listener, peer).
+    pub ctx: std::sync::Arc<ConnCtx>,
+    /// The client's stream.
+    pub stream: TcpStream,
+    held: (OwnedSemaphorePermit, drain::Guard),
+}
+
+impl Acceptor {
+    /// Takes over the bound `std` listener (configured as `bind`) on the current
+    /// runtime; `None` (logged) when it cannot be registered.
+    pub fn start(
+        std: std::net::TcpListener,
+        bind: SocketAddr,
+        role: Role,
+        shared: &std::sync::Arc<Shared>,
+        stop: oneshot::Receiver<()>,
+    ) -> Option<Acceptor> {
+        let listener = match TcpListener::from_std(std) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%bind, error = %e, "listener could not start");
+                return None;
+            }
+        };
+        tracing::info!(%bind, role = role.label(), "listening");
+        Some(Acceptor {
+            listener,
+            bind,
+            role,
+            shared: shared.clone(),
+            errors: AcceptErrors::new(role.label(), bind),
+            cap: std::sync::Arc::new(Semaphore::new(shared.settings.max_connections)),
+            stop,
+        })
+    }
+
+    /// The next connection, once the cap has room; `None` once the listener is
+    /// removed or the proxy drains: the accept loop then ends (and the socket
+    /// closes with it).
+    pub async fn next(&mut self) -> Option<Accepted> {
+        let drain = &self.shared.drain;
+        let permit = tokio::select! {
+            _ = &mut self.stop => return None,
+            _ = drain.draining() => return None,
+            p = self.cap.clone().acquire_owned() => p.ok()?,
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut self.stop => return None,
+            _ = drain.draining() => return None,
+            c = next(&self.listener, &mut self.errors) => c,
+        };
+        let guard = drain.guard()?;
+        let _ = stream.set_nodelay(true);
+        let ctx = std::sync::Arc::new(ConnCtx {
+            shared: self.shared.clone(),
+            role: self.role,
+            bind: self.bind,
+            peer,
+            peer_identity: None,
+            orig_dst: None,
+            plaintext_port: None,
+            last_series: Default::default(),
+        });
+        Some(Accepted {
+            ctx,
+            stream,
+            held: (permit, guard),
+        })
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        tracing::info!(bind = %self.bind, "stopped listening");
+    }
+}
+
+impl Accepted {
+    /// The connection's task: `handler` from accept to close, counted in its
+    /// listener's open connections, holding its cap slot and drain guard until
+    /// it ends.
+    pub async fn serve<F, Fut>(self, handler: F)
+    where
+        F: FnOnce(std::sync::Arc<ConnCtx>, TcpStream) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let Accepted { ctx, stream, held } = self;
+        let _open = ctx.shared.metrics.connection(ctx.role.label());
+        handler(ctx, stream).await;
+        drop(held);
     }
 }
 

@@ -76,7 +76,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, source: String) {
                 Ok(()) = evicted => {}
             }
             if asked.load(std::sync::atomic::Ordering::Relaxed) {
-                shared.shutdown_requested.send_replace(true);
+                shared.drain.request_shutdown();
             }
         });
     }

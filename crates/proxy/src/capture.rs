@@ -27,6 +27,7 @@ use std::time::Duration;
 use sinew_model::resource::{EgressMode, MtlsMode};
 use tokio::net::TcpStream;
 
+use crate::accept::Acceptor;
 use crate::error::Reason;
 use crate::serve::{mesh_tls, serve_http};
 use crate::stream::spawn_splice;
@@ -180,6 +181,22 @@ fn plaintext(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
         plaintext_port: Some(dst.port()),
         last_series: Default::default(),
     })
+}
+
+/// The accept loop of an outbound capture listener: each connection the
+/// application opened, redirected by the OUTPUT chain, is served by [`outbound`].
+pub async fn accept_outbound(mut listener: Acceptor) {
+    while let Some(conn) = listener.next().await {
+        tokio::spawn(conn.serve(outbound));
+    }
+}
+
+/// The accept loop of an inbound capture listener: each connection redirected by
+/// the PREROUTING chain is served by [`inbound`].
+pub async fn accept_inbound(mut listener: Acceptor) {
+    while let Some(conn) = listener.next().await {
+        tokio::spawn(conn.serve(inbound));
+    }
 }
 
 /// A connection the application opened, redirected by the OUTPUT chain.
@@ -385,7 +402,8 @@ pub async fn inbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
     if tls == Some(true) {
         shared.metrics.captured(Direction::Inbound, "mtls");
         drop(snap);
-        mesh_tls(with_dst(&ctx, dst), stream).await;
+        // Boxed, as on the inbound listener (`mesh_listener::connection`).
+        Box::pin(mesh_tls(with_dst(&ctx, dst), stream)).await;
         return;
     }
     // Plaintext: only under PERMISSIVE, and only to a declared port. STRICT refuses

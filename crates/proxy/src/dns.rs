@@ -356,9 +356,6 @@ mod tests {
     #[tokio::test]
     async fn queries_in_flight_are_capped() {
         use crate::state::Settings;
-        use crate::types::DrainState;
-        let (_drain_tx, drain_rx) = tokio::sync::watch::channel(DrainState::Running);
-        let (track, _rx) = tokio::sync::mpsc::channel(1);
         let settings = Settings {
             connect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(1),
@@ -368,7 +365,7 @@ mod tests {
             tcp_idle_timeout: Duration::from_secs(3600),
         };
         // No configuration: every name is forwarded.
-        let shared = Arc::new(Shared::new(settings, drain_rx, track));
+        let shared = Arc::new(Shared::new(settings));
         let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let responder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let responder_addr = responder.local_addr().unwrap();

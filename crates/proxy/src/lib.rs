@@ -19,10 +19,12 @@ pub mod accept;
 pub mod access;
 pub mod admin;
 pub mod balance;
+pub mod bindings;
 pub mod body;
 pub mod capture;
 pub mod control;
 pub mod dns;
+pub mod drain;
 pub mod ending;
 pub mod error;
 #[doc(hidden)]
@@ -33,6 +35,7 @@ pub mod http_util;
 pub mod inbound;
 pub mod jwt;
 pub mod listeners;
+pub mod mesh_listener;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
@@ -54,7 +57,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::reload::{Applier, ConfigWatcher};
 
@@ -62,7 +65,6 @@ use crate::reload::{Applier, ConfigWatcher};
 type SourceTask =
     Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>;
 use crate::state::{Leave, Settings, Shared};
-use crate::types::DrainState;
 
 /// The longest wait for the control plane to confirm a deregistration at shutdown.
 const LEAVE_WAIT: Duration = Duration::from_secs(5);
@@ -258,8 +260,6 @@ pub struct DrainOutcome {
 pub struct Proxy {
     shared: Arc<Shared>,
     admin_addr: SocketAddr,
-    drain_tx: watch::Sender<DrainState>,
-    done_rx: mpsc::Receiver<()>,
     reload_tx: mpsc::Sender<()>,
     stop_admin: Option<oneshot::Sender<()>>,
     drain_timeout: Duration,
@@ -285,8 +285,6 @@ impl Proxy {
     /// ready, reports the problems, and applies the file once it is fixed.
     pub fn start(opts: ProxyOptions) -> Result<Proxy, StartError> {
         let rt = Handle::try_current().map_err(|_| StartError::NoRuntime)?;
-        let (drain_tx, drain_rx) = watch::channel(DrainState::Running);
-        let (track_tx, done_rx) = mpsc::channel(1);
         let settings = Settings {
             connect_timeout: opts.connect_timeout,
             header_read_timeout: opts.header_read_timeout,
@@ -300,7 +298,7 @@ impl Proxy {
             .identity
             .clone()
             .unwrap_or_else(sinew_tls::CertStore::new);
-        let shared = Arc::new(Shared::with_certs(settings, drain_rx, track_tx, certs));
+        let shared = Arc::new(Shared::with_certs(settings, certs));
         if given_identity {
             // As with a control plane: streams are authenticated with this identity,
             // and the proxy is not ready without it.
@@ -417,8 +415,6 @@ impl Proxy {
         Ok(Proxy {
             shared,
             admin_addr,
-            drain_tx,
-            done_rx,
             reload_tx,
             stop_admin: Some(stop_tx),
             drain_timeout: opts.drain_timeout,
@@ -493,20 +489,7 @@ impl Proxy {
             self.leave(delay).await;
         }
         tracing::info!(deadline = ?self.drain_timeout, "draining");
-        let _ = self.drain_tx.send(DrainState::Draining);
-        self.shared
-            .tracker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let clean = tokio::time::timeout(self.drain_timeout, self.done_rx.recv())
-            .await
-            .is_ok();
-        if !clean {
-            tracing::warn!("drain deadline passed; closing remaining connections");
-            let _ = self.drain_tx.send(DrainState::Closing);
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.done_rx.recv()).await;
-        }
+        let clean = self.shared.drain.shutdown(self.drain_timeout).await;
         // The last requests' spans leave before the process does.
         self.flush_traces().await;
         if let Some(stop) = self.stop_admin.take() {
@@ -519,7 +502,7 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.drain_tx.send(DrainState::Closing);
+        self.shared.drain.close();
         if let Some(stop) = self.stop_admin.take() {
             let _ = stop.send(());
         }

@@ -1,23 +1,32 @@
 //! Listeners: bound from the configuration, reconciled on every reload (new bindings
 //! start, removed ones stop accepting; open connections are left alone), and stopped
 //! when draining. Each accepted connection runs in its own task.
+//!
+//! Each kind of listener owns its accept loop, next to its connection handler;
+//! they share only [`crate::accept::Acceptor`] (accept with backoff, the connection
+//! cap, stop and drain):
+//!
+//! | kind                                   | accept loop                          |
+//! |----------------------------------------|--------------------------------------|
+//! | outbound HTTP binding                  | [`crate::bindings::http_binding`]    |
+//! | outbound TCP (opaque) binding          | [`crate::bindings::tcp_binding`]     |
+//! | HTTP forward-proxy port                | [`crate::bindings::http_proxy`]      |
+//! | inbound mesh (mTLS) listener           | [`crate::mesh_listener::accept_loop`]|
+//! | capture, outbound and inbound          | [`crate::capture::accept_outbound`], [`crate::capture::accept_inbound`] |
+//! | admin (its own thread and runtime)     | [`crate::admin::serve`]              |
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use std::time::Duration;
-
 use sinew_model::ProxyConfig;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-use crate::outbound;
-use crate::serve::{mesh_tls, serve_http};
+use crate::accept::Acceptor;
 use crate::state::Shared;
-use crate::types::{ConnCtx, DrainState, Role, reached};
+use crate::types::Role;
 
 /// The desired listeners of a configuration: address → role (and for upstream
 /// bindings, whether the binding is opaque TCP).
@@ -214,139 +223,36 @@ impl Listeners {
     }
 }
 
+/// Starts the listener `std` (configured as `bind`) on this runtime and runs its
+/// kind's accept loop until it is removed or the proxy drains.
 async fn accept_loop(
     std: std::net::TcpListener,
     bind: SocketAddr,
     (role, opaque): (Role, bool),
     shared: Arc<Shared>,
-    mut stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<()>,
 ) {
-    let listener = match TcpListener::from_std(std) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%bind, error = %e, "listener could not start");
-            return;
-        }
+    let Some(listener) = Acceptor::start(std, bind, role, &shared, stop) else {
+        return;
     };
-    tracing::info!(%bind, role = role.label(), "listening");
-    let mut drain = shared.drain.clone();
-    let mut errors = crate::accept::AcceptErrors::new(role.label(), bind);
-    // The listener's connection cap: at it, accepting waits for a connection to
-    // close (new clients wait in the kernel's backlog), so a flood on one listener
-    // cannot take every descriptor the proxy has.
-    let cap = Arc::new(tokio::sync::Semaphore::new(shared.settings.max_connections));
-    loop {
-        let permit = tokio::select! {
-            _ = &mut stop => break,
-            _ = reached(&mut drain, DrainState::Draining) => break,
-            p = cap.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = reached(&mut drain, DrainState::Draining) => break,
-            (stream, peer) = crate::accept::next(&listener, &mut errors) => {
-                let Some(guard) = shared.track() else { break };
-                let _ = stream.set_nodelay(true);
-                let ctx = Arc::new(ConnCtx { shared: shared.clone(), role, bind, peer, peer_identity: None, orig_dst: None, plaintext_port: None, last_series: Default::default() });
-                tokio::spawn(async move {
-                    connection(ctx, stream, opaque).await;
-                    drop(guard);
-                    drop(permit);
-                });
-            }
-        }
+    match role {
+        Role::Upstream if opaque => crate::bindings::tcp_binding(listener).await,
+        Role::Upstream => crate::bindings::http_binding(listener).await,
+        Role::HttpProxy => crate::bindings::http_proxy(listener).await,
+        Role::Inbound => crate::mesh_listener::accept_loop(listener).await,
+        Role::OutboundCapture => crate::capture::accept_outbound(listener).await,
+        Role::InboundCapture => crate::capture::accept_inbound(listener).await,
     }
-    tracing::info!(%bind, "stopped listening");
-}
-
-/// One accepted connection, from accept to close.
-async fn connection(ctx: Arc<ConnCtx>, stream: TcpStream, opaque: bool) {
-    let _open = ctx.shared.metrics.connection(ctx.role.label());
-    if ctx.role == Role::Inbound {
-        // Boxed: TLS state is not paid for by outbound connections.
-        Box::pin(inbound_connection(ctx, stream)).await;
-    } else if ctx.role == Role::OutboundCapture {
-        Box::pin(crate::capture::outbound(ctx, stream)).await;
-    } else if ctx.role == Role::InboundCapture {
-        Box::pin(crate::capture::inbound(ctx, stream)).await;
-    } else if opaque {
-        // Boxed: HTTP connections should not pay for the TCP path's state.
-        Box::pin(outbound::tcp(ctx, stream)).await;
-    } else if ctx.role == Role::Upstream {
-        Box::pin(upstream_http(ctx, stream)).await;
-    } else {
-        serve_http(ctx, stream).await;
-    }
-}
-
-/// How long a connection to a binding declared HTTP may stay silent before it is
-/// taken for a server-speaks-first protocol (opaque TCP).
-pub const BINDING_DETECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A connection to a binding declared HTTP. Detected as capture detects: a client
-/// that says nothing within the detection timeout is waiting for a server that
-/// speaks first (MySQL, SMTP), so the connection becomes opaque TCP to the service
-/// instead of waiting for a request head that never comes. A client that speaks
-/// first is served as HTTP, whatever it sends (not HTTP: hyper answers 400).
-///
-/// The wait is longer than capture's (100 ms): the binding was declared HTTP, so a
-/// client that opens its connection a moment before using it (a pool warming up)
-/// keeps HTTP routing, retries and policy; a server-speaks-first client gets its
-/// greeting after [`BINDING_DETECT_TIMEOUT`] rather than never.
-async fn upstream_http(ctx: Arc<ConnCtx>, stream: TcpStream) {
-    match crate::capture::detect(&stream, BINDING_DETECT_TIMEOUT).await {
-        crate::capture::Detected::Closed => {}
-        crate::capture::Detected::Timeout => {
-            ctx.shared.metrics.detect_timeouts.inc();
-            outbound::tcp(ctx, stream).await;
-        }
-        crate::capture::Detected::Http | crate::capture::Detected::Opaque => {
-            serve_http(ctx, stream).await;
-        }
-    }
-}
-
-/// Mesh TLS (first byte 0x16, the TLS handshake record) or plaintext. With an
-/// identity, plaintext is refused in strict mode; TLS must negotiate the mesh ALPN.
-async fn inbound_connection(ctx: Arc<ConnCtx>, stream: TcpStream) {
-    let shared = ctx.shared.clone();
-    let mut first = [0u8; 1];
-    let peeked =
-        tokio::time::timeout(shared.settings.header_read_timeout, stream.peek(&mut first)).await;
-    if !matches!(peeked, Ok(Ok(1))) {
-        return;
-    }
-    if first[0] == 0x16 {
-        mesh_tls(ctx, stream).await;
-        return;
-    }
-    let strict = shared.mtls_enforced()
-        && shared
-            .snapshot
-            .load()
-            .as_ref()
-            .and_then(|s| s.config.inbound.as_ref().map(|i| i.mtls))
-            .is_none_or(|m| m == sinew_model::resource::MtlsMode::Strict);
-    if strict {
-        shared.metrics.error(
-            crate::types::Direction::Inbound,
-            crate::error::Reason::PlaintextRefused,
-        );
-        tracing::debug!(peer = %ctx.peer, "plaintext refused: mTLS is strict");
-        return;
-    }
-    serve_http(ctx, stream).await;
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::inbound;
     use crate::serve::{H2_PREFACE, Prefixed, http_version};
+    use crate::types::ConnCtx;
+    use crate::{inbound, outbound};
+    use std::mem::size_of_val;
     use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
 
@@ -422,7 +328,6 @@ mod tests {
                 .is_none()
         );
     }
-    use crate::state::Settings;
     use std::time::Duration;
 
     fn config(inbound: u16, capture: u16) -> ProxyConfig {
@@ -479,22 +384,12 @@ spec:
     /// branches).
     #[tokio::test]
     async fn connection_and_request_futures_stay_small() {
-        let (_drain_tx, drain_rx) = tokio::sync::watch::channel(DrainState::Running);
-        let (track, _rx) = tokio::sync::mpsc::channel(1);
-        let settings = Settings {
-            connect_timeout: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(1),
-            limits: Default::default(),
-            max_connections: 16,
-            idle_timeout: Duration::from_secs(300),
-            tcp_idle_timeout: Duration::from_secs(3600),
-        };
-        let shared = Arc::new(Shared::new(settings, drain_rx, track));
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let shared = Arc::new(Shared::new(crate::state::Settings::for_tests()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let _client = TcpStream::connect(addr)
+        let _client = tokio::net::TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let (stream, peer) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
@@ -508,11 +403,31 @@ spec:
             plaintext_port: None,
             last_series: Default::default(),
         });
-        let conn = connection(ctx, stream, false);
+        let std = stream.into_std().unwrap_or_else(|e| panic!("{e}"));
+        let conn = |f: fn(&Arc<ConnCtx>, tokio::net::TcpStream) -> usize| {
+            let s = std.try_clone().unwrap_or_else(|e| panic!("{e}"));
+            f(
+                &ctx,
+                tokio::net::TcpStream::from_std(s).unwrap_or_else(|e| panic!("{e}")),
+            )
+        };
+        // Each listener kind's connection task (see the table in this module's doc).
+        let http_binding =
+            conn(|c, s| size_of_val(&crate::bindings::http_connection(c.clone(), s)));
+        let tcp_binding = conn(|c, s| size_of_val(&outbound::tcp(c.clone(), s)));
+        let http_proxy = conn(|c, s| size_of_val(&crate::serve::serve_http(c.clone(), s)));
+        let mesh = conn(|c, s| size_of_val(&crate::mesh_listener::connection(c.clone(), s)));
+        let capture_out = conn(|c, s| size_of_val(&crate::capture::outbound(c.clone(), s)));
+        let capture_in = conn(|c, s| size_of_val(&crate::capture::inbound(c.clone(), s)));
         // The handlers are boxed per request (see serve_http); they only need to stay
         // reasonable, while the connection task is paid for by every open connection.
         let sizes = [
-            ("connection task", std::mem::size_of_val(&conn), 2560),
+            ("http binding connection task", http_binding, 2560),
+            ("tcp binding connection task", tcp_binding, 2560),
+            ("http proxy connection task", http_proxy, 2560),
+            ("inbound mesh connection task", mesh, 2560),
+            ("outbound capture connection task", capture_out, 2560),
+            ("inbound capture connection task", capture_in, 2560),
             ("outbound::handle", returned(outbound::handle), 8192),
             ("inbound::handle", returned(inbound::handle), 8192),
         ];

@@ -397,11 +397,11 @@ async fn wait_for_termination(proxy: &Proxy) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     // `POST /shutdown` on the admin API (loopback only): a Job's last step.
-    let mut asked = proxy.shared().shutdown_requested.subscribe();
+    let drain = &proxy.shared().drain;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
-            Ok(_) = asked.wait_for(|asked| *asked) => {
+            _ = drain.shutdown_requested() => {
                 tracing::info!("shutdown asked through the admin API");
                 return Ok(());
             }

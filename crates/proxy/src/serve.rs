@@ -2,8 +2,8 @@
 //! HTTP/2 read ahead from the first bytes ([`http_version`]) and served with the
 //! request handler of the connection's direction ([`serve_http`]).
 //!
-//! The listeners ([`crate::listeners`]) and the capture ports ([`crate::capture`])
-//! both hand their connections here, so neither calls into the other.
+//! Every listener kind's accept loop (see [`crate::listeners`]) hands its
+//! connections here, so no listener calls into another.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,9 +16,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
-use crate::types::{ConnCtx, DrainState, Role, reached};
+use crate::types::{ConnCtx, Role};
 use crate::{inbound, outbound};
 
 type HandlerFuture = std::pin::Pin<
@@ -125,22 +124,18 @@ where
         }
     });
     let io = TokioIo::new(Prefixed::new(prefix, stream));
-    let drain = shared.drain.clone();
+    let drain = &shared.drain;
     if let Some(activity) = activity {
         // Boxed: HTTP/2 connections are the few, and an HTTP/1.1 connection's task
         // would otherwise hold room for one for its whole life.
         let conn = shared.http2.serve_connection(io, svc);
         let idle = activity.idle(shared.settings.idle_timeout);
-        Box::pin(drive(conn, Http2Conn::graceful_shutdown, drain, idle)).await;
+        Box::pin(drain.serve_http(conn, Http2Conn::graceful_shutdown, idle)).await;
     } else {
         let conn = shared.http1.serve_connection(io, svc).with_upgrades();
-        drive(
-            conn,
-            Http1Conn::graceful_shutdown,
-            drain,
-            std::future::pending(),
-        )
-        .await;
+        drain
+            .serve_http(conn, Http1Conn::graceful_shutdown, std::future::pending())
+            .await;
     }
 }
 
@@ -189,52 +184,6 @@ impl Activity {
                 return;
             }
             tokio::time::sleep_until(due.max(tokio::time::Instant::now() + timeout / 8)).await;
-        }
-    }
-}
-
-/// Serves `conn` until it ends, or until the proxy drains or `idle` resolves: then
-/// gracefully (`graceful`: in-flight requests complete, new ones are refused, it
-/// closes once idle), until it ends or the proxy closes.
-///
-/// The connection's own `graceful_shutdown` is passed in rather than taken through
-/// hyper-util's `server::graceful` (`GracefulConnection`, `GracefulShutdown::watch`).
-/// Measured/observed with hyper-util 0.1.21: `GracefulConnection` is sealed and
-/// implemented for hyper's `http1::Connection` but not for the
-/// `http1::UpgradeableConnection` served here (WebSocket and CONNECT need upgrades):
-/// the bound fails to compile (E0277). Its `auto::UpgradeableConnection`, which does
-/// implement it, is 1,584 bytes against 704 for the HTTP/1.1 connection (`size_of`
-/// with this file's IO and service), held inline by every keep-alive connection's
-/// task. And `watch` only reacts to one shutdown of all connections, while this also
-/// closes an idle HTTP/2 connection on its own and cuts everything at `Closing`.
-async fn drive<C>(
-    conn: C,
-    graceful: fn(std::pin::Pin<&mut C>),
-    mut drain: watch::Receiver<DrainState>,
-    idle: impl Future<Output = ()>,
-) where
-    C: Future<Output = Result<(), hyper::Error>>,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        }
-        _ = idle => {
-            graceful(conn.as_mut());
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = reached(&mut drain, DrainState::Closing) => {}
-            }
-        }
-        _ = reached(&mut drain, DrainState::Draining) => {
-            graceful(conn.as_mut());
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = reached(&mut drain, DrainState::Closing) => {}
-            }
         }
     }
 }

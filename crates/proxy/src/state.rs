@@ -10,12 +10,13 @@ use arc_swap::ArcSwapOption;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sinew_model::ProxyConfig;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::balance::{Balancer, Endpoint};
+use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::pool::ConnPool;
-use crate::types::{DrainState, HYPER_MAX_HEADERS, HeadLimits, MESH_HEADER_ROOM};
+use crate::types::{HYPER_MAX_HEADERS, HeadLimits, MESH_HEADER_ROOM};
 
 /// One applied configuration, immutable. A request loads it once and uses it from
 /// start to end; a reload swaps in a new one without touching requests in flight.
@@ -398,12 +399,11 @@ pub struct Shared {
     pub snapshot: ArcSwapOption<Snapshot>,
     /// Metrics.
     pub metrics: Metrics,
-    /// Drain signal: connections watch it.
-    pub drain: watch::Receiver<DrainState>,
+    /// The drain: listeners, connections and relays watch it and hold its guards;
+    /// [`crate::Proxy::shutdown`] runs it.
+    pub drain: Drain,
     /// Settings.
     pub settings: Settings,
-    /// Held by every connection; shutdown waits until all clones are gone.
-    pub tracker: Mutex<Option<mpsc::Sender<()>>>,
     /// The last configuration error, for `/config` and logs.
     pub last_error: Mutex<Option<String>>,
     /// False while a configured listener could not be bound.
@@ -430,10 +430,6 @@ pub struct Shared {
     /// Leaving the mesh at shutdown: asked by the proxy, done when the control
     /// plane has taken the workload out of every view.
     pub leave: watch::Sender<Leave>,
-    /// Set by the admin API's `POST /shutdown` (loopback callers only): the proxy
-    /// exits as on SIGTERM. A Job's command calls it when its work is done, so the
-    /// pod completes where the proxy cannot be a native sidecar (Kubernetes < 1.29).
-    pub shutdown_requested: watch::Sender<bool>,
 }
 
 /// Where a proxy is in leaving the mesh (see [`Shared::leave`]).
@@ -455,22 +451,13 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// New shared state, with an empty certificate store (a control plane fills it).
-    pub fn new(
-        settings: Settings,
-        drain: watch::Receiver<DrainState>,
-        tracker: mpsc::Sender<()>,
-    ) -> Shared {
-        Self::with_certs(settings, drain, tracker, sinew_tls::CertStore::new())
+    pub fn new(settings: Settings) -> Shared {
+        Self::with_certs(settings, sinew_tls::CertStore::new())
     }
 
     /// New shared state whose identity is `certs`: given in process (an embedding
     /// program, or a test with its own CA) instead of issued by a control plane.
-    pub fn with_certs(
-        settings: Settings,
-        drain: watch::Receiver<DrainState>,
-        tracker: mpsc::Sender<()>,
-        certs: Arc<sinew_tls::CertStore>,
-    ) -> Shared {
+    pub fn with_certs(settings: Settings, certs: Arc<sinew_tls::CertStore>) -> Shared {
         let limits = settings.limits;
         let mut http1 = http1::Builder::new();
         http1
@@ -498,9 +485,8 @@ impl Shared {
         Shared {
             snapshot: ArcSwapOption::empty(),
             metrics: Metrics::new(),
-            drain,
+            drain: Drain::new(),
             settings,
-            tracker: Mutex::new(Some(tracker)),
             last_error: Mutex::new(None),
             listeners_ok: AtomicBool::new(true),
             bound: Mutex::new(HashMap::new()),
@@ -513,7 +499,6 @@ impl Shared {
             tap: crate::tap::Tap::default(),
             stats: crate::stats::Stats::default(),
             leave: watch::Sender::new(Leave::Staying),
-            shutdown_requested: watch::Sender::new(false),
         }
     }
 
@@ -528,7 +513,7 @@ impl Shared {
         (!self.identity_required.load(Ordering::Relaxed) || self.certs.is_ready())
             && self.snapshot.load().is_some()
             && self.listeners_ok.load(Ordering::Relaxed)
-            && *self.drain.borrow() == DrainState::Running
+            && !self.drain.is_draining()
             && *self.leave.borrow() == Leave::Staying
     }
 
@@ -539,12 +524,19 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
 
-    /// A connection guard for the drain, or `None` when draining.
-    pub fn track(&self) -> Option<mpsc::Sender<()>> {
-        self.tracker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+#[cfg(test)]
+impl Settings {
+    /// Short timeouts and a small cap, for tests that need a [`Shared`].
+    pub(crate) fn for_tests() -> Settings {
+        Settings {
+            connect_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            limits: Default::default(),
+            max_connections: 16,
+            idle_timeout: Duration::from_secs(300),
+            tcp_idle_timeout: Duration::from_secs(3600),
+        }
     }
 }

@@ -14,7 +14,6 @@ use tokio::net::TcpStream;
 use crate::balance::Endpoint;
 use crate::error::ProxyError;
 use crate::state::Shared;
-use crate::types::closing;
 
 /// A stream to an endpoint.
 #[derive(Debug)]
@@ -193,7 +192,8 @@ where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(guard) = shared.track() else {
+    // Draining: a relay is new work, refused like a new connection.
+    let Some(guard) = shared.drain.guard() else {
         return;
     };
     let active = Arc::new(Active {
@@ -206,7 +206,7 @@ where
         written: shared.metrics.bytes_out.clone(),
         active: active.clone(),
     };
-    let mut drain = shared.drain.clone();
+    let drain = shared.drain.clone();
     let idle_timeout = shared.settings.tcp_idle_timeout;
     tokio::spawn(async move {
         tokio::select! {
@@ -218,7 +218,7 @@ where
             _ = active.idle(idle_timeout) => {
                 tracing::debug!(?idle_timeout, "stream closed: idle");
             }
-            _ = closing(&mut drain) => {}
+            _ = drain.closing() => {}
         }
         drop(guard);
     });

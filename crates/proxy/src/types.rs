@@ -1,11 +1,12 @@
 //! The proxy's shared request and connection types, in one module every other one
 //! may import: a connection's context ([`ConnCtx`]), which side handled a request
 //! ([`Direction`]), what it was routed to ([`RequestMeta`]), how it ended ([`End`],
-//! [`Outcome`]), the drain states ([`DrainState`], [`reached`]) and the head limits.
+//! [`Outcome`]) and the head limits.
 //!
 //! Kept here, rather than next to their first user, so that the modules that make,
 //! observe and finish requests (listeners, inbound, outbound, capture, access,
-//! metrics, trace, ending) import these types instead of each other.
+//! metrics, trace, ending) import these types instead of each other. The drain
+//! has its own module, [`crate::drain`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -164,17 +165,6 @@ pub struct ConnCtx {
     pub last_series: LastSeries,
 }
 
-/// Where the proxy is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DrainState {
-    /// Serving.
-    Running,
-    /// Not accepting; finishing in-flight work.
-    Draining,
-    /// Past the drain deadline: close everything now.
-    Closing,
-}
-
 /// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB
 /// of request headers (Envoy: 60), 100 headers (Envoy: 100), and responses up to
 /// 100 headers (Envoy: 100) and 256 KiB. Counts can be raised (flags).
@@ -209,23 +199,6 @@ pub const HYPER_MAX_HEADERS: usize = 100;
 /// Room, beyond a client's own headers, for what sidecars add on the mesh hop (the
 /// destination port, trace context, deadlines, identity).
 pub const MESH_HEADER_ROOM: usize = 8 * 1024;
-
-/// Resolves when the drain state reaches `state` (or the sender is gone).
-pub async fn reached(drain: &mut tokio::sync::watch::Receiver<DrainState>, state: DrainState) {
-    let _ = drain
-        .wait_for(|s| match state {
-            DrainState::Running => true,
-            DrainState::Draining => *s != DrainState::Running,
-            DrainState::Closing => *s == DrainState::Closing,
-        })
-        .await
-        .map(|_| ());
-}
-
-/// Resolves once the proxy is past its drain deadline.
-pub async fn closing(drain: &mut tokio::sync::watch::Receiver<DrainState>) {
-    reached(drain, DrainState::Closing).await
-}
 
 /// The header naming why the proxy answered itself.
 pub const SINEW_ERROR: http::HeaderName = http::HeaderName::from_static("sinew-error");
