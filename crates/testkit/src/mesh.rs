@@ -1,7 +1,8 @@
 //! Typed builders for the mesh's documents, instead of YAML written by hand.
 //!
 //! Each builder is one document (`Proxy`, `Service`, `Workload`, `HTTPRoute`,
-//! `AuthorizationPolicy`, `RequestAuthentication`); a [`Mesh`] collects them in one
+//! `AuthorizationPolicy`, `RequestAuthentication`, `TrafficPolicy`); kinds without a
+//! builder (`RoutePolicy`, `MeshConfig`) are made by [`resource`]. A [`Mesh`] collects them in one
 //! namespace and renders the stream the proxy and the CLI read
 //! ([`Mesh::yaml`]: one JSON document per `---`, which YAML reads as is). The
 //! field names are the documents' own (camelCase), so a test reads like the
@@ -37,6 +38,12 @@ impl Document for Value {
 }
 
 const SINEW: &str = "sinew.dev/v1alpha1";
+
+/// A `sinew.dev/v1alpha1` document of `kind` with `spec` as the document spells it,
+/// for kinds that need no builder of their own (`RoutePolicy`, `MeshConfig`).
+pub fn resource(kind: &str, name: &str, spec: Value) -> Value {
+    doc(SINEW, kind, name, spec)
+}
 
 fn doc(api_version: &str, kind: &str, name: &str, spec: Value) -> Value {
     json!({
@@ -122,6 +129,24 @@ impl Proxy {
         self
     }
 
+    /// An outbound binding as the document spells it (`bind`, `service`, `limits`,
+    /// ...).
+    pub fn binding(mut self, binding: Value) -> Proxy {
+        if let Some(ups) = self.spec["outbound"]["upstreams"].as_array_mut() {
+            ups.push(binding);
+        }
+        self
+    }
+
+    /// The outbound HTTP forward proxy at `bind` (`HTTP_PROXY` clients; routed by
+    /// the Host header).
+    pub fn http_proxy(mut self, bind: SocketAddr) -> Proxy {
+        if let Some(out) = self.spec["outbound"].as_object_mut() {
+            out.insert("httpProxy".into(), json!({"bind": bind.to_string()}));
+        }
+        self
+    }
+
     /// The inbound listener at `bind`, forwarding to the local application's
     /// `ports`.
     pub fn inbound(mut self, bind: SocketAddr, ports: &[u16]) -> Proxy {
@@ -194,7 +219,13 @@ impl Service {
         self
     }
 
-    /// Sets any other `spec` field (`loadBalancer`, `ports`, ...).
+    /// How requests pick an endpoint (`RoundRobin`, `LeastRequest`, ...).
+    pub fn load_balancer(mut self, lb: &str) -> Service {
+        self.spec.insert("loadBalancer".into(), json!(lb));
+        self
+    }
+
+    /// Sets any other `spec` field (`ports`, ...).
     pub fn field(mut self, name: &str, value: Value) -> Service {
         self.spec.insert(name.into(), value);
         self
@@ -216,6 +247,7 @@ impl Document for Service {
 #[derive(Debug, Clone)]
 pub struct Workload {
     name: String,
+    labels: Map<String, Value>,
     spec: Map<String, Value>,
 }
 
@@ -228,8 +260,15 @@ impl Workload {
         spec.insert("ports".into(), json!({"main": addr.port()}));
         Workload {
             name: name.to_owned(),
+            labels: Map::new(),
             spec,
         }
+    }
+
+    /// A label in its metadata (`topology.kubernetes.io/zone`, ...).
+    pub fn label(mut self, key: &str, value: &str) -> Workload {
+        self.labels.insert(key.into(), json!(value));
+        self
     }
 
     /// Reached through its sidecar's inbound `port` (same address).
@@ -247,12 +286,16 @@ impl Workload {
 
 impl Document for Workload {
     fn document(&self) -> Value {
-        doc(
+        let mut d = doc(
             SINEW,
             "Workload",
             &self.name,
             Value::Object(self.spec.clone()),
-        )
+        );
+        if !self.labels.is_empty() {
+            d["metadata"]["labels"] = Value::Object(self.labels.clone());
+        }
+        d
     }
 }
 
@@ -422,6 +465,47 @@ impl Document for RequestAuthentication {
             spec["targetRef"] = json!({"kind": "Service", "name": t});
         }
         doc(SINEW, "RequestAuthentication", &self.name, spec)
+    }
+}
+
+/// `kind: TrafficPolicy`: how callers treat a Service's endpoints (circuit breaker,
+/// outlier detection, health checks, rate limits, ring hash, locality).
+#[derive(Debug, Clone)]
+pub struct TrafficPolicy {
+    name: String,
+    spec: Map<String, Value>,
+}
+
+impl TrafficPolicy {
+    /// A policy for the Service `target`, setting nothing yet.
+    pub fn new(name: &str, target: &str) -> TrafficPolicy {
+        let mut spec = Map::new();
+        spec.insert(
+            "targetRef".into(),
+            json!({"kind": "Service", "name": target}),
+        );
+        TrafficPolicy {
+            name: name.to_owned(),
+            spec,
+        }
+    }
+
+    /// Sets a `spec` field as the document spells it (`circuitBreaker`,
+    /// `outlierDetection`, ...).
+    pub fn field(mut self, name: &str, value: Value) -> TrafficPolicy {
+        self.spec.insert(name.into(), value);
+        self
+    }
+}
+
+impl Document for TrafficPolicy {
+    fn document(&self) -> Value {
+        doc(
+            SINEW,
+            "TrafficPolicy",
+            &self.name,
+            Value::Object(self.spec.clone()),
+        )
     }
 }
 
