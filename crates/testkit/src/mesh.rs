@@ -219,6 +219,16 @@ impl Service {
         self
     }
 
+    /// Names the port `name` instead of `main` (the control-plane tests spell
+    /// Kubernetes' usual `http`); a [`Workload`] of it needs the same
+    /// [`Workload::port_name`].
+    pub fn port_name(mut self, name: &str) -> Service {
+        if let Some(p) = self.spec["ports"][0].as_object_mut() {
+            p.insert("name".into(), json!(name));
+        }
+        self
+    }
+
     /// How requests pick an endpoint (`RoundRobin`, `LeastRequest`, ...).
     pub fn load_balancer(mut self, lb: &str) -> Service {
         self.spec.insert("loadBalancer".into(), json!(lb));
@@ -263,6 +273,18 @@ impl Workload {
             labels: Map::new(),
             spec,
         }
+    }
+
+    /// Names its one port `name` instead of `main` (see [`Service::port_name`]).
+    pub fn port_name(mut self, name: &str) -> Workload {
+        if let Some(ports) = self.spec.get_mut("ports").and_then(Value::as_object_mut) {
+            let numbers: Vec<Value> = ports.values().cloned().collect();
+            ports.clear();
+            if let Some(n) = numbers.into_iter().next() {
+                ports.insert(name.into(), n);
+            }
+        }
+        self
     }
 
     /// A label in its metadata (`topology.kubernetes.io/zone`, ...).
@@ -511,7 +533,6 @@ impl Document for TrafficPolicy {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -555,6 +576,36 @@ mod tests {
         assert_eq!(
             p["spec"]["rules"][0]["from"]["principals"][0],
             "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        let w = Workload::new("w-1", "w", "127.0.0.1:8080".parse().unwrap())
+            .port_name("http")
+            .label("topology.kubernetes.io/zone", "zone-a")
+            .document();
+        assert_eq!(w["spec"]["ports"], json!({"http": 8080}));
+        assert_eq!(
+            w["metadata"]["labels"],
+            json!({"topology.kubernetes.io/zone": "zone-a"})
+        );
+        let s = Service::http("s").port_name("http").document();
+        assert_eq!(
+            s["spec"]["ports"],
+            json!([{"name": "http", "port": 80, "protocol": "HTTP"}])
+        );
+        let p = Proxy::new("client")
+            .upstream("127.0.0.1:9001".parse().unwrap(), "catalog")
+            .http_proxy("127.0.0.1:9002".parse().unwrap())
+            .document();
+        assert_eq!(
+            p["spec"]["outbound"],
+            json!({"upstreams": [{"bind": "127.0.0.1:9001", "service": "catalog"}], "httpProxy": {"bind": "127.0.0.1:9002"}})
+        );
+        let t = TrafficPolicy::new("catalog", "catalog")
+            .field("ringHash", json!({"header": "x-user"}))
+            .document();
+        assert_eq!(t["kind"], "TrafficPolicy");
+        assert_eq!(
+            t["spec"],
+            json!({"targetRef": {"kind": "Service", "name": "catalog"}, "ringHash": {"header": "x-user"}})
         );
         let r = RequestAuthentication::new("users", "catalog")
             .inline_jwks("https://issuer.test", &["catalog"], "{\"keys\":[]}")
