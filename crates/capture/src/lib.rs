@@ -420,29 +420,23 @@ mod tests {
     #[test]
     fn lists_parse_with_clear_errors() {
         assert_eq!(
-            parse_ports("22, 8000:8100").unwrap_or_else(|e| panic!("{e}")),
+            parse_ports("22, 8000:8100").unwrap(),
             vec![PortRange(22, 22), PortRange(8000, 8100)]
         );
-        assert!(parse_ports("").unwrap_or_else(|e| panic!("{e}")).is_empty());
+        assert!(parse_ports("").unwrap().is_empty());
         let e = parse_ports("22,http").err().unwrap_or_default();
         assert!(e.contains("\"http\""), "{e}");
         assert!(parse_ports("9:8").is_err());
         assert!(parse_ports("0").is_err());
-        assert_eq!(
-            parse_cidrs("10.0.0.0/8,fd00::/8")
-                .unwrap_or_else(|e| panic!("{e}"))
-                .len(),
-            2
-        );
+        assert_eq!(parse_cidrs("10.0.0.0/8,fd00::/8").unwrap().len(), 2);
         assert!(parse_cidrs("10.0.0.0/40").is_err());
     }
 
     #[test]
     fn rules_exclude_the_proxy_before_redirecting() {
         let opts = Options {
-            exclude_outbound_cidrs: parse_cidrs("10.1.0.0/16,fd00::/8")
-                .unwrap_or_else(|e| panic!("{e}")),
-            exclude_inbound_ports: parse_ports("22").unwrap_or_else(|e| panic!("{e}")),
+            exclude_outbound_cidrs: parse_cidrs("10.1.0.0/16,fd00::/8").unwrap(),
+            exclude_inbound_ports: parse_ports("22").unwrap(),
             ..Options::default()
         };
         let v4 = rules(&opts, false);

@@ -1346,8 +1346,7 @@ mod tests {
                 .map_err(|e| e.to_string())?;
             Cli::from_arg_matches(&m).map_err(|e| e.to_string())
         };
-        let cli = parse(&["sinew", "--server", "https://a:1", "get", "svc"])
-            .unwrap_or_else(|e| panic!("{e}"));
+        let cli = parse(&["sinew", "--server", "https://a:1", "get", "svc"]).unwrap();
         assert_eq!(cli.client.server.as_deref(), Some("https://a:1"));
         assert!(parse(&["sinew", "validate", "--server", "x", "-f", "a"]).is_err());
     }

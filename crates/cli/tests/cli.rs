@@ -901,7 +901,8 @@ async fn bad_input_is_refused_whole_with_file_line_field_and_reason() {
         ("missing-service.yaml", route("    - backendRefs: [{name: ghost}]\n"), "missing-service.yaml:1: HTTPRoute shop/r: spec.rules[0].backendRefs[0].name: service shop/ghost does not exist"),
         ("zero-weights.yaml", route("    - backendRefs: [{name: catalog, weight: 0}]\n"), "spec.rules[0].backendRefs: all backend weights are zero"),
         ("bad-regex.yaml", route("    - matches: [{path: {type: RegularExpression, value: \"/(a\"}}]\n"), "spec.rules[0].matches[0].path.value: invalid regular expression: unclosed group"),
-        ("duplicate.yaml", format!("{}{}", service("shop", "dup"), service("shop", "dup")), "duplicate.yaml:8: Service shop/dup: metadata.name: duplicate Service shop/dup: already defined at"),
+        // YAML as a user writes it (the line numbers are what is tested).
+        ("duplicate.yaml", "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {name: dup, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}]\n".repeat(2), "duplicate.yaml:8: Service shop/dup: metadata.name: duplicate Service shop/dup: already defined at"),
     ];
     for (file, body, expected) in cases {
         let f = scratch.write(file, &body);

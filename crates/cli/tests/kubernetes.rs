@@ -936,11 +936,9 @@ async fn proxy_process(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait::until(&format!("{name} ready"), TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready(&format!("{name} ready"), admin, TIMEOUT)
+        .await
+        .unwrap();
     child
 }
 

@@ -257,11 +257,9 @@ async fn host_sidecar(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait::until(&format!("{name} ready"), netns::TIMEOUT, || async move {
-        matches!(client::get(admin, "admin", "/ready").await, Ok(r) if r.status == 200)
-    })
-    .await
-    .unwrap();
+    wait::ready(&format!("{name} ready"), admin, netns::TIMEOUT)
+        .await
+        .unwrap();
     child
 }
 

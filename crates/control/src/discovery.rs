@@ -1003,7 +1003,7 @@ mod tests {
                         r#"{{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{{"name":"{n}","namespace":"shop"}},"spec":{{"ports":[{{"name":"http","port":{h}}}]}}}}"#
                     );
                     let r = sinew_model::resource::Resource::from_json("Service", &json)
-                        .unwrap_or_else(|e| panic!("{e}"));
+                        .unwrap();
                     Arc::new(DocEntry::new(r, "api", 1))
                 })
                 .collect(),
@@ -1011,8 +1011,7 @@ mod tests {
     }
 
     fn entry(kind: &str, json: &str) -> Arc<DocEntry> {
-        let r = sinew_model::resource::Resource::from_json(kind, json)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let r = sinew_model::resource::Resource::from_json(kind, json).unwrap();
         Arc::new(DocEntry::new(r, "api", 1))
     }
 

@@ -936,13 +936,13 @@ mod tests {
     fn index() -> (Scratch, mpsc::Sender<Command>) {
         let dir =
             std::env::temp_dir().join(format!("sinew-index-{}-{}", std::process::id(), now_ms()));
-        let store = Store::open(&dir).unwrap_or_else(|e| panic!("store: {e}"));
+        let store = Store::open(&dir).expect("store");
         let settings = IndexSettings {
             grace_period: Duration::from_secs(60),
             debounce: Duration::from_millis(1),
             trust_domain: "cluster.local".into(),
         };
-        let (tx, _) = spawn(store, settings).unwrap_or_else(|e| panic!("index: {e}"));
+        let (tx, _) = spawn(store, settings).expect("index");
         (Scratch(dir), tx)
     }
 
@@ -1013,9 +1013,7 @@ mod tests {
         let (_dir, tx) = index();
         let http = "[{name: http, port: 80}]";
         let first = format!("{}{ROUTE}", service("catalog", http));
-        apply(&tx, "first.yaml", &first, false)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        apply(&tx, "first.yaml", &first, false).await.unwrap();
         let before = docs(&tx).await;
         assert_eq!(before.len(), 2, "{before:?}");
 
@@ -1069,7 +1067,7 @@ mod tests {
         // A dry run checks, and keeps nothing.
         apply(&tx, "dry.yaml", &service("other", http), true)
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+            .unwrap();
         assert_eq!(docs(&tx).await, before, "nothing of a dry run is kept");
 
         // What was refused left the set intact: a good change goes through, and
@@ -1079,9 +1077,7 @@ mod tests {
             service("catalog", "[{name: http, port: 8080}]"),
             service("other", http)
         );
-        apply(&tx, "second.yaml", &second, false)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        apply(&tx, "second.yaml", &second, false).await.unwrap();
         let after = docs(&tx).await;
         assert_eq!(after.len(), 3, "{after:?}");
         assert_ne!(after, before);
@@ -1104,7 +1100,7 @@ mod tests {
             },
         )
         .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+        .unwrap();
         assert_eq!(deleted.len(), 1);
         assert_eq!(docs(&tx).await.len(), 2);
     }

@@ -229,7 +229,7 @@ mod tests {
                 "apiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: api}}\n  rateLimits:\n    - {{name: all, requestsPerSecond: 90, burst: 30, global: {global}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: a, namespace: shop}}\nspec: {{service: api, address: 10.0.0.1, ports: {{http: 80}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: b, namespace: shop}}\nspec: {{service: api, address: 10.0.0.2, ports: {{http: 80}}}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: other, namespace: shop}}\nspec: {{service: web, address: 10.0.0.3, ports: {{http: 80}}}}\n"
             ),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         let mut state = MeshState::default();
         for d in docs {
             let entry = crate::index::DocEntry::new(d.resource, "api", 1);

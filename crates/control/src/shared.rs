@@ -575,7 +575,7 @@ mod tests {
             std::process::id(),
             fastrand_id()
         ));
-        let store = Store::open(&dir).unwrap_or_else(|e| panic!("store: {e}"));
+        let store = Store::open(&dir).expect("store");
         let (index, state) = crate::index::spawn(
             store,
             IndexSettings {
@@ -584,7 +584,7 @@ mod tests {
                 trust_domain: "cluster.local".into(),
             },
         )
-        .unwrap_or_else(|e| panic!("index: {e}"));
+        .expect("index");
         let fake = Fake {
             docs: Mutex::default(),
             writes: Mutex::new(0),
@@ -635,14 +635,14 @@ mod tests {
         // A dry run writes nothing either.
         let out = apply(&index, state.clone(), &fake, src(&service("web")), true)
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+            .unwrap();
         assert_eq!(actions(&out), ["created"]);
         assert_eq!(*fake.writes.lock().unwrap_or_else(|e| e.into_inner()), 0);
 
         // Written, and in force (from the source) when the call returns.
         let out = apply(&index, state.clone(), &fake, src(&service("web")), false)
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+            .unwrap();
         assert_eq!(actions(&out), ["created"]);
         assert_eq!(
             state
@@ -654,7 +654,7 @@ mod tests {
         );
         let out = apply(&index, state.clone(), &fake, src(&service("web")), false)
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+            .unwrap();
         assert_eq!(actions(&out), ["unchanged"]);
     }
 
@@ -664,7 +664,7 @@ mod tests {
         let src = |t: &str| vec![("mesh.yaml".to_owned(), t.to_owned())];
         apply(&index, state.clone(), &fake, src(&service("web")), false)
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+            .unwrap();
         // Applied before the state was shared: in the local store, source `api`.
         let (reply, answer) = oneshot::channel();
         index
@@ -678,11 +678,11 @@ mod tests {
         answer
             .await
             .unwrap_or_else(|_| panic!("no answer"))
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
 
         let (_, deleted) = delete(&index, state.clone(), &fake, vec![key("web"), key("old")])
             .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+            .unwrap();
         assert_eq!(deleted, [key("web"), key("old")]);
         let s = state.borrow().clone();
         assert!(!s.docs.contains_key(&key("web")) && !s.docs.contains_key(&key("old")));
@@ -699,7 +699,7 @@ mod tests {
             "Service",
             r#"{"apiVersion":"sinew.dev/v1alpha1","kind":"Service","metadata":{"name":"core","namespace":"shop"},"spec":{"ports":[{"name":"http","port":80}]}}"#,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         index
             .send(Command::SyncSource {
                 source: "kubernetes".into(),
@@ -715,7 +715,7 @@ mod tests {
         answer
             .await
             .unwrap_or_else(|_| panic!("no answer"))
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let e = delete(&index, state.clone(), &fake, vec![key("core")])
             .await
             .err()

@@ -623,7 +623,7 @@ mod tests {
 
     fn state(yaml: &str) -> MeshState {
         let docs = parse_documents("t.yaml", yaml)
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"))
             .into_iter()
             .map(|d| {
                 let e = DocEntry::new(d.resource, "api", 1);
@@ -730,8 +730,7 @@ spec:
         let v = compute(&state(&capture), "ops/cap");
         let got = vips(&v);
         assert_eq!(got.len(), 4, "every service: {got:?}");
-        let range =
-            sinew_model::vip::Cidr::parse("10.200.0.0/24").unwrap_or_else(|e| panic!("{e}"));
+        let range = sinew_model::vip::Cidr::parse("10.200.0.0/24").unwrap();
         for (name, ip) in &got {
             let ip: std::net::IpAddr = ip
                 .as_deref()

@@ -1162,13 +1162,11 @@ mod tests {
             "metadata": {"name": "catalog", "namespace": "shop"},
             "spec": spec,
         }))
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
     }
 
     fn vips_of(s: &Service) -> Option<Vec<String>> {
-        let docs = service(s)
-            .unwrap_or_else(|| panic!("no document"))
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        let docs = service(s).unwrap_or_else(|| panic!("no document")).unwrap();
         match &docs[0].resource {
             sinew_model::resource::Resource::Service(o) => o
                 .spec
@@ -1229,7 +1227,7 @@ mod tests {
         workloads(set, &pods, &nodes, &mut used)
             .into_iter()
             .map(|(_, r)| {
-                let docs = r.unwrap_or_else(|e| panic!("{e:?}"));
+                let docs = r.unwrap();
                 match &docs[0].resource {
                     sinew_model::resource::Resource::Workload(w) => (
                         w.metadata.name.clone(),
@@ -1264,17 +1262,17 @@ mod tests {
                 {"addresses": ["10.1.0.5"], "targetRef": {"kind": "Pod", "name": "p5"}},
             ]
         }))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let set = from_slice(&slice).unwrap_or_else(|| panic!("no set"));
         let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
             "topology.kubernetes.io/zone": "c", "topology.kubernetes.io/region": "r1"}}}))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let pod = |name: &str, labels: Value, node: Option<&str>| -> Pod {
             serde_json::from_value(json!({
                 "metadata": {"name": name, "namespace": "shop", "labels": labels},
                 "spec": {"nodeName": node, "containers": [{"name": "app"}]}
             }))
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
         };
         let pods = [
             pod("p1", json!({}), None),
@@ -1299,7 +1297,7 @@ mod tests {
     fn meshed_pods_outside_services_are_service_less_workloads() {
         let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1", "labels": {
             "topology.kubernetes.io/zone": "c"}}}))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let nodes = [("n1".to_owned(), Arc::new(node))].into_iter().collect();
         let pod = |name: &str, annotated: bool, ip: Option<&str>| -> Pod {
             let mut meta = json!({"name": name, "namespace": "shop", "labels": {"app": "web"}});
@@ -1311,12 +1309,12 @@ mod tests {
                 "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [{"name": "app"}]},
                 "status": {"podIP": ip, "phase": "Running"}
             }))
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
         };
         let mut used = std::collections::BTreeSet::new();
         let (_, made) = pod_workload(&pod("c1", true, Some("10.1.0.9")), &nodes, &mut used)
             .unwrap_or_else(|| panic!("no workload"));
-        let docs = made.unwrap_or_else(|e| panic!("{e:?}"));
+        let docs = made.unwrap();
         let sinew_model::resource::Resource::Workload(w) = &docs[0].resource else {
             panic!("not a workload");
         };

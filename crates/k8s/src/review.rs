@@ -139,8 +139,7 @@ mod tests {
 
     #[test]
     fn a_review_must_name_the_audience_and_may_bind_a_pod() {
-        let ok = subject_of(status(Some(vec!["sinew"]), Some("cart-7d9")), "sinew")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let ok = subject_of(status(Some(vec!["sinew"]), Some("cart-7d9")), "sinew").unwrap();
         assert_eq!(ok.service_account, "cart");
         assert_eq!(ok.pod.as_deref(), Some("cart-7d9"));
         let none = subject_of(status(None, None), "sinew").unwrap_err();

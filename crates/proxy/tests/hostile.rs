@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use sinew_testkit::client;
 use sinew_testkit::http::HttpBackend;
+use sinew_testkit::mesh::{self, Service, Workload};
 use sinew_testkit::wait;
 use support::*;
 
@@ -62,15 +64,12 @@ async fn idle_connections_past_the_descriptor_limit_leave_the_sidecar_ready_and_
     let app = HttpBackend::start("app").await.unwrap();
     let bind = free_addr();
     let admin = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        proxy_doc(
-            "client",
-            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"),
-        ),
-        service("catalog", "HTTP"),
-        workload("a", "catalog", app.addr(), None),
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("a", "catalog", app.addr())),
+    );
     let log = tempfile_path("proxy.log");
     // The sidecar at a 1,024-descriptor limit (prlimit, util-linux).
     let mut proxy = Command::new("prlimit")
@@ -177,7 +176,7 @@ impl Drop for Netns {
 #[test]
 fn admin_endpoints_that_reveal_traffic_answer_loopback_callers_only() {
     let ns = Netns::new("192.0.2.10/32");
-    let file = ConfigFile::new(&proxy_doc("client", "  outbound: {}"));
+    let file = config_file(&shop().with(mesh::Proxy::new("client")));
     let mut proxy = ns
         .exec(env!("CARGO_BIN_EXE_sinew-proxy"))
         .args(["--config"])
@@ -286,17 +285,24 @@ async fn per_listener_limits_answer_413_and_431_where_the_request_arrives() {
     let (strict, roomy) = (free_addr(), free_addr());
     // The proxy: bodies up to 1 KiB, 20 headers; the strict binding also caps
     // headers at 4 KiB.
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        proxy_doc(
-            "client",
-            &format!(
-                "  limits: {{maxRequestBodyBytes: 1024, maxRequestHeaders: 20}}\n  outbound:\n    upstreams:\n      - {{bind: \"{strict}\", service: catalog, limits: {{maxRequestHeadersKb: 4}}}}\n      - {{bind: \"{roomy}\", service: catalog}}"
-            ),
-        ),
-        service("catalog", "HTTP"),
-        workload("a", "catalog", app.addr(), None),
-    ));
+    let file = config_file(
+        &shop()
+            .with(
+                mesh::Proxy::new("client")
+                    .field(
+                        "limits",
+                        json!({"maxRequestBodyBytes": 1024, "maxRequestHeaders": 20}),
+                    )
+                    .binding(json!({
+                        "bind": strict.to_string(),
+                        "service": "catalog",
+                        "limits": {"maxRequestHeadersKb": 4},
+                    }))
+                    .upstream(roomy, "catalog"),
+            )
+            .with(Service::http("catalog"))
+            .with(Workload::new("a", "catalog", app.addr())),
+    );
     let proxy = start(&file, "client").await;
     let dir = std::env::temp_dir().join(format!("sinew-limits-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -357,22 +363,13 @@ async fn per_listener_limits_answer_413_and_431_where_the_request_arrives() {
 async fn idle_http2_connections_are_closed_and_the_mesh_hop_reconnects_without_a_failure() {
     let app = HttpBackend::start("app").await.unwrap();
     let (bind, inbound) = (free_addr(), free_addr());
-    let file = ConfigFile::new(&format!(
-        "{}{}{}{}",
-        proxy_doc(
-            "client",
-            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"),
-        ),
-        proxy_doc(
-            "server",
-            &format!(
-                "  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
-                app.addr().port()
-            ),
-        ),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), Some(inbound.port())),
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(mesh::Proxy::new("server").inbound(inbound, &[app.addr().port()]))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr()).sidecar(inbound.port())),
+    );
     // Both sidecars close HTTP/2 connections idle for 300 ms.
     let quick = |name: &str| {
         let mut o = options(&file.path, name);
@@ -421,15 +418,12 @@ async fn an_idle_tcp_stream_is_closed_after_its_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let echo = sinew_testkit::tcp::TcpEchoServer::start().await.unwrap();
     let bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        proxy_doc(
-            "client",
-            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: db}}]"),
-        ),
-        service("db", "TCP"),
-        workload("db-1", "db", echo.addr(), None),
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "db"))
+            .with(Service::new("db", "TCP"))
+            .with(Workload::new("db-1", "db", echo.addr())),
+    );
     let mut o = options(&file.path, "client");
     o.tcp_idle_timeout = Duration::from_millis(300);
     let proxy = start_with(o).await;
@@ -467,25 +461,20 @@ async fn memory_goes_back_after_a_large_configuration_is_reverted() {
     let app = HttpBackend::start("app").await.unwrap();
     let bind = free_addr();
     let admin = free_addr();
-    let small = format!(
-        "{}{}{}",
-        proxy_doc(
-            "client",
-            &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"),
-        ),
-        service("catalog", "HTTP"),
-        workload("a", "catalog", app.addr(), None),
-    );
+    let small = shop()
+        .with(client_proxy(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("a", "catalog", app.addr()));
     let mut large = small.clone();
     for i in 0..5000 {
-        large.push_str(&service(&format!("svc-{i}"), "HTTP"));
-        large.push_str(&workload(
+        large.add(Service::http(&format!("svc-{i}")));
+        large.add(Workload::new(
             &format!("w-{i}"),
             &format!("svc-{i}"),
             app.addr(),
-            None,
         ));
     }
+    let (small, large) = (small.yaml(), large.yaml());
     let file = ConfigFile::new(&small);
     let mut proxy = Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
         .args(["--config"])

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
+use serde_json::json;
 use sinew_testkit::client::{self, body_channel, empty};
 use sinew_testkit::grpc::{self, EchoRequest, StreamRequest};
 use sinew_testkit::http::{Event, FNV_OFFSET, Failure, HttpBackend, fnv1a64};
-use sinew_testkit::mesh::{self, HttpRoute, Mesh, Service, Workload};
+use sinew_testkit::mesh::{self, HttpRoute, Mesh, Service, TrafficPolicy, Workload};
 use sinew_testkit::tcp::TcpEchoServer;
 use sinew_testkit::wait;
 use sinew_testkit::ws::WsEchoServer;
@@ -23,14 +24,6 @@ use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-
-/// One client sidecar (`client`) with a binding to `svc`, and the service's workloads.
-fn client_proxy(bind: SocketAddr, svc: &str) -> String {
-    proxy_doc(
-        "client",
-        &format!("  outbound:\n    upstreams: [{{bind: \"{bind}\", service: {svc}}}]"),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_reports_live_ready_config_and_metrics() -> TestResult {
@@ -103,17 +96,18 @@ async fn admin_reports_live_ready_config_and_metrics() -> TestResult {
 async fn starts_unready_on_a_bad_file_and_applies_the_fix() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let good = format!(
-        "{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    );
-    let bad = good.replace("protocol: HTTP", "protocol: HTTP\n    colour: blue");
-    let bad = bad.replace(
-        "ports: [{name: main, port: 80, protocol: HTTP\n    colour: blue}]",
-        "ports:\n    - name: main\n      port: 80\n      colour: blue",
-    );
+    let with = |catalog: Service| {
+        shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(catalog)
+            .with(Workload::new("catalog-1", "catalog", app.addr()))
+            .yaml()
+    };
+    let good = with(Service::http("catalog"));
+    let bad = with(Service::http("catalog").field(
+        "ports",
+        json!([{"name": "main", "port": 80, "colour": "blue"}]),
+    ));
     let file = ConfigFile::new(&bad);
     let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
     let ready = admin(&proxy, "/ready").await;
@@ -162,40 +156,44 @@ async fn routes_by_path_header_query_and_method() -> TestResult {
         "exact", "prefix", "regex", "header", "query", "method", "fallback",
     ];
     let mut backends = HashMap::new();
-    let mut yaml = String::new();
     let bind = free_addr();
-    yaml.push_str(&client_proxy(bind, "catalog"));
-    yaml.push_str(&service("catalog", "HTTP"));
+    let mut docs = shop();
+    docs.add(client_proxy(bind, "catalog"))
+        .add(Service::http("catalog"));
     for n in names {
         let b = HttpBackend::start(n).await?;
-        yaml.push_str(&service(&format!("be-{n}"), "HTTP"));
-        yaml.push_str(&workload(
-            &format!("be-{n}-1"),
-            &format!("be-{n}"),
-            b.addr(),
-            None,
-        ));
+        docs.add(Service::http(&format!("be-{n}")))
+            .add(Workload::new(
+                &format!("be-{n}-1"),
+                &format!("be-{n}"),
+                b.addr(),
+            ));
         backends.insert(n, b);
     }
-    yaml.push_str(&route(
-        "catalog",
-        "catalog",
-        r#"    - matches: [{path: {type: Exact, value: /items/special}}]
-      backendRefs: [{name: be-exact}]
-    - matches: [{path: {type: PathPrefix, value: /items}}]
-      backendRefs: [{name: be-prefix}]
-    - matches: [{path: {type: RegularExpression, value: "/v[0-9]+/.*"}}]
-      backendRefs: [{name: be-regex}]
-    - matches: [{path: {value: /h}, headers: [{name: x-tier, value: gold}]}]
-      backendRefs: [{name: be-header}]
-    - matches: [{path: {value: /h}, queryParams: [{name: beta, type: RegularExpression, value: "on|yes"}]}]
-      backendRefs: [{name: be-query}]
-    - matches: [{path: {value: /h}, method: DELETE}]
-      backendRefs: [{name: be-method}]
-    - matches: [{path: {value: /h}}]
-      backendRefs: [{name: be-fallback}]"#,
-    ));
-    let file = ConfigFile::new(&yaml);
+    let to = |backend: &str, matches: serde_json::Value| json!({"matches": [matches], "backendRefs": [{"name": backend}]});
+    docs.add(
+        HttpRoute::new("catalog", "catalog")
+            .rule(to("be-exact", json!({"path": {"type": "Exact", "value": "/items/special"}})))
+            .rule(to("be-prefix", json!({"path": {"type": "PathPrefix", "value": "/items"}})))
+            .rule(to(
+                "be-regex",
+                json!({"path": {"type": "RegularExpression", "value": "/v[0-9]+/.*"}}),
+            ))
+            .rule(to(
+                "be-header",
+                json!({"path": {"value": "/h"}, "headers": [{"name": "x-tier", "value": "gold"}]}),
+            ))
+            .rule(to(
+                "be-query",
+                json!({
+                    "path": {"value": "/h"},
+                    "queryParams": [{"name": "beta", "type": "RegularExpression", "value": "on|yes"}],
+                }),
+            ))
+            .rule(to("be-method", json!({"path": {"value": "/h"}, "method": "DELETE"})))
+            .rule(to("be-fallback", json!({"path": {"value": "/h"}}))),
+    );
+    let file = config_file(&docs);
     let proxy = start(&file, "client").await;
     let mut conn = client::h1(bind).await?;
     let mut ask = async |method: Method, path: &str, hdr: Option<(&str, &str)>| {
@@ -247,18 +245,14 @@ async fn forward_proxy_routes_by_host_authority_and_absolute_form() -> TestResul
     let catalog = HttpBackend::start("catalog").await?;
     let orders = HttpBackend::start("orders").await?;
     let hp = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}",
-        proxy_doc(
-            "client",
-            &format!("  outbound:\n    httpProxy: {{bind: \"{hp}\"}}")
-        ),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", catalog.addr(), None),
-        service("orders", "HTTP"),
-        workload("orders-1", "orders", orders.addr(), None),
+    let file = config_file(
+        &shop()
+            .with(mesh::Proxy::new("client").http_proxy(hp))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", catalog.addr()))
+            .with(Service::http("orders"))
+            .with(Workload::new("orders-1", "orders", orders.addr())),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     for host in [
         "catalog",
@@ -359,36 +353,49 @@ async fn weighted_split_holds_within_statistical_bounds() -> TestResult {
 async fn header_modifiers_and_url_rewrites() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None),
-        route(
-            "edits",
-            "catalog",
-            r#"    - matches: [{path: {type: PathPrefix, value: /api}}]
-      filters:
-        - type: RequestHeaderModifier
-          requestHeaderModifier:
-            set: [{name: x-env, value: prod}]
-            add: [{name: x-added, value: "yes"}]
-            remove: [x-secret]
-        - type: ResponseHeaderModifier
-          responseHeaderModifier:
-            set: [{name: x-served-via, value: sinew}]
-            remove: [x-seen-method]
-        - type: URLRewrite
-          urlRewrite:
-            hostname: internal.catalog
-            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
-    - matches: [{path: {type: Exact, value: /old}}]
-      filters:
-        - type: URLRewrite
-          urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /new/place}}"#
-        ),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr()))
+            .with(
+                HttpRoute::new("edits", "catalog")
+                    .rule(json!({
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                        "filters": [
+                            {
+                                "type": "RequestHeaderModifier",
+                                "requestHeaderModifier": {
+                                    "set": [{"name": "x-env", "value": "prod"}],
+                                    "add": [{"name": "x-added", "value": "yes"}],
+                                    "remove": ["x-secret"],
+                                },
+                            },
+                            {
+                                "type": "ResponseHeaderModifier",
+                                "responseHeaderModifier": {
+                                    "set": [{"name": "x-served-via", "value": "sinew"}],
+                                    "remove": ["x-seen-method"],
+                                },
+                            },
+                            {
+                                "type": "URLRewrite",
+                                "urlRewrite": {
+                                    "hostname": "internal.catalog",
+                                    "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"},
+                                },
+                            },
+                        ],
+                    }))
+                    .rule(json!({
+                        "matches": [{"path": {"type": "Exact", "value": "/old"}}],
+                        "filters": [{
+                            "type": "URLRewrite",
+                            "urlRewrite": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/new/place"}},
+                        }],
+                    })),
+            ),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let req = Request::get("/api/items?page=2")
@@ -615,13 +622,11 @@ async fn an_http2_clients_websocket_reaches_an_http1_app_directly_and_through_th
     let ws = WsEchoServer::start().await?;
     let mesh = mesh_pair(ws.addr(), "HTTP").await;
     let direct_bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        client_proxy(direct_bind, "ws"),
-        service("ws", "HTTP"),
-        workload("ws-1", "ws", ws.addr(), None)
-    ));
-    let direct = start(&file, "client").await;
+    let docs = shop()
+        .with(client_proxy(direct_bind, "ws"))
+        .with(Service::http("ws"))
+        .with(Workload::new("ws-1", "ws", ws.addr()));
+    let direct = start_docs(&docs, "client").await;
     for bind in [mesh.bind, direct_bind] {
         // RFC 8441: a WebSocket over an HTTP/2 stream (extended CONNECT).
         let h2 = client::h2(bind).await?;
@@ -660,13 +665,11 @@ async fn websocket_round_trips_directly_and_through_the_mesh() -> TestResult {
     let mesh = mesh_pair(ws.addr(), "HTTP").await;
     // And straight from one sidecar to the app.
     let direct_bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        client_proxy(direct_bind, "ws"),
-        service("ws", "HTTP"),
-        workload("ws-1", "ws", ws.addr(), None)
-    ));
-    let direct = start(&file, "client").await;
+    let docs = shop()
+        .with(client_proxy(direct_bind, "ws"))
+        .with(Service::http("ws"))
+        .with(Workload::new("ws-1", "ws", ws.addr()));
+    let direct = start_docs(&docs, "client").await;
     for bind in [mesh.bind, direct_bind] {
         let tcp = TcpStream::connect(bind).await?;
         let (mut socket, resp) = tokio_tungstenite::client_async("ws://catalog/chat", tcp).await?;
@@ -696,13 +699,11 @@ async fn opaque_tcp_round_trips_including_server_first_protocols() -> TestResult
     for (server, greeting) in [(&echo, None), (&banner, Some("220 smtp.example ready\r\n"))] {
         let mesh = mesh_pair(server.addr(), "TCP").await;
         let direct_bind = free_addr();
-        let file = ConfigFile::new(&format!(
-            "{}{}{}",
-            client_proxy(direct_bind, "db"),
-            service("db", "TCP"),
-            workload("db-1", "db", server.addr(), None)
-        ));
-        let direct = start(&file, "client").await;
+        let docs = shop()
+            .with(client_proxy(direct_bind, "db"))
+            .with(Service::new("db", "TCP"))
+            .with(Workload::new("db-1", "db", server.addr()));
+        let direct = start_docs(&docs, "client").await;
         for bind in [mesh.bind, direct_bind] {
             let mut s = TcpStream::connect(bind).await?;
             if let Some(g) = greeting {
@@ -741,13 +742,11 @@ async fn a_server_first_protocol_on_a_binding_declared_http_gets_its_greeting() 
     let banner = TcpEchoServer::start_server_first(greeting).await?;
     let mesh = mesh_pair(banner.addr(), "HTTP").await;
     let direct_bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        client_proxy(direct_bind, "smtp"),
-        service("smtp", "HTTP"),
-        workload("smtp-1", "smtp", banner.addr(), None)
-    ));
-    let direct = start(&file, "client").await;
+    let docs = shop()
+        .with(client_proxy(direct_bind, "smtp"))
+        .with(Service::http("smtp"))
+        .with(Workload::new("smtp-1", "smtp", banner.addr()));
+    let direct = start_docs(&docs, "client").await;
     for (proxy, bind) in [(&mesh.client, mesh.bind), (&direct, direct_bind)] {
         let mut s = TcpStream::connect(bind).await?;
         let mut buf = vec![0u8; greeting.len()];
@@ -849,25 +848,20 @@ async fn proxy_made_errors_carry_status_and_reason() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let closed = free_addr(); // nothing listens here
     let hp = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}{}{}",
-        proxy_doc(
-            "client",
-            &format!("  outbound:\n    httpProxy: {{bind: \"{hp}\"}}")
-        ),
-        service("dead", "HTTP"),
-        workload("dead-1", "dead", closed, None),
-        service("empty", "HTTP"),
-        service("routed", "HTTP"),
-        workload("routed-1", "routed", app.addr(), None),
-        route(
-            "only-api",
-            "routed",
-            "    - matches: [{path: {value: /api}}]"
-        ),
-        service("grpc-empty", "GRPC"),
+    let file = config_file(
+        &shop()
+            .with(mesh::Proxy::new("client").http_proxy(hp))
+            .with(Service::http("dead"))
+            .with(Workload::new("dead-1", "dead", closed))
+            .with(Service::http("empty"))
+            .with(Service::http("routed"))
+            .with(Workload::new("routed-1", "routed", app.addr()))
+            .with(
+                HttpRoute::new("only-api", "routed")
+                    .rule(json!({"matches": [{"path": {"value": "/api"}}]})),
+            )
+            .with(Service::new("grpc-empty", "GRPC")),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let cases = [
         ("dead", "/", 502, "connect-failed"),
@@ -952,12 +946,12 @@ async fn route_timeout_answers_504_in_virtual_time() -> TestResult {
 async fn hostile_input_gets_400_and_disturbs_no_other_connection() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr())),
+    );
     let proxy = start(&file, "client").await;
     let mut good = client::h1(bind).await?;
     assert_eq!(good.get("catalog", "/a").await?.status, 200);
@@ -1012,13 +1006,13 @@ async fn connections_are_pooled_per_endpoint_and_round_robin_alternates() -> Tes
     let a = HttpBackend::start("a").await?;
     let b = HttpBackend::start("b").await?;
     let bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service_lb("catalog", "RoundRobin"),
-        workload("a", "catalog", a.addr(), None),
-        workload("b", "catalog", b.addr(), None),
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog").load_balancer("RoundRobin"))
+            .with(Workload::new("a", "catalog", a.addr()))
+            .with(Workload::new("b", "catalog", b.addr())),
+    );
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let mut seen = Vec::new();
@@ -1045,20 +1039,17 @@ async fn reload_under_steady_load_loses_no_request() -> TestResult {
     let v2 = HttpBackend::start("v2").await?;
     let bind = free_addr();
     let config = |target: &str| {
-        format!(
-            "{}{}{}{}{}{}{}",
-            client_proxy(bind, "catalog"),
-            service("catalog", "HTTP"),
-            service("catalog-v1", "HTTP"),
-            service("catalog-v2", "HTTP"),
-            workload("v1", "catalog-v1", v1.addr(), None),
-            workload("v2", "catalog-v2", v2.addr(), None),
-            route(
-                "split",
-                "catalog",
-                &format!("    - backendRefs: [{{name: {target}}}]")
-            ),
-        )
+        shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Service::http("catalog-v1"))
+            .with(Service::http("catalog-v2"))
+            .with(Workload::new("v1", "catalog-v1", v1.addr()))
+            .with(Workload::new("v2", "catalog-v2", v2.addr()))
+            .with(
+                HttpRoute::new("split", "catalog").rule(json!({"backendRefs": [{"name": target}]})),
+            )
+            .yaml()
     };
     let file = ConfigFile::new(&config("catalog-v1"));
     let proxy = start(&file, "client").await;
@@ -1131,12 +1122,12 @@ async fn reload_under_steady_load_loses_no_request() -> TestResult {
 async fn drain_deadline_closes_what_will_not_finish() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr())),
+    );
     let mut opts = options(&file.path, "client");
     opts.drain_timeout = Duration::from_millis(300);
     let proxy = start_with(opts).await;
@@ -1163,12 +1154,12 @@ async fn sigterm_drains_in_flight_requests_then_exits() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
     let admin_addr = free_addr();
-    let file = ConfigFile::new(&format!(
-        "{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None)
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr())),
+    );
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
         .arg("--config")
         .arg(&file.path)
@@ -1212,11 +1203,11 @@ async fn sigterm_drains_in_flight_requests_then_exits() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_flag_validates_a_file() -> TestResult {
     let bind = free_addr();
-    let good = ConfigFile::new(&format!(
-        "{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP")
-    ));
+    let good = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog")),
+    );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
         .args(["--check", "--config"])
         .arg(&good.path)
@@ -1224,11 +1215,11 @@ async fn check_flag_validates_a_file() -> TestResult {
         .await?;
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok: proxy shop/client"));
-    let bad = ConfigFile::new(&format!(
-        "{}{}",
-        client_proxy(bind, "ghost"),
-        service("catalog", "HTTP")
-    ));
+    let bad = config_file(
+        &shop()
+            .with(client_proxy(bind, "ghost"))
+            .with(Service::http("catalog")),
+    );
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
         .args(["--check", "--config"])
         .arg(&bad.path)
@@ -1246,20 +1237,14 @@ async fn a_reload_that_removes_bindings_keeps_open_connections_and_in_flight_req
     let app = HttpBackend::start("app").await?;
     let ws = WsEchoServer::start().await?;
     let (http_bind, ws_bind) = (free_addr(), free_addr());
-    let both = format!(
-        "{}{}{}{}{}",
-        proxy_doc(
-            "client",
-            &format!(
-                "  outbound:\n    upstreams: [{{bind: \"{http_bind}\", service: catalog}}, {{bind: \"{ws_bind}\", service: ws}}]"
-            )
-        ),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None),
-        service("ws", "HTTP"),
-        workload("ws-1", "ws", ws.addr(), None),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(http_bind, "catalog").upstream(ws_bind, "ws"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr()))
+            .with(Service::http("ws"))
+            .with(Workload::new("ws-1", "ws", ws.addr())),
     );
-    let file = ConfigFile::new(&both);
     let proxy = start(&file, "client").await;
 
     // A streaming response in flight, and an open WebSocket.
@@ -1288,11 +1273,12 @@ async fn a_reload_that_removes_bindings_keeps_open_connections_and_in_flight_req
     assert_eq!(socket.next().await.unwrap()?, Message::text("before"));
 
     // The new configuration has no bindings at all.
-    file.replace(&format!(
-        "{}{}",
-        proxy_doc("client", "  outbound: {}"),
-        service("catalog", "HTTP")
-    ));
+    file.replace(
+        &shop()
+            .with(mesh::Proxy::new("client"))
+            .with(Service::http("catalog"))
+            .yaml(),
+    );
     wait::until("reload applied", TIMEOUT, || async {
         generation(&proxy).await == 2
     })
@@ -1320,14 +1306,25 @@ async fn a_reload_that_removes_bindings_keeps_open_connections_and_in_flight_req
     Ok(())
 }
 
-fn two_endpoints(bind: SocketAddr, a: &HttpBackend, b: &HttpBackend, rules: &str) -> String {
-    format!(
-        "{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service_lb("catalog", "RoundRobin"),
-        workload("a", "catalog", a.addr(), None),
-        workload("b", "catalog", b.addr(), None),
-        route("resilience", "catalog", rules),
+/// `client`'s binding `bind` to catalog, served round robin by `a` and `b`, with the
+/// HTTPRoute `resilience` of `rules`.
+fn two_endpoints(
+    bind: SocketAddr,
+    a: &HttpBackend,
+    b: &HttpBackend,
+    rules: &[serde_json::Value],
+) -> ConfigFile {
+    let mut route = HttpRoute::new("resilience", "catalog");
+    for r in rules {
+        route = route.rule(r.clone());
+    }
+    config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog").load_balancer("RoundRobin"))
+            .with(Workload::new("a", "catalog", a.addr()))
+            .with(Workload::new("b", "catalog", b.addr()))
+            .with(route),
     )
 }
 
@@ -1341,12 +1338,12 @@ async fn retries_rescue_requests_from_a_failing_endpoint_and_say_so() -> TestRes
     let bind = free_addr();
     // Half the requests meet the failing endpoint: a budget of one retry per request
     // lets every one be rescued (the budget test shows the cap).
-    let file = ConfigFile::new(&two_endpoints(
+    let file = two_endpoints(
         bind,
         &a,
         &b,
-        "    - retry: {attempts: 2, backoff: 1ms, budget: {ratio: 1.0}}",
-    ));
+        &[json!({"retry": {"attempts": 2, "backoff": "1ms", "budget": {"ratio": 1.0}}})],
+    );
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let mut retried = 0;
@@ -1393,12 +1390,15 @@ async fn retries_rescue_requests_from_an_endpoint_that_resets_or_closes() -> Tes
         HttpBackend::start("b").await?,
     );
     let bind = free_addr();
-    let file = ConfigFile::new(&two_endpoints(
+    let file = two_endpoints(
         bind,
         &a,
         &b,
-        "    - matches: [{path: {value: /plain}}]\n    - retry: {attempts: 2, backoff: 1ms, budget: {ratio: 1.0}}",
-    ));
+        &[
+            json!({"matches": [{"path": {"value": "/plain"}}]}),
+            json!({"retry": {"attempts": 2, "backoff": "1ms", "budget": {"ratio": 1.0}}}),
+        ],
+    );
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     for how in [Failure::Reset, Failure::Close] {
@@ -1449,12 +1449,16 @@ async fn the_retry_budget_caps_amplification_during_an_outage() -> TestResult {
     a.fail_with(Some(503));
     b.fail_with(Some(503));
     let bind = free_addr();
-    let file = ConfigFile::new(&two_endpoints(
+    let file = two_endpoints(
         bind,
         &a,
         &b,
-        "    - retry: {attempts: 3, backoff: 1ms, budget: {ratio: 0.2, minPerSecond: 1}}",
-    ));
+        &[json!({"retry": {
+            "attempts": 3,
+            "backoff": "1ms",
+            "budget": {"ratio": 0.2, "minPerSecond": 1},
+        }})],
+    );
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let started = std::time::Instant::now();
@@ -1491,35 +1495,42 @@ async fn the_retry_budget_caps_amplification_during_an_outage() -> TestResult {
 async fn a_route_policy_gives_its_rule_a_fault_and_retries() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("app", "catalog", app.addr(), None),
-        route(
-            "catalog",
-            "catalog",
-            r#"    - name: chaos
-      matches: [{path: {value: /chaos}}]
-    - name: rest"#
-        ),
-        r#"---
-apiVersion: sinew.dev/v1alpha1
-kind: RoutePolicy
-metadata: {name: chaos, namespace: shop}
-spec:
-  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: catalog, sectionName: chaos}
-  fault: {abort: {httpStatus: 418, percent: 100}}
----
-apiVersion: sinew.dev/v1alpha1
-kind: RoutePolicy
-metadata: {name: all, namespace: shop}
-spec:
-  targetRef: {kind: HTTPRoute, name: catalog}
-  retry: {attempts: 3, codes: [503], budget: {ratio: 1.0, minPerSecond: 100}}
-"#,
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("app", "catalog", app.addr()))
+            .with(
+                HttpRoute::new("catalog", "catalog")
+                    .rule(json!({"name": "chaos", "matches": [{"path": {"value": "/chaos"}}]}))
+                    .rule(json!({"name": "rest"})),
+            )
+            .with(mesh::resource(
+                "RoutePolicy",
+                "chaos",
+                json!({
+                    "targetRef": {
+                        "group": "gateway.networking.k8s.io",
+                        "kind": "HTTPRoute",
+                        "name": "catalog",
+                        "sectionName": "chaos",
+                    },
+                    "fault": {"abort": {"httpStatus": 418, "percent": 100}},
+                }),
+            ))
+            .with(mesh::resource(
+                "RoutePolicy",
+                "all",
+                json!({
+                    "targetRef": {"kind": "HTTPRoute", "name": "catalog"},
+                    "retry": {
+                        "attempts": 3,
+                        "codes": [503],
+                        "budget": {"ratio": 1.0, "minPerSecond": 100},
+                    },
+                }),
+            )),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let r = c.get("catalog", "/chaos/x").await?;
@@ -1549,29 +1560,40 @@ spec:
     Ok(())
 }
 
+/// `client`'s binding `bind` to catalog (served by `app`), and the service `shadow`.
+fn with_shadow(bind: SocketAddr, app: &HttpBackend, shadow: &HttpBackend) -> Mesh {
+    shop()
+        .with(client_proxy(bind, "catalog"))
+        .with(Service::http("catalog"))
+        .with(Workload::new("app", "catalog", app.addr()))
+        .with(Service::http("shadow"))
+        .with(Workload::new("shadow", "shadow", shadow.addr()))
+}
+
+/// A `RequestMirror` filter copying requests to the Service `backend`.
+fn mirror_to(backend: &str) -> serde_json::Value {
+    json!({"type": "RequestMirror", "requestMirror": {"backendRef": {"name": backend}}})
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_hit_the_configured_share_and_mirrors_get_copies() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let shadow = HttpBackend::start("shadow").await?;
     shadow.fail_with(Some(500)); // the mirror's answers never reach the client
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("app", "catalog", app.addr(), None),
-        service("shadow", "HTTP"),
-        workload("shadow", "shadow", shadow.addr(), None),
-        route(
-            "chaos",
-            "catalog",
-            r#"    - matches: [{path: {value: /chaos}}]
-      filters: [{type: Fault, fault: {abort: {httpStatus: 503, percent: 30}}}]
-    - matches: [{path: {value: /copy}}]
-      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]"#
+    let file = config_file(
+        &with_shadow(bind, &app, &shadow).with(
+            HttpRoute::new("chaos", "catalog")
+                .rule(json!({
+                    "matches": [{"path": {"value": "/chaos"}}],
+                    "filters": [{"type": "Fault", "fault": {"abort": {"httpStatus": 503, "percent": 30}}}],
+                }))
+                .rule(json!({
+                    "matches": [{"path": {"value": "/copy"}}],
+                    "filters": [mirror_to("shadow")],
+                })),
         ),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let n = 1000;
@@ -1615,20 +1637,10 @@ async fn mirrors_to_a_hanging_shadow_are_capped_and_never_slow_the_primary() -> 
     // Every mirrored request hangs (longer than the test).
     shadow.slow(1, Duration::from_secs(120));
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("app", "catalog", app.addr(), None),
-        service("shadow", "HTTP"),
-        workload("shadow", "shadow", shadow.addr(), None),
-        route(
-            "copy",
-            "catalog",
-            r#"    - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]"#
-        ),
-    );
-    let file = ConfigFile::new(&yaml);
+    let file =
+        config_file(&with_shadow(bind, &app, &shadow).with(
+            HttpRoute::new("copy", "catalog").rule(json!({"filters": [mirror_to("shadow")]})),
+        ));
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     for i in 0..300 {
@@ -1655,20 +1667,29 @@ async fn mirrors_to_a_hanging_shadow_are_capped_and_never_slow_the_primary() -> 
 async fn grpc_statuses_are_retried_and_injected() -> TestResult {
     let server = grpc::EchoServer::start("echo-1").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "GRPC"),
-        workload("echo", "catalog", server.addr(), None),
-        route(
-            "grpc",
-            "catalog",
-            r#"    - matches: [{headers: [{name: x-chaos, value: "on"}]}]
-      filters: [{type: Fault, fault: {abort: {grpcStatus: UNAVAILABLE, percent: 100}}}]
-    - retry: {attempts: 2, codes: [], grpcCodes: [FAILED_PRECONDITION], backoff: 1ms, budget: {ratio: 1.0}}"#
-        ),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::new("catalog", "GRPC"))
+            .with(Workload::new("echo", "catalog", server.addr()))
+            .with(
+                HttpRoute::new("grpc", "catalog")
+                    .rule(json!({
+                        "matches": [{"headers": [{"name": "x-chaos", "value": "on"}]}],
+                        "filters": [{
+                            "type": "Fault",
+                            "fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percent": 100}},
+                        }],
+                    }))
+                    .rule(json!({"retry": {
+                        "attempts": 2,
+                        "codes": [],
+                        "grpcCodes": ["FAILED_PRECONDITION"],
+                        "backoff": "1ms",
+                        "budget": {"ratio": 1.0},
+                    }})),
+            ),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let mut client = grpc::connect(bind).await?;
     // A retryable gRPC status (trailers-only) is retried, and the answer says so.
@@ -1737,18 +1758,24 @@ async fn grpc_statuses_are_retried_and_injected() -> TestResult {
 async fn deadlines_are_propagated_and_honoured() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("app", "catalog", app.addr(), None),
-        route(
-            "slow",
-            "catalog",
-            "    - matches: [{path: {value: /slow}}]\n      timeouts: {request: 5s}\n      filters: [{type: Fault, fault: {delay: {fixedDelay: 2s, percent: 100}}}]\n    - timeouts: {request: 5s}"
-        ),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("app", "catalog", app.addr()))
+            .with(
+                HttpRoute::new("slow", "catalog")
+                    .rule(json!({
+                        "matches": [{"path": {"value": "/slow"}}],
+                        "timeouts": {"request": "5s"},
+                        "filters": [{
+                            "type": "Fault",
+                            "fault": {"delay": {"fixedDelay": "2s", "percent": 100}},
+                        }],
+                    }))
+                    .rule(json!({"timeouts": {"request": "5s"}})),
+            ),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
     assert!(proxy.shared().is_ready());
     // The callee learns how long it has.
@@ -1798,12 +1825,15 @@ async fn a_slow_try_is_abandoned_at_the_per_try_timeout_and_retried() -> TestRes
     );
     a.slow(1, Duration::from_secs(3)); // every request to a takes 3 s
     let bind = free_addr();
-    let file = ConfigFile::new(&two_endpoints(
+    let file = two_endpoints(
         bind,
         &a,
         &b,
-        "    - timeouts: {request: 5s, backendRequest: 200ms}\n      retry: {attempts: 1, codes: [], backoff: 1ms, budget: {ratio: 1.0}}",
-    ));
+        &[json!({
+            "timeouts": {"request": "5s", "backendRequest": "200ms"},
+            "retry": {"attempts": 1, "codes": [], "backoff": "1ms", "budget": {"ratio": 1.0}},
+        })],
+    );
     let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
     assert!(proxy.shared().is_ready());
     let mut c = client::h1(bind).await?;
@@ -1852,10 +1882,18 @@ async fn a_deadline_stops_downstream_work() -> TestResult {
     Ok(())
 }
 
-fn traffic_policy(body: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: catalog, namespace: shop}}\nspec:\n  targetRef: {{kind: Service, name: catalog}}\n{body}\n"
-    )
+/// The TrafficPolicy `catalog` for the Service catalog, setting `field` to `value`.
+fn traffic_policy(field: &str, value: serde_json::Value) -> TrafficPolicy {
+    TrafficPolicy::new("catalog", "catalog").field(field, value)
+}
+
+/// `client`'s binding `bind` to catalog, served round robin by `a` and `b`.
+fn round_robin(bind: SocketAddr, a: &HttpBackend, b: &HttpBackend) -> Mesh {
+    shop()
+        .with(client_proxy(bind, "catalog"))
+        .with(Service::http("catalog").load_balancer("RoundRobin"))
+        .with(Workload::new("a", "catalog", a.addr()))
+        .with(Workload::new("b", "catalog", b.addr()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1865,15 +1903,10 @@ async fn the_circuit_breaker_sheds_at_the_limit_at_once() -> TestResult {
         HttpBackend::start("b").await?,
     );
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service_lb("catalog", "RoundRobin"),
-        workload("a", "catalog", a.addr(), None),
-        workload("b", "catalog", b.addr(), None),
-        traffic_policy("  circuitBreaker: {maxRequests: 3}"),
+    let file = config_file(
+        &round_robin(bind, &a, &b)
+            .with(traffic_policy("circuitBreaker", json!({"maxRequests": 3}))),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     // Three requests that never finish fill the service's slots.
     let mut stuck = Vec::new();
@@ -1922,17 +1955,10 @@ async fn an_ejected_endpoint_gets_no_traffic_then_returns() -> TestResult {
     );
     a.fail_with(Some(503));
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service_lb("catalog", "RoundRobin"),
-        workload("a", "catalog", a.addr(), None),
-        workload("b", "catalog", b.addr(), None),
-        traffic_policy(
-            "  outlierDetection: {consecutiveFailures: 3, baseEjectionTime: 1s, maxEjectionPercent: 50}"
-        ),
-    );
-    let file = ConfigFile::new(&yaml);
+    let file = config_file(&round_robin(bind, &a, &b).with(traffic_policy(
+        "outlierDetection",
+        json!({"consecutiveFailures": 3, "baseEjectionTime": "1s", "maxEjectionPercent": 50}),
+    )));
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     for _ in 0..20 {
@@ -1979,23 +2005,21 @@ async fn a_killed_endpoint_is_ejected_under_the_default_balancer_and_nothing_fai
         HttpBackend::start("c").await?,
     );
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("a", "catalog", a.addr(), None),
-        workload("b", "catalog", b.addr(), None),
-        workload("c", "catalog", c.addr(), None),
-        route(
-            "resilience",
-            "catalog",
-            "    - retry: {attempts: 2, backoff: 1ms, budget: {ratio: 1.0}}"
-        ),
-        traffic_policy(
-            "  outlierDetection: {consecutiveFailures: 5, baseEjectionTime: 30s, maxEjectionPercent: 50}"
-        ),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("a", "catalog", a.addr()))
+            .with(Workload::new("b", "catalog", b.addr()))
+            .with(Workload::new("c", "catalog", c.addr()))
+            .with(HttpRoute::new("resilience", "catalog").rule(json!({
+                "retry": {"attempts": 2, "backoff": "1ms", "budget": {"ratio": 1.0}},
+            })))
+            .with(traffic_policy(
+                "outlierDetection",
+                json!({"consecutiveFailures": 5, "baseEjectionTime": "30s", "maxEjectionPercent": 50}),
+            )),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -2041,14 +2065,16 @@ async fn a_killed_endpoint_is_ejected_under_the_default_balancer_and_nothing_fai
 async fn connections_per_endpoint_are_capped() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("app", "catalog", app.addr(), None),
-        traffic_policy("  circuitBreaker: {maxConnectionsPerEndpoint: 1}"),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("app", "catalog", app.addr()))
+            .with(traffic_policy(
+                "circuitBreaker",
+                json!({"maxConnectionsPerEndpoint": 1}),
+            )),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     // One request holds the only HTTP/1.1 connection allowed.
     let stuck = tokio::spawn(async move { client::get(bind, "catalog", "/never").await });
@@ -2077,16 +2103,16 @@ async fn connections_per_endpoint_are_capped() -> TestResult {
 async fn requests_wait_for_a_capped_connection_up_to_the_pending_limit() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("app", "catalog", app.addr(), None),
-        traffic_policy(
-            "  circuitBreaker: {maxConnectionsPerEndpoint: 1, maxPendingRequestsPerEndpoint: 2}"
-        ),
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("app", "catalog", app.addr()))
+            .with(traffic_policy(
+                "circuitBreaker",
+                json!({"maxConnectionsPerEndpoint": 1, "maxPendingRequestsPerEndpoint": 2}),
+            )),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let pool = proxy
         .shared()
@@ -2132,23 +2158,26 @@ async fn requests_wait_for_a_capped_connection_up_to_the_pending_limit() -> Test
 async fn local_rate_limits_hold_per_key_at_the_inbound() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let (bind, inbound) = (free_addr(), free_addr());
-    let yaml = format!(
-        "{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        proxy_doc(
-            "server",
-            &format!(
-                "  workload: catalog-1\n  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
-                app.addr().port()
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(
+                mesh::Proxy::new("server")
+                    .workload("catalog-1")
+                    .inbound(inbound, &[app.addr().port()]),
             )
-        ),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), Some(inbound.port())),
-        traffic_policy(
-            "  rateLimits:\n    - name: per-user\n      key: {header: x-user}\n      requestsPerSecond: 5\n      burst: 5"
-        ),
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr()).sidecar(inbound.port()))
+            .with(traffic_policy(
+                "rateLimits",
+                json!([{
+                    "name": "per-user",
+                    "key": {"header": "x-user"},
+                    "requestsPerSecond": 5,
+                    "burst": 5,
+                }]),
+            )),
     );
-    let file = ConfigFile::new(&yaml);
     let server = start(&file, "server").await;
     let client_proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
@@ -2203,12 +2232,18 @@ async fn hedging_cuts_the_tail_of_a_slow_five_percent() -> TestResult {
     a.slow(20, Duration::from_secs(1));
     b.slow(20, Duration::from_secs(1));
     let bind = free_addr();
-    let file = ConfigFile::new(&two_endpoints(
+    let file = two_endpoints(
         bind,
         &a,
         &b,
-        "    - matches: [{path: {value: /hedged}}]\n      retry: {attempts: 1, hedge: {delay: 50ms}, budget: {ratio: 1.0}}\n    - matches: [{path: {value: /plain}}]",
-    ));
+        &[
+            json!({
+                "matches": [{"path": {"value": "/hedged"}}],
+                "retry": {"attempts": 1, "hedge": {"delay": "50ms"}, "budget": {"ratio": 1.0}},
+            }),
+            json!({"matches": [{"path": {"value": "/plain"}}]}),
+        ],
+    );
     let proxy = sinew_proxy::Proxy::start(options(&file.path, "client"))?;
     assert!(proxy.shared().is_ready());
     let mut c = client::h1(bind).await?;
@@ -2246,17 +2281,10 @@ async fn health_checks_take_down_endpoints_out_and_put_them_back() -> TestResult
         HttpBackend::start("b").await?,
     );
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service_lb("catalog", "RoundRobin"),
-        workload("a", "catalog", a.addr(), None),
-        workload("b", "catalog", b.addr(), None),
-        traffic_policy(
-            "  healthCheck: {path: /healthz, interval: 50ms, timeout: 1s, unhealthyThreshold: 2}"
-        ),
-    );
-    let file = ConfigFile::new(&yaml);
+    let file = config_file(&round_robin(bind, &a, &b).with(traffic_policy(
+        "healthCheck",
+        json!({"path": "/healthz", "interval": "50ms", "timeout": "1s", "unhealthyThreshold": 2}),
+    )));
     let proxy = start(&file, "client").await;
     // a fails its checks (and everything else): after two, it gets no more traffic.
     a.fail_with(Some(503));
@@ -2286,12 +2314,9 @@ async fn health_checks_take_down_endpoints_out_and_put_them_back() -> TestResult
     Ok(())
 }
 
-fn zoned_workload(name: &str, addr: SocketAddr, zone: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop, labels: {{topology.kubernetes.io/zone: {zone}}}}}\nspec: {{service: catalog, address: {}, ports: {{main: {}}}}}\n",
-        addr.ip(),
-        addr.port()
-    )
+/// A workload of catalog at `addr` in the topology zone `zone`.
+fn zoned_workload(name: &str, addr: SocketAddr, zone: &str) -> Workload {
+    Workload::new(name, "catalog", addr).label("topology.kubernetes.io/zone", zone)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2302,16 +2327,14 @@ async fn ring_hash_keeps_each_user_on_one_endpoint() -> TestResult {
         HttpBackend::start("c").await?,
     ];
     let bind = free_addr();
-    let mut yaml = format!(
-        "{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP")
-    );
+    let mut docs = shop();
+    docs.add(client_proxy(bind, "catalog"))
+        .add(Service::http("catalog"));
     for (i, b) in backends.iter().enumerate() {
-        yaml.push_str(&workload(&format!("w{i}"), "catalog", b.addr(), None));
+        docs.add(Workload::new(&format!("w{i}"), "catalog", b.addr()));
     }
-    yaml.push_str(&traffic_policy("  ringHash: {header: x-user}"));
-    let file = ConfigFile::new(&yaml);
+    docs.add(traffic_policy("ringHash", json!({"header": "x-user"})));
+    let file = config_file(&docs);
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     let mut used = std::collections::HashSet::new();
@@ -2345,25 +2368,23 @@ async fn locality_prefers_the_callers_zone_and_spills_over() -> TestResult {
         HttpBackend::start("far2").await?,
     );
     let bind = free_addr();
-    let yaml = format!(
-        "{}{}{}{}{}{}{}",
-        proxy_doc(
-            "client",
-            &format!(
-                "  workload: web-1\n  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}]"
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog").workload("web-1"))
+            .with(Service::http("catalog"))
+            .with(Service::http("web"))
+            .with(
+                Workload::new("web-1", "web", SocketAddr::from(([127, 0, 0, 1], 1)))
+                    .label("topology.kubernetes.io/zone", "zone-a"),
             )
-        ),
-        service("catalog", "HTTP"),
-        service("web", "HTTP"),
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {name: web-1, namespace: shop, labels: {topology.kubernetes.io/zone: zone-a}}\nspec: {service: web, address: 127.0.0.1, ports: {main: 1}}\n",
-        zoned_workload("near", near.addr(), "zone-a"),
-        zoned_workload("far1", far1.addr(), "zone-b")
-            + &zoned_workload("far2", far2.addr(), "zone-b"),
-        traffic_policy(
-            "  localityPreference: true\n  outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 30s}"
-        ),
+            .with(zoned_workload("near", near.addr(), "zone-a"))
+            .with(zoned_workload("far1", far1.addr(), "zone-b"))
+            .with(zoned_workload("far2", far2.addr(), "zone-b"))
+            .with(traffic_policy("localityPreference", json!(true)).field(
+                "outlierDetection",
+                json!({"consecutiveFailures": 2, "baseEjectionTime": "30s"}),
+            )),
     );
-    let file = ConfigFile::new(&yaml);
     let proxy = start(&file, "client").await;
     let mut c = client::h1(bind).await?;
     for _ in 0..30 {
@@ -2613,17 +2634,12 @@ impl LoggingProxy {
     ) -> Result<(SocketAddr, LoggingProxy), Box<dyn std::error::Error + Send + Sync>> {
         let bind = free_addr();
         let admin = free_addr();
-        let file = ConfigFile::new(&format!(
-            "{}{}{}",
-            proxy_doc(
-                "client",
-                &format!(
-                    "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: {svc}}}]\n  accessLog: {{format: json}}"
-                ),
-            ),
-            service(svc, protocol),
-            workload(&format!("{svc}-1"), svc, backend, None)
-        ));
+        let file = config_file(
+            &shop()
+                .with(client_proxy(bind, svc).field("accessLog", json!({"format": "json"})))
+                .with(Service::new(svc, protocol))
+                .with(Workload::new(&format!("{svc}-1"), svc, backend)),
+        );
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sinew-proxy"))
             .arg("--config")
             .arg(&file.path)
@@ -2765,22 +2781,25 @@ async fn tap_streams_matching_requests_without_secrets() -> TestResult {
     let app = HttpBackend::start("app").await?;
     let bind = free_addr();
     // A route that injects a credential, and one that matches on a header's value.
-    let file = ConfigFile::new(&format!(
-        "{}{}{}{}",
-        client_proxy(bind, "catalog"),
-        service("catalog", "HTTP"),
-        workload("catalog-1", "catalog", app.addr(), None),
-        route(
-            "inject",
-            "catalog",
-            r#"    - matches: [{headers: [{name: x-tenant-key, value: match-s3cret}]}]
-    - filters:
-        - type: RequestHeaderModifier
-          requestHeaderModifier:
-            set: [{name: authorization, value: "Bearer injected-s3cret"}]
-            add: [{name: x-upstream-key, value: added-s3cret}]"#
-        )
-    ));
+    let file = config_file(
+        &shop()
+            .with(client_proxy(bind, "catalog"))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", app.addr()))
+            .with(
+                HttpRoute::new("inject", "catalog")
+                    .rule(json!({"matches": [{"headers": [
+                        {"name": "x-tenant-key", "value": "match-s3cret"},
+                    ]}]}))
+                    .rule(json!({"filters": [{
+                        "type": "RequestHeaderModifier",
+                        "requestHeaderModifier": {
+                            "set": [{"name": "authorization", "value": "Bearer injected-s3cret"}],
+                            "add": [{"name": "x-upstream-key", "value": "added-s3cret"}],
+                        },
+                    }]})),
+            ),
+    );
     let proxy = start(&file, "client").await;
     // /config names the injected and matched headers, never their values.
     let config = admin(&proxy, "/config").await.text();

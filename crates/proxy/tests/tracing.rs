@@ -16,10 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Request;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sinew_proxy::Proxy;
 use sinew_testkit::client::{self, Collected, empty};
 use sinew_testkit::http::HttpBackend;
+use sinew_testkit::mesh::{self, Service, Workload};
 use sinew_testkit::wait;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -138,39 +139,42 @@ fn hex_id(n: usize) -> String {
 
 /// A client sidecar (`client`, binding `bind` to catalog, and `broken` to a service
 /// without endpoints), a server sidecar (`server`, for workload `catalog-1`, in front
-/// of `app`), and `mesh` (a MeshConfig document, or nothing).
+/// of `app`), and `mesh_doc` (a MeshConfig document, or nothing).
 fn mesh_yaml(
     bind: SocketAddr,
     broken: SocketAddr,
     inbound: SocketAddr,
     app: SocketAddr,
-    mesh: &str,
+    mesh_doc: Option<Value>,
 ) -> String {
-    format!(
-        "{mesh}{}{}{}{}{}",
-        proxy_doc(
-            "client",
-            &format!(
-                "  outbound:\n    upstreams: [{{bind: \"{bind}\", service: catalog}}, {{bind: \"{broken}\", service: empty}}]"
-            ),
-        ),
-        proxy_doc(
-            "server",
-            &format!(
-                "  workload: catalog-1\n  inbound: {{bind: \"{inbound}\", ports: [{}]}}",
-                app.port()
-            ),
-        ),
-        service("catalog", "HTTP"),
-        service("empty", "HTTP"),
-        workload("catalog-1", "catalog", app, Some(inbound.port())),
-    )
+    let mut docs = shop();
+    if let Some(m) = mesh_doc {
+        docs.add(m);
+    }
+    docs.with(client_proxy(bind, "catalog").upstream(broken, "empty"))
+        .with(
+            mesh::Proxy::new("server")
+                .workload("catalog-1")
+                .inbound(inbound, &[app.port()]),
+        )
+        .with(Service::http("catalog"))
+        .with(Service::http("empty"))
+        .with(Workload::new("catalog-1", "catalog", app).sidecar(inbound.port()))
+        .yaml()
 }
 
-fn tracing_doc(endpoint: &str, extra: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  tracing: {{endpoint: \"{endpoint}\"{extra}}}\n"
-    )
+/// The MeshConfig exporting traces to `endpoint`, with the `tracing` fields in
+/// `extra` (an object) beside it.
+fn tracing_doc(endpoint: &str, extra: Value) -> Option<Value> {
+    let mut tracing = json!({"endpoint": endpoint});
+    if let (Some(t), Value::Object(more)) = (tracing.as_object_mut(), extra) {
+        t.extend(more);
+    }
+    Some(mesh::resource(
+        "MeshConfig",
+        "mesh",
+        json!({"tracing": tracing}),
+    ))
 }
 
 struct Mesh {
@@ -182,7 +186,7 @@ struct Mesh {
     inbound: SocketAddr,
 }
 
-async fn mesh(app: SocketAddr, mesh_doc: &str) -> Mesh {
+async fn mesh(app: SocketAddr, mesh_doc: Option<Value>) -> Mesh {
     let (bind, broken, inbound) = (free_addr(), free_addr(), free_addr());
     let file = ConfigFile::new(&mesh_yaml(bind, broken, inbound, app, mesh_doc));
     let server = start(&file, "server").await;
@@ -226,7 +230,11 @@ async fn traces_continue_the_callers_w3c_and_b3_context_across_both_sidecars() {
     let receiver = Receiver::start().await;
     let app = HttpBackend::start("app").await.unwrap();
     let endpoint = format!("http://{}", receiver.grpc);
-    let mesh = mesh(app.addr(), &tracing_doc(&endpoint, ", samplingRatio: 1")).await;
+    let mesh = mesh(
+        app.addr(),
+        tracing_doc(&endpoint, json!({"samplingRatio": 1})),
+    )
+    .await;
 
     // W3C: the client's trace goes on, one span per sidecar, linked parent to child,
     // and the app gets the server sidecar's span as its parent.
@@ -354,7 +362,7 @@ async fn traces_continue_the_callers_w3c_and_b3_context_across_both_sidecars() {
 async fn tracing_applies_live_and_exports_failures_when_sampling_says_no() {
     let receiver = Receiver::start().await;
     let app = HttpBackend::start("app").await.unwrap();
-    let mesh = mesh(app.addr(), "").await;
+    let mesh = mesh(app.addr(), None).await;
 
     // Off: trace headers pass through untouched.
     let parent = format!("00-{}-{}-01", hex_id(32), hex_id(16));
@@ -370,7 +378,10 @@ async fn tracing_applies_live_and_exports_failures_when_sampling_says_no() {
         mesh.broken,
         mesh.inbound,
         app.addr(),
-        &tracing_doc(&endpoint, ", protocol: http/protobuf, samplingRatio: 0"),
+        tracing_doc(
+            &endpoint,
+            json!({"protocol": "http/protobuf", "samplingRatio": 0}),
+        ),
     );
     let before = (
         generation(&mesh.client).await,
@@ -453,7 +464,7 @@ async fn a_dead_collector_costs_requests_nothing() {
     // every export hangs until its timeout.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", hole.local_addr().unwrap());
-    let mesh = mesh(app.addr(), &tracing_doc(&endpoint, "")).await;
+    let mesh = mesh(app.addr(), tracing_doc(&endpoint, json!({}))).await;
     let started = Instant::now();
     let mut c = client::h1(mesh.bind).await.unwrap();
     // More spans than the export queue holds (2048): the rest are dropped, not waited for.

@@ -1,7 +1,8 @@
 //! Typed builders for the mesh's documents, instead of YAML written by hand.
 //!
 //! Each builder is one document (`Proxy`, `Service`, `Workload`, `HTTPRoute`,
-//! `AuthorizationPolicy`, `RequestAuthentication`); a [`Mesh`] collects them in one
+//! `AuthorizationPolicy`, `RequestAuthentication`, `TrafficPolicy`); kinds without a
+//! builder (`RoutePolicy`, `MeshConfig`) are made by [`resource`]. A [`Mesh`] collects them in one
 //! namespace and renders the stream the proxy and the CLI read
 //! ([`Mesh::yaml`]: one JSON document per `---`, which YAML reads as is). The
 //! field names are the documents' own (camelCase), so a test reads like the
@@ -37,6 +38,12 @@ impl Document for Value {
 }
 
 const SINEW: &str = "sinew.dev/v1alpha1";
+
+/// A `sinew.dev/v1alpha1` document of `kind` with `spec` as the document spells it,
+/// for kinds that need no builder of their own (`RoutePolicy`, `MeshConfig`).
+pub fn resource(kind: &str, name: &str, spec: Value) -> Value {
+    doc(SINEW, kind, name, spec)
+}
 
 fn doc(api_version: &str, kind: &str, name: &str, spec: Value) -> Value {
     json!({
@@ -122,6 +129,24 @@ impl Proxy {
         self
     }
 
+    /// An outbound binding as the document spells it (`bind`, `service`, `limits`,
+    /// ...).
+    pub fn binding(mut self, binding: Value) -> Proxy {
+        if let Some(ups) = self.spec["outbound"]["upstreams"].as_array_mut() {
+            ups.push(binding);
+        }
+        self
+    }
+
+    /// The outbound HTTP forward proxy at `bind` (`HTTP_PROXY` clients; routed by
+    /// the Host header).
+    pub fn http_proxy(mut self, bind: SocketAddr) -> Proxy {
+        if let Some(out) = self.spec["outbound"].as_object_mut() {
+            out.insert("httpProxy".into(), json!({"bind": bind.to_string()}));
+        }
+        self
+    }
+
     /// The inbound listener at `bind`, forwarding to the local application's
     /// `ports`.
     pub fn inbound(mut self, bind: SocketAddr, ports: &[u16]) -> Proxy {
@@ -194,7 +219,23 @@ impl Service {
         self
     }
 
-    /// Sets any other `spec` field (`loadBalancer`, `ports`, ...).
+    /// Names the port `name` instead of `main` (the control-plane tests spell
+    /// Kubernetes' usual `http`); a [`Workload`] of it needs the same
+    /// [`Workload::port_name`].
+    pub fn port_name(mut self, name: &str) -> Service {
+        if let Some(p) = self.spec["ports"][0].as_object_mut() {
+            p.insert("name".into(), json!(name));
+        }
+        self
+    }
+
+    /// How requests pick an endpoint (`RoundRobin`, `LeastRequest`, ...).
+    pub fn load_balancer(mut self, lb: &str) -> Service {
+        self.spec.insert("loadBalancer".into(), json!(lb));
+        self
+    }
+
+    /// Sets any other `spec` field (`ports`, ...).
     pub fn field(mut self, name: &str, value: Value) -> Service {
         self.spec.insert(name.into(), value);
         self
@@ -216,6 +257,7 @@ impl Document for Service {
 #[derive(Debug, Clone)]
 pub struct Workload {
     name: String,
+    labels: Map<String, Value>,
     spec: Map<String, Value>,
 }
 
@@ -228,8 +270,27 @@ impl Workload {
         spec.insert("ports".into(), json!({"main": addr.port()}));
         Workload {
             name: name.to_owned(),
+            labels: Map::new(),
             spec,
         }
+    }
+
+    /// Names its one port `name` instead of `main` (see [`Service::port_name`]).
+    pub fn port_name(mut self, name: &str) -> Workload {
+        if let Some(ports) = self.spec.get_mut("ports").and_then(Value::as_object_mut) {
+            let numbers: Vec<Value> = ports.values().cloned().collect();
+            ports.clear();
+            if let Some(n) = numbers.into_iter().next() {
+                ports.insert(name.into(), n);
+            }
+        }
+        self
+    }
+
+    /// A label in its metadata (`topology.kubernetes.io/zone`, ...).
+    pub fn label(mut self, key: &str, value: &str) -> Workload {
+        self.labels.insert(key.into(), json!(value));
+        self
     }
 
     /// Reached through its sidecar's inbound `port` (same address).
@@ -247,12 +308,16 @@ impl Workload {
 
 impl Document for Workload {
     fn document(&self) -> Value {
-        doc(
+        let mut d = doc(
             SINEW,
             "Workload",
             &self.name,
             Value::Object(self.spec.clone()),
-        )
+        );
+        if !self.labels.is_empty() {
+            d["metadata"]["labels"] = Value::Object(self.labels.clone());
+        }
+        d
     }
 }
 
@@ -425,9 +490,49 @@ impl Document for RequestAuthentication {
     }
 }
 
+/// `kind: TrafficPolicy`: how callers treat a Service's endpoints (circuit breaker,
+/// outlier detection, health checks, rate limits, ring hash, locality).
+#[derive(Debug, Clone)]
+pub struct TrafficPolicy {
+    name: String,
+    spec: Map<String, Value>,
+}
+
+impl TrafficPolicy {
+    /// A policy for the Service `target`, setting nothing yet.
+    pub fn new(name: &str, target: &str) -> TrafficPolicy {
+        let mut spec = Map::new();
+        spec.insert(
+            "targetRef".into(),
+            json!({"kind": "Service", "name": target}),
+        );
+        TrafficPolicy {
+            name: name.to_owned(),
+            spec,
+        }
+    }
+
+    /// Sets a `spec` field as the document spells it (`circuitBreaker`,
+    /// `outlierDetection`, ...).
+    pub fn field(mut self, name: &str, value: Value) -> TrafficPolicy {
+        self.spec.insert(name.into(), value);
+        self
+    }
+}
+
+impl Document for TrafficPolicy {
+    fn document(&self) -> Value {
+        doc(
+            SINEW,
+            "TrafficPolicy",
+            &self.name,
+            Value::Object(self.spec.clone()),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -471,6 +576,36 @@ mod tests {
         assert_eq!(
             p["spec"]["rules"][0]["from"]["principals"][0],
             "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        let w = Workload::new("w-1", "w", "127.0.0.1:8080".parse().unwrap())
+            .port_name("http")
+            .label("topology.kubernetes.io/zone", "zone-a")
+            .document();
+        assert_eq!(w["spec"]["ports"], json!({"http": 8080}));
+        assert_eq!(
+            w["metadata"]["labels"],
+            json!({"topology.kubernetes.io/zone": "zone-a"})
+        );
+        let s = Service::http("s").port_name("http").document();
+        assert_eq!(
+            s["spec"]["ports"],
+            json!([{"name": "http", "port": 80, "protocol": "HTTP"}])
+        );
+        let p = Proxy::new("client")
+            .upstream("127.0.0.1:9001".parse().unwrap(), "catalog")
+            .http_proxy("127.0.0.1:9002".parse().unwrap())
+            .document();
+        assert_eq!(
+            p["spec"]["outbound"],
+            json!({"upstreams": [{"bind": "127.0.0.1:9001", "service": "catalog"}], "httpProxy": {"bind": "127.0.0.1:9002"}})
+        );
+        let t = TrafficPolicy::new("catalog", "catalog")
+            .field("ringHash", json!({"header": "x-user"}))
+            .document();
+        assert_eq!(t["kind"], "TrafficPolicy");
+        assert_eq!(
+            t["spec"],
+            json!({"targetRef": {"kind": "Service", "name": "catalog"}, "ringHash": {"header": "x-user"}})
         );
         let r = RequestAuthentication::new("users", "catalog")
             .inline_jwks("https://issuer.test", &["catalog"], "{\"keys\":[]}")

@@ -19,7 +19,8 @@ use sinew_api::v1::{
 use sinew_control::credentials::CredentialFile;
 use sinew_proxy::control::ControlSettings;
 use sinew_proxy::{Proxy, ProxyOptions};
-use sinew_testkit::{client, wait};
+use sinew_testkit::mesh::{self as docs, Mesh};
+use sinew_testkit::{client, metrics, wait};
 use tonic::transport::Channel;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -327,10 +328,11 @@ pub async fn nacked(p: &Proxy) -> u64 {
         .await
         .map(|r| r.text())
         .unwrap_or_default();
-    m.lines()
-        .find(|l| l.contains("control_plane_pushes_total{") && l.contains("result=\"nacked\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+    metrics::sum_labelled(
+        &m,
+        "sinew_control_plane_pushes_total",
+        &["result=\"nacked\""],
+    ) as u64
 }
 
 /// The proxy's `/ready` answer: status and body.
@@ -382,35 +384,40 @@ pub fn registration(
     }
 }
 
+// The documents these tests apply, from the testkit's builders. Their one port is
+// named `http` (testkit's default is `main`): the control-plane tests read like
+// Kubernetes manifests, and registrations name their port `http` too.
+
+/// The HTTP Service `ns/name`, port `http` (80).
 pub fn service(ns: &str, name: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: [{{name: http, port: 80}}]\n"
-    )
+    Mesh::new(ns)
+        .with(docs::Service::http(name).port_name("http"))
+        .yaml()
 }
 
+/// The Workload `ns/name` of `svc`, its port `http` at `addr`, with no sidecar.
 pub fn static_workload(ns: &str, name: &str, svc: &str, addr: SocketAddr) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{service: {svc}, address: {}, ports: {{http: {}}}}}\n",
-        addr.ip(),
-        addr.port()
-    )
+    Mesh::new(ns)
+        .with(docs::Workload::new(name, svc, addr).port_name("http"))
+        .yaml()
 }
 
+/// The Proxy `ns/name` with one outbound binding per `(bind, service)`.
 pub fn proxy_doc(ns: &str, name: &str, binds: &[(SocketAddr, &str)]) -> String {
-    let ups: Vec<String> = binds
+    let proxy = binds
         .iter()
-        .map(|(b, s)| format!("{{bind: \"{b}\", service: {s}}}"))
-        .collect();
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  outbound:\n    upstreams: [{}]\n",
-        ups.join(", ")
-    )
+        .fold(docs::Proxy::new(name), |p, (b, s)| p.upstream(*b, s));
+    Mesh::new(ns).with(proxy).yaml()
 }
 
+/// The HTTPRoute `ns/parent` sending everything for the Service `parent` to `backend`.
 pub fn route_to(ns: &str, parent: &str, backend: &str) -> String {
-    format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {parent}, namespace: {ns}}}\nspec:\n  parentRefs: [{{kind: Service, name: {parent}}}]\n  rules:\n    - backendRefs: [{{name: {backend}}}]\n"
-    )
+    Mesh::new(ns)
+        .with(
+            docs::HttpRoute::new(parent, parent)
+                .rule(serde_json::json!({"backendRefs": [{"name": backend}]})),
+        )
+        .yaml()
 }
 
 /// Waits until something accepts connections at `addr` (a proxy's binding appears

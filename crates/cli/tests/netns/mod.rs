@@ -277,19 +277,7 @@ pub fn metric(ns: &Netns, admin_port: u16, metric: &str, labels: &[&str]) -> f64
         "-sf",
         &format!("http://127.0.0.1:{admin_port}/metrics"),
     ]);
-    sum(&text, metric, labels)
-}
-
-/// See [`metric`].
-pub fn sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|lb| l.contains(lb)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sinew_testkit::metrics::sum_labelled(&text, metric, labels)
 }
 
 /// `iptables-save` output without its timestamped comments and counters, so two

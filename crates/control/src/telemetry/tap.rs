@@ -305,7 +305,7 @@ mod tests {
                 limit: 3,
                 ..Default::default()
             })
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let first = caller
             .recv()
             .await
@@ -375,7 +375,7 @@ mod tests {
         filter: TapFilter,
         batch: Vec<sinew_api::v1::TapEvent>,
     ) -> Vec<String> {
-        let mut caller = tel.tap(filter).unwrap_or_else(|e| panic!("{e}"));
+        let mut caller = tel.tap(filter).unwrap();
         let _started = caller.recv().await;
         let id = match a_rx.recv().await.and_then(Result::ok).and_then(|m| m.kind) {
             Some(control_message::Kind::TapStart(s)) => s.id,
@@ -484,9 +484,7 @@ mod tests {
         let tel = Arc::new(Telemetry::default());
         let (a_tx, mut a_rx) = mpsc::channel(8);
         let _a = tel.connect("shop/a", "a", 1, a_tx);
-        let caller = tel
-            .tap(TapFilter::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let caller = tel.tap(TapFilter::default()).unwrap();
         assert!(matches!(
             a_rx.recv().await.and_then(Result::ok).and_then(|m| m.kind),
             Some(control_message::Kind::TapStart(_))

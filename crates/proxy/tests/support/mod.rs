@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use sinew_proxy::{Proxy, ProxyOptions};
 use sinew_testkit::client::{self, Collected};
+use sinew_testkit::mesh::{self, Mesh};
 use sinew_testkit::{BoxError, wait};
 
 /// A configuration file removed on drop.
@@ -59,7 +60,7 @@ pub async fn start(file: &ConfigFile, name: &str) -> Proxy {
 
 /// Starts the proxy `name` of `mesh` in process (no file) and waits until it
 /// reports ready.
-pub async fn start_docs(mesh: &sinew_testkit::mesh::Mesh, name: &str) -> Proxy {
+pub async fn start_docs(mesh: &Mesh, name: &str) -> Proxy {
     let opts = Proxy::builder()
         .documents(&mesh.yaml(), name)
         .drain_timeout(Duration::from_secs(10))
@@ -91,40 +92,19 @@ pub async fn metric(proxy: &Proxy, prefix: &str) -> Option<f64> {
     sinew_testkit::metrics::value(&admin(proxy, "/metrics").await.text(), prefix)
 }
 
-pub fn proxy_doc(name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}\n"
-    )
+/// An empty set of documents in `shop`, the namespace of these tests.
+pub fn shop() -> Mesh {
+    Mesh::new("shop")
 }
 
-pub fn service(name: &str, protocol: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  ports: [{{name: main, port: 80, protocol: {protocol}}}]\n"
-    )
+/// The sidecar `client` with one outbound binding: `bind` forwards to `svc`.
+pub fn client_proxy(bind: SocketAddr, svc: &str) -> mesh::Proxy {
+    mesh::Proxy::new("client").upstream(bind, svc)
 }
 
-pub fn service_lb(name: &str, lb: &str) -> String {
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  loadBalancer: {lb}\n  ports: [{{name: main, port: 80}}]\n"
-    )
-}
-
-/// A workload of `svc` at `addr`, optionally behind a sidecar inbound port.
-pub fn workload(name: &str, svc: &str, addr: SocketAddr, sidecar: Option<u16>) -> String {
-    let sc = sidecar
-        .map(|p| format!(", sidecar: {{port: {p}}}"))
-        .unwrap_or_default();
-    format!(
-        "---\napiVersion: sinew.dev/v1alpha1\nkind: Workload\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{service: {svc}, address: {}, ports: {{main: {}}}{sc}}}\n",
-        addr.ip(),
-        addr.port()
-    )
-}
-
-pub fn route(name: &str, parent: &str, rules: &str) -> String {
-    format!(
-        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  parentRefs: [{{kind: Service, name: {parent}}}]\n  rules:\n{rules}\n"
-    )
+/// A configuration file holding `docs`.
+pub fn config_file(docs: &Mesh) -> ConfigFile {
+    ConfigFile::new(&docs.yaml())
 }
 
 pub type TestResult = Result<(), BoxError>;
