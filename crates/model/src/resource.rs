@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
+pub use crate::fields::{DnsLabel, HttpsUrl, LocalPath, OtlpEndpoint, SpiffePrefix, UrlPath};
 pub use crate::matching::{HttpHeaderMatch, HttpPathMatch, HttpQueryParamMatch};
 pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
 use crate::spiffe::SpiffeId;
@@ -285,7 +287,7 @@ pub enum EgressMode {
 pub struct TracingSpec {
     /// The OTLP collector, `http://host:port`: e.g. port 4317 for `grpc`, 4318 for
     /// `http/protobuf` (whose path defaults to `/v1/traces`).
-    pub endpoint: String,
+    pub endpoint: Parsed<OtlpEndpoint>,
     /// The OTLP transport; default `grpc`.
     #[serde(default)]
     pub protocol: OtlpProtocol,
@@ -860,7 +862,7 @@ pub struct HeaderValuePair {
 pub struct UrlRewrite {
     /// New Host / `:authority`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
+    pub hostname: Option<Parsed<Authority>>,
     /// New path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathModifier>,
@@ -886,10 +888,10 @@ pub struct PathModifier {
     pub kind: PathModifierType,
     /// For `ReplaceFullPath`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replace_full_path: Option<String>,
+    pub replace_full_path: Option<Parsed<UrlPath>>,
     /// For `ReplacePrefixMatch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replace_prefix_match: Option<String>,
+    pub replace_prefix_match: Option<Parsed<UrlPath>>,
 }
 
 /// A weighted backend (a Service port).
@@ -1170,10 +1172,10 @@ pub struct RuleSource {
     pub principals: Vec<Parsed<SpiffeId>>,
     /// Prefixes of the peer's SPIFFE id, e.g. `spiffe://cluster.local/ns/shop/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub principal_prefixes: Vec<String>,
+    pub principal_prefixes: Vec<Parsed<SpiffePrefix>>,
     /// Namespaces of the peer (from its SPIFFE id in the mesh's trust domain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub namespaces: Vec<String>,
+    pub namespaces: Vec<Parsed<DnsLabel>>,
     /// `issuer/subject` of the verified JWT; `*` means any verified token, and a
     /// trailing `*` matches a prefix (e.g. `https://issuer.example/*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1266,15 +1268,15 @@ pub struct JwtRule {
 pub struct JwksSpec {
     /// A local file holding the JWKS JSON; re-read when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
+    pub file: Option<Parsed<LocalPath>>,
     /// An `https://` URL serving the JWKS JSON (`http://` is refused: keys fetched
     /// in the clear could be replaced on the way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri: Option<String>,
+    pub uri: Option<Parsed<HttpsUrl>>,
     /// With `uri` over HTTPS: a PEM file of CA certificates to trust instead of the
     /// system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<String>,
+    pub ca_file: Option<Parsed<LocalPath>>,
     /// With `uri`: how often the keys are fetched again; default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<Parsed<Duration>>,

@@ -140,25 +140,14 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         });
     }
     let http_proxy = p.spec.outbound.http_proxy.as_ref().map(|h| h.bind.value());
-    let tracing = match mesh.and_then(|m| m.tracing.as_ref()) {
-        None => None,
-        Some(t) => match crate::validate::otlp_endpoint(&t.endpoint, t.protocol) {
-            Ok(endpoint) => Some(TracingConfig {
-                endpoint,
-                protocol: t.protocol,
-                sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
-                always_sample_errors: t.always_sample_errors.unwrap_or(true),
-            }),
-            Err(reason) => {
-                errors.push(
-                    ConfigError::new(reason)
-                        .field("spec.tracing.endpoint")
-                        .resource("MeshConfig"),
-                );
-                None
-            }
-        },
-    };
+    let tracing = mesh
+        .and_then(|m| m.tracing.as_ref())
+        .map(|t| TracingConfig {
+            endpoint: t.endpoint.url(t.protocol),
+            protocol: t.protocol,
+            sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
+            always_sample_errors: t.always_sample_errors.unwrap_or(true),
+        });
     errors.into_result(ProxyConfig {
         name: p.metadata.name.clone(),
         namespace: ns,
@@ -292,8 +281,16 @@ fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
             .iter()
             .map(|p| p.as_str().to_owned())
             .collect(),
-        principal_prefixes: from.principal_prefixes,
-        namespaces: from.namespaces,
+        principal_prefixes: from
+            .principal_prefixes
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
+        namespaces: from
+            .namespaces
+            .iter()
+            .map(|n| n.as_str().to_owned())
+            .collect(),
         request_principals: from.request_principals,
         ports: to.ports,
         paths: norm(&to.paths),
@@ -384,12 +381,14 @@ fn compile_jwt(
 
 fn compile_jwks(j: &JwksSpec) -> Option<JwksSource> {
     if let Some(path) = &j.file {
-        return Some(JwksSource::File { path: path.clone() });
+        return Some(JwksSource::File {
+            path: path.as_str().to_owned(),
+        });
     }
     if let Some(uri) = &j.uri {
         return Some(JwksSource::Uri {
-            uri: uri.clone(),
-            ca_file: j.ca_file.clone(),
+            uri: uri.as_str().to_owned(),
+            ca_file: j.ca_file.as_ref().map(|f| f.as_str().to_owned()),
             refresh: j
                 .refresh
                 .as_ref()
@@ -826,16 +825,16 @@ fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
         }
         if let Some(rw) = &f.url_rewrite {
             out.rewrite = Some(Rewrite {
-                hostname: rw.hostname.clone(),
+                hostname: rw.hostname.as_ref().map(|h| h.get().clone()),
                 path: rw.path.as_ref().and_then(|p| match p.kind {
                     PathModifierType::ReplaceFullPath => p
                         .replace_full_path
-                        .clone()
-                        .map(PathRewrite::ReplaceFullPath),
+                        .as_ref()
+                        .map(|v| PathRewrite::ReplaceFullPath(v.as_str().to_owned())),
                     PathModifierType::ReplacePrefixMatch => p
                         .replace_prefix_match
-                        .clone()
-                        .map(PathRewrite::ReplacePrefixMatch),
+                        .as_ref()
+                        .map(|v| PathRewrite::ReplacePrefixMatch(v.as_str().to_owned())),
                 }),
             });
         }

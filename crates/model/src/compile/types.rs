@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::Authority;
 use http::{HeaderName, HeaderValue};
 use serde::{Serialize, Serializer};
 
@@ -648,12 +649,20 @@ fn ser_names<S: Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(HeaderName::as_str))
 }
 
+fn ser_authority<S: Serializer>(a: &Option<Authority>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.serialize_some(a.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
 /// A URL rewrite.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Rewrite {
-    /// New authority.
-    pub hostname: Option<String>,
+    /// New authority (parsed when the document was read).
+    #[serde(serialize_with = "ser_authority")]
+    pub hostname: Option<Authority>,
     /// New path.
     pub path: Option<PathRewrite>,
 }
