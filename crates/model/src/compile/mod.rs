@@ -387,7 +387,7 @@ fn compile_jwks(j: &JwksSpec) -> Option<JwksSource> {
     }
     if let Some(uri) = &j.uri {
         return Some(JwksSource::Uri {
-            uri: uri.as_str().to_owned(),
+            uri: uri.get().uri().clone(),
             ca_file: j.ca_file.as_ref().map(|f| f.as_str().to_owned()),
             refresh: j
                 .refresh

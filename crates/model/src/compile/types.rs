@@ -194,9 +194,11 @@ pub enum JwksSource {
     /// An HTTP(S) URL, fetched in the background.
     #[serde(rename_all = "camelCase")]
     Uri {
-        /// The URL (shown without user info or query).
-        #[serde(serialize_with = "ser_redacted_uri")]
-        uri: String,
+        /// The URL, parsed when the document was read (shown without user info or
+        /// query). Validation accepts only `https://`; the proxy fetches `http://`
+        /// too, for its tests.
+        #[serde(serialize_with = "ser_redacted_http_uri")]
+        uri: http::Uri,
         /// PEM CA certificates to trust for HTTPS instead of the system's.
         ca_file: Option<String>,
         /// How often the keys are fetched again.
@@ -238,6 +240,11 @@ fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 fn ser_name<S: Serializer>(n: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(n.as_str())
+}
+
+/// Shows a URL without what may be a credential: user info and query.
+fn ser_redacted_http_uri<S: Serializer>(u: &http::Uri, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_uri(&u.to_string()))
 }
 
 /// Shows a URL without what may be a credential: user info and query.
