@@ -169,6 +169,20 @@ impl Parse for UrlPath {
     }
 }
 
+/// A request's path and optional query (a health check's `path`): it starts with
+/// `/`, and every character is one a request target may hold.
+impl Parse for PathAndQuery {
+    fn parse(text: &str) -> Result<Self, String> {
+        if !text.starts_with('/') {
+            return Err(format!("{text:?} must start with '/'"));
+        }
+        if text.contains('#') {
+            return Err(format!("{text:?}: a request has no fragment"));
+        }
+        PathAndQuery::try_from(text).map_err(|_| format!("{text:?} is not a valid URL path"))
+    }
+}
+
 /// A host (and optional port) to send a request to: a URL rewrite's `hostname`.
 impl Parse for Authority {
     fn parse(text: &str) -> Result<Self, String> {

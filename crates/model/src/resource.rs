@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
@@ -1006,9 +1006,9 @@ pub struct RingHashSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheckSpec {
-    /// HTTP path to GET; absent: a TCP connect.
+    /// HTTP path to GET (a query is allowed); absent: a TCP connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub path: Option<Parsed<PathAndQuery>>,
     /// Time between checks; default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Parsed<Duration>>,
@@ -1192,11 +1192,11 @@ pub struct RuleOperation {
     pub ports: Vec<u16>,
     /// Exact paths (`paths` and `pathPrefixes` together form one condition).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub paths: Vec<String>,
+    pub paths: Vec<Parsed<UrlPath>>,
     /// Path prefixes, by whole segments: `/api` matches `/api` and `/api/x`, never
     /// `/apiadmin`; `/api/` matches `/api/x`, not `/api`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub path_prefixes: Vec<String>,
+    pub path_prefixes: Vec<Parsed<UrlPath>>,
     /// HTTP methods, upper case.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<Parsed<Method>>,

@@ -360,6 +360,30 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "- Shop",
         ),
         (
+            "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n    - to:\n        paths: [/health, admin]\n".into(),
+            "spec.rules[0].to.paths[1]",
+            "\"admin\" must start with '/'",
+            "paths:",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n    - to:\n        pathPrefixes:\n          - \"/api?x=1\"\n".into(),
+            "spec.rules[0].to.pathPrefixes[0]",
+            "\"/api?x=1\": a path has no query or fragment",
+            "/api?x=1",
+        ),
+        (
+            traffic("  healthCheck:\n    path: healthz\n"),
+            "spec.healthCheck.path",
+            "\"healthz\" must start with '/'",
+            "path: healthz",
+        ),
+        (
+            traffic("  healthCheck:\n    path: \"/health z\"\n"),
+            "spec.healthCheck.path",
+            "\"/health z\" is not a valid URL path",
+            "path:",
+        ),
+        (
             authz("        namespaces: [shop.prod]\n"),
             "spec.rules[0].from.namespaces[0]",
             "\"shop.prod\" is not a valid namespace",
@@ -535,7 +559,7 @@ fn compile_never_fails_or_drops_on_what_validation_accepted() {
     );
 }
 
-/// The fields typed last (URLs, paths, SPIFFE prefixes, namespaces): what the user
+/// The fields typed last (URLs, paths, SPIFFE prefixes, namespaces, file paths): what the user
 /// wrote is what a document serializes to, the store's round trip keeps it, and the
 /// compiler reads the parsed values (the collector's URL completed for its protocol,
 /// the rewrite's authority).
@@ -560,16 +584,18 @@ spec:
 {}---
 {}---
 {}---
+{}---
 {}",
         mesh("  tracing:\n    endpoint: http://Otel.example:4318/\n    protocol: http/protobuf\n"),
         route(
             "    - matches:\n        - path: {type: Exact, value: /api/v1/items}\n    - matches:\n        - path: {type: PathPrefix, value: /api}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: Internal.Catalog:8080\n            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2/}\n"
         ),
         authz(
-            "        principalPrefixes: [\"spiffe://cluster.local/ns/ops/\"]\n        namespaces: [ops, shop-2]\n"
+            "        principalPrefixes: [\"spiffe://cluster.local/ns/ops/\"]\n        namespaces: [ops, shop-2]\n      to:\n        paths: [/health]\n        pathPrefixes: [/api/]\n"
         ),
         jwks("        uri: https://issuer.example:8443/keys\n        caFile: ./ca.pem\n"),
-        "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: f, namespace: shop}\nspec:\n  jwtRules:\n    - issuer: https://other\n      jwks: {file: /etc/sinew/jwks.json}\n"
+        "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: f, namespace: shop}\nspec:\n  jwtRules:\n    - issuer: https://other\n      jwks: {file: /etc/sinew/jwks.json}\n",
+        traffic("  healthCheck:\n    path: /healthz?full=1\n"),
     );
     let docs = parse_documents("typed.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
     let written = [
@@ -582,6 +608,8 @@ spec:
         r#""uri":"https://issuer.example:8443/keys""#,
         r#""caFile":"./ca.pem""#,
         r#""file":"/etc/sinew/jwks.json""#,
+        r#""paths":["/health"],"pathPrefixes":["/api/"]"#,
+        r#""path":"/healthz?full=1""#,
     ];
     let json: String = docs.iter().map(|d| d.resource.to_json()).collect();
     for w in written {
@@ -607,6 +635,7 @@ spec:
         "https://issuer.example:8443/keys",
         "./ca.pem",
         "/etc/sinew/jwks.json",
+        r#""path":"/healthz?full=1""#,
     ] {
         assert!(shown.contains(w), "{w} not in the compiled {shown}");
     }

@@ -269,9 +269,9 @@ fn compile_authz(res: &Resources, ns: &str, own: &[String], trust_domain: &str) 
 fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
     let from = r.from.clone().unwrap_or_default();
     let to = r.to.clone().unwrap_or_default();
-    let norm = |v: &[String]| -> Vec<String> {
+    let norm = |v: &[Parsed<UrlPath>]| -> Vec<String> {
         v.iter()
-            .map(|p| crate::authz::normalize_path(p).into_owned())
+            .map(|p| crate::authz::normalize_path(p.as_str()).into_owned())
             .collect()
     };
     AuthzRule {
@@ -521,7 +521,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             }),
         locality_preference: p.locality_preference,
         health_check: p.health_check.as_ref().map(|h| HealthCheckConfig {
-            path: h.path.clone(),
+            path: h.path.as_ref().map(|p| p.get().clone()),
             interval_ms: ms(&h.interval, 5_000),
             timeout_ms: ms(&h.timeout, 1_000),
             unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2),

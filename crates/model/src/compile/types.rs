@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::Authority;
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue};
 use serde::{Serialize, Serializer};
 
@@ -363,8 +363,10 @@ pub enum HashKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheckConfig {
-    /// HTTP path; `None`: TCP connect.
-    pub path: Option<String>,
+    /// HTTP path (and query), parsed when the document was read; `None`: TCP
+    /// connect.
+    #[serde(serialize_with = "ser_path")]
+    pub path: Option<PathAndQuery>,
     /// Milliseconds between checks.
     pub interval_ms: u64,
     /// Milliseconds a check may take.
@@ -654,6 +656,13 @@ fn ser_pairs<S: Serializer>(v: &[(HeaderName, HeaderValue)], s: S) -> Result<S::
 
 fn ser_names<S: Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(HeaderName::as_str))
+}
+
+fn ser_path<S: Serializer>(p: &Option<PathAndQuery>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.serialize_some(p.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_authority<S: Serializer>(a: &Option<Authority>, s: S) -> Result<S::Ok, S::Error> {
