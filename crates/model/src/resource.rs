@@ -1006,7 +1006,7 @@ pub struct RingHashSpec {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HealthCheckSpec {
-    /// HTTP path to GET (a query is allowed); absent: a TCP connect.
+    /// HTTP path to GET; absent: a TCP connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<Parsed<PathAndQuery>>,
     /// Time between checks; default `5s`.
