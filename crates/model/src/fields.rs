@@ -221,6 +221,30 @@ impl Parse for SpiffePrefix {
     }
 }
 
+/// A request principal pattern (`from.requestPrincipals`): `issuer/subject` of a
+/// verified JWT, `*` for any verified token, or a prefix ending in `*`. A `*`
+/// anywhere else would be taken literally, which is never what was meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPrincipal(String);
+
+impl RequestPrincipal {
+    /// The pattern.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Parse for RequestPrincipal {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || (text != "*" && text.trim_end_matches('*').contains('*')) {
+            return Err(format!(
+                "{text:?}: use \"issuer/subject\", \"*\", or a prefix ending in '*'"
+            ));
+        }
+        Ok(RequestPrincipal(text.to_owned()))
+    }
+}
+
 /// A Kubernetes DNS-1123 label: what a namespace is. At most 63 lowercase letters,
 /// digits and `-`, starting and ending with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

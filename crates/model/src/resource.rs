@@ -9,7 +9,9 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
-pub use crate::fields::{DnsLabel, HttpsUrl, LocalPath, OtlpEndpoint, SpiffePrefix, UrlPath};
+pub use crate::fields::{
+    DnsLabel, HttpsUrl, LocalPath, OtlpEndpoint, RequestPrincipal, SpiffePrefix, UrlPath,
+};
 pub use crate::matching::{HttpHeaderMatch, HttpPathMatch, HttpQueryParamMatch};
 pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
 use crate::spiffe::SpiffeId;
@@ -1179,7 +1181,7 @@ pub struct RuleSource {
     /// `issuer/subject` of the verified JWT; `*` means any verified token, and a
     /// trailing `*` matches a prefix (e.g. `https://issuer.example/*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub request_principals: Vec<String>,
+    pub request_principals: Vec<Parsed<RequestPrincipal>>,
 }
 
 /// The operation, in a rule. Each list present must match; an empty list is absent.

@@ -384,6 +384,12 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "path:",
         ),
         (
+            authz("        requestPrincipals: [\"https://issuer/*\", \"*/admin\"]\n"),
+            "spec.rules[0].from.requestPrincipals[1]",
+            "\"*/admin\": use \"issuer/subject\", \"*\", or a prefix ending in '*'",
+            "requestPrincipals",
+        ),
+        (
             authz("        namespaces: [shop.prod]\n"),
             "spec.rules[0].from.namespaces[0]",
             "\"shop.prod\" is not a valid namespace",
@@ -591,7 +597,7 @@ spec:
             "    - matches:\n        - path: {type: Exact, value: /api/v1/items}\n    - matches:\n        - path: {type: PathPrefix, value: /api}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: Internal.Catalog:8080\n            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2/}\n"
         ),
         authz(
-            "        principalPrefixes: [\"spiffe://cluster.local/ns/ops/\"]\n        namespaces: [ops, shop-2]\n      to:\n        paths: [/health]\n        pathPrefixes: [/api/]\n"
+            "        principalPrefixes: [\"spiffe://cluster.local/ns/ops/\"]\n        namespaces: [ops, shop-2]\n        requestPrincipals: [\"https://issuer/*\"]\n      to:\n        paths: [/health]\n        pathPrefixes: [/api/]\n"
         ),
         jwks("        uri: https://issuer.example:8443/keys\n        caFile: ./ca.pem\n"),
         "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: f, namespace: shop}\nspec:\n  jwtRules:\n    - issuer: https://other\n      jwks: {file: /etc/sinew/jwks.json}\n",
@@ -605,6 +611,7 @@ spec:
         r#""path":{"type":"Exact","value":"/api/v1/items"}"#,
         r#""principalPrefixes":["spiffe://cluster.local/ns/ops/"]"#,
         r#""namespaces":["ops","shop-2"]"#,
+        r#""requestPrincipals":["https://issuer/*"]"#,
         r#""uri":"https://issuer.example:8443/keys""#,
         r#""caFile":"./ca.pem""#,
         r#""file":"/etc/sinew/jwks.json""#,

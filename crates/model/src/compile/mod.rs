@@ -291,7 +291,11 @@ fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
             .iter()
             .map(|n| n.as_str().to_owned())
             .collect(),
-        request_principals: from.request_principals,
+        request_principals: from
+            .request_principals
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
         ports: to.ports,
         paths: norm(&to.paths),
         path_prefixes: norm(&to.path_prefixes),

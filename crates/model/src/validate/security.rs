@@ -167,17 +167,8 @@ impl Resources {
 }
 
 fn check_authz_rule(c: &mut Checker<'_>, f: &str, rule: &AuthorizationRule) {
-    // Principal prefixes and namespaces were parsed when the document was read.
-    if let Some(from) = &rule.from {
-        for (i, r) in from.request_principals.iter().enumerate() {
-            if r.is_empty() || (r != "*" && r.trim_end_matches('*').contains('*')) {
-                c.fail(
-                    format!("{f}.from.requestPrincipals[{i}]"),
-                    format!("{r:?}: use \"issuer/subject\", \"*\", or a prefix ending in '*'"),
-                );
-            }
-        }
-    }
+    // `from` (principals and their prefixes, namespaces, request principals) and
+    // `to.paths` were parsed when the document was read.
     if let Some(to) = &rule.to {
         for (i, p) in to.ports.iter().enumerate() {
             if *p == 0 {
