@@ -594,7 +594,7 @@ spec:
 {}",
         mesh("  tracing:\n    endpoint: http://Otel.example:4318/\n    protocol: http/protobuf\n"),
         route(
-            "    - matches:\n        - path: {type: Exact, value: /api/v1/items}\n    - matches:\n        - path: {type: PathPrefix, value: /api}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: Internal.Catalog:8080\n            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2/}\n"
+            "    - matches:\n        - path: {type: Exact, value: /api/v1/items}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            path: {type: ReplaceFullPath, replaceFullPath: /v1/items%2F}\n    - matches:\n        - path: {type: PathPrefix, value: /api}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: Internal.Catalog:8080\n            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2/}\n"
         ),
         authz(
             "        principalPrefixes: [\"spiffe://cluster.local/ns/ops/\"]\n        namespaces: [ops, shop-2]\n        requestPrincipals: [\"https://issuer/*\"]\n      to:\n        paths: [/health]\n        pathPrefixes: [/api/]\n"
@@ -608,6 +608,7 @@ spec:
         r#""endpoint":"http://Otel.example:4318/""#,
         r#""hostname":"Internal.Catalog:8080""#,
         r#""replacePrefixMatch":"/v2/""#,
+        r#""replaceFullPath":"/v1/items%2F""#,
         r#""path":{"type":"Exact","value":"/api/v1/items"}"#,
         r#""principalPrefixes":["spiffe://cluster.local/ns/ops/"]"#,
         r#""namespaces":["ops","shop-2"]"#,
@@ -638,6 +639,7 @@ spec:
     let shown = serde_json::to_string(&cfg).unwrap();
     for w in [
         r#""hostname":"Internal.Catalog:8080""#,
+        r#""ReplaceFullPath","value":"/v1/items%2F""#,
         "spiffe://cluster.local/ns/ops/",
         "https://issuer.example:8443/keys",
         "./ca.pem",
