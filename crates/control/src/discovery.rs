@@ -16,6 +16,7 @@ use sinew_api::v1::discovery_server::Discovery;
 use sinew_api::v1::{
     self as api, ControlMessage, ProxyMessage, Push, control_message, proxy_message,
 };
+use sinew_model::fields::{DnsLabel, DnsSubdomain};
 use sinew_model::resource::{
     Metadata, Object, ResourceKey, SINEW_API_VERSION, SidecarRef, WorkloadSpec,
 };
@@ -194,13 +195,6 @@ impl DiscoveryService {
     }
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
 /// A proxy's namespace (`default` when empty) and `namespace/name`, as its Hello or
 /// a report names it; a malformed name is refused, naming it.
 pub(crate) fn proxy_name<'a>(namespace: &'a str, name: &str) -> Result<(&'a str, String), Status> {
@@ -209,7 +203,9 @@ pub(crate) fn proxy_name<'a>(namespace: &'a str, name: &str) -> Result<(&'a str,
     } else {
         namespace
     };
-    if !valid_name(ns) || !valid_name(name) {
+    // The model's rules (Kubernetes'): the Proxy and Workload documents made for
+    // this proxy are named so, and would be refused otherwise.
+    if !DnsLabel::is_valid(ns) || !DnsSubdomain::is_valid(name) {
         return Err(Status::invalid_argument(format!(
             "invalid proxy name {ns:?}/{name:?}"
         )));

@@ -7,10 +7,10 @@
 //! [`validate`]), and compile that into a [`compile::ProxyConfig`] for one proxy.
 //!
 //! Parse, don't validate: a field holding a typed value (a duration, an address, a
-//! header name, a CIDR, a SPIFFE id, a pattern) is parsed when its document is read
-//! ([`parsed::Parsed`], [`matching`]), keeping the user's text; validation checks
-//! only what needs context (references, duplicates, ranges), and compiling reads the
-//! values, with nothing left to parse or to drop.
+//! header name, a CIDR, a SPIFFE id, a pattern, a URL, a namespace) is parsed when its
+//! document is read ([`parsed::Parsed`], [`fields`], [`matching`]), keeping the user's
+//! text; validation checks only what needs context (references, duplicates, ranges),
+//! and compiling reads the values, with nothing left to parse or to drop.
 //!
 //! Route matching ([`route`]) lives here too, so precedence rules are tested without
 //! a network, and so does the authorization engine ([`authz`]).
@@ -19,6 +19,7 @@ pub mod authz;
 pub mod compile;
 pub mod duration;
 pub mod error;
+pub mod fields;
 pub mod load;
 pub mod matching;
 pub mod parsed;

@@ -46,9 +46,13 @@ enum PathValue {
 
 impl HttpPathMatch {
     /// A condition of type `kind` on `value`; the reason when `value` is not a
-    /// valid regular expression for a `RegularExpression` match.
+    /// valid regular expression for a `RegularExpression` match, or not a path
+    /// (starting with `/`) for an `Exact` or `PathPrefix` one.
     pub fn new(kind: PathMatchType, value: impl Into<String>) -> Result<Self, String> {
         let value = value.into();
+        if kind != PathMatchType::RegularExpression && !value.starts_with('/') {
+            return Err(format!("{value:?} must start with '/'"));
+        }
         Ok(HttpPathMatch(match kind {
             PathMatchType::Exact => PathValue::Exact(value),
             PathMatchType::PathPrefix => PathValue::PathPrefix(value),

@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
+pub use crate::fields::{
+    DnsLabel, HttpsUrl, LocalPath, OtlpEndpoint, RequestPrincipal, SpiffePrefix, UrlPath,
+};
 pub use crate::matching::{HttpHeaderMatch, HttpPathMatch, HttpQueryParamMatch};
 pub use crate::parsed::{GrpcCode, Parsed, PublicJwks};
 use crate::spiffe::SpiffeId;
@@ -285,7 +289,7 @@ pub enum EgressMode {
 pub struct TracingSpec {
     /// The OTLP collector, `http://host:port`: e.g. port 4317 for `grpc`, 4318 for
     /// `http/protobuf` (whose path defaults to `/v1/traces`).
-    pub endpoint: String,
+    pub endpoint: Parsed<OtlpEndpoint>,
     /// The OTLP transport; default `grpc`.
     #[serde(default)]
     pub protocol: OtlpProtocol,
@@ -860,7 +864,7 @@ pub struct HeaderValuePair {
 pub struct UrlRewrite {
     /// New Host / `:authority`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
+    pub hostname: Option<Parsed<Authority>>,
     /// New path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathModifier>,
@@ -886,10 +890,10 @@ pub struct PathModifier {
     pub kind: PathModifierType,
     /// For `ReplaceFullPath`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replace_full_path: Option<String>,
+    pub replace_full_path: Option<Parsed<UrlPath>>,
     /// For `ReplacePrefixMatch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replace_prefix_match: Option<String>,
+    pub replace_prefix_match: Option<Parsed<UrlPath>>,
 }
 
 /// A weighted backend (a Service port).
@@ -1006,7 +1010,7 @@ pub struct RingHashSpec {
 pub struct HealthCheckSpec {
     /// HTTP path to GET; absent: a TCP connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub path: Option<Parsed<PathAndQuery>>,
     /// Time between checks; default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Parsed<Duration>>,
@@ -1170,14 +1174,14 @@ pub struct RuleSource {
     pub principals: Vec<Parsed<SpiffeId>>,
     /// Prefixes of the peer's SPIFFE id, e.g. `spiffe://cluster.local/ns/shop/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub principal_prefixes: Vec<String>,
+    pub principal_prefixes: Vec<Parsed<SpiffePrefix>>,
     /// Namespaces of the peer (from its SPIFFE id in the mesh's trust domain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub namespaces: Vec<String>,
+    pub namespaces: Vec<Parsed<DnsLabel>>,
     /// `issuer/subject` of the verified JWT; `*` means any verified token, and a
     /// trailing `*` matches a prefix (e.g. `https://issuer.example/*`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub request_principals: Vec<String>,
+    pub request_principals: Vec<Parsed<RequestPrincipal>>,
 }
 
 /// The operation, in a rule. Each list present must match; an empty list is absent.
@@ -1190,11 +1194,11 @@ pub struct RuleOperation {
     pub ports: Vec<u16>,
     /// Exact paths (`paths` and `pathPrefixes` together form one condition).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub paths: Vec<String>,
+    pub paths: Vec<Parsed<UrlPath>>,
     /// Path prefixes, by whole segments: `/api` matches `/api` and `/api/x`, never
     /// `/apiadmin`; `/api/` matches `/api/x`, not `/api`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub path_prefixes: Vec<String>,
+    pub path_prefixes: Vec<Parsed<UrlPath>>,
     /// HTTP methods, upper case.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<Parsed<Method>>,
@@ -1266,15 +1270,15 @@ pub struct JwtRule {
 pub struct JwksSpec {
     /// A local file holding the JWKS JSON; re-read when it changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
+    pub file: Option<Parsed<LocalPath>>,
     /// An `https://` URL serving the JWKS JSON (`http://` is refused: keys fetched
     /// in the clear could be replaced on the way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri: Option<String>,
+    pub uri: Option<Parsed<HttpsUrl>>,
     /// With `uri` over HTTPS: a PEM file of CA certificates to trust instead of the
     /// system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<String>,
+    pub ca_file: Option<Parsed<LocalPath>>,
     /// With `uri`: how often the keys are fetched again; default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<Parsed<Duration>>,

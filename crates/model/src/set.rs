@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use crate::error::{ConfigError, ConfigErrors};
+use crate::fields::{DnsLabel, DnsSubdomain};
 use crate::load::{Document, Origin};
+use crate::parsed::Parse;
 use crate::resource::*;
 
 /// `(namespace, name)`.
@@ -157,19 +159,12 @@ impl Resources {
             file: doc.file,
             line: doc.line,
         };
-        let problem = if !valid_name(&m.name) {
-            Some((
-                "metadata.name",
-                format!(
-                    "{:?} is not a valid name (lowercase letters, digits, '-', '.')",
-                    m.name
-                ),
-            ))
-        } else if !valid_name(m.ns()) {
-            Some((
-                "metadata.namespace",
-                format!("{:?} is not a valid namespace", m.ns()),
-            ))
+        // Names as Kubernetes has them: an object's name is a DNS-1123 subdomain, a
+        // namespace a DNS-1123 label (it is one label of `name.namespace.svc`).
+        let problem = if let Err(e) = <DnsSubdomain as Parse>::parse(&m.name) {
+            Some(("metadata.name", e))
+        } else if let Err(e) = <DnsLabel as Parse>::parse(m.ns()) {
+            Some(("metadata.namespace", e))
         } else {
             None
         };

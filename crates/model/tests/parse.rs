@@ -29,6 +29,24 @@ fn jwt(rule: &str) -> String {
     )
 }
 
+fn mesh(spec: &str) -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n{spec}"
+    )
+}
+
+fn jwks(source: &str) -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: j, namespace: shop}}\nspec:\n  jwtRules:\n    - issuer: https://issuer\n      jwks:\n{source}"
+    )
+}
+
+fn authz(from: &str) -> String {
+    format!(
+        "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: a, namespace: shop}}\nspec:\n  rules:\n    - from:\n{from}"
+    )
+}
+
 /// Each bad value is refused when the document is read: the error names the file,
 /// the line of the bad value, the field's path and why.
 #[test]
@@ -239,6 +257,144 @@ fn typed_fields_refuse_bad_text_with_path_line_and_reason() {
             "\"delete\" is not an HTTP method",
             "methods",
         ),
+        (
+            mesh("  tracing:\n    endpoint: https://otel:4317\n"),
+            "spec.tracing.endpoint",
+            "\"https://otel:4317\": https is not supported",
+            "endpoint: https://otel:4317",
+        ),
+        (
+            mesh("  tracing:\n    protocol: http/protobuf\n    endpoint: otel:4318\n"),
+            "spec.tracing.endpoint",
+            "\"otel:4318\" is not an http:// URL",
+            "endpoint: otel:4318",
+        ),
+        (
+            mesh("  tracing:\n    endpoint: \"http://otel:4318/v1/traces?x=1\"\n"),
+            "spec.tracing.endpoint",
+            "a query is not allowed",
+            "endpoint:",
+        ),
+        (
+            jwks("        uri: http://issuer/keys\n"),
+            "spec.jwtRules[0].jwks.uri",
+            "\"http://issuer/keys\": http:// is refused",
+            "uri: http://issuer/keys",
+        ),
+        (
+            jwks("        uri: ftp://issuer/keys\n"),
+            "spec.jwtRules[0].jwks.uri",
+            "\"ftp://issuer/keys\" is not an https:// URL",
+            "uri: ftp://issuer/keys",
+        ),
+        (
+            jwks("        file: \"\"\n"),
+            "spec.jwtRules[0].jwks.file",
+            "the path must not be empty",
+            "file:",
+        ),
+        (
+            jwks("        uri: https://issuer/keys\n        caFile: \"\"\n"),
+            "spec.jwtRules[0].jwks.caFile",
+            "the path must not be empty",
+            "caFile:",
+        ),
+        (
+            route("    - filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: \"bad host\"\n"),
+            "spec.rules[0].filters[0].urlRewrite.hostname",
+            "\"bad host\" is not a valid hostname",
+            "hostname:",
+        ),
+        (
+            route("    - filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: \"\"\n"),
+            "spec.rules[0].filters[0].urlRewrite.hostname",
+            "\"\" is not a valid hostname",
+            "hostname:",
+        ),
+        (
+            route("    - filters:\n        - type: URLRewrite\n          urlRewrite:\n            path:\n              type: ReplaceFullPath\n              replaceFullPath: v2\n"),
+            "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath",
+            "\"v2\" must start with '/'",
+            "replaceFullPath: v2",
+        ),
+        (
+            route("    - matches: [{path: {type: PathPrefix, value: /api}}]\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            path:\n              type: ReplacePrefixMatch\n              replacePrefixMatch: \"/a b\"\n"),
+            "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch",
+            "\"/a b\" is not a valid URL path",
+            "replacePrefixMatch:",
+        ),
+        (
+            route("    - filters:\n        - type: URLRewrite\n          urlRewrite:\n            path:\n              type: ReplaceFullPath\n              replaceFullPath: \"/v2?x=1\"\n"),
+            "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath",
+            "a path has no query or fragment",
+            "replaceFullPath:",
+        ),
+        (
+            route("    - matches:\n        - path:\n            type: Exact\n            value: api\n"),
+            "spec.rules[0].matches[0].path.value",
+            "\"api\" must start with '/'",
+            "value: api",
+        ),
+        (
+            traffic("  rateLimits:\n    - name: a\n      requestsPerSecond: 1\n      matches:\n        - path: {type: PathPrefix, value: v1}\n"),
+            "spec.rateLimits[0].matches[0].path.value",
+            "\"v1\" must start with '/'",
+            "path:",
+        ),
+        (
+            authz("        principalPrefixes:\n          - spiffe://cluster.local/ns/\n          - cluster.local/ns/shop\n"),
+            "spec.rules[0].from.principalPrefixes[1]",
+            "\"cluster.local/ns/shop\" is not a SPIFFE id prefix (spiffe://<trust-domain>/...)",
+            "- cluster.local/ns/shop",
+        ),
+        (
+            authz("        principalPrefixes: [\"spiffe://Cluster.local/\"]\n"),
+            "spec.rules[0].from.principalPrefixes[0]",
+            "is not a SPIFFE id prefix",
+            "principalPrefixes",
+        ),
+        (
+            authz("        namespaces:\n          - ops\n          - Shop\n"),
+            "spec.rules[0].from.namespaces[1]",
+            "\"Shop\" is not a valid namespace (a DNS-1123 label",
+            "- Shop",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n    - to:\n        paths: [/health, admin]\n".into(),
+            "spec.rules[0].to.paths[1]",
+            "\"admin\" must start with '/'",
+            "paths:",
+        ),
+        (
+            "apiVersion: sinew.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n    - to:\n        pathPrefixes:\n          - \"/api?x=1\"\n".into(),
+            "spec.rules[0].to.pathPrefixes[0]",
+            "\"/api?x=1\": a path has no query or fragment",
+            "/api?x=1",
+        ),
+        (
+            traffic("  healthCheck:\n    path: healthz\n"),
+            "spec.healthCheck.path",
+            "\"healthz\" must start with '/'",
+            "path: healthz",
+        ),
+        (
+            traffic("  healthCheck:\n    path: \"/health z\"\n"),
+            "spec.healthCheck.path",
+            "\"/health z\" is not a valid URL path",
+            "path:",
+        ),
+        (
+            authz("        requestPrincipals: [\"https://issuer/*\", \"*/admin\"]\n"),
+            "spec.rules[0].from.requestPrincipals[1]",
+            "\"*/admin\": use \"issuer/subject\", \"*\", or a prefix ending in '*'",
+            "requestPrincipals",
+        ),
+        (
+            authz("        namespaces: [shop.prod]\n"),
+            "spec.rules[0].from.namespaces[0]",
+            "\"shop.prod\" is not a valid namespace",
+            "namespaces",
+        ),
     ];
     for (doc, field, reason, on_line) in &cases {
         let text = format!("{SERVICE}---\n{doc}");
@@ -407,4 +563,149 @@ fn compile_never_fails_or_drops_on_what_validation_accepted() {
         accepted >= 3,
         "the fixtures should hold valid meshes with proxies; compiled {accepted}"
     );
+}
+
+/// The fields typed last (URLs, paths, SPIFFE prefixes, namespaces, file paths): what the user
+/// wrote is what a document serializes to, the store's round trip keeps it, and the
+/// compiler reads the parsed values (the collector's URL completed for its protocol,
+/// the rewrite's authority).
+#[test]
+fn urls_paths_prefixes_and_namespaces_round_trip_as_written() {
+    let text = format!(
+        "{SERVICE}---
+apiVersion: sinew.dev/v1alpha1
+kind: Workload
+metadata: {{name: p, namespace: shop}}
+spec: {{service: catalog, address: 10.0.0.7, ports: {{http: 8080}}}}
+---
+apiVersion: sinew.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p, namespace: shop}}
+spec:
+  inbound: {{bind: \"0.0.0.0:4143\", ports: [8080]}}
+  outbound:
+    upstreams: [{{service: catalog, bind: \"127.0.0.1:9001\"}}]
+---
+{}---
+{}---
+{}---
+{}---
+{}---
+{}",
+        mesh("  tracing:\n    endpoint: http://Otel.example:4318/\n    protocol: http/protobuf\n"),
+        route(
+            "    - matches:\n        - path: {type: Exact, value: /api/v1/items}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            path: {type: ReplaceFullPath, replaceFullPath: /v1/items%2F}\n    - matches:\n        - path: {type: PathPrefix, value: /api}\n      filters:\n        - type: URLRewrite\n          urlRewrite:\n            hostname: Internal.Catalog:8080\n            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2/}\n"
+        ),
+        authz(
+            "        principalPrefixes: [\"spiffe://cluster.local/ns/ops/\"]\n        namespaces: [ops, shop-2]\n        requestPrincipals: [\"https://issuer/*\"]\n      to:\n        paths: [/health]\n        pathPrefixes: [/api/]\n"
+        ),
+        jwks("        uri: https://issuer.example:8443/keys\n        caFile: ./ca.pem\n"),
+        "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: f, namespace: shop}\nspec:\n  jwtRules:\n    - issuer: https://other\n      jwks: {file: /etc/sinew/jwks.json}\n",
+        traffic("  healthCheck:\n    path: /healthz?full=1\n"),
+    );
+    let docs = parse_documents("typed.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let written = [
+        r#""endpoint":"http://Otel.example:4318/""#,
+        r#""hostname":"Internal.Catalog:8080""#,
+        r#""replacePrefixMatch":"/v2/""#,
+        r#""replaceFullPath":"/v1/items%2F""#,
+        r#""path":{"type":"Exact","value":"/api/v1/items"}"#,
+        r#""principalPrefixes":["spiffe://cluster.local/ns/ops/"]"#,
+        r#""namespaces":["ops","shop-2"]"#,
+        r#""requestPrincipals":["https://issuer/*"]"#,
+        r#""uri":"https://issuer.example:8443/keys""#,
+        r#""caFile":"./ca.pem""#,
+        r#""file":"/etc/sinew/jwks.json""#,
+        r#""paths":["/health"],"pathPrefixes":["/api/"]"#,
+        r#""path":"/healthz?full=1""#,
+    ];
+    let json: String = docs.iter().map(|d| d.resource.to_json()).collect();
+    for w in written {
+        assert!(json.contains(w), "{w} not in {json}");
+    }
+    for d in &docs {
+        let json = d.resource.to_json();
+        let back = Resource::from_json(d.resource.kind(), &json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            back.to_json(),
+            json,
+            "the store's round trip keeps the text"
+        );
+    }
+    let res = Resources::from_documents(docs).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = compile_proxy(&res, Some("shop/p")).unwrap_or_else(|e| panic!("{e}"));
+    let tracing = cfg.tracing.as_ref().expect("tracing");
+    assert_eq!(tracing.endpoint, "http://Otel.example:4318/v1/traces");
+    let shown = serde_json::to_string(&cfg).unwrap();
+    for w in [
+        r#""hostname":"Internal.Catalog:8080""#,
+        r#""ReplaceFullPath","value":"/v1/items%2F""#,
+        "spiffe://cluster.local/ns/ops/",
+        "https://issuer.example:8443/keys",
+        "./ca.pem",
+        "/etc/sinew/jwks.json",
+        r#""path":"/healthz?full=1""#,
+    ] {
+        assert!(shown.contains(w), "{w} not in the compiled {shown}");
+    }
+}
+
+/// Names are Kubernetes names: an object's a DNS-1123 subdomain, a namespace a
+/// DNS-1123 label. A bad one is refused naming the file, the document's line, the
+/// field and the rule.
+#[test]
+fn names_and_namespaces_follow_kubernetes_rules() {
+    let service = |meta: &str| {
+        format!(
+            "apiVersion: sinew.dev/v1alpha1\nkind: Service\nmetadata: {meta}\nspec:\n  ports: [{{name: http, port: 80}}]\n"
+        )
+    };
+    let cases = [
+        (
+            "{name: a..b, namespace: shop}",
+            "metadata.name",
+            "\"a..b\" is not a valid name (a DNS-1123 subdomain",
+        ),
+        (
+            "{name: web-, namespace: shop}",
+            "metadata.name",
+            "\"web-\" is not a valid name",
+        ),
+        (
+            "{name: Web, namespace: shop}",
+            "metadata.name",
+            "\"Web\" is not a valid name",
+        ),
+        (
+            "{name: web, namespace: shop.prod}",
+            "metadata.namespace",
+            "\"shop.prod\" is not a valid namespace (a DNS-1123 label",
+        ),
+        (
+            "{name: web, namespace: -shop}",
+            "metadata.namespace",
+            "\"-shop\" is not a valid namespace",
+        ),
+    ];
+    for (meta, field, reason) in cases {
+        let text = format!("{SERVICE}---\n{}", service(meta));
+        let docs = parse_documents("names.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let err = Resources::from_documents(docs).expect_err(meta);
+        assert_eq!(err.0.len(), 1, "{err}");
+        let e = &err.0[0];
+        assert_eq!(e.field.as_deref(), Some(field), "{err}");
+        assert!(e.reason.contains(reason), "{meta}: {}", e.reason);
+        assert_eq!(e.file.as_deref(), Some("names.yaml"));
+        assert_eq!(e.line, Some(7), "the document's first line: {err}");
+    }
+    // Dots in a name, a long name and a digit first are all Kubernetes names.
+    let long = "a".repeat(100);
+    for meta in [
+        "{name: catalog.v2, namespace: shop-2}",
+        &format!("{{name: {long}, namespace: 0shop}}"),
+    ] {
+        let text = format!("{SERVICE}---\n{}", service(meta));
+        let docs = parse_documents("names.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        Resources::from_documents(docs).unwrap_or_else(|e| panic!("{meta}: {e}"));
+    }
 }

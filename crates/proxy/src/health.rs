@@ -30,7 +30,7 @@ async fn run(weak: Weak<Endpoint>, cfg: HealthCheckConfig) {
         let Some(ep) = weak.upgrade() else { return };
         let addr = ep.config.address;
         drop(ep);
-        let ok = tokio::time::timeout(timeout, probe(addr, cfg.path.as_deref()))
+        let ok = tokio::time::timeout(timeout, probe(addr, cfg.path.as_ref()))
             .await
             .unwrap_or(false);
         let Some(ep) = weak.upgrade() else { return };
@@ -54,7 +54,9 @@ async fn run(weak: Weak<Endpoint>, cfg: HealthCheckConfig) {
     }
 }
 
-async fn probe(addr: std::net::SocketAddr, path: Option<&str>) -> bool {
+/// `path` was parsed when the document was read: a request to it can always be
+/// built.
+async fn probe(addr: std::net::SocketAddr, path: Option<&http::uri::PathAndQuery>) -> bool {
     let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
         return false;
     };
@@ -67,7 +69,7 @@ async fn probe(addr: std::net::SocketAddr, path: Option<&str>) -> bool {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let Ok(req) = Request::get(path)
+    let Ok(req) = Request::get(http::Uri::from(path.clone()))
         .header(http::header::HOST, addr.to_string())
         .header(http::header::USER_AGENT, "sinew-health-check")
         .body(ReqBody::Empty)

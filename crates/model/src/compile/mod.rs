@@ -140,25 +140,14 @@ pub fn compile_proxy(res: &Resources, proxy: Option<&str>) -> Result<ProxyConfig
         });
     }
     let http_proxy = p.spec.outbound.http_proxy.as_ref().map(|h| h.bind.value());
-    let tracing = match mesh.and_then(|m| m.tracing.as_ref()) {
-        None => None,
-        Some(t) => match crate::validate::otlp_endpoint(&t.endpoint, t.protocol) {
-            Ok(endpoint) => Some(TracingConfig {
-                endpoint,
-                protocol: t.protocol,
-                sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
-                always_sample_errors: t.always_sample_errors.unwrap_or(true),
-            }),
-            Err(reason) => {
-                errors.push(
-                    ConfigError::new(reason)
-                        .field("spec.tracing.endpoint")
-                        .resource("MeshConfig"),
-                );
-                None
-            }
-        },
-    };
+    let tracing = mesh
+        .and_then(|m| m.tracing.as_ref())
+        .map(|t| TracingConfig {
+            endpoint: t.endpoint.url(t.protocol),
+            protocol: t.protocol,
+            sampling_ratio: t.sampling_ratio.unwrap_or(1.0),
+            always_sample_errors: t.always_sample_errors.unwrap_or(true),
+        });
     errors.into_result(ProxyConfig {
         name: p.metadata.name.clone(),
         namespace: ns,
@@ -280,9 +269,9 @@ fn compile_authz(res: &Resources, ns: &str, own: &[String], trust_domain: &str) 
 fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
     let from = r.from.clone().unwrap_or_default();
     let to = r.to.clone().unwrap_or_default();
-    let norm = |v: &[String]| -> Vec<String> {
+    let norm = |v: &[Parsed<UrlPath>]| -> Vec<String> {
         v.iter()
-            .map(|p| crate::authz::normalize_path(p).into_owned())
+            .map(|p| crate::authz::normalize_path(p.as_str()).into_owned())
             .collect()
     };
     AuthzRule {
@@ -292,9 +281,21 @@ fn compile_authz_rule(r: &AuthorizationRule) -> AuthzRule {
             .iter()
             .map(|p| p.as_str().to_owned())
             .collect(),
-        principal_prefixes: from.principal_prefixes,
-        namespaces: from.namespaces,
-        request_principals: from.request_principals,
+        principal_prefixes: from
+            .principal_prefixes
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
+        namespaces: from
+            .namespaces
+            .iter()
+            .map(|n| n.as_str().to_owned())
+            .collect(),
+        request_principals: from
+            .request_principals
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
         ports: to.ports,
         paths: norm(&to.paths),
         path_prefixes: norm(&to.path_prefixes),
@@ -384,12 +385,14 @@ fn compile_jwt(
 
 fn compile_jwks(j: &JwksSpec) -> Option<JwksSource> {
     if let Some(path) = &j.file {
-        return Some(JwksSource::File { path: path.clone() });
+        return Some(JwksSource::File {
+            path: path.as_str().to_owned(),
+        });
     }
     if let Some(uri) = &j.uri {
         return Some(JwksSource::Uri {
-            uri: uri.clone(),
-            ca_file: j.ca_file.clone(),
+            uri: uri.get().uri().clone(),
+            ca_file: j.ca_file.as_ref().map(|f| f.as_str().to_owned()),
             refresh: j
                 .refresh
                 .as_ref()
@@ -522,7 +525,7 @@ fn traffic_config(res: &Resources, ns: &str, name: &str) -> TrafficConfig {
             }),
         locality_preference: p.locality_preference,
         health_check: p.health_check.as_ref().map(|h| HealthCheckConfig {
-            path: h.path.clone(),
+            path: h.path.as_ref().map(|p| p.get().clone()),
             interval_ms: ms(&h.interval, 5_000),
             timeout_ms: ms(&h.timeout, 1_000),
             unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2),
@@ -826,16 +829,16 @@ fn compile_filters(filters: &[HttpRouteFilter], ns: &str) -> Filters {
         }
         if let Some(rw) = &f.url_rewrite {
             out.rewrite = Some(Rewrite {
-                hostname: rw.hostname.clone(),
+                hostname: rw.hostname.as_ref().map(|h| h.get().clone()),
                 path: rw.path.as_ref().and_then(|p| match p.kind {
                     PathModifierType::ReplaceFullPath => p
                         .replace_full_path
-                        .clone()
-                        .map(PathRewrite::ReplaceFullPath),
+                        .as_ref()
+                        .map(|v| PathRewrite::ReplaceFullPath(v.as_str().to_owned())),
                     PathModifierType::ReplacePrefixMatch => p
                         .replace_prefix_match
-                        .clone()
-                        .map(PathRewrite::ReplacePrefixMatch),
+                        .as_ref()
+                        .map(|v| PathRewrite::ReplacePrefixMatch(v.as_str().to_owned())),
                 }),
             });
         }

@@ -319,8 +319,14 @@ spec: {ports: [{name: http, port: 80}]}
                 "spec.jwtRules[0].jwks.uri",
             ),
             (
-                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"http://x/\", caFile: /ca.pem}}]}",
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {file: /j, caFile: /ca.pem}}]}",
                 "caFile needs an https:// uri",
+            ),
+            (
+                // An http:// uri is refused when the document is read, before caFile
+                // is looked at.
+                "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"http://x/\", caFile: /ca.pem}}]}",
+                "spec.jwtRules[0].jwks.uri: \"http://x/\": http:// is refused",
             ),
             (
                 "kind: RequestAuthentication\nmetadata: {name: r, namespace: shop}\nspec: {jwtRules: [{issuer: i, jwks: {uri: \"http://issuer.example/jwks\"}}]}",

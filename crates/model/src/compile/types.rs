@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderName, HeaderValue};
 use serde::{Serialize, Serializer};
 
@@ -193,9 +194,11 @@ pub enum JwksSource {
     /// An HTTP(S) URL, fetched in the background.
     #[serde(rename_all = "camelCase")]
     Uri {
-        /// The URL (shown without user info or query).
-        #[serde(serialize_with = "ser_redacted_uri")]
-        uri: String,
+        /// The URL, parsed when the document was read (shown without user info or
+        /// query). Validation accepts only `https://`; the proxy fetches `http://`
+        /// too, for its tests.
+        #[serde(serialize_with = "ser_redacted_http_uri")]
+        uri: http::Uri,
         /// PEM CA certificates to trust for HTTPS instead of the system's.
         ca_file: Option<String>,
         /// How often the keys are fetched again.
@@ -237,6 +240,11 @@ fn ser_secs<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 fn ser_name<S: Serializer>(n: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(n.as_str())
+}
+
+/// Shows a URL without what may be a credential: user info and query.
+fn ser_redacted_http_uri<S: Serializer>(u: &http::Uri, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_uri(&u.to_string()))
 }
 
 /// Shows a URL without what may be a credential: user info and query.
@@ -355,8 +363,10 @@ pub enum HashKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheckConfig {
-    /// HTTP path; `None`: TCP connect.
-    pub path: Option<String>,
+    /// HTTP path (and query), parsed when the document was read; `None`: TCP
+    /// connect.
+    #[serde(serialize_with = "ser_path")]
+    pub path: Option<PathAndQuery>,
     /// Milliseconds between checks.
     pub interval_ms: u64,
     /// Milliseconds a check may take.
@@ -648,12 +658,27 @@ fn ser_names<S: Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(v.iter().map(HeaderName::as_str))
 }
 
+fn ser_path<S: Serializer>(p: &Option<PathAndQuery>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.serialize_some(p.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_authority<S: Serializer>(a: &Option<Authority>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.serialize_some(a.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
 /// A URL rewrite.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Rewrite {
-    /// New authority.
-    pub hostname: Option<String>,
+    /// New authority (parsed when the document was read).
+    #[serde(serialize_with = "ser_authority")]
+    pub hostname: Option<Authority>,
     /// New path.
     pub path: Option<PathRewrite>,
 }

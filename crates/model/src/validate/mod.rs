@@ -11,7 +11,6 @@ mod traffic;
 use crate::error::ConfigErrors;
 use crate::set::Resources;
 
-pub(crate) use mesh::otlp_endpoint;
 pub use route::resolve_port;
 pub(crate) use route::{check_filter, check_retry, check_timeouts, core_group};
 pub use security::MAX_CLOCK_SKEW;

@@ -75,16 +75,8 @@ impl Resources {
             let f = format!("spec.rules[{ri}]");
             for (mi, m) in rule.matches.iter().enumerate() {
                 let mf = format!("{f}.matches[{mi}]");
-                // A pattern was compiled when the document was read.
-                if let Some(path) = &m.path
-                    && path.pattern().is_none()
-                    && !path.value().starts_with('/')
-                {
-                    c.fail(
-                        format!("{mf}.path.value"),
-                        format!("{:?} must start with '/'", path.value()),
-                    );
-                }
+                // A path (a pattern, or a value starting with '/') was checked when
+                // the document was read.
                 for (qi, q) in m.query_params.iter().enumerate() {
                     if q.name().is_empty() {
                         c.fail(
@@ -306,51 +298,38 @@ pub(crate) fn check_filter(
             );
         }
     }
-    if let Some(rw) = &filter.url_rewrite {
-        if let Some(h) = &rw.hostname
-            && (h.is_empty() || http::uri::Authority::try_from(h.as_str()).is_err())
-        {
+    // The hostname and the paths were parsed when the document was read; what is
+    // left is which of the path fields the type needs.
+    if let Some(p) = filter.url_rewrite.as_ref().and_then(|rw| rw.path.as_ref()) {
+        let (value, other, field) = match p.kind {
+            PathModifierType::ReplaceFullPath => (
+                &p.replace_full_path,
+                &p.replace_prefix_match,
+                "replaceFullPath",
+            ),
+            PathModifierType::ReplacePrefixMatch => (
+                &p.replace_prefix_match,
+                &p.replace_full_path,
+                "replacePrefixMatch",
+            ),
+        };
+        if value.is_none() {
             c.fail(
-                format!("{f}.urlRewrite.hostname"),
-                format!("{h:?} is not a valid hostname"),
+                format!("{f}.urlRewrite.path.{field}"),
+                format!("type {:?} needs {field}", p.kind),
             );
         }
-        if let Some(p) = &rw.path {
-            let (value, other, field) = match p.kind {
-                PathModifierType::ReplaceFullPath => (
-                    &p.replace_full_path,
-                    &p.replace_prefix_match,
-                    "replaceFullPath",
-                ),
-                PathModifierType::ReplacePrefixMatch => (
-                    &p.replace_prefix_match,
-                    &p.replace_full_path,
-                    "replacePrefixMatch",
-                ),
-            };
-            match value {
-                None => c.fail(
-                    format!("{f}.urlRewrite.path.{field}"),
-                    format!("type {:?} needs {field}", p.kind),
-                ),
-                Some(v) if !v.starts_with('/') => c.fail(
-                    format!("{f}.urlRewrite.path.{field}"),
-                    format!("{v:?} must start with '/'"),
-                ),
-                Some(_) => {}
-            }
-            if other.is_some() {
-                c.fail(
-                    format!("{f}.urlRewrite.path"),
-                    format!("only {field} is allowed with type {:?}", p.kind),
-                );
-            }
-            if p.kind == PathModifierType::ReplacePrefixMatch && !all_prefix {
-                c.fail(
-                    format!("{f}.urlRewrite.path"),
-                    "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
-                );
-            }
+        if other.is_some() {
+            c.fail(
+                format!("{f}.urlRewrite.path"),
+                format!("only {field} is allowed with type {:?}", p.kind),
+            );
+        }
+        if p.kind == PathModifierType::ReplacePrefixMatch && !all_prefix {
+            c.fail(
+                format!("{f}.urlRewrite.path"),
+                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+            );
         }
     }
 }

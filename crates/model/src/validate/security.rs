@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use super::core_group;
 use crate::error::ConfigErrors;
 use crate::resource::*;
-use crate::set::{Checker, Resources, key, valid_name};
+use crate::set::{Checker, Resources, key};
 /// Header names a forwarded claim may not overwrite: the proxy's own, hop-by-hop and
 /// framing headers.
 const RESERVED_FORWARD_HEADERS: [&str; 10] = [
@@ -167,58 +167,15 @@ impl Resources {
 }
 
 fn check_authz_rule(c: &mut Checker<'_>, f: &str, rule: &AuthorizationRule) {
-    if let Some(from) = &rule.from {
-        for (i, p) in from.principal_prefixes.iter().enumerate() {
-            match p.strip_prefix("spiffe://") {
-                Some(rest)
-                    if !rest.is_empty()
-                        && crate::authz::valid_trust_domain(
-                            rest.split('/').next().unwrap_or(""),
-                        ) => {}
-                _ => c.fail(
-                    format!("{f}.from.principalPrefixes[{i}]"),
-                    format!("{p:?} is not a SPIFFE id prefix (spiffe://<trust-domain>/...)"),
-                ),
-            }
-        }
-        for (i, n) in from.namespaces.iter().enumerate() {
-            if !valid_name(n) {
-                c.fail(
-                    format!("{f}.from.namespaces[{i}]"),
-                    format!("{n:?} is not a valid namespace"),
-                );
-            }
-        }
-        for (i, r) in from.request_principals.iter().enumerate() {
-            if r.is_empty() || (r != "*" && r.trim_end_matches('*').contains('*')) {
-                c.fail(
-                    format!("{f}.from.requestPrincipals[{i}]"),
-                    format!("{r:?}: use \"issuer/subject\", \"*\", or a prefix ending in '*'"),
-                );
-            }
-        }
-    }
+    // `from` (principals and their prefixes, namespaces, request principals) and
+    // `to.paths` were parsed when the document was read.
     if let Some(to) = &rule.to {
         for (i, p) in to.ports.iter().enumerate() {
             if *p == 0 {
                 c.fail(format!("{f}.to.ports[{i}]"), "port must be 1-65535");
             }
         }
-        for (list, paths) in [("paths", &to.paths), ("pathPrefixes", &to.path_prefixes)] {
-            for (i, p) in paths.iter().enumerate() {
-                if !p.starts_with('/') {
-                    c.fail(
-                        format!("{f}.to.{list}[{i}]"),
-                        format!("{p:?} must start with '/'"),
-                    );
-                } else if p.contains('?') || p.contains('#') {
-                    c.fail(
-                        format!("{f}.to.{list}[{i}]"),
-                        format!("{p:?}: a path has no query or fragment"),
-                    );
-                }
-            }
-        }
+        // `paths` and `pathPrefixes` were parsed when the document was read.
     }
     for (i, w) in rule.when.iter().enumerate() {
         if w.claim.is_empty() {
@@ -247,38 +204,10 @@ fn check_jwks(c: &mut Checker<'_>, f: &str, j: &JwksSpec) {
     if set != 1 {
         c.fail(f.to_owned(), "set exactly one of file, uri, inline");
     }
-    if let Some(file) = &j.file
-        && file.is_empty()
-    {
-        c.fail(format!("{f}.file"), "the path must not be empty");
-    }
-    // Keys fetched over plain HTTP could be swapped by anyone on the path, and with
-    // them every token: only https:// (file and inline sources stay local).
-    let https = match &j.uri {
-        Some(u) => match u.parse::<http::Uri>() {
-            Ok(uri)
-                if uri.scheme_str() == Some("https")
-                    && uri.host().is_some_and(|h| !h.is_empty()) =>
-            {
-                true
-            }
-            Ok(uri) if uri.scheme_str() == Some("http") => {
-                c.fail(
-                    format!("{f}.uri"),
-                    format!(
-                        "{u:?}: http:// is refused (keys could be tampered with on the way); use https://"
-                    ),
-                );
-                false
-            }
-            _ => {
-                c.fail(format!("{f}.uri"), format!("{u:?} is not an https:// URL"));
-                false
-            }
-        },
-        None => false,
-    };
-    if j.ca_file.is_some() && !https {
+    // `file`, `uri` and `caFile` were parsed when the document was read: a path, and
+    // an https:// URL (keys fetched over plain HTTP could be swapped by anyone on
+    // the path, and with them every token).
+    if j.ca_file.is_some() && j.uri.is_none() {
         c.fail(format!("{f}.caFile"), "caFile needs an https:// uri");
     }
     if let Some(r) = &j.refresh {

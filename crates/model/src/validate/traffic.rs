@@ -64,9 +64,6 @@ impl Resources {
                         );
                     }
                 }
-                if h.path.as_ref().is_some_and(|p| !p.starts_with('/')) {
-                    c.fail("spec.healthCheck.path", "must start with '/'");
-                }
                 for (field, v) in [
                     ("unhealthyThreshold", h.unhealthy_threshold),
                     ("healthyThreshold", h.healthy_threshold),

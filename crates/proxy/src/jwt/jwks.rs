@@ -115,7 +115,7 @@ pub(super) async fn watch_file(
 pub(super) async fn poll_uri(
     weak: Weak<Inner>,
     i: usize,
-    uri: String,
+    uri: http::Uri,
     ca_file: Option<String>,
     refresh: Duration,
 ) {
@@ -150,29 +150,25 @@ pub(super) async fn poll_uri(
 }
 
 /// A URL without user info or query, for logs.
-fn redact(uri: &str) -> String {
-    match uri.parse::<http::Uri>() {
-        Ok(u) => {
-            format!(
-                "{}://{}{}",
-                u.scheme_str().unwrap_or(""),
-                u.host().unwrap_or(""),
-                u.port().map(|p| format!(":{p}")).unwrap_or_default()
-            ) + u.path()
-        }
-        Err(_) => "(invalid URL)".into(),
-    }
+fn redact(u: &http::Uri) -> String {
+    format!(
+        "{}://{}{}",
+        u.scheme_str().unwrap_or(""),
+        u.host().unwrap_or(""),
+        u.port().map(|p| format!(":{p}")).unwrap_or_default()
+    ) + u.path()
 }
 
 /// GETs a JWKS over HTTP or HTTPS, within [`FETCH_TIMEOUT`].
-pub(super) async fn fetch_jwks(uri: &str, ca_file: Option<&str>) -> Result<String, String> {
+pub(super) async fn fetch_jwks(uri: &http::Uri, ca_file: Option<&str>) -> Result<String, String> {
     tokio::time::timeout(FETCH_TIMEOUT, fetch(uri, ca_file))
         .await
         .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
 }
 
-async fn fetch(uri: &str, ca_file: Option<&str>) -> Result<String, String> {
-    let u: http::Uri = uri.parse().map_err(|e| format!("invalid URL: {e}"))?;
+/// `uri` was parsed when its document was read (the model accepts only https://;
+/// plain http:// is here for tests).
+async fn fetch(u: &http::Uri, ca_file: Option<&str>) -> Result<String, String> {
     let https = match u.scheme_str() {
         Some("https") => true,
         Some("http") => false,
@@ -189,7 +185,7 @@ async fn fetch(uri: &str, ca_file: Option<&str>) -> Result<String, String> {
     };
     let tls = http_client::tls_config(roots).map_err(|e| format!("TLS: {e}"))?;
     let client = http_client::client(tls);
-    let req = http::Request::get(u)
+    let req = http::Request::get(u.clone())
         .header(
             http::header::ACCEPT,
             "application/json, application/jwk-set+json",

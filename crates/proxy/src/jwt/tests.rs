@@ -387,7 +387,7 @@ fn unusable_key_sets() {
     let t = es256(K1_PEM, "k1", &claims());
     assert_eq!(refused(&v, &t).reason, "jwks-unavailable");
     let u = JwtVerifier::new(&[rule(JwksSource::Uri {
-        uri: "http://127.0.0.1:1/jwks".into(),
+        uri: "http://127.0.0.1:1/jwks".parse().unwrap(),
         ca_file: None,
         refresh: Duration::from_secs(60),
     })]);
@@ -513,7 +513,7 @@ async fn jwks_over_http_is_refreshed_and_survives_failures() {
     let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let addr = serve_jwks(body.clone(), hits.clone(), None).await;
     let v = JwtVerifier::new(&[rule(JwksSource::Uri {
-        uri: format!("http://{addr}/jwks"),
+        uri: format!("http://{addr}/jwks").parse().unwrap(),
         ca_file: None,
         refresh: Duration::from_secs(1),
     })]);
@@ -569,7 +569,9 @@ async fn jwks_over_https_trusts_the_ca_file_only() {
     let ca = temp_path("ca.pem");
     std::fs::write(&ca, CA_PEM).unwrap();
     let with_ca = JwtVerifier::new(&[rule(JwksSource::Uri {
-        uri: format!("https://127.0.0.1:{}/jwks", addr.port()),
+        uri: format!("https://127.0.0.1:{}/jwks", addr.port())
+            .parse()
+            .unwrap(),
         ca_file: Some(ca.display().to_string()),
         refresh: Duration::from_secs(60),
     })]);
@@ -578,7 +580,9 @@ async fn jwks_over_https_trusts_the_ca_file_only() {
     assert!(with_ca.verify(&t1, now()).is_ok());
     // Without the CA (system roots, or none), the server is not trusted.
     let without = JwtVerifier::new(&[rule(JwksSource::Uri {
-        uri: format!("https://127.0.0.1:{}/jwks", addr.port()),
+        uri: format!("https://127.0.0.1:{}/jwks", addr.port())
+            .parse()
+            .unwrap(),
         ca_file: None,
         refresh: Duration::from_secs(60),
     })]);
@@ -600,7 +604,7 @@ async fn jwks_fetch_failures_say_why() {
     let tls = serve_jwks(body, hits, Some(tls_acceptor())).await;
     let problem = |uri: String| async move {
         let v = JwtVerifier::new(&[rule(JwksSource::Uri {
-            uri,
+            uri: uri.parse().unwrap(),
             ca_file: None,
             refresh: Duration::from_secs(60),
         })]);
@@ -628,7 +632,9 @@ async fn jwks_fetch_failures_say_why() {
     assert!(p.ends_with(": the URL must be http:// or https://"), "{p}");
     // A caFile that cannot be read is named.
     let v = JwtVerifier::new(&[rule(JwksSource::Uri {
-        uri: format!("https://127.0.0.1:{}/jwks", tls.port()),
+        uri: format!("https://127.0.0.1:{}/jwks", tls.port())
+            .parse()
+            .unwrap(),
         ca_file: Some("/nonexistent/sinew/ca.pem".into()),
         refresh: Duration::from_secs(60),
     })]);
@@ -655,7 +661,9 @@ fn jwks_over_https_without_a_ca_file_trusts_the_system_cas() {
             let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let addr = serve_jwks(body, hits, Some(tls_acceptor())).await;
             let v = JwtVerifier::new(&[rule(JwksSource::Uri {
-                uri: format!("https://localhost:{}/jwks", addr.port()),
+                uri: format!("https://localhost:{}/jwks", addr.port())
+                    .parse()
+                    .unwrap(),
                 ca_file: None,
                 refresh: Duration::from_secs(60),
             })]);

@@ -175,8 +175,8 @@ fn apply_request_filters<B>(
     }
     if let Some(rw) = &filters.rewrite {
         if let Some(h) = &rw.hostname {
-            *authority = Authority::try_from(h.as_str())
-                .map_err(|_| ProxyError::Malformed("invalid rewrite hostname"))?;
+            // Parsed when the route was read.
+            authority.clone_from(h);
         }
         if let Some(p) = &rw.path {
             let current = new_path
