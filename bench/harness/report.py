@@ -220,10 +220,9 @@ def render(results: dict) -> Doc:
                  "per-connection basis", "processes / threads"], rows)
         order = s4.get("symbol_order")
         if order:
-            d.add("", f"sinew-proxy's code order (crates/proxy/symbol-order.txt): "
-                      f"{order['present']:,} of {order['listed']:,} listed functions found in "
-                      "this build (the list applies to release builds; its names change with "
-                      "the profile, dependencies and toolchain).", "")
+            d.add("", f"sinew-proxy's code order (symbol-order.txt beside it, made by "
+                      f"scripts/release-build): {order['present']:,} of {order['listed']:,} "
+                      "listed functions found in this build.", "")
     if "s5" in sc:
         s5 = sc["s5"]
         if results.get("cpu_time") == "schedstat":

@@ -205,11 +205,17 @@ def build_sinew(tools: Tools, skip: bool, profile: str) -> None:
     target = target_dir()
     out = target / ("debug" if profile == "dev" else profile)
     if not skip:
-        log(f"building Sinew (cargo build --profile {profile} --bins --locked)")
         t0 = time.monotonic()
         env = dict(os.environ, CARGO_TARGET_DIR=str(target))
-        _run(["cargo", "build", "--quiet", "--profile", profile, "--bins", "--locked"],
-             f"cargo build --profile {profile}", env=env, cwd=ROOT)
+        if profile == "release":
+            # As shipped: sinew-proxy linked in the order its profile gives.
+            log("building Sinew (scripts/release-build: release, then linked in profiled order)")
+            _run([str(ROOT / "scripts" / "release-build"), "--quiet"], "scripts/release-build",
+                 env=env, cwd=ROOT)
+        else:
+            log(f"building Sinew (cargo build --profile {profile} --bins --locked)")
+            _run(["cargo", "build", "--quiet", "--profile", profile, "--bins", "--locked"],
+                 f"cargo build --profile {profile}", env=env, cwd=ROOT)
         tools.install_seconds["sinew build"] = round(time.monotonic() - t0, 1)
     tools.profile = profile
     for attr, name in (("sinew", "sinew"), ("sinew_proxy", "sinew-proxy"),
