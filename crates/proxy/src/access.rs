@@ -509,11 +509,7 @@ pub fn observe(
         .load()
         .as_ref()
         .and_then(|s| s.config.access_log);
-    let headers = ctx
-        .shared
-        .tap
-        .wants(dir.as_str(), req.method(), req.uri().path())
-        .then(|| crate::tap::redacted(req.headers()));
+    let headers = ctx.shared.tap.headers_if_wanted(dir.as_str(), req);
     let head = (format.is_some() || headers.is_some()).then(|| {
         Box::new(Head {
             format,
@@ -602,11 +598,7 @@ pub fn finish(
     // Only what some tap's whole filter matches becomes an event.
     let tapped = head
         .headers
-        .filter(|_| ctx.shared.tap.matches_any(&record))
-        .map(|headers| crate::tap::TapEvent {
-            record: record.clone(),
-            headers,
-        });
+        .and_then(|headers| ctx.shared.tap.event(&record, headers));
     if let Some(format) = head.format
         && !ctx.shared.access_log.send(format, record)
     {

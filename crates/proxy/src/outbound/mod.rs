@@ -19,7 +19,7 @@ use sinew_model::resource::Protocol;
 use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
 use crate::error::{ProxyError, Reason};
-use crate::http_util::{self, DST_PORT, ORIG_PROTO};
+use crate::http_util;
 use crate::pool::{Reached, SendError, Version as UpVersion};
 
 use crate::state::Snapshot;
@@ -440,12 +440,12 @@ async fn send_attempt(
     }
     let outcome = match &result {
         Ok(r) if !r.status().is_server_error() => Outcome::Ok,
+        Ok(_) => Outcome::Failed,
         Err(SendError {
             error: ProxyError::RequestBody { .. } | ProxyError::BodyTooLarge(_),
             ..
         }) => return result,
-        Err(e) if e.error.connection_refused() => Outcome::Refused,
-        _ => Outcome::Failed,
+        Err(e) => send::outcome(Some(&e.error)),
     };
     balancer.report(endpoint, outcome);
     if matches!(
@@ -533,7 +533,9 @@ fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
 }
 
 /// Fire and forget: a copy of the request to the mirror backend, its answer ignored.
-/// The authority gets `-shadow` appended, so the mirror can tell copies apart.
+/// The authority gets `-shadow` appended, so the mirror can tell copies apart. One
+/// try through the shared send loop ([`send::Failover::MIRROR`]), its head built as
+/// the primary's tries build theirs.
 fn send_mirror(
     snap: &Snapshot,
     m: &sinew_model::compile::MirrorConfig,
@@ -543,65 +545,70 @@ fn send_mirror(
     new_path: &Option<PathAndQuery>,
     body: Option<bytes::Bytes>,
 ) {
-    let Some(endpoint) = snap
-        .balancer(&m.service, m.port.unwrap_or(default_port))
-        .and_then(|b| b.pick())
-        .cloned()
-    else {
+    let port = m.port.unwrap_or(default_port);
+    let Some(balancer) = snap.balancer(&m.service, port) else {
         return;
     };
-    let mut p = copy_head(parts);
+    let Some(endpoint) = balancer.pick().cloned() else {
+        return;
+    };
     let Ok(shadow) = Authority::try_from(format!("{}-shadow", authority.host())) else {
         return;
     };
     let protocol = snap
         .config
         .service(&m.service)
-        .and_then(|s| s.port(m.port.unwrap_or(default_port)))
+        .and_then(|s| s.port(port))
         .map_or(Protocol::Http, |p| p.protocol);
     let app_h2 = plan::app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
-    let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
-    if endpoint.config.sidecar.is_some() {
-        p.headers
-            .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-        if !app_h2 {
-            p.headers
-                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-        }
-    }
-    if http_util::set_target(&mut p, &shadow, new_path.clone(), upstream_h2).is_err() {
-        return;
-    }
-    let version = if upstream_h2 {
-        UpVersion::Http2
-    } else {
-        UpVersion::Http1
-    };
     static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     if IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_MIRRORS {
         IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!("mirror skipped: {MAX_MIRRORS} already in flight");
         return;
     }
+    let (balancer, service) = (balancer.clone(), m.service.clone());
+    let mut head = Some(copy_head(parts));
+    let new_path = new_path.clone();
     tokio::spawn(async move {
-        let req = Request::from_parts(p, ReqBody::Buffered(body));
-        let _ = tokio::time::timeout(MIRROR_DEADLINE, async {
-            if let Ok(resp) = endpoint.pool.send(req, version).await {
-                // Read (and drop) the answer so the connection can be reused; never
-                // hold it, and give up on one that is too long.
-                let mut body = resp.into_body();
-                let mut read = 0usize;
-                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
-                    read += frame.data_ref().map_or(0, |d| d.len());
-                    if read > MAX_MIRROR_RESPONSE {
-                        break;
-                    }
-                }
+        let try_once = |endpoint: Arc<Endpoint>| {
+            let (head, shadow, new_path) = (head.take(), shadow.clone(), new_path.clone());
+            let body = body.clone();
+            async move {
+                let mut p = head.ok_or(ProxyError::Malformed("mirror head already sent"))?;
+                let upstream_h2 = send::mesh_marks(&endpoint, app_h2, &mut p.headers);
+                let version = send::target(&mut p, &shadow, new_path, upstream_h2)?;
+                let req = Request::from_parts(p, ReqBody::Buffered(body));
+                let resp = endpoint.pool.send(req, version).await?;
+                drain_mirror_answer(resp).await;
+                Ok(())
             }
-        })
-        .await;
+        };
+        let mirrored = send::failover(
+            &balancer,
+            Some(endpoint),
+            send::Failover::MIRROR,
+            &service,
+            try_once,
+        );
+        if let Ok(Err(e)) = tokio::time::timeout(MIRROR_DEADLINE, mirrored).await {
+            tracing::debug!(error = %e, "mirror request failed");
+        }
         IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
+}
+
+/// Reads (and drops) a mirror's answer so the connection can be reused; never holds
+/// it, and gives up on one that is too long.
+async fn drain_mirror_answer(resp: Response<Incoming>) {
+    let mut body = resp.into_body();
+    let mut read = 0usize;
+    while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+        read += frame.data_ref().map_or(0, |d| d.len());
+        if read > MAX_MIRROR_RESPONSE {
+            break;
+        }
+    }
 }
 
 /// An injected abort: the HTTP status, or a trailers-only gRPC status.
@@ -815,43 +822,55 @@ pub async fn tcp(ctx: Arc<ConnCtx>, downstream: tokio::net::TcpStream) {
     let Some(up) = snap.config.upstreams.iter().find(|u| u.bind == ctx.bind) else {
         return;
     };
-    let endpoint = pick_tcp(&ctx, &snap, &up.service, up.port);
+    let service = up.service.clone();
+    let balancer = snap.balancer(&up.service, up.port).cloned();
     drop(snap);
-    if let Some(endpoint) = endpoint {
-        tcp_to(&ctx, downstream, &endpoint).await;
-    }
-}
-
-/// An endpoint of a service port for an opaque TCP connection, or `None` (counted)
-/// when it has none.
-pub(crate) fn pick_tcp(
-    ctx: &ConnCtx,
-    snap: &Snapshot,
-    service: &str,
-    port: u16,
-) -> Option<Arc<Endpoint>> {
-    match snap.balancer(service, port).and_then(|b| b.pick()) {
-        Some(e) => Some(e.clone()),
+    let result = match balancer {
+        Some(b) => tcp_to(&ctx, downstream, &b, &service, None).await,
         None => {
-            ctx.shared
-                .metrics
-                .error(Direction::Outbound, Reason::NoEndpoints);
-            tracing::warn!(%service, "TCP connection closed: no endpoints");
-            None
+            let e = ProxyError::NoEndpoints(service);
+            ctx.shared.metrics.error(Direction::Outbound, e.reason());
+            Err(e)
         }
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "TCP connection closed");
     }
 }
 
-/// Joins `downstream` to `endpoint` (through its sidecar's tunnel when it has one).
-pub(crate) async fn tcp_to<D>(ctx: &ConnCtx, downstream: D, endpoint: &Arc<Endpoint>)
+/// Joins `downstream` to an endpoint of `balancer` (through its sidecar's tunnel
+/// when it has one): `pinned` when given, and only that one, else the balancer's
+/// pick and, when it cannot be reached, another ([`send::Failover::TCP`]). Each
+/// failure is counted; the error is the last one.
+pub(crate) async fn tcp_to<D>(
+    ctx: &ConnCtx,
+    downstream: D,
+    balancer: &Balancer,
+    service: &str,
+    pinned: Option<Arc<Endpoint>>,
+) -> Result<(), ProxyError>
 where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match UpstreamIo::open(endpoint).await {
-        Ok(io) => spawn_splice(&ctx.shared, downstream, io),
-        Err(e) => {
-            ctx.shared.metrics.error(Direction::Outbound, e.reason());
-            tracing::warn!(error = %e, "TCP connection closed");
-        }
-    }
+    let metrics = &ctx.shared.metrics;
+    let policy = match pinned {
+        Some(_) => send::Failover::PINNED,
+        None => send::Failover::TCP,
+    };
+    let open = |endpoint: Arc<Endpoint>| async move {
+        UpstreamIo::open(&endpoint).await.inspect_err(|e| {
+            metrics.error(Direction::Outbound, e.reason());
+            tracing::debug!(endpoint = %endpoint.config.address, error = %e, "TCP: endpoint unreachable");
+        })
+    };
+    let io = send::failover(balancer, pinned, policy, service, open)
+        .await
+        .inspect_err(|e| {
+            // Every try's failure is counted as it happened; none is not a try.
+            if matches!(e, ProxyError::NoEndpoints(_)) {
+                metrics.error(Direction::Outbound, e.reason());
+            }
+        })?;
+    spawn_splice(&ctx.shared, downstream, io);
+    Ok(())
 }
