@@ -32,30 +32,26 @@ mod send;
 use plan::Plan;
 
 /// Handles one request from the local application.
-pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
-    let grpc = http_util::is_grpc(req.headers());
-    let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
-    let observed = crate::access::observe(&ctx, Direction::Outbound, &req);
-    let started = std::time::Instant::now();
-    let mut meta = RequestMeta::default();
-    let resp = match forward(&ctx, req, &mut meta).await {
-        Ok(r) => r,
-        Err(e) => {
-            let side = e.side().as_str();
-            tracing::debug!(error = %e, side, peer = %ctx.peer, "outbound request failed");
-            ctx.shared.metrics.error(Direction::Outbound, e.reason());
-            e.to_response(grpc)
-        }
-    };
-    crate::ending::respond(
-        ctx.clone(),
-        Direction::Outbound,
-        meta,
-        observed,
-        hop,
-        started,
-        resp,
-    )
+pub fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Response<RespBody>> + Send {
+    crate::ending::handle::<Outbound>(ctx, req)
+}
+
+/// The outbound direction: requests forwarded by [`forward`].
+struct Outbound;
+
+impl crate::ending::Forward for Outbound {
+    const DIRECTION: Direction = Direction::Outbound;
+
+    fn forward(
+        ctx: &Arc<ConnCtx>,
+        req: Request<Incoming>,
+        meta: &mut RequestMeta,
+    ) -> impl Future<Output = Result<Response<RespBody>, ProxyError>> + Send {
+        forward(ctx, req, meta)
+    }
 }
 
 /// The `limits` of the listener a connection arrived at: its binding's, else the
@@ -160,10 +156,7 @@ async fn forward(
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
     // A bad head is answered here, before it can reach a shared connection.
-    let (limits, body_limit) =
-        http_util::listener_limits(&ctx.shared.settings.limits, &listener_limits(ctx, &snap));
-    http_util::check_request_head(req.headers_mut(), &limits)?;
-    http_util::check_declared_length(req.headers(), body_limit)?;
+    let body_limit = check_head(ctx, &snap, &mut req)?;
     // Parsed once: routing by host and the filters below both need it.
     let parsed = http_util::authority(&req);
     let (svc, port) = target(ctx, &snap, parsed.as_ref())?;
@@ -222,15 +215,8 @@ async fn forward(
     let replayable = retry.is_some() || mirror.is_some();
     let mut payload = payload(body, replayable, body_limit).await?;
     if let (Some(m), Payload::Bytes(bytes)) = (mirror, &payload) {
-        send_mirror(
-            &snap,
-            m,
-            backend.port,
-            &parts,
-            &authority,
-            &new_path,
-            bytes.clone(),
-        );
+        let copy = (&parts, &authority, &new_path, bytes.clone());
+        send_mirror(&snap, m, backend.port, copy);
     }
     let budget = retry.and_then(|_| snap.budget(rule));
     if let Some(b) = budget {
@@ -269,18 +255,39 @@ async fn forward(
         attempt,
         hedged,
     } = tries.run(endpoint, &mut payload, parts).await;
-    let resp = match resp {
-        // Past the deadline: the whole request's time, whichever try ran out.
+    let resp = whole_request_time(resp, now, deadline)?;
+    Ok(response(resp, rule, backend, attempt, hedged))
+}
+
+/// Checks the request head against the listener's limits; the body limit, if any.
+fn check_head(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    req: &mut Request<Incoming>,
+) -> Result<Option<u64>, ProxyError> {
+    let (limits, body_limit) =
+        http_util::listener_limits(&ctx.shared.settings.limits, &listener_limits(ctx, snap));
+    http_util::check_request_head(req.headers_mut(), &limits)?;
+    http_util::check_declared_length(req.headers(), body_limit)?;
+    Ok(body_limit)
+}
+
+/// A timeout past the deadline is the whole request's, whichever try ran out.
+fn whole_request_time(
+    result: Result<Response<Incoming>, ProxyError>,
+    now: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Response<Incoming>, ProxyError> {
+    match result {
         Err(ProxyError::Timeout(_))
             if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) =>
         {
-            return Err(ProxyError::Timeout(
+            Err(ProxyError::Timeout(
                 deadline.map_or(Duration::ZERO, |d| d - now),
-            ));
+            ))
         }
-        other => other?,
-    };
-    Ok(response(resp, rule, backend, attempt, hedged))
+        other => other,
+    }
 }
 
 /// The endpoint of the first try, and the one every try goes to when the request
@@ -540,10 +547,7 @@ fn send_mirror(
     snap: &Snapshot,
     m: &sinew_model::compile::MirrorConfig,
     default_port: u16,
-    parts: &http::request::Parts,
-    authority: &Authority,
-    new_path: &Option<PathAndQuery>,
-    body: Option<bytes::Bytes>,
+    (parts, authority, new_path, body): MirrorCopy<'_>,
 ) {
     let port = m.port.unwrap_or(default_port);
     let Some(balancer) = snap.balancer(&m.service, port) else {
@@ -597,6 +601,14 @@ fn send_mirror(
         IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+/// What a mirror's copy is made of: the primary's head, authority, path and body.
+type MirrorCopy<'a> = (
+    &'a http::request::Parts,
+    &'a Authority,
+    &'a Option<PathAndQuery>,
+    Option<bytes::Bytes>,
+);
 
 /// Reads (and drops) a mirror's answer so the connection can be reused; never holds
 /// it, and gives up on one that is too long.
