@@ -255,7 +255,8 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
             // To a workload's own address: that workload, nowhere else. Otherwise
             // an endpoint that cannot be reached is reported to outlier detection
             // and another one is tried.
-            if let Err(e) = crate::outbound::tcp_to(&ctx, stream, &balancer, &service, pinned).await {
+            if let Err(e) = crate::outbound::tcp_to(&ctx, stream, &balancer, &service, pinned).await
+            {
                 tracing::debug!(error = %e, "captured TCP: no endpoint reached");
             }
         }

@@ -65,7 +65,10 @@ pub trait Forward {
 /// forwards it, a failure is logged (with its side), counted and answered, and the
 /// response goes to the client with its ending. Generic, not boxed: each direction
 /// gets its own future, as when each had its own copy of this.
-pub async fn handle<F: Forward>(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
+pub async fn handle<F: Forward>(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Response<RespBody> {
     let dir = F::DIRECTION;
     let grpc = crate::http_util::is_grpc(req.headers());
     let hop = crate::trace::start(&ctx, dir, &mut req);

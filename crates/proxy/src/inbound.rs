@@ -319,7 +319,11 @@ async fn tunnel(
 
 /// The application port a request is for: captured plaintext's own, else what the
 /// caller's sidecar says (`sinew-dst-port`), else the only one there is.
-fn dst_port(ctx: &ConnCtx, inb: &InboundConfig, req: &Request<Incoming>) -> Result<u16, ProxyError> {
+fn dst_port(
+    ctx: &ConnCtx,
+    inb: &InboundConfig,
+    req: &Request<Incoming>,
+) -> Result<u16, ProxyError> {
     match (ctx.plaintext_port, req.headers().get(DST_PORT)) {
         // Captured plaintext goes to the port it was sent to, whatever it says.
         (Some(port), _) => Ok(port),
