@@ -556,6 +556,8 @@ fn crashed(endpoint: &Endpoint, result: &Result<Response<Incoming>, ProxyError>)
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::Mutex;
 
