@@ -260,7 +260,31 @@ async fn forward(
     } else {
         UpVersion::Http1
     };
-    let resp = send_to_app(pool, parts, body, version, body_limit).await?;
+    // The caller's deadline holds here too: the app's answer is not waited for past
+    // it (and dropping the request tells the app to stop), even if the caller's
+    // sidecar never says it gave up.
+    let deadline = crate::resilience::incoming_timeout(&parts.headers);
+    // With a body limit, the body is counted on its way (one allocation, only then).
+    let watch = body_limit.map(|l| Arc::new(crate::body::Watch::new(Some(l))));
+    let body = match &watch {
+        Some(w) => ReqBody::Watched(body, w.clone()),
+        None => ReqBody::Incoming(body),
+    };
+    // Sent here rather than from a function of its own: an async function's
+    // arguments would take room of their own in every request's future.
+    let send = pool.send(Request::from_parts(parts, body), version);
+    let sent = match deadline {
+        Some(d) => tokio::time::timeout(d, send)
+            .await
+            .map_err(|_| ProxyError::Timeout(d))?,
+        None => send.await,
+    };
+    let resp = match (sent, &watch) {
+        (Err(_), Some(w)) if w.too_large() => {
+            return Err(ProxyError::BodyTooLarge(w.limit().unwrap_or(0)));
+        }
+        (r, _) => r?,
+    };
     app_response(resp)
 }
 
@@ -377,38 +401,6 @@ fn admit(
         }
     }
     Ok(())
-}
-
-/// Sends a request to the application, within the caller's deadline and the body
-/// limit.
-async fn send_to_app(
-    pool: &Arc<crate::pool::ConnPool>,
-    parts: http::request::Parts,
-    body: Incoming,
-    version: UpVersion,
-    body_limit: Option<u64>,
-) -> Result<Response<Incoming>, ProxyError> {
-    // The caller's deadline holds here too: the app's answer is not waited for past
-    // it (and dropping the request tells the app to stop), even if the caller's
-    // sidecar never says it gave up.
-    let deadline = crate::resilience::incoming_timeout(&parts.headers);
-    // With a body limit, the body is counted on its way (one allocation, only then).
-    let watch = body_limit.map(|l| Arc::new(crate::body::Watch::new(Some(l))));
-    let body = match &watch {
-        Some(w) => ReqBody::Watched(body, w.clone()),
-        None => ReqBody::Incoming(body),
-    };
-    let send = pool.send(Request::from_parts(parts, body), version);
-    let sent = match deadline {
-        Some(d) => tokio::time::timeout(d, send)
-            .await
-            .map_err(|_| ProxyError::Timeout(d))?,
-        None => send.await,
-    };
-    match (sent, &watch) {
-        (Err(_), Some(w)) if w.too_large() => Err(ProxyError::BodyTooLarge(w.limit().unwrap_or(0))),
-        (r, _) => Ok(r?),
-    }
 }
 
 /// The application's response as the caller gets it.
