@@ -287,10 +287,10 @@ static PLAIN: [u8; 256] = {
 };
 
 impl Lines {
-    fn write(&mut self, format: AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
-        let json = format == AccessLogFormat::Json;
-        let since = r
-            .start
+    /// Writes the record's start time (RFC 3339, milliseconds): the second's text
+    /// is made once per second, the milliseconds by hand.
+    fn write_start(&mut self, start: SystemTime, out: &mut Vec<u8>) {
+        let since = start
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         let secs = since.as_secs();
@@ -300,6 +300,21 @@ impl Lines {
             let upto = full.len().saturating_sub(5);
             self.second = Some((secs, full[..upto].to_owned()));
         }
+        if let Some((_, prefix)) = &self.second {
+            out.extend_from_slice(prefix.as_bytes());
+        }
+        let ms = since.subsec_millis();
+        out.extend_from_slice(&[
+            b'.',
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ]);
+    }
+
+    fn write(&mut self, format: AccessLogFormat, r: &Record, out: &mut Vec<u8>) {
+        let json = format == AccessLogFormat::Json;
         // Each key is a constant of known length, so its copy is inlined rather
         // than a call to memcpy (half of the writer's copies were keys).
         macro_rules! key {
@@ -320,17 +335,7 @@ impl Lines {
 
         key!(0);
         q(out);
-        if let Some((_, prefix)) = &self.second {
-            out.extend_from_slice(prefix.as_bytes());
-        }
-        let ms = since.subsec_millis();
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (ms / 100) as u8,
-            b'0' + (ms / 10 % 10) as u8,
-            b'0' + (ms % 10) as u8,
-            b'Z',
-        ]);
+        self.write_start(r.start, out);
         q(out);
         // Known to need no escaping: constants and the method (an HTTP token).
         for (i, v) in [r.direction, r.method.as_str()].into_iter().enumerate() {
@@ -509,11 +514,7 @@ pub fn observe(
         .load()
         .as_ref()
         .and_then(|s| s.config.access_log);
-    let headers = ctx
-        .shared
-        .tap
-        .wants(dir.as_str(), req.method(), req.uri().path())
-        .then(|| crate::tap::redacted(req.headers()));
+    let headers = ctx.shared.tap.headers_if_wanted(dir.as_str(), req);
     let head = (format.is_some() || headers.is_some()).then(|| {
         Box::new(Head {
             format,
@@ -602,11 +603,7 @@ pub fn finish(
     // Only what some tap's whole filter matches becomes an event.
     let tapped = head
         .headers
-        .filter(|_| ctx.shared.tap.matches_any(&record))
-        .map(|headers| crate::tap::TapEvent {
-            record: record.clone(),
-            headers,
-        });
+        .and_then(|headers| ctx.shared.tap.event(&record, headers));
     if let Some(format) = head.format
         && !ctx.shared.access_log.send(format, record)
     {

@@ -266,80 +266,16 @@ pub async fn outbound(ctx: Arc<ConnCtx>, stream: TcpStream) {
             };
             let ctx = with_dst(&ctx, dst);
             let pinned = crate::outbound::pinned_endpoint(&ctx, &snap, &balancer);
+            let service = key.to_owned();
             drop(snap);
             shared.metrics.captured(Direction::Outbound, "tcp");
-            match pinned {
-                // To a workload's own address: that workload, nowhere else.
-                Some(ep) => tcp_to(&ctx, stream, &balancer, &ep).await,
-                None => tcp_with_failover(&ctx, stream, &balancer).await,
-            }
-        }
-    }
-}
-
-/// Opaque TCP to a service: an endpoint that cannot be reached is reported to
-/// outlier detection and another one is tried (nothing was sent yet, so the app
-/// never notices).
-async fn tcp_with_failover(
-    ctx: &ConnCtx,
-    stream: TcpStream,
-    balancer: &Arc<crate::balance::Balancer>,
-) {
-    use crate::balance::Outcome;
-    let mut tried: Option<Arc<crate::balance::Endpoint>> = None;
-    for _ in 0..2 {
-        let mut pick = balancer.pick().cloned();
-        for _ in 0..2 {
-            if let (Some(p), Some(t)) = (&pick, &tried)
-                && Arc::ptr_eq(p, t)
+            // To a workload's own address: that workload, nowhere else. Otherwise
+            // an endpoint that cannot be reached is reported to outlier detection
+            // and another one is tried.
+            if let Err(e) = crate::outbound::tcp_to(&ctx, stream, &balancer, &service, pinned).await
             {
-                pick = balancer.pick().cloned();
+                tracing::debug!(error = %e, "captured TCP: no endpoint reached");
             }
-        }
-        let Some(ep) = pick else {
-            ctx.shared
-                .metrics
-                .error(Direction::Outbound, Reason::NoEndpoints);
-            return;
-        };
-        match crate::stream::UpstreamIo::open(&ep).await {
-            Ok(io) => {
-                balancer.report(&ep, Outcome::Ok);
-                spawn_splice(&ctx.shared, stream, io);
-                return;
-            }
-            Err(e) => {
-                let outcome = if e.connection_refused() {
-                    Outcome::Refused
-                } else {
-                    Outcome::Failed
-                };
-                balancer.report(&ep, outcome);
-                ctx.shared.metrics.error(Direction::Outbound, e.reason());
-                tracing::debug!(error = %e, "captured TCP: endpoint unreachable");
-                tried = Some(ep);
-            }
-        }
-    }
-}
-
-/// Opaque TCP to one endpoint of a service (the one the app addressed).
-async fn tcp_to(
-    ctx: &ConnCtx,
-    stream: TcpStream,
-    balancer: &Arc<crate::balance::Balancer>,
-    ep: &Arc<crate::balance::Endpoint>,
-) {
-    use crate::balance::Outcome;
-    match crate::stream::UpstreamIo::open(ep).await {
-        Ok(io) => {
-            balancer.report(ep, Outcome::Ok);
-            spawn_splice(&ctx.shared, stream, io);
-        }
-        Err(e) => {
-            balancer.report(ep, Outcome::Failed);
-            ctx.shared.metrics.error(Direction::Outbound, e.reason());
-            tracing::debug!(error = %e, "captured TCP: the addressed endpoint is unreachable");
         }
     }
 }

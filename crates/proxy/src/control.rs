@@ -116,6 +116,31 @@ impl ControlSettings {
     }
 }
 
+/// Adds `push` to the parts gathered so far of a push sent in parts (a new push
+/// drops the parts of an earlier one that never finished): the whole push once its
+/// last part came, else `None`.
+fn assemble(partial: &mut Option<Push>, push: Push) -> Result<Option<Push>, String> {
+    let push = match partial.take() {
+        Some(mut acc) if acc.nonce == push.nonce && acc.version == push.version => {
+            acc.resources.extend(push.resources);
+            acc.removed.extend(push.removed);
+            acc.more = push.more;
+            acc
+        }
+        _ => push,
+    };
+    if !push.more {
+        return Ok(Some(push));
+    }
+    if push.resources.len() > MAX_PUSH_RESOURCES {
+        return Err(format!(
+            "the control plane sent a push of more than {MAX_PUSH_RESOURCES} resources"
+        ));
+    }
+    *partial = Some(push);
+    Ok(None)
+}
+
 /// The control plane's taps running on this stream; all stop when it ends.
 #[derive(Debug, Default)]
 struct Taps(std::collections::HashMap<u64, tokio::task::AbortHandle>);
@@ -356,54 +381,7 @@ impl Client {
 
     /// One stream. Returns whether a push was received (to reset the backoff).
     async fn session(&mut self) -> Result<bool, String> {
-        // A proxy without a certificate (or with one that expired while the control
-        // plane was away) bootstraps first; everything after rides the certificate.
-        let certs = self.applier.shared().certs.clone();
-        let expired = certs.not_after().is_none_or(|t| t <= SystemTime::now());
-        if !certs.is_ready() || expired {
-            self.bootstrap().await?;
-        }
-        let tls = sinew_tls::api::control_client_config(
-            sinew_tls::api::ControlTrust::Store(certs.clone()),
-            sinew_tls::api::ClientAuth::Store(certs),
-        )
-        .map_err(|e| e.to_string())?;
-        let channel = sinew_api::channel::connect(self.endpoint()?, tls)
-            .await
-            .map_err(|e| format!("cannot connect: {}", sinew_api::channel::error_chain(&e)))?;
-        let mut client = DiscoveryClient::new(channel);
-        let (tx, rx) = mpsc::channel(16);
-        let (namespace, name) = self.names();
-        let reporter = Reporter {
-            client: client.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
-            timeout: self.settings.stats_interval.max(Duration::from_secs(1)),
-        };
-        let hello = ProxyMessage {
-            kind: Some(proxy_message::Kind::Hello(Hello {
-                namespace,
-                name,
-                // A proxy leaving the mesh (reconnecting while it drains) does not
-                // register its workload again.
-                registration: self
-                    .settings
-                    .registration
-                    .clone()
-                    .filter(|_| *self.applier.shared().leave.borrow() == Leave::Staying),
-                applied_version: self.applied.clone(),
-                proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
-                capture: self.settings.capture.as_ref().map(capture_message),
-            })),
-        };
-        tx.send(hello)
-            .await
-            .map_err(|_| "stream closed".to_owned())?;
-        let mut inbound = client
-            .stream(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-            .into_inner();
+        let (tx, mut inbound, reporter) = self.open_stream().await?;
         tracing::info!(url = %self.settings.url, "connected to the control plane");
         let mut got_push = false;
         // The parts gathered so far of a push sent in parts.
@@ -475,88 +453,148 @@ impl Client {
                 }
                 continue;
             };
-            let push = match kind {
-                control_message::Kind::Push(push) => push,
-                control_message::Kind::Certificate(cert) => {
-                    self.install_certificate(cert);
-                    continue;
-                }
-                control_message::Kind::Leases(leases) => {
-                    self.install_leases(&leases);
-                    continue;
-                }
-                control_message::Kind::TapStart(start) => {
-                    self.start_tap(&mut taps, &tx, start);
-                    continue;
-                }
-                control_message::Kind::Drained(_) => {
-                    tracing::info!("the control plane has taken this workload out of the mesh");
-                    self.applier.shared().leave.send_replace(Leave::Done);
-                    continue;
-                }
-                control_message::Kind::TapStop(stop) => {
-                    if let Some(t) = taps.0.remove(&stop.id) {
-                        t.abort();
-                    }
-                    continue;
-                }
-                control_message::Kind::TrustBundle(b) => {
-                    match self.applier.shared().certs.set_trust_bundle(&b.roots_pem) {
-                        Ok(n) => {
-                            tracing::info!(roots = n, "trust bundle updated");
-                            self.keep(&[(ROOTS_FILE, &b.roots_pem)]);
-                        }
-                        Err(e) => tracing::error!(error = %e, "trust bundle refused"),
-                    }
-                    if b.renew {
-                        // A root rotation is re-issuing: renew now, with a little
-                        // jitter so the fleet does not arrive at once.
-                        let jitter = Duration::from_millis(fastrand::u64(0..200));
-                        self.renew_at = Some(tokio::time::Instant::now() + jitter);
-                    }
-                    continue;
-                }
-            };
-            let push = match partial.take() {
-                Some(mut acc) if acc.nonce == push.nonce && acc.version == push.version => {
-                    acc.resources.extend(push.resources);
-                    acc.removed.extend(push.removed);
-                    acc.more = push.more;
-                    acc
-                }
-                // A new push; parts of an earlier one that never finished are dropped.
-                _ => push,
-            };
-            if push.more {
-                if push.resources.len() > MAX_PUSH_RESOURCES {
-                    return Err(format!(
-                        "the control plane sent a push of more than {MAX_PUSH_RESOURCES} resources"
-                    ));
-                }
-                partial = Some(push);
+            let Some(push) = self.on_message(kind, &mut taps, &tx) else {
                 continue;
-            }
+            };
+            let Some(push) = assemble(&mut partial, push)? else {
+                continue;
+            };
             got_push = true;
-            let (version, nonce) = (push.version.clone(), push.nonce.clone());
-            let error = match self.apply(push) {
-                Ok(()) => String::new(),
-                Err(e) => {
-                    self.applier.refuse(&e);
-                    e
-                }
-            };
-            self.applier.shared().metrics.push(error.is_empty());
-            let ack = ProxyMessage {
-                kind: Some(proxy_message::Kind::Ack(Ack {
-                    version,
-                    nonce,
-                    error,
-                })),
-            };
-            tx.send(ack).await.map_err(|_| "stream closed".to_owned())?;
-            // A new global limit should not wait for the next tick for its lease.
-            self.report_demand(&tx);
+            self.apply_and_ack(push, &tx).await?;
         }
+    }
+
+    /// Connects (bootstrapping first when the proxy has no valid certificate), says
+    /// hello and opens the stream: its sending side, its receiving side, and the
+    /// stats reporter on the same channel.
+    async fn open_stream(
+        &mut self,
+    ) -> Result<
+        (
+            mpsc::Sender<ProxyMessage>,
+            tonic::Streaming<ControlMessage>,
+            Reporter,
+        ),
+        String,
+    > {
+        // A proxy without a certificate (or with one that expired while the control
+        // plane was away) bootstraps first; everything after rides the certificate.
+        let certs = self.applier.shared().certs.clone();
+        let expired = certs.not_after().is_none_or(|t| t <= SystemTime::now());
+        if !certs.is_ready() || expired {
+            self.bootstrap().await?;
+        }
+        let tls = sinew_tls::api::control_client_config(
+            sinew_tls::api::ControlTrust::Store(certs.clone()),
+            sinew_tls::api::ClientAuth::Store(certs),
+        )
+        .map_err(|e| e.to_string())?;
+        let channel = sinew_api::channel::connect(self.endpoint()?, tls)
+            .await
+            .map_err(|e| format!("cannot connect: {}", sinew_api::channel::error_chain(&e)))?;
+        let mut client = DiscoveryClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        let (namespace, name) = self.names();
+        let reporter = Reporter {
+            client: client.clone(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+            timeout: self.settings.stats_interval.max(Duration::from_secs(1)),
+        };
+        let hello = ProxyMessage {
+            kind: Some(proxy_message::Kind::Hello(Hello {
+                namespace,
+                name,
+                // A proxy leaving the mesh (reconnecting while it drains) does not
+                // register its workload again.
+                registration: self
+                    .settings
+                    .registration
+                    .clone()
+                    .filter(|_| *self.applier.shared().leave.borrow() == Leave::Staying),
+                applied_version: self.applied.clone(),
+                proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+                capture: self.settings.capture.as_ref().map(capture_message),
+            })),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| "stream closed".to_owned())?;
+        let inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        Ok((tx, inbound, reporter))
+    }
+
+    /// Acts on a message from the control plane; a push (or a part of one) is
+    /// returned for the caller to assemble and apply.
+    fn on_message(
+        &mut self,
+        kind: control_message::Kind,
+        taps: &mut Taps,
+        tx: &mpsc::Sender<ProxyMessage>,
+    ) -> Option<Push> {
+        match kind {
+            control_message::Kind::Push(push) => return Some(push),
+            control_message::Kind::Certificate(cert) => self.install_certificate(cert),
+            control_message::Kind::Leases(leases) => self.install_leases(&leases),
+            control_message::Kind::TapStart(start) => self.start_tap(taps, tx, start),
+            control_message::Kind::Drained(_) => {
+                tracing::info!("the control plane has taken this workload out of the mesh");
+                self.applier.shared().leave.send_replace(Leave::Done);
+            }
+            control_message::Kind::TapStop(stop) => {
+                if let Some(t) = taps.0.remove(&stop.id) {
+                    t.abort();
+                }
+            }
+            control_message::Kind::TrustBundle(b) => {
+                match self.applier.shared().certs.set_trust_bundle(&b.roots_pem) {
+                    Ok(n) => {
+                        tracing::info!(roots = n, "trust bundle updated");
+                        self.keep(&[(ROOTS_FILE, &b.roots_pem)]);
+                    }
+                    Err(e) => tracing::error!(error = %e, "trust bundle refused"),
+                }
+                if b.renew {
+                    // A root rotation is re-issuing: renew now, with a little
+                    // jitter so the fleet does not arrive at once.
+                    let jitter = Duration::from_millis(fastrand::u64(0..200));
+                    self.renew_at = Some(tokio::time::Instant::now() + jitter);
+                }
+            }
+        }
+        None
+    }
+
+    /// Applies a whole push and acknowledges it (with the error when refused).
+    async fn apply_and_ack(
+        &mut self,
+        push: Push,
+        tx: &mpsc::Sender<ProxyMessage>,
+    ) -> Result<(), String> {
+        let (version, nonce) = (push.version.clone(), push.nonce.clone());
+        let error = match self.apply(push) {
+            Ok(()) => String::new(),
+            Err(e) => {
+                self.applier.refuse(&e);
+                e
+            }
+        };
+        self.applier.shared().metrics.push(error.is_empty());
+        let ack = ProxyMessage {
+            kind: Some(proxy_message::Kind::Ack(Ack {
+                version,
+                nonce,
+                error,
+            })),
+        };
+        tx.send(ack).await.map_err(|_| "stream closed".to_owned())?;
+        // A new global limit should not wait for the next tick for its lease.
+        self.report_demand(tx);
+        Ok(())
     }
 
     /// The call sending the traffic stats gathered since the last report, if there

@@ -4,6 +4,10 @@
 //! a gRPC status sent in trailers (how every gRPC call that returns a message ends),
 //! and a body broken off halfway known.
 //!
+//! [`handle`] is a request's whole life, the same in both directions: the trace hop
+//! and the observers start, the direction's [`Forward`] forwards it, a failure
+//! becomes its response, and the response goes back through [`respond`].
+//!
 //! [`respond`] takes what they need from the request and the response head into an
 //! [`Ending`]; a response without a body ends there, any other carries its ending in
 //! its body ([`crate::body::RespBody::Tracked`], told through [`crate::body::OnEnd`]),
@@ -13,10 +17,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
 
 use crate::access::Observed;
 use crate::body::RespBody;
+use crate::error::ProxyError;
 use crate::trace::Hop;
 use crate::types::{ConnCtx, Direction, Outcome, RequestMeta};
 
@@ -35,6 +41,52 @@ pub struct Ending {
     status: StatusCode,
     grpc_status: Option<HeaderValue>,
     error: Option<HeaderValue>,
+}
+
+/// A direction's part of handling a request: how it is forwarded, and what a failed
+/// one's response says besides. [`handle`] does the rest.
+pub trait Forward {
+    /// Inbound or outbound.
+    const DIRECTION: Direction;
+
+    /// Forwards the request, noting in `meta` what it learns on the way.
+    fn forward(
+        ctx: &Arc<ConnCtx>,
+        req: Request<Incoming>,
+        meta: &mut RequestMeta,
+    ) -> impl Future<Output = Result<Response<RespBody>, ProxyError>> + Send;
+
+    /// Edits the response to a request that failed with `error` (nothing, unless
+    /// the direction says otherwise).
+    fn failed(_error: &ProxyError, _resp: &mut Response<RespBody>) {}
+}
+
+/// Handles one request in `F`'s direction: its trace hop and observers start, `F`
+/// forwards it, a failure is logged (with its side), counted and answered, and the
+/// response goes to the client with its ending. Generic, not boxed: each direction
+/// gets its own future, as when each had its own copy of this.
+pub async fn handle<F: Forward>(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Response<RespBody> {
+    let dir = F::DIRECTION;
+    let grpc = crate::http_util::is_grpc(req.headers());
+    let hop = crate::trace::start(&ctx, dir, &mut req);
+    let observed = crate::access::observe(&ctx, dir, &req);
+    let started = Instant::now();
+    let mut meta = RequestMeta::default();
+    let resp = match F::forward(&ctx, req, &mut meta).await {
+        Ok(r) => r,
+        Err(e) => {
+            let side = e.side().as_str();
+            tracing::debug!(error = %e, side, peer = %ctx.peer, "{} request failed", dir.as_str());
+            ctx.shared.metrics.error(dir, e.reason());
+            let mut resp = e.to_response(grpc);
+            F::failed(&e, &mut resp);
+            resp
+        }
+    };
+    respond(ctx.clone(), dir, meta, observed, hop, started, resp)
 }
 
 /// Hands the response to the client, telling the request's observers when it has

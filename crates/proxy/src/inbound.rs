@@ -25,41 +25,37 @@ use crate::types::ConnCtx;
 use crate::types::{Direction, RequestMeta};
 
 /// Handles one request arriving from the mesh.
-pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
-    let grpc = http_util::is_grpc(req.headers());
-    let hop = crate::trace::start(&ctx, Direction::Inbound, &mut req);
-    let observed = crate::access::observe(&ctx, Direction::Inbound, &req);
-    let started = std::time::Instant::now();
-    let mut meta = RequestMeta::default();
-    let resp = match forward(&ctx, req, &mut meta).await {
-        Ok(r) => r,
-        Err(e) => {
-            let side = e.side().as_str();
-            tracing::debug!(error = %e, side, peer = %ctx.peer, "inbound request failed");
-            ctx.shared.metrics.error(Direction::Inbound, e.reason());
-            let mut resp = e.to_response(grpc);
-            if matches!(
-                e,
-                ProxyError::Connect { .. }
-                    | ProxyError::ConnectTimeout(_)
-                    | ProxyError::ShuttingDown
-            ) {
-                // The app never saw it: the caller's sidecar may send it elsewhere.
-                resp.headers_mut()
-                    .insert(UNSENT, HeaderValue::from_static("1"));
-            }
-            resp
+pub fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Response<RespBody>> + Send {
+    crate::ending::handle::<Inbound>(ctx, req)
+}
+
+/// The inbound direction: requests forwarded by [`forward`].
+struct Inbound;
+
+impl crate::ending::Forward for Inbound {
+    const DIRECTION: Direction = Direction::Inbound;
+
+    fn forward(
+        ctx: &Arc<ConnCtx>,
+        req: Request<Incoming>,
+        meta: &mut RequestMeta,
+    ) -> impl Future<Output = Result<Response<RespBody>, ProxyError>> + Send {
+        forward(ctx, req, meta)
+    }
+
+    fn failed(error: &ProxyError, resp: &mut Response<RespBody>) {
+        if matches!(
+            error,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout(_) | ProxyError::ShuttingDown
+        ) {
+            // The app never saw it: the caller's sidecar may send it elsewhere.
+            resp.headers_mut()
+                .insert(UNSENT, HeaderValue::from_static("1"));
         }
-    };
-    crate::ending::respond(
-        ctx.clone(),
-        Direction::Inbound,
-        meta,
-        observed,
-        hop,
-        started,
-        resp,
-    )
+    }
 }
 
 /// Captured plaintext that is not HTTP (or whose client said nothing): judged as a
@@ -222,62 +218,13 @@ async fn forward(
         .as_ref()
         .ok_or(ProxyError::ShuttingDown)?;
     meta.service = snap.inbound_service.clone();
-    // Room for what the caller's sidecar added on the mesh hop.
-    let (own, body_limit) = http_util::listener_limits(&ctx.shared.settings.limits, &inb.limits);
-    let limits = crate::types::HeadLimits {
-        request_header_bytes: own.request_header_bytes + crate::types::MESH_HEADER_ROOM,
-        request_headers: own.request_headers + 16,
-        ..own
-    };
-    http_util::check_request_head(req.headers_mut(), &limits)?;
-    http_util::check_declared_length(req.headers(), body_limit)?;
-
+    let body_limit = check_head(ctx, inb, &mut req)?;
     if req.method() == Method::CONNECT {
-        if ctx.plaintext_port.is_some() {
-            // Tunnels are the mesh's (a peer sidecar's, over mTLS); a plaintext
-            // caller's CONNECT would otherwise open one to any declared port.
-            return Err(ProxyError::Malformed("CONNECT from a plaintext caller"));
-        }
-        let port = req
-            .uri()
-            .authority()
-            .and_then(|a| a.port_u16())
-            .ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
-        let pool = snap
-            .app_pool(allowed(inb, port)?)
-            .ok_or(ProxyError::PortNotAllowed(port))?;
-        // Tunnels (TCP, upgrades) are judged on L4 fields: who calls, which port.
-        judge(ctx, inb, snap.jwt.as_ref(), port, None)?;
-        let app = pool.connect().await?;
-        let downstream = hyper::upgrade::on(&mut req);
-        let shared = ctx.shared.clone();
-        tokio::spawn(async move {
-            match downstream.await {
-                Ok(d) => spawn_splice(&shared, TokioIo::new(d), app),
-                Err(e) => tracing::debug!(error = %e, "inbound tunnel did not complete"),
-            }
-        });
-        return Ok(Response::new(RespBody::empty()));
+        // Boxed: tunnels are one request per connection, and every other request's
+        // future would hold room for them.
+        return Box::pin(tunnel(ctx, &snap, inb, req)).await;
     }
-
-    let port = match (ctx.plaintext_port, req.headers().get(DST_PORT)) {
-        // Captured plaintext goes to the port it was sent to, whatever it says.
-        (Some(port), _) => port,
-        (None, Some(v)) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or(ProxyError::Malformed("invalid sinew-dst-port"))?,
-        (None, None) => match inb.ports.as_slice() {
-            [only] => *only,
-            _ => {
-                return Err(ProxyError::Malformed(
-                    "sinew-dst-port is required: several application ports",
-                ));
-            }
-        },
-    };
-    let port = allowed(inb, port)?;
+    let port = allowed(inb, dst_port(ctx, inb, &req)?)?;
     crate::trace::note_inbound(
         req.extensions(),
         std::net::SocketAddr::new(inb.app_address, port),
@@ -300,31 +247,7 @@ async fn forward(
         .then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    parts.headers.remove(DST_PORT);
-    parts.headers.remove(ORIG_PROTO);
-    // From here on (authorization, rate limits, the app) the path is the normalised
-    // one: the app must serve exactly the path that was judged, never a raw
-    // `/api/../admin` that policy saw as `/admin` (or the other way round).
-    normalize_target(&mut parts)?;
-    // End-user authentication, then authorization; then only verified claims reach
-    // the app (headers a client set for them are removed).
-    let token = judge(ctx, inb, snap.jwt.as_ref(), port, Some(&parts))?;
-    crate::policy::apply_token(inb, &mut parts.headers, token.as_ref());
-    rate_limit(ctx, &snap, &parts)?;
-    // The caller's verified identity, set by the proxy alone: a client cannot forge it.
-    match ctx
-        .peer_identity
-        .as_deref()
-        .map(http::HeaderValue::from_str)
-    {
-        Some(Ok(v)) => {
-            parts.headers.insert(PEER_IDENTITY, v);
-        }
-        _ => {
-            static NAMES: [http::HeaderName; 1] = [PEER_IDENTITY];
-            http_util::remove_headers(&mut parts.headers, &NAMES);
-        }
-    }
+    admit(ctx, &snap, inb, port, &mut parts)?;
     http_util::strip_hop_by_hop(&mut parts.headers, downstream.is_some());
     http_util::set_target(&mut parts, &authority, None, upstream_h2)?;
     if let Some(downstream) = downstream {
@@ -347,6 +270,8 @@ async fn forward(
         Some(w) => ReqBody::Watched(body, w.clone()),
         None => ReqBody::Incoming(body),
     };
+    // Sent here rather than from a function of its own: an async function's
+    // arguments would take room of their own in every request's future.
     let send = pool.send(Request::from_parts(parts, body), version);
     let sent = match deadline {
         Some(d) => tokio::time::timeout(d, send)
@@ -360,6 +285,126 @@ async fn forward(
         }
         (r, _) => r?,
     };
+    app_response(resp)
+}
+
+/// Checks the request head against the inbound listener's limits (with room for
+/// what the caller's sidecar added on the mesh hop); the body limit, if any.
+fn check_head(
+    ctx: &ConnCtx,
+    inb: &InboundConfig,
+    req: &mut Request<Incoming>,
+) -> Result<Option<u64>, ProxyError> {
+    let (own, body_limit) = http_util::listener_limits(&ctx.shared.settings.limits, &inb.limits);
+    let limits = crate::types::HeadLimits {
+        request_header_bytes: own.request_header_bytes + crate::types::MESH_HEADER_ROOM,
+        request_headers: own.request_headers + 16,
+        ..own
+    };
+    http_util::check_request_head(req.headers_mut(), &limits)?;
+    http_util::check_declared_length(req.headers(), body_limit)?;
+    Ok(body_limit)
+}
+
+/// `CONNECT <addr>:<port>` from a peer sidecar: a byte tunnel to a declared
+/// application port, judged on L4 fields (who calls, which port).
+async fn tunnel(
+    ctx: &Arc<ConnCtx>,
+    snap: &crate::state::Snapshot,
+    inb: &InboundConfig,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, ProxyError> {
+    if ctx.plaintext_port.is_some() {
+        // Tunnels are the mesh's (a peer sidecar's, over mTLS); a plaintext
+        // caller's CONNECT would otherwise open one to any declared port.
+        return Err(ProxyError::Malformed("CONNECT from a plaintext caller"));
+    }
+    let port = req
+        .uri()
+        .authority()
+        .and_then(|a| a.port_u16())
+        .ok_or(ProxyError::Malformed("CONNECT needs host:port"))?;
+    let pool = snap
+        .app_pool(allowed(inb, port)?)
+        .ok_or(ProxyError::PortNotAllowed(port))?;
+    // Tunnels (TCP, upgrades) are judged on L4 fields: who calls, which port.
+    judge(ctx, inb, snap.jwt.as_ref(), port, None)?;
+    let app = pool.connect().await?;
+    let downstream = hyper::upgrade::on(&mut req);
+    let shared = ctx.shared.clone();
+    tokio::spawn(async move {
+        match downstream.await {
+            Ok(d) => spawn_splice(&shared, TokioIo::new(d), app),
+            Err(e) => tracing::debug!(error = %e, "inbound tunnel did not complete"),
+        }
+    });
+    Ok(Response::new(RespBody::empty()))
+}
+
+/// The application port a request is for: captured plaintext's own, else what the
+/// caller's sidecar says (`sinew-dst-port`), else the only one there is.
+fn dst_port(
+    ctx: &ConnCtx,
+    inb: &InboundConfig,
+    req: &Request<Incoming>,
+) -> Result<u16, ProxyError> {
+    match (ctx.plaintext_port, req.headers().get(DST_PORT)) {
+        // Captured plaintext goes to the port it was sent to, whatever it says.
+        (Some(port), _) => Ok(port),
+        (None, Some(v)) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or(ProxyError::Malformed("invalid sinew-dst-port")),
+        (None, None) => match inb.ports.as_slice() {
+            [only] => Ok(*only),
+            _ => Err(ProxyError::Malformed(
+                "sinew-dst-port is required: several application ports",
+            )),
+        },
+    }
+}
+
+/// Admits a request head to the application: mesh marks removed, the target
+/// normalised, the caller authenticated and authorized, rate limited, and its
+/// verified identity (only that) passed on.
+fn admit(
+    ctx: &ConnCtx,
+    snap: &crate::state::Snapshot,
+    inb: &InboundConfig,
+    port: u16,
+    parts: &mut http::request::Parts,
+) -> Result<(), ProxyError> {
+    parts.headers.remove(DST_PORT);
+    parts.headers.remove(ORIG_PROTO);
+    // From here on (authorization, rate limits, the app) the path is the normalised
+    // one: the app must serve exactly the path that was judged, never a raw
+    // `/api/../admin` that policy saw as `/admin` (or the other way round).
+    normalize_target(parts)?;
+    // End-user authentication, then authorization; then only verified claims reach
+    // the app (headers a client set for them are removed).
+    let token = judge(ctx, inb, snap.jwt.as_ref(), port, Some(parts))?;
+    crate::policy::apply_token(inb, &mut parts.headers, token.as_ref());
+    rate_limit(ctx, snap, parts)?;
+    // The caller's verified identity, set by the proxy alone: a client cannot forge it.
+    match ctx
+        .peer_identity
+        .as_deref()
+        .map(http::HeaderValue::from_str)
+    {
+        Some(Ok(v)) => {
+            parts.headers.insert(PEER_IDENTITY, v);
+        }
+        _ => {
+            static NAMES: [http::HeaderName; 1] = [PEER_IDENTITY];
+            http_util::remove_headers(&mut parts.headers, &NAMES);
+        }
+    }
+    Ok(())
+}
+
+/// The application's response as the caller gets it.
+fn app_response(resp: Response<Incoming>) -> Result<Response<RespBody>, ProxyError> {
     let (mut parts, body) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, false);
     // Only this sidecar says whether the app saw a request.

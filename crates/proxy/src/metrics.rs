@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::types::{Direction, RequestMeta};
 
@@ -163,6 +163,17 @@ pub struct Metrics {
     pub detect_timeouts: Counter,
 }
 
+/// Registers `metric` (a handle to it: the registry keeps a clone) and returns it.
+fn reg<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Registers a new metric of the type asked for.
+fn def<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    reg(registry, name, help, M::default())
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms to ~16 s, doubling.
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -175,14 +186,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Registers every metric (in the order `/metrics` lists them: each field's
+    /// expression registers its metric, and fields are evaluated as written).
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("sinew");
-        let requests_family = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let mut r = Registry::with_prefix("sinew");
+        let requests_family = reg(
+            &mut r,
             "http_requests",
             "HTTP requests handled, by direction and response status class",
-            requests_family.clone(),
+            Family::<RequestLabels, Counter>::default(),
         );
         let requests = [Direction::Inbound, Direction::Outbound].map(|d| {
             CLASSES.map(|class| {
@@ -194,137 +206,94 @@ impl Metrics {
                     .clone()
             })
         });
-        let errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "proxy_errors",
-            "Responses the proxy made itself, by sinew-error reason",
-            errors.clone(),
-        );
-        let connections = Family::<ListenerLabels, Counter>::default();
-        registry.register(
-            "tcp_connections",
-            "Connections accepted, by listener",
-            connections.clone(),
-        );
-        let open = Family::<ListenerLabels, Gauge>::default();
-        registry.register(
-            "tcp_connections_open",
-            "Connections open now, by listener",
-            open.clone(),
-        );
-        let reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "config_reloads",
-            "Configuration loads, by result (applied, rejected)",
-            reloads.clone(),
-        );
-        let generation = Gauge::default();
-        registry.register(
-            "config_generation",
-            "Generation of the applied configuration (0 before the first)",
-            generation.clone(),
-        );
-        let authz = Family::<AuthzLabels, Counter>::default();
-        registry.register(
-            "authz_decisions",
-            "Inbound authorization decisions, by decision and by the policy and rule that decided (policy \"default\" for the default)",
-            authz.clone(),
-        );
-        let retries = Counter::default();
-        registry.register("retries", "Retries sent (within budget)", retries.clone());
-        let hedges = Counter::default();
-        registry.register(
-            "hedges",
-            "Hedged second tries sent (within budget)",
-            hedges.clone(),
-        );
-        let cert_expiry = Gauge::default();
-        registry.register(
-            "certificate_expiry_timestamp_seconds",
-            "When the proxy's workload certificate expires (0 without one)",
-            cert_expiry.clone(),
-        );
-        let http = Family::<HttpLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "HTTP requests by direction, service, route, caller identity, status code and gRPC status",
-            http.clone(),
-        );
-        let latency = Family::<LatencyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from a request's arrival to its response head, by direction, service, route and status class",
-            latency.clone(),
-        );
         let flows = Family::<FlowLabels, Counter>::default();
-        registry.register(
-            "stream_bytes",
-            "Bytes spliced through TCP streams and tunnels, by flow (from or to the downstream side)",
-            flows.clone(),
-        );
-        let bytes_in = flows
-            .get_or_create(&FlowLabels {
-                flow: "from_downstream",
-            })
-            .clone();
-        let bytes_out = flows
-            .get_or_create(&FlowLabels {
-                flow: "to_downstream",
-            })
-            .clone();
-        let pushes = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "control_plane_pushes",
-            "Control-plane pushes, by result (acked, nacked)",
-            pushes.clone(),
-        );
-        let access_log_dropped = Counter::default();
-        registry.register(
-            "access_log_dropped",
-            "Access-log lines dropped because the writer fell behind",
-            access_log_dropped.clone(),
-        );
-        let ejections = Counter::default();
-        registry.register(
-            "outlier_ejections",
-            "Endpoints ejected by outlier detection",
-            ejections.clone(),
-        );
-        let captured = Family::<CaptureLabels, Counter>::default();
-        registry.register(
-            "captured_connections",
-            "Connections redirected to the proxy by capture rules, by direction and what became of them (http, tcp: to a mesh service; passthrough: to an unknown destination; mtls, plaintext: inbound; refused)",
-            captured.clone(),
-        );
-        let detect_timeouts = Counter::default();
-        registry.register(
-            "protocol_detect_timeouts",
-            "Captured connections treated as opaque TCP because the client sent nothing within the detection timeout",
-            detect_timeouts.clone(),
-        );
+        let flow = |flow| flows.get_or_create(&FlowLabels { flow }).clone();
         Metrics {
-            captured,
-            detect_timeouts,
-            ejections,
-            access_log_dropped,
-            http,
-            latency,
-            bytes_in,
-            bytes_out,
-            pushes,
-            hedges,
-            retries,
-            authz,
-            cert_expiry,
-            registry,
             requests,
-            errors,
-            connections,
-            open,
-            reloads,
-            generation,
+            errors: def(
+                &mut r,
+                "proxy_errors",
+                "Responses the proxy made itself, by sinew-error reason",
+            ),
+            connections: def(
+                &mut r,
+                "tcp_connections",
+                "Connections accepted, by listener",
+            ),
+            open: def(
+                &mut r,
+                "tcp_connections_open",
+                "Connections open now, by listener",
+            ),
+            reloads: def(
+                &mut r,
+                "config_reloads",
+                "Configuration loads, by result (applied, rejected)",
+            ),
+            generation: def(
+                &mut r,
+                "config_generation",
+                "Generation of the applied configuration (0 before the first)",
+            ),
+            authz: def(
+                &mut r,
+                "authz_decisions",
+                "Inbound authorization decisions, by decision and by the policy and rule that decided (policy \"default\" for the default)",
+            ),
+            retries: def(&mut r, "retries", "Retries sent (within budget)"),
+            hedges: def(&mut r, "hedges", "Hedged second tries sent (within budget)"),
+            cert_expiry: def(
+                &mut r,
+                "certificate_expiry_timestamp_seconds",
+                "When the proxy's workload certificate expires (0 without one)",
+            ),
+            http: def(
+                &mut r,
+                "requests",
+                "HTTP requests by direction, service, route, caller identity, status code and gRPC status",
+            ),
+            latency: reg(
+                &mut r,
+                "request_duration_seconds",
+                "Time from a request's arrival to its response head, by direction, service, route and status class",
+                Family::new_with_constructor(latency_histogram),
+            ),
+            bytes_in: {
+                reg(
+                    &mut r,
+                    "stream_bytes",
+                    "Bytes spliced through TCP streams and tunnels, by flow (from or to the downstream side)",
+                    flows.clone(),
+                );
+                flow("from_downstream")
+            },
+            bytes_out: flow("to_downstream"),
+            pushes: def(
+                &mut r,
+                "control_plane_pushes",
+                "Control-plane pushes, by result (acked, nacked)",
+            ),
+            access_log_dropped: def(
+                &mut r,
+                "access_log_dropped",
+                "Access-log lines dropped because the writer fell behind",
+            ),
+            ejections: def(
+                &mut r,
+                "outlier_ejections",
+                "Endpoints ejected by outlier detection",
+            ),
+            captured: def(
+                &mut r,
+                "captured_connections",
+                "Connections redirected to the proxy by capture rules, by direction and what became of them (http, tcp: to a mesh service; passthrough: to an unknown destination; mtls, plaintext: inbound; refused)",
+            ),
+            detect_timeouts: def(
+                &mut r,
+                "protocol_detect_timeouts",
+                "Captured connections treated as opaque TCP because the client sent nothing within the detection timeout",
+            ),
+            registry: r,
         }
     }
 

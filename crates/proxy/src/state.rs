@@ -141,13 +141,19 @@ type CheckerKey = (
 /// Pools are per dial address and, toward a sidecar, per expected peer identity.
 type PoolKey = (SocketAddr, Option<String>);
 
+/// Endpoints are per (service, port, endpoint).
+type EndpointKey = (String, u16, sinew_model::compile::EndpointConfig);
+
+/// The balancers of a snapshot, by service key, then port.
+type Balancers = HashMap<String, Vec<(u16, Arc<Balancer>)>, foldhash::fast::RandomState>;
+
 /// Builds snapshots, reusing endpoint state and connection pools across reloads so
 /// a swap keeps latency history and open connections.
 #[derive(Debug, Default)]
 pub struct SnapshotBuilder {
     /// Counts outlier ejections across snapshots (the proxy's metric).
     pub ejections: prometheus_client::metrics::counter::Counter,
-    endpoints: HashMap<(String, u16, sinew_model::compile::EndpointConfig), Arc<Endpoint>>,
+    endpoints: HashMap<EndpointKey, Arc<Endpoint>>,
     pools: HashMap<PoolKey, Arc<ConnPool>>,
     generation: u64,
     jwt: Option<crate::jwt::JwtVerifier>,
@@ -167,29 +173,92 @@ impl SnapshotBuilder {
         settings: &Settings,
         certs: &Arc<sinew_tls::CertStore>,
     ) -> Snapshot {
-        let (connect_timeout, limits) = (settings.connect_timeout, settings.limits);
         self.generation += 1;
-        let mut endpoints = HashMap::new();
         let mut pools = HashMap::new();
-        let pool_for = |key: PoolKey, pools: &mut HashMap<PoolKey, Arc<ConnPool>>| {
-            pools
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    self.pools.get(&key).cloned().unwrap_or_else(|| {
-                        let (addr, identity) = key;
-                        match identity.and_then(|i| i.parse::<sinew_tls::SpiffeId>().ok()) {
-                            Some(id) => Arc::new(
-                                ConnPool::mesh(addr, connect_timeout, certs.clone(), id)
-                                    .with_limits(limits),
-                            ),
-                            None => {
-                                Arc::new(ConnPool::new(addr, connect_timeout).with_limits(limits))
-                            }
-                        }
-                    })
+        let (balancers, endpoints) = self.balancers(&config, &mut pools, settings, certs);
+        let app_pools = config
+            .inbound
+            .iter()
+            .flat_map(|inb| {
+                inb.ports
+                    .iter()
+                    .map(|p| (*p, SocketAddr::new(inb.app_address, *p)))
+                    .collect::<Vec<_>>()
+            })
+            .map(|(port, addr)| (port, self.pool((addr, None), &mut pools, settings, certs)))
+            .collect();
+        self.health_checks(&config, &endpoints);
+        self.endpoints = endpoints;
+        self.pools = pools;
+        let jwt = self.jwt(&config);
+        let budgets = self.budgets(&config);
+        let rate_limits = self.rate_limits(&config);
+        // Kept while its settings stay the same, so spans queued survive a reload.
+        let tracing = crate::trace::Tracing::for_config(self.tracing.as_ref(), &config);
+        self.tracing = tracing.clone();
+        let inbound_service = config
+            .identity
+            .as_ref()
+            .and_then(|i| i.service_key())
+            .map(Arc::from);
+        let capture = config
+            .capture
+            .as_ref()
+            .map(|_| Box::new(CaptureTargets::new(&config)));
+        Snapshot {
+            capture,
+            version,
+            generation: self.generation,
+            applied_at: SystemTime::now(),
+            config,
+            balancers,
+            app_pools,
+            jwt,
+            budgets,
+            rate_limits,
+            tracing,
+            inbound_service,
+        }
+    }
+
+    /// The connection pool for `key` in the snapshot being built (`pools`): the
+    /// previous snapshot's when it had one, else a new one (mTLS toward a sidecar
+    /// with an expected identity).
+    fn pool(
+        &self,
+        key: PoolKey,
+        pools: &mut HashMap<PoolKey, Arc<ConnPool>>,
+        settings: &Settings,
+        certs: &Arc<sinew_tls::CertStore>,
+    ) -> Arc<ConnPool> {
+        let (connect_timeout, limits) = (settings.connect_timeout, settings.limits);
+        pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                self.pools.get(&key).cloned().unwrap_or_else(|| {
+                    let (addr, identity) = key;
+                    match identity.and_then(|i| i.parse::<sinew_tls::SpiffeId>().ok()) {
+                        Some(id) => Arc::new(
+                            ConnPool::mesh(addr, connect_timeout, certs.clone(), id)
+                                .with_limits(limits),
+                        ),
+                        None => Arc::new(ConnPool::new(addr, connect_timeout).with_limits(limits)),
+                    }
                 })
-                .clone()
-        };
+            })
+            .clone()
+    }
+
+    /// A balancer per service port, over endpoints kept from the previous snapshot
+    /// where they are the same (latency history, outlier state); and the endpoints.
+    fn balancers(
+        &self,
+        config: &ProxyConfig,
+        pools: &mut HashMap<PoolKey, Arc<ConnPool>>,
+        settings: &Settings,
+        certs: &Arc<sinew_tls::CertStore>,
+    ) -> (Balancers, HashMap<EndpointKey, Arc<Endpoint>>) {
+        let mut endpoints = HashMap::new();
         let local_zone = config.identity.as_ref().and_then(|i| i.zone.clone());
         let mut balancers: HashMap<String, Vec<(u16, Arc<Balancer>)>, _> = HashMap::default();
         for (key, svc) in &config.services {
@@ -204,7 +273,8 @@ impl SnapshotBuilder {
                             None => (ec.address, None),
                         };
                         let ep = self.endpoints.get(&k).cloned().unwrap_or_else(|| {
-                            Arc::new(Endpoint::new(ec.clone(), pool_for(key.clone(), &mut pools)))
+                            let pool = self.pool(key.clone(), pools, settings, certs);
+                            Arc::new(Endpoint::new(ec.clone(), pool))
                         });
                         pools.entry(key).or_insert_with(|| ep.pool.clone());
                         ep.pool.set_max_connections(
@@ -229,19 +299,16 @@ impl SnapshotBuilder {
                 ));
             }
         }
-        let app_pools = config
-            .inbound
-            .iter()
-            .flat_map(|inb| {
-                inb.ports
-                    .iter()
-                    .map(|p| (*p, SocketAddr::new(inb.app_address, *p)))
-                    .collect::<Vec<_>>()
-            })
-            .map(|(port, addr)| (port, pool_for((addr, None), &mut pools)))
-            .collect();
-        // Active health checks: one checker per (endpoint without a sidecar, check),
-        // kept across reloads, stopped when no longer wanted.
+        (balancers, endpoints)
+    }
+
+    /// Active health checks: one checker per (endpoint without a sidecar, check),
+    /// kept across reloads, stopped when no longer wanted.
+    fn health_checks(
+        &mut self,
+        config: &ProxyConfig,
+        endpoints: &HashMap<EndpointKey, Arc<Endpoint>>,
+    ) {
         let mut checkers = HashMap::new();
         for (key, svc) in &config.services {
             let Some(hc) = &svc.traffic.health_check else {
@@ -268,9 +335,11 @@ impl SnapshotBuilder {
             stale.abort();
         }
         self.checkers = checkers;
-        self.endpoints = endpoints;
-        self.pools = pools;
-        // Keep the verifier (and the keys it fetched) while its rules stay the same.
+    }
+
+    /// The JWT verifier: the previous one (and the keys it fetched) while its rules
+    /// stay the same.
+    fn jwt(&mut self, config: &ProxyConfig) -> Option<crate::jwt::JwtVerifier> {
         let rules = config
             .inbound
             .as_ref()
@@ -291,7 +360,15 @@ impl SnapshotBuilder {
             }
         };
         self.jwt = jwt.clone();
-        // One retry budget per route rule, kept while its settings stay the same.
+        jwt
+    }
+
+    /// One retry budget per route rule, kept while its settings stay the same; by
+    /// the address of this snapshot's rule.
+    fn budgets(
+        &mut self,
+        config: &ProxyConfig,
+    ) -> HashMap<usize, Arc<crate::resilience::RetryBudget>, foldhash::fast::RandomState> {
         let mut budgets = HashMap::new();
         let mut by_rule = HashMap::default();
         for svc in config.services.values() {
@@ -314,8 +391,12 @@ impl SnapshotBuilder {
             }
         }
         self.budgets = budgets;
-        // The inbound's rate limits: those of this proxy's own service, kept while
-        // their settings stay the same (so buckets survive a reload).
+        by_rule
+    }
+
+    /// The inbound's rate limits: those of this proxy's own service, kept while
+    /// their settings stay the same (so buckets survive a reload).
+    fn rate_limits(&mut self, config: &ProxyConfig) -> Vec<Arc<crate::ratelimit::RateLimiter>> {
         let own = config
             .identity
             .as_ref()
@@ -344,32 +425,7 @@ impl SnapshotBuilder {
             })
             .collect();
         self.rate_limits = rate_limits.clone();
-        // Kept while its settings stay the same, so spans queued survive a reload.
-        let tracing = crate::trace::Tracing::for_config(self.tracing.as_ref(), &config);
-        self.tracing = tracing.clone();
-        let inbound_service = config
-            .identity
-            .as_ref()
-            .and_then(|i| i.service_key())
-            .map(Arc::from);
-        let capture = config
-            .capture
-            .as_ref()
-            .map(|_| Box::new(CaptureTargets::new(&config)));
-        Snapshot {
-            capture,
-            version,
-            generation: self.generation,
-            applied_at: SystemTime::now(),
-            config,
-            balancers,
-            app_pools,
-            jwt,
-            budgets: by_rule,
-            rate_limits,
-            tracing,
-            inbound_service,
-        }
+        rate_limits
     }
 }
 

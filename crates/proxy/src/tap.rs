@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
+use crate::access::{Fields, Record};
+
 /// The headers whose values a tap shows; every other header's value is
 /// `<redacted>`. An allowlist, because credentials travel in headers of any name
 /// (`x-auth-token`, `x-amz-security-token`, `x-goog-iam-authorization-token`, …) and
@@ -87,7 +89,7 @@ const QUEUE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct TapEvent {
     /// What the access log would say.
-    pub record: crate::access::Record,
+    pub record: Record,
     /// Request headers, secrets redacted.
     pub headers: BTreeMap<String, String>,
 }
@@ -125,7 +127,7 @@ impl serde::Serialize for TapEvent {
         #[derive(serde::Serialize)]
         struct Event<'a> {
             #[serde(flatten)]
-            record: crate::access::Fields<'a>,
+            record: Fields<'a>,
             headers: &'a BTreeMap<String, String>,
         }
         Event {
@@ -213,8 +215,30 @@ impl Tap {
             .any(|(_, f)| f.matches_head(direction, method, path))
     }
 
+    /// The request's headers for the taps, redacted, when a tap's filter could
+    /// match a request with this head (see [`Tap::wants`]). A method here, so the
+    /// access module (whose record this module shows) never imports this one.
+    #[inline]
+    pub fn headers_if_wanted(
+        &self,
+        direction: &str,
+        req: &http::Request<hyper::body::Incoming>,
+    ) -> Option<BTreeMap<String, String>> {
+        self.wants(direction, req.method(), req.uri().path())
+            .then(|| redacted(req.headers()))
+    }
+
+    /// The event for a finished request, when a tap's whole filter matches it.
+    #[inline]
+    pub fn event(&self, record: &Record, headers: BTreeMap<String, String>) -> Option<TapEvent> {
+        self.matches_any(record).then(|| TapEvent {
+            record: record.clone(),
+            headers,
+        })
+    }
+
     /// Whether a tap's whole filter matches this finished request.
-    pub fn matches_any(&self, record: &crate::access::Record) -> bool {
+    pub fn matches_any(&self, record: &Record) -> bool {
         self.lock().iter().any(|(_, f)| f.matches_record(record))
     }
 
@@ -334,7 +358,7 @@ impl Filter {
     }
 
     /// True when a finished request passes.
-    pub fn matches_record(&self, e: &crate::access::Record) -> bool {
+    pub fn matches_record(&self, e: &Record) -> bool {
         let service_ok = self.service.as_deref().is_none_or(|s| {
             e.service
                 .as_deref()

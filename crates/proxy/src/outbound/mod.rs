@@ -19,7 +19,7 @@ use sinew_model::resource::Protocol;
 use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, RespBody};
 use crate::error::{ProxyError, Reason};
-use crate::http_util::{self, DST_PORT, ORIG_PROTO};
+use crate::http_util;
 use crate::pool::{Reached, SendError, Version as UpVersion};
 
 use crate::state::Snapshot;
@@ -32,30 +32,26 @@ mod send;
 use plan::Plan;
 
 /// Handles one request from the local application.
-pub async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
-    let grpc = http_util::is_grpc(req.headers());
-    let hop = crate::trace::start(&ctx, Direction::Outbound, &mut req);
-    let observed = crate::access::observe(&ctx, Direction::Outbound, &req);
-    let started = std::time::Instant::now();
-    let mut meta = RequestMeta::default();
-    let resp = match forward(&ctx, req, &mut meta).await {
-        Ok(r) => r,
-        Err(e) => {
-            let side = e.side().as_str();
-            tracing::debug!(error = %e, side, peer = %ctx.peer, "outbound request failed");
-            ctx.shared.metrics.error(Direction::Outbound, e.reason());
-            e.to_response(grpc)
-        }
-    };
-    crate::ending::respond(
-        ctx.clone(),
-        Direction::Outbound,
-        meta,
-        observed,
-        hop,
-        started,
-        resp,
-    )
+pub fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Response<RespBody>> + Send {
+    crate::ending::handle::<Outbound>(ctx, req)
+}
+
+/// The outbound direction: requests forwarded by [`forward`].
+struct Outbound;
+
+impl crate::ending::Forward for Outbound {
+    const DIRECTION: Direction = Direction::Outbound;
+
+    fn forward(
+        ctx: &Arc<ConnCtx>,
+        req: Request<Incoming>,
+        meta: &mut RequestMeta,
+    ) -> impl Future<Output = Result<Response<RespBody>, ProxyError>> + Send {
+        forward(ctx, req, meta)
+    }
 }
 
 /// The `limits` of the listener a connection arrived at: its binding's, else the
@@ -160,10 +156,7 @@ async fn forward(
         .load_full()
         .ok_or(ProxyError::ShuttingDown)?;
     // A bad head is answered here, before it can reach a shared connection.
-    let (limits, body_limit) =
-        http_util::listener_limits(&ctx.shared.settings.limits, &listener_limits(ctx, &snap));
-    http_util::check_request_head(req.headers_mut(), &limits)?;
-    http_util::check_declared_length(req.headers(), body_limit)?;
+    let body_limit = check_head(ctx, &snap, &mut req)?;
     // Parsed once: routing by host and the filters below both need it.
     let parsed = http_util::authority(&req);
     let (svc, port) = target(ctx, &snap, parsed.as_ref())?;
@@ -222,15 +215,8 @@ async fn forward(
     let replayable = retry.is_some() || mirror.is_some();
     let mut payload = payload(body, replayable, body_limit).await?;
     if let (Some(m), Payload::Bytes(bytes)) = (mirror, &payload) {
-        send_mirror(
-            &snap,
-            m,
-            backend.port,
-            &parts,
-            &authority,
-            &new_path,
-            bytes.clone(),
-        );
+        let copy = (&parts, &authority, &new_path, bytes.clone());
+        send_mirror(&snap, m, backend.port, copy);
     }
     let budget = retry.and_then(|_| snap.budget(rule));
     if let Some(b) = budget {
@@ -269,18 +255,39 @@ async fn forward(
         attempt,
         hedged,
     } = tries.run(endpoint, &mut payload, parts).await;
-    let resp = match resp {
-        // Past the deadline: the whole request's time, whichever try ran out.
+    let resp = whole_request_time(resp, now, deadline)?;
+    Ok(response(resp, rule, backend, attempt, hedged))
+}
+
+/// Checks the request head against the listener's limits; the body limit, if any.
+fn check_head(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    req: &mut Request<Incoming>,
+) -> Result<Option<u64>, ProxyError> {
+    let (limits, body_limit) =
+        http_util::listener_limits(&ctx.shared.settings.limits, &listener_limits(ctx, snap));
+    http_util::check_request_head(req.headers_mut(), &limits)?;
+    http_util::check_declared_length(req.headers(), body_limit)?;
+    Ok(body_limit)
+}
+
+/// A timeout past the deadline is the whole request's, whichever try ran out.
+fn whole_request_time(
+    result: Result<Response<Incoming>, ProxyError>,
+    now: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Response<Incoming>, ProxyError> {
+    match result {
         Err(ProxyError::Timeout(_))
             if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) =>
         {
-            return Err(ProxyError::Timeout(
+            Err(ProxyError::Timeout(
                 deadline.map_or(Duration::ZERO, |d| d - now),
-            ));
+            ))
         }
-        other => other?,
-    };
-    Ok(response(resp, rule, backend, attempt, hedged))
+        other => other,
+    }
 }
 
 /// The endpoint of the first try, and the one every try goes to when the request
@@ -440,12 +447,12 @@ async fn send_attempt(
     }
     let outcome = match &result {
         Ok(r) if !r.status().is_server_error() => Outcome::Ok,
+        Ok(_) => Outcome::Failed,
         Err(SendError {
             error: ProxyError::RequestBody { .. } | ProxyError::BodyTooLarge(_),
             ..
         }) => return result,
-        Err(e) if e.error.connection_refused() => Outcome::Refused,
-        _ => Outcome::Failed,
+        Err(e) => send::outcome(Some(&e.error)),
     };
     balancer.report(endpoint, outcome);
     if matches!(
@@ -533,75 +540,87 @@ fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
 }
 
 /// Fire and forget: a copy of the request to the mirror backend, its answer ignored.
-/// The authority gets `-shadow` appended, so the mirror can tell copies apart.
+/// The authority gets `-shadow` appended, so the mirror can tell copies apart. One
+/// try through the shared send loop ([`send::Failover::MIRROR`]), its head built as
+/// the primary's tries build theirs.
 fn send_mirror(
     snap: &Snapshot,
     m: &sinew_model::compile::MirrorConfig,
     default_port: u16,
-    parts: &http::request::Parts,
-    authority: &Authority,
-    new_path: &Option<PathAndQuery>,
-    body: Option<bytes::Bytes>,
+    (parts, authority, new_path, body): MirrorCopy<'_>,
 ) {
-    let Some(endpoint) = snap
-        .balancer(&m.service, m.port.unwrap_or(default_port))
-        .and_then(|b| b.pick())
-        .cloned()
-    else {
+    let port = m.port.unwrap_or(default_port);
+    let Some(balancer) = snap.balancer(&m.service, port) else {
         return;
     };
-    let mut p = copy_head(parts);
+    let Some(endpoint) = balancer.pick().cloned() else {
+        return;
+    };
     let Ok(shadow) = Authority::try_from(format!("{}-shadow", authority.host())) else {
         return;
     };
     let protocol = snap
         .config
         .service(&m.service)
-        .and_then(|s| s.port(m.port.unwrap_or(default_port)))
+        .and_then(|s| s.port(port))
         .map_or(Protocol::Http, |p| p.protocol);
     let app_h2 = plan::app_speaks_h2(protocol, http_util::is_grpc(&parts.headers));
-    let upstream_h2 = endpoint.config.sidecar.is_some() || app_h2;
-    if endpoint.config.sidecar.is_some() {
-        p.headers
-            .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-        if !app_h2 {
-            p.headers
-                .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-        }
-    }
-    if http_util::set_target(&mut p, &shadow, new_path.clone(), upstream_h2).is_err() {
-        return;
-    }
-    let version = if upstream_h2 {
-        UpVersion::Http2
-    } else {
-        UpVersion::Http1
-    };
     static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     if IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= MAX_MIRRORS {
         IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!("mirror skipped: {MAX_MIRRORS} already in flight");
         return;
     }
+    let (balancer, service) = (balancer.clone(), m.service.clone());
+    let mut head = Some(copy_head(parts));
+    let new_path = new_path.clone();
     tokio::spawn(async move {
-        let req = Request::from_parts(p, ReqBody::Buffered(body));
-        let _ = tokio::time::timeout(MIRROR_DEADLINE, async {
-            if let Ok(resp) = endpoint.pool.send(req, version).await {
-                // Read (and drop) the answer so the connection can be reused; never
-                // hold it, and give up on one that is too long.
-                let mut body = resp.into_body();
-                let mut read = 0usize;
-                while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
-                    read += frame.data_ref().map_or(0, |d| d.len());
-                    if read > MAX_MIRROR_RESPONSE {
-                        break;
-                    }
-                }
+        let try_once = |endpoint: Arc<Endpoint>| {
+            let (head, shadow, new_path) = (head.take(), shadow.clone(), new_path.clone());
+            let body = body.clone();
+            async move {
+                let mut p = head.ok_or(ProxyError::Malformed("mirror head already sent"))?;
+                let upstream_h2 = send::mesh_marks(&endpoint, app_h2, &mut p.headers);
+                let version = send::target(&mut p, &shadow, new_path, upstream_h2)?;
+                let req = Request::from_parts(p, ReqBody::Buffered(body));
+                let resp = endpoint.pool.send(req, version).await?;
+                drain_mirror_answer(resp).await;
+                Ok(())
             }
-        })
-        .await;
+        };
+        let mirrored = send::failover(
+            &balancer,
+            Some(endpoint),
+            send::Failover::MIRROR,
+            &service,
+            try_once,
+        );
+        if let Ok(Err(e)) = tokio::time::timeout(MIRROR_DEADLINE, mirrored).await {
+            tracing::debug!(error = %e, "mirror request failed");
+        }
         IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
+}
+
+/// What a mirror's copy is made of: the primary's head, authority, path and body.
+type MirrorCopy<'a> = (
+    &'a http::request::Parts,
+    &'a Authority,
+    &'a Option<PathAndQuery>,
+    Option<bytes::Bytes>,
+);
+
+/// Reads (and drops) a mirror's answer so the connection can be reused; never holds
+/// it, and gives up on one that is too long.
+async fn drain_mirror_answer(resp: Response<Incoming>) {
+    let mut body = resp.into_body();
+    let mut read = 0usize;
+    while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+        read += frame.data_ref().map_or(0, |d| d.len());
+        if read > MAX_MIRROR_RESPONSE {
+            break;
+        }
+    }
 }
 
 /// An injected abort: the HTTP status, or a trailers-only gRPC status.
@@ -815,43 +834,55 @@ pub async fn tcp(ctx: Arc<ConnCtx>, downstream: tokio::net::TcpStream) {
     let Some(up) = snap.config.upstreams.iter().find(|u| u.bind == ctx.bind) else {
         return;
     };
-    let endpoint = pick_tcp(&ctx, &snap, &up.service, up.port);
+    let service = up.service.clone();
+    let balancer = snap.balancer(&up.service, up.port).cloned();
     drop(snap);
-    if let Some(endpoint) = endpoint {
-        tcp_to(&ctx, downstream, &endpoint).await;
-    }
-}
-
-/// An endpoint of a service port for an opaque TCP connection, or `None` (counted)
-/// when it has none.
-pub(crate) fn pick_tcp(
-    ctx: &ConnCtx,
-    snap: &Snapshot,
-    service: &str,
-    port: u16,
-) -> Option<Arc<Endpoint>> {
-    match snap.balancer(service, port).and_then(|b| b.pick()) {
-        Some(e) => Some(e.clone()),
+    let result = match balancer {
+        Some(b) => tcp_to(&ctx, downstream, &b, &service, None).await,
         None => {
-            ctx.shared
-                .metrics
-                .error(Direction::Outbound, Reason::NoEndpoints);
-            tracing::warn!(%service, "TCP connection closed: no endpoints");
-            None
+            let e = ProxyError::NoEndpoints(service);
+            ctx.shared.metrics.error(Direction::Outbound, e.reason());
+            Err(e)
         }
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "TCP connection closed");
     }
 }
 
-/// Joins `downstream` to `endpoint` (through its sidecar's tunnel when it has one).
-pub(crate) async fn tcp_to<D>(ctx: &ConnCtx, downstream: D, endpoint: &Arc<Endpoint>)
+/// Joins `downstream` to an endpoint of `balancer` (through its sidecar's tunnel
+/// when it has one): `pinned` when given, and only that one, else the balancer's
+/// pick and, when it cannot be reached, another ([`send::Failover::TCP`]). Each
+/// failure is counted; the error is the last one.
+pub(crate) async fn tcp_to<D>(
+    ctx: &ConnCtx,
+    downstream: D,
+    balancer: &Balancer,
+    service: &str,
+    pinned: Option<Arc<Endpoint>>,
+) -> Result<(), ProxyError>
 where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match UpstreamIo::open(endpoint).await {
-        Ok(io) => spawn_splice(&ctx.shared, downstream, io),
-        Err(e) => {
-            ctx.shared.metrics.error(Direction::Outbound, e.reason());
-            tracing::warn!(error = %e, "TCP connection closed");
-        }
-    }
+    let metrics = &ctx.shared.metrics;
+    let policy = match pinned {
+        Some(_) => send::Failover::PINNED,
+        None => send::Failover::TCP,
+    };
+    let open = |endpoint: Arc<Endpoint>| async move {
+        UpstreamIo::open(&endpoint).await.inspect_err(|e| {
+            metrics.error(Direction::Outbound, e.reason());
+            tracing::debug!(endpoint = %endpoint.config.address, error = %e, "TCP: endpoint unreachable");
+        })
+    };
+    let io = send::failover(balancer, pinned, policy, service, open)
+        .await
+        .inspect_err(|e| {
+            // Every try's failure is counted as it happened; none is not a try.
+            if matches!(e, ProxyError::NoEndpoints(_)) {
+                metrics.error(Direction::Outbound, e.reason());
+            }
+        })?;
+    spawn_splice(&ctx.shared, downstream, io);
+    Ok(())
 }

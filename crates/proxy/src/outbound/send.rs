@@ -1,9 +1,13 @@
-//! The send loop: one request's tries, carried out from its plan. The first try
-//! goes to the endpoint picked for it; a request no endpoint saw (refused, GOAWAY)
-//! is resent elsewhere; a crashed endpoint costs a safe request one more try; the
-//! route's retry policy retries within its budget, after a backoff; a slow first
-//! try may be hedged. Each try is [`super::send_attempt`], which reports to the
-//! balancer.
+//! The send loops. [`failover`] is the one every upstream attempt goes through that
+//! has no plan of its own: a mirror's copy (one try), an opaque TCP connection (a
+//! connect that fails goes to another endpoint). [`Tries`] carries out an HTTP
+//! request's plan: the first try goes to the endpoint picked for it; a request no
+//! endpoint saw (refused, GOAWAY) is resent elsewhere; a crashed endpoint costs a
+//! safe request one more try; the route's retry policy retries within its budget,
+//! after a backoff; a slow first try may be hedged. Each try is
+//! [`super::send_attempt`], which reports to the balancer. Both pick the next
+//! endpoint with [`elsewhere`], and build a head for an endpoint with [`mesh_marks`]
+//! and [`target`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +22,144 @@ use tokio::time::Instant;
 
 use super::plan::MESH_HEADERS;
 use super::{MAX_RESENDS, Payload, RETRY_ATTEMPT, Resend, copy_head, send_attempt};
-use crate::balance::{Balancer, Endpoint};
+use crate::balance::{Balancer, Endpoint, Outcome};
 use crate::body::{ReqBody, Watch};
 use crate::error::{ProxyError, Reason};
 use crate::http_util::{self, DST_PORT, ORIG_PROTO};
 use crate::pool::{Reached, SendError, Version as UpVersion};
 use crate::resilience::{self, RetryBudget};
 use crate::types::{ConnCtx, Direction};
+
+/// How [`failover`] tries endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failover {
+    /// Endpoints tried at most: 1 tries only the first.
+    pub tries: u32,
+    /// Whether each try's outcome goes to outlier detection.
+    pub report: bool,
+}
+
+impl Failover {
+    /// A mirror's copy: one try, never retried (best effort, and never worth a
+    /// second request), its outcome no sign of the endpoint's health for the
+    /// primary traffic.
+    pub const MIRROR: Failover = Failover {
+        tries: 1,
+        report: false,
+    };
+    /// Opaque TCP to a service: a connection that cannot be made is made to
+    /// another endpoint (nothing was sent yet, so the application never notices).
+    pub const TCP: Failover = Failover {
+        tries: 2,
+        report: true,
+    };
+    /// Opaque TCP to the one endpoint the application addressed: nowhere else.
+    pub const PINNED: Failover = Failover {
+        tries: 1,
+        report: true,
+    };
+}
+
+/// The endpoint-failover loop: `attempt` against `first` (else the balancer's
+/// pick), then, while the error says another endpoint may succeed
+/// ([`ProxyError::retryable`]) and `policy` allows another try, against another
+/// endpoint. Each outcome goes to outlier detection when `policy` says so (a refusal
+/// as such: [`ProxyError::connection_refused`]). The error is the last try's, or
+/// [`ProxyError::NoEndpoints`] (naming `service`) when there was no endpoint to try
+/// first. Generic over the attempt: no boxing, one future.
+pub(crate) async fn failover<T, F, Fut>(
+    balancer: &Balancer,
+    first: Option<Arc<Endpoint>>,
+    policy: Failover,
+    service: &str,
+    mut attempt: F,
+) -> Result<T, ProxyError>
+where
+    F: FnMut(Arc<Endpoint>) -> Fut,
+    Fut: Future<Output = Result<T, ProxyError>>,
+{
+    let Some(mut endpoint) = first.or_else(|| balancer.pick().cloned()) else {
+        return Err(ProxyError::NoEndpoints(service.to_owned()));
+    };
+    let mut tried = 1;
+    loop {
+        let result = attempt(endpoint.clone()).await;
+        if policy.report {
+            balancer.report(&endpoint, outcome(result.as_ref().err()));
+        }
+        let error = match result {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        if !error.retryable() || tried >= policy.tries {
+            return Err(error);
+        }
+        let Some(next) = elsewhere(balancer, None, &endpoint) else {
+            return Err(error);
+        };
+        tracing::debug!(endpoint = %endpoint.config.address, %error, "trying another endpoint");
+        endpoint = next;
+        tried += 1;
+    }
+}
+
+/// How a try went, for outlier detection: `None` is an answer.
+pub(super) fn outcome(error: Option<&ProxyError>) -> Outcome {
+    match error {
+        None => Outcome::Ok,
+        Some(e) if e.connection_refused() => Outcome::Refused,
+        Some(_) => Outcome::Failed,
+    }
+}
+
+/// The endpoint of a try after one to `not`: the pinned one when the request is
+/// pinned, else another one when there is one, else any.
+pub(super) fn elsewhere(
+    balancer: &Balancer,
+    pinned: Option<&Arc<Endpoint>>,
+    not: &Arc<Endpoint>,
+) -> Option<Arc<Endpoint>> {
+    if let Some(p) = pinned {
+        return Some(p.clone());
+    }
+    balancer
+        .pick_other(not)
+        .or_else(|| balancer.pick())
+        .cloned()
+}
+
+/// Marks a head for `endpoint`: for its sidecar, the port to deliver to and (when
+/// the application does not speak HTTP/2 itself) the protocol to speak to it; for
+/// an application reached directly, no marks (a head built for a sidecar before,
+/// a resend elsewhere, loses them). Says whether the try speaks HTTP/2.
+pub(super) fn mesh_marks(endpoint: &Endpoint, app_h2: bool, headers: &mut http::HeaderMap) -> bool {
+    if endpoint.config.sidecar.is_some() {
+        headers.insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
+        if !app_h2 {
+            headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        }
+        true
+    } else {
+        http_util::remove_headers(headers, &MESH_HEADERS);
+        app_h2
+    }
+}
+
+/// Sets a head's target (authority, path) for the try's protocol, and says which
+/// that is.
+pub(super) fn target(
+    p: &mut Parts,
+    authority: &Authority,
+    new_path: Option<PathAndQuery>,
+    upstream_h2: bool,
+) -> Result<UpVersion, ProxyError> {
+    http_util::set_target(p, authority, new_path, upstream_h2)?;
+    Ok(if upstream_h2 {
+        UpVersion::Http2
+    } else {
+        UpVersion::Http1
+    })
+}
 
 /// What every try of one request shares, borrowed from the request's plan and
 /// snapshot.
@@ -365,13 +500,7 @@ impl Tries<'_> {
 
     /// Another endpoint than `not`, when there is one.
     fn elsewhere(&self, not: &Arc<Endpoint>) -> Option<Arc<Endpoint>> {
-        if self.pinned.is_some() {
-            return self.pinned.clone();
-        }
-        self.balancer
-            .pick_other(not)
-            .or_else(|| self.balancer.pick())
-            .cloned()
+        elsewhere(self.balancer, self.pinned.as_ref(), not)
     }
 
     /// One try's request, for any endpoint.
@@ -382,18 +511,7 @@ impl Tries<'_> {
         body: ReqBody,
         mut p: Parts,
     ) -> Result<(Request<ReqBody>, UpVersion, Option<Duration>), ProxyError> {
-        let upstream_h2 = endpoint.config.sidecar.is_some() || self.app_h2;
-        if endpoint.config.sidecar.is_some() {
-            p.headers
-                .insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
-            if !self.app_h2 {
-                p.headers
-                    .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-            }
-        } else {
-            // A head built for a sidecar before (a resend elsewhere) loses its marks.
-            http_util::remove_headers(&mut p.headers, &MESH_HEADERS);
-        }
+        let upstream_h2 = mesh_marks(endpoint, self.app_h2, &mut p.headers);
         if attempt > 0 {
             p.headers.insert(RETRY_ATTEMPT, HeaderValue::from(attempt));
         }
@@ -415,12 +533,7 @@ impl Tries<'_> {
             }
             per_try = Some(per_try.map_or(left, |t| t.min(left)));
         }
-        http_util::set_target(&mut p, self.authority, self.new_path.clone(), upstream_h2)?;
-        let version = if upstream_h2 {
-            UpVersion::Http2
-        } else {
-            UpVersion::Http1
-        };
+        let version = target(&mut p, self.authority, self.new_path.clone(), upstream_h2)?;
         Ok((Request::from_parts(p, body), version, per_try))
     }
 }
@@ -438,5 +551,142 @@ fn crashed(endpoint: &Endpoint, result: &Result<Response<Incoming>, ProxyError>)
                     .is_some_and(|v| v.as_bytes() == Reason::UpstreamFailed.as_str().as_bytes())
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::sync::Mutex;
+
+    use sinew_model::compile::EndpointConfig;
+    use sinew_model::resource::LoadBalancer;
+
+    use super::*;
+    use crate::pool::ConnPool;
+
+    fn endpoint(port: u16) -> Arc<Endpoint> {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        Arc::new(Endpoint::new(
+            EndpointConfig {
+                workload: format!("test/{port}"),
+                address: addr,
+                sidecar: None,
+                identity: None,
+                zone: None,
+            },
+            Arc::new(ConnPool::new(addr, Duration::from_secs(1))),
+        ))
+    }
+
+    fn refused(port: u16) -> ProxyError {
+        ProxyError::Connect {
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+        }
+    }
+
+    /// Runs `failover` over endpoints on ports 1 and 2, first to port 1, each try
+    /// answered by `answer` (by port); the ports tried, in order, and the result.
+    async fn run(
+        policy: Failover,
+        answer: impl Fn(u16) -> Result<u16, ProxyError>,
+    ) -> (Vec<u16>, Result<u16, ProxyError>, Arc<Balancer>) {
+        let (one, two) = (endpoint(1), endpoint(2));
+        let balancer = Arc::new(Balancer::new(
+            vec![one.clone(), two],
+            LoadBalancer::RoundRobin,
+        ));
+        let tried = Mutex::new(Vec::new());
+        let result = failover(&balancer, Some(one), policy, "svc", |e: Arc<Endpoint>| {
+            let port = e.config.address.port();
+            tried.lock().unwrap().push(port);
+            let answer = answer(port);
+            async move { answer }
+        })
+        .await;
+        (tried.into_inner().unwrap(), result, balancer)
+    }
+
+    #[tokio::test]
+    async fn a_refused_endpoint_is_reported_and_the_next_one_tried() {
+        let (tried, result, balancer) = run(Failover::TCP, |port| match port {
+            1 => Err(refused(1)),
+            p => Ok(p),
+        })
+        .await;
+        assert_eq!(tried, vec![1, 2]);
+        assert_eq!(result.unwrap(), 2);
+        // Reported as a refusal: the default outlier detection ejects it at once.
+        let first = &balancer.endpoints()[0];
+        assert!(first.is_ejected(std::time::Instant::now()));
+        assert!(!balancer.endpoints()[1].is_ejected(std::time::Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn tries_stop_at_the_policys_count_with_the_last_error() {
+        let (tried, result, _) = run(Failover::TCP, |port| Err(refused(port))).await;
+        assert_eq!(tried, vec![1, 2]);
+        assert!(matches!(result, Err(ProxyError::Connect { addr, .. }) if addr.port() == 2));
+    }
+
+    #[tokio::test]
+    async fn an_error_no_other_endpoint_can_help_stops_the_loop() {
+        let (tried, result, balancer) = run(Failover::TCP, |port| match port {
+            1 => Err(ProxyError::Overflow("max-requests")),
+            p => Ok(p),
+        })
+        .await;
+        assert_eq!(tried, vec![1]);
+        assert!(matches!(result, Err(ProxyError::Overflow(_))));
+        // A failure, not a refusal: one is not enough to eject.
+        assert!(!balancer.endpoints()[0].is_ejected(std::time::Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn a_mirror_is_never_retried_nor_reported() {
+        let (tried, result, balancer) = run(Failover::MIRROR, |port| match port {
+            1 => Err(refused(1)),
+            p => Ok(p),
+        })
+        .await;
+        assert_eq!(tried, vec![1]);
+        assert!(result.unwrap_err().connection_refused());
+        assert!(!balancer.endpoints()[0].is_ejected(std::time::Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn a_pinned_endpoint_is_the_only_one_tried() {
+        let (tried, result, balancer) = run(Failover::PINNED, |port| match port {
+            1 => Err(refused(1)),
+            p => Ok(p),
+        })
+        .await;
+        assert_eq!(tried, vec![1]);
+        assert!(result.is_err());
+        assert!(balancer.endpoints()[0].is_ejected(std::time::Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn with_no_endpoint_nothing_is_tried() {
+        let balancer = Balancer::new(Vec::new(), LoadBalancer::RoundRobin);
+        let result = failover(&balancer, None, Failover::TCP, "svc.ns", |_| async {
+            Ok::<_, ProxyError>(())
+        })
+        .await;
+        assert!(matches!(result, Err(ProxyError::NoEndpoints(s)) if s == "svc.ns"));
+    }
+
+    #[tokio::test]
+    async fn without_a_first_endpoint_the_balancer_picks() {
+        let balancer = Balancer::new(vec![endpoint(7)], LoadBalancer::RoundRobin);
+        let result = failover(&balancer, None, Failover::TCP, "svc", |e: Arc<Endpoint>| {
+            let port = e.config.address.port();
+            async move { Ok::<_, ProxyError>(port) }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
     }
 }
