@@ -322,95 +322,8 @@ impl Proxy {
         let applier = Applier::new(shared.clone(), rt);
         let (reload_tx, reload_rx) = mpsc::channel(1);
         let (stop_tx, stop_rx) = oneshot::channel();
-        let (source_label, task): (String, SourceTask) = match &opts.source {
-            ConfigSource::File(path) => {
-                let mut watcher = ConfigWatcher::new(path.clone(), opts.name.clone(), applier);
-                if let Err(e) = watcher.load(true) {
-                    tracing::error!(
-                        "starting without configuration; fix the file and it is applied:\n{e}"
-                    );
-                }
-                let interval = opts.reload_interval;
-                (
-                    path.display().to_string(),
-                    Box::new(move || Box::pin(watcher.run(reload_rx, interval))),
-                )
-            }
-            ConfigSource::ControlPlane(settings) => {
-                let settings = (**settings).clone();
-                // Every proxy of a control plane has a mesh identity: its streams
-                // are authenticated with it.
-                shared
-                    .identity_required
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                (
-                    format!("control plane {}", settings.url),
-                    Box::new(move || Box::pin(control::run(settings, applier))),
-                )
-            }
-            ConfigSource::Static(config) => {
-                let mut applier = applier;
-                let config = (**config).clone();
-                let json = serde_json::to_vec(&config).unwrap_or_default();
-                let version = format!("{:016x}", reload::fnv64(&json));
-                // Refused only for listeners that cannot be bound (reported as for a
-                // file): kept, and applied again on `reload`, when a port may be free.
-                let mut pending = match applier.apply(config.clone(), version.clone()) {
-                    Ok(_) => None,
-                    Err(e) => {
-                        applier.refuse(&e);
-                        Some((config, version))
-                    }
-                };
-                (
-                    "in-process configuration".to_owned(),
-                    Box::new(move || {
-                        Box::pin(async move {
-                            // The applier owns the listeners: kept until the proxy goes.
-                            let mut reload_rx = reload_rx;
-                            while reload_rx.recv().await.is_some() {
-                                if let Some((config, version)) = pending.take()
-                                    && let Err(e) = applier.apply(config.clone(), version.clone())
-                                {
-                                    applier.refuse(&e);
-                                    pending = Some((config, version));
-                                }
-                            }
-                        })
-                    }),
-                )
-            }
-        };
-        let admin_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("sinew-admin".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin runtime failed to start");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(admin) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "admin listener failed");
-                            return;
-                        }
-                    };
-                    tokio::select! {
-                        _ = admin::serve(listener, admin_shared, source_label) => {}
-                        _ = task() => {}
-                        _ = stop_rx => {}
-                    }
-                });
-            })
-            .map_err(StartError::Thread)?;
+        let (source_label, task) = config_task(&opts, &shared, applier, reload_rx);
+        spawn_admin(admin, shared.clone(), source_label, task, stop_rx)?;
         tracing::info!(admin = %admin_addr, "sinew-proxy started");
         Ok(Proxy {
             shared,
@@ -507,4 +420,115 @@ impl Drop for Proxy {
             let _ = stop.send(());
         }
     }
+}
+
+/// The task that keeps the proxy's configuration (watching a file, following a
+/// control plane, or holding an in-process one) and how the admin API names its
+/// source. The file and static sources are applied once before this returns.
+fn config_task(
+    opts: &ProxyOptions,
+    shared: &Arc<Shared>,
+    applier: Applier,
+    reload_rx: mpsc::Receiver<()>,
+) -> (String, SourceTask) {
+    match &opts.source {
+        ConfigSource::File(path) => {
+            let mut watcher = ConfigWatcher::new(path.clone(), opts.name.clone(), applier);
+            if let Err(e) = watcher.load(true) {
+                tracing::error!(
+                    "starting without configuration; fix the file and it is applied:\n{e}"
+                );
+            }
+            let interval = opts.reload_interval;
+            (
+                path.display().to_string(),
+                Box::new(move || Box::pin(watcher.run(reload_rx, interval))),
+            )
+        }
+        ConfigSource::ControlPlane(settings) => {
+            let settings = (**settings).clone();
+            // Every proxy of a control plane has a mesh identity: its streams
+            // are authenticated with it.
+            shared
+                .identity_required
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            (
+                format!("control plane {}", settings.url),
+                Box::new(move || Box::pin(control::run(settings, applier))),
+            )
+        }
+        ConfigSource::Static(config) => {
+            let mut applier = applier;
+            let config = (**config).clone();
+            let json = serde_json::to_vec(&config).unwrap_or_default();
+            let version = format!("{:016x}", reload::fnv64(&json));
+            // Refused only for listeners that cannot be bound (reported as for a
+            // file): kept, and applied again on `reload`, when a port may be free.
+            let mut pending = match applier.apply(config.clone(), version.clone()) {
+                Ok(_) => None,
+                Err(e) => {
+                    applier.refuse(&e);
+                    Some((config, version))
+                }
+            };
+            (
+                "in-process configuration".to_owned(),
+                Box::new(move || {
+                    Box::pin(async move {
+                        // The applier owns the listeners: kept until the proxy goes.
+                        let mut reload_rx = reload_rx;
+                        while reload_rx.recv().await.is_some() {
+                            if let Some((config, version)) = pending.take()
+                                && let Err(e) = applier.apply(config.clone(), version.clone())
+                            {
+                                applier.refuse(&e);
+                                pending = Some((config, version));
+                            }
+                        }
+                    })
+                }),
+            )
+        }
+    }
+}
+
+/// The admin thread: its own current-thread runtime serving the admin API and the
+/// configuration task, so a busy data plane never delays `/ready` or a reload.
+fn spawn_admin(
+    admin: std::net::TcpListener,
+    admin_shared: Arc<Shared>,
+    source_label: String,
+    task: SourceTask,
+    stop_rx: oneshot::Receiver<()>,
+) -> Result<(), StartError> {
+    std::thread::Builder::new()
+        .name("sinew-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(admin) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener failed");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = admin::serve(listener, admin_shared, source_label) => {}
+                    _ = task() => {}
+                    _ = stop_rx => {}
+                }
+            });
+        })
+        .map_err(StartError::Thread)?;
+    Ok(())
 }

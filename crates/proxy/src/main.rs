@@ -261,33 +261,7 @@ fn main() -> anyhow::Result<()> {
         .init();
 
     if args.check {
-        let Some(config) = &args.config else {
-            anyhow::bail!("--check needs --config FILE");
-        };
-        let label = config.display().to_string();
-        let text =
-            std::fs::read_to_string(config).with_context(|| format!("{label}: cannot read"))?;
-        // The control plane's limit: a file it would refuse does not pass the check.
-        if let Some(why) = sinew_api::limits::too_large(&label, &text) {
-            eprintln!("{why}");
-            std::process::exit(1);
-        }
-        match sinew_model::compile::compile_text(&label, &text, args.name.as_deref()) {
-            Ok(cfg) => {
-                println!(
-                    "{label}: ok: proxy {}/{}, {} services, {} upstream bindings",
-                    cfg.namespace,
-                    cfg.name,
-                    cfg.services.len(),
-                    cfg.upstreams.len()
-                );
-                return Ok(());
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
-            }
-        }
+        return check(&args);
     }
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -297,59 +271,9 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = rt.build().context("cannot start the runtime")?;
     rt.block_on(async move {
-        let mut opts = match (args.config, args.control_plane) {
+        let mut opts = match (args.config.clone(), args.control_plane.clone()) {
             (Some(path), _) => ProxyOptions::new(path),
-            (None, Some(url)) => {
-                let name = args.name.clone().unwrap_or_default();
-                let proxy = if name.contains('/') {
-                    name
-                } else {
-                    format!("default/{name}")
-                };
-                let mut settings = ControlSettings::new(url, proxy);
-                settings.stats_interval = args.stats_interval_ms.unwrap_or(args.stats_interval);
-                if args.capture {
-                    settings.capture = Some(sinew_model::resource::CaptureSpec {
-                        outbound_port: args.capture_outbound_port,
-                        inbound_port: args.capture_inbound_port,
-                        opaque_ports: args.opaque_ports.clone(),
-                        detect_timeout: args
-                            .detect_timeout
-                            .map(|d| sinew_model::resource::Parsed::new(resource_duration(d)))
-                            .transpose()
-                            .map_err(|e| anyhow::anyhow!("--detect-timeout: {e}"))?,
-                        dns_port: args.capture_dns_port,
-                    });
-                }
-                settings.join_token = match (&args.join_token, &args.join_token_file) {
-                    (Some(t), _) => Some(t.trim().to_owned()),
-                    (None, Some(f)) => Some(
-                        std::fs::read_to_string(f)
-                            .with_context(|| {
-                                format!("{}: cannot read the join token", f.display())
-                            })?
-                            .trim()
-                            .to_owned(),
-                    ),
-                    (None, None) => None,
-                };
-                settings.join_token_file = args.join_token_file.clone();
-                settings.control_plane_ca = args.control_plane_ca.clone();
-                settings.identity_dir = args.identity_dir.clone();
-                settings.registration = args.service.map(|service| Registration {
-                    service,
-                    address: args.address.clone(),
-                    ports: args
-                        .ports
-                        .iter()
-                        .map(|(k, v)| (k.clone(), u32::from(*v)))
-                        .collect(),
-                    labels: args.labels.iter().cloned().collect(),
-                    sidecar_port: args.inbound.map_or(0, |a| u32::from(a.port())),
-                    service_account: args.service_account.clone().unwrap_or_default(),
-                });
-                ProxyOptions::control_plane(settings)
-            }
+            (None, Some(url)) => ProxyOptions::control_plane(control_settings(&args, url)?),
             (None, None) => anyhow::bail!("give --config FILE or --control-plane URL"),
         };
         opts.name = args.name;
@@ -378,6 +302,88 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// `--check`: compiles the file as the proxy would and says what it holds, or why not
+/// (exit 1).
+fn check(args: &Args) -> anyhow::Result<()> {
+    let Some(config) = &args.config else {
+        anyhow::bail!("--check needs --config FILE");
+    };
+    let label = config.display().to_string();
+    let text = std::fs::read_to_string(config).with_context(|| format!("{label}: cannot read"))?;
+    // The control plane's limit: a file it would refuse does not pass the check.
+    if let Some(why) = sinew_api::limits::too_large(&label, &text) {
+        eprintln!("{why}");
+        std::process::exit(1);
+    }
+    match sinew_model::compile::compile_text(&label, &text, args.name.as_deref()) {
+        Ok(cfg) => {
+            println!(
+                "{label}: ok: proxy {}/{}, {} services, {} upstream bindings",
+                cfg.namespace,
+                cfg.name,
+                cfg.services.len(),
+                cfg.upstreams.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The control-plane settings the flags give (`--control-plane URL`).
+fn control_settings(args: &Args, url: String) -> anyhow::Result<ControlSettings> {
+    let name = args.name.clone().unwrap_or_default();
+    let proxy = if name.contains('/') {
+        name
+    } else {
+        format!("default/{name}")
+    };
+    let mut settings = ControlSettings::new(url, proxy);
+    settings.stats_interval = args.stats_interval_ms.unwrap_or(args.stats_interval);
+    if args.capture {
+        settings.capture = Some(sinew_model::resource::CaptureSpec {
+            outbound_port: args.capture_outbound_port,
+            inbound_port: args.capture_inbound_port,
+            opaque_ports: args.opaque_ports.clone(),
+            detect_timeout: args
+                .detect_timeout
+                .map(|d| sinew_model::resource::Parsed::new(resource_duration(d)))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--detect-timeout: {e}"))?,
+            dns_port: args.capture_dns_port,
+        });
+    }
+    settings.join_token = match (&args.join_token, &args.join_token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("{}: cannot read the join token", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    settings.join_token_file = args.join_token_file.clone();
+    settings.control_plane_ca = args.control_plane_ca.clone();
+    settings.identity_dir = args.identity_dir.clone();
+    settings.registration = args.service.clone().map(|service| Registration {
+        service,
+        address: args.address.clone(),
+        ports: args
+            .ports
+            .iter()
+            .map(|(k, v)| (k.clone(), u32::from(*v)))
+            .collect(),
+        labels: args.labels.iter().cloned().collect(),
+        sidecar_port: args.inbound.map_or(0, |a| u32::from(a.port())),
+        service_account: args.service_account.clone().unwrap_or_default(),
+    });
+    Ok(settings)
 }
 
 /// A flag's duration as a resource spells it (`CaptureSpec.detectTimeout`, at most
