@@ -41,6 +41,7 @@ pub(super) struct Route<'s> {
 
 /// Matches `req` against `port`'s routes and picks a backend by weight: `draw`
 /// gets the rule's total weight and returns a number below it.
+#[inline]
 pub(super) fn route<'s, B>(
     port: &'s PortConfig,
     req: &Request<B>,
@@ -92,6 +93,7 @@ pub(super) struct Plan<'s> {
 /// `authority` is the one parsed from the head (routing used it); `port` is the
 /// port the request arrived for, whose protocol applies when the backend's port is
 /// not in the configuration.
+#[inline]
 pub(super) fn plan<'s, B>(
     config: &ProxyConfig,
     port: &PortConfig,

@@ -132,6 +132,7 @@ pub(super) fn elsewhere(
 /// the application does not speak HTTP/2 itself) the protocol to speak to it; for
 /// an application reached directly, no marks (a head built for a sidecar before,
 /// a resend elsewhere, loses them). Says whether the try speaks HTTP/2.
+#[inline]
 pub(super) fn mesh_marks(endpoint: &Endpoint, app_h2: bool, headers: &mut http::HeaderMap) -> bool {
     if endpoint.config.sidecar.is_some() {
         headers.insert(DST_PORT, HeaderValue::from(endpoint.config.address.port()));
@@ -147,6 +148,7 @@ pub(super) fn mesh_marks(endpoint: &Endpoint, app_h2: bool, headers: &mut http::
 
 /// Sets a head's target (authority, path) for the try's protocol, and says which
 /// that is.
+#[inline]
 pub(super) fn target(
     p: &mut Parts,
     authority: &Authority,
@@ -235,7 +237,11 @@ impl Tries<'_> {
             {
                 *payload = Payload::Bytes(bytes);
             }
-            if self.again(&mut st, &ep, &result, payload).await {
+            if let Some(until) = self.again(&mut st, &ep, &result, payload) {
+                // Decided without a future; only a retry's backoff waits.
+                if let Some(until) = until {
+                    tokio::time::sleep_until(until).await;
+                }
                 continue;
             }
             return self.sent(result, &st);
@@ -324,6 +330,7 @@ impl Tries<'_> {
     }
 
     /// The body of the next try.
+    #[inline]
     fn body(&self, st: &mut State, payload: &mut Payload) -> ReqBody {
         match payload {
             Payload::Bytes(b) => ReqBody::Buffered(b.clone()),
@@ -403,6 +410,7 @@ impl Tries<'_> {
     /// Never seen by the endpoint: another one takes it, whatever the method and
     /// the route's retry policy (not a retry: the request was not tried). `None`
     /// when it is resent.
+    #[inline]
     fn unreached(
         &self,
         st: &mut State,
@@ -445,15 +453,15 @@ impl Tries<'_> {
         }
     }
 
-    /// Whether to try again after `result` from `endpoint` (and, for a retry, after
-    /// its backoff).
-    async fn again(
+    /// Whether to try again after `result` from `endpoint`: `None` no; `Some(None)`
+    /// at once (a crashed endpoint); `Some(Some(t))` at `t`, after a retry's backoff.
+    fn again(
         &self,
         st: &mut State,
         endpoint: &Arc<Endpoint>,
         result: &Result<Response<Incoming>, ProxyError>,
         payload: &Payload,
-    ) -> bool {
+    ) -> Option<Option<Instant>> {
         let bytes = matches!(payload, Payload::Bytes(_));
         // Without a retry policy, a safe request (GET, HEAD, OPTIONS, TRACE: RFC
         // 9110 §9.2.2 lets a client repeat them) whose endpoint broke the connection
@@ -469,7 +477,7 @@ impl Tries<'_> {
             st.attempt += 1;
             self.ctx.shared.metrics.retry();
             st.previous = Some(endpoint.clone());
-            return true;
+            return Some(None);
         }
         let should_retry = match (result, self.retry) {
             (_, None) => false,
@@ -485,9 +493,8 @@ impl Tries<'_> {
                 resilience::backoff(r.backoff, st.attempt)
             });
             let until = Instant::now() + pause;
-            tokio::time::sleep_until(self.deadline.map_or(until, |d| d.min(until))).await;
             st.previous = Some(endpoint.clone());
-            return true;
+            return Some(Some(self.deadline.map_or(until, |d| d.min(until))));
         }
         if should_retry {
             self.ctx
@@ -495,7 +502,7 @@ impl Tries<'_> {
                 .metrics
                 .error(Direction::Outbound, Reason::RetryBudgetExhausted);
         }
-        false
+        None
     }
 
     /// Another endpoint than `not`, when there is one.
@@ -504,6 +511,7 @@ impl Tries<'_> {
     }
 
     /// One try's request, for any endpoint.
+    #[inline]
     fn build(
         &self,
         endpoint: &Arc<Endpoint>,
