@@ -186,6 +186,7 @@ impl Acceptor {
             orig_dst: None,
             plaintext_port: None,
             last_series: Default::default(),
+            last_host: Default::default(),
         });
         Some(Accepted {
             ctx,

@@ -165,6 +165,7 @@ fn with_dst(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
         orig_dst: Some(dst),
         plaintext_port: None,
         last_series: Default::default(),
+        last_host: Default::default(),
     })
 }
 
@@ -180,6 +181,7 @@ fn plaintext(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
         orig_dst: Some(dst),
         plaintext_port: Some(dst.port()),
         last_series: Default::default(),
+        last_host: Default::default(),
     })
 }
 

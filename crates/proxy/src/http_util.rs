@@ -132,6 +132,36 @@ pub fn authority<B>(req: &Request<B>) -> Option<Authority> {
     Authority::try_from(host).ok()
 }
 
+/// The authority a connection's last request named in its Host header.
+///
+/// Why: an HTTP/1.1 keep-alive connection names the same host on every request, and
+/// parsing it (a copy into a new buffer, then the parse) was ~600 instructions a
+/// request (callgrind, one hop). A hit compares the header's bytes with the held
+/// authority and clones it (a reference count).
+#[derive(Debug, Default)]
+pub struct LastHost(std::sync::Mutex<Option<Authority>>);
+
+impl LastHost {
+    /// [`authority`], remembering what the Host header parsed to.
+    pub fn authority<B>(&self, req: &Request<B>) -> Option<Authority> {
+        if let Some(a) = req.uri().authority() {
+            return Some(a.clone());
+        }
+        let host = req.headers().get(header::HOST)?;
+        if let Ok(last) = self.0.lock()
+            && let Some(a) = last.as_ref()
+            && a.as_str().as_bytes() == host.as_bytes()
+        {
+            return Some(a.clone());
+        }
+        let parsed = Authority::try_from(host.to_str().ok()?).ok()?;
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(parsed.clone());
+        }
+        Some(parsed)
+    }
+}
+
 /// Rewrites the request head for the upstream version: HTTP/2 carries the authority
 /// in an absolute URI and no Host header; HTTP/1.1 carries origin-form and Host.
 pub fn set_target(
@@ -258,6 +288,34 @@ pub fn check_declared_length(headers: &HeaderMap, limit: Option<u64>) -> Result<
 mod head_tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn last_host_gives_what_each_request_names() {
+        let req = |host: &str, uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .header(header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        let last = LastHost::default();
+        // The first parse, then the held one for the same header, then a new host.
+        for (host, uri, want) in [
+            ("a.example:8080", "/", Some("a.example:8080")),
+            ("a.example:8080", "/x", Some("a.example:8080")),
+            ("b.example", "/", Some("b.example")),
+            ("a.example:8080", "/", Some("a.example:8080")),
+            // The absolute form's authority wins over Host, as `authority` says.
+            ("a.example", "http://c.example/", Some("c.example")),
+            // A Host that is no authority is none, whatever was held.
+            ("bad host", "/", None),
+        ] {
+            let r = req(host, uri);
+            let got = last.authority(&r);
+            assert_eq!(got.as_ref().map(Authority::as_str), want, "{host} {uri}");
+            assert_eq!(got, authority(&r), "{host} {uri}");
+        }
+    }
 
     #[test]
     fn oversized_or_doubled_heads_are_refused_and_underscores_dropped() {

@@ -402,6 +402,7 @@ spec:
             orig_dst: None,
             plaintext_port: None,
             last_series: Default::default(),
+            last_host: Default::default(),
         });
         let std = stream.into_std().unwrap_or_else(|e| panic!("{e}"));
         let conn = |f: fn(&Arc<ConnCtx>, tokio::net::TcpStream) -> usize| {

@@ -86,6 +86,7 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
             orig_dst: ctx.orig_dst,
             plaintext_port: None,
             last_series: Default::default(),
+            last_host: Default::default(),
         });
         serve_http(ctx, tls).await;
     }

@@ -163,6 +163,8 @@ pub struct ConnCtx {
     pub plaintext_port: Option<u16>,
     /// The metrics series this connection's last request was counted in.
     pub last_series: LastSeries,
+    /// The authority its last request's Host header named.
+    pub last_host: crate::http_util::LastHost,
 }
 
 /// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB

@@ -159,7 +159,7 @@ async fn forward(
     // A bad head is answered here, before it can reach a shared connection.
     let body_limit = check_head(ctx, &snap, &mut req)?;
     // Parsed once: routing by host and the filters below both need it.
-    let parsed = http_util::authority(&req);
+    let parsed = ctx.last_host.authority(&req);
     let (svc, port) = target(ctx, &snap, parsed.as_ref())?;
     crate::trace::note_service(req.extensions(), svc);
     meta.service = Some(svc.key.clone());
