@@ -172,9 +172,7 @@ mod tests {
 
     #[test]
     fn parses_and_formats() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web"
-            .parse()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), Some("shop"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");

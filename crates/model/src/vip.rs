@@ -143,19 +143,19 @@ mod tests {
 
     #[test]
     fn cidrs_parse_and_contain() {
-        let c = Cidr::parse("10.1.2.3/16").unwrap_or_else(|e| panic!("{e}"));
+        let c = Cidr::parse("10.1.2.3/16").unwrap();
         assert_eq!(c.to_string(), "10.1.0.0/16");
-        assert!(c.contains("10.1.255.1".parse().unwrap_or_else(|e| panic!("{e}"))));
-        assert!(!c.contains("10.2.0.1".parse().unwrap_or_else(|e| panic!("{e}"))));
+        assert!(c.contains("10.1.255.1".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("nope/8").is_err());
-        let v6 = Cidr::parse("fd00::/64").unwrap_or_else(|e| panic!("{e}"));
-        assert!(v6.contains("fd00::5".parse().unwrap_or_else(|e| panic!("{e}"))));
+        let v6 = Cidr::parse("fd00::/64").unwrap();
+        assert!(v6.contains("fd00::5".parse().unwrap()));
     }
 
     #[test]
     fn allocation_is_stable_and_collision_free() {
-        let range = Cidr::parse("10.9.0.0/29").unwrap_or_else(|e| panic!("{e}"));
+        let range = Cidr::parse("10.9.0.0/29").unwrap();
         let keys: BTreeSet<String> = (0..6).map(|i| format!("s{i}.default")).collect();
         let a = allocate(range, &keys, &BTreeSet::new());
         let b = allocate(range, &keys, &BTreeSet::new());
@@ -209,7 +209,7 @@ mod tests {
                 ],
             ),
         ] {
-            let range = Cidr::parse(range).unwrap_or_else(|e| panic!("{e}"));
+            let range = Cidr::parse(range).unwrap();
             let got = allocate(range, &keys, &BTreeSet::new());
             let got: Vec<String> = got
                 .values()

@@ -300,7 +300,8 @@ fn capture_and_virtual_ips_are_validated() {
     let ok = format!(
         "{base}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec:\n  capture: {{opaquePorts: [3306], detectTimeout: 250ms, dnsPort: 15053}}\n---\napiVersion: sinew.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec:\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n  virtualIPRange: 10.96.0.0/12\n"
     );
-    let cfg = compile_text("mesh.yaml", &ok, None).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = compile_text("mesh.yaml", &ok, None)
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
     let cap = cfg.capture.as_ref().unwrap();
     assert_eq!((cap.outbound_port, cap.inbound_port), (15001, 15006));
     assert_eq!(cap.detect_timeout, std::time::Duration::from_millis(250));
@@ -316,7 +317,8 @@ fn capture_and_virtual_ips_are_validated() {
     let dual = format!(
         "{dual}---\napiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: shop}}\nspec: {{capture: {{}}}}\n"
     );
-    let cfg = compile_text("dual.yaml", &dual, None).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = compile_text("dual.yaml", &dual, None)
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
     let d = cfg.service("d.shop").unwrap();
     assert_eq!(d.virtual_ip, "10.96.0.9".parse().ok());
     let both: Vec<std::net::IpAddr> =

@@ -446,13 +446,15 @@ fn a_pattern_before_its_type_is_refused_too() {
         "{SERVICE}---\n{}",
         route("    - matches:\n        - path: {value: \"/v[0-9]+\", type: RegularExpression}\n")
     );
-    let docs = parse_documents("typed.yaml", &ok).unwrap_or_else(|e| panic!("{e}"));
+    let docs =
+        parse_documents("typed.yaml", &ok).unwrap_or_else(|e| panic!("the test's documents: {e}"));
     let json = docs[1].resource.to_json();
     assert!(
         json.contains(r#""path":{"type":"RegularExpression","value":"/v[0-9]+"}"#),
         "{json}"
     );
-    let back = Resource::from_json("HTTPRoute", &json).unwrap_or_else(|e| panic!("{e}"));
+    let back = Resource::from_json("HTTPRoute", &json)
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
     assert_eq!(back, docs[1].resource);
 }
 
@@ -603,7 +605,8 @@ spec:
         "apiVersion: sinew.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: f, namespace: shop}\nspec:\n  jwtRules:\n    - issuer: https://other\n      jwks: {file: /etc/sinew/jwks.json}\n",
         traffic("  healthCheck:\n    path: /healthz?full=1\n"),
     );
-    let docs = parse_documents("typed.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let docs = parse_documents("typed.yaml", &text)
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
     let written = [
         r#""endpoint":"http://Otel.example:4318/""#,
         r#""hostname":"Internal.Catalog:8080""#,
@@ -625,15 +628,18 @@ spec:
     }
     for d in &docs {
         let json = d.resource.to_json();
-        let back = Resource::from_json(d.resource.kind(), &json).unwrap_or_else(|e| panic!("{e}"));
+        let back = Resource::from_json(d.resource.kind(), &json)
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         assert_eq!(
             back.to_json(),
             json,
             "the store's round trip keeps the text"
         );
     }
-    let res = Resources::from_documents(docs).unwrap_or_else(|e| panic!("{e}"));
-    let cfg = compile_proxy(&res, Some("shop/p")).unwrap_or_else(|e| panic!("{e}"));
+    let res =
+        Resources::from_documents(docs).unwrap_or_else(|e| panic!("the test's documents: {e}"));
+    let cfg =
+        compile_proxy(&res, Some("shop/p")).unwrap_or_else(|e| panic!("the test's documents: {e}"));
     let tracing = cfg.tracing.as_ref().expect("tracing");
     assert_eq!(tracing.endpoint, "http://Otel.example:4318/v1/traces");
     let shown = serde_json::to_string(&cfg).unwrap();
@@ -689,7 +695,8 @@ fn names_and_namespaces_follow_kubernetes_rules() {
     ];
     for (meta, field, reason) in cases {
         let text = format!("{SERVICE}---\n{}", service(meta));
-        let docs = parse_documents("names.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let docs = parse_documents("names.yaml", &text)
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         let err = Resources::from_documents(docs).expect_err(meta);
         assert_eq!(err.0.len(), 1, "{err}");
         let e = &err.0[0];
@@ -705,7 +712,8 @@ fn names_and_namespaces_follow_kubernetes_rules() {
         &format!("{{name: {long}, namespace: 0shop}}"),
     ] {
         let text = format!("{SERVICE}---\n{}", service(meta));
-        let docs = parse_documents("names.yaml", &text).unwrap_or_else(|e| panic!("{e}"));
+        let docs = parse_documents("names.yaml", &text)
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         Resources::from_documents(docs).unwrap_or_else(|e| panic!("{meta}: {e}"));
     }
 }

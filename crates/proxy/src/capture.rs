@@ -394,11 +394,11 @@ mod tests {
 
     #[test]
     fn the_listener_itself_is_never_a_destination() {
-        let local: SocketAddr = "127.0.0.1:15001".parse().unwrap_or_else(|e| panic!("{e}"));
+        let local: SocketAddr = "127.0.0.1:15001".parse().unwrap();
         assert!(is_self(local, local, 15001));
-        let other: SocketAddr = "127.0.0.5:15001".parse().unwrap_or_else(|e| panic!("{e}"));
+        let other: SocketAddr = "127.0.0.5:15001".parse().unwrap();
         assert!(is_self(other, local, 15001));
-        let remote: SocketAddr = "10.0.0.2:15001".parse().unwrap_or_else(|e| panic!("{e}"));
+        let remote: SocketAddr = "10.0.0.2:15001".parse().unwrap();
         assert!(!is_self(remote, local, 15001));
     }
 
@@ -406,25 +406,19 @@ mod tests {
     /// sends an HTTP request line is recognised at once.
     #[tokio::test]
     async fn detection_is_bounded_by_time() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let _silent = TcpStream::connect(addr)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (s, _) = l.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
         assert_eq!(
             detect(&s, Duration::from_millis(50)).await,
             Detected::Timeout
         );
-        let mut talker = TcpStream::connect(addr)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut talker = TcpStream::connect(addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut talker, b"GET / HTTP/1.1\r\n\r\n")
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (s, _) = l.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
         assert_eq!(detect(&s, Duration::from_secs(30)).await, Detected::Http);
     }
 }

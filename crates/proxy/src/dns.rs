@@ -445,18 +445,18 @@ spec: {capture: {dnsPort: 15053}}
 
     #[test]
     fn mesh_names_are_answered_and_others_forwarded() {
-        let config = sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let config =
+            sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client")).unwrap();
         let Answer::Reply(reply) =
             answer_from(Some(&config), &raw_query(7, "catalog.shop", 0, &[]))
         else {
             panic!("not answered");
         };
-        let reply = Message::from_vec(&reply).unwrap_or_else(|e| panic!("{e}"));
+        let reply = Message::from_vec(&reply).unwrap();
         assert_eq!(reply.metadata.id, 7);
         assert_eq!(
             reply.answers[0].data,
-            RData::A(A("10.96.0.10".parse().unwrap_or_else(|e| panic!("{e}"))))
+            RData::A(A("10.96.0.10".parse().unwrap()))
         );
         let q = raw_query(8, "example.com", 0, &[]);
         assert_eq!(answer_from(Some(&config), &q), Answer::Forward(8));
@@ -485,22 +485,22 @@ kind: Proxy
 metadata: {name: client, namespace: shop}
 spec: {capture: {dnsPort: 15053}}
 ";
-        let config = sinew_model::compile::compile_text("m.yaml", mesh, Some("shop/client"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let config =
+            sinew_model::compile::compile_text("m.yaml", mesh, Some("shop/client")).unwrap();
         let ask = |id: u16, name: &str, qtype: u8| {
             let mut q = raw_query(id, name, 0, &[]);
             let n = q.len();
             q[n - 3] = qtype;
             match answer_from(Some(&config), &q) {
                 Answer::Reply(r) => {
-                    let m = Message::from_vec(&r).unwrap_or_else(|e| panic!("{e}"));
+                    let m = Message::from_vec(&r).unwrap();
                     Some(m.answers.iter().map(|a| a.data.clone()).collect::<Vec<_>>())
                 }
                 _ => None,
             }
         };
-        let v4 = "10.0.0.20".parse().unwrap_or_else(|e| panic!("{e}"));
-        let v6 = "fd00::20".parse().unwrap_or_else(|e| panic!("{e}"));
+        let v4 = "10.0.0.20".parse().unwrap();
+        let v6 = "fd00::20".parse().unwrap();
         assert_eq!(
             ask(1, "catalog.shop.svc.cluster.local", 1),
             Some(vec![RData::A(A(v4))])
@@ -526,8 +526,8 @@ spec: {capture: {dnsPort: 15053}}
         assert_eq!(answer_from(None, &crash), Answer::Forward(0x12c9));
         // A TSIG-like additional record too short for what it claims, after a
         // question for a mesh name: the question is answered all the same.
-        let config = sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let config =
+            sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client")).unwrap();
         let tsig = [0, 0, 250, 0, 255, 0, 0, 0, 0, 0, 2, 0, 0];
         let q = raw_query(9, "catalog", 1, &tsig);
         assert!(matches!(answer_from(Some(&config), &q), Answer::Reply(_)));

@@ -341,7 +341,7 @@ spec:
   capture: {{inboundPort: {capture}, outboundPort: 15001}}
 "#
         );
-        sinew_model::compile::compile_text("t.yaml", &yaml, None).unwrap_or_else(|e| panic!("{e}"))
+        sinew_model::compile::compile_text("t.yaml", &yaml, None).unwrap()
     }
 
     #[test]
@@ -365,9 +365,7 @@ spec:
         let apart = config(4143, 15006);
         assert_eq!(
             roles(&apart, Role::Inbound),
-            ["127.0.0.1:4143"
-                .parse::<SocketAddr>()
-                .unwrap_or_else(|e| panic!("{e}"))]
+            ["127.0.0.1:4143".parse::<SocketAddr>().unwrap()]
         );
     }
 
@@ -385,14 +383,10 @@ spec:
     #[tokio::test]
     async fn connection_and_request_futures_stay_small() {
         let shared = Arc::new(Shared::new(crate::state::Settings::for_tests()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let _client = tokio::net::TcpStream::connect(addr)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (stream, peer) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
         let ctx = Arc::new(ConnCtx {
             shared,
             role: Role::Upstream,
@@ -404,13 +398,10 @@ spec:
             last_series: Default::default(),
             last_host: Default::default(),
         });
-        let std = stream.into_std().unwrap_or_else(|e| panic!("{e}"));
+        let std = stream.into_std().unwrap();
         let conn = |f: fn(&Arc<ConnCtx>, tokio::net::TcpStream) -> usize| {
-            let s = std.try_clone().unwrap_or_else(|e| panic!("{e}"));
-            f(
-                &ctx,
-                tokio::net::TcpStream::from_std(s).unwrap_or_else(|e| panic!("{e}")),
-            )
+            let s = std.try_clone().unwrap();
+            f(&ctx, tokio::net::TcpStream::from_std(s).unwrap())
         };
         // Each listener kind's connection task (see the table in this module's doc).
         let http_binding =

@@ -537,7 +537,7 @@ mod tests {
 
     fn outcome(status: u16) -> crate::types::Outcome {
         crate::types::Outcome {
-            status: http::StatusCode::from_u16(status).unwrap_or_else(|e| panic!("{e}")),
+            status: http::StatusCode::from_u16(status).unwrap(),
             grpc_status: None,
             error: None,
             duration: Duration::from_millis(3),

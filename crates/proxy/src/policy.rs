@@ -209,7 +209,7 @@ spec:
 {policies}"#
         );
         compile_text("t.yaml", &yaml, None)
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
             .inbound
             .unwrap()
     }

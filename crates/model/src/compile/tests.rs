@@ -99,12 +99,13 @@ spec:
 "#;
 
     fn compile(yaml: &str) -> ProxyConfig {
-        compile_text("mesh.yaml", yaml, Some("shop/catalog-1")).unwrap_or_else(|e| panic!("{e}"))
+        compile_text("mesh.yaml", yaml, Some("shop/catalog-1"))
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"))
     }
 
     fn errors(yaml: &str) -> String {
-        let docs =
-            crate::load::parse_documents("mesh.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+        let docs = crate::load::parse_documents("mesh.yaml", yaml)
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         match Resources::from_documents(docs) {
             Ok(_) => panic!("expected errors"),
             Err(e) => e.to_string(),
@@ -198,7 +199,8 @@ kind: Workload
 metadata: {name: web-1, namespace: shop}
 spec: {address: 127.0.0.1}
 "#;
-        let cfg = compile_text("m.yaml", yaml, None).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = compile_text("m.yaml", yaml, None)
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         assert_eq!(cfg.trust_domain, DEFAULT_TRUST_DOMAIN);
         let id = cfg.identity.unwrap();
         assert_eq!(id.workload, "web-1");
@@ -211,7 +213,8 @@ spec: {address: 127.0.0.1}
         assert!(inb.jwt.is_empty());
         // No workload of the proxy's name: no identity.
         let yaml = yaml.replace("  workload: web-1\n", "");
-        let cfg = compile_text("m.yaml", &yaml, None).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = compile_text("m.yaml", &yaml, None)
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         assert!(cfg.identity.is_none());
     }
 
@@ -382,7 +385,7 @@ mod tracing_tests {
     #[test]
     fn compiles_tracing_with_defaults_and_normalised_endpoints() {
         let cfg = compile_text("m.yaml", &mesh("{endpoint: \"http://otel:4317\"}"), None)
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         assert_eq!(
             cfg.tracing,
             Some(TracingConfig {
@@ -399,7 +402,7 @@ mod tracing_tests {
             ),
             None,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         let t = cfg.tracing.unwrap();
         assert_eq!(t.endpoint, "http://127.0.0.1:4318/v1/traces");
         assert_eq!(t.protocol, OtlpProtocol::HttpProtobuf);
@@ -411,7 +414,7 @@ mod tracing_tests {
             "apiVersion: sinew.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p}\nspec: {}\n",
             None,
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("the test's documents: {e}"));
         assert!(cfg.tracing.is_none());
         let json = serde_json::to_value(
             compile_text(
@@ -419,7 +422,7 @@ mod tracing_tests {
                 &mesh("{endpoint: \"http://[::1]:9\", protocol: http/protobuf}"),
                 None,
             )
-            .unwrap_or_else(|e| panic!("{e}")),
+            .unwrap_or_else(|e| panic!("the test's documents: {e}")),
         )
         .unwrap();
         assert_eq!(json["tracing"]["endpoint"], "http://[::1]:9/v1/traces");

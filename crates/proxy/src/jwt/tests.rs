@@ -418,7 +418,7 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
         async move { ok }
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

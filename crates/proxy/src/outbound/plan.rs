@@ -259,8 +259,7 @@ spec:
 "#;
 
     fn config() -> ProxyConfig {
-        sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client"))
-            .unwrap_or_else(|e| panic!("{e}"))
+        sinew_model::compile::compile_text("m.yaml", MESH, Some("shop/client")).unwrap()
     }
 
     /// The port the binding forwards to, as `forward` finds it.
