@@ -14,7 +14,7 @@
 //!    cut (HTTP connections and TCP relays watch it). Closing implies draining.
 //!
 //! Who uses it: the accept loops ([`crate::accept::Acceptor`]), HTTP connections
-//! (`serve::drive`), TCP relays ([`crate::stream::spawn_splice`]), readiness
+//! ([`Drain::serve_http`]), TCP relays ([`crate::stream::spawn_splice`]), readiness
 //! ([`crate::state::Shared::is_ready`]), the admin API's `POST /shutdown`
 //! ([`Drain::request_shutdown`]), and `main.rs`, which on SIGTERM or that request
 //! calls [`crate::Proxy::shutdown`], which runs [`Drain::shutdown`].
