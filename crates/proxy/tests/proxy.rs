@@ -294,6 +294,48 @@ async fn forward_proxy_routes_by_host_authority_and_absolute_form() -> TestResul
     Ok(())
 }
 
+/// A connection remembers the authority its last Host header parsed to
+/// (`LastHost`): a keep-alive client that changes Host between requests on one
+/// connection must still be routed by each request's own Host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_changing_host_is_routed_by_each_request() -> TestResult {
+    let catalog = HttpBackend::start("catalog").await?;
+    let orders = HttpBackend::start("orders").await?;
+    let hp = free_addr();
+    let file = config_file(
+        &shop()
+            .with(mesh::Proxy::new("client").http_proxy(hp))
+            .with(Service::http("catalog"))
+            .with(Workload::new("catalog-1", "catalog", catalog.addr()))
+            .with(Service::http("orders"))
+            .with(Workload::new("orders-1", "orders", orders.addr())),
+    );
+    let proxy = start(&file, "client").await;
+    // One HTTP/1.1 connection for every request below.
+    let mut c = client::h1(hp).await?;
+    for (host, backend) in [
+        ("catalog", Some("catalog")),
+        ("catalog", Some("catalog")),
+        ("orders", Some("orders")),
+        ("catalog:80", Some("catalog")),
+        ("nowhere", None),
+        ("orders.shop", Some("orders")),
+    ] {
+        let req = Request::get("/x").header("host", host).body(empty())?;
+        let r = client::collect(c.send(req).await?).await?;
+        assert_eq!(r.header("x-backend"), backend, "Host {host}");
+        if backend.is_none() {
+            assert_eq!(
+                r.header("sinew-error"),
+                Some("unknown-service"),
+                "Host {host}"
+            );
+        }
+    }
+    proxy.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_holds_within_statistical_bounds() -> TestResult {
     let v1 = HttpBackend::start("v1").await?;
