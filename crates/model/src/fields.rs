@@ -257,8 +257,13 @@ pub const LABEL_RULE: &str = "a DNS-1123 label: at most 63 lowercase letters, di
 pub const SUBDOMAIN_RULE: &str = "a DNS-1123 subdomain: at most 253 characters, dot-separated labels of lowercase letters, digits and '-', each starting and ending with a letter or digit";
 
 fn is_label(s: &str) -> bool {
+    s.len() <= 63 && label_shape(s)
+}
+
+/// Lowercase letters, digits and `-`, a letter or digit at both ends (no length cap:
+/// a subdomain's labels may be longer than a label's 63).
+fn label_shape(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.as_bytes()
@@ -306,19 +311,7 @@ impl DnsSubdomain {
 
     /// True when `s` is a DNS-1123 subdomain.
     pub fn is_valid(s: &str) -> bool {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.split('.').all(|l| {
-                !l.is_empty()
-                    && l.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && l.as_bytes()
-                        .first()
-                        .is_some_and(|b| b.is_ascii_alphanumeric())
-                    && l.as_bytes()
-                        .last()
-                        .is_some_and(|b| b.is_ascii_alphanumeric())
-            })
+        s.len() <= 253 && s.split('.').all(label_shape)
     }
 }
 

@@ -41,18 +41,9 @@ pub(crate) fn key(m: &Metadata) -> Key {
     (m.ns().to_owned(), m.name.clone())
 }
 
-pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.as_bytes()
-            .first()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.as_bytes()
-            .last()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-}
+/// A port or service-account name: the same rule as a SPIFFE path segment (lowercase
+/// letters, digits, `-` and `.`, alphanumeric at both ends, at most 253).
+pub(crate) use crate::spiffe::valid_segment as valid_name;
 
 pub(crate) struct Checker<'a> {
     pub(crate) errors: &'a mut ConfigErrors,

@@ -177,17 +177,12 @@ impl Acceptor {
         };
         let guard = drain.guard()?;
         let _ = stream.set_nodelay(true);
-        let ctx = std::sync::Arc::new(ConnCtx {
-            shared: self.shared.clone(),
-            role: self.role,
-            bind: self.bind,
+        let ctx = std::sync::Arc::new(ConnCtx::new(
+            self.shared.clone(),
+            self.role,
+            self.bind,
             peer,
-            peer_identity: None,
-            orig_dst: None,
-            plaintext_port: None,
-            last_series: Default::default(),
-            last_host: Default::default(),
-        });
+        ));
         Some(Accepted {
             ctx,
             stream,

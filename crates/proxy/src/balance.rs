@@ -536,11 +536,12 @@ impl Balancer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::{IpAddr, Ipv4Addr};
 
-    fn ep(port: u16) -> Arc<Endpoint> {
+    /// An endpoint on loopback `port`, no sidecar (also for the send loop's tests).
+    pub(crate) fn ep(port: u16) -> Arc<Endpoint> {
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         Arc::new(Endpoint::new(
             EndpointConfig {

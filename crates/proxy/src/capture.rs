@@ -157,15 +157,8 @@ fn is_self(dst: SocketAddr, local: SocketAddr, listener_port: u16) -> bool {
 
 fn with_dst(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
-        shared: ctx.shared.clone(),
-        role: ctx.role,
-        bind: ctx.bind,
-        peer: ctx.peer,
-        peer_identity: None,
         orig_dst: Some(dst),
-        plaintext_port: None,
-        last_series: Default::default(),
-        last_host: Default::default(),
+        ..ConnCtx::new(ctx.shared.clone(), ctx.role, ctx.bind, ctx.peer)
     })
 }
 
@@ -173,15 +166,9 @@ fn with_dst(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
 /// its requests pinned to that port.
 fn plaintext(ctx: &Arc<ConnCtx>, dst: SocketAddr) -> Arc<ConnCtx> {
     Arc::new(ConnCtx {
-        shared: ctx.shared.clone(),
-        role: ctx.role,
-        bind: ctx.bind,
-        peer: ctx.peer,
-        peer_identity: None,
         orig_dst: Some(dst),
         plaintext_port: Some(dst.port()),
-        last_series: Default::default(),
-        last_host: Default::default(),
+        ..ConnCtx::new(ctx.shared.clone(), ctx.role, ctx.bind, ctx.peer)
     })
 }
 

@@ -356,14 +356,7 @@ mod tests {
     #[tokio::test]
     async fn queries_in_flight_are_capped() {
         use crate::state::Settings;
-        let settings = Settings {
-            connect_timeout: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(1),
-            limits: Default::default(),
-            max_connections: 16,
-            idle_timeout: Duration::from_secs(300),
-            tcp_idle_timeout: Duration::from_secs(3600),
-        };
+        let settings = Settings::for_tests();
         // No configuration: every name is forwarded.
         let shared = Arc::new(Shared::new(settings));
         let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();

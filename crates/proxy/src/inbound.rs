@@ -436,14 +436,7 @@ async fn upgrade(
         http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);
         return Ok(Response::from_parts(parts, RespBody::Upstream(body)));
     }
-    let upstream = hyper::upgrade::on(&mut resp);
-    let shared = ctx.shared.clone();
-    tokio::spawn(async move {
-        match tokio::try_join!(downstream, upstream) {
-            Ok((d, u)) => spawn_splice(&shared, TokioIo::new(d), TokioIo::new(u)),
-            Err(e) => tracing::debug!(error = %e, "inbound upgrade did not complete"),
-        }
-    });
+    crate::stream::splice_upgrades(&ctx.shared, downstream, &mut resp, "inbound upgrade");
     let (mut parts, _) = resp.into_parts();
     http_util::strip_hop_by_hop(&mut parts.headers, true);
     http_util::remove_headers(&mut parts.headers, &APP_MUST_NOT_SET);

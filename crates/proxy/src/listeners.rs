@@ -387,17 +387,7 @@ spec:
         let addr = listener.local_addr().unwrap();
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let ctx = Arc::new(ConnCtx {
-            shared,
-            role: Role::Upstream,
-            bind: addr,
-            peer,
-            peer_identity: None,
-            orig_dst: None,
-            plaintext_port: None,
-            last_series: Default::default(),
-            last_host: Default::default(),
-        });
+        let ctx = Arc::new(ConnCtx::new(shared, Role::Upstream, addr, peer));
         let std = stream.into_std().unwrap();
         let conn = |f: fn(&Arc<ConnCtx>, tokio::net::TcpStream) -> usize| {
             let s = std.try_clone().unwrap();

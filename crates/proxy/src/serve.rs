@@ -78,15 +78,9 @@ pub(crate) async fn mesh_tls(ctx: Arc<ConnCtx>, stream: TcpStream) {
             }
         };
         let ctx = Arc::new(ConnCtx {
-            shared: ctx.shared.clone(),
-            role: ctx.role,
-            bind: ctx.bind,
-            peer: ctx.peer,
             peer_identity,
             orig_dst: ctx.orig_dst,
-            plaintext_port: None,
-            last_series: Default::default(),
-            last_host: Default::default(),
+            ..ConnCtx::new(ctx.shared.clone(), ctx.role, ctx.bind, ctx.peer)
         });
         serve_http(ctx, tls).await;
     }

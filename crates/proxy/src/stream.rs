@@ -84,6 +84,26 @@ impl AsyncWrite for UpstreamIo {
     }
 }
 
+/// After a `101` from upstream: once the client's side (`downstream`) and the
+/// upstream's side of `resp` have both switched protocol, relays bytes between them.
+/// A task of its own, since the `101` must reach the client before its side
+/// completes. `what` names the upgrade in the log when one side never completes.
+pub fn splice_upgrades(
+    shared: &Arc<Shared>,
+    downstream: hyper::upgrade::OnUpgrade,
+    resp: &mut http::Response<hyper::body::Incoming>,
+    what: &'static str,
+) {
+    let upstream = hyper::upgrade::on(resp);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((d, u)) => spawn_splice(&shared, TokioIo::new(d), TokioIo::new(u)),
+            Err(e) => tracing::debug!(error = %e, "{what} did not complete"),
+        }
+    });
+}
+
 /// Sends an HTTP/1.1 upgrade request over `io` (a connection of its own: pooled
 /// connections never change protocol) and returns the answer; after a `101` its
 /// upgraded stream comes from `hyper::upgrade::on`. `addr` names the peer in errors.

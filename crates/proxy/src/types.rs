@@ -167,6 +167,26 @@ pub struct ConnCtx {
     pub last_host: crate::http_util::LastHost,
 }
 
+impl ConnCtx {
+    /// A connection `role`'s listener on `bind` accepted from `peer`: nothing else
+    /// known about it yet (no peer identity, original destination or pinned port),
+    /// and the per-connection memos empty. Callers that know more set those fields
+    /// with struct update syntax.
+    pub fn new(shared: Arc<Shared>, role: Role, bind: SocketAddr, peer: SocketAddr) -> ConnCtx {
+        ConnCtx {
+            shared,
+            role,
+            bind,
+            peer,
+            peer_identity: None,
+            orig_dst: None,
+            plaintext_port: None,
+            last_series: Default::default(),
+            last_host: Default::default(),
+        }
+    }
+}
+
 /// How large a message head may be. Defaults are Envoy's or more generous: 64 KiB
 /// of request headers (Envoy: 60), 100 headers (Envoy: 100), and responses up to
 /// 100 headers (Envoy: 100) and 256 KiB. Counts can be raised (flags).

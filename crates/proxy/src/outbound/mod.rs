@@ -788,14 +788,7 @@ async fn forward_upgrade(
         http_util::strip_hop_by_hop(&mut parts.headers, false);
         return Ok(Response::from_parts(parts, RespBody::Upstream(body)));
     }
-    let upstream = hyper::upgrade::on(&mut resp);
-    let shared = ctx.shared.clone();
-    tokio::spawn(async move {
-        match tokio::try_join!(downstream, upstream) {
-            Ok((d, u)) => spawn_splice(&shared, TokioIo::new(d), TokioIo::new(u)),
-            Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
-        }
-    });
+    crate::stream::splice_upgrades(&ctx.shared, downstream, &mut resp, "upgrade");
     let (mut parts, _) = resp.into_parts();
     if h2_connect {
         http_util::strip_hop_by_hop(&mut parts.headers, false);

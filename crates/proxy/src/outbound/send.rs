@@ -569,25 +569,11 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::sync::Mutex;
 
-    use sinew_model::compile::EndpointConfig;
     use sinew_model::resource::LoadBalancer;
 
     use super::*;
-    use crate::pool::ConnPool;
 
-    fn endpoint(port: u16) -> Arc<Endpoint> {
-        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-        Arc::new(Endpoint::new(
-            EndpointConfig {
-                workload: format!("test/{port}"),
-                address: addr,
-                sidecar: None,
-                identity: None,
-                zone: None,
-            },
-            Arc::new(ConnPool::new(addr, Duration::from_secs(1))),
-        ))
-    }
+    use crate::balance::tests::ep as endpoint;
 
     fn refused(port: u16) -> ProxyError {
         ProxyError::Connect {
